@@ -1,0 +1,55 @@
+"""The codec interface: one frame in, one record's raw bytes out.
+
+A codec turns the raw bytes of one record (a ``torch.save`` buffer) into one *frame* and
+back. Its configuration is a small JSON object stored in the index (``{"id": "zstd",
+"level": 3}``), so a reader needs no out-of-band knowledge. No torch import here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+__all__ = ["Codec"]
+
+
+class Codec(ABC):
+    """Abstract base of every codec.
+
+    Thread safety: ``compress`` and ``decompress`` may be called from many threads at once;
+    implementations keep per-thread native contexts where the underlying library needs them.
+    Fork safety: instances hold no file handles; native contexts are re-created lazily in a
+    child process.
+    """
+
+    #: The ``"id"`` of the codec config, unique in the registry.
+    codec_id: str = ""
+
+    @abstractmethod
+    def get_config(self) -> dict[str, Any]:
+        """Return the JSON-serialisable config that :func:`get_codec` turns back into this codec."""
+
+    @abstractmethod
+    def compress(self, raw: bytes | memoryview) -> bytes:
+        """Encode one record's raw bytes as one frame."""
+
+    @abstractmethod
+    def frame_content_bytes(self, frame: bytes | memoryview) -> int | None:
+        """Return the decompressed size a frame's header declares, or None if it declares none.
+
+        Raises:
+            DecompressionError: If the frame header cannot be parsed.
+        """
+
+    @abstractmethod
+    def decompress(self, frame: bytes | memoryview, raw_bytes: int) -> bytes:
+        """Decode one frame whose decompressed size must be exactly ``raw_bytes``.
+
+        The frame header's declared size is checked against ``raw_bytes`` *before* any output
+        buffer is allocated, so a hostile frame cannot make the reader allocate more than
+        ``raw_bytes``.
+
+        Raises:
+            DecompressionError: If the header is malformed, declares another size, the frame is
+                truncated or has trailing data, or the codec reports an error.
+        """

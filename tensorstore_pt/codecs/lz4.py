@@ -1,0 +1,75 @@
+"""Codec ``lz4``: one LZ4 frame per record, content size in the frame header.
+
+Format facts from the LZ4 Frame Format Description (lz4/doc/lz4_Frame_format.md) and the
+python-lz4 docs: ``lz4.frame.compress(..., store_size=True)`` sets the Content Size field;
+``lz4.frame.get_frame_info`` reads it without decompressing; ``lz4.frame.decompress(...,
+return_bytes_read=True)`` tells how much input one frame consumed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lz4.frame
+
+from ..errors import DecompressionError, InvalidOptionError
+from .abc import Codec
+
+__all__ = ["Lz4Codec"]
+
+MAX_LEVEL = 16  # lz4.frame.COMPRESSIONLEVEL_MAX; 0 is the fast default, 3+ is LZ4-HC
+
+
+class Lz4Codec(Codec):
+    """LZ4 frames (block-independent, no content checksum: the store's xxh3_64 covers it).
+
+    Args:
+        level: 0 (default, fast) to 16 (LZ4-HC max).
+
+    Raises:
+        InvalidOptionError: If ``level`` is not an int in range.
+
+    Thread safety: the module-level lz4.frame functions hold no shared state.
+    """
+
+    codec_id = "lz4"
+
+    def __init__(self, level: int = 0) -> None:
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_LEVEL:
+            raise InvalidOptionError(f"lz4 level: expected an int in [0, {MAX_LEVEL}], found {level!r}")
+        self.level = level
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": "lz4", "level": self.level}
+
+    def compress(self, raw: bytes | memoryview) -> bytes:
+        return lz4.frame.compress(raw, compression_level=self.level, store_size=True, content_checksum=False)
+
+    def frame_content_bytes(self, frame: bytes | memoryview) -> int | None:
+        try:
+            info = lz4.frame.get_frame_info(frame)
+        except (RuntimeError, ValueError) as exc:
+            raise DecompressionError(f"lz4: cannot parse the frame header ({exc})") from exc
+        size = info.get("content_size", 0)
+        # lz4 reports 0 when the Content Size field is absent; a real 0-byte record is never
+        # written (torch.save output is never empty), so 0 means "not declared".
+        return size if size > 0 else None
+
+    def decompress(self, frame: bytes | memoryview, raw_bytes: int) -> bytes:
+        declared = self.frame_content_bytes(frame)
+        if declared != raw_bytes:
+            raise DecompressionError(
+                f"lz4: the frame header declares a content size of {declared} bytes, "
+                f"expected {raw_bytes} bytes (the raw length in the index)"
+            )
+        try:
+            out, consumed = lz4.frame.decompress(frame, return_bytes_read=True)
+        except (RuntimeError, ValueError) as exc:
+            raise DecompressionError(f"lz4: the frame does not decode ({exc})") from exc
+        if consumed != len(frame):
+            raise DecompressionError(
+                f"lz4: the frame is {consumed} bytes but {len(frame)} bytes are stored (trailing data)"
+            )
+        if len(out) != raw_bytes:
+            raise DecompressionError(f"lz4: decoded {len(out)} bytes, expected {raw_bytes} bytes")
+        return out

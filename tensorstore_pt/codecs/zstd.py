@@ -1,0 +1,91 @@
+"""Codec ``zstd``: one Zstandard frame per record, content size in the frame header.
+
+Format facts from RFC 8878 (Zstandard Compression and the application/zstd Media Type) and
+the python-zstandard docs: ``ZstdCompressor.compress`` writes the content size into the frame
+header by default (``write_content_size=True``); ``zstandard.frame_content_size`` reads it
+back without decompressing; ``ZstdDecompressor.decompress(..., allow_extra_data=False)``
+rejects bytes after the first frame.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import zstandard
+
+from ..errors import DecompressionError, InvalidOptionError
+from .abc import Codec
+
+__all__ = ["ZstdCodec"]
+
+MIN_LEVEL = -7  # fastest "negative" levels; zstandard accepts down to ZSTD_minCLevel()
+MAX_LEVEL = 22
+
+
+class ZstdCodec(Codec):
+    """Zstandard frames at a fixed compression level.
+
+    Args:
+        level: Compression level, ``-7 <= level <= 22`` (zstd's default is 3).
+
+    Raises:
+        InvalidOptionError: If ``level`` is not an int in range.
+
+    Thread safety: zstandard's (de)compressor objects are not safe for concurrent use, so each
+    thread gets its own (``threading.local``).
+    """
+
+    codec_id = "zstd"
+
+    def __init__(self, level: int = 3) -> None:
+        if isinstance(level, bool) or not isinstance(level, int) or not MIN_LEVEL <= level <= MAX_LEVEL:
+            raise InvalidOptionError(f"zstd level: expected an int in [{MIN_LEVEL}, {MAX_LEVEL}], found {level!r}")
+        self.level = level
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"level": self.level}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["level"])  # type: ignore[misc]
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": "zstd", "level": self.level}
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    def compress(self, raw: bytes | memoryview) -> bytes:
+        return self._compressor().compress(raw)
+
+    def frame_content_bytes(self, frame: bytes | memoryview) -> int | None:
+        try:
+            size = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as exc:
+            raise DecompressionError(f"zstd: cannot parse the frame header ({exc})") from exc
+        return None if size < 0 else size
+
+    def decompress(self, frame: bytes | memoryview, raw_bytes: int) -> bytes:
+        declared = self.frame_content_bytes(frame)
+        if declared != raw_bytes:
+            raise DecompressionError(
+                f"zstd: the frame header declares a content size of {declared} bytes, "
+                f"expected {raw_bytes} bytes (the raw length in the index)"
+            )
+        try:
+            out = self._decompressor().decompress(frame, max_output_size=raw_bytes, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise DecompressionError(f"zstd: the frame does not decode ({exc})") from exc
+        if len(out) != raw_bytes:
+            raise DecompressionError(f"zstd: decoded {len(out)} bytes, expected {raw_bytes} bytes")
+        return out

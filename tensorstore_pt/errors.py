@@ -1,0 +1,124 @@
+"""The tensorstore_pt exception tree.
+
+Every error raised on purpose by this package derives from :class:`TensorStoreError`.
+Each subclass also inherits the builtin exception that matches it, so an ordinary
+``except KeyError`` / ``except FileNotFoundError`` / ``except ValueError`` clause keeps
+working for callers who do not know this package::
+
+    TensorStoreError (Exception)
+    ├── StoreNotFoundError (FileNotFoundError)     path does not exist
+    ├── NotAStoreError (ValueError)                directory without index.json
+    ├── StoreExistsError (FileExistsError)         writer mode "create" on an existing store
+    ├── IndexFormatError (ValueError)              index.json is not JSON or breaks the schema
+    ├── UnsupportedFormatError (ValueError)        newer format version, unknown codec/feature
+    ├── InvalidOptionError (ValueError)            a bad argument (codec, level, shard size...)
+    ├── UnsupportedSampleError (TypeError)         a sample torch.load(weights_only) would refuse
+    ├── RecordIndexError (IndexError)              record position out of range
+    ├── WriterClosedError (RuntimeError)           write() after close() or after a failure
+    ├── UnsafePayloadError (ValueError)            a record's pickle asks for forbidden globals
+    └── CorruptStoreError (ValueError)             stored bytes disagree with what was written
+        ├── MissingShardError (FileNotFoundError)  a shard named in the index is absent
+        ├── ShardFormatError                       bad magic, header, footer or trailer
+        ├── ShardSizeError                         shard file size differs from the index
+        ├── ChecksumMismatchError                  xxh3_64 digest differs
+        ├── RecordLengthError                      decompressed length differs from the index
+        └── DecompressionError                     the codec rejected a frame
+
+Messages say what failed and where (store, shard, record), what was expected and what was
+found. Errors raised while handling a lower-level error chain it with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChecksumMismatchError",
+    "CorruptStoreError",
+    "DecompressionError",
+    "IndexFormatError",
+    "InvalidOptionError",
+    "MissingShardError",
+    "NotAStoreError",
+    "RecordIndexError",
+    "RecordLengthError",
+    "ShardFormatError",
+    "ShardSizeError",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "TensorStoreError",
+    "UnsafePayloadError",
+    "UnsupportedFormatError",
+    "UnsupportedSampleError",
+    "WriterClosedError",
+]
+
+
+class TensorStoreError(Exception):
+    """Base class of every error raised on purpose by tensorstore_pt."""
+
+
+class StoreNotFoundError(TensorStoreError, FileNotFoundError):
+    """The store path does not exist."""
+
+
+class NotAStoreError(TensorStoreError, ValueError):
+    """The path exists but holds no ``index.json`` (not a store, or an unpublished one)."""
+
+
+class StoreExistsError(TensorStoreError, FileExistsError):
+    """A writer in mode ``"create"`` was pointed at an existing store or non-empty directory."""
+
+
+class IndexFormatError(TensorStoreError, ValueError):
+    """``index.json`` is not valid JSON or does not follow the schema of docs/format.md."""
+
+
+class UnsupportedFormatError(TensorStoreError, ValueError):
+    """The store uses a format version, codec or feature this reader does not know."""
+
+
+class InvalidOptionError(TensorStoreError, ValueError):
+    """An argument has a value outside what the function accepts."""
+
+
+class UnsupportedSampleError(TensorStoreError, TypeError):
+    """A sample holds an object that ``torch.load(weights_only=True)`` would refuse."""
+
+
+class RecordIndexError(TensorStoreError, IndexError):
+    """A record position is outside ``[-len(store), len(store))``."""
+
+
+class WriterClosedError(TensorStoreError, RuntimeError):
+    """A writer was used after it was closed, aborted, or failed."""
+
+
+class UnsafePayloadError(TensorStoreError, ValueError):
+    """A record's pickle references globals outside the weights-only allow-list."""
+
+
+class CorruptStoreError(TensorStoreError, ValueError):
+    """Stored bytes differ from what the writer produced (damage, truncation, tampering)."""
+
+
+class MissingShardError(CorruptStoreError, FileNotFoundError):
+    """A shard file named in the index does not exist."""
+
+
+class ShardFormatError(CorruptStoreError):
+    """A shard's header, footer or trailer is malformed or disagrees with the index."""
+
+
+class ShardSizeError(CorruptStoreError):
+    """A shard's file size differs from the size recorded in the index."""
+
+
+class ChecksumMismatchError(CorruptStoreError):
+    """An xxh3_64 digest computed over stored bytes differs from the recorded one."""
+
+
+class RecordLengthError(CorruptStoreError):
+    """A record's decompressed (raw) length differs from the length in the index."""
+
+
+class DecompressionError(CorruptStoreError):
+    """The codec could not decode a frame, or its header disagrees with the index."""

@@ -1,0 +1,482 @@
+"""Format v1: constants, the shard header/footer/trailer layout and the index schema.
+
+This module is the executable half of ``docs/format.md`` (the normative half). It has no
+torch import, so tools that only inspect files can use it.
+
+Shard file layout (all integers little-endian)::
+
+    offset 0          header   16 bytes  magic b"TSPTSHRD", u16 major, u16 minor, u32 flags (0)
+    offset 16         frames   one frame per record, back to back
+    table_offset      table    record_count x 32 bytes: u64 offset, u64 stored_bytes,
+                                                         u64 raw_bytes, u64 xxh3_64(frame)
+    table_offset+32n  footer   UTF-8 JSON object (codec config, checksum algorithm, ...)
+    file_bytes-40     trailer  40 bytes: u64 table_offset, u64 record_count,
+                                         u64 footer_json_bytes, u64 xxh3_64(table+footer),
+                                         magic b"TSPTFOOT"
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .checksums import ALGORITHM, digest_int, parse_digest
+from .errors import IndexFormatError, ShardFormatError, UnsupportedFormatError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "HEADER_BYTES",
+    "INDEX_NAME",
+    "KNOWN_FEATURES",
+    "RECORD_DTYPE",
+    "RECORD_ENTRY_BYTES",
+    "SHARD_MAGIC",
+    "SHARD_SUFFIX",
+    "TRAILER_BYTES",
+    "TRAILER_MAGIC",
+    "IndexInfo",
+    "ShardEntry",
+    "ShardFooter",
+    "StoreInfo",
+    "check_shard_name",
+    "decode_header",
+    "decode_trailer",
+    "encode_footer",
+    "encode_header",
+    "parse_footer",
+    "parse_index",
+    "shard_name",
+]
+
+FORMAT_NAME = "tensorstore_pt"
+#: (major, minor). A reader MUST refuse a newer major; a newer minor only through features.
+FORMAT_VERSION: tuple[int, int] = (1, 0)
+#: Optional features (listed in index and footer) this version can read. Empty in v1.0.
+KNOWN_FEATURES: frozenset[str] = frozenset()
+
+INDEX_NAME = "index.json"
+SHARD_SUFFIX = ".tspt"
+SHARD_MAGIC = b"TSPTSHRD"
+TRAILER_MAGIC = b"TSPTFOOT"
+
+_HEADER = struct.Struct("<8sHHI")
+_TRAILER = struct.Struct("<QQQQ8s")
+HEADER_BYTES = _HEADER.size  # 16
+TRAILER_BYTES = _TRAILER.size  # 40
+RECORD_DTYPE = np.dtype([("offset", "<u8"), ("stored", "<u8"), ("raw", "<u8"), ("checksum", "<u8")])
+RECORD_ENTRY_BYTES = RECORD_DTYPE.itemsize  # 32
+
+#: Largest value any size/count field may take (2**62 bytes): keeps arithmetic in int64 range.
+MAX_FIELD = 2**62
+_SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def shard_name(seq: int) -> str:
+    """The file name of shard number ``seq`` (``shard-00003.tspt``)."""
+    return f"shard-{seq:05d}{SHARD_SUFFIX}"
+
+
+def check_shard_name(name: object, where: str) -> str:
+    """Return ``name`` if it is a safe, plain file name; else raise.
+
+    Safe means: a str of letters, digits, ``.``, ``_``, ``-``, not starting with ``.``, at most
+    200 characters, no path separator, not ``..``. This keeps every file access inside the store
+    directory whatever a hostile index says.
+
+    Raises:
+        IndexFormatError: If the name is unsafe or not a string.
+    """
+    if not isinstance(name, str) or not _SHARD_NAME_RE.match(name) or ".." in name:
+        raise IndexFormatError(
+            f"{where}: expected a plain shard file name (letters, digits, '.', '_', '-', no path "
+            f"separators or '..'), found {name!r}"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------- shard layout
+
+
+def encode_header(version: tuple[int, int] = FORMAT_VERSION) -> bytes:
+    return _HEADER.pack(SHARD_MAGIC, version[0], version[1], 0)
+
+
+def decode_header(data: bytes, where: str) -> tuple[int, int]:
+    """Parse a shard header; return the (major, minor) version.
+
+    Raises:
+        ShardFormatError: Wrong length or magic.
+        UnsupportedFormatError: A major version this reader does not know.
+    """
+    if len(data) != HEADER_BYTES:
+        raise ShardFormatError(f"{where}: expected a {HEADER_BYTES}-byte header, found {len(data)} bytes")
+    magic, major, minor, _flags = _HEADER.unpack(data)
+    if magic != SHARD_MAGIC:
+        raise ShardFormatError(f"{where}: expected header magic {SHARD_MAGIC!r}, found {magic!r}")
+    if major != FORMAT_VERSION[0]:
+        raise UnsupportedFormatError(
+            f"{where}: shard format version {major}.{minor}; this reader supports major version {FORMAT_VERSION[0]}"
+        )
+    return major, minor
+
+
+@dataclass(frozen=True)
+class ShardFooter:
+    """A parsed shard footer.
+
+    Attributes:
+        table: Structured array of ``RECORD_DTYPE``, one row per record (offset, stored,
+            raw, checksum), in record order.
+        meta: The footer JSON object (codec config, checksum algorithm, ...).
+        table_offset: Byte offset of the record table (end of the last frame).
+    """
+
+    table: np.ndarray
+    meta: dict[str, Any]
+    table_offset: int
+
+
+def encode_footer(table: np.ndarray, meta: dict[str, Any]) -> bytes:
+    """Encode record table + footer JSON + trailer. ``table`` rows are ``RECORD_DTYPE``."""
+    if len(table) > 0:
+        table_offset = int(table["offset"][-1]) + int(table["stored"][-1])
+    else:
+        table_offset = HEADER_BYTES
+    body = np.ascontiguousarray(table, dtype=RECORD_DTYPE).tobytes()
+    js = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    trailer = _TRAILER.pack(table_offset, len(table), len(js), digest_int(body + js), TRAILER_MAGIC)
+    return body + js + trailer
+
+
+def decode_trailer(data: bytes, file_bytes: int, where: str) -> tuple[int, int, int, int]:
+    """Parse and bounds-check a trailer; return (table_offset, record_count, footer_json_bytes, checksum).
+
+    Raises:
+        ShardFormatError: Wrong magic, or fields that do not fit in a file of ``file_bytes``.
+    """
+    if len(data) != TRAILER_BYTES:
+        raise ShardFormatError(f"{where}: expected a {TRAILER_BYTES}-byte trailer, found {len(data)} bytes")
+    table_offset, count, js_bytes, checksum, magic = _TRAILER.unpack(data)
+    if magic != TRAILER_MAGIC:
+        raise ShardFormatError(f"{where}: expected trailer magic {TRAILER_MAGIC!r}, found {magic!r}")
+    end = table_offset + count * RECORD_ENTRY_BYTES + js_bytes + TRAILER_BYTES
+    if table_offset < HEADER_BYTES or count > MAX_FIELD or js_bytes > MAX_FIELD or end != file_bytes:
+        raise ShardFormatError(
+            f"{where}: trailer says table at {table_offset}, {count} records, {js_bytes} footer bytes "
+            f"(ending at byte {end}), but the file is {file_bytes} bytes"
+        )
+    return table_offset, count, js_bytes, checksum
+
+
+def parse_footer(body: bytes, table_offset: int, count: int, checksum: int, where: str) -> ShardFooter:
+    """Check and parse the record table + footer JSON read from a shard.
+
+    Validates the footer checksum, the JSON, and that every frame lies in
+    ``[HEADER_BYTES, table_offset)`` in order without overlap.
+
+    Raises:
+        ShardFormatError: On any inconsistency.
+        UnsupportedFormatError: On an unknown feature or version in the footer JSON.
+    """
+    found = digest_int(body)
+    if found != checksum:
+        raise ShardFormatError(
+            f"{where}: footer checksum ({ALGORITHM}) mismatch: trailer says {checksum:016x}, footer bytes give {found:016x}"
+        )
+    table_bytes = count * RECORD_ENTRY_BYTES
+    table = np.frombuffer(body, dtype=RECORD_DTYPE, count=count) if count else np.zeros(0, RECORD_DTYPE)
+    try:
+        meta = json.loads(body[table_bytes:].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardFormatError(f"{where}: footer JSON does not parse ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ShardFormatError(f"{where}: footer JSON must be an object, found {type(meta).__name__}")
+    _check_version_and_features(meta, where)
+    if meta.get("records") != count:
+        raise ShardFormatError(f"{where}: footer JSON says {meta.get('records')!r} records, trailer says {count}")
+    if count:
+        offsets = table["offset"].astype(np.uint64)
+        ends = offsets + table["stored"]
+        if (
+            int(offsets[0]) != HEADER_BYTES
+            or int(ends[-1]) != table_offset
+            or (count > 1 and not np.array_equal(offsets[1:], ends[:-1]))
+            or int(table["raw"].max()) > MAX_FIELD
+            or int(table["stored"].max()) > MAX_FIELD
+        ):
+            raise ShardFormatError(
+                f"{where}: record table is inconsistent: frames must be back to back from byte "
+                f"{HEADER_BYTES} to byte {table_offset}"
+            )
+    return ShardFooter(table=table, meta=meta, table_offset=table_offset)
+
+
+# --------------------------------------------------------------------------- index schema
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as the index describes it. Sizes are bytes."""
+
+    name: str
+    records: int
+    first_record: int
+    file_bytes: int
+    stored_bytes: int
+    raw_bytes: int
+    checksum: int  # xxh3_64 of the whole shard file
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "records": self.records,
+            "first_record": self.first_record,
+            "file_bytes": self.file_bytes,
+            "stored_bytes": self.stored_bytes,
+            "raw_bytes": self.raw_bytes,
+            "checksum": f"{ALGORITHM}:{self.checksum:016x}",
+        }
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """A validated ``index.json``."""
+
+    version: tuple[int, int]
+    features: tuple[str, ...]
+    codec: dict[str, Any]
+    shards: tuple[ShardEntry, ...]
+    records: int
+    stored_bytes: int
+    raw_bytes: int
+    file_bytes: int
+    metadata: dict[str, Any]
+    created_by: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": list(self.version),
+            "features": list(self.features),
+            "codec": self.codec,
+            "checksum": ALGORITHM,
+            "totals": {
+                "records": self.records,
+                "shards": len(self.shards),
+                "stored_bytes": self.stored_bytes,
+                "raw_bytes": self.raw_bytes,
+                "file_bytes": self.file_bytes,
+            },
+            "shards": [s.to_json() for s in self.shards],
+            "metadata": self.metadata,
+            "created_by": self.created_by,
+        }
+
+    @classmethod
+    def build(
+        cls,
+        codec: dict[str, Any],
+        shards: list[ShardEntry],
+        metadata: dict[str, Any],
+        created_by: dict[str, Any],
+    ) -> IndexInfo:
+        return cls(
+            version=FORMAT_VERSION,
+            features=(),
+            codec=dict(codec),
+            shards=tuple(shards),
+            records=sum(s.records for s in shards),
+            stored_bytes=sum(s.stored_bytes for s in shards),
+            raw_bytes=sum(s.raw_bytes for s in shards),
+            file_bytes=sum(s.file_bytes for s in shards),
+            metadata=metadata,
+            created_by=created_by,
+        )
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """A store's summary, as ``StoreReader.info()`` and ``write_store`` return it.
+
+    Attributes:
+        location: Where the store is (a directory path).
+        format_version: ``(major, minor)``.
+        codec: The codec config, e.g. ``{"id": "zstd", "level": 3}``.
+        records: Number of records.
+        shards: Number of shards.
+        raw_bytes: Sum of the records' torch.save buffer sizes.
+        stored_bytes: Sum of the stored frame sizes.
+        file_bytes: Sum of the shard file sizes (headers and footers included); the index
+            file is not counted.
+        metadata: The user metadata.
+        created_by: Library and torch versions of the writer.
+    """
+
+    location: str
+    format_version: tuple[int, int]
+    codec: dict[str, Any]
+    records: int
+    shards: int
+    raw_bytes: int
+    stored_bytes: int
+    file_bytes: int
+    metadata: dict[str, Any]
+    created_by: dict[str, Any]
+
+    @property
+    def ratio(self) -> float:
+        """raw_bytes / file_bytes (higher is better); 0.0 for an empty store."""
+        return self.raw_bytes / self.file_bytes if self.file_bytes else 0.0
+
+    @classmethod
+    def from_index(cls, location: str, index: IndexInfo) -> StoreInfo:
+        return cls(
+            location=location,
+            format_version=index.version,
+            codec=dict(index.codec),
+            records=index.records,
+            shards=len(index.shards),
+            raw_bytes=index.raw_bytes,
+            stored_bytes=index.stored_bytes,
+            file_bytes=index.file_bytes,
+            metadata=index.metadata,
+            created_by=index.created_by,
+        )
+
+
+def _int_field(obj: dict[str, Any], key: str, where: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FIELD:
+        raise IndexFormatError(f"{where}: expected '{key}' to be an int in [0, 2**62], found {value!r}")
+    return value
+
+
+def _check_version_and_features(obj: dict[str, Any], where: str) -> tuple[tuple[int, int], tuple[str, ...]]:
+    version = obj.get("format_version")
+    if (
+        not isinstance(version, list)
+        or len(version) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in version)
+    ):
+        raise IndexFormatError(f"{where}: expected 'format_version' as [major, minor], found {version!r}")
+    major, minor = version
+    if major != FORMAT_VERSION[0]:
+        raise UnsupportedFormatError(
+            f"{where}: format version {major}.{minor} is not supported; this tensorstore_pt reads "
+            f"{FORMAT_VERSION[0]}.x (upgrade tensorstore_pt to read newer stores)"
+        )
+    features = obj.get("features", [])
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise IndexFormatError(f"{where}: expected 'features' to be a list of strings, found {features!r}")
+    unknown = sorted(set(features) - KNOWN_FEATURES)
+    if unknown:
+        raise UnsupportedFormatError(
+            f"{where}: format {major}.{minor} uses feature(s) {unknown} that this tensorstore_pt does "
+            "not know (upgrade tensorstore_pt)"
+        )
+    return (major, minor), tuple(features)
+
+
+def parse_index(raw: bytes, where: str) -> IndexInfo:
+    """Parse and validate ``index.json`` bytes against the v1 schema.
+
+    Every field is type- and range-checked, shard names are checked to be plain file names,
+    and the per-shard record counts, first records and totals must agree, before anything is
+    allocated from these numbers or any shard file is opened.
+
+    Raises:
+        IndexFormatError: Not JSON, or breaks the schema.
+        UnsupportedFormatError: A newer major version, unknown feature or unknown codec.
+    """
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexFormatError(f"{where}: index is not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise IndexFormatError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+    if obj.get("format") != FORMAT_NAME:
+        raise IndexFormatError(f"{where}: expected 'format': {FORMAT_NAME!r}, found {obj.get('format')!r}")
+    version, features = _check_version_and_features(obj, where)
+    if obj.get("checksum") != ALGORITHM:
+        raise UnsupportedFormatError(f"{where}: expected 'checksum': {ALGORITHM!r}, found {obj.get('checksum')!r}")
+    codec = obj.get("codec")
+    if not isinstance(codec, dict):
+        raise IndexFormatError(f"{where}: expected 'codec' to be an object, found {codec!r}")
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise IndexFormatError(f"{where}: expected 'metadata' to be an object, found {type(metadata).__name__}")
+    created_by = obj.get("created_by", {})
+    if not isinstance(created_by, dict):
+        raise IndexFormatError(f"{where}: expected 'created_by' to be an object, found {type(created_by).__name__}")
+    shards_raw = obj.get("shards")
+    if not isinstance(shards_raw, list):
+        raise IndexFormatError(f"{where}: expected 'shards' to be a list, found {type(shards_raw).__name__}")
+    shards: list[ShardEntry] = []
+    seen: set[str] = set()
+    next_first = 0
+    for i, s in enumerate(shards_raw):
+        sw = f"{where}: shards[{i}]"
+        if not isinstance(s, dict):
+            raise IndexFormatError(f"{sw}: expected an object, found {type(s).__name__}")
+        name = check_shard_name(s.get("name"), sw)
+        if name == INDEX_NAME or name in seen:
+            raise IndexFormatError(f"{sw}: shard name {name!r} is used twice or clashes with {INDEX_NAME!r}")
+        seen.add(name)
+        entry = ShardEntry(
+            name=name,
+            records=_int_field(s, "records", sw),
+            first_record=_int_field(s, "first_record", sw),
+            file_bytes=_int_field(s, "file_bytes", sw),
+            stored_bytes=_int_field(s, "stored_bytes", sw),
+            raw_bytes=_int_field(s, "raw_bytes", sw),
+            checksum=parse_digest(s.get("checksum"), f"{sw}.checksum"),
+        )
+        if entry.records == 0:
+            raise IndexFormatError(f"{sw}: shard {name!r} has 0 records; the format has no empty shards")
+        if entry.first_record != next_first:
+            raise IndexFormatError(
+                f"{sw}: shard {name!r} says first_record {entry.first_record}, expected {next_first} "
+                "(the sum of the record counts before it)"
+            )
+        min_file = HEADER_BYTES + entry.stored_bytes + entry.records * RECORD_ENTRY_BYTES + TRAILER_BYTES
+        if entry.file_bytes < min_file:
+            raise IndexFormatError(
+                f"{sw}: shard {name!r} says file_bytes {entry.file_bytes}, but {entry.records} records of "
+                f"{entry.stored_bytes} stored bytes need at least {min_file} bytes"
+            )
+        next_first += entry.records
+        shards.append(entry)
+    totals = obj.get("totals")
+    if not isinstance(totals, dict):
+        raise IndexFormatError(f"{where}: expected 'totals' to be an object, found {totals!r}")
+    info = IndexInfo(
+        version=version,
+        features=features,
+        codec=codec,
+        shards=tuple(shards),
+        records=_int_field(totals, "records", f"{where}: totals"),
+        stored_bytes=_int_field(totals, "stored_bytes", f"{where}: totals"),
+        raw_bytes=_int_field(totals, "raw_bytes", f"{where}: totals"),
+        file_bytes=_int_field(totals, "file_bytes", f"{where}: totals"),
+        metadata=metadata,
+        created_by=created_by,
+    )
+    expected = {
+        "records": next_first,
+        "stored_bytes": sum(s.stored_bytes for s in shards),
+        "raw_bytes": sum(s.raw_bytes for s in shards),
+        "file_bytes": sum(s.file_bytes for s in shards),
+        "shards": len(shards),
+    }
+    for key, value in expected.items():
+        if totals.get(key) != value:
+            raise IndexFormatError(
+                f"{where}: totals.{key} is {totals.get(key)!r}, but the shard entries add up to {value}"
+            )
+    return info

@@ -1,0 +1,414 @@
+"""open_store() -> StoreReader: random access to the records of a store.
+
+Every read checks the frame's xxh3_64 digest *before* decompressing, checks the frame
+header's declared size against the raw length in the shard footer *before* allocating, and
+checks the decompressed length after. Records are loaded with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .checksums import ALGORITHM, digest_int
+from .codecs import Codec, get_codec
+from .errors import (
+    ChecksumMismatchError,
+    CorruptStoreError,
+    DecompressionError,
+    InvalidOptionError,
+    MissingShardError,
+    NotAStoreError,
+    RecordIndexError,
+    RecordLengthError,
+    ShardFormatError,
+    ShardSizeError,
+    StoreNotFoundError,
+    TensorStoreError,
+    UnsafePayloadError,
+)
+from .format import (
+    HEADER_BYTES,
+    INDEX_NAME,
+    RECORD_ENTRY_BYTES,
+    SHARD_SUFFIX,
+    TRAILER_BYTES,
+    IndexInfo,
+    ShardEntry,
+    ShardFooter,
+    StoreInfo,
+    decode_header,
+    decode_trailer,
+    parse_footer,
+    parse_index,
+)
+from .serialization import loads
+from .storage import ReadHandle, Storage, storage_for
+
+__all__ = ["StoreReader", "open_store"]
+
+
+def _read_index(storage: Storage) -> tuple[IndexInfo, int]:
+    where = storage.location
+    if not storage.exists():
+        raise StoreNotFoundError(f"no store at {where!r}: the path does not exist")
+    if not storage.is_container():
+        raise NotAStoreError(f"{where!r} is a file; expected a store directory holding {INDEX_NAME}")
+    try:
+        raw = storage.read_all(INDEX_NAME)
+    except FileNotFoundError:
+        shards = [n for n in storage.list() if n.endswith(SHARD_SUFFIX)]
+        hint = (
+            f"; it holds {len(shards)} shard file(s) but no index: an unfinished write, or a lost index "
+            "(`tspt recover` rebuilds it)"
+            if shards
+            else ""
+        )
+        raise NotAStoreError(f"{where!r} is not a store: expected {INDEX_NAME} in it{hint}") from None
+    return parse_index(raw, f"store {where!r}: {INDEX_NAME}"), digest_int(raw)
+
+
+class StoreReader:
+    """Random access to a store's records.
+
+    Use :func:`open_store` to create one.
+
+    Thread safety: all methods may be called from many threads at once (reads are
+    positional, ``os.pread``; lazily opened handles and footers are guarded by a lock).
+    Fork/spawn safety: file handles belong to the process that opened them; after a fork the
+    child opens its own on first use. A reader pickles to its location and options, so it can
+    be sent to spawned DataLoader workers; the worker re-reads ``index.json`` and refuses a
+    store that changed since (:class:`~tensorstore_pt.errors.CorruptStoreError`).
+
+    Memory: per shard, the footer's record table is kept as one numpy array (32 bytes a
+    record) once a record of that shard has been read; no Python object per record.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | Storage,
+        *,
+        verify: bool = True,
+        map_location: Any = "cpu",
+        _expect_index_digest: int | None = None,
+    ) -> None:
+        self._storage = storage_for(path)
+        self.location = self._storage.location
+        self._verify = bool(verify)
+        self.map_location = map_location
+        index, digest = _read_index(self._storage)
+        if _expect_index_digest is not None and digest != _expect_index_digest:
+            raise CorruptStoreError(
+                f"store {self.location!r}: {INDEX_NAME} changed since this reader was pickled "
+                f"({ALGORITHM} {_expect_index_digest:016x} then, {digest:016x} now); open the store again"
+            )
+        self._index = index
+        self._index_digest = digest
+        self._codec: Codec = get_codec(index.codec)
+        self._starts = np.array([s.first_record for s in index.shards], dtype=np.int64)
+        self._footers: list[ShardFooter | None] = [None] * len(index.shards)
+        self._init_process_state()
+        if self._verify:
+            for si in range(len(index.shards)):
+                self._footer(si)
+
+    # ------------------------------------------------------------------ per-process state
+
+    def _init_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._handles: dict[int, ReadHandle] = {}
+
+    def _ensure_process(self) -> None:
+        if self._pid != os.getpid():
+            # A forked child: the parent's lock may be held by a thread that does not exist
+            # here, and its handles are the parent's. Start afresh (the fds stay with the parent).
+            self._init_process_state()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "storage": self._storage,
+            "verify": self._verify,
+            "map_location": self.map_location,
+            "index_digest": self._index_digest,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(  # type: ignore[misc]
+            state["storage"],
+            verify=state["verify"],
+            map_location=state["map_location"],
+            _expect_index_digest=state["index_digest"],
+        )
+
+    def close(self) -> None:
+        """Close this process's file handles (they reopen on the next read)."""
+        self._ensure_process()
+        with self._lock:
+            handles, self._handles = self._handles, {}
+        for h in handles.values():
+            h.close()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ metadata
+
+    def __len__(self) -> int:
+        return self._index.records
+
+    def __repr__(self) -> str:
+        return f"StoreReader({self.location!r}, records={len(self)}, shards={len(self._index.shards)}, codec={self._index.codec})"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The user metadata stored in the index (a JSON object)."""
+        return self._index.metadata
+
+    @property
+    def index(self) -> IndexInfo:
+        """The parsed, validated ``index.json``."""
+        return self._index
+
+    @property
+    def codec(self) -> Codec:
+        return self._codec
+
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
+    def info(self) -> StoreInfo:
+        """The store's summary: records, shards, codec, sizes (bytes), ratio, metadata."""
+        return StoreInfo.from_index(self.location, self._index)
+
+    def shard_bounds(self) -> np.ndarray:
+        """Record ranges of the shards: int64 array of shape (shards, 2), rows ``[first, end)``."""
+        counts = np.array([s.records for s in self._index.shards], dtype=np.int64)
+        return np.stack([self._starts, self._starts + counts], axis=1) if len(counts) else np.zeros((0, 2), np.int64)
+
+    # ------------------------------------------------------------------ locating records
+
+    def _where(self, si: int, record: int | None = None) -> str:
+        w = f"store {self.location!r}, shard {self._index.shards[si].name!r}"
+        return w if record is None else f"{w}, record {record}"
+
+    def _normalize(self, i: int) -> int:
+        n = self._index.records
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise InvalidOptionError(f"record index: expected an int, found {type(i).__name__}")
+        j = int(i) + n if i < 0 else int(i)
+        if not 0 <= j < n:
+            raise RecordIndexError(f"record {int(i)} is out of range for store {self.location!r} with {n} records")
+        return j
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        si = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return si, i - int(self._starts[si])
+
+    def _handle(self, si: int) -> ReadHandle:
+        self._ensure_process()
+        h = self._handles.get(si)
+        if h is not None:
+            return h
+        with self._lock:
+            h = self._handles.get(si)
+            if h is None:
+                name = self._index.shards[si].name
+                try:
+                    h = self._storage.open(name)
+                except FileNotFoundError as exc:
+                    raise MissingShardError(
+                        f"{self._where(si)}: the shard file is missing (the index lists it with "
+                        f"{self._index.shards[si].records} records)"
+                    ) from exc
+                self._handles[si] = h
+        return h
+
+    def _read_exact(self, si: int, offset: int, length: int, what: str) -> bytes:
+        data = self._handle(si).read_range(offset, length)
+        if len(data) != length:
+            entry = self._index.shards[si]
+            raise ShardSizeError(
+                f"{self._where(si)}: {what} at byte {offset} needs {length} bytes but only {len(data)} "
+                f"are there (the shard is truncated; the index says {entry.file_bytes} bytes)"
+            )
+        return data
+
+    def _footer(self, si: int) -> ShardFooter:
+        footer = self._footers[si]
+        if footer is not None:
+            return footer
+        entry: ShardEntry = self._index.shards[si]
+        where = self._where(si)
+        try:
+            size = self._storage.size(entry.name)
+        except FileNotFoundError as exc:
+            raise MissingShardError(f"{where}: the shard file is missing ({entry.records} records lost)") from exc
+        if size != entry.file_bytes:
+            raise ShardSizeError(f"{where}: expected {entry.file_bytes} bytes (index), found {size} bytes on disk")
+        decode_header(self._read_exact(si, 0, HEADER_BYTES, "the header"), where)
+        trailer = self._read_exact(si, size - TRAILER_BYTES, TRAILER_BYTES, "the trailer")
+        table_offset, count, js_bytes, checksum = decode_trailer(trailer, size, where)
+        if count != entry.records:
+            raise ShardFormatError(f"{where}: footer holds {count} records, the index says {entry.records}")
+        body = self._read_exact(si, table_offset, count * RECORD_ENTRY_BYTES + js_bytes, "the footer")
+        footer = parse_footer(body, table_offset, count, checksum, where)
+        if footer.meta.get("codec") != self._index.codec:
+            raise ShardFormatError(
+                f"{where}: footer says codec {footer.meta.get('codec')}, the index says {self._index.codec}"
+            )
+        stored = int(footer.table["stored"].sum())
+        raw = int(footer.table["raw"].sum())
+        if stored != entry.stored_bytes or raw != entry.raw_bytes:
+            raise ShardFormatError(
+                f"{where}: footer records add up to {stored} stored / {raw} raw bytes, the index says "
+                f"{entry.stored_bytes} / {entry.raw_bytes}"
+            )
+        self._footers[si] = footer
+        return footer
+
+    # ------------------------------------------------------------------ reading
+
+    def read_bytes(self, i: int) -> bytes:
+        """Return record ``i``'s exact ``torch.save`` buffer (decompressed, checksum-verified).
+
+        Args:
+            i: Record position; negative counts from the end.
+
+        Returns:
+            The bytes ``torch.save`` produced for the sample at write time.
+
+        Raises:
+            RecordIndexError: ``i`` out of range.
+            MissingShardError, ShardSizeError, ShardFormatError: The shard is absent, truncated
+                or its footer is damaged.
+            ChecksumMismatchError: The frame's xxh3_64 digest differs from the footer's.
+            DecompressionError / RecordLengthError: The frame does not decode to the raw length.
+        """
+        j = self._normalize(i)
+        si, k = self._locate(j)
+        row = self._footer(si).table[k]
+        offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
+        frame = self._read_exact(si, offset, stored, f"record {j}'s frame")
+        found = digest_int(frame)
+        if found != expected:
+            raise ChecksumMismatchError(
+                f"{self._where(si, j)}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, "
+                f"the {stored} stored bytes give {found:016x}"
+            )
+        try:
+            data = self._codec.decompress(frame, raw)
+        except DecompressionError as exc:
+            raise DecompressionError(f"{self._where(si, j)}: {exc}") from exc
+        if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
+            raise RecordLengthError(f"{self._where(si, j)}: decoded {len(data)} bytes, the footer says {raw}")
+        return data
+
+    def read(self, i: int) -> Any:
+        """Read one record by its position and load it.
+
+        Args:
+            i: Record position, ``-len(store) <= i < len(store)``.
+
+        Returns:
+            The sample as written: tensors with their stored dtype and shape, on
+            ``map_location`` (CPU by default).
+
+        Raises:
+            Everything :meth:`read_bytes` raises, and
+            UnsafePayloadError: The record's pickle asks for globals outside the weights-only
+                allow-list; nothing from it is run.
+            CorruptStoreError: The bytes are not a loadable torch.save buffer.
+        """
+        data = self.read_bytes(i)
+        try:
+            return loads(data, self.map_location)
+        except UnsafePayloadError as exc:
+            si, _ = self._locate(self._normalize(i))
+            raise UnsafePayloadError(f"{self._where(si, self._normalize(i))}: {exc}") from exc
+        except TensorStoreError:
+            raise
+        except Exception as exc:  # torch.load raises RuntimeError/UnpicklingError/zip errors
+            si, _ = self._locate(self._normalize(i))
+            raise CorruptStoreError(
+                f"{self._where(si, self._normalize(i))}: the record is not a loadable torch.save buffer "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> Any:
+        """``store[i]`` reads one record; a slice or a sequence of ints reads a list of them."""
+        if isinstance(key, slice):
+            return [self.read(i) for i in range(*key.indices(len(self)))]
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            return self.read(int(key))
+        if hasattr(key, "tolist") and not isinstance(key, (str, bytes)):
+            key = key.tolist()
+        if isinstance(key, (list, tuple)):
+            return [self.read(i) for i in key]
+        raise InvalidOptionError(f"store index: expected an int, slice or sequence of ints, found {type(key).__name__}")
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yield every record in order (shard by shard, sequential reads)."""
+        for i in range(len(self)):
+            yield self.read(i)
+
+    def verify(self) -> None:
+        """Check every shard's size and whole-file checksum and every record's frame.
+
+        Raises:
+            The first :class:`~tensorstore_pt.errors.CorruptStoreError` found.
+        """
+        for si, entry in enumerate(self._index.shards):
+            self._footer(si)
+            digest = _file_digest(self._handle(si), entry.file_bytes)
+            if digest != entry.checksum:
+                raise ChecksumMismatchError(
+                    f"{self._where(si)}: whole-file checksum mismatch ({ALGORITHM}): index says "
+                    f"{entry.checksum:016x}, the file gives {digest:016x}"
+                )
+            for j in range(entry.first_record, entry.first_record + entry.records):
+                self.read_bytes(j)
+
+
+def _file_digest(handle: ReadHandle, size: int, chunk: int = 8 * 2**20) -> int:
+    from .checksums import FileHasher
+
+    h = FileHasher()
+    for off in range(0, size, chunk):
+        h.update(handle.read_range(off, min(chunk, size - off)))
+    return h.intdigest()
+
+
+def open_store(
+    path: str | os.PathLike[str] | Storage, *, verify: bool = True, map_location: Any = "cpu"
+) -> StoreReader:
+    """Open a store for reading.
+
+    Args:
+        path: The store directory.
+        verify: If True (default), check at open time that every shard exists with the size
+            the index records and that its header and footer agree with the index (O(shards)
+            small reads; no record data is read). Per-record checksums are checked on every
+            read regardless. :meth:`StoreReader.verify` checks everything.
+        map_location: Passed to ``torch.load``; ``"cpu"`` by default.
+
+    Returns:
+        A :class:`StoreReader`.
+
+    Raises:
+        StoreNotFoundError: The path does not exist.
+        NotAStoreError: The path is a file, or a directory without ``index.json``.
+        IndexFormatError: ``index.json`` is not JSON or breaks the schema.
+        UnsupportedFormatError: A newer format version, unknown feature or codec.
+        MissingShardError, ShardSizeError, ShardFormatError: With ``verify=True``, a shard is
+            missing, has the wrong size, or its header/footer is damaged.
+    """
+    return StoreReader(path, verify=verify, map_location=map_location)
