@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -219,10 +219,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 
-#: Extra subcommands registered by other modules: (name, help, add_arguments, run).
-EXTRA_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .codecs import CODEC_IDS
 
@@ -284,10 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed read repetitions; the median is shown (default: 5)")
     p.set_defaults(func=_cmd_demo)
 
-    for name, help_, add_arguments, run in EXTRA_COMMANDS:
-        p = add(name, help_)
-        add_arguments(p)
-        p.set_defaults(func=run)
     return parser
 
 
