@@ -34,6 +34,8 @@ __all__ = [
     "HEADER_BYTES",
     "INDEX_NAME",
     "KNOWN_FEATURES",
+    "MAX_FOOTER_JSON_BYTES",
+    "MAX_INDEX_BYTES",
     "RECORD_DTYPE",
     "RECORD_ENTRY_BYTES",
     "SHARD_MAGIC",
@@ -74,6 +76,11 @@ RECORD_ENTRY_BYTES = RECORD_DTYPE.itemsize  # 32
 
 #: Largest value any size/count field may take (2**62 bytes): keeps arithmetic in int64 range.
 MAX_FIELD = 2**62
+#: Largest footer JSON a reader accepts (bytes). A v1 writer's footer JSON is about 200 bytes;
+#: the cap keeps a hostile trailer from making a reader read a gigabyte of "footer".
+MAX_FOOTER_JSON_BYTES = 2**20
+#: Largest ``index.json`` a reader accepts (bytes): about a million shards' entries.
+MAX_INDEX_BYTES = 256 * 2**20
 _SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -116,13 +123,15 @@ def decode_header(data: bytes, where: str) -> tuple[int, int]:
     """
     if len(data) != HEADER_BYTES:
         raise ShardFormatError(f"{where}: expected a {HEADER_BYTES}-byte header, found {len(data)} bytes")
-    magic, major, minor, _flags = _HEADER.unpack(data)
+    magic, major, minor, flags = _HEADER.unpack(data)
     if magic != SHARD_MAGIC:
         raise ShardFormatError(f"{where}: expected header magic {SHARD_MAGIC!r}, found {magic!r}")
     if major != FORMAT_VERSION[0]:
         raise UnsupportedFormatError(
             f"{where}: shard format version {major}.{minor}; this reader supports major version {FORMAT_VERSION[0]}"
         )
+    if flags != 0:
+        raise ShardFormatError(f"{where}: expected header flags 0 (format {major}.x defines none), found {flags:#010x}")
     return major, minor
 
 
@@ -166,6 +175,10 @@ def decode_trailer(data: bytes, file_bytes: int, where: str) -> tuple[int, int, 
     if magic != TRAILER_MAGIC:
         raise ShardFormatError(f"{where}: expected trailer magic {TRAILER_MAGIC!r}, found {magic!r}")
     end = table_offset + count * RECORD_ENTRY_BYTES + js_bytes + TRAILER_BYTES
+    if js_bytes > MAX_FOOTER_JSON_BYTES:
+        raise ShardFormatError(
+            f"{where}: trailer says the footer JSON is {js_bytes} bytes; expected at most {MAX_FOOTER_JSON_BYTES}"
+        )
     if table_offset < HEADER_BYTES or count > MAX_FIELD or js_bytes > MAX_FIELD or end != file_bytes:
         raise ShardFormatError(
             f"{where}: trailer says table at {table_offset}, {count} records, {js_bytes} footer bytes "
@@ -193,8 +206,8 @@ def parse_footer(body: bytes, table_offset: int, count: int, checksum: int, wher
     table = np.frombuffer(body, dtype=RECORD_DTYPE, count=count) if count else np.zeros(0, RECORD_DTYPE)
     try:
         meta = json.loads(body[table_bytes:].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardFormatError(f"{where}: footer JSON does not parse ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ShardFormatError(f"{where}: footer JSON does not parse ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict):
         raise ShardFormatError(f"{where}: footer JSON must be an object, found {type(meta).__name__}")
     _check_version_and_features(meta, where)
@@ -394,10 +407,14 @@ def parse_index(raw: bytes, where: str) -> IndexInfo:
         IndexFormatError: Not JSON, or breaks the schema.
         UnsupportedFormatError: A newer major version, unknown feature or unknown codec.
     """
+    if len(raw) > MAX_INDEX_BYTES:
+        raise IndexFormatError(f"{where}: expected at most {MAX_INDEX_BYTES} bytes of index, found {len(raw)}")
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IndexFormatError(f"{where}: index is not valid UTF-8 JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise IndexFormatError(f"{where}: index JSON is nested too deeply to parse") from exc
     if not isinstance(obj, dict):
         raise IndexFormatError(f"{where}: expected a JSON object, found {type(obj).__name__}")
     if obj.get("format") != FORMAT_NAME:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from .errors import (
     ChecksumMismatchError,
     CorruptStoreError,
     DecompressionError,
+    IndexFormatError,
     InvalidOptionError,
     MissingShardError,
     NotAStoreError,
@@ -30,10 +31,12 @@ from .errors import (
     StoreNotFoundError,
     TensorStoreError,
     UnsafePayloadError,
+    UnsupportedFormatError,
 )
 from .format import (
     HEADER_BYTES,
     INDEX_NAME,
+    MAX_INDEX_BYTES,
     RECORD_ENTRY_BYTES,
     SHARD_SUFFIX,
     TRAILER_BYTES,
@@ -49,7 +52,7 @@ from .format import (
 from .serialization import loads
 from .storage import ReadHandle, Storage, storage_for
 
-__all__ = ["StoreReader", "open_store"]
+__all__ = ["StoreReader", "check_index_sizes", "open_store", "read_footer"]
 
 
 def _read_index(storage: Storage) -> tuple[IndexInfo, int]:
@@ -59,6 +62,11 @@ def _read_index(storage: Storage) -> tuple[IndexInfo, int]:
     if not storage.is_container():
         raise NotAStoreError(f"{where!r} is a file; expected a store directory holding {INDEX_NAME}")
     try:
+        index_bytes = storage.size(INDEX_NAME)
+        if index_bytes > MAX_INDEX_BYTES:
+            raise IndexFormatError(
+                f"store {where!r}: {INDEX_NAME}: expected at most {MAX_INDEX_BYTES} bytes, found {index_bytes} bytes"
+            )
         raw = storage.read_all(INDEX_NAME)
     except FileNotFoundError:
         shards = [n for n in storage.list() if n.endswith(SHARD_SUFFIX)]
@@ -109,6 +117,7 @@ class StoreReader:
         self._index = index
         self._index_digest = digest
         self._codec: Codec = get_codec(index.codec)
+        check_index_sizes(index, self._codec, f"store {self.location!r}: {INDEX_NAME}")
         self._starts = np.array([s.first_record for s in index.shards], dtype=np.int64)
         self._footers: list[ShardFooter | None] = [None] * len(index.shards)
         self._init_process_state()
@@ -254,24 +263,17 @@ class StoreReader:
             raise MissingShardError(f"{where}: the shard file is missing ({entry.records} records lost)") from exc
         if size != entry.file_bytes:
             raise ShardSizeError(f"{where}: expected {entry.file_bytes} bytes (index), found {size} bytes on disk")
-        decode_header(self._read_exact(si, 0, HEADER_BYTES, "the header"), where)
+        header = self._read_exact(si, 0, HEADER_BYTES, "the header")
         trailer = self._read_exact(si, size - TRAILER_BYTES, TRAILER_BYTES, "the trailer")
-        table_offset, count, js_bytes, checksum = decode_trailer(trailer, size, where)
-        if count != entry.records:
-            raise ShardFormatError(f"{where}: footer holds {count} records, the index says {entry.records}")
-        body = self._read_exact(si, table_offset, count * RECORD_ENTRY_BYTES + js_bytes, "the footer")
-        footer = parse_footer(body, table_offset, count, checksum, where)
-        if footer.meta.get("codec") != self._index.codec:
-            raise ShardFormatError(
-                f"{where}: footer says codec {footer.meta.get('codec')}, the index says {self._index.codec}"
-            )
-        stored = int(footer.table["stored"].sum())
-        raw = int(footer.table["raw"].sum())
-        if stored != entry.stored_bytes or raw != entry.raw_bytes:
-            raise ShardFormatError(
-                f"{where}: footer records add up to {stored} stored / {raw} raw bytes, the index says "
-                f"{entry.stored_bytes} / {entry.raw_bytes}"
-            )
+        footer = read_footer(
+            header,
+            trailer,
+            size,
+            lambda offset, length: self._read_exact(si, offset, length, "the footer"),
+            self._index,
+            entry,
+            where,
+        )
         self._footers[si] = footer
         return footer
 
@@ -295,8 +297,20 @@ class StoreReader:
         """
         j = self._normalize(i)
         si, k = self._locate(j)
-        row = self._footer(si).table[k]
+        try:
+            footer = self._footer(si)
+        except CorruptStoreError as exc:
+            # Name the record too, so an error policy that skips records can log which one.
+            raise type(exc)(f"{exc} (reading record {j})") from exc
+        row = footer.table[k]
         offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
+        bound = self._codec.max_raw_bytes(stored)
+        if raw > bound:
+            raise RecordLengthError(
+                f"{self._where(si, j)}: the footer says the record is {raw} raw bytes, but a {stored}-byte "
+                f"{self._codec.codec_id} frame decodes to at most {bound} bytes (a hostile or damaged footer; "
+                "nothing was allocated)"
+            )
         frame = self._read_exact(si, offset, stored, f"record {j}'s frame")
         found = digest_int(frame)
         if found != expected:
@@ -376,6 +390,86 @@ class StoreReader:
                 )
             for j in range(entry.first_record, entry.first_record + entry.records):
                 self.read_bytes(j)
+
+
+def check_index_sizes(index: IndexInfo, codec: Codec, where: str) -> None:
+    """Check that each shard's raw bytes are possible for its stored bytes under ``codec``.
+
+    A hostile index may claim that a few stored bytes hold terabytes of raw data; this refuses
+    it before any shard is opened.
+
+    Raises:
+        IndexFormatError: A shard's ``raw_bytes`` is above the codec's worst-case bound.
+    """
+    for entry in index.shards:
+        bound = codec.max_raw_bytes(entry.stored_bytes, entry.records)
+        if entry.raw_bytes > bound:
+            raise IndexFormatError(
+                f"{where}: shard {entry.name!r} says {entry.raw_bytes} raw bytes, but {entry.records} "
+                f"{codec.codec_id} frame(s) of {entry.stored_bytes} bytes decode to at most {bound} bytes"
+            )
+
+
+def read_footer(
+    header: bytes,
+    trailer: bytes,
+    file_bytes: int,
+    read_range: Callable[[int, int], bytes],
+    index: IndexInfo,
+    entry: ShardEntry,
+    where: str,
+) -> ShardFooter:
+    """Check a shard's header, trailer and footer against each other and the index.
+
+    Args:
+        header: The first ``HEADER_BYTES`` bytes of the shard.
+        trailer: The last ``TRAILER_BYTES`` bytes of the shard.
+        file_bytes: The shard's size in bytes.
+        read_range: Reads ``(offset, length)`` of the shard; only called for the record table
+            and footer JSON, after the trailer has bounded them to lie inside the file.
+        index: The store's parsed index.
+        entry: The index entry of this shard.
+        where: Context for messages.
+
+    Returns:
+        The parsed footer.
+
+    Raises:
+        ShardFormatError: Bad magic, flags, trailer or footer, or a footer that disagrees with
+            the index (version, record count, first record, codec, stored/raw byte sums).
+    """
+    try:
+        version = decode_header(header, where)
+    except UnsupportedFormatError as exc:
+        raise ShardFormatError(f"{exc}, but the index says {index.version[0]}.{index.version[1]}") from exc
+    table_offset, count, js_bytes, checksum = decode_trailer(trailer, file_bytes, where)
+    if count != entry.records:
+        raise ShardFormatError(f"{where}: footer holds {count} records, the index says {entry.records}")
+    body = read_range(table_offset, count * RECORD_ENTRY_BYTES + js_bytes)
+    try:
+        footer = parse_footer(body, table_offset, count, checksum, where)
+    except (IndexFormatError, UnsupportedFormatError) as exc:
+        raise ShardFormatError(f"the footer JSON disagrees with the index: {exc}") from exc
+    meta = footer.meta
+    if tuple(meta.get("format_version", ())) != version:
+        raise ShardFormatError(
+            f"{where}: header says format {version[0]}.{version[1]}, footer says {meta.get('format_version')}"
+        )
+    if meta.get("first_record") != entry.first_record:
+        raise ShardFormatError(
+            f"{where}: footer says first_record {meta.get('first_record')!r}, the index says {entry.first_record} "
+            "(shards swapped or renamed?)"
+        )
+    if meta.get("codec") != index.codec:
+        raise ShardFormatError(f"{where}: footer says codec {meta.get('codec')}, the index says {index.codec}")
+    stored = int(footer.table["stored"].sum())
+    raw = int(footer.table["raw"].sum())
+    if stored != entry.stored_bytes or raw != entry.raw_bytes:
+        raise ShardFormatError(
+            f"{where}: footer records add up to {stored} stored / {raw} raw bytes, the index says "
+            f"{entry.stored_bytes} / {entry.raw_bytes}"
+        )
+    return footer
 
 
 def _file_digest(handle: ReadHandle, size: int, chunk: int = 8 * 2**20) -> int:

@@ -41,6 +41,24 @@ class Codec(ABC):
             DecompressionError: If the frame header cannot be parsed.
         """
 
+    def max_raw_bytes(self, stored_bytes: int, frames: int = 1) -> int:
+        """Return an upper bound on what ``frames`` frames of ``stored_bytes`` bytes in all decode to.
+
+        Readers compare the raw lengths in an index or footer against this bound *before*
+        allocating, so a hostile index cannot claim that a 100-byte frame holds 1 TiB. The
+        bound is the codec format's worst case (the best possible compression ratio), never a
+        typical ratio, so no genuine record exceeds it.
+
+        Args:
+            stored_bytes: Total size of the frames in bytes.
+            frames: How many frames those bytes hold (the bound of a sum of frames).
+
+        Returns:
+            The largest raw size in bytes the frames can decode to. This default knows no bound
+            and returns 2**62; codecs override it.
+        """
+        return 2**62
+
     @abstractmethod
     def decompress(self, frame: bytes | memoryview, raw_bytes: int) -> bytes:
         """Decode one frame whose decompressed size must be exactly ``raw_bytes``.

@@ -18,6 +18,9 @@ from .abc import Codec
 __all__ = ["Lz4Codec"]
 
 MAX_LEVEL = 16  # lz4.frame.COMPRESSIONLEVEL_MAX; 0 is the fast default, 3+ is LZ4-HC
+#: LZ4 block format: a match length grows by at most 255 per input byte, so no frame decodes to
+#: more than 256 times its size (all-zero data reaches about 243:1).
+_MAX_RATIO = 256
 
 
 class Lz4Codec(Codec):
@@ -55,6 +58,10 @@ class Lz4Codec(Codec):
         # written (torch.save output is never empty), so 0 means "not declared".
         return size if size > 0 else None
 
+    def max_raw_bytes(self, stored_bytes: int, frames: int = 1) -> int:
+        """LZ4's worst case: at most 256 raw bytes per stored byte."""
+        return _MAX_RATIO * stored_bytes
+
     def decompress(self, frame: bytes | memoryview, raw_bytes: int) -> bytes:
         declared = self.frame_content_bytes(frame)
         if declared != raw_bytes:
@@ -62,13 +69,24 @@ class Lz4Codec(Codec):
                 f"lz4: the frame header declares a content size of {declared} bytes, "
                 f"expected {raw_bytes} bytes (the raw length in the index)"
             )
+        # A streaming decompressor with max_length: output never grows past raw_bytes, even
+        # when a forged header declares less than the blocks really inflate to.
+        decoder = lz4.frame.LZ4FrameDecompressor()
         try:
-            out, consumed = lz4.frame.decompress(frame, return_bytes_read=True)
+            out = decoder.decompress(frame, max_length=raw_bytes)
         except (RuntimeError, ValueError) as exc:
             raise DecompressionError(f"lz4: the frame does not decode ({exc})") from exc
-        if consumed != len(frame):
+        if not decoder.eof:
+            if decoder.needs_input:
+                raise DecompressionError(
+                    f"lz4: the frame is truncated: {len(frame)} stored bytes end before the frame's end "
+                    f"mark ({len(out)} of {raw_bytes} bytes decoded)"
+                )
+            raise DecompressionError(f"lz4: the frame decodes to more than {raw_bytes} bytes (the raw length)")
+        if decoder.unused_data:
             raise DecompressionError(
-                f"lz4: the frame is {consumed} bytes but {len(frame)} bytes are stored (trailing data)"
+                f"lz4: the frame ends {len(decoder.unused_data)} bytes before the {len(frame)} stored bytes do "
+                "(trailing data)"
             )
         if len(out) != raw_bytes:
             raise DecompressionError(f"lz4: decoded {len(out)} bytes, expected {raw_bytes} bytes")

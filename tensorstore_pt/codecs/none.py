@@ -24,6 +24,10 @@ class NoneCodec(Codec):
     def frame_content_bytes(self, frame: bytes | memoryview) -> int | None:
         return len(frame)
 
+    def max_raw_bytes(self, stored_bytes: int, frames: int = 1) -> int:
+        """A ``none`` frame is its raw bytes: the bound is ``stored_bytes`` itself."""
+        return stored_bytes
+
     def decompress(self, frame: bytes | memoryview, raw_bytes: int) -> bytes:
         if len(frame) != raw_bytes:
             raise DecompressionError(

@@ -21,6 +21,9 @@ __all__ = ["ZstdCodec"]
 
 MIN_LEVEL = -7  # fastest "negative" levels; zstandard accepts down to ZSTD_minCLevel()
 MAX_LEVEL = 22
+#: RFC 8878: a block decodes to at most 128 KiB and takes at least 3 bytes (its header).
+_BLOCK_MAX_BYTES = 128 * 1024
+_BLOCK_HEADER_BYTES = 3
 
 
 class ZstdCodec(Codec):
@@ -74,6 +77,15 @@ class ZstdCodec(Codec):
         except zstandard.ZstdError as exc:
             raise DecompressionError(f"zstd: cannot parse the frame header ({exc})") from exc
         return None if size < 0 else size
+
+    def max_raw_bytes(self, stored_bytes: int, frames: int = 1) -> int:
+        """Worst case of RFC 8878: every 3 bytes of frame hold one block of at most 128 KiB.
+
+        This is ``ZSTD_decompressBound``'s reasoning; ``ceil(stored / 3)`` blocks per frame,
+        summed over ``frames`` frames, is at most ``(stored_bytes + 2 * frames) // 3`` blocks.
+        (All-zero data really reaches about 32,000:1.)
+        """
+        return (stored_bytes + (_BLOCK_HEADER_BYTES - 1) * frames) // _BLOCK_HEADER_BYTES * _BLOCK_MAX_BYTES
 
     def decompress(self, frame: bytes | memoryview, raw_bytes: int) -> bytes:
         declared = self.frame_content_bytes(frame)
