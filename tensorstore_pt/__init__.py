@@ -16,6 +16,7 @@ from .errors import (
     RecordLengthError,
     ShardFormatError,
     ShardSizeError,
+    StoreBusyError,
     StoreExistsError,
     StoreNotFoundError,
     TensorStoreError,
@@ -24,11 +25,14 @@ from .errors import (
     UnsupportedSampleError,
     WriterClosedError,
 )
+from .audit import AuditReport, audit_path, audit_pt, audit_store
 from .format import StoreInfo
+from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
 from .reader import StoreReader, open_store
 from .writer import ShardWriter, write_store
 
 __all__ = [
+    "AuditReport",
     "ChecksumMismatchError",
     "CorruptStoreError",
     "DecompressionError",
@@ -38,9 +42,11 @@ __all__ = [
     "NotAStoreError",
     "RecordIndexError",
     "RecordLengthError",
+    "RecoverReport",
     "ShardFormatError",
     "ShardSizeError",
     "ShardWriter",
+    "StoreBusyError",
     "StoreExistsError",
     "StoreInfo",
     "StoreNotFoundError",
@@ -49,8 +55,14 @@ __all__ = [
     "UnsafePayloadError",
     "UnsupportedFormatError",
     "UnsupportedSampleError",
+    "VerifyReport",
     "WriterClosedError",
     "__version__",
+    "audit_path",
+    "audit_pt",
+    "audit_store",
     "open_store",
+    "recover_store",
+    "verify_store",
     "write_store",
 ]

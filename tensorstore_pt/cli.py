@@ -190,12 +190,137 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .reader import open_store
+    from .integrity import verify_store
 
-    reader = open_store(args.store, verify=False)
-    reader.verify()
-    print(f"OK: {reader.location}: {len(reader)} records in {reader.info().shards} shard(s) verified")
+    report = verify_store(args.store, deep=args.deep)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return EXIT_OK if report.ok else EXIT_DAMAGED
+    what = "loaded" if report.deep else "verified"
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.ok:
+        print(f"OK: {report.location}: {report.records} records in {report.shards} shard(s) {what}")
+        return EXIT_OK
+    for p in report.problems:
+        place = " ".join(x for x in (p.shard or "index.json", f"record {p.record}" if p.record is not None else "") if x)
+        print(f"{place}: {p.kind}: expected {p.expected}; found {p.found}")
+    print(
+        f"DAMAGED: {report.location}: {len(report.problems)} problem(s) in {len(report.damaged_shards)} shard(s); "
+        f"{report.records_checked} of {report.records} records and {report.shards_checked} of {report.shards} "
+        f"shard(s) passed every check{'; run `tspt recover` to rebuild the store' if report.shards else ''}"
+    )
+    return EXIT_DAMAGED
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from .integrity import recover_store
+
+    report = recover_store(args.store, salvage=args.salvage, dry_run=args.dry_run, force=args.force)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return EXIT_OK
+    verb = "would keep" if report.dry_run else "kept"
+    print(f"{report.location}: index.json was {report.index_before}; {verb} {report.records} records in {len(report.kept)} shard(s)")
+    for k in report.kept:
+        src = f" (from {k.source})" if k.source != k.name else ""
+        print(f"  {k.how:<9} {k.name}: records [{k.first_record}, {k.first_record + k.records}){src}")
+    for q in report.quarantined:
+        recs = f", {q.records} records" if q.records else ""
+        arrow = "would be quarantined" if report.dry_run else f"-> {q.new_name}"
+        print(f"  quarantined {q.name} {arrow}{recs}: {q.reason}")
+    print(f"metadata: {report.metadata}")
+    for note in report.notes:
+        print(f"note: {note}")
+    if not report.changed:
+        print("nothing to do: the index already matches the shards")
+    elif report.dry_run:
+        print("dry run: nothing was changed")
     return EXIT_OK
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_path
+
+    options: dict[str, Any] = {"sample_records": args.sample, "max_records": args.max_records, "top": args.top}
+    report = audit_path(args.path, **options)
+    if args.plot:
+        from ._plot import plot_audit
+
+        plot_audit(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return EXIT_OK
+    print(format_audit(report))
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return EXIT_OK
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:5.1f}%" if whole else "    -"
+
+
+def format_audit(report: Any) -> str:
+    """Format an :class:`~tensorstore_pt.audit.AuditReport` as text tables."""
+    b = report.breakdown
+    lines = [
+        f"{report.kind.replace('_', ' ')}: {report.source}",
+        f"records   {report.records:,} in {report.files:,} file(s)",
+        f"on disk   {format_bytes(report.disk_bytes)} ({report.disk_bytes:,} bytes"
+        + (f"; {report.allocated_bytes:,} bytes in file-system blocks)" if report.allocated_bytes else ")"),
+        f"raw       {format_bytes(report.raw_bytes)} ({report.raw_bytes:,} bytes of torch.save buffers"
+        + (")" if report.kind == "store" else ", once packed)"),
+    ]
+    if report.stored_bytes is not None:
+        lines.append(f"stored    {format_bytes(report.stored_bytes)} ({report.stored_bytes:,} bytes, codec {report.codec})")
+        lines.append(f"ratio     {report.ratio:.2f} (raw / on disk)")
+    if report.shards:
+        lines.append("")
+        lines.append(f"{'shard':<22}{'records':>9}{'file bytes':>14}{'stored':>14}{'raw':>14}")
+        shown = report.shards if len(report.shards) <= 12 else report.shards[:10]
+        for sh in shown:
+            lines.append(f"{sh.name:<22}{sh.records:>9,}{sh.file_bytes:>14,}{sh.stored_bytes:>14,}{sh.raw_bytes:>14,}")
+        if len(shown) < len(report.shards):
+            lines.append(f"... {len(report.shards) - len(shown)} more shard(s)")
+        for label, n in report.bytes_by_codec.items():
+            lines.append(f"codec {label}: {n:,} stored bytes")
+    lines += [
+        "",
+        f"where the raw bytes go ({b.records:,} record(s) analysed, {b.raw_bytes:,} bytes):",
+        f"  tensor payload    {b.tensor_bytes:>14,}  {_pct(b.tensor_bytes, b.raw_bytes)}"
+        + (f"  (elements need {b.element_bytes:,})" if b.element_bytes != b.tensor_bytes else ""),
+        f"  pickle            {b.pickle_bytes:>14,}  {_pct(b.pickle_bytes, b.raw_bytes)}",
+        f"  zip container     {b.zip_bytes:>14,}  {_pct(b.zip_bytes, b.raw_bytes)}",
+        f"  overhead/record   {b.overhead_bytes / b.records if b.records else 0:>14,.0f}  bytes (pickle + zip)",
+        "  by key:   " + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_key.items()),
+        "  by dtype: " + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_dtype.items()),
+        "",
+        "largest records:",
+    ]
+    for r in report.largest:
+        extra = f", stored {r.stored_bytes:,}" if r.stored_bytes is not None else ""
+        tens = f", tensors {r.tensor_bytes:,} / elements {r.element_bytes:,}" if r.tensor_bytes is not None else ""
+        lines.append(f"  {r.record!s:<24} raw {r.raw_bytes:,}{extra}{tens}")
+    if report.bloated:
+        lines.append(f"bloated records (tensor bytes > elements' bytes; views saved whole): {len(report.bloated)}")
+        for r in report.bloated[:10]:
+            lines.append(f"  {r.record!s:<24} tensors {r.tensor_bytes:,} bytes for {r.element_bytes:,} element bytes")
+    lines += [
+        "",
+        f"codec projections (measured on {report.projections[0].sample_records if report.projections else 0} "
+        f"record(s); torch.load runs at {report.load_mb_s:,.1f} MB/s on these records):",
+        f"  {'codec':<10}{'bytes on disk':>16}{'ratio':>8}{'compress MB/s':>15}{'decode MB/s':>13}",
+    ]
+    for pr in report.projections:
+        mark = "  <- recommended" if pr.label == report.recommendation else ""
+        lines.append(
+            f"  {pr.label:<10}{pr.file_bytes:>16,}{pr.ratio:>8.2f}{pr.compress_mb_s:>15,.0f}{pr.decode_mb_s:>13,.0f}{mark}"
+        )
+    lines += ["", f"recommendation: {report.reason}"]
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
@@ -262,9 +387,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
-    p = add("verify", "check every shard and record of a store (exit 0 clean, 1 damaged)")
+    p = add(
+        "verify",
+        "check every shard and record of a store (exit 0 clean, 1 damaged)",
+        "Check a store end to end: the index schema; each shard's size and checksum against the index; "
+        "headers and footers; every record's checksum, decodability and raw length; record counts. Every "
+        "problem is listed with its shard, record, what was expected and what was found.",
+    )
     p.add_argument("store")
+    p.add_argument("--deep", action="store_true", help="also load every record (weights_only=True)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_verify)
+
+    p = add(
+        "recover",
+        "rebuild index.json from the shards after a crash or a lost index",
+        "Rebuild index.json from the self-describing shards. Complete shards that continue the record "
+        "sequence are kept; a complete temporary shard is renamed into place; everything else (damaged or "
+        "unfinished files, shards of another write) is quarantined: renamed to NAME.quarantined, never "
+        "deleted. Metadata lost with the index cannot be recovered.",
+    )
+    p.add_argument("store")
+    p.add_argument(
+        "--salvage", action="store_true",
+        help="copy every verifying record after a damaged shard into new shards (renumbers them)",
+    )  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="report what would be done; change nothing")
+    p.add_argument("--force", action="store_true", help="run even if a temporary file's process id is alive")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_recover)
+
+    p = add(
+        "audit",
+        "where the bytes go, and what packing with each codec would give",
+        "Audit a store, a directory of .pt files (one sample each) or one .pt file: bytes per shard and "
+        "codec, raw vs stored, tensor payload vs torch.save container overhead by key and dtype, the "
+        "largest and bloated records, and projected size and decode speed for each codec candidate.",
+    )
+    p.add_argument("path", help="a store, a directory of .pt files, or a .pt file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="draw bar charts (needs matplotlib: pip install tensorstore_pt[plot])")
+    p.add_argument("--sample", type=int, default=64, help="records used for codec projections (default: 64)")
+    p.add_argument(
+        "--max-records", type=int, default=2000,
+        help="records analysed for the byte breakdown (default: 2000)",
+    )  # fmt: skip
+    p.add_argument("--top", type=int, default=10, help="largest records to list (default: 10)")
+    p.set_defaults(func=_cmd_audit)
 
     p = add("get", "write one record as a .pt file (its exact torch.save bytes)")
     p.add_argument("store")
@@ -285,13 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tspt``; return the exit code (see the module docstring)."""
-    from .errors import CorruptStoreError, TensorStoreError
+    from .errors import CorruptStoreError, TensorStoreError, UnsafePayloadError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except CorruptStoreError as exc:
         print(f"tspt {args.command}: DAMAGED: {exc}", file=sys.stderr)
+        return EXIT_DAMAGED
+    except UnsafePayloadError as exc:
+        print(f"tspt {args.command}: REFUSED (unsafe payload, not run): {exc}", file=sys.stderr)
         return EXIT_DAMAGED
     except (TensorStoreError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         print(f"tspt {args.command}: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ working for callers who do not know this package::
     ├── RecordIndexError (IndexError)              record position out of range
     ├── WriterClosedError (RuntimeError)           write() after close() or after a failure
     ├── UnsafePayloadError (ValueError)            a record's pickle asks for forbidden globals
+    ├── StoreBusyError (RuntimeError)              a live writer still owns files in the store
     └── CorruptStoreError (ValueError)             stored bytes disagree with what was written
         ├── MissingShardError (FileNotFoundError)  a shard named in the index is absent
         ├── ShardFormatError                       bad magic, header, footer or trailer
@@ -42,6 +43,7 @@ __all__ = [
     "RecordLengthError",
     "ShardFormatError",
     "ShardSizeError",
+    "StoreBusyError",
     "StoreExistsError",
     "StoreNotFoundError",
     "TensorStoreError",
@@ -94,6 +96,10 @@ class WriterClosedError(TensorStoreError, RuntimeError):
 
 class UnsafePayloadError(TensorStoreError, ValueError):
     """A record's pickle references globals outside the weights-only allow-list."""
+
+
+class StoreBusyError(TensorStoreError, RuntimeError):
+    """A process that is still running owns temporary files in the store (``tspt recover``)."""
 
 
 class CorruptStoreError(TensorStoreError, ValueError):

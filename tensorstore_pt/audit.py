@@ -1,0 +1,817 @@
+"""Storage-size audits: where the bytes of a store, or of a pile of ``.pt`` files, go.
+
+:func:`audit_path` (``tspt audit PATH``) takes a store, a directory of ``.pt`` files (one
+sample each) or one ``.pt`` file (a list of samples, or a dict of equal-length columns, as
+``tspt pack`` reads it) and returns an :class:`AuditReport`:
+
+- totals: records, bytes on disk (and allocated in file-system blocks, for ``.pt`` files),
+  raw bytes (the ``torch.save`` buffers), stored bytes and the ratio; for a store, bytes per
+  shard and per codec;
+- where the raw bytes go (:class:`ByteBreakdown`): tensor payload bytes by key and by dtype,
+  against the ``torch.save`` container overhead (the pickle, and the zip's headers,
+  alignment padding and bookkeeping entries);
+- the largest records, and the records whose serialized tensor bytes are far above their
+  elements' bytes (a view saved with its whole storage: ``torch.save`` of a 10-element
+  slice of a 40 MB tensor writes 40 MB). The writer compacts such views; ``.pt`` files
+  often hold them;
+- a projection for each codec candidate (:data:`DEFAULT_CANDIDATES`): bytes on disk once
+  packed, compress and decode throughput measured on a sample of records, and a
+  recommendation.
+
+Records are loaded with ``torch.load(weights_only=True)`` semantics; a pickle that asks for
+anything else raises :class:`~tensorstore_pt.errors.UnsafePayloadError` and is never run.
+
+Pure functions: nothing here prints or writes files (``tspt audit`` formats the report,
+:mod:`._plot` draws it). Throughputs are in MB/s of raw bytes (10**6 bytes a second) on
+this machine, from the median of ``repeats`` timed passes over the sample.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import statistics
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checksums import digest_int
+from .codecs import Codec, get_codec
+from .errors import InvalidOptionError, StoreNotFoundError, UnsafePayloadError
+from .format import HEADER_BYTES, INDEX_NAME, RECORD_ENTRY_BYTES, TRAILER_BYTES
+
+__all__ = [
+    "BLOAT_FACTOR",
+    "DEFAULT_CANDIDATES",
+    "AuditReport",
+    "ByteBreakdown",
+    "CodecProjection",
+    "RecordSize",
+    "ShardSize",
+    "audit_path",
+    "audit_pt",
+    "audit_store",
+    "codec_label",
+]
+
+#: Codec configs projected by default: none, lz4, zstd levels 1, 3 and 9. New codec options
+#: join this tuple as they land.
+DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
+    {"id": "none"},
+    {"id": "lz4", "level": 0},
+    {"id": "zstd", "level": 1},
+    {"id": "zstd", "level": 3},
+    {"id": "zstd", "level": 9},
+)
+
+#: A record is flagged as bloated when its serialized tensor bytes exceed its tensors'
+#: element bytes by this factor (and by at least ``_BLOAT_MIN_BYTES``).
+BLOAT_FACTOR = 2.0
+_BLOAT_MIN_BYTES = 4096
+#: Candidates within this fraction of the smallest projection count as equally small.
+_SIZE_TOLERANCE = 0.05
+#: Estimated footer JSON bytes per shard, and index bytes per shard, for projections.
+_FOOTER_JSON_BYTES = 200
+_INDEX_BYTES_PER_SHARD = 260
+_INDEX_BASE_BYTES = 600
+_DEFAULT_SHARD_BYTES = 64 * 2**20
+
+
+def codec_label(config: dict[str, Any]) -> str:
+    """A short name for a codec config: ``none``, ``lz4-0``, ``zstd-3``."""
+    rest = [f"{v}" for k, v in sorted(config.items()) if k != "id"]
+    return "-".join([str(config.get("id"))] + rest)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class ByteBreakdown:
+    """Where the raw (``torch.save``) bytes of the analysed records go. All sizes in bytes.
+
+    ``raw_bytes == tensor_bytes + pickle_bytes + zip_bytes``.
+
+    Attributes:
+        records: Records analysed.
+        raw_bytes: Their ``torch.save`` buffers.
+        tensor_bytes: Tensor storage payload written (each storage once).
+        element_bytes: What the tensors' elements need (``numel * element_size``); below
+            ``tensor_bytes`` when views were saved with their whole storage.
+        pickle_bytes: The pickled object structure (``data.pkl``).
+        zip_bytes: The zip container: local and central headers, alignment padding and the
+            small bookkeeping entries (``version``, ``byteorder``, ...).
+        by_key: Tensor payload bytes per key path in the sample (``"image"``, ``"0"``,
+            ``"meta/mask"``; ``"<sample>"`` for a bare tensor).
+        by_dtype: Tensor payload bytes per dtype (``"float32"``).
+    """
+
+    records: int
+    raw_bytes: int
+    tensor_bytes: int
+    element_bytes: int
+    pickle_bytes: int
+    zip_bytes: int
+    by_key: dict[str, int]
+    by_dtype: dict[str, int]
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Container overhead: pickle plus zip bytes."""
+        return self.pickle_bytes + self.zip_bytes
+
+
+@dataclass(frozen=True)
+class RecordSize:
+    """One record's sizes, in bytes.
+
+    Attributes:
+        record: Its position (store, ``.pt`` list) or file name (directory of ``.pt``).
+        raw_bytes: Its ``torch.save`` buffer (for a ``.pt`` file: the file).
+        stored_bytes: Its frame in a store; None for ``.pt`` files.
+        tensor_bytes: Serialized tensor payload; None if not analysed.
+        element_bytes: Tensor element bytes; None if not analysed.
+    """
+
+    record: int | str
+    raw_bytes: int
+    stored_bytes: int | None = None
+    tensor_bytes: int | None = None
+    element_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ShardSize:
+    """A store's shard, sizes in bytes."""
+
+    name: str
+    records: int
+    file_bytes: int
+    stored_bytes: int
+    raw_bytes: int
+
+
+@dataclass(frozen=True)
+class CodecProjection:
+    """What packing with one codec would give, measured on a sample of records.
+
+    Attributes:
+        codec: The codec config (``{"id": "zstd", "level": 3}``).
+        label: Its short name (``zstd-3``).
+        stored_bytes: Projected total frame bytes for all records.
+        file_bytes: Projected store size: frames, record tables, headers, footers and index.
+        ratio: Raw bytes / ``file_bytes``.
+        compress_mb_s: Compression throughput, MB/s of raw bytes.
+        decode_mb_s: Decode throughput as the reader does it (checksum the frame, then
+            decompress), MB/s of raw bytes.
+        sample_records: Records the measurement used.
+    """
+
+    codec: dict[str, Any]
+    label: str
+    stored_bytes: int
+    file_bytes: int
+    ratio: float
+    compress_mb_s: float
+    decode_mb_s: float
+    sample_records: int
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The result of an audit. Sizes in bytes; throughputs in MB/s (10**6 bytes/s).
+
+    Attributes:
+        source: The audited path.
+        kind: ``"store"``, ``"pt_dir"`` or ``"pt_file"``.
+        records: Records in the source.
+        disk_bytes: Bytes the source takes now (file sizes; for a store, shards + index).
+        allocated_bytes: File-system blocks the files occupy (``st_blocks * 512``); None
+            where the platform does not say.
+        files: Files the source is made of.
+        raw_bytes: ``torch.save`` bytes of all records: exact for a store; for ``.pt``
+            sources, what the writer would serialize (views compacted), estimated from the
+            sample when not every record was serialized.
+        stored_bytes: For a store, its frame bytes; None for ``.pt`` sources.
+        codec: For a store, its codec config; None for ``.pt`` sources.
+        shards: For a store, each shard's sizes.
+        bytes_by_codec: Stored bytes per codec label (a store has one codec).
+        breakdown: Where the raw bytes of the analysed records go.
+        largest: The largest records by raw bytes, largest first.
+        bloated: Analysed records whose tensor bytes exceed ``BLOAT_FACTOR`` x their element
+            bytes.
+        projections: One per codec candidate, in the order given.
+        load_mb_s: ``torch.load`` throughput over the sample's raw bytes (the same for every
+            codec; compare it with ``decode_mb_s``).
+        recommendation: The recommended codec's label.
+        reason: Why, in one or two sentences with the numbers.
+        notes: Further facts (sampling, estimates).
+    """
+
+    source: str
+    kind: str
+    records: int
+    disk_bytes: int
+    allocated_bytes: int | None
+    files: int
+    raw_bytes: int
+    stored_bytes: int | None
+    codec: dict[str, Any] | None
+    shards: tuple[ShardSize, ...]
+    bytes_by_codec: dict[str, int]
+    breakdown: ByteBreakdown
+    largest: tuple[RecordSize, ...]
+    bloated: tuple[RecordSize, ...]
+    projections: tuple[CodecProjection, ...]
+    load_mb_s: float
+    recommendation: str
+    reason: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ratio(self) -> float:
+        """Raw bytes / bytes on disk now (0.0 for an empty source)."""
+        return self.raw_bytes / self.disk_bytes if self.disk_bytes else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        d["breakdown"]["overhead_bytes"] = self.breakdown.overhead_bytes
+        return d
+
+
+# --------------------------------------------------------------------------- per record
+
+
+@dataclass
+class _Acc:
+    """Accumulates a :class:`ByteBreakdown`."""
+
+    records: int = 0
+    raw: int = 0
+    tensor: int = 0
+    element: int = 0
+    pickle: int = 0
+    zip: int = 0
+    by_key: dict[str, int] = field(default_factory=dict)
+    by_dtype: dict[str, int] = field(default_factory=dict)
+
+    def freeze(self) -> ByteBreakdown:
+        order = lambda d: dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))  # noqa: E731
+        return ByteBreakdown(
+            self.records, self.raw, self.tensor, self.element, self.pickle, self.zip, order(self.by_key), order(self.by_dtype)
+        )
+
+
+def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield (path or "<sample>"), obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{path}/{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple, set)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}/{i}" if path else str(i))
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _analyse(raw: bytes, obj: Any, acc: _Acc) -> tuple[int, int]:
+    """Add one record to ``acc``; return (tensor bytes, element bytes)."""
+    import torch
+
+    tensor = element = 0
+    seen: set[tuple[int, int]] = set()
+    for key, t in _tensors(obj):
+        if t.layout != torch.strided:
+            if t.layout == torch.sparse_coo:
+                parts = [t._values(), t._indices()]
+            elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+                parts = [t.values(), t.crow_indices(), t.col_indices()]
+            elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+                parts = [t.values(), t.ccol_indices(), t.row_indices()]
+            else:
+                parts = []
+            nbytes = sum(p.numel() * p.element_size() for p in parts)
+            tensor += nbytes
+            element += nbytes
+            acc.by_key[key] = acc.by_key.get(key, 0) + nbytes
+            acc.by_dtype[_dtype_name(t)] = acc.by_dtype.get(_dtype_name(t), 0) + nbytes
+            continue
+        element += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        ident = (storage.data_ptr(), storage.nbytes())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        nbytes = storage.nbytes()
+        tensor += nbytes
+        acc.by_key[key] = acc.by_key.get(key, 0) + nbytes
+        acc.by_dtype[_dtype_name(t)] = acc.by_dtype.get(_dtype_name(t), 0) + nbytes
+    pickle_bytes = 0
+    zip_tensor = None
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            zip_tensor = 0
+            for info in zf.infolist():
+                if info.filename.endswith("/data.pkl") or info.filename == "data.pkl":
+                    pickle_bytes += info.compress_size
+                elif "/data/" in info.filename:
+                    zip_tensor += info.compress_size
+    except zipfile.BadZipFile:  # a legacy (pre-1.6, non-zip) torch.save file: no zip container
+        pickle_bytes = max(0, len(raw) - tensor)
+    if zip_tensor is not None:
+        tensor = zip_tensor  # the container's own count is authoritative
+    acc.records += 1
+    acc.raw += len(raw)
+    acc.tensor += tensor
+    acc.element += element
+    acc.pickle += pickle_bytes
+    acc.zip += max(0, len(raw) - tensor - pickle_bytes)
+    return tensor, element
+
+
+def _storage_bytes(obj: Any) -> int:
+    """Bytes of the distinct storages behind a sample's strided tensors (what torch.save writes)."""
+    import torch
+
+    seen: dict[tuple[int, int], int] = {}
+    for _, t in _tensors(obj):
+        if t.layout == torch.strided:
+            st = t.untyped_storage()
+            seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
+    return sum(seen.values())
+
+
+def _is_bloated(tensor: int, element: int) -> bool:
+    return tensor > BLOAT_FACTOR * element and tensor - element >= _BLOAT_MIN_BYTES
+
+
+def _evenly(n: int, k: int | None) -> list[int]:
+    """``min(n, k)`` positions spread evenly over ``range(n)`` (all of them if k is None)."""
+    if k is None or k >= n:
+        return list(range(n))
+    if k <= 0:
+        return []
+    return sorted({int(x) for x in np.linspace(0, n - 1, k)})
+
+
+# --------------------------------------------------------------------------- projections
+
+
+def _timed(fn: Any, repeats: int, min_seconds: float) -> float:
+    """Median seconds of one call of ``fn``: each of ``repeats`` runs loops for ``min_seconds``."""
+    times = []
+    for _ in range(repeats):
+        n = 0
+        start = time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        times.append(elapsed / n)
+    return statistics.median(times)
+
+
+def _project(
+    raws: list[bytes],
+    total_raw: int,
+    records: int,
+    candidates: tuple[dict[str, Any], ...],
+    repeats: int,
+    min_seconds: float,
+    max_shard_bytes: int,
+) -> tuple[CodecProjection, ...]:
+    sample_raw = sum(len(r) for r in raws)
+    out = []
+    for config in candidates:
+        codec: Codec = get_codec(config)
+        frames = [codec.compress(r) for r in raws]
+        sample_stored = sum(len(f) for f in frames)
+
+        def compress_all(codec: Codec = codec) -> None:
+            for r in raws:
+                codec.compress(r)
+
+        def decode_all(codec: Codec = codec, frames: list[bytes] = frames) -> None:
+            for f, r in zip(frames, raws):
+                digest_int(f)
+                codec.decompress(f, len(r))
+
+        t_c = _timed(compress_all, repeats, min_seconds) if raws else 0.0
+        t_d = _timed(decode_all, repeats, min_seconds) if raws else 0.0
+        stored = round(sample_stored * total_raw / sample_raw) if sample_raw else 0
+        shards = max(1, math.ceil(stored / max_shard_bytes)) if records else 0
+        file_bytes = (
+            stored
+            + records * RECORD_ENTRY_BYTES
+            + shards * (HEADER_BYTES + TRAILER_BYTES + _FOOTER_JSON_BYTES + _INDEX_BYTES_PER_SHARD)
+            + _INDEX_BASE_BYTES
+        )
+        out.append(
+            CodecProjection(
+                codec=dict(config),
+                label=codec_label(config),
+                stored_bytes=stored,
+                file_bytes=file_bytes,
+                ratio=total_raw / file_bytes if file_bytes else 0.0,
+                compress_mb_s=sample_raw / t_c / 1e6 if t_c else 0.0,
+                decode_mb_s=sample_raw / t_d / 1e6 if t_d else 0.0,
+                sample_records=len(raws),
+            )
+        )
+    return tuple(out)
+
+
+def _recommend(projections: tuple[CodecProjection, ...], current: str | None) -> tuple[str, str]:
+    """Pick a codec: the fastest-decoding among those within 5% of the smallest projection.
+
+    ``none`` wins when it is itself within 5% (compression does not pay); the store's current
+    codec wins when it is within 5% (re-packing would not pay).
+    """
+    if not projections:
+        return "", "no codec candidates were measured"
+    smallest = min(p.file_bytes for p in projections)
+    close = [p for p in projections if p.file_bytes <= smallest * (1 + _SIZE_TOLERANCE)]
+    none = next((p for p in projections if p.codec.get("id") == "none"), None)
+    cur = next((p for p in projections if p.label == current), None)
+    if none is not None and none in close:
+        return none.label, (
+            f"none: compression saves under {_SIZE_TOLERANCE:.0%} here (smallest projection {smallest:,} bytes, "
+            f"uncompressed {none.file_bytes:,}), so decoding stays free"
+        )
+    if cur is not None and cur in close:
+        return cur.label, (
+            f"{cur.label} (keep the store's codec): {cur.file_bytes:,} bytes projected (ratio {cur.ratio:.2f}), within "
+            f"{_SIZE_TOLERANCE:.0%} of the smallest candidate ({smallest:,} bytes); re-packing would not pay"
+        )
+    best = max(close, key=lambda p: (p.decode_mb_s, -p.file_bytes))
+    others = ", ".join(p.label for p in close if p is not best)
+    why = (
+        f"{best.label}: {best.file_bytes:,} bytes projected (ratio {best.ratio:.2f}), decodes at "
+        f"{best.decode_mb_s:,.0f} MB/s; "
+        + (
+            f"the fastest-decoding of the candidates within {_SIZE_TOLERANCE:.0%} of the smallest (also: {others})"
+            if others
+            else "the smallest by more than 5%"
+        )
+    )
+    if cur is not None and cur.file_bytes:
+        why += f". The store uses {cur.label} ({cur.file_bytes:,} bytes projected): re-packing saves {1 - best.file_bytes / cur.file_bytes:.0%}"
+    return best.label, why
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _check_options(max_records: int | None, sample_records: int, repeats: int, top: int) -> None:
+    for name, value, low in (("sample_records", sample_records, 1), ("repeats", repeats, 1), ("top", top, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidOptionError(f"{name}: expected an int >= {low}, found {value!r}")
+    if max_records is not None and (isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1):
+        raise InvalidOptionError(f"max_records: expected None or an int >= 1, found {max_records!r}")
+
+
+def audit_store(
+    path: str | os.PathLike[str],
+    *,
+    max_records: int | None = 2000,
+    sample_records: int = 64,
+    candidates: tuple[dict[str, Any], ...] = DEFAULT_CANDIDATES,
+    top: int = 10,
+    repeats: int = 3,
+    min_seconds: float = 0.02,
+) -> AuditReport:
+    """Audit a store.
+
+    Args:
+        path: The store directory.
+        max_records: Records analysed for the byte breakdown and bloat, evenly spread; None
+            for all. Sizes per shard, totals and the largest records always cover every record.
+        sample_records: Records used for the codec projections and timings.
+        candidates: Codec configs to project.
+        top: How many of the largest records to list.
+        repeats: Timed passes per measurement (the median is kept).
+        min_seconds: Each timed pass loops over the sample for at least this long.
+
+    Returns:
+        An :class:`AuditReport`.
+
+    Raises:
+        StoreNotFoundError, NotAStoreError, IndexFormatError, UnsupportedFormatError: As
+            :func:`~tensorstore_pt.open_store`.
+        CorruptStoreError: A record read fails its checks.
+        UnsafePayloadError: A record's pickle asks for forbidden globals (it is not run).
+        InvalidOptionError: Bad options.
+    """
+    from .reader import open_store
+    from .serialization import loads
+
+    _check_options(max_records, sample_records, repeats, top)
+    reader = open_store(path)
+    index = reader.index
+    shards = tuple(ShardSize(s.name, s.records, s.file_bytes, s.stored_bytes, s.raw_bytes) for s in index.shards)
+    # Per-record sizes from the footers (32 bytes a record, no record data read).
+    raw_sizes = np.zeros(len(reader), dtype=np.int64)
+    stored_sizes = np.zeros(len(reader), dtype=np.int64)
+    for si, entry in enumerate(index.shards):
+        table = reader._footer(si).table
+        raw_sizes[entry.first_record : entry.first_record + entry.records] = table["raw"].astype(np.int64)
+        stored_sizes[entry.first_record : entry.first_record + entry.records] = table["stored"].astype(np.int64)
+
+    acc = _Acc()
+    analysed: dict[int, tuple[int, int]] = {}
+    bloated = []
+    load_seconds = 0.0
+    for i in _evenly(len(reader), max_records):
+        raw = reader.read_bytes(i)
+        t0 = time.perf_counter()
+        try:
+            obj = loads(raw, "cpu")
+        except UnsafePayloadError as exc:
+            si, _ = reader._locate(i)
+            raise UnsafePayloadError(f"store {reader.location!r}, shard {index.shards[si].name!r}, record {i}: {exc}") from exc
+        load_seconds += time.perf_counter() - t0
+        tensor, element = _analyse(raw, obj, acc)
+        analysed[i] = (tensor, element)
+        if _is_bloated(tensor, element):
+            bloated.append(RecordSize(i, len(raw), int(stored_sizes[i]), tensor, element))
+    order = np.argsort(-raw_sizes, kind="stable")[:top]
+    largest = tuple(
+        RecordSize(int(i), int(raw_sizes[i]), int(stored_sizes[i]), *(analysed.get(int(i), (None, None))))
+        for i in order
+    )
+    sample = [reader.read_bytes(i) for i in _evenly(len(reader), sample_records)]
+    projections = _project(
+        sample, index.raw_bytes, len(reader), candidates, repeats, min_seconds, max(
+            [s.file_bytes for s in index.shards] + [1]
+        )
+    )
+    current = codec_label(index.codec)
+    recommendation, reason = _recommend(projections, current)
+    disk = index.file_bytes + reader.storage.size(INDEX_NAME)
+    notes = []
+    if acc.records < len(reader):
+        notes.append(f"byte breakdown from {acc.records} of {len(reader)} records, evenly spread")
+    return AuditReport(
+        source=reader.location,
+        kind="store",
+        records=len(reader),
+        disk_bytes=disk,
+        allocated_bytes=_allocated([Path(reader.location) / s.name for s in index.shards] + [Path(reader.location) / INDEX_NAME]),
+        files=len(index.shards) + 1,
+        raw_bytes=index.raw_bytes,
+        stored_bytes=index.stored_bytes,
+        codec=dict(index.codec),
+        shards=shards,
+        bytes_by_codec={current: index.stored_bytes},
+        breakdown=acc.freeze(),
+        largest=largest,
+        bloated=tuple(bloated),
+        projections=projections,
+        load_mb_s=acc.raw / load_seconds / 1e6 if load_seconds else 0.0,
+        recommendation=recommendation,
+        reason=reason,
+        notes=tuple(notes),
+    )
+
+
+def _allocated(paths: list[Path]) -> int | None:
+    total = 0
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        blocks = getattr(st, "st_blocks", None)
+        if blocks is None:
+            return None
+        total += blocks * 512
+    return total
+
+
+def _natural_key(name: str) -> list[Any]:
+    import re
+
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _load_pt_bytes(data: bytes, where: str) -> Any:
+    from .serialization import loads
+
+    try:
+        return loads(data, "cpu")
+    except UnsafePayloadError as exc:
+        raise UnsafePayloadError(f"{where}: {exc}") from exc
+    except Exception as exc:  # not a torch.save file
+        raise InvalidOptionError(f"{where}: not a readable torch.save file ({type(exc).__name__}: {exc})") from exc
+
+
+def _file_samples(obj: Any, where: str) -> list[Any]:
+    """The samples of one .pt file, read the way ``tspt pack`` reads it."""
+    import torch
+
+    if isinstance(obj, (list, tuple)):
+        return list(obj)
+    if isinstance(obj, dict) and obj:
+        cols = {k: v for k, v in obj.items() if isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() > 0)}
+        lengths = {len(v) for v in cols.values()}
+        if len(cols) == len(obj) and len(lengths) == 1:
+            n = lengths.pop()
+            return [{k: v[i] for k, v in obj.items()} for i in range(n)]
+    raise InvalidOptionError(
+        f"{where}: expected a list/tuple of samples or a dict of equal-length columns (as `tspt pack` reads "
+        f"it), found {type(obj).__name__}"
+    )
+
+
+def audit_pt(
+    path: str | os.PathLike[str],
+    *,
+    max_records: int | None = 2000,
+    sample_records: int = 64,
+    candidates: tuple[dict[str, Any], ...] = DEFAULT_CANDIDATES,
+    top: int = 10,
+    repeats: int = 3,
+    min_seconds: float = 0.02,
+    max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
+) -> AuditReport:
+    """Audit ``.pt`` files before packing: a directory of them (one sample each) or one file.
+
+    The breakdown describes the files as they are (views saved with their whole storage show
+    up as bloat). The projections serialize the sampled records the way the writer would
+    (views compacted) and compress them with each candidate.
+
+    Args:
+        path: A directory of ``.pt`` files, or one ``.pt`` file holding a list of samples or a
+            dict of equal-length columns.
+        max_records: Records analysed for the breakdown, evenly spread; None for all.
+        sample_records: Records used for the projections and timings.
+        candidates: Codec configs to project.
+        top: How many of the largest records to list.
+        repeats: Timed passes per measurement (the median is kept).
+        min_seconds: Each timed pass loops over the sample for at least this long.
+        max_shard_bytes: The shard size the projection assumes (bytes).
+
+    Returns:
+        An :class:`AuditReport`.
+
+    Raises:
+        StoreNotFoundError: The path does not exist.
+        InvalidOptionError: No ``.pt`` files, a file that is not a torch.save file, or bad
+            options.
+        UnsafePayloadError: A file's pickle asks for forbidden globals (it is not run).
+    """
+    from .serialization import dumps
+
+    _check_options(max_records, sample_records, repeats, top)
+    src = Path(path)
+    if not src.exists():
+        raise StoreNotFoundError(f"audit: {str(src)!r} does not exist")
+    acc = _Acc()
+    bloated: list[RecordSize] = []
+    analysed: dict[int | str, tuple[int, int]] = {}
+    load_seconds = 0.0
+    notes: list[str] = []
+    if src.is_dir():
+        files = sorted((p for p in src.iterdir() if p.suffix == ".pt" and p.is_file()), key=lambda p: _natural_key(p.name))
+        if not files:
+            raise InvalidOptionError(f"audit: expected .pt files in {str(src)!r}, found none")
+        kind = "pt_dir"
+        sizes = [p.stat().st_size for p in files]
+        disk = sum(sizes)
+        allocated = _allocated(files)
+        records = len(files)
+        packed: dict[int, int] = {}  # file position -> bytes the writer would serialize
+        for i in _evenly(records, max_records):
+            raw = files[i].read_bytes()
+            t0 = time.perf_counter()
+            obj = _load_pt_bytes(raw, f"{str(files[i])!r}")
+            load_seconds += time.perf_counter() - t0
+            packed[i] = len(dumps(obj))
+            tensor, element = _analyse(raw, obj, acc)
+            analysed[files[i].name] = (tensor, element)
+            if _is_bloated(tensor, element):
+                bloated.append(RecordSize(files[i].name, len(raw), None, tensor, element))
+        order = sorted(range(records), key=lambda i: (-sizes[i], i))[:top]
+        largest = tuple(
+            RecordSize(files[i].name, sizes[i], None, *(analysed.get(files[i].name, (None, None)))) for i in order
+        )
+        sample_idx = _evenly(records, sample_records)
+        sample_objs = [_load_pt_bytes(files[i].read_bytes(), f"{str(files[i])!r}") for i in sample_idx]
+        raws = [dumps(o) for o in sample_objs]
+        # Exact for the analysed files; the others scaled by the median packed/file ratio (a
+        # median, so that a few bloated files do not skew the estimate).
+        ratio = statistics.median(packed[i] / sizes[i] for i in packed) if packed else 1.0
+        total_raw = sum(packed.values()) + round(sum(sizes[i] for i in range(records) if i not in packed) * ratio)
+        load_raw = acc.raw
+        if len(packed) < records:
+            notes.append(
+                f"raw bytes once packed: exact for {len(packed)} of {records} files, the rest estimated "
+                f"from their file sizes (median packed/file ratio {ratio:.3f})"
+            )
+    else:
+        kind = "pt_file"
+        raw_file = src.read_bytes()
+        disk = len(raw_file)
+        allocated = _allocated([src])
+        t0 = time.perf_counter()
+        samples = _file_samples(_load_pt_bytes(raw_file, f"{str(src)!r}"), f"audit: {str(src)!r}")
+        load_seconds = time.perf_counter() - t0
+        records = len(samples)
+        per_record: dict[int, bytes] = {}
+        for i in _evenly(records, max_records):
+            raw = dumps(samples[i])
+            per_record[i] = raw
+            tensor, element = _analyse(raw, samples[i], acc)
+            analysed[i] = (tensor, element)
+            # Bloat is judged on the samples as they are in the file, before the writer compacts them.
+            file_tensor = _storage_bytes(samples[i])
+            if _is_bloated(file_tensor, element):
+                bloated.append(RecordSize(i, len(raw), None, file_tensor, element))
+        load_seconds = 0.0  # the file loads as a whole; time per-record loads of the serialized records below
+        for raw in list(per_record.values())[:sample_records]:
+            t0 = time.perf_counter()
+            _load_pt_bytes(raw, f"{str(src)!r}")
+            load_seconds += time.perf_counter() - t0
+        load_raw = sum(len(r) for r in list(per_record.values())[:sample_records])
+        sizes_known = sorted(per_record.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
+        largest = tuple(RecordSize(i, len(r), None, *analysed[i]) for i, r in sizes_known)
+        sample_idx = _evenly(records, sample_records)
+        raws = [per_record[i] if i in per_record else dumps(samples[i]) for i in sample_idx]
+        mean = sum(len(r) for r in raws) / len(raws) if raws else 0.0
+        total_raw = sum(len(r) for r in per_record.values()) if len(per_record) == records else round(mean * records)
+        if len(per_record) < records:
+            notes.append(f"largest records and raw bytes estimated from {len(per_record)} of {records} records")
+        notes.append("a single .pt file: per-record sizes are what the writer would serialize for each sample")
+    projections = _project(raws, total_raw, records, candidates, repeats, min_seconds, max_shard_bytes)
+    recommendation, reason = _recommend(projections, None)
+    best = next((p for p in projections if p.label == recommendation), None)
+    if best is not None and disk:
+        now = allocated if allocated else disk
+        reason += (
+            f". Packing turns {len(files) if kind == 'pt_dir' else 1:,} file(s) taking {now:,} bytes on disk into "
+            f"about {max(1, math.ceil(best.stored_bytes / max_shard_bytes)):,} shard(s) of {best.file_bytes:,} bytes "
+            f"({now / best.file_bytes:.1f}x smaller)" if best.file_bytes else ""
+        )
+    if bloated:
+        waste = sum((b.tensor_bytes or 0) - (b.element_bytes or 0) for b in bloated)
+        notes.append(
+            f"{len(bloated)} analysed record(s) save views with their whole storage ({waste:,} bytes beyond their "
+            "elements); packing compacts them"
+        )
+    load_mb_s = load_raw / load_seconds / 1e6 if load_seconds else 0.0
+    return AuditReport(
+        source=str(src),
+        kind=kind,
+        records=records,
+        disk_bytes=disk,
+        allocated_bytes=allocated,
+        files=len(files) if kind == "pt_dir" else 1,
+        raw_bytes=total_raw,
+        stored_bytes=None,
+        codec=None,
+        shards=(),
+        bytes_by_codec={},
+        breakdown=acc.freeze(),
+        largest=largest,
+        bloated=tuple(bloated),
+        projections=projections,
+        load_mb_s=load_mb_s,
+        recommendation=recommendation,
+        reason=reason,
+        notes=tuple(notes),
+    )
+
+
+def audit_path(path: str | os.PathLike[str], **options: Any) -> AuditReport:
+    """Audit a store, a directory of ``.pt`` files or one ``.pt`` file (chosen by what is there).
+
+    A directory holding ``index.json`` is a store (:func:`audit_store`); any other directory
+    or file goes to :func:`audit_pt`. ``options`` are passed on (``max_shard_bytes`` only
+    applies to ``.pt`` sources).
+
+    Raises:
+        StoreNotFoundError: The path does not exist.
+        And whatever the chosen function raises.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise StoreNotFoundError(f"audit: {str(p)!r} does not exist")
+    if p.is_dir() and (p / INDEX_NAME).exists():
+        options.pop("max_shard_bytes", None)
+        return audit_store(p, **options)
+    return audit_pt(p, **options)
+
