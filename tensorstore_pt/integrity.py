@@ -549,7 +549,12 @@ def _verify_shard(
         try:
             header_version = decode_header(header, where)
         except (ShardFormatError, UnsupportedFormatError) as exc:
-            add("header", "a v1 shard header (magic b'TSPTSHRD', version 1.x, flags 0)", header.hex(), str(exc))
+            add(
+                "header",
+                "a v1 shard header (magic b'TSPTSHRD', version 1.x, flags 0)",
+                f"bytes {header.hex()}" if header else "no header bytes (empty file)",
+                str(exc),
+            )
 
         # The footer: at the end of the file, or, when bytes were appended, where the index says it ends.
         footer: ShardFooter | None = None

@@ -297,20 +297,8 @@ class StoreReader:
         """
         j = self._normalize(i)
         si, k = self._locate(j)
-        try:
-            footer = self._footer(si)
-        except CorruptStoreError as exc:
-            # Name the record too, so an error policy that skips records can log which one.
-            raise type(exc)(f"{exc} (reading record {j})") from exc
-        row = footer.table[k]
+        row = self._footer(si).table[k]
         offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
-        bound = self._codec.max_raw_bytes(stored)
-        if raw > bound:
-            raise RecordLengthError(
-                f"{self._where(si, j)}: the footer says the record is {raw} raw bytes, but a {stored}-byte "
-                f"{self._codec.codec_id} frame decodes to at most {bound} bytes (a hostile or damaged footer; "
-                "nothing was allocated)"
-            )
         frame = self._read_exact(si, offset, stored, f"record {j}'s frame")
         found = digest_int(frame)
         if found != expected:
@@ -318,6 +306,7 @@ class StoreReader:
                 f"{self._where(si, j)}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, "
                 f"the {stored} stored bytes give {found:016x}"
             )
+        self._check_raw_bound(si, j, stored, raw)
         try:
             data = self._codec.decompress(frame, raw)
         except DecompressionError as exc:
@@ -325,6 +314,20 @@ class StoreReader:
         if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
             raise RecordLengthError(f"{self._where(si, j)}: decoded {len(data)} bytes, the footer says {raw}")
         return data
+
+    def _check_raw_bound(self, si: int, j: int, stored: int, raw: int) -> None:
+        """Refuse a raw length the codec cannot produce from ``stored`` bytes, before allocating it.
+
+        Raises:
+            RecordLengthError: ``raw`` is above the codec's worst-case bound for the frame.
+        """
+        bound = self._codec.max_raw_bytes(stored)
+        if raw > bound:
+            raise RecordLengthError(
+                f"{self._where(si, j)}: the footer says the record is {raw} raw bytes, but a {stored}-byte "
+                f"{self._codec.codec_id} frame decodes to at most {bound} bytes (a hostile or damaged footer; "
+                "nothing was allocated)"
+            )
 
     def read(self, i: int) -> Any:
         """Read one record by its position and load it.
