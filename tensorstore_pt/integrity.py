@@ -1009,8 +1009,11 @@ def recover_store(
             "empty metadata (set it again with a writer in append mode)"
         )
     if any(q.records for q in quarantined):
-        lost = sum(q.records or 0 for q in quarantined)
-        notes.append(f"{lost} record(s) in quarantined files are not in the recovered store (the files are kept)")
+        held = sum(q.records or 0 for q in quarantined)
+        notes.append(
+            f"the quarantined files hold {held} record(s), kept on disk"
+            + (" (their verifying records were salvaged into the store)" if salvage_entries or (dry_run and salvaged) else "; they are not in the recovered store")
+        )
 
     if not dry_run:
         for s in chain:
@@ -1018,6 +1021,12 @@ def recover_store(
                 storage.move(s.name, s.final)
         for q in quarantined:
             storage.move(q.name, q.new_name)
+        if index_needed and old is not None:
+            # The old index is valid but about to be replaced: keep a copy (never delete).
+            copy_name = _quarantine_name(INDEX_NAME, taken)
+            with storage.writer(copy_name) as out:
+                out.write(raw_index)
+            quarantined += (QuarantinedFile(INDEX_NAME, copy_name, "a copy of the replaced index", None),)
         if index_needed:
             with storage.writer(INDEX_NAME) as out:
                 out.write((json.dumps(new_index.to_json(), indent=1) + "\n").encode())
