@@ -608,9 +608,17 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
+#: A torch.save file is a zip (torch >= 1.6) or a legacy pickle (protocol 2 opener).
+_PT_MAGICS = (b"PK\x03\x04", b"\x80\x02")
+
+
 def _load_pt_bytes(data: bytes, where: str) -> Any:
     from .serialization import loads
 
+    if not data.startswith(_PT_MAGICS):
+        raise InvalidOptionError(
+            f"{where}: not a readable torch.save file (expected a zip or pickle header, found {data[:8]!r})"
+        )
     try:
         return loads(data, "cpu")
     except UnsafePayloadError as exc:
