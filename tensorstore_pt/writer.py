@@ -211,12 +211,14 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self._old: IndexInfo | None = None
         self._created_dir = False
+        # Validate user options before touching the file system.
+        new_codec = make_codec(codec if codec is not None else "zstd", level) if mode != "append" or codec else None
         old_index = self._inspect_target()
 
         if mode == "append" and old_index is not None:  # _inspect_target raised if there is none
             store_codec = get_codec(old_index.codec)
-            if codec is not None and (
-                codec != store_codec.codec_id or (level is not None and make_codec(codec, level).get_config() != old_index.codec)
+            if new_codec is not None and new_codec.get_config() != old_index.codec and (
+                level is not None or new_codec.codec_id != store_codec.codec_id
             ):
                 raise InvalidOptionError(
                     f"append to {self.location!r}: the store uses codec {old_index.codec}, found "
@@ -226,7 +228,7 @@ class ShardWriter:
             self._metadata = {**old_index.metadata, **(metadata or {})}
             self._shards: list[ShardEntry] = list(old_index.shards)
         else:
-            self._codec = make_codec(codec if codec is not None else "zstd", level)
+            self._codec = new_codec if new_codec is not None else make_codec("zstd")
             self._metadata = metadata or {}
             self._shards = []
         self._old = old_index
