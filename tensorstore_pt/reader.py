@@ -108,7 +108,7 @@ class StoreReader:
             )
         self._index = index
         self._index_digest = digest
-        self._codec: Codec = get_codec(index.codec)
+        self._codec: Codec = get_codec(index.codec, self._load_store_file)
         self._starts = np.array([s.first_record for s in index.shards], dtype=np.int64)
         self._footers: list[ShardFooter | None] = [None] * len(index.shards)
         self._init_process_state()
@@ -122,6 +122,13 @@ class StoreReader:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._handles: dict[int, ReadHandle] = {}
+        self._frame_cache = threading.local()  # (shard, frame) -> decoded bytes, one per thread
+
+    def _load_store_file(self, name: str) -> bytes:
+        try:
+            return self._storage.read_all(name)
+        except FileNotFoundError as exc:
+            raise MissingShardError(f"store {self.location!r}: file {name!r} named in the index is missing") from exc
 
     def _ensure_process(self) -> None:
         if self._pid != os.getpid():
@@ -259,14 +266,19 @@ class StoreReader:
         table_offset, count, js_bytes, checksum = decode_trailer(trailer, size, where)
         if count != entry.records:
             raise ShardFormatError(f"{where}: footer holds {count} records, the index says {entry.records}")
-        body = self._read_exact(si, table_offset, count * RECORD_ENTRY_BYTES + js_bytes, "the footer")
-        footer = parse_footer(body, table_offset, count, checksum, where)
+        body = self._read_exact(si, table_offset, size - TRAILER_BYTES - table_offset, "the footer")
+        footer = parse_footer(body, table_offset, count, checksum, where, js_bytes)
+        unknown = set(footer.meta.get("features", [])) - set(self._index.features)
+        if unknown:
+            raise ShardFormatError(f"{where}: footer uses feature(s) {sorted(unknown)} the index does not list")
         if footer.meta.get("codec") != self._index.codec:
             raise ShardFormatError(
                 f"{where}: footer says codec {footer.meta.get('codec')}, the index says {self._index.codec}"
             )
         stored = int(footer.table["stored"].sum())
         raw = int(footer.table["raw"].sum())
+        if footer.record_map is not None and int(footer.record_map["raw"].sum()) != raw:
+            raise ShardFormatError(f"{where}: record map and frame table disagree on the raw bytes")
         if stored != entry.stored_bytes or raw != entry.raw_bytes:
             raise ShardFormatError(
                 f"{where}: footer records add up to {stored} stored / {raw} raw bytes, the index says "
@@ -277,8 +289,30 @@ class StoreReader:
 
     # ------------------------------------------------------------------ reading
 
+    def _decoded_frame(self, si: int, fi: int, record: int) -> bytes:
+        """Read, check and decode frame ``fi`` of shard ``si`` (``record`` is for messages)."""
+        row = self._footer(si).table[fi]
+        offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
+        frame = self._read_exact(si, offset, stored, f"record {record}'s frame")
+        found = digest_int(frame)
+        if found != expected:
+            raise ChecksumMismatchError(
+                f"{self._where(si, record)}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, "
+                f"the {stored} stored bytes give {found:016x}"
+            )
+        try:
+            data = self._codec.decompress(frame, raw)
+        except DecompressionError as exc:
+            raise DecompressionError(f"{self._where(si, record)}: {exc}") from exc
+        if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
+            raise RecordLengthError(f"{self._where(si, record)}: decoded {len(data)} bytes, the footer says {raw}")
+        return data
+
     def read_bytes(self, i: int) -> bytes:
         """Return record ``i``'s exact ``torch.save`` buffer (decompressed, checksum-verified).
+
+        With multi-record frames, the last decoded frame is cached per thread, so in-order
+        reads decode each frame once.
 
         Args:
             i: Record position; negative counts from the end.
@@ -295,22 +329,18 @@ class StoreReader:
         """
         j = self._normalize(i)
         si, k = self._locate(j)
-        row = self._footer(si).table[k]
-        offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
-        frame = self._read_exact(si, offset, stored, f"record {j}'s frame")
-        found = digest_int(frame)
-        if found != expected:
-            raise ChecksumMismatchError(
-                f"{self._where(si, j)}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, "
-                f"the {stored} stored bytes give {found:016x}"
-            )
-        try:
-            data = self._codec.decompress(frame, raw)
-        except DecompressionError as exc:
-            raise DecompressionError(f"{self._where(si, j)}: {exc}") from exc
-        if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
-            raise RecordLengthError(f"{self._where(si, j)}: decoded {len(data)} bytes, the footer says {raw}")
-        return data
+        footer = self._footer(si)
+        if footer.record_map is None:
+            return self._decoded_frame(si, k, j)
+        fi, raw_offset, raw = footer.locate(k)
+        self._ensure_process()
+        cache = self._frame_cache
+        if getattr(cache, "key", None) == (si, fi):
+            data = cache.data
+        else:
+            data = self._decoded_frame(si, fi, j)
+            cache.key, cache.data = (si, fi), data
+        return data[raw_offset : raw_offset + raw]
 
     def read(self, i: int) -> Any:
         """Read one record by its position and load it.
@@ -374,8 +404,15 @@ class StoreReader:
                     f"{self._where(si)}: whole-file checksum mismatch ({ALGORITHM}): index says "
                     f"{entry.checksum:016x}, the file gives {digest:016x}"
                 )
-            for j in range(entry.first_record, entry.first_record + entry.records):
-                self.read_bytes(j)
+            footer = self._footer(si)
+            for fi in range(len(footer.table)):
+                self._decoded_frame(si, fi, entry.first_record + _first_record_of_frame(footer, fi))
+
+
+def _first_record_of_frame(footer: ShardFooter, fi: int) -> int:
+    if footer.record_map is None:
+        return fi
+    return int(np.searchsorted(footer.record_map["frame"], fi, side="left"))
 
 
 def _file_digest(handle: ReadHandle, size: int, chunk: int = 8 * 2**20) -> int:

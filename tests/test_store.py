@@ -430,11 +430,11 @@ def test_malformed_index_and_newer_version(tmp_path):
     index_path.write_text(json.dumps({**good, "format_version": [2, 0]}))
     with pytest.raises(ts.UnsupportedFormatError, match=r"format version 2\.0 is not supported.*reads 1\.x"):
         ts.open_store(tmp_path / "s")
-    index_path.write_text(json.dumps({**good, "features": ["multi-record-frames"]}))
-    with pytest.raises(ts.UnsupportedFormatError, match=r"feature\(s\) \['multi-record-frames'\]"):
+    index_path.write_text(json.dumps({**good, "format_version": [1, 7], "features": ["hologram-frames"]}))
+    with pytest.raises(ts.UnsupportedFormatError, match=r"format 1\.7 uses feature\(s\) \['hologram-frames'\]"):
         ts.open_store(tmp_path / "s")
-    index_path.write_text(json.dumps({**good, "codec": {"id": "zstd", "level": 3, "dict": {}}}))
-    with pytest.raises(ts.UnsupportedFormatError, match=r"unknown option\(s\) \['dict'\]"):
+    index_path.write_text(json.dumps({**good, "codec": {"id": "zstd", "level": 3, "window_log": 27}}))
+    with pytest.raises(ts.UnsupportedFormatError, match=r"unknown option\(s\) \['window_log'\]"):
         ts.open_store(tmp_path / "s")
     bad = json.loads(json.dumps(good))
     bad["shards"][0]["name"] = "../escape.tspt"
