@@ -143,6 +143,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         level=args.level,
         max_shard_bytes=args.max_shard_size,
         mode=args.mode,
+        dictionary=args.dict if args.dict is not None else False,
+        frame_target_bytes=args.frame_size,
     ) as writer:
         with tqdm(total=total, unit="rec", disable=args.quiet, dynamic_ncols=True, file=sys.stderr) as bar:
             for sample in samples:
@@ -252,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-shard-size", type=parse_size, default=64 * 2**20, metavar="SIZE",
         help="shard size cap, e.g. 64MiB (IEC), 100MB (SI) or bytes (default: 64MiB)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dict", nargs="?", const=True, default=None, type=parse_size, metavar="SIZE",
+        help="zstd only: train a zstd dictionary on the first records and use it for every frame "
+        "(optional SIZE, default 16KiB); best for many small records",
+    )  # fmt: skip
+    p.add_argument(
+        "--frame-size", type=parse_size, default=None, metavar="SIZE",
+        help="put consecutive records into one frame of about SIZE raw bytes (e.g. 64KiB): better ratio, "
+        "slower random access (default: one record per frame)",
     )  # fmt: skip
     p.add_argument("--mode", choices=("create", "overwrite", "append"), default="create", help="default: create")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -108,3 +108,16 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected"):
         parse_size(text)
+
+
+def test_pack_with_dictionary_and_frames(tmp_path, capsys):
+    samples = [(torch.full((8, 8), i % 17, dtype=torch.uint8), torch.tensor(i)) for i in range(300)]
+    torch.save(samples, tmp_path / "all.pt")
+    code, out, err = _run(capsys, "pack", tmp_path / "all.pt", tmp_path / "s", "--dict", "--frame-size", "8KiB", "-q")
+    assert code == 0, err
+    reader = ts.open_store(tmp_path / "s")
+    assert reader.index.features == ("multi-record-frames", "zstd-dictionary")
+    assert reader.index.codec["dict"]["bytes"] <= 16 * 1024
+    assert _ids(tmp_path / "s") == list(range(300))
+    code, _, err = _run(capsys, "pack", tmp_path / "all.pt", tmp_path / "s2", "--dict", "2KiB", "--codec", "lz4")
+    assert code == 2 and "only codec 'zstd' takes a dictionary" in err
