@@ -539,6 +539,9 @@ class ShardWriter:
         """
         if self._state == "closed":
             return self._info
+        if self._state == "failed":
+            self.abort()  # an earlier write failed: publish nothing, remove what was written
+            raise WriterClosedError(f"writer for {self.location!r} failed earlier; nothing was published")
         self._check_open()
         try:
             while self._pending:

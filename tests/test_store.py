@@ -317,6 +317,28 @@ def test_exception_in_with_body_publishes_nothing(tmp_path, mode):
         assert [int(x) for x in ts.open_store(path)] == list(range(5))
 
 
+def test_close_after_a_failed_write_publishes_nothing(tmp_path, monkeypatch):
+    import tensorstore_pt.writer as writer_mod
+
+    calls = {"n": 0}
+    real = writer_mod.dumps
+
+    def flaky(sample):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk on fire")
+        return real(sample)
+
+    monkeypatch.setattr(writer_mod, "dumps", flaky)
+    w = ts.ShardWriter(tmp_path / "s", max_shard_bytes=1)
+    with pytest.raises(OSError, match="disk on fire"):
+        for i in range(50):
+            w.write(torch.tensor(i))
+    with pytest.raises(ts.WriterClosedError, match="failed earlier; nothing was published"):
+        w.close()
+    assert not (tmp_path / "s").exists()
+
+
 def test_writer_after_failure_is_closed(tmp_path):
     w = ts.ShardWriter(tmp_path / "s")
     w.write(torch.tensor(1))
