@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .checksums import digest_int
-from .codecs import Codec, get_codec
+from .codecs import Codec
 from .errors import InvalidOptionError, StoreNotFoundError, UnsafePayloadError
 from .format import HEADER_BYTES, INDEX_NAME, RECORD_ENTRY_BYTES, TRAILER_BYTES
 
@@ -58,17 +58,22 @@ __all__ = [
     "audit_pt",
     "audit_store",
     "codec_label",
+    "pack_arguments",
 ]
 
-#: Codec configs projected by default: none, lz4, zstd levels 1, 3 and 9. New codec options
-#: join this tuple as they land.
+#: Packing options projected by default, as :func:`~tensorstore_pt.write_store` keywords:
+#: none, lz4, zstd levels 1, 3 and 9, then the format 1.1 options: zstd 3 with a trained
+#: 16 KiB dictionary, and zstd 3 with 64 KiB multi-record frames. New options join as they land.
 DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
-    {"id": "none"},
-    {"id": "lz4", "level": 0},
-    {"id": "zstd", "level": 1},
-    {"id": "zstd", "level": 3},
-    {"id": "zstd", "level": 9},
+    {"codec": "none"},
+    {"codec": "lz4", "level": 0},
+    {"codec": "zstd", "level": 1},
+    {"codec": "zstd", "level": 3},
+    {"codec": "zstd", "level": 9},
+    {"codec": "zstd", "level": 3, "dictionary": 16 * 2**10},
+    {"codec": "zstd", "level": 3, "frame_target_bytes": 64 * 2**10},
 )
+_CANDIDATE_KEYS = frozenset({"codec", "level", "dictionary", "frame_target_bytes"})
 
 #: A record is flagged as bloated when its serialized tensor bytes exceed its tensors'
 #: element bytes by this factor (and by at least ``_BLOAT_MIN_BYTES``).
@@ -83,10 +88,32 @@ _INDEX_BASE_BYTES = 600
 _DEFAULT_SHARD_BYTES = 64 * 2**20
 
 
-def codec_label(config: dict[str, Any]) -> str:
-    """A short name for a codec config: ``none``, ``lz4-0``, ``zstd-3``."""
-    rest = [f"{v}" for k, v in sorted(config.items()) if k != "id"]
-    return "-".join([str(config.get("id"))] + rest)
+def codec_label(options: dict[str, Any]) -> str:
+    """A short name for packing options: ``none``, ``lz4-0``, ``zstd-3``, ``zstd-3+dict``, ``zstd-3+frames``.
+
+    Accepts :data:`DEFAULT_CANDIDATES`-style options, or a store's codec config (``{"id":
+    "zstd", "level": 3, "dict": {...}}``, with ``frames=True`` in it for a store with
+    multi-record frames).
+    """
+    codec = options.get("codec", options.get("id"))
+    label = str(codec) + (f"-{options['level']}" if options.get("level") is not None else "")
+    if options.get("dictionary") or options.get("dict"):
+        label += "+dict"
+    if options.get("frame_target_bytes") or options.get("frames"):
+        label += "+frames"
+    return label
+
+
+def pack_arguments(options: dict[str, Any]) -> str:
+    """The ``tspt pack`` arguments for packing options (``--codec zstd --level 3 --dict 16384``)."""
+    args = [f"--codec {options['codec']}"]
+    if options.get("level") is not None:
+        args.append(f"--level {options['level']}")
+    if options.get("dictionary"):
+        args.append(f"--dict {options['dictionary']}")
+    if options.get("frame_target_bytes"):
+        args.append(f"--frame-size {options['frame_target_bytes']}")
+    return " ".join(args)
 
 
 # --------------------------------------------------------------------------- reports
@@ -162,14 +189,17 @@ class CodecProjection:
     """What packing with one codec would give, measured on a sample of records.
 
     Attributes:
-        codec: The codec config (``{"id": "zstd", "level": 3}``).
-        label: Its short name (``zstd-3``).
+        codec: The packing options, as :func:`~tensorstore_pt.write_store` keywords
+            (``{"codec": "zstd", "level": 3}``).
+        label: Their short name (``zstd-3``, ``zstd-3+dict``, ``zstd-3+frames``).
         stored_bytes: Projected total frame bytes for all records.
-        file_bytes: Projected store size: frames, record tables, headers, footers and index.
+        file_bytes: Projected store size: frames, tables, headers, footers, dictionary and index.
         ratio: Raw bytes / ``file_bytes``.
         compress_mb_s: Compression throughput, MB/s of raw bytes.
-        decode_mb_s: Decode throughput as the reader does it (checksum the frame, then
-            decompress), MB/s of raw bytes.
+        decode_mb_s: Sequential decode throughput as the reader does it (checksum the frame,
+            then decompress), MB/s of raw bytes.
+        read_bytes_per_record: Raw bytes decoded to read one record at random: the record
+            itself, or its whole frame with multi-record frames.
         sample_records: Records the measurement used.
     """
 
@@ -180,6 +210,7 @@ class CodecProjection:
     ratio: float
     compress_mb_s: float
     decode_mb_s: float
+    read_bytes_per_record: int
     sample_records: int
 
 
@@ -353,6 +384,15 @@ def _storage_bytes(obj: Any) -> int:
     return sum(seen.values())
 
 
+def _train_positions(n: int, sample: list[int], candidates: tuple[dict[str, Any], ...], k: int = 256) -> list[int]:
+    """Up to ``k`` positions outside ``sample``, evenly spread, to train candidate dictionaries on."""
+    if not any(c.get("dictionary") for c in candidates):
+        return []
+    taken = set(sample)
+    rest = [i for i in range(n) if i not in taken]
+    return [rest[j] for j in _evenly(len(rest), k)]
+
+
 def _is_bloated(tensor: int, element: int) -> bool:
     return tensor > BLOAT_FACTOR * element and tensor - element >= _BLOAT_MIN_BYTES
 
@@ -385,53 +425,129 @@ def _timed(fn: Any, repeats: int, min_seconds: float) -> float:
     return statistics.median(times)
 
 
+def _check_candidates(candidates: tuple[dict[str, Any], ...]) -> None:
+    from .codecs import make_codec
+
+    for c in candidates:
+        if not isinstance(c, dict) or "codec" not in c or set(c) - _CANDIDATE_KEYS:
+            raise InvalidOptionError(
+                f"candidates: expected dicts with 'codec' and optionally {sorted(_CANDIDATE_KEYS - {'codec'})}, found {c!r}"
+            )
+        make_codec(c["codec"], c.get("level"))  # InvalidOptionError for a bad codec or level
+        if c.get("dictionary") and c["codec"] != "zstd":
+            raise InvalidOptionError(f"candidates: only zstd takes a dictionary, found {c!r}")
+
+
+def _candidate_codec(options: dict[str, Any], train: list[bytes]) -> tuple[Codec, int]:
+    """Build the candidate's codec; train its dictionary on ``train``. Returns (codec, dictionary bytes)."""
+    from .codecs import make_codec
+    from .codecs.zstd import ZstdCodec
+
+    codec = make_codec(options["codec"], options.get("level"))
+    if not options.get("dictionary"):
+        return codec, 0
+    import zstandard
+
+    level = getattr(codec, "level", 3)
+    trained = zstandard.train_dictionary(int(options["dictionary"]), list[Any](train), level=level)
+    data = trained.as_bytes()
+    ref = {"name": "audit.zdict", "checksum": f"xxh3_64:{digest_int(data):016x}", "dict_id": trained.dict_id(), "bytes": len(data)}
+    return ZstdCodec(level, data, ref), len(data)
+
+
+def _frames_of(raws: list[bytes], target: int | None) -> tuple[list[bytes], list[int]]:
+    """Group consecutive records into frames of about ``target`` raw bytes (one each if None).
+
+    Returns the frames' raw bytes and how many records each holds.
+    """
+    if not target:
+        return list(raws), [1] * len(raws)
+    out: list[bytes] = []
+    counts: list[int] = []
+    group: list[bytes] = []
+    size = 0
+    for r in raws:
+        group.append(r)
+        size += len(r)
+        if size >= target:
+            out.append(b"".join(group))
+            counts.append(len(group))
+            group, size = [], 0
+    if group:
+        out.append(b"".join(group))
+        counts.append(len(group))
+    return out, counts
+
+
 def _project(
     raws: list[bytes],
+    train: list[bytes],
     total_raw: int,
     records: int,
     candidates: tuple[dict[str, Any], ...],
     repeats: int,
     min_seconds: float,
     max_shard_bytes: int,
+    notes: list[str],
 ) -> tuple[CodecProjection, ...]:
+    """Measure each candidate on ``raws``; a dictionary is trained on ``train`` (other records)."""
+    import zstandard
+
+    from .format import RECORD_MAP_ENTRY_BYTES
+
     sample_raw = sum(len(r) for r in raws)
     out = []
-    for config in candidates:
-        codec: Codec = get_codec(config)
-        frames = [codec.compress(r) for r in raws]
+    for options in candidates:
+        label = codec_label(options)
+        try:
+            codec, dict_bytes = _candidate_codec(options, train or raws)
+        except zstandard.ZstdError as exc:
+            notes.append(f"{label}: zstd could not train a dictionary on {len(train or raws)} records ({exc}); not projected")
+            continue
+        units, counts = _frames_of(raws, options.get("frame_target_bytes"))
+        frames = [codec.compress(u) for u in units]
         sample_stored = sum(len(f) for f in frames)
 
-        def compress_all(codec: Codec = codec) -> None:
-            for r in raws:
-                codec.compress(r)
+        def compress_all(codec: Codec = codec, units: list[bytes] = units) -> None:
+            for u in units:
+                codec.compress(u)
 
-        def decode_all(codec: Codec = codec, frames: list[bytes] = frames) -> None:
-            for f, r in zip(frames, raws):
+        def decode_all(codec: Codec = codec, frames: list[bytes] = frames, units: list[bytes] = units) -> None:
+            for f, u in zip(frames, units):
                 digest_int(f)
-                codec.decompress(f, len(r))
+                codec.decompress(f, len(u))
 
         t_c = _timed(compress_all, repeats, min_seconds) if raws else 0.0
         t_d = _timed(decode_all, repeats, min_seconds) if raws else 0.0
-        stored = round(sample_stored * total_raw / sample_raw) if sample_raw else 0
+        scale = total_raw / sample_raw if sample_raw else 0.0
+        stored = round(sample_stored * scale)
+        n_frames = math.ceil(len(frames) * records / len(raws)) if raws else 0
+        multi = bool(options.get("frame_target_bytes"))
         shards = max(1, math.ceil(stored / max_shard_bytes)) if records else 0
         file_bytes = (
             stored
-            + records * RECORD_ENTRY_BYTES
+            + n_frames * RECORD_ENTRY_BYTES
+            + (records * RECORD_MAP_ENTRY_BYTES if multi else 0)
             + shards * (HEADER_BYTES + TRAILER_BYTES + _FOOTER_JSON_BYTES + _INDEX_BYTES_PER_SHARD)
             + _INDEX_BASE_BYTES
+            + dict_bytes
         )
+        per_read = round(sum(n * len(u) for n, u in zip(counts, units)) / len(raws)) if raws else 0
         out.append(
             CodecProjection(
-                codec=dict(config),
-                label=codec_label(config),
+                codec=dict(options),
+                label=label,
                 stored_bytes=stored,
                 file_bytes=file_bytes,
                 ratio=total_raw / file_bytes if file_bytes else 0.0,
                 compress_mb_s=sample_raw / t_c / 1e6 if t_c else 0.0,
                 decode_mb_s=sample_raw / t_d / 1e6 if t_d else 0.0,
+                read_bytes_per_record=per_read,
                 sample_records=len(raws),
             )
         )
+    if any(c.get("dictionary") for c in candidates) and not train:
+        notes.append("the dictionary was trained on the measured records themselves: its projection is optimistic")
     return tuple(out)
 
 
@@ -445,7 +561,7 @@ def _recommend(projections: tuple[CodecProjection, ...], current: str | None) ->
         return "", "no codec candidates were measured"
     smallest = min(p.file_bytes for p in projections)
     close = [p for p in projections if p.file_bytes <= smallest * (1 + _SIZE_TOLERANCE)]
-    none = next((p for p in projections if p.codec.get("id") == "none"), None)
+    none = next((p for p in projections if p.codec.get("codec") == "none"), None)
     cur = next((p for p in projections if p.label == current), None)
     if none is not None and none in close:
         return none.label, (
@@ -468,6 +584,12 @@ def _recommend(projections: tuple[CodecProjection, ...], current: str | None) ->
             else "the smallest by more than 5%"
         )
     )
+    if best.codec.get("frame_target_bytes"):
+        why += (
+            f"; note that a random read then decodes about {best.read_bytes_per_record:,} bytes (a whole frame): "
+            "best for sequential reading (StoreIterableDataset)"
+        )
+    why += f". Pack with: tspt pack SRC DEST {pack_arguments(best.codec)}"
     if cur is not None and cur.file_bytes:
         why += f". The store uses {cur.label} ({cur.file_bytes:,} bytes projected): re-packing saves {1 - best.file_bytes / cur.file_bytes:.0%}"
     return best.label, why
@@ -476,7 +598,10 @@ def _recommend(projections: tuple[CodecProjection, ...], current: str | None) ->
 # --------------------------------------------------------------------------- sources
 
 
-def _check_options(max_records: int | None, sample_records: int, repeats: int, top: int) -> None:
+def _check_options(
+    max_records: int | None, sample_records: int, repeats: int, top: int, candidates: tuple[dict[str, Any], ...]
+) -> None:
+    _check_candidates(candidates)
     for name, value, low in (("sample_records", sample_records, 1), ("repeats", repeats, 1), ("top", top, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidOptionError(f"{name}: expected an int >= {low}, found {value!r}")
@@ -519,17 +644,22 @@ def audit_store(
     from .reader import open_store
     from .serialization import loads
 
-    _check_options(max_records, sample_records, repeats, top)
+    _check_options(max_records, sample_records, repeats, top, candidates)
     reader = open_store(path)
     index = reader.index
     shards = tuple(ShardSize(s.name, s.records, s.file_bytes, s.stored_bytes, s.raw_bytes) for s in index.shards)
     # Per-record sizes from the footers (32 bytes a record, no record data read).
+    # With multi-record frames a record has no frame of its own: its stored size is -1 (unknown).
     raw_sizes = np.zeros(len(reader), dtype=np.int64)
-    stored_sizes = np.zeros(len(reader), dtype=np.int64)
+    stored_sizes = np.full(len(reader), -1, dtype=np.int64)
     for si, entry in enumerate(index.shards):
-        table = reader._footer(si).table
-        raw_sizes[entry.first_record : entry.first_record + entry.records] = table["raw"].astype(np.int64)
-        stored_sizes[entry.first_record : entry.first_record + entry.records] = table["stored"].astype(np.int64)
+        footer = reader._footer(si)
+        span = slice(entry.first_record, entry.first_record + entry.records)
+        if footer.record_map is None:
+            raw_sizes[span] = footer.table["raw"].astype(np.int64)
+            stored_sizes[span] = footer.table["stored"].astype(np.int64)
+        else:
+            raw_sizes[span] = footer.record_map["raw"].astype(np.int64)
 
     acc = _Acc()
     analysed: dict[int, tuple[int, int]] = {}
@@ -547,22 +677,25 @@ def audit_store(
         tensor, element = _analyse(raw, obj, acc)
         analysed[i] = (tensor, element)
         if _is_bloated(tensor, element):
-            bloated.append(RecordSize(i, len(raw), int(stored_sizes[i]), tensor, element))
+            bloated.append(RecordSize(i, len(raw), _known(stored_sizes[i]), tensor, element))
     order = np.argsort(-raw_sizes, kind="stable")[:top]
     largest = tuple(
-        RecordSize(int(i), int(raw_sizes[i]), int(stored_sizes[i]), *(analysed.get(int(i), (None, None))))
+        RecordSize(int(i), int(raw_sizes[i]), _known(stored_sizes[i]), *(analysed.get(int(i), (None, None))))
         for i in order
     )
-    sample = [reader.read_bytes(i) for i in _evenly(len(reader), sample_records)]
+    sample_idx = _evenly(len(reader), sample_records)
+    sample = [reader.read_bytes(i) for i in sample_idx]
+    train = [reader.read_bytes(i) for i in _train_positions(len(reader), sample_idx, candidates)]
+    notes: list[str] = []
     projections = _project(
-        sample, index.raw_bytes, len(reader), candidates, repeats, min_seconds, max(
-            [s.file_bytes for s in index.shards] + [1]
-        )
-    )
-    current = codec_label(index.codec)
+        sample, train, index.raw_bytes, len(reader), candidates, repeats, min_seconds,
+        max([s.file_bytes for s in index.shards] + [1]), notes,
+    )  # fmt: skip
+    from .format import FEATURE_MULTI_RECORD_FRAMES
+
+    current = codec_label({**index.codec, "frames": FEATURE_MULTI_RECORD_FRAMES in index.features})
     recommendation, reason = _recommend(projections, current)
     disk = index.file_bytes + reader.storage.size(INDEX_NAME)
-    notes = []
     if acc.records < len(reader):
         notes.append(f"byte breakdown from {acc.records} of {len(reader)} records, evenly spread")
     return AuditReport(
@@ -586,6 +719,10 @@ def audit_store(
         reason=reason,
         notes=tuple(notes),
     )
+
+
+def _known(stored: Any) -> int | None:
+    return int(stored) if stored >= 0 else None
 
 
 def _allocated(paths: list[Path]) -> int | None:
@@ -684,7 +821,7 @@ def audit_pt(
     """
     from .serialization import dumps
 
-    _check_options(max_records, sample_records, repeats, top)
+    _check_options(max_records, sample_records, repeats, top, candidates)
     src = Path(path)
     if not src.exists():
         raise StoreNotFoundError(f"audit: {str(src)!r} does not exist")
@@ -718,8 +855,11 @@ def audit_pt(
             RecordSize(files[i].name, sizes[i], None, *(analysed.get(files[i].name, (None, None)))) for i in order
         )
         sample_idx = _evenly(records, sample_records)
-        sample_objs = [_load_pt_bytes(files[i].read_bytes(), f"{str(files[i])!r}") for i in sample_idx]
-        raws = [dumps(o) for o in sample_objs]
+        raws = [dumps(_load_pt_bytes(files[i].read_bytes(), f"{str(files[i])!r}")) for i in sample_idx]
+        train = [
+            dumps(_load_pt_bytes(files[i].read_bytes(), f"{str(files[i])!r}"))
+            for i in _train_positions(records, sample_idx, candidates)
+        ]
         # Exact for the analysed files; the others scaled by the median packed/file ratio (a
         # median, so that a few bloated files do not skew the estimate).
         ratio = statistics.median(packed[i] / sizes[i] for i in packed) if packed else 1.0
@@ -759,12 +899,16 @@ def audit_pt(
         largest = tuple(RecordSize(i, len(r), None, *analysed[i]) for i, r in sizes_known)
         sample_idx = _evenly(records, sample_records)
         raws = [per_record[i] if i in per_record else dumps(samples[i]) for i in sample_idx]
+        train = [
+            per_record[i] if i in per_record else dumps(samples[i])
+            for i in _train_positions(records, sample_idx, candidates)
+        ]
         mean = sum(len(r) for r in raws) / len(raws) if raws else 0.0
         total_raw = sum(len(r) for r in per_record.values()) if len(per_record) == records else round(mean * records)
         if len(per_record) < records:
             notes.append(f"largest records and raw bytes estimated from {len(per_record)} of {records} records")
         notes.append("a single .pt file: per-record sizes are what the writer would serialize for each sample")
-    projections = _project(raws, total_raw, records, candidates, repeats, min_seconds, max_shard_bytes)
+    projections = _project(raws, train, total_raw, records, candidates, repeats, min_seconds, max_shard_bytes, notes)
     recommendation, reason = _recommend(projections, None)
     best = next((p for p in projections if p.label == recommendation), None)
     if best is not None and disk:

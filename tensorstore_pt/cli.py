@@ -143,6 +143,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         level=args.level,
         max_shard_bytes=args.max_shard_size,
         mode=args.mode,
+        dictionary=args.dict if args.dict is not None else False,
+        frame_target_bytes=args.frame_size,
     ) as writer:
         with tqdm(total=total, unit="rec", disable=args.quiet, dynamic_ncols=True, file=sys.stderr) as bar:
             for sample in samples:
@@ -208,7 +210,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(
         f"DAMAGED: {report.location}: {len(report.problems)} problem(s) in {len(report.damaged_shards)} shard(s); "
         f"{report.records_checked} of {report.records} records and {report.shards_checked} of {report.shards} "
-        f"shard(s) passed every check{'; run `tspt recover` to rebuild the store' if report.shards else ''}"
+        f"shard(s) passed every check{'; run `tspt recover` to rebuild the store' if report.shards else ''}",
+        file=sys.stderr,
     )
     return EXIT_DAMAGED
 
@@ -310,12 +313,13 @@ def format_audit(report: Any) -> str:
         "",
         f"codec projections (measured on {report.projections[0].sample_records if report.projections else 0} "
         f"record(s); torch.load runs at {report.load_mb_s:,.1f} MB/s on these records):",
-        f"  {'codec':<10}{'bytes on disk':>16}{'ratio':>8}{'compress MB/s':>15}{'decode MB/s':>13}",
+        f"  {'codec':<14}{'bytes on disk':>16}{'ratio':>8}{'compress MB/s':>15}{'decode MB/s':>13}{'read/record':>13}",
     ]
     for pr in report.projections:
         mark = "  <- recommended" if pr.label == report.recommendation else ""
         lines.append(
-            f"  {pr.label:<10}{pr.file_bytes:>16,}{pr.ratio:>8.2f}{pr.compress_mb_s:>15,.0f}{pr.decode_mb_s:>13,.0f}{mark}"
+            f"  {pr.label:<14}{pr.file_bytes:>16,}{pr.ratio:>8.2f}{pr.compress_mb_s:>15,.0f}{pr.decode_mb_s:>13,.0f}"
+            f"{pr.read_bytes_per_record:>13,}{mark}"
         )
     lines += ["", f"recommendation: {report.reason}"]
     for note in report.notes:
@@ -377,6 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-shard-size", type=parse_size, default=64 * 2**20, metavar="SIZE",
         help="shard size cap, e.g. 64MiB (IEC), 100MB (SI) or bytes (default: 64MiB)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dict", nargs="?", const=True, default=None, type=parse_size, metavar="SIZE",
+        help="zstd only: train a zstd dictionary on the first records and use it for every frame "
+        "(optional SIZE, default 16KiB); best for many small records",
+    )  # fmt: skip
+    p.add_argument(
+        "--frame-size", type=parse_size, default=None, metavar="SIZE",
+        help="put consecutive records into one frame of about SIZE raw bytes (e.g. 64KiB): better ratio, "
+        "slower random access (default: one record per frame)",
     )  # fmt: skip
     p.add_argument("--mode", choices=("create", "overwrite", "append"), default="create", help="default: create")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

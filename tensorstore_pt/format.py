@@ -7,12 +7,17 @@ Shard file layout (all integers little-endian)::
 
     offset 0          header   16 bytes  magic b"TSPTSHRD", u16 major, u16 minor, u32 flags (0)
     offset 16         frames   one frame per record, back to back
-    table_offset      table    record_count x 32 bytes: u64 offset, u64 stored_bytes,
-                                                         u64 raw_bytes, u64 xxh3_64(frame)
-    table_offset+32n  footer   UTF-8 JSON object (codec config, checksum algorithm, ...)
-    file_bytes-40     trailer  40 bytes: u64 table_offset, u64 record_count,
-                                         u64 footer_json_bytes, u64 xxh3_64(table+footer),
-                                         magic b"TSPTFOOT"
+    table_offset      frame table   frame_count x 32 bytes: u64 offset, u64 stored_bytes,
+                                    u64 raw_bytes, u64 xxh3_64(frame)
+    (1.1, feature "multi-record-frames" only)
+                      record map    record_count x 24 bytes: u64 frame, u64 raw_offset, u64 raw_bytes
+                      footer JSON   UTF-8 JSON object (codec config, features, frames, ...)
+    file_bytes-40     trailer       40 bytes: u64 table_offset, u64 record_count,
+                                    u64 footer_json_bytes, u64 xxh3_64(tables + footer JSON),
+                                    magic b"TSPTFOOT"
+
+Without the "multi-record-frames" feature there is one record per frame, frame_count ==
+record_count, and the frame table is the record table (the 1.0 layout).
 """
 
 from __future__ import annotations
@@ -30,14 +35,19 @@ from .errors import IndexFormatError, ShardFormatError, UnsupportedFormatError
 
 __all__ = [
     "FORMAT_NAME",
+    "BASE_VERSION",
     "FORMAT_VERSION",
     "HEADER_BYTES",
     "INDEX_NAME",
     "KNOWN_FEATURES",
     "MAX_FOOTER_JSON_BYTES",
     "MAX_INDEX_BYTES",
+    "FEATURE_DICTIONARY",
+    "FEATURE_MULTI_RECORD_FRAMES",
     "RECORD_DTYPE",
     "RECORD_ENTRY_BYTES",
+    "RECORD_MAP_DTYPE",
+    "RECORD_MAP_ENTRY_BYTES",
     "SHARD_MAGIC",
     "SHARD_SUFFIX",
     "TRAILER_BYTES",
@@ -54,13 +64,25 @@ __all__ = [
     "parse_footer",
     "parse_index",
     "shard_name",
+    "version_for",
 ]
 
 FORMAT_NAME = "tensorstore_pt"
-#: (major, minor). A reader MUST refuse a newer major; a newer minor only through features.
-FORMAT_VERSION: tuple[int, int] = (1, 0)
-#: Optional features (listed in index and footer) this version can read. Empty in v1.0.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+#: The newest (major, minor) this version writes. A reader MUST refuse a newer major; a newer
+#: minor only through unknown features. A store that uses no feature is written as 1.0.
+FORMAT_VERSION: tuple[int, int] = (1, 1)
+BASE_VERSION: tuple[int, int] = (1, 0)
+#: 1.1: several consecutive records per frame; the footer gains a record map.
+FEATURE_MULTI_RECORD_FRAMES = "multi-record-frames"
+#: 1.1: a zstd dictionary file in the store, referenced from the codec config.
+FEATURE_DICTIONARY = "zstd-dictionary"
+#: Optional features (listed in index and footers) this version can read.
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_MULTI_RECORD_FRAMES, FEATURE_DICTIONARY})
+
+
+def version_for(features: list[str] | tuple[str, ...]) -> tuple[int, int]:
+    """The lowest format version that describes a store or shard using ``features``."""
+    return FORMAT_VERSION if features else BASE_VERSION
 
 INDEX_NAME = "index.json"
 SHARD_SUFFIX = ".tspt"
@@ -73,6 +95,8 @@ HEADER_BYTES = _HEADER.size  # 16
 TRAILER_BYTES = _TRAILER.size  # 40
 RECORD_DTYPE = np.dtype([("offset", "<u8"), ("stored", "<u8"), ("raw", "<u8"), ("checksum", "<u8")])
 RECORD_ENTRY_BYTES = RECORD_DTYPE.itemsize  # 32
+RECORD_MAP_DTYPE = np.dtype([("frame", "<u8"), ("raw_offset", "<u8"), ("raw", "<u8")])
+RECORD_MAP_ENTRY_BYTES = RECORD_MAP_DTYPE.itemsize  # 24
 
 #: Largest value any size/count field may take (2**62 bytes): keeps arithmetic in int64 range.
 MAX_FIELD = 2**62
@@ -110,7 +134,7 @@ def check_shard_name(name: object, where: str) -> str:
 # --------------------------------------------------------------------------- shard layout
 
 
-def encode_header(version: tuple[int, int] = FORMAT_VERSION) -> bytes:
+def encode_header(version: tuple[int, int] = BASE_VERSION) -> bytes:
     return _HEADER.pack(SHARD_MAGIC, version[0], version[1], 0)
 
 
@@ -140,31 +164,60 @@ class ShardFooter:
     """A parsed shard footer.
 
     Attributes:
-        table: Structured array of ``RECORD_DTYPE``, one row per record (offset, stored,
-            raw, checksum), in record order.
-        meta: The footer JSON object (codec config, checksum algorithm, ...).
-        table_offset: Byte offset of the record table (end of the last frame).
+        table: The frame table, a structured array of ``RECORD_DTYPE`` (offset, stored, raw,
+            checksum), one row per frame in file order. With one record per frame (format
+            1.0) row k is record k.
+        meta: The footer JSON object (codec config, checksum algorithm, features, ...).
+        table_offset: Byte offset of the frame table (end of the last frame).
+        record_map: With the "multi-record-frames" feature, a ``RECORD_MAP_DTYPE`` array
+            (frame, raw_offset, raw), one row per record: record k is bytes
+            ``[raw_offset, raw_offset + raw)`` of frame ``frame`` decoded. None otherwise.
     """
 
     table: np.ndarray
     meta: dict[str, Any]
     table_offset: int
+    record_map: np.ndarray | None = None
+
+    @property
+    def records(self) -> int:
+        return len(self.table) if self.record_map is None else len(self.record_map)
+
+    def locate(self, k: int) -> tuple[int, int, int]:
+        """Record k of the shard -> (frame index, raw offset in the decoded frame, raw bytes)."""
+        if self.record_map is None:
+            return k, 0, int(self.table["raw"][k])
+        row = self.record_map[k]
+        return int(row["frame"]), int(row["raw_offset"]), int(row["raw"])
 
 
-def encode_footer(table: np.ndarray, meta: dict[str, Any]) -> bytes:
-    """Encode record table + footer JSON + trailer. ``table`` rows are ``RECORD_DTYPE``."""
+def encode_footer(table: np.ndarray, meta: dict[str, Any], record_map: np.ndarray | None = None) -> bytes:
+    """Encode frame table [+ record map] + footer JSON + trailer.
+
+    Args:
+        table: Frame rows, ``RECORD_DTYPE``.
+        meta: The footer JSON object; must hold ``records`` and ``features``.
+        record_map: ``RECORD_MAP_DTYPE`` rows, only with the "multi-record-frames" feature.
+    """
     if len(table) > 0:
         table_offset = int(table["offset"][-1]) + int(table["stored"][-1])
     else:
         table_offset = HEADER_BYTES
     body = np.ascontiguousarray(table, dtype=RECORD_DTYPE).tobytes()
+    records = len(table)
+    if record_map is not None:
+        body += np.ascontiguousarray(record_map, dtype=RECORD_MAP_DTYPE).tobytes()
+        records = len(record_map)
     js = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    trailer = _TRAILER.pack(table_offset, len(table), len(js), digest_int(body + js), TRAILER_MAGIC)
+    trailer = _TRAILER.pack(table_offset, records, len(js), digest_int(body + js), TRAILER_MAGIC)
     return body + js + trailer
 
 
 def decode_trailer(data: bytes, file_bytes: int, where: str) -> tuple[int, int, int, int]:
     """Parse and bounds-check a trailer; return (table_offset, record_count, footer_json_bytes, checksum).
+
+    The footer body (tables + JSON) is bytes ``[table_offset, file_bytes - 40)``; its last
+    ``footer_json_bytes`` bytes are the JSON.
 
     Raises:
         ShardFormatError: Wrong magic, or fields that do not fit in a file of ``file_bytes``.
@@ -174,24 +227,42 @@ def decode_trailer(data: bytes, file_bytes: int, where: str) -> tuple[int, int, 
     table_offset, count, js_bytes, checksum, magic = _TRAILER.unpack(data)
     if magic != TRAILER_MAGIC:
         raise ShardFormatError(f"{where}: expected trailer magic {TRAILER_MAGIC!r}, found {magic!r}")
-    end = table_offset + count * RECORD_ENTRY_BYTES + js_bytes + TRAILER_BYTES
     if js_bytes > MAX_FOOTER_JSON_BYTES:
         raise ShardFormatError(
             f"{where}: trailer says the footer JSON is {js_bytes} bytes; expected at most {MAX_FOOTER_JSON_BYTES}"
         )
-    if table_offset < HEADER_BYTES or count > MAX_FIELD or js_bytes > MAX_FIELD or end != file_bytes:
+    body_bytes = file_bytes - TRAILER_BYTES - table_offset
+    if (
+        table_offset < HEADER_BYTES
+        or count > MAX_FIELD
+        or js_bytes > MAX_FIELD
+        or body_bytes < js_bytes + count * min(RECORD_ENTRY_BYTES, RECORD_MAP_ENTRY_BYTES)
+    ):
         raise ShardFormatError(
-            f"{where}: trailer says table at {table_offset}, {count} records, {js_bytes} footer bytes "
-            f"(ending at byte {end}), but the file is {file_bytes} bytes"
+            f"{where}: trailer says table at {table_offset}, {count} records, {js_bytes} footer JSON bytes, "
+            f"which do not fit in a file of {file_bytes} bytes"
         )
     return table_offset, count, js_bytes, checksum
 
 
-def parse_footer(body: bytes, table_offset: int, count: int, checksum: int, where: str) -> ShardFooter:
-    """Check and parse the record table + footer JSON read from a shard.
+def parse_footer(
+    body: bytes,
+    table_offset: int,
+    count: int,
+    checksum: int,
+    where: str,
+    footer_json_bytes: int | None = None,
+) -> ShardFooter:
+    """Check and parse the footer body (tables + footer JSON) read from a shard.
 
-    Validates the footer checksum, the JSON, and that every frame lies in
-    ``[HEADER_BYTES, table_offset)`` in order without overlap.
+    Validates the footer checksum, the JSON, the table sizes, and that every frame lies in
+    ``[HEADER_BYTES, table_offset)`` in order without gaps or overlap; with a record map, that
+    each frame's records tile its decoded bytes exactly.
+
+    Args:
+        body: Bytes ``[table_offset, file_bytes - 40)`` of the shard.
+        footer_json_bytes: From the trailer; None means the 1.0 layout (JSON after
+            ``count`` 32-byte rows).
 
     Raises:
         ShardFormatError: On any inconsistency.
@@ -202,32 +273,80 @@ def parse_footer(body: bytes, table_offset: int, count: int, checksum: int, wher
         raise ShardFormatError(
             f"{where}: footer checksum ({ALGORITHM}) mismatch: trailer says {checksum:016x}, footer bytes give {found:016x}"
         )
-    table_bytes = count * RECORD_ENTRY_BYTES
-    table = np.frombuffer(body, dtype=RECORD_DTYPE, count=count) if count else np.zeros(0, RECORD_DTYPE)
+    js_bytes = len(body) - count * RECORD_ENTRY_BYTES if footer_json_bytes is None else footer_json_bytes
+    if not 0 <= js_bytes <= len(body):
+        raise ShardFormatError(f"{where}: footer JSON of {js_bytes} bytes does not fit in a {len(body)}-byte footer")
     try:
-        meta = json.loads(body[table_bytes:].decode("utf-8"))
+        meta = json.loads(body[len(body) - js_bytes :].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ShardFormatError(f"{where}: footer JSON does not parse ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict):
         raise ShardFormatError(f"{where}: footer JSON must be an object, found {type(meta).__name__}")
-    _check_version_and_features(meta, where)
+    _, features = _check_version_and_features(meta, where)
     if meta.get("records") != count:
         raise ShardFormatError(f"{where}: footer JSON says {meta.get('records')!r} records, trailer says {count}")
-    if count:
-        offsets = table["offset"].astype(np.uint64)
+    multi = FEATURE_MULTI_RECORD_FRAMES in features
+    frames = meta.get("frames", count) if multi else count
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 0 <= frames <= count:
+        raise ShardFormatError(f"{where}: footer JSON 'frames' must be an int in [0, {count}], found {frames!r}")
+    tables_bytes = frames * RECORD_ENTRY_BYTES + (count * RECORD_MAP_ENTRY_BYTES if multi else 0)
+    if tables_bytes + js_bytes != len(body):
+        raise ShardFormatError(
+            f"{where}: footer is {len(body)} bytes, expected {tables_bytes} bytes of tables + {js_bytes} bytes of JSON"
+        )
+    table = np.frombuffer(body, dtype=RECORD_DTYPE, count=frames) if frames else np.zeros(0, RECORD_DTYPE)
+    if frames:
+        offsets = table["offset"]
         ends = offsets + table["stored"]
         if (
             int(offsets[0]) != HEADER_BYTES
-            or int(ends[-1]) != table_offset
-            or (count > 1 and not np.array_equal(offsets[1:], ends[:-1]))
             or int(table["raw"].max()) > MAX_FIELD
             or int(table["stored"].max()) > MAX_FIELD
+            or int(ends[-1]) != table_offset
+            or (frames > 1 and not np.array_equal(offsets[1:], ends[:-1]))
         ):
             raise ShardFormatError(
-                f"{where}: record table is inconsistent: frames must be back to back from byte "
+                f"{where}: frame table is inconsistent: frames must be back to back from byte "
                 f"{HEADER_BYTES} to byte {table_offset}"
             )
-    return ShardFooter(table=table, meta=meta, table_offset=table_offset)
+    elif table_offset != HEADER_BYTES:
+        raise ShardFormatError(f"{where}: no frames, but the table starts at byte {table_offset}, not {HEADER_BYTES}")
+    record_map = None
+    if multi:
+        record_map = np.frombuffer(body, dtype=RECORD_MAP_DTYPE, count=count, offset=frames * RECORD_ENTRY_BYTES)
+        _check_record_map(record_map, table, where)
+    return ShardFooter(table=table, meta=meta, table_offset=table_offset, record_map=record_map)
+
+
+def _check_record_map(record_map: np.ndarray, table: np.ndarray, where: str) -> None:
+    """Each frame's records must tile its decoded bytes [0, raw) in order, every frame used."""
+    if not len(record_map):
+        if len(table):
+            raise ShardFormatError(f"{where}: {len(table)} frames but no records")
+        return
+    frame = record_map["frame"]
+    raw_offset = record_map["raw_offset"]
+    raw = record_map["raw"]
+    bad = (
+        int(frame[0]) != 0
+        or int(frame[-1]) != len(table) - 1
+        or int(raw.max()) > MAX_FIELD
+        or int(raw_offset.max()) > MAX_FIELD
+        or np.any(np.diff(frame.astype(np.int64)) < 0)
+        or np.any(np.diff(frame.astype(np.int64)) > 1)
+    )
+    if not bad:
+        starts = np.ones(len(record_map), dtype=bool)
+        starts[1:] = frame[1:] != frame[:-1]
+        expected_offset = np.zeros(len(record_map), dtype=np.uint64)
+        expected_offset[1:] = np.where(starts[1:], 0, raw_offset[:-1] + raw[:-1])
+        sums = np.zeros(len(table), dtype=np.uint64)
+        np.add.at(sums, frame.astype(np.int64), raw)
+        bad = not np.array_equal(raw_offset, expected_offset) or not np.array_equal(sums, table["raw"])
+    if bad:
+        raise ShardFormatError(
+            f"{where}: record map is inconsistent: records must tile each frame's decoded bytes in order"
+        )
 
 
 # --------------------------------------------------------------------------- index schema
@@ -298,10 +417,12 @@ class IndexInfo:
         shards: list[ShardEntry],
         metadata: dict[str, Any],
         created_by: dict[str, Any],
+        features: tuple[str, ...] = (),
     ) -> IndexInfo:
+        features = tuple(sorted(set(features)))
         return cls(
-            version=FORMAT_VERSION,
-            features=(),
+            version=version_for(features),
+            features=features,
             codec=dict(codec),
             shards=tuple(shards),
             records=sum(s.records for s in shards),
@@ -461,7 +582,9 @@ def parse_index(raw: bytes, where: str) -> IndexInfo:
                 f"{sw}: shard {name!r} says first_record {entry.first_record}, expected {next_first} "
                 "(the sum of the record counts before it)"
             )
-        min_file = HEADER_BYTES + entry.stored_bytes + entry.records * RECORD_ENTRY_BYTES + TRAILER_BYTES
+        # With multi-record frames a shard may have one frame (32 bytes) and a 24-byte map row a record.
+        per_record = RECORD_MAP_ENTRY_BYTES if FEATURE_MULTI_RECORD_FRAMES in features else RECORD_ENTRY_BYTES
+        min_file = HEADER_BYTES + entry.stored_bytes + entry.records * per_record + TRAILER_BYTES
         if entry.file_bytes < min_file:
             raise IndexFormatError(
                 f"{sw}: shard {name!r} says file_bytes {entry.file_bytes}, but {entry.records} records of "

@@ -50,11 +50,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from . import _version
 from .checksums import ALGORITHM, FileHasher, digest_int
 from .codecs import Codec, get_codec
+from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
     CorruptStoreError,
+    MissingShardError,
+    TensorStoreError,
     DecompressionError,
     IndexFormatError,
     InvalidOptionError,
@@ -69,7 +74,6 @@ from .format import (
     HEADER_BYTES,
     INDEX_NAME,
     MAX_INDEX_BYTES,
-    RECORD_ENTRY_BYTES,
     SHARD_SUFFIX,
     TRAILER_BYTES,
     IndexInfo,
@@ -100,15 +104,16 @@ __all__ = [
 PROBLEM_KINDS: dict[str, str] = {
     "index": "index.json is unreadable, not JSON, breaks the schema, or claims impossible sizes",
     "missing_shard": "a shard named in the index is absent",
+    "dictionary": "the zstd dictionary file the codec config names is missing or differs (records not decoded)",
     "shard_size": "a shard's size differs from the index's file_bytes",
     "file_checksum": "a shard's whole-file xxh3_64 differs from the index's checksum",
     "header": "a shard's header has a bad magic, version or flags",
     "footer": "a shard's trailer, record table or footer JSON is damaged",
-    "footer_mismatch": "a shard's footer disagrees with the index (first record, codec, byte sums, version)",
+    "footer_mismatch": "a shard's footer disagrees with the index (first record, codec, features, byte sums)",
     "record_count": "the index and a shard's footer disagree on the number of records",
-    "record_checksum": "a record's frame xxh3_64 differs from the footer's",
-    "record_length": "a record's raw length is impossible for its frame, or it decodes to another length",
-    "record_decode": "a record's frame does not decode",
+    "record_checksum": "a frame's xxh3_64 differs from the footer's (all its records are affected)",
+    "record_length": "a frame's raw length is impossible for its size, or it decodes to another length",
+    "record_decode": "a frame does not decode",
     "record_load": "a record's bytes are not a loadable torch.save buffer (deep)",
     "unsafe_payload": "a record's pickle asks for globals outside the weights-only allow-list (deep)",
 }
@@ -320,11 +325,48 @@ def _open_footer(handle: ReadHandle, size: int, where: str) -> ShardFooter:
         )
     trailer = _read_exact(handle, size - TRAILER_BYTES, TRAILER_BYTES, "the trailer", where)
     table_offset, count, js_bytes, checksum = decode_trailer(trailer, size, where)
-    body = _read_exact(handle, table_offset, count * RECORD_ENTRY_BYTES + js_bytes, "the footer", where)
+    body = _read_exact(handle, table_offset, size - TRAILER_BYTES - table_offset, "the footer", where)
     try:
-        return parse_footer(body, table_offset, count, checksum, where)
+        return parse_footer(body, table_offset, count, checksum, where, js_bytes)
     except (IndexFormatError, UnsupportedFormatError) as exc:
         raise ShardFormatError(f"the footer JSON is not a v1 footer: {exc}") from exc
+
+
+def _frame_records(footer: ShardFooter) -> list[tuple[int, int]]:
+    """Per frame, the half-open range of the shard's records it holds."""
+    frames = len(footer.table)
+    if footer.record_map is None:
+        return [(k, k + 1) for k in range(frames)]
+    bounds = np.searchsorted(footer.record_map["frame"], np.arange(frames + 1), side="left").tolist()
+    return [(int(bounds[f]), int(bounds[f + 1])) for f in range(frames)]
+
+
+def _record_slices(footer: ShardFooter, first: int, end: int) -> list[tuple[int, int]]:
+    """(raw_offset, raw_bytes) in the decoded frame of each shard record in ``[first, end)``."""
+    if footer.record_map is None:
+        return [(0, int(footer.table["raw"][first]))]
+    rows = footer.record_map[first:end]
+    return list(zip(rows["raw_offset"].tolist(), rows["raw"].tolist()))
+
+
+def _bounds_codec(config: dict[str, Any]) -> Codec:
+    """The codec of ``config`` without its dictionary: enough for raw-length bounds."""
+    return get_codec({k: v for k, v in config.items() if k != "dict"})
+
+
+def _store_loader(storage: Storage) -> Any:
+    """A ``get_codec`` file loader: reads a store file by name, refusing oversized files first."""
+
+    def load(name: str) -> bytes:
+        try:
+            size = storage.size(name)
+        except FileNotFoundError as exc:
+            raise MissingShardError(f"store {storage.location!r}: file {name!r} named in the codec config is missing") from exc
+        if size > MAX_DICT_BYTES:
+            raise IndexFormatError(f"store {storage.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}")
+        return storage.read_all(name)
+
+    return load
 
 
 @dataclass
@@ -339,12 +381,11 @@ class _RecordCheck:
     frame: bytes | None = None
 
 
-def _check_frame(
-    handle: ReadHandle, codec: Codec, row: Any, where: str
-) -> _RecordCheck:
+def _check_frame(handle: ReadHandle, codec: Codec | None, row: Any, where: str) -> _RecordCheck:
+    """Check one frame: raw bound, checksum, decode (``codec`` None: checksum only)."""
     offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
-    bound = codec.max_raw_bytes(stored)
-    if raw > bound:
+    bound = codec.max_raw_bytes(stored) if codec is not None else raw
+    if codec is not None and raw > bound:
         return _RecordCheck(
             "record_length",
             f"at most {bound} raw bytes for a {stored}-byte {codec.codec_id} frame",
@@ -369,6 +410,8 @@ def _check_frame(
             f"{where}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, the {stored} stored bytes "
             f"give {found:016x}",
         )
+    if codec is None:
+        return _RecordCheck(frame=frame)
     try:
         data = codec.decompress(frame, raw)
     except DecompressionError as exc:
@@ -459,9 +502,28 @@ def verify_store(path: str | os.PathLike[str] | Storage, *, deep: bool = False) 
         index = parse_index(storage.read_all(INDEX_NAME), f"{where}: {INDEX_NAME}")
     except IndexFormatError as exc:
         return index_problem(exc)
-    codec = get_codec(index.codec)  # UnsupportedFormatError: cannot judge -> raised
+    codec: Codec | None
     try:
-        check_index_sizes(index, codec, f"{where}: {INDEX_NAME}")
+        codec = get_codec(index.codec, _store_loader(storage))  # UnsupportedFormatError: cannot judge -> raised
+        bounds = codec
+    except (IndexFormatError, InvalidOptionError) as exc:
+        return index_problem(exc)
+    except CorruptStoreError as exc:  # the dictionary file is missing or differs
+        ref = index.codec.get("dict", {})
+        problems.append(
+            Problem(
+                "dictionary",
+                None,
+                None,
+                f"dictionary file {ref.get('name')!r} of {ref.get('bytes')} bytes with {ref.get('checksum')}",
+                str(exc),
+                f"{where}: {exc}; frames are checked against their checksums but not decoded",
+            )
+        )
+        codec = None
+        bounds = _bounds_codec(index.codec)
+    try:
+        check_index_sizes(index, bounds, f"{where}: {INDEX_NAME}")
     except IndexFormatError as exc:
         return index_problem(exc)
 
@@ -501,7 +563,7 @@ def _stray_notes(names: list[str], referenced: tuple[str, ...]) -> tuple[str, ..
 
 
 def _verify_shard(
-    storage: Storage, index: IndexInfo, codec: Codec, entry: ShardEntry, deep: bool, problems: list[Problem]
+    storage: Storage, index: IndexInfo, codec: Codec | None, entry: ShardEntry, deep: bool, problems: list[Problem]
 ) -> int:
     """Check one shard; append its problems; return how many of its records passed."""
     name = entry.name
@@ -576,7 +638,7 @@ def _verify_shard(
             return 0
 
         meta = footer.meta
-        count = len(footer.table)
+        count = footer.records
         if count != entry.records:
             missing = (entry.first_record + min(count, entry.records), entry.first_record + entry.records)
             add(
@@ -604,6 +666,15 @@ def _verify_shard(
                 f"{where}: footer says codec {meta.get('codec')}, the index says {index.codec}",
                 records=span,
             )
+        unknown = sorted(set(meta.get("features", [])) - set(index.features))
+        if unknown:
+            add(
+                "footer_mismatch",
+                f"features within {list(index.features)} (index)",
+                f"features {meta.get('features')} (footer)",
+                f"{where}: footer uses feature(s) {unknown} the index does not list",
+                records=span,
+            )
         if header_version is not None and tuple(meta.get("format_version", ())) != header_version:
             add(
                 "header",
@@ -624,16 +695,25 @@ def _verify_shard(
             )
 
         passed = 0
-        for k in range(count):
-            j = entry.first_record + k
-            rwhere = f"{where}, record {j}"
-            check = _check_frame(handle, codec, footer.table[k], rwhere)
-            if check.kind is None and deep and check.data is not None:
-                check = _load_check(check.data, rwhere)
+        for fi, (a, b) in enumerate(_frame_records(footer)):
+            j = entry.first_record + a
+            many = b - a > 1
+            fwhere = f"{where}, records [{j}, {entry.first_record + b}) (frame {fi})" if many else f"{where}, record {j}"
+            check = _check_frame(handle, codec, footer.table[fi], fwhere)
             if check.kind is not None:
-                add(check.kind, check.expected, check.found, check.message, record=j)
-            else:
-                passed += 1
+                add(check.kind, check.expected, check.found, check.message, record=j,
+                    records=(j, entry.first_record + b) if many else None)  # fmt: skip
+                continue
+            if not deep or check.data is None:
+                passed += b - a if check.data is not None or codec is None else 0
+                continue
+            for k, (off, n) in zip(range(a, b), _record_slices(footer, a, b)):
+                rec = entry.first_record + k
+                loaded = _load_check(check.data[off : off + n], f"{where}, record {rec}")
+                if loaded.kind is not None:
+                    add(loaded.kind, loaded.expected, loaded.found, loaded.message, record=rec)
+                else:
+                    passed += 1
         return passed
     finally:
         handle.close()
@@ -652,12 +732,15 @@ class _Scan:
     reason: str = ""
     entry: ShardEntry | None = None
     codec: dict[str, Any] | None = None
-    version: tuple[int, int] | None = None
+    features: tuple[str, ...] = ()
     records: int | None = None
 
 
-def _scan_shard(storage: Storage, name: str, final: str) -> _Scan:
-    """Check a shard file by its own header, footer and frames; build its index entry."""
+def _scan_shard(storage: Storage, name: str, final: str, codecs: dict[str, Codec] | None = None) -> _Scan:
+    """Check a shard file by its own header, footer and frames; build its index entry.
+
+    ``codecs`` caches codecs by their JSON config across calls (a dictionary is loaded once).
+    """
     where = f"store {storage.location!r}, file {name!r}"
     try:
         size = storage.size(name)
@@ -671,7 +754,7 @@ def _scan_shard(storage: Storage, name: str, final: str) -> _Scan:
         except (CorruptStoreError, UnsupportedFormatError) as exc:
             return _Scan(name, final, False, f"incomplete or damaged: {exc}")
         meta = footer.meta
-        count = len(footer.table)
+        count = footer.records
         first = meta.get("first_record")
         if tuple(meta.get("format_version", ())) != version:
             return _Scan(name, final, False, f"header says format {version}, footer says {meta.get('format_version')}", records=count)
@@ -679,11 +762,14 @@ def _scan_shard(storage: Storage, name: str, final: str) -> _Scan:
             return _Scan(name, final, False, f"footer has no valid first_record ({first!r})", records=count)
         if count == 0:
             return _Scan(name, final, False, "the shard holds no records (the format has no empty shards)", records=0)
+        key = json.dumps(meta.get("codec"), sort_keys=True)
+        codecs = {} if codecs is None else codecs
         try:
-            codec = get_codec(meta.get("codec"))
-        except (UnsupportedFormatError, InvalidOptionError) as exc:
+            codec = codecs[key] if key in codecs else get_codec(meta.get("codec"), _store_loader(storage))
+        except (TensorStoreError, FileNotFoundError) as exc:
             return _Scan(name, final, False, f"footer codec: {exc}", records=count)
-        for k in range(count):
+        codecs[key] = codec
+        for k in range(len(footer.table)):
             check = _check_frame(handle, codec, footer.table[k], f"{where}, frame {k}")
             if check.kind is not None:
                 return _Scan(name, final, False, f"damaged: {check.message}", records=count)
@@ -696,7 +782,8 @@ def _scan_shard(storage: Storage, name: str, final: str) -> _Scan:
             raw_bytes=int(footer.table["raw"].sum()),
             checksum=_file_digest(handle, size),
         )
-        return _Scan(name, final, True, entry=entry, codec=meta.get("codec"), version=version, records=count)
+        features = tuple(sorted(meta.get("features", [])))
+        return _Scan(name, final, True, entry=entry, codec=meta.get("codec"), features=features, records=count)
     finally:
         handle.close()
 
@@ -751,11 +838,7 @@ def _continues(prev: _Scan | None, cand: _Scan, present_seqs: set[int]) -> bool:
 
 
 def _chain(
-    start: list[_Scan],
-    pool: list[_Scan],
-    codec: dict[str, Any] | None,
-    version: tuple[int, int] | None,
-    present_seqs: set[int],
+    start: list[_Scan], pool: list[_Scan], codec: dict[str, Any] | None, present_seqs: set[int]
 ) -> list[_Scan]:
     """Extend ``start`` with shards of ``pool`` that continue its record sequence and numbering."""
     chain = list(start)
@@ -771,7 +854,6 @@ def _chain(
                 and s.entry is not None
                 and s.entry.first_record == next_first
                 and (codec is None or s.codec == codec)
-                and (version is None or s.version == version)
                 and _continues(prev, s, present_seqs)
             ),
             None,
@@ -781,20 +863,17 @@ def _chain(
         chain.append(nxt)
         used.add(nxt.final)
         next_first += nxt.entry.records
-        codec, version = nxt.codec, nxt.version
+        codec = nxt.codec
 
 
 def _longest_chain(
-    pool: list[_Scan], codec: dict[str, Any] | None, version: tuple[int, int] | None, present_seqs: set[int]
+    pool: list[_Scan], codec: dict[str, Any] | None, present_seqs: set[int]
 ) -> tuple[list[_Scan], int]:
     """The longest chain from a shard whose first record is 0; also how many such chains exist."""
     chains = [
-        _chain([s], pool, s.codec, s.version, present_seqs)
+        _chain([s], pool, s.codec, present_seqs)
         for s in pool
-        if s.entry is not None
-        and s.entry.first_record == 0
-        and (codec is None or s.codec == codec)
-        and (version is None or s.version == version)
+        if s.entry is not None and s.entry.first_record == 0 and (codec is None or s.codec == codec)
     ]
     if not chains:
         return [], 0
@@ -863,7 +942,7 @@ def recover_store(
         raw_index = storage.read_all(INDEX_NAME) if storage.size(INDEX_NAME) <= MAX_INDEX_BYTES else b""
         try:
             old = parse_index(raw_index, f"{where}: {INDEX_NAME}")
-            check_index_sizes(old, get_codec(old.codec), f"{where}: {INDEX_NAME}")
+            check_index_sizes(old, _bounds_codec(old.codec), f"{where}: {INDEX_NAME}")
             index_before = "valid"
             metadata, created_by, meta_source = dict(old.metadata), dict(old.created_by), "index"
         except IndexFormatError as exc:
@@ -884,7 +963,8 @@ def recover_store(
             break
 
     # Scan every shard file and every temporary shard file.
-    scans: dict[str, _Scan] = {n: _scan_shard(storage, n, n) for n in shard_names}
+    codecs: dict[str, Codec] = {}
+    scans: dict[str, _Scan] = {n: _scan_shard(storage, n, n, codecs) for n in shard_names}
     temp_scans: list[_Scan] = []
     for tname, (final, _pid) in sorted(temps.items()):
         if final == INDEX_NAME:
@@ -894,7 +974,10 @@ def recover_store(
         except IndexFormatError:
             temp_scans.append(_Scan(tname, final, False, "not a shard's temporary file"))
             continue
-        scan = _scan_shard(storage, tname, final)
+        if not final.endswith(SHARD_SUFFIX):
+            temp_scans.append(_Scan(tname, final, False, "an unfinished temporary file (its writer died)"))
+            continue
+        scan = _scan_shard(storage, tname, final, codecs)
         if scan.ok and final in scans:
             scan = _Scan(tname, final, False, f"a complete copy of {final!r}, which exists", records=scan.records)
         elif not scan.ok:
@@ -912,8 +995,12 @@ def recover_store(
             s = scans.get(entry.name)
             if s is None or not s.ok or s.entry is None:
                 why = "missing" if s is None else s.reason
-            elif s.entry.first_record != entry.first_record or s.codec != old.codec or s.version != old.version:
-                why = "disagrees with the index (first record, codec or version)"
+            elif (
+                s.entry.first_record != entry.first_record
+                or s.codec != old.codec
+                or not set(s.features) <= set(old.features)
+            ):
+                why = "disagrees with the index (first record, codec or features)"
             else:
                 start.append(s)
                 continue
@@ -925,12 +1012,12 @@ def recover_store(
         if old.shards and not start:
             chain: list[_Scan] = []
         elif start:
-            chain = _chain(start, complete, old.codec, old.version, present_seqs)
+            chain = _chain(start, complete, old.codec, present_seqs)
         else:
-            chain, _ = _longest_chain(complete, old.codec, old.version, present_seqs)
+            chain, _ = _longest_chain(complete, old.codec, present_seqs)
         codec_config: dict[str, Any] | None = old.codec
     else:
-        chain, n_chains = _longest_chain(complete, None, None, present_seqs)
+        chain, n_chains = _longest_chain(complete, None, present_seqs)
         if n_chains > 1:
             notes.append(
                 f"{n_chains} record sequences start at record 0 (an interrupted overwrite?); kept the longest, "
@@ -969,13 +1056,21 @@ def recover_store(
     entries = [s.entry for s in chain if s.entry is not None] + salvage_entries
     if codec_config is None:  # only when the old index is missing or damaged and no shard is complete
         codec_config = {"id": "zstd", "level": 3}
+    features = {f for s in chain for f in s.features} | (set(old.features) if salvage_entries and old is not None else set())
     new_index = IndexInfo.build(
         codec_config,
         entries,
         metadata,
         {**(created_by or _created_by()), "recovered_by": f"tensorstore_pt {_version.__version__}"},
+        tuple(sorted(features)),
     )
-    if old is not None and created_by is not None and old.shards == tuple(entries) and old.codec == codec_config:
+    if (
+        old is not None
+        and created_by is not None
+        and old.shards == tuple(entries)
+        and old.codec == codec_config
+        and old.features == new_index.features
+    ):
         index_needed = False
     else:
         index_needed = True
@@ -1051,17 +1146,19 @@ def _salvage(
     Returns:
         (entries of the new shards, records salvaged, records known lost).
     """
-    from .format import FORMAT_NAME, shard_name
+    from .format import FEATURE_MULTI_RECORD_FRAMES, FORMAT_NAME, shard_name, version_for
     from .writer import _OpenShard
 
-    codec = get_codec(old.codec)
+    codec = get_codec(old.codec, _store_loader(storage))
     next_first = sum(s.entry.records for s in chain if s.entry is not None)
     seq = max(present_seqs, default=-1) + 1
     cap = max(s.file_bytes for s in old.shards)
+    features = sorted(old.features)
+    multi = FEATURE_MULTI_RECORD_FRAMES in features
     footer_meta = {
         "format": FORMAT_NAME,
-        "format_version": list(old.version),
-        "features": list(old.features),
+        "format_version": list(version_for(features)),
+        "features": features,
         "codec": old.codec,
         "checksum": ALGORITHM,
     }
@@ -1087,24 +1184,25 @@ def _salvage(
             if footer is None or footer.meta.get("codec") != old.codec:
                 lost += entry.records
                 continue
-            lost += max(0, entry.records - len(footer.table))
-            for k in range(len(footer.table)):
-                check = _check_frame(handle, codec, footer.table[k], where)
+            lost += max(0, entry.records - footer.records)
+            for fi, (a, b) in enumerate(_frame_records(footer)):
+                check = _check_frame(handle, codec, footer.table[fi], where)
                 if check.kind is not None or check.frame is None:
-                    lost += 1
+                    lost += b - a
                     continue
-                salvaged += 1
+                salvaged += b - a
                 if dry_run:
                     continue
-                frame, row = check.frame, footer.table[k]
-                if out is not None and out.offsets and out.size_with(len(frame)) > cap:
+                frame, row = check.frame, footer.table[fi]
+                raw_lengths = [n for _, n in _record_slices(footer, a, b)]
+                if out is not None and out.offsets and out.size_with(len(frame), len(raw_lengths)) > cap:
                     entries.append(out.close())
                     out = None
                 if out is None:
-                    out = _OpenShard(storage, shard_name(seq), next_first, footer_meta)
+                    out = _OpenShard(storage, shard_name(seq), next_first, footer_meta, multi=multi)
                     seq += 1
-                out.add(int(row["raw"]), frame, int(row["checksum"]))
-                next_first += 1
+                out.add(frame, int(row["checksum"]), raw_lengths)
+                next_first += len(raw_lengths)
         finally:
             handle.close()
     if out is not None:

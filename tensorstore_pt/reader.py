@@ -16,6 +16,7 @@ import numpy as np
 
 from .checksums import ALGORITHM, digest_int
 from .codecs import Codec, get_codec
+from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
     ChecksumMismatchError,
     CorruptStoreError,
@@ -116,7 +117,7 @@ class StoreReader:
             )
         self._index = index
         self._index_digest = digest
-        self._codec: Codec = get_codec(index.codec)
+        self._codec: Codec = get_codec(index.codec, self._load_store_file)
         check_index_sizes(index, self._codec, f"store {self.location!r}: {INDEX_NAME}")
         self._starts = np.array([s.first_record for s in index.shards], dtype=np.int64)
         self._footers: list[ShardFooter | None] = [None] * len(index.shards)
@@ -131,6 +132,18 @@ class StoreReader:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._handles: dict[int, ReadHandle] = {}
+        self._frame_cache = threading.local()  # (shard, frame) -> decoded bytes, one per thread
+
+    def _load_store_file(self, name: str) -> bytes:
+        try:
+            size = self._storage.size(name)
+            if size > MAX_DICT_BYTES:  # checked before reading: a hostile store cannot make us read gigabytes
+                raise IndexFormatError(
+                    f"store {self.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}"
+                )
+            return self._storage.read_all(name)
+        except FileNotFoundError as exc:
+            raise MissingShardError(f"store {self.location!r}: file {name!r} named in the index is missing") from exc
 
     def _ensure_process(self) -> None:
         if self._pid != os.getpid():
@@ -279,8 +292,31 @@ class StoreReader:
 
     # ------------------------------------------------------------------ reading
 
+    def _decoded_frame(self, si: int, fi: int, record: int) -> bytes:
+        """Read, check and decode frame ``fi`` of shard ``si`` (``record`` is for messages)."""
+        row = self._footer(si).table[fi]
+        offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
+        frame = self._read_exact(si, offset, stored, f"record {record}'s frame")
+        found = digest_int(frame)
+        if found != expected:
+            raise ChecksumMismatchError(
+                f"{self._where(si, record)}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, "
+                f"the {stored} stored bytes give {found:016x}"
+            )
+        self._check_raw_bound(si, record, stored, raw)
+        try:
+            data = self._codec.decompress(frame, raw)
+        except DecompressionError as exc:
+            raise DecompressionError(f"{self._where(si, record)}: {exc}") from exc
+        if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
+            raise RecordLengthError(f"{self._where(si, record)}: decoded {len(data)} bytes, the footer says {raw}")
+        return data
+
     def read_bytes(self, i: int) -> bytes:
         """Return record ``i``'s exact ``torch.save`` buffer (decompressed, checksum-verified).
+
+        With multi-record frames, the last decoded frame is cached per thread, so in-order
+        reads decode each frame once.
 
         Args:
             i: Record position; negative counts from the end.
@@ -297,23 +333,18 @@ class StoreReader:
         """
         j = self._normalize(i)
         si, k = self._locate(j)
-        row = self._footer(si).table[k]
-        offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
-        frame = self._read_exact(si, offset, stored, f"record {j}'s frame")
-        found = digest_int(frame)
-        if found != expected:
-            raise ChecksumMismatchError(
-                f"{self._where(si, j)}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, "
-                f"the {stored} stored bytes give {found:016x}"
-            )
-        self._check_raw_bound(si, j, stored, raw)
-        try:
-            data = self._codec.decompress(frame, raw)
-        except DecompressionError as exc:
-            raise DecompressionError(f"{self._where(si, j)}: {exc}") from exc
-        if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
-            raise RecordLengthError(f"{self._where(si, j)}: decoded {len(data)} bytes, the footer says {raw}")
-        return data
+        footer = self._footer(si)
+        if footer.record_map is None:
+            return self._decoded_frame(si, k, j)
+        fi, raw_offset, raw = footer.locate(k)
+        self._ensure_process()
+        cache = self._frame_cache
+        if getattr(cache, "key", None) == (si, fi):
+            data = cache.data
+        else:
+            data = self._decoded_frame(si, fi, j)
+            cache.key, cache.data = (si, fi), data
+        return data[raw_offset : raw_offset + raw]
 
     def _check_raw_bound(self, si: int, j: int, stored: int, raw: int) -> None:
         """Refuse a raw length the codec cannot produce from ``stored`` bytes, before allocating it.
@@ -391,8 +422,15 @@ class StoreReader:
                     f"{self._where(si)}: whole-file checksum mismatch ({ALGORITHM}): index says "
                     f"{entry.checksum:016x}, the file gives {digest:016x}"
                 )
-            for j in range(entry.first_record, entry.first_record + entry.records):
-                self.read_bytes(j)
+            footer = self._footer(si)
+            for fi in range(len(footer.table)):
+                self._decoded_frame(si, fi, entry.first_record + _first_record_of_frame(footer, fi))
+
+
+def _first_record_of_frame(footer: ShardFooter, fi: int) -> int:
+    if footer.record_map is None:
+        return fi
+    return int(np.searchsorted(footer.record_map["frame"], fi, side="left"))
 
 
 def check_index_sizes(index: IndexInfo, codec: Codec, where: str) -> None:
@@ -448,12 +486,15 @@ def read_footer(
     table_offset, count, js_bytes, checksum = decode_trailer(trailer, file_bytes, where)
     if count != entry.records:
         raise ShardFormatError(f"{where}: footer holds {count} records, the index says {entry.records}")
-    body = read_range(table_offset, count * RECORD_ENTRY_BYTES + js_bytes)
+    body = read_range(table_offset, file_bytes - TRAILER_BYTES - table_offset)
     try:
-        footer = parse_footer(body, table_offset, count, checksum, where)
+        footer = parse_footer(body, table_offset, count, checksum, where, js_bytes)
     except (IndexFormatError, UnsupportedFormatError) as exc:
         raise ShardFormatError(f"the footer JSON disagrees with the index: {exc}") from exc
     meta = footer.meta
+    unknown = set(meta.get("features", [])) - set(index.features)
+    if unknown:
+        raise ShardFormatError(f"{where}: footer uses feature(s) {sorted(unknown)} the index does not list")
     if tuple(meta.get("format_version", ())) != version:
         raise ShardFormatError(
             f"{where}: header says format {version[0]}.{version[1]}, footer says {meta.get('format_version')}"
@@ -467,6 +508,8 @@ def read_footer(
         raise ShardFormatError(f"{where}: footer says codec {meta.get('codec')}, the index says {index.codec}")
     stored = int(footer.table["stored"].sum())
     raw = int(footer.table["raw"].sum())
+    if footer.record_map is not None and int(footer.record_map["raw"].sum()) != raw:
+        raise ShardFormatError(f"{where}: record map and frame table disagree on the raw bytes")
     if stored != entry.stored_bytes or raw != entry.raw_bytes:
         raise ShardFormatError(
             f"{where}: footer records add up to {stored} stored / {raw} raw bytes, the index says "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import pickle
 from typing import Any
 
@@ -93,7 +94,8 @@ def check_sample(sample: Any, where: str = "sample") -> None:
                         raise UnsupportedSampleError(
                             f"{path}: dict key {k!r} of type {_typename(k)} is not supported; use str or int keys"
                         )
-                    stack.append((v, f"{path}[{k!r}]", depth + 1))
+                    key = json.dumps(k) if isinstance(k, str) else repr(k)
+                    stack.append((v, f"{path}[{key}]", depth + 1))
             elif t is set:
                 for v in obj:
                     stack.append((v, f"{path}{{{v!r}}}", depth + 1))

@@ -27,11 +27,13 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import _version
-from .checksums import ALGORITHM, FileHasher, digest_int
+from .checksums import ALGORITHM, FileHasher, digest_int, format_digest
 from .codecs import Codec, get_codec, make_codec
+from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
     IndexFormatError,
     InvalidOptionError,
+    MissingShardError,
     NotAStoreError,
     StoreExistsError,
     StoreNotFoundError,
@@ -40,28 +42,36 @@ from .errors import (
     WriterClosedError,
 )
 from .format import (
+    FEATURE_DICTIONARY,
+    FEATURE_MULTI_RECORD_FRAMES,
     FORMAT_NAME,
-    FORMAT_VERSION,
-    HEADER_BYTES,
     INDEX_NAME,
     RECORD_DTYPE,
     RECORD_ENTRY_BYTES,
+    RECORD_MAP_DTYPE,
+    RECORD_MAP_ENTRY_BYTES,
     SHARD_SUFFIX,
     TRAILER_BYTES,
     IndexInfo,
     ShardEntry,
     StoreInfo,
+    check_shard_name,
     encode_footer,
     encode_header,
     parse_index,
     shard_name,
+    version_for,
 )
 from .serialization import check_sample, dumps
 from .storage import AtomicWriter, Storage, storage_for
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "ShardWriter", "write_store"]
+__all__ = ["DEFAULT_DICT_BYTES", "DEFAULT_MAX_SHARD_BYTES", "DICT_SAMPLE_BYTES", "ShardWriter", "write_store"]
 
 DEFAULT_MAX_SHARD_BYTES = 64 * 2**20
+#: Default zstd dictionary size (bytes) for ``dictionary=True``.
+DEFAULT_DICT_BYTES = 16 * 2**10
+#: Raw bytes of leading records buffered to train the dictionary on.
+DICT_SAMPLE_BYTES = 16 * 2**20
 _MODES = ("create", "overwrite", "append")
 _SEQ_RE = re.compile(r"^shard-(\d+)" + re.escape(SHARD_SUFFIX) + "$")
 
@@ -80,46 +90,74 @@ def _created_by() -> dict[str, Any]:
     }
 
 
-def _encode(sample: Any, codec: Codec) -> tuple[int, bytes, int]:
+def _encode(sample: Any, codec: Codec | None) -> tuple[bytes | None, int, bytes | None, int]:
+    """Serialise one sample; with a codec, also compress it as a one-record frame.
+
+    Returns (raw or None, raw length, frame or None, frame checksum).
+    """
     raw = dumps(sample)
+    if codec is None:
+        return raw, len(raw), None, 0
     frame = codec.compress(raw)
-    return len(raw), frame, digest_int(frame)
+    return None, len(raw), frame, digest_int(frame)
 
 
 class _OpenShard:
-    """The shard being written: header + frames so far, record rows kept in lists."""
+    """The shard being written: header + frames so far; frame and record rows kept in lists."""
 
-    def __init__(self, storage: Storage, name: str, first_record: int, footer_meta: dict[str, Any]) -> None:
+    def __init__(
+        self, storage: Storage, name: str, first_record: int, footer_meta: dict[str, Any], multi: bool
+    ) -> None:
         self.name = name
         self.first_record = first_record
         self.footer_meta = footer_meta
+        self.multi = multi
         self.out: AtomicWriter = storage.writer(name)
         self.hasher = FileHasher()
         self.offsets: list[int] = []
         self.stored: list[int] = []
         self.raw: list[int] = []
         self.checksums: list[int] = []
+        self.rec_frame: list[int] = []
+        self.rec_offset: list[int] = []
+        self.rec_raw: list[int] = []
         self.pos = 0
-        self._write(encode_header())
+        self._write(encode_header(version_for(footer_meta["features"])))
 
     def _write(self, data: bytes) -> None:
         self.out.write(data)
         self.hasher.update(data)
         self.pos += len(data)
 
-    def meta(self, records: int) -> dict[str, Any]:
-        return {**self.footer_meta, "records": records, "first_record": self.first_record}
+    @property
+    def records(self) -> int:
+        return len(self.rec_raw) if self.multi else len(self.offsets)
 
-    def size_with(self, frame_bytes: int) -> int:
-        """File size if one more record of ``frame_bytes`` were added and the shard closed."""
-        n = len(self.offsets) + 1
-        js = len(json.dumps(self.meta(n), sort_keys=True, separators=(",", ":")).encode())
-        return self.pos + frame_bytes + n * RECORD_ENTRY_BYTES + js + TRAILER_BYTES
+    def meta(self, records: int, frames: int) -> dict[str, Any]:
+        meta = {**self.footer_meta, "records": records, "first_record": self.first_record}
+        if self.multi:
+            meta["frames"] = frames
+        return meta
 
-    def add(self, raw_bytes: int, frame: bytes, checksum: int) -> None:
+    def size_with(self, frame_bytes: int, records: int) -> int:
+        """File size if one more frame of ``records`` records were added and the shard closed."""
+        n_records = self.records + records
+        n_frames = len(self.offsets) + 1
+        js = len(json.dumps(self.meta(n_records, n_frames), sort_keys=True, separators=(",", ":")).encode())
+        tables = n_frames * RECORD_ENTRY_BYTES + (n_records * RECORD_MAP_ENTRY_BYTES if self.multi else 0)
+        return self.pos + frame_bytes + tables + js + TRAILER_BYTES
+
+    def add(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
+        if self.multi:
+            offset = 0
+            for n in raw_lengths:
+                self.rec_frame.append(len(self.offsets))
+                self.rec_offset.append(offset)
+                self.rec_raw.append(n)
+                offset += n
         self.offsets.append(self.pos)
         self.stored.append(len(frame))
-        self.raw.append(raw_bytes)
+        self.raw.append(sum(raw_lengths))
         self.checksums.append(checksum)
         self._write(frame)
 
@@ -129,11 +167,17 @@ class _OpenShard:
         table["stored"] = self.stored
         table["raw"] = self.raw
         table["checksum"] = self.checksums
-        self._write(encode_footer(table, self.meta(len(self.offsets))))
+        record_map = None
+        if self.multi:
+            record_map = np.zeros(len(self.rec_raw), dtype=RECORD_MAP_DTYPE)
+            record_map["frame"] = self.rec_frame
+            record_map["raw_offset"] = self.rec_offset
+            record_map["raw"] = self.rec_raw
+        self._write(encode_footer(table, self.meta(self.records, len(self.offsets)), record_map))
         self.out.commit()
         return ShardEntry(
             name=self.name,
-            records=len(self.offsets),
+            records=self.records,
             first_record=self.first_record,
             file_bytes=self.pos,
             stored_bytes=sum(self.stored),
@@ -152,17 +196,29 @@ class ShardWriter:
         level: Codec level; None means the codec's default (zstd 3, lz4 0). zstd accepts
             -7..22, lz4 0..16.
         max_shard_bytes: Cap on a shard's file size in bytes, header and footer included
-            (default 64 MiB). A shard closes when the next record would take it past the cap;
-            a record larger than the cap gets a shard of its own.
+            (default 64 MiB). A shard closes when the next frame would take it past the cap;
+            a frame larger than the cap gets a shard of its own.
         metadata: A JSON-serialisable dict stored in the index. In ``append`` mode it
             updates (``dict.update``) the store's metadata.
         mode: ``"create"`` (the path must not hold a store or other files),
             ``"overwrite"`` (replace an existing store on commit) or ``"append"`` (add
             records after the existing ones; the store must exist).
         num_threads: Threads that serialise and compress (default: 2, or 1 on one core).
+        dictionary: zstd only. True trains a zstd dictionary (``zstandard.train_dictionary``)
+            of ``DEFAULT_DICT_BYTES`` on the first records (up to ``DICT_SAMPLE_BYTES`` of raw
+            bytes), stores it in the store and uses it for every frame; an int gives the
+            dictionary size in bytes. If zstd cannot train one (too few or too small records)
+            the store is written without it and a ``UserWarning`` says so. In ``append`` mode
+            the store's dictionary, if any, is always used. Format 1.1, feature
+            "zstd-dictionary".
+        frame_target_bytes: Put consecutive records into one frame until its raw size reaches
+            this many bytes (frames never cross shards). Better ratio, but a random read
+            decodes the whole frame. None (default) writes one record per frame. Format 1.1,
+            feature "multi-record-frames".
 
     Raises:
-        InvalidOptionError: Bad codec, level, shard size, mode or metadata.
+        InvalidOptionError: Bad codec, level, shard size, mode, metadata, dictionary or
+            frame_target_bytes.
         StoreExistsError: ``create`` on a path that holds a store or other files.
         StoreNotFoundError / NotAStoreError: ``append`` to a path without a store.
 
@@ -173,9 +229,12 @@ class ShardWriter:
             for sample in samples:
                 w.write(sample)
 
-    Memory: at most ``2 * num_threads + 2`` encoded samples are in flight, plus one shard's
-    record table (32 bytes a record). Thread safety: one writer must be used from one thread.
-    Fork safety: do not fork while a writer is open (its thread pool does not survive fork).
+    Memory: at most ``2 * num_threads + 2`` encoded samples are in flight, plus one frame
+    group (about ``frame_target_bytes``), plus, while a dictionary is being trained, the raw
+    bytes of the training records (at most ``DICT_SAMPLE_BYTES`` plus one record), plus one
+    shard's tables (32 bytes a frame, 24 a record). Thread safety: one writer must be used
+    from one thread. Fork safety: do not fork while a writer is open (its thread pool does
+    not survive fork).
     """
 
     def __init__(
@@ -188,11 +247,12 @@ class ShardWriter:
         metadata: dict[str, Any] | None = None,
         mode: str = "create",
         num_threads: int | None = None,
+        dictionary: bool | int = False,
+        frame_target_bytes: int | None = None,
     ) -> None:
         if mode not in _MODES:
             raise InvalidOptionError(f"mode: expected one of {list(_MODES)}, found {mode!r}")
-        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-            raise InvalidOptionError(f"max_shard_bytes: expected a positive int, found {max_shard_bytes!r}")
+        _check_positive_int(max_shard_bytes, "max_shard_bytes")
         if metadata is not None:
             if not isinstance(metadata, dict):
                 raise InvalidOptionError(f"metadata: expected a dict, found {type(metadata).__name__}")
@@ -202,46 +262,74 @@ class ShardWriter:
                 raise InvalidOptionError(f"metadata: expected a JSON-serialisable dict ({exc})") from exc
         if num_threads is None:
             num_threads = max(1, min(2, os.cpu_count() or 1))
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise InvalidOptionError(f"num_threads: expected a positive int, found {num_threads!r}")
+        _check_positive_int(num_threads, "num_threads")
+        if frame_target_bytes is not None:
+            _check_positive_int(frame_target_bytes, "frame_target_bytes")
+        if dictionary is True:
+            dict_bytes = DEFAULT_DICT_BYTES
+        elif dictionary is False or dictionary is None:
+            dict_bytes = 0
+        elif isinstance(dictionary, int) and 256 <= dictionary <= MAX_DICT_BYTES:
+            dict_bytes = dictionary
+        else:
+            raise InvalidOptionError(
+                f"dictionary: expected True, False or a size in bytes in [256, {MAX_DICT_BYTES}], found {dictionary!r}"
+            )
 
         self._storage = storage_for(path)
         self.location = self._storage.location
         self.mode = mode
         self.max_shard_bytes = max_shard_bytes
+        self.frame_target_bytes = frame_target_bytes
         self._old: IndexInfo | None = None
         self._created_dir = False
+        # Validate user options before touching the file system.
+        new_codec = make_codec(codec if codec is not None else "zstd", level) if mode != "append" or codec else None
+        if dict_bytes and new_codec is not None and new_codec.codec_id != "zstd":
+            raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
         old_index = self._inspect_target()
 
+        self._features: set[str] = set()
         if mode == "append" and old_index is not None:  # _inspect_target raised if there is none
-            store_codec = get_codec(old_index.codec)
-            if codec is not None and (
-                codec != store_codec.codec_id or (level is not None and make_codec(codec, level).get_config() != old_index.codec)
-            ):
+            store_codec = get_codec(old_index.codec, self._load_store_file)
+            if new_codec is not None and new_codec.get_config() != {
+                k: v for k, v in old_index.codec.items() if k != "dict"
+            } and (level is not None or new_codec.codec_id != store_codec.codec_id):
                 raise InvalidOptionError(
                     f"append to {self.location!r}: the store uses codec {old_index.codec}, found "
                     f"codec={codec!r}, level={level!r}; omit them or pass the store's own"
                 )
+            if dict_bytes and store_codec.codec_id != "zstd":
+                raise InvalidOptionError(
+                    f"append to {self.location!r}: dictionary needs codec 'zstd', the store uses {old_index.codec}"
+                )
+            if dict_bytes and "dict" not in old_index.codec:
+                raise InvalidOptionError(
+                    f"append to {self.location!r}: the store has no zstd dictionary and one cannot be added "
+                    "to existing shards; write a new store with dictionary=True"
+                )
             self._codec = store_codec
             self._metadata = {**old_index.metadata, **(metadata or {})}
             self._shards: list[ShardEntry] = list(old_index.shards)
+            self._features.update(old_index.features)
+            dict_bytes = 0  # the store's own dictionary (if any) is already in the codec
         else:
-            self._codec = make_codec(codec if codec is not None else "zstd", level)
+            self._codec = new_codec if new_codec is not None else make_codec("zstd")
             self._metadata = metadata or {}
             self._shards = []
         self._old = old_index
         self._base_shards = len(self._shards)
         self._records = sum(s.records for s in self._shards)
         self._seq = self._next_seq()
-        self._footer_meta = {
-            "format": FORMAT_NAME,
-            "format_version": list(FORMAT_VERSION),
-            "features": [],
-            "codec": self._codec.get_config(),
-            "checksum": ALGORITHM,
-        }
+        self._dict_bytes = dict_bytes
+        self._dict_pending = dict_bytes > 0  # records are buffered until the dictionary is trained
+        self._dict_buffer: list[bytes] = []
+        self._dict_buffer_bytes = 0
+        self._new_files: list[str] = []  # non-shard files this writer created (the dictionary)
+        self._group: list[bytes] = []
+        self._group_bytes = 0
         self._open: _OpenShard | None = None
-        self._pending: collections.deque[cf.Future[tuple[int, bytes, int]]] = collections.deque()
+        self._pending: collections.deque[cf.Future[tuple[bytes | None, int, bytes | None, int]]] = collections.deque()
         self._max_pending = 2 * num_threads + 2
         self._pool = cf.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tspt-writer")
         self._state = "open"
@@ -251,6 +339,12 @@ class ShardWriter:
         self.stored_bytes_written = 0
 
     # ------------------------------------------------------------------ setup
+
+    def _load_store_file(self, name: str) -> bytes:
+        try:
+            return self._storage.read_all(name)
+        except FileNotFoundError as exc:
+            raise MissingShardError(f"store {self.location!r}: file {name!r} named in the index is missing") from exc
 
     def _inspect_target(self) -> IndexInfo | None:
         st = self._storage
@@ -309,7 +403,10 @@ class ShardWriter:
         self._check_open()
         check_sample(sample)
         snapshot = _snapshot(sample)
-        self._pending.append(self._pool.submit(_encode, snapshot, self._codec))
+        # One-record frames with a final codec are compressed in the pool; otherwise the
+        # pool only serialises and frames are formed in order on this thread.
+        codec = None if (self._dict_pending or self.frame_target_bytes) else self._codec
+        self._pending.append(self._pool.submit(_encode, snapshot, codec))
         while len(self._pending) > self._max_pending:
             self._drain_one()
 
@@ -324,22 +421,103 @@ class ShardWriter:
     def _drain_one(self) -> None:
         fut = self._pending.popleft()
         try:
-            raw_bytes, frame, checksum = fut.result()
+            raw, raw_bytes, frame, checksum = fut.result()
+            if frame is not None:
+                self._emit_frame(frame, checksum, [raw_bytes])
+            elif raw is not None:
+                self._accept_raw(raw)
         except BaseException:
             self._state = "failed"
             raise
-        self._append(raw_bytes, frame, checksum)
 
-    def _append(self, raw_bytes: int, frame: bytes, checksum: int) -> None:
-        if self._open is not None and self._open.offsets and self._open.size_with(len(frame)) > self.max_shard_bytes:
+    def _accept_raw(self, raw: bytes) -> None:
+        if self._dict_pending:
+            self._dict_buffer.append(raw)
+            self._dict_buffer_bytes += len(raw)
+            if self._dict_buffer_bytes >= DICT_SAMPLE_BYTES:
+                self._train_dictionary()
+            return
+        if self.frame_target_bytes is None:
+            frame = self._codec.compress(raw)
+            self._emit_frame(frame, digest_int(frame), [len(raw)])
+            return
+        self._group.append(raw)
+        self._group_bytes += len(raw)
+        if self._group_bytes >= self.frame_target_bytes:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        if not self._group:
+            return
+        group, self._group, self._group_bytes = self._group, [], 0
+        frame = self._codec.compress(b"".join(group))
+        self._emit_frame(frame, digest_int(frame), [len(r) for r in group])
+
+    def _train_dictionary(self) -> None:
+        import warnings
+
+        import zstandard
+
+        from .codecs.zstd import ZstdCodec
+
+        samples, self._dict_buffer, self._dict_buffer_bytes = self._dict_buffer, [], 0
+        self._dict_pending = False
+        level = getattr(self._codec, "level", 3)
+        try:
+            trained = zstandard.train_dictionary(self._dict_bytes, samples, level=level, threads=-1)
+            data = trained.as_bytes()
+        except zstandard.ZstdError as exc:
+            warnings.warn(
+                f"dictionary: zstd could not train a dictionary from {len(samples)} records ({exc}); "
+                f"{self.location!r} is written without one",
+                UserWarning,
+                stacklevel=3,
+            )
+        else:
+            digest = digest_int(data)
+            name = f"zstd-dict-{digest:016x}.zdict"
+            if name not in self._storage.list():
+                with self._storage.writer(name) as out:
+                    out.write(data)
+                self._new_files.append(name)
+            ref = {"name": name, "checksum": format_digest(digest), "dict_id": trained.dict_id(), "bytes": len(data)}
+            self._codec = ZstdCodec(level, data, ref)
+        for raw in samples:
+            self._accept_raw(raw)
+
+    def _shard_features(self) -> list[str]:
+        features = []
+        if self.frame_target_bytes is not None:
+            features.append(FEATURE_MULTI_RECORD_FRAMES)
+        if "dict" in self._codec.get_config():
+            features.append(FEATURE_DICTIONARY)
+        return features
+
+    def _emit_frame(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
+        if self._open is not None and self._open.size_with(len(frame), len(raw_lengths)) > self.max_shard_bytes:
             self._close_shard()
         if self._open is None:
-            self._open = _OpenShard(self._storage, shard_name(self._seq), self._records, self._footer_meta)
+            features = self._shard_features()
+            self._features.update(features)
+            footer_meta = {
+                "format": FORMAT_NAME,
+                "format_version": list(version_for(features)),
+                "features": features,
+                "codec": self._codec.get_config(),
+                "checksum": ALGORITHM,
+            }
+            self._open = _OpenShard(
+                self._storage,
+                shard_name(self._seq),
+                self._records,
+                footer_meta,
+                multi=FEATURE_MULTI_RECORD_FRAMES in features,
+            )
             self._seq += 1
-        self._open.add(raw_bytes, frame, checksum)
-        self._records += 1
-        self.records_written += 1
-        self.raw_bytes_written += raw_bytes
+        self._open.add(frame, checksum, raw_lengths)
+        self._records += len(raw_lengths)
+        self.records_written += len(raw_lengths)
+        self.raw_bytes_written += sum(raw_lengths)
         self.stored_bytes_written += len(frame)
 
     def _close_shard(self) -> None:
@@ -361,12 +539,20 @@ class ShardWriter:
         """
         if self._state == "closed":
             return self._info
+        if self._state == "failed":
+            self.abort()  # an earlier write failed: publish nothing, remove what was written
+            raise WriterClosedError(f"writer for {self.location!r} failed earlier; nothing was published")
         self._check_open()
         try:
             while self._pending:
                 self._drain_one()
+            if self._dict_pending:
+                self._train_dictionary()
+            self._flush_group()
             self._close_shard()
-            info = IndexInfo.build(self._codec.get_config(), self._shards, self._metadata, _created_by())
+            info = IndexInfo.build(
+                self._codec.get_config(), self._shards, self._metadata, _created_by(), tuple(self._features)
+            )
             with self._storage.writer(INDEX_NAME) as out:
                 out.write((json.dumps(info.to_json(), indent=1) + "\n").encode())
         except BaseException:
@@ -379,6 +565,10 @@ class ShardWriter:
             for old in self._old.shards:
                 if old.name not in keep:
                     self._storage.remove(old.name)
+            old_dict = self._old.codec.get("dict")
+            new_dict = info.codec.get("dict")
+            if isinstance(old_dict, dict) and (new_dict is None or new_dict.get("name") != old_dict.get("name")):
+                self._storage.remove(check_shard_name(old_dict.get("name"), "old index: codec.dict.name"))
         self._info = StoreInfo.from_index(self.location, info)
         return self._info
 
@@ -391,12 +581,16 @@ class ShardWriter:
             fut.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
+        self._dict_buffer.clear()
+        self._group.clear()
         if self._open is not None:
             self._open.out.abort()
             self._open = None
         for shard in self._shards[self._base_shards :]:
             self._storage.remove(shard.name)
         del self._shards[self._base_shards :]
+        for name in self._new_files:
+            self._storage.remove(name)
         if self._created_dir:
             self._storage.remove_container()
 
@@ -415,6 +609,11 @@ class ShardWriter:
                 self.abort()
             except (OSError, TensorStoreError):
                 pass
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOptionError(f"{name}: expected a positive int, found {value!r}")
 
 
 def _snapshot(sample: Any) -> Any:
@@ -444,7 +643,7 @@ def write_store(samples: Iterable[Any], path: str | os.PathLike[str] | Storage, 
         samples: The samples, in record order.
         path: The store directory.
         **options: Any keyword of :class:`ShardWriter` (codec, level, max_shard_bytes,
-            metadata, mode, num_threads).
+            metadata, mode, num_threads, dictionary, frame_target_bytes).
 
     Returns:
         The published store's summary.

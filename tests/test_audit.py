@@ -15,7 +15,7 @@ from tensorstore_pt.audit import BLOAT_FACTOR, DEFAULT_CANDIDATES, codec_label
 from tensorstore_pt.cli import main
 
 FAST = {"repeats": 1, "min_seconds": 0.0, "sample_records": 8}
-LABELS = ["none", "lz4-0", "zstd-1", "zstd-3", "zstd-9"]
+LABELS = ["none", "lz4-0", "zstd-1", "zstd-3", "zstd-9", "zstd-3+dict", "zstd-3+frames"]
 
 
 def check_breakdown(report: object) -> None:
@@ -158,3 +158,26 @@ def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["audit", str(store), "--plot", str(tmp_path / "x.png"), "--sample", "2"]) == 2
     assert "pip install 'tensorstore_pt[plot]'" in capsys.readouterr().err
+
+
+def test_audit_v11_store(tmp_path: Path) -> None:
+    store = tmp_path / "frames"
+    write_store(samples(12), store, codec="lz4", frame_target_bytes=3000)
+    r = audit_store(store, **FAST)
+    assert r.bytes_by_codec == {"lz4-0+frames": r.stored_bytes}
+    assert all(x.stored_bytes is None for x in r.largest)  # records share frames
+    assert r.breakdown.records == 12 and r.breakdown.by_key == {"x": 12 * 256, "i": 12 * 8}
+    frames = next(p for p in r.projections if p.label == "zstd-3+frames")
+    single = next(p for p in r.projections if p.label == "zstd-3")
+    assert frames.read_bytes_per_record > single.read_bytes_per_record
+    assert frames.codec == {"codec": "zstd", "level": 3, "frame_target_bytes": 65536}
+
+
+def test_candidates_are_checked(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "s", "none")
+    with pytest.raises(InvalidOptionError, match="candidates"):
+        audit_store(store, candidates=({"id": "zstd"},), **FAST)
+    with pytest.raises(InvalidOptionError, match="only zstd takes a dictionary"):
+        audit_store(store, candidates=({"codec": "lz4", "dictionary": 1024},), **FAST)
+    r = audit_store(store, candidates=({"codec": "zstd", "level": 19},), **FAST)
+    assert [p.label for p in r.projections] == ["zstd-19"] and "--level 19" in r.reason

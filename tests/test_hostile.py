@@ -264,7 +264,7 @@ def test_footer_frame_offsets_out_of_range(store: Path) -> None:
 
     rewrite_shard_table(p, lie)
     reseal_index(store)
-    with pytest.raises(ShardFormatError, match="record table is inconsistent"):
+    with pytest.raises(ShardFormatError, match="table is inconsistent"):
         open_store(store)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from _store_tools import (
@@ -22,6 +23,7 @@ from _store_tools import (
     make_store,
     same,
     sample,
+    samples,
     save_index,
     shard_path,
     truncate,
@@ -38,18 +40,49 @@ from tensorstore_pt import (
     open_store,
     recover_store,
     verify_store,
+    write_store,
 )
 from tensorstore_pt.cli import main
 from tensorstore_pt.format import HEADER_BYTES, TRAILER_BYTES, shard_name
 from tensorstore_pt.integrity import PROBLEM_KINDS
 
 N = SHARDS * RECORDS_PER_SHARD
+#: The codecs, plus the format 1.1 options: a zstd dictionary, and multi-record frames.
+VARIANTS = (*CODECS, "zstd-dict", "lz4-frames")
+
+
+def make_variant(path: Path, variant: str) -> Path:
+    if variant in CODECS:
+        return make_store(path, variant)
+    if variant == "zstd-dict":
+        write_store(samples(N), path, codec="zstd", dictionary=1024, max_shard_bytes=2600, metadata={"seed": 7})
+        assert "dict" in open_store(path).index.codec
+    else:  # two records a frame
+        write_store(samples(N), path, codec="lz4", frame_target_bytes=3000, max_shard_bytes=3500, metadata={"seed": 7})
+        assert open_store(path).index.features == ("multi-record-frames",)
+    assert len(open_store(path).index.shards) >= 3
+    return path
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pristine")
-    return {c: make_store(root / c, c) for c in CODECS}
+    return {v: make_variant(root / v, v) for v in VARIANTS}
+
+
+def shard_of(store: Path, i: int) -> int:
+    bounds = open_store(store, verify=False).shard_bounds()
+    return min(int(np.searchsorted(bounds[:, 0], i, side="right")) - 1, len(bounds) - 1)
+
+
+def frame_records(store: Path, seq: int, fi: int) -> set[int]:
+    """Global positions of the records in frame ``fi`` of shard ``seq``."""
+    r = open_store(store, verify=False)
+    footer = r._footer(seq)
+    first = int(r.shard_bounds()[seq, 0])
+    if footer.record_map is None:
+        return {first + fi}
+    return {first + k for k in np.flatnonzero(footer.record_map["frame"] == fi).tolist()}
 
 
 @dataclass
@@ -68,6 +101,7 @@ class Expect:
     kinds: set[str]
     records: set[int] | None = None
     open_error: type[Exception] | None = None
+    whole_store: bool = False  # nothing opens (a shared file, e.g. the dictionary, is damaged)
 
 
 def _frame_of(store: Path, seq: int, k: int) -> tuple[int, int]:
@@ -87,9 +121,10 @@ def d_truncate(fraction: str) -> Callable[[Path], Expect]:
 
 
 def d_flip_frame(store: Path) -> Expect:
-    offset, stored = _frame_of(store, 1, 2)
+    records = frame_records(store, 1, 1)
+    offset, stored = _frame_of(store, 1, 1)
     flip(shard_path(store, 1), offset + stored // 2)
-    return Expect({1}, ChecksumMismatchError, {"record_checksum", "file_checksum"}, records={RECORDS_PER_SHARD + 2})
+    return Expect({1}, ChecksumMismatchError, {"record_checksum", "file_checksum"}, records=records)
 
 
 def d_flip_footer(part: str) -> Callable[[Path], Expect]:
@@ -131,7 +166,7 @@ def d_index_more_records(store: Path) -> Expect:
     obj["shards"][-1]["records"] += 1
     obj["totals"]["records"] += 1
     save_index(store, obj)
-    return Expect({SHARDS - 1}, ShardFormatError, {"record_count"}, open_error=ShardFormatError)
+    return Expect({len(obj["shards"]) - 1}, ShardFormatError, {"record_count"}, open_error=ShardFormatError)
 
 
 def d_index_checksum(store: Path) -> Expect:
@@ -167,6 +202,18 @@ def d_index_not_json(store: Path) -> Expect:
     return Expect(None, IndexFormatError, {"index"}, open_error=IndexFormatError)
 
 
+def d_dict(how: str) -> Callable[[Path], Expect]:
+    def damage(store: Path) -> Expect:
+        (p,) = store.glob("*.zdict")
+        if how == "deleted":
+            p.unlink()
+            return Expect(None, MissingShardError, {"dictionary"}, open_error=MissingShardError, whole_store=True)
+        flip(p, p.stat().st_size // 2)
+        return Expect(None, ChecksumMismatchError, {"dictionary"}, open_error=ChecksumMismatchError, whole_store=True)
+
+    return damage
+
+
 DAMAGES: dict[str, Callable[[Path], Expect]] = {
     "truncate-1-byte": d_truncate("1byte"),
     "truncate-half": d_truncate("half"),
@@ -186,14 +233,22 @@ DAMAGES: dict[str, Callable[[Path], Expect]] = {
     "swap-two-shards": d_swap,
     "index-truncated": d_index_truncated,
     "index-not-json": d_index_not_json,
+    "dictionary-deleted": d_dict("deleted"),
+    "dictionary-flipped": d_dict("flipped"),
 }
+CASES = [
+    pytest.param(v, d, id=f"{v}-{d}")
+    for v in VARIANTS
+    for d in DAMAGES
+    if not d.startswith("dictionary") or v == "zstd-dict"
+]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("damage", list(DAMAGES), ids=list(DAMAGES))
-@pytest.mark.parametrize("codec", CODECS)
-def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, codec: str, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
-    store = copy_store(pristine[codec], tmp_path / "store")
+@pytest.mark.parametrize("variant,damage", CASES)
+def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, variant: str, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store = copy_store(pristine[variant], tmp_path / "store")
+    shard_of_record = [shard_of(pristine[variant], i) for i in range(N + 1)]
     expect = DAMAGES[damage](store)
 
     # verify_store reports it, naming the shard, and tspt verify exits 1.
@@ -211,12 +266,13 @@ def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, codec: st
             assert p.shard in p.message
     if expect.records is not None:
         rec_problems = [p for p in report.problems if p.record is not None]
-        assert {p.record for p in rec_problems} == expect.records
-        assert all(f"record {p.record}" in p.message for p in rec_problems)
+        affected = {i for p in rec_problems for i in (range(*p.records) if p.records else [p.record])}
+        assert affected == expect.records
+        assert all(f"record {p.record}" in p.message or f"records [{p.record}, " in p.message for p in rec_problems)
     capsys.readouterr()
     assert main(["verify", str(store)]) == 1
-    out = capsys.readouterr().out
-    assert "DAMAGED" in out
+    captured = capsys.readouterr()
+    assert "DAMAGED" in captured.err and p.kind in captured.out
     assert main(["verify", "--json", str(store)]) == 1
     assert json.loads(capsys.readouterr().out)["ok"] is False
 
@@ -226,6 +282,10 @@ def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, codec: st
             open_store(store)
         if expect.shards is not None:
             assert any(shard_name(s) in str(info.value) for s in expect.shards)
+    if expect.whole_store:
+        with pytest.raises(expect.open_error):  # type: ignore[arg-type]
+            open_store(store, verify=False)
+        return
     if expect.shards is None:
         # The index itself is damaged: nothing can be read until `tspt recover`, which
         # rebuilds it from the intact shards; then every record reads back.
@@ -238,7 +298,7 @@ def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, codec: st
 
     reader = open_store(store, verify=False)
     for i in range(len(reader)):
-        shard = min(i // RECORDS_PER_SHARD, SHARDS - 1)  # a phantom record belongs to the last shard
+        shard = shard_of_record[i]  # a phantom record (index-claims-more-records) is the last shard's
         failing = shard in expect.shards and expect.error is not None
         if expect.records is not None:
             failing = i in expect.records
@@ -255,12 +315,13 @@ def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, codec: st
             assert same(reader[i], sample(i)), f"record {i} read back wrong after {damage}"
 
 
-@pytest.mark.parametrize("codec", CODECS)
-def test_clean_store_verifies(pristine: dict[str, Path], codec: str, capsys: pytest.CaptureFixture[str]) -> None:
-    report = verify_store(pristine[codec], deep=True)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_clean_store_verifies(pristine: dict[str, Path], variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    report = verify_store(pristine[variant], deep=True)
+    shards = len(open_store(pristine[variant]).index.shards)
     assert report.ok and report.problems == ()
-    assert (report.records, report.shards, report.records_checked, report.shards_checked) == (N, SHARDS, N, SHARDS)
-    assert main(["verify", "--deep", str(pristine[codec])]) == 0
+    assert (report.records, report.shards, report.records_checked, report.shards_checked) == (N, shards, N, shards)
+    assert main(["verify", "--deep", str(pristine[variant])]) == 0
     assert "OK" in capsys.readouterr().out
 
 

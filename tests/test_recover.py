@@ -33,13 +33,21 @@ from tensorstore_pt.storage import LocalStorage
 N = 48
 SHARD_BYTES = 6000  # a few records a shard: many shard boundaries to die at
 CODEC_CYCLE = ("zstd", "lz4", "none")
+#: Writer options cycled over the seeds: each codec, and the format 1.1 options.
+CONFIGS: tuple[dict[str, Any], ...] = (
+    {"codec": "zstd"},
+    {"codec": "lz4"},
+    {"codec": "none"},
+    {"codec": "zstd", "dictionary": 1024},
+    {"codec": "lz4", "frame_target_bytes": 3000},
+)
 
 
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _child(store: Path, data: list[Any], seed: int, mode: str, how: str) -> None:
+def _child(store: Path, data: list[Any], seed: int, mode: str, how: str, config: dict[str, Any]) -> None:
     """Runs in the forked writer: write ``data``; die as ``how`` says."""
     rng = random.Random(seed)
     if how == "at-record":
@@ -72,16 +80,24 @@ def _child(store: Path, data: list[Any], seed: int, mode: str, how: str) -> None
         os.replace = replace  # type: ignore[assignment]
     if how == "in-cleanup":
         os.unlink = lambda *a, **k: _die()  # type: ignore[assignment]  # overwrite's removal of old shards
-    write_store(source, store, codec=CODEC_CYCLE[seed % 3], max_shard_bytes=SHARD_BYTES, mode=mode, metadata={"seed": seed}, num_threads=1)
+    write_store(source, store, max_shard_bytes=SHARD_BYTES, mode=mode, metadata={"seed": seed}, num_threads=1, **config)
 
 
-def run_killed_writer(store: Path, data: list[Any], seed: int, mode: str = "create", how: str = "timer", delay: float = 0.0) -> int:
+def run_killed_writer(
+    store: Path,
+    data: list[Any],
+    seed: int,
+    mode: str = "create",
+    how: str = "timer",
+    delay: float = 0.0,
+    config: dict[str, Any] | None = None,
+) -> int:
     """Fork a writer, let it die (or kill it after ``delay`` s); return its wait status."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            _child(store, data, seed, mode, how)
+            _child(store, data, seed, mode, how, config or {})
             code = 0
         finally:
             os._exit(code)
@@ -147,7 +163,7 @@ def test_kill_and_recover_many_seeds(tmp_path: Path) -> None:
         store = tmp_path / f"s{seed}"
         how = hows[seed % len(hows)]
         delay = random.Random(seed).uniform(0.0, 1.2 * full)
-        run_killed_writer(store, data, seed, how=how, delay=delay)
+        run_killed_writer(store, data, seed, how=how, delay=delay, config=CONFIGS[seed % len(CONFIGS)])
         before = file_digests(store) if store.exists() else {}
         must = complete_shard_ends(store)
         n = check_prefix(store, data, must)
@@ -191,6 +207,20 @@ def test_killed_overwrite_restores_one_whole_store(tmp_path: Path) -> None:
         assert [same(r[i], expect[i]) for i in range(len(r))] == [True] * len(expect), how
         if how == "in-cleanup":
             assert rec.quarantined and all("does not continue" in q.reason for q in rec.quarantined)
+
+
+@pytest.mark.parametrize("config", CONFIGS[3:], ids=["zstd-dict", "lz4-frames"])
+def test_lost_index_of_a_v11_store(tmp_path: Path, config: dict[str, Any]) -> None:
+    store = tmp_path / "s"
+    write_store(samples(N), store, max_shard_bytes=SHARD_BYTES, **config)
+    before = open_store(store).index
+    (store / "index.json").unlink()
+    rec = recover_store(store)
+    after = open_store(store).index
+    assert (after.codec, after.features, after.version, after.shards) == (before.codec, before.features, before.version, before.shards)
+    assert rec.records == N and verify_store(store, deep=True).ok
+    r = open_store(store)
+    assert all(same(r[i], sample(i)) for i in range(N))
 
 
 def test_lost_index_is_rebuilt_but_metadata_is_lost(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

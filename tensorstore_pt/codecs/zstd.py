@@ -31,6 +31,10 @@ class ZstdCodec(Codec):
 
     Args:
         level: Compression level, ``-7 <= level <= 22`` (zstd's default is 3).
+        dictionary: Raw zstd dictionary bytes (as ``zstandard.train_dictionary`` makes them),
+            used for every frame; None for none.
+        dict_ref: The dictionary's reference as stored in the codec config
+            (``{"name", "checksum", "dict_id", "bytes"}``); required with ``dictionary``.
 
     Raises:
         InvalidOptionError: If ``level`` is not an int in range.
@@ -41,31 +45,41 @@ class ZstdCodec(Codec):
 
     codec_id = "zstd"
 
-    def __init__(self, level: int = 3) -> None:
+    def __init__(self, level: int = 3, dictionary: bytes | None = None, dict_ref: dict[str, Any] | None = None) -> None:
         if isinstance(level, bool) or not isinstance(level, int) or not MIN_LEVEL <= level <= MAX_LEVEL:
             raise InvalidOptionError(f"zstd level: expected an int in [{MIN_LEVEL}, {MAX_LEVEL}], found {level!r}")
+        if (dictionary is None) != (dict_ref is None):
+            raise InvalidOptionError("zstd: a dictionary needs its dict_ref and a dict_ref its dictionary")
         self.level = level
+        self.dictionary = dictionary
+        self.dict_ref = dict_ref
+        self._dict = zstandard.ZstdCompressionDict(dictionary) if dictionary is not None else None
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"level": self.level}
+        return {"level": self.level, "dictionary": self.dictionary, "dict_ref": self.dict_ref}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["level"])  # type: ignore[misc]
+        self.__init__(state["level"], state["dictionary"], state["dict_ref"])  # type: ignore[misc]
 
     def get_config(self) -> dict[str, Any]:
-        return {"id": "zstd", "level": self.level}
+        config: dict[str, Any] = {"id": "zstd", "level": self.level}
+        if self.dict_ref is not None:
+            config["dict"] = dict(self.dict_ref)
+        return config
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "c", None)
         if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+            c = self._local.c = zstandard.ZstdCompressor(
+                level=self.level, write_content_size=True, dict_data=self._dict
+            )
         return c
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         d = getattr(self._local, "d", None)
         if d is None:
-            d = self._local.d = zstandard.ZstdDecompressor()
+            d = self._local.d = zstandard.ZstdDecompressor(dict_data=self._dict)
         return d
 
     def compress(self, raw: bytes | memoryview) -> bytes:

@@ -21,6 +21,8 @@ TEMP_MARKER = ".tmp-"
 
 
 class _LocalHandle(ReadHandle):
+    _fd = -1  # so close() and __del__ work even if os.open failed
+
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
