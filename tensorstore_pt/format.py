@@ -147,15 +147,13 @@ def decode_header(data: bytes, where: str) -> tuple[int, int]:
     """
     if len(data) != HEADER_BYTES:
         raise ShardFormatError(f"{where}: expected a {HEADER_BYTES}-byte header, found {len(data)} bytes")
-    magic, major, minor, flags = _HEADER.unpack(data)
+    magic, major, minor, _flags = _HEADER.unpack(data)  # flags: readers MUST ignore them (docs/format.md)
     if magic != SHARD_MAGIC:
         raise ShardFormatError(f"{where}: expected header magic {SHARD_MAGIC!r}, found {magic!r}")
     if major != FORMAT_VERSION[0]:
         raise UnsupportedFormatError(
             f"{where}: shard format version {major}.{minor}; this reader supports major version {FORMAT_VERSION[0]}"
         )
-    if flags != 0:
-        raise ShardFormatError(f"{where}: expected header flags 0 (format {major}.x defines none), found {flags:#010x}")
     return major, minor
 
 

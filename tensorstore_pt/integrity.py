@@ -6,7 +6,7 @@ after a problem so that the report lists all of them:
 1. ``index.json``: size cap, JSON, the v1 schema, safe shard names, and that no shard claims
    more raw bytes than its codec can decode its stored bytes to;
 2. per shard: the file exists; its size equals the index's ``file_bytes``; its whole-file
-   xxh3_64 equals the index's ``checksum``; the header (magic, version, flags); the trailer
+   xxh3_64 equals the index's ``checksum``; the header (magic, version); the trailer
    and footer (bounds, footer checksum, JSON, record table layout); and that the footer
    agrees with the index (record count, first record, codec, stored and raw byte sums);
 3. per record: the raw length is possible for the frame size; the frame's xxh3_64 equals the
@@ -107,7 +107,7 @@ PROBLEM_KINDS: dict[str, str] = {
     "dictionary": "the zstd dictionary file the codec config names is missing or differs (records not decoded)",
     "shard_size": "a shard's size differs from the index's file_bytes",
     "file_checksum": "a shard's whole-file xxh3_64 differs from the index's checksum",
-    "header": "a shard's header has a bad magic, version or flags",
+    "header": "a shard's header has a bad magic or version, or disagrees with its footer's version",
     "footer": "a shard's trailer, record table or footer JSON is damaged",
     "footer_mismatch": "a shard's footer disagrees with the index (first record, codec, features, byte sums)",
     "record_count": "the index and a shard's footer disagree on the number of records",
@@ -613,7 +613,7 @@ def _verify_shard(
         except (ShardFormatError, UnsupportedFormatError) as exc:
             add(
                 "header",
-                "a v1 shard header (magic b'TSPTSHRD', version 1.x, flags 0)",
+                "a v1 shard header (magic b'TSPTSHRD', version 1.x)",
                 f"bytes {header.hex()}" if header else "no header bytes (empty file)",
                 str(exc),
             )

@@ -476,7 +476,7 @@ def read_footer(
         The parsed footer.
 
     Raises:
-        ShardFormatError: Bad magic, flags, trailer or footer, or a footer that disagrees with
+        ShardFormatError: Bad magic, version, trailer or footer, or a footer that disagrees with
             the index (version, record count, first record, codec, stored/raw byte sums).
     """
     try:
