@@ -43,7 +43,9 @@ def plot_audit(report: Any, path: str | os.PathLike[str]) -> None:
             "--plot needs matplotlib, which is not installed: pip install 'tensorstore_pt[plot]'"
         ) from exc
     b = report.breakdown
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, 3, figsize=(16, 4.8), constrained_layout=True, gridspec_kw={"width_ratios": [1, 0.8, 1.6]}
+    )
 
     parts = {f"tensor: {k}": v for k, v in list(b.by_key.items())[:12]}
     rest = sum(list(b.by_key.values())[12:])
@@ -75,7 +77,7 @@ def plot_audit(report: Any, path: str | os.PathLike[str]) -> None:
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",
-            fontsize=8,
+            fontsize=7,
         )
     ax.set_ylabel("MiB on disk")
     ax.set_title("bytes by codec (label: decode MB/s)")

@@ -232,6 +232,8 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         recs = f", {q.records} records" if q.records else ""
         arrow = "would be quarantined" if report.dry_run else f"-> {q.new_name}"
         print(f"  quarantined {q.name} {arrow}{recs}: {q.reason}")
+    if report.index_backup:
+        print(f"  kept a copy of the replaced index.json as {report.index_backup}")
     print(f"metadata: {report.metadata}")
     for note in report.notes:
         print(f"note: {note}")

@@ -262,6 +262,7 @@ class RecoverReport:
             empty metadata).
         index_written: Whether a new ``index.json`` was written (False when the old one was
             already right, or with ``dry_run``).
+        index_backup: Where a copy of a valid index that was replaced was kept, else None.
         dry_run: True if nothing was changed on disk.
         notes: Further facts in plain sentences.
     """
@@ -274,6 +275,7 @@ class RecoverReport:
     metadata: str
     index_written: bool
     dry_run: bool
+    index_backup: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -290,6 +292,7 @@ class RecoverReport:
             "quarantined": [asdict(q) for q in self.quarantined],
             "metadata": self.metadata,
             "index_written": self.index_written,
+            "index_backup": self.index_backup,
             "dry_run": self.dry_run,
             "changed": self.changed,
             "notes": list(self.notes),
@@ -1081,12 +1084,13 @@ def recover_store(
     to_quarantine: list[tuple[str, str, int | None]] = []
     if index_before == "damaged":
         to_quarantine.append((INDEX_NAME, "a damaged index (see the notes)", None))
+    indexed_records = {e.name: e.records for e in old.shards} if old is not None else {}
     for n in shard_names:
         if n in kept_sources:
             continue
         s = scans[n]
         reason = s.reason if not s.ok else "a complete shard that does not continue the kept record sequence"
-        to_quarantine.append((n, reason, s.records))
+        to_quarantine.append((n, reason, s.records if s.records is not None else indexed_records.get(n)))
     for s in temp_scans:
         if s.name not in kept_sources:
             reason = s.reason if not s.ok else "a complete shard that does not continue the kept record sequence"
@@ -1110,6 +1114,7 @@ def recover_store(
             + (" (their verifying records were salvaged into the store)" if salvage_entries or (dry_run and salvaged) else "; they are not in the recovered store")
         )
 
+    index_backup: str | None = None
     if not dry_run:
         for s in chain:
             if s.name != s.final:
@@ -1118,10 +1123,9 @@ def recover_store(
             storage.move(q.name, q.new_name)
         if index_needed and old is not None:
             # The old index is valid but about to be replaced: keep a copy (never delete).
-            copy_name = _quarantine_name(INDEX_NAME, taken)
-            with storage.writer(copy_name) as out:
+            index_backup = _quarantine_name(INDEX_NAME, taken)
+            with storage.writer(index_backup) as out:
                 out.write(raw_index)
-            quarantined += (QuarantinedFile(INDEX_NAME, copy_name, "a copy of the replaced index", None),)
         if index_needed:
             with storage.writer(INDEX_NAME) as out:
                 out.write((json.dumps(new_index.to_json(), indent=1) + "\n").encode())
@@ -1133,6 +1137,7 @@ def recover_store(
         quarantined=quarantined,
         metadata=meta_source,
         index_written=index_needed and not dry_run,
+        index_backup=index_backup,
         dry_run=dry_run,
         notes=tuple(notes),
     )

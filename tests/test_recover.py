@@ -301,7 +301,8 @@ def test_damaged_middle_shard_cut_or_salvaged(tmp_path: Path) -> None:
             assert rec.records == 11 and any("salvage" in n for n in rec.notes)
         else:
             expect = list(range(4))
-            assert rec.records == 4 and {q.name for q in rec.quarantined} == {"index.json", "shard-00001.tspt", "shard-00002.tspt"}
+            assert rec.records == 4 and {q.name for q in rec.quarantined} == {"shard-00001.tspt", "shard-00002.tspt"}
+            assert rec.index_backup == "index.json.quarantined" and (store / "index.json.quarantined").exists()
         assert [same(r[j], sample(i)) for j, i in enumerate(expect)] == [True] * len(expect)
         after = collections.Counter(file_digests(store).values())
         assert before - after == collections.Counter()  # the originals are all still there
