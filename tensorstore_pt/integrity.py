@@ -58,15 +58,15 @@ from .codecs import Codec, get_codec
 from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
     CorruptStoreError,
-    MissingShardError,
-    TensorStoreError,
     DecompressionError,
     IndexFormatError,
     InvalidOptionError,
+    MissingShardError,
     NotAStoreError,
     ShardFormatError,
     StoreBusyError,
     StoreNotFoundError,
+    TensorStoreError,
     UnsafePayloadError,
     UnsupportedFormatError,
 )
@@ -435,7 +435,7 @@ def _load_check(data: bytes, where: str) -> _RecordCheck:
         return _RecordCheck(
             "unsafe_payload", "only weights-only globals (tensors, builtin containers)", str(exc), f"{where}: {exc}"
         )
-    except Exception as exc:  # torch.load raises RuntimeError / UnpicklingError / zip errors
+    except Exception as exc:  # noqa: BLE001 - torch.load raises RuntimeError, UnpicklingError, zip errors...
         return _RecordCheck(
             "record_load",
             "a torch.save buffer",
@@ -1151,7 +1151,12 @@ def _salvage(
     Returns:
         (entries of the new shards, records salvaged, records known lost).
     """
-    from .format import FEATURE_MULTI_RECORD_FRAMES, FORMAT_NAME, shard_name, version_for
+    from .format import (
+        FEATURE_MULTI_RECORD_FRAMES,
+        FORMAT_NAME,
+        shard_name,
+        version_for,
+    )
     from .writer import _OpenShard
 
     codec = get_codec(old.codec, _store_loader(storage))

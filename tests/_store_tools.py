@@ -23,7 +23,6 @@ from tensorstore_pt.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     RECORD_DTYPE,
-    RECORD_ENTRY_BYTES,
     TRAILER_BYTES,
     IndexInfo,
     ShardEntry,
@@ -158,7 +157,7 @@ def rewrite_shard_table(path: Path, edit: Any) -> None:
     data = path.read_bytes()
     table_offset, count, js, _ = decode_trailer(data[-TRAILER_BYTES:], len(data), str(path))
     table = np.frombuffer(data, dtype=RECORD_DTYPE, count=count, offset=table_offset).copy()
-    meta = json.loads(data[table_offset + count * RECORD_ENTRY_BYTES : len(data) - TRAILER_BYTES])
+    meta = json.loads(data[len(data) - TRAILER_BYTES - js : len(data) - TRAILER_BYTES])
     edit(table)
     new = data[:table_offset] + encode_footer(table, meta)
     path.write_bytes(new)

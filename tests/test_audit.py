@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _store_tools import make_store, samples
-from tensorstore_pt import InvalidOptionError, StoreNotFoundError, audit_path, audit_pt, audit_store, write_store
+
+from tensorstore_pt import (
+    InvalidOptionError,
+    StoreNotFoundError,
+    audit_path,
+    audit_pt,
+    audit_store,
+    write_store,
+)
 from tensorstore_pt.audit import BLOAT_FACTOR, DEFAULT_CANDIDATES, codec_label
 from tensorstore_pt.cli import main
 

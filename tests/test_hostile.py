@@ -12,15 +12,15 @@ import json
 import os
 import struct
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lz4.frame
 import pytest
 import torch
 import xxhash
 import zstandard
-
 from _store_tools import (
     build_store,
     copy_store,
@@ -35,6 +35,7 @@ from _store_tools import (
     shard_path,
     torch_save_bytes,
 )
+
 from tensorstore_pt import (
     DecompressionError,
     IndexFormatError,

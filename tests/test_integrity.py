@@ -5,13 +5,12 @@ intact shards still read correctly."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
-
 from _store_tools import (
     CODECS,
     RECORDS_PER_SHARD,
@@ -28,6 +27,7 @@ from _store_tools import (
     shard_path,
     truncate,
 )
+
 from tensorstore_pt import (
     ChecksumMismatchError,
     CorruptStoreError,

@@ -14,8 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _store_tools import (
+    copy_store,
+    file_digests,
+    flip,
+    layout,
+    make_store,
+    same,
+    sample,
+    samples,
+    shard_path,
+)
 
-from _store_tools import copy_store, file_digests, flip, layout, make_store, same, sample, samples, shard_path
 from tensorstore_pt import (
     NotAStoreError,
     StoreBusyError,
