@@ -64,6 +64,7 @@ from .errors import (
     MissingShardError,
     NotAStoreError,
     ShardFormatError,
+    ShardSizeError,
     StoreBusyError,
     StoreNotFoundError,
     TensorStoreError,
@@ -366,7 +367,7 @@ def _store_loader(storage: Storage) -> Any:
         except FileNotFoundError as exc:
             raise MissingShardError(f"store {storage.location!r}: file {name!r} named in the codec config is missing") from exc
         if size > MAX_DICT_BYTES:
-            raise IndexFormatError(f"store {storage.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}")
+            raise ShardSizeError(f"store {storage.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}")
         return storage.read_all(name)
 
     return load

@@ -138,7 +138,7 @@ class StoreReader:
         try:
             size = self._storage.size(name)
             if size > MAX_DICT_BYTES:  # checked before reading: a hostile store cannot make us read gigabytes
-                raise IndexFormatError(
+                raise ShardSizeError(
                     f"store {self.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}"
                 )
             return self._storage.read_all(name)

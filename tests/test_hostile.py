@@ -459,3 +459,20 @@ def test_copy_store_helper_is_independent(store: Path, tmp_path: Path) -> None:
     c = copy_store(store, tmp_path / "c")
     size, _, _, _ = layout(shard_path(c, 0))
     assert size == shard_path(store, 0).stat().st_size
+
+
+def test_oversized_dictionary_file_is_not_read(tmp_path: Path) -> None:
+    from tensorstore_pt import write_store
+
+    from _store_tools import samples
+
+    store = tmp_path / "s"
+    write_store(samples(12), store, dictionary=1024)
+    (zdict,) = store.glob("*.zdict")
+    with open(zdict, "r+b") as f:
+        f.truncate(64 * MiB)  # sparse: cheap to make, expensive to read
+    peak, err = peak_bytes(lambda: open_store(store))
+    assert isinstance(err, ShardSizeError) and "expected at most 16777216" in str(err), err
+    assert peak < 4 * MiB
+    report = verify_store(store)
+    assert [p.kind for p in report.problems] == ["dictionary"]
