@@ -6,11 +6,13 @@ Re-exports only; see the modules for details.
 from ._version import __version__
 from .errors import (
     ChecksumMismatchError,
+    ConcurrentWriteError,
     CorruptStoreError,
     DecompressionError,
     IndexFormatError,
     InvalidOptionError,
     MissingShardError,
+    NotARegularFileError,
     NotAStoreError,
     RecordIndexError,
     RecordLengthError,
@@ -34,11 +36,13 @@ from .writer import ShardWriter, write_store
 __all__ = [
     "AuditReport",
     "ChecksumMismatchError",
+    "ConcurrentWriteError",
     "CorruptStoreError",
     "DecompressionError",
     "IndexFormatError",
     "InvalidOptionError",
     "MissingShardError",
+    "NotARegularFileError",
     "NotAStoreError",
     "RecordIndexError",
     "RecordLengthError",

@@ -45,6 +45,7 @@ from .checksums import digest_int
 from .codecs import Codec
 from .errors import InvalidOptionError, StoreNotFoundError, UnsafePayloadError
 from .format import HEADER_BYTES, INDEX_NAME, RECORD_ENTRY_BYTES, TRAILER_BYTES
+from .sources import load_pt_bytes, pt_files, rows
 
 __all__ = [
     "BLOAT_FACTOR",
@@ -739,49 +740,6 @@ def _allocated(paths: list[Path]) -> int | None:
     return total
 
 
-def _natural_key(name: str) -> list[Any]:
-    import re
-
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-#: A torch.save file is a zip (torch >= 1.6) or a legacy pickle (protocol 2 opener).
-_PT_MAGICS = (b"PK\x03\x04", b"\x80\x02")
-
-
-def _load_pt_bytes(data: bytes, where: str) -> Any:
-    from .serialization import loads
-
-    if not data.startswith(_PT_MAGICS):
-        raise InvalidOptionError(
-            f"{where}: not a readable torch.save file (expected a zip or pickle header, found {data[:8]!r})"
-        )
-    try:
-        return loads(data, "cpu")
-    except UnsafePayloadError as exc:
-        raise UnsafePayloadError(f"{where}: {exc}") from exc
-    except Exception as exc:  # not a torch.save file
-        raise InvalidOptionError(f"{where}: not a readable torch.save file ({type(exc).__name__}: {exc})") from exc
-
-
-def _file_samples(obj: Any, where: str) -> list[Any]:
-    """The samples of one .pt file, read the way ``tspt pack`` reads it."""
-    import torch
-
-    if isinstance(obj, (list, tuple)):
-        return list(obj)
-    if isinstance(obj, dict) and obj:
-        cols = {k: v for k, v in obj.items() if isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() > 0)}
-        lengths = {len(v) for v in cols.values()}
-        if len(cols) == len(obj) and len(lengths) == 1:
-            n = lengths.pop()
-            return [{k: v[i] for k, v in obj.items()} for i in range(n)]
-    raise InvalidOptionError(
-        f"{where}: expected a list/tuple of samples or a dict of equal-length columns (as `tspt pack` reads "
-        f"it), found {type(obj).__name__}"
-    )
-
-
 def audit_pt(
     path: str | os.PathLike[str],
     *,
@@ -831,9 +789,7 @@ def audit_pt(
     load_seconds = 0.0
     notes: list[str] = []
     if src.is_dir():
-        files = sorted((p for p in src.iterdir() if p.suffix == ".pt" and p.is_file()), key=lambda p: _natural_key(p.name))
-        if not files:
-            raise InvalidOptionError(f"audit: expected .pt files in {str(src)!r}, found none")
+        files = pt_files(src)
         kind = "pt_dir"
         sizes = [p.stat().st_size for p in files]
         disk = sum(sizes)
@@ -843,7 +799,7 @@ def audit_pt(
         for i in _evenly(records, max_records):
             raw = files[i].read_bytes()
             t0 = time.perf_counter()
-            obj = _load_pt_bytes(raw, f"{str(files[i])!r}")
+            obj = load_pt_bytes(raw, f"{str(files[i])!r}")
             load_seconds += time.perf_counter() - t0
             packed[i] = len(dumps(obj))
             tensor, element = _analyse(raw, obj, acc)
@@ -855,9 +811,9 @@ def audit_pt(
             RecordSize(files[i].name, sizes[i], None, *(analysed.get(files[i].name, (None, None)))) for i in order
         )
         sample_idx = _evenly(records, sample_records)
-        raws = [dumps(_load_pt_bytes(files[i].read_bytes(), f"{str(files[i])!r}")) for i in sample_idx]
+        raws = [dumps(load_pt_bytes(files[i].read_bytes(), f"{str(files[i])!r}")) for i in sample_idx]
         train = [
-            dumps(_load_pt_bytes(files[i].read_bytes(), f"{str(files[i])!r}"))
+            dumps(load_pt_bytes(files[i].read_bytes(), f"{str(files[i])!r}"))
             for i in _train_positions(records, sample_idx, candidates)
         ]
         # Exact for the analysed files; the others scaled by the median packed/file ratio (a
@@ -876,7 +832,8 @@ def audit_pt(
         disk = len(raw_file)
         allocated = _allocated([src])
         t0 = time.perf_counter()
-        samples = _file_samples(_load_pt_bytes(raw_file, f"{str(src)!r}"), f"audit: {str(src)!r}")
+        _, rows_iter = rows(load_pt_bytes(raw_file, f"{str(src)!r}"), f"audit: {str(src)!r}")
+        samples = list(rows_iter)
         load_seconds = time.perf_counter() - t0
         records = len(samples)
         per_record: dict[int, bytes] = {}
@@ -892,7 +849,7 @@ def audit_pt(
         load_seconds = 0.0  # the file loads as a whole; time per-record loads of the serialized records below
         for raw in list(per_record.values())[:sample_records]:
             t0 = time.perf_counter()
-            _load_pt_bytes(raw, f"{str(src)!r}")
+            load_pt_bytes(raw, f"{str(src)!r}")
             load_seconds += time.perf_counter() - t0
         load_raw = sum(len(r) for r in list(per_record.values())[:sample_records])
         sizes_known = sorted(per_record.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]

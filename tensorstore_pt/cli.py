@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -53,81 +53,6 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _natural_key(name: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-# --------------------------------------------------------------------------- pack sources
-
-
-def _is_column(v: Any) -> bool:
-    import torch
-
-    return isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() > 0)
-
-
-def _load_pt(path: Path) -> Any:
-    """torch.load a user's .pt with weights_only=True, turning refusals into typed errors."""
-    import pickle
-
-    import torch
-
-    from .errors import UnsupportedSampleError
-
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UnsupportedSampleError(
-            f"{str(path)!r}: torch.load(weights_only=True) refuses this file ({first}); re-save it with only "
-            "tensors and builtin containers (e.g. torch.from_numpy for numpy arrays)"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        from .errors import InvalidOptionError
-
-        raise InvalidOptionError(f"{str(path)!r}: not a readable torch.save file ({exc})") from exc
-
-
-def iter_source(src: Path) -> tuple[int, Iterator[Any]]:
-    """Open a pack source; return (number of samples, iterator of samples).
-
-    A source is a ``.pt`` file holding a list/tuple of samples, a ``.pt`` file holding a dict
-    of equal-length tensors or lists (one sample per row), or a directory of ``.pt`` files,
-    one sample each, in natural sort order. Files are loaded with ``weights_only=True``.
-
-    Raises:
-        InvalidOptionError: The source has another shape.
-        StoreNotFoundError: The path does not exist.
-    """
-    import torch
-
-    from .errors import InvalidOptionError, StoreNotFoundError
-
-    if not src.exists():
-        raise StoreNotFoundError(f"pack source {str(src)!r} does not exist")
-    if src.is_dir():
-        files = sorted((p for p in src.iterdir() if p.suffix == ".pt" and p.is_file()), key=lambda p: _natural_key(p.name))
-        if not files:
-            raise InvalidOptionError(f"pack source {str(src)!r}: expected .pt files in the directory, found none")
-        return len(files), (_load_pt(f) for f in files)
-    obj = _load_pt(src)
-    if isinstance(obj, (list, tuple)):
-        return len(obj), iter(obj)
-    if isinstance(obj, dict) and obj:
-        lengths = {k: len(v) for k, v in obj.items() if _is_column(v)}
-        if len(lengths) != len(obj) or len(set(lengths.values())) != 1:
-            raise InvalidOptionError(
-                f"pack source {str(src)!r}: a dict must map every key to a tensor or list of one common "
-                f"length (one sample per row), found lengths {lengths} for keys {list(obj)}"
-            )
-        n = next(iter(lengths.values()))
-        return n, ({k: v[i] for k, v in obj.items()} for i in range(n))
-    raise InvalidOptionError(
-        f"pack source {str(src)!r}: expected a list/tuple of samples or a dict of equal-length columns, "
-        f"found {type(obj).__name__}"
-    )
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -136,6 +61,11 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
     from .writer import ShardWriter
 
+    from .errors import InvalidOptionError
+    from .sources import iter_source
+
+    if args.dict_size is not None and not args.dict:
+        raise InvalidOptionError("--dict-size needs --dict")
     total, samples = iter_source(Path(args.src))
     with ShardWriter(
         args.dest,
@@ -143,7 +73,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         level=args.level,
         max_shard_bytes=args.max_shard_size,
         mode=args.mode,
-        dictionary=args.dict if args.dict is not None else False,
+        dictionary=(args.dict_size or True) if args.dict else False,
         frame_target_bytes=args.frame_size,
     ) as writer:
         with tqdm(total=total, unit="rec", disable=args.quiet, dynamic_ncols=True, file=sys.stderr) as bar:
@@ -332,12 +262,19 @@ def format_audit(report: Any) -> str:
 def _cmd_get(args: argparse.Namespace) -> int:
     from .reader import open_store
 
+    from .errors import InvalidOptionError
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise InvalidOptionError(f"-o {str(out)!r} is a directory; expected a file path such as record.pt")
     reader = open_store(args.store)
     data = reader.read_bytes(args.index)
-    out = Path(args.output)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote record {args.index} ({len(data):,} bytes, a torch.save file) to {out}")
     return EXIT_OK
 
@@ -385,9 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard size cap, e.g. 64MiB (IEC), 100MB (SI) or bytes (default: 64MiB)",
     )  # fmt: skip
     p.add_argument(
-        "--dict", nargs="?", const=True, default=None, type=parse_size, metavar="SIZE",
-        help="zstd only: train a zstd dictionary on the first records and use it for every frame "
-        "(optional SIZE, default 16KiB); best for many small records",
+        "--dict", action="store_true",
+        help="zstd only: train a zstd dictionary on the first records and use it for every frame; "
+        "best for many small records",
+    )  # fmt: skip
+    p.add_argument(
+        "--dict-size", type=parse_size, default=None, metavar="SIZE",
+        help="dictionary size with --dict (default: 16KiB)",
     )  # fmt: skip
     p.add_argument(
         "--frame-size", type=parse_size, default=None, metavar="SIZE",

@@ -15,10 +15,12 @@ working for callers who do not know this package::
     ├── UnsupportedSampleError (TypeError)         a sample torch.load(weights_only) would refuse
     ├── RecordIndexError (IndexError)              record position out of range
     ├── WriterClosedError (RuntimeError)           write() after close() or after a failure
+    ├── ConcurrentWriteError (RuntimeError)        another writer changed the store meanwhile
     ├── UnsafePayloadError (ValueError)            a record's pickle asks for forbidden globals
     ├── StoreBusyError (RuntimeError)              a live writer still owns files in the store
     └── CorruptStoreError (ValueError)             stored bytes disagree with what was written
         ├── MissingShardError (FileNotFoundError)  a shard named in the index is absent
+        ├── NotARegularFileError (OSError)         a store file is a directory, FIFO, device...
         ├── ShardFormatError                       bad magic, header, footer or trailer
         ├── ShardSizeError                         shard file size differs from the index
         ├── ChecksumMismatchError                  xxh3_64 digest differs
@@ -33,11 +35,13 @@ from __future__ import annotations
 
 __all__ = [
     "ChecksumMismatchError",
+    "ConcurrentWriteError",
     "CorruptStoreError",
     "DecompressionError",
     "IndexFormatError",
     "InvalidOptionError",
     "MissingShardError",
+    "NotARegularFileError",
     "NotAStoreError",
     "RecordIndexError",
     "RecordLengthError",
@@ -94,6 +98,15 @@ class WriterClosedError(TensorStoreError, RuntimeError):
     """A writer was used after it was closed, aborted, or failed."""
 
 
+class ConcurrentWriteError(TensorStoreError, RuntimeError):
+    """Another writer published to the same store while this writer was open.
+
+    One writer at a time per store is supported; a second one is detected (its shard names
+    are published without overwriting, and the index is compared before the commit) and
+    refused, publishing nothing.
+    """
+
+
 class UnsafePayloadError(TensorStoreError, ValueError):
     """A record's pickle references globals outside the weights-only allow-list."""
 
@@ -108,6 +121,10 @@ class CorruptStoreError(TensorStoreError, ValueError):
 
 class MissingShardError(CorruptStoreError, FileNotFoundError):
     """A shard file named in the index does not exist."""
+
+
+class NotARegularFileError(CorruptStoreError, OSError):
+    """A file the store needs is a directory, FIFO, device or another non-regular file."""
 
 
 class ShardFormatError(CorruptStoreError):

@@ -108,6 +108,21 @@ MAX_INDEX_BYTES = 256 * 2**20
 _SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def strict_json_loads(data: bytes) -> Any:
+    """Parse UTF-8 JSON strictly: no NaN/Infinity; ints above 4300 digits raise ValueError.
+
+    Raises:
+        ValueError: Not UTF-8, not JSON (json.JSONDecodeError), a NaN/Infinity constant, or an
+            int too long to convert.
+        RecursionError: Nesting too deep for the parser.
+    """
+    return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+
+
 def shard_name(seq: int) -> str:
     """The file name of shard number ``seq`` (``shard-00003.tspt``)."""
     return f"shard-{seq:05d}{SHARD_SUFFIX}"
@@ -123,7 +138,7 @@ def check_shard_name(name: object, where: str) -> str:
     Raises:
         IndexFormatError: If the name is unsafe or not a string.
     """
-    if not isinstance(name, str) or not _SHARD_NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _SHARD_NAME_RE.fullmatch(name) or ".." in name:
         raise IndexFormatError(
             f"{where}: expected a plain shard file name (letters, digits, '.', '_', '-', no path "
             f"separators or '..'), found {name!r}"
@@ -275,8 +290,8 @@ def parse_footer(
     if not 0 <= js_bytes <= len(body):
         raise ShardFormatError(f"{where}: footer JSON of {js_bytes} bytes does not fit in a {len(body)}-byte footer")
     try:
-        meta = json.loads(body[len(body) - js_bytes :].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        meta = strict_json_loads(body[len(body) - js_bytes :])
+    except (ValueError, RecursionError) as exc:
         raise ShardFormatError(f"{where}: footer JSON does not parse ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict):
         raise ShardFormatError(f"{where}: footer JSON must be an object, found {type(meta).__name__}")
@@ -529,8 +544,8 @@ def parse_index(raw: bytes, where: str) -> IndexInfo:
     if len(raw) > MAX_INDEX_BYTES:
         raise IndexFormatError(f"{where}: expected at most {MAX_INDEX_BYTES} bytes of index, found {len(raw)}")
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = strict_json_loads(raw)
+    except ValueError as exc:
         raise IndexFormatError(f"{where}: index is not valid UTF-8 JSON ({exc})") from exc
     except RecursionError as exc:
         raise IndexFormatError(f"{where}: index JSON is nested too deeply to parse") from exc

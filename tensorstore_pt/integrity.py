@@ -72,6 +72,7 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .format import (
+    strict_json_loads,
     HEADER_BYTES,
     INDEX_NAME,
     MAX_INDEX_BYTES,
@@ -1224,8 +1225,8 @@ def _salvage(
 def _loose_metadata(raw: bytes) -> dict[str, Any] | None:
     """The ``metadata`` object of a damaged index, if its JSON still parses."""
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        obj = strict_json_loads(raw)
+    except (ValueError, RecursionError):
         return None
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     return dict(meta) if isinstance(meta, dict) else None

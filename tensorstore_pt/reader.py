@@ -38,7 +38,6 @@ from .format import (
     HEADER_BYTES,
     INDEX_NAME,
     MAX_INDEX_BYTES,
-    RECORD_ENTRY_BYTES,
     SHARD_SUFFIX,
     TRAILER_BYTES,
     IndexInfo,
@@ -54,6 +53,21 @@ from .serialization import loads
 from .storage import ReadHandle, Storage, storage_for
 
 __all__ = ["StoreReader", "check_index_sizes", "open_store", "read_footer"]
+
+
+def _check_map_location(map_location: Any) -> Any:
+    """Refuse a device string torch cannot map to here (so it is not mistaken for damage later)."""
+    import torch
+
+    if map_location is None or callable(map_location) or isinstance(map_location, dict):
+        return map_location
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidOptionError(f"map_location: expected a device like 'cpu' or 'cuda:0', found {map_location!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError(f"map_location: {map_location!r} needs CUDA, which is not available in this process")
+    return map_location
 
 
 def _read_index(storage: Storage) -> tuple[IndexInfo, int]:
@@ -108,7 +122,7 @@ class StoreReader:
         self._storage = storage_for(path)
         self.location = self._storage.location
         self._verify = bool(verify)
-        self.map_location = map_location
+        self.map_location = _check_map_location(map_location)
         index, digest = _read_index(self._storage)
         if _expect_index_digest is not None and digest != _expect_index_digest:
             raise CorruptStoreError(
@@ -273,7 +287,7 @@ class StoreReader:
         try:
             size = self._storage.size(entry.name)
         except FileNotFoundError as exc:
-            raise MissingShardError(f"{where}: the shard file is missing ({entry.records} records lost)") from exc
+            raise MissingShardError(f"{where}: the shard file is missing (its {entry.records} records cannot be read)") from exc
         if size != entry.file_bytes:
             raise ShardSizeError(f"{where}: expected {entry.file_bytes} bytes (index), found {size} bytes on disk")
         header = self._read_exact(si, 0, HEADER_BYTES, "the header")
@@ -392,16 +406,29 @@ class StoreReader:
             ) from exc
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> Any:
-        """``store[i]`` reads one record; a slice or a sequence of ints reads a list of them."""
+        """``store[i]`` reads one record; a slice or a sequence of ints reads a list of them.
+
+        ``i`` may be a Python or numpy int or a 0-dim integer tensor/array; sequences may be
+        lists, tuples, 1-D integer arrays or tensors.
+
+        Raises:
+            RecordIndexError: An index is out of range.
+            InvalidOptionError: A key of another type, or a slice step of 0.
+        """
         if isinstance(key, slice):
+            if key.step == 0:
+                raise InvalidOptionError("store slice: expected a non-zero step, found 0")
             return [self.read(i) for i in range(*key.indices(len(self)))]
         if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             return self.read(int(key))
+        kind = type(key).__name__
         if hasattr(key, "tolist") and not isinstance(key, (str, bytes)):
-            key = key.tolist()
+            key = key.tolist()  # 0-dim arrays/tensors become a scalar, others a list
+            if isinstance(key, int) and not isinstance(key, bool):
+                return self.read(key)
         if isinstance(key, (list, tuple)):
             return [self.read(i) for i in key]
-        raise InvalidOptionError(f"store index: expected an int, slice or sequence of ints, found {type(key).__name__}")
+        raise InvalidOptionError(f"store index: expected an int, slice or sequence of ints, found {kind}")
 
     def __iter__(self) -> Iterator[Any]:
         """Yield every record in order (shard by shard, sequential reads)."""

@@ -108,6 +108,19 @@ def check_sample(sample: Any, where: str = "sample") -> None:
         )
 
 
+def clone_exact(t: torch.Tensor, *, contiguous: bool = False) -> torch.Tensor:
+    """Copy a strided tensor's bytes exactly (``clone`` normalises bool bytes other than 0/1).
+
+    Dense non-overlapping strides are kept unless ``contiguous``; other views become
+    contiguous. The result shares no storage with ``t``.
+    """
+    src = t.view(torch.uint8) if t.dtype == torch.bool else t
+    out = src.contiguous() if contiguous and not src.is_contiguous() else src.clone(memory_format=torch.preserve_format)
+    if contiguous and out.data_ptr() == src.data_ptr():
+        out = out.clone()
+    return out.view(torch.bool) if t.dtype == torch.bool else out
+
+
 def _compact_tensor(t: torch.Tensor) -> torch.Tensor:
     out = t.detach()
     changed = False
@@ -119,9 +132,9 @@ def _compact_tensor(t: torch.Tensor) -> torch.Tensor:
         if out.storage_offset() != 0 or out.untyped_storage().nbytes() != needed:
             # clone() keeps dense non-overlapping strides (a transpose stays a transpose) and
             # makes anything else contiguous; either way the new storage holds just the data.
-            out = out.clone(memory_format=torch.preserve_format)
+            out = clone_exact(out)
             if out.untyped_storage().nbytes() != needed:
-                out = out.contiguous()
+                out = clone_exact(out, contiguous=True)
             changed = True
     if not changed:
         return t
@@ -146,7 +159,7 @@ def compact(sample: Any) -> Any:
     if t is tuple:
         return tuple(compact(v) for v in sample)
     if t in (dict, collections.OrderedDict, collections.Counter):
-        return t((k, compact(v)) for k, v in sample.items())
+        return t({k: compact(v) for k, v in sample.items()})  # a mapping: Counter copies counts
     return sample
 
 
@@ -158,13 +171,17 @@ def dumps(sample: Any) -> bytes:
         ``.pt`` that plain ``torch.load`` opens.
 
     Raises:
-        UnsupportedSampleError: See :func:`check_sample`.
+        UnsupportedSampleError: See :func:`check_sample`; also when ``torch.save`` itself
+            refuses the sample (e.g. ``torch.uint1`` tensors).
 
     Thread safety: safe; it touches no shared state.
     """
     check_sample(sample)
     buf = io.BytesIO()
-    torch.save(compact(sample), buf)
+    try:
+        torch.save(compact(sample), buf)
+    except (NotImplementedError, RuntimeError, TypeError, pickle.PicklingError) as exc:
+        raise UnsupportedSampleError(f"sample: torch.save cannot save it ({type(exc).__name__}: {exc})") from exc
     return buf.getvalue()
 
 

@@ -31,6 +31,7 @@ from .checksums import ALGORITHM, FileHasher, digest_int, format_digest
 from .codecs import Codec, get_codec, make_codec
 from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
+    ConcurrentWriteError,
     IndexFormatError,
     InvalidOptionError,
     MissingShardError,
@@ -39,6 +40,7 @@ from .errors import (
     StoreNotFoundError,
     TensorStoreError,
     UnsupportedFormatError,
+    UnsupportedSampleError,
     WriterClosedError,
 )
 from .format import (
@@ -62,7 +64,7 @@ from .format import (
     shard_name,
     version_for,
 )
-from .serialization import check_sample, dumps
+from .serialization import check_sample, clone_exact, dumps
 from .storage import AtomicWriter, Storage, storage_for
 
 __all__ = ["DEFAULT_DICT_BYTES", "DEFAULT_MAX_SHARD_BYTES", "DICT_SAMPLE_BYTES", "ShardWriter", "write_store"]
@@ -112,7 +114,7 @@ class _OpenShard:
         self.first_record = first_record
         self.footer_meta = footer_meta
         self.multi = multi
-        self.out: AtomicWriter = storage.writer(name)
+        self.out: AtomicWriter = storage.writer(name, exclusive=True)
         self.hasher = FileHasher()
         self.offsets: list[int] = []
         self.stored: list[int] = []
@@ -174,7 +176,13 @@ class _OpenShard:
             record_map["raw_offset"] = self.rec_offset
             record_map["raw"] = self.rec_raw
         self._write(encode_footer(table, self.meta(self.records, len(self.offsets)), record_map))
-        self.out.commit()
+        try:
+            self.out.commit()
+        except FileExistsError as exc:
+            raise ConcurrentWriteError(
+                f"shard {self.name!r} was published by another writer while this one was writing; "
+                "one writer at a time per store"
+            ) from exc
         return ShardEntry(
             name=self.name,
             records=self.records,
@@ -221,6 +229,8 @@ class ShardWriter:
             frame_target_bytes.
         StoreExistsError: ``create`` on a path that holds a store or other files.
         StoreNotFoundError / NotAStoreError: ``append`` to a path without a store.
+        ConcurrentWriteError: From ``write``/``close``: another writer published to the same
+            store meanwhile; this writer publishes nothing and removes its own files.
 
     Use as a context manager; the store is published when the ``with`` block exits without
     an exception, and nothing is published if it raises::
@@ -233,7 +243,8 @@ class ShardWriter:
     group (about ``frame_target_bytes``), plus, while a dictionary is being trained, the raw
     bytes of the training records (at most ``DICT_SAMPLE_BYTES`` plus one record), plus one
     shard's tables (32 bytes a frame, 24 a record). Thread safety: one writer must be used
-    from one thread. Fork safety: do not fork while a writer is open (its thread pool does
+    from one thread, and one writer at a time may write a store (a second one is detected and
+    refused, never silently merged). Fork safety: do not fork while a writer is open (its thread pool does
     not survive fork).
     """
 
@@ -288,6 +299,7 @@ class ShardWriter:
         if dict_bytes and new_codec is not None and new_codec.codec_id != "zstd":
             raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
         old_index = self._inspect_target()
+        self._index_digest = self._current_index_digest()
 
         self._features: set[str] = set()
         if mode == "append" and old_index is not None:  # _inspect_target raised if there is none
@@ -380,6 +392,12 @@ class ShardWriter:
                 return None  # replaced wholesale; its shards are left in place, never guessed at
         return None
 
+    def _current_index_digest(self) -> int | None:
+        try:
+            return digest_int(self._storage.read_all(INDEX_NAME))
+        except FileNotFoundError:
+            return None
+
     def _next_seq(self) -> int:
         seqs = [int(m.group(1)) for n in self._storage.list() if (m := _SEQ_RE.match(n))]
         return max(seqs, default=-1) + 1
@@ -402,7 +420,10 @@ class ShardWriter:
         """
         self._check_open()
         check_sample(sample)
-        snapshot = _snapshot(sample)
+        try:
+            snapshot = _snapshot(sample)
+        except (NotImplementedError, RuntimeError) as exc:  # e.g. torch.uint1 has no copy kernel
+            raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
         # One-record frames with a final codec are compressed in the pool; otherwise the
         # pool only serialises and frames are formed in order on this thread.
         codec = None if (self._dict_pending or self.frame_target_bytes) else self._codec
@@ -553,6 +574,11 @@ class ShardWriter:
             info = IndexInfo.build(
                 self._codec.get_config(), self._shards, self._metadata, _created_by(), tuple(self._features)
             )
+            if self._current_index_digest() != self._index_digest:
+                raise ConcurrentWriteError(
+                    f"{INDEX_NAME} of {self.location!r} was changed by another writer while this one was "
+                    "writing; nothing was published (one writer at a time per store)"
+                )
             with self._storage.writer(INDEX_NAME) as out:
                 out.write((json.dumps(info.to_json(), indent=1) + "\n").encode())
         except BaseException:
@@ -622,7 +648,7 @@ def _snapshot(sample: Any) -> Any:
 
     if isinstance(sample, torch.Tensor):
         src = sample.detach()
-        copy = src.clone(memory_format=torch.preserve_format) if src.layout == torch.strided else src.clone()
+        copy = clone_exact(src) if src.layout == torch.strided else src.clone()
         if isinstance(sample, torch.nn.Parameter):
             return torch.nn.Parameter(copy, requires_grad=sample.requires_grad)
         return copy.requires_grad_(True) if sample.requires_grad else copy
@@ -632,7 +658,7 @@ def _snapshot(sample: Any) -> Any:
     if t is tuple:
         return tuple(_snapshot(v) for v in sample)
     if isinstance(sample, dict):
-        return t((k, _snapshot(v)) for k, v in sample.items())
+        return t({k: _snapshot(v) for k, v in sample.items()})  # a mapping: Counter copies counts
     return sample
 
 

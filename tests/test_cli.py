@@ -39,6 +39,9 @@ def test_pack_list_file_then_info_verify_get(tmp_path, capsys):
     code, out, _ = _run(capsys, "verify", tmp_path / "s")
     assert code == 0 and "50 records" in out
 
+    code, _, err = _run(capsys, "get", tmp_path / "s", "0", "-o", tmp_path)
+    assert code == 2 and "is a directory; expected a file path" in err
+    assert not list(tmp_path.glob(".*tmp-*"))
     code, out, _ = _run(capsys, "get", tmp_path / "s", "-1", "-o", tmp_path / "last.pt")
     assert code == 0
     got = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -93,7 +96,11 @@ def test_pack_refuses_unsafe_pt_files(tmp_path, capsys):
 
     torch.save([np.zeros(3)], tmp_path / "np.pt")
     code, _, err = _run(capsys, "pack", tmp_path / "np.pt", tmp_path / "s")
-    assert code == 2 and "weights_only=True" in err
+    assert code == 1 and "REFUSED" in err and "torch.from_numpy" in err
+    (tmp_path / "junk.pt").write_bytes(b"hello, not a tensor")
+    code, _, err = _run(capsys, "pack", tmp_path / "junk.pt", tmp_path / "s")
+    assert code == 2 and "not a torch.save file (expected a zip or pickle header, found b'hello, n')" in err
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize(
@@ -113,11 +120,11 @@ def test_parse_size_rejects(text):
 def test_pack_with_dictionary_and_frames(tmp_path, capsys):
     samples = [(torch.full((8, 8), i % 17, dtype=torch.uint8), torch.tensor(i)) for i in range(300)]
     torch.save(samples, tmp_path / "all.pt")
-    code, out, err = _run(capsys, "pack", tmp_path / "all.pt", tmp_path / "s", "--dict", "--frame-size", "8KiB", "-q")
+    code, out, err = _run(capsys, "pack", "--dict", tmp_path / "all.pt", tmp_path / "s", "--frame-size", "8KiB", "-q")
     assert code == 0, err
     reader = ts.open_store(tmp_path / "s")
     assert reader.index.features == ("multi-record-frames", "zstd-dictionary")
     assert reader.index.codec["dict"]["bytes"] <= 16 * 1024
     assert _ids(tmp_path / "s") == list(range(300))
-    code, _, err = _run(capsys, "pack", tmp_path / "all.pt", tmp_path / "s2", "--dict", "2KiB", "--codec", "lz4")
+    code, _, err = _run(capsys, "pack", tmp_path / "all.pt", tmp_path / "s2", "--dict", "--dict-size", "2KiB", "--codec", "lz4")
     assert code == 2 and "only codec 'zstd' takes a dictionary" in err

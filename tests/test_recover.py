@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tensorstore_pt.storage import TEMP_MARKER
 from _store_tools import (
     copy_store,
     file_digests,
@@ -79,17 +81,32 @@ def _child(store: Path, data: list[Any], seed: int, mode: str, how: str, config:
         real_replace = os.replace
         m = rng.randrange(1, len(data) // 2)
 
-        def replace(src: Any, dst: Any) -> None:
-            calls["n"] += 1
-            if calls["n"] == m and how == "in-commit":
-                _die()
-            real_replace(src, dst)
-            if calls["n"] == m:
-                _die()
+        real_link = os.link
 
-        os.replace = replace  # type: ignore[assignment]
+        def publish(real: Any) -> Any:
+            # Shards are published with link(2) (never clobbering), the index with rename(2).
+            def wrapper(src: Any, dst: Any) -> None:
+                calls["n"] += 1
+                if calls["n"] == m and how == "in-commit":
+                    _die()
+                real(src, dst)
+                if calls["n"] == m:
+                    _die()
+
+            return wrapper
+
+        os.replace = publish(real_replace)  # type: ignore[assignment]
+        os.link = publish(real_link)  # type: ignore[assignment]
     if how == "in-cleanup":
-        os.unlink = lambda *a, **k: _die()  # type: ignore[assignment]  # overwrite's removal of old shards
+        real_unlink = os.unlink
+
+        def unlink(path: Any, *a: Any, **k: Any) -> None:
+            if TEMP_MARKER in os.fspath(path):
+                real_unlink(path, *a, **k)  # a published shard's temporary name
+            else:
+                _die()  # overwrite's removal of the old shards
+
+        os.unlink = unlink  # type: ignore[assignment]
     write_store(source, store, max_shard_bytes=SHARD_BYTES, mode=mode, metadata={"seed": seed}, num_threads=1, **config)
 
 

@@ -25,14 +25,17 @@ class _Handle(ReadHandle):
 
 
 class _Writer(AtomicWriter):
-    def __init__(self, bucket: dict[str, bytes], name: str) -> None:
-        self.bucket, self.name, self.parts, self.done = bucket, name, [], False
+    def __init__(self, bucket: dict[str, bytes], name: str, exclusive: bool) -> None:
+        self.bucket, self.name, self.parts, self.done, self.exclusive = bucket, name, [], False, exclusive
 
     def write(self, data) -> None:
         self.parts.append(bytes(data))
 
     def commit(self) -> None:
         if not self.done:
+            if self.exclusive and self.name in self.bucket:  # a conditional PUT (If-None-Match: *)
+                self.done = True
+                raise FileExistsError(self.name)
             self.bucket[self.name] = b"".join(self.parts)  # one atomic "PUT"
             self.done = True
 
@@ -75,8 +78,8 @@ class MemoryStorage(Storage):
             raise FileNotFoundError(name)
         return _Handle(self.bucket[name])
 
-    def writer(self, name: str) -> AtomicWriter:
-        return _Writer(self.bucket, name)
+    def writer(self, name: str, *, exclusive: bool = False) -> AtomicWriter:
+        return _Writer(self.bucket, name, exclusive)
 
     def remove(self, name: str) -> None:
         self.bucket.pop(name, None)

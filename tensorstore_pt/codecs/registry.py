@@ -76,8 +76,8 @@ def get_codec(config: Any, load: Callable[[str], bytes] | None = None) -> Codec:
     Raises:
         UnsupportedFormatError: Unknown ``id`` or an unknown config key (a newer writer's
             option this reader cannot honour).
-        InvalidOptionError: A known key with a bad value.
-        IndexFormatError / ChecksumMismatchError: A bad dictionary reference or file.
+        IndexFormatError: A known key with a bad value, or a bad dictionary reference.
+        ChecksumMismatchError: The dictionary file differs from its reference.
     """
     if not isinstance(config, dict) or not isinstance(config.get("id"), str):
         raise UnsupportedFormatError(f"codec config: expected an object with a string 'id', found {config!r}")
@@ -97,7 +97,10 @@ def get_codec(config: Any, load: Callable[[str], bytes] | None = None) -> Codec:
             raise UnsupportedFormatError("codec config references a zstd dictionary but no store to load it from")
         kwargs["dictionary"] = load_dictionary(config["dict"], load, "codec config: dict")
         kwargs["dict_ref"] = dict(config["dict"])
-    return factory(**kwargs)
+    try:
+        return factory(**kwargs)
+    except InvalidOptionError as exc:
+        raise IndexFormatError(f"codec config {config}: {exc}") from exc
 
 
 def make_codec(codec: str, level: int | None = None) -> Codec:

@@ -73,15 +73,26 @@ class Storage(ABC):
 
     @abstractmethod
     def list(self) -> list[str]:
-        """Names of the plain files at the location, sorted."""
+        """Names of the entries at the location, sorted (a non-regular entry is listed too;
+        :meth:`size` and :meth:`open` refuse it)."""
 
     @abstractmethod
     def size(self, name: str) -> int:
-        """Size of a file in bytes. Raises FileNotFoundError if absent."""
+        """Size of a file in bytes.
+
+        Raises:
+            FileNotFoundError: The file is absent.
+            NotARegularFileError: It is a directory, FIFO, device or socket.
+        """
 
     @abstractmethod
     def open(self, name: str) -> ReadHandle:
-        """Open a file for positional reads. Raises FileNotFoundError if absent."""
+        """Open a file for positional reads (never blocks on a FIFO).
+
+        Raises:
+            FileNotFoundError: The file is absent.
+            NotARegularFileError: It is a directory, FIFO, device or socket.
+        """
 
     def read_all(self, name: str) -> bytes:
         """Read a whole file."""
@@ -92,8 +103,13 @@ class Storage(ABC):
             handle.close()
 
     @abstractmethod
-    def writer(self, name: str) -> AtomicWriter:
-        """Start writing ``name`` atomically."""
+    def writer(self, name: str, *, exclusive: bool = False) -> AtomicWriter:
+        """Start writing ``name`` atomically.
+
+        With ``exclusive=True`` the commit fails with ``FileExistsError`` (and publishes
+        nothing) if ``name`` already exists, so two writers never clobber each other's files;
+        otherwise the commit replaces any existing file.
+        """
 
     @abstractmethod
     def remove(self, name: str) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from pathlib import Path
 
+from ..errors import InvalidOptionError, NotARegularFileError
 from .abc import AtomicWriter, ReadHandle, Storage
 
 __all__ = ["LocalStorage", "TEMP_MARKER"]
@@ -24,7 +26,12 @@ class _LocalHandle(ReadHandle):
     _fd = -1  # so close() and __del__ work even if os.open failed
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: opening a FIFO must not block; it is refused just below.
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        mode = os.fstat(self._fd).st_mode
+        if not stat.S_ISREG(mode):
+            self.close()
+            raise NotARegularFileError(f"{str(path)!r} is {_kind(mode)}; expected a regular file")
 
     def read_range(self, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -53,6 +60,19 @@ class _LocalHandle(ReadHandle):
             pass
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -67,8 +87,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _LocalWriter(AtomicWriter):
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, exclusive: bool) -> None:
         self._final = root / name
+        self._exclusive = exclusive
         self._tmp = root / f".{name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
         self._root = root
         self._f = open(self._tmp, "xb")
@@ -83,7 +104,16 @@ class _LocalWriter(AtomicWriter):
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self._tmp, self._final)
+        if self._exclusive:
+            # link(2) fails if the name exists: never clobbers another writer's file.
+            try:
+                os.link(self._tmp, self._final)
+            except FileExistsError:
+                self.abort()
+                raise
+            os.unlink(self._tmp)
+        else:
+            os.replace(self._tmp, self._final)
         _fsync_dir(self._root)
         self._done = True
 
@@ -120,20 +150,30 @@ class LocalStorage(Storage):
     def ensure(self) -> bool:
         if self.root.is_dir():
             return False
-        self.root.mkdir(parents=True)
+        try:
+            self.root.mkdir(parents=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise InvalidOptionError(
+                f"cannot create the store directory {self.location!r}: a part of the path is a file ({exc})"
+            ) from exc
         return True
 
     def list(self) -> list[str]:
-        return sorted(e.name for e in os.scandir(self.root) if e.is_file(follow_symlinks=False))
+        # Every entry, not only regular files: a store file replaced by a directory or a FIFO
+        # must show up (and then be refused by size/open), not look absent.
+        return sorted(e.name for e in os.scandir(self.root))
 
     def size(self, name: str) -> int:
-        return os.stat(self.root / name).st_size
+        st = os.stat(self.root / name)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFileError(f"{str(self.root / name)!r} is {_kind(st.st_mode)}; expected a regular file")
+        return st.st_size
 
     def open(self, name: str) -> ReadHandle:
         return _LocalHandle(self.root / name)
 
-    def writer(self, name: str) -> AtomicWriter:
-        return _LocalWriter(self.root, name)
+    def writer(self, name: str, *, exclusive: bool = False) -> AtomicWriter:
+        return _LocalWriter(self.root, name, exclusive)
 
     def remove(self, name: str) -> None:
         try:

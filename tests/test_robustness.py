@@ -1,0 +1,141 @@
+"""Faults found by a fresh-eyed review, each fixed as a class and pinned here."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import tensorstore_pt as ts
+from tensorstore_pt.cli import main
+
+
+def test_second_writer_is_refused_and_never_clobbers(tmp_path):
+    d = tmp_path / "s"
+    ts.write_store([torch.zeros(4)], d, codec="none")
+    late = ts.ShardWriter(d, mode="append", max_shard_bytes=1)  # opened before the other commits
+    with ts.ShardWriter(d, mode="append") as first:
+        first.write(torch.full((4,), 1.0))
+    with pytest.raises(ts.ConcurrentWriteError, match="published by another writer"):
+        with late:
+            for _ in range(20):
+                late.write(torch.full((4,), 2.0))
+    reader = ts.open_store(d)
+    reader.verify()
+    assert [float(x[0]) for x in reader] == [0.0, 1.0]
+
+
+def test_second_writer_detected_at_index_commit(tmp_path):
+    d = tmp_path / "s"
+    ts.write_store([torch.zeros(1)], d)
+    late = ts.ShardWriter(d, mode="append")
+    late.write(torch.ones(1))
+    # Another writer rewrites the index meanwhile (here: by hand, a metadata edit).
+    index = json.loads((d / "index.json").read_text())
+    index["metadata"] = {"edited": True}
+    (d / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ts.ConcurrentWriteError, match="index.json of .* was changed by another writer"):
+        late.close()
+    assert [float(x[0]) for x in ts.open_store(d)] == [0.0]
+    assert sorted(p.name for p in d.iterdir()) == ["index.json", "shard-00000.tspt"]
+
+
+def test_counter_and_non_canonical_bool_bytes_round_trip(tmp_path):
+    odd_bool = torch.tensor([0, 1, 2, 200], dtype=torch.uint8).view(torch.bool)
+    samples = [collections.Counter(a=3, b=1), odd_bool, odd_bool[1:], {"c": collections.Counter("hello")}]
+    ts.write_store(samples, tmp_path / "s")
+    reader = ts.open_store(tmp_path / "s")
+    assert reader[0] == collections.Counter(a=3, b=1) and type(reader[0]) is collections.Counter
+    assert reader[1].view(torch.uint8).tolist() == [0, 1, 2, 200]
+    assert reader[2].view(torch.uint8).tolist() == [1, 2, 200]
+    assert reader[3]["c"]["l"] == 2
+
+
+def test_tensor_torch_cannot_copy_is_a_typed_refusal(tmp_path):
+    with pytest.raises(ts.UnsupportedSampleError, match="cannot be copied"):
+        ts.write_store([torch.zeros(8, dtype=torch.uint1)], tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("victim", ["index.json", "shard-00000.tspt"])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_non_regular_store_files_are_refused_without_hanging(tmp_path, victim, kind):
+    d = tmp_path / "s"
+    ts.write_store([torch.arange(10)], d)
+    (d / victim).unlink()
+    if kind == "fifo":
+        os.mkfifo(d / victim)
+    else:
+        (d / victim).mkdir()
+    result: dict = {}
+
+    def attempt():
+        try:
+            ts.open_store(d)
+        except Exception as exc:  # noqa: BLE001 - the type is checked below
+            result["exc"] = exc
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "open_store hung"
+    assert isinstance(result.get("exc"), ts.NotARegularFileError), result
+    assert f"is a {kind}; expected a regular file" in str(result["exc"]).lower()
+    assert main(["verify", str(d)]) == 1
+
+
+def test_json_with_huge_ints_or_nan_is_an_index_format_error(tmp_path):
+    d = tmp_path / "s"
+    ts.write_store([torch.ones(1)], d)
+    good = (d / "index.json").read_text()
+    (d / "index.json").write_text(good.replace('"records": 1,', '"records": ' + "9" * 5000 + ",", 1))
+    with pytest.raises(ts.IndexFormatError, match="not valid UTF-8 JSON"):
+        ts.open_store(d)
+    obj = json.loads(good)
+    obj["metadata"] = {"x": float("nan")}
+    (d / "index.json").write_text(json.dumps(obj))
+    with pytest.raises(ts.IndexFormatError, match="NaN is not JSON"):
+        ts.open_store(d)
+    obj["metadata"] = {}
+    obj["shards"][0]["name"] += "\n"
+    (d / "index.json").write_text(json.dumps(obj))
+    with pytest.raises(ts.IndexFormatError, match="plain shard file name"):
+        ts.open_store(d)
+    obj["shards"][0]["name"] = obj["shards"][0]["name"].strip()
+    obj["codec"]["level"] = 3.5
+    (d / "index.json").write_text(json.dumps(obj))
+    with pytest.raises(ts.IndexFormatError, match=r"codec config .*zstd level: expected an int"):
+        ts.open_store(d)
+
+
+def test_store_path_under_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ts.InvalidOptionError, match="a part of the path is a file"):
+        ts.write_store([torch.ones(1)], tmp_path / "afile" / "sub")
+
+
+def test_reader_index_kinds(tmp_path):
+    ts.write_store([torch.tensor(i) for i in range(5)], tmp_path / "s")
+    reader = ts.open_store(tmp_path / "s")
+    assert int(reader[torch.tensor(3)]) == 3
+    assert int(reader[np.array(4)]) == 4
+    assert [int(x) for x in reader[torch.tensor([1, 2])]] == [1, 2]
+    with pytest.raises(ts.InvalidOptionError, match="non-zero step"):
+        reader[::0]
+    with pytest.raises(ts.InvalidOptionError, match="found str"):
+        reader["3"]
+
+
+def test_map_location_needing_cuda_is_an_option_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # pragma: no cover
+    ts.write_store([torch.ones(1)], tmp_path / "s")
+    with pytest.raises(ts.InvalidOptionError, match="needs CUDA"):
+        ts.open_store(tmp_path / "s", map_location="cuda")
+    with pytest.raises(ts.InvalidOptionError, match="expected a device"):
+        ts.open_store(tmp_path / "s", map_location="gpu-please")
