@@ -581,12 +581,13 @@ class _Tables:
                 dtype = obj.dtype
                 if dtype in _ELEMENT_SIZES:
                     self.storage_types[id(obj)] = (obj, dtype, torch._utils._element_size(dtype))
-        # data.pkl bytes the interpreter ran to the end and found replayable -> a plan, or
-        # None (replay with the C unpickler). Bounded in entries and bytes.
-        self.known: dict[bytes, _Plan | None] = {}
+        # data.pkl bytes the interpreter ran to the end and found replayable -> _SEEN_ONCE,
+        # then (next time) a plan, or None: replay with the C unpickler. Bounded in entries
+        # and bytes.
+        self.known: dict[bytes, Any] = {}
         self.known_bytes = 0
 
-    def remember(self, pkl: bytes, plan: _Plan | None) -> None:
+    def remember(self, pkl: bytes, plan: Any) -> None:
         if len(pkl) > _MAX_KNOWN_PICKLE_BYTES:
             return
         if len(self.known) >= _MAX_KNOWN_PICKLES or self.known_bytes + len(pkl) > _MAX_KNOWN_BYTES:
@@ -677,11 +678,13 @@ def _unpickle(
     n = len(pkl)
     pos = 0
     stack: list[Any] = []
+    push = stack.append
     metastack: list[list[Any]] = []
     memo: dict[int, Any] = {}
     # Storages pushed by BINPERSID and the rebuild-argument tuples holding them are
     # "special": they may only flow into _rebuild_tensor_v2/_v3. ``live`` counts them on
     # the stack; while it is 0 no check is needed. ``args_ids`` keeps the tuples alive.
+    # (A BINPUT of a storage is refused; a BINGET of an argument tuple is refused.)
     live = 0
     args_ids: dict[int, tuple[Any, ...]] = {}
     globals_cache = tables.globals
@@ -689,45 +692,34 @@ def _unpickle(
     rebuild_v2 = tables.rebuild_v2
     rebuild_v3 = tables.rebuild_v3
     persistent_load = src.persistent_load
+    Storage = _Storage
     fn_pushed = fn_reduced = 0  # pushes of a rebuild function / REDUCEs that called one
     max_memo = 0
 
-    def special(x: Any) -> bool:
-        return type(x) is _Storage or id(x) in args_ids
-
+    # Ordered by how often torch.save emits each opcode. torch.save memoizes nearly every
+    # value, so the opcodes that push one also take a BINPUT that follows at once (the
+    # value pushed there is never a storage, so BINPUT's check is not needed).
     while True:
         op = pkl[pos]  # IndexError at the end of data: torch raises EOFError
         pos += 1
         if op == 0x71:  # BINPUT
-            if live and type(stack[-1]) is _Storage:
+            if live and type(stack[-1]) is Storage:
                 raise _Fallback
             memo[pkl[pos]] = stack[-1]
+            pos += 1
+        elif op == 0x4B:  # BININT1
+            push(pkl[pos])
             pos += 1
         elif op == 0x58:  # BINUNICODE
             end = pos + 4 + _U32.unpack_from(pkl, pos)[0]
             if end > n:
                 raise _Fallback
-            stack.append(str(pkl[pos + 4 : end], "utf-8", "surrogatepass"))
+            value = str(pkl[pos + 4 : end], "utf-8", "surrogatepass")
+            push(value)
             pos = end
-        elif op == 0x4B:  # BININT1
-            stack.append(pkl[pos])
-            pos += 1
-        elif op == 0x28:  # MARK
-            metastack.append(stack)
-            stack = []
-        elif op == 0x74:  # TUPLE
-            items = stack
-            stack = metastack.pop()
-            if live and items:
-                marks = [i for i, x in enumerate(items) if special(x)]
-                if marks:
-                    if marks != [0] or type(items[0]) is not _Storage or not 6 <= len(items) <= 8:
-                        raise _Fallback
-                    tup = tuple(items)
-                    args_ids[id(tup)] = tup  # the storage is now inside ``tup``: live unchanged
-                    stack.append(tup)
-                    continue
-            stack.append(tuple(items))
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
         elif op == 0x68:  # BINGET
             value = memo[pkl[pos]]
             pos += 1
@@ -735,19 +727,34 @@ def _unpickle(
                 raise _Fallback
             if value is rebuild_v2 or value is rebuild_v3:
                 fn_pushed += 1
-            stack.append(value)
-        elif op == 0x86:  # TUPLE2
-            if live and (special(stack[-2]) or special(stack[-1])):
-                raise _Fallback
-            stack[-2:] = [(stack[-2], stack[-1])]
-        elif op == 0x85:  # TUPLE1
-            if live and special(stack[-1]):
-                raise _Fallback
-            stack[-1] = (stack[-1],)
-        elif op == 0x89:  # NEWFALSE
-            stack.append(False)
-        elif op == 0x29:  # EMPTY_TUPLE
-            stack.append(())
+            push(value)
+        elif op == 0x28:  # MARK
+            metastack.append(stack)
+            stack = []
+            push = stack.append
+        elif op == 0x74:  # TUPLE
+            items = stack
+            stack = metastack.pop()
+            push = stack.append
+            if live and items:
+                specials = [
+                    i for i, x in enumerate(items) if type(x) is Storage or (type(x) is tuple and id(x) in args_ids)
+                ]
+                if specials:
+                    if specials != [0] or type(items[0]) is not Storage or not 6 <= len(items) <= 8:
+                        raise _Fallback
+                    value = tuple(items)
+                    args_ids[id(value)] = value  # the storage is now inside ``value``: live unchanged
+                    push(value)
+                    if pkl[pos] == 0x71:
+                        memo[pkl[pos + 1]] = value
+                        pos += 2
+                    continue
+            value = tuple(items)
+            push(value)
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
         elif op == 0x52:  # REDUCE
             args = stack.pop()
             func = stack[-1]
@@ -760,92 +767,131 @@ def _unpickle(
                     raise _Fallback
                 live -= 1
                 fn_reduced += 1
-                stack[-1] = _rebuild(args, how, rebuilt)
-                continue
-            if live and (special(args) or (type(args) in (tuple, list) and any(special(a) for a in args))):
-                raise _Fallback
-            if how == _CALL:
-                stack[-1] = func(*args)
-            elif how == _ENCODE:
-                if type(args) is not tuple or len(args) != 2 or type(args[0]) is not str or args[1] != "latin1":
+                value = _rebuild(args, how, rebuilt)
+            else:
+                if live and (
+                    type(args) is Storage
+                    or id(args) in args_ids
+                    or (
+                        type(args) in (tuple, list)
+                        and any(type(a) is Storage or id(a) in args_ids for a in args)  # type: ignore[attr-defined]
+                    )
+                ):
                     raise _Fallback
-                stack[-1] = args[0].encode("latin1")
-            else:  # _BYTEARRAY: pickle writes bytearray(b"") as bytearray()
-                if type(args) is not tuple or len(args) > 1 or (args and type(args[0]) is not bytes):
-                    raise _Fallback
-                stack[-1] = bytearray(*args)
+                if how == _CALL:
+                    value = func(*args)
+                elif how == _ENCODE:
+                    if type(args) is not tuple or len(args) != 2 or type(args[0]) is not str or args[1] != "latin1":
+                        raise _Fallback
+                    value = args[0].encode("latin1")
+                else:  # _BYTEARRAY: pickle writes bytearray(b"") as bytearray()
+                    if type(args) is not tuple or len(args) > 1 or (args and type(args[0]) is not bytes):
+                        raise _Fallback
+                    value = bytearray(*args)
+            stack[-1] = value
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
         elif op == 0x63:  # GLOBAL
             nl1 = pkl.find(b"\n", pos)
             nl2 = pkl.find(b"\n", nl1 + 1) if nl1 >= 0 else -1
             if nl2 < 0:
                 raise _Fallback
             raw = pkl[pos:nl2]
-            obj = globals_cache.get(raw, globals_cache)
-            if obj is globals_cache:
-                obj = tables.resolve(pkl[pos:nl1], pkl[nl1 + 1 : nl2])
-                globals_cache[raw] = obj
-            if obj is rebuild_v2 or obj is rebuild_v3:
+            value = globals_cache.get(raw, globals_cache)
+            if value is globals_cache:
+                value = tables.resolve(pkl[pos:nl1], pkl[nl1 + 1 : nl2])
+                globals_cache[raw] = value
+            if value is rebuild_v2 or value is rebuild_v3:
                 fn_pushed += 1
-            stack.append(obj)
+            push(value)
             pos = nl2 + 1
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
+        elif op == 0x29:  # EMPTY_TUPLE
+            push(())
+        elif op == 0x86:  # TUPLE2
+            a, b = stack[-2], stack[-1]
+            if live and (type(a) is Storage or type(b) is Storage or id(a) in args_ids or id(b) in args_ids):
+                raise _Fallback
+            value = (a, b)
+            stack[-2:] = [value]
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
         elif op == 0x51:  # BINPERSID
             pid = stack.pop()
-            if live and special(pid):
+            if live and (type(pid) is Storage or id(pid) in args_ids):
                 raise _Fallback
-            stack.append(persistent_load(pid))
+            push(persistent_load(pid))
             live += 1
+        elif op == 0x89:  # NEWFALSE
+            push(False)
+        elif op == 0x85:  # TUPLE1
+            a = stack[-1]
+            if live and (type(a) is Storage or id(a) in args_ids):
+                raise _Fallback
+            value = (a,)
+            stack[-1] = value
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
         elif op == 0x75:  # SETITEMS
             items = stack
             stack = metastack.pop()
+            push = stack.append
             target = stack[-1]
             t = type(target)
             if t is not dict and t is not collections.OrderedDict and t is not collections.Counter:
                 raise _Fallback
-            if live and any(special(x) for x in items):
+            if live and any(type(x) is Storage or id(x) in args_ids for x in items):
                 raise _Fallback
             for i in range(0, len(items), 2):
                 target[items[i]] = items[i + 1]
         elif op == 0x65:  # APPENDS
             items = stack
             stack = metastack.pop()
+            push = stack.append
             target = stack[-1]
-            if type(target) is not list or (live and any(special(x) for x in items)):
+            if type(target) is not list or (live and any(type(x) is Storage or id(x) in args_ids for x in items)):
                 raise _Fallback
             target.extend(items)
         elif op == 0x87:  # TUPLE3
-            if live and (special(stack[-3]) or special(stack[-2]) or special(stack[-1])):
+            a, b, c = stack[-3], stack[-2], stack[-1]
+            if live and any(type(x) is Storage or id(x) in args_ids for x in (a, b, c)):
                 raise _Fallback
-            stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
+            stack[-3:] = [(a, b, c)]
         elif op == 0x88:  # NEWTRUE
-            stack.append(True)
+            push(True)
         elif op == 0x4E:  # NONE
-            stack.append(None)
+            push(None)
         elif op == 0x7D:  # EMPTY_DICT
-            stack.append({})
+            push({})
         elif op == 0x5D:  # EMPTY_LIST
-            stack.append([])
+            push([])
         elif op == 0x8F:  # EMPTY_SET
-            stack.append(set())
+            push(set())
         elif op == 0x4D:  # BININT2
-            stack.append(_U16.unpack_from(pkl, pos)[0])
+            push(_U16.unpack_from(pkl, pos)[0])
             pos += 2
         elif op == 0x4A:  # BININT
-            stack.append(_I32.unpack_from(pkl, pos)[0])
+            push(_I32.unpack_from(pkl, pos)[0])
             pos += 4
         elif op == 0x47:  # BINFLOAT
-            stack.append(_F64.unpack_from(pkl, pos)[0])
+            push(_F64.unpack_from(pkl, pos)[0])
             pos += 8
         elif op == 0x8A:  # LONG1
             end = pos + 1 + pkl[pos]
             if end > n:
                 raise _Fallback
-            stack.append(pickle.decode_long(pkl[pos + 1 : end]))
+            push(pickle.decode_long(pkl[pos + 1 : end]))
             pos = end
         elif op == 0x55:  # SHORT_BINSTRING (torch.load decodes it with encoding="utf-8")
             end = pos + 1 + pkl[pos]
             if end > n:
                 raise _Fallback
-            stack.append(pkl[pos + 1 : end].decode("utf-8", "strict"))
+            push(pkl[pos + 1 : end].decode("utf-8", "strict"))
             pos = end
         elif op == 0x6A:  # LONG_BINGET
             value = memo[_U32.unpack_from(pkl, pos)[0]]
@@ -854,10 +900,10 @@ def _unpickle(
                 raise _Fallback
             if value is rebuild_v2 or value is rebuild_v3:
                 fn_pushed += 1
-            stack.append(value)
+            push(value)
         elif op == 0x72:  # LONG_BINPUT
             idx = _U32.unpack_from(pkl, pos)[0]
-            if live and type(stack[-1]) is _Storage:
+            if live and type(stack[-1]) is Storage:
                 raise _Fallback
             memo[idx] = stack[-1]
             if idx > max_memo:
@@ -866,7 +912,7 @@ def _unpickle(
         elif op == 0x61:  # APPEND
             item = stack.pop()
             target = stack[-1]
-            if type(target) is not list or (live and special(item)):
+            if type(target) is not list or (live and (type(item) is Storage or id(item) in args_ids)):
                 raise _Fallback
             target.append(item)
         elif op == 0x73:  # SETITEM
@@ -876,7 +922,7 @@ def _unpickle(
             t = type(target)
             if t is not dict and t is not collections.OrderedDict and t is not collections.Counter:
                 raise _Fallback
-            if live and (special(key) or special(value)):
+            if live and any(type(x) is Storage or id(x) in args_ids for x in (key, value)):
                 raise _Fallback
             target[key] = value
         elif op == 0x80:  # PROTO: torch warns for anything but 2; let it
@@ -885,7 +931,7 @@ def _unpickle(
             pos += 1
         elif op == 0x2E:  # STOP
             result = stack.pop()
-            if live and special(result):
+            if live and (type(result) is Storage or id(result) in args_ids):
                 raise _Fallback
             return result, fn_pushed == fn_reduced and max_memo < _MAX_REPLAY_MEMO_INDEX
         else:  # BUILD, NEWOBJ and the opcodes torch refuses
@@ -908,6 +954,7 @@ _DICT = 3  # (_DICT, slot, pairs, cls)
 _TENSOR = 4  # (_TENSOR, slot, storage index, dtype, offset, size, stride, requires_grad, hooks node, metadata)
 _IMMUTABLE = frozenset([int, float, bool, type(None), str, bytes, complex, torch.dtype, torch.device, torch.Size])
 _UNSET = object()
+_SEEN_ONCE = object()  # tables.known: interpreted once, replayable; plan on the next sight
 
 
 class _Plan:
@@ -1084,16 +1131,21 @@ def _fast_path(buf: bytes | bytearray | memoryview) -> Any:
     pkl = bytes(data[start : start + nbytes])
     tables = _get_tables()
     src = _Source(data, writable, records, lo, hi, tables)
-    plan = tables.known.get(pkl, _UNSET)
-    if plan is not _UNSET:
-        if plan is None:
-            return _replay(pkl, src)
-        return _run_plan(plan, src)  # type: ignore[arg-type]
-    rebuilt: dict[int, tuple[Any, ...]] = {}
-    result, replayable = _unpickle(pkl, src, tables, rebuilt)
-    if replayable:
-        tables.remember(pkl, _compile_plan(result, src, rebuilt))
-    return result
+    known = tables.known.get(pkl, _UNSET)
+    if known is _UNSET:  # first sight
+        result, replayable = _unpickle(pkl, src, tables, None)
+        if replayable:
+            tables.remember(pkl, _SEEN_ONCE)
+        return result
+    if known is _SEEN_ONCE:  # second sight: a pickle that recurs; plan it
+        rebuilt: dict[int, tuple[Any, ...]] = {}
+        result, replayable = _unpickle(pkl, src, tables, rebuilt)
+        if replayable:
+            tables.known[pkl] = _compile_plan(result, src, rebuilt)
+        return result
+    if known is None:
+        return _replay(pkl, src)
+    return _run_plan(known, src)
 
 
 def _is_cpu(map_location: Any) -> bool:

@@ -23,9 +23,9 @@ Helpers:
 * :func:`saved` -- the ``torch.save`` bytes of a sample.
 * :func:`assert_identical` -- two loaded samples are the same: container types and order,
   leaf values bit for bit (``-0.0`` vs ``0.0`` and NaN payloads count), and for tensors:
-  type (``Tensor``/``Parameter``), layout, dtype, shape, stride, storage offset,
-  ``requires_grad``, the whole storage's bytes, and which tensors share a storage or are the
-  same object. Allowed globals (a function, a class, a storage type) must be the same object.
+  type (``Tensor``/``Parameter``), layout, dtype, shape, values, ``requires_grad``; with
+  ``layout=True`` (the default) also stride, storage offset, the whole storage's size and
+  bytes, and which tensors share a storage or are the same object. Allowed globals (a function, a class, a storage type) must be the same object.
 """
 
 from __future__ import annotations
@@ -245,13 +245,23 @@ def _leaf_key(x: Any) -> Any:
     return (type(x), x)
 
 
-def assert_identical(expected: Any, got: Any, where: str = "sample") -> None:
-    """Raise AssertionError, naming the place, if ``got`` differs from ``expected``."""
-    _Comparer().compare(expected, got, where)
+def assert_identical(expected: Any, got: Any, where: str = "sample", layout: bool = True) -> None:
+    """Raise AssertionError, naming the place, if ``got`` differs from ``expected``.
+
+    Args:
+        expected: E.g. what ``torch.load(weights_only=True)`` returns, or the sample written.
+        got: What is compared with it.
+        where: The name of the root in messages (``sample["x"][2]: dtype ...``).
+        layout: Also compare how tensors lie in memory: strides, storage offset, the whole
+            storage (size and bytes) and which tensors share a storage. ``False`` for a
+            store round trip, where ``serialization.compact`` may copy views.
+    """
+    _Comparer(layout).compare(expected, got, where)
 
 
 class _Comparer:
-    def __init__(self) -> None:
+    def __init__(self, layout: bool = True) -> None:
+        self.layout = layout
         self.pairs: dict[int, int] = {}  # id(expected object) -> id(got object)
         self.keep: list[Any] = []  # keep compared objects alive so ids stay unique
         self.storages: dict[int, int] = {}  # expected storage data_ptr -> got storage data_ptr
@@ -261,12 +271,13 @@ class _Comparer:
         if type(a) in (int, bool, str, bytes, type(None), float, complex):
             assert _leaf_key(a) == _leaf_key(b), f"{where}: {a!r} != {b!r}"
             return
-        if id(a) in self.pairs:
-            assert self.pairs[id(a)] == id(b), f"{where}: the expected result shares this object, the other does not"
-            return
-        assert id(b) not in self.pairs.values(), f"{where}: an object is shared that is not shared in the expected"
-        self.pairs[id(a)] = id(b)
-        self.keep += [a, b]
+        if self.layout:  # the same sharing of objects
+            if id(a) in self.pairs:
+                assert self.pairs[id(a)] == id(b), f"{where}: the expected result shares this object, the other does not"
+                return
+            assert id(b) not in self.pairs.values(), f"{where}: an object is shared that is not shared in the expected"
+            self.pairs[id(a)] = id(b)
+            self.keep += [a, b]
         if isinstance(a, torch.Tensor):
             self._tensor(a, b, where)
         elif type(a) in (tuple, list, torch.Size):
@@ -302,6 +313,9 @@ class _Comparer:
         if a.layout == torch.sparse_csr:
             for name in ("crow_indices", "col_indices", "values"):
                 self.compare(getattr(a, name)(), getattr(b, name)(), f"{where}.{name}")
+            return
+        if not self.layout:
+            assert tensor_bytes(a) == tensor_bytes(b), f"{where}: values differ"
             return
         assert a.stride() == b.stride(), f"{where}: stride {a.stride()} != {b.stride()}"
         assert a.storage_offset() == b.storage_offset(), (
