@@ -1,10 +1,11 @@
 """Micro benchmark: fastload.fast_loads vs torch.load(weights_only=True), one core.
 
 Each case is a pool of distinct torch.save buffers of one structure (fresh random values,
-random labels), the way a store's records look. Every round loads the whole pool once with
-each loader, interleaved, and the per-sample time of a round is recorded; the result is the
-median over rounds. Both loaders run in this process under the same load, so the ratio is
-the number to read. No timing assertions anywhere: this script only prints.
+random labels), the way a store's records look. Case e varies what the pickle holds too
+(tensor length, label, id string), so every record has its own pickle and zip layout.
+Every round loads the whole pool once with each loader, interleaved, and records the
+per-sample time; the result is the median over rounds. All loaders run in this process
+under the same load, so the ratio is the number to read. No timing assertions anywhere: this script only prints.
 
 Loaders:
   torch.load   torch.load(io.BytesIO(buf), weights_only=True)
@@ -65,6 +66,16 @@ def make_cases(pool: int) -> dict[str, list[bytes]]:
             for _ in range(pool)
         ],
         "d: 16 MiB float32": [_saved(torch.randn(4 * 2**20, generator=g)) for _ in range(2)],
+        "e: varying length, label, id": [
+            _saved(
+                {
+                    "tokens": torch.randint(0, 30000, (int(torch.randint(20, 200, (), generator=g)),), generator=g),
+                    "label": int(torch.randint(0, 200, (), generator=g)),
+                    "id": f"sample-{i:06d}",
+                }
+            )
+            for i in range(pool)
+        ],
     }
 
 
@@ -102,9 +113,10 @@ def run(rounds: int, pool: int) -> dict[str, dict[str, float]]:
             for label, (fn, data) in loaders.items():
                 if label == "fast bytearray":
                     data = arrays[r]  # a fresh buffer each time: fast_loads takes ownership
-                if label == "fast":
-                    for b in data[:2]:
-                        fast_loads(b)  # the cold loader cleared the caches: refill them
+                if label in ("fast", "fast bytearray"):
+                    for b in bufs[:2]:
+                        for _ in range(2):
+                            fast_loads(b)  # the cold loader cleared the caches: refill them
                 times[label].append(_per_sample_us(fn, data))
         med = {k: statistics.median(v) for k, v in times.items()}
         results[name] = med

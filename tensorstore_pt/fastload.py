@@ -107,7 +107,6 @@ import pickle
 import re
 import struct
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -572,6 +571,14 @@ class _Tables:
         self.reducers: dict[int, tuple[Any, int]] = {id(obj): (obj, how) for obj, how in reducers}
         self.rebuild_v2 = torch._utils._rebuild_tensor_v2
         self.rebuild_v3 = torch._utils._rebuild_tensor_v3
+        # Allowed callables the replaying C unpickler gets a checking wrapper of (the
+        # interpreter makes sure these are only ever called by REDUCE, never kept as values).
+        self.wrapped: dict[int, Any] = {
+            id(self.rebuild_v2): _replay_rebuild_v2,
+            id(self.rebuild_v3): _replay_rebuild_v3,
+            id(self.allowed["_codecs.encode"]): _replay_encode,
+            id(bytearray): _replay_bytearray,
+        }
         # id(storage type global) -> (object, dtype, element size as torch computes it)
         self.storage_types: dict[int, tuple[Any, torch.dtype, int]] = {}
         for name, obj in self.allowed.items():
@@ -586,6 +593,12 @@ class _Tables:
         # and bytes.
         self.known: dict[bytes, Any] = {}
         self.known_bytes = 0
+        # Skeletons: len(pickle) -> [(pickle as an int, mask)] of replayable pickles, where
+        # the mask has all bits set but those of literal values (the arguments of BININT*,
+        # BINFLOAT, LONG1, and the text of BINUNICODE / SHORT_BINSTRING). A pickle equal to
+        # one of them under the mask takes the same steps with other values: replayable.
+        self.skeletons: dict[int, list[tuple[int, int]]] = {}
+        self.skeleton_count = 0
 
     def remember(self, pkl: bytes, plan: Any) -> None:
         if len(pkl) > _MAX_KNOWN_PICKLE_BYTES:
@@ -595,6 +608,30 @@ class _Tables:
             self.known_bytes = 0
         self.known[pkl] = plan
         self.known_bytes += len(pkl)
+
+    def add_skeleton(self, pkl: bytes, literals: list[int]) -> None:
+        """Keep ``pkl``'s skeleton; ``literals`` holds the [start, end) offsets of its literal values."""
+        if len(pkl) > _MAX_KNOWN_PICKLE_BYTES:
+            return
+        mask = bytearray(b"\xff") * len(pkl)
+        for i in range(0, len(literals), 2):
+            mask[literals[i] : literals[i + 1]] = bytes(literals[i + 1] - literals[i])
+        same_length = self.skeletons.setdefault(len(pkl), [])
+        if len(same_length) >= _MAX_SKELETONS_PER_LENGTH:
+            return
+        if self.skeleton_count >= _MAX_SKELETONS:
+            self.skeletons.clear()
+            self.skeleton_count = 0
+            same_length = self.skeletons.setdefault(len(pkl), [])
+        same_length.append((int.from_bytes(pkl, "little"), int.from_bytes(mask, "little")))
+        self.skeleton_count += 1
+
+    def has_skeleton(self, pkl: bytes) -> bool:
+        same_length = self.skeletons.get(len(pkl))
+        if not same_length:
+            return False
+        value = int.from_bytes(pkl, "little")
+        return any((value ^ known) & mask == 0 for known, mask in same_length)
 
     def resolve(self, module_b: bytes, name_b: bytes) -> Any:
         """What torch's weights-only ``GLOBAL`` pushes, or raise."""
@@ -612,12 +649,7 @@ class _Tables:
             )
         if full in self.allowed:
             obj = self.allowed[full]
-            if obj is self.rebuild_v2:
-                self.replay_globals[(raw_module, raw_name)] = _replay_rebuild_v2
-            elif obj is self.rebuild_v3:
-                self.replay_globals[(raw_module, raw_name)] = _replay_rebuild_v3
-            else:
-                self.replay_globals[(raw_module, raw_name)] = obj
+            self.replay_globals[(raw_module, raw_name)] = self.wrapped.get(id(obj), obj)
             return obj
         from torch._weights_only_unpickler import _get_user_allowed_globals
 
@@ -633,6 +665,8 @@ _MAX_KNOWN_PICKLE_BYTES = 1 << 16
 _MAX_KNOWN_PICKLES = 4096
 _MAX_KNOWN_BYTES = 1 << 25
 _MAX_REPLAY_MEMO_INDEX = 1 << 16
+_MAX_SKELETONS = 1024
+_MAX_SKELETONS_PER_LENGTH = 8
 
 _tables: _Tables | None = None
 
@@ -662,7 +696,11 @@ _F64 = struct.Struct(">d")
 
 
 def _unpickle(
-    pkl: bytes, src: _Source, tables: _Tables, rebuilt: dict[int, tuple[Any, ...]] | None
+    pkl: bytes,
+    src: _Source,
+    tables: _Tables,
+    rebuilt: dict[int, tuple[Any, ...]] | None = None,
+    literals: list[int] | None = None,
 ) -> tuple[Any, bool]:
     """Run ``data.pkl`` with the semantics of torch's weights-only unpickler (a subset).
 
@@ -670,10 +708,19 @@ def _unpickle(
     unpickler (:func:`_replay`). Replaying is exact when every step the C unpickler takes
     on these bytes is one this interpreter took with the same meaning. The interpreter
     already refuses every step where the two differ (containers of another type, BUILD,
-    NEWOBJ, other opcodes...), so two conditions remain: the tensor rebuild functions,
-    which replay swaps for wrappers, were only ever called by REDUCE and never stored as
-    values (every push of one was consumed by a REDUCE), and memo indices are small (the
-    C unpickler sizes its memo array by the largest index).
+    NEWOBJ, other opcodes...), so two conditions remain: the callables that replay swaps
+    for checking wrappers (tensor rebuilds, ``_codecs.encode``, ``bytearray``) were only
+    ever called by REDUCE and never stored as values (every push of one was consumed by a
+    REDUCE), and memo indices are small (the C unpickler sizes its memo array by the
+    largest index).
+
+    The same holds for a pickle that differs from a replayable one only in the *values* of
+    literals (``literals`` collects their byte ranges): which opcodes run, on which types,
+    with which globals, is fixed by the other bytes. Values only reach places that check
+    them at run time in replay as here: ``persistent_load`` (key, location, size), ``set_``
+    (offset, size, stride on a non-resizable storage), the wrappers (``"latin1"``,
+    ``bytes``), or plain data (dict keys, container contents, allowed callables that torch
+    calls with any arguments too).
     """
     n = len(pkl)
     pos = 0
@@ -689,12 +736,12 @@ def _unpickle(
     args_ids: dict[int, tuple[Any, ...]] = {}
     globals_cache = tables.globals
     reducers = tables.reducers
-    rebuild_v2 = tables.rebuild_v2
-    rebuild_v3 = tables.rebuild_v3
+    wrapped = tables.wrapped
     persistent_load = src.persistent_load
     Storage = _Storage
-    fn_pushed = fn_reduced = 0  # pushes of a rebuild function / REDUCEs that called one
+    fn_pushed = fn_reduced = 0  # pushes of a wrapped callable / REDUCEs that called one
     max_memo = 0
+    spans = literals if literals is not None else []
 
     # Ordered by how often torch.save emits each opcode. torch.save memoizes nearly every
     # value, so the opcodes that push one also take a BINPUT that follows at once (the
@@ -709,6 +756,7 @@ def _unpickle(
             pos += 1
         elif op == 0x4B:  # BININT1
             push(pkl[pos])
+            spans += (pos, pos + 1)
             pos += 1
         elif op == 0x58:  # BINUNICODE
             end = pos + 4 + _U32.unpack_from(pkl, pos)[0]
@@ -716,6 +764,7 @@ def _unpickle(
                 raise _Fallback
             value = str(pkl[pos + 4 : end], "utf-8", "surrogatepass")
             push(value)
+            spans += (pos + 4, end)
             pos = end
             if pkl[pos] == 0x71:
                 memo[pkl[pos + 1]] = value
@@ -725,7 +774,7 @@ def _unpickle(
             pos += 1
             if args_ids and id(value) in args_ids:
                 raise _Fallback
-            if value is rebuild_v2 or value is rebuild_v3:
+            if id(value) in wrapped:
                 fn_pushed += 1
             push(value)
         elif op == 0x28:  # MARK
@@ -766,16 +815,12 @@ def _unpickle(
                 if type(args) is not tuple or args_ids.get(id(args)) is not args:
                     raise _Fallback
                 live -= 1
-                fn_reduced += 1
                 value = _rebuild(args, how, rebuilt)
             else:
                 if live and (
                     type(args) is Storage
                     or id(args) in args_ids
-                    or (
-                        type(args) in (tuple, list)
-                        and any(type(a) is Storage or id(a) in args_ids for a in args)  # type: ignore[attr-defined]
-                    )
+                    or (type(args) in (tuple, list) and any(type(a) is Storage or id(a) in args_ids for a in args))
                 ):
                     raise _Fallback
                 if how == _CALL:
@@ -788,6 +833,8 @@ def _unpickle(
                     if type(args) is not tuple or len(args) > 1 or (args and type(args[0]) is not bytes):
                         raise _Fallback
                     value = bytearray(*args)
+            if how != _CALL:
+                fn_reduced += 1  # a wrapped callable
             stack[-1] = value
             if pkl[pos] == 0x71:
                 memo[pkl[pos + 1]] = value
@@ -802,7 +849,7 @@ def _unpickle(
             if value is globals_cache:
                 value = tables.resolve(pkl[pos:nl1], pkl[nl1 + 1 : nl2])
                 globals_cache[raw] = value
-            if value is rebuild_v2 or value is rebuild_v3:
+            if id(value) in wrapped:
                 fn_pushed += 1
             push(value)
             pos = nl2 + 1
@@ -874,31 +921,36 @@ def _unpickle(
             push(set())
         elif op == 0x4D:  # BININT2
             push(_U16.unpack_from(pkl, pos)[0])
+            spans += (pos, pos + 2)
             pos += 2
         elif op == 0x4A:  # BININT
             push(_I32.unpack_from(pkl, pos)[0])
+            spans += (pos, pos + 4)
             pos += 4
         elif op == 0x47:  # BINFLOAT
             push(_F64.unpack_from(pkl, pos)[0])
+            spans += (pos, pos + 8)
             pos += 8
         elif op == 0x8A:  # LONG1
             end = pos + 1 + pkl[pos]
             if end > n:
                 raise _Fallback
             push(pickle.decode_long(pkl[pos + 1 : end]))
+            spans += (pos + 1, end)
             pos = end
         elif op == 0x55:  # SHORT_BINSTRING (torch.load decodes it with encoding="utf-8")
             end = pos + 1 + pkl[pos]
             if end > n:
                 raise _Fallback
             push(pkl[pos + 1 : end].decode("utf-8", "strict"))
+            spans += (pos + 1, end)
             pos = end
         elif op == 0x6A:  # LONG_BINGET
             value = memo[_U32.unpack_from(pkl, pos)[0]]
             pos += 4
             if args_ids and id(value) in args_ids:
                 raise _Fallback
-            if value is rebuild_v2 or value is rebuild_v3:
+            if id(value) in wrapped:
                 fn_pushed += 1
             push(value)
         elif op == 0x72:  # LONG_BINPUT
@@ -968,71 +1020,80 @@ class _Plan:
 
 def _compile_plan(result: Any, src: _Source, rebuilt: dict[int, tuple[Any, ...]]) -> _Plan | None:
     """A plan that rebuilds ``result`` from another buffer, or None if it has other types."""
-    order = {id(st): i for i, st in enumerate(src.storages.values())}
     specs: list[tuple[str, torch.dtype, int, int]] = []
     for key, st in src.storages.items():
         elsize = _ELEMENT_SIZES[st.dtype]  # storage dtypes all come from this table
         specs.append((key, st.dtype, elsize, st.nbytes // elsize))
-    nodes: dict[int, tuple[Any, ...]] = {}
-    busy: set[int] = set()
-    slots = 0
+    builder = _PlanBuilder(src, rebuilt)
+    try:
+        root = builder.build(result, 0)
+    except _Fallback:
+        return None
+    return _Plan(root, builder.slots, specs)
 
-    def build(obj: Any, depth: int) -> tuple[Any, ...]:
-        nonlocal slots
+
+class _PlanBuilder:
+    """Turns a result into plan nodes; an object met twice gets one node (one slot)."""
+
+    def __init__(self, src: _Source, rebuilt: dict[int, tuple[Any, ...]]) -> None:
+        self.order = {id(st): i for i, st in enumerate(src.storages.values())}
+        self.rebuilt = rebuilt
+        self.nodes: dict[int, tuple[Any, ...]] = {}
+        self.busy: set[int] = set()
+        self.slots = 0
+
+    def build(self, obj: Any, depth: int) -> tuple[Any, ...]:
         t = type(obj)
         if t in _IMMUTABLE:
             return (_CONST, obj)
-        known = nodes.get(id(obj))
+        known = self.nodes.get(id(obj))
         if known is not None:
             return known
-        if id(obj) in busy or depth > 100:
+        if id(obj) in self.busy or depth > 100:
             raise _Fallback  # a cycle, or too deep: not planned
-        busy.add(id(obj))
-        slot = slots
-        slots += 1
+        self.busy.add(id(obj))
+        build = self.build
         if t is tuple:
             children = tuple(build(x, depth + 1) for x in obj)
             if all(c[0] == _CONST for c in children):
                 node: tuple[Any, ...] = (_CONST, obj)
-                slots -= 1
             else:
-                node = (_TUPLE, slot, children)
+                node = (_TUPLE, self._slot(), children)
         elif t is list:
-            node = (_LIST, slot, tuple(build(x, depth + 1) for x in obj))
+            node = (_LIST, self._slot(), tuple(build(x, depth + 1) for x in obj))
         elif t is dict or t is collections.OrderedDict:
-            node = (_DICT, slot, tuple((build(k, depth + 1), build(v, depth + 1)) for k, v in obj.items()), t)
+            pairs = tuple((build(k, depth + 1), build(v, depth + 1)) for k, v in obj.items())
+            node = (_DICT, self._slot(), pairs, t)
         elif t is torch.Tensor:
-            info = rebuilt.get(id(obj))
+            info = self.rebuilt.get(id(obj))
             if info is None or info[0] is not obj:
                 raise _Fallback
             _, st, dtype, offset, size, stride, requires_grad, hooks, metadata = info
             if type(hooks) is not collections.OrderedDict or type(metadata) not in (dict, type(None)):
                 raise _Fallback
+            hooks_node = build(hooks, depth + 1)
+            storage_index = self.order[id(st)]
             node = (
                 _TENSOR,
-                slot,
-                order[id(st)],
+                self._slot(),
+                storage_index,
                 dtype,
                 offset,
                 size,
                 stride,
                 requires_grad,
-                build(hooks, depth + 1),
+                hooks_node,
                 metadata,
             )
         else:
             raise _Fallback
-        busy.discard(id(obj))
-        nodes[id(obj)] = node
+        self.busy.discard(id(obj))
+        self.nodes[id(obj)] = node
         return node
 
-    try:
-        root = build(result, 0)
-    except _Fallback:
-        return None
-    finally:
-        del build  # break the recursive closure's reference cycle
-    return _Plan(root, slots, specs)
+    def _slot(self) -> int:
+        self.slots += 1
+        return self.slots - 1
 
 
 def _run_plan(plan: _Plan, src: _Source) -> Any:
@@ -1072,6 +1133,20 @@ def _replay_rebuild_v2(*args: Any) -> torch.Tensor:
 
 def _replay_rebuild_v3(*args: Any) -> torch.Tensor:
     return _rebuild(args, _REBUILD_V3, None)
+
+
+def _replay_encode(*args: Any) -> bytes:
+    """``_codecs.encode`` as the interpreter allows it: ``(str, "latin1")`` only."""
+    if len(args) != 2 or type(args[0]) is not str or args[1] != "latin1":
+        raise _Fallback
+    return args[0].encode("latin1")
+
+
+def _replay_bytearray(*args: Any) -> bytearray:
+    """``bytearray`` as the interpreter allows it: of ``bytes``, or of nothing."""
+    if len(args) > 1 or (args and type(args[0]) is not bytes):
+        raise _Fallback
+    return bytearray(*args)
 
 
 class _ReplayUnpickler(pickle.Unpickler):
@@ -1133,9 +1208,16 @@ def _fast_path(buf: bytes | bytearray | memoryview) -> Any:
     src = _Source(data, writable, records, lo, hi, tables)
     known = tables.known.get(pkl, _UNSET)
     if known is _UNSET:  # first sight
-        result, replayable = _unpickle(pkl, src, tables, None)
+        if tables.has_skeleton(pkl):  # another pickle like it but for literal values ran before
+            try:
+                return _replay(pkl, src)
+            except Exception:  # the interpreter decides (a fresh source: nothing of this is reused)
+                src = _Source(data, writable, records, lo, hi, tables)
+        literals: list[int] = []
+        result, replayable = _unpickle(pkl, src, tables, None, literals)
         if replayable:
             tables.remember(pkl, _SEEN_ONCE)
+            tables.add_skeleton(pkl, literals)
         return result
     if known is _SEEN_ONCE:  # second sight: a pickle that recurs; plan it
         rebuilt: dict[int, tuple[Any, ...]] = {}
@@ -1176,7 +1258,8 @@ def torch_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") 
                     first = line.strip()
                     break
             raise UnsafePayloadError(
-                f"the record's pickle asks for something torch.load(weights_only=True) refuses; it was not run ({first})"
+                "the record's pickle asks for something torch.load(weights_only=True) refuses; "
+                f"it was not run ({first})"
             ) from exc
         raise RecordDecodeError(f"the record is not a loadable torch.save buffer (UnpicklingError: {msg})") from exc
     except Exception as exc:

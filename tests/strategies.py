@@ -25,7 +25,8 @@ Helpers:
   leaf values bit for bit (``-0.0`` vs ``0.0`` and NaN payloads count), and for tensors:
   type (``Tensor``/``Parameter``), layout, dtype, shape, values, ``requires_grad``; with
   ``layout=True`` (the default) also stride, storage offset, the whole storage's size and
-  bytes, and which tensors share a storage or are the same object. Allowed globals (a function, a class, a storage type) must be the same object.
+  bytes, and which tensors share a storage or are the same object. Allowed globals (a
+  function, a class, a storage type) must be the same object.
 """
 
 from __future__ import annotations
@@ -103,7 +104,6 @@ def tensors(
     """One strided tensor (see the module docstring)."""
     dtype = draw(dtypes if dtypes is not None else st.sampled_from(DTYPES))
     shape = tuple(draw(st.lists(st.integers(0, max_side), max_size=max_dims)))
-    numel = math.prod(shape)
     elsize = torch.empty((), dtype=dtype).element_size()
     kind = draw(st.sampled_from(["plain", "transpose", "permute", "step", "narrow", "expand"])) if views else "plain"
     if kind == "step" and shape:
@@ -273,7 +273,7 @@ class _Comparer:
             return
         if self.layout:  # the same sharing of objects
             if id(a) in self.pairs:
-                assert self.pairs[id(a)] == id(b), f"{where}: the expected result shares this object, the other does not"
+                assert self.pairs[id(a)] == id(b), f"{where}: shared in the expected result, not in the other"
                 return
             assert id(b) not in self.pairs.values(), f"{where}: an object is shared that is not shared in the expected"
             self.pairs[id(a)] = id(b)
@@ -318,9 +318,9 @@ class _Comparer:
             assert tensor_bytes(a) == tensor_bytes(b), f"{where}: values differ"
             return
         assert a.stride() == b.stride(), f"{where}: stride {a.stride()} != {b.stride()}"
-        assert a.storage_offset() == b.storage_offset(), (
-            f"{where}: storage offset {a.storage_offset()} != {b.storage_offset()}"
-        )
+        assert (
+            a.storage_offset() == b.storage_offset()
+        ), f"{where}: storage offset {a.storage_offset()} != {b.storage_offset()}"
         assert a.is_leaf == b.is_leaf, f"{where}: is_leaf differs"
         sa, sb = a.untyped_storage(), b.untyped_storage()
         assert sa.nbytes() == sb.nbytes(), f"{where}: storage of {sa.nbytes()} bytes != {sb.nbytes()} bytes"

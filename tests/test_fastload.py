@@ -25,11 +25,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import assert_identical, samples, saved, sparse_tensors, tensors
+from strategies import assert_identical, samples, saved, tensors
 
 import tensorstore_pt as ts
 from tensorstore_pt import fastload
-from tensorstore_pt.fastload import _Fallback, _fast_path, fast_loads, torch_loads
+from tensorstore_pt.fastload import _Fallback, _fast_path, _unpickle, fast_loads
 from tensorstore_pt.serialization import loads
 
 PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -213,6 +213,32 @@ def test_a_recurring_pickle_gets_a_plan_or_a_replay():
             assert_identical(reference(buf), fast_loads(buf))
     assert isinstance(tables.known[data_pkl(planned)], fastload._Plan)
     assert tables.known[data_pkl(replayed)] is None  # sets and Parameters: the C unpickler replays
+
+
+def test_pickles_differing_only_in_literal_values_are_replayed(monkeypatch):
+    """Per-sample labels, ids and lengths change the pickle but not its skeleton."""
+    g = torch.Generator().manual_seed(0)
+    fastload._reset_caches()
+    bufs = [
+        saved({"tokens": torch.randint(0, 9, (10 + i,), generator=g), "label": i * 7 % 200, "id": f"s{i:04d}"})
+        for i in range(40)
+    ]
+    expected = [reference(b) for b in bufs]
+    assert_identical(expected[0], fast_loads(bufs[0]))  # interpreted; its skeleton is kept
+    calls = []
+    monkeypatch.setattr(fastload, "_unpickle", lambda *a, **k: calls.append(1) or _unpickle(*a, **k))
+    for want, buf in zip(expected[1:], bufs[1:]):
+        assert_identical(want, fast_loads(buf))
+    assert not calls, "the interpreter ran for pickles of a known skeleton"
+
+
+def test_a_skeleton_match_with_a_refused_value_falls_back():
+    """encode's codec name is a literal: "latin1" -> "rot_13" (same length) is not replayed."""
+    good = torch_zip(pickle.dumps([b"ab", 1], protocol=2))
+    for _ in range(2):
+        assert fast_loads(good) == [b"ab", 1]
+    bad = torch_zip(pickle.dumps([b"ab", 1], protocol=2).replace(b"latin1", b"rot_13"))
+    assert fast_loads(bad) == reference(bad) == ["no", 1]  # torch allows any codec; so does the fallback
 
 
 def test_a_rebuild_function_stored_as_a_value_is_never_replayed():
