@@ -43,15 +43,17 @@ How it decodes (the *fast path*):
    ``_backward_hooks`` as torch sets them. Tensors naming one storage key share the
    storage, as in torch.
 4. **Known buffers.** Records of one dataset share their zip layout and, mostly, their
-   pickle (shapes are in the pickle, values are not). A layout seen twice is kept as a
+   pickle (shapes are in the pickle, values are not). A layout seen 4 times is kept as a
    regular expression that matches its structural bytes literally and its variable spans
    (pickle, storages, CRC fields, serialization id) by length, so the next buffer's zip is
    checked by one C call. A pickle the interpreter ran to the end is kept (bounded: 4096
-   pickles, 32 MiB) with a *plan* that rebuilds its result (tuples, lists, dicts,
-   OrderedDicts, tensors, immutable leaves) without interpreting it again; other results
-   are replayed by the C unpickler, which takes the same steps on the same bytes
-   (:func:`_unpickle` explains why that is exact). The storage records of each buffer are
-   checked again either way.
+   pickles, 32 MiB); the second time it is seen it gets a *plan* that rebuilds its result
+   (tuples, lists, dicts, OrderedDicts, tensors, immutable leaves) without interpreting it
+   again; other results are replayed by the C unpickler, which takes the same steps on the
+   same bytes. A pickle that differs from a known one only in literal *values* (a label,
+   an id of the same length, a tensor length) is replayed by the C unpickler too. (Why
+   replay is exact: :func:`_unpickle`.) The storage records of each buffer are checked
+   again in every case.
 
 The *fallback* is ``torch.load(io.BytesIO(buf), weights_only=True, map_location=...)``.
 It runs whenever the fast path meets anything outside the subset above, whenever
@@ -285,14 +287,18 @@ def _check_records(data: Any, records: dict[str, tuple[int, int]]) -> None:
 
 # Buffers of one dataset share their zip layout: same record names, sizes and offsets;
 # only the pickle, the storage bytes, the CRC-32 fields and the serialization id differ.
-# After a layout has been fully parsed and checked twice, it is kept as a regular
-# expression that matches every structural byte literally and the variable spans by length
-# (``.{k}``; ``[\x00-\x7f]{k}`` for the serialization id, which torch decodes as text), so
-# a later buffer is checked by one C call. Keyed by the 98-byte zip tail, which holds the
-# buffer length, entry count and central directory offset. Bounded; thread safe (GIL).
+# A layout fully parsed and checked _COMPILE_AFTER times is kept as a regular expression
+# that matches every structural byte literally and the variable spans by length (``.{k}``;
+# ``[\x00-\x7f]{k}`` for the serialization id, which torch decodes as text), so a later
+# buffer is checked by one C call (~1 us instead of ~10 us). Compiling one costs ~0.5 ms,
+# hence the count. Keyed by the 98-byte zip tail, which holds the buffer length, entry
+# count and central directory offset. At most _MAX_LAYOUTS are kept (the first ones; no
+# eviction, so a dataset with very many layouts cannot make it compile over and over).
+# Thread safe (dict operations under the GIL).
 _LAYOUTS: dict[bytes, tuple[re.Pattern[bytes], dict[str, tuple[int, int]], int, int]] = {}
 _LAYOUTS_SEEN: dict[bytes, int] = {}
 _MAX_LAYOUTS = 256
+_COMPILE_AFTER = 4
 _MAX_LAYOUT_STRUCTURE_BYTES = 1 << 16
 
 
@@ -330,17 +336,17 @@ def _layout(data: Any, n: int) -> tuple[dict[str, tuple[int, int]], int, int]:
         return known[1], known[2], known[3]
     records, lo, hi, crcs = _parse_zip(data, n)
     _check_records(data, records)
-    if known is None:
-        if _LAYOUTS_SEEN.pop(tail, 0):
+    if known is None and len(_LAYOUTS) < _MAX_LAYOUTS:
+        seen = _LAYOUTS_SEEN.get(tail, 0) + 1
+        if seen < _COMPILE_AFTER:
+            if len(_LAYOUTS_SEEN) >= 16 * _MAX_LAYOUTS:
+                _LAYOUTS_SEEN.clear()
+            _LAYOUTS_SEEN[tail] = seen
+        else:
+            _LAYOUTS_SEEN.pop(tail, None)
             pattern = _layout_pattern(data, n, records, crcs)
             if pattern is not None:
-                if len(_LAYOUTS) >= _MAX_LAYOUTS:
-                    _LAYOUTS.clear()
                 _LAYOUTS[tail] = (pattern, records, lo, hi)
-        else:
-            if len(_LAYOUTS_SEEN) >= 4 * _MAX_LAYOUTS:
-                _LAYOUTS_SEEN.clear()
-            _LAYOUTS_SEEN[tail] = 1
     return records, lo, hi
 
 
