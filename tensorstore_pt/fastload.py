@@ -43,7 +43,7 @@ How it decodes (the *fast path*):
    ``_backward_hooks`` as torch sets them. Tensors naming one storage key share the
    storage, as in torch.
 4. **Known buffers.** Records of one dataset share their zip layout and, mostly, their
-   pickle (shapes are in the pickle, values are not). A layout seen 4 times is kept as a
+   pickle (shapes are in the pickle, values are not). A layout seen 32 times is kept as a
    regular expression that matches its structural bytes literally and its variable spans
    (pickle, storages, CRC fields, serialization id) by length, so the next buffer's zip is
    checked by one C call. A pickle the interpreter ran to the end is kept (bounded: 4096
@@ -290,15 +290,17 @@ def _check_records(data: Any, records: dict[str, tuple[int, int]]) -> None:
 # A layout fully parsed and checked _COMPILE_AFTER times is kept as a regular expression
 # that matches every structural byte literally and the variable spans by length (``.{k}``;
 # ``[\x00-\x7f]{k}`` for the serialization id, which torch decodes as text), so a later
-# buffer is checked by one C call (~1 us instead of ~10 us). Compiling one costs ~0.5 ms,
-# hence the count. Keyed by the 98-byte zip tail, which holds the buffer length, entry
-# count and central directory offset. At most _MAX_LAYOUTS are kept (the first ones; no
+# buffer is checked by one C call (~1 us instead of ~10-20 us). Compiling one costs about
+# 0.5-1 ms, which pays off after ~50 uses, hence the count: a dataset whose layouts vary
+# (tensors of many lengths) does not compile a pattern for layouts it meets a few times.
+# Keyed by the 98-byte zip tail, which holds the buffer length, entry count and central
+# directory offset. At most _MAX_LAYOUTS are kept (the first ones; no
 # eviction, so a dataset with very many layouts cannot make it compile over and over).
 # Thread safe (dict operations under the GIL).
 _LAYOUTS: dict[bytes, tuple[re.Pattern[bytes], dict[str, tuple[int, int]], int, int]] = {}
 _LAYOUTS_SEEN: dict[bytes, int] = {}
 _MAX_LAYOUTS = 256
-_COMPILE_AFTER = 4
+_COMPILE_AFTER = 32
 _MAX_LAYOUT_STRUCTURE_BYTES = 1 << 16
 
 

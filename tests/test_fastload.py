@@ -70,6 +70,12 @@ def data_pkl(buf: bytes) -> bytes:
 # --------------------------------------------------------------------------- properties
 
 
+@pytest.fixture(autouse=True)
+def _compile_layouts_soon(monkeypatch):
+    """Layout patterns after 2 sightings instead of 32, so that the tests exercise them."""
+    monkeypatch.setattr(fastload, "_COMPILE_AFTER", 2)
+
+
 @PROPERTY
 @given(samples(extras=True))
 def test_same_as_torch_load_on_every_input_kind_and_cache_state(sample):
