@@ -12,7 +12,7 @@ No timing assertions anywhere: this script only prints.
 Loaders:
   torch.load   torch.load(io.BytesIO(buf), weights_only=True)
   fast         fast_loads(buf) with its caches warm (layout pattern and pickle plan known,
-               as after the first records of a store)
+               as after the first records of a store; for case e: pickle skeleton known)
   fast cold    fast_loads(buf) after clearing those caches before every call (first sight:
                full zip parse and pickle interpretation)
   fast bytearray  fast_loads(bytearray) for case (d): no copy of the storage
@@ -112,9 +112,8 @@ def run(rounds: int, pool: int, clock: str = "cpu") -> dict[str, dict[str, float
         if big:
             arrays = [[bytearray(b) for b in bufs] for _ in range(rounds + 1)]
             loaders["fast bytearray"] = (fast_loads, [])
-        for b in bufs:  # warm: first sight, second sight (caches fill), torch's lazy imports
-            for _ in range(3):
-                fast_loads(b)
+        for b in bufs:  # warm up: torch's lazy imports, fastload's tables
+            fast_loads(b)
             torch.load(io.BytesIO(b), weights_only=True)
         times: dict[str, list[float]] = {k: [] for k in loaders}
         for r in range(rounds):
@@ -122,9 +121,9 @@ def run(rounds: int, pool: int, clock: str = "cpu") -> dict[str, dict[str, float
                 if label == "fast bytearray":
                     data = arrays[r]  # a fresh buffer each time: fast_loads takes ownership
                 if label in ("fast", "fast bytearray"):
-                    for b in bufs[:2]:
-                        for _ in range(2):
-                            fast_loads(b)  # the cold loader cleared the caches: refill them
+                    for _ in range(fastload._COMPILE_AFTER):  # the cold loader cleared the caches:
+                        for b in bufs[:2]:  # refill them as the first records of a store do
+                            fast_loads(b)
                 times[label].append(_per_sample_us(fn, data))
         med = {k: statistics.median(v) for k, v in times.items()}
         results[name] = med

@@ -418,12 +418,27 @@ class _Storage:
             elsize = _ELEMENT_SIZES.get(dtype)
             if elsize is None or self.nbytes % elsize:
                 raise _Fallback
-            t = torch.frombuffer(self.base, dtype=dtype, count=self.nbytes // elsize, offset=self.offset)
+            count = self.nbytes // elsize
+            t = torch.frombuffer(self.base, dtype=dtype, count=count, offset=self.offset)
             if t.data_ptr() % elsize:  # a misaligned buffer: this storage gets an aligned copy
                 copy = bytearray(memoryview(self.base)[self.offset : self.offset + self.nbytes])
                 t = torch.frombuffer(copy, dtype=dtype)
                 if t.data_ptr() % elsize:
                     raise _Fallback
+            self.tensor = t
+            if (  # the whole storage as a 1-D tensor: frombuffer made exactly what set_ would
+                type(offset) is int
+                and offset == 0
+                and type(size) is tuple
+                and len(size) == 1
+                and type(size[0]) is int
+                and size[0] == count
+                and type(stride) is tuple
+                and len(stride) == 1
+                and type(stride[0]) is int
+                and stride[0] == 1
+            ):
+                return t
         self.tensor = t
         return t.set_(t, offset, size, stride)
 
