@@ -413,38 +413,40 @@ class _Storage:
         if self.nbytes == 0:
             if _empty_storage is None:
                 raise _Fallback
-            t = torch.empty((0,), dtype=dtype).set_(_empty_storage(0, _CPU, 0), 0, (0,), (1,))
-        else:
-            elsize = _ELEMENT_SIZES.get(dtype)
-            if elsize is None or self.nbytes % elsize:
-                raise _Fallback
-            count = self.nbytes // elsize
-            t = torch.frombuffer(self.base, dtype=dtype, count=count, offset=self.offset)
-            if t.data_ptr() % elsize:  # a misaligned buffer: this storage gets an aligned copy
-                copy = bytearray(memoryview(self.base)[self.offset : self.offset + self.nbytes])
-                t = torch.frombuffer(copy, dtype=dtype)
-                if t.data_ptr() % elsize:
-                    raise _Fallback
+            t = torch.empty((0,), dtype=dtype).set_(_empty_storage(0, _CPU, 0), offset, size, stride)
             self.tensor = t
-            if (  # the whole storage as a 1-D tensor: frombuffer made exactly what set_ would
-                type(offset) is int
-                and offset == 0
-                and type(size) is tuple
-                and len(size) == 1
-                and type(size[0]) is int
-                and size[0] == count
-                and type(stride) is tuple
-                and len(stride) == 1
-                and type(stride[0]) is int
-                and stride[0] == 1
-            ):
-                return t
+            return t
+        elsize = _ELEMENT_SIZES.get(dtype)
+        if elsize is None or self.nbytes % elsize:
+            raise _Fallback
+        count = self.nbytes // elsize
+        t = torch.frombuffer(self.base, dtype=dtype, count=count, offset=self.offset)
+        if t.data_ptr() % elsize:  # a misaligned buffer: this storage gets an aligned copy
+            copy = bytearray(memoryview(self.base)[self.offset : self.offset + self.nbytes])
+            t = torch.frombuffer(copy, dtype=dtype)
+            if t.data_ptr() % elsize:
+                raise _Fallback
         self.tensor = t
+        if (  # the whole storage as a 1-D tensor: frombuffer made what set_ would make
+            type(offset) is int
+            and offset == 0
+            and type(size) is tuple
+            and len(size) == 1
+            and type(size[0]) is int
+            and size[0] == count
+            and type(stride) is tuple
+            and len(stride) == 1
+            and type(stride[0]) is int
+            and stride[0] == 1
+        ):
+            _increment_version(t)  # as set_ would: torch.load's tensors are at version 1
+            return t
         return t.set_(t, offset, size, stride)
 
 
 # torch's own empty record storage: no data, 0 bytes, not resizable (None if this torch lacks it)
 _empty_storage = getattr(torch._C, "_construct_storage_from_data_pointer", None)
+_increment_version = torch.autograd.graph.increment_version
 _CPU = torch.device("cpu")
 
 

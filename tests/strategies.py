@@ -322,6 +322,7 @@ class _Comparer:
             a.storage_offset() == b.storage_offset()
         ), f"{where}: storage offset {a.storage_offset()} != {b.storage_offset()}"
         assert a.is_leaf == b.is_leaf, f"{where}: is_leaf differs"
+        assert a._version == b._version, f"{where}: version counter {a._version} != {b._version}"
         sa, sb = a.untyped_storage(), b.untyped_storage()
         assert sa.nbytes() == sb.nbytes(), f"{where}: storage of {sa.nbytes()} bytes != {sb.nbytes()} bytes"
         assert _storage_bytes(a) == _storage_bytes(b), f"{where}: storage bytes differ"
