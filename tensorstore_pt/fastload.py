@@ -1122,7 +1122,8 @@ class _PlanBuilder:
 
 
 def _run_plan(plan: _Plan, src: _Source) -> Any:
-    storages = [src.storage(key, dtype, elsize, numel) for key, dtype, elsize, numel in plan.storages]
+    storage = src.storage
+    storages = [storage(key, dtype, elsize, numel) for key, dtype, elsize, numel in plan.storages]
     return _run_node(plan.root, [_UNSET] * plan.slots, storages)
 
 
@@ -1135,11 +1136,20 @@ def _run_node(node: tuple[Any, ...], memo: list[Any], storages: list[_Storage]) 
     value = memo[node[1]]
     if value is not _UNSET:
         return value
-    if kind == _TENSOR:
+    if kind == _TENSOR:  # _make_tensor, inlined
         _, _, si, dtype, offset, size, stride, requires_grad, hooks, metadata = node
-        value = _make_tensor(
-            storages[si], dtype, offset, size, stride, requires_grad, _run_node(hooks, memo, storages), metadata
-        )
+        value = storages[si].rebuild(dtype, offset, size, stride)
+        if requires_grad is not False:
+            value.requires_grad = requires_grad
+        if metadata:
+            torch._utils.set_tensor_metadata(value, metadata)
+        if hooks[0] == _DICT and not hooks[2]:  # the usual empty OrderedDict
+            h = memo[hooks[1]]
+            if h is _UNSET:
+                h = memo[hooks[1]] = hooks[3]()
+            value._backward_hooks = h
+        else:
+            value._backward_hooks = _run_node(hooks, memo, storages)
     elif kind == _TUPLE:
         value = tuple([_run_node(c, memo, storages) for c in node[2]])
     elif kind == _LIST:
@@ -1318,7 +1328,7 @@ def fast_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") -
     Thread safety: safe from many threads. Peak memory: the input plus, for ``bytes``, one
     copy of the storage records.
     """
-    if _is_cpu(map_location):
+    if (type(map_location) is str and map_location == "cpu") or _is_cpu(map_location):
         try:
             return _fast_path(buf)
         except UnsafePayloadError:
