@@ -25,6 +25,7 @@ working for callers who do not know this package::
         ├── ShardSizeError                         shard file size differs from the index
         ├── ChecksumMismatchError                  xxh3_64 digest differs
         ├── RecordLengthError                      decompressed length differs from the index
+        ├── RecordDecodeError                      a record is not a loadable torch.save buffer
         └── DecompressionError                     the codec rejected a frame
 
 Messages say what failed and where (store, shard, record), what was expected and what was
@@ -43,6 +44,7 @@ __all__ = [
     "MissingShardError",
     "NotARegularFileError",
     "NotAStoreError",
+    "RecordDecodeError",
     "RecordIndexError",
     "RecordLengthError",
     "ShardFormatError",
@@ -141,6 +143,10 @@ class ChecksumMismatchError(CorruptStoreError):
 
 class RecordLengthError(CorruptStoreError):
     """A record's decompressed (raw) length differs from the length in the index."""
+
+
+class RecordDecodeError(CorruptStoreError):
+    """A record's bytes are not a loadable ``torch.save`` buffer (bad zip layout or pickle)."""
 
 
 class DecompressionError(CorruptStoreError):

@@ -16,7 +16,8 @@ Writing (:func:`dumps`):
    non-overlapping strides (e.g. a transpose) are kept; other views become contiguous.
 3. ``torch.save`` into memory (never a file, so the bytes do not depend on a file name).
 
-Reading (:func:`loads`) is ``torch.load(weights_only=True)`` over the buffer.
+Reading (:func:`loads`) gives what ``torch.load(weights_only=True)`` gives, through the fast
+decoder in :mod:`tensorstore_pt.fastload` (which falls back to ``torch.load``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from __future__ import annotations
 import collections
 import io
 import json
-import pickle
 from typing import Any
 
 import torch
 
-from .errors import UnsafePayloadError, UnsupportedSampleError
+from .errors import UnsupportedSampleError
+from .fastload import fast_loads
 
 __all__ = ["check_sample", "compact", "dumps", "loads"]
 
@@ -186,26 +187,16 @@ def dumps(sample: Any) -> bytes:
 
 
 def loads(raw: bytes | bytearray | memoryview, map_location: Any = "cpu") -> Any:
-    """Load one ``torch.save`` buffer with ``weights_only=True``.
+    """Load one ``torch.save`` buffer as ``torch.load(weights_only=True)`` would.
+
+    Uses :func:`tensorstore_pt.fastload.fast_loads`: a direct decoder for the buffers
+    ``torch.save`` writes that falls back to ``torch.load`` for anything else. A
+    ``bytearray`` is aliased by the returned tensors (hand it over); ``bytes`` are copied.
 
     Raises:
         UnsafePayloadError: If the pickle references a global outside torch's weights-only
             allow-list (the payload is not run).
-        DecompressionError: Never; see the reader for frame errors.
-        pickle.UnpicklingError / RuntimeError: For buffers that are not torch.save output;
-            the reader wraps these as :class:`~tensorstore_pt.errors.CorruptStoreError`.
+        RecordDecodeError: For buffers that torch.load cannot load (a
+            :class:`~tensorstore_pt.errors.CorruptStoreError`; the cause is chained).
     """
-    try:
-        return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        if "Weights only load failed" in msg or "Unsupported global" in msg or "unsupported" in msg.lower():
-            first = msg.strip().splitlines()[0] if msg.strip() else msg
-            for line in msg.splitlines():
-                if "Unsupported" in line or "GLOBAL" in line:
-                    first = line.strip()
-                    break
-            raise UnsafePayloadError(
-                f"the record's pickle asks for something torch.load(weights_only=True) refuses; it was not run ({first})"
-            ) from exc
-        raise
+    return fast_loads(raw, map_location)

@@ -1,0 +1,1338 @@
+"""A fast, safe decoder for ``torch.save`` buffers (the record format of a store).
+
+``torch.load(weights_only=True)`` spends most of its time outside the data: a C++ zip
+reader, a pure-Python unpickler that re-checks each opcode against lists, and a
+``TypedStorage`` and a copy per storage. For the small samples of a dataset that is
+100-300 us per record, while decompression takes a few. :func:`fast_loads` returns the same
+objects in 10-30 us (see benchmarks/fastload_micro.py).
+
+How it decodes (the *fast path*):
+
+1. **Zip.** The directory is parsed straight from the buffer: end of central directory,
+   the zip64 locator and record that ``torch.save`` always writes, every central
+   directory entry and its local header, each offset and length checked against the
+   buffer. Only the exact layout ``torch.save`` (miniz) writes is accepted: records stored
+   (method 0) back to back from offset 0 in directory order, each followed by its data
+   descriptor; flags, versions, times and attributes as miniz writes them (a set DOS
+   directory bit, say, makes miniz skip a record); no comments, no zip64 sizes; one
+   ``<archive>/`` folder holding ``data.pkl``, ``version`` (``b"3\n"``), ``byteorder``
+   (``b"little"``), ``data/<digits>`` and optionally ``.format_version``,
+   ``.storage_alignment`` (digits) and ``.data/serialization_id`` (ASCII). A record's data
+   starts where its local header says (after the 64-byte alignment padding), as in
+   torch's reader. CRC-32 fields are not checked: torch's reader does not check them.
+2. **Pickle.** ``data.pkl`` runs in a small interpreter, a port of torch's weights-only
+   unpickler (torch/_weights_only_unpickler.py) restricted further: the same opcodes minus
+   ``BUILD`` and ``NEWOBJ``, the same container rules (``APPEND`` only to a ``list``,
+   ``SETITEM`` only to a ``dict``, ``OrderedDict`` or ``Counter``), the same ``MARK``
+   frames. ``GLOBAL`` resolves through torch's own allow-list (``_get_allowed_globals()``);
+   a name outside it, or in a blocked module such as ``os``, raises
+   :class:`~tensorstore_pt.errors.UnsafePayloadError` at once, before anything in the
+   pickle is called. ``REDUCE`` calls only these allowed callables:
+   ``_rebuild_tensor_v2``/``_v3`` (done here, see 3.), ``_rebuild_parameter``,
+   ``OrderedDict``, ``Counter``, ``set``, ``complex``, ``torch.Size``, ``torch.device``,
+   ``bytearray`` (of ``bytes``, or empty) and ``_codecs.encode`` (only as
+   ``(str, "latin1")``, the form pickle uses for ``bytes``). A storage from
+   ``persistent_load`` may only reach a tensor rebuild. Everything else torch allows
+   (sparse, quantized, nested and subclass tensors, legacy tensor types, ``BUILD``
+   state, bare storages, globals added with ``torch.serialization.add_safe_globals``) is
+   left to the *fallback*.
+3. **Tensors** are built over the buffer without a copy: one ``torch.frombuffer`` per
+   storage record (the storage is exactly the record's bytes and, like torch's, not
+   resizable), then ``set_`` with the pickled offset, size and stride exactly as
+   ``torch._utils._rebuild_tensor`` does, then ``requires_grad``, metadata and
+   ``_backward_hooks`` as torch sets them. Tensors naming one storage key share the
+   storage, as in torch.
+4. **Known buffers.** Records of one dataset share their zip layout and, mostly, their
+   pickle (shapes are in the pickle, values are not). A layout seen 32 times is kept as a
+   regular expression that matches its structural bytes literally and its variable spans
+   (pickle, storages, CRC fields, serialization id) by length, so the next buffer's zip is
+   checked by one C call. A pickle the interpreter ran to the end is kept (bounded: 4096
+   pickles, 32 MiB); the second time it is seen it gets a *plan* that rebuilds its result
+   (tuples, lists, dicts, OrderedDicts, tensors, immutable leaves) without interpreting it
+   again; other results are replayed by the C unpickler, which takes the same steps on the
+   same bytes. A pickle that differs from a known one only in literal *values* (a label,
+   an id of the same length, a tensor length) is replayed by the C unpickler too. (Why
+   replay is exact: :func:`_unpickle`.) The storage records of each buffer are checked
+   again in every case.
+
+The *fallback* is ``torch.load(io.BytesIO(buf), weights_only=True, map_location=...)``.
+It runs whenever the fast path meets anything outside the subset above, whenever
+``map_location`` is not the CPU, and whenever torch state would change what ``torch.load``
+does (a dispatch or function mode such as ``FakeTensorMode`` or ``with torch.device(...)``,
+a compile tracing context, ``torch.serialization.skip_data``). The fast path has no side
+effects before it gives up (it builds tensors over the buffer and calls the pure callables
+above), so the fallback sees the same world.
+
+The contract: when the fast path returns, ``torch.load`` returns an identical result (same
+types, dtypes, shapes, strides, storage offsets, storage sizes and bytes,
+``requires_grad``, sharing of objects and storages); when ``torch.load`` refuses, this
+raises. Known differences: the global ``torch.utils.serialization.config.load.mmap``
+switch, with which ``torch.load`` refuses every in-memory buffer, is ignored by the fast
+path; and for some broken zips the fast path does not accept, ``torch.load`` itself (so
+the fallback) returns uninitialized memory as record contents (miniz skips a record it
+takes for a directory) -- records of a store are checksummed before they get here.
+
+Errors (what :func:`fast_loads` raises):
+
+* :class:`~tensorstore_pt.errors.UnsafePayloadError` -- the pickle names a global outside
+  torch's weights-only allow-list, or torch's weights-only unpickler refused the buffer
+  (any ``UnpicklingError`` of torch.load: an opcode it does not support, a ``BUILD`` or
+  ``APPEND`` on a type it does not allow... This includes a buffer that is not a zip at
+  all, which torch reads as its legacy format). Nothing from the pickle is run.
+* :class:`~tensorstore_pt.errors.RecordDecodeError` (a ``CorruptStoreError``) -- any
+  other buffer ``torch.load`` cannot load: a broken zip, a truncated pickle, a storage
+  record of the wrong size... The exception from torch is chained (``__cause__``).
+
+Buffer ownership and writability:
+
+* ``bytes`` (or a read-only ``memoryview``): the storage records are copied once, as one
+  block, into a new ``bytearray`` that the returned tensors share. The tensors are writable,
+  like torch.load's, and writing to them never touches the input or other results.
+* ``bytearray`` (or a writable ``memoryview``): *no copy*; the returned tensors alias the
+  buffer (writing a tensor writes the buffer, and changing the buffer changes the
+  tensors). Hand the buffer over: do not reuse or modify it while the tensors live. The
+  tensors hold a ``memoryview`` of it, so it stays alive as long as they do and cannot be
+  resized meanwhile (``BufferError``). A storage whose address is not a multiple of its
+  element size is copied to aligned memory.
+
+Thread safety: safe from many threads (the caches are dicts updated atomically under the
+GIL; results share no mutable object). Fork/spawn safe: no handles, no threads. Memory:
+the caches hold at most 256 layouts (patterns of at most 64 KiB of structure) and 32 MiB
+of pickles with their plans.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import re
+import struct
+import sys
+from typing import Any
+
+import torch
+import torch._guards
+import torch.serialization
+
+from .errors import RecordDecodeError, UnsafePayloadError
+
+__all__ = ["fast_loads", "torch_loads"]
+
+
+class _Fallback(Exception):
+    """Internal: the fast path does not handle this buffer; let torch.load decide."""
+
+
+# --------------------------------------------------------------------------- zip layout
+
+_EOCD = struct.Struct("<4sHHHHIIH")  # 22 bytes: end of central directory
+_LOC64 = struct.Struct("<4sIQI")  # 20 bytes: zip64 end of central directory locator
+_EOCD64 = struct.Struct("<4sQHHIIQQQQ")  # 56 bytes: zip64 end of central directory record
+_CDH = struct.Struct("<4sHHHHHHIIIHHHHHII")  # 46 bytes: central directory file header
+_LFH = struct.Struct("<4s22xHH")  # 30 bytes: local file header (signature, name and extra lengths)
+
+_SIG_LFH = b"PK\x03\x04"
+_SIG_CDH = b"PK\x01\x02"
+_SIG_EOCD = b"PK\x05\x06"
+_SIG_LOC64 = b"PK\x06\x07"
+_SIG_EOCD64 = b"PK\x06\x06"
+# What torch.save (miniz) writes, pinned: general purpose flags 0x0808 (bit 3: CRC and sizes
+# in a data descriptor after the data, bit 11: UTF-8 name) or 0x0800 for an empty record;
+# zero versions, times, dates and attributes; a local header with zero CRC and sizes.
+_LFH_FIXED = {flags: b"\0\0" + struct.pack("<H", flags) + bytes(18) for flags in (0x0808, 0x0800)}
+_EOCD64_VERSIONS = (0x031E, 45)  # "version made by" and "needed" of the zip64 record
+_TAIL_BYTES = _EOCD.size + _LOC64.size + _EOCD64.size  # 98
+_KNOWN_RECORDS = frozenset(
+    ["data.pkl", "version", "byteorder", ".format_version", ".storage_alignment", ".data/serialization_id"]
+)
+
+
+def _parse_zip(data: Any, n: int) -> tuple[dict[str, tuple[int, int]], int, int, list[int]]:
+    """Map each record name (without the archive folder) to ``(data_start, nbytes)``.
+
+    Also returns the half-open byte range ``[lo, hi)`` spanned by the ``data/<key>``
+    storage records (``lo == hi`` when there are none) and the offsets of the 4-byte
+    CRC-32 fields (central directory and data descriptors; torch's reader ignores them).
+    Raises ``_Fallback`` for anything that is not the exact layout torch.save writes.
+    """
+    if n < _TAIL_BYTES + _LFH.size or data[:4] != _SIG_LFH:
+        raise _Fallback
+    sig, disk, cd_disk, n_disk, n_total, cd_size32, cd_off32, comment = _EOCD.unpack_from(data, n - 22)
+    if sig != _SIG_EOCD or disk or cd_disk or comment or n_disk != n_total:
+        raise _Fallback
+    sig, z_disk, z_off, z_disks = _LOC64.unpack_from(data, n - 42)
+    z_at = n - _TAIL_BYTES
+    if sig != _SIG_LOC64 or z_disk or z_disks != 1 or z_off != z_at:
+        raise _Fallback
+    sig, rec_size, made, need, disk, cd_disk, n_disk64, entries, cd_size, cd_off = _EOCD64.unpack_from(data, z_at)
+    if (
+        sig != _SIG_EOCD64
+        or (made, need) != _EOCD64_VERSIONS
+        or rec_size != 44
+        or disk
+        or cd_disk
+        or n_disk64 != entries
+        or cd_off + cd_size != z_at
+        or n_total not in (entries, 0xFFFF)
+        or cd_size32 not in (cd_size, 0xFFFFFFFF)
+        or cd_off32 not in (cd_off, 0xFFFFFFFF)
+        or entries == 0
+    ):
+        raise _Fallback
+    records: dict[str, tuple[int, int]] = {}
+    prefix = b""
+    pos = cd_off
+    expected_lho = 0  # records lie back to back in directory order, the first at offset 0
+    lo = hi = -1
+    crcs: list[int] = []
+    cdh = _CDH.unpack_from
+    lfh = _LFH.unpack_from
+    for _ in range(entries):
+        if pos + 46 > z_at:
+            raise _Fallback
+        sig, _made, _need, flags, method, _t, _d, _crc, csize, usize, nlen, elen, clen, disk, _ia, _ea, lho = cdh(
+            data, pos
+        )
+        name_end = pos + 46 + nlen
+        if (
+            sig != _SIG_CDH
+            or (flags != 0x0808 and flags != 0x0800)
+            or _made
+            or _need
+            or method
+            or _t
+            or _d
+            or _ia
+            or _ea  # miniz reads bit 4 (DOS directory) and then extracts nothing
+            or csize != usize
+            or csize == 0xFFFFFFFF
+            or elen
+            or clen
+            or disk
+            or lho != expected_lho
+            or name_end > z_at
+            or lho + 30 > cd_off
+        ):
+            raise _Fallback
+        name = bytes(data[pos + 46 : name_end])
+        crcs.append(pos + 16)
+        pos = name_end
+        lsig, lnlen, lelen = lfh(data, lho)
+        start = lho + 30 + lnlen + lelen  # where torch's reader starts the data, too
+        end = start + csize
+        if (
+            lsig != _SIG_LFH
+            or lnlen != nlen
+            or end > cd_off
+            or data[lho + 30 : lho + 30 + nlen] != name
+            or data[lho + 4 : lho + 26] != _LFH_FIXED[flags]
+        ):
+            raise _Fallback
+        # bit 3: a 16-byte data descriptor (signature, CRC-32, sizes) follows the data
+        if flags & 8:
+            crcs.append(end + 4)
+            expected_lho = end + 16
+        else:
+            expected_lho = end
+        if not prefix:
+            slash = name.find(b"/")
+            if slash <= 0:
+                raise _Fallback
+            prefix = name[: slash + 1]
+        elif not name.startswith(prefix):
+            raise _Fallback
+        rel = name[len(prefix) :].decode("ascii")  # UnicodeDecodeError -> fallback
+        if rel.startswith("data/"):
+            key = rel[5:]
+            if not (key.isdigit() and key.isascii()):
+                raise _Fallback
+            if lo < 0:
+                lo = start
+            hi = end
+        elif rel not in _KNOWN_RECORDS:
+            raise _Fallback
+        if rel in records:
+            raise _Fallback
+        records[rel] = (start, csize)
+    if pos != z_at or expected_lho != cd_off:
+        raise _Fallback
+    if lo < 0:
+        lo = hi = 0
+    return records, lo, hi, crcs
+
+
+def _record(data: Any, records: dict[str, tuple[int, int]], name: str) -> bytes | None:
+    rec = records.get(name)
+    if rec is None:
+        return None
+    return bytes(data[rec[0] : rec[0] + rec[1]])
+
+
+def _check_records(data: Any, records: dict[str, tuple[int, int]]) -> None:
+    """The small records torch.load reads and validates; raise ``_Fallback`` if any is odd."""
+    if _record(data, records, "version") != b"3\n":
+        raise _Fallback
+    if sys.byteorder != "little" or _record(data, records, "byteorder") != b"little":
+        raise _Fallback
+    align = _record(data, records, ".storage_alignment")
+    if align is not None and not (align.isdigit() and align.isascii()):
+        raise _Fallback
+    sid = _record(data, records, ".data/serialization_id")
+    if sid is not None and not sid.isascii():
+        raise _Fallback
+    if "data.pkl" not in records:
+        raise _Fallback
+
+
+# Buffers of one dataset share their zip layout: same record names, sizes and offsets;
+# only the pickle, the storage bytes, the CRC-32 fields and the serialization id differ.
+# A layout fully parsed and checked _COMPILE_AFTER times is kept as a regular expression
+# that matches every structural byte literally and the variable spans by length (``.{k}``;
+# ``[\x00-\x7f]{k}`` for the serialization id, which torch decodes as text), so a later
+# buffer is checked by one C call (~1 us instead of ~10-20 us). Compiling one costs about
+# 0.5-1 ms, which pays off after ~50 uses, hence the count: a dataset whose layouts vary
+# (tensors of many lengths) does not compile a pattern for layouts it meets a few times.
+# Keyed by the 98-byte zip tail, which holds the buffer length, entry count and central
+# directory offset. At most _MAX_LAYOUTS are kept (the first ones; no
+# eviction, so a dataset with very many layouts cannot make it compile over and over).
+# Thread safe (dict operations under the GIL).
+_LAYOUTS: dict[bytes, tuple[re.Pattern[bytes], dict[str, tuple[int, int]], int, int]] = {}
+_LAYOUTS_SEEN: dict[bytes, int] = {}
+_MAX_LAYOUTS = 256
+_COMPILE_AFTER = 32
+_MAX_LAYOUT_STRUCTURE_BYTES = 1 << 16
+
+
+def _layout_pattern(
+    data: Any, n: int, records: dict[str, tuple[int, int]], crcs: list[int]
+) -> re.Pattern[bytes] | None:
+    spans: list[tuple[int, int, bool]] = [(p, 4, False) for p in crcs]
+    for rel, (start, size) in records.items():
+        if rel == "data.pkl" or rel.startswith("data/"):
+            spans.append((start, size, False))
+        elif rel == ".data/serialization_id":
+            spans.append((start, size, True))
+    spans.sort()
+    parts: list[bytes] = []
+    cur = fixed = 0
+    for start, size, text in spans:
+        if size == 0:
+            continue
+        parts.append(re.escape(bytes(data[cur:start])))
+        parts.append(b"[\\x00-\\x7f]{%d}" % size if text else b".{%d}" % size)
+        fixed += start - cur
+        cur = start + size
+    parts.append(re.escape(bytes(data[cur:n])))
+    fixed += n - cur
+    if fixed > _MAX_LAYOUT_STRUCTURE_BYTES:
+        return None
+    return re.compile(b"".join(parts), re.DOTALL)
+
+
+def _layout(data: Any, n: int) -> tuple[dict[str, tuple[int, int]], int, int]:
+    """``(records, lo, hi)`` of :func:`_parse_zip` for a buffer that passed every check."""
+    tail = bytes(data[n - _TAIL_BYTES : n]) if n >= _TAIL_BYTES else b""
+    known = _LAYOUTS.get(tail)
+    if known is not None and known[0].fullmatch(data) is not None:
+        return known[1], known[2], known[3]
+    records, lo, hi, crcs = _parse_zip(data, n)
+    _check_records(data, records)
+    if known is None and len(_LAYOUTS) < _MAX_LAYOUTS:
+        seen = _LAYOUTS_SEEN.get(tail, 0) + 1
+        if seen < _COMPILE_AFTER:
+            if len(_LAYOUTS_SEEN) >= 16 * _MAX_LAYOUTS:
+                _LAYOUTS_SEEN.clear()
+            _LAYOUTS_SEEN[tail] = seen
+        else:
+            _LAYOUTS_SEEN.pop(tail, None)
+            pattern = _layout_pattern(data, n, records, crcs)
+            if pattern is not None:
+                _LAYOUTS[tail] = (pattern, records, lo, hi)
+    return records, lo, hi
+
+
+# --------------------------------------------------------------------------- storages
+
+# dtype -> element size in bytes, for the dtypes the fast path builds directly.
+_ELEMENT_SIZES: dict[torch.dtype, int] = {
+    dt: torch.empty((0,), dtype=dt).element_size()
+    for dt in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.complex64,
+        torch.complex128,
+        torch.bool,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        *(
+            getattr(torch, name)
+            for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+            if hasattr(torch, name)
+        ),
+    )
+}
+
+
+class _Storage:
+    """One ``data/<key>`` record: what torch's ``persistent_load`` returns, made lazily.
+
+    It only ever reaches ``_rebuild_tensor_v2``/``_v3``; the interpreter falls back if it
+    (or an argument tuple holding it) would go anywhere else.
+    """
+
+    __slots__ = ("base", "dtype", "nbytes", "offset", "tensor")
+
+    def __init__(self, base: Any, offset: int, nbytes: int, dtype: torch.dtype) -> None:
+        self.base = base
+        self.offset = offset
+        self.nbytes = nbytes
+        self.dtype = dtype
+        self.tensor: torch.Tensor | None = None
+
+    def rebuild(self, dtype: torch.dtype, offset: Any, size: Any, stride: Any) -> torch.Tensor:
+        """What ``torch._utils._rebuild_tensor`` returns for this storage.
+
+        The first tensor is made by ``torch.frombuffer`` over the record's bytes (so its
+        storage is exactly the record) and restrided in place with ``set_``; later tensors
+        on the same storage are ``torch.empty((0,)).set_(storage, ...)`` as in torch.
+        """
+        first = self.tensor
+        if first is not None:
+            return torch.empty((0,), dtype=dtype).set_(first.untyped_storage(), offset, size, stride)
+        # Every storage made here is non-resizable, like torch's record storages, so that
+        # set_ refuses an out-of-bounds size or stride instead of growing the storage.
+        if self.nbytes == 0:
+            if _empty_storage is None:
+                raise _Fallback
+            t = torch.empty((0,), dtype=dtype).set_(_empty_storage(0, _CPU, 0), offset, size, stride)
+            self.tensor = t
+            return t
+        elsize = _ELEMENT_SIZES.get(dtype)
+        if elsize is None or self.nbytes % elsize:
+            raise _Fallback
+        count = self.nbytes // elsize
+        t = torch.frombuffer(self.base, dtype=dtype, count=count, offset=self.offset)
+        if t.data_ptr() % elsize:  # a misaligned buffer: this storage gets an aligned copy
+            copy = bytearray(memoryview(self.base)[self.offset : self.offset + self.nbytes])
+            t = torch.frombuffer(copy, dtype=dtype)
+            if t.data_ptr() % elsize:
+                raise _Fallback
+        self.tensor = t
+        if (  # the whole storage as a 1-D tensor: frombuffer made what set_ would make
+            type(offset) is int
+            and offset == 0
+            and type(size) is tuple
+            and len(size) == 1
+            and type(size[0]) is int
+            and size[0] == count
+            and type(stride) is tuple
+            and len(stride) == 1
+            and type(stride[0]) is int
+            and stride[0] == 1
+        ):
+            _increment_version(t)  # as set_ would: torch.load's tensors are at version 1
+            return t
+        return t.set_(t, offset, size, stride)
+
+
+# torch's own empty record storage: no data, 0 bytes, not resizable (None if this torch lacks it)
+_empty_storage = getattr(torch._C, "_construct_storage_from_data_pointer", None)
+_increment_version = torch.autograd.graph.increment_version
+_CPU = torch.device("cpu")
+
+
+class _Source:
+    """The storage records of one buffer, and ``persistent_load`` over them."""
+
+    __slots__ = ("base", "data", "hi", "lo", "records", "shift", "storages", "storage_types")
+
+    def __init__(
+        self, data: Any, writable: bool, records: dict[str, tuple[int, int]], lo: int, hi: int, tables: _Tables
+    ) -> None:
+        self.data = data
+        self.records = records
+        self.lo = lo
+        self.hi = hi
+        # A writable buffer is used in place; read-only bytes are copied (one block, on first use).
+        self.base = data if writable else None
+        self.shift = 0 if writable else lo
+        self.storages: dict[str, _Storage] = {}
+        self.storage_types = tables.storage_types
+
+    def storage(self, key: str, dtype: torch.dtype, elsize: int, numel: int) -> _Storage:
+        """A new storage for record ``data/<key>``, checked like torch's ``load_tensor``."""
+        rec = self.records.get("data/" + key)
+        if rec is None or numel < 0 or rec[1] != numel * elsize:
+            raise _Fallback  # torch: "record size ... does not match expected size"
+        base = self.base
+        if base is None:
+            base = self.base = bytearray(memoryview(self.data)[self.lo : self.hi])
+        st = _Storage(base, rec[0] - self.shift, rec[1], dtype)
+        self.storages[key] = st
+        return st
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        """torch.serialization._load's ``persistent_load``, for ``("storage", type, key, "cpu", numel)``."""
+        if type(pid) is not tuple or len(pid) != 5 or type(pid[0]) is not str or pid[0] != "storage":
+            raise _Fallback
+        _, stype, key, location, numel = pid
+        info = self.storage_types.get(id(stype))
+        if info is None or info[0] is not stype:
+            raise _Fallback
+        if type(key) is not str or type(location) is not str or location != "cpu" or type(numel) is not int:
+            raise _Fallback
+        st = self.storages.get(key)
+        if st is not None:
+            if st.nbytes == 0:  # torch caches an empty storage or not by its data pointer
+                raise _Fallback
+            return st  # torch returns the storage loaded first for a key, whatever the type
+        return self.storage(key, info[1], info[2], numel)
+
+
+def _make_tensor(
+    storage: _Storage,
+    dtype: torch.dtype,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    hooks: Any,
+    metadata: Any,
+) -> torch.Tensor:
+    """The body of ``_rebuild_tensor_v2`` (outside fake mode, which the fast path excludes)."""
+    t = storage.rebuild(dtype, offset, size, stride)
+    if requires_grad is not False:
+        t.requires_grad = requires_grad
+    if metadata:
+        torch._utils.set_tensor_metadata(t, metadata)
+    t._backward_hooks = hooks
+    return t
+
+
+def _rebuild(args: tuple[Any, ...], how: int, rebuilt: dict[int, tuple[Any, ...]] | None) -> torch.Tensor:
+    """``_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])``
+    or ``_rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype[, metadata])``.
+
+    With ``rebuilt``, records how the tensor was made (for :func:`_compile_plan`).
+    """
+    storage: _Storage = args[0]
+    n = len(args)
+    if how == _REBUILD_V2:
+        if n == 6:
+            metadata = None
+        elif n == 7:
+            metadata = args[6]
+        else:
+            raise _Fallback
+        dtype = storage.dtype
+    else:
+        if n == 7:
+            metadata = None
+        elif n == 8:
+            metadata = args[7]
+        else:
+            raise _Fallback
+        dtype = args[6]
+        if type(dtype) is not torch.dtype or args[4] is not False:
+            raise _Fallback  # requires_grad=True goes through torch.empty(requires_grad=...) in torch
+    t = _make_tensor(storage, dtype, args[1], args[2], args[3], args[4], args[5], metadata)
+    if rebuilt is not None:
+        rebuilt[id(t)] = (t, storage, dtype, args[1], args[2], args[3], args[4], args[5], metadata)
+    return t
+
+
+# --------------------------------------------------------------------------- allow-list
+
+_BLOCKED_MODULES = frozenset(["sys", "os", "posix", "nt"])  # as torch._weights_only_unpickler
+_REBUILD_V2 = 1
+_REBUILD_V3 = 2
+_CALL = 3  # call the allowed callable with the pickled arguments, as torch does
+_ENCODE = 4  # _codecs.encode, only as (str, "latin1")
+_BYTEARRAY = 5  # bytearray, only of bytes or of nothing
+
+
+class _Tables:
+    """Lookups built once from torch's own allow-list, and the caches of known pickles."""
+
+    def __init__(self) -> None:
+        from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        self.allowed: dict[str, Any] = _get_allowed_globals()
+        self.import_mapping = IMPORT_MAPPING
+        self.name_mapping = NAME_MAPPING
+        # raw b"module\nname" of a GLOBAL -> the allowed object (filled as met)
+        self.globals: dict[bytes, Any] = {}
+        # (module, name) as pickled -> what the replaying C unpickler's find_class returns:
+        # the allowed object, or for the tensor rebuild functions a wrapper of _rebuild.
+        self.replay_globals: dict[tuple[str, str], Any] = {}
+        # id(callable) -> (callable, how REDUCE handles it)
+        reducers: list[tuple[Any, int]] = [
+            (torch._utils._rebuild_tensor_v2, _REBUILD_V2),
+            (torch._utils._rebuild_tensor_v3, _REBUILD_V3),
+            (torch._utils._rebuild_parameter, _CALL),
+            (collections.OrderedDict, _CALL),
+            (collections.Counter, _CALL),
+            (set, _CALL),
+            (complex, _CALL),
+            (torch.Size, _CALL),
+            (torch.device, _CALL),
+            (bytearray, _BYTEARRAY),
+            (self.allowed["_codecs.encode"], _ENCODE),
+        ]
+        allowed_ids = {id(v) for v in self.allowed.values()}
+        for obj, _ in reducers:
+            if id(obj) not in allowed_ids:  # a subset of torch's list, whatever torch does
+                raise RuntimeError(f"{obj!r} is not in torch's weights-only allow-list")
+        self.reducers: dict[int, tuple[Any, int]] = {id(obj): (obj, how) for obj, how in reducers}
+        self.rebuild_v2 = torch._utils._rebuild_tensor_v2
+        self.rebuild_v3 = torch._utils._rebuild_tensor_v3
+        # Allowed callables the replaying C unpickler gets a checking wrapper of (the
+        # interpreter makes sure these are only ever called by REDUCE, never kept as values).
+        self.wrapped: dict[int, Any] = {
+            id(self.rebuild_v2): _replay_rebuild_v2,
+            id(self.rebuild_v3): _replay_rebuild_v3,
+            id(self.allowed["_codecs.encode"]): _replay_encode,
+            id(bytearray): _replay_bytearray,
+        }
+        # id(storage type global) -> (object, dtype, element size as torch computes it)
+        self.storage_types: dict[int, tuple[Any, torch.dtype, int]] = {}
+        for name, obj in self.allowed.items():
+            if name == "torch.storage.UntypedStorage":
+                self.storage_types[id(obj)] = (obj, torch.uint8, 1)
+            elif isinstance(obj, torch.serialization.StorageType) and name.count(".") == 1:
+                dtype = obj.dtype
+                if dtype in _ELEMENT_SIZES:
+                    self.storage_types[id(obj)] = (obj, dtype, torch._utils._element_size(dtype))
+        # data.pkl bytes the interpreter ran to the end and found replayable -> _SEEN_ONCE,
+        # then (next time) a plan, or None: replay with the C unpickler. Bounded in entries
+        # and bytes.
+        self.known: dict[bytes, Any] = {}
+        self.known_bytes = 0
+        # Skeletons: len(pickle) -> [(pickle as an int, mask)] of replayable pickles, where
+        # the mask has all bits set but those of literal values (the arguments of BININT*,
+        # BINFLOAT, LONG1, and the text of BINUNICODE / SHORT_BINSTRING). A pickle equal to
+        # one of them under the mask takes the same steps with other values: replayable.
+        self.skeletons: dict[int, list[tuple[int, int]]] = {}
+        self.skeleton_count = 0
+
+    def remember(self, pkl: bytes, plan: Any) -> None:
+        if len(pkl) > _MAX_KNOWN_PICKLE_BYTES:
+            return
+        if len(self.known) >= _MAX_KNOWN_PICKLES or self.known_bytes + len(pkl) > _MAX_KNOWN_BYTES:
+            self.known.clear()
+            self.known_bytes = 0
+        self.known[pkl] = plan
+        self.known_bytes += len(pkl)
+
+    def add_skeleton(self, pkl: bytes, literals: list[int]) -> None:
+        """Keep ``pkl``'s skeleton; ``literals`` holds the [start, end) offsets of its literal values."""
+        if len(pkl) > _MAX_KNOWN_PICKLE_BYTES:
+            return
+        mask = bytearray(b"\xff") * len(pkl)
+        for i in range(0, len(literals), 2):
+            mask[literals[i] : literals[i + 1]] = bytes(literals[i + 1] - literals[i])
+        same_length = self.skeletons.setdefault(len(pkl), [])
+        if len(same_length) >= _MAX_SKELETONS_PER_LENGTH:
+            return
+        if self.skeleton_count >= _MAX_SKELETONS:
+            self.skeletons.clear()
+            self.skeleton_count = 0
+            same_length = self.skeletons.setdefault(len(pkl), [])
+        same_length.append((int.from_bytes(pkl, "little"), int.from_bytes(mask, "little")))
+        self.skeleton_count += 1
+
+    def has_skeleton(self, pkl: bytes) -> bool:
+        same_length = self.skeletons.get(len(pkl))
+        if not same_length:
+            return False
+        value = int.from_bytes(pkl, "little")
+        return any((value ^ known) & mask == 0 for known, mask in same_length)
+
+    def resolve(self, module_b: bytes, name_b: bytes) -> Any:
+        """What torch's weights-only ``GLOBAL`` pushes, or raise."""
+        module = raw_module = module_b.decode("utf-8")
+        name = raw_name = name_b.decode("utf-8")
+        if (module, name) in self.name_mapping:
+            module, name = self.name_mapping[(module, name)]
+        elif module in self.import_mapping:
+            module = self.import_mapping[module]
+        full = f"{module}.{name}"
+        if module in _BLOCKED_MODULES:
+            raise UnsafePayloadError(
+                f"the record's pickle asks for GLOBAL {full} (module {module!r} is blocked by "
+                "torch.load(weights_only=True)); it was not run"
+            )
+        if full in self.allowed:
+            obj = self.allowed[full]
+            self.replay_globals[(raw_module, raw_name)] = self.wrapped.get(id(obj), obj)
+            return obj
+        from torch._weights_only_unpickler import _get_user_allowed_globals
+
+        if full in _get_user_allowed_globals():
+            raise _Fallback  # allowed by the user with add_safe_globals: torch.load decides
+        raise UnsafePayloadError(
+            f"the record's pickle asks for GLOBAL {full}, which torch.load(weights_only=True) does not "
+            "allow; it was not run"
+        )
+
+
+_MAX_KNOWN_PICKLE_BYTES = 1 << 16
+_MAX_KNOWN_PICKLES = 4096
+_MAX_KNOWN_BYTES = 1 << 25
+_MAX_REPLAY_MEMO_INDEX = 1 << 16
+_MAX_SKELETONS = 1024
+_MAX_SKELETONS_PER_LENGTH = 8
+
+_tables: _Tables | None = None
+
+
+def _reset_caches() -> None:
+    """Forget every known layout and pickle (for benchmarks of the first-sight path)."""
+    _LAYOUTS.clear()
+    _LAYOUTS_SEEN.clear()
+    if _tables is not None:
+        _tables.known.clear()
+        _tables.known_bytes = 0
+
+
+def _get_tables() -> _Tables:
+    global _tables
+    if _tables is None:
+        _tables = _Tables()
+    return _tables
+
+
+# --------------------------------------------------------------------------- interpreter
+
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_U16 = struct.Struct("<H")
+_F64 = struct.Struct(">d")
+
+
+def _unpickle(
+    pkl: bytes,
+    src: _Source,
+    tables: _Tables,
+    rebuilt: dict[int, tuple[Any, ...]] | None = None,
+    literals: list[int] | None = None,
+) -> tuple[Any, bool]:
+    """Run ``data.pkl`` with the semantics of torch's weights-only unpickler (a subset).
+
+    Returns the result and whether the same bytes may later be *replayed* by the C
+    unpickler (:func:`_replay`). Replaying is exact when every step the C unpickler takes
+    on these bytes is one this interpreter took with the same meaning. The interpreter
+    already refuses every step where the two differ (containers of another type, BUILD,
+    NEWOBJ, other opcodes...), so two conditions remain: the callables that replay swaps
+    for checking wrappers (tensor rebuilds, ``_codecs.encode``, ``bytearray``) were only
+    ever called by REDUCE and never stored as values (every push of one was consumed by a
+    REDUCE), and memo indices are small (the C unpickler sizes its memo array by the
+    largest index).
+
+    The same holds for a pickle that differs from a replayable one only in the *values* of
+    literals (``literals`` collects their byte ranges): which opcodes run, on which types,
+    with which globals, is fixed by the other bytes. Values only reach places that check
+    them at run time in replay as here: ``persistent_load`` (key, location, size), ``set_``
+    (offset, size, stride on a non-resizable storage), the wrappers (``"latin1"``,
+    ``bytes``), or plain data (dict keys, container contents, allowed callables that torch
+    calls with any arguments too).
+    """
+    n = len(pkl)
+    pos = 0
+    stack: list[Any] = []
+    push = stack.append
+    metastack: list[list[Any]] = []
+    memo: dict[int, Any] = {}
+    # Storages pushed by BINPERSID and the rebuild-argument tuples holding them are
+    # "special": they may only flow into _rebuild_tensor_v2/_v3. ``live`` counts them on
+    # the stack; while it is 0 no check is needed. ``args_ids`` keeps the tuples alive.
+    # (A BINPUT of a storage is refused; a BINGET of an argument tuple is refused.)
+    live = 0
+    args_ids: dict[int, tuple[Any, ...]] = {}
+    globals_cache = tables.globals
+    reducers = tables.reducers
+    wrapped = tables.wrapped
+    persistent_load = src.persistent_load
+    Storage = _Storage
+    fn_pushed = fn_reduced = 0  # pushes of a wrapped callable / REDUCEs that called one
+    max_memo = 0
+    spans = literals if literals is not None else []
+
+    # Ordered by how often torch.save emits each opcode. torch.save memoizes nearly every
+    # value, so the opcodes that push one also take a BINPUT that follows at once (the
+    # value pushed there is never a storage, so BINPUT's check is not needed).
+    while True:
+        op = pkl[pos]  # IndexError at the end of data: torch raises EOFError
+        pos += 1
+        if op == 0x71:  # BINPUT
+            if live and type(stack[-1]) is Storage:
+                raise _Fallback
+            memo[pkl[pos]] = stack[-1]
+            pos += 1
+        elif op == 0x4B:  # BININT1
+            push(pkl[pos])
+            spans += (pos, pos + 1)
+            pos += 1
+        elif op == 0x58:  # BINUNICODE
+            end = pos + 4 + _U32.unpack_from(pkl, pos)[0]
+            if end > n:
+                raise _Fallback
+            value = str(pkl[pos + 4 : end], "utf-8", "surrogatepass")
+            push(value)
+            spans += (pos + 4, end)
+            pos = end
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
+        elif op == 0x68:  # BINGET
+            value = memo[pkl[pos]]
+            pos += 1
+            if args_ids and id(value) in args_ids:
+                raise _Fallback
+            if id(value) in wrapped:
+                fn_pushed += 1
+            push(value)
+        elif op == 0x28:  # MARK
+            metastack.append(stack)
+            stack = []
+            push = stack.append
+        elif op == 0x74:  # TUPLE
+            items = stack
+            stack = metastack.pop()
+            push = stack.append
+            if live and items:
+                specials = [
+                    i for i, x in enumerate(items) if type(x) is Storage or (type(x) is tuple and id(x) in args_ids)
+                ]
+                if specials:
+                    if specials != [0] or type(items[0]) is not Storage or not 6 <= len(items) <= 8:
+                        raise _Fallback
+                    value = tuple(items)
+                    args_ids[id(value)] = value  # the storage is now inside ``value``: live unchanged
+                    push(value)
+                    if pkl[pos] == 0x71:
+                        memo[pkl[pos + 1]] = value
+                        pos += 2
+                    continue
+            value = tuple(items)
+            push(value)
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
+        elif op == 0x52:  # REDUCE
+            args = stack.pop()
+            func = stack[-1]
+            entry = reducers.get(id(func))
+            if entry is None or entry[0] is not func:
+                raise _Fallback
+            how = entry[1]
+            if how == _REBUILD_V2 or how == _REBUILD_V3:
+                if type(args) is not tuple or args_ids.get(id(args)) is not args:
+                    raise _Fallback
+                live -= 1
+                value = _rebuild(args, how, rebuilt)
+            else:
+                if live and (
+                    type(args) is Storage
+                    or id(args) in args_ids
+                    or (type(args) in (tuple, list) and any(type(a) is Storage or id(a) in args_ids for a in args))
+                ):
+                    raise _Fallback
+                if how == _CALL:
+                    value = func(*args)
+                elif how == _ENCODE:
+                    if type(args) is not tuple or len(args) != 2 or type(args[0]) is not str or args[1] != "latin1":
+                        raise _Fallback
+                    value = args[0].encode("latin1")
+                else:  # _BYTEARRAY: pickle writes bytearray(b"") as bytearray()
+                    if type(args) is not tuple or len(args) > 1 or (args and type(args[0]) is not bytes):
+                        raise _Fallback
+                    value = bytearray(*args)
+            if how != _CALL:
+                fn_reduced += 1  # a wrapped callable
+            stack[-1] = value
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
+        elif op == 0x63:  # GLOBAL
+            nl1 = pkl.find(b"\n", pos)
+            nl2 = pkl.find(b"\n", nl1 + 1) if nl1 >= 0 else -1
+            if nl2 < 0:
+                raise _Fallback
+            raw = pkl[pos:nl2]
+            value = globals_cache.get(raw, globals_cache)
+            if value is globals_cache:
+                value = tables.resolve(pkl[pos:nl1], pkl[nl1 + 1 : nl2])
+                globals_cache[raw] = value
+            if id(value) in wrapped:
+                fn_pushed += 1
+            push(value)
+            pos = nl2 + 1
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
+        elif op == 0x29:  # EMPTY_TUPLE
+            push(())
+        elif op == 0x86:  # TUPLE2
+            a, b = stack[-2], stack[-1]
+            if live and (type(a) is Storage or type(b) is Storage or id(a) in args_ids or id(b) in args_ids):
+                raise _Fallback
+            value = (a, b)
+            stack[-2:] = [value]
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
+        elif op == 0x51:  # BINPERSID
+            pid = stack.pop()
+            if live and (type(pid) is Storage or id(pid) in args_ids):
+                raise _Fallback
+            push(persistent_load(pid))
+            live += 1
+        elif op == 0x89:  # NEWFALSE
+            push(False)
+        elif op == 0x85:  # TUPLE1
+            a = stack[-1]
+            if live and (type(a) is Storage or id(a) in args_ids):
+                raise _Fallback
+            value = (a,)
+            stack[-1] = value
+            if pkl[pos] == 0x71:
+                memo[pkl[pos + 1]] = value
+                pos += 2
+        elif op == 0x75:  # SETITEMS
+            items = stack
+            stack = metastack.pop()
+            push = stack.append
+            target = stack[-1]
+            t = type(target)
+            if t is not dict and t is not collections.OrderedDict and t is not collections.Counter:
+                raise _Fallback
+            if live and any(type(x) is Storage or id(x) in args_ids for x in items):
+                raise _Fallback
+            for i in range(0, len(items), 2):
+                target[items[i]] = items[i + 1]
+        elif op == 0x65:  # APPENDS
+            items = stack
+            stack = metastack.pop()
+            push = stack.append
+            target = stack[-1]
+            if type(target) is not list or (live and any(type(x) is Storage or id(x) in args_ids for x in items)):
+                raise _Fallback
+            target.extend(items)
+        elif op == 0x87:  # TUPLE3
+            a, b, c = stack[-3], stack[-2], stack[-1]
+            if live and any(type(x) is Storage or id(x) in args_ids for x in (a, b, c)):
+                raise _Fallback
+            stack[-3:] = [(a, b, c)]
+        elif op == 0x88:  # NEWTRUE
+            push(True)
+        elif op == 0x4E:  # NONE
+            push(None)
+        elif op == 0x7D:  # EMPTY_DICT
+            push({})
+        elif op == 0x5D:  # EMPTY_LIST
+            push([])
+        elif op == 0x8F:  # EMPTY_SET
+            push(set())
+        elif op == 0x4D:  # BININT2
+            push(_U16.unpack_from(pkl, pos)[0])
+            spans += (pos, pos + 2)
+            pos += 2
+        elif op == 0x4A:  # BININT
+            push(_I32.unpack_from(pkl, pos)[0])
+            spans += (pos, pos + 4)
+            pos += 4
+        elif op == 0x47:  # BINFLOAT
+            push(_F64.unpack_from(pkl, pos)[0])
+            spans += (pos, pos + 8)
+            pos += 8
+        elif op == 0x8A:  # LONG1
+            end = pos + 1 + pkl[pos]
+            if end > n:
+                raise _Fallback
+            push(pickle.decode_long(pkl[pos + 1 : end]))
+            spans += (pos + 1, end)
+            pos = end
+        elif op == 0x55:  # SHORT_BINSTRING (torch.load decodes it with encoding="utf-8")
+            end = pos + 1 + pkl[pos]
+            if end > n:
+                raise _Fallback
+            push(pkl[pos + 1 : end].decode("utf-8", "strict"))
+            spans += (pos + 1, end)
+            pos = end
+        elif op == 0x6A:  # LONG_BINGET
+            value = memo[_U32.unpack_from(pkl, pos)[0]]
+            pos += 4
+            if args_ids and id(value) in args_ids:
+                raise _Fallback
+            if id(value) in wrapped:
+                fn_pushed += 1
+            push(value)
+        elif op == 0x72:  # LONG_BINPUT
+            idx = _U32.unpack_from(pkl, pos)[0]
+            if live and type(stack[-1]) is Storage:
+                raise _Fallback
+            memo[idx] = stack[-1]
+            if idx > max_memo:
+                max_memo = idx
+            pos += 4
+        elif op == 0x61:  # APPEND
+            item = stack.pop()
+            target = stack[-1]
+            if type(target) is not list or (live and (type(item) is Storage or id(item) in args_ids)):
+                raise _Fallback
+            target.append(item)
+        elif op == 0x73:  # SETITEM
+            value = stack.pop()
+            key = stack.pop()
+            target = stack[-1]
+            t = type(target)
+            if t is not dict and t is not collections.OrderedDict and t is not collections.Counter:
+                raise _Fallback
+            if live and any(type(x) is Storage or id(x) in args_ids for x in (key, value)):
+                raise _Fallback
+            target[key] = value
+        elif op == 0x80:  # PROTO: torch warns for anything but 2; let it
+            if pkl[pos] != 2:
+                raise _Fallback
+            pos += 1
+        elif op == 0x2E:  # STOP
+            result = stack.pop()
+            if live and (type(result) is Storage or id(result) in args_ids):
+                raise _Fallback
+            return result, fn_pushed == fn_reduced and max_memo < _MAX_REPLAY_MEMO_INDEX
+        else:  # BUILD, NEWOBJ and the opcodes torch refuses
+            raise _Fallback
+
+
+# --------------------------------------------------------------------------- replay
+
+# A pickle seen before is not interpreted again. If its result is made of tuples, lists,
+# dicts, OrderedDicts, plain tensors and immutable leaves, a *plan* rebuilds it directly:
+# a tree of nodes mirroring the first result, where each tensor node holds the arguments
+# its rebuild got (the same for the same bytes) and refers to a storage record by key.
+# Other results are replayed by the C unpickler. Either way the buffer's own storage
+# records are checked again (size and presence), as persistent_load does.
+
+_CONST = 0  # (_CONST, value): an immutable leaf or tuple of them, shared between results
+_TUPLE = 1  # (_TUPLE, slot, children)
+_LIST = 2  # (_LIST, slot, children)
+_DICT = 3  # (_DICT, slot, pairs, cls)
+_TENSOR = 4  # (_TENSOR, slot, storage index, dtype, offset, size, stride, requires_grad, hooks node, metadata)
+_IMMUTABLE = frozenset([int, float, bool, type(None), str, bytes, complex, torch.dtype, torch.device, torch.Size])
+_UNSET = object()
+_SEEN_ONCE = object()  # tables.known: interpreted once, replayable; plan on the next sight
+
+
+class _Plan:
+    __slots__ = ("root", "slots", "storages")
+
+    def __init__(self, root: tuple[Any, ...], slots: int, storages: list[tuple[str, torch.dtype, int, int]]) -> None:
+        self.root = root
+        self.slots = slots
+        self.storages = storages  # (key, dtype, element size, numel) in first-use order
+
+
+def _compile_plan(result: Any, src: _Source, rebuilt: dict[int, tuple[Any, ...]]) -> _Plan | None:
+    """A plan that rebuilds ``result`` from another buffer, or None if it has other types."""
+    specs: list[tuple[str, torch.dtype, int, int]] = []
+    for key, st in src.storages.items():
+        elsize = _ELEMENT_SIZES[st.dtype]  # storage dtypes all come from this table
+        specs.append((key, st.dtype, elsize, st.nbytes // elsize))
+    builder = _PlanBuilder(src, rebuilt)
+    try:
+        root = builder.build(result, 0)
+    except _Fallback:
+        return None
+    return _Plan(root, builder.slots, specs)
+
+
+class _PlanBuilder:
+    """Turns a result into plan nodes; an object met twice gets one node (one slot)."""
+
+    def __init__(self, src: _Source, rebuilt: dict[int, tuple[Any, ...]]) -> None:
+        self.order = {id(st): i for i, st in enumerate(src.storages.values())}
+        self.rebuilt = rebuilt
+        self.nodes: dict[int, tuple[Any, ...]] = {}
+        self.busy: set[int] = set()
+        self.slots = 0
+
+    def build(self, obj: Any, depth: int) -> tuple[Any, ...]:
+        t = type(obj)
+        if t in _IMMUTABLE:
+            return (_CONST, obj)
+        known = self.nodes.get(id(obj))
+        if known is not None:
+            return known
+        if id(obj) in self.busy or depth > 100:
+            raise _Fallback  # a cycle, or too deep: not planned
+        self.busy.add(id(obj))
+        build = self.build
+        if t is tuple:
+            children = tuple(build(x, depth + 1) for x in obj)
+            if all(c[0] == _CONST for c in children):
+                node: tuple[Any, ...] = (_CONST, obj)
+            else:
+                node = (_TUPLE, self._slot(), children)
+        elif t is list:
+            node = (_LIST, self._slot(), tuple(build(x, depth + 1) for x in obj))
+        elif t is dict or t is collections.OrderedDict:
+            pairs = tuple((build(k, depth + 1), build(v, depth + 1)) for k, v in obj.items())
+            node = (_DICT, self._slot(), pairs, t)
+        elif t is torch.Tensor:
+            info = self.rebuilt.get(id(obj))
+            if info is None or info[0] is not obj:
+                raise _Fallback
+            _, st, dtype, offset, size, stride, requires_grad, hooks, metadata = info
+            if type(hooks) is not collections.OrderedDict or type(metadata) not in (dict, type(None)):
+                raise _Fallback
+            hooks_node = build(hooks, depth + 1)
+            storage_index = self.order[id(st)]
+            node = (
+                _TENSOR,
+                self._slot(),
+                storage_index,
+                dtype,
+                offset,
+                size,
+                stride,
+                requires_grad,
+                hooks_node,
+                metadata,
+            )
+        else:
+            raise _Fallback
+        self.busy.discard(id(obj))
+        self.nodes[id(obj)] = node
+        return node
+
+    def _slot(self) -> int:
+        self.slots += 1
+        return self.slots - 1
+
+
+def _run_plan(plan: _Plan, src: _Source) -> Any:
+    storage = src.storage
+    storages = [storage(key, dtype, elsize, numel) for key, dtype, elsize, numel in plan.storages]
+    return _run_node(plan.root, [_UNSET] * plan.slots, storages)
+
+
+def _run_node(node: tuple[Any, ...], memo: list[Any], storages: list[_Storage]) -> Any:
+    # A module-level function, not a closure: a recursive closure is a reference cycle
+    # that would keep every result alive until the cyclic garbage collector runs.
+    kind = node[0]
+    if kind == _CONST:
+        return node[1]
+    value = memo[node[1]]
+    if value is not _UNSET:
+        return value
+    if kind == _TENSOR:  # _make_tensor, inlined
+        _, _, si, dtype, offset, size, stride, requires_grad, hooks, metadata = node
+        value = storages[si].rebuild(dtype, offset, size, stride)
+        if requires_grad is not False:
+            value.requires_grad = requires_grad
+        if metadata:
+            torch._utils.set_tensor_metadata(value, metadata)
+        if hooks[0] == _DICT and not hooks[2]:  # the usual empty OrderedDict
+            h = memo[hooks[1]]
+            if h is _UNSET:
+                h = memo[hooks[1]] = hooks[3]()
+            value._backward_hooks = h
+        else:
+            value._backward_hooks = _run_node(hooks, memo, storages)
+    elif kind == _TUPLE:
+        value = tuple([_run_node(c, memo, storages) for c in node[2]])
+    elif kind == _LIST:
+        value = [_run_node(c, memo, storages) for c in node[2]]
+    else:
+        value = node[3]()
+        for k, v in node[2]:
+            value[_run_node(k, memo, storages)] = _run_node(v, memo, storages)
+    memo[node[1]] = value
+    return value
+
+
+def _replay_rebuild_v2(*args: Any) -> torch.Tensor:
+    return _rebuild(args, _REBUILD_V2, None)
+
+
+def _replay_rebuild_v3(*args: Any) -> torch.Tensor:
+    return _rebuild(args, _REBUILD_V3, None)
+
+
+def _replay_encode(*args: Any) -> bytes:
+    """``_codecs.encode`` as the interpreter allows it: ``(str, "latin1")`` only."""
+    if len(args) != 2 or type(args[0]) is not str or args[1] != "latin1":
+        raise _Fallback
+    return args[0].encode("latin1")
+
+
+def _replay_bytearray(*args: Any) -> bytearray:
+    """``bytearray`` as the interpreter allows it: of ``bytes``, or of nothing."""
+    if len(args) > 1 or (args and type(args[0]) is not bytes):
+        raise _Fallback
+    return bytearray(*args)
+
+
+class _ReplayUnpickler(pickle.Unpickler):
+    """The C unpickler, for pickles :func:`_unpickle` ran and found replayable.
+
+    ``find_class`` only returns what the interpreter resolved for the same names.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _get_tables().replay_globals[(module, name)]
+
+
+def _replay(pkl: bytes, src: _Source) -> Any:
+    unpickler = _ReplayUnpickler(io.BytesIO(pkl), fix_imports=False, encoding="utf-8", errors="strict")
+    unpickler.persistent_load = src.persistent_load  # type: ignore[method-assign]
+    return unpickler.load()
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+# Thread-local torch state that changes what torch.load does (read on every call: the
+# public helpers, torch._guards.detect_fake_mode and the config module, cost microseconds).
+_GUARDS_TLS = torch._guards._TLS  # TracingContext (torch.compile) lives here
+_SERIALIZATION_TLS = torch.serialization._serialization_tls  # skip_data
+
+
+def _fast_path(buf: bytes | bytearray | memoryview) -> Any:
+    """Decode ``buf`` on the CPU or raise ``_Fallback`` (or UnsafePayloadError)."""
+    if (
+        torch._C._len_torch_dispatch_stack()
+        or torch._C._len_torch_function_stack()
+        or getattr(_GUARDS_TLS, "tracing_context", None) is not None
+        or _SERIALIZATION_TLS.skip_data
+    ):
+        raise _Fallback
+    t = type(buf)
+    if t is bytes:
+        data: Any = buf
+        writable = False
+    elif t is bytearray:
+        # Through a memoryview: torch.frombuffer keeps a reference to the object it is given
+        # but releases its buffer export, so a bare bytearray could be resized (moved) under
+        # the tensors. A memoryview holds the export for as long as the tensors live.
+        data = memoryview(buf)
+        writable = True
+    else:
+        mv = memoryview(buf)
+        if not mv.c_contiguous:
+            raise _Fallback
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        data = mv
+        writable = not mv.readonly
+    records, lo, hi = _layout(data, len(data))
+    start, nbytes = records["data.pkl"]
+    pkl = bytes(data[start : start + nbytes])
+    tables = _get_tables()
+    src = _Source(data, writable, records, lo, hi, tables)
+    known = tables.known.get(pkl, _UNSET)
+    if known is _UNSET:  # first sight
+        if tables.has_skeleton(pkl):  # another pickle like it but for literal values ran before
+            try:
+                return _replay(pkl, src)
+            except Exception:  # the interpreter decides (a fresh source: nothing of this is reused)
+                src = _Source(data, writable, records, lo, hi, tables)
+        literals: list[int] = []
+        result, replayable = _unpickle(pkl, src, tables, None, literals)
+        if replayable:
+            tables.remember(pkl, _SEEN_ONCE)
+            tables.add_skeleton(pkl, literals)
+        return result
+    if known is _SEEN_ONCE:  # second sight: a pickle that recurs; plan it
+        rebuilt: dict[int, tuple[Any, ...]] = {}
+        result, replayable = _unpickle(pkl, src, tables, rebuilt)
+        if replayable:
+            tables.known[pkl] = _compile_plan(result, src, rebuilt)
+        return result
+    if known is None:
+        return _replay(pkl, src)
+    return _run_plan(known, src)
+
+
+def _is_cpu(map_location: Any) -> bool:
+    """``None`` (records are CPU), ``"cpu"`` or ``torch.device("cpu")``: what the fast path serves."""
+    if map_location is None:
+        return True
+    if type(map_location) is str:
+        return map_location == "cpu"
+    return type(map_location) is torch.device and map_location == _CPU
+
+
+def torch_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") -> Any:
+    """``torch.load(io.BytesIO(buf), weights_only=True, map_location=map_location)`` with
+    the errors mapped to this package's tree: the reference path and the fallback.
+
+    Raises:
+        UnsafePayloadError: torch's weights-only unpickler refused the pickle.
+        RecordDecodeError: torch.load failed in any other way (chained).
+    """
+    try:
+        return torch.load(io.BytesIO(buf), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "Weights only load failed" in msg or "unsupported" in msg.lower():
+            first = msg.strip().splitlines()[0] if msg.strip() else msg
+            for line in msg.splitlines():
+                if "Unsupported" in line or "GLOBAL" in line:
+                    first = line.strip()
+                    break
+            raise UnsafePayloadError(
+                "the record's pickle asks for something torch.load(weights_only=True) refuses; "
+                f"it was not run ({first})"
+            ) from exc
+        raise RecordDecodeError(f"the record is not a loadable torch.save buffer (UnpicklingError: {msg})") from exc
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        raise RecordDecodeError(
+            f"the record is not a loadable torch.save buffer ({type(exc).__name__}: {lines[0] if lines else ''})"
+        ) from exc
+
+
+def fast_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") -> Any:
+    """Load one ``torch.save`` buffer like ``torch.load(weights_only=True)``, fast.
+
+    Args:
+        buf: The whole buffer ``torch.save`` wrote (a ``.pt`` file's bytes). ``bytes`` are
+            copied once (the storage block); a ``bytearray`` or writable ``memoryview`` is
+            *aliased* by the returned tensors (see the module docstring).
+        map_location: ``"cpu"``, ``torch.device("cpu")`` or ``None`` (a CPU record) use the
+            fast path; anything else is passed to ``torch.load``.
+
+    Returns:
+        What ``torch.load(io.BytesIO(buf), weights_only=True, map_location=...)`` returns:
+        the same container types, tensors with the same dtype, shape, stride, storage offset,
+        bytes and ``requires_grad``; tensors are writable.
+
+    Raises:
+        UnsafePayloadError: The pickle asks for a global outside torch's weights-only
+            allow-list (or torch's weights-only unpickler refused it); nothing was run.
+        RecordDecodeError: ``torch.load`` cannot load the buffer (malformed zip or pickle,
+            wrong storage sizes...); the cause is chained.
+
+    Thread safety: safe from many threads. Peak memory: the input plus, for ``bytes``, one
+    copy of the storage records.
+    """
+    if (type(map_location) is str and map_location == "cpu") or _is_cpu(map_location):
+        try:
+            return _fast_path(buf)
+        except UnsafePayloadError:
+            raise
+        except Exception:  # _Fallback, or anything unusual: torch.load gives the verdict
+            pass
+    return torch_loads(buf, map_location)
