@@ -25,6 +25,7 @@ from .errors import (
     InvalidOptionError,
     MissingShardError,
     NotAStoreError,
+    RecordDecodeError,
     RecordIndexError,
     RecordLengthError,
     ShardFormatError,
@@ -306,8 +307,12 @@ class StoreReader:
 
     # ------------------------------------------------------------------ reading
 
-    def _decoded_frame(self, si: int, fi: int, record: int) -> bytes:
-        """Read, check and decode frame ``fi`` of shard ``si`` (``record`` is for messages)."""
+    def _decoded_frame(self, si: int, fi: int, record: int, writable: bool = False) -> bytes | bytearray:
+        """Read, check and decode frame ``fi`` of shard ``si`` (``record`` is for messages).
+
+        With ``writable`` the result is a fresh ``bytearray`` the caller owns, so tensors can be
+        built over it without a copy.
+        """
         row = self._footer(si).table[fi]
         offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
         frame = self._read_exact(si, offset, stored, f"record {record}'s frame")
@@ -319,12 +324,30 @@ class StoreReader:
             )
         self._check_raw_bound(si, record, stored, raw)
         try:
-            data = self._codec.decompress(frame, raw)
+            data = self._codec.decompress_into(frame, raw) if writable else self._codec.decompress(frame, raw)
         except DecompressionError as exc:
             raise DecompressionError(f"{self._where(si, record)}: {exc}") from exc
         if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
             raise RecordLengthError(f"{self._where(si, record)}: decoded {len(data)} bytes, the footer says {raw}")
         return data
+
+    def _read_raw(self, i: int, writable: bool) -> tuple[int, int, bytes | bytearray]:
+        """(record position, shard, raw bytes) of record ``i``; see :meth:`read_bytes`."""
+        j = self._normalize(i)
+        si, k = self._locate(j)
+        footer = self._footer(si)
+        if footer.record_map is None:
+            return j, si, self._decoded_frame(si, k, j, writable)
+        fi, raw_offset, raw = footer.locate(k)
+        self._ensure_process()
+        cache = self._frame_cache
+        if getattr(cache, "key", None) == (si, fi):
+            data = cache.data
+        else:
+            data = self._decoded_frame(si, fi, j)
+            cache.key, cache.data = (si, fi), data
+        # A copy: tensors of one record must not pin (or alias) the whole cached frame.
+        return j, si, data[raw_offset : raw_offset + raw]
 
     def read_bytes(self, i: int) -> bytes:
         """Return record ``i``'s exact ``torch.save`` buffer (decompressed, checksum-verified).
@@ -345,20 +368,7 @@ class StoreReader:
             ChecksumMismatchError: The frame's xxh3_64 digest differs from the footer's.
             DecompressionError / RecordLengthError: The frame does not decode to the raw length.
         """
-        j = self._normalize(i)
-        si, k = self._locate(j)
-        footer = self._footer(si)
-        if footer.record_map is None:
-            return self._decoded_frame(si, k, j)
-        fi, raw_offset, raw = footer.locate(k)
-        self._ensure_process()
-        cache = self._frame_cache
-        if getattr(cache, "key", None) == (si, fi):
-            data = cache.data
-        else:
-            data = self._decoded_frame(si, fi, j)
-            cache.key, cache.data = (si, fi), data
-        return data[raw_offset : raw_offset + raw]
+        return bytes(self._read_raw(i, writable=False)[2])
 
     def _check_raw_bound(self, si: int, j: int, stored: int, raw: int) -> None:
         """Refuse a raw length the codec cannot produce from ``stored`` bytes, before allocating it.
@@ -388,21 +398,22 @@ class StoreReader:
             Everything :meth:`read_bytes` raises, and
             UnsafePayloadError: The record's pickle asks for globals outside the weights-only
                 allow-list; nothing from it is run.
-            CorruptStoreError: The bytes are not a loadable torch.save buffer.
+            RecordDecodeError: The bytes are not a loadable torch.save buffer.
+
+        Memory: the decoded record is one buffer the returned tensors share (no further copy
+        for contiguous storages); records of multi-record frames are copied out of the frame.
         """
-        data = self.read_bytes(i)
+        # A writable buffer of its own lets the decoder build tensors over it without a copy.
+        j, si, data = self._read_raw(i, writable=True)
         try:
             return loads(data, self.map_location)
-        except UnsafePayloadError as exc:
-            si, _ = self._locate(self._normalize(i))
-            raise UnsafePayloadError(f"{self._where(si, self._normalize(i))}: {exc}") from exc
+        except (UnsafePayloadError, RecordDecodeError) as exc:
+            raise type(exc)(f"{self._where(si, j)}: {exc}") from exc
         except TensorStoreError:
             raise
-        except Exception as exc:  # torch.load raises RuntimeError/UnpicklingError/zip errors
-            si, _ = self._locate(self._normalize(i))
-            raise CorruptStoreError(
-                f"{self._where(si, self._normalize(i))}: the record is not a loadable torch.save buffer "
-                f"({type(exc).__name__}: {exc})"
+        except Exception as exc:  # noqa: BLE001 - the decoder maps its errors; this is a last guard
+            raise RecordDecodeError(
+                f"{self._where(si, j)}: the record is not a loadable torch.save buffer ({type(exc).__name__}: {exc})"
             ) from exc
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> Any:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import pickle
 from typing import Any
 
 import torch
@@ -57,6 +58,16 @@ def _typename(obj: object) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def _scalar_problem(obj: object) -> str | None:
+    """Leaves torch.save writes but torch's weights-only unpickler cannot read back (torch 2.13)."""
+    if type(obj) is bytes and not obj:
+        return "empty bytes (b'') cannot be loaded with weights_only=True; use None or b'\\x00'"
+    if type(obj) is int and obj.bit_length() >= 2040:
+        # pickle writes such ints with LONG4, an opcode the weights-only unpickler refuses.
+        return f"an int of {obj.bit_length()} bits cannot be loaded with weights_only=True (at most 2039 bits)"
+    return None
+
+
 def check_sample(sample: Any, where: str = "sample") -> None:
     """Raise if ``sample`` holds anything ``torch.load(weights_only=True)`` would refuse.
 
@@ -82,6 +93,9 @@ def check_sample(sample: Any, where: str = "sample") -> None:
                 f"{path}: {_typename(obj)} (a tensor subclass) cannot be loaded with weights_only=True; {_fix_hint(obj)}"
             )
         if t in _SCALARS or isinstance(obj, torch.dtype):
+            problem = _scalar_problem(obj)
+            if problem:
+                raise UnsupportedSampleError(f"{path}: {problem}")
             continue
         if t in (list, tuple, set, frozenset, dict, collections.OrderedDict, collections.Counter):
             if t is frozenset:
@@ -95,6 +109,9 @@ def check_sample(sample: Any, where: str = "sample") -> None:
                         raise UnsupportedSampleError(
                             f"{path}: dict key {k!r} of type {_typename(k)} is not supported; use str or int keys"
                         )
+                    problem = _scalar_problem(k)
+                    if problem:
+                        raise UnsupportedSampleError(f"{path}: dict key: {problem}")
                     key = json.dumps(k) if isinstance(k, str) else repr(k)
                     stack.append((v, f"{path}[{key}]", depth + 1))
             elif t is set:

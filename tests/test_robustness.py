@@ -139,3 +139,44 @@ def test_map_location_needing_cuda_is_an_option_error(tmp_path):
         ts.open_store(tmp_path / "s", map_location="cuda")
     with pytest.raises(ts.InvalidOptionError, match="expected a device"):
         ts.open_store(tmp_path / "s", map_location="gpu-please")
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
+def test_large_record_decodes_into_its_own_writable_buffer(tmp_path, codec):
+    big = torch.arange(5 * 2**20, dtype=torch.float32)  # 20 MiB: zstd streams into the buffer
+    ts.write_store([big, {"x": big[:10]}], tmp_path / "s", codec=codec)
+    reader = ts.open_store(tmp_path / "s")
+    a, b = reader[0], reader[0]
+    assert torch.equal(a, big) and torch.equal(b, big)
+    a[0] = -1.0  # writable, and two reads never share memory
+    assert b[0] == 0.0 and reader[0][0] == 0.0
+    assert reader.read_bytes(0) == reader.read_bytes(0)
+
+
+@pytest.mark.parametrize(
+    "leaf, match",
+    [(b"", r"empty bytes \(b''\) cannot be loaded"), (2**2100, "an int of 2101 bits cannot be loaded")],
+    ids=["empty-bytes", "huge-int"],
+)
+def test_leaves_weights_only_cannot_read_back_are_refused_at_write(tmp_path, leaf, match):
+    with pytest.raises(ts.UnsupportedSampleError, match=match):
+        ts.write_store([{"meta": [leaf]}], tmp_path / "s")
+
+
+def test_undecodable_record_names_its_place(tmp_path):
+    """A checksum-valid record that is not a torch.save buffer (a hostile writer)."""
+    from tensorstore_pt.writer import ShardWriter
+
+    import tensorstore_pt.writer as writer_mod
+
+    real = writer_mod.dumps
+    writer_mod.dumps = lambda sample: b"PK\x03\x04" + b"\x00" * 60  # a broken zip
+    try:
+        with ShardWriter(tmp_path / "s", codec="none") as w:
+            w.write(torch.ones(1))
+    finally:
+        writer_mod.dumps = real
+    with pytest.raises(
+        ts.RecordDecodeError, match=r"shard 'shard-00000.tspt', record 0: the record is not a loadable torch.save buffer"
+    ):
+        ts.open_store(tmp_path / "s")[0]

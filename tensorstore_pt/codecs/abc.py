@@ -71,3 +71,11 @@ class Codec(ABC):
             DecompressionError: If the header is malformed, declares another size, the frame is
                 truncated or has trailing data, or the codec reports an error.
         """
+
+    def decompress_into(self, frame: bytes | memoryview, raw_bytes: int) -> bytearray:
+        """Like :meth:`decompress`, but into a fresh, writable ``bytearray`` of ``raw_bytes``.
+
+        Tensors can then be built over the result without a copy (``torch.frombuffer`` needs
+        a writable buffer). Codecs override this where they can decode straight into it.
+        """
+        return bytearray(self.decompress(frame, raw_bytes))

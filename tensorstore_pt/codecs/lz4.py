@@ -63,6 +63,12 @@ class Lz4Codec(Codec):
         return _MAX_RATIO * stored_bytes
 
     def decompress(self, frame: bytes | memoryview, raw_bytes: int) -> bytes:
+        return bytes(self._decode(frame, raw_bytes, writable=False))
+
+    def decompress_into(self, frame: bytes | memoryview, raw_bytes: int) -> bytearray:
+        return self._decode(frame, raw_bytes, writable=True)  # type: ignore[return-value]
+
+    def _decode(self, frame: bytes | memoryview, raw_bytes: int, writable: bool) -> bytes | bytearray:
         declared = self.frame_content_bytes(frame)
         if declared != raw_bytes:
             raise DecompressionError(
@@ -71,7 +77,7 @@ class Lz4Codec(Codec):
             )
         # A streaming decompressor with max_length: output never grows past raw_bytes, even
         # when a forged header declares less than the blocks really inflate to.
-        decoder = lz4.frame.LZ4FrameDecompressor()
+        decoder = lz4.frame.LZ4FrameDecompressor(return_bytearray=writable)
         try:
             out = decoder.decompress(frame, max_length=raw_bytes)
         except (RuntimeError, ValueError) as exc:

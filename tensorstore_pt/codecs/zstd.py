@@ -21,6 +21,8 @@ __all__ = ["ZstdCodec"]
 
 MIN_LEVEL = -7  # fastest "negative" levels; zstandard accepts down to ZSTD_minCLevel()
 MAX_LEVEL = 22
+#: Frames whose raw size is at least this decode straight into the output buffer.
+_STREAM_INTO_BYTES = 4 * 2**20
 #: RFC 8878: a block decodes to at most 128 KiB and takes at least 3 bytes (its header).
 _BLOCK_MAX_BYTES = 128 * 1024
 _BLOCK_HEADER_BYTES = 3
@@ -114,4 +116,40 @@ class ZstdCodec(Codec):
             raise DecompressionError(f"zstd: the frame does not decode ({exc})") from exc
         if len(out) != raw_bytes:
             raise DecompressionError(f"zstd: decoded {len(out)} bytes, expected {raw_bytes} bytes")
+        return out
+
+    def decompress_into(self, frame: bytes | memoryview, raw_bytes: int) -> bytearray:
+        """Decode into a preallocated ``bytearray``; frames of 4 MiB+ stream straight into it.
+
+        The streaming path (``ZstdDecompressor.stream_reader(...).readinto``) never writes past
+        the buffer and checks that the frame ends exactly at ``raw_bytes``; it does not see
+        bytes stored after the frame's end (``tspt verify`` does, through :meth:`decompress`).
+        """
+        if raw_bytes < _STREAM_INTO_BYTES:
+            return bytearray(self.decompress(frame, raw_bytes))
+        declared = self.frame_content_bytes(frame)
+        if declared != raw_bytes:
+            raise DecompressionError(
+                f"zstd: the frame header declares a content size of {declared} bytes, "
+                f"expected {raw_bytes} bytes (the raw length in the index)"
+            )
+        out = bytearray(raw_bytes)
+        view = memoryview(out)
+        pos = 0
+        try:
+            with self._decompressor().stream_reader(frame, read_across_frames=False) as reader:
+                while pos < raw_bytes:
+                    n = reader.readinto(view[pos:])
+                    if not n:
+                        break
+                    pos += n
+                extra = reader.read(1) if pos == raw_bytes else b""
+        except zstandard.ZstdError as exc:
+            raise DecompressionError(f"zstd: the frame does not decode ({exc})") from exc
+        finally:
+            view.release()
+        if pos != raw_bytes or extra:
+            raise DecompressionError(
+                f"zstd: the frame decodes to {'more than ' if extra else ''}{pos} bytes, expected {raw_bytes} bytes"
+            )
         return out
