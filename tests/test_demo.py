@@ -22,7 +22,14 @@ def test_demo_prints_the_table_and_passes(tmp_path, capsys):
     code = main(["demo", "--workdir", str(tmp_path), "--repeats", "1"])
     out = capsys.readouterr().out
     assert code == 0, out
-    for row in ("1 .pt file per sample", "tensorstore_pt none", "tensorstore_pt lz4", "tensorstore_pt zstd"):
+    for row in (
+        "1 .pt file per sample",
+        "tensorstore_pt none",
+        "tensorstore_pt lz4-0",
+        "tensorstore_pt zstd-3 ",
+        "tensorstore_pt zstd-3 + dictionary",
+        "tensorstore_pt zstd-3 + 64 KiB frames",
+    ):
         assert row in out
     assert "every store verified clean and every sample read back bit-exact" in out
     assert len(list((tmp_path / "per-sample-pt").glob("*.pt"))) == 1797
