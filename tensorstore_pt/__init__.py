@@ -4,6 +4,7 @@ Re-exports only; see the modules for details.
 """
 
 from ._version import __version__
+from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
 from .errors import (
     ChecksumMismatchError,
     CorruptStoreError,
@@ -41,8 +42,11 @@ __all__ = [
     "ShardFormatError",
     "ShardSizeError",
     "ShardWriter",
+    "StoreDataLoader",
+    "StoreDataset",
     "StoreExistsError",
     "StoreInfo",
+    "StoreIterableDataset",
     "StoreNotFoundError",
     "StoreReader",
     "TensorStoreError",

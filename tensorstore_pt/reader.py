@@ -34,6 +34,7 @@ from .errors import (
 from .format import (
     HEADER_BYTES,
     INDEX_NAME,
+    RECORD_DTYPE,
     RECORD_ENTRY_BYTES,
     SHARD_SUFFIX,
     TRAILER_BYTES,
@@ -296,8 +297,11 @@ class StoreReader:
         j = self._normalize(i)
         si, k = self._locate(j)
         row = self._footer(si).table[k]
-        offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
-        frame = self._read_exact(si, offset, stored, f"record {j}'s frame")
+        frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {j}'s frame")
+        return self._decode(si, j, row, frame)
+
+    def _decode(self, si: int, j: int, row: np.void | np.ndarray, frame: bytes | memoryview) -> bytes:
+        stored, raw, expected = int(row["stored"]), int(row["raw"]), int(row["checksum"])
         found = digest_int(frame)
         if found != expected:
             raise ChecksumMismatchError(
@@ -328,18 +332,131 @@ class StoreReader:
                 allow-list; nothing from it is run.
             CorruptStoreError: The bytes are not a loadable torch.save buffer.
         """
-        data = self.read_bytes(i)
+        j = self._normalize(i)
+        return self.load_record(j, self.read_bytes(j))
+
+    # ------------------------------------------------------------------ bulk reads (datasets)
+
+    @property
+    def index_digest(self) -> int:
+        """xxh3_64 of the ``index.json`` bytes this reader parsed (identifies the store version)."""
+        return self._index_digest
+
+    def record_table(self) -> np.ndarray:
+        """Every record's footer row, in store order.
+
+        Returns:
+            A new structured array of ``format.RECORD_DTYPE`` (fields ``offset``, ``stored``,
+            ``raw``, ``checksum``; 32 bytes a record) of shape ``(len(store),)``. Offsets are
+            byte offsets inside the record's own shard.
+
+        Raises:
+            MissingShardError, ShardSizeError, ShardFormatError: A shard's footer cannot be read.
+
+        Memory: allocates 32 bytes a record (plus the per-shard footers this reader caches).
+        """
+        out = np.zeros(len(self), dtype=RECORD_DTYPE)
+        for si, entry in enumerate(self._index.shards):
+            out[entry.first_record : entry.first_record + entry.records] = self._footer(si).table
+        return out
+
+    def _rows(self, start: int, stop: int, table: np.ndarray | None) -> tuple[int, np.ndarray]:
+        n = len(self)
+        for name, value in (("start", start), ("stop", stop)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise InvalidOptionError(f"record range {name}: expected an int, found {type(value).__name__}")
+        start, stop = int(start), int(stop)
+        if not 0 <= start < stop <= n:
+            raise RecordIndexError(
+                f"record range [{start}, {stop}) is empty or out of range for store {self.location!r} with {n} records"
+            )
+        si, k = self._locate(start)
+        end = int(self._starts[si]) + self._index.shards[si].records
+        if stop > end:
+            raise InvalidOptionError(
+                f"record range [{start}, {stop}): expected records of one shard, but "
+                f"{self._where(si)} ends at record {end}"
+            )
+        if table is None:
+            return si, self._footer(si).table[k : k + stop - start]
+        if table.dtype != RECORD_DTYPE or table.shape != (n,):
+            raise InvalidOptionError(
+                f"table: expected a {RECORD_DTYPE} array of shape ({n},) from record_table(), found "
+                f"{table.dtype} {table.shape}"
+            )
+        return si, table[start:stop]
+
+    def read_frames(self, start: int, stop: int, *, table: np.ndarray | None = None) -> list[memoryview]:
+        """Read the stored (compressed) frames of records ``[start, stop)`` with one positional read.
+
+        The records must lie in one shard. Frames are not checked here; pass each one to
+        :meth:`decode_frame`.
+
+        Args:
+            start: First record, ``0 <= start < stop``.
+            stop: One past the last record, ``stop <= len(store)``.
+            table: Optional result of :meth:`record_table` (for instance in shared memory) to
+                take the frame positions from, so that this reader loads no footer.
+
+        Returns:
+            One read-only memoryview per record, slices of a single buffer of
+            ``sum(stored bytes)`` bytes.
+
+        Raises:
+            RecordIndexError: The range is empty or out of range.
+            InvalidOptionError: The range spans shards, or ``table`` has the wrong type or shape.
+            MissingShardError, ShardSizeError: The shard is absent or truncated.
+
+        Thread safety: safe (positional reads).
+        """
+        si, rows = self._rows(start, stop, table)
+        offsets = rows["offset"].astype(np.int64)
+        sizes = rows["stored"].astype(np.int64)
+        base = int(offsets[0])
+        length = int(offsets[-1] + sizes[-1]) - base
+        buf = memoryview(self._read_exact(si, base, length, f"the frames of records [{start}, {stop})"))
+        rel = (offsets - base).tolist()
+        return [buf[o : o + s] for o, s in zip(rel, sizes.tolist())]
+
+    def decode_frame(self, i: int, frame: bytes | memoryview, *, table: np.ndarray | None = None) -> bytes:
+        """Check and decompress record ``i``'s stored frame (as :meth:`read_frames` returns it).
+
+        Args:
+            i: Record position; negative counts from the end.
+            frame: The record's stored bytes.
+            table: Optional :meth:`record_table` result to take the record's checksum and raw
+                length from (otherwise the shard footer is loaded).
+
+        Returns:
+            The record's ``torch.save`` buffer, as :meth:`read_bytes` returns it.
+
+        Raises:
+            ChecksumMismatchError, DecompressionError, RecordLengthError: As :meth:`read_bytes`.
+        """
+        j = self._normalize(i)
+        si, k = self._locate(j)
+        _, rows = self._rows(j, j + 1, table)
+        return self._decode(si, j, rows[0], frame)
+
+    def load_record(self, i: int, raw: bytes | memoryview) -> Any:
+        """Load record ``i``'s ``torch.save`` buffer with ``weights_only=True``.
+
+        Raises:
+            UnsafePayloadError: The pickle asks for forbidden globals; nothing from it is run.
+            CorruptStoreError: The bytes are not a loadable torch.save buffer.
+        """
+        j = self._normalize(i)
         try:
-            return loads(data, self.map_location)
+            return loads(raw, self.map_location)
         except UnsafePayloadError as exc:
-            si, _ = self._locate(self._normalize(i))
-            raise UnsafePayloadError(f"{self._where(si, self._normalize(i))}: {exc}") from exc
+            si, _ = self._locate(j)
+            raise UnsafePayloadError(f"{self._where(si, j)}: {exc}") from exc
         except TensorStoreError:
             raise
         except Exception as exc:  # torch.load raises RuntimeError/UnpicklingError/zip errors
-            si, _ = self._locate(self._normalize(i))
+            si, _ = self._locate(j)
             raise CorruptStoreError(
-                f"{self._where(si, self._normalize(i))}: the record is not a loadable torch.save buffer "
+                f"{self._where(si, j)}: the record is not a loadable torch.save buffer "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
 
