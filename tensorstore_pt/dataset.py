@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -773,14 +774,14 @@ class _LoaderIterator:
             raise
         loader = self._loader
         self._pos = min(self._pos + loader._chunk, self._length)
-        if loader._live is self:
+        if loader._is_live(self):
             loader._epoch, loader._samples = (self._epoch + 1, 0) if self._pos >= self._end else (self._epoch, self._pos)
         return batch
 
     def _finish(self) -> None:
         self._ended = True
         loader = self._loader
-        if loader._live is self:
+        if loader._is_live(self):
             loader._epoch, loader._samples = self._epoch + 1, 0
             loader.dataset._set_position(self._epoch + 1, 0)  # type: ignore[attr-defined]
 
@@ -833,7 +834,9 @@ class StoreDataLoader(DataLoader):
         self._epoch = dataset.epoch
         self._samples = int(dataset._control[_START])
         self._seen_set_epoch = dataset._set_epoch_calls
-        self._live: _LoaderIterator | None = None
+        # A weak reference: a dropped iterator must shut its workers down at once, not when the
+        # cycle collector gets to it (by then its queues may be finalised and workers hang).
+        self._live: weakref.ref[_LoaderIterator] | None = None
         dataset._control[_QUIET] = 1  # the loader reports for its workers
 
     def _sync_from_dataset(self) -> None:
@@ -853,8 +856,11 @@ class StoreDataLoader(DataLoader):
         ds._control[_CHUNK] = self._chunk
         ds._say(ds.partition(self.num_workers), None)
         live = _LoaderIterator(self, super().__iter__(), self._epoch, start, length, end)
-        self._live = live
+        self._live = weakref.ref(live)
         return live
+
+    def _is_live(self, it: _LoaderIterator) -> bool:
+        return self._live is not None and self._live() is it
 
     def state_dict(self) -> dict[str, Any]:
         """The consumer-side position and what it is valid for.
