@@ -33,6 +33,8 @@ __all__ = [
     "RankSplit",
     "keyed_permutation",
     "mix_key",
+    "plan_runs",
+    "split_by_bytes",
     "worker_sample_count",
     "worker_segments",
 ]
@@ -248,3 +250,52 @@ def worker_segments(
             if mine.size:
                 yield mine
         j = j_end
+
+
+def split_by_bytes(sizes: np.ndarray, cap_bytes: int) -> list[tuple[int, int]]:
+    """Cut a sequence of items of ``sizes`` bytes into consecutive pieces of about ``cap_bytes``.
+
+    An item goes to the piece in which it starts (``cumulative bytes before it // cap_bytes``),
+    so a piece holds at most ``cap_bytes`` plus one item, and at least one item.
+
+    Returns:
+        ``[(lo, hi), ...]`` index ranges covering ``range(len(sizes))`` in order.
+    """
+    n = len(sizes)
+    if n == 0:
+        return []
+    before = np.cumsum(sizes, dtype=np.int64) - np.asarray(sizes, dtype=np.int64)
+    bucket = before // max(1, int(cap_bytes))
+    cuts = (np.flatnonzero(bucket[1:] != bucket[:-1]) + 1).tolist()
+    edges = [0, *cuts, n]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def plan_runs(
+    offsets: np.ndarray, ends: np.ndarray, shard: np.ndarray, max_gap_bytes: int, gap_budget_bytes: int
+) -> np.ndarray:
+    """Group frames (sorted by record) into runs read with one positional read each.
+
+    Two neighbouring frames of one shard are merged into one read when the bytes between
+    them are at most ``max_gap_bytes``; the smallest gaps are merged first, and no more than
+    ``gap_budget_bytes`` of gap bytes in total, so a read group never fetches more than its
+    frames plus the budget.
+
+    Args:
+        offsets, ends: int64 arrays, each frame's byte range in its shard (half-open).
+        shard: int64 array, each frame's shard.
+
+    Returns:
+        int64 array of the indices where a new run starts (for ``np.split``).
+    """
+    if len(offsets) < 2:
+        return np.zeros(0, dtype=np.int64)
+    gaps = offsets[1:] - ends[:-1]
+    ok = (shard[1:] == shard[:-1]) & (gaps >= 0) & (gaps <= max_gap_bytes)
+    merge = np.zeros(len(gaps), dtype=bool)
+    idx = np.flatnonzero(ok)
+    if idx.size:
+        by_size = idx[np.argsort(gaps[idx], kind="stable")]
+        within = np.cumsum(gaps[by_size]) <= gap_budget_bytes
+        merge[by_size[within]] = True
+    return np.flatnonzero(~merge) + 1

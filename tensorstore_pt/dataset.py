@@ -13,9 +13,10 @@ docs/datasets.md states the guarantees (partitioning, shuffle quality, resume, m
 
 Memory: per-record data (the frame table, 32 bytes a record) lives in one shared-memory torch
 tensor made in the process that builds the dataset; DataLoader workers map it, whether they
-are forked or spawned. A worker's private memory is O(shards + blocks) for the layout, plus one
-read group (about one shuffle window of compressed frames), plus ``prefetch_samples + 2``
-decoded samples; it does not grow with the number of records or across epochs.
+are forked or spawned. A worker's private memory is O(shards + blocks) for the layout, plus
+O(window) for the shuffle window's permutation, plus one read piece (at most 2 MiB of
+compressed frames and gaps), plus ``prefetch_samples + 32`` decoded samples; it does not
+grow with the number of records or across epochs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from ._partition import (
     BlockLayout,
     EpochOrder,
     RankSplit,
+    plan_runs,
+    split_by_bytes,
     worker_sample_count,
     worker_segments,
 )
@@ -101,7 +104,10 @@ BLOCK_TARGET_BYTES = 256 * 2**10
 #: Blocks per shuffle window (auto ``window_records``).
 WINDOW_BLOCKS = 64
 MAX_BLOCK_RECORDS = 4096
-#: Frames closer than this in a shard are fetched with one read (the gap is read and dropped).
+#: Frames are read and decoded in pieces of about this many compressed bytes.
+READ_BYTES = 2**20
+#: Frames closer than this in a shard may be fetched with one read (the gap is read and
+#: dropped), as long as the gaps of a piece add up to at most its own bytes.
 MERGE_GAP_BYTES = 64 * 2**10
 
 # Slots of the shared control tensor.
@@ -345,27 +351,39 @@ class PartitionReport:
     batches: int
 
 
+#: Decoded samples handed from the background thread to the consumer in one queue item
+#: (fewer queue operations and thread switches than one sample at a time).
+_HANDOFF_SAMPLES = 16
+
+
 class _SampleIterator:
     """The iterator a StoreIterableDataset hands out: prefetched samples, then the transform."""
 
     def __init__(self, prefetcher: Prefetcher | None, transform: Callable[[Any], Any] | None) -> None:
         self._prefetcher = prefetcher
         self._transform = transform
+        self._items: list[Any] = []
+        self._next = 0
 
     def __iter__(self) -> _SampleIterator:
         return self
 
     def __next__(self) -> Any:
-        if self._prefetcher is None:
-            raise StopIteration
-        try:
-            sample = next(self._prefetcher)
-        except BaseException:
-            self.close()
-            raise
+        while self._next >= len(self._items):
+            if self._prefetcher is None:
+                raise StopIteration
+            try:
+                self._items, self._next = next(self._prefetcher), 0
+            except BaseException:
+                self.close()
+                raise
+        sample = self._items[self._next]
+        self._items[self._next] = None  # hand over the only reference
+        self._next += 1
         return self._transform(sample) if self._transform is not None else sample
 
     def close(self) -> None:
+        self._items, self._next = [], 0
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
@@ -427,10 +445,12 @@ class StoreIterableDataset(IterableDataset):
         The errors of :func:`~tensorstore_pt.open_store`.
 
     Memory (per consumer, i.e. per DataLoader worker or the main process when
-    ``num_workers=0``): one read group, at most about one window of compressed frames plus
-    gaps of up to 64 KiB between them, plus ``prefetch_samples + 2`` decoded samples, plus
-    16 bytes a block and 16 bytes a window position. The frame table (32 bytes a record) is in
-    shared memory.
+    ``num_workers=0``): one read piece, about 1 MiB of compressed frames plus at most as many
+    gap bytes (neighbouring frames less than 64 KiB apart are read in one go), i.e. at most
+    2 MiB plus one frame; plus ``prefetch_samples + 32`` decoded samples (the queue, the list
+    being filled and the list being consumed, 16 samples each); plus 16 bytes a block and
+    32 bytes a window position (the window permutation and its sort keys, while it is made).
+    The frame table (32 bytes a record) is in shared memory.
 
     Thread safety: iterate one iterator per process at a time. Fork/spawn safety: pickles
     without open files; the rank is resolved in the parent before pickling.
@@ -661,19 +681,21 @@ class StoreIterableDataset(IterableDataset):
         slot = 0 if info is None else 1 + worker % (_SKIP_SLOTS - 1)
         if worker_sample_count(split.length, start, chunk, k, worker) == 0:
             return _SampleIterator(None, None)
-        producer = self._produce(segments, split, order, slot)
-        return _SampleIterator(Prefetcher(producer, self.prefetch_samples, name=f"tspt-decode-w{worker}"), self.transform)
+        step = min(_HANDOFF_SAMPLES, self.prefetch_samples)
+        producer = self._produce(segments, split, order, slot, step)
+        prefetcher = Prefetcher(producer, max(1, self.prefetch_samples // step), name=f"tspt-decode-w{worker}")
+        return _SampleIterator(prefetcher, self.transform)
 
-    def _read_group(self, records: np.ndarray) -> tuple[dict[int, memoryview], dict[int, BaseException]]:
-        """Fetch the frames of ``records`` with merged positional reads, in file order."""
+    def _read_piece(self, records: np.ndarray) -> tuple[dict[int, memoryview], dict[int, BaseException]]:
+        """Fetch the frames of ``records`` with positional reads in file order (merging small gaps)."""
         view = self._view
         table = view.table()
         io = view.reader()
         u = np.unique(records)
         shard = np.searchsorted(view.bounds[:, 0], u, side="right") - 1
         offsets = table["offset"][u].astype(np.int64)
-        ends = offsets + table["stored"][u].astype(np.int64)
-        cut = np.flatnonzero((shard[1:] != shard[:-1]) | (offsets[1:] - ends[:-1] > MERGE_GAP_BYTES)) + 1
+        sizes = table["stored"][u].astype(np.int64)
+        cut = plan_runs(offsets, offsets + sizes, shard, MERGE_GAP_BYTES, int(sizes.sum()))
         frames: dict[int, memoryview] = {}
         errors: dict[int, BaseException] = {}
         for run in np.split(u, cut):
@@ -688,25 +710,49 @@ class StoreIterableDataset(IterableDataset):
                 frames[rec] = got[rec - a]
         return frames, errors
 
-    def _produce(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder, slot: int) -> Iterator[Any]:
+    def _produce(
+        self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder, slot: int, step: int
+    ) -> Iterator[list[Any]]:
+        """Decode the consumer's samples in order; yield them in lists of up to ``step``."""
+        out: list[Any] = []
+        samples = self._decode(segments, split, order, slot)
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                break
+            except BaseException:
+                if out:
+                    yield out  # the samples before the error come first
+                raise
+            out.append(sample)
+            if len(out) >= step:
+                yield out
+                out = []
+        if out:
+            yield out
+
+    def _decode(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder, slot: int) -> Iterator[Any]:
         io = self._view.reader()
         table = self._view.table()
         skip = self.on_error == "skip"
         for seg in segments:
             records = order.records_at(split.global_positions(seg))
-            frames, errors = self._read_group(records)
-            for rec in records.tolist():
-                try:
-                    frame = frames.get(rec)
-                    if frame is None:
-                        raise errors[rec]
-                    sample = io.load_record(rec, io.decode_frame(rec, frame, table=table))
-                except (CorruptStoreError, UnsafePayloadError) as exc:
-                    if not skip:
-                        raise
-                    self._count_skip(slot, rec, exc)
-                    continue
-                yield sample
+            for lo, hi in split_by_bytes(table["stored"][records], READ_BYTES):
+                piece = records[lo:hi]
+                frames, errors = self._read_piece(piece)
+                for rec in piece.tolist():
+                    try:
+                        frame = frames.get(rec)
+                        if frame is None:
+                            raise errors[rec]
+                        sample = io.load_record(rec, io.decode_frame(rec, frame, table=table))
+                    except (CorruptStoreError, UnsafePayloadError) as exc:
+                        if not skip:
+                            raise
+                        self._count_skip(slot, rec, exc)
+                        continue
+                    yield sample
 
     def _count_skip(self, slot: int, record: int, exc: BaseException) -> None:
         kind = next(i for i, t in enumerate(_SKIP_TYPES) if isinstance(exc, t))

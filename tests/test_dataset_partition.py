@@ -193,3 +193,19 @@ def test_rank_split_edges() -> None:
     assert o == [2, 3, 2, 3] and sum(o) == 10
     with pytest.raises(ValueError, match="equalize mode"):
         RankSplit.compute(3, 1, 0, "sometimes")
+
+
+def test_split_by_bytes_and_plan_runs() -> None:
+    from tensorstore_pt._partition import plan_runs, split_by_bytes
+
+    assert split_by_bytes(np.array([3, 3, 3, 3, 3]), 6) == [(0, 2), (2, 4), (4, 5)]
+    assert split_by_bytes(np.array([10, 1, 1]), 4) == [(0, 1), (1, 3)]
+    assert split_by_bytes(np.zeros(0, np.int64), 4) == []
+    offsets = np.array([0, 10, 25, 100, 0, 5], np.int64)
+    ends = np.array([10, 20, 30, 110, 5, 9], np.int64)
+    shard = np.array([0, 0, 0, 0, 1, 1], np.int64)
+    # gaps: 0, 5, 70 (too big), shard change, 0
+    assert plan_runs(offsets, ends, shard, 64, 1000).tolist() == [3, 4]
+    # a budget of 4 gap bytes: only the zero gaps merge
+    assert plan_runs(offsets, ends, shard, 64, 4).tolist() == [2, 3, 4]
+    assert plan_runs(offsets[:1], ends[:1], shard[:1], 64, 4).tolist() == []
