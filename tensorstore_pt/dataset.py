@@ -102,8 +102,21 @@ _SKIP_SLOTS = 257  # slot 0: the main process; slot w + 1: DataLoader worker w (
 #: Target compressed bytes of a block (auto ``block_records``).
 BLOCK_TARGET_BYTES = 256 * 2**10
 #: Blocks per shuffle window (auto ``window_records``).
-WINDOW_BLOCKS = 64
+WINDOW_BLOCKS = 256
 MAX_BLOCK_RECORDS = 4096
+#: Cap on the auto window: its permutation costs 16 bytes a position (32 while it is made).
+MAX_WINDOW_RECORDS = 2**18
+
+
+def default_block_window(records: int, stored_bytes: int) -> tuple[int, int]:
+    """The default ``(block_records, window_records)`` for a store of this size.
+
+    Blocks hold about ``BLOCK_TARGET_BYTES`` (256 KiB) of compressed frames (1 to 4096
+    records); a window is ``WINDOW_BLOCKS`` (256) blocks, at most 2**18 records.
+    """
+    mean = stored_bytes / records if records else 1.0
+    block = int(min(MAX_BLOCK_RECORDS, max(1, round(BLOCK_TARGET_BYTES / max(mean, 1.0)))))
+    return block, min(WINDOW_BLOCKS * block, max(block, MAX_WINDOW_RECORDS))
 #: Frames are read and decoded in pieces of about this many compressed bytes.
 READ_BYTES = 2**20
 #: Frames closer than this in a shard may be fetched with one read (the gap is read and
@@ -434,8 +447,9 @@ class StoreIterableDataset(IterableDataset):
             skipped record shifts its worker's later batch boundaries by one sample; see
             docs/datasets.md.
         block_records: Records per block (default: about 256 KiB of compressed frames,
-            at most 4096 records).
-        window_records: Shuffle window in samples (default: 64 blocks, about 16 MiB of frames).
+            1 to 4096 records).
+        window_records: Shuffle window in samples (default: 256 blocks, about 64 MiB of
+            frames, at most 2**18 records). It costs 16 bytes a position, not frame memory.
         prefetch_samples: Decoded samples the background thread may hold ahead (default 32).
         verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
         map_location: Passed to ``torch.load``.
@@ -502,12 +516,11 @@ class StoreIterableDataset(IterableDataset):
         self.equalize = equalize
         self.transform = transform
         self.on_error = on_error
-        n = self._view.records
-        if block_records is None:
-            mean = self._view.stored_bytes / n if n else 1.0
-            block_records = int(min(MAX_BLOCK_RECORDS, max(1, round(BLOCK_TARGET_BYTES / max(mean, 1.0)))))
-        self.block_records = block_records
-        self.window_records = window_records if window_records is not None else WINDOW_BLOCKS * block_records
+        auto_block, _ = default_block_window(self._view.records, self._view.stored_bytes)
+        self.block_records = block_records if block_records is not None else auto_block
+        self.window_records = (
+            window_records if window_records is not None else min(WINDOW_BLOCKS * self.block_records, max(self.block_records, MAX_WINDOW_RECORDS))
+        )
         self._control = torch.zeros(8, dtype=torch.int64).share_memory_()
         self._control[_CHUNK] = self._batch_arg or 1
         self._skips = torch.zeros((_SKIP_SLOTS, len(SKIP_KINDS)), dtype=torch.int64).share_memory_()
