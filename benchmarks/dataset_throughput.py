@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         info = tspt.write_store(make_records(args.records), path, codec="zstd")
         print(
             f"store: {info.records} records, {info.shards} shards, raw {info.raw_bytes / 2**20:.1f} MiB, "
-            f"files {info.file_bytes / 2**20:.1f} MiB (ratio {info.ratio:.2f}), written in {time.perf_counter() - t0:.1f} s",
+            f"files {info.file_bytes / 2**20:.1f} MiB (ratio {info.ratio:.2f}), "
+            f"written in {time.perf_counter() - t0:.1f} s",
             flush=True,
         )
         bs = args.batch_size

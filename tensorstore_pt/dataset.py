@@ -51,6 +51,7 @@ from .errors import (
     DecompressionError,
     InvalidOptionError,
     MissingShardError,
+    RecordIndexError,
     RecordLengthError,
     ShardFormatError,
     ShardSizeError,
@@ -116,7 +117,13 @@ def default_block_window(records: int, stored_bytes: int) -> tuple[int, int]:
     """
     mean = stored_bytes / records if records else 1.0
     block = int(min(MAX_BLOCK_RECORDS, max(1, round(BLOCK_TARGET_BYTES / max(mean, 1.0)))))
-    return block, min(WINDOW_BLOCKS * block, max(block, MAX_WINDOW_RECORDS))
+    return block, _default_window(block)
+
+
+def _default_window(block_records: int) -> int:
+    return min(WINDOW_BLOCKS * block_records, max(block_records, MAX_WINDOW_RECORDS))
+
+
 #: Frames are read and decoded in pieces of about this many compressed bytes.
 READ_BYTES = 2**20
 #: Frames closer than this in a shard may be fetched with one read (the gap is read and
@@ -160,7 +167,9 @@ def _env_int(name: str) -> int | None:
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if (rank is None) != (world_size is None):
-        raise InvalidOptionError(f"rank and world_size: pass both or neither, found rank={rank!r}, world_size={world_size!r}")
+        raise InvalidOptionError(
+            f"rank and world_size: pass both or neither, found rank={rank!r}, world_size={world_size!r}"
+        )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         d_rank, d_world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if rank is not None and (rank, world_size) != (d_rank, d_world):
@@ -177,7 +186,10 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     else:
         source = "arguments"
     if world_size < 1 or not 0 <= rank < world_size:
-        raise InvalidOptionError(f"rank/world_size from {source}: expected 0 <= rank < world_size, found rank={rank}, world_size={world_size}")
+        raise InvalidOptionError(
+            f"rank/world_size from {source}: expected 0 <= rank < world_size, "
+            f"found rank={rank}, world_size={world_size}"
+        )
     return rank, world_size
 
 
@@ -317,8 +329,6 @@ class StoreDataset(Dataset):
             raise InvalidOptionError(f"dataset index: expected an int, found {type(index).__name__}")
         i = int(index) + n if index < 0 else int(index)
         if not 0 <= i < n:
-            from .errors import RecordIndexError
-
             raise RecordIndexError(f"record {int(index)} is out of range for store {self.location!r} with {n} records")
         sample = self._view.read(i)
         return self.transform(sample) if self.transform is not None else sample
@@ -496,11 +506,15 @@ class StoreIterableDataset(IterableDataset):
         self._rank_arg = _check_int("rank", rank, 0, True)
         self._world_arg = _check_int("world_size", world_size, 1, True)
         if (self._rank_arg is None) != (self._world_arg is None):
-            raise InvalidOptionError(f"rank and world_size: pass both or neither, found rank={rank!r}, world_size={world_size!r}")
+            raise InvalidOptionError(
+                f"rank and world_size: pass both or neither, found rank={rank!r}, world_size={world_size!r}"
+            )
         if self._rank_arg is not None and self._rank_arg >= self._world_arg:  # type: ignore[operator]
             raise InvalidOptionError(f"rank: expected 0 <= rank < world_size={world_size}, found {rank}")
         if not (equalize is None or isinstance(equalize, bool) or equalize in EQUALIZE_MODES):
-            raise InvalidOptionError(f"equalize: expected None, a bool or one of {list(EQUALIZE_MODES)}, found {equalize!r}")
+            raise InvalidOptionError(
+                f"equalize: expected None, a bool or one of {list(EQUALIZE_MODES)}, found {equalize!r}"
+            )
         if on_error not in ON_ERROR_POLICIES:
             raise InvalidOptionError(f"on_error: expected one of {list(ON_ERROR_POLICIES)}, found {on_error!r}")
         if transform is not None and not callable(transform):
@@ -518,9 +532,7 @@ class StoreIterableDataset(IterableDataset):
         self.on_error = on_error
         auto_block, _ = default_block_window(self._view.records, self._view.stored_bytes)
         self.block_records = block_records if block_records is not None else auto_block
-        self.window_records = (
-            window_records if window_records is not None else min(WINDOW_BLOCKS * self.block_records, max(self.block_records, MAX_WINDOW_RECORDS))
-        )
+        self.window_records = window_records if window_records is not None else _default_window(self.block_records)
         self._control = torch.zeros(8, dtype=torch.int64).share_memory_()
         self._control[_CHUNK] = self._batch_arg or 1
         self._skips = torch.zeros((_SKIP_SLOTS, len(SKIP_KINDS)), dtype=torch.int64).share_memory_()
@@ -654,7 +666,11 @@ class StoreIterableDataset(IterableDataset):
         """Warn about idle consumers and log padding/dropping (``worker`` None: for all workers)."""
         r = report
         if r.records == 0:
-            warnings.warn(f"store {self.location!r} is empty: every rank and worker yields nothing", PartitionWarning, stacklevel=3)
+            warnings.warn(
+                f"store {self.location!r} is empty: every rank and worker yields nothing",
+                PartitionWarning,
+                stacklevel=3,
+            )
         elif r.rank_samples == 0:
             warnings.warn(
                 f"rank {r.rank} of {r.world_size} gets no samples: the store has {r.records} records and "
@@ -673,7 +689,14 @@ class StoreIterableDataset(IterableDataset):
         if worker in (None, 0) and (r.padded or r.dropped):
             logger.info(
                 "store %r, epoch %d: equalize=%s over %d ranks: %d samples repeated, %d left out; rank %d gets %d",
-                self.location, r.epoch, r.equalize, r.world_size, r.padded, r.dropped, r.rank, r.rank_samples,
+                self.location,
+                r.epoch,
+                r.equalize,
+                r.world_size,
+                r.padded,
+                r.dropped,
+                r.rank,
+                r.rank_samples,
             )
 
     # ------------------------------------------------------------------ iteration
@@ -807,7 +830,9 @@ class _LoaderIterator:
     worker can still be about to read it: at ``iter()`` and after the epoch is exhausted.
     """
 
-    def __init__(self, loader: StoreDataLoader, inner: Iterator[Any], epoch: int, start: int, length: int, end: int) -> None:
+    def __init__(
+        self, loader: StoreDataLoader, inner: Iterator[Any], epoch: int, start: int, length: int, end: int
+    ) -> None:
         self._loader = loader
         self._inner = inner
         self._epoch = epoch
@@ -834,7 +859,9 @@ class _LoaderIterator:
         loader = self._loader
         self._pos = min(self._pos + loader._chunk, self._length)
         if loader._is_live(self):
-            loader._epoch, loader._samples = (self._epoch + 1, 0) if self._pos >= self._end else (self._epoch, self._pos)
+            loader._epoch, loader._samples = (
+                (self._epoch + 1, 0) if self._pos >= self._end else (self._epoch, self._pos)
+            )
         return batch
 
     def _finish(self) -> None:
@@ -910,7 +937,11 @@ class StoreDataLoader(DataLoader):
         self._sync_from_dataset()
         length = len(ds)
         start = min(self._samples, length)
-        end = start + (length - start) // self._chunk * self._chunk if self.batch_size is not None and self.drop_last else length
+        end = (
+            start + (length - start) // self._chunk * self._chunk
+            if self.batch_size is not None and self.drop_last
+            else length
+        )
         ds._set_position(self._epoch, start)
         ds._control[_CHUNK] = self._chunk
         ds._say(ds.partition(self.num_workers), None)
@@ -937,15 +968,16 @@ class StoreDataLoader(DataLoader):
             "version": _STATE_VERSION,
             "epoch": self._epoch,
             "samples": self._samples,
-            **self._fingerprint(rank, world),
+            "rank": rank,
+            **self._fingerprint(world),
         }
 
-    def _fingerprint(self, rank: int, world: int) -> dict[str, Any]:
+    def _fingerprint(self, world: int) -> dict[str, Any]:
+        """What a position is valid for. Not the rank: ranks advance in lockstep (see load_state_dict)."""
         ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
         return {
             "store": f"{ALGORITHM}:{ds._view.digest:016x}",
             "records": ds.records,
-            "rank": rank,
             "world_size": world,
             "equalize": ds._mode(world),
             "shuffle": ds.shuffle,
@@ -960,17 +992,21 @@ class StoreDataLoader(DataLoader):
         ``num_workers``, ``batch_size``, ``prefetch_factor`` and ``persistent_workers`` may
         differ from the run that saved the state.
 
+        The state may come from another rank of the same job: in DDP every rank delivers the
+        same number of samples per step (with ``equalize``), so the state rank 0 saved
+        restores every rank, each to the rest of its own share.
+
         Raises:
-            InvalidOptionError: The state is malformed, or was saved for another store, rank,
-                world size, shuffle, seed, equalize mode or block/window size.
+            InvalidOptionError: The state is malformed, or was saved for another store, world
+                size, shuffle, seed, equalize mode or block/window size.
         """
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise InvalidOptionError(f"state: expected a dict from StoreDataLoader.state_dict(), found {state!r:.200}")
         if state.get("version") != _STATE_VERSION:
             raise InvalidOptionError(f"state: expected version {_STATE_VERSION}, found {state.get('version')!r}")
         ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
-        rank, world = ds._rank_world()
-        expected = self._fingerprint(rank, world)
+        _, world = ds._rank_world()
+        expected = self._fingerprint(world)
         wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if wrong:
             detail = ", ".join(f"{k}: state has {a!r}, this loader has {b!r}" for k, (a, b) in sorted(wrong.items()))

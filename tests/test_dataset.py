@@ -31,7 +31,11 @@ N = 37
 
 
 def _write(path: Path, n: int, max_shard_bytes: int) -> Path:
-    tspt.write_store(({"id": torch.tensor(i), "x": torch.full((3,), float(i))} for i in range(n)), path, max_shard_bytes=max_shard_bytes)
+    tspt.write_store(
+        ({"id": torch.tensor(i), "x": torch.full((3,), float(i))} for i in range(n)),
+        path,
+        max_shard_bytes=max_shard_bytes,
+    )
     return path
 
 
@@ -71,12 +75,16 @@ def test_map_dataset_random_access_samplers_and_transform(store: Path) -> None:
         ds[N]
     with pytest.raises(InvalidOptionError, match="expected an int, found str"):
         ds["3"]
-    loader = DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)), num_workers=2)
+    loader = DataLoader(
+        ds, batch_size=4, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)), num_workers=2
+    )
     got = ids_of(loader)
     assert sorted(got) == list(range(N)) and got != list(range(N))
     seen = []
     for r in range(3):
-        seen += ids_of(DataLoader(ds, batch_size=5, sampler=DistributedSampler(ds, num_replicas=3, rank=r, shuffle=True, seed=1)))
+        seen += ids_of(
+            DataLoader(ds, batch_size=5, sampler=DistributedSampler(ds, num_replicas=3, rank=r, shuffle=True, seed=1))
+        )
     assert set(seen) == set(range(N)) and len(seen) == 39  # DistributedSampler pads to 3 x 13
     tds = StoreDataset(tspt.open_store(store), transform=add_one)
     assert int(tds[2]["id"]) == 1002
@@ -106,7 +114,9 @@ def test_exactly_once_for_any_workers_and_world_size(store: Path, workers: int) 
                 assert len(flat) == len(ds), (world, rank, mode)  # len() is the truth for this rank
                 assert len(got) == len(loader)
                 # The rank gets its contiguous share of the one global order, in order.
-                split_start = {"off": rank * N // world, "pad": rank * -(-N // world), "drop": rank * (N // world)}[mode]
+                split_start = {"off": rank * N // world, "pad": rank * -(-N // world), "drop": rank * (N // world)}[
+                    mode
+                ]
                 assert flat == [reference[(split_start + j) % N] for j in range(len(flat))]
                 per_rank[mode].append(flat)
                 batches[mode].append(len(got))
@@ -126,7 +136,7 @@ def test_one_shard_many_consumers_and_idle_workers_are_reported(one_shard: Path)
         ds = StoreIterableDataset(one_shard, rank=rank, world_size=3, equalize="off")
         report = ds.partition(5, batch_size=1)
         assert report.idle_workers == ((4,) if report.rank_samples == 4 else (3, 4))
-        with pytest.warns(PartitionWarning, match=r"worker\(s\) \[.*4\] of 5 on rank %d get no samples" % rank):
+        with pytest.warns(PartitionWarning, match=rf"worker\(s\) \[.*4\] of 5 on rank {rank} get no samples"):
             loader = StoreDataLoader(ds, batch_size=1, num_workers=5)
             seen += ids_of(loader)
     assert sorted(seen) == list(range(11))
@@ -224,7 +234,9 @@ def test_on_error_raise_and_skip(store: Path, tmp_path: Path, caplog: pytest.Log
     skip = StoreIterableDataset(bad, on_error="skip")
     with caplog.at_level(logging.WARNING, logger="tensorstore_pt.dataset"):
         assert [int(s["id"]) for s in skip] == [i for i in range(N) if i != 20]
-    assert any("skipped record 20" in r.getMessage() and "ChecksumMismatchError" in r.getMessage() for r in caplog.records)
+    assert any(
+        "skipped record 20" in r.getMessage() and "ChecksumMismatchError" in r.getMessage() for r in caplog.records
+    )
     assert skip.skip_counts() == {"ChecksumMismatchError": 1}
     ids = ids_of(StoreDataLoader(skip, batch_size=4, num_workers=2))
     assert sorted(ids) == [i for i in range(N) if i != 20]
@@ -234,7 +246,9 @@ def test_on_error_raise_and_skip(store: Path, tmp_path: Path, caplog: pytest.Log
     gone_raise = StoreIterableDataset(bad)
     first = tspt.open_store(bad).index.shards[0]
     (bad / first.name).unlink()
-    assert sorted(ids_of(StoreDataLoader(gone, batch_size=4, num_workers=2))) == [i for i in range(first.records, N) if i != 20]
+    assert sorted(ids_of(StoreDataLoader(gone, batch_size=4, num_workers=2))) == [
+        i for i in range(first.records, N) if i != 20
+    ]
     assert gone.skip_counts() == {"ChecksumMismatchError": 1, "MissingShardError": first.records}
     with pytest.raises(MissingShardError, match=f"{first.name}.*missing"):
         list(gone_raise)
@@ -343,7 +357,10 @@ def test_consumer_info_sources(monkeypatch: pytest.MonkeyPatch, store: Path) -> 
     assert len(ds) == N - N // 2 and ds.partition().rank == 1
     assert ids_of(StoreDataLoader(ds, batch_size=3, num_workers=2)) == list(range(N // 2, N))
     monkeypatch.setenv("RANK", "2")
-    with pytest.raises(InvalidOptionError, match="environment RANK/WORLD_SIZE: expected 0 <= rank < world_size, found rank=2, world_size=2"):
+    with pytest.raises(
+        InvalidOptionError,
+        match="environment RANK/WORLD_SIZE: expected 0 <= rank < world_size, found rank=2, world_size=2",
+    ):
         consumer_info()
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(InvalidOptionError, match="environment variable RANK: expected an int, found 'x'"):

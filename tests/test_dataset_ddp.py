@@ -47,7 +47,7 @@ def _rank_main(rank: int, store: str, out_dir: str) -> None:
         loader = StoreDataLoader(ds, batch_size=3, num_workers=2, persistent_workers=True)
         batches = 0
         ids = []
-        for epoch in range(2):
+        for _epoch in range(2):  # the loader moves to the next epoch by itself
             for b in loader:
                 total = torch.tensor([b["id"].numel()])
                 dist.all_reduce(total)

@@ -87,7 +87,9 @@ def test_every_sample_once_and_delivery_follows_global_order(s: dict) -> None:
         split = RankSplit.compute(n, s["world"], rank, s["mode"])
         lengths.add(split.length)
         expected = full[split.global_positions(np.arange(split.length))].tolist() if split.length else []
-        streams = [worker_stream(split, order, s["window"], 0, s["chunk"], s["workers"], w) for w in range(s["workers"])]
+        streams = [
+            worker_stream(split, order, s["window"], 0, s["chunk"], s["workers"], w) for w in range(s["workers"])
+        ]
         for w, stream in enumerate(streams):
             assert len(stream) == worker_sample_count(split.length, 0, s["chunk"], s["workers"], w)
         batches = emulate_dataloader(streams, s["chunk"], drop_last=False)
@@ -112,7 +114,9 @@ def test_every_sample_once_and_delivery_follows_global_order(s: dict) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(scenario, st.integers(0, 60), st.integers(1, 6), st.integers(1, 5), st.booleans())
-def test_resume_from_any_position_with_other_workers(s: dict, cut: int, workers2: int, chunk2: int, drop_last: bool) -> None:
+def test_resume_from_any_position_with_other_workers(
+    s: dict, cut: int, workers2: int, chunk2: int, drop_last: bool
+) -> None:
     layout = BlockLayout.build(_bounds(s["shards"]), s["block"], s["window"])
     n = layout.records
     order = EpochOrder(layout, shuffle=s["shuffle"], seed=s["seed"], epoch=s["epoch"])

@@ -36,10 +36,14 @@ def rank_order(ds: StoreIterableDataset, epoch: int) -> list[int]:
 
 
 @pytest.mark.parametrize(("k", "workers_before", "workers_after"), [(2, 2, 2), (3, 2, 0), (1, 1, 3), (5, 3, 2)])
-def test_resume_mid_epoch_with_prefetching_workers(store: Path, k: int, workers_before: int, workers_after: int) -> None:
+def test_resume_mid_epoch_with_prefetching_workers(
+    store: Path, k: int, workers_before: int, workers_after: int
+) -> None:
     ds = make(store)
     expected = rank_order(ds, 0)
-    loader = StoreDataLoader(ds, batch_size=3, num_workers=workers_before, prefetch_factor=4 if workers_before else None)
+    loader = StoreDataLoader(
+        ds, batch_size=3, num_workers=workers_before, prefetch_factor=4 if workers_before else None
+    )
     head: list[int] = []
     it = iter(loader)
     for _ in range(k):
@@ -111,6 +115,23 @@ def test_iter_continues_after_break_and_set_epoch_semantics(store: Path) -> None
     assert [x for b in loader for x in batch_ids(b)] == rank_order(ds, 5)
     ds.set_epoch(5)  # now at the start of epoch 6: moving back to 5 re-reads it
     assert [x for b in loader for x in batch_ids(b)] == rank_order(ds, 5)
+
+
+def test_rank_zero_state_restores_every_rank(store: Path) -> None:
+    """DDP checkpoints are usually written by rank 0 only; ranks advance in lockstep."""
+    loaders = [
+        StoreDataLoader(StoreIterableDataset(store, shuffle=True, rank=r, world_size=2), batch_size=4) for r in (0, 1)
+    ]
+    iters = [iter(x) for x in loaders]
+    heads = [batch_ids(next(it)) + batch_ids(next(it)) for it in iters]
+    state0 = loaders[0].state_dict()
+    assert state0["rank"] == 0 and state0["samples"] == loaders[1].state_dict()["samples"] == 8
+    for r in (0, 1):
+        ds = StoreIterableDataset(store, shuffle=True, rank=r, world_size=2)
+        resumed = StoreDataLoader(ds, batch_size=4, num_workers=2)
+        resumed.load_state_dict(state0)
+        order = ds.epoch_order(0).tolist()
+        assert heads[r] + [x for b in resumed for x in batch_ids(b)] == [order[(r * 21 + j) % N] for j in range(21)]
 
 
 def test_load_state_dict_refuses_other_runs(store: Path) -> None:
