@@ -235,7 +235,8 @@ def worker_segments(
     Each yielded int64 array holds the worker's positions whose global positions fall in one
     window of the epoch order (one read group), in increasing ``j``.
 
-    Memory: O(window_records) per segment; nothing proportional to the rank's length.
+    Memory: O(window_records / num_workers + chunks in a window) per segment; nothing
+    proportional to the rank's length.
     """
     j = start
     n = split.records
@@ -244,11 +245,15 @@ def worker_segments(
         w_end = min((g0 // window_records + 1) * window_records, n)
         j_end = min(split.length, j + (w_end - g0))
         c0, c1 = (j - start) // chunk, (j_end - 1 - start) // chunk
-        if c1 - c0 + 1 >= num_workers or any(c % num_workers == worker for c in range(c0, c1 + 1)):
-            jj = np.arange(j, j_end, dtype=np.int64)
-            mine = jj[((jj - start) // chunk) % num_workers == worker]
-            if mine.size:
-                yield mine
+        first = c0 + (worker - c0) % num_workers  # this worker's first chunk in the segment
+        chunks = np.arange(first, c1 + 1, num_workers, dtype=np.int64)
+        if chunks.size:
+            lo = np.maximum(start + chunks * chunk, j)
+            hi = np.minimum(start + (chunks + 1) * chunk, j_end)
+            lengths = hi - lo
+            ends = np.cumsum(lengths)
+            # concatenated aranges [lo, hi): position k of the output is lo[i] + (k - ends[i-1])
+            yield np.repeat(lo - (ends - lengths), lengths) + np.arange(int(ends[-1]), dtype=np.int64)
         j = j_end
 
 
