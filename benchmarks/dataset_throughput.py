@@ -2,8 +2,10 @@
 
 Records: a 3x64x64 uint8 image patch (smooth gradients plus noise, so zstd has work to do)
 and an int64 label. Each configuration runs one untimed warm-up epoch, then ``--repeats``
-timed epochs over the same persistent workers; the median is reported, and the ratios are
-against baselines measured in the same run:
+timed epochs over the same persistent workers, interleaved with the other configurations'
+(so that load from elsewhere on the machine falls on all of them alike); the median is
+reported, with the CPU time of all its processes per sample, and the ratios are against
+baselines measured in the same run:
 
 - ``iterable_w2 / iterable_w0``  (target >= 1.8 on a 2-core machine)
 - ``iterable_w0 / map_seq_w0`` and ``iterable_w2 / map_seq_w2`` (target >= 1.0)
@@ -27,9 +29,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
@@ -47,18 +50,29 @@ def make_records(n: int, seed: int = 0):
         yield {"image": torch.from_numpy(np.clip(patch, 0, 255).astype(np.uint8)), "label": torch.tensor(i % 10)}
 
 
-def run_epochs(make_loader: Callable[[], Any], repeats: int) -> tuple[float, int]:
-    loader = make_loader()
-    count = sum(b["label"].numel() for b in loader)  # warm-up (starts persistent workers)
-    times = []
-    for _ in range(repeats):
+class _Config:
+    """One loader, kept alive (persistent workers) across interleaved timed epochs."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.count = sum(b["label"].numel() for b in loader)  # warm-up: starts the workers
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+
+    def _pids(self) -> list[int]:
+        it = getattr(self.loader, "_iterator", None)
+        workers = getattr(it, "_workers", []) if it is not None else []
+        return [os.getpid(), *(w.pid for w in workers)]
+
+    def epoch(self) -> None:
+        procs = [psutil.Process(p) for p in self._pids()]
+        cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
         t0 = time.perf_counter()
-        got = sum(b["label"].numel() for b in loader)
-        times.append(time.perf_counter() - t0)
-        if got != count:
-            raise RuntimeError(f"an epoch delivered {got} samples, the warm-up {count}")
-    del loader
-    return statistics.median(times), count
+        got = sum(b["label"].numel() for b in self.loader)
+        self.times.append(time.perf_counter() - t0)
+        self.cpu.append(sum(sum(p.cpu_times()[:2]) - c for p, c in zip(procs, cpu0)))
+        if got != self.count:
+            raise RuntimeError(f"an epoch delivered {got} samples, the warm-up {self.count}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -81,50 +95,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
         bs = args.batch_size
-        loaders: dict[str, Callable[[], Any]] = {}
 
-        def iterable(workers: int, shuffle: bool = False) -> Callable[[], Any]:
-            def make() -> Any:
-                ds = StoreIterableDataset(path, shuffle=shuffle)
-                kw = {"persistent_workers": True} if workers else {}
-                return _Repeat(StoreDataLoader(ds, batch_size=bs, num_workers=workers, **kw), ds)
+        def iterable(workers: int, shuffle: bool = False) -> Any:
+            ds = StoreIterableDataset(path, shuffle=shuffle)
+            kw = {"persistent_workers": True} if workers else {}
+            return StoreDataLoader(ds, batch_size=bs, num_workers=workers, **kw)
 
-            return make
+        def map_seq(workers: int) -> Any:
+            ds = StoreDataset(path)
+            kw = {"persistent_workers": True} if workers else {}
+            return DataLoader(ds, batch_size=bs, sampler=SequentialSampler(ds), num_workers=workers, **kw)
 
-        def map_seq(workers: int) -> Callable[[], Any]:
-            def make() -> Any:
-                ds = StoreDataset(path)
-                kw = {"persistent_workers": True} if workers else {}
-                return DataLoader(ds, batch_size=bs, sampler=SequentialSampler(ds), num_workers=workers, **kw)
+        def coarse(workers: int) -> Any:
+            ds = StoreIterableDataset(path, batch_size=32 * bs)  # long contiguous runs per worker
+            return DataLoader(ds, batch_size=bs, num_workers=workers, persistent_workers=True)
 
-            return make
-
-        def coarse(workers: int) -> Callable[[], Any]:
-            def make() -> Any:
-                ds = StoreIterableDataset(path, batch_size=32 * bs)  # long contiguous runs per worker
-                return DataLoader(ds, batch_size=bs, num_workers=workers, persistent_workers=True)
-
-            return make
-
-        loaders["iterable_w0"] = iterable(0)
-        loaders["iterable_w2"] = iterable(2)
-        loaders["map_seq_w0"] = map_seq(0)
-        loaders["map_seq_w2"] = map_seq(2)
-        loaders["iterable_shuffle_w2"] = iterable(2, shuffle=True)
-        loaders["iterable_coarse_chunks_w2"] = coarse(2)
+        configs = {
+            "iterable_w0": _Config(iterable(0)),
+            "iterable_w2": _Config(iterable(2)),
+            "map_seq_w0": _Config(map_seq(0)),
+            "map_seq_w2": _Config(map_seq(2)),
+            "iterable_shuffle_w2": _Config(iterable(2, shuffle=True)),
+            "iterable_coarse_chunks_w2": _Config(coarse(2)),
+        }
+        # Interleave the timed epochs, so that load from elsewhere falls on every configuration alike.
+        for _ in range(args.repeats):
+            for cfg in configs.values():
+                cfg.epoch()
+        load = os.getloadavg()
 
         results: dict[str, Any] = {
             "records": info.records,
             "batch_size": bs,
             "repeats": args.repeats,
             "cpus": os.cpu_count(),
+            "loadavg_after": [round(x, 2) for x in load],
             "torch": torch.__version__,
             "samples_per_s": {},
+            "cpu_ms_per_sample": {},
         }
-        for name, make in loaders.items():
-            median_s, count = run_epochs(make, args.repeats)
-            results["samples_per_s"][name] = count / median_s
-            print(f"{name:28s} {count / median_s:10.0f} samples/s  (median {median_s:.3f} s per epoch)", flush=True)
+        for name, cfg in configs.items():
+            median_s = statistics.median(cfg.times)
+            results["samples_per_s"][name] = cfg.count / median_s
+            results["cpu_ms_per_sample"][name] = 1000 * statistics.median(cfg.cpu) / cfg.count
+            print(
+                f"{name:28s} {cfg.count / median_s:8.0f} samples/s  (median {median_s:.3f} s per epoch, "
+                f"{results['cpu_ms_per_sample'][name]:.3f} CPU ms per sample, all processes)",
+                flush=True,
+            )
         sps = results["samples_per_s"]
         results["ratios"] = {
             "iterable_w2 / iterable_w0": sps["iterable_w2"] / sps["iterable_w0"],
@@ -135,19 +153,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         for k, v in results["ratios"].items():
             print(f"{k:42s} {v:.2f}")
+        print(f"load average after the run: {load}")
+        for cfg in configs.values():
+            del cfg.loader
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results
-
-
-class _Repeat:
-    """A StoreDataLoader iterated once per epoch (it advances epochs by itself)."""
-
-    def __init__(self, loader: StoreDataLoader, ds: StoreIterableDataset) -> None:
-        self.loader, self.ds = loader, ds
-
-    def __iter__(self):
-        return iter(self.loader)
 
 
 if __name__ == "__main__":

@@ -244,8 +244,8 @@ class _StoreView:
         self.records = len(reader)
         self.stored_bytes = reader.index.stored_bytes
         self.bounds = reader.shard_bounds()
-        table = reader.record_table()
-        self._table = torch.from_numpy(table.view(np.int64).reshape(self.records, 4).copy()).share_memory_()
+        self._table = torch.empty((self.records, 4), dtype=torch.int64).share_memory_()
+        reader.record_table(out=self.table())  # filled in place: one copy, in shared memory
         self._reader: StoreReader | None = reader if isinstance(store, StoreReader) else None
         self._pid = os.getpid()
 
@@ -722,8 +722,14 @@ class StoreIterableDataset(IterableDataset):
         prefetcher = Prefetcher(producer, max(1, self.prefetch_samples // step), name=f"tspt-decode-w{worker}")
         return _SampleIterator(prefetcher, self.transform)
 
-    def _read_piece(self, records: np.ndarray) -> tuple[dict[int, memoryview], dict[int, BaseException]]:
-        """Fetch the frames of ``records`` with positional reads in file order (merging small gaps)."""
+    def _read_piece(
+        self, records: np.ndarray, missing: dict[int, BaseException]
+    ) -> tuple[dict[int, memoryview], dict[int, BaseException]]:
+        """Fetch the frames of ``records`` with positional reads in file order (merging small gaps).
+
+        ``missing`` maps shards already found missing in this iteration to their error: they are
+        not opened again.
+        """
         view = self._view
         table = view.table()
         io = view.reader()
@@ -734,11 +740,16 @@ class StoreIterableDataset(IterableDataset):
         cut = plan_runs(offsets, offsets + sizes, shard, MERGE_GAP_BYTES, int(sizes.sum()))
         frames: dict[int, memoryview] = {}
         errors: dict[int, BaseException] = {}
-        for run in np.split(u, cut):
+        for run, si in zip(np.split(u, cut), np.split(shard, cut)):
             a, b = int(run[0]), int(run[-1]) + 1
             try:
+                failed = missing.get(int(si[0]))
+                if failed is not None:
+                    raise failed
                 got = io.read_frames(a, b, table=table)
             except (CorruptStoreError, UnsafePayloadError) as exc:
+                if isinstance(exc, MissingShardError):
+                    missing[int(si[0])] = exc
                 for rec in run.tolist():
                     errors[rec] = exc
                 continue
@@ -772,11 +783,12 @@ class StoreIterableDataset(IterableDataset):
         io = self._view.reader()
         table = self._view.table()
         skip = self.on_error == "skip"
+        missing: dict[int, BaseException] = {}
         for seg in segments:
             records = order.records_at(split.global_positions(seg))
             for lo, hi in split_by_bytes(table["stored"][records], READ_BYTES):
                 piece = records[lo:hi]
-                frames, errors = self._read_piece(piece)
+                frames, errors = self._read_piece(piece, missing)
                 for rec in piece.tolist():
                     try:
                         frame = frames.get(rec)

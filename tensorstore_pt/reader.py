@@ -342,20 +342,31 @@ class StoreReader:
         """xxh3_64 of the ``index.json`` bytes this reader parsed (identifies the store version)."""
         return self._index_digest
 
-    def record_table(self) -> np.ndarray:
+    def record_table(self, out: np.ndarray | None = None) -> np.ndarray:
         """Every record's footer row, in store order.
 
+        Args:
+            out: Optional array to fill (for instance a view of shared memory): a
+                ``RECORD_DTYPE`` array of shape ``(len(store),)``.
+
         Returns:
-            A new structured array of ``format.RECORD_DTYPE`` (fields ``offset``, ``stored``,
-            ``raw``, ``checksum``; 32 bytes a record) of shape ``(len(store),)``. Offsets are
-            byte offsets inside the record's own shard.
+            ``out``, or a new structured array of ``format.RECORD_DTYPE`` (fields ``offset``,
+            ``stored``, ``raw``, ``checksum``; 32 bytes a record) of shape ``(len(store),)``.
+            Offsets are byte offsets inside the record's own shard.
 
         Raises:
+            InvalidOptionError: ``out`` has the wrong dtype or shape.
             MissingShardError, ShardSizeError, ShardFormatError: A shard's footer cannot be read.
 
-        Memory: allocates 32 bytes a record (plus the per-shard footers this reader caches).
+        Memory: 32 bytes a record unless ``out`` is given (plus the per-shard footers this
+        reader caches).
         """
-        out = np.zeros(len(self), dtype=RECORD_DTYPE)
+        if out is None:
+            out = np.zeros(len(self), dtype=RECORD_DTYPE)
+        elif out.dtype != RECORD_DTYPE or out.shape != (len(self),):
+            raise InvalidOptionError(
+                f"out: expected a {RECORD_DTYPE} array of shape ({len(self)},), found {out.dtype} {out.shape}"
+            )
         for si, entry in enumerate(self._index.shards):
             out[entry.first_record : entry.first_record + entry.records] = self._footer(si).table
         return out
