@@ -98,10 +98,11 @@ def test_map_dataset_random_access_samplers_and_transform(store: Path) -> None:
 # ----------------------------------------------------------------------------- iterable: splits
 
 
+@pytest.mark.filterwarnings("ignore::tensorstore_pt.dataset.PartitionWarning")
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 @pytest.mark.parametrize("workers", [0, 1, 2, 5])
 def test_exactly_once_for_any_workers_and_world_size(store: Path, workers: int) -> None:
     """World sizes 1..4 (ranks run one after another here), equalize off / pad / drop."""
-    warnings.simplefilter("ignore", PartitionWarning)
     reference = StoreIterableDataset(store, shuffle=True, seed=3).epoch_order(0).tolist()
     for world in range(1, 5):
         per_rank: dict[str, list[list[int]]] = {"off": [], "pad": [], "drop": []}
@@ -131,6 +132,7 @@ def test_exactly_once_for_any_workers_and_world_size(store: Path, workers: int) 
             assert len(set(drop)) == len(drop) == world * (N // world)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 def test_one_shard_many_consumers_and_idle_workers_are_reported(one_shard: Path) -> None:
     seen = []
     for rank in range(3):  # 3 ranks x 5 workers = 15 consumers for 11 records in one shard

@@ -12,6 +12,7 @@ import tensorstore_pt as tspt
 from tensorstore_pt import InvalidOptionError, StoreDataLoader, StoreIterableDataset
 
 N = 41
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
 
 @pytest.fixture(scope="module")
