@@ -4,6 +4,7 @@ Re-exports only; see the modules for details.
 """
 
 from ._version import __version__
+from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
 from .errors import (
     ChecksumMismatchError,
     ConcurrentWriteError,
@@ -53,8 +54,11 @@ __all__ = [
     "ShardSizeError",
     "ShardWriter",
     "StoreBusyError",
+    "StoreDataLoader",
+    "StoreDataset",
     "StoreExistsError",
     "StoreInfo",
+    "StoreIterableDataset",
     "StoreNotFoundError",
     "StoreReader",
     "TensorStoreError",

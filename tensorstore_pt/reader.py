@@ -38,7 +38,9 @@ from .errors import (
 from .format import (
     HEADER_BYTES,
     INDEX_NAME,
+    FEATURE_MULTI_RECORD_FRAMES,
     MAX_INDEX_BYTES,
+    RECORD_DTYPE,
     SHARD_SUFFIX,
     TRAILER_BYTES,
     IndexInfo,
@@ -314,21 +316,27 @@ class StoreReader:
         built over it without a copy.
         """
         row = self._footer(si).table[fi]
-        offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
-        frame = self._read_exact(si, offset, stored, f"record {record}'s frame")
+        frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {record}'s frame")
+        return self._decode(si, record, row, frame, writable)
+
+    def _decode(
+        self, si: int, j: int, row: np.void | np.ndarray, frame: bytes | memoryview, writable: bool = False
+    ) -> bytes | bytearray:
+        """Check a frame's checksum and raw-length bound, then decode it (``j`` is for messages)."""
+        stored, raw, expected = int(row["stored"]), int(row["raw"]), int(row["checksum"])
         found = digest_int(frame)
         if found != expected:
             raise ChecksumMismatchError(
-                f"{self._where(si, record)}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, "
+                f"{self._where(si, j)}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, "
                 f"the {stored} stored bytes give {found:016x}"
             )
-        self._check_raw_bound(si, record, stored, raw)
+        self._check_raw_bound(si, j, stored, raw)
         try:
             data = self._codec.decompress_into(frame, raw) if writable else self._codec.decompress(frame, raw)
         except DecompressionError as exc:
-            raise DecompressionError(f"{self._where(si, record)}: {exc}") from exc
+            raise DecompressionError(f"{self._where(si, j)}: {exc}") from exc
         if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
-            raise RecordLengthError(f"{self._where(si, record)}: decoded {len(data)} bytes, the footer says {raw}")
+            raise RecordLengthError(f"{self._where(si, j)}: decoded {len(data)} bytes, the footer says {raw}")
         return data
 
     def _read_raw(self, i: int, writable: bool) -> tuple[int, int, bytes | bytearray]:
@@ -405,6 +413,9 @@ class StoreReader:
         """
         # A writable buffer of its own lets the decoder build tensors over it without a copy.
         j, si, data = self._read_raw(i, writable=True)
+        return self._load(si, j, data)
+
+    def _load(self, si: int, j: int, data: bytes | bytearray | memoryview) -> Any:
         try:
             return loads(data, self.map_location)
         except (UnsafePayloadError, RecordDecodeError) as exc:
@@ -415,6 +426,137 @@ class StoreReader:
             raise RecordDecodeError(
                 f"{self._where(si, j)}: the record is not a loadable torch.save buffer ({type(exc).__name__}: {exc})"
             ) from exc
+
+    # ------------------------------------------------------------------ bulk reads (datasets)
+
+    @property
+    def index_digest(self) -> int:
+        """xxh3_64 of the ``index.json`` bytes this reader parsed (identifies the store version)."""
+        return self._index_digest
+
+    def record_table(self, out: np.ndarray | None = None) -> np.ndarray:
+        """Every record's footer row, in store order.
+
+        Args:
+            out: Optional array to fill (for instance a view of shared memory): a
+                ``RECORD_DTYPE`` array of shape ``(len(store),)``.
+
+        Returns:
+            ``out``, or a new structured array of ``format.RECORD_DTYPE`` (fields ``offset``,
+            ``stored``, ``raw``, ``checksum``; 32 bytes a record) of shape ``(len(store),)``.
+            Offsets are byte offsets inside the record's own shard.
+
+        Raises:
+            InvalidOptionError: ``out`` has the wrong dtype or shape, or the store has
+                multi-record frames (format 1.1), where records share frames.
+            MissingShardError, ShardSizeError, ShardFormatError: A shard's footer cannot be read.
+
+        Memory: 32 bytes a record unless ``out`` is given (plus the per-shard footers this
+        reader caches).
+        """
+        if FEATURE_MULTI_RECORD_FRAMES in self._index.features:
+            raise InvalidOptionError(
+                f"record_table: store {self.location!r} has multi-record frames; its records have no "
+                "frame of their own (read them with read(i), which caches the decoded frame)"
+            )
+        if out is None:
+            out = np.zeros(len(self), dtype=RECORD_DTYPE)
+        elif out.dtype != RECORD_DTYPE or out.shape != (len(self),):
+            raise InvalidOptionError(
+                f"out: expected a {RECORD_DTYPE} array of shape ({len(self)},), found {out.dtype} {out.shape}"
+            )
+        for si, entry in enumerate(self._index.shards):
+            out[entry.first_record : entry.first_record + entry.records] = self._footer(si).table
+        return out
+
+    def _rows(self, start: int, stop: int, table: np.ndarray | None) -> tuple[int, np.ndarray]:
+        n = len(self)
+        for name, value in (("start", start), ("stop", stop)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise InvalidOptionError(f"record range {name}: expected an int, found {type(value).__name__}")
+        start, stop = int(start), int(stop)
+        if not 0 <= start < stop <= n:
+            raise RecordIndexError(
+                f"record range [{start}, {stop}) is empty or out of range for store {self.location!r} with {n} records"
+            )
+        si, k = self._locate(start)
+        end = int(self._starts[si]) + self._index.shards[si].records
+        if stop > end:
+            raise InvalidOptionError(
+                f"record range [{start}, {stop}): expected records of one shard, but "
+                f"{self._where(si)} ends at record {end}"
+            )
+        if table is None:
+            return si, self._footer(si).table[k : k + stop - start]
+        if table.dtype != RECORD_DTYPE or table.shape != (n,):
+            raise InvalidOptionError(
+                f"table: expected a {RECORD_DTYPE} array of shape ({n},) from record_table(), found "
+                f"{table.dtype} {table.shape}"
+            )
+        return si, table[start:stop]
+
+    def read_frames(self, start: int, stop: int, *, table: np.ndarray | None = None) -> list[memoryview]:
+        """Read the stored (compressed) frames of records ``[start, stop)`` with one positional read.
+
+        The records must lie in one shard. Frames are not checked here; pass each one to
+        :meth:`decode_frame`.
+
+        Args:
+            start: First record, ``0 <= start < stop``.
+            stop: One past the last record, ``stop <= len(store)``.
+            table: Optional result of :meth:`record_table` (for instance in shared memory) to
+                take the frame positions from, so that this reader loads no footer.
+
+        Returns:
+            One read-only memoryview per record, slices of a single buffer of
+            ``sum(stored bytes)`` bytes.
+
+        Raises:
+            RecordIndexError: The range is empty or out of range.
+            InvalidOptionError: The range spans shards, or ``table`` has the wrong type or shape.
+            MissingShardError, ShardSizeError: The shard is absent or truncated.
+
+        Thread safety: safe (positional reads).
+        """
+        si, rows = self._rows(start, stop, table)
+        offsets = rows["offset"].astype(np.int64)
+        sizes = rows["stored"].astype(np.int64)
+        base = int(offsets[0])
+        length = int(offsets[-1] + sizes[-1]) - base
+        buf = memoryview(self._read_exact(si, base, length, f"the frames of records [{start}, {stop})"))
+        rel = (offsets - base).tolist()
+        return [buf[o : o + s] for o, s in zip(rel, sizes.tolist())]
+
+    def decode_frame(self, i: int, frame: bytes | memoryview, *, table: np.ndarray | None = None) -> bytes:
+        """Check and decompress record ``i``'s stored frame (as :meth:`read_frames` returns it).
+
+        Args:
+            i: Record position; negative counts from the end.
+            frame: The record's stored bytes.
+            table: Optional :meth:`record_table` result to take the record's checksum and raw
+                length from (otherwise the shard footer is loaded).
+
+        Returns:
+            The record's ``torch.save`` buffer, as :meth:`read_bytes` returns it.
+
+        Raises:
+            ChecksumMismatchError, DecompressionError, RecordLengthError: As :meth:`read_bytes`.
+        """
+        j = self._normalize(i)
+        si, k = self._locate(j)
+        _, rows = self._rows(j, j + 1, table)
+        return self._decode(si, j, rows[0], frame)
+
+    def load_record(self, i: int, raw: bytes | bytearray | memoryview) -> Any:
+        """Load record ``i``'s ``torch.save`` buffer with ``weights_only=True`` semantics.
+
+        Raises:
+            UnsafePayloadError: The pickle asks for forbidden globals; nothing from it is run.
+            RecordDecodeError: The bytes are not a loadable torch.save buffer.
+        """
+        j = self._normalize(i)
+        si, _ = self._locate(j)
+        return self._load(si, j, raw)
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> Any:
         """``store[i]`` reads one record; a slice or a sequence of ints reads a list of them.

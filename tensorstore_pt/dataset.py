@@ -1,0 +1,1052 @@
+"""Feeding a store to a training loop: map-style and iterable datasets, and a resumable loader.
+
+- :class:`StoreDataset`: a map-style ``torch.utils.data.Dataset`` (random access, any sampler).
+- :class:`StoreIterableDataset`: an ``IterableDataset`` that reads contiguous runs of records
+  with positional reads, decodes ahead of its consumer in a bounded background thread, splits
+  the epoch among ranks and DataLoader workers (each sample exactly once), shuffles by block
+  order plus a window shuffle, and makes every rank yield the same number of samples.
+- :class:`StoreDataLoader`: a ``DataLoader`` subclass that counts the samples it delivered, so
+  that ``state_dict()`` / ``load_state_dict()`` resume a run exactly.
+- :func:`consumer_info`: "who am I" -> ``(rank, world_size, worker, num_workers)``.
+
+docs/datasets.md states the guarantees (partitioning, shuffle quality, resume, memory).
+
+Memory: per-record data (the frame table, 32 bytes a record) lives in one shared-memory torch
+tensor made in the process that builds the dataset; DataLoader workers map it, whether they
+are forked or spawned. A worker's private memory is O(shards + blocks) for the layout, plus
+O(window) for the shuffle window's permutation, plus one read piece (at most 2 MiB of
+compressed frames and gaps), plus ``prefetch_samples + 32`` decoded samples; it does not
+grow with the number of records or across epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from ._partition import (
+    EQUALIZE_MODES,
+    BlockLayout,
+    EpochOrder,
+    RankSplit,
+    plan_runs,
+    split_by_bytes,
+    worker_sample_count,
+    worker_segments,
+)
+from ._prefetch import Prefetcher
+from .checksums import ALGORITHM
+from .errors import (
+    ChecksumMismatchError,
+    CorruptStoreError,
+    DecompressionError,
+    InvalidOptionError,
+    MissingShardError,
+    RecordIndexError,
+    RecordLengthError,
+    ShardFormatError,
+    ShardSizeError,
+    UnsafePayloadError,
+)
+from .format import FEATURE_MULTI_RECORD_FRAMES, RECORD_DTYPE
+from .reader import StoreReader, open_store
+from .storage import Storage
+
+__all__ = [
+    "ON_ERROR_POLICIES",
+    "SKIP_KINDS",
+    "ConsumerInfo",
+    "PartitionReport",
+    "PartitionWarning",
+    "StoreDataLoader",
+    "StoreDataset",
+    "StoreIterableDataset",
+    "consumer_info",
+]
+
+logger = logging.getLogger("tensorstore_pt.dataset")
+
+#: ``raise``: the first bad record raises. ``skip``: bad records are logged, counted and left out.
+ON_ERROR_POLICIES = ("raise", "skip")
+#: Error kinds counted by ``on_error="skip"``, most specific first.
+SKIP_KINDS = (
+    "ChecksumMismatchError",
+    "DecompressionError",
+    "RecordLengthError",
+    "ShardSizeError",
+    "ShardFormatError",
+    "MissingShardError",
+    "UnsafePayloadError",
+    "CorruptStoreError",
+)
+_SKIP_TYPES = (
+    ChecksumMismatchError,
+    DecompressionError,
+    RecordLengthError,
+    ShardSizeError,
+    ShardFormatError,
+    MissingShardError,
+    UnsafePayloadError,
+    CorruptStoreError,
+)
+_SKIP_SLOTS = 257  # slot 0: the main process; slot w + 1: DataLoader worker w (mod 256)
+
+#: Target compressed bytes of a block (auto ``block_records``).
+BLOCK_TARGET_BYTES = 256 * 2**10
+#: Blocks per shuffle window (auto ``window_records``).
+WINDOW_BLOCKS = 256
+MAX_BLOCK_RECORDS = 4096
+#: Cap on the auto window: its permutation costs 16 bytes a position (32 while it is made).
+MAX_WINDOW_RECORDS = 2**18
+
+
+def default_block_window(records: int, stored_bytes: int) -> tuple[int, int]:
+    """The default ``(block_records, window_records)`` for a store of this size.
+
+    Blocks hold about ``BLOCK_TARGET_BYTES`` (256 KiB) of compressed frames (1 to 4096
+    records); a window is ``WINDOW_BLOCKS`` (256) blocks, at most 2**18 records.
+    """
+    mean = stored_bytes / records if records else 1.0
+    block = int(min(MAX_BLOCK_RECORDS, max(1, round(BLOCK_TARGET_BYTES / max(mean, 1.0)))))
+    return block, _default_window(block)
+
+
+def _default_window(block_records: int) -> int:
+    return min(WINDOW_BLOCKS * block_records, max(block_records, MAX_WINDOW_RECORDS))
+
+
+#: Frames are read and decoded in pieces of about this many compressed bytes.
+READ_BYTES = 2**20
+#: Frames closer than this in a shard may be fetched with one read (the gap is read and
+#: dropped), as long as the gaps of a piece add up to at most its own bytes.
+MERGE_GAP_BYTES = 64 * 2**10
+
+# Slots of the shared control tensor.
+_EPOCH, _START, _CHUNK, _RANK, _WORLD, _RESOLVED, _QUIET = range(7)
+
+
+class PartitionWarning(UserWarning):
+    """A consumer (rank or DataLoader worker) gets no samples, or the store is empty."""
+
+
+class ConsumerInfo(NamedTuple):
+    """Who is reading: the rank in the process group and the DataLoader worker in the rank."""
+
+    rank: int
+    world_size: int
+    worker: int
+    num_workers: int
+
+
+def _check_int(name: str, value: Any, low: int, none_ok: bool = False) -> int | None:
+    if value is None and none_ok:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InvalidOptionError(f"{name}: expected an int >= {low}, found {value!r}")
+    return int(value)
+
+
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(name)
+    if text is None or text.strip() == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidOptionError(f"environment variable {name}: expected an int, found {text!r}") from None
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if (rank is None) != (world_size is None):
+        raise InvalidOptionError(
+            f"rank and world_size: pass both or neither, found rank={rank!r}, world_size={world_size!r}"
+        )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        d_rank, d_world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if rank is not None and (rank, world_size) != (d_rank, d_world):
+            raise InvalidOptionError(
+                f"rank={rank}, world_size={world_size} were passed, but torch.distributed is initialised "
+                f"with rank {d_rank} of {d_world}; pass neither, or the same"
+            )
+        return d_rank, d_world
+    if rank is None:
+        env_rank, env_world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        if env_rank is None or env_world is None:
+            return 0, 1
+        rank, world_size, source = env_rank, env_world, "environment RANK/WORLD_SIZE"
+    else:
+        source = "arguments"
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InvalidOptionError(
+            f"rank/world_size from {source}: expected 0 <= rank < world_size, "
+            f"found rank={rank}, world_size={world_size}"
+        )
+    return rank, world_size
+
+
+def consumer_info(rank: int | None = None, world_size: int | None = None) -> ConsumerInfo:
+    """Return ``(rank, world_size, worker, num_workers)`` for the calling process.
+
+    ``rank`` and ``world_size`` come from ``torch.distributed`` when it is initialised (explicit
+    arguments must then agree with it); otherwise from the arguments; otherwise from the
+    ``RANK`` / ``WORLD_SIZE`` environment variables (as set by ``torchrun``); otherwise
+    ``(0, 1)``. ``worker`` and ``num_workers`` come from ``torch.utils.data.get_worker_info()``:
+    ``(0, 1)`` outside a DataLoader worker.
+
+    Raises:
+        InvalidOptionError: Only one of rank/world_size given, values out of range, or
+            arguments that disagree with an initialised process group.
+
+    Note: a spawned DataLoader worker does not see the parent's process group; the datasets
+    here resolve the rank in the parent and hand it to their workers.
+    """
+    r, w = _resolve_rank(_check_int("rank", rank, 0, True), _check_int("world_size", world_size, 1, True))
+    info = get_worker_info()
+    if info is None:
+        return ConsumerInfo(r, w, 0, 1)
+    return ConsumerInfo(r, w, int(info.id), int(info.num_workers))
+
+
+# --------------------------------------------------------------------------- shared store view
+
+
+class _StoreView:
+    """What every process needs to read a store: the location, and the frame table in shared memory.
+
+    Pickles to the storage, the index digest and the shared table (shared memory when pickled
+    for a DataLoader worker by torch.multiprocessing, by value otherwise). Each process opens
+    its own light reader (no footers loaded) on first use; it refuses a store whose
+    ``index.json`` changed since the view was made.
+    """
+
+    def __init__(self, store: str | os.PathLike[str] | Storage | StoreReader, verify: bool, map_location: Any) -> None:
+        if isinstance(store, StoreReader):
+            reader = store
+        elif isinstance(store, (str, os.PathLike, Storage)):
+            reader = open_store(store, verify=verify, map_location=map_location)
+        else:
+            raise InvalidOptionError(
+                f"store: expected a path, a Storage or a StoreReader, found {type(store).__name__}"
+            )
+        self.storage = reader.storage
+        self.location = reader.location
+        self.map_location = reader.map_location
+        self.digest = reader.index_digest
+        self.records = len(reader)
+        self.stored_bytes = reader.index.stored_bytes
+        self.bounds = reader.shard_bounds()
+        # Multi-record frames (format 1.1): records share frames, so there is no per-record frame
+        # table; records are read with StoreReader.read, whose per-thread frame cache decodes
+        # each frame once when records come in order.
+        self.framed = FEATURE_MULTI_RECORD_FRAMES in reader.index.features
+        self._table = torch.empty((0 if self.framed else self.records, 4), dtype=torch.int64).share_memory_()
+        if not self.framed:
+            reader.record_table(out=self.table())  # filled in place: one copy, in shared memory
+        self._reader: StoreReader | None = reader if isinstance(store, StoreReader) else None
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def table(self) -> np.ndarray:
+        """The shared frame table as a ``RECORD_DTYPE`` array of shape (records,) (no copy)."""
+        return self._table.numpy().view(RECORD_DTYPE).reshape(self.records)
+
+    def reader(self) -> StoreReader:
+        """This process's light reader (opened on first use, reopened after a fork)."""
+        if self._reader is None or self._pid != os.getpid():
+            self._reader = StoreReader(
+                self.storage, verify=False, map_location=self.map_location, _expect_index_digest=self.digest
+            )
+            self._pid = os.getpid()
+        return self._reader
+
+    def read(self, i: int) -> Any:
+        if self.framed:
+            return self.reader().read(i)
+        table = self.table()
+        io = self.reader()
+        frame = io.read_frames(i, i + 1, table=table)[0]
+        return io.load_record(i, io.decode_frame(i, frame, table=table))
+
+
+# --------------------------------------------------------------------------- map-style
+
+
+class StoreDataset(Dataset):
+    """A map-style dataset over a store: ``ds[i]`` is record ``i``, optionally transformed.
+
+    Works with any sampler (``RandomSampler``, ``DistributedSampler``, ...). Each ``ds[i]``
+    is one positional read, a checksum check, a decompression and a ``torch.load``.
+
+    Args:
+        store: A store path, a :class:`~tensorstore_pt.storage.Storage`, or a
+            :class:`~tensorstore_pt.reader.StoreReader`.
+        transform: Optional callable applied to each sample (in the worker that loads it).
+        verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
+        map_location: Passed to ``torch.load`` (default ``"cpu"``).
+
+    Raises:
+        InvalidOptionError: ``store`` or ``transform`` has the wrong type.
+        The errors of :func:`~tensorstore_pt.open_store`; ``ds[i]`` raises those of
+        :meth:`StoreReader.read <tensorstore_pt.reader.StoreReader.read>`.
+
+    Memory: the frame table (32 bytes a record) in shared memory, mapped by every worker;
+    a worker's private memory does not grow with the number of records.
+    Fork/spawn safety: pickles without open files; each process opens its own handles.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str] | Storage | StoreReader,
+        *,
+        transform: Callable[[Any], Any] | None = None,
+        verify: bool = True,
+        map_location: Any = "cpu",
+    ) -> None:
+        if transform is not None and not callable(transform):
+            raise InvalidOptionError(f"transform: expected a callable or None, found {type(transform).__name__}")
+        self._view = _StoreView(store, verify, map_location)
+        self.transform = transform
+
+    @property
+    def location(self) -> str:
+        return self._view.location
+
+    def __len__(self) -> int:
+        return self._view.records
+
+    def __getitem__(self, index: int) -> Any:
+        n = self._view.records
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+            raise InvalidOptionError(f"dataset index: expected an int, found {type(index).__name__}")
+        i = int(index) + n if index < 0 else int(index)
+        if not 0 <= i < n:
+            raise RecordIndexError(f"record {int(index)} is out of range for store {self.location!r} with {n} records")
+        sample = self._view.read(i)
+        return self.transform(sample) if self.transform is not None else sample
+
+    def __repr__(self) -> str:
+        return f"StoreDataset({self.location!r}, records={len(self)})"
+
+
+# --------------------------------------------------------------------------- iterable
+
+
+@dataclass(frozen=True)
+class PartitionReport:
+    """How one rank's epoch is split, as :meth:`StoreIterableDataset.partition` reports it.
+
+    Attributes:
+        epoch: The epoch described.
+        records: Records in the store.
+        rank, world_size: This rank and the number of ranks.
+        equalize: ``"off"``, ``"pad"`` or ``"drop"`` (the mode in effect).
+        rank_samples: This rank's samples per epoch (``len(dataset)``).
+        padded: Samples repeated across all ranks this epoch (``pad``: wrap-around).
+        dropped: Samples left out across all ranks this epoch (``drop``: the end of the order).
+        start: The rank position iteration starts from (non-zero after a resume).
+        batch_size: The chunk of consecutive samples dealt to each worker in turn.
+        worker_samples: Samples each DataLoader worker yields from ``start`` on.
+        idle_workers: Workers that yield nothing (fewer chunks left than workers).
+        batches: Batches this rank delivers from ``start`` on (``drop_last=False``).
+    """
+
+    epoch: int
+    records: int
+    rank: int
+    world_size: int
+    equalize: str
+    rank_samples: int
+    padded: int
+    dropped: int
+    start: int
+    batch_size: int
+    worker_samples: tuple[int, ...]
+    idle_workers: tuple[int, ...]
+    batches: int
+
+
+#: Decoded samples handed from the background thread to the consumer in one queue item
+#: (fewer queue operations and thread switches than one sample at a time).
+_HANDOFF_SAMPLES = 16
+
+
+class _SampleIterator:
+    """The iterator a StoreIterableDataset hands out: prefetched samples, then the transform."""
+
+    def __init__(self, prefetcher: Prefetcher | None, transform: Callable[[Any], Any] | None) -> None:
+        self._prefetcher = prefetcher
+        self._transform = transform
+        self._items: list[Any] = []
+        self._next = 0
+
+    def __iter__(self) -> _SampleIterator:
+        return self
+
+    def __next__(self) -> Any:
+        while self._next >= len(self._items):
+            if self._prefetcher is None:
+                raise StopIteration
+            try:
+                self._items, self._next = next(self._prefetcher), 0
+            except BaseException:
+                self.close()
+                raise
+        sample = self._items[self._next]
+        self._items[self._next] = None  # hand over the only reference
+        self._next += 1
+        return self._transform(sample) if self._transform is not None else sample
+
+    def close(self) -> None:
+        self._items, self._next = [], 0
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def __del__(self) -> None:  # pragma: no cover - depends on the collector
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class StoreIterableDataset(IterableDataset):
+    """An iterable dataset over a store: sequential reads, background decoding, exact splits.
+
+    Order: an epoch's order is a function of ``(store, shuffle, seed, epoch, block_records,
+    window_records)`` alone. Without ``shuffle`` it is store order. With it, blocks of
+    ``block_records`` consecutive records (never crossing a shard) are permuted, and the
+    result is shuffled within consecutive windows of ``window_records`` positions.
+
+    Partitioning: the epoch order is cut into ``world_size`` contiguous rank shares (equal
+    length with ``equalize``); a rank's share is dealt to its DataLoader workers round-robin
+    in chunks of ``batch_size``, which is what the DataLoader collects from each worker in
+    turn, so the rank receives its share in order whatever ``num_workers`` is. Every sample is
+    yielded exactly once per epoch across all ranks and workers (``equalize="pad"`` repeats
+    ``padded`` samples, ``"drop"`` leaves out ``dropped``; :meth:`partition` reports both).
+
+    Args:
+        store: A store path, a :class:`~tensorstore_pt.storage.Storage`, or a
+            :class:`~tensorstore_pt.reader.StoreReader`.
+        shuffle: Shuffle each epoch (see above); ``set_epoch`` changes the shuffle.
+        seed: Shuffle seed, an int in ``[0, 2**64)``.
+        rank, world_size: This process's rank and the number of ranks; taken from
+            ``torch.distributed`` when it is initialised, else from these arguments, else
+            from the ``RANK``/``WORLD_SIZE`` environment variables, else ``(0, 1)``.
+        equalize: ``None`` (default): ``"pad"`` when ``world_size > 1``, else off. ``True`` /
+            ``"pad"``: every rank gets ``ceil(N / world_size)`` samples, wrapping around to the
+            start of the epoch order. ``"drop"``: every rank gets ``floor(N / world_size)``;
+            the last ``N % world_size`` positions of the order are left out. ``False`` /
+            ``"off"``: ranks get ``floor`` or ``ceil`` of ``N / world_size``.
+        batch_size: The chunk dealt to each worker in turn: set it to the DataLoader's
+            ``batch_size`` for an order independent of ``num_workers``. :class:`StoreDataLoader`
+            sets it for you. ``None`` means 1 (or the loader's).
+        transform: Optional callable applied to each sample, in the consuming thread.
+        on_error: ``"raise"`` (default): a corrupt record raises its
+            :class:`~tensorstore_pt.errors.CorruptStoreError` (or ``UnsafePayloadError``) when
+            its turn comes. ``"skip"``: it is logged (logger ``tensorstore_pt.dataset``,
+            level WARNING, with the reason), counted (:meth:`skip_counts`) and left out. A
+            skipped record shifts its worker's later batch boundaries by one sample; see
+            docs/datasets.md.
+        block_records: Records per block (default: about 256 KiB of compressed frames,
+            1 to 4096 records).
+        window_records: Shuffle window in samples (default: 256 blocks, about 64 MiB of
+            frames, at most 2**18 records). It costs 16 bytes a position, not frame memory.
+        prefetch_samples: Decoded samples the background thread may hold ahead (default 32).
+        verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
+        map_location: Passed to ``torch.load``.
+
+    Raises:
+        InvalidOptionError: An argument out of range or of the wrong type.
+        The errors of :func:`~tensorstore_pt.open_store`.
+
+    Memory (per consumer, i.e. per DataLoader worker or the main process when
+    ``num_workers=0``): one read piece, about 1 MiB of compressed frames plus at most as many
+    gap bytes (neighbouring frames less than 64 KiB apart are read in one go), i.e. at most
+    2 MiB plus one frame; plus ``prefetch_samples + 32`` decoded samples (the queue, the list
+    being filled and the list being consumed, 16 samples each); plus 16 bytes a block and
+    32 bytes a window position (the window permutation and its sort keys, while it is made).
+    The frame table (32 bytes a record) is in shared memory.
+
+    Thread safety: iterate one iterator per process at a time. Fork/spawn safety: pickles
+    without open files; the rank is resolved in the parent before pickling.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str] | Storage | StoreReader,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        equalize: bool | str | None = None,
+        batch_size: int | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        on_error: str = "raise",
+        block_records: int | None = None,
+        window_records: int | None = None,
+        prefetch_samples: int = 32,
+        verify: bool = True,
+        map_location: Any = "cpu",
+    ) -> None:
+        if not isinstance(shuffle, (bool, np.bool_)):
+            raise InvalidOptionError(f"shuffle: expected a bool, found {shuffle!r}")
+        seed = _check_int("seed", seed, 0)
+        if seed >= 2**64:  # type: ignore[operator]
+            raise InvalidOptionError(f"seed: expected an int in [0, 2**64), found {seed!r}")
+        self._rank_arg = _check_int("rank", rank, 0, True)
+        self._world_arg = _check_int("world_size", world_size, 1, True)
+        if (self._rank_arg is None) != (self._world_arg is None):
+            raise InvalidOptionError(
+                f"rank and world_size: pass both or neither, found rank={rank!r}, world_size={world_size!r}"
+            )
+        if self._rank_arg is not None and self._rank_arg >= self._world_arg:  # type: ignore[operator]
+            raise InvalidOptionError(f"rank: expected 0 <= rank < world_size={world_size}, found {rank}")
+        if not (equalize is None or isinstance(equalize, bool) or equalize in EQUALIZE_MODES):
+            raise InvalidOptionError(
+                f"equalize: expected None, a bool or one of {list(EQUALIZE_MODES)}, found {equalize!r}"
+            )
+        if on_error not in ON_ERROR_POLICIES:
+            raise InvalidOptionError(f"on_error: expected one of {list(ON_ERROR_POLICIES)}, found {on_error!r}")
+        if transform is not None and not callable(transform):
+            raise InvalidOptionError(f"transform: expected a callable or None, found {type(transform).__name__}")
+        self._batch_arg = _check_int("batch_size", batch_size, 1, True)
+        block_records = _check_int("block_records", block_records, 1, True)
+        window_records = _check_int("window_records", window_records, 1, True)
+        self.prefetch_samples = _check_int("prefetch_samples", prefetch_samples, 1)
+
+        self._view = _StoreView(store, verify, map_location)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)  # type: ignore[arg-type]
+        self.equalize = equalize
+        self.transform = transform
+        self.on_error = on_error
+        auto_block, _ = default_block_window(self._view.records, self._view.stored_bytes)
+        self.block_records = block_records if block_records is not None else auto_block
+        self.window_records = window_records if window_records is not None else _default_window(self.block_records)
+        self._control = torch.zeros(8, dtype=torch.int64).share_memory_()
+        self._control[_CHUNK] = self._batch_arg or 1
+        self._skips = torch.zeros((_SKIP_SLOTS, len(SKIP_KINDS)), dtype=torch.int64).share_memory_()
+        self._layout: BlockLayout | None = None
+        self._set_epoch_calls = 0
+
+    # ------------------------------------------------------------------ configuration
+
+    def __getstate__(self) -> dict[str, Any]:
+        if get_worker_info() is None:
+            self._resolve()  # spawned workers cannot see the parent's process group
+        state = self.__dict__.copy()
+        state["_layout"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def location(self) -> str:
+        return self._view.location
+
+    @property
+    def records(self) -> int:
+        """Records in the store."""
+        return self._view.records
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads."""
+        return int(self._control[_EPOCH])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch the next iteration reads (and so its shuffle).
+
+        Moving to another epoch starts it from its first sample. Setting the epoch the dataset
+        is already positioned in keeps the position, so a loop that calls ``set_epoch(e)`` at
+        the top of every epoch keeps a position restored by
+        :meth:`StoreDataLoader.load_state_dict`.
+
+        Raises:
+            InvalidOptionError: ``epoch`` is not an int >= 0.
+
+        Takes effect in DataLoader workers, persistent ones included, at their next iteration
+        (the epoch lives in shared memory).
+        """
+        e = _check_int("epoch", epoch, 0)
+        self._set_epoch_calls += 1
+        if e != self.epoch:
+            self._control[_EPOCH] = e
+            self._control[_START] = 0
+
+    def _set_position(self, epoch: int, start: int) -> None:
+        self._control[_EPOCH] = epoch
+        self._control[_START] = start
+
+    def _mode(self, world_size: int) -> str:
+        eq = self.equalize
+        if eq is None:
+            return "pad" if world_size > 1 else "off"
+        if eq is True:
+            return "pad"
+        if eq is False:
+            return "off"
+        return str(eq)
+
+    def _resolve(self) -> tuple[int, int]:
+        """Resolve rank/world_size here (the main process) and publish them to the workers."""
+        rank, world = _resolve_rank(self._rank_arg, self._world_arg)
+        c = self._control
+        c[_RANK], c[_WORLD], c[_RESOLVED] = rank, world, 1
+        return rank, world
+
+    def _rank_world(self) -> tuple[int, int]:
+        if get_worker_info() is None:
+            return self._resolve()
+        c = self._control
+        if int(c[_RESOLVED]):
+            return int(c[_RANK]), int(c[_WORLD])
+        return _resolve_rank(self._rank_arg, self._world_arg)
+
+    def _split(self, rank: int, world: int) -> RankSplit:
+        return RankSplit.compute(self._view.records, world, rank, self._mode(world))
+
+    def layout(self) -> BlockLayout:
+        """The block layout (cached per process)."""
+        if self._layout is None:
+            self._layout = BlockLayout.build(self._view.bounds, self.block_records, self.window_records)
+        return self._layout
+
+    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        """The whole epoch order as records (int64 (N,)). O(N) memory: for inspection and tests."""
+        e = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
+        return EpochOrder(self.layout(), shuffle=self.shuffle, seed=self.seed, epoch=e).all_records()  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        """This rank's samples per epoch (the same every epoch; equal on every rank with ``equalize``)."""
+        return self._split(*self._rank_world()).length
+
+    def partition(self, num_workers: int = 0, *, batch_size: int | None = None) -> PartitionReport:
+        """Report how this rank's current epoch is split among ``num_workers`` DataLoader workers.
+
+        Args:
+            num_workers: As given to the DataLoader (0: the main process reads).
+            batch_size: The chunk dealt to each worker; default: the dataset's.
+        """
+        k = max(1, _check_int("num_workers", num_workers, 0))  # type: ignore[type-var]
+        chunk = _check_int("batch_size", batch_size, 1, True) or int(self._control[_CHUNK])
+        rank, world = self._rank_world()
+        split = self._split(rank, world)
+        start = min(int(self._control[_START]), split.length)
+        counts = tuple(worker_sample_count(split.length, start, chunk, k, w) for w in range(k))
+        idle = tuple(w for w, c in enumerate(counts) if c == 0) if split.length > start else ()
+        return PartitionReport(
+            epoch=self.epoch,
+            records=split.records,
+            rank=rank,
+            world_size=world,
+            equalize=split.mode,
+            rank_samples=split.length,
+            padded=split.padded,
+            dropped=split.dropped,
+            start=start,
+            batch_size=chunk,
+            worker_samples=counts,
+            idle_workers=idle,
+            batches=math.ceil((split.length - start) / chunk),
+        )
+
+    def _say(self, report: PartitionReport, worker: int | None) -> None:
+        """Warn about idle consumers and log padding/dropping (``worker`` None: for all workers)."""
+        r = report
+        if r.records == 0:
+            warnings.warn(
+                f"store {self.location!r} is empty: every rank and worker yields nothing",
+                PartitionWarning,
+                stacklevel=3,
+            )
+        elif r.rank_samples == 0:
+            warnings.warn(
+                f"rank {r.rank} of {r.world_size} gets no samples: the store has {r.records} records and "
+                f"equalize={r.equalize!r} (use equalize='pad' to give every rank a sample)",
+                PartitionWarning,
+                stacklevel=3,
+            )
+        elif r.idle_workers and (worker is None or worker in r.idle_workers):
+            idle = r.idle_workers if worker is None else (worker,)
+            warnings.warn(
+                f"DataLoader worker(s) {list(idle)} of {len(r.worker_samples)} on rank {r.rank} get no samples: "
+                f"{r.rank_samples - r.start} samples in chunks of {r.batch_size} are fewer chunks than workers",
+                PartitionWarning,
+                stacklevel=3,
+            )
+        if worker in (None, 0) and (r.padded or r.dropped):
+            logger.info(
+                "store %r, epoch %d: equalize=%s over %d ranks: %d samples repeated, %d left out; rank %d gets %d",
+                self.location,
+                r.epoch,
+                r.equalize,
+                r.world_size,
+                r.padded,
+                r.dropped,
+                r.rank,
+                r.rank_samples,
+            )
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, k = (0, 1) if info is None else (int(info.id), int(info.num_workers))
+        rank, world = self._rank_world()
+        c = self._control
+        epoch, start, chunk = int(c[_EPOCH]), int(c[_START]), int(c[_CHUNK])
+        split = self._split(rank, world)
+        start = min(start, split.length)
+        if not int(c[_QUIET]):
+            self._say(self.partition(k), worker)
+        layout = self.layout()
+        order = EpochOrder(layout, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        segments = worker_segments(split, layout.window_records, start, chunk, k, worker)
+        slot = 0 if info is None else 1 + worker % (_SKIP_SLOTS - 1)
+        if worker_sample_count(split.length, start, chunk, k, worker) == 0:
+            return _SampleIterator(None, None)
+        step = min(_HANDOFF_SAMPLES, self.prefetch_samples)
+        producer = self._produce(segments, split, order, slot, step)
+        prefetcher = Prefetcher(producer, max(1, self.prefetch_samples // step), name=f"tspt-decode-w{worker}")
+        return _SampleIterator(prefetcher, self.transform)
+
+    def _read_piece(
+        self, records: np.ndarray, missing: dict[int, BaseException]
+    ) -> tuple[dict[int, memoryview], dict[int, BaseException]]:
+        """Fetch the frames of ``records`` with positional reads in file order (merging small gaps).
+
+        ``missing`` maps shards already found missing in this iteration to their error: they are
+        not opened again.
+        """
+        view = self._view
+        table = view.table()
+        io = view.reader()
+        u = np.unique(records)
+        shard = np.searchsorted(view.bounds[:, 0], u, side="right") - 1
+        offsets = table["offset"][u].astype(np.int64)
+        sizes = table["stored"][u].astype(np.int64)
+        cut = plan_runs(offsets, offsets + sizes, shard, MERGE_GAP_BYTES, int(sizes.sum()))
+        frames: dict[int, memoryview] = {}
+        errors: dict[int, BaseException] = {}
+        for run, si in zip(np.split(u, cut), np.split(shard, cut)):
+            a, b = int(run[0]), int(run[-1]) + 1
+            try:
+                failed = missing.get(int(si[0]))
+                if failed is not None:
+                    raise failed
+                got = io.read_frames(a, b, table=table)
+            except (CorruptStoreError, UnsafePayloadError) as exc:
+                if isinstance(exc, MissingShardError):
+                    missing[int(si[0])] = exc
+                for rec in run.tolist():
+                    errors[rec] = exc
+                continue
+            for rec in run.tolist():
+                frames[rec] = got[rec - a]
+        return frames, errors
+
+    def _produce(
+        self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder, slot: int, step: int
+    ) -> Iterator[list[Any]]:
+        """Decode the consumer's samples in order; yield them in lists of up to ``step``."""
+        out: list[Any] = []
+        samples = self._decode(segments, split, order, slot)
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                break
+            except BaseException:
+                if out:
+                    yield out  # the samples before the error come first
+                raise
+            out.append(sample)
+            if len(out) >= step:
+                yield out
+                out = []
+        if out:
+            yield out
+
+    def _decode(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder, slot: int) -> Iterator[Any]:
+        io = self._view.reader()
+        skip = self.on_error == "skip"
+        if self._view.framed:
+            for seg in segments:
+                for rec in order.records_at(split.global_positions(seg)).tolist():
+                    try:
+                        sample = io.read(rec)
+                    except (CorruptStoreError, UnsafePayloadError) as exc:
+                        if not skip:
+                            raise
+                        self._count_skip(slot, rec, exc)
+                        continue
+                    yield sample
+            return
+        table = self._view.table()
+        missing: dict[int, BaseException] = {}
+        for seg in segments:
+            records = order.records_at(split.global_positions(seg))
+            for lo, hi in split_by_bytes(table["stored"][records], READ_BYTES):
+                piece = records[lo:hi]
+                frames, errors = self._read_piece(piece, missing)
+                for rec in piece.tolist():
+                    try:
+                        frame = frames.get(rec)
+                        if frame is None:
+                            raise errors[rec]
+                        sample = io.load_record(rec, io.decode_frame(rec, frame, table=table))
+                    except (CorruptStoreError, UnsafePayloadError) as exc:
+                        if not skip:
+                            raise
+                        self._count_skip(slot, rec, exc)
+                        continue
+                    yield sample
+
+    def _count_skip(self, slot: int, record: int, exc: BaseException) -> None:
+        kind = next(i for i, t in enumerate(_SKIP_TYPES) if isinstance(exc, t))
+        self._skips[slot, kind] += 1
+        logger.warning("skipped record %d of store %r (%s): %s", record, self.location, type(exc).__name__, exc)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Records skipped so far under ``on_error="skip"``, by error kind, over every process.
+
+        Counts are cumulative over the dataset's life (all epochs), kept in shared memory so
+        that the main process sees its workers' counts. Kinds are :data:`SKIP_KINDS`.
+        """
+        totals = self._skips.sum(dim=0).tolist()
+        return {kind: int(n) for kind, n in zip(SKIP_KINDS, totals) if n}
+
+    @property
+    def skipped(self) -> int:
+        """Total records skipped so far (see :meth:`skip_counts`)."""
+        return int(self._skips.sum())
+
+    def __repr__(self) -> str:
+        return (
+            f"StoreIterableDataset({self.location!r}, records={self.records}, shuffle={self.shuffle}, "
+            f"seed={self.seed}, block_records={self.block_records}, window_records={self.window_records})"
+        )
+
+
+# --------------------------------------------------------------------------- loader
+
+_STATE_FORMAT = "tensorstore_pt.StoreDataLoader"
+_STATE_VERSION = 1
+
+
+class _LoaderIterator:
+    """Wraps a DataLoader iterator and advances the loader's position per delivered batch.
+
+    The position lives in the loader (main process) while batches flow; the dataset's shared
+    control block, which workers read when they start an iteration, is only written when no
+    worker can still be about to read it: at ``iter()`` and after the epoch is exhausted.
+    """
+
+    def __init__(
+        self, loader: StoreDataLoader, inner: Iterator[Any], epoch: int, start: int, length: int, end: int
+    ) -> None:
+        self._loader = loader
+        self._inner = inner
+        self._epoch = epoch
+        self._pos = start
+        self._length = length
+        self._end = end
+        self._ended = False
+
+    def __iter__(self) -> _LoaderIterator:
+        return self
+
+    def __len__(self) -> int:
+        """Batches left in this epoch on this rank."""
+        return math.ceil(max(0, self._end - self._pos) / self._loader._chunk)
+
+    def __next__(self) -> Any:
+        if self._ended:
+            raise StopIteration
+        try:
+            batch = next(self._inner)
+        except StopIteration:
+            self._finish()
+            raise
+        loader = self._loader
+        self._pos = min(self._pos + loader._chunk, self._length)
+        if loader._is_live(self):
+            loader._epoch, loader._samples = (
+                (self._epoch + 1, 0) if self._pos >= self._end else (self._epoch, self._pos)
+            )
+        return batch
+
+    def _finish(self) -> None:
+        self._ended = True
+        loader = self._loader
+        if loader._is_live(self):
+            loader._epoch, loader._samples = self._epoch + 1, 0
+            loader.dataset._set_position(self._epoch + 1, 0)  # type: ignore[attr-defined]
+
+
+class StoreDataLoader(DataLoader):
+    """A ``DataLoader`` for :class:`StoreIterableDataset` that counts what it delivered.
+
+    ``state_dict()`` is the consumer-side position: the epoch and the number of this rank's
+    samples delivered to the training loop (not what workers prefetched). A new loader given
+    that state with ``load_state_dict()`` continues with exactly the rest of the epoch, in the
+    same order, with any ``num_workers``. Once the last batch of an epoch is delivered the
+    state is the start of the next epoch, and the next ``iter()`` reads it (with its shuffle).
+
+    ``iter()`` continues from the current position: after a ``break`` it resumes where the
+    loop stopped; after a finished epoch it starts the next one. ``dataset.set_epoch(e)``
+    moves to the start of epoch ``e`` (a no-op if the loader is already in epoch ``e``).
+
+    Args:
+        dataset: A :class:`StoreIterableDataset`.
+        **dataloader_kwargs: As for ``torch.utils.data.DataLoader``. ``batch_size`` also sets
+            the chunk dealt to each worker. ``in_order=False`` is refused (it breaks the
+            order guarantee).
+
+    Raises:
+        InvalidOptionError: ``dataset`` is not a StoreIterableDataset, ``in_order=False``, or
+            the dataset's own ``batch_size`` differs from the loader's.
+
+    Thread safety: use one iterator at a time (a new ``iter()`` supersedes the previous one).
+    """
+
+    def __init__(self, dataset: StoreIterableDataset, **dataloader_kwargs: Any) -> None:
+        if not isinstance(dataset, StoreIterableDataset):
+            raise InvalidOptionError(
+                f"dataset: expected a StoreIterableDataset, found {type(dataset).__name__} "
+                "(use a plain DataLoader for map-style datasets)"
+            )
+        if dataloader_kwargs.get("in_order", True) is False:
+            raise InvalidOptionError(
+                "in_order: expected True; in_order=False delivers batches out of order, so neither the "
+                "order nor resume could be exact"
+            )
+        super().__init__(dataset, **dataloader_kwargs)
+        chunk = self.batch_size if self.batch_size is not None else 1
+        if dataset._batch_arg is not None and dataset._batch_arg != chunk:
+            raise InvalidOptionError(
+                f"batch_size: the dataset was made with batch_size={dataset._batch_arg}, the loader has "
+                f"batch_size={self.batch_size}; pass the same, or leave the dataset's unset"
+            )
+        self._chunk = chunk
+        self._epoch = dataset.epoch
+        self._samples = int(dataset._control[_START])
+        self._seen_set_epoch = dataset._set_epoch_calls
+        # A weak reference: a dropped iterator must shut its workers down at once, not when the
+        # cycle collector gets to it (by then its queues may be finalised and workers hang).
+        self._live: weakref.ref[_LoaderIterator] | None = None
+        dataset._control[_QUIET] = 1  # the loader reports for its workers
+
+    def _sync_from_dataset(self) -> None:
+        ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
+        if ds._set_epoch_calls != self._seen_set_epoch:
+            self._seen_set_epoch = ds._set_epoch_calls
+            if ds.epoch != self._epoch:
+                self._epoch, self._samples = ds.epoch, 0
+
+    def __iter__(self) -> _LoaderIterator:  # type: ignore[override]
+        ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
+        self._sync_from_dataset()
+        length = len(ds)
+        start = min(self._samples, length)
+        end = (
+            start + (length - start) // self._chunk * self._chunk
+            if self.batch_size is not None and self.drop_last
+            else length
+        )
+        ds._set_position(self._epoch, start)
+        ds._control[_CHUNK] = self._chunk
+        ds._say(ds.partition(self.num_workers), None)
+        live = _LoaderIterator(self, super().__iter__(), self._epoch, start, length, end)
+        self._live = weakref.ref(live)
+        return live
+
+    def _is_live(self, it: _LoaderIterator) -> bool:
+        return self._live is not None and self._live() is it
+
+    def state_dict(self) -> dict[str, Any]:
+        """The consumer-side position and what it is valid for.
+
+        Returns:
+            A JSON-serialisable dict: ``epoch`` and ``samples`` (this rank's samples delivered
+            in that epoch), plus the facts a resume must match (store digest, records, rank,
+            world_size, shuffle, seed, equalize mode, block and window sizes).
+        """
+        self._sync_from_dataset()
+        ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
+        rank, world = ds._rank_world()
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "epoch": self._epoch,
+            "samples": self._samples,
+            "rank": rank,
+            **self._fingerprint(world),
+        }
+
+    def _fingerprint(self, world: int) -> dict[str, Any]:
+        """What a position is valid for. Not the rank: ranks advance in lockstep (see load_state_dict)."""
+        ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
+        return {
+            "store": f"{ALGORITHM}:{ds._view.digest:016x}",
+            "records": ds.records,
+            "world_size": world,
+            "equalize": ds._mode(world),
+            "shuffle": ds.shuffle,
+            "seed": ds.seed,
+            "block_records": ds.block_records,
+            "window_records": ds.window_records,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the next ``iter()`` yields the rest of its epoch.
+
+        ``num_workers``, ``batch_size``, ``prefetch_factor`` and ``persistent_workers`` may
+        differ from the run that saved the state.
+
+        The state may come from another rank of the same job: in DDP every rank delivers the
+        same number of samples per step (with ``equalize``), so the state rank 0 saved
+        restores every rank, each to the rest of its own share.
+
+        Raises:
+            InvalidOptionError: The state is malformed, or was saved for another store, world
+                size, shuffle, seed, equalize mode or block/window size.
+        """
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise InvalidOptionError(f"state: expected a dict from StoreDataLoader.state_dict(), found {state!r:.200}")
+        if state.get("version") != _STATE_VERSION:
+            raise InvalidOptionError(f"state: expected version {_STATE_VERSION}, found {state.get('version')!r}")
+        ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
+        _, world = ds._rank_world()
+        expected = self._fingerprint(world)
+        wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if wrong:
+            detail = ", ".join(f"{k}: state has {a!r}, this loader has {b!r}" for k, (a, b) in sorted(wrong.items()))
+            raise InvalidOptionError(f"state does not fit this loader ({detail})")
+        epoch = _check_int("state epoch", state.get("epoch"), 0)
+        samples = _check_int("state samples", state.get("samples"), 0)
+        if samples > len(ds):  # type: ignore[operator]
+            raise InvalidOptionError(f"state samples: expected at most {len(ds)} (this rank's epoch), found {samples}")
+        self._epoch, self._samples = epoch, samples  # type: ignore[assignment]
+        self._live = None
+        ds._set_position(epoch, samples)  # type: ignore[arg-type]
+        self._seen_set_epoch = ds._set_epoch_calls
