@@ -210,3 +210,17 @@ def test_record_map_validation(rows, ok):
     else:
         with pytest.raises(ts.ShardFormatError, match="record map is inconsistent|'frames' must be an int in"):
             parse_footer(body, table_offset, count, checksum, "t", js)
+
+
+def test_datasets_read_multi_record_frame_stores(tmp_path):
+    from torch.utils.data import DataLoader
+
+    samples = _samples(120)
+    ts.write_store(samples, tmp_path / "s", frame_target_bytes=3000, max_shard_bytes=8192)
+    ds = ts.StoreIterableDataset(tmp_path / "s", shuffle=True, seed=3)
+    got = sorted(s["i"] for s in ds)
+    assert got == list(range(120))
+    loader = DataLoader(ts.StoreDataset(tmp_path / "s"), batch_size=16, num_workers=2)
+    assert sorted(int(i) for b in loader for i in b["i"]) == list(range(120))
+    with pytest.raises(ts.InvalidOptionError, match="has multi-record frames"):
+        ts.open_store(tmp_path / "s").record_table()
