@@ -14,13 +14,15 @@ Operations (``task["op"]``):
     passes; then, if ``cold``, ``repeats`` passes each after evicting every file of the
     system (data and cache) from the page cache, with the residency left after eviction.
 ``random``
-    Like ``seq`` over a random permutation of all records, through the system's
-    random-access getter (opened inside each timed pass).
+    Like ``seq`` over a fixed random subset of ``random_reads`` records (in random order),
+    through the system's random-access getter (opened inside each timed pass); a pass stops
+    early after ``random_cap_s`` seconds and its rate is taken over the reads it made.
 ``loader``
     Epochs of the system's own loader (shuffled, ``batch_size``, ``workers`` persistent
     workers): ``warmup`` epochs (the first checks the samples), then ``repeats`` timed.
 
-Every timed number is wall-clock seconds from ``time.perf_counter``. Peak RSS is this
+Every timed number is wall-clock seconds from ``time.perf_counter``; read operations also
+report each pass's record count and rate (records per second). Peak RSS is this
 process's (the DataLoader workers' memory is not included), above its RSS at the start of
 the operation, which is the fork server's.
 """
@@ -155,32 +157,50 @@ def _passes(
     task: dict[str, Any],
     emit: Emit,
     name: str,
-    one_pass: Callable[[bool], list[int]],
+    one_pass: Callable[[bool, float | None], list[int]],
     expected: list[int],
     files: Callable[[], list[Path]],
+    *,
+    cap_s: float | None = None,
+    after_pass: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
-    """Warm-up (checked), warm repetitions, and cold repetitions with eviction."""
+    """Warm-up (the first checked), warm repetitions, and cold repetitions with eviction.
+
+    ``one_pass(check, deadline)`` reads the samples (all of ``expected``, in order, or up to
+    ``time.perf_counter() >= deadline`` when ``cap_s`` is set) and returns their digests if
+    ``check`` else one placeholder per sample read. Each timed pass is reported as its
+    seconds, its record count and its rate (records / seconds). ``after_pass`` (the system's
+    ``close``) runs after each pass, outside the timing.
+    """
     out: dict[str, Any] = {}
     for r in range(task["warmup"]):
         emit({"phase": f"{name} warm-up", "rep": r + 1, "of": task["warmup"]})
-        got = one_pass(r == 0)
+        got = one_pass(r == 0, None if cap_s is None else time.perf_counter() + cap_s)
+        after_pass()
         if r == 0:
-            out["order_preserved"] = _check(name, got, expected)
-    def timed() -> float:
-        t0 = time.perf_counter()
-        count = len(one_pass(False))
-        dt = time.perf_counter() - t0
-        if count != len(expected):
-            raise CheckFailed(f"{name}: expected {len(expected)} samples, found {count}")
-        return dt
+            out["order_preserved"] = _check(name, got, expected[: len(got)] if cap_s else expected)
 
-    times = []
+    def timed() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        count = len(one_pass(False, None if cap_s is None else t0 + cap_s))
+        dt = time.perf_counter() - t0
+        after_pass()
+        if count != len(expected) and not (cap_s and 0 < count < len(expected)):
+            raise CheckFailed(f"{name}: expected {len(expected)} samples, found {count}")
+        return dt, count
+
+    def record(prefix: str, runs: list[tuple[float, int]]) -> None:
+        out[f"{prefix}_s"] = Stats.of(t for t, _ in runs).to_json()
+        out[f"{prefix}_records"] = [c for _, c in runs]
+        out[f"{prefix}_rate"] = Stats.of(c / t for t, c in runs).to_json()
+
+    runs = []
     for r in range(task["repeats"]):
         emit({"phase": f"{name} warm", "rep": r + 1, "of": task["repeats"]})
-        times.append(timed())
-    out["warm_s"] = Stats.of(times).to_json()
+        runs.append(timed())
+    record("warm", runs)
     if task.get("cold"):
-        times, resident, total = [], [], 0
+        runs, resident, total = [], [], 0
         note = None
         for r in range(task["repeats"]):
             emit({"phase": f"{name} cold", "rep": r + 1, "of": task["repeats"]})
@@ -192,12 +212,11 @@ def _passes(
             total = sum(p.stat().st_size for p in paths)
             if res is not None:
                 resident.append(res)
-            times.append(timed())
+            runs.append(timed())
         if note:
-            out["cold_s"] = None
             out["cold_note"] = f"cold reads not measured: {note}"
         else:
-            out["cold_s"] = Stats.of(times).to_json()
+            record("cold", runs)
             out["cold_resident_after_evict_bytes"] = max(resident) if resident else None
             out["cold_files_bytes"] = total
     return out
@@ -222,46 +241,48 @@ def _read(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
     out: dict[str, Any]
     if op == "seq":
 
-        def one_pass(check: bool) -> list[int]:
+        def one_pass(check: bool, deadline: float | None) -> list[int]:
             got = []
             count = 0
             for s in system.iterate(data_dir, cache_dir):
                 count += 1
                 if check:
                     got.append(sample_digest(s))
-            system.close()
             return got if check else [0] * count
 
-        out = _passes(task, emit, "sequential", one_pass, expected, files)
+        out = _passes(task, emit, "sequential", one_pass, expected, files, after_pass=system.close)
     elif op == "random":
         probe = system.random_access(data_dir, cache_dir)
         system.close()
         if probe is None:
             return {"not_applicable": f"{system.name} has no random access"}
         del probe
-        perm = [int(i) for i in np.random.default_rng(task["seed"]).permutation(n)]
+        reads = min(n, int(task.get("random_reads") or n))
+        perm = [int(i) for i in np.random.default_rng(task["seed"]).permutation(n)[:reads]]
         expected_perm = [expected[i] for i in perm]
+        clock = time.perf_counter
 
-        def one_pass(check: bool) -> list[int]:
+        def one_pass(check: bool, deadline: float | None) -> list[int]:
             get = system.random_access(data_dir, cache_dir)
             if get is None:
                 raise CheckFailed(f"{system.name}: random access went away between passes")
-            if check:
-                got = [sample_digest(get(i)) for i in perm]
-            else:
-                for i in perm:
-                    get(i)
-                got = expected_perm
-            del get
-            system.close()
+            got = []
+            for i in perm:
+                s = get(i)
+                got.append(sample_digest(s) if check else 0)
+                if deadline is not None and clock() >= deadline:
+                    break
             return got
 
-        out = _passes(task, emit, "random", one_pass, expected_perm, files)
+        out = _passes(
+            task, emit, "random", one_pass, expected_perm, files, cap_s=task.get("random_cap_s"), after_pass=system.close
+        )
+        out["reads_per_pass"] = reads
     elif op == "loader":
         workers = int(task["workers"])
         loader = system.loader(data_dir, cache_dir, num_workers=workers, batch_size=task["batch_size"], seed=task["seed"])
 
-        def one_pass(check: bool) -> list[int]:
+        def one_pass(check: bool, deadline: float | None) -> list[int]:
             got, count = [], 0
             for batch in loader:
                 count += len(batch)

@@ -140,9 +140,9 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "full": Scale(small=1797, medium=2048, tokens=4096, large=192, large_frames=(100, 500), embed=4096,
-                  state_layers=4, state_width=384, state_vocab=8192),
-    "quick": Scale(small=24, medium=16, tokens=24, large=4, large_frames=(20, 60), embed=24,
+    "full": Scale(small=1797, medium=1024, tokens=2048, large=128, large_frames=(100, 500), embed=2048,
+                  state_layers=4, state_width=256, state_vocab=8192),
+    "quick": Scale(small=16, medium=12, tokens=16, large=4, large_frames=(20, 50), embed=16,
                    state_layers=1, state_width=32, state_vocab=256),
 }  # fmt: skip
 

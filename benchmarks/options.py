@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_ints, default=(0, 2), metavar="N,N", help="DataLoader worker counts (default: 0,2)")
     p.add_argument("--batch-size", type=_positive, default=32, help="DataLoader batch size (default: 32)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache reads")
+    p.add_argument("--random-reads", type=_positive, default=512, metavar="N",
+                   help="records per random-access pass, the same random subset for every system (default: 512)")
+    p.add_argument("--random-cap", type=float, default=2.0, metavar="S",
+                   help="a random-access pass stops after S seconds; its rate is taken over the reads made (default: 2)")
     p.add_argument("--python", default=None, metavar="EXE",
                    help="interpreter that runs the measurements, e.g. .venv-peers/bin/python where the peers are "
                         "installed (default: this one)")
@@ -85,7 +89,7 @@ def _list() -> int:
 
 def run_from_args(args: argparse.Namespace, prog: str, argv: Sequence[str] | None = None) -> int:
     """Run the benchmark the options describe; print where the results went and the summary."""
-    from .report import fmt_num, summary_rows, write_docs, write_outputs
+    from .report import fmt_bytes, fmt_num, summary_rows, write_docs, write_outputs
     from .runner import BenchConfig, BenchError, run_benchmark
     from .systems import QUICK_SYSTEMS
 
@@ -108,6 +112,8 @@ def run_from_args(args: argparse.Namespace, prog: str, argv: Sequence[str] | Non
         keep=args.keep,
         seed=args.seed,
         timeout_s=args.timeout,
+        random_reads=args.random_reads,
+        random_cap_s=args.random_cap,
         progress=not args.quiet,
         command=command,
         log_dir=str(out / "logs"),
@@ -128,6 +134,7 @@ def run_from_args(args: argparse.Namespace, prog: str, argv: Sequence[str] | Non
         if r["metric"] in ("bytes_on_disk", "seq_warm_samples_per_s", "loader_w2_samples_per_s"):
             vs_peer = f", x{r['vs_peer']:.2f} vs {r['peer']}" if r["vs_peer"] else ""
             vs_base = f"x{r['vs_baseline']:.2f}" if r["vs_baseline"] else "n/a"
-            print(f"  {r['kind']:<7} {r['label']:<24} tspt-zstd3 {fmt_num(r['tspt']):>7}: {vs_base} vs pt-files{vs_peer}")
+            value = fmt_bytes(r["tspt"]) if r["metric"] == "bytes_on_disk" else f"{fmt_num(r['tspt'])}/s"
+            print(f"  {r['kind']:<7} {r['label']:<24} tspt-zstd3 {value:>10}: {vs_base} vs pt-files{vs_peer}")
     print(f"{len(doc['cells']) - len(failed)} of {len(doc['cells'])} cells ran in {doc['elapsed_s']:.0f} s")
     return 1 if failed else 0

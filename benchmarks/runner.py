@@ -55,6 +55,11 @@ class BenchConfig:
         keep: Keep the packed data in ``workdir``.
         seed: Seed of the data kinds, the shuffles and the random-access order.
         timeout_s: Limit for one measurement process, in seconds.
+        random_reads: Records read by one random-access pass (a fixed random subset of
+            this many, the same for every system of a kind; all if fewer).
+        random_cap_s: A random-access pass stops after this many seconds (its rate is then
+            taken over the reads it made), so a system that decodes a whole chunk per read
+            cannot stall the run.
         progress: Show a progress bar on stderr.
         command: The command line that started the run (recorded in the results).
     """
@@ -73,6 +78,8 @@ class BenchConfig:
     keep: bool = False
     seed: int = 0
     timeout_s: float = 900.0
+    random_reads: int = 512
+    random_cap_s: float = 2.0
     progress: bool = True
     command: str = ""
     log_dir: str | None = None
@@ -189,12 +196,11 @@ def _stat(result: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
     return None if not result else result.get(key)
 
 
-def _rate(stats: dict[str, Any] | None, amount: float) -> dict[str, float] | None:
-    """Seconds stats -> per-second stats of ``amount`` (min/max swap)."""
+def _scaled(stats: dict[str, Any] | None, factor: float) -> dict[str, Any] | None:
+    """Rate stats (records/s) times ``factor`` (e.g. MB per record)."""
     if not stats:
         return None
-    med, lo, hi = stats["median"], stats["min"], stats["max"]
-    return {"median": amount / med, "min": amount / hi, "max": amount / lo}
+    return {k: (v * factor if k != "values" else [x * factor for x in v]) for k, v in stats.items()}
 
 
 def _derive(cell: dict[str, Any], kind: dict[str, Any], workers: tuple[int, ...]) -> dict[str, Any]:
@@ -213,17 +219,17 @@ def _derive(cell: dict[str, Any], kind: dict[str, Any], workers: tuple[int, ...]
         if not r or "not_applicable" in r:
             continue
         for temp in ("warm", "cold"):
-            s = r.get(f"{temp}_s")
-            if s:
-                m[f"{op}_{temp}_samples_per_s"] = _rate(s, n)
-                m[f"{op}_{temp}_MB_per_s"] = _rate(s, payload / 1e6)
+            rate = r.get(f"{temp}_rate")
+            if rate:
+                m[f"{op}_{temp}_samples_per_s"] = rate
+                m[f"{op}_{temp}_MB_per_s"] = _scaled(rate, payload / n / 1e6)
         m[f"{op}_peak_rss_delta_bytes"] = r.get("peak_rss_delta_bytes")
         if r.get("cold_note"):
             m[f"{op}_cold_note"] = r["cold_note"]
     for w in workers:
         r = cell.get(f"loader_w{w}")
-        if r and r.get("warm_s"):
-            m[f"loader_w{w}_samples_per_s"] = _rate(r["warm_s"], n)
+        if r and r.get("warm_rate"):
+            m[f"loader_w{w}_samples_per_s"] = r["warm_rate"]
             m[f"loader_w{w}_peak_rss_delta_bytes"] = r.get("peak_rss_delta_bytes")
     caches = [(cell.get(k) or {}).get("cache_bytes") or 0 for k in cell if k in READ_OPS or k.startswith("loader_w")]
     m["read_cache_bytes"] = max(caches) if caches else 0
@@ -277,7 +283,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
     Raises:
         BenchError: Bad options, or the measurement interpreter could not start.
     """
-    if log is None and config.progress:
+    if log is None and config.progress and sys.stderr.isatty():
         from tqdm import tqdm
 
         log = lambda s: tqdm.write(s, file=sys.stderr)  # noqa: E731 (keeps the bar intact)
@@ -384,6 +390,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
                 "batch_size": config.batch_size,
                 "cold": config.cold,
                 "timeout_s": config.timeout_s,
+                "random_reads": config.random_reads,
+                "random_cap_s": config.random_cap_s,
             }
             cell["status"] = "ok"
             for op in ops:
@@ -446,9 +454,26 @@ class _NoBar:
     def close(self) -> None: ...
 
 
+class _LineProgress(_NoBar):
+    """Progress for logs (stderr is not a terminal): one line per finished measurement."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.desc, self.t0 = total, 0, "", time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if n:
+            print(f"[{self.done}/{self.total} {time.monotonic() - self.t0:6.0f} s] {self.desc}", file=sys.stderr, flush=True)
+
+    def set_description(self, s: str) -> None:
+        self.desc = s
+
+
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
+    if not sys.stderr.isatty():
+        return _LineProgress(total)
     from tqdm import tqdm
 
     return tqdm(total=total, unit="op", file=sys.stderr, dynamic_ncols=True)

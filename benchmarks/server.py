@@ -92,6 +92,24 @@ def _run(task: dict[str, Any], out: int) -> None:
     _write(out, {"event": "exit", "status": status})
 
 
+def _prewarm() -> None:
+    """First calls that initialise lazily (torch.load's unpickler tables, codec contexts, the
+    DataLoader modules), done once here instead of in every child."""
+    import io
+
+    import torch
+    import torch.utils.data  # noqa: F401
+
+    from tensorstore_pt.codecs import make_codec
+
+    buf = io.BytesIO()
+    torch.save({"x": torch.zeros(2), "y": 1, "z": "s"}, buf)
+    torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    for codec in ("none", "lz4", "zstd"):
+        c = make_codec(codec)
+        c.decompress(c.compress(b"x" * 100), 100)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve tasks from stdin until it closes."""
     import argparse
@@ -109,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             loaded.append(mod)
         except Exception as exc:  # reported in the hello; the probe says what is unusable
             failed[mod] = f"{type(exc).__name__}: {exc}"
+    try:
+        _prewarm()
+    except Exception as exc:  # never fatal: children then pay the first calls themselves
+        failed["prewarm"] = f"{type(exc).__name__}: {exc}"
     import gc
 
     gc.collect()

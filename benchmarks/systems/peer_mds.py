@@ -38,6 +38,7 @@ class MosaicMDS(System):
     def __init__(self) -> None:
         super().__init__()
         self._live: list[Any] = []
+        self._cleaned = False
 
     def versions(self) -> dict[str, str]:
         import streaming
@@ -64,8 +65,11 @@ class MosaicMDS(System):
     def _dataset(self, data_dir: Path, cache_dir: Path, **kw: Any) -> Any:
         from streaming.base.util import clean_stale_shared_memory
 
-        self.close()  # Streaming refuses two live datasets on one local directory
-        clean_stale_shared_memory()
+        if self._live:  # Streaming refuses two live datasets on one local directory
+            self.close()
+        if not self._cleaned:  # "call it only once in your script" (Streaming's advice)
+            clean_stale_shared_memory()
+            self._cleaned = True
         schema = load_schema(data_dir / _SCHEMA)
         from ._mds_dataset import SampleDataset
 
@@ -88,5 +92,6 @@ class MosaicMDS(System):
         )
 
     def close(self) -> None:
+        """Drop the live dataset; a collection frees it now (its threads hold cycles)."""
         self._live.clear()
         gc.collect()
