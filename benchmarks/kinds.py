@@ -140,7 +140,7 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "full": Scale(small=1797, medium=1024, tokens=2048, large=128, large_frames=(100, 500), embed=2048,
+    "full": Scale(small=1024, medium=768, tokens=1024, large=96, large_frames=(100, 500), embed=1024,
                   state_layers=4, state_width=256, state_vocab=8192),
     "quick": Scale(small=16, medium=12, tokens=16, large=4, large_frames=(20, 50), embed=16,
                    state_layers=1, state_width=32, state_vocab=256),

@@ -289,6 +289,7 @@ def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return [], "plots skipped: matplotlib is not installed (pip install 'tensorstore_pt[plot]')"
     kinds = list(doc["kinds"])
@@ -299,7 +300,7 @@ def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
     for key, title in PLOTTED:
         cols = min(3, len(kinds))
         rows = (len(kinds) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(max(5 * cols, 9), 4 * rows + 1), squeeze=False)
         any_point = False
         for ax, kind in zip(axes.flat, kinds):
             for c in doc["cells"]:
@@ -315,6 +316,10 @@ def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
                 any_point = True
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.margins(x=0.15)
             ax.set_title(f"{kind}", fontsize=10)
             ax.set_xlabel("bytes on disk (MiB)")
             ax.set_ylabel(title.split("(")[-1].rstrip(")"))
@@ -328,9 +333,9 @@ def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
         for ax in axes.flat:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
-        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
-        fig.suptitle(f"{title} against bytes on disk (up and left is better)")
-        fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)), fontsize=8)
+        fig.suptitle(f"{title} against bytes on disk (up and left is better)", fontsize=11)
+        fig.tight_layout(rect=(0, 0.06 + 0.1 / rows, 1, 0.95))
         path = out_dir / f"throughput_vs_size_{key.replace('_samples_per_s', '')}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
