@@ -38,7 +38,17 @@ from typing import Any, Callable
 
 from .kinds import sample_digest
 from .systems import PackOptions, System, all_systems
-from .timing import Stats, evict, fsync_tree, peak_rss_bytes, reset_peak_rss, resident_bytes, rss_bytes, tree_files, tree_size
+from .timing import (
+    Stats,
+    evict,
+    fsync_tree,
+    peak_rss_bytes,
+    reset_peak_rss,
+    resident_bytes,
+    rss_bytes,
+    tree_files,
+    tree_size,
+)
 
 __all__ = ["CheckFailed", "run_task"]
 
@@ -295,7 +305,9 @@ def _read(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
         out["reads_per_pass"] = reads
     elif op == "loader":
         workers = int(task["workers"])
-        loader = system.loader(data_dir, cache_dir, num_workers=workers, batch_size=task["batch_size"], seed=task["seed"])
+        loader = system.loader(
+            data_dir, cache_dir, num_workers=workers, batch_size=task["batch_size"], seed=task["seed"]
+        )
 
         def one_pass(check: bool, deadline: float | None) -> list[int]:
             got, count = [], 0

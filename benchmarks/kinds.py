@@ -270,7 +270,11 @@ def _mel_filters(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
 def _speech_like(frames: int, rng: np.random.Generator, sr: int = 16000, hop: int = 160) -> np.ndarray:
     n = frames * hop
     t = np.arange(n) / sr
-    f0 = 120 + 60 * np.cumsum(rng.normal(0, 1, n)) / math.sqrt(n) + 30 * np.sin(2 * math.pi * 0.7 * t + rng.uniform(0, 6))
+    f0 = (
+        120
+        + 60 * np.cumsum(rng.normal(0, 1, n)) / math.sqrt(n)
+        + 30 * np.sin(2 * math.pi * 0.7 * t + rng.uniform(0, 6))
+    )
     phase = (2 * math.pi * np.cumsum(np.clip(f0, 70, 300)) / sr).astype(np.float32)
     voiced = np.zeros(n, np.float32)
     for k in range(1, 13):  # glottal pulse train: harmonics with 1/k roll-off
@@ -324,7 +328,9 @@ def _state(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
 
     torch.manual_seed(int(rng.integers(2**31)))
     width = scale.state_width
-    layer = torch.nn.TransformerEncoderLayer(d_model=width, nhead=max(1, width // 64), dim_feedforward=4 * width, batch_first=True)
+    layer = torch.nn.TransformerEncoderLayer(
+        d_model=width, nhead=max(1, width // 64), dim_feedforward=4 * width, batch_first=True
+    )
     model = torch.nn.ModuleDict({
         "embed": torch.nn.Embedding(scale.state_vocab, width),
         "encoder": torch.nn.TransformerEncoder(layer, num_layers=scale.state_layers, enable_nested_tensor=False),
@@ -334,7 +340,10 @@ def _state(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
     sd = model.state_dict()
     out = [{"name": k, "tensor": v.detach().clone().contiguous()} for k, v in sd.items()]
     params = sum(v.numel() for v in sd.values())
-    return out, f"state_dict of a seeded transformer encoder ({scale.state_layers} layers, width {width}, {params:,} parameters)"
+    return (
+        out,
+        f"state_dict of a seeded transformer encoder ({scale.state_layers} layers, width {width}, {params:,} parameters)",
+    )
 
 
 _BUILDERS: dict[str, tuple[Callable[[Scale, np.random.Generator], tuple[list[Any], str]], str]] = {

@@ -41,33 +41,77 @@ def _positive(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the bench options to ``p`` (used by both entry points)."""
-    p.add_argument("--quick", action="store_true", help="tiny data and fewer tensorstore_pt levels: a smoke test (< 60 s)")
-    p.add_argument("--kinds", type=_csv, default=None, metavar="K,K",
-                   help="data kinds: small,medium,tokens,large,embed,state (default: all; only 'source' with --source)")
-    p.add_argument("--systems", type=_csv, default=None, metavar="S,S",
-                   help="systems to run (default: all; pt-files, the baseline, always runs); see --list")
-    p.add_argument("--source", default=None, metavar="PATH",
-                   help="benchmark your own data: a .pt file (list or dict of columns), a directory of .pt files, or a store")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny data and fewer tensorstore_pt levels: a smoke test (< 60 s)"
+    )
+    p.add_argument(
+        "--kinds",
+        type=_csv,
+        default=None,
+        metavar="K,K",
+        help="data kinds: small,medium,tokens,large,embed,state (default: all; only 'source' with --source)",
+    )
+    p.add_argument(
+        "--systems",
+        type=_csv,
+        default=None,
+        metavar="S,S",
+        help="systems to run (default: all; pt-files, the baseline, always runs); see --list",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        metavar="PATH",
+        help="benchmark your own data: a .pt file (list or dict of columns), a directory of .pt files, or a store",
+    )
     p.add_argument("--repeats", type=_positive, default=5, help="timed repetitions per measurement (default: 5)")
     p.add_argument("--warmup", type=_positive, default=1, help="untimed warm-up repetitions (default: 1)")
-    p.add_argument("--workers", type=_ints, default=(0, 2), metavar="N,N", help="DataLoader worker counts (default: 0,2)")
+    p.add_argument(
+        "--workers", type=_ints, default=(0, 2), metavar="N,N", help="DataLoader worker counts (default: 0,2)"
+    )
     p.add_argument("--batch-size", type=_positive, default=32, help="DataLoader batch size (default: 32)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache reads")
-    p.add_argument("--random-reads", type=_positive, default=512, metavar="N",
-                   help="records per random-access pass, the same random subset for every system (default: 512)")
-    p.add_argument("--random-cap", type=float, default=2.0, metavar="S",
-                   help="a random-access pass stops after S seconds; its rate is taken over the reads made (default: 2)")
-    p.add_argument("--python", default=None, metavar="EXE",
-                   help="interpreter that runs the measurements, e.g. .venv-peers/bin/python where the peers are "
-                        "installed (default: this one)")
-    p.add_argument("--out", default="bench-results", metavar="DIR",
-                   help="where results.json, results.md and the plots go (default: bench-results)")
-    p.add_argument("--docs", default=None, metavar="PATH",
-                   help="also write the report into this markdown file (e.g. docs/benchmarks.md) between its markers")
-    p.add_argument("--workdir", default=None, metavar="DIR", help="where the data is packed (default: a temporary directory)")
+    p.add_argument(
+        "--random-reads",
+        type=_positive,
+        default=512,
+        metavar="N",
+        help="records per random-access pass, the same random subset for every system (default: 512)",
+    )
+    p.add_argument(
+        "--random-cap",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="a random-access pass stops after S seconds; its rate is taken over the reads made (default: 2)",
+    )
+    p.add_argument(
+        "--python",
+        default=None,
+        metavar="EXE",
+        help="interpreter that runs the measurements, e.g. .venv-peers/bin/python where the peers are "
+        "installed (default: this one)",
+    )
+    p.add_argument(
+        "--out",
+        default="bench-results",
+        metavar="DIR",
+        help="where results.json, results.md and the plots go (default: bench-results)",
+    )
+    p.add_argument(
+        "--docs",
+        default=None,
+        metavar="PATH",
+        help="also write the report into this markdown file (e.g. docs/benchmarks.md) between its markers",
+    )
+    p.add_argument(
+        "--workdir", default=None, metavar="DIR", help="where the data is packed (default: a temporary directory)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the packed data in --workdir")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the shuffles and the random-access order")
-    p.add_argument("--timeout", type=float, default=900.0, metavar="S", help="limit for one measurement, seconds (default: 900)")
+    p.add_argument(
+        "--timeout", type=float, default=900.0, metavar="S", help="limit for one measurement, seconds (default: 900)"
+    )
     p.add_argument("--list", action="store_true", help="list the data kinds and systems, and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 

@@ -182,7 +182,11 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
     )
     peers = {n: s for n, s in doc["systems"].items() if s["family"] == "peer" and not s.get("unavailable")}
     if peers:
-        lines.append("Peers: " + ", ".join(f"{n} ({', '.join(f'{k} {x}' for k, x in s['versions'].items())})" for n, s in peers.items()) + ".")
+        lines.append(
+            "Peers: "
+            + ", ".join(f"{n} ({', '.join(f'{k} {x}' for k, x in s['versions'].items())})" for n, s in peers.items())
+            + "."
+        )
     cfg = doc["config"]
     lines.append("")
     lines.append(
@@ -231,13 +235,19 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
         if extra:
             lines.append("")
             lines.append("Extra disk written while reading (caches, decompressed shards): " + "; ".join(extra) + ".")
-        cold = {c["metrics"].get("seq_cold_note") for c in by_kind.get(kind, []) if c.get("metrics", {}).get("seq_cold_note")}
+        cold = {
+            c["metrics"].get("seq_cold_note")
+            for c in by_kind.get(kind, [])
+            if c.get("metrics", {}).get("seq_cold_note")
+        }
         for n in sorted(cold):
             lines.append(f"\n\\* {n}")
     rows = summary_rows(doc)
     if rows:
         lines.append("")
-        lines.append(f"### Summary: `{DEFAULT_TSPT}` (tensorstore_pt's default codec) against the baseline and the best peer")
+        lines.append(
+            f"### Summary: `{DEFAULT_TSPT}` (tensorstore_pt's default codec) against the baseline and the best peer"
+        )
         lines.append("")
         lines.append(
             "Each cell: factor against the one-file-per-sample baseline / against the best peer for that metric "
@@ -329,7 +339,7 @@ def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
         if not any_point:
             plt.close(fig)
             continue
-        handles, labels = {}, {}
+        handles: dict[str, Any] = {}
         for ax in axes.flat:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)

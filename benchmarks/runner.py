@@ -120,9 +120,7 @@ class _Server:
         raw = self.proc.stdout.readline()
         if not raw:
             code = self.proc.poll()
-            raise BenchError(
-                f"the measurement server exited (status {code}); its log is {str(self.log_path)!r}"
-            )
+            raise BenchError(f"the measurement server exited (status {code}); its log is {str(self.log_path)!r}")
         return json.loads(raw)
 
     def run(self, task: dict[str, Any], on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -190,10 +188,6 @@ def _prepare_kind(name: str, kind_dir: Path, *, quick: bool, seed: int, source: 
     with open(kind_dir / "meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f)
     return meta
-
-
-def _stat(result: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
-    return None if not result else result.get(key)
 
 
 def _scaled(stats: dict[str, Any] | None, factor: float) -> dict[str, Any] | None:
@@ -332,7 +326,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
         # 1. data
         for k in kinds:
             say(f"building kind {k!r}...")
-            doc["kinds"][k] = _prepare_kind(k, workdir / "kinds" / k, quick=config.quick, seed=config.seed, source=config.source)
+            doc["kinds"][k] = _prepare_kind(
+                k, workdir / "kinds" / k, quick=config.quick, seed=config.seed, source=config.source
+            )
         # 2. the measurement interpreter
         python = config.python or sys.executable
         preload = sorted({m for s in systems for m in s.modules})
@@ -343,7 +339,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
             {"op": "probe", "kinds": {k: str(workdir / "kinds" / k) for k in kinds}, "timeout_s": 300}, lambda _: None
         )
         if not probe.get("ok"):
-            raise BenchError(f"probing the measurement interpreter failed: {probe.get('error')}\n{probe.get('traceback', '')}")
+            raise BenchError(
+                f"probing the measurement interpreter failed: {probe.get('error')}\n{probe.get('traceback', '')}"
+            )
         info = probe["result"]
         doc["interpreter"] = {k: v for k, v in info.items() if k != "systems"}
         runnable: list[str] = []
@@ -438,7 +436,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
         base = base_by_kind.get(c["kind"])
         if c.get("metrics") and base:
             c["vs_baseline"] = {
-                k: _vs(c["metrics"].get(k), base.get(k), hib) for k, hib in compared.items() if c["metrics"].get(k) is not None
+                k: _vs(c["metrics"].get(k), base.get(k), hib)
+                for k, hib in compared.items()
+                if c["metrics"].get(k) is not None
             }
     for meta in doc["kinds"].values():
         meta.pop("digests", None)
@@ -463,7 +463,11 @@ class _LineProgress(_NoBar):
     def update(self, n: int = 1) -> None:
         self.done += n
         if n:
-            print(f"[{self.done}/{self.total} {time.monotonic() - self.t0:6.0f} s] {self.desc}", file=sys.stderr, flush=True)
+            print(
+                f"[{self.done}/{self.total} {time.monotonic() - self.t0:6.0f} s] {self.desc}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def set_description(self, s: str) -> None:
         self.desc = s

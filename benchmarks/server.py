@@ -47,7 +47,12 @@ def _child(task: dict[str, Any], proto: int) -> None:
     except BaseException as exc:  # report everything, KeyboardInterrupt included
         _write(
             proto,
-            {"event": "result", "ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
+            {
+                "event": "result",
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            },
         )
 
 
@@ -135,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gc.collect()
     gc.freeze()  # children never scan (and so never copy) the preloaded objects
-    _write(out, {"event": "hello", "pid": os.getpid(), "executable": sys.executable, "loaded": loaded, "failed": failed})
+    _write(
+        out, {"event": "hello", "pid": os.getpid(), "executable": sys.executable, "loaded": loaded, "failed": failed}
+    )
     for line in sys.stdin:
         line = line.strip()
         if line:

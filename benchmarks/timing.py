@@ -140,7 +140,14 @@ def _mincore_libc() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(name, use_errno=True)
             lib.mmap.restype = ctypes.c_void_p
-            lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+            lib.mmap.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_long,
+            ]
             lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
             _libc = lib

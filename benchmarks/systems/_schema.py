@@ -119,12 +119,16 @@ def infer_schema(samples: Sequence[Any]) -> Schema:
         return [s] if container == "tensor" else [s[k] for k in keys]
 
     kinds = [_leaf_kind(v) for v in leaves(first)]
-    shapes: list[tuple[int, ...] | None] = [tuple(v.shape) if k == "tensor" else None for v, k in zip(leaves(first), kinds)]
+    shapes: list[tuple[int, ...] | None] = [
+        tuple(v.shape) if k == "tensor" else None for v, k in zip(leaves(first), kinds)
+    ]
     dtypes = [str(v.dtype).removeprefix("torch.") if k == "tensor" else None for v, k in zip(leaves(first), kinds)]
     for i, s in enumerate(samples):
-        shape_ok = (container == "tensor" and type(s) is torch.Tensor) or (
-            container == "dict" and isinstance(s, dict) and list(s) == keys
-        ) or (container in ("tuple", "list") and type(s).__name__ == container and len(s) == len(keys))
+        shape_ok = (
+            (container == "tensor" and type(s) is torch.Tensor)
+            or (container == "dict" and isinstance(s, dict) and list(s) == keys)
+            or (container in ("tuple", "list") and type(s).__name__ == container and len(s) == len(keys))
+        )
         if not shape_ok:
             raise UnsupportedSample(f"sample {i} has another structure than sample 0")
         for j, v in enumerate(leaves(s)):

@@ -101,6 +101,6 @@ class System(ABC):
         (``collate_fn=collate_list``); iterating it again runs another epoch. With workers,
         the workers are persistent (started once, by the first epoch)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook; most systems hold nothing)
         """Release what :meth:`iterate`, :meth:`random_access` or :meth:`loader` left open
-        (shared memory, file handles). Called once per read phase."""
+        (shared memory, file handles). Called after each read pass, outside the timing."""

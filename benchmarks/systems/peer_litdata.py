@@ -70,7 +70,7 @@ class LitData(System):
                     self.workers = 1
                     self.notes.append(
                         "litdata optimize with 2 workers failed (its workers inferred different chunk formats: "
-                        "\"The config isn't consistent between chunks\"); packed with 1 worker"
+                        '"The config isn\'t consistent between chunks"); packed with 1 worker'
                     )
                     shutil.rmtree(data_dir)
                     data_dir.mkdir()
@@ -88,7 +88,9 @@ class LitData(System):
     def random_access(self, data_dir: Path, cache_dir: Path) -> Callable[[int], Any]:
         return self._dataset(data_dir, cache_dir, shuffle=False).__getitem__
 
-    def loader(self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int) -> Iterable[list[Any]]:
+    def loader(
+        self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
+    ) -> Iterable[list[Any]]:
         import litdata
 
         return litdata.StreamingDataLoader(

@@ -83,12 +83,18 @@ class MosaicMDS(System):
     def random_access(self, data_dir: Path, cache_dir: Path) -> Callable[[int], Any]:
         return self._dataset(data_dir, cache_dir, shuffle=False, batch_size=1).__getitem__
 
-    def loader(self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int) -> Iterable[list[Any]]:
+    def loader(
+        self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
+    ) -> Iterable[list[Any]]:
         from streaming import StreamingDataLoader
 
         ds = self._dataset(data_dir, cache_dir, shuffle=True, shuffle_seed=seed, batch_size=batch_size)
         return StreamingDataLoader(
-            ds, batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate_list
+            ds,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            collate_fn=collate_list,
         )
 
     def close(self) -> None:

@@ -82,7 +82,9 @@ class WebDatasetTar(System):
         for (sample,) in wds.WebDataset(_urls(data_dir), shardshuffle=False, empty_check=False).decode().map(fix):
             yield sample
 
-    def loader(self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int) -> Iterable[list[Any]]:
+    def loader(
+        self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
+    ) -> Iterable[list[Any]]:
         import webdataset as wds
 
         urls = _urls(data_dir)

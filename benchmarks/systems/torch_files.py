@@ -69,7 +69,9 @@ class TorchFiles(System):
     def random_access(self, data_dir: Path, cache_dir: Path) -> Callable[[int], Any]:
         return _FileDataset(_files(data_dir)).__getitem__
 
-    def loader(self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int) -> Iterable[list[Any]]:
+    def loader(
+        self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
+    ) -> Iterable[list[Any]]:
         return _dataloader(_FileDataset(_files(data_dir)), num_workers, batch_size, seed)
 
 
@@ -92,5 +94,7 @@ class TorchList(System):
     def random_access(self, data_dir: Path, cache_dir: Path) -> Callable[[int], Any]:
         return _load(data_dir / "data.pt").__getitem__
 
-    def loader(self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int) -> Iterable[list[Any]]:
+    def loader(
+        self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
+    ) -> Iterable[list[Any]]:
         return _dataloader(_load(data_dir / "data.pt"), num_workers, batch_size, seed)

@@ -60,7 +60,9 @@ class TensorStore(System):
 
         return open_store(data_dir).read
 
-    def loader(self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int) -> Iterable[list[Any]]:
+    def loader(
+        self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
+    ) -> Iterable[list[Any]]:
         import torch
 
         from tensorstore_pt import open_store
