@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean bench bench-quick bench-peers
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,30 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Benchmarks (docs/benchmarks.md). The peers (MosaicML Streaming, litdata, WebDataset) need a
+# torchvision that matches torch, so they live in their own venv with a consistent pair; the
+# harness runs every measurement in that interpreter (--python) so all systems share one torch.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_TORCH := torch==2.14.1 torchvision==0.29.1
+
+$(PEERS_VENV)/.installed: pyproject.toml
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	$(PEERS_PY) -m pip install -q $(PEERS_TORCH) -e '.[bench-peers,test]'
+	$(PEERS_PY) -c "import torch, torchvision, streaming, litdata, webdataset"
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+
+# The published matrix, peers included; rewrites docs/benchmarks.md between its markers.
+bench: $(VENV)/.installed $(PEERS_VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	$(VENV)/bin/tspt bench --python $(PEERS_PY) --docs docs/benchmarks.md
+
+bench-quick: $(VENV)/.installed
+	$(VENV)/bin/tspt bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

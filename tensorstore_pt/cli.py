@@ -279,6 +279,12 @@ def _cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.options import run_from_args
+
+    return run_from_args(args, "tspt bench", args.bench_argv)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -406,6 +412,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed read repetitions; the median is shown (default: 5)")
     p.set_defaults(func=_cmd_demo)
 
+    p = add(
+        "bench",
+        "benchmark tensorstore_pt against torch.save files and the peers (same as python -m benchmarks)",
+        "Run the benchmark matrix: data kinds x systems (one torch.save file per sample, one torch.save of "
+        "the list, tensorstore_pt codecs, and MosaicML Streaming, litdata and WebDataset when installed) x "
+        "metrics (bytes on disk, pack time, sequential and random reads warm and cold, DataLoader "
+        "throughput, peak RSS). Writes results.json, results.md and PNG plots; see docs/benchmarks.md. "
+        "Exit status 1 means some cell failed.",
+    )
+    from benchmarks.options import add_arguments as _add_bench_arguments
+
+    _add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
     return parser
 
 
@@ -414,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import CorruptStoreError, TensorStoreError, UnsafePayloadError
 
     args = build_parser().parse_args(argv)
+    if args.command == "bench":  # recorded in the results as the exact command
+        args.bench_argv = list(sys.argv[2:] if argv is None else list(argv)[1:])
     try:
         return int(args.func(args))
     except CorruptStoreError as exc:

@@ -1,0 +1,351 @@
+"""One measurement, run inside a fresh process forked by :mod:`benchmarks.server`.
+
+Operations (``task["op"]``):
+
+``probe``
+    Which systems can run in this interpreter, their versions, and which kinds each can hold.
+``pack``
+    Write the kind's samples ``warmup + repeats`` times into a fresh ``data`` directory;
+    report the times, the bytes on disk of the last write and the pack's peak RSS above
+    the RSS after loading the samples.
+``seq``
+    Ordered full passes (open included): ``warmup`` untimed passes, the first of which
+    checks every sample against the digests written at build time; ``repeats`` warm
+    passes; then, if ``cold``, ``repeats`` passes each after evicting every file of the
+    system (data and cache) from the page cache, with the residency left after eviction.
+``random``
+    Like ``seq`` over a fixed random subset of ``random_reads`` records (in random order),
+    through the system's random-access getter (opened inside each timed pass); a pass stops
+    early after ``random_cap_s`` seconds and its rate is taken over the reads it made.
+``loader``
+    Epochs of the system's own loader (shuffled, ``batch_size``, ``workers`` persistent
+    workers): ``warmup`` epochs (the first checks the samples), then ``repeats`` timed.
+
+Every timed number is wall-clock seconds from ``time.perf_counter``; read operations also
+report each pass's record count and rate (records per second). Peak RSS is this
+process's (the DataLoader workers' memory is not included), above its RSS at the start of
+the operation, which is the fork server's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .kinds import sample_digest
+from .systems import PackOptions, System, all_systems
+from .timing import (
+    Stats,
+    evict,
+    fsync_tree,
+    peak_rss_bytes,
+    reset_peak_rss,
+    resident_bytes,
+    rss_bytes,
+    tree_files,
+    tree_size,
+)
+
+__all__ = ["CheckFailed", "run_task"]
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+class CheckFailed(AssertionError):
+    """A system handed back other samples than were written (count or content)."""
+
+
+def _system(name: str) -> System:
+    return {s.name: s for s in all_systems()}[name]
+
+
+def _load_samples(kind_dir: Path) -> list[Any]:
+    import torch
+
+    return torch.load(kind_dir / "samples.pt", weights_only=True)
+
+
+def _meta(kind_dir: Path) -> dict[str, Any]:
+    with open(kind_dir / "meta.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check(what: str, got: list[int], expected: list[int], universe: list[int] | None = None) -> bool:
+    """Raise unless ``got`` holds the samples ``expected``; return whether the order (for
+    random access: each record at its position) matched too.
+
+    With ``universe`` (random access to a subset), a system that stored the records in
+    another order passes if every sample it returned was written, none more often than it
+    was written (so distinct positions gave distinct records).
+    """
+    import collections
+
+    if len(got) != len(expected):
+        raise CheckFailed(f"{what}: expected {len(expected)} samples, found {len(got)}")
+    if got == expected:
+        return True
+    if universe is not None:
+        have, pool = collections.Counter(got), collections.Counter(universe)
+        bad = sum(max(0, c - pool[d]) for d, c in have.items())
+        if bad:
+            raise CheckFailed(f"{what}: {bad} of {len(got)} samples read were never written (or read too often)")
+        return False
+    if sorted(got) != sorted(expected):
+        bad = sum(1 for a, b in zip(sorted(got), sorted(expected)) if a != b)
+        raise CheckFailed(f"{what}: {bad} of {len(expected)} samples differ from what was written")
+    return False
+
+
+def _probe(task: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    import platform
+    import sys
+
+    import lz4
+    import numpy
+    import torch
+    import zstandard
+
+    import tensorstore_pt
+
+    firsts = {}
+    for kind, kind_dir in task["kinds"].items():
+        firsts[kind] = torch.load(Path(kind_dir) / "first.pt", weights_only=True)
+    systems = {}
+    for s in all_systems():
+        reason = s.unavailable_reason()
+        entry: dict[str, Any] = {"family": s.family, "label": s.label, "unavailable": reason, "unsupported": {}}
+        if reason is None:
+            try:
+                entry["versions"] = s.versions()
+            except Exception as exc:  # a broken install: say so, do not run it
+                entry["unavailable"] = f"import failed: {type(exc).__name__}: {exc}"
+            for kind, first in firsts.items():
+                why = s.unsupported_reason(first)
+                if why:
+                    entry["unsupported"][kind] = why
+        systems[s.name] = entry
+    return {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "versions": {
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "zstandard": zstandard.__version__,
+            "zstd library": ".".join(map(str, zstandard.ZSTD_VERSION)),
+            "lz4": lz4.__version__,
+            "lz4 library": lz4.library_version_string(),
+            "tensorstore_pt": tensorstore_pt.__version__,
+        },
+        "torch_threads": torch.get_num_threads(),
+        "systems": systems,
+    }
+
+
+def _pack(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
+    kind_dir, root = Path(task["kind_dir"]), Path(task["root"])
+    samples = _load_samples(kind_dir)
+    gc.collect()
+    base = rss_bytes()
+    reset_ok = reset_peak_rss()
+    options = PackOptions(shard_bytes=int(task["shard_bytes"]))
+    times = []
+    total = task["warmup"] + task["repeats"]
+    data_dir = root / "data"
+    for r in range(total):
+        emit({"phase": "pack", "rep": r + 1, "of": total})
+        shutil.rmtree(root, ignore_errors=True)
+        data_dir.mkdir(parents=True)
+        t0 = time.perf_counter()
+        system.pack(samples, data_dir, options)
+        dt = time.perf_counter() - t0
+        if r >= task["warmup"]:
+            times.append(dt)
+    peak = peak_rss_bytes()
+    fsync_tree(data_dir)
+    nbytes, nfiles = tree_size(data_dir)
+    return {
+        "pack_s": Stats.of(times).to_json(),
+        "bytes_on_disk": nbytes,
+        "files": nfiles,
+        "pack_peak_rss_delta_bytes": (peak - base) if (reset_ok and peak is not None and base is not None) else None,
+    }
+
+
+def _passes(
+    task: dict[str, Any],
+    emit: Emit,
+    name: str,
+    one_pass: Callable[[bool, float | None], list[int]],
+    expected: list[int],
+    files: Callable[[], list[Path]],
+    *,
+    cap_s: float | None = None,
+    after_pass: Callable[[], None] = lambda: None,
+    universe: list[int] | None = None,
+) -> dict[str, Any]:
+    """Warm-up (the first checked), warm repetitions, and cold repetitions with eviction.
+
+    ``one_pass(check, deadline)`` reads the samples (all of ``expected``, in order, or up to
+    ``time.perf_counter() >= deadline`` when ``cap_s`` is set) and returns their digests if
+    ``check`` else one placeholder per sample read. Each timed pass is reported as its
+    seconds, its record count and its rate (records / seconds). ``after_pass`` (the system's
+    ``close``) runs after each pass, outside the timing.
+    """
+    out: dict[str, Any] = {}
+    for r in range(task["warmup"]):
+        emit({"phase": f"{name} warm-up", "rep": r + 1, "of": task["warmup"]})
+        got = one_pass(r == 0, None if cap_s is None else time.perf_counter() + cap_s)
+        after_pass()
+        if r == 0:
+            out["order_preserved"] = _check(name, got, expected[: len(got)] if cap_s else expected, universe)
+
+    def timed() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        count = len(one_pass(False, None if cap_s is None else t0 + cap_s))
+        dt = time.perf_counter() - t0
+        after_pass()
+        if count != len(expected) and not (cap_s and 0 < count < len(expected)):
+            raise CheckFailed(f"{name}: expected {len(expected)} samples, found {count}")
+        return dt, count
+
+    def record(prefix: str, runs: list[tuple[float, int]]) -> None:
+        out[f"{prefix}_s"] = Stats.of(t for t, _ in runs).to_json()
+        out[f"{prefix}_records"] = [c for _, c in runs]
+        out[f"{prefix}_rate"] = Stats.of(c / t for t, c in runs).to_json()
+
+    runs = []
+    for r in range(task["repeats"]):
+        emit({"phase": f"{name} warm", "rep": r + 1, "of": task["repeats"]})
+        runs.append(timed())
+    record("warm", runs)
+    if task.get("cold"):
+        runs, resident, total = [], [], 0
+        note = None
+        for r in range(task["repeats"]):
+            emit({"phase": f"{name} cold", "rep": r + 1, "of": task["repeats"]})
+            paths = files()
+            note = evict(paths)
+            if note:
+                break
+            res = resident_bytes(paths)
+            total = sum(p.stat().st_size for p in paths)
+            if res is not None:
+                resident.append(res)
+            runs.append(timed())
+        if note:
+            out["cold_note"] = f"cold reads not measured: {note}"
+        else:
+            record("cold", runs)
+            out["cold_resident_after_evict_bytes"] = max(resident) if resident else None
+            out["cold_files_bytes"] = total
+    return out
+
+
+def _read(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
+    import numpy as np
+
+    kind_dir, root = Path(task["kind_dir"]), Path(task["root"])
+    data_dir, cache_dir = root / "data", root / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    expected = _meta(kind_dir)["digests"]
+    n = len(expected)
+    gc.collect()
+    base = rss_bytes()
+    reset_ok = reset_peak_rss()
+
+    def files() -> list[Path]:
+        return tree_files(data_dir) + tree_files(cache_dir)
+
+    op = task["op"]
+    out: dict[str, Any]
+    if op == "seq":
+
+        def one_pass(check: bool, deadline: float | None) -> list[int]:
+            got = []
+            count = 0
+            for s in system.iterate(data_dir, cache_dir):
+                count += 1
+                if check:
+                    got.append(sample_digest(s))
+            return got if check else [0] * count
+
+        out = _passes(task, emit, "sequential", one_pass, expected, files, after_pass=system.close)
+    elif op == "random":
+        probe = system.random_access(data_dir, cache_dir)
+        system.close()
+        if probe is None:
+            return {"not_applicable": f"{system.name} has no random access"}
+        del probe
+        reads = min(n, int(task.get("random_reads") or n))
+        perm = [int(i) for i in np.random.default_rng(task["seed"]).permutation(n)[:reads]]
+        expected_perm = [expected[i] for i in perm]
+        clock = time.perf_counter
+
+        def one_pass(check: bool, deadline: float | None) -> list[int]:
+            get = system.random_access(data_dir, cache_dir)
+            if get is None:
+                raise CheckFailed(f"{system.name}: random access went away between passes")
+            got = []
+            for i in perm:
+                s = get(i)
+                got.append(sample_digest(s) if check else 0)
+                if deadline is not None and clock() >= deadline:
+                    break
+            return got
+
+        out = _passes(
+            task, emit, "random", one_pass, expected_perm, files,
+            cap_s=task.get("random_cap_s"), after_pass=system.close, universe=expected,
+        )  # fmt: skip
+        out["reads_per_pass"] = reads
+    elif op == "loader":
+        workers = int(task["workers"])
+        loader = system.loader(
+            data_dir, cache_dir, num_workers=workers, batch_size=task["batch_size"], seed=task["seed"]
+        )
+
+        def one_pass(check: bool, deadline: float | None) -> list[int]:
+            got, count = [], 0
+            for batch in loader:
+                count += len(batch)
+                if check:
+                    got.extend(sample_digest(s) for s in batch)
+            return got if check else [0] * count
+
+        task = {**task, "cold": False}
+        out = _passes(task, emit, f"loader w={workers}", one_pass, expected, files)
+        # No explicit shutdown: some loaders wait seconds for their workers to join. This
+        # process ends with os._exit right after reporting and the server kills its group.
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    peak = peak_rss_bytes()
+    out["peak_rss_delta_bytes"] = (peak - base) if (reset_ok and peak is not None and base is not None) else None
+    out["rss_base_bytes"] = base
+    cache_bytes, _ = tree_size(cache_dir)
+    out["cache_bytes"] = cache_bytes
+    return out
+
+
+def run_task(task: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    """Run one operation (see the module docstring) and return its JSON-able result.
+
+    Raises:
+        CheckFailed: The system handed back other samples than were written.
+        Anything the system raises (reported by the server as the cell's error).
+    """
+    import warnings
+
+    # Some readers hand back read-only numpy buffers; torch.from_numpy warns on each.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    if task["op"] == "probe":
+        return _probe(task, emit)
+    system = _system(task["system"])
+    result = _pack(task, system, emit) if task["op"] == "pack" else _read(task, system, emit)
+    if system.notes:
+        result["notes"] = list(dict.fromkeys(system.notes))
+    return result

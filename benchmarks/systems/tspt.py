@@ -1,0 +1,83 @@
+"""tensorstore_pt, one system per codec configuration.
+
+New options (a codec, a level, a reader mode) are benchmarked by adding a row to
+:data:`CONFIGS`; the rest of the harness picks it up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+
+from .abc import PackOptions, System, collate_list
+
+__all__ = ["CONFIGS", "TensorStore", "tspt_systems"]
+
+#: (system name, codec, level) for every tensorstore_pt configuration benchmarked.
+CONFIGS: tuple[tuple[str, str, int | None], ...] = (
+    ("tspt-none", "none", None),
+    ("tspt-lz4", "lz4", None),
+    ("tspt-zstd1", "zstd", 1),
+    ("tspt-zstd3", "zstd", 3),
+    ("tspt-zstd9", "zstd", 9),
+)
+
+
+class TensorStore(System):
+    """A tensorstore_pt store written by ``write_store`` and read by ``open_store``.
+
+    The DataLoader reads the :class:`~tensorstore_pt.StoreReader` as a map-style dataset
+    (it pickles to its path; each worker opens its own handles).
+    """
+
+    family: ClassVar[str] = "tensorstore_pt"
+
+    def __init__(self, name: str, codec: str, level: int | None) -> None:
+        super().__init__()
+        self.name = name  # type: ignore[misc]
+        self.codec = codec
+        self.level = level
+        self.label = f"tensorstore_pt, codec {codec}" + (f" level {level}" if level is not None else "")  # type: ignore[misc]
+
+    def versions(self) -> dict[str, str]:
+        import tensorstore_pt
+
+        return {"tensorstore_pt": tensorstore_pt.__version__}
+
+    def pack(self, samples: Sequence[Any], data_dir: Path, options: PackOptions) -> None:
+        from tensorstore_pt import write_store
+
+        write_store(samples, data_dir, codec=self.codec, level=self.level, max_shard_bytes=options.shard_bytes)
+
+    def iterate(self, data_dir: Path, cache_dir: Path) -> Iterator[Any]:
+        from tensorstore_pt import open_store
+
+        with open_store(data_dir) as reader:
+            yield from reader
+
+    def random_access(self, data_dir: Path, cache_dir: Path) -> Callable[[int], Any]:
+        from tensorstore_pt import open_store
+
+        return open_store(data_dir).read
+
+    def loader(
+        self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
+    ) -> Iterable[list[Any]]:
+        import torch
+
+        from tensorstore_pt import open_store
+
+        return torch.utils.data.DataLoader(
+            open_store(data_dir),
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            collate_fn=collate_list,
+        )
+
+
+def tspt_systems() -> list[TensorStore]:
+    """One :class:`TensorStore` per row of :data:`CONFIGS`."""
+    return [TensorStore(name, codec, level) for name, codec, level in CONFIGS]
