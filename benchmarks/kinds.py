@@ -386,7 +386,7 @@ def load_source(path: str | os.PathLike[str]) -> Kind:
         tensorstore_pt.errors.StoreNotFoundError, InvalidOptionError, UnsupportedSampleError:
             As ``tspt pack`` would for the same path.
     """
-    from tensorstore_pt.cli import iter_source
+    from tensorstore_pt.sources import iter_source
     from tensorstore_pt.format import INDEX_NAME
 
     p = Path(path)
