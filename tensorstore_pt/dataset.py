@@ -472,7 +472,7 @@ class StoreIterableDataset(IterableDataset):
     ``num_workers=0``): one read piece, about 1 MiB of compressed frames plus at most as many
     gap bytes (neighbouring frames less than 64 KiB apart are read in one go), i.e. at most
     2 MiB plus one frame; plus ``prefetch_samples + 32`` decoded samples (the queue, the list
-    being filled and the list being consumed, 16 samples each); plus 16 bytes a block and
+    being filled and the list being consumed, 16 samples each); plus 40 bytes a block and
     32 bytes a window position (the window permutation and its sort keys, while it is made).
     The frame table (32 bytes a record) is in shared memory.
 
