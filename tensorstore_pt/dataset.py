@@ -868,6 +868,9 @@ class _LoaderIterator:
         except StopIteration:
             self._finish()
             raise
+        except BaseException:
+            self._abandon()
+            raise
         loader = self._loader
         self._pos = min(self._pos + loader._chunk, self._length)
         if loader._is_live(self):
@@ -875,6 +878,20 @@ class _LoaderIterator:
                 (self._epoch + 1, 0) if self._pos >= self._end else (self._epoch, self._pos)
             )
         return batch
+
+    def _abandon(self) -> None:
+        """Stop the workers now that an error ends this iteration.
+
+        The propagating exception's traceback refers to the DataLoader iterator, which would
+        otherwise be finalised by the cycle collector, at a time when its queues may already be
+        closed: each worker then costs a 5 s join timeout.
+        """
+        self._ended = True
+        shutdown = getattr(self._inner, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        if getattr(self._loader, "_iterator", None) is self._inner:
+            self._loader._iterator = None  # persistent workers: start afresh next time
 
     def _finish(self) -> None:
         self._ended = True
