@@ -479,7 +479,7 @@ class StoreIterableDataset(IterableDataset):
     ``num_workers=0``): one read piece, about 1 MiB of compressed frames plus at most as many
     gap bytes (neighbouring frames less than 64 KiB apart are read in one go), i.e. at most
     2 MiB plus one frame; plus ``prefetch_samples + 32`` decoded samples (the queue, the list
-    being filled and the list being consumed, 16 samples each); plus 16 bytes a block and
+    being filled and the list being consumed, 16 samples each); plus 40 bytes a block and
     32 bytes a window position (the window permutation and its sort keys, while it is made).
     The frame table (32 bytes a record) is in shared memory.
 
@@ -887,6 +887,9 @@ class _LoaderIterator:
         except StopIteration:
             self._finish()
             raise
+        except BaseException:
+            self._abandon()
+            raise
         loader = self._loader
         self._pos = min(self._pos + loader._chunk, self._length)
         if loader._is_live(self):
@@ -894,6 +897,20 @@ class _LoaderIterator:
                 (self._epoch + 1, 0) if self._pos >= self._end else (self._epoch, self._pos)
             )
         return batch
+
+    def _abandon(self) -> None:
+        """Stop the workers now that an error ends this iteration.
+
+        The propagating exception's traceback refers to the DataLoader iterator, which would
+        otherwise be finalised by the cycle collector, at a time when its queues may already be
+        closed: each worker then costs a 5 s join timeout.
+        """
+        self._ended = True
+        shutdown = getattr(self._inner, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        if getattr(self._loader, "_iterator", None) is self._inner:
+            self._loader._iterator = None  # persistent workers: start afresh next time
 
     def _finish(self) -> None:
         self._ended = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import shutil
 import threading
 import time
@@ -235,8 +236,15 @@ def test_on_error_raise_and_skip(store: Path, tmp_path: Path, caplog: pytest.Log
         for s in ds:
             got.append(int(s["id"]))
     assert got == list(range(20))  # the error surfaces at the bad record's turn
-    with pytest.raises(ChecksumMismatchError, match="record 20"):
-        ids_of(StoreDataLoader(StoreIterableDataset(bad), batch_size=4, num_workers=2))
+    children = set(multiprocessing.active_children())
+    for persistent in (False, True):
+        loader = StoreDataLoader(StoreIterableDataset(bad), batch_size=4, num_workers=2, persistent_workers=persistent)
+        with pytest.raises(ChecksumMismatchError, match="record 20"):
+            ids_of(loader)
+        # The workers were stopped, not left to the cycle collector (5 s a worker).
+        assert set(multiprocessing.active_children()) <= children
+    with pytest.raises(ChecksumMismatchError, match="record 20"):  # and the loader can be iterated again
+        ids_of(loader)
     skip = StoreIterableDataset(bad, on_error="skip")
     with caplog.at_level(logging.WARNING, logger="tensorstore_pt.dataset"):
         assert [int(s["id"]) for s in skip] == [i for i in range(N) if i != 20]
