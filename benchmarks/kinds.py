@@ -186,7 +186,9 @@ def _synthetic_photos(rng: np.random.Generator, count: int = 6, size: int = 384)
             img[..., c] = 0.5 + 0.3 * (a * xx + b * yy) + 0.1 * np.sin(2 * math.pi * (k * 3 + 4) * (xx * a + yy * b))
         for _ in range(int(rng.integers(4, 10))):
             cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.25)
-            mask = 1 / (1 + np.exp(((xx - cx) ** 2 + (yy - cy) ** 2 - r * r) * 400))
+            # A soft disc: a logistic edge. The exponent is clipped (exp(80) is already "far
+            # outside"), which leaves the values unchanged and avoids float32 overflow warnings.
+            mask = 1 / (1 + np.exp(np.minimum(((xx - cx) ** 2 + (yy - cy) ** 2 - r * r) * 400, 80)))
             img += mask[..., None] * (rng.uniform(-0.4, 0.4, 3).astype(np.float32))
         img += rng.normal(0, 0.01, img.shape).astype(np.float32)
         out.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
