@@ -294,12 +294,12 @@ class ShardWriter:
         self.frame_target_bytes = frame_target_bytes
         self._old: IndexInfo | None = None
         self._created_dir = False
+        self._index_digest: int | None = None  # of the index.json this writer started from
         # Validate user options before touching the file system.
         new_codec = make_codec(codec if codec is not None else "zstd", level) if mode != "append" or codec else None
         if dict_bytes and new_codec is not None and new_codec.codec_id != "zstd":
             raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
         old_index = self._inspect_target()
-        self._index_digest = self._current_index_digest()
 
         self._features: set[str] = set()
         if mode == "append" and old_index is not None:  # _inspect_target raised if there is none
@@ -370,7 +370,7 @@ class ShardWriter:
                 raise StoreNotFoundError(f"append: no store at {where!r} (the path does not exist); use mode='create'")
             if not has_index:
                 raise NotAStoreError(f"append: {where!r} holds no {INDEX_NAME}; expected an existing store")
-            return parse_index(st.read_all(INDEX_NAME), f"store {where!r}: {INDEX_NAME}")
+            return parse_index(self._read_index_bytes(), f"store {where!r}: {INDEX_NAME}")
         if self.mode == "create":
             if has_index:
                 raise StoreExistsError(
@@ -387,10 +387,16 @@ class ShardWriter:
         self._created_dir = st.ensure()
         if has_index:
             try:
-                return parse_index(st.read_all(INDEX_NAME), f"store {where!r}: {INDEX_NAME}")
+                return parse_index(self._read_index_bytes(), f"store {where!r}: {INDEX_NAME}")
             except (IndexFormatError, UnsupportedFormatError):
                 return None  # replaced wholesale; its shards are left in place, never guessed at
         return None
+
+    def _read_index_bytes(self) -> bytes:
+        """Read index.json once at open, remembering its digest for the commit-time comparison."""
+        raw = self._storage.read_all(INDEX_NAME)
+        self._index_digest = digest_int(raw)
+        return raw
 
     def _current_index_digest(self) -> int | None:
         try:
