@@ -18,40 +18,15 @@ import pytest
 import torch
 
 import tensorstore_pt as ts
+from strategies import assert_identical
 from tensorstore_pt.format import HEADER_BYTES, RECORD_ENTRY_BYTES, TRAILER_BYTES
 
 CODECS = ["none", "lz4", "zstd"]
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """The tensor's values as bytes, in logical order (NaN payloads included)."""
-    return t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-
-
 def assert_same(a, b, where="sample"):
-    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.layout == b.layout, where
-        if a.layout == torch.sparse_coo:
-            a, b = a.coalesce(), b.coalesce()
-            assert_same(a.indices(), b.indices(), where + ".indices")
-            assert_same(a.values(), b.values(), where + ".values")
-        elif a.layout == torch.sparse_csr:
-            for f in ("crow_indices", "col_indices", "values"):
-                assert_same(getattr(a, f)(), getattr(b, f)(), f"{where}.{f}")
-        else:
-            assert tensor_bytes(a) == tensor_bytes(b), where
-        assert a.requires_grad == b.requires_grad, where
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    else:
-        assert a == b, where
+    """Values, dtypes, shapes, container types bit-exact (the writer may compact views)."""
+    assert_identical(a, b, where, layout=False)
 
 
 def _every_dtype_tensor(dtype: torch.dtype) -> torch.Tensor:
