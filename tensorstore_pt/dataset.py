@@ -44,6 +44,7 @@ from ._partition import (
     worker_segments,
 )
 from ._prefetch import Prefetcher
+from ._shared_batches import SharedBatchCollate, materialize
 from .checksums import ALGORITHM
 from .errors import (
     ChecksumMismatchError,
@@ -281,7 +282,8 @@ class _StoreView:
         table = self.table()
         io = self.reader()
         frame = io.read_frames(i, i + 1, table=table)[0]
-        return io.load_record(i, io.decode_frame(i, frame, table=table))
+        si = int(np.searchsorted(self.bounds[:, 0], i, side="right")) - 1
+        return io._load_frame(i, si, table[i], frame)
 
 
 # --------------------------------------------------------------------------- map-style
@@ -386,11 +388,35 @@ class PartitionReport:
 _HANDOFF_SAMPLES = 16
 
 
-class _SampleIterator:
-    """The iterator a StoreIterableDataset hands out: prefetched samples, then the transform."""
+#: Pieces (about READ_BYTES of frames each) a worker's read thread may hold ahead of decoding.
+_READ_AHEAD_PIECES = 2
 
-    def __init__(self, prefetcher: Prefetcher | None, transform: Callable[[Any], Any] | None) -> None:
-        self._prefetcher = prefetcher
+
+class _Piece(NamedTuple):
+    """Records in consumption order, with their frames (record -> (shard, frame)) or read errors."""
+
+    records: list[int]
+    frames: dict[int, tuple[int, memoryview]] | None
+    errors: dict[int, BaseException]
+
+
+def _closing(source: Iterator[Any], *also: Any) -> Iterator[Any]:
+    """``source``, closing ``also`` (e.g. a Prefetcher feeding it) when it ends or is closed."""
+    try:
+        yield from source
+    finally:
+        for other in also:
+            other.close()
+
+
+class _SampleIterator:
+    """The iterator a StoreIterableDataset hands out: samples from ``source`` (lists of them), then the transform.
+
+    ``source`` is a Prefetcher or a generator; ``close()`` closes it (stopping its threads).
+    """
+
+    def __init__(self, source: Iterator[list[Any]] | None, transform: Callable[[Any], Any] | None) -> None:
+        self._prefetcher = source
         self._transform = transform
         self._items: list[Any] = []
         self._next = 0
@@ -725,13 +751,25 @@ class StoreIterableDataset(IterableDataset):
         if worker_sample_count(split.length, start, chunk, k, worker) == 0:
             return _SampleIterator(None, None)
         step = min(_HANDOFF_SAMPLES, self.prefetch_samples)
-        producer = self._produce(segments, split, order, slot, step)
-        prefetcher = Prefetcher(producer, max(1, self.prefetch_samples // step), name=f"tspt-decode-w{worker}")
-        return _SampleIterator(prefetcher, self.transform)
+        if info is None:
+            # The main process: read, decompress and decode in a background thread, ahead of
+            # the training loop.
+            producer = self._produce(self._decode(self._pieces(segments, split, order), slot), step)
+            source: Iterator[list[Any]] = Prefetcher(
+                producer, max(1, self.prefetch_samples // step), name="tspt-decode"
+            )
+        else:
+            # A DataLoader worker is itself a process decoding ahead of the training loop
+            # (prefetch_factor batches); a decode thread there only adds thread switches
+            # (measured: docs/benchmarks.md). Reads still run ahead in a thread, so that one
+            # piece's I/O overlaps the previous piece's decoding.
+            pieces = Prefetcher(self._pieces(segments, split, order), _READ_AHEAD_PIECES, name=f"tspt-read-w{worker}")
+            source = _closing(self._produce(self._decode(pieces, slot), step), pieces)
+        return _SampleIterator(source, self.transform)
 
     def _read_piece(
         self, records: np.ndarray, missing: dict[int, BaseException]
-    ) -> tuple[dict[int, memoryview], dict[int, BaseException]]:
+    ) -> tuple[dict[int, tuple[int, memoryview]], dict[int, BaseException]]:
         """Fetch the frames of ``records`` with positional reads in file order (merging small gaps).
 
         ``missing`` maps shards already found missing in this iteration to their error: they are
@@ -745,7 +783,7 @@ class StoreIterableDataset(IterableDataset):
         offsets = table["offset"][u].astype(np.int64)
         sizes = table["stored"][u].astype(np.int64)
         cut = plan_runs(offsets, offsets + sizes, shard, MERGE_GAP_BYTES, int(sizes.sum()))
-        frames: dict[int, memoryview] = {}
+        frames: dict[int, tuple[int, memoryview]] = {}
         errors: dict[int, BaseException] = {}
         for run, si in zip(np.split(u, cut), np.split(shard, cut)):
             a, b = int(run[0]), int(run[-1]) + 1
@@ -760,16 +798,14 @@ class StoreIterableDataset(IterableDataset):
                 for rec in run.tolist():
                     errors[rec] = exc
                 continue
+            s = int(si[0])
             for rec in run.tolist():
-                frames[rec] = got[rec - a]
+                frames[rec] = (s, got[rec - a])
         return frames, errors
 
-    def _produce(
-        self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder, slot: int, step: int
-    ) -> Iterator[list[Any]]:
-        """Decode the consumer's samples in order; yield them in lists of up to ``step``."""
+    def _produce(self, samples: Iterator[Any], step: int) -> Iterator[list[Any]]:
+        """Yield ``samples`` in lists of up to ``step``."""
         out: list[Any] = []
-        samples = self._decode(segments, split, order, slot)
         while True:
             try:
                 sample = next(samples)
@@ -786,20 +822,15 @@ class StoreIterableDataset(IterableDataset):
         if out:
             yield out
 
-    def _decode(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder, slot: int) -> Iterator[Any]:
-        io = self._view.reader()
-        skip = self.on_error == "skip"
+    def _pieces(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder) -> Iterator[_Piece]:
+        """The consumer's records in order, in pieces of about ``READ_BYTES`` with their frames read.
+
+        For multi-record-frame stores (format 1.1) nothing is read here: the pieces carry the
+        records only, and :meth:`_decode` reads them through the reader's frame cache.
+        """
         if self._view.framed:
             for seg in segments:
-                for rec in order.records_at(split.global_positions(seg)).tolist():
-                    try:
-                        sample = io.read(rec)
-                    except (CorruptStoreError, UnsafePayloadError) as exc:
-                        if not skip:
-                            raise
-                        self._count_skip(slot, rec, exc)
-                        continue
-                    yield sample
+                yield _Piece(order.records_at(split.global_positions(seg)).tolist(), None, {})
             return
         table = self._view.table()
         missing: dict[int, BaseException] = {}
@@ -808,18 +839,30 @@ class StoreIterableDataset(IterableDataset):
             for lo, hi in split_by_bytes(table["stored"][records], READ_BYTES):
                 piece = records[lo:hi]
                 frames, errors = self._read_piece(piece, missing)
-                for rec in piece.tolist():
-                    try:
-                        frame = frames.get(rec)
-                        if frame is None:
-                            raise errors[rec]
-                        sample = io.load_record(rec, io.decode_frame(rec, frame, table=table))
-                    except (CorruptStoreError, UnsafePayloadError) as exc:
-                        if not skip:
-                            raise
-                        self._count_skip(slot, rec, exc)
-                        continue
-                    yield sample
+                yield _Piece(piece.tolist(), frames, errors)
+
+    def _decode(self, pieces: Iterator[_Piece], slot: int) -> Iterator[Any]:
+        """Check, decompress and load the records of ``pieces`` in order (skipping as ``on_error`` says)."""
+        io = self._view.reader()
+        skip = self.on_error == "skip"
+        table = None if self._view.framed else self._view.table()
+        for piece in pieces:
+            frames = piece.frames
+            for rec in piece.records:
+                try:
+                    if frames is None:
+                        sample = io.read(rec)
+                    else:
+                        got = frames.get(rec)
+                        if got is None:
+                            raise piece.errors[rec]
+                        sample = io._load_frame(rec, got[0], table[rec], got[1])  # type: ignore[index]
+                except (CorruptStoreError, UnsafePayloadError) as exc:
+                    if not skip:
+                        raise
+                    self._count_skip(slot, rec, exc)
+                    continue
+                yield sample
 
     def _count_skip(self, slot: int, record: int, exc: BaseException) -> None:
         kind = next(i for i, t in enumerate(_SKIP_TYPES) if isinstance(exc, t))
@@ -883,7 +926,7 @@ class _LoaderIterator:
         if self._ended:
             raise StopIteration
         try:
-            batch = next(self._inner)
+            batch = materialize(next(self._inner))
         except StopIteration:
             self._finish()
             raise
@@ -946,7 +989,7 @@ class StoreDataLoader(DataLoader):
     Thread safety: use one iterator at a time (a new ``iter()`` supersedes the previous one).
     """
 
-    def __init__(self, dataset: StoreIterableDataset, **dataloader_kwargs: Any) -> None:
+    def __init__(self, dataset: StoreIterableDataset, *, batch_ring: bool = True, **dataloader_kwargs: Any) -> None:
         if not isinstance(dataset, StoreIterableDataset):
             raise InvalidOptionError(
                 f"dataset: expected a StoreIterableDataset, found {type(dataset).__name__} "
@@ -957,7 +1000,12 @@ class StoreDataLoader(DataLoader):
                 "in_order: expected True; in_order=False delivers batches out of order, so neither the "
                 "order nor resume could be exact"
             )
+        if not isinstance(batch_ring, (bool, np.bool_)):
+            raise InvalidOptionError(f"batch_ring: expected a bool, found {batch_ring!r}")
         super().__init__(dataset, **dataloader_kwargs)
+        if batch_ring and self.num_workers > 0:
+            # a worker may run prefetch_factor batches ahead, plus one the main process is copying
+            self.collate_fn = SharedBatchCollate(self.collate_fn, (self.prefetch_factor or 2) + 2)
         chunk = self.batch_size if self.batch_size is not None else 1
         if dataset._batch_arg is not None and dataset._batch_arg != chunk:
             raise InvalidOptionError(
@@ -993,7 +1041,10 @@ class StoreDataLoader(DataLoader):
         ds._set_position(self._epoch, start)
         ds._control[_CHUNK] = self._chunk
         ds._say(ds.partition(self.num_workers), None)
-        live = _LoaderIterator(self, super().__iter__(), self._epoch, start, length, end)
+        inner = super().__iter__()
+        if isinstance(self.collate_fn, SharedBatchCollate):
+            self.collate_fn.keep_rings_of({w.pid for w in getattr(inner, "_workers", [])})
+        live = _LoaderIterator(self, inner, self._epoch, start, length, end)
         self._live = weakref.ref(live)
         return live
 

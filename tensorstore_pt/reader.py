@@ -547,6 +547,15 @@ class StoreReader:
         _, rows = self._rows(j, j + 1, table)
         return self._decode(si, j, rows[0], frame)
 
+    def _load_frame(self, j: int, si: int, row: np.void, frame: bytes | memoryview) -> Any:
+        """Check, decode and load record ``j`` (in shard ``si``) from its stored frame.
+
+        The datasets' per-record path: ``j`` and ``si`` are already known to be right (from
+        :meth:`record_table` and :meth:`shard_bounds`), so no index search or range check is
+        repeated. The frame is decoded into a buffer of its own (no copy for the tensors).
+        """
+        return self._load(si, j, self._decode(si, j, row, frame, writable=True))
+
     def load_record(self, i: int, raw: bytes | bytearray | memoryview) -> Any:
         """Load record ``i``'s ``torch.save`` buffer with ``weights_only=True`` semantics.
 

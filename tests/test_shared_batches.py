@@ -1,0 +1,269 @@
+"""Worker batches through reused shared-memory slots (tensorstore_pt._shared_batches).
+
+The transport must be invisible: every batch equals what torch's own transport delivers
+(values, dtypes, shapes, strides, storage offsets, aliasing), batches the training loop keeps
+are never overwritten, and whenever a slot is not free the batch still arrives (by torch's
+transport).
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import time
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+import tensorstore_pt as tspt
+import tensorstore_pt._shared_batches as sb
+import tensorstore_pt.dataset as dataset_module
+from tensorstore_pt import InvalidOptionError, StoreDataLoader, StoreIterableDataset
+
+pytestmark = pytest.mark.skipif(not sb.transport_supported(), reason="the slot transport is x86-64 only")
+
+Pair = collections.namedtuple("Pair", ["left", "right"])
+N = 45
+
+
+def _sample(i: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(i)
+    return {
+        "image": torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g),
+        "label": torch.tensor(i),
+        "f64": torch.randn(5, dtype=torch.float64, generator=g),
+        "bf16": torch.randn(2, 3, generator=g).to(torch.bfloat16),
+        "c64": torch.randn(4, dtype=torch.complex64, generator=g),
+        "flag": torch.tensor(i % 2 == 0),
+        "name": f"sample-{i}",
+        "score": float(i) / 3,
+        "nested": {"pair": (torch.full((2,), i, dtype=torch.int16), torch.arange(i % 3 + 1).sum())},
+    }
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ring") / "s"
+    tspt.write_store((_sample(i) for i in range(N)), path, max_shard_bytes=20_000)
+    return path
+
+
+def _expected(batch_size: int) -> list[Any]:
+    samples = [_sample(i) for i in range(N)]
+    return [default_collate(samples[i : i + batch_size]) for i in range(0, N, batch_size)]
+
+
+def assert_same(a: Any, b: Any, path: str = "batch") -> None:
+    """Equal values, types, dtypes, shapes and strides, all the way down."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+class _Count:
+    """Counts what reaches the main process: PackedBatch (slot transport) or anything else."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.packed = self.plain = 0
+        real = dataset_module.materialize
+
+        def counting(batch: Any) -> Any:
+            if type(batch) is sb.PackedBatch:
+                self.packed += 1
+            else:
+                self.plain += 1
+            return real(batch)
+
+        monkeypatch.setattr(dataset_module, "materialize", counting)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_batches_equal_torch_transport_and_are_kept_intact(
+    store: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = _Count(monkeypatch)
+    loader = StoreDataLoader(StoreIterableDataset(store), batch_size=4, num_workers=2, multiprocessing_context=method)
+    kept = list(loader)  # every batch kept: none may be overwritten by later ones
+    time.sleep(0.2)  # let the workers run on; they would be writing into reused slots now
+    expected = _expected(4)
+    assert len(kept) == len(expected)
+    for i, (got, want) in enumerate(zip(kept, expected)):
+        assert_same(got, want, f"batch {i}")
+    assert count.packed >= len(expected) - 2, (count.packed, count.plain)  # the ring really carried them
+    # each tensor owns a storage of exactly its own bytes, like default_collate's
+    image = kept[0]["image"]
+    assert image.untyped_storage().nbytes() == image.numel() * image.element_size()
+    assert kept[0]["image"].untyped_storage().data_ptr() != kept[0]["label"].untyped_storage().data_ptr()
+
+
+def test_same_batches_with_and_without_the_ring(store: Path) -> None:
+    def run(ring: bool) -> list[Any]:
+        ds = StoreIterableDataset(store, shuffle=True, seed=3)
+        return list(StoreDataLoader(ds, batch_size=5, num_workers=2, batch_ring=ring, persistent_workers=True))
+
+    a, b = run(True), run(False)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert_same(x, y)
+
+
+def test_persistent_workers_break_and_resume_across_epochs(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A break leaves prefetched batches that the next epoch's reset drains unseen: slots are reused correctly."""
+    count = _Count(monkeypatch)
+    loader = StoreDataLoader(StoreIterableDataset(store), batch_size=3, num_workers=2, persistent_workers=True)
+    expected = _expected(3)
+    for epoch in range(4):
+        got = []
+        for batch in loader:
+            got.append(batch)
+            if epoch % 2 == 0 and len(got) == 4:
+                break
+        if epoch % 2 == 0:  # the rest of this epoch comes next
+            got += list(loader)
+        for i, (x, y) in enumerate(zip(got, expected)):
+            assert_same(x, y, f"epoch {epoch} batch {i}")
+        assert len(got) == len(expected)
+    assert count.packed > 2 * len(expected)
+
+
+def _aliasing_collate(samples: list[Any]) -> Any:
+    base = torch.stack([s["image"] for s in samples]).float()
+    return {
+        "base": base,
+        "tail": base[1:],  # a view at a storage offset
+        "t": base.transpose(0, 1),  # non-contiguous strides
+        "again": base,  # the same tensor twice
+        "grad": torch.ones(2, requires_grad=True),  # not for the ring: torch's transport
+        "names": [s["name"] for s in samples],
+        "pair": Pair(torch.tensor([len(samples)]), "x"),
+    }
+
+
+def test_custom_collate_keeps_views_strides_offsets_and_aliasing(store: Path) -> None:
+    loader = StoreDataLoader(StoreIterableDataset(store), batch_size=4, num_workers=2, collate_fn=_aliasing_collate)
+    reference = StoreDataLoader(StoreIterableDataset(store), batch_size=4, num_workers=0, collate_fn=_aliasing_collate)
+    for got, want in zip(loader, reference):
+        assert_same({k: v for k, v in got.items() if k != "grad"}, {k: v for k, v in want.items() if k != "grad"})
+        assert torch.equal(got["grad"].detach(), want["grad"].detach()) and got["grad"].requires_grad
+        ptr = got["base"].untyped_storage().data_ptr()
+        assert got["tail"].untyped_storage().data_ptr() == ptr and got["t"].untyped_storage().data_ptr() == ptr
+        assert got["again"] is got["base"]  # as pickling keeps it
+        assert got["tail"].storage_offset() == want["tail"].storage_offset()
+        got["base"][0, 0, 0, 0] = -1.0  # still one storage: a write shows through every view
+        assert float(got["t"][0, 0, 0, 0]) == -1.0
+        if len(got["base"]) > 1:
+            assert got["tail"].storage_offset() > 0
+            got["base"][1, 0, 0, 0] = -2.0
+            assert float(got["tail"][0, 0, 0, 0]) == -2.0
+        assert isinstance(got["pair"], Pair)
+
+
+# ----------------------------------------------------------------------------- the ring itself
+
+
+def _collate_for_test(slots: int) -> tuple[sb.SharedBatchCollate, sb._WorkerRing]:
+    collate = sb.SharedBatchCollate(default_collate, slots)
+    return collate, sb._WorkerRing(collate.token, slots)
+
+
+def _batch(n: int, fill: int) -> list[dict[str, Any]]:
+    return [{"x": torch.full((1000,), fill + i, dtype=torch.int32), "s": "a"} for i in range(n)]
+
+
+def _send(ring: sb._WorkerRing, samples: list[Any]) -> Any:
+    got = ring.start_batch()
+    if got is None:
+        return None
+    seq, slot, arena = got
+    packed = ring.pack(ring.collate(samples, arena), seq, slot)
+    assert packed is not None
+    return pickle.loads(ForkingPickler.dumps(packed))  # what the DataLoader's queue does
+
+
+def test_a_slot_is_not_reused_before_its_batch_is_released() -> None:
+    _collate, ring = _collate_for_test(slots=3)
+    sent = [_send(ring, _batch(4, 10 * k)) for k in range(3)]
+    assert all(type(p) is sb.PackedBatch for p in sent)
+    assert ring.start_batch() is None  # batch 1 still unreleased: its slot is busy
+    first = sb.materialize(sent[0])  # releases seq 1
+    assert torch.equal(first["x"][:, 0], torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    later = _send(ring, _batch(4, 100))  # reuses batch 1's slot
+    assert later is not None and later.slot == sent[0].slot and later.arena is None  # arena not sent again
+    assert torch.equal(first["x"][:, 0], torch.tensor([0, 1, 2, 3], dtype=torch.int32))  # a copy: untouched
+    for p, base in zip([*sent[1:], later], [10, 20, 100]):
+        assert torch.equal(sb.materialize(p)["x"][:, 0], torch.arange(base, base + 4, dtype=torch.int32))
+
+
+def test_a_larger_batch_grows_its_slot_and_resends_it() -> None:
+    _collate, ring = _collate_for_test(slots=2)
+    small = _send(ring, _batch(2, 0))
+    sb.materialize(small)
+    _send_other = _send(ring, _batch(2, 5))
+    sb.materialize(_send_other)
+    big = _send(ring, [{"x": torch.full((300_000,), i, dtype=torch.int32), "s": "b"} for i in range(3)])
+    assert big.slot == small.slot and big.generation == small.generation + 1 and big.arena is not None
+    out = sb.materialize(big)
+    assert out["x"].shape == (3, 300_000) and torch.equal(out["x"][:, -1], torch.arange(3, dtype=torch.int32))
+    assert out["s"] == ["b", "b", "b"]
+
+
+def test_too_large_or_tensorless_batches_use_torch_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    collate, ring = _collate_for_test(slots=2)
+    got = ring.start_batch()
+    seq, slot, arena = got
+    assert ring.pack({"s": ["a", "b"]}, seq, slot) is None  # nothing for the ring
+    monkeypatch.setattr(sb, "MAX_ARENA_BYTES", 1000)
+    batch = ring.collate(_batch(4, 0), arena)
+    assert ring.pack(batch, seq, slot) is None
+    # through the collate_fn: a plain batch whose tensors do not point into any arena
+    monkeypatch.setattr(sb, "get_worker_info", lambda: object())
+    out = collate(_batch(4, 7))
+    assert type(out) is dict and torch.equal(out["x"][:, 0], torch.arange(7, 11, dtype=torch.int32))
+    rings = [r for k, r in sb._worker_rings.items() if k.startswith(collate.token)]
+    assert rings and all(
+        out["x"].untyped_storage().data_ptr() != a.tensor.untyped_storage().data_ptr()
+        for r in rings
+        for a in r.arenas
+        if a is not None
+    )
+    assert rings[0].seq == 0  # the refused batch did not use up a slot
+
+
+def test_unknown_ring_or_generation_is_an_error_not_garbage() -> None:
+    _collate, ring = _collate_for_test(slots=2)
+    p = _send(ring, _batch(2, 0))
+    p.control = None
+    p.ring = "not-a-ring"
+    with pytest.raises(RuntimeError, match="never received"):
+        sb.materialize(p)
+    q = _send(ring, _batch(2, 0))
+    sb.materialize(q)
+    q.generation += 5
+    q.arena = None  # a batch that claims an arena generation this process never received
+    with pytest.raises(RuntimeError, match="generation"):
+        sb.materialize(q)
+
+
+def test_batch_ring_option(store: Path) -> None:
+    with pytest.raises(InvalidOptionError, match="batch_ring: expected a bool, found 'yes'"):
+        StoreDataLoader(StoreIterableDataset(store), batch_ring="yes")
+    off = StoreDataLoader(StoreIterableDataset(store), batch_size=4, num_workers=2, batch_ring=False)
+    assert off.collate_fn is default_collate
+    on = StoreDataLoader(StoreIterableDataset(store), batch_size=4, num_workers=2)
+    assert isinstance(on.collate_fn, sb.SharedBatchCollate) and on.collate_fn.collate_fn is default_collate
+    assert StoreDataLoader(StoreIterableDataset(store), batch_size=4).collate_fn is default_collate  # no workers
