@@ -10,9 +10,12 @@ baselines measured in the same run:
 - ``iterable_w2 / iterable_w0``  (target >= 1.8 on a 2-core machine)
 - ``iterable_w0 / map_seq_w0`` and ``iterable_w2 / map_seq_w2`` (target >= 1.0)
 
-Also measured: the shuffled iterable dataset, and the cost of an order that does not depend
-on num_workers (chunks of one batch dealt round-robin) against workers that each read long
-contiguous runs (chunks of 32 batches; the order then depends on num_workers).
+Also measured: the shuffled iterable dataset; the shared-memory batch ring against torch's
+own transport (``StoreDataLoader(..., batch_ring=False)``: one new shared-memory segment per
+batch tensor, sent as a file descriptor); and the cost of an order that does not depend on
+num_workers (chunks of one batch dealt round-robin) against workers that each read long
+contiguous runs (chunks of 32 batches; the order then depends on num_workers), both with
+torch's transport (a plain DataLoader cannot use the ring).
 
 The machine's own ceiling is measured in the same run: the speedup of two processes over one
 on a pure-Python loop (``machine_2proc_speedup``). On a dedicated 2-core machine it is about
@@ -126,10 +129,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         bs = args.batch_size
 
-        def iterable(workers: int, shuffle: bool = False) -> Any:
+        def iterable(workers: int, shuffle: bool = False, ring: bool = True) -> Any:
             ds = StoreIterableDataset(path, shuffle=shuffle)
             kw = {"persistent_workers": True} if workers else {}
-            return StoreDataLoader(ds, batch_size=bs, num_workers=workers, **kw)
+            return StoreDataLoader(ds, batch_size=bs, num_workers=workers, batch_ring=ring, **kw)
 
         def map_seq(workers: int) -> Any:
             ds = StoreDataset(path)
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "map_seq_w0": _Config(map_seq(0)),
             "map_seq_w2": _Config(map_seq(2)),
             "iterable_shuffle_w2": _Config(iterable(2, shuffle=True)),
+            "iterable_torch_transport_w2": _Config(iterable(2, ring=False)),
             "iterable_coarse_chunks_w2": _Config(coarse(2)),
         }
         # Interleave the timed epochs, so that load from elsewhere falls on every configuration alike.
@@ -182,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "iterable_w0 / map_seq_w0": sps["iterable_w0"] / sps["map_seq_w0"],
             "iterable_w2 / map_seq_w2": sps["iterable_w2"] / sps["map_seq_w2"],
             "iterable_shuffle_w2 / iterable_w2": sps["iterable_shuffle_w2"] / sps["iterable_w2"],
-            "iterable_w2 / iterable_coarse_chunks_w2": sps["iterable_w2"] / sps["iterable_coarse_chunks_w2"],
+            "iterable_w2 / iterable_torch_transport_w2": sps["iterable_w2"] / sps["iterable_torch_transport_w2"],
+            "iterable_torch_transport_w2 / iterable_coarse_chunks_w2": sps["iterable_torch_transport_w2"]
+            / sps["iterable_coarse_chunks_w2"],
         }
         results["ratios"]["(iterable_w2 / iterable_w0) / machine_2proc_speedup"] = results["ratios"][
             "iterable_w2 / iterable_w0"

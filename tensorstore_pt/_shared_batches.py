@@ -5,35 +5,42 @@ one file descriptor per tensor: each descriptor costs a socket connection and an
 authentication handshake between the main process and the worker (``multiprocessing``'s
 resource sharer, which torch's default ``file_descriptor`` sharing strategy uses), and each
 segment is created, mapped, faulted in and unmapped again. On medium records (3x64x64 uint8
-patches, batches of 64) that was about a third of the CPU time spent per sample with two
-workers.
+patches, batches of 64, two workers) that was a quarter to a third of all the CPU time spent
+a sample (benchmarks/dataset_throughput.py; docs/datasets.md).
 
-Here each worker process keeps a ring of ``slots`` shared-memory arenas and writes batch
-``seq`` into arena ``seq % slots``: its tensors are stacked straight into the arena (the
-default collate) or copied there (any other ``collate_fn``), and only a small description
-(offsets, dtypes, shapes, strides) travels through the DataLoader's queue; an arena travels as
-a file descriptor only the first time the main process needs it. The main process copies the
-batch out into memory of its own (one storage per tensor, as the default collate makes) and
-then records ``seq`` as released in a shared counter of the ring.
+Here each worker process keeps a ring of ``slots`` shared-memory arenas. It writes each
+batch into a free arena: its tensors are stacked straight into it (the default collate) or
+copied there (any other ``collate_fn``), and only a small description (offsets, dtypes,
+shapes, strides) travels through the DataLoader's queue; an arena travels as a file
+descriptor only the first time the main process needs it. The main process hands out
+tensors that are views of the arena, one storage per tensor of exactly its bytes (as
+default_collate makes them, except that they cannot be resized), with no copy.
 
-Safety: a worker writes into an arena only when the main process has released every earlier
-batch that used it; otherwise (the main process is slow, or batches were drained by a
-persistent-worker reset) that batch falls back to torch's own transport. So a batch the main
-process is still copying is never overwritten, whatever the DataLoader's timing. The counter
-is a plain shared int64 written after the copy: on x86-64 (total store order) the copy's
-loads complete before the store is visible and the worker's check precedes its writes. Other
-architectures allow those to be reordered without a fence, which Python cannot issue, so
-there the transport is off and torch's is used.
+Release: the arena stays the main process's until every storage it handed out for that
+batch is gone (torch's ``StorageWeakRef``, checked at each later batch; any view, numpy array
+or autograd reference keeps a storage alive). The main process then records the batch as
+released in the ring's shared control tensor, and only then may the worker write that arena
+again. A batch that the DataLoader drained unseen (a persistent-worker reset after a
+``break``) is released when a later batch of the same worker arrives: a worker's batches
+arrive in order. When no arena is free (the training loop keeps batches), the worker sends
+that batch through torch's transport, so nothing ever waits for a slot and a batch in use is
+never overwritten. The pin-memory thread copies instead (into pinned memory) and releases
+at once.
+
+Memory order: the control words are plain shared int64s. On x86-64 (total store order) the
+main process's reads of a batch complete before its later release store is visible, and
+the worker's check precedes its writes. Other architectures allow those to be reordered
+without a fence, which Python cannot issue, so there the transport is off and torch's is used.
 
 Tensors travel this way when they are plain CPU strided tensors (``type(t) is torch.Tensor``,
-no ``requires_grad``, not quantized, nested, conjugated, negated or named) inside dicts, lists,
+no ``requires_grad``, not quantized, nested, conjugated or negated) inside dicts, lists,
 tuples and named tuples; their dtypes, shapes, strides, storage offsets and aliasing (views of
-one storage stay views of one storage) are kept. Anything else in a batch goes through torch's
-transport as before.
+one storage stay views of one storage; one tensor twice stays one object) are kept. Anything
+else in a batch goes through torch's transport as before.
 
 Memory: each worker holds ``slots`` arenas of the largest batch it has sent (rounded up to
-64 KiB), shared with the main process while the main process holds them; arenas larger than
-``MAX_ARENA_BYTES`` are not made (such batches use torch's transport).
+64 KiB; a batch that outgrows its arena doubles it), shared with the main process;
+arenas larger than ``MAX_ARENA_BYTES`` are not made (such batches use torch's transport).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import weakref
 from typing import Any, Callable, NamedTuple
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import default_collate, get_worker_info
 from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
 
@@ -56,9 +64,10 @@ MAX_ARENA_BYTES = 1 << 30
 _ALIGN_BYTES = 64
 _ARENA_ROUND_BYTES = 1 << 16
 
-# control tensor of a ring (int64, shared): [released seq, ring known to the main process,
-# then per slot the arena generation the main process holds]
-_RELEASED, _KNOWN, _GENERATIONS = 0, 1, 2
+# control tensor of a ring (int64, shared): [ring known to the main process], then per slot
+# [arena generation the main process holds, seq last written (worker), seq released (main)]
+_KNOWN = 0
+_GENERATION, _WRITTEN, _RELEASED = 0, 1, 2
 
 
 def transport_supported() -> bool:
@@ -101,7 +110,7 @@ class PackedBatch:
         """Called by the DataLoader's pin-memory thread: copy out of the arena, then pin."""
         from torch.utils.data._utils.pin_memory import pin_memory
 
-        return pin_memory(materialize(self), device)
+        return pin_memory(materialize(self, copy=True), device)
 
 
 def _packable(t: Any) -> bool:
@@ -154,6 +163,11 @@ class _Arena:
         return start
 
 
+def _ctl(slot: int, field: int) -> int:
+    """Index of ``field`` (_GENERATION, _WRITTEN or _RELEASED) of ``slot`` in a control tensor."""
+    return 1 + 3 * slot + field
+
+
 class _WorkerRing:
     """One worker process's arenas and its control tensor (made in the worker, lazily)."""
 
@@ -162,9 +176,10 @@ class _WorkerRing:
         self.id = uuid.uuid4().hex
         self.pid = os.getpid()
         self.slots = slots
-        self.control = torch.zeros(_GENERATIONS + slots, dtype=torch.int64).share_memory_()
+        self.control = torch.zeros(1 + 3 * slots, dtype=torch.int64).share_memory_()
         self.arenas: list[_Arena | None] = [None] * slots
         self.seq = 0
+        self.last_slot = slots - 1
         self.current: _Arena | None = None  # the arena the batch being collated is written to
         self.map = {**default_collate_fn_map, torch.Tensor: self._collate_tensors}
 
@@ -192,20 +207,28 @@ class _WorkerRing:
             self.current = None
 
     # -- the ring
-    def free_slot(self) -> tuple[int, int] | None:
-        """(seq, slot) for the next batch, or None when that slot's last batch is not released."""
-        seq = self.seq + 1
-        slot = seq % self.slots
-        if seq - self.slots > int(self.control[_RELEASED]):
-            return None
-        self.seq = seq
-        return seq, slot
+    def start_batch(self) -> tuple[int, _Arena | None] | None:
+        """(slot, its arena) for the next batch: the first free slot after the last one used.
 
-    def pack(self, batch: Any, seq: int, slot: int) -> PackedBatch | None:
+        A slot is free when the main process has released the last batch written to it
+        (written == released), or it was never used. None when every slot is still held.
+        """
+        c = self.control.tolist()
+        for k in range(1, self.slots + 1):
+            slot = (self.last_slot + k) % self.slots
+            if c[_ctl(slot, _WRITTEN)] == c[_ctl(slot, _RELEASED)]:
+                arena = self.arenas[slot]
+                if arena is not None:
+                    arena.used = 0
+                return slot, arena
+        return None
+
+    def pack(self, batch: Any, slot: int) -> PackedBatch | None:
         """Move ``batch``'s tensors into arena ``slot`` (growing it if needed) and describe them.
 
         Returns None when nothing in ``batch`` can travel this way, or it is too large; then
-        no tensor of ``batch`` may refer to the arena (see :meth:`unpack_fallback`).
+        the slot stays free, and no tensor of ``batch`` may refer to the arena (see
+        :meth:`unpack_fallback`).
         """
         arena = self.arenas[slot]
         in_arena = arena.tensor.untyped_storage().data_ptr() if arena is not None else -1
@@ -213,7 +236,6 @@ class _WorkerRing:
         seen: dict[tuple[int, int], int] = {}
         foreign: list[tuple[int, torch.UntypedStorage]] = []  # (region, storage) to copy in
         used = arena.used if arena is not None else 0
-
         refs: dict[int, _Ref] = {}  # one _Ref per tensor object: a tensor twice in a batch stays one
 
         def leaf(t: torch.Tensor) -> Any:
@@ -258,19 +280,21 @@ class _WorkerRing:
             off, n = regions[r]
             if n:
                 dst[off : off + n].copy_(torch.empty(0, dtype=torch.uint8).set_(st, 0, (n,), (1,)))
-        send_arena = int(self.control[_GENERATIONS + slot]) != arena.generation
-        send_control = not int(self.control[_KNOWN])
+        self.seq += 1
+        self.last_slot = slot
+        c = self.control
+        c[_ctl(slot, _WRITTEN)] = self.seq  # the slot is the main process's until it releases this seq
         return PackedBatch(
             token=self.token,
             ring=self.id,
             pid=self.pid,
-            seq=seq,
+            seq=self.seq,
             slot=slot,
             generation=arena.generation,
             regions=regions,
             skeleton=skeleton,
-            arena=arena.tensor if send_arena else None,
-            control=self.control if send_control else None,
+            arena=arena.tensor if int(c[_ctl(slot, _GENERATION)]) != arena.generation else None,
+            control=c if not int(c[_KNOWN]) else None,
         )
 
     def unpack_fallback(self, batch: Any, slot: int) -> Any:
@@ -281,39 +305,68 @@ class _WorkerRing:
         ptr = arena.tensor.untyped_storage().data_ptr()
         return _walk(batch, torch.Tensor, lambda t: t.clone() if t.untyped_storage().data_ptr() == ptr else t)
 
-    def start_batch(self) -> tuple[int, int, _Arena | None] | None:
-        got = self.free_slot()
-        if got is None:
-            return None
-        seq, slot = got
-        arena = self.arenas[slot]
-        if arena is not None:
-            arena.used = 0
-        return seq, slot, arena
-
 
 _worker_rings: dict[str, _WorkerRing] = {}
 
 
+class _Held(NamedTuple):
+    """A batch handed out without a copy: its slot is released once all its storages are gone."""
+
+    seq: int
+    control: torch.Tensor
+    storages: list[StorageWeakRef]
+
+
 class _MainSide:
-    """The main process's view of the workers' rings: arenas and control tensors by ring id."""
+    """The main process's view of the workers' rings: arenas, control tensors and held slots."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        # ring id -> (worker pid, control tensor, {slot: (generation, arena)})
         self.rings: dict[str, tuple[int, torch.Tensor, dict[int, tuple[int, torch.Tensor]]]] = {}
+        self.held: dict[tuple[str, int], _Held] = {}
 
     def keep_only(self, pids: set[int]) -> None:
         with self.lock:
             for rid in [r for r, (pid, _, _) in self.rings.items() if pid not in pids]:
                 _, control, _ = self.rings.pop(rid)
-                control[_KNOWN:] = 0  # should that worker still live, it sends everything again
+                control[:] = 0  # should that worker still live, it sends everything again
+                for key in [k for k in self.held if k[0] == rid]:
+                    del self.held[key]  # the batches stay valid: their tensors keep the arena mapped
+
+    def poll(self) -> None:
+        """Release the slots of handed-out batches whose tensors are all gone (lock held)."""
+        for key in [k for k, h in self.held.items() if all(ref.expired() for ref in h.storages)]:
+            h = self.held.pop(key)
+            h.control[_ctl(key[1], _RELEASED)] = h.seq
+
+    def release_drained(self, ring: str, control: torch.Tensor, seq: int) -> None:
+        """Release slots whose batches were drained unseen (lock held).
+
+        A worker's batches arrive in order, so when batch ``seq`` arrives, an older batch
+        written to a slot that this process neither holds nor released was taken out of the
+        queue by the DataLoader (a persistent-worker reset) and will never arrive.
+        """
+        c = control.tolist()
+        for slot in range((len(c) - 1) // 3):
+            written, released = c[_ctl(slot, _WRITTEN)], c[_ctl(slot, _RELEASED)]
+            if written != released and written < seq and (ring, slot) not in self.held:
+                control[_ctl(slot, _RELEASED)] = written
 
 
 _main_sides: weakref.WeakValueDictionary[str, _MainSide] = weakref.WeakValueDictionary()
 
 
-def materialize(batch: Any) -> Any:
-    """The batch a :class:`PackedBatch` stands for, in memory of this process; anything else as is.
+def materialize(batch: Any, copy: bool = False) -> Any:
+    """The batch a :class:`PackedBatch` stands for; anything else as is.
+
+    Args:
+        batch: What the DataLoader's queue delivered.
+        copy: Copy the tensors out of the arena into memory of this process and release the
+            slot at once (for the pin-memory thread, which copies again into pinned memory).
+            Otherwise the tensors are views of the arena, one storage per tensor (as
+            default_collate makes them; not resizable), and the slot is released once every
+            one of those storages is gone (checked at each later batch).
 
     Raises:
         RuntimeError: The batch refers to an arena this process never received (cannot
@@ -325,6 +378,7 @@ def materialize(batch: Any) -> Any:
     if side is None:
         raise RuntimeError("a shared-memory batch arrived for a loader that no longer exists")
     with side.lock:
+        side.poll()
         ring = side.rings.get(batch.ring)
         if ring is None:
             if batch.control is None:
@@ -332,9 +386,10 @@ def materialize(batch: Any) -> Any:
             ring = side.rings[batch.ring] = (batch.pid, batch.control, {})
             batch.control[_KNOWN] = 1
         _, control, arenas = ring
+        side.release_drained(batch.ring, control, batch.seq)
         if batch.arena is not None:
             arenas[batch.slot] = (batch.generation, batch.arena)
-            control[_GENERATIONS + batch.slot] = batch.generation
+            control[_ctl(batch.slot, _GENERATION)] = batch.generation
         held = arenas.get(batch.slot)
         if held is None or held[0] != batch.generation:
             raise RuntimeError(
@@ -344,10 +399,13 @@ def materialize(batch: Any) -> Any:
         src = held[1].numpy()
         storages = []
         for off, n in batch.regions:
-            out = torch.empty(n, dtype=torch.uint8)
-            # numpy's copy: one thread. torch's copy_ of a large tensor is split over the
-            # intra-op threads, which wait on cores the workers are using (~1 ms per MiB here).
-            out.numpy()[:] = src[off : off + n]
+            if copy:
+                out = torch.empty(n, dtype=torch.uint8)
+                # numpy's copy: one thread. torch's copy_ of a large tensor is split over the
+                # intra-op threads, which wait on cores the workers are using (~1 ms per MiB here).
+                out.numpy()[:] = src[off : off + n]
+            else:
+                out = torch.from_numpy(src[off : off + n])  # keeps the arena mapped while it lives
             storages.append(out.untyped_storage())
         made: dict[int, torch.Tensor] = {}  # by _Ref identity: the same tensor object comes back once
 
@@ -360,8 +418,10 @@ def materialize(batch: Any) -> Any:
             return t
 
         result = _walk(batch.skeleton, _Ref, build)
-        if batch.seq > int(control[_RELEASED]):
-            control[_RELEASED] = batch.seq  # after the copies: the worker may now reuse the slot
+        if copy:
+            control[_ctl(batch.slot, _RELEASED)] = batch.seq  # after the copies
+        else:
+            side.held[(batch.ring, batch.slot)] = _Held(batch.seq, control, [StorageWeakRef(s) for s in storages])
     return result
 
 
@@ -371,12 +431,14 @@ class SharedBatchCollate:
     In the main process (``num_workers=0``) it is ``collate_fn`` itself. In a worker it
     collates (straight into the ring's arena when ``collate_fn`` is torch's
     ``default_collate``) and returns a :class:`PackedBatch`, which :func:`materialize` turns
-    back into the batch in the main process.
+    back into the batch in the main process (views of the arena, no copy). When no arena is
+    free, or nothing in the batch can use one, it returns the batch itself.
 
     Args:
         collate_fn: The collate function the DataLoader would use.
-        slots: Arenas per worker (at least the DataLoader's ``prefetch_factor + 2``, so that
-            the worker can run that far ahead of the main process without a fallback).
+        slots: Arenas per worker: the DataLoader's ``prefetch_factor`` batches in flight,
+            plus the batches the training loop holds, plus one (fewer means more batches
+            through torch's transport, never a wait).
 
     Fork/spawn safety: pickles to its settings; each worker process makes its own ring on
     first use.
@@ -408,15 +470,12 @@ class SharedBatchCollate:
         if ring is None:
             ring = _worker_rings[key] = _WorkerRing(self.token, self.slots)
         got = ring.start_batch()
-        if got is None:  # the main process still holds that slot's last batch
+        if got is None:  # the main process still holds every slot
             return self.collate_fn(samples)
-        seq, slot, arena = got
+        slot, arena = got
         if self.collate_fn is default_collate and default_collate_fn_map.get(torch.Tensor) is collate_tensor_fn:
             batch = ring.collate(samples, arena)
         else:
             batch = self.collate_fn(samples)
-        packed = ring.pack(batch, seq, slot)
-        if packed is None:
-            ring.seq -= 1  # the slot stays free for the next batch
-            return ring.unpack_fallback(batch, slot)
-        return packed
+        packed = ring.pack(batch, slot)
+        return ring.unpack_fallback(batch, slot) if packed is None else packed

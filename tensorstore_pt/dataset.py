@@ -2,7 +2,8 @@
 
 - :class:`StoreDataset`: a map-style ``torch.utils.data.Dataset`` (random access, any sampler).
 - :class:`StoreIterableDataset`: an ``IterableDataset`` that reads contiguous runs of records
-  with positional reads, decodes ahead of its consumer in a bounded background thread, splits
+  with positional reads, decodes ahead of its consumer (a bounded background thread, or the
+  DataLoader worker process, which reads ahead in a thread), splits
   the epoch among ranks and DataLoader workers (each sample exactly once), shuffles by block
   order plus a window shuffle, and makes every rank yield the same number of samples.
 - :class:`StoreDataLoader`: a ``DataLoader`` subclass that counts the samples it delivered, so
@@ -14,9 +15,11 @@ docs/datasets.md states the guarantees (partitioning, shuffle quality, resume, m
 Memory: per-record data (the frame table, 32 bytes a record) lives in one shared-memory torch
 tensor made in the process that builds the dataset; DataLoader workers map it, whether they
 are forked or spawned. A worker's private memory is O(shards + blocks) for the layout, plus
-O(window) for the shuffle window's permutation, plus one read piece (at most 2 MiB of
-compressed frames and gaps), plus ``prefetch_samples + 32`` decoded samples; it does not
-grow with the number of records or across epochs.
+O(window) for the shuffle window's permutation, plus up to 4 read pieces (at most 2 MiB of
+compressed frames and gaps each), plus one batch of decoded samples (``prefetch_samples +
+32`` in the main process); it does not grow with the number of records or across epochs.
+Worker batches reach the main process through reused shared-memory arenas (see
+:class:`StoreDataLoader`).
 """
 
 from __future__ import annotations
@@ -493,7 +496,9 @@ class StoreIterableDataset(IterableDataset):
             1 to 4096 records).
         window_records: Shuffle window in samples (default: 256 blocks, about 64 MiB of
             frames, at most 2**18 records). It costs 16 bytes a position, not frame memory.
-        prefetch_samples: Decoded samples the background thread may hold ahead (default 32).
+        prefetch_samples: Decoded samples the background decode thread may hold ahead
+            (default 32). Used in the main process (``num_workers=0``); DataLoader workers
+            run ahead by the DataLoader's ``prefetch_factor`` batches instead.
         verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
         map_location: Passed to ``torch.load``.
 
@@ -501,13 +506,21 @@ class StoreIterableDataset(IterableDataset):
         InvalidOptionError: An argument out of range or of the wrong type.
         The errors of :func:`~tensorstore_pt.open_store`.
 
+    Background work: with ``num_workers=0`` a daemon thread reads, checks, decompresses and
+    decodes ahead of the training loop. In a DataLoader worker a daemon thread reads ahead
+    (up to 3 pieces: 2 queued, 1 being read) and the worker decodes in its own thread: the
+    worker process is itself the decoder running ahead, and a decode thread there only added
+    thread switches (docs/datasets.md).
+
     Memory (per consumer, i.e. per DataLoader worker or the main process when
-    ``num_workers=0``): one read piece, about 1 MiB of compressed frames plus at most as many
+    ``num_workers=0``): read pieces of about 1 MiB of compressed frames plus at most as many
     gap bytes (neighbouring frames less than 64 KiB apart are read in one go), i.e. at most
-    2 MiB plus one frame; plus ``prefetch_samples + 32`` decoded samples (the queue, the list
-    being filled and the list being consumed, 16 samples each); plus 40 bytes a block and
-    32 bytes a window position (the window permutation and its sort keys, while it is made).
-    The frame table (32 bytes a record) is in shared memory.
+    2 MiB plus one frame each: one in the main process, up to 4 in a worker (3 read ahead,
+    1 being decoded); plus, in the main process, ``prefetch_samples + 32`` decoded samples
+    (the queue, the list being filled and the list being consumed, 16 samples each), in a
+    worker one batch; plus 40 bytes a block and 32 bytes a window position (the window
+    permutation and its sort keys, while it is made). The frame table (32 bytes a record) is
+    in shared memory.
 
     Thread safety: iterate one iterator per process at a time. Fork/spawn safety: pickles
     without open files; the rank is resolved in the parent before pickling.
@@ -976,15 +989,28 @@ class StoreDataLoader(DataLoader):
     loop stopped; after a finished epoch it starts the next one. ``dataset.set_epoch(e)``
     moves to the start of epoch ``e`` (a no-op if the loader is already in epoch ``e``).
 
+    Worker batches (``num_workers > 0``, on x86-64) travel through a ring of reused
+    shared-memory arenas per worker instead of one new shared-memory segment and file
+    descriptor per tensor (torch's default), which cost a quarter to a third of all CPU time
+    a sample on medium records. Batches arrive as views of an arena (one storage per tensor of
+    exactly its bytes, not resizable); an arena is reused only once every tensor of its last
+    batch is gone, so keeping batches is safe (kept batches make later ones use torch's
+    transport). With ``pin_memory`` the pinned copy is taken from the arena. Each worker holds
+    ``prefetch_factor + 3`` arenas of its largest batch. See ``tensorstore_pt._shared_batches``.
+
     Args:
         dataset: A :class:`StoreIterableDataset`.
+        batch_ring: Use the shared-memory ring for worker batches (default True); False
+            gives torch's own transport.
         **dataloader_kwargs: As for ``torch.utils.data.DataLoader``. ``batch_size`` also sets
             the chunk dealt to each worker. ``in_order=False`` is refused (it breaks the
-            order guarantee).
+            order guarantee). ``collate_fn`` is wrapped when the ring is on (the wrapper's
+            ``collate_fn`` attribute is yours).
 
     Raises:
-        InvalidOptionError: ``dataset`` is not a StoreIterableDataset, ``in_order=False``, or
-            the dataset's own ``batch_size`` differs from the loader's.
+        InvalidOptionError: ``dataset`` is not a StoreIterableDataset, ``in_order=False``,
+            ``batch_ring`` is not a bool, or the dataset's own ``batch_size`` differs from
+            the loader's.
 
     Thread safety: use one iterator at a time (a new ``iter()`` supersedes the previous one).
     """
@@ -1004,8 +1030,9 @@ class StoreDataLoader(DataLoader):
             raise InvalidOptionError(f"batch_ring: expected a bool, found {batch_ring!r}")
         super().__init__(dataset, **dataloader_kwargs)
         if batch_ring and self.num_workers > 0:
-            # a worker may run prefetch_factor batches ahead, plus one the main process is copying
-            self.collate_fn = SharedBatchCollate(self.collate_fn, (self.prefetch_factor or 2) + 2)
+            # slots: prefetch_factor batches in flight, the batch being handed out, the one the
+            # training loop still holds while it asks for the next, and one to spare
+            self.collate_fn = SharedBatchCollate(self.collate_fn, (self.prefetch_factor or 2) + 3)
         chunk = self.batch_size if self.batch_size is not None else 1
         if dataset._batch_arg is not None and dataset._batch_arg != chunk:
             raise InvalidOptionError(

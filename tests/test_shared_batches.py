@@ -104,7 +104,7 @@ def test_batches_equal_torch_transport_and_are_kept_intact(
     assert len(kept) == len(expected)
     for i, (got, want) in enumerate(zip(kept, expected)):
         assert_same(got, want, f"batch {i}")
-    assert count.packed >= len(expected) - 2, (count.packed, count.plain)  # the ring really carried them
+    assert count.packed >= 4, (count.packed, count.plain)  # the ring really carried them (while slots were free)
     # each tensor owns a storage of exactly its own bytes, like default_collate's
     image = kept[0]["image"]
     assert image.untyped_storage().nbytes() == image.numel() * image.element_size()
@@ -128,16 +128,17 @@ def test_persistent_workers_break_and_resume_across_epochs(store: Path, monkeypa
     loader = StoreDataLoader(StoreIterableDataset(store), batch_size=3, num_workers=2, persistent_workers=True)
     expected = _expected(3)
     for epoch in range(4):
-        got = []
-        for batch in loader:
-            got.append(batch)
-            if epoch % 2 == 0 and len(got) == 4:
+        seen = 0
+        for batch in loader:  # compared and dropped at once: slots are released and reused
+            assert_same(batch, expected[seen], f"epoch {epoch} batch {seen}")
+            seen += 1
+            if epoch % 2 == 0 and seen == 4:
                 break
         if epoch % 2 == 0:  # the rest of this epoch comes next
-            got += list(loader)
-        for i, (x, y) in enumerate(zip(got, expected)):
-            assert_same(x, y, f"epoch {epoch} batch {i}")
-        assert len(got) == len(expected)
+            for batch in loader:
+                assert_same(batch, expected[seen], f"epoch {epoch} batch {seen}")
+                seen += 1
+        assert seen == len(expected)
     assert count.packed > 2 * len(expected)
 
 
@@ -189,32 +190,63 @@ def _send(ring: sb._WorkerRing, samples: list[Any]) -> Any:
     got = ring.start_batch()
     if got is None:
         return None
-    seq, slot, arena = got
-    packed = ring.pack(ring.collate(samples, arena), seq, slot)
+    slot, arena = got
+    packed = ring.pack(ring.collate(samples, arena), slot)
     assert packed is not None
     return pickle.loads(ForkingPickler.dumps(packed))  # what the DataLoader's queue does
 
 
-def test_a_slot_is_not_reused_before_its_batch_is_released() -> None:
+def _firsts(batch: Any) -> list[int]:
+    return batch["x"][:, 0].tolist()
+
+
+def test_a_slot_is_reused_only_once_every_tensor_of_its_batch_is_gone() -> None:
     _collate, ring = _collate_for_test(slots=3)
     sent = [_send(ring, _batch(4, 10 * k)) for k in range(3)]
-    assert all(type(p) is sb.PackedBatch for p in sent)
-    assert ring.start_batch() is None  # batch 1 still unreleased: its slot is busy
-    first = sb.materialize(sent[0])  # releases seq 1
-    assert torch.equal(first["x"][:, 0], torch.tensor([0, 1, 2, 3], dtype=torch.int32))
-    later = _send(ring, _batch(4, 100))  # reuses batch 1's slot
-    assert later is not None and later.slot == sent[0].slot and later.arena is None  # arena not sent again
-    assert torch.equal(first["x"][:, 0], torch.tensor([0, 1, 2, 3], dtype=torch.int32))  # a copy: untouched
-    for p, base in zip([*sent[1:], later], [10, 20, 100]):
-        assert torch.equal(sb.materialize(p)["x"][:, 0], torch.arange(base, base + 4, dtype=torch.int32))
+    assert all(type(p) is sb.PackedBatch for p in sent) and len({p.slot for p in sent}) == 3
+    assert ring.start_batch() is None  # all three slots written, none released
+    first = sb.materialize(sent[0])  # no copy: views of the arena
+    assert _firsts(first) == [0, 1, 2, 3]
+    keep = first["x"][1:]  # a view keeps the batch's storage alive
+    del first
+    second = sb.materialize(sent[1])
+    assert ring.start_batch() is None  # batch 1 still has a live view, batch 2 is held
+    assert keep[:, 0].tolist() == [1, 2, 3]
+    del keep, second
+    third = sb.materialize(sent[2])  # each batch checks the earlier ones: 1 and 2 are gone now
+    slot, _ = ring.start_batch()
+    assert slot == sent[0].slot
+    later = _send(ring, _batch(4, 100))
+    assert later.slot == sent[0].slot and later.arena is None  # the arena is not sent again
+    assert _firsts(third) == [20, 21, 22, 23] and _firsts(sb.materialize(later)) == [100, 101, 102, 103]
+
+
+def test_a_copied_batch_releases_its_slot_at_once() -> None:
+    _collate, ring = _collate_for_test(slots=2)
+    a, b = _send(ring, _batch(2, 0)), _send(ring, _batch(2, 5))
+    assert ring.start_batch() is None
+    got = sb.materialize(a, copy=True)
+    assert ring.start_batch()[0] == a.slot
+    c = _send(ring, _batch(2, 50))  # overwrites a's slot: the copy is unaffected
+    assert _firsts(got) == [0, 1] and _firsts(sb.materialize(b)) == [5, 6] and _firsts(sb.materialize(c)) == [50, 51]
+    assert not got["x"].is_shared()  # memory of its own
+
+
+def test_batches_drained_unseen_free_their_slots() -> None:
+    """A persistent-worker reset takes prefetched batches out of the queue; they never arrive."""
+    _collate, ring = _collate_for_test(slots=4)
+    sent = [_send(ring, _batch(2, 10 * k)) for k in range(3)]  # slots 0, 1, 2
+    assert _firsts(sb.materialize(sent[2], copy=True)) == [20, 21]  # 0 and 1 were drained
+    assert ring.start_batch()[0] == 3  # never used
+    _send(ring, _batch(2, 30))
+    assert ring.start_batch()[0] == 0  # released as drained
 
 
 def test_a_larger_batch_grows_its_slot_and_resends_it() -> None:
     _collate, ring = _collate_for_test(slots=2)
     small = _send(ring, _batch(2, 0))
-    sb.materialize(small)
-    _send_other = _send(ring, _batch(2, 5))
-    sb.materialize(_send_other)
+    sb.materialize(small, copy=True)
+    sb.materialize(_send(ring, _batch(2, 5)), copy=True)
     big = _send(ring, [{"x": torch.full((300_000,), i, dtype=torch.int32), "s": "b"} for i in range(3)])
     assert big.slot == small.slot and big.generation == small.generation + 1 and big.arena is not None
     out = sb.materialize(big)
@@ -224,12 +256,12 @@ def test_a_larger_batch_grows_its_slot_and_resends_it() -> None:
 
 def test_too_large_or_tensorless_batches_use_torch_transport(monkeypatch: pytest.MonkeyPatch) -> None:
     collate, ring = _collate_for_test(slots=2)
-    got = ring.start_batch()
-    seq, slot, arena = got
-    assert ring.pack({"s": ["a", "b"]}, seq, slot) is None  # nothing for the ring
+    slot, arena = ring.start_batch()
+    assert ring.pack({"s": ["a", "b"]}, slot) is None  # nothing for the ring
     monkeypatch.setattr(sb, "MAX_ARENA_BYTES", 1000)
     batch = ring.collate(_batch(4, 0), arena)
-    assert ring.pack(batch, seq, slot) is None
+    assert ring.pack(batch, slot) is None
+    assert ring.start_batch()[0] == slot  # still free
     # through the collate_fn: a plain batch whose tensors do not point into any arena
     monkeypatch.setattr(sb, "get_worker_info", lambda: object())
     out = collate(_batch(4, 7))
@@ -252,7 +284,7 @@ def test_unknown_ring_or_generation_is_an_error_not_garbage() -> None:
     with pytest.raises(RuntimeError, match="never received"):
         sb.materialize(p)
     q = _send(ring, _batch(2, 0))
-    sb.materialize(q)
+    sb.materialize(q, copy=True)
     q.generation += 5
     q.arena = None  # a batch that claims an arena generation this process never received
     with pytest.raises(RuntimeError, match="generation"):
