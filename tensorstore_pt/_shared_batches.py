@@ -45,6 +45,8 @@ arenas larger than ``MAX_ARENA_BYTES`` are not made (such batches use torch's tr
 
 from __future__ import annotations
 
+import collections
+import copy
 import os
 import platform
 import threading
@@ -134,6 +136,11 @@ def _walk(obj: Any, kind: type, leaf: Callable[[Any], Any]) -> Any:
         return leaf(obj)
     if tp is dict:
         return {k: _walk(v, kind, leaf) for k, v in obj.items()}
+    if tp is collections.OrderedDict or tp is collections.defaultdict:
+        clone = copy.copy(obj)  # keeps the order, and a defaultdict's factory
+        for k, v in obj.items():
+            clone[k] = _walk(v, kind, leaf)
+        return clone
     if tp is list:
         return [_walk(v, kind, leaf) for v in obj]
     if tp is tuple:
@@ -144,12 +151,13 @@ def _walk(obj: Any, kind: type, leaf: Callable[[Any], Any]) -> Any:
 
 
 class _Arena:
-    __slots__ = ("tensor", "generation", "used")
+    __slots__ = ("tensor", "generation", "used", "allocs")
 
     def __init__(self, nbytes: int, generation: int) -> None:
         self.tensor = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
         self.generation = generation
         self.used = 0
+        self.allocs = 0  # tensors the collate placed in it for the batch being made
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +168,7 @@ class _Arena:
         if start + nbytes > self.nbytes:
             return None
         self.used = start + nbytes
+        self.allocs += 1
         return start
 
 
@@ -178,6 +187,7 @@ class _WorkerRing:
         self.slots = slots
         self.control = torch.zeros(1 + 3 * slots, dtype=torch.int64).share_memory_()
         self.arenas: list[_Arena | None] = [None] * slots
+        self.generations = [0] * slots  # per slot, never reused: the main process tells arenas apart by it
         self.seq = 0
         self.last_slot = slots - 1
         self.current: _Arena | None = None  # the arena the batch being collated is written to
@@ -186,18 +196,19 @@ class _WorkerRing:
     # -- collation straight into the arena
     def _collate_tensors(self, batch: list[torch.Tensor], *, collate_fn_map: Any = None) -> torch.Tensor:
         elem = batch[0]
+        if not _packable(elem):
+            return collate_tensor_fn(batch)  # torch's own, as in any worker (and its errors)
+        # As torch's default_collate does in a worker: stack into an ``out`` of the first
+        # sample's dtype and shape (so the batch's dtype is the first sample's, and torch.stack
+        # raises for a sample of another shape, or one that requires grad).
         arena = self.current
-        if arena is not None and _packable(elem):
-            # As torch's default_collate does in a worker: stack into an ``out`` of the first
-            # sample's dtype and shape (torch.stack raises for a sample of another shape).
-            nbytes = len(batch) * elem.numel() * elem.element_size()
-            start = arena.alloc(nbytes)
-            if start is not None:
-                out = arena.tensor[start : start + nbytes].view(elem.dtype).view(len(batch), *elem.shape)
-                return torch.stack(batch, 0, out=out)
-        if elem.is_nested or elem.layout != torch.strided:
-            return collate_tensor_fn(batch)  # torch's own error for nested and sparse tensors
-        return torch.stack(batch, 0)  # private memory; pack() copies it into the arena
+        nbytes = len(batch) * elem.numel() * elem.element_size()
+        start = arena.alloc(nbytes) if arena is not None else None
+        if start is not None:
+            out = arena.tensor[start : start + nbytes].view(elem.dtype).view(len(batch), *elem.shape)  # type: ignore[union-attr]
+        else:  # private memory; pack() copies it into a (larger) arena
+            out = torch.empty((len(batch), *elem.shape), dtype=elem.dtype)
+        return torch.stack(batch, 0, out=out)
 
     def collate(self, samples: list[Any], slot_arena: _Arena | None) -> Any:
         self.current = slot_arena
@@ -219,21 +230,23 @@ class _WorkerRing:
             if c[_ctl(slot, _WRITTEN)] == c[_ctl(slot, _RELEASED)]:
                 arena = self.arenas[slot]
                 if arena is not None:
-                    arena.used = 0
+                    arena.used = arena.allocs = 0
                 return slot, arena
         return None
 
     def pack(self, batch: Any, slot: int) -> PackedBatch | None:
         """Move ``batch``'s tensors into arena ``slot`` (growing it if needed) and describe them.
 
-        Returns None when nothing in ``batch`` can travel this way, or it is too large; then
-        the slot stays free, and no tensor of ``batch`` may refer to the arena (see
-        :meth:`unpack_fallback`).
+        Returns None when nothing in ``batch`` can travel this way, it is too large, or a
+        tensor the collate placed in the arena sits in a container this cannot describe; then
+        the slot stays free, and if tensors of ``batch`` are in its arena, the arena is given
+        up to the batch (torch's transport shares it; the slot gets a new arena next time).
         """
         arena = self.arenas[slot]
         in_arena = arena.tensor.untyped_storage().data_ptr() if arena is not None else -1
         regions: list[_Region] = []
-        seen: dict[tuple[int, int], int] = {}
+        seen: dict[int, int] = {}
+        resident = 0  # tensors found in the arena
         foreign: list[tuple[int, torch.UntypedStorage]] = []  # (region, storage) to copy in
         used = arena.used if arena is not None else 0
         refs: dict[int, _Ref] = {}  # one _Ref per tensor object: a tensor twice in a batch stays one
@@ -251,10 +264,12 @@ class _WorkerRing:
             st = t.untyped_storage()
             ptr = st.data_ptr()
             if ptr == in_arena and arena is not None:  # stacked straight into the arena
+                nonlocal resident
+                resident += 1
                 off = t.data_ptr() - ptr
                 regions.append(_Region(off, t.numel() * t.element_size()))
                 return _Ref(len(regions) - 1, t.dtype, 0, tuple(t.shape), tuple(t.stride()))
-            key = (ptr, st.nbytes())
+            key = st._cdata  # the storage itself (two empty storages are not one)
             r = seen.get(key)
             if r is None:
                 start = -(-used // _ALIGN_BYTES) * _ALIGN_BYTES
@@ -265,13 +280,15 @@ class _WorkerRing:
             return _Ref(r, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
         skeleton = _walk(batch, torch.Tensor, leaf)
-        if not regions:
+        if arena is not None and arena.allocs and (resident != arena.allocs or used > MAX_ARENA_BYTES):
+            self.arenas[slot] = None  # tensors of this batch stay in it: it leaves with the batch
+            return None
+        if not regions or used > MAX_ARENA_BYTES:
             return None
         if arena is None or used > arena.nbytes:
-            if used > MAX_ARENA_BYTES:
-                return None
             size = -(-max(used, 2 * arena.nbytes if arena is not None else 0) // _ARENA_ROUND_BYTES)
-            fresh = _Arena(min(size * _ARENA_ROUND_BYTES, MAX_ARENA_BYTES), arena.generation + 1 if arena else 1)
+            self.generations[slot] += 1
+            fresh = _Arena(min(size * _ARENA_ROUND_BYTES, MAX_ARENA_BYTES), self.generations[slot])
             if arena is not None and arena.used:
                 fresh.tensor[: arena.used].copy_(arena.tensor[: arena.used])
             self.arenas[slot] = arena = fresh
@@ -297,14 +314,6 @@ class _WorkerRing:
             control=c if not int(c[_KNOWN]) else None,
         )
 
-    def unpack_fallback(self, batch: Any, slot: int) -> Any:
-        """``batch`` with copies of the tensors collated into arena ``slot`` (which will be reused)."""
-        arena = self.arenas[slot]
-        if arena is None:
-            return batch
-        ptr = arena.tensor.untyped_storage().data_ptr()
-        return _walk(batch, torch.Tensor, lambda t: t.clone() if t.untyped_storage().data_ptr() == ptr else t)
-
 
 _worker_rings: dict[str, _WorkerRing] = {}
 
@@ -326,13 +335,15 @@ class _MainSide:
         self.rings: dict[str, tuple[int, torch.Tensor, dict[int, tuple[int, torch.Tensor]]]] = {}
         self.held: dict[tuple[str, int], _Held] = {}
 
-    def keep_only(self, pids: set[int]) -> None:
+    def forget_dead(self) -> None:
+        """Forget the rings of worker processes that have exited (their arenas stay mapped while
+        tensors handed out from them live). A ring of a live worker is never touched: its
+        batches may still be held, and that worker may still send more."""
         with self.lock:
-            for rid in [r for r, (pid, _, _) in self.rings.items() if pid not in pids]:
-                _, control, _ = self.rings.pop(rid)
-                control[:] = 0  # should that worker still live, it sends everything again
+            for rid in [r for r, (pid, _, _) in self.rings.items() if not _alive(pid)]:
+                del self.rings[rid]
                 for key in [k for k in self.held if k[0] == rid]:
-                    del self.held[key]  # the batches stay valid: their tensors keep the arena mapped
+                    del self.held[key]
 
     def poll(self) -> None:
         """Release the slots of handed-out batches whose tensors are all gone (lock held)."""
@@ -352,6 +363,16 @@ class _MainSide:
             written, released = c[_ctl(slot, _WRITTEN)], c[_ctl(slot, _RELEASED)]
             if written != released and written < seq and (ring, slot) not in self.held:
                 control[_ctl(slot, _RELEASED)] = written
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists
+        return True
+    return True
 
 
 _main_sides: weakref.WeakValueDictionary[str, _MainSide] = weakref.WeakValueDictionary()
@@ -458,9 +479,9 @@ class SharedBatchCollate:
         self.__dict__.update(state)
         self._main = _MainSide()  # only the instance in the main process receives batches
 
-    def keep_rings_of(self, pids: set[int]) -> None:
-        """Forget the rings of worker processes other than ``pids`` (main process)."""
-        self._main.keep_only(pids)
+    def forget_dead_workers(self) -> None:
+        """Forget the rings of worker processes that have exited (main process)."""
+        self._main.forget_dead()
 
     def __call__(self, samples: Any) -> Any:
         if get_worker_info() is None or not transport_supported():
@@ -478,4 +499,4 @@ class SharedBatchCollate:
         else:
             batch = self.collate_fn(samples)
         packed = ring.pack(batch, slot)
-        return ring.unpack_fallback(batch, slot) if packed is None else packed
+        return batch if packed is None else packed

@@ -1070,7 +1070,7 @@ class StoreDataLoader(DataLoader):
         ds._say(ds.partition(self.num_workers), None)
         inner = super().__iter__()
         if isinstance(self.collate_fn, SharedBatchCollate):
-            self.collate_fn.keep_rings_of({w.pid for w in getattr(inner, "_workers", [])})
+            self.collate_fn.forget_dead_workers()
         live = _LoaderIterator(self, inner, self._epoch, start, length, end)
         self._live = weakref.ref(live)
         return live

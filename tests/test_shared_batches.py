@@ -299,3 +299,96 @@ def test_batch_ring_option(store: Path) -> None:
     on = StoreDataLoader(StoreIterableDataset(store), batch_size=4, num_workers=2)
     assert isinstance(on.collate_fn, sb.SharedBatchCollate) and on.collate_fn.collate_fn is default_collate
     assert StoreDataLoader(StoreIterableDataset(store), batch_size=4).collate_fn is default_collate  # no workers
+
+
+# ----------------------------------------------------------------------------- odd batches (a helper's review)
+
+
+class MyDict(dict):
+    """A dict subclass the ring cannot describe (default_collate keeps the type)."""
+
+
+def _to_mydict(sample: Any) -> Any:
+    return MyDict(image=sample["image"], label=sample["label"])
+
+
+def _to_ordered(sample: Any) -> Any:
+    return {"label": sample["label"], "od": collections.OrderedDict(image=sample["image"], f64=sample["f64"])}
+
+
+def _first_int32(sample: Any) -> Any:
+    label = sample["label"]
+    return label.to(torch.int32) if int(label) % 4 == 0 else label  # the first of each batch of 4
+
+
+def _requires_grad(sample: Any) -> Any:
+    return sample["f64"].clone().requires_grad_()
+
+
+def _kept_intact(loader: Any, reference: Any) -> None:
+    """Keep part of every batch, let the loader run on, then compare with the reference run."""
+    kept = [batch for batch in loader]
+    time.sleep(0.2)
+    want = list(reference)
+    assert len(kept) == len(want)
+    for i, (got, ref) in enumerate(zip(kept, want)):
+        assert_same(got, ref, f"batch {i}")
+
+
+def test_tensors_in_containers_it_cannot_describe_are_never_overwritten(store: Path) -> None:
+    for transform in (_to_mydict, _to_ordered):
+        def make(ring: bool, workers: int) -> Any:
+            ds = StoreIterableDataset(store, transform=transform)
+            # one worker, small batches: each of its 4 arenas is reused about 5 times
+            return StoreDataLoader(ds, batch_size=2, num_workers=workers, batch_ring=ring, prefetch_factor=1 if workers else None)
+
+        seen = []
+        for batch in make(True, 1):  # keep only the inner tensors, as a logging loop might
+            seen.append(batch["od"] if "od" in batch else batch["image"])
+        time.sleep(0.2)
+        ref = [b["od"] if "od" in b else b["image"] for b in make(False, 0)]
+        for i, (got, want) in enumerate(zip(seen, ref)):
+            assert_same(got, want, f"{transform.__name__} batch {i}")
+        _kept_intact(make(True, 1), make(False, 0))
+
+
+def test_a_superseded_iterator_that_is_still_used_keeps_its_batches(store: Path) -> None:
+    loader = StoreDataLoader(StoreIterableDataset(store), batch_size=2, num_workers=2)
+    it1 = iter(loader)
+    kept = [next(it1) for _ in range(6)]
+    it2 = iter(loader)  # new workers; it1's are still alive
+    kept.append(next(it2))
+    kept += [next(it1) for _ in range(6)]
+    ids = [b["label"].tolist() for b in kept]
+    time.sleep(0.2)
+    assert ids[:6] == [[2 * k, 2 * k + 1] for k in range(6)] and ids[7:] == [[2 * k, 2 * k + 1] for k in range(6, 12)]
+    assert [b["label"].tolist() for b in kept] == ids  # nothing changed after delivery
+    del it1, it2
+
+
+def test_batch_dtype_is_the_first_samples_as_in_torch(store: Path) -> None:
+    def dtypes(ring: bool) -> list[torch.dtype]:
+        ds = StoreIterableDataset(store, transform=_first_int32)
+        loader = StoreDataLoader(ds, batch_size=4, num_workers=1, prefetch_factor=1, batch_ring=ring)
+        return [b["label"].dtype if isinstance(b, dict) else b.dtype for b in loader]
+
+    assert dtypes(True) == dtypes(False) == [torch.int32] * len(_expected(4))
+
+
+def test_samples_that_require_grad_raise_as_in_torch(store: Path) -> None:
+    for ring in (True, False):
+        ds = StoreIterableDataset(store, transform=_requires_grad)
+        loader = StoreDataLoader(ds, batch_size=4, num_workers=1, batch_ring=ring, timeout=60)
+        with pytest.raises(RuntimeError, match="automatic differentiation"):
+            next(iter(loader))
+
+
+def _empties(samples: list[Any]) -> Any:
+    return {"n": torch.tensor(len(samples)), "e1": torch.empty(0), "e2": torch.empty(0, 3, dtype=torch.float64)}
+
+
+def test_distinct_storages_stay_distinct(store: Path) -> None:
+    loader = StoreDataLoader(StoreIterableDataset(store), batch_size=4, num_workers=1, collate_fn=_empties)
+    batch = next(iter(loader))
+    assert batch["e1"].dtype == torch.float32 and batch["e2"].shape == (0, 3)
+    assert batch["e1"].untyped_storage()._cdata != batch["e2"].untyped_storage()._cdata
