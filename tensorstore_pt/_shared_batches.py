@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import multiprocessing.util
 import os
 import platform
 import threading
@@ -193,6 +194,14 @@ class _WorkerRing:
         self.current: _Arena | None = None  # the arena the batch being collated is written to
         self.map = {**default_collate_fn_map, torch.Tensor: self._collate_tensors}
 
+    def close(self) -> None:
+        """Drop the arenas and the control tensor now (the ring refers to itself through
+        ``map``, so only the cycle collector would free it otherwise)."""
+        self.arenas = [None] * self.slots
+        self.current = None
+        self.map = {}
+        self.control = torch.zeros(0, dtype=torch.int64)
+
     # -- collation straight into the arena
     def _collate_tensors(self, batch: list[torch.Tensor], *, collate_fn_map: Any = None) -> torch.Tensor:
         elem = batch[0]
@@ -316,6 +325,27 @@ class _WorkerRing:
 
 
 _worker_rings: dict[str, _WorkerRing] = {}
+_exit_hook_pid = 0
+
+
+def _drop_rings_at_exit() -> None:
+    """Register (once per process) dropping this worker's rings when the process exits.
+
+    A DataLoader worker ends through ``multiprocessing``'s exit path, which skips the
+    interpreter's teardown: without this its arenas would never be released, and under the
+    ``file_system`` sharing strategy their files would stay in /dev/shm until the main
+    process exits. ``multiprocessing`` runs finalizers with an exit priority on that path.
+    """
+    global _exit_hook_pid
+    if _exit_hook_pid != os.getpid():
+        _exit_hook_pid = os.getpid()
+        multiprocessing.util.Finalize(None, _close_worker_rings, exitpriority=0)
+
+
+def _close_worker_rings() -> None:
+    for ring in _worker_rings.values():
+        ring.close()
+    _worker_rings.clear()
 
 
 class _Held(NamedTuple):
@@ -477,7 +507,12 @@ class SharedBatchCollate:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._main = _MainSide()  # only the instance in the main process receives batches
+        # A copy (copy.deepcopy of the loader, or an unpickled loader) shares the main side
+        # of its token, and keeps it alive; in a worker this is an unused empty one.
+        side = _main_sides.get(self.token)
+        if side is None:
+            side = _main_sides[self.token] = _MainSide()
+        self._main = side
 
     def forget_dead_workers(self) -> None:
         """Forget the rings of worker processes that have exited (main process)."""
@@ -489,6 +524,7 @@ class SharedBatchCollate:
         key = f"{self.token}:{os.getpid()}"
         ring = _worker_rings.get(key)
         if ring is None:
+            _drop_rings_at_exit()
             ring = _worker_rings[key] = _WorkerRing(self.token, self.slots)
         got = ring.start_batch()
         if got is None:  # the main process still holds every slot

@@ -971,6 +971,8 @@ class _LoaderIterator:
     def _finish(self) -> None:
         self._ended = True
         loader = self._loader
+        if isinstance(loader.collate_fn, SharedBatchCollate):
+            loader.collate_fn.forget_dead_workers()  # non-persistent workers have just exited
         if loader._is_live(self):
             loader._epoch, loader._samples = self._epoch + 1, 0
             loader.dataset._set_position(self._epoch + 1, 0)  # type: ignore[attr-defined]

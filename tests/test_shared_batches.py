@@ -9,6 +9,7 @@ transport).
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import time
 from multiprocessing.reduction import ForkingPickler
@@ -392,3 +393,54 @@ def test_distinct_storages_stay_distinct(store: Path) -> None:
     batch = next(iter(loader))
     assert batch["e1"].dtype == torch.float32 and batch["e2"].shape == (0, 3)
     assert batch["e1"].untyped_storage()._cdata != batch["e2"].untyped_storage()._cdata
+
+
+def test_deepcopy_of_a_loader_works_without_the_original(store: Path) -> None:
+    import copy
+
+    loader = StoreDataLoader(StoreIterableDataset(store), batch_size=4, num_workers=2)
+    twin = copy.deepcopy(loader)
+    del loader
+    for i, (got, want) in enumerate(zip(twin, _expected(4))):
+        assert_same(got, want, f"batch {i}")
+
+
+def _shm_files() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_no_shared_memory_left_behind_by_exited_workers(store: Path) -> None:
+    """Under the file_system strategy each arena is a /dev/shm file that only goes once every process let go."""
+    before = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        loader = StoreDataLoader(StoreIterableDataset(store), batch_size=2, num_workers=2)  # non-persistent
+        start = _shm_files()
+        counts = []
+        for _ in range(4):
+            for batch in loader:
+                pass
+            del batch
+            time.sleep(0.2)
+            counts.append(len(_shm_files() - start))
+        assert counts == [0, 0, 0, 0], counts  # the workers exited and the loader let go of their arenas
+    finally:
+        torch.multiprocessing.set_sharing_strategy(before)
+
+
+def test_the_pin_memory_thread_gets_a_copy_and_the_slot_is_free_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.utils.data._utils.pin_memory as pm
+
+    pinned = []
+    real = pm.pin_memory  # what the DataLoader's pin thread calls: it calls a.pin_memory()
+    # no accelerator here: record what would be pinned instead of pinning it
+    monkeypatch.setattr(pm, "pin_memory", lambda data, device=None: pinned.append(data) or data)
+    _collate, ring = _collate_for_test(slots=2)
+    a, b = _send(ring, _batch(2, 0)), _send(ring, _batch(2, 5))
+    out = real(a)
+    assert pinned and pinned[-1] is out and not out["x"].is_shared()
+    assert ring.start_batch()[0] == a.slot  # released without waiting for the tensors to go
+    _send(ring, _batch(2, 50))
+    assert _firsts(out) == [0, 1]
+    assert _firsts(sb.materialize(b)) == [5, 6]
