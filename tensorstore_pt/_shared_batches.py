@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import multiprocessing.util
 import os
 import platform
@@ -60,7 +61,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import default_collate, get_worker_info
 from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
 
-__all__ = ["SharedBatchCollate", "materialize", "transport_supported"]
+from .fastload import collate_records
+
+__all__ = ["RawRecord", "SharedBatchCollate", "materialize", "raw_accepted", "transport_supported"]
 
 #: Largest arena a worker makes (bytes); larger batches go through torch's transport.
 MAX_ARENA_BYTES = 1 << 30
@@ -76,6 +79,45 @@ _GENERATION, _WRITTEN, _RELEASED = 0, 1, 2
 def transport_supported() -> bool:
     """Whether this CPU's memory order makes the release counter safe (x86-64 only, see above)."""
     return platform.machine().lower() in ("x86_64", "amd64")
+
+
+class RawRecord:
+    """A record checked and decompressed but not yet unpickled, as a StoreIterableDataset yields
+    it to a :class:`SharedBatchCollate` in a DataLoader worker (it never leaves the worker).
+
+    The collate decodes a batch of them at once (:func:`~tensorstore_pt.fastload.collate_records`)
+    or, when that does not apply, one by one with :meth:`load`, which raises the record's own
+    errors (``UnsafePayloadError``, ``RecordDecodeError``, naming the shard and record).
+    """
+
+    __slots__ = ("load_fn", "shard", "record", "data")
+
+    def __init__(self, load_fn: Callable[[int, int, bytearray], Any], shard: int, record: int, data: bytearray) -> None:
+        self.load_fn, self.shard, self.record, self.data = load_fn, shard, record, data
+
+    def load(self) -> Any:
+        return self.load_fn(self.shard, self.record, self.data)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a RawRecord is for the collate of its own worker; it is not sent between processes")
+
+
+def _loaded(samples: list[Any]) -> list[Any]:
+    return [s.load() if type(s) is RawRecord else s for s in samples]
+
+
+_raw_accepted: set[str] = set()
+
+
+def raw_accepted(dataset_id: str) -> bool:
+    """Whether, in this process, the dataset ``dataset_id`` feeds a collate that takes :class:`RawRecord`.
+
+    True in a DataLoader worker once a :class:`SharedBatchCollate` made for that dataset
+    (``dataset_id``) has run there: the worker's samples all go to that collate. A
+    StoreIterableDataset in the worker then yields RawRecords (when it has no transform and
+    ``on_error="raise"``).
+    """
+    return dataset_id in _raw_accepted
 
 
 class _Ref(NamedTuple):
@@ -218,6 +260,23 @@ class _WorkerRing:
         else:  # private memory; pack() copies it into a (larger) arena
             out = torch.empty((len(batch), *elem.shape), dtype=elem.dtype)
         return torch.stack(batch, 0, out=out)
+
+    def alloc_out(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor for a batch, in the current arena if it has room."""
+        arena = self.current
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        start = arena.alloc(nbytes) if arena is not None else None
+        if start is None:
+            return torch.empty(shape, dtype=dtype)
+        return arena.tensor[start : start + nbytes].view(dtype).view(shape)  # type: ignore[union-attr]
+
+    def collate_raw(self, samples: list[RawRecord], slot_arena: _Arena | None) -> Any:
+        """default_collate of the loaded records, decoded straight into the arena when it can be."""
+        self.current = slot_arena
+        try:
+            return collate_records([s.data for s in samples], self.alloc_out)
+        finally:
+            self.current = None
 
     def collate(self, samples: list[Any], slot_arena: _Arena | None) -> Any:
         self.current = slot_arena
@@ -487,6 +546,8 @@ class SharedBatchCollate:
 
     Args:
         collate_fn: The collate function the DataLoader would use.
+        dataset_id: The ``_id`` of the StoreIterableDataset this collate receives samples from:
+            in a worker, that dataset then yields :class:`RawRecord` to it (None: never).
         slots: Arenas per worker: the DataLoader's ``prefetch_factor`` batches in flight,
             plus the batches the training loop holds, plus one (fewer means more batches
             through torch's transport, never a wait).
@@ -495,15 +556,16 @@ class SharedBatchCollate:
     first use.
     """
 
-    def __init__(self, collate_fn: Callable[[list[Any]], Any], slots: int) -> None:
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], slots: int, dataset_id: str | None = None) -> None:
         self.collate_fn = collate_fn
+        self.dataset_id = dataset_id
         self.slots = max(2, int(slots))
         self.token = uuid.uuid4().hex
         self._main = _MainSide()
         _main_sides[self.token] = self._main
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"collate_fn": self.collate_fn, "slots": self.slots, "token": self.token}
+        return {"collate_fn": self.collate_fn, "slots": self.slots, "token": self.token, "dataset_id": self.dataset_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -519,8 +581,13 @@ class SharedBatchCollate:
         self._main.forget_dead()
 
     def __call__(self, samples: Any) -> Any:
+        if type(samples) is RawRecord:  # batch_size=None: one sample at a time
+            samples = samples.load()
+        raw = type(samples) is list and len(samples) > 0 and all(type(s) is RawRecord for s in samples)
+        if self.dataset_id is not None and get_worker_info() is not None:
+            _raw_accepted.add(self.dataset_id)
         if get_worker_info() is None or not transport_supported():
-            return self.collate_fn(samples)
+            return self.collate_fn(_loaded(samples) if type(samples) is list else samples)
         key = f"{self.token}:{os.getpid()}"
         ring = _worker_rings.get(key)
         if ring is None:
@@ -528,11 +595,13 @@ class SharedBatchCollate:
             ring = _worker_rings[key] = _WorkerRing(self.token, self.slots)
         got = ring.start_batch()
         if got is None:  # the main process still holds every slot
-            return self.collate_fn(samples)
+            return self.collate_fn(_loaded(samples) if type(samples) is list else samples)
         slot, arena = got
-        if self.collate_fn is default_collate and default_collate_fn_map.get(torch.Tensor) is collate_tensor_fn:
-            batch = ring.collate(samples, arena)
-        else:
-            batch = self.collate_fn(samples)
+        default = self.collate_fn is default_collate and default_collate_fn_map.get(torch.Tensor) is collate_tensor_fn
+        batch = ring.collate_raw(samples, arena) if raw and default else None
+        if batch is None:
+            if type(samples) is list:
+                samples = _loaded(samples)
+            batch = ring.collate(samples, arena) if default else self.collate_fn(samples)
         packed = ring.pack(batch, slot)
         return batch if packed is None else packed

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import uuid
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from ._partition import (
     worker_segments,
 )
 from ._prefetch import Prefetcher
-from ._shared_batches import SharedBatchCollate, materialize
+from ._shared_batches import RawRecord, SharedBatchCollate, materialize, raw_accepted
 from .checksums import ALGORITHM
 from .errors import (
     ChecksumMismatchError,
@@ -584,6 +585,7 @@ class StoreIterableDataset(IterableDataset):
         self._skips = torch.zeros((_SKIP_SLOTS, len(SKIP_KINDS)), dtype=torch.int64).share_memory_()
         self._layout: BlockLayout | None = None
         self._set_epoch_calls = 0
+        self._id = uuid.uuid4().hex  # names this dataset to its StoreDataLoader's collate in workers
 
     # ------------------------------------------------------------------ configuration
 
@@ -777,7 +779,10 @@ class StoreIterableDataset(IterableDataset):
             # (measured: docs/benchmarks.md). Reads still run ahead in a thread, so that one
             # piece's I/O overlaps the previous piece's decoding.
             pieces = Prefetcher(self._pieces(segments, split, order), _READ_AHEAD_PIECES, name=f"tspt-read-w{worker}")
-            source = _closing(self._produce(self._decode(pieces, slot), step), pieces)
+            # Under a StoreDataLoader, records go to its collate unpickled, which decodes a
+            # batch of them at once (no transform to apply, and no skip to decide here).
+            raw = self.transform is None and self.on_error == "raise"
+            source = _closing(self._produce(self._decode(pieces, slot, raw), step), pieces)
         return _SampleIterator(source, self.transform)
 
     def _read_piece(
@@ -854,8 +859,12 @@ class StoreIterableDataset(IterableDataset):
                 frames, errors = self._read_piece(piece, missing)
                 yield _Piece(piece.tolist(), frames, errors)
 
-    def _decode(self, pieces: Iterator[_Piece], slot: int) -> Iterator[Any]:
-        """Check, decompress and load the records of ``pieces`` in order (skipping as ``on_error`` says)."""
+    def _decode(self, pieces: Iterator[_Piece], slot: int, raw: bool = False) -> Iterator[Any]:
+        """Check, decompress and load the records of ``pieces`` in order (skipping as ``on_error`` says).
+
+        With ``raw``, once this worker's collate takes them (:func:`raw_accepted`), records are
+        yielded checked and decompressed but not unpickled, as :class:`RawRecord`.
+        """
         io = self._view.reader()
         skip = self.on_error == "skip"
         table = None if self._view.framed else self._view.table()
@@ -869,7 +878,11 @@ class StoreIterableDataset(IterableDataset):
                         got = frames.get(rec)
                         if got is None:
                             raise piece.errors[rec]
-                        sample = io._load_frame(rec, got[0], table[rec], got[1])  # type: ignore[index]
+                        if raw and raw_accepted(self._id):
+                            data = io._decode(got[0], rec, table[rec], got[1], writable=True)  # type: ignore[index]
+                            sample = RawRecord(io._load, got[0], rec, data)  # type: ignore[arg-type]
+                        else:
+                            sample = io._load_frame(rec, got[0], table[rec], got[1])  # type: ignore[index]
                 except (CorruptStoreError, UnsafePayloadError) as exc:
                     if not skip:
                         raise
@@ -1034,7 +1047,7 @@ class StoreDataLoader(DataLoader):
         if batch_ring and self.num_workers > 0:
             # slots: prefetch_factor batches in flight, the batch being handed out, the one the
             # training loop still holds while it asks for the next, and one to spare
-            self.collate_fn = SharedBatchCollate(self.collate_fn, (self.prefetch_factor or 2) + 3)
+            self.collate_fn = SharedBatchCollate(self.collate_fn, (self.prefetch_factor or 2) + 3, dataset._id)
         chunk = self.batch_size if self.batch_size is not None else 1
         if dataset._batch_arg is not None and dataset._batch_arg != chunk:
             raise InvalidOptionError(

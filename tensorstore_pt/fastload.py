@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import re
 import struct
@@ -117,7 +118,7 @@ import torch.serialization
 
 from .errors import RecordDecodeError, UnsafePayloadError
 
-__all__ = ["fast_loads", "torch_loads"]
+__all__ = ["collate_records", "fast_loads", "torch_loads"]
 
 
 class _Fallback(Exception):
@@ -1336,3 +1337,112 @@ def fast_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") -
         except Exception:  # _Fallback, or anything unusual: torch.load gives the verdict
             pass
     return torch_loads(buf, map_location)
+
+
+# --------------------------------------------------------------------------- batches of records
+
+# pickle -> the plain-dict spec of its plan, or False: see _plain_dict_spec. Bounded like
+# tables.known (cleared when it holds _MAX_KNOWN_PICKLES entries).
+_PLAIN_SPECS: dict[bytes, Any] = {}
+
+
+def _plain_dict_spec(plan: _Plan) -> list[tuple[str, str, torch.dtype, int, tuple[int, ...]]] | None:
+    """``[(dict key, storage key, dtype, nbytes, size)]`` if ``plan`` rebuilds a plain ``dict`` of
+    str -> tensor, each tensor the whole of its own storage (offset 0, contiguous, of the
+    storage's dtype), with no ``requires_grad``, hooks or metadata; else None."""
+    root = plan.root
+    if root[0] != _DICT or root[3] is not dict:
+        return None
+    spec = []
+    used: set[int] = set()
+    for k, v in root[2]:
+        if k[0] != _CONST or type(k[1]) is not str or v[0] != _TENSOR:
+            return None
+        _, _, si, dtype, offset, size, stride, requires_grad, hooks, metadata = v
+        key, st_dtype, elsize, numel = plan.storages[si]
+        size = tuple(size)
+        if (
+            si in used
+            or dtype != st_dtype
+            or offset != 0
+            or requires_grad is not False
+            or metadata
+            or not (hooks[0] == _DICT and not hooks[2])
+            or tuple(stride) != tuple(torch.empty(size, device="meta").stride())
+            or math.prod(size) != numel
+        ):
+            return None
+        used.add(si)
+        spec.append((k[1], key, dtype, numel * elsize, size))
+    return spec
+
+
+def collate_records(bufs: list[bytearray], alloc: Any) -> dict[str, torch.Tensor] | None:
+    """``default_collate([fast_loads(b) for b in bufs])`` without making a tensor per record, or None.
+
+    Applies when every buffer holds the same pickle, one this process has already planned
+    (seen at least twice by :func:`fast_loads`), whose result is a plain ``dict`` of str ->
+    tensor as :func:`_plain_dict_spec` describes (the usual ``torch.save({"image": ..., "label":
+    ...})`` record). Each buffer gets the same checks as on :func:`fast_loads`'s planned path
+    (zip layout and small records, storage record sizes); then each batch tensor is allocated
+    with ``alloc(shape, dtype)`` and filled row by row from the storage records. Returns None,
+    having allocated nothing, when anything differs: the caller then loads the records one by
+    one (and gets their errors).
+
+    Returns:
+        ``{key: tensor of shape (len(bufs), *record shape)}`` in the record's key order, with
+        the records' dtypes (what torch's default_collate makes of the loaded records).
+    """
+    if (
+        not bufs
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._len_torch_function_stack()
+        or getattr(_GUARDS_TLS, "tracing_context", None) is not None
+        or _SERIALIZATION_TLS.skip_data
+    ):
+        return None
+    tables = _get_tables()
+    starts: list[list[int]] = []
+    pkl: bytes | None = None
+    spec = None
+    for buf in bufs:
+        if type(buf) is not bytearray:
+            return None
+        try:
+            records, _, _ = _layout(buf, len(buf))
+        except Exception:  # _Fallback or a malformed buffer: the one-by-one path reports it
+            return None
+        start, nbytes = records["data.pkl"]
+        if pkl is None:
+            pkl = bytes(buf[start : start + nbytes])
+            spec = _PLAIN_SPECS.get(pkl)
+            if spec is None:
+                plan = tables.known.get(pkl)
+                if type(plan) is not _Plan:
+                    return None  # not planned (yet): fast_loads plans a pickle on its second sight
+                spec = _plain_dict_spec(plan) or False
+                if len(_PLAIN_SPECS) >= _MAX_KNOWN_PICKLES:
+                    _PLAIN_SPECS.clear()
+                _PLAIN_SPECS[pkl] = spec
+            if spec is False:
+                return None
+        elif memoryview(buf)[start : start + nbytes] != pkl:
+            return None
+        row = []
+        for _, key, _, size_bytes, _ in spec:  # type: ignore[union-attr]
+            rec = records.get("data/" + key)
+            if rec is None or rec[1] != size_bytes:
+                return None
+            row.append(rec[0])
+        starts.append(row)
+    out: dict[str, torch.Tensor] = {}
+    n = len(bufs)
+    for j, (name, _, dtype, size_bytes, size) in enumerate(spec):  # type: ignore[arg-type]
+        t = alloc((n, *size), dtype)
+        if size_bytes:
+            dst = t.view(-1).view(torch.uint8).view(n, size_bytes).numpy()
+            for i, buf in enumerate(bufs):
+                s = starts[i][j]
+                dst[i] = memoryview(buf)[s : s + size_bytes]
+        out[name] = t
+    return out

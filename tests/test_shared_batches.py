@@ -444,3 +444,127 @@ def test_the_pin_memory_thread_gets_a_copy_and_the_slot_is_free_at_once(monkeypa
     _send(ring, _batch(2, 50))
     assert _firsts(out) == [0, 1]
     assert _firsts(sb.materialize(b)) == [5, 6]
+
+
+# ----------------------------------------------------------------------------- batch decode in workers
+
+
+def _plain(i: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + i)
+    return {
+        "image": torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8, generator=g),
+        "label": torch.tensor(i),
+        "bf16": torch.randn(2, 3, generator=g).to(torch.bfloat16),
+        "flag": torch.tensor([i % 2 == 0, True]),
+        "c64": torch.randn(3, dtype=torch.complex64, generator=g),
+        "empty": torch.zeros(0, 5),
+    }
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _buffers(samples: list[Any]) -> list[bytearray]:
+    import io
+
+    out = []
+    for s in samples:
+        f = io.BytesIO()
+        torch.save(s, f)
+        out.append(bytearray(f.getvalue()))
+    return out
+
+
+def test_collate_records_equals_default_collate_of_the_loaded_records() -> None:
+    from tensorstore_pt.fastload import collate_records, fast_loads
+
+    bufs = _buffers([_plain(i) for i in range(6)])
+    assert collate_records(bufs, _alloc) is None  # pickle not planned yet: fast_loads plans it on its 2nd sight
+    loaded = [fast_loads(bytearray(b)) for b in bufs]
+    got = collate_records(bufs, _alloc)
+    assert got is not None
+    assert_same(got, default_collate(loaded))
+    assert list(got) == list(_plain(0))  # key order kept
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        lambda i: (torch.tensor(i), torch.zeros(2)),  # not a dict
+        lambda i: {"x": torch.arange(10)[2:5]},  # a view at an offset of a larger storage
+        lambda i: {"x": torch.zeros(3, 2).t()},  # not contiguous
+        lambda i: {"x": torch.zeros(2), "n": 3},  # a non-tensor value
+        lambda i: {"x": torch.zeros(2, requires_grad=True)},
+        lambda i: {"a": torch.zeros(2), "b": torch.zeros(2)} if i % 2 else {"a": torch.zeros(2)},  # pickles differ
+    ],
+)
+def test_collate_records_declines_what_it_does_not_cover(odd: Any) -> None:
+    from tensorstore_pt.fastload import collate_records, fast_loads
+
+    bufs = _buffers([odd(i) for i in range(4)])
+    for b in bufs * 2:
+        fast_loads(bytearray(b))  # plan every pickle
+    allocated = []
+    assert collate_records(bufs, lambda shape, dtype: allocated.append(shape) or torch.empty(shape, dtype=dtype)) is None
+    assert allocated == []  # declined before allocating anything
+
+
+def test_collate_records_declines_a_damaged_buffer() -> None:
+    from tensorstore_pt.fastload import collate_records, fast_loads
+
+    bufs = _buffers([_plain(i) for i in range(3)])
+    for b in bufs * 2:
+        fast_loads(bytearray(b))
+    bad = bytearray(bufs[1])
+    bad[-30] ^= 0xFF  # the zip's end records
+    assert collate_records([bufs[0], bad, bufs[2]], _alloc) is None
+    assert collate_records([bufs[0], bytes(bufs[1])], _alloc) is None  # bytes: not the workers' buffers
+
+
+@pytest.fixture(scope="module")
+def plain_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ring") / "plain"
+    tspt.write_store((_plain(i) for i in range(N)), path, max_shard_bytes=20_000)
+    return path
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_workers_decode_batches_at_once_with_the_same_result(plain_store: Path, method: str) -> None:
+    def run(workers: int, ring: bool) -> list[Any]:
+        ds = StoreIterableDataset(plain_store, shuffle=True, seed=5)
+        kw = {"multiprocessing_context": method} if workers else {}
+        return list(StoreDataLoader(ds, batch_size=4, num_workers=workers, batch_ring=ring, **kw))
+
+    ref = run(0, False)
+    for got in (run(2, True), run(2, False)):
+        assert len(got) == len(ref)
+        for i, (a, b) in enumerate(zip(got, ref)):
+            assert_same(a, b, f"batch {i}")
+
+
+def test_raw_records_do_not_reach_other_collates(plain_store: Path) -> None:
+    """A transform, on_error="skip", a custom collate_fn or a plain DataLoader: real samples."""
+    from torch.utils.data import DataLoader
+
+
+    ds = StoreIterableDataset(plain_store)
+    for loader in (
+        StoreDataLoader(ds, batch_size=4, num_workers=1, collate_fn=_spy),
+        DataLoader(ds, batch_size=4, num_workers=1, collate_fn=_spy),
+    ):
+        assert sum(len(b["label"]) for b in loader) == N  # _spy raises in the worker on anything but a dict
+    for kw in ({"transform": _identity}, {"on_error": "skip"}):
+        out = list(StoreDataLoader(StoreIterableDataset(plain_store, **kw), batch_size=4, num_workers=1))
+        assert torch.equal(torch.cat([b["label"] for b in out]), torch.arange(N))
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _spy(samples: list[Any]) -> Any:  # module level: picklable for any start method
+    odd = {type(s).__name__ for s in samples if type(s) is not dict}
+    if odd:
+        raise TypeError(f"the collate was given {odd}")
+    return default_collate(samples)
