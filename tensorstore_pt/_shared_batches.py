@@ -38,6 +38,11 @@ tuples and named tuples; their dtypes, shapes, strides, storage offsets and alia
 one storage stay views of one storage; one tensor twice stays one object) are kept. Anything
 else in a batch goes through torch's transport as before.
 
+Batch decoding: a StoreIterableDataset in a worker whose collate is a SharedBatchCollate
+made for it yields :class:`RawRecord` (checked and decompressed, not unpickled) once that
+collate has run there; the collate fills a batch of them straight into the arena with
+:func:`tensorstore_pt.fastload.collate_records` when it applies, or loads them one by one.
+
 Memory: each worker holds ``slots`` arenas of the largest batch it has sent (rounded up to
 64 KiB; a batch that outgrows its arena doubles it), shared with the main process;
 arenas larger than ``MAX_ARENA_BYTES`` are not made (such batches use torch's transport).

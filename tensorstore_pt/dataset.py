@@ -1013,6 +1013,11 @@ class StoreDataLoader(DataLoader):
     transport). With ``pin_memory`` the pinned copy is taken from the arena. Each worker holds
     ``prefetch_factor + 3`` arenas of its largest batch. See ``tensorstore_pt._shared_batches``.
 
+    With the ring, the default collate, a dataset without ``transform`` and ``on_error="raise"``,
+    workers unpickle records a batch at a time: a batch of plain dict-of-tensor records with
+    one pickle is filled straight into the arena (:func:`tensorstore_pt.fastload.collate_records`);
+    anything else is loaded record by record. The batches are the same either way.
+
     Args:
         dataset: A :class:`StoreIterableDataset`.
         batch_ring: Use the shared-memory ring for worker batches (default True); False
