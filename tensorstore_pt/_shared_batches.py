@@ -107,6 +107,19 @@ class RawRecord:
         raise TypeError("a RawRecord is for the collate of its own worker; it is not sent between processes")
 
 
+def _plain_dict_collate() -> bool:
+    """Whether default_collate collates a dict of tensors in torch's own way: no entry of
+    ``default_collate_fn_map`` (which users may extend) catches a dict or a tensor, other than
+    torch's own tensor entry. :func:`collate_records` makes what that way makes."""
+    for key, fn in default_collate_fn_map.items():
+        for cls in key if isinstance(key, tuple) else (key,):
+            if cls is torch.Tensor and fn is collate_tensor_fn:
+                continue
+            if issubclass(dict, cls) or issubclass(torch.Tensor, cls):
+                return False
+    return True
+
+
 def _loaded(samples: list[Any]) -> list[Any]:
     return [s.load() if type(s) is RawRecord else s for s in samples]
 
@@ -603,7 +616,7 @@ class SharedBatchCollate:
             return self.collate_fn(_loaded(samples) if type(samples) is list else samples)
         slot, arena = got
         default = self.collate_fn is default_collate and default_collate_fn_map.get(torch.Tensor) is collate_tensor_fn
-        batch = ring.collate_raw(samples, arena) if raw and default else None
+        batch = ring.collate_raw(samples, arena) if raw and default and _plain_dict_collate() else None
         if batch is None:
             if type(samples) is list:
                 samples = _loaded(samples)

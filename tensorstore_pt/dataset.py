@@ -62,6 +62,7 @@ from .errors import (
     ShardSizeError,
     UnsafePayloadError,
 )
+from .fastload import _is_cpu
 from .format import FEATURE_MULTI_RECORD_FRAMES, RECORD_DTYPE
 from .reader import StoreReader, open_store
 from .storage import Storage
@@ -781,7 +782,8 @@ class StoreIterableDataset(IterableDataset):
             pieces = Prefetcher(self._pieces(segments, split, order), _READ_AHEAD_PIECES, name=f"tspt-read-w{worker}")
             # Under a StoreDataLoader, records go to its collate unpickled, which decodes a
             # batch of them at once (no transform to apply, and no skip to decide here).
-            raw = self.transform is None and self.on_error == "raise"
+            # (CPU records only: the batch decoding fills CPU memory, with no map_location.)
+            raw = self.transform is None and self.on_error == "raise" and _is_cpu(self._view.map_location)
             source = _closing(self._produce(self._decode(pieces, slot, raw), step), pieces)
         return _SampleIterator(source, self.transform)
 

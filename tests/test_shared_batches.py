@@ -568,3 +568,29 @@ def _spy(samples: list[Any]) -> Any:  # module level: picklable for any start me
     if odd:
         raise TypeError(f"the collate was given {odd}")
     return default_collate(samples)
+
+
+def test_batch_decoding_keeps_map_location(plain_store: Path) -> None:
+    """Forked workers inherit the parent's planned pickles; the batch decode must not bypass map_location."""
+    reader = tspt.open_store(plain_store)
+    for i in range(3):
+        reader[i]  # plans the pickle in this (the parent) process
+    ds = StoreIterableDataset(plain_store, map_location="meta")
+    devices = {b["image"].device.type for b in StoreDataLoader(ds, batch_size=4, num_workers=2)}
+    assert devices == {"meta"}
+
+
+def _collate_dict_with_count(batch: list[Any], *, collate_fn_map: Any = None) -> Any:
+    from torch.utils.data._utils.collate import collate
+
+    out = {k: collate([d[k] for d in batch], collate_fn_map=collate_fn_map) for k in batch[0]}
+    out["n"] = len(batch)
+    return out
+
+
+def test_batch_decoding_honours_a_users_collate_fn_map_entry(plain_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
+    monkeypatch.setitem(default_collate_fn_map, dict, _collate_dict_with_count)
+    for batch in StoreDataLoader(StoreIterableDataset(plain_store), batch_size=4, num_workers=2):
+        assert batch["n"] == len(batch["label"])
