@@ -82,7 +82,7 @@ _GENERATION, _WRITTEN, _RELEASED = 0, 1, 2
 
 
 def transport_supported() -> bool:
-    """Whether this CPU's memory order makes the release counter safe (x86-64 only, see above)."""
+    """Whether this CPU's memory order makes the shared release words safe (x86-64 only, see above)."""
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -139,7 +139,7 @@ def raw_accepted(dataset_id: str) -> bool:
 
 
 class _Ref(NamedTuple):
-    """A tensor of a packed batch: bytes ``[offset, offset + nbytes)`` of the arena hold its storage."""
+    """A tensor of a packed batch: its storage is region ``region`` of the batch (see _Region)."""
 
     region: int
     dtype: torch.dtype
@@ -149,6 +149,8 @@ class _Ref(NamedTuple):
 
 
 class _Region(NamedTuple):
+    """Bytes ``[offset, offset + nbytes)`` of the arena: one storage of the batch."""
+
     offset: int
     nbytes: int
 
@@ -270,19 +272,13 @@ class _WorkerRing:
         # As torch's default_collate does in a worker: stack into an ``out`` of the first
         # sample's dtype and shape (so the batch's dtype is the first sample's, and torch.stack
         # raises for a sample of another shape, or one that requires grad).
-        arena = self.current
-        nbytes = len(batch) * elem.numel() * elem.element_size()
-        start = arena.alloc(nbytes) if arena is not None else None
-        if start is not None:
-            out = arena.tensor[start : start + nbytes].view(elem.dtype).view(len(batch), *elem.shape)  # type: ignore[union-attr]
-        else:  # private memory; pack() copies it into a (larger) arena
-            out = torch.empty((len(batch), *elem.shape), dtype=elem.dtype)
-        return torch.stack(batch, 0, out=out)
+        return torch.stack(batch, 0, out=self.alloc_out((len(batch), *elem.shape), elem.dtype))
 
     def alloc_out(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous tensor for a batch, in the current arena if it has room."""
+        """A contiguous tensor for a batch: in the current arena if it has room, else in
+        private memory (which :meth:`pack` copies into a larger arena)."""
         arena = self.current
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         start = arena.alloc(nbytes) if arena is not None else None
         if start is None:
             return torch.empty(shape, dtype=dtype)
@@ -344,13 +340,12 @@ class _WorkerRing:
             return ref
 
         def describe(t: torch.Tensor) -> Any:
-            nonlocal used
+            nonlocal used, resident
             if not _packable(t):
                 return t
             st = t.untyped_storage()
             ptr = st.data_ptr()
-            if ptr == in_arena and arena is not None:  # stacked straight into the arena
-                nonlocal resident
+            if ptr == in_arena:  # stacked straight into the arena
                 resident += 1
                 off = t.data_ptr() - ptr
                 regions.append(_Region(off, t.numel() * t.element_size()))
@@ -564,11 +559,11 @@ class SharedBatchCollate:
 
     Args:
         collate_fn: The collate function the DataLoader would use.
-        dataset_id: The ``_id`` of the StoreIterableDataset this collate receives samples from:
-            in a worker, that dataset then yields :class:`RawRecord` to it (None: never).
         slots: Arenas per worker: the DataLoader's ``prefetch_factor`` batches in flight,
             plus the batches the training loop holds, plus one (fewer means more batches
             through torch's transport, never a wait).
+        dataset_id: The ``_id`` of the StoreIterableDataset this collate receives samples from:
+            in a worker, that dataset then yields :class:`RawRecord` to it (None: never).
 
     Fork/spawn safety: pickles to its settings; each worker process makes its own ring on
     first use.

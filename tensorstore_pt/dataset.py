@@ -777,7 +777,7 @@ class StoreIterableDataset(IterableDataset):
         else:
             # A DataLoader worker is itself a process decoding ahead of the training loop
             # (prefetch_factor batches); a decode thread there only adds thread switches
-            # (measured: docs/benchmarks.md). Reads still run ahead in a thread, so that one
+            # (measured: docs/datasets.md). Reads still run ahead in a thread, so that one
             # piece's I/O overlaps the previous piece's decoding.
             pieces = Prefetcher(self._pieces(segments, split, order), _READ_AHEAD_PIECES, name=f"tspt-read-w{worker}")
             # Under a StoreDataLoader, records go to its collate unpickled, which decodes a
