@@ -120,7 +120,10 @@ def _plain_dict_collate() -> bool:
     return True
 
 
-def _loaded(samples: list[Any]) -> list[Any]:
+def _loaded(samples: Any) -> Any:
+    """``samples`` (a batch's list) with its RawRecords loaded; anything else (one sample) as is."""
+    if type(samples) is not list:
+        return samples
     return [s.load() if type(s) is RawRecord else s for s in samples]
 
 
@@ -600,7 +603,7 @@ class SharedBatchCollate:
         if self.dataset_id is not None and get_worker_info() is not None:
             _raw_accepted.add(self.dataset_id)
         if get_worker_info() is None or not transport_supported():
-            return self.collate_fn(_loaded(samples) if type(samples) is list else samples)
+            return self.collate_fn(_loaded(samples))
         key = f"{self.token}:{os.getpid()}"
         ring = _worker_rings.get(key)
         if ring is None:
@@ -608,13 +611,12 @@ class SharedBatchCollate:
             ring = _worker_rings[key] = _WorkerRing(self.token, self.slots)
         got = ring.start_batch()
         if got is None:  # the main process still holds every slot
-            return self.collate_fn(_loaded(samples) if type(samples) is list else samples)
+            return self.collate_fn(_loaded(samples))
         slot, arena = got
         default = self.collate_fn is default_collate and default_collate_fn_map.get(torch.Tensor) is collate_tensor_fn
         batch = ring.collate_raw(samples, arena) if raw and default and _plain_dict_collate() else None
         if batch is None:
-            if type(samples) is list:
-                samples = _loaded(samples)
+            samples = _loaded(samples)
             batch = ring.collate(samples, arena) if default else self.collate_fn(samples)
         packed = ring.pack(batch, slot)
         return batch if packed is None else packed

@@ -1210,14 +1210,19 @@ _GUARDS_TLS = torch._guards._TLS  # TracingContext (torch.compile) lives here
 _SERIALIZATION_TLS = torch.serialization._serialization_tls  # skip_data
 
 
-def _fast_path(buf: bytes | bytearray | memoryview) -> Any:
-    """Decode ``buf`` on the CPU or raise ``_Fallback`` (or UnsafePayloadError)."""
-    if (
+def _torch_state_is_plain() -> bool:
+    """No mode, tracing context or ``skip_data`` that changes what torch.load would do."""
+    return not (
         torch._C._len_torch_dispatch_stack()
         or torch._C._len_torch_function_stack()
         or getattr(_GUARDS_TLS, "tracing_context", None) is not None
         or _SERIALIZATION_TLS.skip_data
-    ):
+    )
+
+
+def _fast_path(buf: bytes | bytearray | memoryview) -> Any:
+    """Decode ``buf`` on the CPU or raise ``_Fallback`` (or UnsafePayloadError)."""
+    if not _torch_state_is_plain():
         raise _Fallback
     t = type(buf)
     if t is bytes:
@@ -1393,13 +1398,7 @@ def collate_records(bufs: list[bytearray], alloc: Any) -> dict[str, torch.Tensor
         ``{key: tensor of shape (len(bufs), *record shape)}`` in the record's key order, with
         the records' dtypes (what torch's default_collate makes of the loaded records).
     """
-    if (
-        not bufs
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._len_torch_function_stack()
-        or getattr(_GUARDS_TLS, "tracing_context", None) is not None
-        or _SERIALIZATION_TLS.skip_data
-    ):
+    if not bufs or not _torch_state_is_plain():
         return None
     tables = _get_tables()
     starts: list[list[int]] = []
