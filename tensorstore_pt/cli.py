@@ -140,10 +140,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(
         f"DAMAGED: {report.location}: {len(report.problems)} problem(s) in {len(report.damaged_shards)} shard(s); "
         f"{report.records_checked} of {report.records} records and {report.shards_checked} of {report.shards} "
-        f"shard(s) passed every check{'; run `tspt recover` to rebuild the store' if report.shards else ''}",
+        "shard(s) passed every check",
+        file=sys.stderr,
+    )
+    print(
+        f"to repair: run `tspt recover {_quote(report.location)}`: it keeps at least the {report.records_checked} "
+        f"record(s) that passed (every record its checksums prove), drops the rest and never deletes a file; "
+        f"`tspt recover --dry-run {_quote(report.location)}` shows per shard what it would keep and lose",
         file=sys.stderr,
     )
     return EXIT_DAMAGED
+
+
+def _quote(path: str) -> str:
+    import shlex
+
+    return shlex.quote(path)
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
@@ -154,7 +166,20 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
         return EXIT_OK
     verb = "would keep" if report.dry_run else "kept"
-    print(f"{report.location}: index.json was {report.index_before}; {verb} {report.records} records in {len(report.kept)} shard(s)")
+    lost = f", {report.records_lost} record(s) lost" if report.records_lost else ""
+    print(
+        f"{report.location}: index.json was {report.index_before}; {verb} {report.records} records in "
+        f"{len(report.kept)} shard(s){lost}"
+    )
+    if report.shards:
+        print("  per shard file (record numbers as they were before recover):")
+        width = max(len(o.name) for o in report.shards)
+        for o in report.shards:
+            held = f"[{o.first_record}, {o.first_record + o.records})" if o.first_record is not None and o.records else "?"
+            lost_text = ", ".join(f"[{a}, {b})" for a, b in o.lost) or "none"
+            why = f"  ({o.reason})" if o.reason and o.action != "kept" else ""
+            print(f"  {o.name:<{width}}  {o.action:<11} records {held:<16} kept {o.kept:<6} lost {lost_text}{why}")
+    print("  the recovered store:")
     for k in report.kept:
         src = f" (from {k.source})" if k.source != k.name else ""
         print(f"  {k.how:<9} {k.name}: records [{k.first_record}, {k.first_record + k.records}){src}")
@@ -365,18 +390,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "recover",
         "rebuild index.json from the shards after a crash or a lost index",
-        "Rebuild index.json from the self-describing shards. Complete shards that continue the record "
-        "sequence are kept; a complete temporary shard is renamed into place; everything else (damaged or "
-        "unfinished files, shards of another write) is quarantined: renamed to NAME.quarantined, never "
-        "deleted. Metadata lost with the index cannot be recovered.",
+        "Rebuild a store from what its shards prove. Every record whose checksums prove it is kept (a "
+        "damaged shard's other records too; a shard whose footer is lost is rebuilt from its frames); "
+        "records after a lost one are renumbered down, and the per-shard table says which records were "
+        "kept and lost. The index is evidence: where it disagrees with the checksummed shard footers, the "
+        "footers win. Files that are not kept are quarantined (renamed to NAME.quarantined), never deleted. "
+        "Holds the store's lock: refuses while a writer runs. Metadata lost with the index cannot be "
+        "recovered.",
     )
     p.add_argument("store")
-    p.add_argument(
-        "--salvage", action="store_true",
-        help="copy every verifying record after a damaged shard into new shards (renumbers them)",
-    )  # fmt: skip
+    p.add_argument("--salvage", action="store_true", help="accepted for compatibility: always on now")
     p.add_argument("--dry-run", action="store_true", help="report what would be done; change nothing")
-    p.add_argument("--force", action="store_true", help="run even if a temporary file's process id is alive")
+    p.add_argument(
+        "--force", action="store_true",
+        help="run even if a temporary file's process id is alive (file systems without locks only)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_recover)
 
@@ -437,7 +465,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":  # recorded in the results as the exact command
         args.bench_argv = list(sys.argv[2:] if argv is None else list(argv)[1:])
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`tspt info st | head`): stop quietly, as Unix tools do, and
+        # keep Python from complaining when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # 128 + SIGPIPE, what a shell reports for a tool killed by SIGPIPE
     except CorruptStoreError as exc:
         print(f"tspt {args.command}: DAMAGED: {exc}", file=sys.stderr)
         return EXIT_DAMAGED

@@ -17,7 +17,9 @@ working for callers who do not know this package::
     ├── WriterClosedError (RuntimeError)           write() after close() or after a failure
     ├── ConcurrentWriteError (RuntimeError)        another writer changed the store meanwhile
     ├── UnsafePayloadError (ValueError)            a record's pickle asks for forbidden globals
-    ├── StoreBusyError (RuntimeError)              a live writer still owns files in the store
+    ├── StoreBusyError (RuntimeError)              another writer or recover holds the store's lock
+    ├── StoreChangedError (RuntimeError)           the store was replaced since it was opened
+    ├── StorageFullError (OSError)                 no space left (ENOSPC/EDQUOT) writing a file
     └── CorruptStoreError (ValueError)             stored bytes disagree with what was written
         ├── MissingShardError (FileNotFoundError)  a shard named in the index is absent
         ├── NotARegularFileError (OSError)         a store file is a directory, FIFO, device...
@@ -49,7 +51,9 @@ __all__ = [
     "RecordLengthError",
     "ShardFormatError",
     "ShardSizeError",
+    "StorageFullError",
     "StoreBusyError",
+    "StoreChangedError",
     "StoreExistsError",
     "StoreNotFoundError",
     "TensorStoreError",
@@ -114,7 +118,25 @@ class UnsafePayloadError(TensorStoreError, ValueError):
 
 
 class StoreBusyError(TensorStoreError, RuntimeError):
-    """A process that is still running owns temporary files in the store (``tspt recover``)."""
+    """Another writer or ``recover`` holds the store's lock (or, where the file system has no
+    locks, a process that is still running owns temporary files in the store)."""
+
+
+class StoreChangedError(TensorStoreError, RuntimeError):
+    """The store was replaced (overwritten, recovered) since this reader opened it.
+
+    A shard the reader's index names is gone or differs, and ``index.json`` is no longer the
+    one the reader parsed. Shard names are never reused, so the reader never mixes versions;
+    reopen the store to read the new one.
+    """
+
+
+class StorageFullError(TensorStoreError, OSError):
+    """The file system ran out of space (``ENOSPC``) or quota (``EDQUOT``) while writing.
+
+    ``errno`` is set as in the ``OSError`` it wraps; the message names the store and the
+    file. A writer that hits it publishes nothing and leaves the previous store intact.
+    """
 
 
 class CorruptStoreError(TensorStoreError, ValueError):

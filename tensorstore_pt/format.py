@@ -40,6 +40,7 @@ __all__ = [
     "HEADER_BYTES",
     "INDEX_NAME",
     "KNOWN_FEATURES",
+    "LOCK_NAME",
     "MAX_FOOTER_JSON_BYTES",
     "MAX_INDEX_BYTES",
     "FEATURE_DICTIONARY",
@@ -61,8 +62,10 @@ __all__ = [
     "decode_trailer",
     "encode_footer",
     "encode_header",
+    "new_writer_token",
     "parse_footer",
     "parse_index",
+    "parse_shard_name",
     "shard_name",
     "version_for",
 ]
@@ -85,6 +88,9 @@ def version_for(features: list[str] | tuple[str, ...]) -> tuple[int, int]:
     return FORMAT_VERSION if features else BASE_VERSION
 
 INDEX_NAME = "index.json"
+#: The writers' advisory lock file (docs/format.md, section 8). Its leading "." keeps it from
+#: ever being a shard name; readers ignore it.
+LOCK_NAME = ".tspt-lock"
 SHARD_SUFFIX = ".tspt"
 SHARD_MAGIC = b"TSPTSHRD"
 TRAILER_MAGIC = b"TSPTFOOT"
@@ -123,9 +129,42 @@ def strict_json_loads(data: bytes) -> Any:
     return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
 
 
-def shard_name(seq: int) -> str:
-    """The file name of shard number ``seq`` (``shard-00003.tspt``)."""
-    return f"shard-{seq:05d}{SHARD_SUFFIX}"
+#: Hex digits of a writer token (48 random bits).
+WRITER_TOKEN_CHARS = 12
+_TOKEN_RE = re.compile(rf"^[0-9a-f]{{{WRITER_TOKEN_CHARS}}}$")
+_NEW_SHARD_RE = re.compile(rf"^shard-([0-9a-f]{{{WRITER_TOKEN_CHARS}}})-(\d+){re.escape(SHARD_SUFFIX)}$")
+_LEGACY_SHARD_RE = re.compile(rf"^shard-(\d+){re.escape(SHARD_SUFFIX)}$")
+
+
+def new_writer_token() -> str:
+    """A fresh random writer token: 12 lowercase hex digits (48 bits from ``secrets``)."""
+    import secrets
+
+    return secrets.token_hex(WRITER_TOKEN_CHARS // 2)
+
+
+def shard_name(token: str, seq: int) -> str:
+    """The file name of shard ``seq`` of the writer ``token`` (``shard-5f0c2a9e11d4-00003.tspt``).
+
+    Every writer (one ``ShardWriter`` from open to commit, or one ``recover``) draws its own
+    token, so a shard name is never used for two contents: a reader holding an old index
+    finds its old shard or nothing, never another version's bytes.
+    """
+    if not _TOKEN_RE.fullmatch(token):
+        raise ValueError(f"writer token: expected {WRITER_TOKEN_CHARS} lowercase hex digits, found {token!r}")
+    return f"shard-{token}-{seq:05d}{SHARD_SUFFIX}"
+
+
+def parse_shard_name(name: str) -> tuple[str, int] | None:
+    """``(writer token, seq)`` of a shard name this library writes, or None for another name.
+
+    Names of stores written before writer tokens (``shard-00003.tspt``) give token ``""``.
+    """
+    m = _NEW_SHARD_RE.match(name)
+    if m:
+        return m.group(1), int(m.group(2))
+    m = _LEGACY_SHARD_RE.match(name)
+    return ("", int(m.group(1))) if m else None
 
 
 def check_shard_name(name: object, where: str) -> str:

@@ -19,7 +19,6 @@ from .codecs import Codec, get_codec
 from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
     ChecksumMismatchError,
-    CorruptStoreError,
     DecompressionError,
     IndexFormatError,
     InvalidOptionError,
@@ -30,6 +29,7 @@ from .errors import (
     RecordLengthError,
     ShardFormatError,
     ShardSizeError,
+    StoreChangedError,
     StoreNotFoundError,
     TensorStoreError,
     UnsafePayloadError,
@@ -73,19 +73,24 @@ def _check_map_location(map_location: Any) -> Any:
     return map_location
 
 
-def _read_index(storage: Storage) -> tuple[IndexInfo, int]:
+def read_index_bytes(storage: Storage) -> bytes:
+    """Read ``index.json`` atomically (size and bytes from one open file), refusing one past
+    ``MAX_INDEX_BYTES`` before reading it.
+
+    Raises:
+        StoreNotFoundError: The path does not exist.
+        NotAStoreError: The path is a file, or a directory without ``index.json``.
+        IndexFormatError: ``index.json`` is larger than ``MAX_INDEX_BYTES``.
+    """
     where = storage.location
     if not storage.exists():
         raise StoreNotFoundError(f"no store at {where!r}: the path does not exist")
     if not storage.is_container():
         raise NotAStoreError(f"{where!r} is a file; expected a store directory holding {INDEX_NAME}")
     try:
-        index_bytes = storage.size(INDEX_NAME)
-        if index_bytes > MAX_INDEX_BYTES:
-            raise IndexFormatError(
-                f"store {where!r}: {INDEX_NAME}: expected at most {MAX_INDEX_BYTES} bytes, found {index_bytes} bytes"
-            )
-        raw = storage.read_all(INDEX_NAME)
+        return storage.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
+    except ValueError as exc:
+        raise IndexFormatError(f"store {where!r}: {INDEX_NAME}: expected at most {MAX_INDEX_BYTES} bytes ({exc})") from exc
     except FileNotFoundError:
         shards = [n for n in storage.list() if n.endswith(SHARD_SUFFIX)]
         hint = (
@@ -95,7 +100,15 @@ def _read_index(storage: Storage) -> tuple[IndexInfo, int]:
             else ""
         )
         raise NotAStoreError(f"{where!r} is not a store: expected {INDEX_NAME} in it{hint}") from None
-    return parse_index(raw, f"store {where!r}: {INDEX_NAME}"), digest_int(raw)
+
+
+def _read_index(storage: Storage) -> tuple[IndexInfo, int]:
+    raw = read_index_bytes(storage)
+    return parse_index(raw, f"store {storage.location!r}: {INDEX_NAME}"), digest_int(raw)
+
+
+#: How many times opening a store is retried when it is replaced while being opened.
+_OPEN_ATTEMPTS = 5
 
 
 class StoreReader:
@@ -126,12 +139,23 @@ class StoreReader:
         self.location = self._storage.location
         self._verify = bool(verify)
         self.map_location = _check_map_location(map_location)
-        index, digest = _read_index(self._storage)
-        if _expect_index_digest is not None and digest != _expect_index_digest:
-            raise CorruptStoreError(
-                f"store {self.location!r}: {INDEX_NAME} changed since this reader was pickled "
-                f"({ALGORITHM} {_expect_index_digest:016x} then, {digest:016x} now); open the store again"
-            )
+        for attempt in range(_OPEN_ATTEMPTS):
+            index, digest = _read_index(self._storage)
+            if _expect_index_digest is not None and digest != _expect_index_digest:
+                raise StoreChangedError(
+                    f"store {self.location!r} was replaced since this reader was pickled ({INDEX_NAME} was "
+                    f"{ALGORITHM} {_expect_index_digest:016x}, is {digest:016x} now); reopen it"
+                )
+            try:
+                self._open_index(index, digest)
+                return
+            except StoreChangedError:
+                # A writer replaced the store between reading the index and opening its shards
+                # (an overwrite deletes the old shards): read the new index and try again.
+                if _expect_index_digest is not None or attempt == _OPEN_ATTEMPTS - 1:
+                    raise
+
+    def _open_index(self, index: IndexInfo, digest: int) -> None:
         self._index = index
         self._index_digest = digest
         self._codec: Codec = get_codec(index.codec, self._load_store_file)
@@ -160,7 +184,22 @@ class StoreReader:
                 )
             return self._storage.read_all(name)
         except FileNotFoundError as exc:
+            self._raise_if_changed(exc)
             raise MissingShardError(f"store {self.location!r}: file {name!r} named in the index is missing") from exc
+
+    def _raise_if_changed(self, cause: BaseException) -> None:
+        """Raise StoreChangedError (from ``cause``) if ``index.json`` is no longer the one this
+        reader parsed: a shard that is missing or differs then means "replaced", not "damaged"."""
+        try:
+            now: int | None = digest_int(read_index_bytes(self._storage))
+        except (TensorStoreError, OSError):
+            now = None  # no index now (a create in progress, or it was removed)
+        if now != getattr(self, "_index_digest", None):
+            found = f"{ALGORITHM} {now:016x}" if now is not None else "no index"
+            raise StoreChangedError(
+                f"store {self.location!r} was replaced since it was opened ({INDEX_NAME} was {ALGORITHM} "
+                f"{self._index_digest:016x}, now {found}); reopen it"
+            ) from cause
 
     def _ensure_process(self) -> None:
         if self._pid != os.getpid():
@@ -264,6 +303,7 @@ class StoreReader:
                 try:
                     h = self._storage.open(name)
                 except FileNotFoundError as exc:
+                    self._raise_if_changed(exc)
                     raise MissingShardError(
                         f"{self._where(si)}: the shard file is missing (the index lists it with "
                         f"{self._index.shards[si].records} records)"
@@ -288,22 +328,23 @@ class StoreReader:
         entry: ShardEntry = self._index.shards[si]
         where = self._where(si)
         try:
-            size = self._storage.size(entry.name)
-        except FileNotFoundError as exc:
-            raise MissingShardError(f"{where}: the shard file is missing (its {entry.records} records cannot be read)") from exc
-        if size != entry.file_bytes:
-            raise ShardSizeError(f"{where}: expected {entry.file_bytes} bytes (index), found {size} bytes on disk")
-        header = self._read_exact(si, 0, HEADER_BYTES, "the header")
-        trailer = self._read_exact(si, size - TRAILER_BYTES, TRAILER_BYTES, "the trailer")
-        footer = read_footer(
-            header,
-            trailer,
-            size,
-            lambda offset, length: self._read_exact(si, offset, length, "the footer"),
-            self._index,
-            entry,
-            where,
-        )
+            size = self._handle(si).size()  # of the file this reader holds open, not of the name now
+            if size != entry.file_bytes:
+                raise ShardSizeError(f"{where}: expected {entry.file_bytes} bytes (index), found {size} bytes on disk")
+            header = self._read_exact(si, 0, HEADER_BYTES, "the header")
+            trailer = self._read_exact(si, size - TRAILER_BYTES, TRAILER_BYTES, "the trailer")
+            footer = read_footer(
+                header,
+                trailer,
+                size,
+                lambda offset, length: self._read_exact(si, offset, length, "the footer"),
+                self._index,
+                entry,
+                where,
+            )
+        except (ShardSizeError, ShardFormatError) as exc:
+            self._raise_if_changed(exc)  # a legacy store's shard name reused by a later writer
+            raise
         self._footers[si] = footer
         return footer
 

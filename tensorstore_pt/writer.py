@@ -8,19 +8,30 @@ Commit protocol (see docs/format.md, "Writing"):
    replaced, readers see the old store (append/overwrite) or no store (create).
 3. After the commit, an ``overwrite`` removes the shards of the old index.
 
+One writer at a time: a writer holds the store's lock (``.tspt-lock``, see
+:meth:`Storage.lock`) from its constructor until it commits or aborts, so a second writer or
+``recover`` gets :class:`StoreBusyError` at once. Its shards are named
+``shard-<token>-<seq>.tspt`` with a token drawn for this writer alone, so no shard name is
+ever used for two contents.
+
 If the ``with`` body raises, or :meth:`ShardWriter.abort` is called, every file this writer
-created is removed and the old index is untouched. If the process dies (SIGKILL, power loss),
-shards it already renamed stay behind as unreferenced files; they never change what a reader
-sees, and ``tspt recover`` can adopt them.
+created is removed (continuing past errors such as a full disk) and the old index is
+untouched; a file it could not remove is named in a warning and is never adopted by
+``recover`` (its token is in no index and no lock record). If the process dies (SIGKILL,
+power loss), the shards it already renamed stay behind as unreferenced files; they never
+change what a reader sees, and ``tspt recover`` adopts them (the lock file still names the
+dead writer's token) unless another writer has written the store since.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import datetime
 import json
 import os
-import re
+import socket
+import warnings
 from types import TracebackType
 from typing import Any, Iterable
 
@@ -48,11 +59,11 @@ from .format import (
     FEATURE_MULTI_RECORD_FRAMES,
     FORMAT_NAME,
     INDEX_NAME,
+    LOCK_NAME,
     RECORD_DTYPE,
     RECORD_ENTRY_BYTES,
     RECORD_MAP_DTYPE,
     RECORD_MAP_ENTRY_BYTES,
-    SHARD_SUFFIX,
     TRAILER_BYTES,
     IndexInfo,
     ShardEntry,
@@ -60,12 +71,13 @@ from .format import (
     check_shard_name,
     encode_footer,
     encode_header,
+    new_writer_token,
     parse_index,
     shard_name,
     version_for,
 )
 from .serialization import check_sample, clone_exact, dumps
-from .storage import AtomicWriter, Storage, storage_for
+from .storage import AtomicWriter, Storage, StoreLock, storage_for
 
 __all__ = ["DEFAULT_DICT_BYTES", "DEFAULT_MAX_SHARD_BYTES", "DICT_SAMPLE_BYTES", "ShardWriter", "write_store"]
 
@@ -75,7 +87,18 @@ DEFAULT_DICT_BYTES = 16 * 2**10
 #: Raw bytes of leading records buffered to train the dictionary on.
 DICT_SAMPLE_BYTES = 16 * 2**20
 _MODES = ("create", "overwrite", "append")
-_SEQ_RE = re.compile(r"^shard-(\d+)" + re.escape(SHARD_SUFFIX) + "$")
+
+
+def lock_owner(token: str, role: str, mode: str) -> dict[str, Any]:
+    """The owner record a writer or ``recover`` keeps in the lock file while it holds it."""
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "token": token,
+        "role": role,
+        "mode": mode,
+        "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _created_by() -> dict[str, Any]:
@@ -292,17 +315,37 @@ class ShardWriter:
         self.mode = mode
         self.max_shard_bytes = max_shard_bytes
         self.frame_target_bytes = frame_target_bytes
+        #: This writer's token: its shards are ``shard-<token>-<seq>.tspt``.
+        self.token = new_writer_token()
         self._old: IndexInfo | None = None
         self._created_dir = False
+        self._lock: StoreLock | None = None
+        self._state = "opening"
         self._index_digest: int | None = None  # of the index.json this writer started from
         # Validate user options before touching the file system.
         new_codec = make_codec(codec if codec is not None else "zstd", level) if mode != "append" or codec else None
         if dict_bytes and new_codec is not None and new_codec.codec_id != "zstd":
             raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
-        old_index = self._inspect_target()
+        try:
+            old_index = self._inspect_target()
+            self._setup(old_index, new_codec, codec, level, metadata, dict_bytes, num_threads)
+        except BaseException:
+            self._release(clean=True)
+            raise
 
+    def _setup(
+        self,
+        old_index: IndexInfo | None,
+        new_codec: Codec | None,
+        codec: str | None,
+        level: int | None,
+        metadata: dict[str, Any] | None,
+        dict_bytes: int,
+        num_threads: int,
+    ) -> None:
+        """Everything of the constructor after the lock is taken (its errors release the lock)."""
         self._features: set[str] = set()
-        if mode == "append" and old_index is not None:  # _inspect_target raised if there is none
+        if self.mode == "append" and old_index is not None:  # _inspect_target raised if there is none
             store_codec = get_codec(old_index.codec, self._load_store_file)
             if new_codec is not None and new_codec.get_config() != {
                 k: v for k, v in old_index.codec.items() if k != "dict"
@@ -332,7 +375,7 @@ class ShardWriter:
         self._old = old_index
         self._base_shards = len(self._shards)
         self._records = sum(s.records for s in self._shards)
-        self._seq = self._next_seq()
+        self._seq = 0
         self._dict_bytes = dict_bytes
         self._dict_pending = dict_bytes > 0  # records are buffered until the dictionary is trained
         self._dict_buffer: list[bytes] = []
@@ -359,38 +402,55 @@ class ShardWriter:
             raise MissingShardError(f"store {self.location!r}: file {name!r} named in the index is missing") from exc
 
     def _inspect_target(self) -> IndexInfo | None:
+        """Check the target for the mode, take the store's lock, and read the current index."""
         st = self._storage
         where = self.location
         if st.exists() and not st.is_container():
             raise StoreExistsError(f"{where!r} exists and is not a directory; expected a directory or a new path")
-        names = st.list() if st.exists() else []
+        if self.mode == "append" and not st.exists():
+            raise StoreNotFoundError(f"append: no store at {where!r} (the path does not exist); use mode='create'")
+        if self.mode == "create":
+            self._refuse_existing(st.list() if st.exists() else [])
+        self._created_dir = st.ensure()
+        self._lock = st.lock(lock_owner(self.token, "writer", self.mode))
+        dead = self._lock.previous
+        if dead and dead.get("role") == "writer":
+            warnings.warn(
+                f"store {where!r}: a previous writer (process {dead.get('pid', '?')} on host {dead.get('host', '?')!r}, "
+                f"mode {dead.get('mode')!r}) died without committing; the shards it finished are not part of the "
+                "store and will be quarantined by `tspt recover` (abort this writer and run `tspt recover` first "
+                "to adopt them)",
+                UserWarning,
+                stacklevel=4,
+            )
+        names = [n for n in st.list() if n != LOCK_NAME]
         has_index = INDEX_NAME in names
         if self.mode == "append":
-            if not st.exists():
-                raise StoreNotFoundError(f"append: no store at {where!r} (the path does not exist); use mode='create'")
             if not has_index:
                 raise NotAStoreError(f"append: {where!r} holds no {INDEX_NAME}; expected an existing store")
             return parse_index(self._read_index_bytes(), f"store {where!r}: {INDEX_NAME}")
         if self.mode == "create":
-            if has_index:
-                raise StoreExistsError(
-                    f"create: a store already exists at {where!r}; use mode='overwrite' or mode='append'"
-                )
-            if names:
-                raise StoreExistsError(
-                    f"create: {where!r} is not empty ({len(names)} files, e.g. {names[0]!r}); expected a new "
-                    "or empty directory"
-                )
-            self._created_dir = st.ensure()
+            self._refuse_existing(names)  # again under the lock: another writer may have been first
             return None
         # overwrite
-        self._created_dir = st.ensure()
         if has_index:
             try:
                 return parse_index(self._read_index_bytes(), f"store {where!r}: {INDEX_NAME}")
             except (IndexFormatError, UnsupportedFormatError):
                 return None  # replaced wholesale; its shards are left in place, never guessed at
         return None
+
+    def _refuse_existing(self, names: list[str]) -> None:
+        names = [n for n in names if n != LOCK_NAME]
+        if INDEX_NAME in names:
+            raise StoreExistsError(
+                f"create: a store already exists at {self.location!r}; use mode='overwrite' or mode='append'"
+            )
+        if names:
+            raise StoreExistsError(
+                f"create: {self.location!r} is not empty ({len(names)} files, e.g. {names[0]!r}); expected a new "
+                "or empty directory"
+            )
 
     def _read_index_bytes(self) -> bytes:
         """Read index.json once at open, remembering its digest for the commit-time comparison."""
@@ -403,10 +463,6 @@ class ShardWriter:
             return digest_int(self._storage.read_all(INDEX_NAME))
         except FileNotFoundError:
             return None
-
-    def _next_seq(self) -> int:
-        seqs = [int(m.group(1)) for n in self._storage.list() if (m := _SEQ_RE.match(n))]
-        return max(seqs, default=-1) + 1
 
     # ------------------------------------------------------------------ writing
 
@@ -535,7 +591,7 @@ class ShardWriter:
             }
             self._open = _OpenShard(
                 self._storage,
-                shard_name(self._seq),
+                shard_name(self.token, self._seq),
                 self._records,
                 footer_meta,
                 multi=FEATURE_MULTI_RECORD_FRAMES in features,
@@ -558,11 +614,19 @@ class ShardWriter:
     def close(self) -> StoreInfo:
         """Finish: flush pending samples, close the last shard and commit ``index.json``.
 
+        After the commit, an ``overwrite`` removes the old store's shards (a removal that
+        fails is named in a warning; the file is unreferenced and ``recover`` quarantines it),
+        and the store's lock is released.
+
         Returns:
             The summary of the published store.
 
         Raises:
             WriterClosedError: If the writer was aborted or failed.
+            StorageFullError: The disk filled up; nothing was published and this writer's
+                files were removed.
+            ConcurrentWriteError: Another writer changed the store (only possible where the
+                file system has no locks); nothing was published.
         """
         if self._state == "closed":
             return self._info
@@ -587,28 +651,70 @@ class ShardWriter:
                 )
             with self._storage.writer(INDEX_NAME) as out:
                 out.write((json.dumps(info.to_json(), indent=1) + "\n").encode())
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            left = self.abort()
+            if left and hasattr(exc, "add_note"):
+                exc.add_note(f"files this writer could not remove (never adopted by recover): {left}")
             raise
         self._state = "closed"
         self._pool.shutdown(wait=True)
         if self._old is not None and self.mode == "overwrite":
-            keep = {s.name for s in self._shards}
-            for old in self._old.shards:
-                if old.name not in keep:
-                    self._storage.remove(old.name)
+            stale = [old.name for old in self._old.shards if old.name not in {s.name for s in self._shards}]
             old_dict = self._old.codec.get("dict")
             new_dict = info.codec.get("dict")
             if isinstance(old_dict, dict) and (new_dict is None or new_dict.get("name") != old_dict.get("name")):
-                self._storage.remove(check_shard_name(old_dict.get("name"), "old index: codec.dict.name"))
+                stale.append(check_shard_name(old_dict.get("name"), "old index: codec.dict.name"))
+            left = self._remove_all(stale)
+            if left:
+                warnings.warn(
+                    f"store {self.location!r}: the overwrite is committed, but files of the old store could not be "
+                    f"removed: {left}; they are unreferenced (`tspt recover` quarantines them)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        self._release(clean=True)
         self._info = StoreInfo.from_index(self.location, info)
         return self._info
 
-    def abort(self) -> None:
-        """Discard everything this writer wrote; the previous store (if any) is untouched."""
+    def _remove_all(self, names: list[str]) -> list[str]:
+        """Remove every file of ``names``, going on past errors; return ``"name (error)"`` for each
+        file that could not be removed."""
+        left = []
+        for name in names:
+            try:
+                self._storage.remove(name)
+            except OSError as exc:
+                left.append(f"{name} ({exc.strerror or exc})")
+        return left
+
+    def _release(self, clean: bool) -> None:
+        """Release the store's lock (clearing its owner record on a clean end)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+        if clean and self._created_dir and self._state not in ("closed",):
+            self._storage.remove_container()  # only if empty: undoes a create that published nothing
+
+    def abort(self) -> list[str]:
+        """Discard everything this writer wrote; the previous store (if any) is untouched.
+
+        Every file this writer created is removed, going on past errors (a full disk, EIO);
+        then the lock is released. Files that could not be removed are unreferenced, carry a
+        token no index or lock record names, and are never adopted by ``recover``.
+
+        Returns:
+            ``"name (error)"`` for each file that could not be removed (empty when all went);
+            they are also named in a ``UserWarning``.
+
+        Raises:
+            WriterClosedError: The writer already committed its store.
+        """
         if self._state == "closed":
             raise WriterClosedError(f"writer for {self.location!r} already committed its store; cannot abort")
+        if self._state == "aborted":
+            return []
         self._state = "aborted"
+        left: list[str] = []
         for fut in self._pending:
             fut.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -616,15 +722,22 @@ class ShardWriter:
         self._dict_buffer.clear()
         self._group.clear()
         if self._open is not None:
-            self._open.out.abort()
+            try:
+                self._open.out.abort()
+            except OSError as exc:
+                left.append(f"the temporary file of {self._open.name} ({exc.strerror or exc})")
             self._open = None
-        for shard in self._shards[self._base_shards :]:
-            self._storage.remove(shard.name)
+        left += self._remove_all([shard.name for shard in self._shards[self._base_shards :]] + self._new_files)
         del self._shards[self._base_shards :]
-        for name in self._new_files:
-            self._storage.remove(name)
-        if self._created_dir:
-            self._storage.remove_container()
+        self._release(clean=True)
+        if left:
+            warnings.warn(
+                f"store {self.location!r}: the failed write could not remove {left}; these files are not part of "
+                "the store and `tspt recover` never adopts them (it quarantines them)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return left
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -633,7 +746,9 @@ class ShardWriter:
         if et is None:
             self.close()
         elif self._state in ("open", "failed"):
-            self.abort()
+            left = self.abort()
+            if left and ev is not None and hasattr(ev, "add_note"):
+                ev.add_note(f"files this writer could not remove (never adopted by recover): {left}")
 
     def __del__(self) -> None:  # pragma: no cover - a writer dropped without close/abort
         if getattr(self, "_state", None) in ("open", "failed"):
@@ -641,6 +756,8 @@ class ShardWriter:
                 self.abort()
             except (OSError, TensorStoreError):
                 pass
+        elif getattr(self, "_lock", None) is not None:
+            self._release(clean=False)
 
 
 def _check_positive_int(value: Any, name: str) -> None:

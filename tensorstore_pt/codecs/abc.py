@@ -72,6 +72,27 @@ class Codec(ABC):
                 truncated or has trailing data, or the codec reports an error.
         """
 
+    def first_frame(self, data: bytes | memoryview, raw_limit: int) -> tuple[int, bytes] | None:
+        """Find and decode the frame that starts at ``data[0]``, without a record table.
+
+        ``recover`` uses this to rebuild a shard whose footer is lost: zstd (RFC 8878) and LZ4
+        frames (LZ4 Frame Format) end with a block marked last, so they delimit themselves.
+
+        Args:
+            data: Bytes starting with a frame; more data may follow it.
+            raw_limit: Refuse a frame that declares or decodes to more than this many bytes
+                (checked against the header before decoding, and while decoding).
+
+        Returns:
+            ``(stored length of the frame, its decoded bytes)``; None where frames do not
+            delimit themselves (codec ``none``).
+
+        Raises:
+            DecompressionError: The bytes at the start are not a complete frame within the
+                limit.
+        """
+        return None
+
     def decompress_into(self, frame: bytes | memoryview, raw_bytes: int) -> bytearray:
         """Like :meth:`decompress`, but into a fresh, writable ``bytearray`` of ``raw_bytes``.
 

@@ -97,3 +97,19 @@ class Lz4Codec(Codec):
         if len(out) != raw_bytes:
             raise DecompressionError(f"lz4: decoded {len(out)} bytes, expected {raw_bytes} bytes")
         return out
+
+    def first_frame(self, data: bytes | memoryview, raw_limit: int) -> tuple[int, bytes] | None:
+        """Decode the first LZ4 frame of ``data``; its length is where ``unused_data`` starts."""
+        declared = self.frame_content_bytes(data)
+        if declared is None or declared > raw_limit:
+            raise DecompressionError(
+                f"lz4: the frame declares {declared} content bytes; expected a declared size of at most {raw_limit}"
+            )
+        decoder = lz4.frame.LZ4FrameDecompressor()
+        try:
+            out = decoder.decompress(data, max_length=declared)
+        except (RuntimeError, ValueError) as exc:
+            raise DecompressionError(f"lz4: the frame does not decode ({exc})") from exc
+        if not decoder.eof or len(out) != declared:
+            raise DecompressionError(f"lz4: the frame is incomplete ({len(out)} of {declared} bytes decoded)")
+        return len(data) - len(decoder.unused_data or b""), bytes(out)

@@ -153,3 +153,34 @@ class ZstdCodec(Codec):
                 f"zstd: the frame decodes to {'more than ' if extra else ''}{pos} bytes, expected {raw_bytes} bytes"
             )
         return out
+
+    def first_frame(self, data: bytes | memoryview, raw_limit: int) -> tuple[int, bytes] | None:
+        """Decode the first zstd frame of ``data``; its length is where ``unused_data`` starts
+        (python-zstandard's ``ZstdDecompressionObj`` stops at the end of one frame)."""
+        declared = self.frame_content_bytes(data)
+        if declared is None or declared > raw_limit:
+            raise DecompressionError(
+                f"zstd: the frame declares {declared} content bytes; expected a declared size of at most {raw_limit}"
+            )
+        dobj = self._decompressor().decompressobj()
+        parts: list[bytes] = []
+        got = 0
+        view = memoryview(data)
+        fed = 0
+        try:
+            for pos in range(0, len(view), _BLOCK_MAX_BYTES):
+                chunk = view[pos : pos + _BLOCK_MAX_BYTES]
+                out = dobj.decompress(chunk)
+                fed = pos + len(chunk)
+                got += len(out)
+                parts.append(out)
+                if got > declared:
+                    raise DecompressionError(f"zstd: the frame decodes past its declared {declared} bytes")
+                if dobj.eof:
+                    break
+        except zstandard.ZstdError as exc:
+            raise DecompressionError(f"zstd: the frame does not decode ({exc})") from exc
+        if not dobj.eof or got != declared:
+            raise DecompressionError(f"zstd: the frame is incomplete ({got} of {declared} bytes decoded)")
+        # unused_data is what was left of the last chunk fed after the frame's end.
+        return fed - len(dobj.unused_data), b"".join(parts)

@@ -7,7 +7,9 @@ small on purpose, so that a remote backend (fsspec URLs, S3) can implement it la
 - ``open(name).read_range(offset, length)``: positional reads of a half-open byte range;
 - ``writer(name)`` -> :class:`AtomicWriter`: write under a temporary name, then ``commit()``
   publishes it atomically (rename on a file system, a single PUT on an object store);
-- ``remove(name)``, ``move(name, new_name)``: clean-up and quarantine.
+- ``remove(name)``, ``move(name, new_name)``: clean-up and quarantine;
+- ``lock(owner)`` -> :class:`StoreLock`: the one-writer-at-a-time lock (writers and
+  ``recover`` take it; readers never do).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from types import TracebackType
 
-__all__ = ["AtomicWriter", "ReadHandle", "Storage"]
+__all__ = ["AtomicWriter", "ReadHandle", "Storage", "StoreLock"]
 
 
 class ReadHandle(ABC):
@@ -26,7 +28,37 @@ class ReadHandle(ABC):
         """Read bytes ``[offset, offset + length)``; fewer only if the file is shorter."""
 
     @abstractmethod
+    def size(self) -> int:
+        """Size in bytes of the open file (not of whatever the name points to now)."""
+
+    @abstractmethod
     def close(self) -> None: ...
+
+
+class StoreLock:
+    """The store's writer lock, held from :meth:`Storage.lock` until :meth:`release`.
+
+    Attributes:
+        supported: False where the backend or file system has no locks; then nothing is
+            excluded and writers fall back to comparing ``index.json`` before their commit.
+        previous: The owner record a previous holder left when it died holding the lock
+            (a dict with ``pid``, ``host``, ``token``, ``role``...), or None after a clean end.
+    """
+
+    supported = False
+    previous: dict | None = None
+
+    def update(self, owner: dict) -> None:
+        """Replace the owner record kept with the lock (while holding it)."""
+
+    def release(self) -> None:
+        """Clear the owner record (a clean end) and unlock. Safe to call twice."""
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class AtomicWriter(ABC):
@@ -94,11 +126,27 @@ class Storage(ABC):
             NotARegularFileError: It is a directory, FIFO, device or socket.
         """
 
-    def read_all(self, name: str) -> bytes:
-        """Read a whole file."""
+    def read_all(self, name: str, max_bytes: int | None = None) -> bytes:
+        """Read a whole file atomically: its size and bytes come from one open file, so a
+        file renamed over ``name`` meanwhile is never read short.
+
+        Args:
+            name: The file.
+            max_bytes: If given, a file larger than this raises ``ValueError`` before reading.
+
+        Raises:
+            FileNotFoundError, NotARegularFileError: As :meth:`open`.
+            ValueError: The file is larger than ``max_bytes``.
+        """
         handle = self.open(name)
         try:
-            return handle.read_range(0, self.size(name))
+            size = handle.size()
+            if max_bytes is not None and size > max_bytes:
+                raise ValueError(f"{name!r} is {size} bytes; expected at most {max_bytes}")
+            data = handle.read_range(0, size)
+            if len(data) != size:  # pragma: no cover - a file truncated while it was being read
+                raise OSError(f"{name!r} shrank from {size} to {len(data)} bytes while it was read")
+            return data
         finally:
             handle.close()
 
@@ -122,3 +170,18 @@ class Storage(ABC):
     @abstractmethod
     def remove_container(self) -> None:
         """Remove the location if it is empty (used to undo a failed create)."""
+
+    def lock(self, owner: dict) -> StoreLock:
+        """Take the store's exclusive writer lock at once, or raise.
+
+        Args:
+            owner: JSON-serialisable facts about the holder (``pid``, ``host``, ``token``,
+                ``role``), kept with the lock so that others can name the holder, and so that
+                ``recover`` can tell whose shards a holder that died left behind.
+
+        Raises:
+            StoreBusyError: Another writer or ``recover`` holds it.
+
+        This default has no locks (``supported`` False): backends that can lock override it.
+        """
+        return StoreLock()

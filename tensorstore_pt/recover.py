@@ -1,0 +1,954 @@
+"""recover_store(): rebuild a store from what checksums prove; never make it worse.
+
+``recover_store`` (``tspt recover``) rebuilds ``index.json`` after a crash, a lost or damaged
+index, or damaged shards. Its guarantee, tested by property over every damage kind:
+
+- **It never makes a store worse.** After recover (default options) at least as many records
+  are readable as before, and every record a shard still proves (its frame's xxh3_64 in an
+  intact footer; for a shard whose footer is lost, its frames decode and every zip entry of
+  the ``torch.save`` record matches its CRC-32) is in the recovered store. Nothing is deleted:
+  a file that is not kept is renamed ``NAME.quarantined``.
+- **It never invents or mixes.** The recovered records are, in order, a subsequence of the
+  records that were written, each bit-identical; no record twice; no shard of another version.
+
+How it decides:
+
+- **The index is evidence, not truth.** Shard footers (checksummed) give each shard's codec,
+  first record, record count and features; where the index disagrees, the footers win. The
+  index gives the shard names it committed (so their writers' tokens), the user metadata,
+  and what is needed to rebuild a shard whose footer is lost (its first record and sizes).
+- **Which unreferenced shards may join.** With a valid index: shards of a writer whose
+  token the index names, and shards of a writer that died holding the lock (the lock file
+  still names its token, see :meth:`Storage.lock`), when they continue the record sequence
+  exactly. Leftovers of a failed writer, copies made by a recover that died, and shards of
+  an older version are quarantined. Without a usable index every complete shard is a
+  candidate; versions cannot then be told apart, so the longest record sequence is kept.
+- **Damaged records are dropped, the rest kept.** A shard with damaged frames keeps its
+  other records; so does a shard whose footer is lost (rebuilt from its frames: zstd and lz4
+  frames delimit themselves, ``none`` records are zip archives that do). The format has no
+  holes, so the records after a lost one move down: such shards are copied (frames
+  unchanged, checksums kept) into new shards of this recover's own token, and the report
+  says, per shard file, which records (in the old numbering) were kept and which were lost.
+
+Crash safety: recover holds the store's lock for its whole run. It writes the copied shards
+and a copy of the old index first, then renames complete temporary shards into place,
+commits the new index (the single commit point), and only then quarantines what the new
+index does not reference. Killed at any point, running it again finishes the job. On a
+full disk it removes what it wrote and raises :class:`StorageFullError` saying how many
+bytes it needs; the store is unchanged.
+
+Thread/fork safety: no global state; one recover (or writer) at a time per store.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import _version
+from ._zipwalk import check_zip, find_zip_end
+from .checksums import digest_int
+from .codecs import Codec, get_codec
+from .errors import (
+    CorruptStoreError,
+    DecompressionError,
+    IndexFormatError,
+    NotARegularFileError,
+    NotAStoreError,
+    StorageFullError,
+    StoreBusyError,
+    TensorStoreError,
+    UnsupportedFormatError,
+)
+from .format import (
+    FEATURE_DICTIONARY,
+    FEATURE_MULTI_RECORD_FRAMES,
+    FORMAT_NAME,
+    HEADER_BYTES,
+    INDEX_NAME,
+    MAX_INDEX_BYTES,
+    SHARD_SUFFIX,
+    IndexInfo,
+    ShardEntry,
+    check_shard_name,
+    decode_header,
+    new_writer_token,
+    parse_index,
+    parse_shard_name,
+    shard_name,
+    strict_json_loads,
+    version_for,
+)
+from .integrity import (
+    QUARANTINE_SUFFIX,
+    _bounds_codec,
+    _check_frame,
+    _file_digest,
+    _frame_records,
+    _open_footer,
+    _parse_temp,
+    _read_exact,
+    _record_slices,
+    _storage_checked,
+    _store_loader,
+)
+from .reader import check_index_sizes
+from .storage import Storage
+from .storage.local import _pid_alive
+from .writer import DEFAULT_MAX_SHARD_BYTES, _OpenShard, lock_owner
+
+__all__ = ["KeptShard", "QuarantinedFile", "RecoverReport", "ShardOutcome", "recover_store"]
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class KeptShard:
+    """A shard in the recovered index.
+
+    Attributes:
+        name: Its file name.
+        first_record: Its first record's position in the recovered store.
+        records: How many records it holds.
+        how: ``"indexed"`` (in the old index, kept as is), ``"adopted"`` (a complete shard the
+            old index did not list, kept as is), ``"renamed"`` (a complete temporary file
+            renamed into place) or ``"copied"`` (a new shard holding the proven frames of
+            ``source``, renumbered).
+        source: The file its records come from (for ``"renamed"`` the temporary file).
+    """
+
+    name: str
+    first_record: int
+    records: int
+    how: str
+    source: str
+
+
+@dataclass(frozen=True)
+class QuarantinedFile:
+    """A file :func:`recover_store` moved aside (renamed, never deleted).
+
+    Attributes:
+        name: Its name before.
+        new_name: Its name now (``name`` if ``dry_run``).
+        reason: Why it is not part of the recovered store as it is.
+        records: Records it holds if known, else None.
+    """
+
+    name: str
+    new_name: str
+    reason: str
+    records: int | None = None
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """What recover did with one shard file (the per-shard table of ``tspt recover``).
+
+    Attributes:
+        name: The file as found.
+        action: ``"kept"`` (as is), ``"renamed"``, ``"copied"`` (its proven records copied into
+            new shards, renumbered; the file is quarantined) or ``"quarantined"`` (nothing
+            kept from it).
+        first_record: Its first record in the old numbering, if known.
+        records: Records it held (per its footer, or the index for a lost footer), if known.
+        kept: Records kept from it.
+        lost: Half-open ranges of records (old numbering) it held that could not be proven.
+        reason: Why, in a sentence (empty for a shard kept as is).
+    """
+
+    name: str
+    action: str
+    first_record: int | None
+    records: int | None
+    kept: int
+    lost: tuple[tuple[int, int], ...] = ()
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lost"] = [list(r) for r in self.lost]
+        return d
+
+
+@dataclass(frozen=True)
+class RecoverReport:
+    """The result of :func:`recover_store`.
+
+    Attributes:
+        location: The store.
+        index_before: ``"valid"``, ``"damaged"`` or ``"missing"``.
+        records: Records in the recovered store.
+        kept: The shards of the recovered store, in record order.
+        quarantined: Files moved aside.
+        metadata: Where the user metadata came from: ``"index"`` (the old valid index),
+            ``"temporary index"``, ``"damaged index"``, or ``"lost"`` (the recovered index has
+            empty metadata).
+        index_written: Whether a new ``index.json`` was written (False when the old one was
+            already right, or with ``dry_run``).
+        dry_run: True if nothing was changed on disk.
+        index_backup: Where a copy of the replaced index was kept, else None.
+        notes: Further facts in plain sentences.
+        shards: Per shard file found, what was done and which records were kept and lost.
+        records_lost: Records the shards held (by their footers or the index) that could not
+            be proven and are not in the recovered store.
+    """
+
+    location: str
+    index_before: str
+    records: int
+    kept: tuple[KeptShard, ...]
+    quarantined: tuple[QuarantinedFile, ...]
+    metadata: str
+    index_written: bool
+    dry_run: bool
+    index_backup: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    shards: tuple[ShardOutcome, ...] = field(default_factory=tuple)
+    records_lost: int = 0
+
+    @property
+    def changed(self) -> bool:
+        """Whether the store would change (or changed): a new index, renames, copies or quarantines."""
+        return self.index_written or bool(self.quarantined) or any(k.how in ("renamed", "copied") for k in self.kept)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "location": self.location,
+            "index_before": self.index_before,
+            "records": self.records,
+            "records_lost": self.records_lost,
+            "kept": [asdict(k) for k in self.kept],
+            "quarantined": [asdict(q) for q in self.quarantined],
+            "shards": [s.to_json() for s in self.shards],
+            "metadata": self.metadata,
+            "index_written": self.index_written,
+            "index_backup": self.index_backup,
+            "dry_run": self.dry_run,
+            "changed": self.changed,
+            "notes": list(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+@dataclass
+class _Evidence:
+    """What an index (valid, damaged but parseable, or none) says."""
+
+    valid: bool = False
+    names: list[str] = field(default_factory=list)  # shard names, in the index's order
+    entries: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> its int fields
+    codec: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    created_by: dict[str, Any] | None = None
+    raw: bytes = b""
+
+
+def _ints(obj: dict[str, Any]) -> dict[str, int]:
+    keys = ("records", "first_record", "file_bytes", "stored_bytes", "raw_bytes")
+    return {k: v for k in keys if isinstance(v := obj.get(k), int) and not isinstance(v, bool) and 0 <= v <= 2**62}
+
+
+def _read_evidence(storage: Storage, notes: list[str]) -> tuple[str, _Evidence]:
+    """(index_before, evidence) from ``index.json``; UnsupportedFormatError for a newer store."""
+    where = f"store {storage.location!r}"
+    try:
+        raw = storage.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
+    except FileNotFoundError:
+        return "missing", _Evidence()
+    except (ValueError, NotARegularFileError) as exc:
+        notes.append(f"{INDEX_NAME} is unusable ({exc})")
+        return "damaged", _Evidence()
+    ev = _Evidence(raw=raw)
+    try:
+        index = parse_index(raw, f"{where}: {INDEX_NAME}")
+        check_index_sizes(index, _bounds_codec(index.codec), f"{where}: {INDEX_NAME}")
+    except IndexFormatError as exc:
+        notes.append(f"{INDEX_NAME} is damaged ({exc}); it is used as evidence only, the shards' footers decide")
+        try:
+            obj = strict_json_loads(raw)
+        except (ValueError, RecursionError):
+            return "damaged", ev
+        if not isinstance(obj, dict):
+            return "damaged", ev
+        for s in obj.get("shards", []) if isinstance(obj.get("shards"), list) else []:
+            if isinstance(s, dict):
+                try:
+                    name = check_shard_name(s.get("name"), INDEX_NAME)
+                except IndexFormatError:
+                    continue
+                if name not in ev.entries:
+                    ev.names.append(name)
+                    ev.entries[name] = _ints(s)
+        ev.codec = obj["codec"] if isinstance(obj.get("codec"), dict) else None
+        ev.metadata = dict(obj["metadata"]) if isinstance(obj.get("metadata"), dict) else None
+        ev.created_by = dict(obj["created_by"]) if isinstance(obj.get("created_by"), dict) else None
+        return "damaged", ev
+    ev.valid = True
+    ev.names = [s.name for s in index.shards]
+    ev.entries = {s.name: _ints(s.to_json()) for s in index.shards}
+    ev.codec, ev.metadata, ev.created_by = dict(index.codec), dict(index.metadata), dict(index.created_by)
+    ev.index = index  # type: ignore[attr-defined]
+    return "valid", ev
+
+
+# --------------------------------------------------------------------------- shard scans
+
+
+@dataclass
+class _Frame:
+    offset: int  # in the source file
+    stored: int
+    checksum: int
+    raw_lengths: list[int]
+    first: int  # shard-relative position of its first record
+
+
+@dataclass
+class _Piece:
+    """A shard file read on its own terms: which of its records it proves."""
+
+    name: str  # the file's current name
+    final: str  # its name in the store (differs for a temporary file)
+    first_record: int | None = None
+    records: int | None = None
+    codec: dict[str, Any] | None = None
+    features: tuple[str, ...] = ()
+    frames: list[_Frame] = field(default_factory=list)
+    intact: bool = False  # kept as is if it also lands at its own first_record
+    entry: ShardEntry | None = None
+    footer_lost: bool = False
+    reason: str = ""
+    file_bytes: int = 0
+
+    @property
+    def token(self) -> str | None:
+        parsed = parse_shard_name(self.final)
+        return parsed[0] if parsed else None
+
+    @property
+    def seq(self) -> int | None:
+        parsed = parse_shard_name(self.final)
+        return parsed[1] if parsed else None
+
+    @property
+    def good(self) -> int:
+        return sum(len(f.raw_lengths) for f in self.frames)
+
+    @property
+    def end(self) -> int:
+        return (self.first_record or 0) + (self.records if self.records is not None else self.good)
+
+    def lost(self) -> tuple[tuple[int, int], ...]:
+        """Ranges (old numbering) of the records it held that it does not prove."""
+        if self.first_record is None or self.records is None:
+            return ()
+        out: list[tuple[int, int]] = []
+        pos = 0
+        for f in self.frames:
+            if f.first > pos:
+                out.append((self.first_record + pos, self.first_record + f.first))
+            pos = f.first + len(f.raw_lengths)
+        if self.records > pos:
+            out.append((self.first_record + pos, self.first_record + self.records))
+        return tuple(out)
+
+
+class _Scanner:
+    """Reads shard files, caching codecs by config (a dictionary file is loaded once)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.codecs: dict[str, Codec | None] = {}
+
+    def codec(self, config: Any) -> Codec | None:
+        key = json.dumps(config, sort_keys=True)
+        if key not in self.codecs:
+            try:
+                self.codecs[key] = get_codec(config, _store_loader(self.storage))
+            except (TensorStoreError, FileNotFoundError, TypeError, AttributeError):
+                self.codecs[key] = None
+        return self.codecs[key]
+
+    def scan(self, name: str, final: str) -> _Piece:
+        piece = _Piece(name, final)
+        where = f"store {self.storage.location!r}, file {name!r}"
+        try:
+            handle = self.storage.open(name)
+        except FileNotFoundError:
+            piece.reason = "the file vanished while recover ran"
+            return piece
+        except NotARegularFileError as exc:
+            piece.reason = str(exc)
+            return piece
+        try:
+            size = piece.file_bytes = handle.size()
+            header = handle.read_range(0, HEADER_BYTES)
+            header_problem = ""
+            try:
+                version = decode_header(header, where)
+                if header[12:16] != b"\0\0\0\0":
+                    header_problem = "its header flags are not 0"
+            except (CorruptStoreError, UnsupportedFormatError) as exc:
+                version, header_problem = None, str(exc)
+            try:
+                footer = _open_footer(handle, size, where)
+            except (CorruptStoreError, UnsupportedFormatError) as exc:
+                piece.footer_lost = True
+                piece.reason = f"its footer is lost ({exc})"
+                return piece
+            meta = footer.meta
+            first = meta.get("first_record")
+            if isinstance(first, bool) or not isinstance(first, int) or first < 0 or footer.records == 0:
+                piece.footer_lost = True
+                piece.reason = f"its footer has no valid first_record or no records ({first!r}, {footer.records})"
+                return piece
+            piece.first_record, piece.records = first, footer.records
+            piece.codec = meta.get("codec")
+            piece.features = tuple(sorted(meta.get("features", [])))
+            codec = self.codec(piece.codec)
+            if codec is None:
+                piece.reason = f"its footer's codec {piece.codec} cannot be used"
+                return piece
+            if version is not None and tuple(meta.get("format_version", ())) != version:
+                header_problem = f"its header says format {version}, its footer {meta.get('format_version')}"
+            bad: list[str] = []
+            for fi, (a, b) in enumerate(_frame_records(footer)):
+                row = footer.table[fi]
+                check = _check_frame(handle, codec, row, f"{where}, frame {fi}")
+                if check.kind is not None:
+                    bad.append(check.message)
+                    continue
+                lengths = [n for _, n in _record_slices(footer, a, b)]
+                piece.frames.append(_Frame(int(row["offset"]), int(row["stored"]), int(row["checksum"]), lengths, a))
+            piece.intact = not bad and not header_problem
+            if piece.intact:
+                piece.entry = ShardEntry(
+                    name=final,
+                    records=footer.records,
+                    first_record=first,
+                    file_bytes=size,
+                    stored_bytes=int(footer.table["stored"].sum()),
+                    raw_bytes=int(footer.table["raw"].sum()),
+                    checksum=_file_digest(handle, size),
+                )
+            else:
+                piece.reason = "; ".join(([header_problem] if header_problem else []) + bad[:3]) + (
+                    f" (and {len(bad) - 3} more damaged frames)" if len(bad) > 3 else ""
+                )
+            return piece
+        finally:
+            handle.close()
+
+    def rebuild(self, piece: _Piece, evidence: dict[str, int], codec_config: dict[str, Any]) -> None:
+        """Find the frames of a shard whose footer is lost, from byte 16, with the index's
+        knowledge of the shard (first record, record count, stored and raw bytes)."""
+        codec = self.codec(codec_config)
+        if codec is None or "first_record" not in evidence:
+            piece.reason += "; it cannot be rebuilt (no usable codec or index entry)"
+            return
+        piece.first_record = evidence["first_record"]
+        piece.records = evidence.get("records")
+        piece.codec = codec_config
+        try:
+            handle = self.storage.open(piece.name)
+        except (FileNotFoundError, NotARegularFileError):
+            return
+        try:
+            size = handle.size()
+            end = min(size, HEADER_BYTES + evidence["stored_bytes"]) if "stored_bytes" in evidence else size
+            region = handle.read_range(HEADER_BYTES, max(0, end - HEADER_BYTES))
+        finally:
+            handle.close()
+        raw_left = evidence.get("raw_bytes", codec.max_raw_bytes(len(region)))
+        pos = rel = 0
+        while pos < len(region) and (piece.records is None or rel < piece.records):
+            try:
+                got = codec.first_frame(memoryview(region)[pos:], raw_left)
+            except DecompressionError:
+                break
+            if got is None:  # codec none: a frame is the record itself, a zip archive
+                stop = find_zip_end(region, pos)
+                if stop is None:
+                    break
+                n, raw = stop - pos, region[pos:stop]
+            else:
+                n, raw = got
+            lengths = _split_records(raw)
+            if lengths is None:
+                break
+            piece.frames.append(_Frame(HEADER_BYTES + pos, n, digest_int(region[pos : pos + n]), lengths, rel))
+            rel += len(lengths)
+            pos += n
+            raw_left -= len(raw)
+        if piece.records is None:
+            piece.records = rel
+        piece.reason += f"; rebuilt from its frames: {rel} record(s) proven by their zip CRC-32s"
+
+
+def _split_records(raw: bytes) -> list[int] | None:
+    """Lengths of the consecutive torch.save zip archives that make up ``raw``, each checked
+    (stored entries, CRC-32s); None if ``raw`` is not exactly such a sequence."""
+    lengths = []
+    pos = 0
+    while pos < len(raw):
+        stop = find_zip_end(raw, pos)
+        if stop is None or check_zip(memoryview(raw)[pos:stop]) is not None:
+            return None
+        lengths.append(stop - pos)
+        pos = stop
+    return lengths or None
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def _may_follow(prev: _Piece | None, q: _Piece, present: set[tuple[str, int]]) -> bool:
+    """Whether ``q`` can be the next shard written after ``prev`` (by writer token and seq).
+
+    A writer numbers its own shards 0, 1, 2...; a later writer starts its own at 0. So the
+    next shard is the same writer's next one (numbers between absent from the directory), or
+    another writer's first when ``prev``'s writer wrote nothing after ``prev``. Legacy names
+    (token "") are one global numbering.
+    """
+    if prev is None:
+        return True
+    pt, ps, qt, qs = prev.token, prev.seq, q.token, q.seq
+    if pt is None or qt is None or ps is None or qs is None:
+        return q.final > prev.final
+    if pt == qt:
+        return qs > ps and not any((pt, x) in present for x in range(ps + 1, qs))
+    if qt == "":
+        return False  # a legacy shard never follows a shard with a writer token
+    later = any(t == pt and s > ps for t, s in present)
+    return qs == 0 and not later
+
+
+def _chain(
+    candidates: list[_Piece], committed: set[str], adoptable: Any, present: set[tuple[str, int]], seed: _Piece | None
+) -> list[_Piece]:
+    """Walk the candidates in record order, keeping what continues the sequence.
+
+    A shard the index committed is taken wherever it starts at or after the current end (a
+    gap is the records of a missing or unproven shard). Any other shard must be adoptable,
+    follow the last kept shard by writer token and number (:func:`_may_follow`), and start
+    exactly at the current end, or after a gap of its own writer's missing shards.
+    """
+    chain: list[_Piece] = [seed] if seed is not None else []
+    end = seed.end if seed is not None else 0
+    for q in candidates:
+        if q is seed or q.first_record is None or q.first_record < end:
+            continue
+        last = chain[-1] if chain else None
+        if q.final not in committed:
+            if not adoptable(q) or not _may_follow(last, q, present):
+                continue
+            if q.first_record != end and (last is None or last.token != q.token):
+                continue
+        chain.append(q)
+        end = q.end
+    return chain
+
+
+def _priority(q: _Piece, committed: set[str], dead: set[str]) -> tuple[Any, ...]:
+    return (
+        q.first_record,
+        0 if q.final in committed else 1 if q.token in dead else 2,
+        0 if q.intact else 1,
+        -q.good,
+        q.final,
+    )
+
+
+# --------------------------------------------------------------------------- recover
+
+
+def recover_store(
+    path: str | os.PathLike[str] | Storage, *, salvage: bool = True, dry_run: bool = False, force: bool = False
+) -> RecoverReport:
+    """Rebuild a store from what its shards prove; quarantine what cannot be kept.
+
+    See the module docstring for the guarantees and rules.
+
+    Args:
+        path: The store directory.
+        salvage: Kept for compatibility; recover always keeps every proven record now (a
+            shard's damaged records are dropped and the rest kept, renumbered).
+        dry_run: Only report what would be done (per shard: records kept and lost); change
+            nothing. Takes no lock, but refuses while a writer holds it.
+        force: Run even if a temporary file belongs to a process id that is alive (use when
+            that id was reused by an unrelated process; only matters where the file system
+            has no locks).
+
+    Returns:
+        A :class:`RecoverReport`.
+
+    Raises:
+        StoreNotFoundError: The path does not exist.
+        NotAStoreError: The path is a file, or a directory with no index, shard or temporary
+            file of a store.
+        UnsupportedFormatError: The index is a newer format version (left untouched).
+        StoreBusyError: A writer or another recover holds the store's lock (named by pid and
+            host), or a temporary file belongs to a process still running.
+        StorageFullError: No space for the copied shards or the index; nothing was changed.
+    """
+    del salvage  # always on
+    storage = _storage_checked(path)
+    where = f"store {storage.location!r}"
+    names = storage.list()
+    temps = {n: t for n in names if (t := _parse_temp(n))}
+    shard_files = [n for n in names if n.endswith(SHARD_SUFFIX) and not n.startswith(".")]
+    if INDEX_NAME not in names and not shard_files and not temps:
+        raise NotAStoreError(f"{storage.location!r} holds no {INDEX_NAME}, shard or temporary file: nothing to recover")
+    token = new_writer_token()
+    owner = lock_owner(token, "recover", "recover")
+    lock = storage.lock(None if dry_run else owner)  # dry run: only a probe (refuses while held)
+    previous = lock.previous or {}
+    dead: set[str] = set()
+    if previous.get("role") == "writer" and isinstance(previous.get("token"), str):
+        dead.add(previous["token"])  # a writer died holding the lock: its shards may be adopted
+    if previous.get("role") == "recover" and isinstance(previous.get("adopt"), list):
+        dead.update(t for t in previous["adopt"] if isinstance(t, str))  # passed on by a recover that died
+    if dead and not dry_run:
+        lock.update({**owner, "adopt": sorted(dead)})  # so that a recover killed now passes them on too
+    try:
+        return _recover_locked(storage, where, names, temps, shard_files, token, dead, dry_run, force)
+    finally:
+        lock.release()
+
+
+def _recover_locked(
+    storage: Storage,
+    where: str,
+    names: list[str],
+    temps: dict[str, tuple[str, int]],
+    shard_files: list[str],
+    token: str,
+    dead: set[str],
+    dry_run: bool,
+    force: bool,
+) -> RecoverReport:
+    busy = sorted(n for n, (_, pid) in temps.items() if _pid_alive(pid))
+    if busy and not force:
+        raise StoreBusyError(
+            f"{where}: {busy[0]!r} belongs to process {temps[busy[0]][1]}, which is still running (a writer at "
+            "work on a file system without locks?); stop it first, or pass force=True (--force) if that "
+            "process id was reused"
+        )
+    notes: list[str] = []
+    index_before, ev = _read_evidence(storage, notes)
+    metadata, created_by, meta_source = ev.metadata, ev.created_by, ("index" if ev.valid else "damaged index")
+    if metadata is None:
+        meta_source = "lost"
+        for tname, (final, _pid) in sorted(temps.items()):
+            if final == INDEX_NAME:
+                try:
+                    tmp = parse_index(storage.read_all(tname, max_bytes=MAX_INDEX_BYTES), f"{where}: {tname}")
+                except (IndexFormatError, UnsupportedFormatError, ValueError, OSError):
+                    continue
+                metadata, created_by, meta_source = dict(tmp.metadata), dict(tmp.created_by), "temporary index"
+                break
+
+    # Read every shard file and every temporary shard file on its own terms.
+    scanner = _Scanner(storage)
+    pieces: list[_Piece] = [scanner.scan(n, n) for n in shard_files]
+    unusable_temps: list[tuple[str, str]] = []
+    for tname, (final, _pid) in sorted(temps.items()):
+        if final == INDEX_NAME:
+            continue
+        if not final.endswith(SHARD_SUFFIX) or final.startswith("."):
+            unusable_temps.append((tname, "an unfinished temporary file (its writer died)"))
+            continue
+        p = scanner.scan(tname, final)
+        if final in shard_files:
+            unusable_temps.append((tname, f"a copy of {final!r}, which exists"))
+        elif not p.intact:
+            unusable_temps.append((tname, f"an unfinished shard (its writer died before closing it): {p.reason}"))
+        else:
+            pieces.append(p)
+
+    # The store's codec: what the footers say (weighted by records), else the index's.
+    weights: dict[str, int] = {}
+    for p in pieces:
+        if p.codec is not None and p.frames:
+            key = json.dumps(p.codec, sort_keys=True)
+            weights[key] = weights.get(key, 0) + p.good
+    if weights:
+        codec_config = json.loads(max(weights, key=lambda k: (weights[k], k == json.dumps(ev.codec, sort_keys=True))))
+    elif ev.codec is not None and scanner.codec(ev.codec) is not None:
+        codec_config = ev.codec
+    else:
+        codec_config = {"id": "zstd", "level": 3}
+    if ev.codec is not None and ev.codec != codec_config:
+        notes.append(f"the index says codec {ev.codec}, the shards' footers say {codec_config}: the footers win")
+
+    # Shards whose footer is lost: rebuild them from the index's entry and their frames.
+    for p in pieces:
+        if p.footer_lost and p.final in ev.entries:
+            scanner.rebuild(p, ev.entries[p.final], codec_config)
+
+    committed = set(ev.names)
+    committed_tokens = {t for n in ev.names if (parsed := parse_shard_name(n)) for t in [parsed[0]]}
+    present = {(t, s) for p in pieces if (t := p.token) is not None and (s := p.seq) is not None}
+    usable = [p for p in pieces if p.first_record is not None and p.frames and p.codec == codec_config]
+
+    def adoptable(q: _Piece) -> bool:
+        if not ev.valid:
+            return True
+        return q.token in committed_tokens or q.token in dead
+
+    usable.sort(key=lambda q: _priority(q, committed, dead))
+    if ev.valid or any(p.final in committed for p in usable):
+        chain = _chain(usable, committed, adoptable, present, None)
+    else:
+        # No index to go by: every shard that no shard of its own writer precedes starts a
+        # candidate sequence; the one that proves the most records wins.
+        seeds = [
+            q for q in usable
+            if not any(o is not q and o.token == q.token and (o.seq or 0) < (q.seq or 0) for o in usable)
+        ]  # fmt: skip
+        chains = [_chain(usable, set(), adoptable, present, s) for s in seeds]
+        chains.sort(key=lambda c: (-sum(x.good for x in c), c[0].first_record if c else 0, c[0].final if c else ""))
+        chain = chains[0] if chains else []
+        if len(chains) > 1 and chain:
+            notes.append(
+                f"{len(chains)} candidate record sequences (an interrupted overwrite?); kept the one proving the most "
+                f"records, starting at {chain[0].final!r}; the others are quarantined, not deleted"
+            )
+
+    # Plan the new store: keep a shard as is where it lands at its own first record, else copy.
+    cap = max([p.file_bytes for p in chain] + [0]) or DEFAULT_MAX_SHARD_BYTES
+    kept: list[KeptShard] = []
+    entries: list[ShardEntry | _Piece] = []
+    position = 0
+    for p in chain:
+        if p.intact and p.entry is not None and p.first_record == position:
+            how = "renamed" if p.name != p.final else "indexed" if p.final in committed else "adopted"
+            kept.append(KeptShard(p.final, position, p.good, how, p.name))
+            entries.append(p.entry)
+        else:
+            entries.append(p)
+        position += p.good
+    chain_names = {p.name for p in chain}
+
+    # Per shard file: what happens to it.
+    outcomes: list[ShardOutcome] = []
+    to_quarantine: list[tuple[str, str, int | None]] = []
+    for p in sorted(pieces, key=lambda q: ((q.first_record if q.first_record is not None else 2**63), q.final)):
+        if p.name in chain_names and p.intact and any(k.source == p.name for k in kept):
+            action = "renamed" if p.name != p.final else "kept"
+            outcomes.append(ShardOutcome(p.name, action, p.first_record, p.records, p.good, p.lost(), p.reason))
+            continue
+        if p.name in chain_names:
+            why = p.reason or "its records move down (records before it were lost)"
+            outcomes.append(ShardOutcome(p.name, "copied", p.first_record, p.records, p.good, p.lost(), why))
+            to_quarantine.append((p.name, f"its proven records were copied into new shards; {why}", p.records))
+            continue
+        if p.first_record is None or not p.frames:
+            why = p.reason or "it proves no record"
+        elif p.codec != codec_config:
+            why = f"its codec {p.codec} is not the store's {codec_config}"
+        elif not adoptable(p):
+            why = (
+                "a shard of a writer that never committed (a failed write, or a copy by an interrupted recover), "
+                "or of an older version"
+            )
+        else:
+            why = "it does not continue the kept record sequence (another version, or records kept from elsewhere)"
+        # Its records count as lost only if the store had them (a shard the index named).
+        held = (p.first_record, p.end) if p.first_record is not None and p.records and p.final in committed else None
+        outcomes.append(ShardOutcome(p.name, "quarantined", p.first_record, p.records, 0, (held,) if held else (), why))
+        to_quarantine.append((p.name, why, p.records))
+    found = {p.final for p in pieces}
+    for name in ev.names:
+        if name not in found:
+            e = ev.entries.get(name, {})
+            span = ((e["first_record"], e["first_record"] + e["records"]),) if {"first_record", "records"} <= e.keys() else ()
+            outcomes.append(ShardOutcome(name, "missing", e.get("first_record"), e.get("records"), 0, span,
+                                         "named in the index, but there is no such file"))  # fmt: skip
+    for tname, why in unusable_temps:
+        outcomes.append(ShardOutcome(tname, "quarantined", None, None, 0, (), why))
+        to_quarantine.append((tname, why, None))
+    for tname, (final, _pid) in sorted(temps.items()):
+        if final == INDEX_NAME:
+            to_quarantine.append((tname, "an unpublished index (its writer died before committing it)", None))
+
+    if meta_source == "lost":
+        notes.append(
+            "the user metadata lived only in the lost index and cannot be recovered; the new index has "
+            "empty metadata (set it again with a writer in append mode)"
+        )
+    lost_total = sum(e - s for o in outcomes for s, e in o.lost)
+    if lost_total:
+        notes.append(
+            f"{lost_total} record(s) could not be proven and are not in the recovered store; the quarantined "
+            "files keep their bytes"
+        )
+    if any(not isinstance(e, ShardEntry) for e in entries):
+        notes.append("records after a lost record move down (the format has no holes): see the per-shard table")
+
+    # Write: copies and an index backup first, then renames, the index, and quarantines.
+    new_files: list[str] = []
+    index_backup: str | None = None
+    taken = set(names)
+    new_entries: list[ShardEntry] = []
+    features: set[str] = set()
+    index_written = False
+    try:
+        seq = 0
+        position = 0
+        for item in entries:
+            if isinstance(item, ShardEntry):
+                new_entries.append(ShardEntry(item.name, item.records, position, item.file_bytes,
+                                              item.stored_bytes, item.raw_bytes, item.checksum))  # fmt: skip
+                piece = next(p for p in chain if p.entry is item)
+                features.update(piece.features)
+                position += item.records
+                continue
+            made, seq = _copy_piece(storage, item, token, seq, position, codec_config, cap, dry_run, scanner)
+            for e, feats in made:
+                new_files.append(e.name)
+                new_entries.append(e)
+                features.update(feats)
+                kept.append(KeptShard(e.name, e.first_record, e.records, "copied", item.name))
+            position += item.good
+        kept.sort(key=lambda k: k.first_record)
+        new_index = IndexInfo.build(
+            codec_config,
+            new_entries,
+            metadata or {},
+            {**(created_by or _created_by()), "recovered_by": f"tensorstore_pt {_version.__version__}"},
+            tuple(sorted(features)),
+        )
+        old: IndexInfo | None = getattr(ev, "index", None)
+        index_needed = not (
+            old is not None
+            and old.shards == new_index.shards
+            and old.codec == new_index.codec
+            and old.features == new_index.features
+        )
+        if not dry_run and index_needed and ev.raw:
+            index_backup = _quarantine_name(INDEX_NAME, taken)
+            with storage.writer(index_backup) as out:
+                out.write(ev.raw)
+            new_files.append(index_backup)
+        if not dry_run:
+            for p in chain:
+                if p.name != p.final and any(k.source == p.name for k in kept if k.how == "renamed"):
+                    storage.move(p.name, p.final)
+            if index_needed:
+                with storage.writer(INDEX_NAME) as out:
+                    out.write((json.dumps(new_index.to_json(), indent=1) + "\n").encode())
+                index_written = True
+    except StorageFullError as exc:
+        if not index_written:
+            for name in new_files:
+                try:
+                    storage.remove(name)
+                except OSError:
+                    pass
+        copies = [p for p in entries if isinstance(p, _Piece)]
+        need = sum(f.stored + 32 * len(f.raw_lengths) for p in copies for f in p.frames) + 4096 * len(copies)
+        raise StorageFullError(
+            exc.errno or errno.ENOSPC,
+            f"{where}: recover needs about {need + len(ev.raw) * 2 + 2**16} bytes free (copied shards, the new index "
+            f"and a copy of the old one) and the disk is full ({exc}); nothing was changed: free space and run "
+            "`tspt recover` again",
+        ) from exc
+    quarantined = tuple(
+        QuarantinedFile(n, n if dry_run else _quarantine_name(n, taken), reason, recs) for n, reason, recs in to_quarantine
+    )
+    if not dry_run:
+        for q in quarantined:
+            try:
+                storage.move(q.name, q.new_name)
+            except FileNotFoundError:
+                pass
+    return RecoverReport(
+        location=storage.location,
+        index_before=index_before,
+        records=new_index.records,
+        kept=tuple(kept),
+        quarantined=quarantined,
+        metadata=meta_source,
+        index_written=index_written,
+        dry_run=dry_run,
+        index_backup=index_backup,
+        notes=tuple(notes),
+        shards=tuple(outcomes),
+        records_lost=lost_total,
+    )
+
+
+def _copy_piece(
+    storage: Storage,
+    piece: _Piece,
+    token: str,
+    seq: int,
+    first: int,
+    codec_config: dict[str, Any],
+    cap: int,
+    dry_run: bool,
+    scanner: _Scanner,
+) -> tuple[list[tuple[ShardEntry, list[str]]], int]:
+    """Copy a piece's proven frames (bytes and checksums unchanged) into new shards of this
+    recover's token, numbered from ``first``; return ([(entry, features)], next seq)."""
+    multi = any(len(f.raw_lengths) != 1 for f in piece.frames) or FEATURE_MULTI_RECORD_FRAMES in piece.features
+    features = sorted(({FEATURE_MULTI_RECORD_FRAMES} if multi else set()) | ({FEATURE_DICTIONARY} if "dict" in codec_config else set()))
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": list(version_for(features)),
+        "features": features,
+        "codec": codec_config,
+        "checksum": "xxh3_64",
+    }
+    made: list[tuple[ShardEntry, list[str]]] = []
+    if dry_run:
+        n = piece.good
+        made.append((ShardEntry(shard_name(token, seq), n, first, 0, 0, 0, 0), features))
+        return made, seq + 1
+    handle = storage.open(piece.name)
+    out: _OpenShard | None = None
+    try:
+        for f in piece.frames:
+            frame = _read_exact(handle, f.offset, f.stored, "a frame", piece.name)
+            if digest_int(frame) != f.checksum:  # changed under us: never copy what was not proven
+                raise CorruptStoreError(f"{piece.name!r}: a frame at byte {f.offset} changed while recover ran")
+            if out is not None and out.records and out.size_with(len(frame), len(f.raw_lengths)) > cap:
+                made.append((out.close(), features))
+                out = None
+            if out is None:
+                out = _OpenShard(storage, shard_name(token, seq), first, meta, multi=multi)
+                seq += 1
+            out.add(frame, f.checksum, f.raw_lengths)
+            first += len(f.raw_lengths)
+        if out is not None:
+            made.append((out.close(), features))
+            out = None
+    finally:
+        handle.close()
+        if out is not None:
+            out.out.abort()
+    return made, seq
+
+
+def _quarantine_name(name: str, taken: set[str]) -> str:
+    base = name.lstrip(".") + QUARANTINE_SUFFIX
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _created_by() -> dict[str, Any]:
+    from .writer import _created_by as writer_created_by
+
+    return writer_created_by()
