@@ -268,7 +268,12 @@ def _edited(value: Any, rng: random.Random, codec_ids: tuple[str, ...] = ("none"
 def edit_index_field(store: Path, rng: random.Random) -> str:
     """Change one field of a parseable index.json; return a description."""
     p = store / "index.json"
-    obj = json.loads(p.read_text())
+    try:
+        obj = json.loads(p.read_text())
+    except ValueError:  # an earlier mutation broke the JSON: damage it further instead
+        off = rng.randrange(p.stat().st_size)
+        flip_byte(p, off)
+        return f"index.json (not JSON): flipped byte {off}"
     leaves = [(path, v) for path, v in _index_leaves(obj) if path]
     path, value = rng.choice(leaves)
     new = _edited(value, rng)
