@@ -89,6 +89,8 @@ def read_index_bytes(storage: Storage) -> bytes:
         raise NotAStoreError(f"{where!r} is a file; expected a store directory holding {INDEX_NAME}")
     try:
         return storage.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
+    except TensorStoreError:
+        raise  # NotARegularFileError: a directory or FIFO named index.json
     except ValueError as exc:
         raise IndexFormatError(f"store {where!r}: {INDEX_NAME}: expected at most {MAX_INDEX_BYTES} bytes ({exc})") from exc
     except FileNotFoundError:

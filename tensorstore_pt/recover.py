@@ -96,7 +96,7 @@ from .integrity import (
     _store_loader,
 )
 from .reader import check_index_sizes
-from .storage import Storage
+from .storage import Storage, typed_full_disk
 from .storage.local import _pid_alive
 from .writer import DEFAULT_MAX_SHARD_BYTES, _OpenShard, lock_owner
 
@@ -811,7 +811,8 @@ def _recover_locked(
                 features.update(piece.features)
                 position += item.records
                 continue
-            made, seq = _copy_piece(storage, item, token, seq, position, codec_config, cap, dry_run, scanner)
+            with typed_full_disk(storage.location, shard_name(token, seq)):
+                made, seq = _copy_piece(storage, item, token, seq, position, codec_config, cap, dry_run, scanner)
             for e, feats in made:
                 new_files.append(e.name)
                 new_entries.append(e)
@@ -835,7 +836,7 @@ def _recover_locked(
         )
         if not dry_run and index_needed and ev.raw:
             index_backup = _quarantine_name(INDEX_NAME, taken)
-            with storage.writer(index_backup) as out:
+            with typed_full_disk(storage.location, index_backup), storage.writer(index_backup) as out:
                 out.write(ev.raw)
             new_files.append(index_backup)
         if not dry_run:
@@ -843,7 +844,7 @@ def _recover_locked(
                 if p.name != p.final and any(k.source == p.name for k in kept if k.how == "renamed"):
                     storage.move(p.name, p.final)
             if index_needed:
-                with storage.writer(INDEX_NAME) as out:
+                with typed_full_disk(storage.location, INDEX_NAME), storage.writer(INDEX_NAME) as out:
                     out.write((json.dumps(new_index.to_json(), indent=1) + "\n").encode())
                 index_written = True
     except StorageFullError as exc:

@@ -77,7 +77,7 @@ from .format import (
     version_for,
 )
 from .serialization import check_sample, clone_exact, dumps
-from .storage import AtomicWriter, Storage, StoreLock, storage_for
+from .storage import AtomicWriter, Storage, StoreLock, storage_for, typed_full_disk
 
 __all__ = ["DEFAULT_DICT_BYTES", "DEFAULT_MAX_SHARD_BYTES", "DICT_SAMPLE_BYTES", "ShardWriter", "write_store"]
 
@@ -560,7 +560,7 @@ class ShardWriter:
             digest = digest_int(data)
             name = f"zstd-dict-{digest:016x}.zdict"
             if name not in self._storage.list():
-                with self._storage.writer(name) as out:
+                with typed_full_disk(self.location, name), self._storage.writer(name) as out:
                     out.write(data)
                 self._new_files.append(name)
             ref = {"name": name, "checksum": format_digest(digest), "dict_id": trained.dict_id(), "bytes": len(data)}
@@ -577,6 +577,11 @@ class ShardWriter:
         return features
 
     def _emit_frame(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
+        name = self._open.name if self._open is not None else shard_name(self.token, self._seq)
+        with typed_full_disk(self.location, name):
+            self._emit_frame_unchecked(frame, checksum, raw_lengths)
+
+    def _emit_frame_unchecked(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
         if self._open is not None and self._open.size_with(len(frame), len(raw_lengths)) > self.max_shard_bytes:
             self._close_shard()
         if self._open is None:
@@ -607,7 +612,12 @@ class ShardWriter:
         if self._open is not None:
             shard = self._open
             self._open = None
-            self._shards.append(shard.close())
+            try:
+                with typed_full_disk(self.location, shard.name):
+                    self._shards.append(shard.close())
+            except BaseException:
+                self._open = shard  # so that abort removes its temporary file
+                raise
 
     # ------------------------------------------------------------------ finishing
 
@@ -649,7 +659,7 @@ class ShardWriter:
                     f"{INDEX_NAME} of {self.location!r} was changed by another writer while this one was "
                     "writing; nothing was published (one writer at a time per store)"
                 )
-            with self._storage.writer(INDEX_NAME) as out:
+            with typed_full_disk(self.location, INDEX_NAME), self._storage.writer(INDEX_NAME) as out:
                 out.write((json.dumps(info.to_json(), indent=1) + "\n").encode())
         except BaseException as exc:
             left = self.abort()

@@ -29,7 +29,6 @@ from tensorstore_pt.format import (
     decode_trailer,
     encode_footer,
     encode_header,
-    shard_name,
 )
 
 CODECS = ("none", "zstd", "lz4")
@@ -64,8 +63,19 @@ def copy_store(src: Path, dst: Path) -> Path:
     return dst
 
 
+def legacy_shard_name(seq: int) -> str:
+    """A shard name as writers before writer tokens made them (``shard-00003.tspt``)."""
+    return f"shard-{seq:05d}.tspt"
+
+
+def shard_names(store: Path) -> list[str]:
+    """The shard names the store's index lists, in record order."""
+    return [s["name"] for s in json.loads((store / "index.json").read_text())["shards"]]
+
+
 def shard_path(store: Path, seq: int) -> Path:
-    return store / shard_name(seq)
+    """The ``seq``-th shard of the store's index (0 = the first records)."""
+    return store / shard_names(store)[seq]
 
 
 def layout(path: Path) -> tuple[int, int, int, np.ndarray]:
@@ -130,7 +140,7 @@ def build_store(
             "first_record": first,
         }
         body += encode_footer(table, meta)
-        name = shard_name(seq)
+        name = legacy_shard_name(seq)
         (path / name).write_bytes(bytes(body))
         entries.append(
             ShardEntry(
@@ -189,6 +199,8 @@ def file_digests(root: Path) -> dict[str, int]:
     out = {}
     for dirpath, _, files in os.walk(root):
         for f in files:
+            if f == ".tspt-lock":
+                continue  # the lock's owner record changes with every writer and recover
             p = Path(dirpath) / f
             out[str(p.relative_to(root))] = digest_int(p.read_bytes())
     return out

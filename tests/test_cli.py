@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tensorstore_pt as ts
+from _store_tools import shard_names
 from tensorstore_pt.cli import main, parse_size
 
 
@@ -79,7 +80,7 @@ def test_exit_codes_for_unusable_input_and_damage(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
     ts.write_store([torch.arange(100) for _ in range(3)], tmp_path / "good")
-    shard = tmp_path / "good" / "shard-00000.tspt"
+    shard = tmp_path / "good" / shard_names(tmp_path / "good")[0]
     data = bytearray(shard.read_bytes())
     data[30] ^= 0x01
     shard.write_bytes(bytes(data))

@@ -11,6 +11,7 @@ import torch
 
 import tensorstore_pt as ts
 from tensorstore_pt.format import RECORD_DTYPE, RECORD_MAP_DTYPE, encode_footer, parse_footer
+from _store_tools import shard_names
 from test_store import assert_same
 
 
@@ -32,7 +33,7 @@ def test_plain_store_stays_version_1_0(tmp_path):
     ts.write_store(_samples(5), tmp_path / "s")
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     assert index["format_version"] == [1, 0] and index["features"] == []
-    assert (tmp_path / "s" / "shard-00000.tspt").read_bytes()[8:10] == b"\x01\x00"
+    assert (tmp_path / "s" / shard_names(tmp_path / "s")[0]).read_bytes()[8:10] == b"\x01\x00"
 
 
 @pytest.mark.parametrize("frame_target_bytes", [1, 3000, 10**9], ids=["tiny", "few-records", "whole-shard"])
@@ -94,7 +95,7 @@ def test_dictionary_round_trip_and_files(tmp_path):
         assert_same(a, b)
     # A frame really needs the dictionary: plain zstd cannot decode it.
     frame_row = reader._footer(0).table[0]
-    frame = (tmp_path / "s" / "shard-00000.tspt").read_bytes()[frame_row["offset"] : frame_row["offset"] + frame_row["stored"]]
+    frame = (tmp_path / "s" / shard_names(tmp_path / "s")[0]).read_bytes()[frame_row["offset"] : frame_row["offset"] + frame_row["stored"]]
     with pytest.raises(zstandard.ZstdError):
         zstandard.ZstdDecompressor().decompress(frame)
 
@@ -122,7 +123,7 @@ def test_dictionary_and_frames_combined_append_and_overwrite(tmp_path):
     dict_name = first["codec"]["dict"]["name"]
     ts.write_store(samples[:3], path, mode="overwrite", codec="lz4")
     assert not (path / dict_name).exists()
-    assert sorted(p.name for p in path.iterdir() if not p.name.startswith("shard-")) == ["index.json"]
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith("shard-")) == [".tspt-lock", "index.json"]
 
 
 def test_dictionary_files_are_removed_on_abort(tmp_path):

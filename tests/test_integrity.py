@@ -24,6 +24,7 @@ from _store_tools import (
     sample,
     samples,
     save_index,
+    shard_names,
     shard_path,
     truncate,
 )
@@ -43,7 +44,7 @@ from tensorstore_pt import (
     write_store,
 )
 from tensorstore_pt.cli import main
-from tensorstore_pt.format import HEADER_BYTES, TRAILER_BYTES, shard_name
+from tensorstore_pt.format import HEADER_BYTES, TRAILER_BYTES
 from tensorstore_pt.integrity import PROBLEM_KINDS
 
 N = SHARDS * RECORDS_PER_SHARD
@@ -253,6 +254,7 @@ CASES = [
 def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, variant: str, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
     store = copy_store(pristine[variant], tmp_path / "store")
     shard_of_record = [shard_of(pristine[variant], i) for i in range(N + 1)]
+    shard_file = shard_names(pristine[variant])  # by position in the index
     expect = DAMAGES[damage](store)
 
     # verify_store reports it, naming the shard, and tspt verify exits 1.
@@ -264,7 +266,7 @@ def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, variant: 
     for p in report.problems:
         assert p.expected and p.found and p.message
     if expect.shards is not None:
-        names = {shard_name(s) for s in expect.shards}
+        names = {shard_file[s] for s in expect.shards}
         assert set(report.damaged_shards) == names
         for p in report.problems:
             assert p.shard in p.message
@@ -285,7 +287,7 @@ def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, variant: 
         with pytest.raises(expect.open_error) as info:
             open_store(store)
         if expect.shards is not None:
-            assert any(shard_name(s) in str(info.value) for s in expect.shards)
+            assert any(shard_file[s] in str(info.value) for s in expect.shards)
     if expect.whole_store:
         with pytest.raises(expect.open_error):  # type: ignore[arg-type]
             open_store(store, verify=False)
@@ -311,7 +313,7 @@ def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, variant: 
             with pytest.raises(expect.error) as info:
                 reader[i]
             msg = str(info.value)
-            assert shard_name(shard) in msg
+            assert shard_file[shard] in msg
             if expect.records is not None:
                 assert f"record {i}" in msg
             assert isinstance(info.value, CorruptStoreError)
@@ -337,17 +339,18 @@ def test_every_problem_is_reported(pristine: dict[str, Path], tmp_path: Path) ->
     truncate(shard_path(store, 1), 100)
     shard_path(store, 2).unlink()
     report = verify_store(store)
+    n0, n1, n2 = shard_names(store)[:3]
     by = [(p.kind, p.shard, p.record) for p in report.problems]
-    assert ("record_checksum", "shard-00000.tspt", 0) in by
-    assert ("record_checksum", "shard-00000.tspt", 3) in by
-    assert ("shard_size", "shard-00001.tspt", None) in by
-    assert ("missing_shard", "shard-00002.tspt", None) in by
+    assert ("record_checksum", n0, 0) in by
+    assert ("record_checksum", n0, 3) in by
+    assert ("shard_size", n1, None) in by
+    assert ("missing_shard", n2, None) in by
     sz = next(p for p in report.problems if p.kind == "shard_size")
     assert sz.found == "100 bytes" and sz.expected.endswith(" bytes") and sz.records == (4, 8)
     cs = next(p for p in report.problems if p.kind == "record_checksum")
     assert cs.expected.startswith("xxh3_64:") and cs.found.startswith("xxh3_64:") and cs.expected != cs.found
     assert report.records_checked == 2  # records 1 and 2 of shard 0
-    assert report.damaged_shards == ("shard-00000.tspt", "shard-00001.tspt", "shard-00002.tspt")
+    assert report.damaged_shards == (n0, n1, n2)
 
 
 def test_append_junk_still_checks_records(pristine: dict[str, Path], tmp_path: Path) -> None:

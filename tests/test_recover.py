@@ -39,7 +39,7 @@ from tensorstore_pt import (
 )
 from tensorstore_pt.cli import main
 from tensorstore_pt.format import SHARD_SUFFIX
-from tensorstore_pt.integrity import _scan_shard
+from tensorstore_pt.recover import _Scanner
 from tensorstore_pt.storage import LocalStorage
 
 N = 48
@@ -145,8 +145,8 @@ def complete_shard_ends(store: Path) -> int:
         storage = LocalStorage(store)
         for p in store.iterdir():
             if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith("."):
-                scan = _scan_shard(storage, p.name, p.name)
-                assert scan.ok and scan.entry is not None, f"{p.name} under its final name is not complete: {scan.reason}"
+                scan = _Scanner(storage).scan(p.name, p.name)
+                assert scan.intact and scan.entry is not None, f"{p.name} under its final name is not complete: {scan.reason}"
                 end = max(end, scan.entry.first_record + scan.entry.records)
     return end
 
@@ -233,7 +233,7 @@ def test_killed_overwrite_restores_one_whole_store(tmp_path: Path) -> None:
         expect = new if how == "in-cleanup" or len(r) == len(new) else old
         assert [same(r[i], expect[i]) for i in range(len(r))] == [True] * len(expect), how
         if how == "in-cleanup":
-            assert rec.quarantined and all("does not continue" in q.reason for q in rec.quarantined)
+            assert rec.quarantined and all("older version" in q.reason for q in rec.quarantined)
 
 
 @pytest.mark.parametrize("config", CONFIGS[3:], ids=["zstd-dict", "lz4-frames"])
@@ -283,8 +283,8 @@ def test_temporary_index_gives_back_metadata(tmp_path: Path) -> None:
 
 def test_complete_temporary_shard_is_renamed(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s", "zstd")
-    (store / "index.json").unlink()
     last = shard_path(store, 2)
+    (store / "index.json").unlink()
     last.rename(store / f".{last.name}.tmp-999999999-0123abcd")
     rec = recover_store(store)
     assert [k.how for k in rec.kept] == ["adopted", "adopted", "renamed"]
@@ -313,9 +313,11 @@ def test_dry_run_changes_nothing(tmp_path: Path) -> None:
     assert (sorted(os.listdir(store)), file_digests(store)) == before
 
 
-def test_damaged_middle_shard_cut_or_salvaged(tmp_path: Path) -> None:
+def test_damaged_middle_shard_keeps_its_other_records(tmp_path: Path) -> None:
+    """A damaged record costs that record only; ``salvage`` is accepted and changes nothing."""
     base = make_store(tmp_path / "base", "zstd")
     _, _, _, table = layout(shard_path(base, 1))
+    names = [shard_path(base, k).name for k in range(3)]
     for salvage in (False, True):
         store = copy_store(base, tmp_path / f"s{salvage}")
         flip(shard_path(store, 1), int(table["offset"][1]) + 3)  # record 5
@@ -323,13 +325,14 @@ def test_damaged_middle_shard_cut_or_salvaged(tmp_path: Path) -> None:
         rec = recover_store(store, salvage=salvage)
         assert verify_store(store).ok
         r = open_store(store)
-        if salvage:
-            expect = [i for i in range(12) if i != 5]
-            assert rec.records == 11 and any("salvage" in n for n in rec.notes)
-        else:
-            expect = list(range(4))
-            assert rec.records == 4 and {q.name for q in rec.quarantined} == {"shard-00001.tspt", "shard-00002.tspt"}
-            assert rec.index_backup == "index.json.quarantined" and (store / "index.json.quarantined").exists()
+        expect = [i for i in range(12) if i != 5]
+        assert rec.records == 11 and rec.records_lost == 1
+        by_name = {o.name: o for o in rec.shards}
+        assert (by_name[names[0]].action, by_name[names[0]].kept, by_name[names[0]].lost) == ("kept", 4, ())
+        assert (by_name[names[1]].action, by_name[names[1]].kept, by_name[names[1]].lost) == ("copied", 3, ((5, 6),))
+        assert (by_name[names[2]].action, by_name[names[2]].kept) == ("copied", 4)  # renumbered: 8-11 -> 7-10
+        assert {q.name for q in rec.quarantined} == {names[1], names[2]}
+        assert rec.index_backup == "index.json.quarantined" and (store / "index.json.quarantined").exists()
         assert [same(r[j], sample(i)) for j, i in enumerate(expect)] == [True] * len(expect)
         after = collections.Counter(file_digests(store).values())
         assert before - after == collections.Counter()  # the originals are all still there

@@ -20,6 +20,9 @@ class _Handle(ReadHandle):
     def read_range(self, offset: int, length: int) -> bytes:
         return self.data[offset : offset + length]
 
+    def size(self) -> int:
+        return len(self.data)
+
     def close(self) -> None:
         pass
 

@@ -180,8 +180,11 @@ def test_one_record_per_shard(tmp_path):
     sizes, counts = _shard_sizes(tmp_path / "s")
     assert counts == [1] * 5
     files = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert files == ["index.json"] + [f"shard-{i:05d}.tspt" for i in range(5)]
-    for (size, p) in zip(sizes, files[1:]):
+    # names: shard-<this writer's token>-<seq>.tspt, seq from 0
+    names = [n for n in files if n.endswith(".tspt")]
+    assert len({n.split("-")[1] for n in names}) == 1, names
+    assert files == [".tspt-lock", "index.json"] + [f"shard-{names[0].split('-')[1]}-{i:05d}.tspt" for i in range(5)]
+    for (size, p) in zip(sizes, files[2:]):
         assert (tmp_path / "s" / p).stat().st_size == size
 
 
@@ -255,7 +258,8 @@ def test_overwrite_replaces_and_removes_old_shards(tmp_path):
     reader = ts.open_store(tmp_path / "s")
     assert [int(x) for x in reader] == [9]
     assert reader.info().codec == {"id": "lz4", "level": 0}
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["index.json", "shard-00001.tspt"]
+    new_name = reader.index.shards[0].name
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".tspt-lock", "index.json", new_name]
 
 
 def test_create_refuses_an_existing_store_and_a_non_empty_dir(tmp_path):
@@ -542,5 +546,5 @@ def test_reader_pickle_refuses_a_changed_store(tmp_path):
     blob = pickle.dumps(reader)
     assert int(pickle.loads(blob)[0]) == 1
     ts.write_store([torch.tensor(2)], tmp_path / "s", mode="overwrite")
-    with pytest.raises(ts.CorruptStoreError, match="index.json changed since this reader was pickled"):
+    with pytest.raises(ts.StoreChangedError, match="was replaced since this reader was pickled"):
         pickle.loads(blob)

@@ -473,16 +473,16 @@ def test_an_open_racing_an_overwrite_sees_one_version_or_store_changed(
     """Finding 8: an overwrite committed between reading the index and opening its shards."""
     store = tmp_path / "s"
     ts.write_store(tagged_list(20, version=1), store, max_shard_bytes=2500)
-    real_size = LocalStorage.size
+    real_open = LocalStorage.open
     state = {"done": False}
 
-    def size(self: LocalStorage, name: str) -> int:
+    def open_(self: LocalStorage, name: str) -> Any:
         if name.endswith(".tspt") and not state["done"]:
             state["done"] = True
             ts.write_store(tagged_list(15, version=2), store, mode="overwrite", max_shard_bytes=2500)
-        return real_size(self, name)
+        return real_open(self, name)
 
-    monkeypatch.setattr(LocalStorage, "size", size)
+    monkeypatch.setattr(LocalStorage, "open", open_)
     r, exc = run_with(lambda: ts.open_store(store))
     monkeypatch.undo()
     assert state["done"], "the overwrite never ran between index read and shard open"

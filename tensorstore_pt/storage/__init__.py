@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from .abc import AtomicWriter, ReadHandle, Storage, StoreLock
+from .abc import AtomicWriter, ReadHandle, Storage, StoreLock, typed_full_disk
 from .local import TEMP_MARKER, LocalStorage
 
-__all__ = ["AtomicWriter", "LocalStorage", "ReadHandle", "Storage", "StoreLock", "TEMP_MARKER", "storage_for"]
+__all__ = ["AtomicWriter", "LocalStorage", "ReadHandle", "Storage", "StoreLock", "TEMP_MARKER", "storage_for", "typed_full_disk"]
 
 
 def storage_for(path: str | os.PathLike[str] | Storage) -> Storage:

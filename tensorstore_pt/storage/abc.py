@@ -14,10 +14,42 @@ small on purpose, so that a remote backend (fsspec URLs, S3) can implement it la
 
 from __future__ import annotations
 
+import contextlib
+import errno
 from abc import ABC, abstractmethod
 from types import TracebackType
+from typing import Iterator
 
-__all__ = ["AtomicWriter", "ReadHandle", "Storage", "StoreLock"]
+from ..errors import StorageFullError
+
+__all__ = ["AtomicWriter", "FULL_ERRNOS", "ReadHandle", "Storage", "StoreLock", "full_disk_error", "typed_full_disk"]
+
+#: errno values that mean "no space left" (a full device, or an exhausted quota).
+FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def full_disk_error(exc: OSError, location: str, name: str, what: str = "writing") -> StorageFullError:
+    """The :class:`StorageFullError` for an ENOSPC/EDQUOT ``exc`` while ``what`` file ``name``
+    (the final name, never a temporary one) of the store at ``location``."""
+    return StorageFullError(
+        exc.errno,
+        f"store {location!r}: no space left on the device ({exc.strerror or exc}) while {what} {name!r}; "
+        "free some space and write again (the previous store, if any, is unchanged)",
+    )
+
+
+@contextlib.contextmanager
+def typed_full_disk(location: str, name: str, what: str = "writing") -> Iterator[None]:
+    """Turn an ENOSPC/EDQUOT ``OSError`` raised inside the block (by any backend) into a
+    :class:`StorageFullError` naming the store and ``name``."""
+    try:
+        yield
+    except StorageFullError:
+        raise
+    except OSError as exc:
+        if exc.errno in FULL_ERRNOS:
+            raise full_disk_error(exc, location, name, what) from exc
+        raise
 
 
 class ReadHandle(ABC):

@@ -31,25 +31,19 @@ from typing import Any
 
 from ..errors import InvalidOptionError, NotARegularFileError, StorageFullError, StoreBusyError
 from ..format import LOCK_NAME
-from .abc import AtomicWriter, ReadHandle, Storage, StoreLock
+from .abc import FULL_ERRNOS as _FULL_ERRNOS
+from .abc import AtomicWriter, ReadHandle, Storage, StoreLock, full_disk_error
 
 __all__ = ["LocalStorage", "TEMP_MARKER"]
 
 #: Every temporary file name contains this marker (for clean-up and recovery tools).
 TEMP_MARKER = ".tmp-"
-#: errno values that mean "no space left" (a full device or an exhausted quota).
-_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 #: Largest owner record read back from a lock file (bytes).
 _MAX_OWNER_BYTES = 64 * 2**10
 
 
 def _full_error(exc: OSError, root: Path, name: str, what: str) -> StorageFullError:
-    """The StorageFullError for an ENOSPC/EDQUOT ``exc`` while writing ``name`` in ``root``."""
-    return StorageFullError(
-        exc.errno,
-        f"store {str(root)!r}: no space left on the device ({exc.strerror}) while {what} {name!r}; "
-        "free some space and write again (the previous store, if any, is unchanged)",
-    )
+    return full_disk_error(exc, str(root), name, what)
 
 
 class _LocalHandle(ReadHandle):
