@@ -6,6 +6,7 @@ Re-exports only; see the modules for details.
 from ._version import __version__
 from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
 from .errors import (
+    AllocationBudgetError,
     ChecksumMismatchError,
     ConcurrentWriteError,
     CorruptStoreError,
@@ -38,6 +39,7 @@ from .reader import StoreReader, open_store
 from .writer import ShardWriter, write_store
 
 __all__ = [
+    "AllocationBudgetError",
     "AuditReport",
     "ChecksumMismatchError",
     "ConcurrentWriteError",

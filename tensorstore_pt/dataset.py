@@ -51,6 +51,7 @@ from ._prefetch import Prefetcher
 from ._shared_batches import RawRecord, SharedBatchCollate, materialize, raw_accepted
 from .checksums import ALGORITHM
 from .errors import (
+    AllocationBudgetError,
     ChecksumMismatchError,
     CorruptStoreError,
     DecompressionError,
@@ -64,7 +65,7 @@ from .errors import (
 )
 from .fastload import _is_cpu
 from .format import FEATURE_MULTI_RECORD_FRAMES, RECORD_DTYPE
-from .reader import StoreReader, open_store
+from .reader import DEFAULT_MAX_RECORD_BYTES, StoreReader, open_store
 from .storage import Storage
 
 __all__ = [
@@ -92,6 +93,7 @@ SKIP_KINDS = (
     "ShardFormatError",
     "MissingShardError",
     "UnsafePayloadError",
+    "AllocationBudgetError",
     "CorruptStoreError",
 )
 _SKIP_TYPES = (
@@ -102,6 +104,7 @@ _SKIP_TYPES = (
     ShardFormatError,
     MissingShardError,
     UnsafePayloadError,
+    AllocationBudgetError,
     CorruptStoreError,
 )
 _SKIP_SLOTS = 257  # slot 0: the main process; slot w + 1: DataLoader worker w (mod 256)
@@ -234,11 +237,24 @@ class _StoreView:
     ``index.json`` changed since the view was made.
     """
 
-    def __init__(self, store: str | os.PathLike[str] | Storage | StoreReader, verify: bool, map_location: Any) -> None:
+    def __init__(
+        self,
+        store: str | os.PathLike[str] | Storage | StoreReader,
+        verify: bool,
+        map_location: Any,
+        max_record_bytes: int | None = None,
+    ) -> None:
         if isinstance(store, StoreReader):
             reader = store
+            if max_record_bytes is not None:
+                raise InvalidOptionError("max_record_bytes: set it on the StoreReader passed as store, not here")
         elif isinstance(store, (str, os.PathLike, Storage)):
-            reader = open_store(store, verify=verify, map_location=map_location)
+            reader = open_store(
+                store,
+                verify=verify,
+                map_location=map_location,
+                max_record_bytes=DEFAULT_MAX_RECORD_BYTES if max_record_bytes is None else max_record_bytes,
+            )
         else:
             raise InvalidOptionError(
                 f"store: expected a path, a Storage or a StoreReader, found {type(store).__name__}"
@@ -246,6 +262,7 @@ class _StoreView:
         self.storage = reader.storage
         self.location = reader.location
         self.map_location = reader.map_location
+        self.max_record_bytes = reader.max_record_bytes
         self.digest = reader.index_digest
         self.records = len(reader)
         self.stored_bytes = reader.index.stored_bytes
@@ -276,7 +293,11 @@ class _StoreView:
         """This process's light reader (opened on first use, reopened after a fork)."""
         if self._reader is None or self._pid != os.getpid():
             self._reader = StoreReader(
-                self.storage, verify=False, map_location=self.map_location, _expect_index_digest=self.digest
+                self.storage,
+                verify=False,
+                map_location=self.map_location,
+                max_record_bytes=self.max_record_bytes,
+                _expect_index_digest=self.digest,
             )
             self._pid = os.getpid()
         return self._reader
@@ -306,6 +327,9 @@ class StoreDataset(Dataset):
         transform: Optional callable applied to each sample (in the worker that loads it).
         verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
         map_location: Passed to ``torch.load`` (default ``"cpu"``).
+        max_record_bytes: The largest raw record in bytes a read decodes when ``store`` is a
+            path (default 1 GiB, see :func:`~tensorstore_pt.open_store`); a larger one raises
+            :class:`~tensorstore_pt.errors.AllocationBudgetError` before allocating.
 
     Raises:
         InvalidOptionError: ``store`` or ``transform`` has the wrong type.
@@ -324,10 +348,11 @@ class StoreDataset(Dataset):
         transform: Callable[[Any], Any] | None = None,
         verify: bool = True,
         map_location: Any = "cpu",
+        max_record_bytes: int | None = None,
     ) -> None:
         if transform is not None and not callable(transform):
             raise InvalidOptionError(f"transform: expected a callable or None, found {type(transform).__name__}")
-        self._view = _StoreView(store, verify, map_location)
+        self._view = _StoreView(store, verify, map_location, max_record_bytes)
         self.transform = transform
 
     @property
@@ -503,6 +528,9 @@ class StoreIterableDataset(IterableDataset):
             run ahead by the DataLoader's ``prefetch_factor`` batches instead.
         verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
         map_location: Passed to ``torch.load``.
+        max_record_bytes: The largest raw record in bytes a read decodes when ``store`` is a
+            path (default 1 GiB, see :func:`~tensorstore_pt.open_store`); a larger one raises
+            :class:`~tensorstore_pt.errors.AllocationBudgetError` before allocating.
 
     Raises:
         InvalidOptionError: An argument out of range or of the wrong type.
@@ -545,6 +573,7 @@ class StoreIterableDataset(IterableDataset):
         prefetch_samples: int = 32,
         verify: bool = True,
         map_location: Any = "cpu",
+        max_record_bytes: int | None = None,
     ) -> None:
         if not isinstance(shuffle, (bool, np.bool_)):
             raise InvalidOptionError(f"shuffle: expected a bool, found {shuffle!r}")
@@ -572,7 +601,7 @@ class StoreIterableDataset(IterableDataset):
         window_records = _check_int("window_records", window_records, 1, True)
         self.prefetch_samples = _check_int("prefetch_samples", prefetch_samples, 1)
 
-        self._view = _StoreView(store, verify, map_location)
+        self._view = _StoreView(store, verify, map_location, max_record_bytes)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)  # type: ignore[arg-type]
         self.equalize = equalize

@@ -28,7 +28,8 @@ working for callers who do not know this package::
         ├── ChecksumMismatchError                  xxh3_64 digest differs
         ├── RecordLengthError                      decompressed length differs from the index
         ├── RecordDecodeError                      a record is not a loadable torch.save buffer
-        └── DecompressionError                     the codec rejected a frame
+        ├── DecompressionError                     the codec rejected a frame
+        └── AllocationBudgetError                  decoding a record would allocate past its budget
 
 Messages say what failed and where (store, shard, record), what was expected and what was
 found. Errors raised while handling a lower-level error chain it with ``raise ... from exc``.
@@ -37,6 +38,7 @@ found. Errors raised while handling a lower-level error chain it with ``raise ..
 from __future__ import annotations
 
 __all__ = [
+    "AllocationBudgetError",
     "ChecksumMismatchError",
     "ConcurrentWriteError",
     "CorruptStoreError",
@@ -173,3 +175,13 @@ class RecordDecodeError(CorruptStoreError):
 
 class DecompressionError(CorruptStoreError):
     """The codec could not decode a frame, or its header disagrees with the index."""
+
+
+class AllocationBudgetError(CorruptStoreError):
+    """Decoding a record would allocate more memory than its budget allows.
+
+    Raised *before* the allocation: when a frame's raw length is above the reader's
+    ``max_record_bytes``, when what a record's pickle would build (strings, bytes, tensor
+    sizes, containers) is above the record's allocation budget (see docs/integrity.md), and
+    in place of a ``MemoryError`` met while decoding a record.
+    """

@@ -110,19 +110,46 @@ import pickle
 import re
 import struct
 import sys
+import threading
 from typing import Any
 
 import torch
 import torch._guards
 import torch.serialization
 
-from .errors import RecordDecodeError, UnsafePayloadError
+from .errors import AllocationBudgetError, RecordDecodeError, UnsafePayloadError
 
-__all__ = ["collate_records", "fast_loads", "torch_loads"]
+__all__ = ["BUDGET_SLACK_BYTES", "BUDGET_SLACK_UNITS", "check_sparse_tensor", "collate_records", "fast_loads", "torch_loads"]
 
 
 class _Fallback(Exception):
-    """Internal: the fast path does not handle this buffer; let torch.load decide."""
+    """Internal: the fast path does not handle this buffer.
+
+    ``validated`` is True when the interpreter ran the whole pickle under its checks and its
+    allocation budget and met only the named cases torch.load decides (:data:`_NAMED_FALLBACKS`);
+    every other ``_Fallback`` becomes a :class:`RecordDecodeError`.
+    """
+
+    def __init__(self, reason: str = "", validated: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.validated = validated
+
+
+#: Allocation budget of one record (see :class:`_Source`): the data a pickle builds (string and
+#: byte payloads made by calls, tensor elements beyond their storage) may total the record's raw
+#: length plus this many bytes.
+BUDGET_SLACK_BYTES = 64 * 1024
+#: ... and the objects it builds (empty containers 4 units, tensors 32, copies made by calls one
+#: per element) may total the pickle's length in bytes plus this many units. A unit stands for
+#: at most about 16 bytes of Python objects; every other step of the interpreter consumes at
+#: least one pickle byte and makes at most one pointer (8 bytes) or one small object.
+BUDGET_SLACK_UNITS = 64 * 1024
+_UNITS_CONTAINER = 4
+_UNITS_TENSOR = 32
+#: torch.load(weights_only=True) has known bypasses before torch 2.6 (CVE-2025-32434): the
+#: fallback refuses to run on an older torch.
+_FALLBACK_MIN_TORCH = (2, 6)
 
 
 # --------------------------------------------------------------------------- zip layout
@@ -390,14 +417,22 @@ class _Storage:
     (or an argument tuple holding it) would go anywhere else.
     """
 
-    __slots__ = ("base", "dtype", "nbytes", "offset", "tensor")
+    __slots__ = ("base", "budget", "dtype", "nbytes", "offset", "tensor")
 
-    def __init__(self, base: Any, offset: int, nbytes: int, dtype: torch.dtype) -> None:
+    def __init__(self, base: Any, offset: int, nbytes: int, dtype: torch.dtype, budget: _Budget) -> None:
         self.base = base
         self.offset = offset
         self.nbytes = nbytes
         self.dtype = dtype
+        self.budget = budget  # not the _Source: a storage -> source -> storages cycle would keep results alive
         self.tensor: torch.Tensor | None = None
+
+    def charged(self, t: torch.Tensor) -> torch.Tensor:
+        """Charge a tensor made over this storage to the record's budget (its elements beyond the
+        storage's bytes: a stride-0 view of 4 bytes that claims 2**40 elements; 32 units)."""
+        logical = t.numel() * t.element_size()
+        self.budget.charge(logical - self.nbytes if logical > self.nbytes else 0, _UNITS_TENSOR, "a tensor", logical)
+        return t
 
     def rebuild(self, dtype: torch.dtype, offset: Any, size: Any, stride: Any) -> torch.Tensor:
         """What ``torch._utils._rebuild_tensor`` returns for this storage.
@@ -408,7 +443,7 @@ class _Storage:
         """
         first = self.tensor
         if first is not None:
-            return torch.empty((0,), dtype=dtype).set_(first.untyped_storage(), offset, size, stride)
+            return self.charged(torch.empty((0,), dtype=dtype).set_(first.untyped_storage(), offset, size, stride))
         # Every storage made here is non-resizable, like torch's record storages, so that
         # set_ refuses an out-of-bounds size or stride instead of growing the storage.
         if self.nbytes == 0:
@@ -416,7 +451,7 @@ class _Storage:
                 raise _Fallback
             t = torch.empty((0,), dtype=dtype).set_(_empty_storage(0, _CPU, 0), offset, size, stride)
             self.tensor = t
-            return t
+            return self.charged(t)
         elsize = _ELEMENT_SIZES.get(dtype)
         if elsize is None or self.nbytes % elsize:
             raise _Fallback
@@ -441,8 +476,8 @@ class _Storage:
             and stride[0] == 1
         ):
             _increment_version(t)  # as set_ would: torch.load's tensors are at version 1
-            return t
-        return t.set_(t, offset, size, stride)
+            return self.charged(t)
+        return self.charged(t.set_(t, offset, size, stride))
 
 
 # torch's own empty record storage: no data, 0 bytes, not resizable (None if this torch lacks it)
@@ -451,18 +486,68 @@ _increment_version = torch.autograd.graph.increment_version
 _CPU = torch.device("cpu")
 
 
+class _Budget:
+    """The allocation budget of one record, in bytes of data and units of objects.
+
+    Data: string and byte payloads made by calls (``_codecs.encode``, ``bytearray``) and
+    tensor elements beyond the bytes of their storage record, at most the record's raw length
+    plus :data:`BUDGET_SLACK_BYTES`. Objects: empty containers, tensors and the elements that
+    calls copy, at most the pickle's length plus :data:`BUDGET_SLACK_UNITS`. What torch.save
+    writes stays well inside both (a tensor takes about 57 pickle bytes, an empty dict 5).
+    """
+
+    __slots__ = ("payload_budget", "payload_left", "raw", "units_budget", "units_left")
+
+    def __init__(self, raw: int, pickle_bytes: int) -> None:
+        self.raw = raw
+        self.payload_budget = self.payload_left = raw + BUDGET_SLACK_BYTES
+        self.units_budget = self.units_left = pickle_bytes + BUDGET_SLACK_UNITS
+
+    def charge(self, nbytes: int, units: int, what: str, size: int | None = None) -> None:
+        """Take ``nbytes`` of data and ``units`` of objects, or raise *before* the allocation.
+
+        Raises:
+            AllocationBudgetError: The record's pickle would build more than its budget allows.
+        """
+        self.payload_left -= nbytes
+        self.units_left -= units
+        if self.payload_left < 0 or self.units_left < 0:
+            size_note = f" of {size} bytes" if size is not None else ""
+            raise AllocationBudgetError(
+                f"the record's pickle would allocate past its budget at {what}{size_note}: a record of "
+                f"{self.raw} raw bytes may build at most {self.payload_budget} bytes of data and "
+                f"{self.units_budget} object units (see docs/integrity.md); it asked for "
+                f"{self.payload_budget - self.payload_left} bytes and {self.units_budget - self.units_left} units "
+                "so far; nothing more was allocated"
+            )
+
+
 class _Source:
     """The storage records of one buffer, and ``persistent_load`` over them."""
 
-    __slots__ = ("base", "data", "hi", "lo", "records", "shift", "storages", "storage_types")
+    __slots__ = ("base", "budget", "data", "deferred", "hi", "lo", "records", "shift", "storages", "storage_types", "validating")
 
     def __init__(
-        self, data: Any, writable: bool, records: dict[str, tuple[int, int]], lo: int, hi: int, tables: _Tables
+        self,
+        data: Any,
+        writable: bool,
+        records: dict[str, tuple[int, int]],
+        lo: int,
+        hi: int,
+        tables: _Tables,
+        validating: bool = False,
     ) -> None:
         self.data = data
         self.records = records
         self.lo = lo
         self.hi = hi
+        # The record's allocation budget (see BUDGET_SLACK_BYTES / BUDGET_SLACK_UNITS).
+        self.budget = _Budget(len(data), records["data.pkl"][1])
+        # With ``validating``, the named cases torch.load decides are noted in ``deferred`` and
+        # the interpretation goes on (the result is then not used), so that the whole pickle is
+        # checked before torch.load runs it.
+        self.validating = validating
+        self.deferred: list[str] = []
         # A writable buffer is used in place; read-only bytes are copied (one block, on first use).
         self.base = data if writable else None
         self.shift = 0 if writable else lo
@@ -473,13 +558,18 @@ class _Source:
         """A new storage for record ``data/<key>``, checked like torch's ``load_tensor``."""
         rec = self.records.get("data/" + key)
         if rec is None or numel < 0 or rec[1] != numel * elsize:
-            raise _Fallback  # torch: "record size ... does not match expected size"
+            found = "no such record" if rec is None else f"{rec[1]} bytes"
+            raise _Fallback(f"storage data/{key}: expected {numel} x {elsize} bytes, found {found}")
         base = self.base
         if base is None:
             base = self.base = bytearray(memoryview(self.data)[self.lo : self.hi])
-        st = _Storage(base, rec[0] - self.shift, rec[1], dtype)
+        st = _Storage(base, rec[0] - self.shift, rec[1], dtype, self.budget)
         self.storages[key] = st
         return st
+
+    def charge(self, nbytes: int, units: int, what: str, size: int | None = None) -> None:
+        """See :meth:`_Budget.charge`."""
+        self.budget.charge(nbytes, units, what, size)
 
     def persistent_load(self, pid: Any) -> _Storage:
         """torch.serialization._load's ``persistent_load``, for ``("storage", type, key, "cpu", numel)``."""
@@ -494,7 +584,9 @@ class _Source:
         st = self.storages.get(key)
         if st is not None:
             if st.nbytes == 0:  # torch caches an empty storage or not by its data pointer
-                raise _Fallback
+                if not self.validating:
+                    raise _Fallback("an empty storage named twice")
+                self.deferred.append("an empty storage named twice")
             return st  # torch returns the storage loaded first for a key, whatever the type
         return self.storage(key, info[1], info[2], numel)
 
@@ -680,7 +772,7 @@ class _Tables:
         from torch._weights_only_unpickler import _get_user_allowed_globals
 
         if full in _get_user_allowed_globals():
-            raise _Fallback  # allowed by the user with add_safe_globals: torch.load decides
+            raise _Fallback(f"GLOBAL {full}, allowed only by torch.serialization.add_safe_globals")
         raise UnsafePayloadError(
             f"the record's pickle asks for GLOBAL {full}, which torch.load(weights_only=True) does not "
             "allow; it was not run"
@@ -711,6 +803,35 @@ def _get_tables() -> _Tables:
     if _tables is None:
         _tables = _Tables()
     return _tables
+
+
+# --------------------------------------------------------------------------- named fallbacks
+
+_SIZED = frozenset([list, tuple, dict, set, str, bytes, bytearray, collections.OrderedDict, collections.Counter])
+_DEFERRED = object()  # what a call torch.load decides stands for while the pickle is checked
+#: The calls of torch's allow-list that the fast path leaves to torch.load, by name. Only the
+#: sparse layouts (what the writer stores besides strided tensors); they run under
+#: torch.sparse.check_sparse_tensor_invariants (see _fallback_load).
+_NAMED_FALLBACKS = {
+    "torch._utils._rebuild_sparse_tensor": "a sparse tensor",
+    "torch.serialization._get_layout": "a sparse tensor",  # its layout, pickled by name
+}
+
+
+def _named_fallback_call(func: Any, args: Any, src: _Source) -> Any:
+    """REDUCE of an allowed callable the fast path does not run: note it if named, else refuse.
+
+    The interpretation goes on with a placeholder so that the rest of the pickle is checked
+    (allow-list, budget) before torch.load runs it; the result is then not used.
+    """
+    name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+    what = _NAMED_FALLBACKS.get(name)
+    if what is None or not src.validating:
+        raise _Fallback(f"a call of {name}, which records this package writes do not hold")
+    a0 = args[0] if type(args) is tuple and args else None
+    src.charge(0, _UNITS_TENSOR + (len(a0) if type(a0) in _SIZED else 0), what)
+    src.deferred.append(what)
+    return _DEFERRED
 
 
 # --------------------------------------------------------------------------- interpreter
@@ -764,6 +885,7 @@ def _unpickle(
     reducers = tables.reducers
     wrapped = tables.wrapped
     persistent_load = src.persistent_load
+    budget = src.budget
     Storage = _Storage
     fn_pushed = fn_reduced = 0  # pushes of a wrapped callable / REDUCEs that called one
     max_memo = 0
@@ -835,7 +957,14 @@ def _unpickle(
             func = stack[-1]
             entry = reducers.get(id(func))
             if entry is None or entry[0] is not func:
-                raise _Fallback
+                if live and (type(args) is Storage or id(args) in args_ids):
+                    raise _Fallback
+                value = _named_fallback_call(func, args, src)
+                stack[-1] = value
+                if pkl[pos] == 0x71:
+                    memo[pkl[pos + 1]] = value
+                    pos += 2
+                continue
             how = entry[1]
             if how == _REBUILD_V2 or how == _REBUILD_V3:
                 if type(args) is not tuple or args_ids.get(id(args)) is not args:
@@ -850,14 +979,20 @@ def _unpickle(
                 ):
                     raise _Fallback
                 if how == _CALL:
+                    # set/Counter/OrderedDict/torch.Size copy their argument: charged per element
+                    a0 = args[0] if type(args) is tuple and args else None
+                    src.charge(0, _UNITS_CONTAINER + (len(a0) if type(a0) in _SIZED else 0), f"a call of {func!r}")
                     value = func(*args)
                 elif how == _ENCODE:
                     if type(args) is not tuple or len(args) != 2 or type(args[0]) is not str or args[1] != "latin1":
                         raise _Fallback
+                    src.charge(len(args[0]), 1, "bytes (_codecs.encode)", len(args[0]))
                     value = args[0].encode("latin1")
                 else:  # _BYTEARRAY: pickle writes bytearray(b"") as bytearray()
                     if type(args) is not tuple or len(args) > 1 or (args and type(args[0]) is not bytes):
                         raise _Fallback
+                    size = len(args[0]) if args else 0
+                    src.charge(size, 1, "a bytearray", size)
                     value = bytearray(*args)
             if how != _CALL:
                 fn_reduced += 1  # a wrapped callable
@@ -940,10 +1075,19 @@ def _unpickle(
         elif op == 0x4E:  # NONE
             push(None)
         elif op == 0x7D:  # EMPTY_DICT
+            budget.units_left -= _UNITS_CONTAINER
+            if budget.units_left < 0:
+                src.charge(0, 0, "an empty dict")
             push({})
         elif op == 0x5D:  # EMPTY_LIST
+            budget.units_left -= _UNITS_CONTAINER
+            if budget.units_left < 0:
+                src.charge(0, 0, "an empty list")
             push([])
         elif op == 0x8F:  # EMPTY_SET
+            budget.units_left -= _UNITS_CONTAINER
+            if budget.units_left < 0:
+                src.charge(0, 0, "an empty set")
             push(set())
         elif op == 0x4D:  # BININT2
             push(_U16.unpack_from(pkl, pos)[0])
@@ -1005,7 +1149,7 @@ def _unpickle(
             target[key] = value
         elif op == 0x80:  # PROTO: torch warns for anything but 2; let it
             if pkl[pos] != 2:
-                raise _Fallback
+                raise _Fallback(f"pickle protocol {pkl[pos]} (torch.save writes protocol 2)")
             pos += 1
         elif op == 0x2E:  # STOP
             result = stack.pop()
@@ -1013,7 +1157,7 @@ def _unpickle(
                 raise _Fallback
             return result, fn_pushed == fn_reduced and max_memo < _MAX_REPLAY_MEMO_INDEX
         else:  # BUILD, NEWOBJ and the opcodes torch refuses
-            raise _Fallback
+            raise _Fallback(f"pickle opcode {op:#04x} at byte {pos - 1}, outside what torch.save writes for samples")
 
 
 # --------------------------------------------------------------------------- replay
@@ -1171,10 +1315,15 @@ def _replay_rebuild_v3(*args: Any) -> torch.Tensor:
     return _rebuild(args, _REBUILD_V3, None)
 
 
+# The source of the buffer the C unpickler is replaying in this thread (for the budget).
+_REPLAY = threading.local()
+
+
 def _replay_encode(*args: Any) -> bytes:
     """``_codecs.encode`` as the interpreter allows it: ``(str, "latin1")`` only."""
     if len(args) != 2 or type(args[0]) is not str or args[1] != "latin1":
         raise _Fallback
+    _REPLAY.src.charge(len(args[0]), 1, "bytes (_codecs.encode)", len(args[0]))
     return args[0].encode("latin1")
 
 
@@ -1182,6 +1331,8 @@ def _replay_bytearray(*args: Any) -> bytearray:
     """``bytearray`` as the interpreter allows it: of ``bytes``, or of nothing."""
     if len(args) > 1 or (args and type(args[0]) is not bytes):
         raise _Fallback
+    size = len(args[0]) if args else 0
+    _REPLAY.src.charge(size, 1, "a bytearray", size)
     return bytearray(*args)
 
 
@@ -1198,7 +1349,12 @@ class _ReplayUnpickler(pickle.Unpickler):
 def _replay(pkl: bytes, src: _Source) -> Any:
     unpickler = _ReplayUnpickler(io.BytesIO(pkl), fix_imports=False, encoding="utf-8", errors="strict")
     unpickler.persistent_load = src.persistent_load  # type: ignore[method-assign]
-    return unpickler.load()
+    outer = getattr(_REPLAY, "src", None)
+    _REPLAY.src = src
+    try:
+        return unpickler.load()
+    finally:
+        _REPLAY.src = outer
 
 
 # --------------------------------------------------------------------------- entry points
@@ -1220,10 +1376,14 @@ def _torch_state_is_plain() -> bool:
     )
 
 
-def _fast_path(buf: bytes | bytearray | memoryview) -> Any:
-    """Decode ``buf`` on the CPU or raise ``_Fallback`` (or UnsafePayloadError)."""
-    if not _torch_state_is_plain():
-        raise _Fallback
+def _fast_path(buf: bytes | bytearray | memoryview, check_state: bool = True) -> Any:
+    """Decode ``buf`` on the CPU or raise ``_Fallback`` (or a typed error).
+
+    A ``_Fallback`` with ``validated`` set means the whole pickle was checked and only the
+    named cases torch.load decides remain; any other ``_Fallback`` means "refuse".
+    """
+    if check_state and not _torch_state_is_plain():
+        raise _Fallback("torch state (a mode, tracing context or skip_data)", validated=True)
     t = type(buf)
     if t is bytes:
         data: Any = buf
@@ -1237,12 +1397,18 @@ def _fast_path(buf: bytes | bytearray | memoryview) -> Any:
     else:
         mv = memoryview(buf)
         if not mv.c_contiguous:
-            raise _Fallback
+            mv = memoryview(mv.tobytes())
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         data = mv
         writable = not mv.readonly
-    records, lo, hi = _layout(data, len(data))
+    try:
+        records, lo, hi = _layout(data, len(data))
+    except _Fallback as exc:
+        raise RecordDecodeError(
+            f"the record's zip layout ({len(data)} bytes) is not what torch.save writes (entry kinds, flags, "
+            "names, order, alignment, sizes, duplicate or overlapping entries); it was not loaded"
+        ) from exc
     start, nbytes = records["data.pkl"]
     pkl = bytes(data[start : start + nbytes])
     tables = _get_tables()
@@ -1252,17 +1418,25 @@ def _fast_path(buf: bytes | bytearray | memoryview) -> Any:
         if tables.has_skeleton(pkl):  # another pickle like it but for literal values ran before
             try:
                 return _replay(pkl, src)
+            except AllocationBudgetError:
+                raise
             except Exception:  # the interpreter decides (a fresh source: nothing of this is reused)
-                src = _Source(data, writable, records, lo, hi, tables)
+                pass
+        src = _Source(data, writable, records, lo, hi, tables, validating=True)
         literals: list[int] = []
         result, replayable = _unpickle(pkl, src, tables, None, literals)
+        if src.deferred:
+            raise _Fallback(", ".join(sorted(set(src.deferred))), validated=True)
         if replayable:
             tables.remember(pkl, _SEEN_ONCE)
             tables.add_skeleton(pkl, literals)
         return result
     if known is _SEEN_ONCE:  # second sight: a pickle that recurs; plan it
         rebuilt: dict[int, tuple[Any, ...]] = {}
+        src.validating = True
         result, replayable = _unpickle(pkl, src, tables, rebuilt)
+        if src.deferred:  # not reached: a pickle with deferred calls is never remembered
+            raise _Fallback(", ".join(sorted(set(src.deferred))), validated=True)
         if replayable:
             tables.known[pkl] = _compile_plan(result, src, rebuilt)
         return result
@@ -1310,15 +1484,145 @@ def torch_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") 
         ) from exc
 
 
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _fallback_load(buf: bytes | bytearray | memoryview, map_location: Any, why: str) -> Any:
+    """torch.load for a buffer the fast path checked, on a torch without known bypasses.
+
+    Sparse tensors are loaded under ``torch.sparse.check_sparse_tensor_invariants``, so that
+    indices out of range are refused (torch only checks them with the switch on).
+
+    Raises:
+        UnsafePayloadError: This torch is older than 2.6, whose weights-only unpickler has
+            known bypasses (CVE-2025-32434); or torch.load's unpickler refused the pickle.
+        RecordDecodeError: torch.load failed in any other way (chained).
+    """
+    if _torch_version() < _FALLBACK_MIN_TORCH:
+        raise UnsafePayloadError(
+            f"the record needs torch.load(weights_only=True) ({why}), which has known bypasses before torch "
+            f"{'.'.join(map(str, _FALLBACK_MIN_TORCH))} (CVE-2025-32434); this is torch {torch.__version__}: "
+            "upgrade torch to load it"
+        )
+    with torch.sparse.check_sparse_tensor_invariants(True):
+        return _check_sparse_in(_torch_loads_unchecked_sparse(buf, map_location))
+
+
+def _torch_loads_unchecked_sparse(buf: bytes | bytearray | memoryview, map_location: Any) -> Any:
+    # torch's own check of loaded sparse tensors refuses some it wrote itself (a size-1
+    # col_indices view of stride 2: "expected col_indices to be a contiguous tensor per batch"),
+    # so torch.load runs with it off and every sparse tensor is checked after, on contiguous
+    # components, by the same validators (_check_sparse_in). Nothing is returned unchecked.
+    with torch.sparse.check_sparse_tensor_invariants(False):
+        return torch_loads(buf, map_location)
+
+
+_SPARSE_COMPRESSED = {
+    torch.sparse_csr: ("crow_indices", "col_indices"),
+    torch.sparse_csc: ("ccol_indices", "row_indices"),
+    torch.sparse_bsr: ("crow_indices", "col_indices"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices"),
+}
+
+
+def check_sparse_tensor(t: torch.Tensor) -> None:
+    """Check a sparse tensor's invariants as ``torch.sparse.check_sparse_tensor_invariants`` does.
+
+    COO: indices within the size, and really coalesced if the tensor says so. Compressed
+    layouts (CSR, CSC, BSR, BSC): compressed indices monotone from 0 to nnz, plain indices
+    within the size and sorted per row (column). Strided tensors, and tensors on the meta
+    device, are not checked.
+
+    Raises:
+        RuntimeError: From torch's validators, saying which invariant fails.
+    """
+    layout = t.layout
+    if layout == torch.strided or t.device.type == "meta":
+        return
+    if layout == torch.sparse_coo:
+        torch._validate_sparse_coo_tensor_args(t._indices(), t._values(), t.size(), t.is_coalesced())
+        return
+    names = _SPARSE_COMPRESSED.get(layout)
+    if names is None:
+        raise RuntimeError(f"a tensor of layout {layout}, which this package does not store")
+    # fresh contiguous copies: torch's check refuses a size-1 view of stride 2 that torch.save wrote
+    compressed, plain = (torch.empty(c.shape, dtype=c.dtype, device=c.device).copy_(c) for c in (getattr(t, n)() for n in names))
+    torch._validate_sparse_compressed_tensor_args(compressed, plain, t.values(), t.size(), layout)
+
+
+def _check_sparse_in(result: Any) -> Any:
+    """Check every sparse tensor in a loaded result (containers walked, at most 1000 deep)."""
+    stack = [(result, 0)]
+    seen: set[int] = set()
+    while stack:
+        obj, depth = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            check_sparse_tensor(obj)
+            continue
+        t = type(obj)
+        if t not in (list, tuple, set, dict, collections.OrderedDict, collections.Counter) or id(obj) in seen:
+            continue
+        if depth > 1000:
+            raise RecordDecodeError("the record's containers nest more than 1000 deep")
+        seen.add(id(obj))
+        items = list(obj.keys()) + list(obj.values()) if isinstance(obj, dict) else obj
+        stack.extend((x, depth + 1) for x in items)
+    return result
+
+
+class _PlainState:
+    """Torch's dispatch and function modes and ``skip_data`` switched off (for checking a buffer)."""
+
+    def __enter__(self) -> None:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        self._skip = _SERIALIZATION_TLS.skip_data
+        self._tracing = getattr(_GUARDS_TLS, "tracing_context", None)
+        _SERIALIZATION_TLS.skip_data = False
+        _GUARDS_TLS.tracing_context = None
+        self._modes = _disable_current_modes()
+        self._modes.__enter__()
+        self._function = torch._C.DisableTorchFunction()
+        self._function.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._function.__exit__(*exc)
+        self._modes.__exit__(*exc)
+        _GUARDS_TLS.tracing_context = self._tracing
+        _SERIALIZATION_TLS.skip_data = self._skip
+
+
+def _refused(exc: _Fallback) -> RecordDecodeError:
+    reason = f": {exc.reason}" if exc.reason else ""
+    return RecordDecodeError(
+        f"the record's pickle is not one torch.save writes for the samples this package stores{reason}; "
+        "it was not loaded (torch.load is only asked about sparse tensors, non-CPU map_location and torch modes)"
+    )
+
+
 def fast_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") -> Any:
-    """Load one ``torch.save`` buffer like ``torch.load(weights_only=True)``, fast.
+    """Load one ``torch.save`` buffer like ``torch.load(weights_only=True)``, fast and bounded.
+
+    Only what ``torch.save`` writes for the samples of a store is loaded: a zip laid out as
+    torch.save lays it out, and a pickle within the fast path's subset of torch's
+    weights-only allow-list. ``torch.load`` is asked only in named cases, each *after* the
+    fast path checked the whole buffer (zip layout, allow-list, allocation budget): sparse
+    tensors (loaded under ``torch.sparse.check_sparse_tensor_invariants``), a
+    ``map_location`` other than the CPU, and torch modes or ``skip_data`` that change what
+    torch.load does. It never runs on a torch older than 2.6.
 
     Args:
         buf: The whole buffer ``torch.save`` wrote (a ``.pt`` file's bytes). ``bytes`` are
             copied once (the storage block); a ``bytearray`` or writable ``memoryview`` is
             *aliased* by the returned tensors (see the module docstring).
         map_location: ``"cpu"``, ``torch.device("cpu")`` or ``None`` (a CPU record) use the
-            fast path; anything else is passed to ``torch.load``.
+            fast path; anything else is passed to ``torch.load`` once the fast path accepted
+            the buffer.
 
     Returns:
         What ``torch.load(io.BytesIO(buf), weights_only=True, map_location=...)`` returns:
@@ -1327,21 +1631,49 @@ def fast_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") -
 
     Raises:
         UnsafePayloadError: The pickle asks for a global outside torch's weights-only
-            allow-list (or torch's weights-only unpickler refused it); nothing was run.
-        RecordDecodeError: ``torch.load`` cannot load the buffer (malformed zip or pickle,
-            wrong storage sizes...); the cause is chained.
+            allow-list (or torch's weights-only unpickler refused it); nothing was run. Also
+            when the buffer needs torch.load and this torch is older than 2.6.
+        RecordDecodeError: The zip layout or the pickle is not what torch.save writes, or
+            the buffer does not load (truncated pickle, wrong storage sizes, invalid sparse
+            indices...); the cause is chained.
+        AllocationBudgetError: Decoding would allocate past the record's budget: data (string
+            and byte payloads made by calls, tensor elements beyond their storage) above
+            ``len(buf) + BUDGET_SLACK_BYTES`` bytes, or objects above ``len(data.pkl) +
+            BUDGET_SLACK_UNITS`` units (docs/integrity.md); raised before the allocation. Also
+            in place of a ``MemoryError``.
 
     Thread safety: safe from many threads. Peak memory: the input plus, for ``bytes``, one
-    copy of the storage records.
+    copy of the storage records, plus what the budget allows.
     """
-    if (type(map_location) is str and map_location == "cpu") or _is_cpu(map_location):
-        try:
-            return _fast_path(buf)
-        except UnsafePayloadError:
-            raise
-        except Exception:  # _Fallback, or anything unusual: torch.load gives the verdict
-            pass
-    return torch_loads(buf, map_location)
+    try:
+        if _is_cpu(map_location) and _torch_state_is_plain():
+            try:
+                return _fast_path(buf)
+            except _Fallback as exc:
+                if not exc.validated:
+                    raise _refused(exc) from exc
+                why = exc.reason
+        else:  # check the buffer on the CPU with torch's modes off, then let torch.load map it
+            why = "a map_location other than the CPU" if not _is_cpu(map_location) else "torch state"
+            try:
+                with _PlainState():
+                    _fast_path(buf, check_state=False)
+            except _Fallback as exc:
+                if not exc.validated:
+                    raise _refused(exc) from exc
+                why = exc.reason
+        return _fallback_load(buf, map_location, why)
+    except (UnsafePayloadError, RecordDecodeError, AllocationBudgetError):
+        raise
+    except MemoryError as exc:
+        raise AllocationBudgetError(
+            f"decoding the record ({len(buf)} raw bytes) ran out of memory (MemoryError); nothing was returned"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - a broken pickle: IndexError, KeyError, RuntimeError from set_...
+        lines = str(exc).strip().splitlines()
+        raise RecordDecodeError(
+            f"the record is not a loadable torch.save buffer ({type(exc).__name__}: {lines[0] if lines else ''})"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- batches of records

@@ -36,6 +36,7 @@ from .checksums import ALGORITHM, FileHasher, digest_int
 from .codecs import Codec, get_codec
 from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
+    AllocationBudgetError,
     CorruptStoreError,
     DecompressionError,
     IndexFormatError,
@@ -92,6 +93,7 @@ PROBLEM_KINDS: dict[str, str] = {
     "record_length": "a frame's raw length is impossible for its size, or it decodes to another length",
     "record_decode": "a frame does not decode",
     "record_load": "a record's bytes are not a loadable torch.save buffer (deep)",
+    "record_budget": "a record needs more memory than its budget allows (max_record_bytes, or its pickle)",
     "unsafe_payload": "a record's pickle asks for globals outside the weights-only allow-list (deep)",
 }
 
@@ -303,8 +305,22 @@ def _check_frame(handle: ReadHandle, codec: Codec | None, row: Any, where: str) 
         )
     if codec is None:
         return _RecordCheck(frame=frame)
+    from .reader import DEFAULT_MAX_RECORD_BYTES
+
+    if raw > DEFAULT_MAX_RECORD_BYTES:
+        return _RecordCheck(
+            "record_budget",
+            f"at most {DEFAULT_MAX_RECORD_BYTES} raw bytes (a reader's default max_record_bytes)",
+            f"{raw} raw bytes in the footer",
+            f"{where}: the footer says {raw} raw bytes, above the default max_record_bytes={DEFAULT_MAX_RECORD_BYTES} "
+            "(not decoded; readers refuse it unless opened with a larger max_record_bytes)",
+        )
     try:
         data = codec.decompress(frame, raw)
+    except MemoryError as exc:
+        return _RecordCheck(
+            "record_budget", f"a {codec.codec_id} frame of {raw} raw bytes", f"MemoryError: {exc}", f"{where}: decoding ran out of memory"
+        )
     except DecompressionError as exc:
         return _RecordCheck("record_decode", f"a {codec.codec_id} frame of {raw} raw bytes", str(exc), f"{where}: {exc}")
     if len(data) != raw:
@@ -323,6 +339,8 @@ def _load_check(data: bytes, where: str) -> _RecordCheck:
         return _RecordCheck(
             "unsafe_payload", "only weights-only globals (tensors, builtin containers)", str(exc), f"{where}: {exc}"
         )
+    except AllocationBudgetError as exc:
+        return _RecordCheck("record_budget", "a record within its allocation budget", str(exc), f"{where}: {exc}")
     except Exception as exc:  # noqa: BLE001 - torch.load raises RuntimeError, UnpicklingError, zip errors...
         return _RecordCheck(
             "record_load",

@@ -18,6 +18,7 @@ from .checksums import ALGORITHM, digest_int
 from .codecs import Codec, get_codec
 from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
+    AllocationBudgetError,
     ChecksumMismatchError,
     DecompressionError,
     IndexFormatError,
@@ -55,7 +56,17 @@ from .format import (
 from .serialization import loads
 from .storage import ReadHandle, Storage, storage_for
 
-__all__ = ["StoreReader", "check_index_sizes", "open_store", "read_footer"]
+__all__ = ["DEFAULT_MAX_RECORD_BYTES", "StoreReader", "check_index_sizes", "open_store", "read_footer"]
+
+#: Default ``max_record_bytes``: the largest raw record (decompressed ``torch.save`` buffer) a
+#: reader decodes, 1 GiB. Checked before any output buffer exists.
+DEFAULT_MAX_RECORD_BYTES = 2**30
+
+
+def _check_max_record_bytes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOptionError(f"max_record_bytes: expected a positive int (bytes), found {value!r}")
+    return value
 
 
 def _check_map_location(map_location: Any) -> Any:
@@ -135,8 +146,10 @@ class StoreReader:
         *,
         verify: bool = True,
         map_location: Any = "cpu",
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         _expect_index_digest: int | None = None,
     ) -> None:
+        self.max_record_bytes = _check_max_record_bytes(max_record_bytes)
         self._storage = storage_for(path)
         self.location = self._storage.location
         self._verify = bool(verify)
@@ -214,6 +227,7 @@ class StoreReader:
             "storage": self._storage,
             "verify": self._verify,
             "map_location": self.map_location,
+            "max_record_bytes": self.max_record_bytes,
             "index_digest": self._index_digest,
         }
 
@@ -222,6 +236,7 @@ class StoreReader:
             state["storage"],
             verify=state["verify"],
             map_location=state["map_location"],
+            max_record_bytes=state.get("max_record_bytes", DEFAULT_MAX_RECORD_BYTES),
             _expect_index_digest=state["index_digest"],
         )
 
@@ -374,10 +389,19 @@ class StoreReader:
                 f"the {stored} stored bytes give {found:016x}"
             )
         self._check_raw_bound(si, j, stored, raw)
+        if raw > self.max_record_bytes:
+            raise AllocationBudgetError(
+                f"{self._where(si, j)}: the footer says the record is {raw} raw bytes, above this reader's "
+                f"max_record_bytes={self.max_record_bytes} (raise it in open_store to read it); nothing was allocated"
+            )
         try:
             data = self._codec.decompress_into(frame, raw) if writable else self._codec.decompress(frame, raw)
         except DecompressionError as exc:
             raise DecompressionError(f"{self._where(si, j)}: {exc}") from exc
+        except MemoryError as exc:
+            raise AllocationBudgetError(
+                f"{self._where(si, j)}: decoding the {stored}-byte frame into {raw} raw bytes ran out of memory"
+            ) from exc
         if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
             raise RecordLengthError(f"{self._where(si, j)}: decoded {len(data)} bytes, the footer says {raw}")
         return data
@@ -461,8 +485,10 @@ class StoreReader:
     def _load(self, si: int, j: int, data: bytes | bytearray | memoryview) -> Any:
         try:
             return loads(data, self.map_location)
-        except (UnsafePayloadError, RecordDecodeError) as exc:
+        except (UnsafePayloadError, RecordDecodeError, AllocationBudgetError) as exc:
             raise type(exc)(f"{self._where(si, j)}: {exc}") from exc
+        except MemoryError as exc:
+            raise AllocationBudgetError(f"{self._where(si, j)}: loading the record ran out of memory") from exc
         except TensorStoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - the decoder maps its errors; this is a last guard
@@ -760,7 +786,11 @@ def _file_digest(handle: ReadHandle, size: int, chunk: int = 8 * 2**20) -> int:
 
 
 def open_store(
-    path: str | os.PathLike[str] | Storage, *, verify: bool = True, map_location: Any = "cpu"
+    path: str | os.PathLike[str] | Storage,
+    *,
+    verify: bool = True,
+    map_location: Any = "cpu",
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> StoreReader:
     """Open a store for reading.
 
@@ -771,6 +801,10 @@ def open_store(
             small reads; no record data is read). Per-record checksums are checked on every
             read regardless. :meth:`StoreReader.verify` checks everything.
         map_location: Passed to ``torch.load``; ``"cpu"`` by default.
+        max_record_bytes: The largest raw record, in bytes, a read decodes (default
+            :data:`DEFAULT_MAX_RECORD_BYTES`, 1 GiB). A frame whose raw length is above it
+            raises :class:`~tensorstore_pt.errors.AllocationBudgetError` before any output
+            buffer exists. Decoding a record's pickle has its own budget (docs/integrity.md).
 
     Returns:
         A :class:`StoreReader`.
@@ -783,4 +817,4 @@ def open_store(
         MissingShardError, ShardSizeError, ShardFormatError: With ``verify=True``, a shard is
             missing, has the wrong size, or its header/footer is damaged.
     """
-    return StoreReader(path, verify=verify, map_location=map_location)
+    return StoreReader(path, verify=verify, map_location=map_location, max_record_bytes=max_record_bytes)

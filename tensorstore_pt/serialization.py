@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .errors import UnsupportedSampleError
-from .fastload import fast_loads
+from .fastload import check_sparse_tensor, fast_loads
 
 __all__ = ["check_sample", "compact", "dumps", "loads"]
 
@@ -87,6 +87,13 @@ def check_sample(sample: Any, where: str = "sample") -> None:
             raise UnsupportedSampleError(f"{path}: nesting deeper than 100 levels is not supported")
         t = type(obj)
         if t in (torch.Tensor, torch.nn.Parameter):
+            if obj.layout != torch.strided:
+                try:
+                    check_sparse_tensor(obj)
+                except RuntimeError as exc:
+                    raise UnsupportedSampleError(
+                        f"{path}: an invalid {obj.layout} tensor ({exc}); a reader would refuse it"
+                    ) from exc
             continue
         if isinstance(obj, torch.Tensor):
             raise UnsupportedSampleError(

@@ -34,3 +34,11 @@ class NoneCodec(Codec):
                 f"codec 'none': expected a frame of {raw_bytes} bytes (the raw length), found {len(frame)} bytes"
             )
         return bytes(frame)
+
+    def decompress_into(self, frame: bytes | memoryview, raw_bytes: int) -> bytearray:
+        """One copy of the frame into a fresh ``bytearray`` (not two, through ``bytes``)."""
+        if len(frame) != raw_bytes:
+            raise DecompressionError(
+                f"codec 'none': expected a frame of {raw_bytes} bytes (the raw length), found {len(frame)} bytes"
+            )
+        return bytearray(frame)

@@ -23,6 +23,9 @@ MIN_LEVEL = -7  # fastest "negative" levels; zstandard accepts down to ZSTD_minC
 MAX_LEVEL = 22
 #: Frames whose raw size is at least this decode straight into the output buffer.
 _STREAM_INTO_BYTES = 4 * 2**20
+#: ... in chunks of this many bytes (python-zstandard's readinto sizes a temporary output
+#: buffer by the destination it is given: one read of the whole destination doubled the peak).
+_STREAM_CHUNK_BYTES = 2**20
 #: RFC 8878: a block decodes to at most 128 KiB and takes at least 3 bytes (its header).
 _BLOCK_MAX_BYTES = 128 * 1024
 _BLOCK_HEADER_BYTES = 3
@@ -139,7 +142,7 @@ class ZstdCodec(Codec):
         try:
             with self._decompressor().stream_reader(frame, read_across_frames=False) as reader:
                 while pos < raw_bytes:
-                    n = reader.readinto(view[pos:])
+                    n = reader.readinto(view[pos : pos + _STREAM_CHUNK_BYTES])
                     if not n:
                         break
                     pos += n
