@@ -447,37 +447,26 @@ def _candidate_codec(options: dict[str, Any], train: list[bytes]) -> tuple[Codec
     codec = make_codec(options["codec"], options.get("level"))
     if not options.get("dictionary"):
         return codec, 0
-    import zstandard
+    from .shardio import train_dictionary
 
     level = getattr(codec, "level", 3)
-    trained = zstandard.train_dictionary(int(options["dictionary"]), list[Any](train), level=level)
-    data = trained.as_bytes()
-    ref = {"name": "audit.zdict", "checksum": f"xxh3_64:{digest_int(data):016x}", "dict_id": trained.dict_id(), "bytes": len(data)}
+    data, dict_id = train_dictionary(list(train), int(options["dictionary"]), level)
+    ref = {"name": "audit.zdict", "checksum": f"xxh3_64:{digest_int(data):016x}", "dict_id": dict_id, "bytes": len(data)}
     return ZstdCodec(level, data, ref), len(data)
 
 
 def _frames_of(raws: list[bytes], target: int | None) -> tuple[list[bytes], list[int]]:
-    """Group consecutive records into frames of about ``target`` raw bytes (one each if None).
+    """Group consecutive records into frames as the writer does (:class:`.shardio.FrameGrouper`).
 
     Returns the frames' raw bytes and how many records each holds.
     """
-    if not target:
-        return list(raws), [1] * len(raws)
-    out: list[bytes] = []
-    counts: list[int] = []
-    group: list[bytes] = []
-    size = 0
-    for r in raws:
-        group.append(r)
-        size += len(r)
-        if size >= target:
-            out.append(b"".join(group))
-            counts.append(len(group))
-            group, size = [], 0
-    if group:
-        out.append(b"".join(group))
-        counts.append(len(group))
-    return out, counts
+    from .shardio import FrameGrouper
+
+    grouper = FrameGrouper(target)
+    groups = [g for r in raws if (g := grouper.add(r))]
+    if (last := grouper.flush()) is not None:
+        groups.append(last)
+    return [b"".join(g) for g in groups], [len(g) for g in groups]
 
 
 def _project(
@@ -505,6 +494,8 @@ def _project(
         except zstandard.ZstdError as exc:
             notes.append(f"{label}: zstd could not train a dictionary on {len(train or raws)} records ({exc}); not projected")
             continue
+        from .shardio import check_frame
+
         units, counts = _frames_of(raws, options.get("frame_target_bytes"))
         frames = [codec.compress(u) for u in units]
         sample_stored = sum(len(f) for f in frames)
@@ -513,10 +504,11 @@ def _project(
             for u in units:
                 codec.compress(u)
 
-        def decode_all(codec: Codec = codec, frames: list[bytes] = frames, units: list[bytes] = units) -> None:
-            for f, u in zip(frames, units):
-                digest_int(f)
-                codec.decompress(f, len(u))
+        rows = [{"stored": len(f), "raw": len(u), "checksum": digest_int(f)} for f, u in zip(frames, units)]
+
+        def decode_all(codec: Codec = codec, frames: list[bytes] = frames, rows: list[dict[str, int]] = rows) -> None:
+            for f, row in zip(frames, rows):  # a reader's pipeline: checksum, bounds, decode
+                check_frame(codec, row, f, "audit", max_record_bytes=2**62)
 
         t_c = _timed(compress_all, repeats, min_seconds) if raws else 0.0
         t_d = _timed(decode_all, repeats, min_seconds) if raws else 0.0

@@ -62,6 +62,8 @@ __all__ = [
     "decode_trailer",
     "encode_footer",
     "encode_header",
+    "encode_index",
+    "footer_meta",
     "new_writer_token",
     "parse_footer",
     "parse_index",
@@ -241,6 +243,24 @@ class ShardFooter:
             return k, 0, int(self.table["raw"][k])
         row = self.record_map[k]
         return int(row["frame"]), int(row["raw_offset"]), int(row["raw"])
+
+
+def footer_meta(features: list[str], codec: dict[str, Any]) -> dict[str, Any]:
+    """The store-wide keys of a shard's footer JSON (section 5): format, the lowest version
+    that describes ``features``, the features, the codec config and the checksum algorithm.
+    Writers add ``records``, ``first_record`` (and ``frames``) per shard."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": list(version_for(features)),
+        "features": list(features),
+        "codec": codec,
+        "checksum": ALGORITHM,
+    }
+
+
+def encode_index(info: IndexInfo) -> bytes:
+    """The bytes of ``index.json`` for ``info``: UTF-8 JSON, one key a line, newline-terminated."""
+    return (json.dumps(info.to_json(), indent=1) + "\n").encode()
 
 
 def encode_footer(table: np.ndarray, meta: dict[str, Any], record_map: np.ndarray | None = None) -> bytes:

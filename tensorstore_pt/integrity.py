@@ -30,15 +30,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
-from .checksums import ALGORITHM, FileHasher, digest_int
+from .checksums import ALGORITHM
 from .codecs import Codec, get_codec
 from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
     AllocationBudgetError,
     CorruptStoreError,
-    DecompressionError,
     IndexFormatError,
     InvalidOptionError,
     MissingShardError,
@@ -46,6 +43,7 @@ from .errors import (
     ShardFormatError,
     ShardSizeError,
     StoreNotFoundError,
+    TensorStoreError,
     UnsafePayloadError,
     UnsupportedFormatError,
 )
@@ -53,16 +51,14 @@ from .format import (
     HEADER_BYTES,
     INDEX_NAME,
     SHARD_SUFFIX,
-    TRAILER_BYTES,
     IndexInfo,
     ShardEntry,
     ShardFooter,
     decode_header,
-    decode_trailer,
-    parse_footer,
     parse_index,
 )
-from .reader import check_index_sizes, read_index_bytes
+from .reader import read_index_bytes
+from .shardio import check_frame, check_index_sizes, file_digest, frame_records, open_footer, record_slices
 from .storage import TEMP_MARKER, ReadHandle, Storage, storage_for
 
 __all__ = [
@@ -196,52 +192,6 @@ def _hex(value: int) -> str:
     return f"{ALGORITHM}:{value:016x}"
 
 
-def _file_digest(handle: ReadHandle, size: int) -> int:
-    h = FileHasher()
-    for off in range(0, size, _CHUNK_BYTES):
-        h.update(handle.read_range(off, min(_CHUNK_BYTES, size - off)))
-    return h.intdigest()
-
-
-def _read_exact(handle: ReadHandle, offset: int, length: int, what: str, where: str) -> bytes:
-    data = handle.read_range(offset, length)
-    if len(data) != length:
-        raise ShardFormatError(f"{where}: {what} at byte {offset} needs {length} bytes, found {len(data)}")
-    return data
-
-
-def _open_footer(handle: ReadHandle, size: int, where: str) -> ShardFooter:
-    """Parse a shard's trailer and footer, assuming the shard ends at byte ``size``."""
-    if size < HEADER_BYTES + TRAILER_BYTES:
-        raise ShardFormatError(
-            f"{where}: expected at least {HEADER_BYTES + TRAILER_BYTES} bytes (header and trailer), found {size}"
-        )
-    trailer = _read_exact(handle, size - TRAILER_BYTES, TRAILER_BYTES, "the trailer", where)
-    table_offset, count, js_bytes, checksum = decode_trailer(trailer, size, where)
-    body = _read_exact(handle, table_offset, size - TRAILER_BYTES - table_offset, "the footer", where)
-    try:
-        return parse_footer(body, table_offset, count, checksum, where, js_bytes)
-    except (IndexFormatError, UnsupportedFormatError) as exc:
-        raise ShardFormatError(f"the footer JSON is not a v1 footer: {exc}") from exc
-
-
-def _frame_records(footer: ShardFooter) -> list[tuple[int, int]]:
-    """Per frame, the half-open range of the shard's records it holds."""
-    frames = len(footer.table)
-    if footer.record_map is None:
-        return [(k, k + 1) for k in range(frames)]
-    bounds = np.searchsorted(footer.record_map["frame"], np.arange(frames + 1), side="left").tolist()
-    return [(int(bounds[f]), int(bounds[f + 1])) for f in range(frames)]
-
-
-def _record_slices(footer: ShardFooter, first: int, end: int) -> list[tuple[int, int]]:
-    """(raw_offset, raw_bytes) in the decoded frame of each shard record in ``[first, end)``."""
-    if footer.record_map is None:
-        return [(0, int(footer.table["raw"][first]))]
-    rows = footer.record_map[first:end]
-    return list(zip(rows["raw_offset"].tolist(), rows["raw"].tolist()))
-
-
 def _bounds_codec(config: dict[str, Any]) -> Codec:
     """The codec of ``config`` without its dictionary: enough for raw-length bounds."""
     return get_codec({k: v for k, v in config.items() if k != "dict"})
@@ -275,17 +225,9 @@ class _RecordCheck:
 
 
 def _check_frame(handle: ReadHandle, codec: Codec | None, row: Any, where: str) -> _RecordCheck:
-    """Check one frame: raw bound, checksum, decode (``codec`` None: checksum only)."""
-    offset, stored, raw, expected = int(row["offset"]), int(row["stored"]), int(row["raw"]), int(row["checksum"])
-    bound = codec.max_raw_bytes(stored) if codec is not None else raw
-    if codec is not None and raw > bound:
-        return _RecordCheck(
-            "record_length",
-            f"at most {bound} raw bytes for a {stored}-byte {codec.codec_id} frame",
-            f"{raw} raw bytes in the footer",
-            f"{where}: the footer says {raw} raw bytes, but a {stored}-byte {codec.codec_id} frame decodes to "
-            f"at most {bound} bytes (not decoded)",
-        )
+    """Read one frame and run it through the readers' pipeline (:func:`.shardio.check_frame`,
+    with the default ``max_record_bytes``); its typed errors become the report's kinds."""
+    offset, stored = int(row["offset"]), int(row["stored"])
     frame = handle.read_range(offset, stored)
     if len(frame) != stored:
         return _RecordCheck(
@@ -294,40 +236,12 @@ def _check_frame(handle: ReadHandle, codec: Codec | None, row: Any, where: str) 
             f"{len(frame)} bytes",
             f"{where}: the frame at byte {offset} needs {stored} bytes, found {len(frame)} (truncated)",
         )
-    found = digest_int(frame)
-    if found != expected:
-        return _RecordCheck(
-            "record_checksum",
-            _hex(expected),
-            _hex(found),
-            f"{where}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, the {stored} stored bytes "
-            f"give {found:016x}",
-        )
-    if codec is None:
-        return _RecordCheck(frame=frame)
-    from .reader import DEFAULT_MAX_RECORD_BYTES
-
-    if raw > DEFAULT_MAX_RECORD_BYTES:
-        return _RecordCheck(
-            "record_budget",
-            f"at most {DEFAULT_MAX_RECORD_BYTES} raw bytes (a reader's default max_record_bytes)",
-            f"{raw} raw bytes in the footer",
-            f"{where}: the footer says {raw} raw bytes, above the default max_record_bytes={DEFAULT_MAX_RECORD_BYTES} "
-            "(not decoded; readers refuse it unless opened with a larger max_record_bytes)",
-        )
     try:
-        data = codec.decompress(frame, raw)
-    except MemoryError as exc:
-        return _RecordCheck(
-            "record_budget", f"a {codec.codec_id} frame of {raw} raw bytes", f"MemoryError: {exc}", f"{where}: decoding ran out of memory"
-        )
-    except DecompressionError as exc:
-        return _RecordCheck("record_decode", f"a {codec.codec_id} frame of {raw} raw bytes", str(exc), f"{where}: {exc}")
-    if len(data) != raw:
-        return _RecordCheck(
-            "record_length", f"{raw} bytes", f"{len(data)} bytes", f"{where}: decoded {len(data)} bytes, the footer says {raw}"
-        )
-    return _RecordCheck(data=data, frame=frame)
+        data = check_frame(codec, row, frame, where)
+    except TensorStoreError as exc:
+        kind, expected, found = getattr(exc, "problem", ("record_decode", "a decodable frame", str(exc)))
+        return _RecordCheck(kind, expected, found, str(exc))
+    return _RecordCheck(data=data, frame=frame)  # type: ignore[arg-type]
 
 
 def _load_check(data: bytes, where: str) -> _RecordCheck:
@@ -503,7 +417,7 @@ def _verify_shard(
                 records=span,
             )
         else:
-            digest = _file_digest(handle, size)
+            digest = file_digest(handle, size)
             if digest != entry.checksum:
                 add(
                     "file_checksum",
@@ -529,7 +443,7 @@ def _verify_shard(
         footer_error: Exception | None = None
         for end in dict.fromkeys((size, entry.file_bytes) if size > entry.file_bytes else (size,)):
             try:
-                footer = _open_footer(handle, end, where)
+                footer = open_footer(handle, end, where)
                 break
             except ShardFormatError as exc:
                 footer_error = footer_error or exc
@@ -601,7 +515,7 @@ def _verify_shard(
             )
 
         passed = 0
-        for fi, (a, b) in enumerate(_frame_records(footer)):
+        for fi, (a, b) in enumerate(frame_records(footer)):
             j = entry.first_record + a
             many = b - a > 1
             fwhere = f"{where}, records [{j}, {entry.first_record + b}) (frame {fi})" if many else f"{where}, record {j}"
@@ -613,7 +527,7 @@ def _verify_shard(
             if not deep or check.data is None:
                 passed += b - a if check.data is not None or codec is None else 0
                 continue
-            for k, (off, n) in zip(range(a, b), _record_slices(footer, a, b)):
+            for k, (off, n) in zip(range(a, b), record_slices(footer, a, b)):
                 rec = entry.first_record + k
                 loaded = _load_check(check.data[off : off + n], f"{where}, record {rec}")
                 if loaded.kind is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -20,21 +20,18 @@ from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
     AllocationBudgetError,
     ChecksumMismatchError,
-    DecompressionError,
     IndexFormatError,
     InvalidOptionError,
     MissingShardError,
     NotAStoreError,
     RecordDecodeError,
     RecordIndexError,
-    RecordLengthError,
     ShardFormatError,
     ShardSizeError,
     StoreChangedError,
     StoreNotFoundError,
     TensorStoreError,
     UnsafePayloadError,
-    UnsupportedFormatError,
 )
 from .format import (
     HEADER_BYTES,
@@ -48,19 +45,13 @@ from .format import (
     ShardEntry,
     ShardFooter,
     StoreInfo,
-    decode_header,
-    decode_trailer,
-    parse_footer,
     parse_index,
 )
 from .serialization import loads
+from .shardio import DEFAULT_MAX_RECORD_BYTES, check_frame, check_index_sizes, file_digest, read_exact, read_footer
 from .storage import ReadHandle, Storage, storage_for
 
 __all__ = ["DEFAULT_MAX_RECORD_BYTES", "StoreReader", "check_index_sizes", "open_store", "read_footer"]
-
-#: Default ``max_record_bytes``: the largest raw record (decompressed ``torch.save`` buffer) a
-#: reader decodes, 1 GiB. Checked before any output buffer exists.
-DEFAULT_MAX_RECORD_BYTES = 2**30
 
 
 def _check_max_record_bytes(value: Any) -> int:
@@ -329,14 +320,9 @@ class StoreReader:
         return h
 
     def _read_exact(self, si: int, offset: int, length: int, what: str) -> bytes:
-        data = self._handle(si).read_range(offset, length)
-        if len(data) != length:
-            entry = self._index.shards[si]
-            raise ShardSizeError(
-                f"{self._where(si)}: {what} at byte {offset} needs {length} bytes but only {len(data)} "
-                f"are there (the shard is truncated; the index says {entry.file_bytes} bytes)"
-            )
-        return data
+        entry = self._index.shards[si]
+        where = f"{self._where(si)} (the index says {entry.file_bytes} bytes)"
+        return read_exact(self._handle(si), offset, length, what, where, error=ShardSizeError)
 
     def _footer(self, si: int) -> ShardFooter:
         footer = self._footers[si]
@@ -380,31 +366,10 @@ class StoreReader:
     def _decode(
         self, si: int, j: int, row: np.void | np.ndarray, frame: bytes | memoryview, writable: bool = False
     ) -> bytes | bytearray:
-        """Check a frame's checksum and raw-length bound, then decode it (``j`` is for messages)."""
-        stored, raw, expected = int(row["stored"]), int(row["raw"]), int(row["checksum"])
-        found = digest_int(frame)
-        if found != expected:
-            raise ChecksumMismatchError(
-                f"{self._where(si, j)}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, "
-                f"the {stored} stored bytes give {found:016x}"
-            )
-        self._check_raw_bound(si, j, stored, raw)
-        if raw > self.max_record_bytes:
-            raise AllocationBudgetError(
-                f"{self._where(si, j)}: the footer says the record is {raw} raw bytes, above this reader's "
-                f"max_record_bytes={self.max_record_bytes} (raise it in open_store to read it); nothing was allocated"
-            )
-        try:
-            data = self._codec.decompress_into(frame, raw) if writable else self._codec.decompress(frame, raw)
-        except DecompressionError as exc:
-            raise DecompressionError(f"{self._where(si, j)}: {exc}") from exc
-        except MemoryError as exc:
-            raise AllocationBudgetError(
-                f"{self._where(si, j)}: decoding the {stored}-byte frame into {raw} raw bytes ran out of memory"
-            ) from exc
-        if len(data) != raw:  # codecs check this too; kept as the reader's own guarantee
-            raise RecordLengthError(f"{self._where(si, j)}: decoded {len(data)} bytes, the footer says {raw}")
-        return data
+        """Check and decode a frame through :func:`.shardio.check_frame` (``j`` is for messages)."""
+        data = check_frame(self._codec, row, frame, self._where(si, j), max_record_bytes=self.max_record_bytes,
+                           writable=writable)  # fmt: skip
+        return data  # type: ignore[return-value]
 
     def _read_raw(self, i: int, writable: bool) -> tuple[int, int, bytes | bytearray]:
         """(record position, shard, raw bytes) of record ``i``; see :meth:`read_bytes`."""
@@ -444,20 +409,6 @@ class StoreReader:
             DecompressionError / RecordLengthError: The frame does not decode to the raw length.
         """
         return bytes(self._read_raw(i, writable=False)[2])
-
-    def _check_raw_bound(self, si: int, j: int, stored: int, raw: int) -> None:
-        """Refuse a raw length the codec cannot produce from ``stored`` bytes, before allocating it.
-
-        Raises:
-            RecordLengthError: ``raw`` is above the codec's worst-case bound for the frame.
-        """
-        bound = self._codec.max_raw_bytes(stored)
-        if raw > bound:
-            raise RecordLengthError(
-                f"{self._where(si, j)}: the footer says the record is {raw} raw bytes, but a {stored}-byte "
-                f"{self._codec.codec_id} frame decodes to at most {bound} bytes (a hostile or damaged footer; "
-                "nothing was allocated)"
-            )
 
     def read(self, i: int) -> Any:
         """Read one record by its position and load it.
@@ -674,7 +625,7 @@ class StoreReader:
         """
         for si, entry in enumerate(self._index.shards):
             self._footer(si)
-            digest = _file_digest(self._handle(si), entry.file_bytes)
+            digest = file_digest(self._handle(si), entry.file_bytes)
             if digest != entry.checksum:
                 raise ChecksumMismatchError(
                     f"{self._where(si)}: whole-file checksum mismatch ({ALGORITHM}): index says "
@@ -689,100 +640,6 @@ def _first_record_of_frame(footer: ShardFooter, fi: int) -> int:
     if footer.record_map is None:
         return fi
     return int(np.searchsorted(footer.record_map["frame"], fi, side="left"))
-
-
-def check_index_sizes(index: IndexInfo, codec: Codec, where: str) -> None:
-    """Check that each shard's raw bytes are possible for its stored bytes under ``codec``.
-
-    A hostile index may claim that a few stored bytes hold terabytes of raw data; this refuses
-    it before any shard is opened.
-
-    Raises:
-        IndexFormatError: A shard's ``raw_bytes`` is above the codec's worst-case bound.
-    """
-    for entry in index.shards:
-        bound = codec.max_raw_bytes(entry.stored_bytes, entry.records)
-        if entry.raw_bytes > bound:
-            raise IndexFormatError(
-                f"{where}: shard {entry.name!r} says {entry.raw_bytes} raw bytes, but {entry.records} "
-                f"{codec.codec_id} frame(s) of {entry.stored_bytes} bytes decode to at most {bound} bytes"
-            )
-
-
-def read_footer(
-    header: bytes,
-    trailer: bytes,
-    file_bytes: int,
-    read_range: Callable[[int, int], bytes],
-    index: IndexInfo,
-    entry: ShardEntry,
-    where: str,
-) -> ShardFooter:
-    """Check a shard's header, trailer and footer against each other and the index.
-
-    Args:
-        header: The first ``HEADER_BYTES`` bytes of the shard.
-        trailer: The last ``TRAILER_BYTES`` bytes of the shard.
-        file_bytes: The shard's size in bytes.
-        read_range: Reads ``(offset, length)`` of the shard; only called for the record table
-            and footer JSON, after the trailer has bounded them to lie inside the file.
-        index: The store's parsed index.
-        entry: The index entry of this shard.
-        where: Context for messages.
-
-    Returns:
-        The parsed footer.
-
-    Raises:
-        ShardFormatError: Bad magic, version, trailer or footer, or a footer that disagrees with
-            the index (version, record count, first record, codec, stored/raw byte sums).
-    """
-    try:
-        version = decode_header(header, where)
-    except UnsupportedFormatError as exc:
-        raise ShardFormatError(f"{exc}, but the index says {index.version[0]}.{index.version[1]}") from exc
-    table_offset, count, js_bytes, checksum = decode_trailer(trailer, file_bytes, where)
-    if count != entry.records:
-        raise ShardFormatError(f"{where}: footer holds {count} records, the index says {entry.records}")
-    body = read_range(table_offset, file_bytes - TRAILER_BYTES - table_offset)
-    try:
-        footer = parse_footer(body, table_offset, count, checksum, where, js_bytes)
-    except (IndexFormatError, UnsupportedFormatError) as exc:
-        raise ShardFormatError(f"the footer JSON disagrees with the index: {exc}") from exc
-    meta = footer.meta
-    unknown = set(meta.get("features", [])) - set(index.features)
-    if unknown:
-        raise ShardFormatError(f"{where}: footer uses feature(s) {sorted(unknown)} the index does not list")
-    if tuple(meta.get("format_version", ())) != version:
-        raise ShardFormatError(
-            f"{where}: header says format {version[0]}.{version[1]}, footer says {meta.get('format_version')}"
-        )
-    if meta.get("first_record") != entry.first_record:
-        raise ShardFormatError(
-            f"{where}: footer says first_record {meta.get('first_record')!r}, the index says {entry.first_record} "
-            "(shards swapped or renamed?)"
-        )
-    if meta.get("codec") != index.codec:
-        raise ShardFormatError(f"{where}: footer says codec {meta.get('codec')}, the index says {index.codec}")
-    stored = int(footer.table["stored"].sum())
-    raw = int(footer.table["raw"].sum())
-    if footer.record_map is not None and int(footer.record_map["raw"].sum()) != raw:
-        raise ShardFormatError(f"{where}: record map and frame table disagree on the raw bytes")
-    if stored != entry.stored_bytes or raw != entry.raw_bytes:
-        raise ShardFormatError(
-            f"{where}: footer records add up to {stored} stored / {raw} raw bytes, the index says "
-            f"{entry.stored_bytes} / {entry.raw_bytes}"
-        )
-    return footer
-
-
-def _file_digest(handle: ReadHandle, size: int, chunk: int = 8 * 2**20) -> int:
-    from .checksums import FileHasher
-
-    h = FileHasher()
-    for off in range(0, size, chunk):
-        h.update(handle.read_range(off, min(chunk, size - off)))
-    return h.intdigest()
 
 
 def open_store(

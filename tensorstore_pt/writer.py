@@ -35,10 +35,8 @@ import warnings
 from types import TracebackType
 from typing import Any, Iterable
 
-import numpy as np
-
 from . import _version
-from .checksums import ALGORITHM, FileHasher, digest_int, format_digest
+from .checksums import digest_int, format_digest
 from .codecs import Codec, get_codec, make_codec
 from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
@@ -57,27 +55,21 @@ from .errors import (
 from .format import (
     FEATURE_DICTIONARY,
     FEATURE_MULTI_RECORD_FRAMES,
-    FORMAT_NAME,
     INDEX_NAME,
     LOCK_NAME,
-    RECORD_DTYPE,
-    RECORD_ENTRY_BYTES,
-    RECORD_MAP_DTYPE,
-    RECORD_MAP_ENTRY_BYTES,
-    TRAILER_BYTES,
     IndexInfo,
     ShardEntry,
     StoreInfo,
     check_shard_name,
-    encode_footer,
-    encode_header,
+    encode_index,
+    footer_meta,
     new_writer_token,
     parse_index,
     shard_name,
-    version_for,
 )
 from .serialization import check_sample, clone_exact, dumps
-from .storage import AtomicWriter, Storage, StoreLock, storage_for, typed_full_disk
+from .shardio import FrameGrouper, ShardBuilder, train_dictionary
+from .storage import Storage, StoreLock, storage_for, typed_full_disk
 
 __all__ = ["DEFAULT_DICT_BYTES", "DEFAULT_MAX_SHARD_BYTES", "DICT_SAMPLE_BYTES", "ShardWriter", "write_store"]
 
@@ -125,96 +117,6 @@ def _encode(sample: Any, codec: Codec | None) -> tuple[bytes | None, int, bytes 
         return raw, len(raw), None, 0
     frame = codec.compress(raw)
     return None, len(raw), frame, digest_int(frame)
-
-
-class _OpenShard:
-    """The shard being written: header + frames so far; frame and record rows kept in lists."""
-
-    def __init__(
-        self, storage: Storage, name: str, first_record: int, footer_meta: dict[str, Any], multi: bool
-    ) -> None:
-        self.name = name
-        self.first_record = first_record
-        self.footer_meta = footer_meta
-        self.multi = multi
-        self.out: AtomicWriter = storage.writer(name, exclusive=True)
-        self.hasher = FileHasher()
-        self.offsets: list[int] = []
-        self.stored: list[int] = []
-        self.raw: list[int] = []
-        self.checksums: list[int] = []
-        self.rec_frame: list[int] = []
-        self.rec_offset: list[int] = []
-        self.rec_raw: list[int] = []
-        self.pos = 0
-        self._write(encode_header(version_for(footer_meta["features"])))
-
-    def _write(self, data: bytes) -> None:
-        self.out.write(data)
-        self.hasher.update(data)
-        self.pos += len(data)
-
-    @property
-    def records(self) -> int:
-        return len(self.rec_raw) if self.multi else len(self.offsets)
-
-    def meta(self, records: int, frames: int) -> dict[str, Any]:
-        meta = {**self.footer_meta, "records": records, "first_record": self.first_record}
-        if self.multi:
-            meta["frames"] = frames
-        return meta
-
-    def size_with(self, frame_bytes: int, records: int) -> int:
-        """File size if one more frame of ``records`` records were added and the shard closed."""
-        n_records = self.records + records
-        n_frames = len(self.offsets) + 1
-        js = len(json.dumps(self.meta(n_records, n_frames), sort_keys=True, separators=(",", ":")).encode())
-        tables = n_frames * RECORD_ENTRY_BYTES + (n_records * RECORD_MAP_ENTRY_BYTES if self.multi else 0)
-        return self.pos + frame_bytes + tables + js + TRAILER_BYTES
-
-    def add(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
-        if self.multi:
-            offset = 0
-            for n in raw_lengths:
-                self.rec_frame.append(len(self.offsets))
-                self.rec_offset.append(offset)
-                self.rec_raw.append(n)
-                offset += n
-        self.offsets.append(self.pos)
-        self.stored.append(len(frame))
-        self.raw.append(sum(raw_lengths))
-        self.checksums.append(checksum)
-        self._write(frame)
-
-    def close(self) -> ShardEntry:
-        table = np.zeros(len(self.offsets), dtype=RECORD_DTYPE)
-        table["offset"] = self.offsets
-        table["stored"] = self.stored
-        table["raw"] = self.raw
-        table["checksum"] = self.checksums
-        record_map = None
-        if self.multi:
-            record_map = np.zeros(len(self.rec_raw), dtype=RECORD_MAP_DTYPE)
-            record_map["frame"] = self.rec_frame
-            record_map["raw_offset"] = self.rec_offset
-            record_map["raw"] = self.rec_raw
-        self._write(encode_footer(table, self.meta(self.records, len(self.offsets)), record_map))
-        try:
-            self.out.commit()
-        except FileExistsError as exc:
-            raise ConcurrentWriteError(
-                f"shard {self.name!r} was published by another writer while this one was writing; "
-                "one writer at a time per store"
-            ) from exc
-        return ShardEntry(
-            name=self.name,
-            records=self.records,
-            first_record=self.first_record,
-            file_bytes=self.pos,
-            stored_bytes=sum(self.stored),
-            raw_bytes=sum(self.raw),
-            checksum=self.hasher.intdigest(),
-        )
 
 
 class ShardWriter:
@@ -381,9 +283,8 @@ class ShardWriter:
         self._dict_buffer: list[bytes] = []
         self._dict_buffer_bytes = 0
         self._new_files: list[str] = []  # non-shard files this writer created (the dictionary)
-        self._group: list[bytes] = []
-        self._group_bytes = 0
-        self._open: _OpenShard | None = None
+        self._grouper = FrameGrouper(self.frame_target_bytes)
+        self._open: ShardBuilder | None = None
         self._pending: collections.deque[cf.Future[tuple[bytes | None, int, bytes | None, int]]] = collections.deque()
         self._max_pending = 2 * num_threads + 2
         self._pool = cf.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tspt-writer")
@@ -520,25 +421,14 @@ class ShardWriter:
             if self._dict_buffer_bytes >= DICT_SAMPLE_BYTES:
                 self._train_dictionary()
             return
-        if self.frame_target_bytes is None:
-            frame = self._codec.compress(raw)
-            self._emit_frame(frame, digest_int(frame), [len(raw)])
-            return
-        self._group.append(raw)
-        self._group_bytes += len(raw)
-        if self._group_bytes >= self.frame_target_bytes:
-            self._flush_group()
+        self._emit_group(self._grouper.add(raw))
 
-    def _flush_group(self) -> None:
-        if not self._group:
-            return
-        group, self._group, self._group_bytes = self._group, [], 0
-        frame = self._codec.compress(b"".join(group))
-        self._emit_frame(frame, digest_int(frame), [len(r) for r in group])
+    def _emit_group(self, group: list[bytes] | None) -> None:
+        if group:
+            frame = self._codec.compress(group[0] if len(group) == 1 else b"".join(group))
+            self._emit_frame(frame, digest_int(frame), [len(r) for r in group])
 
     def _train_dictionary(self) -> None:
-        import warnings
-
         import zstandard
 
         from .codecs.zstd import ZstdCodec
@@ -547,8 +437,7 @@ class ShardWriter:
         self._dict_pending = False
         level = getattr(self._codec, "level", 3)
         try:
-            trained = zstandard.train_dictionary(self._dict_bytes, samples, level=level, threads=-1)
-            data = trained.as_bytes()
+            data, dict_id = train_dictionary(samples, self._dict_bytes, level)
         except zstandard.ZstdError as exc:
             warnings.warn(
                 f"dictionary: zstd could not train a dictionary from {len(samples)} records ({exc}); "
@@ -563,7 +452,7 @@ class ShardWriter:
                 with typed_full_disk(self.location, name), self._storage.writer(name) as out:
                     out.write(data)
                 self._new_files.append(name)
-            ref = {"name": name, "checksum": format_digest(digest), "dict_id": trained.dict_id(), "bytes": len(data)}
+            ref = {"name": name, "checksum": format_digest(digest), "dict_id": dict_id, "bytes": len(data)}
             self._codec = ZstdCodec(level, data, ref)
         for raw in samples:
             self._accept_raw(raw)
@@ -587,18 +476,11 @@ class ShardWriter:
         if self._open is None:
             features = self._shard_features()
             self._features.update(features)
-            footer_meta = {
-                "format": FORMAT_NAME,
-                "format_version": list(version_for(features)),
-                "features": features,
-                "codec": self._codec.get_config(),
-                "checksum": ALGORITHM,
-            }
-            self._open = _OpenShard(
+            self._open = ShardBuilder(
                 self._storage,
                 shard_name(self.token, self._seq),
                 self._records,
-                footer_meta,
+                footer_meta(features, self._codec.get_config()),
                 multi=FEATURE_MULTI_RECORD_FRAMES in features,
             )
             self._seq += 1
@@ -649,7 +531,7 @@ class ShardWriter:
                 self._drain_one()
             if self._dict_pending:
                 self._train_dictionary()
-            self._flush_group()
+            self._emit_group(self._grouper.flush())
             self._close_shard()
             info = IndexInfo.build(
                 self._codec.get_config(), self._shards, self._metadata, _created_by(), tuple(self._features)
@@ -660,7 +542,7 @@ class ShardWriter:
                     "writing; nothing was published (one writer at a time per store)"
                 )
             with typed_full_disk(self.location, INDEX_NAME), self._storage.writer(INDEX_NAME) as out:
-                out.write((json.dumps(info.to_json(), indent=1) + "\n").encode())
+                out.write(encode_index(info))
         except BaseException as exc:
             left = self.abort()
             if left and hasattr(exc, "add_note"):
@@ -730,7 +612,7 @@ class ShardWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
         self._dict_buffer.clear()
-        self._group.clear()
+        self._grouper.clear()
         if self._open is not None:
             try:
                 self._open.out.abort()

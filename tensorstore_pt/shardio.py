@@ -1,0 +1,484 @@
+"""Shard I/O: the one place where shard bytes are read, checked, decoded and built.
+
+The floor between :mod:`.format` (layouts, no I/O) and its users: the reader, the writer,
+``verify`` (:mod:`.integrity`), ``recover`` (:mod:`.recover`) and the audit. Each of them
+reads a frame, checks it and decodes it here, so ``verify --deep`` checks exactly what a read
+checks and can never call clean what a read would refuse.
+
+- :func:`read_exact`, :func:`file_digest`: bounded positional reads of a :class:`ReadHandle`;
+- :func:`open_footer` (a shard on its own terms) and :func:`read_footer` (a shard against
+  the index), :func:`check_index_sizes`;
+- :func:`check_frame`: a frame's xxh3_64, its raw length against the codec's worst case and
+  the reader's ``max_record_bytes`` (both before any output buffer exists), the decode, and
+  the decoded length; each failure a typed error carrying ``problem = (kind, expected,
+  found)`` for ``verify``'s report;
+- :func:`frame_records`, :func:`record_slices`: which records a frame holds;
+- :class:`ShardBuilder`: writes one shard (header, frames, tables, footer, trailer) under a
+  temporary name and publishes it without overwriting; :class:`FrameGrouper`: consecutive
+  records into frames of about ``frame_target_bytes`` (format 1.1); :func:`train_dictionary`.
+
+Format facts come from docs/format.md (sections 3-5); checksums are XXH3-64 (xxHash spec).
+No torch import. Thread safety: the functions hold no state; a ShardBuilder belongs to one
+thread.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import numpy as np
+
+from .checksums import ALGORITHM, FileHasher, digest_int
+from .codecs import Codec
+from .errors import (
+    AllocationBudgetError,
+    ChecksumMismatchError,
+    ConcurrentWriteError,
+    DecompressionError,
+    IndexFormatError,
+    RecordLengthError,
+    ShardFormatError,
+    UnsupportedFormatError,
+)
+from .format import (
+    HEADER_BYTES,
+    RECORD_DTYPE,
+    RECORD_ENTRY_BYTES,
+    RECORD_MAP_DTYPE,
+    RECORD_MAP_ENTRY_BYTES,
+    TRAILER_BYTES,
+    IndexInfo,
+    ShardEntry,
+    ShardFooter,
+    decode_header,
+    decode_trailer,
+    encode_footer,
+    encode_header,
+    parse_footer,
+    version_for,
+)
+from .storage import AtomicWriter, ReadHandle, Storage
+
+__all__ = [
+    "DEFAULT_MAX_RECORD_BYTES",
+    "FrameGrouper",
+    "ShardBuilder",
+    "check_frame",
+    "check_index_sizes",
+    "file_digest",
+    "frame_records",
+    "open_footer",
+    "read_exact",
+    "read_footer",
+    "record_slices",
+    "train_dictionary",
+]
+
+#: Default ``max_record_bytes``: the largest raw record (decompressed ``torch.save`` buffer) a
+#: reader decodes, 1 GiB. Checked before any output buffer exists.
+DEFAULT_MAX_RECORD_BYTES = 2**30
+#: Chunk of a whole-file digest (bytes): memory of :func:`file_digest`.
+_DIGEST_CHUNK_BYTES = 8 * 2**20
+
+
+def _hex(value: int) -> str:
+    return f"{ALGORITHM}:{value:016x}"
+
+
+def _failed(cls: type[Exception], kind: str, expected: str, found: str, message: str) -> Exception:
+    """An error of ``cls`` whose ``problem`` is ``(kind, expected, found)`` for verify's report."""
+    exc = cls(message)
+    exc.problem = (kind, expected, found)  # type: ignore[attr-defined]
+    return exc
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def read_exact(
+    handle: ReadHandle, offset: int, length: int, what: str, where: str, error: type[Exception] = ShardFormatError
+) -> bytes:
+    """Read exactly ``length`` bytes at ``offset``.
+
+    Raises:
+        ShardFormatError (or ``error``): Fewer bytes are there (the file is truncated).
+    """
+    data = handle.read_range(offset, length)
+    if len(data) != length:
+        raise error(f"{where}: {what} at byte {offset} needs {length} bytes, found {len(data)} (truncated)")
+    return data
+
+
+def file_digest(handle: ReadHandle, size: int) -> int:
+    """XXH3-64 of the first ``size`` bytes of a file, read in 8 MiB chunks."""
+    h = FileHasher()
+    for off in range(0, size, _DIGEST_CHUNK_BYTES):
+        h.update(handle.read_range(off, min(_DIGEST_CHUNK_BYTES, size - off)))
+    return h.intdigest()
+
+
+def open_footer(handle: ReadHandle, size: int, where: str) -> ShardFooter:
+    """Parse a shard's trailer and footer on their own terms, the shard ending at byte ``size``.
+
+    Raises:
+        ShardFormatError: Too short, or a damaged trailer, record table or footer JSON.
+    """
+    if size < HEADER_BYTES + TRAILER_BYTES:
+        raise ShardFormatError(
+            f"{where}: expected at least {HEADER_BYTES + TRAILER_BYTES} bytes (header and trailer), found {size}"
+        )
+    trailer = read_exact(handle, size - TRAILER_BYTES, TRAILER_BYTES, "the trailer", where)
+    table_offset, count, js_bytes, checksum = decode_trailer(trailer, size, where)
+    body = read_exact(handle, table_offset, size - TRAILER_BYTES - table_offset, "the footer", where)
+    try:
+        return parse_footer(body, table_offset, count, checksum, where, js_bytes)
+    except (IndexFormatError, UnsupportedFormatError) as exc:
+        raise ShardFormatError(f"the footer JSON is not a v1 footer: {exc}") from exc
+
+
+def read_footer(
+    header: bytes,
+    trailer: bytes,
+    file_bytes: int,
+    read_range: Callable[[int, int], bytes],
+    index: IndexInfo,
+    entry: ShardEntry,
+    where: str,
+) -> ShardFooter:
+    """Check a shard's header, trailer and footer against each other and the index.
+
+    Args:
+        header: The first ``HEADER_BYTES`` bytes of the shard.
+        trailer: The last ``TRAILER_BYTES`` bytes of the shard.
+        file_bytes: The shard's size in bytes.
+        read_range: Reads ``(offset, length)`` of the shard; only called for the record table
+            and footer JSON, after the trailer has bounded them to lie inside the file.
+        index: The store's parsed index.
+        entry: The index entry of this shard.
+        where: Context for messages.
+
+    Returns:
+        The parsed footer.
+
+    Raises:
+        ShardFormatError: Bad magic, version, trailer or footer, or a footer that disagrees with
+            the index (version, record count, first record, codec, stored/raw byte sums).
+    """
+    try:
+        version = decode_header(header, where)
+    except UnsupportedFormatError as exc:
+        raise ShardFormatError(f"{exc}, but the index says {index.version[0]}.{index.version[1]}") from exc
+    table_offset, count, js_bytes, checksum = decode_trailer(trailer, file_bytes, where)
+    if count != entry.records:
+        raise ShardFormatError(f"{where}: footer holds {count} records, the index says {entry.records}")
+    body = read_range(table_offset, file_bytes - TRAILER_BYTES - table_offset)
+    try:
+        footer = parse_footer(body, table_offset, count, checksum, where, js_bytes)
+    except (IndexFormatError, UnsupportedFormatError) as exc:
+        raise ShardFormatError(f"the footer JSON disagrees with the index: {exc}") from exc
+    meta = footer.meta
+    unknown = set(meta.get("features", [])) - set(index.features)
+    if unknown:
+        raise ShardFormatError(f"{where}: footer uses feature(s) {sorted(unknown)} the index does not list")
+    if tuple(meta.get("format_version", ())) != version:
+        raise ShardFormatError(
+            f"{where}: header says format {version[0]}.{version[1]}, footer says {meta.get('format_version')}"
+        )
+    if meta.get("first_record") != entry.first_record:
+        raise ShardFormatError(
+            f"{where}: footer says first_record {meta.get('first_record')!r}, the index says {entry.first_record} "
+            "(shards swapped or renamed?)"
+        )
+    if meta.get("codec") != index.codec:
+        raise ShardFormatError(f"{where}: footer says codec {meta.get('codec')}, the index says {index.codec}")
+    stored = int(footer.table["stored"].sum())
+    raw = int(footer.table["raw"].sum())
+    if footer.record_map is not None and int(footer.record_map["raw"].sum()) != raw:
+        raise ShardFormatError(f"{where}: record map and frame table disagree on the raw bytes")
+    if stored != entry.stored_bytes or raw != entry.raw_bytes:
+        raise ShardFormatError(
+            f"{where}: footer records add up to {stored} stored / {raw} raw bytes, the index says "
+            f"{entry.stored_bytes} / {entry.raw_bytes}"
+        )
+    return footer
+
+
+def check_index_sizes(index: IndexInfo, codec: Codec, where: str) -> None:
+    """Check that each shard's raw bytes are possible for its stored bytes under ``codec``.
+
+    A hostile index may claim that a few stored bytes hold terabytes of raw data; this refuses
+    it before any shard is opened.
+
+    Raises:
+        IndexFormatError: A shard's ``raw_bytes`` is above the codec's worst-case bound.
+    """
+    for entry in index.shards:
+        bound = codec.max_raw_bytes(entry.stored_bytes, entry.records)
+        if entry.raw_bytes > bound:
+            raise IndexFormatError(
+                f"{where}: shard {entry.name!r} says {entry.raw_bytes} raw bytes, but {entry.records} "
+                f"{codec.codec_id} frame(s) of {entry.stored_bytes} bytes decode to at most {bound} bytes"
+            )
+
+
+def frame_records(footer: ShardFooter) -> list[tuple[int, int]]:
+    """Per frame, the half-open range of the shard's records it holds."""
+    frames = len(footer.table)
+    if footer.record_map is None:
+        return [(k, k + 1) for k in range(frames)]
+    bounds = np.searchsorted(footer.record_map["frame"], np.arange(frames + 1), side="left").tolist()
+    return [(int(bounds[f]), int(bounds[f + 1])) for f in range(frames)]
+
+
+def record_slices(footer: ShardFooter, first: int, end: int) -> list[tuple[int, int]]:
+    """(raw_offset, raw_bytes) in the decoded frame of each shard record in ``[first, end)``."""
+    if footer.record_map is None:
+        return [(0, int(footer.table["raw"][first]))]
+    rows = footer.record_map[first:end]
+    return list(zip(rows["raw_offset"].tolist(), rows["raw"].tolist()))
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def check_frame(
+    codec: Codec | None,
+    row: Any,
+    frame: bytes | memoryview,
+    where: str,
+    *,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    writable: bool = False,
+) -> bytes | bytearray | None:
+    """Check one stored frame and decode it: the single frame pipeline of every reader.
+
+    In order: the frame's XXH3-64 against the footer's; its raw length against the codec's
+    worst-case ratio (docs/format.md, section 6.1) and against ``max_record_bytes``, both before
+    any output buffer exists; the decode (the codec checks the header's declared size first
+    and never writes past ``raw``); the decoded length.
+
+    Args:
+        codec: The store's codec; None checks the checksum only (a missing dictionary).
+        row: The frame's footer row (``stored``, ``raw``, ``checksum``: a ``RECORD_DTYPE``
+            row, or a mapping with those keys).
+        frame: The ``stored`` bytes of the frame.
+        where: The place, for messages (store, shard, record).
+        max_record_bytes: Refuse a frame that decodes to more than this (bytes).
+        writable: Decode into a fresh ``bytearray`` (tensors can be built over it).
+
+    Returns:
+        The decoded bytes; None when ``codec`` is None.
+
+    Raises:
+        ChecksumMismatchError: The digest differs (kind ``record_checksum``).
+        RecordLengthError: The raw length is impossible for the frame, or the frame decodes to
+            another length (kind ``record_length``).
+        AllocationBudgetError: The raw length is above ``max_record_bytes``, or decoding ran out
+            of memory (kind ``record_budget``); nothing past the check was allocated.
+        DecompressionError: The codec refuses the frame (kind ``record_decode``).
+
+    Every error carries ``problem = (kind, expected, found)``.
+    """
+    stored, raw, expected = int(row["stored"]), int(row["raw"]), int(row["checksum"])
+    found = digest_int(frame)
+    if found != expected:
+        raise _failed(
+            ChecksumMismatchError,
+            "record_checksum",
+            _hex(expected),
+            _hex(found),
+            f"{where}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, the {stored} stored bytes "
+            f"give {found:016x}",
+        )
+    if codec is None:
+        return None
+    bound = codec.max_raw_bytes(stored)
+    if raw > bound:
+        raise _failed(
+            RecordLengthError,
+            "record_length",
+            f"at most {bound} raw bytes for a {stored}-byte {codec.codec_id} frame",
+            f"{raw} raw bytes in the footer",
+            f"{where}: the footer says the record is {raw} raw bytes, but a {stored}-byte {codec.codec_id} frame "
+            f"decodes to at most {bound} bytes (a hostile or damaged footer; nothing was allocated)",
+        )
+    if raw > max_record_bytes:
+        raise _failed(
+            AllocationBudgetError,
+            "record_budget",
+            f"at most max_record_bytes={max_record_bytes} raw bytes",
+            f"{raw} raw bytes in the footer",
+            f"{where}: the footer says the record is {raw} raw bytes, above max_record_bytes={max_record_bytes} "
+            "(open the store with a larger max_record_bytes to read it); nothing was allocated",
+        )
+    try:
+        data = codec.decompress_into(frame, raw) if writable else codec.decompress(frame, raw)
+    except DecompressionError as exc:
+        raise _failed(
+            DecompressionError, "record_decode", f"a {codec.codec_id} frame of {raw} raw bytes", str(exc), f"{where}: {exc}"
+        ) from exc
+    except MemoryError as exc:
+        raise _failed(
+            AllocationBudgetError,
+            "record_budget",
+            f"memory for {raw} raw bytes",
+            "MemoryError",
+            f"{where}: decoding the {stored}-byte frame into {raw} raw bytes ran out of memory",
+        ) from exc
+    if len(data) != raw:  # codecs check this too; kept as the pipeline's own guarantee
+        raise _failed(
+            RecordLengthError,
+            "record_length",
+            f"{raw} bytes",
+            f"{len(data)} bytes",
+            f"{where}: decoded {len(data)} bytes, the footer says {raw}",
+        )
+    return data
+
+
+class FrameGrouper:
+    """Groups consecutive raw records into frames of about ``target`` raw bytes (format 1.1,
+    "multi-record-frames"): a frame closes once its records reach ``target`` bytes; None
+    gives one record per frame. Used by the writer and by the audit's projections alike."""
+
+    def __init__(self, target: int | None) -> None:
+        self.target = target
+        self._group: list[bytes] = []
+        self._bytes = 0
+
+    def add(self, raw: bytes) -> list[bytes] | None:
+        """Add a record; return the records of a frame that just closed, if any."""
+        if not self.target:
+            return [raw]
+        self._group.append(raw)
+        self._bytes += len(raw)
+        return self.flush() if self._bytes >= self.target else None
+
+    def flush(self) -> list[bytes] | None:
+        """Close the frame being grouped; return its records (None if empty)."""
+        group, self._group, self._bytes = self._group, [], 0
+        return group or None
+
+    def clear(self) -> None:
+        self._group, self._bytes = [], 0
+
+
+def train_dictionary(samples: list[bytes], dict_bytes: int, level: int) -> tuple[bytes, int]:
+    """Train a zstd dictionary (``zstandard.train_dictionary``, zstd's ZDICT format).
+
+    Returns:
+        ``(dictionary bytes, its Dictionary_ID)``.
+
+    Raises:
+        zstandard.ZstdError: zstd cannot train one from these samples (too few, too small).
+    """
+    import zstandard
+
+    trained = zstandard.train_dictionary(dict_bytes, samples, level=level, threads=-1)
+    return trained.as_bytes(), trained.dict_id()
+
+
+# --------------------------------------------------------------------------- building
+
+
+class ShardBuilder:
+    """One shard being written: header and frames so far; frame and record rows in lists.
+
+    The file is written under a temporary name (``Storage.writer(name, exclusive=True)``) and
+    published by :meth:`close` without ever overwriting a file of that name.
+
+    Memory: 32 bytes a frame and 24 a record of Python ints until :meth:`close`.
+    """
+
+    def __init__(
+        self, storage: Storage, name: str, first_record: int, footer_meta: dict[str, Any], multi: bool
+    ) -> None:
+        self.name = name
+        self.first_record = first_record
+        self.footer_meta = footer_meta
+        self.multi = multi
+        self.out: AtomicWriter = storage.writer(name, exclusive=True)
+        self.hasher = FileHasher()
+        self.offsets: list[int] = []
+        self.stored: list[int] = []
+        self.raw: list[int] = []
+        self.checksums: list[int] = []
+        self.rec_frame: list[int] = []
+        self.rec_offset: list[int] = []
+        self.rec_raw: list[int] = []
+        self.pos = 0
+        self._write(encode_header(version_for(footer_meta["features"])))
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.hasher.update(data)
+        self.pos += len(data)
+
+    @property
+    def records(self) -> int:
+        return len(self.rec_raw) if self.multi else len(self.offsets)
+
+    def meta(self, records: int, frames: int) -> dict[str, Any]:
+        meta = {**self.footer_meta, "records": records, "first_record": self.first_record}
+        if self.multi:
+            meta["frames"] = frames
+        return meta
+
+    def size_with(self, frame_bytes: int, records: int) -> int:
+        """File size if one more frame of ``records`` records were added and the shard closed."""
+        n_records = self.records + records
+        n_frames = len(self.offsets) + 1
+        js = len(json.dumps(self.meta(n_records, n_frames), sort_keys=True, separators=(",", ":")).encode())
+        tables = n_frames * RECORD_ENTRY_BYTES + (n_records * RECORD_MAP_ENTRY_BYTES if self.multi else 0)
+        return self.pos + frame_bytes + tables + js + TRAILER_BYTES
+
+    def add(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
+        """Append one frame holding records of ``raw_lengths`` bytes (one, unless multi)."""
+        if self.multi:
+            offset = 0
+            for n in raw_lengths:
+                self.rec_frame.append(len(self.offsets))
+                self.rec_offset.append(offset)
+                self.rec_raw.append(n)
+                offset += n
+        self.offsets.append(self.pos)
+        self.stored.append(len(frame))
+        self.raw.append(sum(raw_lengths))
+        self.checksums.append(checksum)
+        self._write(frame)
+
+    def close(self) -> ShardEntry:
+        """Write the tables, footer and trailer; publish the shard; return its index entry.
+
+        Raises:
+            ConcurrentWriteError: A file of this name appeared meanwhile (never overwritten).
+        """
+        table = np.zeros(len(self.offsets), dtype=RECORD_DTYPE)
+        table["offset"] = self.offsets
+        table["stored"] = self.stored
+        table["raw"] = self.raw
+        table["checksum"] = self.checksums
+        record_map = None
+        if self.multi:
+            record_map = np.zeros(len(self.rec_raw), dtype=RECORD_MAP_DTYPE)
+            record_map["frame"] = self.rec_frame
+            record_map["raw_offset"] = self.rec_offset
+            record_map["raw"] = self.rec_raw
+        self._write(encode_footer(table, self.meta(self.records, len(self.offsets)), record_map))
+        try:
+            self.out.commit()
+        except FileExistsError as exc:
+            raise ConcurrentWriteError(
+                f"shard {self.name!r} was published by another writer while this one was writing; "
+                "one writer at a time per store"
+            ) from exc
+        return ShardEntry(
+            name=self.name,
+            records=self.records,
+            first_record=self.first_record,
+            file_bytes=self.pos,
+            stored_bytes=sum(self.stored),
+            raw_bytes=sum(self.raw),
+            checksum=self.hasher.intdigest(),
+        )
