@@ -146,3 +146,106 @@ def test_recover_does_not_adopt_a_dead_overwrite_into_an_empty_store(tmp_path: P
         f"recover adopted {len(r)} records of an overwrite (version 1) that never committed into the committed "
         f"empty version 0 (metadata {meta}): the lock record says mode 'overwrite', its shards are a new version"
     )
+
+
+# --------------------------------------------------------------------------- odd lock files
+
+
+def test_recover_dry_run_does_not_hang_on_a_fifo_lock_file(tmp_path: Path) -> None:
+    """Promise: a second writer/recover gets StoreBusyError *at once*; recover --dry-run changes
+    nothing and answers. With ``.tspt-lock`` replaced by a FIFO, the dry run's lock probe opens
+    it O_RDONLY without O_NONBLOCK and blocks forever (waiting for a FIFO writer)."""
+    store = tmp_path / "s"
+    ts.write_store(tagged_list(30), store)
+    os.unlink(store / LOCK_NAME)
+    os.mkfifo(store / LOCK_NAME)
+    code = f"""
+        import tensorstore_pt as ts
+        try:
+            print("records", ts.recover_store({str(store)!r}, dry_run=True).records)
+        except ts.TensorStoreError as exc:
+            print("refused", type(exc).__name__)
+        except OSError as exc:
+            print("oserror", exc)
+        """
+    try:
+        child = _run_child(code, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("recover_store(dry_run=True) hung for 30 s on a store whose .tspt-lock is a FIFO (open without O_NONBLOCK)")
+    assert child.returncode == 0, child.stderr
+
+
+def test_a_symlinked_lock_file_never_truncates_its_target(tmp_path: Path) -> None:
+    """Promise: recover never makes a store worse, never deletes (or truncates) a file.
+
+    ``.tspt-lock`` is a symlink (left by a sync tool, a copy with ``cp -s``, or hostile) to
+    ``index.json``. The lock is opened O_RDWR|O_CREAT without O_NOFOLLOW: recover writes its
+    owner record into index.json (then reads that as a damaged index), and an append writer
+    truncates index.json to 0 bytes on release: the committed store is gone."""
+    store = tmp_path / "s"
+    ts.write_store(tagged_list(30), store)
+    os.unlink(store / LOCK_NAME)
+    os.symlink("index.json", store / LOCK_NAME)
+    for attempt in (lambda: ts.recover_store(store), lambda: ts.write_store(tagged_list(40)[30:], store, mode="append")):
+        try:
+            attempt()
+        except (ts.TensorStoreError, OSError):
+            pass  # refusing an odd lock file is fine
+    got = len(readable_records(store))
+    assert got >= 30, (
+        f"recover then an append with .tspt-lock -> index.json (a symlink) left {got} of 30 readable records; index.json is now "
+        f"{(store / 'index.json').stat().st_size} bytes (the lock's owner record was written through the symlink)"
+    )
+
+
+def test_a_symlinked_lock_file_never_truncates_a_file_outside_the_store(tmp_path: Path) -> None:
+    """Same attack on a writer: ``.tspt-lock`` links to a file outside the store; an append must
+    not write its owner record into that file nor truncate it."""
+    store = tmp_path / "s"
+    ts.write_store(tagged_list(30), store)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("do not touch\n")
+    os.unlink(store / LOCK_NAME)
+    os.symlink(precious, store / LOCK_NAME)
+    try:
+        ts.write_store(tagged_list(40)[30:], store, mode="append")
+    except (ts.TensorStoreError, OSError):
+        pass
+    assert precious.read_text() == "do not touch\n", (
+        f"an append truncated/overwrote {precious} through a symlinked .tspt-lock: now {precious.read_bytes()!r}"
+    )
+
+
+def test_recover_dry_run_predicts_a_lock_file_that_is_a_directory(tmp_path: Path) -> None:
+    """Promise: dry-run predicts the result. With ``.tspt-lock`` a directory the dry run reports
+    success (and what it would keep), while the real recover cannot create its lock and raises
+    IsADirectoryError: the dry run should say so (or recover should cope)."""
+    store = tmp_path / "s"
+    ts.write_store(tagged_list(30), store)
+    os.unlink(store / LOCK_NAME)
+    os.mkdir(store / LOCK_NAME)
+    dry_exc = real_exc = None
+    try:
+        ts.recover_store(store, dry_run=True)
+    except Exception as exc:  # noqa: BLE001
+        dry_exc = exc
+    try:
+        ts.recover_store(store)
+    except Exception as exc:  # noqa: BLE001
+        real_exc = exc
+    assert (dry_exc is None) == (real_exc is None), (
+        f"dry run: {type(dry_exc).__name__ if dry_exc else 'succeeded'}; real recover: "
+        f"{type(real_exc).__name__ if real_exc else 'succeeded'} ({real_exc}): the dry run does not predict the result"
+    )
+
+
+def test_garbage_and_huge_lock_files_do_not_stop_writers_or_recover(tmp_path: Path) -> None:
+    """Held: a lock file holding 10 MiB of junk is treated as a dead holder's unreadable record."""
+    store = tmp_path / "s"
+    ts.write_store(tagged_list(30), store)
+    (store / LOCK_NAME).write_bytes(b"\xff" * (10 * 2**20))
+    assert ts.recover_store(store, dry_run=True).records == 30
+    assert ts.recover_store(store).records == 30
+    (store / LOCK_NAME).write_bytes(b"{not json" * 1000)
+    ts.write_store(tagged_list(40)[30:], store, mode="append")
+    assert readable_records(store) == list(range(40))
