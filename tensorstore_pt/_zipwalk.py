@@ -24,13 +24,17 @@ _EOCD_BYTES = 22
 _LOCATOR64_BYTES = 20
 
 
-def find_zip_end(buf: bytes | memoryview, start: int, end: int | None = None) -> int | None:
+def find_zip_end(buf: bytes | memoryview, start: int, end: int | None = None, max_candidates: int = 8) -> int | None:
     """The end offset (exclusive) of the zip archive that starts at ``buf[start]``, or None.
 
     Args:
         buf: The bytes to search.
         start: Where the archive starts (a local file header, ``PK\\x03\\x04``).
         end: Search no further than this offset (default: the end of ``buf``).
+        max_candidates: Give up after this many EOCD signatures that do not fit. The first
+            EOCD after ``start`` is the archive's own unless tensor bytes happen to contain
+            the signature; the cap keeps a walk that starts inside an archive (an entry's
+            local header) linear rather than quadratic.
 
     Returns:
         The first offset ``e`` such that ``buf[start:e]`` is a zip whose EOCD record's
@@ -42,7 +46,7 @@ def find_zip_end(buf: bytes | memoryview, start: int, end: int | None = None) ->
     if data[start : start + 4] != b"PK\x03\x04":
         return None
     pos = start
-    while True:
+    for _ in range(max_candidates):
         p = data.find(_EOCD, pos, end)
         if p < 0 or p + _EOCD_BYTES > end:
             return None
@@ -66,6 +70,7 @@ def find_zip_end(buf: bytes | memoryview, start: int, end: int | None = None) ->
             continue
         if start + cd_offset + cd_bytes == cd_end:
             return stop
+    return None
 
 
 def check_zip(data: bytes | memoryview) -> str | None:

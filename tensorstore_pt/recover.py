@@ -364,14 +364,16 @@ class _Scanner:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.codecs: dict[str, Codec | None] = {}
+        self.errors: dict[str, str] = {}  # why a codec config cannot be used
 
     def codec(self, config: Any) -> Codec | None:
         key = json.dumps(config, sort_keys=True)
         if key not in self.codecs:
             try:
                 self.codecs[key] = get_codec(config, _store_loader(self.storage))
-            except (TensorStoreError, FileNotFoundError, TypeError, AttributeError):
+            except (TensorStoreError, FileNotFoundError, TypeError, AttributeError) as exc:
                 self.codecs[key] = None
+                self.errors[key] = str(exc)
         return self.codecs[key]
 
     def scan(self, name: str, final: str) -> _Piece:
@@ -469,29 +471,61 @@ class _Scanner:
         finally:
             handle.close()
         raw_left = evidence.get("raw_bytes", codec.max_raw_bytes(len(region)))
+        magic = _FRAME_MAGIC.get(codec.codec_id, b"PK\x03\x04")
         pos = rel = 0
-        while pos < len(region) and (piece.records is None or rel < piece.records):
-            try:
-                got = codec.first_frame(memoryview(region)[pos:], raw_left)
-            except DecompressionError:
-                break
-            if got is None:  # codec none: a frame is the record itself, a zip archive
-                stop = find_zip_end(region, pos)
-                if stop is None:
+        segment = 0  # index of the first frame after the last damaged stretch
+        in_gap = damaged = False
+        while pos < len(region):
+            found = self._frame_at(codec, region, pos, raw_left)
+            if found is None:
+                # A damaged frame: resynchronise at the next frame magic (zstd and lz4 frames,
+                # and zip archives, start with one); a damaged stretch counts one lost record
+                # until the end of the walk tells how many it really held.
+                if not in_gap:
+                    rel += 1
+                in_gap = damaged = True
+                segment = len(piece.frames)
+                nxt = region.find(magic, pos + 1)
+                if nxt < 0:
+                    pos = len(region)
                     break
-                n, raw = stop - pos, region[pos:stop]
-            else:
-                n, raw = got
-            lengths = _split_records(raw)
-            if lengths is None:
-                break
+                pos = nxt
+                continue
+            n, raw, lengths = found
+            in_gap = False
             piece.frames.append(_Frame(HEADER_BYTES + pos, n, digest_int(region[pos : pos + n]), lengths, rel))
             rel += len(lengths)
             pos += n
             raw_left -= len(raw)
+        if damaged and not in_gap and piece.records is not None and rel < piece.records:
+            # The walk reached the end: the frames after the last damaged stretch end the shard.
+            shift = piece.records - rel
+            for f in piece.frames[segment:]:
+                f.first += shift
         if piece.records is None:
             piece.records = rel
-        piece.reason += f"; rebuilt from its frames: {rel} record(s) proven by their zip CRC-32s"
+        proven = sum(len(f.raw_lengths) for f in piece.frames)
+        piece.reason += f"; rebuilt from its frames: {proven} record(s) proven by their zip CRC-32s"
+
+    @staticmethod
+    def _frame_at(codec: Codec, region: bytes, pos: int, raw_left: int) -> tuple[int, bytes, list[int]] | None:
+        """(stored length, decoded bytes, record lengths) of a proven frame at ``pos``, or None."""
+        try:
+            got = codec.first_frame(memoryview(region)[pos:], raw_left)
+        except DecompressionError:
+            return None
+        if got is None:  # codec none: a frame is the record itself, a zip archive
+            stop = find_zip_end(region, pos)
+            if stop is None:
+                return None
+            got = (stop - pos, region[pos:stop])
+        lengths = _split_records(got[1])
+        return None if lengths is None else (got[0], got[1], lengths)
+
+
+#: The first bytes of a frame: zstd's Magic_Number 0xFD2FB528 (RFC 8878) and LZ4's 0x184D2204
+#: (LZ4 Frame Format), little-endian; ``none`` frames are zip archives (PKWARE local header).
+_FRAME_MAGIC = {"zstd": b"\x28\xb5\x2f\xfd", "lz4": b"\x04\x22\x4d\x18", "none": b"PK\x03\x04"}
 
 
 def _split_records(raw: bytes) -> list[int] | None:
@@ -553,9 +587,34 @@ def _chain(
                 continue
             if q.first_record != end and (last is None or last.token != q.token):
                 continue
+            if last is not None and last.token != q.token and any(
+                o is not last and o.token not in (q.token, last.token) and o.end == q.first_record
+                for o in candidates
+                if o.first_record is not None
+            ):
+                # Shards of two other writers end where q's writer started: which store it
+                # appended to is unknown (an old version left by an overwrite?). Never mix.
+                continue
         chain.append(q)
         end = q.end
     return chain
+
+
+def _subtract(ranges: tuple[tuple[int, int], ...], covered: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """The parts of half-open ``ranges`` that no range of sorted ``covered`` overlaps."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        for c, d in covered:
+            if d <= a or c >= b:
+                continue
+            if c > a:
+                out.append((a, c))
+            a = max(a, d)
+            if a >= b:
+                break
+        if a < b:
+            out.append((a, b))
+    return tuple(out)
 
 
 def _priority(q: _Piece, committed: set[str], dead: set[str]) -> tuple[Any, ...]:
@@ -612,14 +671,21 @@ def recover_store(
     owner = lock_owner(token, "recover", "recover")
     lock = storage.lock(None if dry_run else owner)  # dry run: only a probe (refuses while held)
     previous = lock.previous or {}
-    dead: set[str] = set()
+    # A writer that died holding the lock: its shards may be adopted. Only an append's can
+    # join a committed store (an overwrite or create that never committed replaced nothing).
+    dead: dict[str, str] = {}
     if previous.get("role") == "writer" and isinstance(previous.get("token"), str):
-        dead.add(previous["token"])  # a writer died holding the lock: its shards may be adopted
+        dead[previous["token"]] = str(previous.get("mode"))
     if previous.get("role") == "recover" and isinstance(previous.get("adopt"), list):
-        dead.update(t for t in previous["adopt"] if isinstance(t, str))  # passed on by a recover that died
-    if dead and not dry_run:
-        lock.update({**owner, "adopt": sorted(dead)})  # so that a recover killed now passes them on too
+        dead.update((t, "append") for t in previous["adopt"] if isinstance(t, str))  # passed on by a recover that died
+    adopt = sorted(t for t, mode in dead.items() if mode == "append")
+    if adopt and not dry_run:
+        lock.update({**owner, "adopt": adopt})  # so that a recover killed now passes them on too
     try:
+        # Listed again under the lock: a writer may have committed before the lock was taken.
+        names = storage.list()
+        temps = {n: t for n in names if (t := _parse_temp(n))}
+        shard_files = [n for n in names if n.endswith(SHARD_SUFFIX) and not n.startswith(".")]
         return _recover_locked(storage, where, names, temps, shard_files, token, dead, dry_run, force)
     finally:
         lock.release()
@@ -632,7 +698,7 @@ def _recover_locked(
     temps: dict[str, tuple[str, int]],
     shard_files: list[str],
     token: str,
-    dead: set[str],
+    dead: dict[str, str],
     dry_run: bool,
     force: bool,
 ) -> RecoverReport:
@@ -657,8 +723,10 @@ def _recover_locked(
                 metadata, created_by, meta_source = dict(tmp.metadata), dict(tmp.created_by), "temporary index"
                 break
 
-    # Read every shard file and every temporary shard file on its own terms.
+    # Read every shard file (and every file the index names) and every temporary shard file.
     scanner = _Scanner(storage)
+    listed = set(names)
+    shard_files = shard_files + [n for n in ev.names if n in listed and n not in shard_files and n != INDEX_NAME]
     pieces: list[_Piece] = [scanner.scan(n, n) for n in shard_files]
     unusable_temps: list[tuple[str, str]] = []
     for tname, (final, _pid) in sorted(temps.items()):
@@ -678,15 +746,23 @@ def _recover_locked(
     # The store's codec: what the footers say (weighted by records), else the index's.
     weights: dict[str, int] = {}
     for p in pieces:
-        if p.codec is not None and p.frames:
+        if p.codec is not None and p.records:
             key = json.dumps(p.codec, sort_keys=True)
-            weights[key] = weights.get(key, 0) + p.good
+            weights[key] = weights.get(key, 0) + p.records
     if weights:
         codec_config = json.loads(max(weights, key=lambda k: (weights[k], k == json.dumps(ev.codec, sort_keys=True))))
     elif ev.codec is not None and scanner.codec(ev.codec) is not None:
         codec_config = ev.codec
     else:
         codec_config = {"id": "zstd", "level": 3}
+    if scanner.codec(codec_config) is None:
+        # Most likely the zstd dictionary file is missing or damaged: without it no frame can
+        # be checked, and keeping nothing would make the store worse. Refuse instead.
+        raise CorruptStoreError(
+            f"{where}: the shards' codec {codec_config} cannot be used ({scanner.errors.get(json.dumps(codec_config, sort_keys=True))}); "
+            "recover cannot check any record without it, so it changed nothing: restore the dictionary file "
+            "(from a backup or a copy of the store) and run `tspt recover` again"
+        )
     if ev.codec is not None and ev.codec != codec_config:
         notes.append(f"the index says codec {ev.codec}, the shards' footers say {codec_config}: the footers win")
 
@@ -703,7 +779,7 @@ def _recover_locked(
     def adoptable(q: _Piece) -> bool:
         if not ev.valid:
             return True
-        return q.token in committed_tokens or q.token in dead
+        return q.token in committed_tokens or dead.get(q.token or "") == "append"
 
     usable.sort(key=lambda q: _priority(q, committed, dead))
     if ev.valid or any(p.final in committed for p in usable):
@@ -786,7 +862,22 @@ def _recover_locked(
             "the user metadata lived only in the lost index and cannot be recovered; the new index has "
             "empty metadata (set it again with a writer in append mode)"
         )
-    lost_total = sum(e - s for o in outcomes for s, e in o.lost)
+    # A range is lost only if no kept shard holds those records (a duplicate shard loses nothing).
+    covered = sorted(
+        (p.first_record + f.first, p.first_record + f.first + len(f.raw_lengths))
+        for p in chain
+        if p.first_record is not None
+        for f in p.frames
+    )
+    outcomes = [
+        ShardOutcome(o.name, o.action, o.first_record, o.records, o.kept, _subtract(o.lost, covered), o.reason)
+        for o in outcomes
+    ]
+    lost_total = 0
+    end = -1
+    for a, b in sorted(r for o in outcomes for r in o.lost):  # the union's length: overlaps count once
+        lost_total += max(0, b - max(a, end))
+        end = max(end, b)
     if lost_total:
         notes.append(
             f"{lost_total} record(s) could not be proven and are not in the recovered store; the quarantined "

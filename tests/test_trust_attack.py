@@ -129,7 +129,7 @@ def test_recover_does_not_adopt_a_dead_overwrite_into_an_empty_store(tmp_path: P
             w.write(x)
         while w._pending:
             w._drain_one()
-        w._flush_group()
+        w._emit_group(w._grouper.flush())
         w._close_shard()
         os.kill(os.getpid(), signal.SIGKILL)
         """

@@ -219,12 +219,19 @@ class _LocalLock(StoreLock):
         self._fd = -1
         path = root / LOCK_NAME
         probe = owner is None
+        # O_NOFOLLOW: a symlink planted as the lock file must never make a writer write (or
+        # truncate) its target; O_NONBLOCK: a FIFO must not block the open. Both are refused.
+        flags = (os.O_RDONLY if probe else os.O_RDWR | os.O_CREAT) | os.O_NOFOLLOW | os.O_NONBLOCK
+        not_regular = f"store {str(root)!r}: its lock file {LOCK_NAME!r} is {{}}; expected a regular file (remove it: writers create it again)"
         try:
-            flags = os.O_RDONLY if probe else os.O_RDWR | os.O_CREAT
             self._fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         except FileNotFoundError:
             return  # probe of a store that was never locked: nobody holds it
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotARegularFileError(not_regular.format("a symbolic link")) from exc
+            if exc.errno == errno.EISDIR:
+                raise NotARegularFileError(not_regular.format("a directory")) from exc
             if exc.errno in _FULL_ERRNOS:
                 raise _full_error(exc, root, LOCK_NAME, "creating") from exc
             raise OSError(
@@ -232,6 +239,10 @@ class _LocalLock(StoreLock):
                 f"store {str(root)!r}: cannot create its lock file {LOCK_NAME!r} ({exc.strerror}); "
                 "expected a writable directory",
             ) from exc
+        mode = os.fstat(self._fd).st_mode
+        if not stat.S_ISREG(mode):
+            self.release(clear=False)
+            raise NotARegularFileError(not_regular.format(_kind(mode)))
         try:
             self.supported = self._flock(root)
             self.previous = self._read_owner()
