@@ -183,10 +183,12 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     for k in report.kept:
         src = f" (from {k.source})" if k.source != k.name else ""
         print(f"  {k.how:<9} {k.name}: records [{k.first_record}, {k.first_record + k.records}){src}")
+    in_table = {o.name for o in report.shards}
     for q in report.quarantined:
         recs = f", {q.records} records" if q.records else ""
         arrow = "would be quarantined" if report.dry_run else f"-> {q.new_name}"
-        print(f"  quarantined {q.name} {arrow}{recs}: {q.reason}")
+        why = "" if q.name in in_table else f": {q.reason}"  # the table above says why
+        print(f"  quarantined {q.name} {arrow}{recs}{why}")
     if report.index_backup:
         print(f"  kept a copy of the replaced index.json as {report.index_backup}")
     print(f"metadata: {report.metadata}")
