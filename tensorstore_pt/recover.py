@@ -246,6 +246,7 @@ class _Evidence:
     metadata: dict[str, Any] | None = None
     created_by: dict[str, Any] | None = None
     raw: bytes = b""
+    newer: UnsupportedFormatError | None = None  # the index names what this version does not know
 
 
 def _ints(obj: dict[str, Any]) -> dict[str, int]:
@@ -254,7 +255,12 @@ def _ints(obj: dict[str, Any]) -> dict[str, int]:
 
 
 def _read_evidence(storage: Storage, notes: list[str]) -> tuple[str, _Evidence]:
-    """(index_before, evidence) from ``index.json``; UnsupportedFormatError for a newer store."""
+    """(index_before, evidence) from ``index.json``.
+
+    An index that names a format version, feature or codec this version does not know is
+    kept as ``ev.newer``: it is a newer writer's store (left untouched) only if the shards'
+    footers say so too; otherwise it is a damaged index (see :func:`_recover_locked`).
+    """
     where = f"store {storage.location!r}"
     try:
         raw = storage.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
@@ -267,7 +273,9 @@ def _read_evidence(storage: Storage, notes: list[str]) -> tuple[str, _Evidence]:
     try:
         index = parse_index(raw, f"{where}: {INDEX_NAME}")
         check_index_sizes(index, _bounds_codec(index.codec), f"{where}: {INDEX_NAME}")
-    except IndexFormatError as exc:
+    except (IndexFormatError, UnsupportedFormatError) as exc:
+        if isinstance(exc, UnsupportedFormatError):
+            ev.newer = exc
         notes.append(f"{INDEX_NAME} is damaged ({exc}); it is used as evidence only, the shards' footers decide")
         try:
             obj = strict_json_loads(raw)
@@ -320,6 +328,7 @@ class _Piece:
     features: tuple[str, ...] = ()
     frames: list[_Frame] = field(default_factory=list)
     intact: bool = False  # kept as is if it also lands at its own first_record
+    newer: bool = False  # its header or footer is of a version or feature this one does not know
     entry: ShardEntry | None = None
     footer_lost: bool = False
     reason: str = ""
@@ -400,6 +409,9 @@ class _Scanner:
             try:
                 footer = open_footer(handle, size, where)
             except (CorruptStoreError, UnsupportedFormatError) as exc:
+                # A footer whose checksum holds but whose JSON names a newer version or an
+                # unknown feature was written by a newer tensorstore_pt, not damaged.
+                piece.newer = isinstance(exc, UnsupportedFormatError) or isinstance(exc.__cause__, UnsupportedFormatError)
                 piece.footer_lost = True
                 piece.reason = f"its footer is lost ({exc})"
                 return piece
@@ -742,6 +754,14 @@ def _recover_locked(
             unusable_temps.append((tname, f"an unfinished shard (its writer died before closing it): {p.reason}"))
         else:
             pieces.append(p)
+
+    if ev.newer is not None and (any(p.newer for p in pieces) or not any(p.records for p in pieces)):
+        raise ev.newer  # a newer writer's store, by its index and its shards: left untouched
+    if ev.newer is not None:
+        notes.append(
+            f"{INDEX_NAME} names a version, feature or codec this tensorstore_pt does not know, but no shard "
+            "footer does: it is treated as a damaged index"
+        )
 
     # The store's codec: what the footers say (weighted by records), else the index's.
     weights: dict[str, int] = {}
