@@ -57,8 +57,8 @@ from .format import (
     decode_header,
     parse_index,
 )
-from .reader import read_index_bytes
-from .shardio import check_frame, check_index_sizes, file_digest, frame_records, open_footer, record_slices
+from .reader import _check_max_record_bytes, read_index_bytes
+from .shardio import DEFAULT_MAX_RECORD_BYTES, check_frame, check_index_sizes, file_digest, frame_records, open_footer, record_slices
 from .storage import TEMP_MARKER, ReadHandle, Storage, storage_for
 
 __all__ = [
@@ -224,9 +224,11 @@ class _RecordCheck:
     frame: bytes | None = None
 
 
-def _check_frame(handle: ReadHandle, codec: Codec | None, row: Any, where: str) -> _RecordCheck:
-    """Read one frame and run it through the readers' pipeline (:func:`.shardio.check_frame`,
-    with the default ``max_record_bytes``); its typed errors become the report's kinds."""
+def _check_frame(
+    handle: ReadHandle, codec: Codec | None, row: Any, where: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> _RecordCheck:
+    """Read one frame and run it through the readers' pipeline (:func:`.shardio.check_frame`);
+    its typed errors become the report's kinds."""
     offset, stored = int(row["offset"]), int(row["stored"])
     frame = handle.read_range(offset, stored)
     if len(frame) != stored:
@@ -237,7 +239,7 @@ def _check_frame(handle: ReadHandle, codec: Codec | None, row: Any, where: str) 
             f"{where}: the frame at byte {offset} needs {stored} bytes, found {len(frame)} (truncated)",
         )
     try:
-        data = check_frame(codec, row, frame, where)
+        data = check_frame(codec, row, frame, where, max_record_bytes=max_record_bytes)
     except TensorStoreError as exc:
         kind, expected, found = getattr(exc, "problem", ("record_decode", "a decodable frame", str(exc)))
         return _RecordCheck(kind, expected, found, str(exc))
@@ -255,6 +257,8 @@ def _load_check(data: bytes, where: str) -> _RecordCheck:
         )
     except AllocationBudgetError as exc:
         return _RecordCheck("record_budget", "a record within its allocation budget", str(exc), f"{where}: {exc}")
+    except MemoryError as exc:  # as a read reports it: AllocationBudgetError
+        return _RecordCheck("record_budget", "memory to load the record", f"MemoryError: {exc}", f"{where}: loading ran out of memory")
     except Exception as exc:  # noqa: BLE001 - torch.load raises RuntimeError, UnpicklingError, zip errors...
         return _RecordCheck(
             "record_load",
@@ -282,13 +286,18 @@ def _parse_temp(name: str) -> tuple[str, int] | None:
 # --------------------------------------------------------------------------- verify
 
 
-def verify_store(path: str | os.PathLike[str] | Storage, *, deep: bool = False) -> VerifyReport:
+def verify_store(
+    path: str | os.PathLike[str] | Storage, *, deep: bool = False, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> VerifyReport:
     """Check a store end to end and report every problem found.
 
     Args:
         path: The store directory (or a :class:`~tensorstore_pt.storage.Storage`).
         deep: Also load every record (``weights_only=True`` semantics). A pickle that asks for
             anything else is reported as ``unsafe_payload``; it is never run.
+        max_record_bytes: As for :func:`open_store` (default 1 GiB): a record that decodes to
+            more is reported as ``record_budget`` (a reader with this limit refuses it), not
+            decoded. Pass the limit your readers use.
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is True for a clean store. Damage is reported,
@@ -303,6 +312,7 @@ def verify_store(path: str | os.PathLike[str] | Storage, *, deep: bool = False) 
     Time and memory: O(store bytes) reads in chunks of at most 8 MiB or one frame; one record
     decoded at a time. Thread safety: safe; it opens its own file handles.
     """
+    max_record_bytes = _check_max_record_bytes(max_record_bytes)
     storage = _storage_checked(path)
     where = f"store {storage.location!r}"
     names = storage.list()
@@ -351,7 +361,7 @@ def verify_store(path: str | os.PathLike[str] | Storage, *, deep: bool = False) 
     shards_checked = 0
     for entry in index.shards:
         before = len(problems)
-        records_checked += _verify_shard(storage, index, codec, entry, deep, problems)
+        records_checked += _verify_shard(storage, index, codec, entry, deep, problems, max_record_bytes)
         if len(problems) == before:
             shards_checked += 1
     notes = _stray_notes(names, tuple(s.name for s in index.shards))
@@ -383,7 +393,13 @@ def _stray_notes(names: list[str], referenced: tuple[str, ...]) -> tuple[str, ..
 
 
 def _verify_shard(
-    storage: Storage, index: IndexInfo, codec: Codec | None, entry: ShardEntry, deep: bool, problems: list[Problem]
+    storage: Storage,
+    index: IndexInfo,
+    codec: Codec | None,
+    entry: ShardEntry,
+    deep: bool,
+    problems: list[Problem],
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> int:
     """Check one shard; append its problems; return how many of its records passed."""
     name = entry.name
@@ -519,7 +535,7 @@ def _verify_shard(
             j = entry.first_record + a
             many = b - a > 1
             fwhere = f"{where}, records [{j}, {entry.first_record + b}) (frame {fi})" if many else f"{where}, record {j}"
-            check = _check_frame(handle, codec, footer.table[fi], fwhere)
+            check = _check_frame(handle, codec, footer.table[fi], fwhere, max_record_bytes)
             if check.kind is not None:
                 add(check.kind, check.expected, check.found, check.message, record=j,
                     records=(j, entry.first_record + b) if many else None)  # fmt: skip

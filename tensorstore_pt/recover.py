@@ -65,6 +65,7 @@ from .errors import (
 )
 from .format import (
     FEATURE_DICTIONARY,
+    FORMAT_VERSION,
     FEATURE_MULTI_RECORD_FRAMES,
     HEADER_BYTES,
     INDEX_NAME,
@@ -274,13 +275,18 @@ def _read_evidence(storage: Storage, notes: list[str]) -> tuple[str, _Evidence]:
         index = parse_index(raw, f"{where}: {INDEX_NAME}")
         check_index_sizes(index, _bounds_codec(index.codec), f"{where}: {INDEX_NAME}")
     except (IndexFormatError, UnsupportedFormatError) as exc:
-        if isinstance(exc, UnsupportedFormatError):
-            ev.newer = exc
-        notes.append(f"{INDEX_NAME} is damaged ({exc}); it is used as evidence only, the shards' footers decide")
         try:
             obj = strict_json_loads(raw)
         except (ValueError, RecursionError):
-            return "damaged", ev
+            obj = None
+        if isinstance(exc, UnsupportedFormatError):
+            version = obj.get("format_version") if isinstance(obj, dict) else None
+            if not (isinstance(version, list) and version[:1] == [FORMAT_VERSION[0]]):
+                raise exc  # another major version may change anything: never guessed at
+            # A newer minor version names its features in the shard footers too (format.md
+            # section 7): whether this is one or a damaged index, the footers decide.
+            ev.newer = exc
+        notes.append(f"{INDEX_NAME} is damaged ({exc}); it is used as evidence only, the shards' footers decide")
         if not isinstance(obj, dict):
             return "damaged", ev
         for s in obj.get("shards", []) if isinstance(obj.get("shards"), list) else []:
@@ -629,7 +635,7 @@ def _subtract(ranges: tuple[tuple[int, int], ...], covered: list[tuple[int, int]
     return tuple(out)
 
 
-def _priority(q: _Piece, committed: set[str], dead: set[str]) -> tuple[Any, ...]:
+def _priority(q: _Piece, committed: set[str], dead: dict[str, str]) -> tuple[Any, ...]:
     return (
         q.first_record,
         0 if q.final in committed else 1 if q.token in dead else 2,
@@ -807,10 +813,11 @@ def _recover_locked(
     else:
         # No index to go by: every shard that no shard of its own writer precedes starts a
         # candidate sequence; the one that proves the most records wins.
-        seeds = [
-            q for q in usable
-            if not any(o is not q and o.token == q.token and (o.seq or 0) < (q.seq or 0) for o in usable)
-        ]  # fmt: skip
+        first_seq: dict[str, int] = {}
+        for q in usable:
+            if q.token is not None and q.seq is not None:
+                first_seq[q.token] = min(first_seq.get(q.token, q.seq), q.seq)
+        seeds = [q for q in usable if q.token is None or q.seq == first_seq.get(q.token)]
         chains = [_chain(usable, set(), adoptable, present, s) for s in seeds]
         chains.sort(key=lambda c: (-sum(x.good for x in c), c[0].first_record if c else 0, c[0].final if c else ""))
         chain = chains[0] if chains else []
@@ -834,12 +841,13 @@ def _recover_locked(
             entries.append(p)
         position += p.good
     chain_names = {p.name for p in chain}
+    kept_as_is = {k.source for k in kept}
 
     # Per shard file: what happens to it.
     outcomes: list[ShardOutcome] = []
     to_quarantine: list[tuple[str, str, int | None]] = []
     for p in sorted(pieces, key=lambda q: ((q.first_record if q.first_record is not None else 2**63), q.final)):
-        if p.name in chain_names and p.intact and any(k.source == p.name for k in kept):
+        if p.name in kept_as_is:
             action = "renamed" if p.name != p.final else "kept"
             outcomes.append(ShardOutcome(p.name, action, p.first_record, p.records, p.good, p.lost(), p.reason))
             continue
@@ -954,7 +962,7 @@ def _recover_locked(
             new_files.append(index_backup)
         if not dry_run:
             for p in chain:
-                if p.name != p.final and any(k.source == p.name for k in kept if k.how == "renamed"):
+                if p.name != p.final and p.name in kept_as_is:
                     storage.move(p.name, p.final)
             if index_needed:
                 with typed_full_disk(storage.location, INDEX_NAME), storage.writer(INDEX_NAME) as out:
