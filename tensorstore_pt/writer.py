@@ -154,8 +154,12 @@ class ShardWriter:
             frame_target_bytes.
         StoreExistsError: ``create`` on a path that holds a store or other files.
         StoreNotFoundError / NotAStoreError: ``append`` to a path without a store.
-        ConcurrentWriteError: From ``write``/``close``: another writer published to the same
-            store meanwhile; this writer publishes nothing and removes its own files.
+        StoreBusyError: Another writer or ``recover`` holds the store's lock (raised at once,
+            naming its pid and host).
+        StorageFullError: From ``write``/``close``: the disk filled up (also an ``OSError``,
+            ``errno`` ENOSPC); nothing is published and this writer's files are removed.
+        ConcurrentWriteError: From ``close``: another writer committed to the same store
+            meanwhile (only where the file system has no locks); nothing is published.
 
     Use as a context manager; the store is published when the ``with`` block exits without
     an exception, and nothing is published if it raises::
@@ -232,7 +236,7 @@ class ShardWriter:
             old_index = self._inspect_target()
             self._setup(old_index, new_codec, codec, level, metadata, dict_bytes, num_threads)
         except BaseException:
-            self._release(clean=True)
+            self._release(remove_created_dir=True)
             raise
 
     def _setup(
@@ -564,7 +568,7 @@ class ShardWriter:
                     UserWarning,
                     stacklevel=2,
                 )
-        self._release(clean=True)
+        self._release(remove_created_dir=True)
         self._info = StoreInfo.from_index(self.location, info)
         return self._info
 
@@ -579,13 +583,15 @@ class ShardWriter:
                 left.append(f"{name} ({exc.strerror or exc})")
         return left
 
-    def _release(self, clean: bool) -> None:
-        """Release the store's lock (clearing its owner record on a clean end)."""
+    def _release(self, remove_created_dir: bool) -> None:
+        """Release the store's lock (clearing its owner record: a clean end). With
+        ``remove_created_dir``, also remove the directory this writer created if nothing was
+        published in it (it is removed only if empty)."""
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.release()
-        if clean and self._created_dir and self._state not in ("closed",):
-            self._storage.remove_container()  # only if empty: undoes a create that published nothing
+        if remove_created_dir and self._created_dir and self._state != "closed":
+            self._storage.remove_container()
 
     def abort(self) -> list[str]:
         """Discard everything this writer wrote; the previous store (if any) is untouched.
@@ -621,7 +627,7 @@ class ShardWriter:
             self._open = None
         left += self._remove_all([shard.name for shard in self._shards[self._base_shards :]] + self._new_files)
         del self._shards[self._base_shards :]
-        self._release(clean=True)
+        self._release(remove_created_dir=True)
         if left:
             warnings.warn(
                 f"store {self.location!r}: the failed write could not remove {left}; these files are not part of "
@@ -649,7 +655,7 @@ class ShardWriter:
             except (OSError, TensorStoreError):
                 pass
         elif getattr(self, "_lock", None) is not None:
-            self._release(clean=False)
+            self._release(remove_created_dir=False)
 
 
 def _check_positive_int(value: Any, name: str) -> None:
