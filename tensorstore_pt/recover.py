@@ -567,16 +567,19 @@ def _may_follow(prev: _Piece | None, q: _Piece, present: set[tuple[str, int]]) -
     """Whether ``q`` can be the next shard written after ``prev`` (by writer token and seq).
 
     A writer numbers its own shards 0, 1, 2...; a later writer starts its own at 0. So the
-    next shard is the same writer's next one (numbers between absent from the directory), or
-    another writer's first when ``prev``'s writer wrote nothing after ``prev``. Legacy names
-    (token "") are one global numbering.
+    next shard is a later one of the same writer (the numbers between are its own missing or
+    damaged shards), or another writer's first when ``prev``'s writer wrote nothing after
+    ``prev``. Legacy names (token "") are one global numbering over all writes, so there a
+    number in between that is present belongs to another write and breaks the sequence.
     """
     if prev is None:
         return True
     pt, ps, qt, qs = prev.token, prev.seq, q.token, q.seq
     if pt is None or qt is None or ps is None or qs is None:
         return q.final > prev.final
-    if pt == qt:
+    if pt == qt and pt:
+        return qs > ps  # one writer's own shards: a gap is its missing or damaged shards
+    if pt == qt:  # legacy names: numbers in between that are present belong to another write
         return qs > ps and not any((pt, x) in present for x in range(ps + 1, qs))
     if qt == "":
         return False  # a legacy shard never follows a shard with a writer token
@@ -841,6 +844,7 @@ def _recover_locked(
             entries.append(p)
         position += p.good
     chain_names = {p.name for p in chain}
+    chain_tokens = {p.token for p in chain}
     kept_as_is = {k.source for k in kept}
 
     # Per shard file: what happens to it.
@@ -867,8 +871,10 @@ def _recover_locked(
             )
         else:
             why = "it does not continue the kept record sequence (another version, or records kept from elsewhere)"
-        # Its records count as lost only if the store had them (a shard the index named).
-        held = (p.first_record, p.end) if p.first_record is not None and p.records and p.final in committed else None
+        # Its records count as lost only if the store had them: a shard the index named or,
+        # without an index, a shard of a writer whose other shards were kept.
+        ours = p.final in committed or (not ev.valid and p.token is not None and p.token in chain_tokens)
+        held = (p.first_record, p.end) if p.first_record is not None and p.records and ours else None
         outcomes.append(ShardOutcome(p.name, "quarantined", p.first_record, p.records, 0, (held,) if held else (), why))
         to_quarantine.append((p.name, why, p.records))
     found = {p.final for p in pieces}
