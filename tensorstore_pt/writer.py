@@ -320,11 +320,15 @@ class ShardWriter:
         self._lock = st.lock(lock_owner(self.token, "writer", self.mode))
         dead = self._lock.previous
         if dead and dead.get("role") == "writer":
+            adopt = (
+                " (abort this writer and run `tspt recover` first to add its records to the store)"
+                if dead.get("mode") == "append"
+                else ""
+            )
             warnings.warn(
                 f"store {where!r}: a previous writer (process {dead.get('pid', '?')} on host {dead.get('host', '?')!r}, "
                 f"mode {dead.get('mode')!r}) died without committing; the shards it finished are not part of the "
-                "store and will be quarantined by `tspt recover` (abort this writer and run `tspt recover` first "
-                "to adopt them)",
+                f"store and `tspt recover` will quarantine them{adopt}",
                 UserWarning,
                 stacklevel=4,
             )
