@@ -87,7 +87,8 @@ def _check_recovered(store: Path, before_ok: int, ctx: str) -> list[tuple[int, i
 # --------------------------------------------------------------------------- damage
 
 
-def _damage_run(tmp: Path, seed: int) -> None:
+def _damage_run(tmp: Path, seed: int) -> tuple[int, int, int]:
+    """One damage run; returns (records written, readable before recover, after)."""
     rng = random.Random(seed)
     config = CONFIGS[seed % len(CONFIGS)]
     n = rng.randrange(20, 50)
@@ -109,18 +110,26 @@ def _damage_run(tmp: Path, seed: int) -> None:
     assert_never_deleted(before, store)
     again = ts.recover_store(store)
     assert not again.changed and recovered_positions(store) == pos, f"{ctx}: a second recover changed the store"
+    return n, before_ok, len(pos)
 
 
 @pytest.mark.timeout(900)
 def test_damage_campaign(tmp_path: Path) -> None:
     runs = campaign_runs(50)
     failures = []
+    figures = []
     for seed in range(runs):
         try:
-            _damage_run(tmp_path, seed)
+            figures.append(_damage_run(tmp_path, seed))
         except Exception as exc:  # noqa: BLE001 - collected: every failing seed is reported
             failures.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:600])
         shutil.rmtree(tmp_path / f"m{seed}", ignore_errors=True)
+    written, before, after = (sum(f[k] for f in figures) for k in range(3))
+    print(
+        f"\ndamage campaign: {runs} runs, {written} records written, {before} readable before recover, "
+        f"{after} after; runs where recover kept more: {sum(f[2] > f[1] for f in figures)}; wrong data: 0 "
+        f"(any would fail the run); failed runs: {len(failures)}"
+    )
     assert not failures, f"{len(failures)} of {runs} damage runs failed:\n" + "\n".join(failures[:12])
 
 
