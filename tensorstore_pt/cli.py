@@ -111,24 +111,25 @@ def _shards_text(n: int) -> str:
 
 
 def _rate_text(n_bytes: float, seconds: float) -> str:
-    """MB/s (10**6 bytes a second) with enough digits never to show a moving rate as 0.0."""
+    """A rate in MB/s (10**6 bytes a second), or kB/s below 1 MB/s: never a moving rate shown as 0.0."""
     if seconds <= 0 or n_bytes <= 0:
-        return "-"
+        return "- MB/s"
     rate = n_bytes / seconds / 1e6
-    for digits, floor in ((0, 100), (1, 1), (2, 0.1), (3, 0.0)):
-        if rate >= floor:
-            return f"{rate:,.{digits}f}"
-    return "-"  # pragma: no cover
+    if rate >= 100:
+        return f"{rate:,.0f} MB/s"
+    if rate >= 1:
+        return f"{rate:.1f} MB/s"
+    return f"{rate * 1000:.{1 if rate >= 0.001 else 3}f} kB/s"
 
 
 def progress_text(in_bytes: int, out_bytes: int, seconds: float) -> str:
-    """The progress bar's rates: tensor bytes read in, stored bytes written out, in MB/s.
+    """The progress bar's rates: tensor bytes read in, stored bytes written out.
 
     ``out`` reads ``pending`` while nothing has been stored yet (the writer is training its
     dictionary, or the first frames are still being compressed).
     """
-    out = f"{_rate_text(out_bytes, seconds)} MB/s stored" if out_bytes else "stored: pending"
-    return f"in {_rate_text(in_bytes, seconds)} MB/s of tensors, out {out}"
+    out = f"{_rate_text(out_bytes, seconds)} stored" if out_bytes else "stored: pending"
+    return f"in {_rate_text(in_bytes, seconds)} of tensors, out {out}"
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -204,8 +205,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
                 if bar.n % 64 == 0 or bar.n == source.records:
                     seconds = time.perf_counter() - start
                     bar.set_postfix_str(progress_text(in_bytes, writer.stored_bytes_written, seconds), refresh=False)
-        new_records = writer.records_written
     info = writer.close()
+    new_records = writer.records_written
     print(
         f"packed {info.records:,} records into {_shards_text(info.shards)} at {info.location}: "
         f"{format_bytes(info.raw_bytes)} raw -> {format_bytes(info.file_bytes)} on disk "

@@ -194,3 +194,22 @@ def test_candidates_are_checked(tmp_path: Path) -> None:
         audit_store(store, candidates=({"codec": "lz4", "dictionary": 1024},), **FAST)
     r = audit_store(store, candidates=({"codec": "zstd", "level": 19},), **FAST)
     assert [p.label for p in r.projections] == ["zstd-19"] and "--level 19" in r.reason
+
+
+def test_audit_of_a_columns_file_adds_up_to_its_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1,000 rows of (100,) and (50,) float32: the file, not the row views the audit makes."""
+    f = tmp_path / "cols.pt"
+    torch.save({"input": torch.randn(1000, 100), "target": torch.randn(1000, 50)}, f)
+    r = audit_path(f, **FAST)
+    b = r.breakdown
+    assert b.raw_bytes == f.stat().st_size == b.tensor_bytes + b.pickle_bytes + b.zip_bytes
+    assert b.by_key == {"input": 400_000, "target": 200_000} and r.bloated == ()
+    p = r.packed_breakdown
+    assert p.records == 1000 and p.tensor_bytes == 1000 * 600 and p.by_key == {"input": 400_000, "target": 200_000}
+    assert len(r.largest) == 1 and r.largest[0].same_size == 1000  # one distinct size, not ten copies
+    assert r.grows and "makes it bigger" in r.notes[0] and "the smallest, zstd-3+" in r.notes[0] and "avoid" in r.notes[0]
+    assert all(pr.decode_spread >= 0 for pr in r.projections)
+    assert main(["audit", str(f), "--sample", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "records   1,000 in 1 .pt file" in out and "x1,000 records of this size" in out
+    assert "once packed, per record" in out and "tensor payload 600" in out and "+-" in out
