@@ -3,8 +3,10 @@
 Re-exports only; see the modules for details.
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
 from ._version import __version__
-from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
 from .errors import (
     AllocationBudgetError,
     ChecksumMismatchError,
@@ -18,6 +20,7 @@ from .errors import (
     NotAStoreError,
     RecordDecodeError,
     RecordIndexError,
+    RecordIndexTypeError,
     RecordLengthError,
     ShardFormatError,
     ShardSizeError,
@@ -32,11 +35,51 @@ from .errors import (
     UnsupportedSampleError,
     WriterClosedError,
 )
-from .audit import AuditReport, audit_path, audit_pt, audit_store
-from .format import StoreInfo
-from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
-from .reader import StoreReader, open_store
-from .writer import ShardWriter, write_store
+
+# The names below import torch: they load on first use (PEP 562), so that importing the
+# package (``tspt --help``, ``tspt --version``, the errors) stays fast.
+_LAZY = {
+    "AuditReport": "audit",
+    "audit_path": "audit",
+    "audit_pt": "audit",
+    "audit_store": "audit",
+    "StoreInfo": "format",
+    "RecoverReport": "integrity",
+    "VerifyReport": "integrity",
+    "recover_store": "integrity",
+    "verify_store": "integrity",
+    "StoreReader": "reader",
+    "open_store": "reader",
+    "ShardWriter": "writer",
+    "write_store": "writer",
+    "StoreDataLoader": "dataset",
+    "StoreDataset": "dataset",
+    "StoreIterableDataset": "dataset",
+}
+
+if _TYPE_CHECKING:  # pragma: no cover
+    from .audit import AuditReport, audit_path, audit_pt, audit_store
+    from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
+    from .format import StoreInfo
+    from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
+    from .reader import StoreReader, open_store
+    from .writer import ShardWriter, write_store
+
+
+def __getattr__(name: str) -> _Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tensorstore_pt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AllocationBudgetError",
@@ -52,6 +95,7 @@ __all__ = [
     "NotAStoreError",
     "RecordDecodeError",
     "RecordIndexError",
+    "RecordIndexTypeError",
     "RecordLengthError",
     "RecoverReport",
     "ShardFormatError",

@@ -57,7 +57,8 @@ def plot_audit(report: Any, path: str | os.PathLike[str]) -> None:
     ax.barh(list(parts), [_mib(v) for v in parts.values()], color=["#4c72b0"] * (len(parts) - 2) + ["#dd8452", "#c44e52"])
     ax.invert_yaxis()
     ax.set_xlabel("MiB")
-    ax.set_title(f"raw bytes by part ({b.records:,} records)")
+    what = "the file as it is" if report.kind == "pt_file" else f"{b.records:,} {'files' if report.kind == 'pt_dir' else 'records'}"
+    ax.set_title(f"bytes by part ({what})")
 
     ax = axes[1]
     ax.bar(list(b.by_dtype), [_mib(v) for v in b.by_dtype.values()], color="#55a868")

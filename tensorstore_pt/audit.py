@@ -60,6 +60,7 @@ __all__ = [
     "audit_store",
     "codec_label",
     "pack_arguments",
+    "pack_size_warning",
 ]
 
 #: Packing options projected by default, as :func:`~tensorstore_pt.write_store` keywords:
@@ -105,15 +106,24 @@ def codec_label(options: dict[str, Any]) -> str:
     return label
 
 
+def _size_arg(n: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
 def pack_arguments(options: dict[str, Any]) -> str:
-    """The ``tspt pack`` arguments for packing options (``--codec zstd --level 3 --dict 16384``)."""
+    """The ``tspt pack`` arguments for packing options (``--codec zstd --level 3 --dict``)."""
     args = [f"--codec {options['codec']}"]
     if options.get("level") is not None:
         args.append(f"--level {options['level']}")
     if options.get("dictionary"):
-        args.append(f"--dict {options['dictionary']}")
+        args.append("--dict")
+        if options["dictionary"] is not True and int(options["dictionary"]) != 16 * 2**10:
+            args.append(f"--dict-size {_size_arg(int(options['dictionary']))}")
     if options.get("frame_target_bytes"):
-        args.append(f"--frame-size {options['frame_target_bytes']}")
+        args.append(f"--frame-size {_size_arg(int(options['frame_target_bytes']))}")
     return " ".join(args)
 
 
@@ -165,6 +175,8 @@ class RecordSize:
         stored_bytes: Its frame in a store; None for ``.pt`` files.
         tensor_bytes: Serialized tensor payload; None if not analysed.
         element_bytes: Tensor element bytes; None if not analysed.
+        same_size: How many records (of those sized) have exactly this raw size; ``record``
+            is the first of them. :attr:`AuditReport.largest` lists distinct sizes.
     """
 
     record: int | str
@@ -172,6 +184,7 @@ class RecordSize:
     stored_bytes: int | None = None
     tensor_bytes: int | None = None
     element_bytes: int | None = None
+    same_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,8 @@ class CodecProjection:
         read_bytes_per_record: Raw bytes decoded to read one record at random: the record
             itself, or its whole frame with multi-record frames.
         sample_records: Records the measurement used.
+        decode_spread: Half the range of the timed decode passes over their median (0.1 =
+            +-10%): how far ``decode_mb_s`` can be trusted.
     """
 
     codec: dict[str, Any]
@@ -213,6 +228,7 @@ class CodecProjection:
     decode_mb_s: float
     read_bytes_per_record: int
     sample_records: int
+    decode_spread: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -234,8 +250,11 @@ class AuditReport:
         codec: For a store, its codec config; None for ``.pt`` sources.
         shards: For a store, each shard's sizes.
         bytes_by_codec: Stored bytes per codec label (a store has one codec).
-        breakdown: Where the raw bytes of the analysed records go.
-        largest: The largest records by raw bytes, largest first.
+        breakdown: Where the bytes of the analysed records go: for a store, its raw records;
+            for ``.pt`` sources, the files as they are (for one ``.pt`` file, the breakdown
+            adds up to the file's size).
+        largest: The largest records by raw bytes, largest first, one per distinct size
+            (:attr:`RecordSize.same_size` counts the records of that size).
         bloated: Analysed records whose tensor bytes exceed ``BLOAT_FACTOR`` x their element
             bytes.
         projections: One per codec candidate, in the order given.
@@ -243,7 +262,12 @@ class AuditReport:
             codec; compare it with ``decode_mb_s``).
         recommendation: The recommended codec's label.
         reason: Why, in one or two sentences with the numbers.
-        notes: Further facts (sampling, estimates).
+        notes: Further facts (sampling, estimates, warnings).
+        packed_breakdown: For ``.pt`` sources, where the bytes of the analysed records go
+            once packed: each record serialized on its own, views compacted (what the
+            store's raw bytes will be). None for a store (its breakdown is that already).
+        grows: For ``.pt`` sources, whether packing with the default options (zstd 3) makes
+            the data bigger than the source is now.
     """
 
     source: str
@@ -265,6 +289,8 @@ class AuditReport:
     recommendation: str
     reason: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    packed_breakdown: ByteBreakdown | None = None
+    grows: bool = False
 
     @property
     def ratio(self) -> float:
@@ -275,6 +301,8 @@ class AuditReport:
         d = asdict(self)
         d["ratio"] = self.ratio
         d["breakdown"]["overhead_bytes"] = self.breakdown.overhead_bytes
+        if self.packed_breakdown is not None:
+            d["packed_breakdown"]["overhead_bytes"] = self.packed_breakdown.overhead_bytes
         return d
 
 
@@ -412,6 +440,15 @@ def _evenly(n: int, k: int | None) -> list[int]:
 
 def _timed(fn: Any, repeats: int, min_seconds: float) -> float:
     """Median seconds of one call of ``fn``: each of ``repeats`` runs loops for ``min_seconds``."""
+    return _timed_spread(fn, repeats, min_seconds)[0]
+
+
+def _timed_spread(fn: Any, repeats: int, min_seconds: float) -> tuple[float, float]:
+    """(median seconds of one call, half the range of the runs over the median).
+
+    One untimed call first: lazy set-up (codec contexts, page cache) is not a pass's cost.
+    """
+    fn()
     times = []
     for _ in range(repeats):
         n = 0
@@ -423,7 +460,8 @@ def _timed(fn: Any, repeats: int, min_seconds: float) -> float:
             if elapsed >= min_seconds:
                 break
         times.append(elapsed / n)
-    return statistics.median(times)
+    med = statistics.median(times)
+    return med, ((max(times) - min(times)) / 2 / med if med else 0.0)
 
 
 def _check_candidates(candidates: tuple[dict[str, Any], ...]) -> None:
@@ -511,7 +549,7 @@ def _project(
                 check_frame(codec, row, f, "audit", max_record_bytes=2**62)
 
         t_c = _timed(compress_all, repeats, min_seconds) if raws else 0.0
-        t_d = _timed(decode_all, repeats, min_seconds) if raws else 0.0
+        t_d, spread = _timed_spread(decode_all, repeats, min_seconds) if raws else (0.0, 0.0)
         scale = total_raw / sample_raw if sample_raw else 0.0
         stored = round(sample_stored * scale)
         n_frames = math.ceil(len(frames) * records / len(raws)) if raws else 0
@@ -537,6 +575,7 @@ def _project(
                 decode_mb_s=sample_raw / t_d / 1e6 if t_d else 0.0,
                 read_bytes_per_record=per_read,
                 sample_records=len(raws),
+                decode_spread=spread,
             )
         )
     if any(c.get("dictionary") for c in candidates) and not train:
@@ -671,10 +710,9 @@ def audit_store(
         analysed[i] = (tensor, element)
         if _is_bloated(tensor, element):
             bloated.append(RecordSize(i, len(raw), _known(stored_sizes[i]), tensor, element))
-    order = np.argsort(-raw_sizes, kind="stable")[:top]
     largest = tuple(
-        RecordSize(int(i), int(raw_sizes[i]), _known(stored_sizes[i]), *(analysed.get(int(i), (None, None))))
-        for i in order
+        RecordSize(i, size, _known(stored_sizes[i]), *(analysed.get(i, (None, None))), same_size=count)
+        for i, size, count in _distinct_largest(raw_sizes, top)
     )
     sample_idx = _evenly(len(reader), sample_records)
     sample = [reader.read_bytes(i) for i in sample_idx]
@@ -732,6 +770,108 @@ def _allocated(paths: list[Path]) -> int | None:
     return total
 
 
+def _distinct_largest(sizes: np.ndarray, top: int) -> list[tuple[int, int, int]]:
+    """(first position, size, how many have it) for the ``top`` largest distinct sizes."""
+    if not len(sizes) or top <= 0:
+        return []
+    values, first, counts = np.unique(sizes, return_index=True, return_counts=True)
+    order = np.argsort(-values, kind="stable")[:top]
+    return [(int(first[j]), int(values[j]), int(counts[j])) for j in order]
+
+
+def _default_label() -> str:
+    return "zstd-3"
+
+
+def _growth_note(
+    projections: tuple[CodecProjection, ...], source_bytes: int, packed: ByteBreakdown | None, what: str
+) -> str | None:
+    """A warning when the default packing makes the data bigger, naming what avoids it (or None)."""
+    default = next((p for p in projections if p.label == _default_label()), None)
+    if default is None or not source_bytes or default.file_bytes <= source_bytes:
+        return None
+    best = min(projections, key=lambda p: p.file_bytes)
+    per = ""
+    if packed is not None and packed.records:
+        per = (
+            f": each record carries about {packed.overhead_bytes / packed.records:,.0f} bytes of torch.save container "
+            f"(pickle + zip) for {packed.tensor_bytes / packed.records:,.0f} bytes of tensors"
+        )
+    text = (
+        f"packing {what} with the default ({default.label}) makes it bigger, about {default.file_bytes:,} bytes "
+        f"against {source_bytes:,} bytes now{per}. "
+    )
+    if best.file_bytes < source_bytes:
+        text += f"{best.label} avoids it ({best.file_bytes:,} bytes): tspt pack SRC DEST {pack_arguments(best.codec)}"
+    else:
+        text += (
+            f"Every option grows it (the smallest, {best.label}, {best.file_bytes:,} bytes): records this small cost "
+            "more in container than compression saves; fewer, larger records (a batch per record) avoid it"
+        )
+    return text
+
+
+def pack_size_warning(
+    head: list[Any],
+    records: int,
+    source_bytes: int,
+    options: dict[str, Any],
+    max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
+) -> str | None:
+    """Whether packing makes a source bigger, projected from its first samples; what avoids it.
+
+    Args:
+        head: The first samples of the source (a few dozen are enough).
+        records: How many samples the source holds.
+        source_bytes: What the source takes now (file sizes, bytes).
+        options: The packing options, as :data:`DEFAULT_CANDIDATES` entries (``level`` may
+            be None for the codec's default).
+        max_shard_bytes: The shard size cap (bytes).
+
+    Returns:
+        A one-paragraph warning with the numbers and the option that avoids the growth, or
+        None when packing with ``options`` does not make the data bigger.
+    """
+    from .serialization import compact, dumps
+
+    if not head or not records or not source_bytes:
+        return None
+    raws = [dumps(s) for s in head]
+    acc = _Acc()
+    for raw, s in zip(raws, head):
+        _analyse(raw, compact(s), acc)
+    per = acc.freeze()
+    total_raw = round(sum(len(r) for r in raws) / len(raws) * records)
+    chosen = {k: v for k, v in options.items() if v is not None}
+    if "level" not in chosen and chosen.get("codec") != "none":
+        from .codecs import make_codec
+
+        level = getattr(make_codec(chosen["codec"], None), "level", None)
+        if level is not None:
+            chosen["level"] = level
+    cands = [chosen] + [
+        c for c in ({"codec": "zstd", "level": 3, "frame_target_bytes": 64 * 2**10}, {"codec": "zstd", "level": 3, "dictionary": 16 * 2**10})
+        if codec_label(c) != codec_label(chosen)
+    ]
+    _check_candidates(tuple(cands))
+    projections = _project(raws, [], total_raw, records, tuple(cands), 1, 0.0, max_shard_bytes, [])
+    mine = projections[0] if projections and projections[0].label == codec_label(chosen) else None
+    if mine is None or mine.file_bytes <= source_bytes:
+        return None
+    others = [p for p in projections[1:] if p.file_bytes < mine.file_bytes]
+    best = min(others, key=lambda p: p.file_bytes) if others else None
+    text = (
+        f"packing makes this data bigger: {records:,} records with {mine.label} project to about {mine.file_bytes:,} "
+        f"bytes against {source_bytes:,} bytes now; each record carries about {per.overhead_bytes / per.records:,.0f} "
+        f"bytes of torch.save container (pickle + zip) for {per.tensor_bytes / per.records:,.0f} bytes of tensors."
+    )
+    if best is not None:
+        text += f" {pack_arguments(best.codec)} projects {best.file_bytes:,} bytes" + (
+            " (smaller than now)" if best.file_bytes < source_bytes else ""
+        )
+    return text + "; `tspt audit SRC` compares every option"
+
+
 def audit_pt(
     path: str | os.PathLike[str],
     *,
@@ -742,46 +882,54 @@ def audit_pt(
     repeats: int = 3,
     min_seconds: float = 0.02,
     max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
+    layout: str | None = None,
+    recursive: bool = False,
 ) -> AuditReport:
     """Audit ``.pt`` files before packing: a directory of them (one sample each) or one file.
 
     The breakdown describes the files as they are (views saved with their whole storage show
-    up as bloat). The projections serialize the sampled records the way the writer would
-    (views compacted) and compress them with each candidate.
+    up as bloat; for one ``.pt`` file it adds up to the file's size). ``packed_breakdown``
+    and the projections serialize the records the way the writer would (each record on its
+    own, views compacted) and compress them with each candidate.
 
     Args:
-        path: A directory of ``.pt`` files, or one ``.pt`` file holding a list of samples or a
-            dict of equal-length columns.
+        path: A directory of ``.pt`` files, or one ``.pt`` file, read as ``tspt pack`` reads
+            it (:mod:`tensorstore_pt.sources`).
         max_records: Records analysed for the breakdown, evenly spread; None for all.
         sample_records: Records used for the projections and timings.
         candidates: Codec configs to project.
-        top: How many of the largest records to list.
+        top: How many of the largest records to list (distinct sizes).
         repeats: Timed passes per measurement (the median is kept).
         min_seconds: Each timed pass loops over the sample for at least this long.
         max_shard_bytes: The shard size the projection assumes (bytes).
+        layout: For an ambiguous list/tuple of tensors, ``"rows"`` or ``"columns"``.
+        recursive: For a directory, also its subdirectories' ``.pt`` files.
 
     Returns:
         An :class:`AuditReport`.
 
     Raises:
         StoreNotFoundError: The path does not exist.
-        InvalidOptionError: No ``.pt`` files, a file that is not a torch.save file, or bad
-            options.
+        InvalidOptionError: No ``.pt`` files, an empty or ambiguous source, a file that is
+            not a torch.save file, or bad options.
         UnsafePayloadError: A file's pickle asks for forbidden globals (it is not run).
     """
-    from .serialization import dumps
+    from .serialization import compact, dumps
+    from .sources import read_layout
 
     _check_options(max_records, sample_records, repeats, top, candidates)
     src = Path(path)
     if not src.exists():
         raise StoreNotFoundError(f"audit: {str(src)!r} does not exist")
     acc = _Acc()
+    packed_acc = _Acc()
     bloated: list[RecordSize] = []
     analysed: dict[int | str, tuple[int, int]] = {}
     load_seconds = 0.0
     notes: list[str] = []
     if src.is_dir():
-        files = pt_files(src)
+        files = pt_files(src, recursive)
+        names = [str(f.relative_to(src)) for f in files]
         kind = "pt_dir"
         sizes = [p.stat().st_size for p in files]
         disk = sum(sizes)
@@ -793,14 +941,16 @@ def audit_pt(
             t0 = time.perf_counter()
             obj = load_pt_bytes(raw, f"{str(files[i])!r}")
             load_seconds += time.perf_counter() - t0
-            packed[i] = len(dumps(obj))
+            packed_raw = dumps(obj)
+            packed[i] = len(packed_raw)
+            _analyse(packed_raw, compact(obj), packed_acc)
             tensor, element = _analyse(raw, obj, acc)
-            analysed[files[i].name] = (tensor, element)
+            analysed[names[i]] = (tensor, element)
             if _is_bloated(tensor, element):
-                bloated.append(RecordSize(files[i].name, len(raw), None, tensor, element))
-        order = sorted(range(records), key=lambda i: (-sizes[i], i))[:top]
+                bloated.append(RecordSize(names[i], len(raw), None, tensor, element))
         largest = tuple(
-            RecordSize(files[i].name, sizes[i], None, *(analysed.get(files[i].name, (None, None)))) for i in order
+            RecordSize(names[i], size, None, *(analysed.get(names[i], (None, None))), same_size=count)
+            for i, size, count in _distinct_largest(np.array(sizes, dtype=np.int64), top)
         )
         sample_idx = _evenly(records, sample_records)
         raws = [dumps(load_pt_bytes(files[i].read_bytes(), f"{str(files[i])!r}")) for i in sample_idx]
@@ -818,34 +968,34 @@ def audit_pt(
                 f"raw bytes once packed: exact for {len(packed)} of {records} files, the rest estimated "
                 f"from their file sizes (median packed/file ratio {ratio:.3f})"
             )
+        what = f"these {records:,} files"
     else:
         kind = "pt_file"
         raw_file = src.read_bytes()
         disk = len(raw_file)
         allocated = _allocated([src])
-        t0 = time.perf_counter()
-        _, rows_iter = rows(load_pt_bytes(raw_file, f"{str(src)!r}"), f"audit: {str(src)!r}")
+        obj = load_pt_bytes(raw_file, f"{str(src)!r}")
+        # The file as it is: its tensors (each storage once), pickle and zip add up to its size.
+        tensor, element = _analyse(raw_file, obj, acc)
+        if _is_bloated(tensor, element):
+            bloated.append(RecordSize(src.name, disk, None, tensor, element))
+        _, records, how, rows_iter = read_layout(obj, f"audit: {str(src)!r}", layout)
         samples = list(rows_iter)
-        load_seconds = time.perf_counter() - t0
-        records = len(samples)
         per_record: dict[int, bytes] = {}
         for i in _evenly(records, max_records):
             raw = dumps(samples[i])
             per_record[i] = raw
-            tensor, element = _analyse(raw, samples[i], acc)
-            analysed[i] = (tensor, element)
-            # Bloat is judged on the samples as they are in the file, before the writer compacts them.
-            file_tensor = _storage_bytes(samples[i])
-            if _is_bloated(file_tensor, element):
-                bloated.append(RecordSize(i, len(raw), None, file_tensor, element))
-        load_seconds = 0.0  # the file loads as a whole; time per-record loads of the serialized records below
+            analysed[i] = _analyse(raw, compact(samples[i]), packed_acc)
         for raw in list(per_record.values())[:sample_records]:
             t0 = time.perf_counter()
             load_pt_bytes(raw, f"{str(src)!r}")
             load_seconds += time.perf_counter() - t0
         load_raw = sum(len(r) for r in list(per_record.values())[:sample_records])
-        sizes_known = sorted(per_record.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
-        largest = tuple(RecordSize(i, len(r), None, *analysed[i]) for i, r in sizes_known)
+        keys = list(per_record)
+        largest = tuple(
+            RecordSize(keys[j], size, None, *analysed[keys[j]], same_size=count)
+            for j, size, count in _distinct_largest(np.array([len(per_record[k]) for k in keys], dtype=np.int64), top)
+        )
         sample_idx = _evenly(records, sample_records)
         raws = [per_record[i] if i in per_record else dumps(samples[i]) for i in sample_idx]
         train = [
@@ -856,21 +1006,30 @@ def audit_pt(
         total_raw = sum(len(r) for r in per_record.values()) if len(per_record) == records else round(mean * records)
         if len(per_record) < records:
             notes.append(f"largest records and raw bytes estimated from {len(per_record)} of {records} records")
-        notes.append("a single .pt file: per-record sizes are what the writer would serialize for each sample")
+        notes.append(
+            f"the file holds {how}; the breakdown is the file as it is, and 'once packed' is each record "
+            "serialized on its own"
+        )
+        what = f"this file's {records:,} records"
     projections = _project(raws, train, total_raw, records, candidates, repeats, min_seconds, max_shard_bytes, notes)
     recommendation, reason = _recommend(projections, None)
     best = next((p for p in projections if p.label == recommendation), None)
-    if best is not None and disk:
+    if best is not None and disk and best.file_bytes:
         now = allocated if allocated else disk
+        shards = max(1, math.ceil(best.stored_bytes / max_shard_bytes))
+        change = f"{now / best.file_bytes:.1f}x smaller" if best.file_bytes < now else f"{best.file_bytes / now:.2f}x BIGGER"
         reason += (
             f". Packing turns {len(files) if kind == 'pt_dir' else 1:,} file(s) taking {now:,} bytes on disk into "
-            f"about {max(1, math.ceil(best.stored_bytes / max_shard_bytes)):,} shard(s) of {best.file_bytes:,} bytes "
-            f"({now / best.file_bytes:.1f}x smaller)" if best.file_bytes else ""
+            f"about {shards:,} shard{'s' if shards != 1 else ''} + index of {best.file_bytes:,} bytes ({change})"
         )
+    packed_breakdown = packed_acc.freeze()
+    growth = _growth_note(projections, disk, packed_breakdown, what)
+    if growth:
+        notes.insert(0, growth)
     if bloated:
         waste = sum((b.tensor_bytes or 0) - (b.element_bytes or 0) for b in bloated)
         notes.append(
-            f"{len(bloated)} analysed record(s) save views with their whole storage ({waste:,} bytes beyond their "
+            f"{len(bloated)} analysed file(s) save views with their whole storage ({waste:,} bytes beyond their "
             "elements); packing compacts them"
         )
     load_mb_s = load_raw / load_seconds / 1e6 if load_seconds else 0.0
@@ -894,6 +1053,8 @@ def audit_pt(
         recommendation=recommendation,
         reason=reason,
         notes=tuple(notes),
+        packed_breakdown=packed_breakdown,
+        grows=growth is not None,
     )
 
 
@@ -901,8 +1062,8 @@ def audit_path(path: str | os.PathLike[str], **options: Any) -> AuditReport:
     """Audit a store, a directory of ``.pt`` files or one ``.pt`` file (chosen by what is there).
 
     A directory holding ``index.json`` is a store (:func:`audit_store`); any other directory
-    or file goes to :func:`audit_pt`. ``options`` are passed on (``max_shard_bytes`` only
-    applies to ``.pt`` sources).
+    or file goes to :func:`audit_pt`. ``options`` are passed on (``max_shard_bytes``,
+    ``layout`` and ``recursive`` only apply to ``.pt`` sources).
 
     Raises:
         StoreNotFoundError: The path does not exist.
@@ -912,7 +1073,7 @@ def audit_path(path: str | os.PathLike[str], **options: Any) -> AuditReport:
     if not p.exists():
         raise StoreNotFoundError(f"audit: {str(p)!r} does not exist")
     if p.is_dir() and (p / INDEX_NAME).exists():
-        options.pop("max_shard_bytes", None)
+        for key in ("max_shard_bytes", "layout", "recursive"):
+            options.pop(key, None)
         return audit_store(p, **options)
     return audit_pt(p, **options)
-

@@ -23,8 +23,48 @@ EXIT_USAGE = 2
 _EPILOG = """exit codes:
   0  success (verify: the store is clean)
   1  the store is damaged, or a record could not be read
-  2  unusable input: bad arguments, no such path, not a store, unsupported format
+  2  unusable input: bad arguments, no such path, not a store, unsupported format, a .pt file
+     holding something torch.load(weights_only=True) refuses
+verify: 0 clean, 1 damaged, 2 unusable input (not a store, no such path)
 """
+
+#: Each command's own exit codes, shown at the end of its --help.
+_EXIT_CODES = {
+    "pack": (
+        "0  packed",
+        "2  unusable input: bad arguments, no such source, an empty, ambiguous or unsafe source (a numpy\n"
+        "     array or custom class in a .pt file), a destination that exists (see --mode) or is not writable",
+        "130  interrupted: nothing was published",
+    ),
+    "info": ("0  shown", "1  the index or a shard footer is damaged", "2  not a store, no such path"),
+    "verify": ("0  the store is clean", "1  the store is damaged (every problem is listed)", "2  unusable input: not a store, no such path"),
+    "recover": (
+        "0  recovered, or nothing to do",
+        "1  damage recover refuses to repair on its own; nothing was changed",
+        "2  unusable input: not a store, no such path, the store is busy (another writer holds its lock)",
+    ),
+    "audit": (
+        "0  the report was printed",
+        "1  a store's record is damaged",
+        "2  unusable input: no such path, not a store or .pt source, unsafe .pt content, bad options",
+    ),
+    "get": (
+        "0  the record was written",
+        "1  the record is damaged",
+        "2  unusable input: index out of range, not a store, the output exists (see --force) or is a directory",
+    ),
+    "demo": ("0  every store verified clean and every sample read back bit-exact", "1  a check failed"),
+    "bench": ("0  every cell ran", "1  some cell failed", "2  bad arguments"),
+}
+
+
+def _epilog(command: str) -> str:
+    return "exit codes:\n" + "\n".join(f"  {line}" for line in _EXIT_CODES[command]) + "\n"
+
+
+#: Below this shard size, every shard's header, footer, index entry and file open weigh on
+#: each record (a warning, not a refusal: tests and tiny stores may want it).
+MIN_SENSIBLE_SHARD_BYTES = 64 * 2**10
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -56,17 +96,83 @@ def format_bytes(n: int) -> str:
 # --------------------------------------------------------------------------- commands
 
 
+def _codec_text(codec: dict[str, Any]) -> str:
+    """The codec as the index writes it (JSON), with a dictionary by name and size."""
+    plain = {k: v for k, v in codec.items() if k != "dict"}
+    text = json.dumps(plain)
+    d = codec.get("dict")
+    if isinstance(d, dict):
+        text += f", dictionary {d.get('name')} ({d.get('bytes', 0):,} bytes)"
+    return text
+
+
+def _shards_text(n: int) -> str:
+    return f"{n:,} shard{'s' if n != 1 else ''} + index"
+
+
+def _rate_text(n_bytes: float, seconds: float) -> str:
+    """A rate in MB/s (10**6 bytes a second), or kB/s below 1 MB/s: never a moving rate shown as 0.0."""
+    if seconds <= 0 or n_bytes <= 0:
+        return "- MB/s"
+    rate = n_bytes / seconds / 1e6
+    if rate >= 100:
+        return f"{rate:,.0f} MB/s"
+    if rate >= 1:
+        return f"{rate:.1f} MB/s"
+    return f"{rate * 1000:.{1 if rate >= 0.001 else 3}f} kB/s"
+
+
+def progress_text(in_bytes: int, out_bytes: int, seconds: float) -> str:
+    """The progress bar's rates: tensor bytes read in, stored bytes written out.
+
+    ``out`` reads ``pending`` while nothing has been stored yet (the writer is training its
+    dictionary, or the first frames are still being compressed).
+    """
+    out = f"{_rate_text(out_bytes, seconds)} stored" if out_bytes else "stored: pending"
+    return f"in {_rate_text(in_bytes, seconds)} of tensors, out {out}"
+
+
+def _tensor_bytes(obj: Any) -> int:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() if obj.layout == torch.strided else 0
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 def _cmd_pack(args: argparse.Namespace) -> int:
+    import itertools
+    import time
+
     from tqdm import tqdm
 
-    from .writer import ShardWriter
-
     from .errors import InvalidOptionError
-    from .sources import iter_source
+    from .sources import open_source
+    from .writer import ShardWriter
 
     if args.dict_size is not None and not args.dict:
         raise InvalidOptionError("--dict-size needs --dict")
-    total, samples = iter_source(Path(args.src))
+    if args.max_shard_size < MIN_SENSIBLE_SHARD_BYTES:
+        _note(
+            f"warning: --max-shard-size {format_bytes(args.max_shard_size)} is below {format_bytes(MIN_SENSIBLE_SHARD_BYTES)}: "
+            "every shard costs a file, a header, a footer and an index entry, so tiny shards waste space and slow "
+            "reads; a record larger than it gets a shard of its own"
+        )
+    source = open_source(Path(args.src), layout=args.layout, recursive=args.recursive)
+    print(f"source: {args.src}: {source.description}")
+    for item in source.skipped:
+        print(f"  skipped: {item}")
+    samples = source.samples
+    # The writer takes the store's lock in its constructor: a destination that exists (see
+    # --mode), is read-only or cannot be created fails here, before anything is encoded.
     with ShardWriter(
         args.dest,
         codec=args.codec,
@@ -76,45 +182,94 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         dictionary=(args.dict_size or True) if args.dict else False,
         frame_target_bytes=args.frame_size,
     ) as writer:
-        with tqdm(total=total, unit="rec", disable=args.quiet, dynamic_ncols=True, file=sys.stderr) as bar:
+        head = list(itertools.islice(samples, 64))
+        samples = itertools.chain(head, samples)
+        source_bytes = sum(f.stat().st_size for f in source.files) if source.files else source.path.stat().st_size
+        from .audit import pack_size_warning
+
+        options: dict[str, Any] = {"codec": args.codec, "level": args.level}
+        if args.dict:
+            options["dictionary"] = args.dict_size or 16 * 2**10
+        if args.frame_size:
+            options["frame_target_bytes"] = args.frame_size
+        warning = pack_size_warning(head, source.records, source_bytes, options, args.max_shard_size)
+        if warning:
+            _note(f"warning: {warning}")
+        start = time.perf_counter()
+        in_bytes = 0
+        with tqdm(total=source.records, unit="rec", disable=args.quiet, dynamic_ncols=True, file=sys.stderr) as bar:
             for sample in samples:
+                in_bytes += _tensor_bytes(sample)
                 writer.write(sample)
                 bar.update(1)
-                if bar.n % 64 == 0 or bar.n == total:
-                    rate = bar.format_dict.get("rate") or 0.0
-                    mb_s = rate * writer.raw_bytes_written / max(writer.records_written, 1) / 1e6
-                    bar.set_postfix_str(f"{mb_s:.1f} MB/s raw", refresh=False)
+                if bar.n % 64 == 0 or bar.n == source.records:
+                    seconds = time.perf_counter() - start
+                    bar.set_postfix_str(progress_text(in_bytes, writer.stored_bytes_written, seconds), refresh=False)
     info = writer.close()
+    new_records = writer.records_written
     print(
-        f"packed {info.records} records into {info.shards} shard(s) at {info.location}: "
+        f"packed {info.records:,} records into {_shards_text(info.shards)} at {info.location}: "
         f"{format_bytes(info.raw_bytes)} raw -> {format_bytes(info.file_bytes)} on disk "
-        f"(ratio {info.ratio:.2f}, codec {info.codec})"
+        f"(ratio {info.ratio:.2f}, codec {_codec_text(info.codec)})"
     )
+    _report_oversized(info.location, info.records - new_records, args.max_shard_size)
     return EXIT_OK
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _report_oversized(location: str, first_new: int, max_shard_bytes: int) -> None:
+    """Say once which records were larger than the shard cap (each got a shard of its own)."""
     from .reader import open_store
 
-    info = open_store(args.store, verify=False).info()
+    index = open_store(location, verify=False).index
+    big = [s for s in index.shards if s.first_record >= first_new and s.file_bytes > max_shard_bytes]
+    if not big:
+        return
+    names = [
+        f"record {s.first_record}" if s.records == 1 else f"records [{s.first_record}, {s.first_record + s.records})"
+        for s in big
+    ]
+    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    _note(
+        f"note: {listed} did not fit in --max-shard-size {format_bytes(max_shard_bytes)} "
+        f"({', '.join(format_bytes(s.file_bytes) for s in big[:3])}{'...' if len(big) > 3 else ''} on disk): "
+        f"{'each has' if len(big) > 1 else 'it has'} a shard of its own"
+    )
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .format import FEATURE_MULTI_RECORD_FRAMES
+    from .reader import open_store
+
+    reader = open_store(args.store, verify=False)
+    info = reader.info()
+    index = reader.index
+    multi = FEATURE_MULTI_RECORD_FRAMES in index.features
+    frames = sum(len(reader._footer(si).table) for si in range(len(index.shards))) if multi else info.records
     if args.json:
         d = dict(info.__dict__)
         d["ratio"] = info.ratio
+        d["features"] = list(index.features)
+        d["frames"] = frames
         print(json.dumps(d, indent=2))
         return EXIT_OK
+    d = info.codec.get("dict")
     rows = [
         ("store", info.location),
-        ("format", f"{info.format_version[0]}.{info.format_version[1]}"),
+        ("format", f"{info.format_version[0]}.{info.format_version[1]}"
+         + (f" (features: {', '.join(index.features)})" if index.features else "")),
         ("records", f"{info.records:,}"),
-        ("shards", f"{info.shards:,}"),
-        ("codec", json.dumps(info.codec)),
+        ("shards", f"{_shards_text(info.shards)}"),
+        ("codec", json.dumps({k: v for k, v in info.codec.items() if k != "dict"})),
+        ("dictionary", f"{d.get('name')} ({d.get('bytes', 0):,} bytes, dict_id {d.get('dict_id')})" if isinstance(d, dict) else "none"),
+        ("frames", f"{frames:,} multi-record frames (about {info.records / frames if frames else 0:,.1f} records each)"
+         if multi else "one per record"),
         ("raw", f"{format_bytes(info.raw_bytes)} ({info.raw_bytes:,} bytes)"),
         ("stored", f"{format_bytes(info.stored_bytes)} ({info.stored_bytes:,} bytes)"),
         ("on disk", f"{format_bytes(info.file_bytes)} ({info.file_bytes:,} bytes, shards only)"),
         ("ratio", f"{info.ratio:.2f} (raw / on disk)"),
         ("metadata", json.dumps(info.metadata)),
         ("created by", json.dumps(info.created_by)),
-    ]
+    ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -205,6 +360,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit_path
 
     options: dict[str, Any] = {"sample_records": args.sample, "max_records": args.max_records, "top": args.top}
+    if args.layout or args.recursive:
+        options.update(layout=args.layout, recursive=args.recursive)
     report = audit_path(args.path, **options)
     if args.plot:
         from ._plot import plot_audit
@@ -223,23 +380,39 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:5.1f}%" if whole else "    -"
 
 
+def _parts(b: Any, indent: str = "  ") -> list[str]:
+    return [
+        f"{indent}tensor payload  {b.tensor_bytes:>14,} bytes  {_pct(b.tensor_bytes, b.raw_bytes)}"
+        + (f"  (their elements need {b.element_bytes:,} bytes)" if b.element_bytes != b.tensor_bytes else ""),
+        f"{indent}pickle          {b.pickle_bytes:>14,} bytes  {_pct(b.pickle_bytes, b.raw_bytes)}",
+        f"{indent}zip container   {b.zip_bytes:>14,} bytes  {_pct(b.zip_bytes, b.raw_bytes)}",
+        f"{indent}by key (tensor bytes):   " + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_key.items()),
+        f"{indent}by dtype (tensor bytes): " + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_dtype.items()),
+    ]
+
+
 def format_audit(report: Any) -> str:
-    """Format an :class:`~tensorstore_pt.audit.AuditReport` as text tables."""
+    """Format an :class:`~tensorstore_pt.audit.AuditReport` as text tables. Sizes in bytes."""
     b = report.breakdown
+    made_of = {
+        "store": f"{_shards_text(len(report.shards))} ({report.files:,} files)",
+        "pt_dir": f"{report.files:,} .pt file{'s' if report.files != 1 else ''}",
+        "pt_file": "1 .pt file",
+    }[report.kind]
     lines = [
         f"{report.kind.replace('_', ' ')}: {report.source}",
-        f"records   {report.records:,} in {report.files:,} file(s)",
+        f"records   {report.records:,} in {made_of}",
         f"on disk   {format_bytes(report.disk_bytes)} ({report.disk_bytes:,} bytes"
         + (f"; {report.allocated_bytes:,} bytes in file-system blocks)" if report.allocated_bytes else ")"),
         f"raw       {format_bytes(report.raw_bytes)} ({report.raw_bytes:,} bytes of torch.save buffers"
-        + (")" if report.kind == "store" else ", once packed)"),
+        + (")" if report.kind == "store" else ", once packed: one buffer per record)"),
     ]
     if report.stored_bytes is not None:
-        lines.append(f"stored    {format_bytes(report.stored_bytes)} ({report.stored_bytes:,} bytes, codec {report.codec})")
+        lines.append(f"stored    {format_bytes(report.stored_bytes)} ({report.stored_bytes:,} bytes, codec {_codec_text(report.codec)})")
         lines.append(f"ratio     {report.ratio:.2f} (raw / on disk)")
     if report.shards:
         lines.append("")
-        lines.append(f"{'shard':<22}{'records':>9}{'file bytes':>14}{'stored':>14}{'raw':>14}")
+        lines.append(f"{'shard':<22}{'records':>9}{'file bytes':>14}{'stored bytes':>14}{'raw bytes':>14}")
         shown = report.shards if len(report.shards) <= 12 else report.shards[:10]
         for sh in shown:
             lines.append(f"{sh.name:<22}{sh.records:>9,}{sh.file_bytes:>14,}{sh.stored_bytes:>14,}{sh.raw_bytes:>14,}")
@@ -247,38 +420,52 @@ def format_audit(report: Any) -> str:
             lines.append(f"... {len(report.shards) - len(shown)} more shard(s)")
         for label, n in report.bytes_by_codec.items():
             lines.append(f"codec {label}: {n:,} stored bytes")
-    lines += [
-        "",
-        f"where the raw bytes go ({b.records:,} record(s) analysed, {b.raw_bytes:,} bytes):",
-        f"  tensor payload    {b.tensor_bytes:>14,}  {_pct(b.tensor_bytes, b.raw_bytes)}"
-        + (f"  (elements need {b.element_bytes:,})" if b.element_bytes != b.tensor_bytes else ""),
-        f"  pickle            {b.pickle_bytes:>14,}  {_pct(b.pickle_bytes, b.raw_bytes)}",
-        f"  zip container     {b.zip_bytes:>14,}  {_pct(b.zip_bytes, b.raw_bytes)}",
-        f"  overhead/record   {b.overhead_bytes / b.records if b.records else 0:>14,.0f}  bytes (pickle + zip)",
-        "  by key:   " + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_key.items()),
-        "  by dtype: " + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_dtype.items()),
-        "",
-        "largest records:",
-    ]
+    lines.append("")
+    if report.kind == "pt_file":
+        lines.append(f"where the file's bytes go ({b.raw_bytes:,} bytes, the whole file as torch.save wrote it):")
+    elif report.kind == "pt_dir":
+        lines.append(f"where the files' bytes go ({b.records:,} file(s) analysed, {b.raw_bytes:,} bytes):")
+    else:
+        lines.append(f"where the raw bytes go ({b.records:,} record(s) analysed, {b.raw_bytes:,} bytes):")
+    lines += _parts(b)
+    p = report.packed_breakdown
+    if p is not None and p.records:
+        n = p.records
+        lines += [
+            "",
+            f"once packed, per record (each record its own torch.save buffer, views compacted; mean of {n:,} record(s)):",
+            f"  {p.raw_bytes / n:,.0f} bytes = tensor payload {p.tensor_bytes / n:,.0f} + pickle {p.pickle_bytes / n:,.0f} "
+            f"+ zip container {p.zip_bytes / n:,.0f} bytes",
+        ]
+    elif report.kind == "store" and b.records:
+        lines.append(f"  overhead/record {b.overhead_bytes / b.records:>14,.0f} bytes (pickle + zip)")
+    lines += ["", "largest records (distinct sizes; raw = torch.save bytes):"]
     for r in report.largest:
-        extra = f", stored {r.stored_bytes:,}" if r.stored_bytes is not None else ""
-        tens = f", tensors {r.tensor_bytes:,} / elements {r.element_bytes:,}" if r.tensor_bytes is not None else ""
-        lines.append(f"  {r.record!s:<24} raw {r.raw_bytes:,}{extra}{tens}")
+        extra = f", stored {r.stored_bytes:,} bytes" if r.stored_bytes is not None else ""
+        tens = (
+            f", tensor payload {r.tensor_bytes:,} bytes (elements {r.element_bytes:,} bytes)"
+            if r.tensor_bytes is not None
+            else ""
+        )
+        same = f"  x{r.same_size:,} records of this size" if r.same_size > 1 else ""
+        lines.append(f"  {r.record!s:<24} raw {r.raw_bytes:,} bytes{extra}{tens}{same}")
     if report.bloated:
-        lines.append(f"bloated records (tensor bytes > elements' bytes; views saved whole): {len(report.bloated)}")
+        lines.append(f"bloated (tensor bytes > {2:g}x their elements' bytes; views saved whole): {len(report.bloated)}")
         for r in report.bloated[:10]:
-            lines.append(f"  {r.record!s:<24} tensors {r.tensor_bytes:,} bytes for {r.element_bytes:,} element bytes")
+            lines.append(f"  {r.record!s:<24} tensors {r.tensor_bytes:,} bytes for {r.element_bytes:,} bytes of elements")
+    sample = report.projections[0].sample_records if report.projections else 0
     lines += [
         "",
-        f"codec projections (measured on {report.projections[0].sample_records if report.projections else 0} "
-        f"record(s); torch.load runs at {report.load_mb_s:,.1f} MB/s on these records):",
-        f"  {'codec':<14}{'bytes on disk':>16}{'ratio':>8}{'compress MB/s':>15}{'decode MB/s':>13}{'read/record':>13}",
+        f"codec projections (measured on {sample} record(s); torch.load runs at {report.load_mb_s:,.1f} MB/s on them; "
+        "MB/s = 10**6 raw bytes a second, median of the timed passes +- half their range):",
+        f"  {'codec':<14}{'bytes on disk':>16}{'ratio':>8}{'compress MB/s':>15}{'decode MB/s':>18}{'bytes read/record':>19}",
     ]
     for pr in report.projections:
         mark = "  <- recommended" if pr.label == report.recommendation else ""
+        decode = f"{pr.decode_mb_s:,.0f} +-{100 * pr.decode_spread:.0f}%"
         lines.append(
-            f"  {pr.label:<14}{pr.file_bytes:>16,}{pr.ratio:>8.2f}{pr.compress_mb_s:>15,.0f}{pr.decode_mb_s:>13,.0f}"
-            f"{pr.read_bytes_per_record:>13,}{mark}"
+            f"  {pr.label:<14}{pr.file_bytes:>16,}{pr.ratio:>8.2f}{pr.compress_mb_s:>15,.0f}{decode:>18}"
+            f"{pr.read_bytes_per_record:>19,}{mark}"
         )
     lines += ["", f"recommendation: {report.reason}"]
     for note in report.notes:
@@ -287,41 +474,69 @@ def format_audit(report: Any) -> str:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
-    from .reader import open_store
-
     from .errors import InvalidOptionError
+    from .reader import open_store
 
     out = Path(args.output)
     if out.is_dir():
         raise InvalidOptionError(f"-o {str(out)!r} is a directory; expected a file path such as record.pt")
+    if (out.exists() or out.is_symlink()) and not args.force:
+        raise InvalidOptionError(f"-o {str(out)!r} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise InvalidOptionError(f"-o {str(out)!r}: the directory {str(out.parent)!r} does not exist")
     reader = open_store(args.store)
-    data = reader.read_bytes(args.index)
+    n = len(reader)
+    data = reader.read_bytes(args.index)  # RecordIndexError names the range
+    real = args.index + n if args.index < 0 else args.index
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, out)
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot write -o {str(out)!r}: {exc.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"wrote record {args.index} ({len(data):,} bytes, a torch.save file) to {out}")
+    asked = f" (index {args.index})" if args.index != real else ""
+    print(f"wrote record {real:,} of {n:,}{asked} ({len(data):,} bytes, a torch.save file) to {out}")
     return EXIT_OK
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.options import run_from_args
+_BENCH_DESCRIPTION = (
+    "Run the benchmark matrix: data kinds x systems (one torch.save file per sample, one torch.save of "
+    "the list, tensorstore_pt codecs, and MosaicML Streaming, litdata and WebDataset when installed) x "
+    "metrics (bytes on disk, pack time, sequential and random reads warm and cold, DataLoader "
+    "throughput, peak RSS). Writes results.json, results.md and PNG plots; see docs/benchmarks.md."
+)
 
-    return run_from_args(args, "tspt bench", args.bench_argv)
+
+def _run_bench(argv: list[str]) -> int:
+    """``tspt bench ARGS``: the harness's own parser (imported only here)."""
+    from benchmarks.options import add_arguments, run_from_args
+
+    parser = argparse.ArgumentParser(
+        prog="tspt bench", description=_BENCH_DESCRIPTION, epilog=_epilog("bench"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args, "tspt bench", argv)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(workdir=args.workdir, repeats=args.repeats)
+    return run_demo(workdir=args.workdir, repeats=args.repeats, shapes=not args.no_shapes)
 
 
 # --------------------------------------------------------------------------- parser
 
+#: The codec ids, spelled here so that building the parser imports no codec library.
+_CODEC_IDS = ("lz4", "none", "zstd")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .codecs import CODEC_IDS
+    """The ``tspt`` parser. Imports nothing heavy: ``tspt --help`` answers at once."""
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="tspt",
@@ -329,31 +544,39 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from ._version import __version__
-
     parser.add_argument("--version", action="version", version=f"tspt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
         return sub.add_parser(
-            name, help=help_, description=description or help_, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-        )
+            name, help=help_, description=description or help_, epilog=_epilog(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
 
     p = add(
         "pack",
         "pack .pt samples into a store",
-        "Pack samples into a store. SRC is a .pt file holding a list/tuple of samples, a .pt file holding "
-        "a dict of equal-length tensors or lists (one sample per row), or a directory of .pt files (one "
-        "sample each, natural sort order). .pt files are loaded with weights_only=True.",
+        "Pack samples into a store. SRC is one of what people torch.save: a tuple of equal-length "
+        "tensors, torch.save((data, labels)), one sample (data[i], labels[i]) per row; a list of samples, "
+        "torch.save([t0, t1, t2]); a dict of equal-length columns, one sample {key: column[i]} per row; or a "
+        "directory of .pt files, one sample each, in natural sort order (with --recursive, its subdirectories "
+        "too; other files are listed as skipped). A list or tuple of tensors that share a leading dimension "
+        "can be read either way: pass --layout. .pt files are loaded with weights_only=True.",
     )
     p.add_argument("src", help="a .pt file or a directory of .pt files")
     p.add_argument("dest", help="the store directory to create")
-    p.add_argument("--codec", choices=CODEC_IDS, default="zstd", help="frame codec (default: zstd)")
+    p.add_argument("--codec", choices=_CODEC_IDS, default="zstd", help="frame codec (default: zstd)")
     p.add_argument("--level", type=int, default=None, help="codec level (default: zstd 3, lz4 0)")
     p.add_argument(
         "--max-shard-size", type=parse_size, default=64 * 2**20, metavar="SIZE",
-        help="shard size cap, e.g. 64MiB (IEC), 100MB (SI) or bytes (default: 64MiB)",
+        help="shard size cap, e.g. 64MiB (IEC), 100MB (SI) or bytes (default: 64MiB; below 64KiB warns)",
     )  # fmt: skip
+    p.add_argument(
+        "--layout", choices=("rows", "columns"), default=None,
+        help="for a .pt list/tuple of tensors sharing a leading dimension: rows = each tensor is one sample; "
+        "columns = sample i is row i of every tensor",
+    )  # fmt: skip
+    p.add_argument("--recursive", action="store_true", help="a directory source: also pack its subdirectories' .pt files")
     p.add_argument(
         "--dict", action="store_true",
         help="zstd only: train a zstd dictionary on the first records and use it for every frame; "
@@ -368,18 +591,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="put consecutive records into one frame of about SIZE raw bytes (e.g. 64KiB): better ratio, "
         "slower random access (default: one record per frame)",
     )  # fmt: skip
-    p.add_argument("--mode", choices=("create", "overwrite", "append"), default="create", help="default: create")
+    p.add_argument(
+        "--mode", choices=("create", "overwrite", "append"), default="create",
+        help="create (default) refuses an existing store; overwrite replaces it; append adds records",
+    )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
 
-    p = add("info", "show a store's records, shards, codec, sizes and ratio")
+    p = add("info", "show a store's records, shards, codec, dictionary, frames, sizes and ratio")
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
     p = add(
         "verify",
-        "check every shard and record of a store (exit 0 clean, 1 damaged)",
+        "check every shard and record of a store (exit 0 clean, 1 damaged, 2 unusable input)",
         "Check a store end to end: the index schema; each shard's size and checksum against the index; "
         "headers and footers; every record's checksum, decodability and raw length; record counts. Every "
         "problem is listed with its shard, record, what was expected and what was found.",
@@ -414,8 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         "where the bytes go, and what packing with each codec would give",
         "Audit a store, a directory of .pt files (one sample each) or one .pt file: bytes per shard and "
-        "codec, raw vs stored, tensor payload vs torch.save container overhead by key and dtype, the "
-        "largest and bloated records, and projected size and decode speed for each codec candidate.",
+        "codec, raw vs stored, tensor payload vs torch.save container overhead by key and dtype (for .pt "
+        "sources: of the files as they are, and per record as packing would store them), the largest "
+        "records and views saved with their whole storage, and projected size and decode speed for each "
+        "codec candidate.",
     )
     p.add_argument("path", help="a store, a directory of .pt files, or a .pt file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -426,46 +654,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="records analysed for the byte breakdown (default: 2000)",
     )  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="largest records to list (default: 10)")
+    p.add_argument("--layout", choices=("rows", "columns"), default=None, help="as for pack")
+    p.add_argument("--recursive", action="store_true", help="as for pack")
     p.set_defaults(func=_cmd_audit)
 
     p = add("get", "write one record as a .pt file (its exact torch.save bytes)")
     p.add_argument("store")
     p.add_argument("index", type=int, help="record position (negative counts from the end)")
     p.add_argument("-o", "--output", required=True, help="output .pt path")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     p.set_defaults(func=_cmd_get)
 
     p = add(
         "demo",
-        "pack the scikit-learn digits dataset with each codec and compare to one .pt file per sample",
+        "pack the scikit-learn digits dataset with each codec and compare to one .pt file per sample; "
+        "then pack the four shapes people torch.save",
     )
     p.add_argument("--workdir", default=None, help="where to write stores (default: a temporary directory)")
     p.add_argument("--repeats", type=int, default=5, help="timed read repetitions; the median is shown (default: 5)")
+    p.add_argument("--no-shapes", action="store_true", help="skip the second part (the four torch.save shapes)")
     p.set_defaults(func=_cmd_demo)
 
-    p = add(
+    add(
         "bench",
         "benchmark tensorstore_pt against torch.save files and the peers (same as python -m benchmarks)",
-        "Run the benchmark matrix: data kinds x systems (one torch.save file per sample, one torch.save of "
-        "the list, tensorstore_pt codecs, and MosaicML Streaming, litdata and WebDataset when installed) x "
-        "metrics (bytes on disk, pack time, sequential and random reads warm and cold, DataLoader "
-        "throughput, peak RSS). Writes results.json, results.md and PNG plots; see docs/benchmarks.md. "
-        "Exit status 1 means some cell failed.",
+        _BENCH_DESCRIPTION + " `tspt bench --help` lists its options.",
     )
-    from benchmarks.options import add_arguments as _add_bench_arguments
-
-    _add_bench_arguments(p)
-    p.set_defaults(func=_cmd_bench)
-
     return parser
+
+
+#: Library words -> the CLI's words in error messages.
+_CLI_WORDS = (
+    (re.compile(r"\bmode='(create|overwrite|append)'"), r"--mode \1"),
+    (re.compile(r"\bmode=\"(create|overwrite|append)\""), r"--mode \1"),
+    (re.compile(r"\bmax_shard_bytes\b"), "--max-shard-size"),
+    (re.compile(r"\bframe_target_bytes\b"), "--frame-size"),
+)
+#: Temporary names (``.x.pt.tmp-7061``, ``.index.json.tmp-...``) -> the user's name.
+_TMP_NAME = re.compile(r"\.([^/\\\s'\"]+?)\.tmp-[0-9A-Za-z-]+")
+
+
+def cli_words(message: str) -> str:
+    """Say a library message in the CLI's words: ``--mode overwrite``, never a temporary name."""
+    for pattern, repl in _CLI_WORDS:
+        message = pattern.sub(repl, message)
+    return _TMP_NAME.sub(r"\1", message)
+
+
+def _input_is_source(args: argparse.Namespace) -> bool:
+    """Whether the command reads the user's .pt files (unsafe content there is unusable input)."""
+    if args.command == "pack":
+        return True
+    if args.command == "audit":
+        p = Path(args.path)
+        return not (p.is_dir() and (p / "index.json").exists())
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tspt``; return the exit code (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the harness has its own parser, imported only when asked for
+        return _run_bench(argv[1:])
+    args = build_parser().parse_args(argv)
     from .errors import CorruptStoreError, TensorStoreError, UnsafePayloadError
 
-    args = build_parser().parse_args(argv)
-    if args.command == "bench":  # recorded in the results as the exact command
-        args.bench_argv = list(sys.argv[2:] if argv is None else list(argv)[1:])
     try:
         code = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
@@ -477,13 +730,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + 13  # 128 + SIGPIPE, what a shell reports for a tool killed by SIGPIPE
     except CorruptStoreError as exc:
-        print(f"tspt {args.command}: DAMAGED: {exc}", file=sys.stderr)
+        print(f"tspt {args.command}: DAMAGED: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_DAMAGED
     except UnsafePayloadError as exc:
-        print(f"tspt {args.command}: REFUSED (unsafe payload, not run): {exc}", file=sys.stderr)
-        return EXIT_DAMAGED
+        print(f"tspt {args.command}: REFUSED (unsafe payload, not run): {cli_words(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE if _input_is_source(args) else EXIT_DAMAGED
     except (TensorStoreError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-        print(f"tspt {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tspt {args.command}: error: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"tspt {args.command}: interrupted; nothing was published", file=sys.stderr)

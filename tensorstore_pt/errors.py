@@ -7,11 +7,12 @@ working for callers who do not know this package::
 
     TensorStoreError (Exception)
     ├── StoreNotFoundError (FileNotFoundError)     path does not exist
-    ├── NotAStoreError (ValueError)                directory without index.json
+    ├── NotAStoreError (FileNotFoundError, ValueError)  directory without index.json
     ├── StoreExistsError (FileExistsError)         writer mode "create" on an existing store
     ├── IndexFormatError (ValueError)              index.json is not JSON or breaks the schema
     ├── UnsupportedFormatError (ValueError)        newer format version, unknown codec/feature
     ├── InvalidOptionError (ValueError)            a bad argument (codec, level, shard size...)
+    │   └── RecordIndexTypeError (TypeError)       store[key] with a key that is not an int, slice or ints
     ├── UnsupportedSampleError (TypeError)         a sample torch.load(weights_only) would refuse
     ├── RecordIndexError (IndexError)              record position out of range
     ├── WriterClosedError (RuntimeError)           write() after close() or after a failure
@@ -50,6 +51,7 @@ __all__ = [
     "NotAStoreError",
     "RecordDecodeError",
     "RecordIndexError",
+    "RecordIndexTypeError",
     "RecordLengthError",
     "ShardFormatError",
     "ShardSizeError",
@@ -74,8 +76,12 @@ class StoreNotFoundError(TensorStoreError, FileNotFoundError):
     """The store path does not exist."""
 
 
-class NotAStoreError(TensorStoreError, ValueError):
-    """The path exists but holds no ``index.json`` (not a store, or an unpublished one)."""
+class NotAStoreError(TensorStoreError, FileNotFoundError, ValueError):
+    """The path exists but holds no ``index.json`` (not a store, or an unpublished one).
+
+    A ``FileNotFoundError`` (the file a store needs is not there) and, as before, a
+    ``ValueError``.
+    """
 
 
 class StoreExistsError(TensorStoreError, FileExistsError):
@@ -92,6 +98,13 @@ class UnsupportedFormatError(TensorStoreError, ValueError):
 
 class InvalidOptionError(TensorStoreError, ValueError):
     """An argument has a value outside what the function accepts."""
+
+
+class RecordIndexTypeError(InvalidOptionError, TypeError):
+    """``store[key]`` with a key that is not an int, a slice or a sequence of ints.
+
+    A ``TypeError``, as for a list indexed with a str, and an :class:`InvalidOptionError`.
+    """
 
 
 class UnsupportedSampleError(TensorStoreError, TypeError):

@@ -26,6 +26,7 @@ from .errors import (
     NotAStoreError,
     RecordDecodeError,
     RecordIndexError,
+    RecordIndexTypeError,
     ShardFormatError,
     ShardSizeError,
     StoreChangedError,
@@ -595,7 +596,9 @@ class StoreReader:
 
         Raises:
             RecordIndexError: An index is out of range.
-            InvalidOptionError: A key of another type, or a slice step of 0.
+            RecordIndexTypeError: A key of another type (``store["a"]``); also a ``TypeError``
+                and an :class:`InvalidOptionError`.
+            InvalidOptionError: A slice step of 0.
         """
         if isinstance(key, slice):
             if key.step == 0:
@@ -610,7 +613,7 @@ class StoreReader:
                 return self.read(key)
         if isinstance(key, (list, tuple)):
             return [self.read(i) for i in key]
-        raise InvalidOptionError(f"store index: expected an int, slice or sequence of ints, found {kind}")
+        raise RecordIndexTypeError(f"store index: expected an int, slice or sequence of ints, found {kind}")
 
     def __iter__(self) -> Iterator[Any]:
         """Yield every record in order (shard by shard, sequential reads)."""

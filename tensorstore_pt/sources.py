@@ -1,45 +1,222 @@
 """Pack sources: how ``tspt pack`` and ``tspt audit`` read a user's ``.pt`` files.
 
-A source is one of:
+A source is what people ``torch.save`` to hold a dataset:
 
-- a ``.pt`` file holding a list or tuple of samples;
-- a ``.pt`` file holding a dict of equal-length tensors or lists, one sample per row;
-- a directory of ``.pt`` files, one sample each, taken in natural sort order
-  (``x2.pt`` before ``x10.pt``).
+- a ``.pt`` file holding a tuple of equal-length tensors, ``torch.save((data, labels))``
+  with ``data`` (N, ...) and ``labels`` (N,): N samples ``(data[i], labels[i])``
+  (layout ``"columns"``);
+- a ``.pt`` file holding a list or tuple of samples, ``torch.save([t0, t1, t2])``
+  (layout ``"rows"``: each element is one sample);
+- a ``.pt`` file holding a dict of equal-length columns, ``torch.save({"input": (N, 100),
+  "target": (N,)})``: N samples ``{"input": ..., "target": ...}``;
+- a directory of ``.pt`` files, one sample each, taken in natural sort order (``x2.pt``
+  before ``x10.pt``); with ``recursive=True`` its subdirectories too (``train/``, ``val/``),
+  in natural order of their relative paths. Other files, and subdirectories without
+  ``recursive``, are reported in :attr:`Source.skipped`, never silently ignored.
+
+A list or tuple whose elements are all tensors sharing a leading dimension, where neither
+reading is clearly meant (a list, or a tuple of tensors of one shape), is ambiguous: it is
+refused with both readings and their record counts, and ``layout="rows"`` or
+``layout="columns"`` says which is meant. An empty source (an empty list, dict or directory)
+is refused the same way for files and directories.
 
 Files are loaded with weights-only semantics (:func:`tensorstore_pt.serialization.loads`):
-a file that asks for anything else is refused, never run.
+a file that asks for anything else is refused, never run, and the refusal names the place
+inside the file (``[3]["meta"]: numpy.ndarray``).
 """
 
 from __future__ import annotations
 
+import io
+import pickle
 import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import InvalidOptionError, StoreNotFoundError, TensorStoreError, UnsafePayloadError
 
-__all__ = ["PT_MAGICS", "load_pt_bytes", "natural_key", "pt_files", "rows", "iter_source"]
+__all__ = [
+    "LAYOUTS",
+    "PT_MAGICS",
+    "Source",
+    "iter_source",
+    "load_pt_bytes",
+    "natural_key",
+    "open_source",
+    "pt_files",
+    "rows",
+    "scan_directory",
+    "unsafe_places",
+]
 
 #: A torch.save file starts as a zip (torch >= 1.6) or a legacy pickle (protocol 2 opener).
 PT_MAGICS = (b"PK\x03\x04", b"\x80\x02")
 
+#: How a list or tuple of tensors is read: ``rows`` (each element is one sample) or
+#: ``columns`` (each element is a column; sample i takes row i of each).
+LAYOUTS = ("rows", "columns")
+
 
 def natural_key(name: str) -> list[Any]:
     """Sort key that orders digit runs by value: ``x2`` before ``x10``."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
 
 
-def pt_files(directory: Path) -> list[Path]:
-    """The ``.pt`` files of a directory in natural sort order.
+def _path_key(p: Path) -> list[Any]:
+    return [natural_key(part) for part in p.parts]
+
+
+def scan_directory(directory: Path, recursive: bool = False) -> tuple[list[Path], list[str]]:
+    """The ``.pt`` files of a directory, and what was skipped.
+
+    Returns:
+        (files, skipped): ``.pt`` files in natural sort order of their path relative to
+        ``directory`` (with ``recursive``, those of every subdirectory too); ``skipped``
+        names, relative to ``directory``, the other files and, without ``recursive``, the
+        subdirectories (``"train/ (12 .pt files)"``).
+    """
+    files: list[Path] = []
+    skipped: list[str] = []
+
+    def walk(d: Path) -> None:
+        for p in sorted(d.iterdir(), key=lambda p: natural_key(p.name)):
+            rel = p.relative_to(directory)
+            if p.is_dir():
+                if recursive:
+                    walk(p)
+                else:
+                    n = sum(1 for q in p.rglob("*.pt") if q.is_file())
+                    skipped.append(f"{rel}/ (a subdirectory, {n} .pt file(s); pass --recursive to pack them)")
+            elif p.suffix == ".pt" and p.is_file():
+                files.append(p)
+            else:
+                skipped.append(f"{rel} (not a .pt file)")
+
+    walk(directory)
+    files.sort(key=lambda p: _path_key(p.relative_to(directory)))
+    return files, skipped
+
+
+def pt_files(directory: Path, recursive: bool = False) -> list[Path]:
+    """The ``.pt`` files of a directory in natural sort order (see :func:`scan_directory`).
 
     Raises:
-        InvalidOptionError: There are none.
+        InvalidOptionError: There are none (the message says what the directory holds).
     """
-    files = sorted((p for p in directory.iterdir() if p.suffix == ".pt" and p.is_file()), key=lambda p: natural_key(p.name))
+    files, skipped = scan_directory(directory, recursive)
     if not files:
-        raise InvalidOptionError(f"{str(directory)!r}: expected .pt files in the directory, found none")
+        held = f"; it holds {', '.join(skipped[:5])}" + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        raise InvalidOptionError(
+            f"nothing to pack: {str(directory)!r} has no .pt files (expected .pt files, one sample each)"
+            + (held if skipped else ": the directory is empty")
+        )
     return files
+
+
+# --------------------------------------------------------------------------- unsafe places
+
+
+class _Stub:
+    """Stands for a global a ``.pt`` file names: built from the pickle, never calls anything."""
+
+    _tspt_global = "?"
+    _tspt_safe = True
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        obj = object.__new__(cls)
+        obj.args = args
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def what(self) -> str:
+        first = self.args[0] if self.args else None
+        if isinstance(first, type) and issubclass(first, _Stub) and not first._tspt_safe:
+            return first._tspt_global  # numpy's _reconstruct(ndarray, ...), copyreg's _reconstructor(cls, ...)
+        return type(self)._tspt_global
+
+
+_SAFE_MODULES = ("torch", "builtins", "collections", "_codecs")
+_REAL = {("collections", "OrderedDict"): dict, ("builtins", "set"): set, ("builtins", "frozenset"): frozenset}
+
+
+class _ScanUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _REAL:
+            return _REAL[(module, name)]
+        safe = module.split(".")[0] in _SAFE_MODULES and module != "copyreg"
+        return type(name, (_Stub,), {"_tspt_global": f"{module}.{name}", "_tspt_safe": safe})
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None
+
+
+def _fmt_key(k: Any) -> str:
+    return f"[{k!r}]"
+
+
+def _walk_unsafe(obj: Any, path: str, out: list[tuple[str, str]], depth: int = 0) -> None:
+    if depth > 100 or len(out) >= 5:
+        return
+    if isinstance(obj, _Stub):
+        if not type(obj)._tspt_safe or obj.what() != type(obj)._tspt_global:
+            out.append((path, obj.what()))
+        return
+    if isinstance(obj, type) and issubclass(obj, _Stub) and not obj._tspt_safe:
+        out.append((path, obj._tspt_global))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _walk_unsafe(v, path + _fmt_key(k), out, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _walk_unsafe(v, f"{path}[{i}]", out, depth + 1)
+
+
+def unsafe_places(data: bytes) -> list[tuple[str, str]]:
+    """Where a ``.pt`` file's pickle names globals outside the weights-only allow-list.
+
+    The pickle is read with every global replaced by an inert stand-in, so nothing it names
+    is imported or run. Returns up to 5 ``(path, global)`` pairs, e.g.
+    ``('[3]["meta"]', 'numpy.ndarray')``; empty when the places cannot be told.
+    """
+    try:
+        pkl: bytes | None = None
+        if data.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                names = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                pkl = zf.read(names[0]) if names else None
+        else:
+            pkl = data
+        if pkl is None:
+            return []
+        obj = _ScanUnpickler(io.BytesIO(pkl)).load()
+    except Exception:  # noqa: BLE001 - best effort: the caller's refusal stands without places
+        return []
+    out: list[tuple[str, str]] = []
+    _walk_unsafe(obj, "", out)
+    return [(p or "(the whole file)", g) for p, g in out]
+
+
+def _fix_for(global_name: str) -> str:
+    if global_name.startswith("numpy"):
+        return "convert numpy arrays with torch.from_numpy(arr) (or .item() for a scalar) and save again"
+    return "save only tensors, builtin containers and int/float/bool/str/bytes/None"
 
 
 def load_pt_bytes(data: bytes, where: str) -> Any:
@@ -48,7 +225,8 @@ def load_pt_bytes(data: bytes, where: str) -> Any:
     Raises:
         InvalidOptionError: Not a torch.save file (checked from its first bytes, then by loading).
         UnsafePayloadError: Its pickle asks for globals outside torch's weights-only allow-list;
-            nothing from it was run.
+            nothing from it was run. The message names the places in the file
+            (``[0]["meta"]: numpy.ndarray``) where they can be told.
     """
     from .serialization import loads
 
@@ -59,6 +237,13 @@ def load_pt_bytes(data: bytes, where: str) -> Any:
     try:
         return loads(data, "cpu")
     except UnsafePayloadError as exc:
+        places = unsafe_places(data)
+        if places:
+            listed = "; ".join(f"{p}: {g}" for p, g in places)
+            raise UnsafePayloadError(
+                f"{where}: {listed} is not loadable with torch.load(weights_only=True), so it is refused and "
+                f"not run; {_fix_for(places[0][1])}"
+            ) from exc
         raise UnsafePayloadError(
             f"{where}: {exc}. If you trust the file, re-save it with only tensors and builtin containers "
             "(e.g. torch.from_numpy for numpy arrays)"
@@ -69,45 +254,179 @@ def load_pt_bytes(data: bytes, where: str) -> Any:
         raise InvalidOptionError(f"{where}: not a readable torch.save file ({type(exc).__name__}: {exc})") from exc
 
 
+# --------------------------------------------------------------------------- layouts
+
+
 def _is_column(v: Any) -> bool:
     import torch
 
     return isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
-def rows(obj: Any, where: str) -> tuple[int, Iterator[Any]]:
-    """The samples of one loaded ``.pt`` object: (count, iterator).
+def _shape(t: Any) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ("," if t.dim() == 1 else "") + ")"
+
+
+def _shared_leading(obj: list[Any] | tuple[Any, ...]) -> int | None:
+    """The leading dimension every element shares, when all are tensors of dim >= 1."""
+    import torch
+
+    if not obj or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.layout == torch.strided for t in obj):
+        return None
+    lead = {t.shape[0] for t in obj}
+    return lead.pop() if len(lead) == 1 else None
+
+
+def _describe_seq(obj: list[Any] | tuple[Any, ...], limit: int = 4) -> str:
+    shapes = [_shape(t) for t in obj[:limit]]
+    more = f", ... ({len(obj)} in all)" if len(obj) > limit else ""
+    return ", ".join(shapes) + more
+
+
+@dataclass(frozen=True)
+class Source:
+    """An opened pack source.
+
+    Attributes:
+        path: The source path.
+        kind: ``"columns"`` (tuple of equal-length tensors), ``"rows"`` (list or tuple of
+            samples), ``"dict_columns"`` (dict of equal-length columns) or ``"files"`` (a
+            directory of ``.pt`` files).
+        records: How many samples it yields.
+        description: One line saying how it was read, with the record count.
+        skipped: What was not packed, relative to ``path`` (directories only).
+        files: The ``.pt`` files, for a directory.
+    """
+
+    path: Path
+    kind: str
+    records: int
+    description: str
+    samples: Iterator[Any] = field(repr=False)
+    skipped: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()
+
+
+def _columns(obj: Any, n: int) -> Iterator[Any]:
+    if isinstance(obj, dict):
+        return ({k: v[i] for k, v in obj.items()} for i in range(n))
+    return (tuple(t[i] for t in obj) for i in range(n))
+
+
+def read_layout(obj: Any, where: str, layout: str | None = None) -> tuple[str, int, str, Iterator[Any]]:
+    """How a loaded ``.pt`` object is read: (kind, records, description, samples).
 
     Raises:
-        InvalidOptionError: ``obj`` is neither a list/tuple nor a dict of equal-length columns.
+        InvalidOptionError: An empty object; an ambiguous list/tuple without ``layout`` (the
+            message shows both readings with their record counts); a dict whose values are not
+            all columns of one length (naming the key and its type); another type.
     """
+    if layout is not None and layout not in LAYOUTS:
+        raise InvalidOptionError(f"layout: expected one of {LAYOUTS}, found {layout!r}")
+    kind_name = type(obj).__name__
     if isinstance(obj, (list, tuple)):
-        return len(obj), iter(obj)
-    if isinstance(obj, dict) and obj:
-        lengths = {k: len(v) for k, v in obj.items() if _is_column(v)}
-        if len(lengths) != len(obj) or len(set(lengths.values())) != 1:
+        if not obj:
+            raise InvalidOptionError(f"nothing to pack: {where} holds an empty {kind_name}")
+        lead = _shared_leading(obj)
+        if layout == "columns":
+            if lead is None:
+                raise InvalidOptionError(
+                    f"{where}: --layout columns needs a list/tuple of tensors sharing a leading dimension, "
+                    f"found a {kind_name} of {len(obj)} element(s) that do not"
+                )
+            return "columns", lead, (
+                f"a {kind_name} of {len(obj)} tensors ({_describe_seq(obj)}) read as columns: {lead:,} records of "
+                f"{len(obj)}-tuples (row i of each)"
+            ), _columns(obj, lead)
+        rows_desc = f"a {kind_name} of {len(obj):,} samples read as rows: {len(obj):,} records (one per element)"
+        if layout == "rows" or lead is None or len(obj) == 1:
+            return "rows", len(obj), rows_desc, iter(obj)
+        # Every element is a tensor and they share a leading dimension.
+        if isinstance(obj, tuple) and len({tuple(t.shape) for t in obj}) > 1:
+            # torch.save((data, labels)): a tuple of columns of different shapes is what people save.
+            return "columns", lead, (
+                f"a tuple of {len(obj)} equal-length tensors ({_describe_seq(obj)}) read as columns: {lead:,} "
+                f"records of {len(obj)}-tuples (row i of each); --layout rows packs the {len(obj)} tensors as "
+                f"{len(obj)} records instead"
+            ), _columns(obj, lead)
+        raise InvalidOptionError(
+            f"{where}: ambiguous: a {kind_name} of {len(obj):,} tensors that share a leading dimension of {lead:,} "
+            f"({_describe_seq(obj)}). Say which is meant: --layout rows packs each tensor as one sample "
+            f"({len(obj):,} records); --layout columns packs row i of every tensor as sample i ({lead:,} records "
+            f"of {len(obj):,}-tuples)"
+        )
+    if isinstance(obj, dict):
+        if layout is not None:
+            raise InvalidOptionError(f"{where}: --layout applies to a list or tuple; this file holds a dict of columns")
+        if not obj:
+            raise InvalidOptionError(f"nothing to pack: {where} holds an empty dict")
+        for k, v in obj.items():
+            if not _is_column(v):
+                what = "a 0-dim tensor" if hasattr(v, "dim") else f"a {type(v).__name__}"
+                raise InvalidOptionError(
+                    f"{where}: a dict of columns must map every key to a tensor or list with one entry per sample; "
+                    f"key {k!r} holds {what}"
+                    + (f" ({v!r:.40})" if isinstance(v, (str, int, float, bool)) else "")
+                )
+        lengths = {k: len(v) for k, v in obj.items()}
+        if len(set(lengths.values())) != 1:
             raise InvalidOptionError(
                 f"{where}: a dict must map every key to a tensor or list of one common length (one "
-                f"sample per row), found lengths {lengths} for keys {list(obj)}"
+                f"sample per row), found lengths {lengths}"
             )
         n = next(iter(lengths.values()))
-        return n, ({k: v[i] for k, v in obj.items()} for i in range(n))
+        if n == 0:
+            raise InvalidOptionError(f"nothing to pack: {where} holds a dict of empty columns")
+        return "dict_columns", n, (
+            f"a dict of {len(obj)} columns ({', '.join(map(str, list(obj)[:6]))}) read as {n:,} records of dicts "
+            "(row i of each)"
+        ), _columns(obj, n)
     raise InvalidOptionError(
-        f"{where}: expected a list/tuple of samples or a dict of equal-length columns, found {type(obj).__name__}"
+        f"{where}: expected a list/tuple of samples, a tuple of equal-length tensors or a dict of equal-length "
+        f"columns, found {kind_name}"
     )
 
 
-def iter_source(src: Path) -> tuple[int, Iterator[Any]]:
-    """Open a pack source (see the module docstring); return (number of samples, samples).
+def rows(obj: Any, where: str, layout: str | None = None) -> tuple[int, Iterator[Any]]:
+    """The samples of one loaded ``.pt`` object: (count, iterator). See :func:`read_layout`."""
+    _, n, _, it = read_layout(obj, where, layout)
+    return n, it
+
+
+def open_source(src: str | Path, layout: str | None = None, recursive: bool = False) -> Source:
+    """Open a pack source (see the module docstring).
+
+    Args:
+        src: A ``.pt`` file or a directory of ``.pt`` files.
+        layout: For an ambiguous list/tuple of tensors: ``"rows"`` or ``"columns"``.
+        recursive: For a directory, also take the ``.pt`` files of its subdirectories.
 
     Raises:
         StoreNotFoundError: The path does not exist.
-        InvalidOptionError: The source has another shape, or a file is not a torch.save file.
+        InvalidOptionError: An empty source, an ambiguous one without ``layout``, another
+            shape, or a file that is not a torch.save file.
         UnsafePayloadError: A file asks for globals outside the weights-only allow-list.
     """
+    src = Path(src)
     if not src.exists():
         raise StoreNotFoundError(f"pack source {str(src)!r} does not exist")
     if src.is_dir():
-        files = pt_files(src)
-        return len(files), (load_pt_bytes(f.read_bytes(), repr(str(f))) for f in files)
-    return rows(load_pt_bytes(src.read_bytes(), repr(str(src))), f"pack source {str(src)!r}")
+        if layout is not None:
+            raise InvalidOptionError("--layout applies to one .pt file; a directory holds one sample per file")
+        files, skipped = scan_directory(src, recursive)
+        if not files:
+            pt_files(src, recursive)  # raises, saying what the directory holds
+        subdirs = len({f.parent for f in files})
+        desc = f"a directory of {len(files):,} .pt files read as {len(files):,} records (one per file)" + (
+            f", from {subdirs} directories" if subdirs > 1 else ""
+        )
+        samples = (load_pt_bytes(f.read_bytes(), repr(str(f))) for f in files)
+        return Source(src, "files", len(files), desc, samples, tuple(skipped), tuple(files))
+    kind, n, desc, samples = read_layout(load_pt_bytes(src.read_bytes(), repr(str(src))), f"{str(src)!r}", layout)
+    return Source(src, kind, n, desc, samples)
+
+
+def iter_source(src: Path, layout: str | None = None, recursive: bool = False) -> tuple[int, Iterator[Any]]:
+    """Open a pack source; return (number of samples, samples). See :func:`open_source`."""
+    s = open_source(src, layout, recursive)
+    return s.records, s.samples

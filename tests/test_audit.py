@@ -53,7 +53,9 @@ def test_audit_store(tmp_path: Path) -> None:
     assert zstd3.stored_bytes == r.stored_bytes  # the sample is the whole store here
     assert all(p.decode_mb_s > 0 and p.compress_mb_s > 0 and p.sample_records == 12 for p in r.projections)
     assert r.recommendation in LABELS and r.reason.startswith(r.recommendation)
-    assert len(r.largest) == 10 and r.largest[0].raw_bytes == max(x.raw_bytes for x in r.largest)
+    # Distinct sizes, largest first; same_size counts the records of each size.
+    sizes = [x.raw_bytes for x in r.largest]
+    assert sizes == sorted(set(sizes), reverse=True) and sum(x.same_size for x in r.largest) <= 12
     json.dumps(r.to_json())
 
 
@@ -93,11 +95,12 @@ def test_audit_pt_file(tmp_path: Path) -> None:
     r = audit_path(f, **FAST)
     assert (r.kind, r.records, r.files) == ("pt_file", 5, 1)
     check_breakdown(r)
-    assert r.breakdown.by_key == {"x": 5 * 256, "i": 5 * 8}
+    assert r.breakdown.raw_bytes == f.stat().st_size  # the file as it is
+    assert r.packed_breakdown.by_key == {"x": 5 * 256, "i": 5 * 8}  # per record, once packed
     cols = tmp_path / "cols.pt"
     torch.save({"x": torch.zeros(9, 4), "y": torch.arange(9)}, cols)
     r = audit_path(cols, **FAST)
-    assert r.records == 9 and set(r.breakdown.by_key) == {"x", "y"}
+    assert r.records == 9 and set(r.breakdown.by_key) == {"x", "y"} == set(r.packed_breakdown.by_key)
     bad = tmp_path / "one.pt"
     torch.save(torch.zeros(3), bad)  # a bare tensor is neither a list of samples nor columns
     with pytest.raises(InvalidOptionError, match="list/tuple of samples"):
@@ -143,7 +146,10 @@ def test_cli_audit_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         torch.save(s, pts / f"{i}.pt")
     assert main(["audit", str(store), "--sample", "8"]) == 0
     out = capsys.readouterr().out
-    for fact in ("records   300", "zip container", "by dtype: uint8 19,200", "int64 2,400", "zstd-9", "recommendation:"):
+    for fact in (
+        "records   300 in 1 shard + index", "zip container", "by dtype (tensor bytes): uint8 19,200", "int64 2,400",
+        "zstd-9", "recommendation:",
+    ):  # fmt: skip
         assert fact in out, fact
     assert main(["audit", str(pts), "--json", "--sample", "8"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -188,3 +194,22 @@ def test_candidates_are_checked(tmp_path: Path) -> None:
         audit_store(store, candidates=({"codec": "lz4", "dictionary": 1024},), **FAST)
     r = audit_store(store, candidates=({"codec": "zstd", "level": 19},), **FAST)
     assert [p.label for p in r.projections] == ["zstd-19"] and "--level 19" in r.reason
+
+
+def test_audit_of_a_columns_file_adds_up_to_its_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1,000 rows of (100,) and (50,) float32: the file, not the row views the audit makes."""
+    f = tmp_path / "cols.pt"
+    torch.save({"input": torch.randn(1000, 100), "target": torch.randn(1000, 50)}, f)
+    r = audit_path(f, **FAST)
+    b = r.breakdown
+    assert b.raw_bytes == f.stat().st_size == b.tensor_bytes + b.pickle_bytes + b.zip_bytes
+    assert b.by_key == {"input": 400_000, "target": 200_000} and r.bloated == ()
+    p = r.packed_breakdown
+    assert p.records == 1000 and p.tensor_bytes == 1000 * 600 and p.by_key == {"input": 400_000, "target": 200_000}
+    assert len(r.largest) == 1 and r.largest[0].same_size == 1000  # one distinct size, not ten copies
+    assert r.grows and "makes it bigger" in r.notes[0] and "the smallest, zstd-3+" in r.notes[0] and "avoid" in r.notes[0]
+    assert all(pr.decode_spread >= 0 for pr in r.projections)
+    assert main(["audit", str(f), "--sample", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "records   1,000 in 1 .pt file" in out and "x1,000 records of this size" in out
+    assert "once packed, per record" in out and "tensor payload 600" in out and "+-" in out

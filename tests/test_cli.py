@@ -33,7 +33,7 @@ def test_pack_list_file_then_info_verify_get(tmp_path, capsys):
     assert ts.open_store(tmp_path / "s").info().shards > 1
 
     code, out, _ = _run(capsys, "info", tmp_path / "s")
-    assert code == 0 and "records     50" in out and '"id": "lz4"' in out
+    assert code == 0 and "records     50" in out and '"id": "lz4"' in out and "frames      one per record" in out
     code, out, _ = _run(capsys, "info", tmp_path / "s", "--json")
     assert json.loads(out)["records"] == 50
 
@@ -97,7 +97,8 @@ def test_pack_refuses_unsafe_pt_files(tmp_path, capsys):
 
     torch.save([np.zeros(3)], tmp_path / "np.pt")
     code, _, err = _run(capsys, "pack", tmp_path / "np.pt", tmp_path / "s")
-    assert code == 1 and "REFUSED" in err and "torch.from_numpy" in err
+    assert code == 2 and "REFUSED" in err and "torch.from_numpy" in err  # unusable input, not damage
+    assert "[0]: numpy.ndarray" in err
     (tmp_path / "junk.pt").write_bytes(b"hello, not a tensor")
     code, _, err = _run(capsys, "pack", tmp_path / "junk.pt", tmp_path / "s")
     assert code == 2 and "not a torch.save file (expected a zip or pickle header, found b'hello, n')" in err

@@ -32,4 +32,11 @@ def test_demo_prints_the_table_and_passes(tmp_path, capsys):
     ):
         assert row in out
     assert "every store verified clean and every sample read back bit-exact" in out
+    assert "bytes vs base" in out and "allocated vs base" in out  # bytes with bytes, blocks with blocks
+    # Part 2: the four torch.save shapes, packed as tspt pack reads them.
+    assert "part 2: the four shapes" in out
+    for shape, records in (("tuple (images, labels)", "1,797"), ("list of 10", "10"), ("dict of columns", "1,797"),
+                           ("dir train/ + val/", "1,797")):  # fmt: skip
+        line = next(x for x in out.splitlines() if x.startswith(shape))
+        assert f" {records} " in line and line.rstrip().endswith("ok"), line
     assert len(list((tmp_path / "per-sample-pt").glob("*.pt"))) == 1797
