@@ -45,7 +45,7 @@ from .checksums import digest_int
 from .codecs import Codec
 from .errors import InvalidOptionError, StoreNotFoundError, UnsafePayloadError
 from .format import HEADER_BYTES, INDEX_NAME, RECORD_ENTRY_BYTES, TRAILER_BYTES
-from .sources import load_pt_bytes, pt_files, rows
+from .sources import load_pt_bytes, pt_files
 
 __all__ = [
     "BLOAT_FACTOR",
@@ -542,9 +542,9 @@ def _project(
             for u in units:
                 codec.compress(u)
 
-        rows = [{"stored": len(f), "raw": len(u), "checksum": digest_int(f)} for f, u in zip(frames, units)]
+        frame_rows = [{"stored": len(f), "raw": len(u), "checksum": digest_int(f)} for f, u in zip(frames, units)]
 
-        def decode_all(codec: Codec = codec, frames: list[bytes] = frames, rows: list[dict[str, int]] = rows) -> None:
+        def decode_all(codec: Codec = codec, frames: list[bytes] = frames, rows: list[dict[str, int]] = frame_rows) -> None:
             for f, row in zip(frames, rows):  # a reader's pipeline: checksum, bounds, decode
                 check_frame(codec, row, f, "audit", max_record_bytes=2**62)
 
