@@ -406,6 +406,7 @@ def test_overwrite_racing_readers(tmp_path: Path) -> None:
         res = json.loads((tmp_path / f"reader{k}.json").read_text())
         stats.update(res["stats"])
         bad += res["bad"]
+    print(f"\nreaders racing overwrites: {seconds} s, {v} overwrites, 8 reader processes: {dict(stats)}")
     assert v >= 3, f"only {v} overwrites in {seconds} s"
     assert stats["ok"] > 0, stats
     assert stats["wrong"] == 0, f"readers got wrong data: {bad[:5]}"
