@@ -115,3 +115,54 @@ def test_hash_collision_record_is_a_time_bomb(tmp_path: Path) -> None:
     rc, res, err, secs = _read_in_child(store, timeout=15)
     assert rc != -9, f"reading one 400 KB record ran past 15 s (killed): {err[-200:]}"
     assert res.get("seconds", 99) < 5, f"reading one 400 KB record took {res.get('seconds'):.1f} s: {res}"
+
+
+# --------------------------------------------------------------------------- memory past the budget
+
+
+def _memory_cases() -> dict[str, bytes]:
+    import struct
+
+    n = 400_000
+    return {
+        # TUPLE1 over the last tuple: one pickle byte makes a 56-byte tuple, charged nothing
+        "tuple1-chain": hand(b")" + b"\x85" * n),
+        # NONE, TUPLE2: two bytes make a 64-byte tuple
+        "tuple2-chain": hand(b")" + b"N\x86" * (n // 2)),
+        # NONE, TUPLE1 appended to a list: two bytes, a tuple and a list slot
+        "list-of-tuple1": hand(b"](" + b"N\x85" * (n // 2) + b"e"),
+        # a dict of distinct BININT keys: six bytes make a 32-byte int and a ~40-byte dict slot
+        "dict-distinct-ints": hand(b"}(" + b"".join(b"J" + struct.pack("<i", i) + b"N" for i in range(n // 6)) + b"u"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_memory_cases()))
+def test_pickle_builds_past_its_documented_budget(kind: str) -> None:
+    """Promise (README trust model, docs/integrity.md 8): a record's pickle may build at most its
+    raw length + 64 KiB of data and the pickle's length + 65,536 object units of about 16 bytes.
+    One-byte opcodes that make an object (TUPLE1, TUPLE2, a dict slot with a new int) are not
+    charged, and a record peaks at 29-49 times its length in Python memory (a 1 GiB record would
+    build ~49 GiB). Fix: fastload's interpreter (charge TUPLE1/2/3, TUPLE, SETITEM(S), APPEND(S)
+    and int/float/str pushes their object units)."""
+    import tracemalloc
+
+    from tensorstore_pt.fastload import BUDGET_SLACK_BYTES, BUDGET_SLACK_UNITS, fast_loads
+
+    pkl = _memory_cases()[kind]
+    buf = torch_zip(pkl)
+    allowed = len(buf) + BUDGET_SLACK_BYTES + 16 * (len(pkl) + BUDGET_SLACK_UNITS)
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    try:
+        got = fast_loads(buf)
+        outcome = f"returned a {type(got).__name__}"
+    except Exception as exc:  # noqa: BLE001
+        outcome = f"raised {type(exc).__name__}"
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        got = None
+    assert peak <= allowed, (
+        f"{kind}: a {len(buf)}-byte record peaked at {peak} bytes of Python memory "
+        f"({peak / len(buf):.0f}x its length), above the documented budget of {allowed} bytes; it {outcome}"
+    )
