@@ -166,3 +166,33 @@ def test_pickle_builds_past_its_documented_budget(kind: str) -> None:
         f"{kind}: a {len(buf)}-byte record peaked at {peak} bytes of Python memory "
         f"({peak / len(buf):.0f}x its length), above the documented budget of {allowed} bytes; it {outcome}"
     )
+
+
+# --------------------------------------------------------------------------- datasets with workers
+
+
+@pytest.mark.parametrize("kind", ["deep-tuple-key", "deep-tuple-20000"])
+def test_dataset_workers_skip_hostile_record(tmp_path: Path, kind: str) -> None:
+    """Promise: with on_error="skip" a hostile record is skipped and counted, and the loader goes
+    on. With num_workers=2, the deep-tuple-key record kills its worker (SIGSEGV in the decoder:
+    "DataLoader worker exited unexpectedly"), and a 20,000-deep tuple is decoded, then fails
+    in the worker's collate/pickling with an error on_error cannot skip. Fix: fastload
+    (nesting-depth bound, so both are refused with RecordDecodeError and skipped)."""
+    raw = DEEP_KEY if kind == "deep-tuple-key" else torch_zip(hand(_deep_tuple(20_000)))
+    store = store_with(tmp_path / "s", raw, good=3)  # records 0-2 good, 3 hostile, 4 good
+    code = f"""
+import torch
+from tensorstore_pt import StoreIterableDataset
+ds = StoreIterableDataset({str(store)!r}, on_error="skip")
+n = 0
+try:
+    for _ in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2):
+        n += 1
+    print(json.dumps({{"ok": True, "n": n, "skipped": ds.skipped}}), flush=True)
+except BaseException as e:
+    print(json.dumps({{"ok": False, "n": n, "error": type(e).__name__, "msg": str(e)[:300]}}), flush=True)
+"""
+    rc, out, err, _ = run_child(code, 120)
+    res = child_outcome(out)
+    assert rc == 0 and res.get("ok"), f"on_error='skip' did not skip the hostile record: rc={rc} {res} {err[-300:]}"
+    assert res["n"] == 4 and res["skipped"] == 1, f"expected 4 samples and 1 skip, got {res}"
