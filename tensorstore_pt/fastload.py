@@ -103,6 +103,7 @@ of pickles with their plans.
 
 from __future__ import annotations
 
+import array
 import collections
 import io
 import math
@@ -147,6 +148,16 @@ BUDGET_SLACK_BYTES = 64 * 1024
 BUDGET_SLACK_UNITS = 64 * 1024
 _UNITS_CONTAINER = 4
 _UNITS_TENSOR = 32
+#: Objects the interpreter makes, in units (16 bytes; sizes as tracemalloc counts them on
+#: CPython 3.11): a 1-tuple 48 bytes, a 2- or 3-tuple 56-64, an n-tuple 40 + 8n; an int made by
+#: BININT/BININT2 28-32, a float 24; a str 49 + its length (ASCII) or sys.getsizeof; a dict item
+#: up to ~80 bytes of table while the dict grows (both tables live: measured 74-78 bytes per
+#: item); a list item 8-9 bytes (over-allocation).
+_UNITS_TUPLE1 = 4
+_UNITS_TUPLE2 = 5
+_UNITS_TUPLE3 = 5
+_UNITS_NUMBER = 3
+_UNITS_DICT_SLOT = 5
 #: A key counted for MAX_KEYS_PER_HASH: a (container id, hash) tuple and a dict slot, ~150 bytes.
 _UNITS_COUNTED_KEY = 10
 #: Units per element of what an iterating call of the allow-list builds from its argument
@@ -758,7 +769,7 @@ class _Tables:
         self.known[pkl] = plan
         self.known_bytes += len(pkl)
 
-    def add_skeleton(self, pkl: bytes, literals: list[int]) -> None:
+    def add_skeleton(self, pkl: bytes, literals: array.array[int]) -> None:
         """Keep ``pkl``'s skeleton; ``literals`` holds the [start, end) offsets of its literal values."""
         if len(pkl) > _MAX_KNOWN_PICKLE_BYTES:
             return
@@ -933,7 +944,7 @@ def _unpickle(
     src: _Source,
     tables: _Tables,
     rebuilt: dict[int, tuple[Any, ...]] | None = None,
-    literals: list[int] | None = None,
+    literals: array.array[int] | None = None,
 ) -> tuple[Any, bool]:
     """Run ``data.pkl`` with the semantics of torch's weights-only unpickler (a subset).
 
@@ -975,12 +986,15 @@ def _unpickle(
     Storage = _Storage
     fn_pushed = fn_reduced = 0  # pushes of a wrapped callable / REDUCEs that called one
     max_memo = 0
-    spans = literals if literals is not None else []
+    # [start, end) of each literal value, 4 bytes each (a list of ints took ~80 bytes a literal)
+    spans = literals if literals is not None else array.array("I")
+    lit = spans.extend
     deep: dict[int, int] = {}  # id -> nesting depth of containers of depth >= 2 (see _nest)
     keep = []  # ... kept alive while decoding
     keep_alive = keep.append
     counts: dict[tuple[int, int], int] = {}  # (id(container), hash) -> keys (see _count_keys)
     Containers = _CONTAINERS
+    getsizeof = sys.getsizeof
     Uncounted = _UNCOUNTED_KEYS
 
     # Ordered by how often torch.save emits each opcode. torch.save memoizes nearly every
@@ -996,15 +1010,18 @@ def _unpickle(
             pos += 1
         elif op == 0x4B:  # BININT1
             push(pkl[pos])
-            spans += (pos, pos + 1)
+            lit((pos, pos + 1))
             pos += 1
         elif op == 0x58:  # BINUNICODE
             end = pos + 4 + _U32.unpack_from(pkl, pos)[0]
             if end > n:
                 raise _Fallback
             value = str(pkl[pos + 4 : end], "utf-8", "surrogatepass")
+            budget.units_left -= (end - pos + 69) >> 4 if value.isascii() else (getsizeof(value) + 23) >> 4
+            if budget.units_left < 0:
+                src.charge(0, 0, "a str (BINUNICODE)", end - pos - 4)
             push(value)
-            spans += (pos + 4, end)
+            lit((pos + 4, end))
             pos = end
             if pkl[pos] == 0x71:
                 memo[pkl[pos + 1]] = value
@@ -1025,6 +1042,9 @@ def _unpickle(
             items = stack
             stack = metastack.pop()
             push = stack.append
+            budget.units_left -= (71 + 8 * len(items)) >> 4
+            if budget.units_left < 0:
+                src.charge(0, 0, "a tuple (TUPLE)")
             if live and items:
                 specials = [
                     i for i, x in enumerate(items) if type(x) is Storage or (type(x) is tuple and id(x) in args_ids)
@@ -1139,6 +1159,9 @@ def _unpickle(
             a, b = stack[-2], stack[-1]
             if live and (type(a) is Storage or type(b) is Storage or id(a) in args_ids or id(b) in args_ids):
                 raise _Fallback
+            budget.units_left -= _UNITS_TUPLE2
+            if budget.units_left < 0:
+                src.charge(0, 0, "a tuple (TUPLE2)")
             value = (a, b)
             if type(a) in Containers or type(b) in Containers:
                 _nest(value, value, deep, keep_alive, f"TUPLE2 (byte {pos - 1})")
@@ -1158,6 +1181,9 @@ def _unpickle(
             a = stack[-1]
             if live and (type(a) is Storage or id(a) in args_ids):
                 raise _Fallback
+            budget.units_left -= _UNITS_TUPLE1
+            if budget.units_left < 0:
+                src.charge(0, 0, "a tuple (TUPLE1)")
             value = (a,)
             if type(a) in Containers:
                 d = deep.get(id(a), 1) + 1
@@ -1179,6 +1205,9 @@ def _unpickle(
                 raise _Fallback
             if live and any(type(x) is Storage or id(x) in args_ids for x in items):
                 raise _Fallback
+            budget.units_left -= _UNITS_DICT_SLOT * (len(items) >> 1)
+            if budget.units_left < 0:
+                src.charge(0, 0, f"{len(items) >> 1} dict items (SETITEMS)")
             if not Uncounted.issuperset(map(type, items[::2])):
                 _count_keys(items[::2], id(target), counts, src, f"a {t.__name__}")
             if not Containers.isdisjoint(map(type, items)):
@@ -1192,6 +1221,9 @@ def _unpickle(
             target = stack[-1]
             if type(target) is not list or (live and any(type(x) is Storage or id(x) in args_ids for x in items)):
                 raise _Fallback
+            budget.units_left -= len(items)
+            if budget.units_left < 0:
+                src.charge(0, 0, f"{len(items)} list items (APPENDS)")
             if not Containers.isdisjoint(map(type, items)):
                 _nest(target, items, deep, keep_alive, f"APPENDS (byte {pos - 1})")
             target.extend(items)
@@ -1199,6 +1231,9 @@ def _unpickle(
             a, b, c = stack[-3], stack[-2], stack[-1]
             if live and any(type(x) is Storage or id(x) in args_ids for x in (a, b, c)):
                 raise _Fallback
+            budget.units_left -= _UNITS_TUPLE3
+            if budget.units_left < 0:
+                src.charge(0, 0, "a tuple (TUPLE3)")
             value = (a, b, c)
             if type(a) in Containers or type(b) in Containers or type(c) in Containers:
                 _nest(value, value, deep, keep_alive, f"TUPLE3 (byte {pos - 1})")
@@ -1223,30 +1258,46 @@ def _unpickle(
                 src.charge(0, 0, "an empty set")
             push(set())
         elif op == 0x4D:  # BININT2
+            budget.units_left -= _UNITS_NUMBER
+            if budget.units_left < 0:
+                src.charge(0, 0, "an int (BININT2)")
             push(_U16.unpack_from(pkl, pos)[0])
-            spans += (pos, pos + 2)
+            lit((pos, pos + 2))
             pos += 2
         elif op == 0x4A:  # BININT
+            budget.units_left -= _UNITS_NUMBER
+            if budget.units_left < 0:
+                src.charge(0, 0, "an int (BININT)")
             push(_I32.unpack_from(pkl, pos)[0])
-            spans += (pos, pos + 4)
+            lit((pos, pos + 4))
             pos += 4
         elif op == 0x47:  # BINFLOAT
+            budget.units_left -= _UNITS_NUMBER
+            if budget.units_left < 0:
+                src.charge(0, 0, "a float (BINFLOAT)")
             push(_F64.unpack_from(pkl, pos)[0])
-            spans += (pos, pos + 8)
+            lit((pos, pos + 8))
             pos += 8
         elif op == 0x8A:  # LONG1
             end = pos + 1 + pkl[pos]
             if end > n:
                 raise _Fallback
+            budget.units_left -= (end - pos + 51) >> 4
+            if budget.units_left < 0:
+                src.charge(0, 0, "an int (LONG1)")
             push(pickle.decode_long(pkl[pos + 1 : end]))
-            spans += (pos + 1, end)
+            lit((pos + 1, end))
             pos = end
         elif op == 0x55:  # SHORT_BINSTRING (torch.load decodes it with encoding="utf-8")
             end = pos + 1 + pkl[pos]
             if end > n:
                 raise _Fallback
-            push(pkl[pos + 1 : end].decode("utf-8", "strict"))
-            spans += (pos + 1, end)
+            value = pkl[pos + 1 : end].decode("utf-8", "strict")
+            budget.units_left -= (end - pos + 72) >> 4 if value.isascii() else (getsizeof(value) + 23) >> 4
+            if budget.units_left < 0:
+                src.charge(0, 0, "a str (SHORT_BINSTRING)", end - pos - 1)
+            push(value)
+            lit((pos + 1, end))
             pos = end
         elif op == 0x6A:  # LONG_BINGET
             value = memo[_U32.unpack_from(pkl, pos)[0]]
@@ -1269,6 +1320,9 @@ def _unpickle(
             target = stack[-1]
             if type(target) is not list or (live and (type(item) is Storage or id(item) in args_ids)):
                 raise _Fallback
+            budget.units_left -= 1
+            if budget.units_left < 0:
+                src.charge(0, 0, "a list item (APPEND)")
             if type(item) in Containers:
                 _nest(target, (item,), deep, keep_alive, f"APPEND (byte {pos - 1})")
             target.append(item)
@@ -1281,6 +1335,9 @@ def _unpickle(
                 raise _Fallback
             if live and any(type(x) is Storage or id(x) in args_ids for x in (key, value)):
                 raise _Fallback
+            budget.units_left -= _UNITS_DICT_SLOT
+            if budget.units_left < 0:
+                src.charge(0, 0, "a dict item (SETITEM)")
             if type(key) not in Uncounted:
                 _count_keys((key,), id(target), counts, src, f"a {t.__name__}")
             if type(key) in Containers or type(value) in Containers:
@@ -1562,7 +1619,7 @@ def _fast_path(buf: bytes | bytearray | memoryview, check_state: bool = True) ->
             except Exception:  # the interpreter decides (a fresh source: nothing of this is reused)
                 pass
         src = _Source(data, writable, records, lo, hi, tables, validating=True)
-        literals: list[int] = []
+        literals = array.array("I")
         result, replayable = _unpickle(pkl, src, tables, None, literals)
         if src.deferred:
             raise _Fallback(", ".join(sorted(set(src.deferred))), validated=True)
