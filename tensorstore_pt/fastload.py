@@ -141,7 +141,8 @@ class _Fallback(Exception):
 #: byte payloads made by calls, tensor elements beyond their storage) may total the record's raw
 #: length plus this many bytes.
 BUDGET_SLACK_BYTES = 64 * 1024
-#: ... and the objects it builds (empty containers 4 units, tensors 32, copies made by calls per
+#: ... and the objects it builds (empty containers 4 units, tensors 32, tuples, items, numbers and
+#: strings as _UNITS_* below, copies made by calls per
 #: element: 8 for set/Counter/OrderedDict, 3 for torch.Size, else 1) may total the pickle's length in bytes plus this many units. A unit stands for
 #: at most about 16 bytes of Python objects; every other step of the interpreter consumes at
 #: least one pickle byte and makes at most one pointer (8 bytes) or one small object.
@@ -893,7 +894,7 @@ def _too_deep(depth: int, where: str) -> _Fallback:
     )
 
 
-def _nest(value: Any, items: Any, deep: dict[int, int], keep: Any, where: str) -> None:
+def _nest(value: Any, items: Any, deep: dict[int, int], keep: Any, op: str, at: int) -> None:
     """Note the nesting depth of ``value`` (a container now holding ``items``) in ``deep``.
 
     ``deep`` maps the id of each container of depth >= 2 to its depth (a container that is
@@ -910,12 +911,12 @@ def _nest(value: Any, items: Any, deep: dict[int, int], keep: Any, where: str) -
         old = deep.get(id(value))
         if old is None:
             if d > MAX_NESTING_DEPTH:
-                raise _too_deep(d, where)
+                raise _too_deep(d, f"{op} (byte {at})")
             keep(value)
             deep[id(value)] = d
         elif d > old:
             if d > MAX_NESTING_DEPTH:
-                raise _too_deep(d, where)
+                raise _too_deep(d, f"{op} (byte {at})")
             deep[id(value)] = d
 
 
@@ -1053,7 +1054,7 @@ def _unpickle(
                     if specials != [0] or type(items[0]) is not Storage or not 6 <= len(items) <= 8:
                         raise _Fallback
                     value = tuple(items)
-                    _nest(value, items, deep, keep_alive, f"TUPLE (byte {pos - 1})")
+                    _nest(value, items, deep, keep_alive, "TUPLE", pos - 1)
                     args_ids[id(value)] = value  # the storage is now inside ``value``: live unchanged
                     push(value)
                     if pkl[pos] == 0x71:
@@ -1062,7 +1063,7 @@ def _unpickle(
                     continue
             value = tuple(items)
             if not Containers.isdisjoint(map(type, items)):
-                _nest(value, items, deep, keep_alive, f"TUPLE (byte {pos - 1})")
+                _nest(value, items, deep, keep_alive, "TUPLE", pos - 1)
             push(value)
             if pkl[pos] == 0x71:
                 memo[pkl[pos + 1]] = value
@@ -1164,7 +1165,7 @@ def _unpickle(
                 src.charge(0, 0, "a tuple (TUPLE2)")
             value = (a, b)
             if type(a) in Containers or type(b) in Containers:
-                _nest(value, value, deep, keep_alive, f"TUPLE2 (byte {pos - 1})")
+                _nest(value, value, deep, keep_alive, "TUPLE2", pos - 1)
             stack[-2:] = [value]
             if pkl[pos] == 0x71:
                 memo[pkl[pos + 1]] = value
@@ -1211,7 +1212,7 @@ def _unpickle(
             if not Uncounted.issuperset(map(type, items[::2])):
                 _count_keys(items[::2], id(target), counts, src, f"a {t.__name__}")
             if not Containers.isdisjoint(map(type, items)):
-                _nest(target, items, deep, keep_alive, f"SETITEMS (byte {pos - 1})")
+                _nest(target, items, deep, keep_alive, "SETITEMS", pos - 1)
             for i in range(0, len(items), 2):
                 target[items[i]] = items[i + 1]
         elif op == 0x65:  # APPENDS
@@ -1225,7 +1226,7 @@ def _unpickle(
             if budget.units_left < 0:
                 src.charge(0, 0, f"{len(items)} list items (APPENDS)")
             if not Containers.isdisjoint(map(type, items)):
-                _nest(target, items, deep, keep_alive, f"APPENDS (byte {pos - 1})")
+                _nest(target, items, deep, keep_alive, "APPENDS", pos - 1)
             target.extend(items)
         elif op == 0x87:  # TUPLE3
             a, b, c = stack[-3], stack[-2], stack[-1]
@@ -1236,7 +1237,7 @@ def _unpickle(
                 src.charge(0, 0, "a tuple (TUPLE3)")
             value = (a, b, c)
             if type(a) in Containers or type(b) in Containers or type(c) in Containers:
-                _nest(value, value, deep, keep_alive, f"TUPLE3 (byte {pos - 1})")
+                _nest(value, value, deep, keep_alive, "TUPLE3", pos - 1)
             stack[-3:] = [value]
         elif op == 0x88:  # NEWTRUE
             push(True)
@@ -1324,7 +1325,7 @@ def _unpickle(
             if budget.units_left < 0:
                 src.charge(0, 0, "a list item (APPEND)")
             if type(item) in Containers:
-                _nest(target, (item,), deep, keep_alive, f"APPEND (byte {pos - 1})")
+                _nest(target, (item,), deep, keep_alive, "APPEND", pos - 1)
             target.append(item)
         elif op == 0x73:  # SETITEM
             value = stack.pop()
@@ -1341,7 +1342,7 @@ def _unpickle(
             if type(key) not in Uncounted:
                 _count_keys((key,), id(target), counts, src, f"a {t.__name__}")
             if type(key) in Containers or type(value) in Containers:
-                _nest(target, (key, value), deep, keep_alive, f"SETITEM (byte {pos - 1})")
+                _nest(target, (key, value), deep, keep_alive, "SETITEM", pos - 1)
             target[key] = value
         elif op == 0x80:  # PROTO: torch warns for anything but 2; let it
             if pkl[pos] != 2:
