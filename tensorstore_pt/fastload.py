@@ -103,6 +103,7 @@ of pickles with their plans.
 
 from __future__ import annotations
 
+import array
 import collections
 import io
 import math
@@ -140,19 +141,50 @@ class _Fallback(Exception):
 #: byte payloads made by calls, tensor elements beyond their storage) may total the record's raw
 #: length plus this many bytes.
 BUDGET_SLACK_BYTES = 64 * 1024
-#: ... and the objects it builds (empty containers 4 units, tensors 32, copies made by calls per
+#: ... and the objects it builds (empty containers 4 units, tensors 32, tuples, items, numbers and
+#: strings as _UNITS_* below, copies made by calls per
 #: element: 8 for set/Counter/OrderedDict, 3 for torch.Size, else 1) may total the pickle's length in bytes plus this many units. A unit stands for
 #: at most about 16 bytes of Python objects; every other step of the interpreter consumes at
 #: least one pickle byte and makes at most one pointer (8 bytes) or one small object.
 BUDGET_SLACK_UNITS = 64 * 1024
 _UNITS_CONTAINER = 4
 _UNITS_TENSOR = 32
+#: Objects the interpreter makes, in units (16 bytes; sizes as tracemalloc counts them on
+#: CPython 3.11): a 1-tuple 48 bytes, a 2- or 3-tuple 56-64, an n-tuple 40 + 8n; an int made by
+#: BININT/BININT2 28-32, a float 24; a str 49 + its length (ASCII) or sys.getsizeof; a dict item
+#: up to ~80 bytes of table while the dict grows (both tables live: measured 74-78 bytes per
+#: item); a list item 8-9 bytes (over-allocation).
+_UNITS_TUPLE1 = 4
+_UNITS_TUPLE2 = 5
+_UNITS_TUPLE3 = 5
+_UNITS_NUMBER = 3
+_UNITS_DICT_SLOT = 5
+#: A key counted for MAX_KEYS_PER_HASH: a (container id, hash) tuple and a dict slot, ~150 bytes.
+_UNITS_COUNTED_KEY = 10
 #: Units per element of what an iterating call of the allow-list builds from its argument
 #: (measured on CPython 3.11: a set or Counter takes 40-90 bytes per element, an OrderedDict
 #: up to about 120 bytes, a torch.Size one 8-byte slot and one int object). Charging one unit
 #: per element let a pickle call ``set`` on one memoized list again and again and build about
 #: 8 times its budget (issue 11: a 93 KB record peaked at 15 MB).
 _UNITS_PER_ELEMENT = {set: 8, collections.Counter: 8, collections.OrderedDict: 8, torch.Size: 3}
+#: Nesting depth limit of what a pickle builds (tuples, lists, dicts, sets: an empty container is
+#: depth 1). torch.save raises RecursionError past about sys.getrecursionlimit() levels (990 of
+#: 1000 with the default limit: measured with nested tuples on CPython 3.11), so nothing it writes
+#: is deeper; a deeper pickle (one byte per level with TUPLE1) would make CPython's hash() of it
+#: recurse in C and overflow the stack (SIGSEGV), and callers that walk results (default_collate,
+#: pickling to a DataLoader worker's queue) fail with RecursionError. Refused: RecordDecodeError.
+MAX_NESTING_DEPTH = 1000
+#: Keys whose hash a writer can choose to collide (big ints: CPython hashes ints modulo 2**61 - 1,
+#: unseeded; tuples; complex...) are counted per hash value in each dict, set, Counter and
+#: OrderedDict the pickle builds; more than this many keys with one hash value make inserts
+#: quadratic (32,000 colliding int keys: 8.5 s) and are refused: RecordDecodeError. str and bytes
+#: hashes are seeded at random per process (not counted unless PYTHONHASHSEED=0), ints of BININT's
+#: range never collide (but -1/-2), floats collide at most a few dozen times per hash value.
+MAX_KEYS_PER_HASH = 64
+_CONTAINERS = frozenset([tuple, list, dict, set, collections.OrderedDict, collections.Counter])
+_UNCOUNTED_KEYS = frozenset(
+    [float, bool, type(None), torch.Tensor] + ([str, bytes] if sys.flags.hash_randomization else [])
+)
 #: torch.load(weights_only=True) has known bypasses before torch 2.6 (CVE-2025-32434): the
 #: fallback refuses to run on an older torch.
 _FALLBACK_MIN_TORCH = (2, 6)
@@ -531,7 +563,9 @@ class _Budget:
 class _Source:
     """The storage records of one buffer, and ``persistent_load`` over them."""
 
-    __slots__ = ("base", "budget", "data", "deferred", "hi", "lo", "records", "shift", "storages", "storage_types", "validating")
+    __slots__ = (
+        "base", "budget", "data", "deferred", "hi", "keyed", "lo", "records", "shift", "storages", "storage_types", "validating"
+    )
 
     def __init__(
         self,
@@ -554,6 +588,9 @@ class _Source:
         # checked before torch.load runs it.
         self.validating = validating
         self.deferred: list[str] = []
+        # Set when a dict/set key's hash depends on a literal value (see _count_keys): a pickle
+        # that differs in literals could collide, so it gets no skeleton (exact bytes only).
+        self.keyed = False
         # A writable buffer is used in place; read-only bytes are copied (one block, on first use).
         self.base = data if writable else None
         self.shift = 0 if writable else lo
@@ -733,7 +770,7 @@ class _Tables:
         self.known[pkl] = plan
         self.known_bytes += len(pkl)
 
-    def add_skeleton(self, pkl: bytes, literals: list[int]) -> None:
+    def add_skeleton(self, pkl: bytes, literals: array.array[int]) -> None:
         """Keep ``pkl``'s skeleton; ``literals`` holds the [start, end) offsets of its literal values."""
         if len(pkl) > _MAX_KNOWN_PICKLE_BYTES:
             return
@@ -813,6 +850,8 @@ def _get_tables() -> _Tables:
 
 # --------------------------------------------------------------------------- named fallbacks
 
+_KEYED_ARGS = (list, tuple)
+_KEYING_CALLS = (set, collections.Counter, collections.OrderedDict)
 _SIZED = frozenset([list, tuple, dict, set, str, bytes, bytearray, collections.OrderedDict, collections.Counter])
 _DEFERRED = object()  # what a call torch.load decides stands for while the pickle is checked
 #: The calls of torch's allow-list that the fast path leaves to torch.load, by name. Only the
@@ -848,12 +887,65 @@ _U16 = struct.Struct("<H")
 _F64 = struct.Struct(">d")
 
 
+def _too_deep(depth: int, where: str) -> _Fallback:
+    return _Fallback(
+        f"containers nested {depth} deep at {where}; torch.save writes at most {MAX_NESTING_DEPTH} levels "
+        "(deeper nesting would crash hash() and recursion in callers)"
+    )
+
+
+def _nest(value: Any, items: Any, deep: dict[int, int], keep: Any, op: str, at: int) -> None:
+    """Note the nesting depth of ``value`` (a container now holding ``items``) in ``deep``.
+
+    ``deep`` maps the id of each container of depth >= 2 to its depth (a container that is
+    not in it has depth 1); ``keep`` keeps those containers alive so that their ids stay theirs.
+    """
+    d = 0
+    for x in items:
+        if type(x) in _CONTAINERS:
+            e = deep.get(id(x), 1)
+            if e > d:
+                d = e
+    if d:
+        d += 1
+        old = deep.get(id(value))
+        if old is None:
+            if d > MAX_NESTING_DEPTH:
+                raise _too_deep(d, f"{op} (byte {at})")
+            keep(value)
+            deep[id(value)] = d
+        elif d > old:
+            if d > MAX_NESTING_DEPTH:
+                raise _too_deep(d, f"{op} (byte {at})")
+            deep[id(value)] = d
+
+
+def _count_keys(keys: Any, target: int, counts: dict[tuple[int, int], int], src: _Source, where: str) -> None:
+    """Count the keys whose hash a writer can choose (see :data:`MAX_KEYS_PER_HASH`) per hash value
+    in the container ``target`` (an id); refuse past the bound. Each new count is charged."""
+    for k in keys:
+        t = type(k)
+        if t in _UNCOUNTED_KEYS or (t is int and -0x80000000 <= k < 0x80000000):
+            continue
+        src.keyed = True  # a literal could change this key's hash: no skeleton replay
+        h = (target, hash(k))
+        c = counts.get(h, 0) + 1
+        if c == 1:
+            src.charge(0, _UNITS_COUNTED_KEY, "a key count")
+        elif c > MAX_KEYS_PER_HASH:
+            raise _Fallback(
+                f"more than {MAX_KEYS_PER_HASH} keys of {where} share one hash value ({h[1]}; a {t.__name__} key): "
+                "inserts would take quadratic time; torch.save of a sample does not write such keys"
+            )
+        counts[h] = c
+
+
 def _unpickle(
     pkl: bytes,
     src: _Source,
     tables: _Tables,
     rebuilt: dict[int, tuple[Any, ...]] | None = None,
-    literals: list[int] | None = None,
+    literals: array.array[int] | None = None,
 ) -> tuple[Any, bool]:
     """Run ``data.pkl`` with the semantics of torch's weights-only unpickler (a subset).
 
@@ -895,7 +987,16 @@ def _unpickle(
     Storage = _Storage
     fn_pushed = fn_reduced = 0  # pushes of a wrapped callable / REDUCEs that called one
     max_memo = 0
-    spans = literals if literals is not None else []
+    # [start, end) of each literal value, 4 bytes each (a list of ints took ~80 bytes a literal)
+    spans = literals if literals is not None else array.array("I")
+    lit = spans.extend
+    deep: dict[int, int] = {}  # id -> nesting depth of containers of depth >= 2 (see _nest)
+    keep = []  # ... kept alive while decoding
+    keep_alive = keep.append
+    counts: dict[tuple[int, int], int] = {}  # (id(container), hash) -> keys (see _count_keys)
+    Containers = _CONTAINERS
+    getsizeof = sys.getsizeof
+    Uncounted = _UNCOUNTED_KEYS
 
     # Ordered by how often torch.save emits each opcode. torch.save memoizes nearly every
     # value, so the opcodes that push one also take a BINPUT that follows at once (the
@@ -910,15 +1011,18 @@ def _unpickle(
             pos += 1
         elif op == 0x4B:  # BININT1
             push(pkl[pos])
-            spans += (pos, pos + 1)
+            lit((pos, pos + 1))
             pos += 1
         elif op == 0x58:  # BINUNICODE
             end = pos + 4 + _U32.unpack_from(pkl, pos)[0]
             if end > n:
                 raise _Fallback
             value = str(pkl[pos + 4 : end], "utf-8", "surrogatepass")
+            budget.units_left -= (end - pos + 69) >> 4 if value.isascii() else (getsizeof(value) + 23) >> 4
+            if budget.units_left < 0:
+                src.charge(0, 0, "a str (BINUNICODE)", end - pos - 4)
             push(value)
-            spans += (pos + 4, end)
+            lit((pos + 4, end))
             pos = end
             if pkl[pos] == 0x71:
                 memo[pkl[pos + 1]] = value
@@ -939,6 +1043,9 @@ def _unpickle(
             items = stack
             stack = metastack.pop()
             push = stack.append
+            budget.units_left -= (71 + 8 * len(items)) >> 4
+            if budget.units_left < 0:
+                src.charge(0, 0, "a tuple (TUPLE)")
             if live and items:
                 specials = [
                     i for i, x in enumerate(items) if type(x) is Storage or (type(x) is tuple and id(x) in args_ids)
@@ -947,6 +1054,7 @@ def _unpickle(
                     if specials != [0] or type(items[0]) is not Storage or not 6 <= len(items) <= 8:
                         raise _Fallback
                     value = tuple(items)
+                    _nest(value, items, deep, keep_alive, "TUPLE", pos - 1)
                     args_ids[id(value)] = value  # the storage is now inside ``value``: live unchanged
                     push(value)
                     if pkl[pos] == 0x71:
@@ -954,6 +1062,8 @@ def _unpickle(
                         pos += 2
                     continue
             value = tuple(items)
+            if not Containers.isdisjoint(map(type, items)):
+                _nest(value, items, deep, keep_alive, "TUPLE", pos - 1)
             push(value)
             if pkl[pos] == 0x71:
                 memo[pkl[pos + 1]] = value
@@ -996,7 +1106,20 @@ def _unpickle(
                     src.charge(
                         0, _UNITS_CONTAINER + (per * len(a0) if type(a0) in _SIZED else 0), f"a call of {func!r}"
                     )
+                    if type(a0) in _KEYED_ARGS and func in _KEYING_CALLS:
+                        keys = a0
+                        if func is collections.OrderedDict:
+                            keys = [p[0] for p in a0 if type(p) in _KEYED_ARGS and len(p) == 2]
+                        if not Uncounted.issuperset(map(type, keys)):
+                            _count_keys(keys, 0, {}, src, f"a call of {func.__name__}")
                     value = func(*args)
+                    if type(a0) in Containers and type(value) in Containers:
+                        d = deep.get(id(a0))  # what the call copies is no deeper than its argument
+                        if d is not None:
+                            if d > MAX_NESTING_DEPTH:
+                                raise _too_deep(d, f"a call of {func.__name__}")
+                            keep_alive(value)
+                            deep[id(value)] = d
                 elif how == _ENCODE:
                     if type(args) is not tuple or len(args) != 2 or type(args[0]) is not str or args[1] != "latin1":
                         raise _Fallback
@@ -1037,7 +1160,12 @@ def _unpickle(
             a, b = stack[-2], stack[-1]
             if live and (type(a) is Storage or type(b) is Storage or id(a) in args_ids or id(b) in args_ids):
                 raise _Fallback
+            budget.units_left -= _UNITS_TUPLE2
+            if budget.units_left < 0:
+                src.charge(0, 0, "a tuple (TUPLE2)")
             value = (a, b)
+            if type(a) in Containers or type(b) in Containers:
+                _nest(value, value, deep, keep_alive, "TUPLE2", pos - 1)
             stack[-2:] = [value]
             if pkl[pos] == 0x71:
                 memo[pkl[pos + 1]] = value
@@ -1054,7 +1182,16 @@ def _unpickle(
             a = stack[-1]
             if live and (type(a) is Storage or id(a) in args_ids):
                 raise _Fallback
+            budget.units_left -= _UNITS_TUPLE1
+            if budget.units_left < 0:
+                src.charge(0, 0, "a tuple (TUPLE1)")
             value = (a,)
+            if type(a) in Containers:
+                d = deep.get(id(a), 1) + 1
+                if d > MAX_NESTING_DEPTH:
+                    raise _too_deep(d, f"TUPLE1 (byte {pos - 1})")
+                keep_alive(value)
+                deep[id(value)] = d
             stack[-1] = value
             if pkl[pos] == 0x71:
                 memo[pkl[pos + 1]] = value
@@ -1069,6 +1206,13 @@ def _unpickle(
                 raise _Fallback
             if live and any(type(x) is Storage or id(x) in args_ids for x in items):
                 raise _Fallback
+            budget.units_left -= _UNITS_DICT_SLOT * (len(items) >> 1)
+            if budget.units_left < 0:
+                src.charge(0, 0, f"{len(items) >> 1} dict items (SETITEMS)")
+            if not Uncounted.issuperset(map(type, items[::2])):
+                _count_keys(items[::2], id(target), counts, src, f"a {t.__name__}")
+            if not Containers.isdisjoint(map(type, items)):
+                _nest(target, items, deep, keep_alive, "SETITEMS", pos - 1)
             for i in range(0, len(items), 2):
                 target[items[i]] = items[i + 1]
         elif op == 0x65:  # APPENDS
@@ -1078,12 +1222,23 @@ def _unpickle(
             target = stack[-1]
             if type(target) is not list or (live and any(type(x) is Storage or id(x) in args_ids for x in items)):
                 raise _Fallback
+            budget.units_left -= len(items)
+            if budget.units_left < 0:
+                src.charge(0, 0, f"{len(items)} list items (APPENDS)")
+            if not Containers.isdisjoint(map(type, items)):
+                _nest(target, items, deep, keep_alive, "APPENDS", pos - 1)
             target.extend(items)
         elif op == 0x87:  # TUPLE3
             a, b, c = stack[-3], stack[-2], stack[-1]
             if live and any(type(x) is Storage or id(x) in args_ids for x in (a, b, c)):
                 raise _Fallback
-            stack[-3:] = [(a, b, c)]
+            budget.units_left -= _UNITS_TUPLE3
+            if budget.units_left < 0:
+                src.charge(0, 0, "a tuple (TUPLE3)")
+            value = (a, b, c)
+            if type(a) in Containers or type(b) in Containers or type(c) in Containers:
+                _nest(value, value, deep, keep_alive, "TUPLE3", pos - 1)
+            stack[-3:] = [value]
         elif op == 0x88:  # NEWTRUE
             push(True)
         elif op == 0x4E:  # NONE
@@ -1104,30 +1259,46 @@ def _unpickle(
                 src.charge(0, 0, "an empty set")
             push(set())
         elif op == 0x4D:  # BININT2
+            budget.units_left -= _UNITS_NUMBER
+            if budget.units_left < 0:
+                src.charge(0, 0, "an int (BININT2)")
             push(_U16.unpack_from(pkl, pos)[0])
-            spans += (pos, pos + 2)
+            lit((pos, pos + 2))
             pos += 2
         elif op == 0x4A:  # BININT
+            budget.units_left -= _UNITS_NUMBER
+            if budget.units_left < 0:
+                src.charge(0, 0, "an int (BININT)")
             push(_I32.unpack_from(pkl, pos)[0])
-            spans += (pos, pos + 4)
+            lit((pos, pos + 4))
             pos += 4
         elif op == 0x47:  # BINFLOAT
+            budget.units_left -= _UNITS_NUMBER
+            if budget.units_left < 0:
+                src.charge(0, 0, "a float (BINFLOAT)")
             push(_F64.unpack_from(pkl, pos)[0])
-            spans += (pos, pos + 8)
+            lit((pos, pos + 8))
             pos += 8
         elif op == 0x8A:  # LONG1
             end = pos + 1 + pkl[pos]
             if end > n:
                 raise _Fallback
+            budget.units_left -= (end - pos + 51) >> 4
+            if budget.units_left < 0:
+                src.charge(0, 0, "an int (LONG1)")
             push(pickle.decode_long(pkl[pos + 1 : end]))
-            spans += (pos + 1, end)
+            lit((pos + 1, end))
             pos = end
         elif op == 0x55:  # SHORT_BINSTRING (torch.load decodes it with encoding="utf-8")
             end = pos + 1 + pkl[pos]
             if end > n:
                 raise _Fallback
-            push(pkl[pos + 1 : end].decode("utf-8", "strict"))
-            spans += (pos + 1, end)
+            value = pkl[pos + 1 : end].decode("utf-8", "strict")
+            budget.units_left -= (end - pos + 72) >> 4 if value.isascii() else (getsizeof(value) + 23) >> 4
+            if budget.units_left < 0:
+                src.charge(0, 0, "a str (SHORT_BINSTRING)", end - pos - 1)
+            push(value)
+            lit((pos + 1, end))
             pos = end
         elif op == 0x6A:  # LONG_BINGET
             value = memo[_U32.unpack_from(pkl, pos)[0]]
@@ -1150,6 +1321,11 @@ def _unpickle(
             target = stack[-1]
             if type(target) is not list or (live and (type(item) is Storage or id(item) in args_ids)):
                 raise _Fallback
+            budget.units_left -= 1
+            if budget.units_left < 0:
+                src.charge(0, 0, "a list item (APPEND)")
+            if type(item) in Containers:
+                _nest(target, (item,), deep, keep_alive, "APPEND", pos - 1)
             target.append(item)
         elif op == 0x73:  # SETITEM
             value = stack.pop()
@@ -1160,6 +1336,13 @@ def _unpickle(
                 raise _Fallback
             if live and any(type(x) is Storage or id(x) in args_ids for x in (key, value)):
                 raise _Fallback
+            budget.units_left -= _UNITS_DICT_SLOT
+            if budget.units_left < 0:
+                src.charge(0, 0, "a dict item (SETITEM)")
+            if type(key) not in Uncounted:
+                _count_keys((key,), id(target), counts, src, f"a {t.__name__}")
+            if type(key) in Containers or type(value) in Containers:
+                _nest(target, (key, value), deep, keep_alive, "SETITEM", pos - 1)
             target[key] = value
         elif op == 0x80:  # PROTO: torch warns for anything but 2; let it
             if pkl[pos] != 2:
@@ -1437,13 +1620,14 @@ def _fast_path(buf: bytes | bytearray | memoryview, check_state: bool = True) ->
             except Exception:  # the interpreter decides (a fresh source: nothing of this is reused)
                 pass
         src = _Source(data, writable, records, lo, hi, tables, validating=True)
-        literals: list[int] = []
+        literals = array.array("I")
         result, replayable = _unpickle(pkl, src, tables, None, literals)
         if src.deferred:
             raise _Fallback(", ".join(sorted(set(src.deferred))), validated=True)
         if replayable:
             tables.remember(pkl, _SEEN_ONCE)
-            tables.add_skeleton(pkl, literals)
+            if not src.keyed:
+                tables.add_skeleton(pkl, literals)
         return result
     if known is _SEEN_ONCE:  # second sight: a pickle that recurs; plan it
         rebuilt: dict[int, tuple[Any, ...]] = {}
