@@ -6,7 +6,6 @@ Every test here states the promise it checks and fails while the fault is there.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
