@@ -141,11 +141,13 @@ class _Fallback(Exception):
 #: byte payloads made by calls, tensor elements beyond their storage) may total the record's raw
 #: length plus this many bytes.
 BUDGET_SLACK_BYTES = 64 * 1024
-#: ... and the objects it builds (empty containers 4 units, tensors 32, tuples, items, numbers and
-#: strings as _UNITS_* below, copies made by calls per
-#: element: 8 for set/Counter/OrderedDict, 3 for torch.Size, else 1) may total the pickle's length in bytes plus this many units. A unit stands for
-#: at most about 16 bytes of Python objects; every other step of the interpreter consumes at
-#: least one pickle byte and makes at most one pointer (8 bytes) or one small object.
+#: ... and the objects it builds may total the pickle's length in bytes plus this many units.
+#: A unit stands for about 16 bytes of Python objects (measured on CPython 3.11, interpreter
+#: stack pointers included): empty containers cost 4 units, tensors 32, tuples, dict and list
+#: items, numbers and strings as the ``_UNITS_*`` constants below, and copies made by calls per
+#: element 8 (set, Counter, OrderedDict), 3 (torch.Size) or 1. Steps that are not charged
+#: consume at least one pickle byte each and keep a pointer (8 bytes) or less per byte, except
+#: the nesting-depth table (about 80 bytes per container that holds another container).
 BUDGET_SLACK_UNITS = 64 * 1024
 _UNITS_CONTAINER = 4
 _UNITS_TENSOR = 32

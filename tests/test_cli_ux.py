@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -51,10 +50,9 @@ def test_help_and_version_do_not_import_torch() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stderr
-    t0 = time.perf_counter()
+    # No wall-clock bound here (speed lives in benchmarks): the import check above is the test.
     r = tspt("--help")
     assert r.returncode == 0 and "verify: 0 clean, 1 damaged, 2 unusable input" in r.stdout
-    assert time.perf_counter() - t0 < 2.0  # importing torch alone takes about 2-3 s here
     r = tspt("--version")
     assert r.returncode == 0 and r.stdout.startswith("tspt ")
 
