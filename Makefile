@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv clean bench bench-quick bench-peers
+.PHONY: demo test lint venv clean bench bench-quick bench-peers
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Lint and format check (ruff, configured in pyproject.toml); .ci/run runs it before the tests.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check tensorstore_pt tests benchmarks
+	$(VENV)/bin/ruff format --check tensorstore_pt tests benchmarks
 
 # Benchmarks (docs/benchmarks.md). The peers (MosaicML Streaming, litdata, WebDataset) need a
 # torchvision that matches torch, so they live in their own venv with a consistent pair; the

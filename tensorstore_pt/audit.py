@@ -323,7 +323,9 @@ class _Acc:
     by_dtype: dict[str, int] = field(default_factory=dict)
 
     def freeze(self) -> ByteBreakdown:
-        order = lambda d: dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+        def order(d: dict[str, int]) -> dict[str, int]:
+            return dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+
         return ByteBreakdown(
             self.records, self.raw, self.tensor, self.element, self.pickle, self.zip, order(self.by_key), order(self.by_dtype)
         )

@@ -65,7 +65,7 @@ class MemoryStorage(Storage):
 
     def ensure(self) -> bool:
         created = not self.exists()
-        self.bucket
+        _BUCKETS.setdefault(self.prefix, {})
         return created
 
     def list(self) -> list[str]:

@@ -454,7 +454,7 @@ def test_an_open_reader_never_returns_another_versions_data(tmp_path: Path, via_
     ts.write_store(v3, store, mode="overwrite", codec="none", max_shard_bytes=3000)
     outcomes = []
     for i in range(len(r)):
-        got, exc = run_with(lambda: r[i])
+        got, exc = run_with(lambda i=i: r[i])
         if exc is None:
             v, pos = (int(got["v"]), int(got["x"][0]))
             assert (v, pos) == (1, i), f"the v1 reader returned record {pos} of version {v} at position {i}"
