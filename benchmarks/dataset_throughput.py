@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Two workers can at best keep both cores busy; 0 workers already keeps more than one busy
         # (its decode thread runs while the main thread collates, and zstd releases the GIL).
         # At equal CPU per sample, iterable_w2 / iterable_w0 cannot exceed this:
-        results["ratios"]["ceiling at equal CPU a sample: machine_2proc_speedup / cores_busy(w0)"] = statistics.mean(
-            ceiling
-        ) / results["cores_busy"]["iterable_w0"]
+        results["ratios"]["ceiling at equal CPU a sample: machine_2proc_speedup / cores_busy(w0)"] = (
+            statistics.mean(ceiling) / results["cores_busy"]["iterable_w0"]
+        )
         for k, v in results["ratios"].items():
             print(f"{k:52s} {v:.2f}")
         print(f"machine 2-process speedup (before, after): {ceiling}")

@@ -44,7 +44,9 @@ def main() -> None:
         ts.write_store([record], path, codec="zstd")
         reader = ts.open_store(path)
         row = reader._footer(0).table[0]
-        frame = (path / reader.index.shards[0].name).read_bytes()[int(row["offset"]) : int(row["offset"] + row["stored"])]
+        frame = (path / reader.index.shards[0].name).read_bytes()[
+            int(row["offset"]) : int(row["offset"] + row["stored"])
+        ]
         dctx = zstandard.ZstdDecompressor()
         assert torch.equal(reader[0], record)
         bare = _median_s(lambda: dctx.decompress(frame), args.repeats)

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{t:<40} {m['pack']:>12,.0f} {m['seq']:>12,.0f} {m['random']:>13,.0f}   {ratios}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"records": args.records, "repeats": args.repeats, "medians": table, "runs": results}, f, indent=1)
+            json.dump(
+                {"records": args.records, "repeats": args.repeats, "medians": table, "runs": results}, f, indent=1
+            )
     return 0
 
 

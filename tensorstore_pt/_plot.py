@@ -54,10 +54,16 @@ def plot_audit(report: Any, path: str | os.PathLike[str]) -> None:
     parts["pickle"] = b.pickle_bytes
     parts["zip container"] = b.zip_bytes
     ax = axes[0]
-    ax.barh(list(parts), [_mib(v) for v in parts.values()], color=["#4c72b0"] * (len(parts) - 2) + ["#dd8452", "#c44e52"])
+    ax.barh(
+        list(parts), [_mib(v) for v in parts.values()], color=["#4c72b0"] * (len(parts) - 2) + ["#dd8452", "#c44e52"]
+    )
     ax.invert_yaxis()
     ax.set_xlabel("MiB")
-    what = "the file as it is" if report.kind == "pt_file" else f"{b.records:,} {'files' if report.kind == 'pt_dir' else 'records'}"
+    what = (
+        "the file as it is"
+        if report.kind == "pt_file"
+        else f"{b.records:,} {'files' if report.kind == 'pt_dir' else 'records'}"
+    )
     ax.set_title(f"bytes by part ({what})")
 
     ax = axes[1]

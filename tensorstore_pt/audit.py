@@ -327,7 +327,14 @@ class _Acc:
             return dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
 
         return ByteBreakdown(
-            self.records, self.raw, self.tensor, self.element, self.pickle, self.zip, order(self.by_key), order(self.by_dtype)
+            self.records,
+            self.raw,
+            self.tensor,
+            self.element,
+            self.pickle,
+            self.zip,
+            order(self.by_key),
+            order(self.by_dtype),
         )
 
 
@@ -491,7 +498,12 @@ def _candidate_codec(options: dict[str, Any], train: list[bytes]) -> tuple[Codec
 
     level = getattr(codec, "level", 3)
     data, dict_id = train_dictionary(list(train), int(options["dictionary"]), level)
-    ref = {"name": "audit.zdict", "checksum": f"xxh3_64:{digest_int(data):016x}", "dict_id": dict_id, "bytes": len(data)}
+    ref = {
+        "name": "audit.zdict",
+        "checksum": f"xxh3_64:{digest_int(data):016x}",
+        "dict_id": dict_id,
+        "bytes": len(data),
+    }
     return ZstdCodec(level, data, ref), len(data)
 
 
@@ -532,7 +544,9 @@ def _project(
         try:
             codec, dict_bytes = _candidate_codec(options, train or raws)
         except zstandard.ZstdError as exc:
-            notes.append(f"{label}: zstd could not train a dictionary on {len(train or raws)} records ({exc}); not projected")
+            notes.append(
+                f"{label}: zstd could not train a dictionary on {len(train or raws)} records ({exc}); not projected"
+            )
             continue
         from .shardio import check_frame
 
@@ -546,7 +560,9 @@ def _project(
 
         frame_rows = [{"stored": len(f), "raw": len(u), "checksum": digest_int(f)} for f, u in zip(frames, units)]
 
-        def decode_all(codec: Codec = codec, frames: list[bytes] = frames, rows: list[dict[str, int]] = frame_rows) -> None:
+        def decode_all(
+            codec: Codec = codec, frames: list[bytes] = frames, rows: list[dict[str, int]] = frame_rows
+        ) -> None:
             for f, row in zip(frames, rows):  # a reader's pipeline: checksum, bounds, decode
                 check_frame(codec, row, f, "audit", max_record_bytes=2**62)
 
@@ -639,7 +655,9 @@ def _check_options(
     for name, value, low in (("sample_records", sample_records, 1), ("repeats", repeats, 1), ("top", top, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidOptionError(f"{name}: expected an int >= {low}, found {value!r}")
-    if max_records is not None and (isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1):
+    if max_records is not None and (
+        isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1
+    ):
         raise InvalidOptionError(f"max_records: expected None or an int >= 1, found {max_records!r}")
 
 
@@ -706,7 +724,9 @@ def audit_store(
             obj = loads(raw, "cpu")
         except UnsafePayloadError as exc:
             si, _ = reader._locate(i)
-            raise UnsafePayloadError(f"store {reader.location!r}, shard {index.shards[si].name!r}, record {i}: {exc}") from exc
+            raise UnsafePayloadError(
+                f"store {reader.location!r}, shard {index.shards[si].name!r}, record {i}: {exc}"
+            ) from exc
         load_seconds += time.perf_counter() - t0
         tensor, element = _analyse(raw, obj, acc)
         analysed[i] = (tensor, element)
@@ -736,7 +756,9 @@ def audit_store(
         kind="store",
         records=len(reader),
         disk_bytes=disk,
-        allocated_bytes=_allocated([Path(reader.location) / s.name for s in index.shards] + [Path(reader.location) / INDEX_NAME]),
+        allocated_bytes=_allocated(
+            [Path(reader.location) / s.name for s in index.shards] + [Path(reader.location) / INDEX_NAME]
+        ),
         files=len(index.shards) + 1,
         raw_bytes=index.raw_bytes,
         stored_bytes=index.stored_bytes,
@@ -852,7 +874,11 @@ def pack_size_warning(
         if level is not None:
             chosen["level"] = level
     cands = [chosen] + [
-        c for c in ({"codec": "zstd", "level": 3, "frame_target_bytes": 64 * 2**10}, {"codec": "zstd", "level": 3, "dictionary": 16 * 2**10})
+        c
+        for c in (
+            {"codec": "zstd", "level": 3, "frame_target_bytes": 64 * 2**10},
+            {"codec": "zstd", "level": 3, "dictionary": 16 * 2**10},
+        )
         if codec_label(c) != codec_label(chosen)
     ]
     _check_candidates(tuple(cands))
@@ -1019,7 +1045,9 @@ def audit_pt(
     if best is not None and disk and best.file_bytes:
         now = allocated if allocated else disk
         shards = max(1, math.ceil(best.stored_bytes / max_shard_bytes))
-        change = f"{now / best.file_bytes:.1f}x smaller" if best.file_bytes < now else f"{best.file_bytes / now:.2f}x BIGGER"
+        change = (
+            f"{now / best.file_bytes:.1f}x smaller" if best.file_bytes < now else f"{best.file_bytes / now:.2f}x BIGGER"
+        )
         reason += (
             f". Packing turns {len(files) if kind == 'pt_dir' else 1:,} file(s) taking {now:,} bytes on disk into "
             f"about {shards:,} shard{'s' if shards != 1 else ''} + index of {best.file_bytes:,} bytes ({change})"

@@ -37,7 +37,11 @@ _EXIT_CODES = {
         "130  interrupted: nothing was published",
     ),
     "info": ("0  shown", "1  the index or a shard footer is damaged", "2  not a store, no such path"),
-    "verify": ("0  the store is clean", "1  the store is damaged (every problem is listed)", "2  unusable input: not a store, no such path"),
+    "verify": (
+        "0  the store is clean",
+        "1  the store is damaged (every problem is listed)",
+        "2  unusable input: not a store, no such path",
+    ),
     "recover": (
         "0  recovered, or nothing to do",
         "1  damage recover refuses to repair on its own; nothing was changed",
@@ -290,7 +294,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"OK: {report.location}: {report.records} records in {report.shards} shard(s) {what}")
         return EXIT_OK
     for p in report.problems:
-        place = " ".join(x for x in (p.shard or "index.json", f"record {p.record}" if p.record is not None else "") if x)
+        place = " ".join(
+            x for x in (p.shard or "index.json", f"record {p.record}" if p.record is not None else "") if x
+        )
         print(f"{place}: {p.kind}: expected {p.expected}; found {p.found}")
     print(
         f"DAMAGED: {report.location}: {len(report.problems)} problem(s) in {len(report.damaged_shards)} shard(s); "
@@ -330,7 +336,9 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         print("  per shard file (record numbers as they were before recover):")
         width = max(len(o.name) for o in report.shards)
         for o in report.shards:
-            held = f"[{o.first_record}, {o.first_record + o.records})" if o.first_record is not None and o.records else "?"
+            held = (
+                f"[{o.first_record}, {o.first_record + o.records})" if o.first_record is not None and o.records else "?"
+            )
             lost_text = ", ".join(f"[{a}, {b})" for a, b in o.lost) or "none"
             why = f"  ({o.reason})" if o.reason and o.action != "kept" else ""
             print(f"  {o.name:<{width}}  {o.action:<11} records {held:<16} kept {o.kept:<6} lost {lost_text}{why}")
@@ -386,8 +394,10 @@ def _parts(b: Any, indent: str = "  ") -> list[str]:
         + (f"  (their elements need {b.element_bytes:,} bytes)" if b.element_bytes != b.tensor_bytes else ""),
         f"{indent}pickle          {b.pickle_bytes:>14,} bytes  {_pct(b.pickle_bytes, b.raw_bytes)}",
         f"{indent}zip container   {b.zip_bytes:>14,} bytes  {_pct(b.zip_bytes, b.raw_bytes)}",
-        f"{indent}by key (tensor bytes):   " + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_key.items()),
-        f"{indent}by dtype (tensor bytes): " + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_dtype.items()),
+        f"{indent}by key (tensor bytes):   "
+        + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_key.items()),
+        f"{indent}by dtype (tensor bytes): "
+        + ", ".join(f"{k} {v:,} ({_pct(v, b.tensor_bytes).strip()})" for k, v in b.by_dtype.items()),
     ]
 
 
@@ -408,7 +418,9 @@ def format_audit(report: Any) -> str:
         + (")" if report.kind == "store" else ", once packed: one buffer per record)"),
     ]
     if report.stored_bytes is not None:
-        lines.append(f"stored    {format_bytes(report.stored_bytes)} ({report.stored_bytes:,} bytes, codec {_codec_text(report.codec)})")
+        lines.append(
+            f"stored    {format_bytes(report.stored_bytes)} ({report.stored_bytes:,} bytes, codec {_codec_text(report.codec)})"
+        )
         lines.append(f"ratio     {report.ratio:.2f} (raw / on disk)")
     if report.shards:
         lines.append("")
@@ -452,7 +464,9 @@ def format_audit(report: Any) -> str:
     if report.bloated:
         lines.append(f"bloated (tensor bytes > {2:g}x their elements' bytes; views saved whole): {len(report.bloated)}")
         for r in report.bloated[:10]:
-            lines.append(f"  {r.record!s:<24} tensors {r.tensor_bytes:,} bytes for {r.element_bytes:,} bytes of elements")
+            lines.append(
+                f"  {r.record!s:<24} tensors {r.tensor_bytes:,} bytes for {r.element_bytes:,} bytes of elements"
+            )
     sample = report.projections[0].sample_records if report.projections else 0
     lines += [
         "",
@@ -576,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a .pt list/tuple of tensors sharing a leading dimension: rows = each tensor is one sample; "
         "columns = sample i is row i of every tensor",
     )  # fmt: skip
-    p.add_argument("--recursive", action="store_true", help="a directory source: also pack its subdirectories' .pt files")
+    p.add_argument(
+        "--recursive", action="store_true", help="a directory source: also pack its subdirectories' .pt files"
+    )
     p.add_argument(
         "--dict", action="store_true",
         help="zstd only: train a zstd dictionary on the first records and use it for every frame; "
@@ -647,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="a store, a directory of .pt files, or a .pt file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--plot", metavar="OUT.png", help="draw bar charts (needs matplotlib: pip install tensorstore_pt[plot])")
+    p.add_argument(
+        "--plot", metavar="OUT.png", help="draw bar charts (needs matplotlib: pip install tensorstore_pt[plot])"
+    )
     p.add_argument("--sample", type=int, default=64, help="records used for codec projections (default: 64)")
     p.add_argument(
         "--max-records", type=int, default=2000,

@@ -289,9 +289,12 @@ def run_demo(
         )
         if shapes:
             ok &= _pack_shapes(root, samples, out)
-        out("\nevery store verified clean and every sample read back bit-exact" if ok else "FAILED: see the check column")
+        out(
+            "\nevery store verified clean and every sample read back bit-exact"
+            if ok
+            else "FAILED: see the check column"
+        )
         return 0 if ok else 1
     finally:
         if tmp is not None:
             tmp.cleanup()
-

@@ -120,7 +120,14 @@ import torch.serialization
 
 from .errors import AllocationBudgetError, RecordDecodeError, UnsafePayloadError
 
-__all__ = ["BUDGET_SLACK_BYTES", "BUDGET_SLACK_UNITS", "check_sparse_tensor", "collate_records", "fast_loads", "torch_loads"]
+__all__ = [
+    "BUDGET_SLACK_BYTES",
+    "BUDGET_SLACK_UNITS",
+    "check_sparse_tensor",
+    "collate_records",
+    "fast_loads",
+    "torch_loads",
+]
 
 
 class _Fallback(Exception):
@@ -566,7 +573,18 @@ class _Source:
     """The storage records of one buffer, and ``persistent_load`` over them."""
 
     __slots__ = (
-        "base", "budget", "data", "deferred", "hi", "keyed", "lo", "records", "shift", "storages", "storage_types", "validating"
+        "base",
+        "budget",
+        "data",
+        "deferred",
+        "hi",
+        "keyed",
+        "lo",
+        "records",
+        "shift",
+        "storages",
+        "storage_types",
+        "validating",
     )
 
     def __init__(
@@ -1751,7 +1769,9 @@ def check_sparse_tensor(t: torch.Tensor) -> None:
     if names is None:
         raise RuntimeError(f"a tensor of layout {layout}, which this package does not store")
     # fresh contiguous copies: torch's check refuses a size-1 view of stride 2 that torch.save wrote
-    compressed, plain = (torch.empty(c.shape, dtype=c.dtype, device=c.device).copy_(c) for c in (getattr(t, n)() for n in names))
+    compressed, plain = (
+        torch.empty(c.shape, dtype=c.dtype, device=c.device).copy_(c) for c in (getattr(t, n)() for n in names)
+    )
     torch._validate_sparse_compressed_tensor_args(compressed, plain, t.values(), t.size(), layout)
 
 

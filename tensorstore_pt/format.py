@@ -89,6 +89,7 @@ def version_for(features: list[str] | tuple[str, ...]) -> tuple[int, int]:
     """The lowest format version that describes a store or shard using ``features``."""
     return FORMAT_VERSION if features else BASE_VERSION
 
+
 INDEX_NAME = "index.json"
 #: The writers' advisory lock file (docs/format.md, section 8). Its leading "." keeps it from
 #: ever being a shard name; readers ignore it.

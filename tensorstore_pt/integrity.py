@@ -58,7 +58,15 @@ from .format import (
     parse_index,
 )
 from .reader import _check_max_record_bytes, read_index_bytes
-from .shardio import DEFAULT_MAX_RECORD_BYTES, check_frame, check_index_sizes, file_digest, frame_records, open_footer, record_slices
+from .shardio import (
+    DEFAULT_MAX_RECORD_BYTES,
+    check_frame,
+    check_index_sizes,
+    file_digest,
+    frame_records,
+    open_footer,
+    record_slices,
+)
 from .storage import TEMP_MARKER, ReadHandle, Storage, storage_for
 
 __all__ = [
@@ -204,9 +212,13 @@ def _store_loader(storage: Storage) -> Any:
         try:
             size = storage.size(name)
         except FileNotFoundError as exc:
-            raise MissingShardError(f"store {storage.location!r}: file {name!r} named in the codec config is missing") from exc
+            raise MissingShardError(
+                f"store {storage.location!r}: file {name!r} named in the codec config is missing"
+            ) from exc
         if size > MAX_DICT_BYTES:
-            raise ShardSizeError(f"store {storage.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}")
+            raise ShardSizeError(
+                f"store {storage.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}"
+            )
         return storage.read_all(name)
 
     return load
@@ -258,7 +270,9 @@ def _load_check(data: bytes, where: str) -> _RecordCheck:
     except AllocationBudgetError as exc:
         return _RecordCheck("record_budget", "a record within its allocation budget", str(exc), f"{where}: {exc}")
     except MemoryError as exc:  # as a read reports it: AllocationBudgetError
-        return _RecordCheck("record_budget", "memory to load the record", f"MemoryError: {exc}", f"{where}: loading ran out of memory")
+        return _RecordCheck(
+            "record_budget", "memory to load the record", f"MemoryError: {exc}", f"{where}: loading ran out of memory"
+        )
     except Exception as exc:  # noqa: BLE001 - torch.load raises RuntimeError, UnpicklingError, zip errors...
         return _RecordCheck(
             "record_load",
@@ -366,7 +380,14 @@ def verify_store(
             shards_checked += 1
     notes = _stray_notes(names, tuple(s.name for s in index.shards))
     return VerifyReport(
-        storage.location, deep, index.records, len(index.shards), records_checked, shards_checked, tuple(problems), notes
+        storage.location,
+        deep,
+        index.records,
+        len(index.shards),
+        records_checked,
+        shards_checked,
+        tuple(problems),
+        notes,
     )
 
 
@@ -534,7 +555,9 @@ def _verify_shard(
         for fi, (a, b) in enumerate(frame_records(footer)):
             j = entry.first_record + a
             many = b - a > 1
-            fwhere = f"{where}, records [{j}, {entry.first_record + b}) (frame {fi})" if many else f"{where}, record {j}"
+            fwhere = (
+                f"{where}, records [{j}, {entry.first_record + b}) (frame {fi})" if many else f"{where}, record {j}"
+            )
             check = _check_frame(handle, codec, footer.table[fi], fwhere, max_record_bytes)
             if check.kind is not None:
                 add(check.kind, check.expected, check.found, check.message, record=j,

@@ -70,7 +70,9 @@ def _check_map_location(map_location: Any) -> Any:
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError) as exc:
-        raise InvalidOptionError(f"map_location: expected a device like 'cpu' or 'cuda:0', found {map_location!r}") from exc
+        raise InvalidOptionError(
+            f"map_location: expected a device like 'cpu' or 'cuda:0', found {map_location!r}"
+        ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidOptionError(f"map_location: {map_location!r} needs CUDA, which is not available in this process")
     return map_location
@@ -95,7 +97,9 @@ def read_index_bytes(storage: Storage) -> bytes:
     except TensorStoreError:
         raise  # NotARegularFileError: a directory or FIFO named index.json
     except ValueError as exc:
-        raise IndexFormatError(f"store {where!r}: {INDEX_NAME}: expected at most {MAX_INDEX_BYTES} bytes ({exc})") from exc
+        raise IndexFormatError(
+            f"store {where!r}: {INDEX_NAME}: expected at most {MAX_INDEX_BYTES} bytes ({exc})"
+        ) from exc
     except FileNotFoundError:
         shards = [n for n in storage.list() if n.endswith(SHARD_SUFFIX)]
         hint = (

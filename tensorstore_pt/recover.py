@@ -417,7 +417,9 @@ class _Scanner:
             except (CorruptStoreError, UnsupportedFormatError) as exc:
                 # A footer whose checksum holds but whose JSON names a newer version or an
                 # unknown feature was written by a newer tensorstore_pt, not damaged.
-                piece.newer = isinstance(exc, UnsupportedFormatError) or isinstance(exc.__cause__, UnsupportedFormatError)
+                piece.newer = isinstance(exc, UnsupportedFormatError) or isinstance(
+                    exc.__cause__, UnsupportedFormatError
+                )
                 piece.footer_lost = True
                 piece.reason = f"its footer is lost ({exc})"
                 return piece
@@ -608,10 +610,14 @@ def _chain(
                 continue
             if q.first_record != end and (last is None or last.token != q.token):
                 continue
-            if last is not None and last.token != q.token and any(
-                o is not last and o.token not in (q.token, last.token) and o.end == q.first_record
-                for o in candidates
-                if o.first_record is not None
+            if (
+                last is not None
+                and last.token != q.token
+                and any(
+                    o is not last and o.token not in (q.token, last.token) and o.end == q.first_record
+                    for o in candidates
+                    if o.first_record is not None
+                )
             ):
                 # Shards of two other writers end where q's writer started: which store it
                 # appended to is unknown (an old version left by an overwrite?). Never mix.
@@ -881,7 +887,11 @@ def _recover_locked(
     for name in ev.names:
         if name not in found:
             e = ev.entries.get(name, {})
-            span = ((e["first_record"], e["first_record"] + e["records"]),) if {"first_record", "records"} <= e.keys() else ()
+            span = (
+                ((e["first_record"], e["first_record"] + e["records"]),)
+                if {"first_record", "records"} <= e.keys()
+                else ()
+            )
             outcomes.append(ShardOutcome(name, "missing", e.get("first_record"), e.get("records"), 0, span,
                                          "named in the index, but there is no such file"))  # fmt: skip
     for tname, why in unusable_temps:
@@ -990,7 +1000,8 @@ def _recover_locked(
             "`tspt recover` again",
         ) from exc
     quarantined = tuple(
-        QuarantinedFile(n, n if dry_run else _quarantine_name(n, taken), reason, recs) for n, reason, recs in to_quarantine
+        QuarantinedFile(n, n if dry_run else _quarantine_name(n, taken), reason, recs)
+        for n, reason, recs in to_quarantine
     )
     if not dry_run:
         for q in quarantined:
@@ -1028,7 +1039,10 @@ def _copy_piece(
     """Copy a piece's proven frames (bytes and checksums unchanged) into new shards of this
     recover's token, numbered from ``first``; return ([(entry, features)], next seq)."""
     multi = any(len(f.raw_lengths) != 1 for f in piece.frames) or FEATURE_MULTI_RECORD_FRAMES in piece.features
-    features = sorted(({FEATURE_MULTI_RECORD_FRAMES} if multi else set()) | ({FEATURE_DICTIONARY} if "dict" in codec_config else set()))
+    features = sorted(
+        ({FEATURE_MULTI_RECORD_FRAMES} if multi else set())
+        | ({FEATURE_DICTIONARY} if "dict" in codec_config else set())
+    )
     meta = footer_meta(features, codec_config)
     made: list[tuple[ShardEntry, list[str]]] = []
     if dry_run:

@@ -106,7 +106,9 @@ def check_sample(sample: Any, where: str = "sample") -> None:
             continue
         if t in (list, tuple, set, frozenset, dict, collections.OrderedDict, collections.Counter):
             if t is frozenset:
-                raise UnsupportedSampleError(f"{path}: frozenset is not loadable with weights_only=True; use a set or list")
+                raise UnsupportedSampleError(
+                    f"{path}: frozenset is not loadable with weights_only=True; use a set or list"
+                )
             if id(obj) in seen:
                 continue  # shared sub-containers are fine; cycles are caught by pickle itself
             seen.add(id(obj))

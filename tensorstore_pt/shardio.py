@@ -316,7 +316,11 @@ def check_frame(
         data = codec.decompress_into(frame, raw) if writable else codec.decompress(frame, raw)
     except DecompressionError as exc:
         raise _failed(
-            DecompressionError, "record_decode", f"a {codec.codec_id} frame of {raw} raw bytes", str(exc), f"{where}: {exc}"
+            DecompressionError,
+            "record_decode",
+            f"a {codec.codec_id} frame of {raw} raw bytes",
+            str(exc),
+            f"{where}: {exc}",
         ) from exc
     except MemoryError as exc:
         raise _failed(

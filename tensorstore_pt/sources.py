@@ -334,21 +334,31 @@ def read_layout(obj: Any, where: str, layout: str | None = None) -> tuple[str, i
                     f"{where}: --layout columns needs a list/tuple of tensors sharing a leading dimension, "
                     f"found a {kind_name} of {len(obj)} element(s) that do not"
                 )
-            return "columns", lead, (
-                f"a {kind_name} of {len(obj)} tensors ({_describe_seq(obj)}) read as columns: {lead:,} records of "
-                f"{len(obj)}-tuples (row i of each)"
-            ), _columns(obj, lead)
+            return (
+                "columns",
+                lead,
+                (
+                    f"a {kind_name} of {len(obj)} tensors ({_describe_seq(obj)}) read as columns: {lead:,} records of "
+                    f"{len(obj)}-tuples (row i of each)"
+                ),
+                _columns(obj, lead),
+            )
         rows_desc = f"a {kind_name} of {len(obj):,} samples read as rows: {len(obj):,} records (one per element)"
         if layout == "rows" or lead is None or len(obj) == 1:
             return "rows", len(obj), rows_desc, iter(obj)
         # Every element is a tensor and they share a leading dimension.
         if isinstance(obj, tuple) and len({tuple(t.shape) for t in obj}) > 1:
             # torch.save((data, labels)): a tuple of columns of different shapes is what people save.
-            return "columns", lead, (
-                f"a tuple of {len(obj)} equal-length tensors ({_describe_seq(obj)}) read as columns: {lead:,} "
-                f"records of {len(obj)}-tuples (row i of each); --layout rows packs the {len(obj)} tensors as "
-                f"{len(obj)} records instead"
-            ), _columns(obj, lead)
+            return (
+                "columns",
+                lead,
+                (
+                    f"a tuple of {len(obj)} equal-length tensors ({_describe_seq(obj)}) read as columns: {lead:,} "
+                    f"records of {len(obj)}-tuples (row i of each); --layout rows packs the {len(obj)} tensors as "
+                    f"{len(obj)} records instead"
+                ),
+                _columns(obj, lead),
+            )
         raise InvalidOptionError(
             f"{where}: ambiguous: a {kind_name} of {len(obj):,} tensors that share a leading dimension of {lead:,} "
             f"({_describe_seq(obj)}). Say which is meant: --layout rows packs each tensor as one sample "
@@ -365,8 +375,7 @@ def read_layout(obj: Any, where: str, layout: str | None = None) -> tuple[str, i
                 what = "a 0-dim tensor" if hasattr(v, "dim") else f"a {type(v).__name__}"
                 raise InvalidOptionError(
                     f"{where}: a dict of columns must map every key to a tensor or list with one entry per sample; "
-                    f"key {k!r} holds {what}"
-                    + (f" ({v!r:.40})" if isinstance(v, (str, int, float, bool)) else "")
+                    f"key {k!r} holds {what}" + (f" ({v!r:.40})" if isinstance(v, (str, int, float, bool)) else "")
                 )
         lengths = {k: len(v) for k, v in obj.items()}
         if len(set(lengths.values())) != 1:
@@ -377,10 +386,15 @@ def read_layout(obj: Any, where: str, layout: str | None = None) -> tuple[str, i
         n = next(iter(lengths.values()))
         if n == 0:
             raise InvalidOptionError(f"nothing to pack: {where} holds a dict of empty columns")
-        return "dict_columns", n, (
-            f"a dict of {len(obj)} columns ({', '.join(map(str, list(obj)[:6]))}) read as {n:,} records of dicts "
-            "(row i of each)"
-        ), _columns(obj, n)
+        return (
+            "dict_columns",
+            n,
+            (
+                f"a dict of {len(obj)} columns ({', '.join(map(str, list(obj)[:6]))}) read as {n:,} records of dicts "
+                "(row i of each)"
+            ),
+            _columns(obj, n),
+        )
     raise InvalidOptionError(
         f"{where}: expected a list/tuple of samples, a tuple of equal-length tensors or a dict of equal-length "
         f"columns, found {kind_name}"

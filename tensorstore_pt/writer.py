@@ -253,9 +253,11 @@ class ShardWriter:
         self._features: set[str] = set()
         if self.mode == "append" and old_index is not None:  # _inspect_target raised if there is none
             store_codec = get_codec(old_index.codec, self._load_store_file)
-            if new_codec is not None and new_codec.get_config() != {
-                k: v for k, v in old_index.codec.items() if k != "dict"
-            } and (level is not None or new_codec.codec_id != store_codec.codec_id):
+            if (
+                new_codec is not None
+                and new_codec.get_config() != {k: v for k, v in old_index.codec.items() if k != "dict"}
+                and (level is not None or new_codec.codec_id != store_codec.codec_id)
+            ):
                 raise InvalidOptionError(
                     f"append to {self.location!r}: the store uses codec {old_index.codec}, found "
                     f"codec={codec!r}, level={level!r}; omit them or pass the store's own"

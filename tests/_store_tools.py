@@ -204,4 +204,3 @@ def file_digests(root: Path) -> dict[str, int]:
             p = Path(dirpath) / f
             out[str(p.relative_to(root))] = digest_int(p.read_bytes())
     return out
-

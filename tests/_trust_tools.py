@@ -81,7 +81,9 @@ def store_files(store: Path) -> list[str]:
 
 
 def digests(store: Path, skip: tuple[str, ...] = (LOCK_NAME,)) -> dict[str, int]:
-    return {n: digest_int((store / n).read_bytes()) for n in store_files(store) if n not in skip and (store / n).is_file()}
+    return {
+        n: digest_int((store / n).read_bytes()) for n in store_files(store) if n not in skip and (store / n).is_file()
+    }
 
 
 def readable_records(store: Path, version: int = 0) -> list[int]:

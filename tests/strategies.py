@@ -318,9 +318,9 @@ class _Comparer:
             assert tensor_bytes(a) == tensor_bytes(b), f"{where}: values differ"
             return
         assert a.stride() == b.stride(), f"{where}: stride {a.stride()} != {b.stride()}"
-        assert (
-            a.storage_offset() == b.storage_offset()
-        ), f"{where}: storage offset {a.storage_offset()} != {b.storage_offset()}"
+        assert a.storage_offset() == b.storage_offset(), (
+            f"{where}: storage offset {a.storage_offset()} != {b.storage_offset()}"
+        )
         assert a.is_leaf == b.is_leaf, f"{where}: is_leaf differs"
         assert a._version == b._version, f"{where}: version counter {a._version} != {b._version}"
         sa, sb = a.untyped_storage(), b.untyped_storage()

@@ -110,7 +110,9 @@ def test_audit_pt_file(tmp_path: Path) -> None:
 def test_audit_recommends_none_for_incompressible_data(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     store = tmp_path / "s"
-    write_store([torch.randint(0, 256, (65536,), generator=g, dtype=torch.uint8) for _ in range(6)], store, codec="none")
+    write_store(
+        [torch.randint(0, 256, (65536,), generator=g, dtype=torch.uint8) for _ in range(6)], store, codec="none"
+    )
     r = audit_store(store, **FAST)
     assert r.recommendation == "none" and "under 5%" in r.reason
 
@@ -122,7 +124,9 @@ def test_audit_bad_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidOptionError, match="expected .pt files"):
         audit_path(tmp_path / "empty")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(InvalidOptionError, match=r"not a torch.save file \(expected a zip or pickle header, found b.not a to.\)"):
+    with pytest.raises(
+        InvalidOptionError, match=r"not a torch.save file \(expected a zip or pickle header, found b.not a to.\)"
+    ):
         audit_path(tmp_path / "junk.pt")
     with pytest.raises(InvalidOptionError, match="sample_records"):
         audit_path(tmp_path / "junk.pt", sample_records=0)
@@ -137,7 +141,9 @@ def test_cli_audit_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    data = [(torch.tensor(img, dtype=torch.uint8), torch.tensor(int(t))) for img, t in zip(d.images[:300], d.target[:300])]
+    data = [
+        (torch.tensor(img, dtype=torch.uint8), torch.tensor(int(t))) for img, t in zip(d.images[:300], d.target[:300])
+    ]
     store = tmp_path / "digits"
     write_store(data, store)
     pts = tmp_path / "pts"
@@ -166,7 +172,9 @@ def test_cli_audit_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert f"plot: {png}" in capsys.readouterr().out
 
 
-def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = make_store(tmp_path / "s", "none")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["audit", str(store), "--plot", str(tmp_path / "x.png"), "--sample", "2"]) == 2
@@ -207,7 +215,9 @@ def test_audit_of_a_columns_file_adds_up_to_its_size(tmp_path: Path, capsys: pyt
     p = r.packed_breakdown
     assert p.records == 1000 and p.tensor_bytes == 1000 * 600 and p.by_key == {"input": 400_000, "target": 200_000}
     assert len(r.largest) == 1 and r.largest[0].same_size == 1000  # one distinct size, not ten copies
-    assert r.grows and "makes it bigger" in r.notes[0] and "the smallest, zstd-3+" in r.notes[0] and "avoid" in r.notes[0]
+    assert (
+        r.grows and "makes it bigger" in r.notes[0] and "the smallest, zstd-3+" in r.notes[0] and "avoid" in r.notes[0]
+    )
     assert all(pr.decode_spread >= 0 for pr in r.projections)
     assert main(["audit", str(f), "--sample", "8"]) == 0
     out = capsys.readouterr().out

@@ -26,7 +26,9 @@ def _ids(path):
 def test_pack_list_file_then_info_verify_get(tmp_path, capsys):
     samples = [(torch.full((4,), i, dtype=torch.uint8), torch.tensor(i)) for i in range(50)]
     torch.save(samples, tmp_path / "all.pt")
-    code, out, err = _run(capsys, "pack", tmp_path / "all.pt", tmp_path / "s", "--codec", "lz4", "--max-shard-size", "1KiB")
+    code, out, err = _run(
+        capsys, "pack", tmp_path / "all.pt", tmp_path / "s", "--codec", "lz4", "--max-shard-size", "1KiB"
+    )
     assert code == 0, err
     assert "packed 50 records into" in out
     assert _ids(tmp_path / "s") == list(range(50))
@@ -128,5 +130,7 @@ def test_pack_with_dictionary_and_frames(tmp_path, capsys):
     assert reader.index.features == ("multi-record-frames", "zstd-dictionary")
     assert reader.index.codec["dict"]["bytes"] <= 16 * 1024
     assert _ids(tmp_path / "s") == list(range(300))
-    code, _, err = _run(capsys, "pack", tmp_path / "all.pt", tmp_path / "s2", "--dict", "--dict-size", "2KiB", "--codec", "lz4")
+    code, _, err = _run(
+        capsys, "pack", tmp_path / "all.pt", tmp_path / "s2", "--dict", "--dict-size", "2KiB", "--codec", "lz4"
+    )
     assert code == 2 and "only codec 'zstd' takes a dictionary" in err

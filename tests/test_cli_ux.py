@@ -47,7 +47,9 @@ def test_help_and_version_do_not_import_torch() -> None:
         "heavy = [m for m in ('torch', 'numpy', 'benchmarks', 'zstandard') if m in sys.modules]\n"
         "print('HEAVY', heavy, file=sys.stderr)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stderr
     # No wall-clock bound here (speed lives in benchmarks): the import check above is the test.
@@ -120,7 +122,9 @@ def test_pack_directory_lists_skipped_and_recursive_packs(tmp_path: Path, capsys
     assert len(ts.open_store(tmp_path / "s2")) == 5 and "train/" not in out
 
 
-def test_pack_warns_before_writing_when_packing_grows_the_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pack_warns_before_writing_when_packing_grows_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.save({"input": torch.randn(1000, 100), "target": torch.randn(1000, 50)}, tmp_path / "cols.pt")
     code, out, err = _run(capsys, "pack", tmp_path / "cols.pt", tmp_path / "s", "-q")
     assert code == 0, err
@@ -136,7 +140,9 @@ def test_errors_in_cli_words(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert cli_words("cannot write '/x/.rec.pt.tmp-7061': denied") == "cannot write '/x/rec.pt': denied"
 
 
-def test_destination_checked_before_encoding(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_destination_checked_before_encoding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tensorstore_pt.serialization as ser
 
     calls = []
@@ -166,7 +172,9 @@ def test_shard_size_warning_and_oversized_record_note(tmp_path: Path, capsys: py
 
 
 def test_info_shows_codec_dictionary_and_frames(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    torch.save([(torch.full((8, 8), i % 17, dtype=torch.uint8), torch.tensor(i)) for i in range(300)], tmp_path / "a.pt")
+    torch.save(
+        [(torch.full((8, 8), i % 17, dtype=torch.uint8), torch.tensor(i)) for i in range(300)], tmp_path / "a.pt"
+    )
     code, out, err = _run(capsys, "pack", tmp_path / "a.pt", tmp_path / "s", "-q", "--dict", "--frame-size", "8KiB")
     assert code == 0, err
     assert 'codec {"id": "zstd", "level": 3}, dictionary zstd-dict-' in out and "{'" not in out
@@ -187,7 +195,9 @@ def test_progress_rates_are_never_zero() -> None:
 # --------------------------------------------------------------------------- get
 
 
-def test_get_reports_the_real_index_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_get_reports_the_real_index_and_refuses_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ts.write_store([torch.tensor(i) for i in range(50)], tmp_path / "s")
     code, out, _ = _run(capsys, "get", tmp_path / "s", "-1", "-o", tmp_path / "r.pt")
     assert code == 0 and "wrote record 49 of 50 (index -1)" in out

@@ -95,7 +95,9 @@ def test_dictionary_round_trip_and_files(tmp_path):
         assert_same(a, b)
     # A frame really needs the dictionary: plain zstd cannot decode it.
     frame_row = reader._footer(0).table[0]
-    frame = (tmp_path / "s" / shard_names(tmp_path / "s")[0]).read_bytes()[frame_row["offset"] : frame_row["offset"] + frame_row["stored"]]
+    frame = (tmp_path / "s" / shard_names(tmp_path / "s")[0]).read_bytes()[
+        frame_row["offset"] : frame_row["offset"] + frame_row["stored"]
+    ]
     with pytest.raises(zstandard.ZstdError):
         zstandard.ZstdDecompressor().decompress(frame)
 

@@ -398,7 +398,9 @@ def test_malicious_pickle_refused_by_reads(evil: tuple[Path, Path, bytes]) -> No
     assert not marker.exists()
 
 
-def test_malicious_pickle_refused_by_verify_deep(evil: tuple[Path, Path, bytes], capsys: pytest.CaptureFixture[str]) -> None:
+def test_malicious_pickle_refused_by_verify_deep(
+    evil: tuple[Path, Path, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
     store, marker, _ = evil
     assert verify_store(store).ok  # bytes are intact; only --deep loads records
     report = verify_store(store, deep=True)
@@ -408,7 +410,9 @@ def test_malicious_pickle_refused_by_verify_deep(evil: tuple[Path, Path, bytes],
     assert not marker.exists()
 
 
-def test_malicious_pickle_refused_by_audit(evil: tuple[Path, Path, bytes], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_malicious_pickle_refused_by_audit(
+    evil: tuple[Path, Path, bytes], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store, marker, payload = evil
     with pytest.raises(UnsafePayloadError, match="record 1"):
         audit_path(store, min_seconds=0.0, repeats=1)

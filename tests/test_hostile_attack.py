@@ -30,11 +30,14 @@ DEEP_SET = torch_zip(hand(b"c__builtin__\nset\n]", _deep_tuple(200_000), b"a\x85
 
 
 def _read_in_child(store: Path, record: int = 1, timeout: float = 60.0) -> tuple[int, dict, str, float]:
-    code = CHILD_TRY + f"""
+    code = (
+        CHILD_TRY
+        + f"""
 from tensorstore_pt import open_store
 r = open_store({str(store)!r})
 outcome(lambda: r[{record}])
 """
+    )
     rc, out, err, secs = run_child(code, timeout)
     return rc, child_outcome(out), err, secs
 
@@ -56,11 +59,14 @@ def test_deep_tuple_hashed_crashes_verify_deep(tmp_path: Path) -> None:
     """Promise: verify_store(deep=True) reports whatever a read refuses. On the deep-tuple-key
     record it dies of SIGSEGV instead of reporting record 1. Fix: as above (fastload)."""
     store = store_with(tmp_path / "s", DEEP_KEY)
-    code = CHILD_TRY + f"""
+    code = (
+        CHILD_TRY
+        + f"""
 from tensorstore_pt import verify_store
 rep = verify_store({str(store)!r}, deep=True)
 print(json.dumps({{"ok": rep.ok, "records": [p.record for p in rep.problems]}}), flush=True)
 """
+    )
     rc, out, err, _ = run_child(code, 60)
     assert rc == 0, f"verify_store(deep=True) killed the process (returncode {rc}): {err[-300:]}"
     res = child_outcome(out)

@@ -88,7 +88,9 @@ BIG_STR = "a" * 50_000
 
 #: GLOBAL _codecs.encode (memo 1), a 50 kB str (2), "latin1" (3), the pair (4), REDUCE: bytes (6).
 ENCODE = (
-    b"c_codecs\nencode\nq\x01X" + struct.pack("<I", len(BIG_STR)) + BIG_STR.encode()
+    b"c_codecs\nencode\nq\x01X"
+    + struct.pack("<I", len(BIG_STR))
+    + BIG_STR.encode()
     + b"q\x02X\x06\x00\x00\x00latin1q\x03\x86q\x04Rq\x06"
 )
 BYTEARRAY = b"c__builtin__\nbytearray\nq\x05"  # GLOBAL bytearray (memo 5)
@@ -100,7 +102,9 @@ def _tensor_op(n: int) -> bytes:
         b"ctorch._utils\n_rebuild_tensor_v2\n("
         b"(X\x07\x00\x00\x00storageq\x00ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ"
         + struct.pack("<i", n)
-        + b"tQK\x00J" + struct.pack("<i", n) + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRq\x07"
+        + b"tQK\x00J"
+        + struct.pack("<i", n)
+        + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRq\x07"
     )
 
 
@@ -114,7 +118,10 @@ def _pickles() -> dict[str, tuple[bytes, type[BaseException]]]:
         # [encode(s, "latin1")] + 200 more calls on the memoized str: 10 MB of bytes from 5 bytes each
         "bytes-repeats": (hand(b"](", ENCODE, b"h\x01h\x04R" * 200, b"e"), AllocationBudgetError),
         # bytearray(b) on the memoized bytes, 200 times
-        "bytearray-repeats": (hand(b"](", ENCODE, BYTEARRAY, b"h\x06\x85R", b"h\x05h\x06\x85R" * 200, b"e"), AllocationBudgetError),
+        "bytearray-repeats": (
+            hand(b"](", ENCODE, BYTEARRAY, b"h\x06\x85R", b"h\x05h\x06\x85R" * 200, b"e"),
+            AllocationBudgetError,
+        ),
         # nested: bytearray(encode(s, "latin1")) on the memoized str, 200 times
         "str-bytes-bytearray-repeats": (
             hand(b"](", ENCODE, BYTEARRAY, b"h\x06\x85R", b"h\x05h\x01h\x04R\x85R" * 200, b"e"),
@@ -258,14 +265,20 @@ def _lz4_zero_frame(claim: int) -> bytes:
     import xxhash
 
     one = lz4.frame.compress(
-        bytes(_LZ4_BLOCK), block_size=lz4.frame.BLOCKSIZE_MAX4MB, block_linked=False, store_size=False, content_checksum=False
+        bytes(_LZ4_BLOCK),
+        block_size=lz4.frame.BLOCKSIZE_MAX4MB,
+        block_linked=False,
+        store_size=False,
+        content_checksum=False,
     )
     block = one[7:-4]  # between the 7-byte header (no content size) and the end mark
     if claim % _LZ4_BLOCK or len(block) - 4 != struct.unpack("<I", block[:4])[0]:
         raise ValueError(f"lz4 test frame: expected one compressed block and a multiple of 4 MiB, found {claim}")
     descriptor = bytes([0x40 | 0x20 | 0x08, 0x70]) + struct.pack("<Q", claim)  # v01, B.Indep, C.Size; BD 4 MiB
     header_checksum = (xxhash.xxh32_intdigest(descriptor) >> 8) & 0xFF
-    return struct.pack("<I", 0x184D2204) + descriptor + bytes([header_checksum]) + block * (claim // _LZ4_BLOCK) + bytes(4)
+    return (
+        struct.pack("<I", 0x184D2204) + descriptor + bytes([header_checksum]) + block * (claim // _LZ4_BLOCK) + bytes(4)
+    )
 
 
 def test_frame_builders_decode() -> None:

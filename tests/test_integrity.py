@@ -251,7 +251,9 @@ CASES = [
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("variant,damage", CASES)
-def test_damage_is_detected(pristine: dict[str, Path], tmp_path: Path, variant: str, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_damage_is_detected(
+    pristine: dict[str, Path], tmp_path: Path, variant: str, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = copy_store(pristine[variant], tmp_path / "store")
     shard_of_record = [shard_of(pristine[variant], i) for i in range(N + 1)]
     shard_file = shard_names(pristine[variant])  # by position in the index

@@ -41,9 +41,7 @@ def store(tmp_path_factory):
 def test_dataloader_workers_give_identical_results(store, method):
     reader = ts.open_store(store)
     reader[0]  # open a handle in the parent first: the children must not share it
-    loader = DataLoader(
-        _ByIndex(reader), batch_size=4, num_workers=2, multiprocessing_context=mp.get_context(method)
-    )
+    loader = DataLoader(_ByIndex(reader), batch_size=4, num_workers=2, multiprocessing_context=mp.get_context(method))
     got = [s for batch in loader for s in zip(batch["id"].tolist(), batch["x"])]
     expected = _samples()
     assert [i for i, _ in got] == list(range(len(expected)))

@@ -146,7 +146,9 @@ def complete_shard_ends(store: Path) -> int:
         for p in store.iterdir():
             if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith("."):
                 scan = _Scanner(storage).scan(p.name, p.name)
-                assert scan.intact and scan.entry is not None, f"{p.name} under its final name is not complete: {scan.reason}"
+                assert scan.intact and scan.entry is not None, (
+                    f"{p.name} under its final name is not complete: {scan.reason}"
+                )
                 end = max(end, scan.entry.first_record + scan.entry.records)
     return end
 
@@ -244,7 +246,12 @@ def test_lost_index_of_a_v11_store(tmp_path: Path, config: dict[str, Any]) -> No
     (store / "index.json").unlink()
     rec = recover_store(store)
     after = open_store(store).index
-    assert (after.codec, after.features, after.version, after.shards) == (before.codec, before.features, before.version, before.shards)
+    assert (after.codec, after.features, after.version, after.shards) == (
+        before.codec,
+        before.features,
+        before.version,
+        before.shards,
+    )
     assert rec.records == N and verify_store(store, deep=True).ok
     r = open_store(store)
     assert all(same(r[i], sample(i)) for i in range(N))

@@ -338,10 +338,13 @@ def _kept_intact(loader: Any, reference: Any) -> None:
 
 def test_tensors_in_containers_it_cannot_describe_are_never_overwritten(store: Path) -> None:
     for transform in (_to_mydict, _to_ordered):
+
         def make(ring: bool, workers: int, transform: Any = transform) -> Any:
             ds = StoreIterableDataset(store, transform=transform)
             # one worker, small batches: each of its 4 arenas is reused about 5 times
-            return StoreDataLoader(ds, batch_size=2, num_workers=workers, batch_ring=ring, prefetch_factor=1 if workers else None)
+            return StoreDataLoader(
+                ds, batch_size=2, num_workers=workers, batch_ring=ring, prefetch_factor=1 if workers else None
+            )
 
         seen = []
         for batch in make(True, 1):  # keep only the inner tensors, as a logging loop might
@@ -506,7 +509,9 @@ def test_collate_records_declines_what_it_does_not_cover(odd: Any) -> None:
     for b in bufs * 2:
         fast_loads(bytearray(b))  # plan every pickle
     allocated = []
-    assert collate_records(bufs, lambda shape, dtype: allocated.append(shape) or torch.empty(shape, dtype=dtype)) is None
+    assert (
+        collate_records(bufs, lambda shape, dtype: allocated.append(shape) or torch.empty(shape, dtype=dtype)) is None
+    )
     assert allocated == []  # declined before allocating anything
 
 
@@ -546,7 +551,6 @@ def test_workers_decode_batches_at_once_with_the_same_result(plain_store: Path, 
 def test_raw_records_do_not_reach_other_collates(plain_store: Path) -> None:
     """A transform, on_error="skip", a custom collate_fn or a plain DataLoader: real samples."""
     from torch.utils.data import DataLoader
-
 
     ds = StoreIterableDataset(plain_store)
     for loader in (
@@ -588,7 +592,9 @@ def _collate_dict_with_count(batch: list[Any], *, collate_fn_map: Any = None) ->
     return out
 
 
-def test_batch_decoding_honours_a_users_collate_fn_map_entry(plain_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batch_decoding_honours_a_users_collate_fn_map_entry(
+    plain_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torch.utils.data._utils.collate import default_collate_fn_map
 
     monkeypatch.setitem(default_collate_fn_map, dict, _collate_dict_with_count)

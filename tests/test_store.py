@@ -184,7 +184,7 @@ def test_one_record_per_shard(tmp_path):
     names = [n for n in files if n.endswith(".tspt")]
     assert len({n.split("-")[1] for n in names}) == 1, names
     assert files == [".tspt-lock", "index.json"] + [f"shard-{names[0].split('-')[1]}-{i:05d}.tspt" for i in range(5)]
-    for (size, p) in zip(sizes, files[2:]):
+    for size, p in zip(sizes, files[2:]):
         assert (tmp_path / "s" / p).stat().st_size == size
 
 
@@ -397,7 +397,10 @@ def test_unsupported_sample_names_the_place_and_the_fix(tmp_path):
     [
         ((torch.ones(1), slice(1, 2)), "sample[1]: slice"),
         ([object()], "sample[0]: object"),
-        ({"t": torch.ones(1).as_subclass(torch.nn.Buffer) if hasattr(torch.nn, "Buffer") else np.float32(1)}, 'sample["t"]'),
+        (
+            {"t": torch.ones(1).as_subclass(torch.nn.Buffer) if hasattr(torch.nn, "Buffer") else np.float32(1)},
+            'sample["t"]',
+        ),
         (collections.namedtuple("P", "a b")(1, 2), "sample: "),
     ],
     ids=["slice", "object", "subclass-or-npscalar", "namedtuple"],
@@ -488,7 +491,9 @@ def test_damage_raises_typed_errors(tmp_path):
 
     _damage(path, shards[0], lambda d: flip(d, HEADER_BYTES + 5))  # inside the first frame
     reader = ts.open_store(path)
-    with pytest.raises(ts.ChecksumMismatchError, match=rf"shard '{shards[0]}', record 0: checksum mismatch \(xxh3_64\)"):
+    with pytest.raises(
+        ts.ChecksumMismatchError, match=rf"shard '{shards[0]}', record 0: checksum mismatch \(xxh3_64\)"
+    ):
         reader[0]
     assert_same(torch.arange(100), reader[-1])  # other shards still read
 

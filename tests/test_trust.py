@@ -202,7 +202,9 @@ def test_recover_trusts_intact_shards_over_a_damaged_index(tmp_path: Path, how: 
 
 @pytest.mark.parametrize("frame_target_bytes", [None, 4096], ids=["one-record-frames", "multi-record-frames"])
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
-def test_recover_rebuilds_a_shard_whose_footer_is_lost(tmp_path: Path, codec: str, frame_target_bytes: int | None) -> None:
+def test_recover_rebuilds_a_shard_whose_footer_is_lost(
+    tmp_path: Path, codec: str, frame_target_bytes: int | None
+) -> None:
     """Finding 3: 100 bytes cut off a shard's end lose its footer, not its 500 intact frames
     (zstd and lz4 frames delimit themselves; ``none`` records are zip archives that do)."""
     store = tmp_path / "s"
@@ -460,7 +462,9 @@ def test_an_open_reader_never_returns_another_versions_data(tmp_path: Path, via_
             assert (v, pos) == (1, i), f"the v1 reader returned record {pos} of version {v} at position {i}"
         outcomes.append(exc)
     changed = new_error("StoreChangedError")
-    assert isinstance(outcomes[0], changed), f"r[0]: expected StoreChangedError, got {type(outcomes[0]).__name__}: {outcomes[0]}"
+    assert isinstance(outcomes[0], changed), (
+        f"r[0]: expected StoreChangedError, got {type(outcomes[0]).__name__}: {outcomes[0]}"
+    )
     assert all(isinstance(e, changed) for e in outcomes), [type(e).__name__ for e in outcomes]
     msg = str(outcomes[0])
     assert str(store) in msg and "replaced" in msg and "reopen" in msg, msg

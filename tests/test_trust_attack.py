@@ -171,7 +171,9 @@ def test_recover_dry_run_does_not_hang_on_a_fifo_lock_file(tmp_path: Path) -> No
     try:
         child = _run_child(code, timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.fail("recover_store(dry_run=True) hung for 30 s on a store whose .tspt-lock is a FIFO (open without O_NONBLOCK)")
+        pytest.fail(
+            "recover_store(dry_run=True) hung for 30 s on a store whose .tspt-lock is a FIFO (open without O_NONBLOCK)"
+        )
     assert child.returncode == 0, child.stderr
 
 
@@ -186,7 +188,10 @@ def test_a_symlinked_lock_file_never_truncates_its_target(tmp_path: Path) -> Non
     ts.write_store(tagged_list(30), store)
     os.unlink(store / LOCK_NAME)
     os.symlink("index.json", store / LOCK_NAME)
-    for attempt in (lambda: ts.recover_store(store), lambda: ts.write_store(tagged_list(40)[30:], store, mode="append")):
+    for attempt in (
+        lambda: ts.recover_store(store),
+        lambda: ts.write_store(tagged_list(40)[30:], store, mode="append"),
+    ):
         try:
             attempt()
         except (ts.TensorStoreError, OSError):
@@ -376,13 +381,17 @@ def test_hostile_index_edits_recover_invariants(tmp_path: Path, how: str) -> Non
     rec = ts.recover_store(store)
     assert dry.records == rec.records, f"{how}: dry run predicted {dry.records} records, recover kept {rec.records}"
     got = [i for _, i in recovered_positions(store)]
-    assert got == sorted(set(got)), f"{how}: recovered records are not an in-order subsequence without duplicates: {got}"
+    assert got == sorted(set(got)), (
+        f"{how}: recovered records are not an in-order subsequence without duplicates: {got}"
+    )
     assert len(got) >= before_n, f"{how}: {before_n} records readable before recover, {len(got)} after"
     assert len(got) == 60, f"{how}: every shard is intact, yet recover kept {len(got)} of 60 records"
     assert_never_deleted(before, store)
     again = digests(store)
     rerun = ts.recover_store(store)
-    assert not rerun.changed and digests(store) == again, f"{how}: a second recover changed the store: {rerun.to_json()}"
+    assert not rerun.changed and digests(store) == again, (
+        f"{how}: a second recover changed the store: {rerun.to_json()}"
+    )
 
 
 # --------------------------------------------------------------------------- attacks that held (recorded)

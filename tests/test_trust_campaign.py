@@ -106,7 +106,9 @@ def _damage_run(tmp: Path, seed: int) -> tuple[int, int, int]:
     rec, exc = run_with(lambda: ts.recover_store(store))
     assert exc is None, f"{ctx}: recover raised {type(exc).__name__}: {exc}"
     pos = _check_recovered(store, before_ok, ctx)
-    assert rec.records == len(pos) == dry.records, f"{ctx}: dry run said {dry.records}, recover {rec.records}, store {len(pos)}"
+    assert rec.records == len(pos) == dry.records, (
+        f"{ctx}: dry run said {dry.records}, recover {rec.records}, store {len(pos)}"
+    )
     assert_never_deleted(before, store)
     again = ts.recover_store(store)
     assert not again.changed and recovered_positions(store) == pos, f"{ctx}: a second recover changed the store"
@@ -307,7 +309,9 @@ def _kill_recover_run(tmp: Path, seed: int) -> None:
     assert exc is None, f"{ctx}: the rerun raised {type(exc).__name__}: {exc}"
     assert ts.verify_store(store).ok, ctx
     got = recovered_positions(store)
-    assert got == expected, f"{ctx}: rerun kept {[i for _, i in got]}, an uninterrupted recover {[i for _, i in expected]}"
+    assert got == expected, (
+        f"{ctx}: rerun kept {[i for _, i in got]}, an uninterrupted recover {[i for _, i in expected]}"
+    )
     assert_never_deleted(before, store)
 
 
@@ -396,7 +400,12 @@ def test_overwrite_racing_readers(tmp_path: Path) -> None:
     while time.time() < deadline - 0.5:
         v += 1
         ts.write_store(
-            _version_data(v), store, mode="overwrite", codec=CONFIGS[v % 3]["codec"], max_shard_bytes=2000, num_threads=1
+            _version_data(v),
+            store,
+            mode="overwrite",
+            codec=CONFIGS[v % 3]["codec"],
+            max_shard_bytes=2000,
+            num_threads=1,
         )
     statuses = [os.waitpid(pid, 0)[1] for pid in pids]
     assert all(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in statuses), statuses

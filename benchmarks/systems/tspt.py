@@ -58,7 +58,12 @@ class TensorStore(System):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a kind too small to train a dictionary on
             write_store(
-                samples, data_dir, codec=self.codec, level=self.level, max_shard_bytes=options.shard_bytes, **self.options
+                samples,
+                data_dir,
+                codec=self.codec,
+                level=self.level,
+                max_shard_bytes=options.shard_bytes,
+                **self.options,
             )
 
     def iterate(self, data_dir: Path, cache_dir: Path) -> Iterator[Any]:

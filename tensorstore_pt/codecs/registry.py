@@ -83,7 +83,9 @@ def get_codec(config: Any, load: Callable[[str], bytes] | None = None) -> Codec:
         raise UnsupportedFormatError(f"codec config: expected an object with a string 'id', found {config!r}")
     codec_id = config["id"]
     if codec_id not in _FACTORIES:
-        raise UnsupportedFormatError(f"codec config: unknown codec id {codec_id!r}; this version knows {list(CODEC_IDS)}")
+        raise UnsupportedFormatError(
+            f"codec config: unknown codec id {codec_id!r}; this version knows {list(CODEC_IDS)}"
+        )
     factory, keys = _FACTORIES[codec_id]
     unknown = sorted(set(config) - keys - {"id"})
     if unknown:

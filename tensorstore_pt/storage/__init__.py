@@ -7,7 +7,16 @@ import os
 from .abc import AtomicWriter, ReadHandle, Storage, StoreLock, typed_full_disk
 from .local import TEMP_MARKER, LocalStorage
 
-__all__ = ["AtomicWriter", "LocalStorage", "ReadHandle", "Storage", "StoreLock", "TEMP_MARKER", "storage_for", "typed_full_disk"]
+__all__ = [
+    "AtomicWriter",
+    "LocalStorage",
+    "ReadHandle",
+    "Storage",
+    "StoreLock",
+    "TEMP_MARKER",
+    "storage_for",
+    "typed_full_disk",
+]
 
 
 def storage_for(path: str | os.PathLike[str] | Storage) -> Storage:
