@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .format import LOCK_NAME
+
 __all__ = ["digits_samples", "run_demo", "tutorial_shapes"]
 
 
@@ -247,7 +249,8 @@ def run_demo(
                 for _ in reader:
                     pass
 
-            store_files = [p for p in path.iterdir() if p.is_file()]  # shards, index, dictionary
+            # shards, index, dictionary (not the writers' lock file, empty once no writer runs)
+            store_files = [p for p in path.iterdir() if p.is_file() and p.name != LOCK_NAME]
             size, alloc = _disk_bytes(store_files)
             rate = _median_rate(n, read_store, repeats)
             label = f"tensorstore_pt {info.codec['id']}" + (f"-{info.codec['level']}" if "level" in info.codec else "")
