@@ -14,6 +14,7 @@ import pickle
 import random
 import struct
 import tracemalloc
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -78,7 +79,9 @@ def _rezip(buf: bytes, compress: int = zipfile.ZIP_STORED, extra: bytes = b"", d
             zi.extra = extra
             zout.writestr(zi, zin.read(info))
             if dup and info.filename.endswith("data.pkl"):
-                zout.writestr(zi, zin.read(info))
+                with warnings.catch_warnings():  # the duplicate is the point: zipfile warns about it
+                    warnings.simplefilter("ignore", UserWarning)
+                    zout.writestr(zi, zin.read(info))
     return out.getvalue()
 
 
