@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from _hostile_tools import torch_zip
 from hypothesis import strategies as st
 from strategies import assert_identical, samples, saved, tensors
 
@@ -47,19 +48,6 @@ def has_sparse(x) -> bool:
     if isinstance(x, (list, tuple)):
         return any(has_sparse(v) for v in x)
     return False
-
-
-def torch_zip(pkl: bytes, storages: dict[str, bytes] | None = None) -> bytes:
-    """A buffer laid out exactly as torch.save lays it out, around any data.pkl."""
-    buf = io.BytesIO()
-    with torch.serialization._open_zipfile_writer(buf) as zf:
-        zf.write_record("data.pkl", pkl, len(pkl))
-        zf.write_record(".format_version", "1", 1)
-        zf.write_record(".storage_alignment", "64", 2)
-        zf.write_record("byteorder", "little", 6)
-        for key, data in (storages or {}).items():
-            zf.write_record(f"data/{key}", data, len(data))
-    return buf.getvalue()
 
 
 def data_pkl(buf: bytes) -> bytes:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import pytest
 import torch
 import zstandard
+from _hostile_tools import CODECS, hand, torch_zip
 from _store_tools import build_store, sample, torch_save_bytes
 
 from tensorstore_pt import (
@@ -40,24 +41,6 @@ from tensorstore_pt.fastload import fast_loads
 MiB = 2**20
 #: Peak Python-tracked allocation allowed while refusing one hostile record of the corpus.
 PEAK_BOUND = 8 * MiB
-CODECS = {"none": {"id": "none"}, "zstd": {"id": "zstd", "level": 3}, "lz4": {"id": "lz4", "level": 0}}
-
-
-def torch_zip(pkl: bytes, storages: dict[str, bytes] | None = None) -> bytes:
-    """A buffer laid out exactly as torch.save lays it out, around any data.pkl."""
-    buf = io.BytesIO()
-    with torch.serialization._open_zipfile_writer(buf) as zf:
-        zf.write_record("data.pkl", pkl, len(pkl))
-        zf.write_record(".format_version", "1", 1)
-        zf.write_record(".storage_alignment", "64", 2)
-        zf.write_record("byteorder", "little", 6)
-        for key, data in (storages or {}).items():
-            zf.write_record(f"data/{key}", data, len(data))
-    return buf.getvalue()
-
-
-def hand(*ops: bytes) -> bytes:
-    return b"\x80\x02" + b"".join(ops) + b"."
 
 
 def _cd_patch(buf: bytes, offset: int, value: bytes, entry: int = 0) -> bytes:
