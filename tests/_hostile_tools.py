@@ -101,3 +101,19 @@ def outcome(fn):
     print(json.dumps(res), flush=True)
     return res
 """
+
+
+def peak_bytes(fn: Any) -> tuple[int, BaseException | None]:
+    """Peak Python-tracked allocation (tracemalloc, bytes) while ``fn`` runs, and what it raised."""
+    import tracemalloc
+
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    err: BaseException | None = None
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - returned to the caller to assert on
+        err = exc
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak, err

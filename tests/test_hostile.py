@@ -11,8 +11,6 @@ import io
 import json
 import os
 import struct
-import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import pytest
 import torch
 import xxhash
 import zstandard
+from _hostile_tools import peak_bytes
 from _store_tools import (
     build_store,
     copy_store,
@@ -60,20 +59,6 @@ MiB = 2**20
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     return make_store(tmp_path / "store", "zstd")
-
-
-def peak_bytes(fn: Callable[[], Any]) -> tuple[int, BaseException | None]:
-    """Peak Python-tracked allocation while ``fn`` runs, and what it raised."""
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    err: BaseException | None = None
-    try:
-        fn()
-    except BaseException as exc:  # noqa: BLE001 - returned to the caller to assert on
-        err = exc
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak, err
 
 
 # --------------------------------------------------------------------------- hostile index

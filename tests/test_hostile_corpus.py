@@ -13,16 +13,15 @@ import os
 import pickle
 import random
 import struct
-import tracemalloc
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 import zstandard
-from _hostile_tools import CODECS, hand, torch_zip
+from _hostile_tools import CODECS, hand, peak_bytes, torch_zip
 from _store_tools import build_store, sample, torch_save_bytes
 
 from tensorstore_pt import (
@@ -167,19 +166,6 @@ def _records() -> dict[str, tuple[bytes, type[BaseException]]]:
 
 
 RECORDS = _records()
-
-
-def peak_bytes(fn: Callable[[], Any]) -> tuple[int, BaseException | None]:
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    err: BaseException | None = None
-    try:
-        fn()
-    except BaseException as exc:  # noqa: BLE001 - returned to the caller to assert on
-        err = exc
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak, err
 
 
 @pytest.mark.parametrize("codec", list(CODECS))
