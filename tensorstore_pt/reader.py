@@ -680,5 +680,11 @@ def open_store(
         UnsupportedFormatError: A newer format version, unknown feature or codec.
         MissingShardError, ShardSizeError, ShardFormatError: With ``verify=True``, a shard is
             missing, has the wrong size, or its header/footer is damaged.
+        StoreChangedError: Writers kept replacing the store while it was being opened (an open
+            that races one overwrite reads the new index and opens that version instead).
+
+    Readers take no lock: a store on a read-only mount opens. A reader keeps the version it
+    opened; if a later overwrite removed a shard it still needs, reads raise
+    ``StoreChangedError`` (never another version's bytes): reopen the store.
     """
     return StoreReader(path, verify=verify, map_location=map_location, max_record_bytes=max_record_bytes)
