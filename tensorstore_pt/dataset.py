@@ -57,6 +57,7 @@ from .errors import (
     DecompressionError,
     InvalidOptionError,
     MissingShardError,
+    RecordDecodeError,
     RecordIndexError,
     RecordLengthError,
     ShardFormatError,
@@ -94,6 +95,7 @@ SKIP_KINDS = (
     "MissingShardError",
     "UnsafePayloadError",
     "AllocationBudgetError",
+    "RecordDecodeError",
     "CorruptStoreError",
 )
 _SKIP_TYPES = (
@@ -105,6 +107,7 @@ _SKIP_TYPES = (
     MissingShardError,
     UnsafePayloadError,
     AllocationBudgetError,
+    RecordDecodeError,
     CorruptStoreError,
 )
 _SKIP_SLOTS = 257  # slot 0: the main process; slot w + 1: DataLoader worker w (mod 256)
