@@ -30,7 +30,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .checksums import ALGORITHM
+from .checksums import ALGORITHM, format_digest
 from .codecs import Codec, get_codec
 from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
@@ -105,7 +105,6 @@ PROBLEM_KINDS: dict[str, str] = {
 QUARANTINE_SUFFIX = ".quarantined"
 
 _TEMP_RE = re.compile(r"^\.(?P<final>.+)" + re.escape(TEMP_MARKER) + r"(?P<pid>\d+)-[0-9a-f]+$")
-_CHUNK_BYTES = 8 * 2**20
 
 
 # --------------------------------------------------------------------------- reports
@@ -196,10 +195,6 @@ class VerifyReport:
 # --------------------------------------------------------------------------- shared scanning
 
 
-def _hex(value: int) -> str:
-    return f"{ALGORITHM}:{value:016x}"
-
-
 def _bounds_codec(config: dict[str, Any]) -> Codec:
     """The codec of ``config`` without its dictionary: enough for raw-length bounds."""
     return get_codec({k: v for k, v in config.items() if k != "dict"})
@@ -233,7 +228,6 @@ class _RecordCheck:
     found: str = ""
     message: str = ""
     data: bytes | None = None
-    frame: bytes | None = None
 
 
 def _check_frame(
@@ -255,7 +249,7 @@ def _check_frame(
     except TensorStoreError as exc:
         kind, expected, found = getattr(exc, "problem", ("record_decode", "a decodable frame", str(exc)))
         return _RecordCheck(kind, expected, found, str(exc))
-    return _RecordCheck(data=data, frame=frame)  # type: ignore[arg-type]
+    return _RecordCheck(data=data)  # type: ignore[arg-type]
 
 
 def _load_check(data: bytes, where: str) -> _RecordCheck:
@@ -458,8 +452,8 @@ def _verify_shard(
             if digest != entry.checksum:
                 add(
                     "file_checksum",
-                    _hex(entry.checksum),
-                    _hex(digest),
+                    format_digest(entry.checksum),
+                    format_digest(digest),
                     f"{where}: whole-file checksum mismatch ({ALGORITHM}): index says {entry.checksum:016x}, "
                     f"the file gives {digest:016x}",
                 )

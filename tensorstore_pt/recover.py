@@ -97,7 +97,7 @@ from .shardio import (
 )
 from .storage import Storage, typed_full_disk
 from .storage.local import _pid_alive
-from .writer import DEFAULT_MAX_SHARD_BYTES, lock_owner
+from .writer import DEFAULT_MAX_SHARD_BYTES, _created_by, lock_owner
 
 __all__ = ["KeptShard", "QuarantinedFile", "RecoverReport", "ShardOutcome", "recover_store"]
 
@@ -1082,9 +1082,3 @@ def _quarantine_name(name: str, taken: set[str]) -> str:
         candidate = f"{base}-{n}"
     taken.add(candidate)
     return candidate
-
-
-def _created_by() -> dict[str, Any]:
-    from .writer import _created_by as writer_created_by
-
-    return writer_created_by()

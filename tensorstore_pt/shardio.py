@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checksums import ALGORITHM, FileHasher, digest_int
+from .checksums import ALGORITHM, FileHasher, digest_int, format_digest
 from .codecs import Codec
 from .errors import (
     AllocationBudgetError,
@@ -80,10 +80,6 @@ __all__ = [
 DEFAULT_MAX_RECORD_BYTES = 2**30
 #: Chunk of a whole-file digest (bytes): memory of :func:`file_digest`.
 _DIGEST_CHUNK_BYTES = 8 * 2**20
-
-
-def _hex(value: int) -> str:
-    return f"{ALGORITHM}:{value:016x}"
 
 
 def _failed(cls: type[Exception], kind: str, expected: str, found: str, message: str) -> Exception:
@@ -286,8 +282,8 @@ def check_frame(
         raise _failed(
             ChecksumMismatchError,
             "record_checksum",
-            _hex(expected),
-            _hex(found),
+            format_digest(expected),
+            format_digest(found),
             f"{where}: checksum mismatch ({ALGORITHM}): footer says {expected:016x}, the {stored} stored bytes "
             f"give {found:016x}",
         )
