@@ -86,27 +86,38 @@ def digests(store: Path, skip: tuple[str, ...] = (LOCK_NAME,)) -> dict[str, int]
     }
 
 
-def readable_records(store: Path, version: int = 0) -> list[int]:
-    """Positions ``i`` for which ``open_store(store, verify=False)[i]`` returns sample ``i``.
+def readable_tagged(store: Path, versions: set[int]) -> list[tuple[int, int]]:
+    """(version, position) of every record ``open_store(store, verify=False)[i]`` returns.
 
-    An unopenable store gives []. Any read that returns *wrong* data, or fails with an error
-    that is not a :class:`TensorStoreError`, fails the test: the reader must never do either.
+    An unopenable store gives []. Any read that returns *wrong* data (another position, a
+    version outside ``versions``, or records of two versions from one reader), or fails with
+    an error that is not a :class:`TensorStoreError`, fails the test: the reader must never
+    do either.
     """
     try:
         r = ts.open_store(store, verify=False)
     except ts.TensorStoreError:
         return []
-    ok = []
+    out = []
+    seen_versions = set()
     for i in range(len(r)):
         try:
             got = r[i]
         except ts.TensorStoreError:
             continue
         v, pos = check_sample(got, f"{store}[{i}]")
-        assert (v, pos) == (version, i), f"{store}[{i}] returned record {pos} of version {v}: wrong data"
-        ok.append(i)
+        assert pos == i and v in versions, f"{store}[{i}] returned record {pos} of version {v}: wrong data"
+        seen_versions.add(v)
+        out.append((v, pos))
     r.close()
-    return ok
+    assert len(seen_versions) <= 1, f"one reader returned records of versions {seen_versions}"
+    return out
+
+
+def readable_records(store: Path, version: int = 0) -> list[int]:
+    """Positions ``i`` for which ``open_store(store, verify=False)[i]`` returns sample ``i`` of
+    ``version`` (see :func:`readable_tagged`)."""
+    return [pos for _, pos in readable_tagged(store, {version})]
 
 
 def recovered_positions(store: Path) -> list[tuple[int, int]]:
@@ -328,3 +339,31 @@ def run_with(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
         return fn(), None
     except BaseException as exc:  # noqa: BLE001 - the caller asserts on the type
         return None, exc
+
+
+def fork_and_kill(fn: Callable[[], Any], delay: float | None) -> int:
+    """Run ``fn`` in a forked child (torch on one thread); SIGKILL it after ``delay`` seconds,
+    or let it end (or die by itself) when ``delay`` is None. Returns its wait status."""
+    import signal
+    import time
+    import traceback
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            fn()
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported, then the child exits with 1
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    if delay is not None:
+        time.sleep(delay)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _, status = os.waitpid(pid, 0)
+    return status

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tensorstore_pt.storage import TEMP_MARKER
+from _trust_tools import fork_and_kill
 from _store_tools import (
     copy_store,
     file_digests,
@@ -120,22 +121,7 @@ def run_killed_writer(
     config: dict[str, Any] | None = None,
 ) -> int:
     """Fork a writer, let it die (or kill it after ``delay`` s); return its wait status."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            _child(store, data, seed, mode, how, config or {})
-            code = 0
-        finally:
-            os._exit(code)
-    if how == "timer":
-        time.sleep(delay)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _, status = os.waitpid(pid, 0)
-    return status
+    return fork_and_kill(lambda: _child(store, data, seed, mode, how, config or {}), delay if how == "timer" else None)
 
 
 def complete_shard_ends(store: Path) -> int:

@@ -34,6 +34,8 @@ from _trust_tools import (
     check_sample,
     digests,
     mutate,
+    fork_and_kill,
+    readable_tagged,
     recovered_positions,
     run_with,
     shard_names,
@@ -49,28 +51,6 @@ CONFIGS: tuple[dict[str, Any], ...] = (
     {"codec": "zstd", "frame_target_bytes": 700},
     {"codec": "lz4", "frame_target_bytes": 700},
 )
-
-
-def _readable(store: Path, versions: set[int]) -> list[tuple[int, int]]:
-    """(version, position) of every record ``open_store(verify=False)[i]`` returns; wrong data fails."""
-    try:
-        r = ts.open_store(store, verify=False)
-    except ts.TensorStoreError:
-        return []
-    out = []
-    seen_versions = set()
-    for i in range(len(r)):
-        try:
-            got = r[i]
-        except ts.TensorStoreError:
-            continue
-        v, pos = check_sample(got, f"{store}[{i}]")
-        assert pos == i and v in versions, f"{store}[{i}] returned record {pos} of version {v}: wrong data"
-        seen_versions.add(v)
-        out.append((v, pos))
-    r.close()
-    assert len(seen_versions) <= 1, f"one reader returned records of versions {seen_versions}"
-    return out
 
 
 def _check_recovered(store: Path, before_ok: int, ctx: str) -> list[tuple[int, int]]:
@@ -97,7 +77,7 @@ def _damage_run(tmp: Path, seed: int) -> tuple[int, int, int]:
     ts.write_store(tagged_list(n), store, max_shard_bytes=shard_bytes, num_threads=1, metadata={"seed": seed}, **config)
     damage = [mutate(store, rng) for _ in range(rng.choice([1, 1, 2, 3]))]
     ctx = f"seed {seed}, {config}, {n} records, max_shard_bytes {shard_bytes}: {'; '.join(damage)}"
-    before_ok = len(_readable(store, {0}))
+    before_ok = len(readable_tagged(store, {0}))
     before = digests(store)
 
     dry, exc = run_with(lambda: ts.recover_store(store, dry_run=True))
@@ -168,30 +148,6 @@ def _install_death(rng: random.Random, how: str) -> None:
     os.link = wrap(os.link)  # type: ignore[assignment]
 
 
-def _fork(fn: Any, delay: float | None) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            import torch
-
-            torch.set_num_threads(1)
-            fn()
-            code = 0
-        except BaseException:  # noqa: BLE001
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    if delay is not None:
-        time.sleep(delay)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _, status = os.waitpid(pid, 0)
-    return status
-
-
 def _kill_writer_run(tmp: Path, seed: int) -> tuple[int, int]:
     """One killed write; returns (records recovered, records the writer was given in all)."""
     rng = random.Random(seed)
@@ -221,9 +177,9 @@ def _kill_writer_run(tmp: Path, seed: int) -> tuple[int, int]:
         opts = {key: v for key, v in config.items() if mode != "append" or key == "frame_target_bytes"}
         ts.write_store(gen(), store, mode=mode, max_shard_bytes=SHARD_BYTES, num_threads=1, **opts)
 
-    _fork(child, rng.uniform(0.0, 0.6) if how == "timer" else None)
+    fork_and_kill(child, rng.uniform(0.0, 0.6) if how == "timer" else None)
     ctx = f"seed {seed}: killed {mode} ({how}), {config}, base {base}, writing {m}"
-    before_ok = len(_readable(store, versions)) if store.exists() else 0
+    before_ok = len(readable_tagged(store, versions)) if store.exists() else 0
     before = digests(store)
     rec, exc = run_with(lambda: ts.recover_store(store))
     if isinstance(exc, (ts.NotAStoreError, ts.StoreNotFoundError)) and mode == "create":
@@ -303,7 +259,7 @@ def _kill_recover_run(tmp: Path, seed: int) -> None:
         _install_death(rng, how)
         ts.recover_store(store)
 
-    _fork(child, rng.uniform(0.0, 0.15) if how == "timer" else None)
+    fork_and_kill(child, rng.uniform(0.0, 0.15) if how == "timer" else None)
     ctx += f", recover killed ({how})"
     rec, exc = run_with(lambda: ts.recover_store(store))
     assert exc is None, f"{ctx}: the rerun raised {type(exc).__name__}: {exc}"
