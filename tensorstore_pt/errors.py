@@ -21,6 +21,7 @@ working for callers who do not know this package::
     ├── StoreBusyError (RuntimeError)              another writer or recover holds the store's lock
     ├── StoreChangedError (RuntimeError)           the store was replaced since it was opened
     ├── StorageFullError (OSError)                 no space left (ENOSPC/EDQUOT) writing a file
+    ├── RemoteStorageError (OSError)               an object store failed past its retries (URL, file, bytes)
     └── CorruptStoreError (ValueError)             stored bytes disagree with what was written
         ├── MissingShardError (FileNotFoundError)  a shard named in the index is absent
         ├── NotARegularFileError (OSError)         a store file is a directory, FIFO, device...
@@ -55,6 +56,7 @@ __all__ = [
     "RecordLengthError",
     "ShardFormatError",
     "ShardSizeError",
+    "RemoteStorageError",
     "StorageFullError",
     "StoreBusyError",
     "StoreChangedError",
@@ -152,6 +154,12 @@ class StorageFullError(TensorStoreError, OSError):
     ``errno`` is set as in the ``OSError`` it wraps; the message names the store and the
     file. A writer that hits it publishes nothing and leaves the previous store intact.
     """
+
+
+class RemoteStorageError(TensorStoreError, OSError):
+    """A remote store (an fsspec URL) failed in a way retrying does not mend: a permanent
+    error, or a transient one that outlasted its retries. The message names the URL, the
+    file and the byte range."""
 
 
 class CorruptStoreError(TensorStoreError, ValueError):
