@@ -261,7 +261,7 @@ class ShardCache:
             d.mkdir(parents=True, exist_ok=True)
             info = d / "source.txt"
             if not info.exists():  # for people looking at the cache; never read back
-                tmp = d / f".source.txt{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
+                tmp = d / f".source.txt.{os.getpid()}-{secrets.token_hex(4)}"  # no _TMP: never swept
                 tmp.write_text(ident + "\n")
                 os.replace(tmp, info)
         return d
@@ -292,7 +292,7 @@ class ShardCache:
                 continue
             for e in os.scandir(sub.path):
                 name = e.name
-                if name.endswith(".lock") or name == "source.txt" or not e.is_file(follow_symlinks=False):
+                if name.endswith(".lock") or "source.txt" in name or not e.is_file(follow_symlinks=False):
                     continue
                 try:
                     st = e.stat(follow_symlinks=False)
@@ -465,7 +465,7 @@ class ShardCache:
             lock = self._accounting()  # temp files of dead downloaders from earlier runs
             try:
                 for e in os.scandir(store_dir):
-                    if _TMP in e.name and not e.name.startswith(".source"):
+                    if _TMP in e.name:
                         self._orphan(e.path)
             finally:
                 os.close(lock)
@@ -567,7 +567,13 @@ class ShardCache:
             try:
                 found = self._copy(source, key, fd, where, cancel)
                 if found == key.checksum:
-                    os.rename(tmp, final)  # publish: atomic; we hold the shard's download lock
+                    # Publish: one atomic rename, under the shard's download lock (no other
+                    # downloader) and the accounting lock (a usage scan never counts it twice).
+                    acct = self._accounting()
+                    try:
+                        os.rename(tmp, final)
+                    finally:
+                        os.close(acct)
                     st = os.fstat(fd)
                     with self._mutex:
                         self._checked.add((st.st_dev, st.st_ino))

@@ -1,0 +1,351 @@
+"""The node-local shard cache: once per node, atomic publish, LRU limit, stale and damaged files.
+
+The "remote" store here is a local store behind a wrapping Storage that logs every byte it
+serves to a file (so counts add up across processes), optionally slowly or with flipped bytes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tensorstore_pt as ts
+from tensorstore_pt import cache as cache_mod
+from tensorstore_pt.cache import CachedStorage, ShardCache, ShardKey
+from tensorstore_pt.errors import ChecksumMismatchError, MissingShardError, StoreChangedError
+from tensorstore_pt.reader import StoreReader
+from tensorstore_pt.storage import LocalStorage, ReadHandle, Storage
+
+from _trust_tools import fork_and_kill
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class _Handle(ReadHandle):
+    def __init__(self, owner: Remote, name: str) -> None:
+        self.owner, self.name = owner, name
+        self.inner = owner.inner.open(name)
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        o = self.owner
+        if o.delay_s:
+            time.sleep(o.delay_s)
+        data = self.inner.read_range(offset, length)
+        if o.corrupt == "always" or (o.corrupt == "once" and not _marked(o, self.name)):
+            data = bytes([data[0] ^ 0xFF]) + data[1:] if data else data
+        with open(o.log, "a") as f:  # one short append per read: whole lines across processes
+            f.write(f"{self.name} {len(data)}\n")
+        return data
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _marked(o: Remote, name: str) -> bool:
+    """True from the second call on for ``name`` (a per-test marker file records the first)."""
+    mark = Path(o.log + f".{name}.corrupted")
+    if mark.exists():
+        return True
+    mark.touch()
+    return False
+
+
+class Remote(Storage):
+    """A "remote" store: a local directory behind a counting, optionally slow or lying wrapper."""
+
+    def __init__(self, root: Path, log: Path, delay_s: float = 0.0, corrupt: str | None = None) -> None:
+        self.inner = LocalStorage(root)
+        self.location = f"remote://{root}"
+        self.log, self.delay_s, self.corrupt = str(log), delay_s, corrupt
+
+    def exists(self) -> bool:
+        return self.inner.exists()
+
+    def is_container(self) -> bool:
+        return self.inner.is_container()
+
+    def ensure(self) -> bool:
+        return self.inner.ensure()
+
+    def list(self) -> list[str]:
+        return self.inner.list()
+
+    def size(self, name: str) -> int:
+        return self.inner.size(name)
+
+    def open(self, name: str) -> ReadHandle:
+        if name.endswith(".tspt"):
+            return _Handle(self, name)
+        return self.inner.open(name)
+
+    def writer(self, name: str, *, exclusive: bool = False) -> Any:
+        return self.inner.writer(name, exclusive=exclusive)
+
+    def remove(self, name: str) -> None:
+        self.inner.remove(name)
+
+    def move(self, name: str, new_name: str) -> None:
+        self.inner.move(name, new_name)
+
+    def remove_container(self) -> None:
+        self.inner.remove_container()
+
+
+def shard_reads(log: Path) -> dict[str, int]:
+    """Bytes served per shard name, from the log."""
+    out: dict[str, int] = {}
+    if not log.exists():
+        return out
+    for line in log.read_text().splitlines():
+        name, n = line.split()
+        out[name] = out.get(name, 0) + int(n)
+    return out
+
+
+def make(path: Path, n: int = 60, version: int = 0, shard_bytes: int = 6000) -> Path:
+    """``n`` records of about 520 bytes ({"i": i, "v": version, "x": 64 float64}), small shards."""
+    ts.write_store(
+        ({"i": torch.tensor(i), "v": torch.tensor(version), "x": torch.full((64,), float(i))} for i in range(n)),
+        path,
+        codec="none",
+        max_shard_bytes=shard_bytes,
+        mode="overwrite",
+    )
+    return path
+
+
+def cached_reader(remote: Storage, cache: ShardCache, prefetch: int = 2) -> tuple[StoreReader, CachedStorage]:
+    plain = ts.open_store(remote, verify=False)
+    cs = CachedStorage(remote, cache, plain.index.shards, index_digest=plain.index_digest, prefetch_shards=prefetch)
+    return StoreReader(cs, verify=False), cs
+
+
+def read_all(remote: Storage, cache_dir: Path, limit: int | None = None, prefetch: int = 2) -> list[tuple[int, int]]:
+    """(i, version) of every record, read in order through a cache with a plan of every shard."""
+    reader, cs = cached_reader(remote, ShardCache(cache_dir, limit), prefetch)
+    cs.plan(range(len(reader.index.shards)))
+    try:
+        return [(int(s["i"]), int(s["v"])) for s in (reader[i] for i in range(len(reader)))]
+    finally:
+        cs.release()
+
+
+def shard_sizes(store: Path) -> dict[str, int]:
+    return {s.name: s.file_bytes for s in ts.open_store(store).index.shards}
+
+
+def disk_bytes(cache_dir: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(cache_dir):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_reads_through_cache_fetch_each_shard_once(tmp_path: Path) -> None:
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log")
+    got = read_all(remote, tmp_path / "cache")
+    assert got == [(i, 0) for i in range(60)]
+    assert shard_reads(tmp_path / "log") == shard_sizes(store)
+    # A second pass (another process would do the same) is served from the cache: no source read.
+    (tmp_path / "log").unlink()
+    assert read_all(remote, tmp_path / "cache") == got
+    assert shard_reads(tmp_path / "log") == {}
+
+
+def _read_in_child(remote: Storage, cache_dir: Path, out: Path, start: Any) -> None:
+    start.wait()
+    got = read_all(remote, cache_dir)
+    out.write_text(repr(got))
+
+
+def test_two_processes_download_each_shard_once(tmp_path: Path) -> None:
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log", delay_s=0.002)  # slow enough for the two to overlap
+    ctx = mp.get_context("fork")
+    start = ctx.Event()
+    procs = [
+        ctx.Process(target=_read_in_child, args=(remote, tmp_path / "cache", tmp_path / f"out{k}", start))
+        for k in range(2)
+    ]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    want = [(i, 0) for i in range(60)]
+    assert [eval((tmp_path / f"out{k}").read_text()) for k in range(2)] == [want, want]
+    assert shard_reads(tmp_path / "log") == shard_sizes(store)  # every byte once, over both
+
+
+def test_killed_downloader_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = make(tmp_path / "s", n=20, shard_bytes=20000)
+    monkeypatch.setattr(cache_mod, "CHUNK_BYTES", 512)  # many slow chunks: the kill lands mid-download
+    slow = Remote(store, tmp_path / "log", delay_s=0.05)
+    entry = ts.open_store(store).index.shards[0]
+    key = ShardKey(entry.name, entry.file_bytes, entry.checksum)
+    cache_dir = tmp_path / "cache"
+
+    def download() -> None:
+        ShardCache(cache_dir).acquire(slow, key)
+
+    status = fork_and_kill(download, delay=1.0)
+    assert os.WIFSIGNALED(status)
+    got = shard_reads(tmp_path / "log")
+    assert 0 < got[entry.name] < entry.file_bytes  # it died mid-way
+    sdir = ShardCache(cache_dir).store_dir(slow)
+    final = sdir / ShardCache.file_name(key)
+    assert not final.exists()  # nothing under the final name
+    temps = [p for p in sdir.iterdir() if ".tmp-" in p.name]
+    assert len(temps) == 1  # the dead one's temporary file, which nobody holds now
+    # Another process gets a good copy at once (the dead one's lock went with it).
+    fast = Remote(store, tmp_path / "log")
+    cache = ShardCache(cache_dir)
+    pinned = cache.acquire(fast, key)
+    try:
+        assert pinned.read_range(0, entry.file_bytes) == (store / entry.name).read_bytes()
+    finally:
+        pinned.close()
+    assert final.read_bytes() == (store / entry.name).read_bytes()
+    assert not temps[0].exists()  # the orphan was swept
+    assert cache.downloads == 1
+
+
+def test_cache_limit_smaller_than_epoch(tmp_path: Path) -> None:
+    store = make(tmp_path / "s", n=120)
+    sizes = shard_sizes(store)
+    largest = max(sizes.values())
+    limit = 4 * largest  # the store has about 12 shards
+    assert sum(sizes.values()) > 2 * limit
+    cache_dir = tmp_path / "cache"
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            if cache_dir.exists():  # a scan under the cache's accounting lock: a consistent view
+                peak[0] = max(peak[0], ShardCache(cache_dir).usage_bytes())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        got = read_all(Remote(store, tmp_path / "log", delay_s=0.001), cache_dir, limit=limit)
+    finally:
+        stop.set()
+        t.join()
+    assert got == [(i, 0) for i in range(120)]  # every record exactly once, in order
+    assert shard_reads(tmp_path / "log") == sizes  # nothing fetched twice
+    assert 0 < peak[0] <= limit  # pins (3 shards) fit, so the limit is never passed
+    assert ShardCache(cache_dir).usage_bytes() <= limit
+    assert disk_bytes(cache_dir) <= limit + 200  # and on disk (plus the tiny source.txt)
+
+
+def test_store_replaced_at_same_path_never_serves_stale_files(tmp_path: Path) -> None:
+    store = make(tmp_path / "s", version=1)
+    remote = Remote(store, tmp_path / "log")
+    cache_dir = tmp_path / "cache"
+    old_reader, old_cs = cached_reader(remote, ShardCache(cache_dir))
+    assert read_all(remote, cache_dir) == [(i, 1) for i in range(60)]  # job A, epoch 1
+    make(store, version=2)  # replaced at the same path between epochs (new shard names, checksums)
+    assert read_all(remote, cache_dir) == [(i, 2) for i in range(60)]  # job B, and job A reopened
+    # A reader still holding version 1's index: its shards are gone at the source, but the cache
+    # still holds them under version 1's checksums, so it keeps reading version 1 consistently.
+    assert [int(old_reader[i]["v"]) for i in range(60)] == [1] * 60
+    old_cs.release()
+    # With its cached files gone too, it learns that the store was replaced.
+    ShardCache(cache_dir).evict(0)
+    with pytest.raises(StoreChangedError, match="replaced"):
+        old_reader[0]
+
+
+def test_corrupt_cached_file_is_detected_and_refetched(tmp_path: Path) -> None:
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log")
+    cache_dir = tmp_path / "cache"
+    read_all(remote, cache_dir)
+    entry = ts.open_store(store).index.shards[1]
+    sdir = ShardCache(cache_dir).store_dir(remote)
+    cached = sdir / ShardCache.file_name(ShardKey(entry.name, entry.file_bytes, entry.checksum))
+    data = bytearray(cached.read_bytes())
+    data[200] ^= 0x01
+    cached.write_bytes(bytes(data))
+    (tmp_path / "log").unlink()
+    cache = ShardCache(cache_dir)  # a new process's view: nothing checked yet
+    pinned = cache.acquire(remote, ShardKey(entry.name, entry.file_bytes, entry.checksum))
+    try:
+        assert pinned.read_range(0, entry.file_bytes) == (store / entry.name).read_bytes()
+    finally:
+        pinned.close()
+    assert (cache.refetches, cache.downloads) == (1, 1)
+    assert shard_reads(tmp_path / "log") == {entry.name: entry.file_bytes}
+    assert cached.read_bytes() == (store / entry.name).read_bytes()
+
+
+def test_bytes_damaged_in_transit_are_fetched_again_once(tmp_path: Path) -> None:
+    store = make(tmp_path / "s")
+    entry = ts.open_store(store).index.shards[0]
+    key = ShardKey(entry.name, entry.file_bytes, entry.checksum)
+    once = ShardCache(tmp_path / "c1")
+    pinned = once.acquire(Remote(store, tmp_path / "log1", corrupt="once"), key)
+    pinned.close()
+    assert (once.downloads, once.refetches, once.fetched_bytes) == (1, 1, 2 * entry.file_bytes)
+    always = Remote(store, tmp_path / "log2", corrupt="always")
+    with pytest.raises(ChecksumMismatchError) as err:
+        ShardCache(tmp_path / "c2").acquire(always, key)
+    msg = str(err.value)
+    bad = bytearray((store / entry.name).read_bytes())
+    bad[0] ^= 0xFF
+    from tensorstore_pt.checksums import digest_int
+
+    assert entry.name in msg and f"{entry.checksum:016x}" in msg and f"{digest_int(bytes(bad)):016x}" in msg
+    assert shard_reads(tmp_path / "log2") == {entry.name: 2 * entry.file_bytes}  # twice, then gave up
+    sdir = ShardCache(tmp_path / "c2").store_dir(always)
+    assert [p.name for p in sdir.iterdir() if p.name.endswith(".tspt") or ".tmp-" in p.name] == []
+
+
+def test_pinned_shard_is_never_evicted(tmp_path: Path) -> None:
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log")
+    entries = ts.open_store(store).index.shards[:2]
+    keys = [ShardKey(e.name, e.file_bytes, e.checksum) for e in entries]
+    cache = ShardCache(tmp_path / "cache")
+    pinned = cache.acquire(remote, keys[0])
+    cache.acquire(remote, keys[1]).close()
+    assert cache.usage_bytes() == sum(k.file_bytes for k in keys)
+    # Eviction runs in another process: the pinned shard survives, the unpinned one goes.
+    status = fork_and_kill(lambda: ShardCache(tmp_path / "cache").evict(0), None)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert cache.usage_bytes() == keys[0].file_bytes
+    assert pinned.read_range(0, keys[0].file_bytes) == (store / keys[0].name).read_bytes()
+    pinned.close()
+    assert cache.evict(0) == 0
+
+
+def test_missing_shard_at_source_is_typed(tmp_path: Path) -> None:
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log")
+    reader, cs = cached_reader(remote, ShardCache(tmp_path / "cache"))
+    first = reader.index.shards[0]
+    os.unlink(store / first.name)
+    with pytest.raises(MissingShardError, match=first.name):
+        reader[0]
+    cs.release()
