@@ -49,6 +49,7 @@ from ._partition import (
 )
 from ._prefetch import Prefetcher
 from ._shared_batches import RawRecord, SharedBatchCollate, materialize, raw_accepted
+from .cache import DEFAULT_PREFETCH_SHARDS, CachedStorage, ShardCache
 from .checksums import ALGORITHM
 from .errors import (
     AllocationBudgetError,
@@ -67,7 +68,7 @@ from .errors import (
 from .fastload import _is_cpu
 from .format import FEATURE_MULTI_RECORD_FRAMES, RECORD_DTYPE
 from .reader import DEFAULT_MAX_RECORD_BYTES, StoreReader, open_store
-from .storage import Storage
+from .storage import LocalStorage, Storage
 
 __all__ = [
     "ON_ERROR_POLICIES",
@@ -246,6 +247,8 @@ class _StoreView:
         verify: bool,
         map_location: Any,
         max_record_bytes: int | None = None,
+        cache_for: Callable[[Storage], ShardCache | None] | None = None,
+        prefetch_shards: int = DEFAULT_PREFETCH_SHARDS,
     ) -> None:
         if isinstance(store, StoreReader):
             reader = store
@@ -277,7 +280,16 @@ class _StoreView:
         self._table = torch.empty((0 if self.framed else self.records, 4), dtype=torch.int64).share_memory_()
         if not self.framed:
             reader.record_table(out=self.table())  # filled in place: one copy, in shared memory
-        self._reader: StoreReader | None = reader if isinstance(store, StoreReader) else None
+        # Streaming through a node-local shard cache: this process's reads of shards go to the
+        # cache's pinned local files (docs/remote.md, "Node-local shard cache").
+        self.cached: CachedStorage | None = None
+        cache = cache_for(self.storage) if cache_for is not None else None
+        if cache is not None:
+            self.cached = CachedStorage(
+                self.storage, cache, reader.index.shards, index_digest=self.digest, prefetch_shards=prefetch_shards
+            )
+        keep = isinstance(store, StoreReader) and self.cached is None
+        self._reader: StoreReader | None = reader if keep else None
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -296,7 +308,7 @@ class _StoreView:
         """This process's light reader (opened on first use, reopened after a fork)."""
         if self._reader is None or self._pid != os.getpid():
             self._reader = StoreReader(
-                self.storage,
+                self.cached if self.cached is not None else self.storage,
                 verify=False,
                 map_location=self.map_location,
                 max_record_bytes=self.max_record_bytes,
@@ -534,6 +546,20 @@ class StoreIterableDataset(IterableDataset):
         max_record_bytes: The largest raw record in bytes a read decodes when ``store`` is a
             path (default 1 GiB, see :func:`~tensorstore_pt.open_store`); a larger one raises
             :class:`~tensorstore_pt.errors.AllocationBudgetError` before allocating.
+        cache_dir: The node-local shard cache (:class:`~tensorstore_pt.cache.ShardCache`)
+            streaming reads go through. A remote store (any Storage that is not local) always
+            streams through a cache: by default ``$TSPT_CACHE_DIR``, else a per-user directory
+            under ``tempfile.gettempdir()``. A local store reads its files directly unless
+            ``cache_dir`` or ``cache_limit_bytes`` is given. Share one directory between every
+            rank, worker and job of a node: each shard is then downloaded once per node.
+        cache_limit_bytes: Bytes the cache may hold (every store in it together), LRU-evicted;
+            None: no limit. Pinned shards are never evicted: each consumer pins at most
+            ``prefetch_shards + 1``, and where pins exceed the limit it is over-committed by
+            them (docs/remote.md).
+        prefetch_shards: Shards each consumer downloads ahead of the one it reads, in as many
+            background threads (default 2, at least 1). A shard is unpinned once the consumer
+            has read its last record of it in the epoch (or moves past the shards it looks
+            ahead at). Memory: one 8 MiB chunk per download in flight.
 
     Raises:
         InvalidOptionError: An argument out of range or of the wrong type.
@@ -577,6 +603,9 @@ class StoreIterableDataset(IterableDataset):
         verify: bool = True,
         map_location: Any = "cpu",
         max_record_bytes: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit_bytes: int | None = None,
+        prefetch_shards: int = DEFAULT_PREFETCH_SHARDS,
     ) -> None:
         if not isinstance(shuffle, (bool, np.bool_)):
             raise InvalidOptionError(f"shuffle: expected a bool, found {shuffle!r}")
@@ -603,8 +632,17 @@ class StoreIterableDataset(IterableDataset):
         block_records = _check_int("block_records", block_records, 1, True)
         window_records = _check_int("window_records", window_records, 1, True)
         self.prefetch_samples = _check_int("prefetch_samples", prefetch_samples, 1)
+        prefetch_shards = _check_int("prefetch_shards", prefetch_shards, 1)
+        asked = cache_dir is not None or cache_limit_bytes is not None
+        if asked:
+            ShardCache(cache_dir, cache_limit_bytes)  # bad options fail before the store is opened
 
-        self._view = _StoreView(store, verify, map_location, max_record_bytes)
+        def cache_for(storage: Storage) -> ShardCache | None:
+            if asked or not isinstance(storage, LocalStorage):
+                return ShardCache(cache_dir, cache_limit_bytes)
+            return None
+
+        self._view = _StoreView(store, verify, map_location, max_record_bytes, cache_for, prefetch_shards)  # type: ignore[arg-type]
         self.shuffle = bool(shuffle)
         self.seed = int(seed)  # type: ignore[arg-type]
         self.equalize = equalize
@@ -795,6 +833,8 @@ class StoreIterableDataset(IterableDataset):
         layout = self.layout()
         order = EpochOrder(layout, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
         segments = worker_segments(split, layout.window_records, start, chunk, k, worker)
+        # The same walk again, for the shard cache's prefetch plan (a second, lazy pass: O(1) memory).
+        plan = worker_segments(split, layout.window_records, start, chunk, k, worker)
         slot = 0 if info is None else 1 + worker % (_SKIP_SLOTS - 1)
         if worker_sample_count(split.length, start, chunk, k, worker) == 0:
             return _SampleIterator(None, None)
@@ -802,7 +842,7 @@ class StoreIterableDataset(IterableDataset):
         if info is None:
             # The main process: read, decompress and decode in a background thread, ahead of
             # the training loop.
-            producer = self._produce(self._decode(self._pieces(segments, split, order), slot), step)
+            producer = self._produce(self._decode(self._pieces(segments, split, order, plan), slot), step)
             source: Iterator[list[Any]] = Prefetcher(
                 producer, max(1, self.prefetch_samples // step), name="tspt-decode"
             )
@@ -811,7 +851,9 @@ class StoreIterableDataset(IterableDataset):
             # (prefetch_factor batches); a decode thread there only adds thread switches
             # (measured: docs/datasets.md). Reads still run ahead in a thread, so that one
             # piece's I/O overlaps the previous piece's decoding.
-            pieces = Prefetcher(self._pieces(segments, split, order), _READ_AHEAD_PIECES, name=f"tspt-read-w{worker}")
+            pieces = Prefetcher(
+                self._pieces(segments, split, order, plan), _READ_AHEAD_PIECES, name=f"tspt-read-w{worker}"
+            )
             # Under a StoreDataLoader, records go to its collate unpickled, which decodes a
             # batch of them at once (no transform to apply, and no skip to decide here).
             # (CPU records only: the batch decoding fills CPU memory, with no map_location.)
@@ -874,12 +916,54 @@ class StoreIterableDataset(IterableDataset):
         if out:
             yield out
 
-    def _pieces(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder) -> Iterator[_Piece]:
+    def _pieces(
+        self,
+        segments: Iterator[np.ndarray],
+        split: RankSplit,
+        order: EpochOrder,
+        plan: Iterator[np.ndarray] | None = None,
+    ) -> Iterator[_Piece]:
         """The consumer's records in order, in pieces of about ``READ_BYTES`` with their frames read.
 
         For multi-record-frame stores (format 1.1) nothing is read here: the pieces carry the
         records only, and :meth:`_decode` reads them through the reader's frame cache.
+
+        Through a shard cache, ``plan`` (the same segments, walked again) tells the cache the
+        order in which shards will be visited, so that it downloads the next ones ahead; every
+        shard is unpinned when the iteration ends.
         """
+        cached = self._view.cached
+        if cached is None or plan is None:
+            yield from self._read_pieces(segments, split, order)
+            return
+        cached.plan(self._shard_plan(plan, split, order))
+        try:
+            yield from self._read_pieces(segments, split, order)
+        finally:
+            cached.release()
+
+    def _shard_plan(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder) -> Iterator[int]:
+        """The shards :meth:`_read_pieces` will read, in the order it reads them (visits: no
+        consecutive repeats). Within a piece, frames are read in file order, so shards ascend."""
+        starts = self._view.bounds[:, 0]
+        stored = None if self._view.framed else self._view.table()["stored"]
+        last = -1
+        for seg in segments:
+            records = order.records_at(split.global_positions(seg))
+            if stored is None:
+                runs = [np.searchsorted(starts, records, side="right") - 1]
+            else:
+                runs = [
+                    np.unique(np.searchsorted(starts, records[lo:hi], side="right") - 1)
+                    for lo, hi in split_by_bytes(stored[records], READ_BYTES)
+                ]
+            for shards in runs:
+                for si in shards.tolist():
+                    if si != last:
+                        yield si
+                        last = si
+
+    def _read_pieces(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder) -> Iterator[_Piece]:
         if self._view.framed:
             for seg in segments:
                 yield _Piece(order.records_at(split.global_positions(seg)).tolist(), None, {})

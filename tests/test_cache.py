@@ -349,3 +349,67 @@ def test_missing_shard_at_source_is_typed(tmp_path: Path) -> None:
     with pytest.raises(MissingShardError, match=first.name):
         reader[0]
     cs.release()
+
+
+# --------------------------------------------------------------------------- through the datasets
+
+
+def _ids(loader: Any) -> list[tuple[int, int]]:
+    return [(int(i), int(v)) for batch in loader for i, v in zip(batch["i"].tolist(), batch["v"].tolist())]
+
+
+def test_dataloader_two_workers_download_each_shard_once(tmp_path: Path) -> None:
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log")
+    ds = ts.StoreIterableDataset(remote, cache_dir=tmp_path / "cache", verify=False)
+    (tmp_path / "log").unlink()  # the footers read while opening are not part of the epoch
+    loader = ts.StoreDataLoader(ds, batch_size=4, num_workers=2)
+    assert sorted(_ids(loader)) == [(i, 0) for i in range(60)]
+    assert shard_reads(tmp_path / "log") == shard_sizes(store)  # each shard once for both workers
+    assert ShardCache(tmp_path / "cache").usage_bytes() == sum(shard_sizes(store).values())
+
+
+def test_remote_store_uses_the_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSPT_CACHE_DIR", str(tmp_path / "envcache"))
+    store = make(tmp_path / "s", n=12)
+    ds = ts.StoreIterableDataset(Remote(store, tmp_path / "log"))
+    assert [int(s["i"]) for s in ds] == list(range(12))
+    assert ShardCache(tmp_path / "envcache").usage_bytes() == sum(shard_sizes(store).values())
+    local = ts.StoreIterableDataset(store)  # a local store reads its files directly
+    assert local._view.cached is None
+    assert [int(s["i"]) for s in local] == list(range(12))
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
+def test_exactly_once_over_two_ranks_and_two_workers(tmp_path: Path, shuffle: bool) -> None:
+    store = make(tmp_path / "s", n=96)
+    remote = Remote(store, tmp_path / "log")
+    ranks = [
+        ts.StoreIterableDataset(
+            remote, rank=rank, world_size=2, shuffle=shuffle, seed=3, block_records=4, cache_dir=tmp_path / "cache"
+        )
+        for rank in range(2)
+    ]
+    (tmp_path / "log").unlink()  # count the epoch's reads only
+    got: list[tuple[int, int]] = []
+    for ds in ranks:
+        ds.set_epoch(1)
+        got += _ids(ts.StoreDataLoader(ds, batch_size=4, num_workers=2))
+    assert sorted(got) == [(i, 0) for i in range(96)]
+    assert shard_reads(tmp_path / "log") == shard_sizes(store)  # once per node over 2 ranks x 2 workers
+
+
+def test_two_jobs_one_cache_store_replaced_between_epochs(tmp_path: Path) -> None:
+    store = make(tmp_path / "s", version=1)
+    cache_dir = tmp_path / "cache"
+    job_a = ts.StoreIterableDataset(Remote(store, tmp_path / "log"), cache_dir=cache_dir, cache_limit_bytes=10**6)
+    assert [(int(s["i"]), int(s["v"])) for s in job_a] == [(i, 1) for i in range(60)]
+    make(store, version=2)  # replaced at the same URL between epochs
+    job_b = ts.StoreIterableDataset(Remote(store, tmp_path / "log"), cache_dir=cache_dir, cache_limit_bytes=10**6)
+    assert [(int(s["i"]), int(s["v"])) for s in job_b] == [(i, 2) for i in range(60)]
+    # Job A's next epoch still reads the version it opened, whole (its files are in the cache)...
+    job_a.set_epoch(1)
+    assert [(int(s["i"]), int(s["v"])) for s in job_a] == [(i, 1) for i in range(60)]
+    # ...and a DataLoader worker, which reopens the store, is told that it was replaced.
+    with pytest.raises(StoreChangedError):
+        list(ts.StoreDataLoader(job_a, batch_size=4, num_workers=1))
