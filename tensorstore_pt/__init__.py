@@ -44,6 +44,8 @@ _LAZY = {
     "audit_path": "audit",
     "audit_pt": "audit",
     "audit_store": "audit",
+    "CachedStorage": "cache",
+    "ShardCache": "cache",
     "StoreInfo": "format",
     "RecoverReport": "integrity",
     "VerifyReport": "integrity",
@@ -60,6 +62,7 @@ _LAZY = {
 
 if _TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditReport, audit_path, audit_pt, audit_store
+    from .cache import CachedStorage, ShardCache
     from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
     from .format import StoreInfo
     from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
@@ -85,6 +88,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AllocationBudgetError",
     "AuditReport",
+    "CachedStorage",
     "ChecksumMismatchError",
     "ConcurrentWriteError",
     "CorruptStoreError",
@@ -100,6 +104,7 @@ __all__ = [
     "RecordLengthError",
     "RecoverReport",
     "RemoteStorageError",
+    "ShardCache",
     "ShardFormatError",
     "ShardSizeError",
     "ShardWriter",
