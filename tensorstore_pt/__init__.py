@@ -49,6 +49,9 @@ _LAZY = {
     "VerifyReport": "integrity",
     "recover_store": "integrity",
     "verify_store": "integrity",
+    "FetchedFrames": "reader",
+    "RawRecord": "reader",
+    "RecordResult": "reader",
     "StoreReader": "reader",
     "open_store": "reader",
     "ShardWriter": "writer",
@@ -63,7 +66,7 @@ if _TYPE_CHECKING:  # pragma: no cover
     from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
     from .format import StoreInfo
     from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
-    from .reader import StoreReader, open_store
+    from .reader import FetchedFrames, RawRecord, RecordResult, StoreReader, open_store
     from .writer import ShardWriter, write_store
 
 
@@ -89,15 +92,18 @@ __all__ = [
     "ConcurrentWriteError",
     "CorruptStoreError",
     "DecompressionError",
+    "FetchedFrames",
     "IndexFormatError",
     "InvalidOptionError",
     "MissingShardError",
     "NotARegularFileError",
     "NotAStoreError",
+    "RawRecord",
     "RecordDecodeError",
     "RecordIndexError",
     "RecordIndexTypeError",
     "RecordLengthError",
+    "RecordResult",
     "RecoverReport",
     "RemoteStorageError",
     "ShardFormatError",

@@ -796,6 +796,8 @@ class StoreReader:
         shard = np.searchsorted(self._starts, recs, side="right") - 1
         if table is not None:
             return shard, table[recs], None
+        if not len(recs):
+            return shard, np.zeros(0, dtype=RECORD_DTYPE), None
         multi = FEATURE_MULTI_RECORD_FRAMES in self._index.features
         rows = np.zeros(len(recs), dtype=RECORD_DTYPE)
         where = np.zeros((len(recs), 3), dtype=np.int64) if multi else None
