@@ -51,6 +51,9 @@ _LAZY = {
     "VerifyReport": "integrity",
     "recover_store": "integrity",
     "verify_store": "integrity",
+    "FetchedFrames": "reader",
+    "RawRecord": "reader",
+    "RecordResult": "reader",
     "StoreReader": "reader",
     "open_store": "reader",
     "ShardWriter": "writer",
@@ -66,7 +69,7 @@ if _TYPE_CHECKING:  # pragma: no cover
     from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
     from .format import StoreInfo
     from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
-    from .reader import StoreReader, open_store
+    from .reader import FetchedFrames, RawRecord, RecordResult, StoreReader, open_store
     from .writer import ShardWriter, write_store
 
 
@@ -93,15 +96,18 @@ __all__ = [
     "ConcurrentWriteError",
     "CorruptStoreError",
     "DecompressionError",
+    "FetchedFrames",
     "IndexFormatError",
     "InvalidOptionError",
     "MissingShardError",
     "NotARegularFileError",
     "NotAStoreError",
+    "RawRecord",
     "RecordDecodeError",
     "RecordIndexError",
     "RecordIndexTypeError",
     "RecordLengthError",
+    "RecordResult",
     "RecoverReport",
     "RemoteStorageError",
     "ShardCache",

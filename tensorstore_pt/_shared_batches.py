@@ -67,6 +67,7 @@ from torch.utils.data import default_collate, get_worker_info
 from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
 
 from .fastload import collate_records
+from .reader import RawRecord
 
 __all__ = ["RawRecord", "SharedBatchCollate", "materialize", "raw_accepted", "transport_supported"]
 
@@ -84,27 +85,6 @@ _GENERATION, _WRITTEN, _RELEASED = 0, 1, 2
 def transport_supported() -> bool:
     """Whether this CPU's memory order makes the shared release words safe (x86-64 only, see above)."""
     return platform.machine().lower() in ("x86_64", "amd64")
-
-
-class RawRecord:
-    """A record checked and decompressed but not yet unpickled, as a StoreIterableDataset yields
-    it to a :class:`SharedBatchCollate` in a DataLoader worker (it never leaves the worker).
-
-    The collate decodes a batch of them at once (:func:`~tensorstore_pt.fastload.collate_records`)
-    or, when that does not apply, one by one with :meth:`load`, which raises the record's own
-    errors (``UnsafePayloadError``, ``RecordDecodeError``, naming the shard and record).
-    """
-
-    __slots__ = ("load_fn", "shard", "record", "data")
-
-    def __init__(self, load_fn: Callable[[int, int, bytearray], Any], shard: int, record: int, data: bytearray) -> None:
-        self.load_fn, self.shard, self.record, self.data = load_fn, shard, record, data
-
-    def load(self) -> Any:
-        return self.load_fn(self.shard, self.record, self.data)
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a RawRecord is for the collate of its own worker; it is not sent between processes")
 
 
 def _plain_dict_collate() -> bool:

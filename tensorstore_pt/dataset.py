@@ -42,13 +42,12 @@ from ._partition import (
     BlockLayout,
     EpochOrder,
     RankSplit,
-    plan_runs,
     split_by_bytes,
     worker_sample_count,
     worker_segments,
 )
 from ._prefetch import Prefetcher
-from ._shared_batches import RawRecord, SharedBatchCollate, materialize, raw_accepted
+from ._shared_batches import SharedBatchCollate, materialize, raw_accepted
 from .cache import DEFAULT_PREFETCH_SHARDS, CachedStorage, ShardCache
 from .checksums import ALGORITHM
 from .errors import (
@@ -67,7 +66,7 @@ from .errors import (
 )
 from .fastload import _is_cpu
 from .format import FEATURE_MULTI_RECORD_FRAMES, RECORD_DTYPE
-from .reader import DEFAULT_MAX_RECORD_BYTES, StoreReader, open_store
+from .reader import DEFAULT_MAX_RECORD_BYTES, READ_BYTES, FetchedFrames, StoreReader, open_store
 from .storage import LocalStorage, Storage
 
 __all__ = [
@@ -136,12 +135,6 @@ def default_block_window(records: int, stored_bytes: int) -> tuple[int, int]:
 def _default_window(block_records: int) -> int:
     return min(WINDOW_BLOCKS * block_records, max(block_records, MAX_WINDOW_RECORDS))
 
-
-#: Frames are read and decoded in pieces of about this many compressed bytes.
-READ_BYTES = 2**20
-#: Frames closer than this in a shard may be fetched with one read (the gap is read and
-#: dropped), as long as the gaps of a piece add up to at most its own bytes.
-MERGE_GAP_BYTES = 64 * 2**10
 
 # Slots of the shared control tensor.
 _EPOCH, _START, _CHUNK, _RANK, _WORLD, _RESOLVED, _QUIET = range(7)
@@ -318,13 +311,9 @@ class _StoreView:
         return self._reader
 
     def read(self, i: int) -> Any:
-        if self.framed:
-            return self.reader().read(i)
-        table = self.table()
-        io = self.reader()
-        frame = io.read_frames(i, i + 1, table=table)[0]
-        si = int(np.searchsorted(self.bounds[:, 0], i, side="right")) - 1
-        return io._load_frame(i, si, table[i], frame)
+        """Record ``i``: one positional read of its frame, positioned by the shared table
+        (multi-record frames: through the reader's footers and per-thread frame cache)."""
+        return self.reader().read(i, table=None if self.framed else self.table())
 
 
 # --------------------------------------------------------------------------- map-style
@@ -435,14 +424,6 @@ _HANDOFF_SAMPLES = 16
 
 #: Pieces (about READ_BYTES of frames each) a worker's read thread may hold ahead of decoding.
 _READ_AHEAD_PIECES = 2
-
-
-class _Piece(NamedTuple):
-    """Records in consumption order, with their frames (record -> (shard, frame)) or read errors."""
-
-    records: list[int]
-    frames: dict[int, tuple[int, memoryview]] | None
-    errors: dict[int, BaseException]
 
 
 def _closing(source: Iterator[Any], *also: Any) -> Iterator[Any]:
@@ -861,42 +842,6 @@ class StoreIterableDataset(IterableDataset):
             source = _closing(self._produce(self._decode(pieces, slot, raw), step), pieces)
         return _SampleIterator(source, self.transform)
 
-    def _read_piece(
-        self, records: np.ndarray, missing: dict[int, BaseException]
-    ) -> tuple[dict[int, tuple[int, memoryview]], dict[int, BaseException]]:
-        """Fetch the frames of ``records`` with positional reads in file order (merging small gaps).
-
-        ``missing`` maps shards already found missing in this iteration to their error: they are
-        not opened again.
-        """
-        view = self._view
-        table = view.table()
-        io = view.reader()
-        u = np.unique(records)
-        shard = np.searchsorted(view.bounds[:, 0], u, side="right") - 1
-        offsets = table["offset"][u].astype(np.int64)
-        sizes = table["stored"][u].astype(np.int64)
-        cut = plan_runs(offsets, offsets + sizes, shard, MERGE_GAP_BYTES, int(sizes.sum()))
-        frames: dict[int, tuple[int, memoryview]] = {}
-        errors: dict[int, BaseException] = {}
-        for run, si in zip(np.split(u, cut), np.split(shard, cut)):
-            a, b = int(run[0]), int(run[-1]) + 1
-            try:
-                failed = missing.get(int(si[0]))
-                if failed is not None:
-                    raise failed
-                got = io.read_frames(a, b, table=table)
-            except (CorruptStoreError, UnsafePayloadError) as exc:
-                if isinstance(exc, MissingShardError):
-                    missing[int(si[0])] = exc
-                for rec in run.tolist():
-                    errors[rec] = exc
-                continue
-            s = int(si[0])
-            for rec in run.tolist():
-                frames[rec] = (s, got[rec - a])
-        return frames, errors
-
     def _produce(self, samples: Iterator[Any], step: int) -> Iterator[list[Any]]:
         """Yield ``samples`` in lists of up to ``step``."""
         out: list[Any] = []
@@ -922,11 +867,14 @@ class StoreIterableDataset(IterableDataset):
         split: RankSplit,
         order: EpochOrder,
         plan: Iterator[np.ndarray] | None = None,
-    ) -> Iterator[_Piece]:
-        """The consumer's records in order, in pieces of about ``READ_BYTES`` with their frames read.
+    ) -> Iterator[FetchedFrames]:
+        """The consumer's records in order, in pieces of about ``READ_BYTES`` with their frames
+        fetched: the I/O half of the reader's bulk read (:meth:`StoreReader.plan_pieces`,
+        :meth:`StoreReader.fetch_many`), run ahead of decoding.
 
-        For multi-record-frame stores (format 1.1) nothing is read here: the pieces carry the
-        records only, and :meth:`_decode` reads them through the reader's frame cache.
+        Positions come from the shared frame table (no footer in a worker), except for
+        multi-record-frame stores (format 1.1), which have none: their reader loads footers.
+        A shard found missing is not opened again in this iteration.
 
         Through a shard cache, ``plan`` (the same segments, walked again) tells the cache the
         order in which shards will be visited, so that it downloads the next ones ahead; every
@@ -934,17 +882,19 @@ class StoreIterableDataset(IterableDataset):
         """
         cached = self._view.cached
         if cached is None or plan is None:
-            yield from self._read_pieces(segments, split, order)
+            yield from self._fetch_pieces(segments, split, order)
             return
         cached.plan(self._shard_plan(plan, split, order))
         try:
-            yield from self._read_pieces(segments, split, order)
+            yield from self._fetch_pieces(segments, split, order)
         finally:
             cached.release()
 
     def _shard_plan(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder) -> Iterator[int]:
-        """The shards :meth:`_read_pieces` will read, in the order it reads them (visits: no
-        consecutive repeats). Within a piece, frames are read in file order, so shards ascend."""
+        """The shards :meth:`_fetch_pieces` will read, in the order it reads them (visits: no
+        consecutive repeats). ``fetch_many`` reads a piece in file order, so shards ascend within
+        a piece. (Multi-record-frame stores: shards in record order, as their pieces are cut on
+        footers this walk must not load; a visit off the plan is still served, only not early.)"""
         starts = self._view.bounds[:, 0]
         stored = None if self._view.framed else self._view.table()["stored"]
         last = -1
@@ -963,48 +913,33 @@ class StoreIterableDataset(IterableDataset):
                         yield si
                         last = si
 
-    def _read_pieces(self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder) -> Iterator[_Piece]:
-        if self._view.framed:
-            for seg in segments:
-                yield _Piece(order.records_at(split.global_positions(seg)).tolist(), None, {})
-            return
-        table = self._view.table()
+    def _fetch_pieces(
+        self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder
+    ) -> Iterator[FetchedFrames]:
+        io = self._view.reader()
+        table = None if self._view.framed else self._view.table()
         missing: dict[int, BaseException] = {}
         for seg in segments:
             records = order.records_at(split.global_positions(seg))
-            for lo, hi in split_by_bytes(table["stored"][records], READ_BYTES):
-                piece = records[lo:hi]
-                frames, errors = self._read_piece(piece, missing)
-                yield _Piece(piece.tolist(), frames, errors)
+            for piece in io.plan_pieces(records, READ_BYTES, table=table):
+                yield io.fetch_many(piece, table=table, missing=missing)
 
-    def _decode(self, pieces: Iterator[_Piece], slot: int, raw: bool = False) -> Iterator[Any]:
-        """Check, decompress and load the records of ``pieces`` in order (skipping as ``on_error`` says).
+    def _decode(self, pieces: Iterator[FetchedFrames], slot: int, raw: bool = False) -> Iterator[Any]:
+        """Check, decompress and load the records of ``pieces`` in order (skipping as ``on_error``
+        says): the CPU half of the reader's bulk read (:meth:`StoreReader.decode_many`).
 
-        With ``raw``, once this worker's collate takes them (:func:`raw_accepted`), records are
-        yielded checked and decompressed but not unpickled, as :class:`RawRecord`.
+        With ``raw``, once this worker's collate takes them (:func:`raw_accepted`, checked
+        per piece), records are yielded checked and decompressed but not unpickled, as
+        :class:`~tensorstore_pt.reader.RawRecord`.
         """
         io = self._view.reader()
         skip = self.on_error == "skip"
-        table = None if self._view.framed else self._view.table()
         for piece in pieces:
-            frames = piece.frames
-            for rec in piece.records:
-                try:
-                    if frames is None:
-                        sample = io.read(rec)
-                    else:
-                        got = frames.get(rec)
-                        if got is None:
-                            raise piece.errors[rec]
-                        if raw and raw_accepted(self._id):
-                            data = io._decode(got[0], rec, table[rec], got[1], writable=True)  # type: ignore[index]
-                            sample = RawRecord(io._load, got[0], rec, data)  # type: ignore[arg-type]
-                        else:
-                            sample = io._load_frame(rec, got[0], table[rec], got[1])  # type: ignore[index]
-                except (CorruptStoreError, UnsafePayloadError) as exc:
+            for record, sample, error in io.decode_many(piece, raw=raw and raw_accepted(self._id)):
+                if error is not None:
                     if not skip:
-                        raise
-                    self._count_skip(slot, rec, exc)
+                        raise error
+                    self._count_skip(slot, record, error)
                     continue
                 yield sample
 

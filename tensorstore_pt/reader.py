@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from .codecs.registry import MAX_DICT_BYTES
 from .errors import (
     AllocationBudgetError,
     ChecksumMismatchError,
+    CorruptStoreError,
     IndexFormatError,
     InvalidOptionError,
     MissingShardError,
@@ -41,7 +42,6 @@ from .format import (
     MAX_INDEX_BYTES,
     RECORD_DTYPE,
     SHARD_SUFFIX,
-    TRAILER_BYTES,
     IndexInfo,
     ShardEntry,
     ShardFooter,
@@ -49,10 +49,42 @@ from .format import (
     parse_index,
 )
 from .serialization import loads
-from .shardio import DEFAULT_MAX_RECORD_BYTES, check_frame, check_index_sizes, file_digest, read_exact, read_footer
+from ._partition import plan_runs, split_by_bytes
+from .shardio import (
+    DEFAULT_MAX_RECORD_BYTES,
+    WHOLE_SHARD_SLACK_BYTES,
+    check_frame,
+    check_header,
+    check_index_sizes,
+    fetch_footer,
+    file_digest,
+    read_exact,
+    read_footer,
+)
 from .storage import ReadHandle, Storage, storage_for
 
-__all__ = ["DEFAULT_MAX_RECORD_BYTES", "StoreReader", "check_index_sizes", "open_store", "read_footer"]
+__all__ = [
+    "DEFAULT_MAX_RECORD_BYTES",
+    "MERGE_GAP_BYTES",
+    "READ_BYTES",
+    "FetchedFrames",
+    "RawRecord",
+    "RecordResult",
+    "StoreReader",
+    "check_index_sizes",
+    "open_store",
+    "read_footer",
+]
+
+#: Bulk reads (:meth:`StoreReader.iter_many`) fetch and decode records in pieces of about this
+#: many stored (compressed) bytes.
+READ_BYTES = 2**20
+#: Frames of one shard less than this many bytes apart may be fetched with one positional read
+#: (the gap is read and dropped), as long as the gaps of a piece add up to at most its own bytes.
+MERGE_GAP_BYTES = 64 * 2**10
+#: What a bulk read reports per record instead of raising: the store's damage
+#: (``CorruptStoreError`` and its subclasses) and refused pickles (``UnsafePayloadError``).
+RECORD_ERRORS: tuple[type[BaseException], ...] = (CorruptStoreError, UnsafePayloadError)
 
 
 def _check_max_record_bytes(value: Any) -> int:
@@ -120,13 +152,108 @@ def _read_index(storage: Storage) -> tuple[IndexInfo, int]:
 _OPEN_ATTEMPTS = 5
 
 
+class RecordResult(NamedTuple):
+    """One record of a bulk read (:meth:`StoreReader.iter_many`, :meth:`StoreReader.decode_many`).
+
+    Attributes:
+        record: The record's position in the store (``0 <= record < len(store)``; a negative
+            request is reported as its non-negative position).
+        sample: The loaded sample (a :class:`RawRecord` with ``raw=True``); None when ``error``
+            is set.
+        error: None, or why the record cannot be read: a
+            :class:`~tensorstore_pt.errors.CorruptStoreError` (checksum, length, decode,
+            missing or damaged shard...) or :class:`~tensorstore_pt.errors.UnsafePayloadError`,
+            naming the store, shard and record. The error is returned, not raised.
+    """
+
+    record: int
+    sample: Any
+    error: BaseException | None
+
+
+class RawRecord:
+    """A record checked and decompressed but not yet unpickled (bulk reads with ``raw=True``).
+
+    Attributes:
+        shard: The index of the record's shard in the store's index.
+        record: The record's position in the store.
+        data: The record's ``torch.save`` buffer, a ``bytearray`` of its own (tensors built
+            over it share it, without a copy).
+
+    :meth:`load` unpickles it as :meth:`StoreReader.read` would. Batch decoders
+    (``tensorstore_pt.fastload.collate_records``) take ``data`` directly. A RawRecord refers to
+    its reader and is not pickled (it stays in the process that read it).
+    """
+
+    __slots__ = ("_reader", "shard", "record", "data")
+
+    def __init__(self, reader: StoreReader, shard: int, record: int, data: bytearray) -> None:
+        self._reader, self.shard, self.record, self.data = reader, shard, record, data
+
+    def load(self) -> Any:
+        """Unpickle the record (``weights_only`` semantics, the reader's ``map_location``).
+
+        Raises:
+            UnsafePayloadError, RecordDecodeError, AllocationBudgetError: As :meth:`StoreReader.read`.
+        """
+        return self._reader._load(self.shard, self.record, self.data)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a RawRecord belongs to the process that read it; it is not sent between processes")
+
+    def __repr__(self) -> str:
+        return f"RawRecord(record={self.record}, shard={self.shard}, bytes={len(self.data)})"
+
+
+class FetchedFrames:
+    """The stored frames of some records, fetched but not yet checked or decoded.
+
+    Made by :meth:`StoreReader.fetch_many` (the I/O half of a bulk read) and consumed by
+    :meth:`StoreReader.decode_many` (the CPU half), so that the two can run in different
+    threads. It holds the bytes of its positional reads (frames plus merged gaps).
+
+    Attributes:
+        records: int64 array of shape (n,): the records, in the requested order (duplicates
+            kept), all in ``[0, len(store))``.
+        stored_bytes: Bytes fetched (frames and merged gaps, plus a shard header when one was
+            checked on the way).
+        reads: Positional reads made (not counting footer reads).
+    """
+
+    __slots__ = ("records", "stored_bytes", "reads", "_frames", "_errors", "_framed", "_last_use")
+
+    def __init__(self, records: np.ndarray) -> None:
+        self.records = records
+        self.stored_bytes = 0
+        self.reads = 0
+        # one record per frame: record -> (shard, footer row, stored frame);
+        # multi-record frames: record -> (shard, frame, raw offset, raw bytes) and
+        # (shard, frame) -> (footer row, stored frame) in _framed
+        self._frames: dict[int, tuple[Any, ...]] = {}
+        self._errors: dict[Any, BaseException] = {}
+        self._framed: dict[tuple[int, int], tuple[Any, memoryview]] | None = None
+        self._last_use: dict[tuple[int, int], int] = {}
+
+    def error(self, record: int) -> BaseException | None:
+        """The error that kept ``record``'s frame from being fetched (missing shard, short
+        read, damaged footer...), or None."""
+        return self._errors.get(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"FetchedFrames(records={len(self.records)}, bytes={self.stored_bytes}, reads={self.reads})"
+
+
 class StoreReader:
     """Random access to a store's records.
 
     Use :func:`open_store` to create one.
 
     Thread safety: all methods may be called from many threads at once (reads are
-    positional, ``os.pread``; lazily opened handles and footers are guarded by a lock).
+    positional, ``ReadHandle.read_range``; lazily opened handles are guarded by a lock, and a
+    footer two threads load at once is loaded twice, with the same result).
     Fork/spawn safety: file handles belong to the process that opened them; after a fork the
     child opens its own on first use. A reader pickles to its location and options, so it can
     be sent to spawned DataLoader workers; the worker re-reads ``index.json`` and refuses a
@@ -134,6 +261,14 @@ class StoreReader:
 
     Memory: per shard, the footer's record table is kept as one numpy array (32 bytes a
     record) once a record of that shard has been read; no Python object per record.
+
+    Reads on a remote store (one request per ``read_range``): a shard's footer is fetched once,
+    with one ranged read of the shard's tail sized by the index
+    (:func:`~tensorstore_pt.shardio.fetch_footer`), and cached; ``open_store(verify=True)``
+    also reads each shard's 16-byte header at open. Then ``store[i]`` is one ranged read of the
+    record's frame, and a bulk read (``store[list]``, :meth:`read_many`) one ranged read per
+    run of nearby frames. No read fetches a whole shard, except one small enough that its
+    footer read covers it.
     """
 
     def __init__(
@@ -173,6 +308,9 @@ class StoreReader:
         check_index_sizes(index, self._codec, f"store {self.location!r}: {INDEX_NAME}")
         self._starts = np.array([s.first_record for s in index.shards], dtype=np.int64)
         self._footers: list[ShardFooter | None] = [None] * len(index.shards)
+        # Whether each shard's header was checked: at open with verify=True, else as soon as a
+        # read covers it (a small shard's footer read, or a read of its first frames).
+        self._header_ok: list[bool] = [False] * len(index.shards)
         self._init_process_state()
         if self._verify:
             for si in range(len(index.shards)):
@@ -334,27 +472,33 @@ class StoreReader:
         if footer is not None:
             return footer
         entry: ShardEntry = self._index.shards[si]
-        where = self._where(si)
         try:
-            size = self._handle(si).size()  # of the file this reader holds open, not of the name now
-            if size != entry.file_bytes:
-                raise ShardSizeError(f"{where}: expected {entry.file_bytes} bytes (index), found {size} bytes on disk")
-            header = self._read_exact(si, 0, HEADER_BYTES, "the header")
-            trailer = self._read_exact(si, size - TRAILER_BYTES, TRAILER_BYTES, "the trailer")
-            footer = read_footer(
-                header,
-                trailer,
-                size,
-                lambda offset, length: self._read_exact(si, offset, length, "the footer"),
-                self._index,
-                entry,
-                where,
+            footer, header_checked = fetch_footer(
+                self._handle(si), self._index, entry, self._where(si), header=self._verify
             )
         except (ShardSizeError, ShardFormatError) as exc:
             self._raise_if_changed(exc)  # a legacy store's shard name reused by a later writer
             raise
+        if header_checked:
+            self._header_ok[si] = True
         self._footers[si] = footer
         return footer
+
+    def _read_span(self, si: int, offset: int, length: int, what: str) -> bytes | memoryview:
+        """Read ``length`` bytes at ``offset`` of shard ``si``; when the shard's header is not
+        checked yet and lies at most ``WHOLE_SHARD_SLACK_BYTES`` before the span, read from
+        byte 0 and check the header too (same read)."""
+        footer = self._footers[si]
+        if footer is None or self._header_ok[si] or offset - HEADER_BYTES > WHOLE_SHARD_SLACK_BYTES:
+            return self._read_exact(si, offset, length, what)
+        data = self._read_exact(si, 0, offset + length, what)
+        try:
+            check_header(data[:HEADER_BYTES], footer, self._index, self._where(si))
+        except ShardFormatError as exc:
+            self._raise_if_changed(exc)
+            raise
+        self._header_ok[si] = True
+        return memoryview(data)[offset:]
 
     # ------------------------------------------------------------------ reading
 
@@ -365,7 +509,7 @@ class StoreReader:
         built over it without a copy.
         """
         row = self._footer(si).table[fi]
-        frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {record}'s frame")
+        frame = self._read_span(si, int(row["offset"]), int(row["stored"]), f"record {record}'s frame")
         return self._decode(si, record, row, frame, writable)
 
     def _decode(
@@ -415,11 +559,14 @@ class StoreReader:
         """
         return bytes(self._read_raw(i, writable=False)[2])
 
-    def read(self, i: int) -> Any:
+    def read(self, i: int, *, table: np.ndarray | None = None) -> Any:
         """Read one record by its position and load it.
 
         Args:
             i: Record position, ``-len(store) <= i < len(store)``.
+            table: Optional result of :meth:`record_table` (for instance in shared memory) to
+                take the record's frame position, length and checksum from, so that this
+                reader loads no footer (one positional read in all).
 
         Returns:
             The sample as written: tensors with their stored dtype and shape, on
@@ -430,10 +577,19 @@ class StoreReader:
             UnsafePayloadError: The record's pickle asks for globals outside the weights-only
                 allow-list; nothing from it is run.
             RecordDecodeError: The bytes are not a loadable torch.save buffer.
+            InvalidOptionError: ``table`` has the wrong dtype or shape, or the store has
+                multi-record frames (no per-record table).
 
         Memory: the decoded record is one buffer the returned tensors share (no further copy
         for contiguous storages); records of multi-record frames are copied out of the frame.
         """
+        if table is not None:
+            table = self._check_table(table)
+            j = self._normalize(i)
+            si, _ = self._locate(j)
+            row = table[j]
+            frame = self._read_span(si, int(row["offset"]), int(row["stored"]), f"record {j}'s frame")
+            return self._load(si, j, self._decode(si, j, row, frame, writable=True))
         # A writable buffer of its own lets the decoder build tensors over it without a copy.
         j, si, data = self._read_raw(i, writable=True)
         return self._load(si, j, data)
@@ -572,15 +728,6 @@ class StoreReader:
         _, rows = self._rows(j, j + 1, table)
         return self._decode(si, j, rows[0], frame)
 
-    def _load_frame(self, j: int, si: int, row: np.void, frame: bytes | memoryview) -> Any:
-        """Check, decode and load record ``j`` (in shard ``si``) from its stored frame.
-
-        The datasets' per-record path: ``j`` and ``si`` are already known to be right (from
-        :meth:`record_table` and :meth:`shard_bounds`), so no index search or range check is
-        repeated. The frame is decoded into a buffer of its own (no copy for the tensors).
-        """
-        return self._load(si, j, self._decode(si, j, row, frame, writable=True))
-
     def load_record(self, i: int, raw: bytes | bytearray | memoryview) -> Any:
         """Load record ``i``'s ``torch.save`` buffer with ``weights_only=True`` semantics.
 
@@ -591,6 +738,439 @@ class StoreReader:
         j = self._normalize(i)
         si, _ = self._locate(j)
         return self._load(si, j, raw)
+
+    # ------------------------------------------------------------------ bulk reads (read_many)
+
+    def _check_table(self, table: np.ndarray) -> np.ndarray:
+        if FEATURE_MULTI_RECORD_FRAMES in self._index.features:
+            raise InvalidOptionError(
+                f"table: store {self.location!r} has multi-record frames, which have no per-record frame table"
+            )
+        if not isinstance(table, np.ndarray) or table.dtype != RECORD_DTYPE or table.shape != (len(self),):
+            found = f"{table.dtype} {table.shape}" if isinstance(table, np.ndarray) else type(table).__name__
+            raise InvalidOptionError(
+                f"table: expected a {RECORD_DTYPE} array of shape ({len(self)},) from record_table(), found {found}"
+            )
+        return table
+
+    def _records_array(self, records: Any) -> np.ndarray:
+        """``records`` as an int64 array of non-negative positions (negative ones count from the end)."""
+        n = len(self)
+        kind = type(records).__name__
+        if isinstance(records, range):
+            arr = np.arange(records.start, records.stop, records.step, dtype=np.int64)
+        elif isinstance(records, (str, bytes)) or isinstance(records, (int, np.integer)):
+            raise RecordIndexTypeError(f"records: expected a 1-D sequence of ints, found {kind}")
+        else:
+            if hasattr(records, "detach"):  # a torch tensor
+                records = records.detach().cpu().numpy()
+            try:
+                arr = np.asarray(records)
+            except (TypeError, ValueError) as exc:
+                raise RecordIndexTypeError(f"records: expected a 1-D sequence of ints, found {kind} ({exc})") from exc
+        if arr.ndim != 1:
+            raise RecordIndexTypeError(f"records: expected a 1-D sequence of ints, found {arr.ndim}-D {kind}")
+        if arr.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if arr.dtype.kind not in "iu":
+            bad = next((x for x in arr.tolist() if isinstance(x, bool) or not isinstance(x, int)), arr[0])
+            raise RecordIndexTypeError(f"record index: expected an int, found {type(bad).__name__}")
+        if arr.dtype.kind == "u" and int(arr.max()) >= n:
+            raise RecordIndexError(
+                f"record {int(arr.max())} is out of range for store {self.location!r} with {n} records"
+            )
+        arr = arr.astype(np.int64, copy=False)
+        bad = (arr < -n) | (arr >= n)
+        if bad.any():
+            raise RecordIndexError(
+                f"record {int(arr[bad][0])} is out of range for store {self.location!r} with {n} records"
+            )
+        return np.where(arr < 0, arr + n, arr)
+
+    def _frames_of(
+        self, recs: np.ndarray, table: np.ndarray | None, failed: dict[int, BaseException]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Per record of ``recs``: its shard, its frame's footer row, and (multi-record frames) an
+        int64 array (n, 3) of frame index, raw offset and raw bytes. Records of a shard whose
+        footer cannot be read get shard -1 (the error in ``failed``, by shard) and a zero row."""
+        shard = np.searchsorted(self._starts, recs, side="right") - 1
+        if table is not None:
+            return shard, table[recs], None
+        if not len(recs):
+            return shard, np.zeros(0, dtype=RECORD_DTYPE), None
+        multi = FEATURE_MULTI_RECORD_FRAMES in self._index.features
+        rows = np.zeros(len(recs), dtype=RECORD_DTYPE)
+        where = np.zeros((len(recs), 3), dtype=np.int64) if multi else None
+        order = np.argsort(shard, kind="stable")
+        ss = shard[order]
+        cuts = np.flatnonzero(ss[1:] != ss[:-1]) + 1
+        for idx in np.split(order, cuts):
+            si = int(shard[idx[0]])
+            try:
+                exc = failed.get(si)
+                if exc is not None:
+                    raise exc
+                footer = self._footer(si)
+            except RECORD_ERRORS as exc:
+                failed[si] = exc
+                shard[idx] = -1
+                continue
+            k = recs[idx] - self._starts[si]
+            if footer.record_map is None:
+                rows[idx] = footer.table[k]
+                if where is not None:
+                    where[idx, 0], where[idx, 1], where[idx, 2] = k, 0, footer.table["raw"][k]
+            else:
+                rm = footer.record_map[k]
+                fi = rm["frame"].astype(np.int64)
+                rows[idx] = footer.table[fi]
+                where[idx, 0], where[idx, 1], where[idx, 2] = fi, rm["raw_offset"], rm["raw"]  # type: ignore[index]
+        return shard, rows, where
+
+    def plan_pieces(
+        self, records: Sequence[int] | np.ndarray, read_bytes: int = READ_BYTES, *, table: np.ndarray | None = None
+    ) -> list[np.ndarray]:
+        """Cut ``records`` (kept in their order) into consecutive pieces of about ``read_bytes``
+        stored bytes, the unit in which :meth:`iter_many` fetches and decodes.
+
+        A record counts its frame's stored bytes; with multi-record frames (format 1.1), a run
+        of consecutive requested records sharing one frame counts it once and is never cut,
+        so the frame is fetched and decoded once for the run. A piece holds at least one
+        record (or run), and at most ``read_bytes`` plus one frame.
+
+        Args:
+            records: Record positions (a sequence, range, 1-D integer array or tensor); any
+                order, duplicates allowed, negative positions count from the end.
+            read_bytes: Target stored bytes a piece, a positive int.
+            table: Optional :meth:`record_table` result to take frame sizes from (no footer
+                is loaded). Not for stores with multi-record frames.
+
+        Returns:
+            int64 arrays of non-negative positions whose concatenation is ``records``.
+
+        Raises:
+            RecordIndexError, RecordIndexTypeError, InvalidOptionError: As :meth:`read_many`.
+        """
+        read_bytes = _check_read_bytes(read_bytes)
+        recs = self._records_array(records)
+        if table is not None:
+            table = self._check_table(table)
+        return [recs[lo:hi] for lo, hi in self._plan(recs, read_bytes, table)]
+
+    def _plan(self, recs: np.ndarray, read_bytes: int, table: np.ndarray | None) -> list[tuple[int, int]]:
+        if table is not None:
+            return split_by_bytes(table["stored"][recs], read_bytes)
+        shard, rows, where = self._frames_of(recs, None, {})
+        if where is None:
+            return split_by_bytes(rows["stored"], read_bytes)
+        if not len(recs):
+            return []
+        key = shard * (1 << 40) + where[:, 0]
+        starts = np.concatenate([[0], np.flatnonzero(key[1:] != key[:-1]) + 1])
+        groups = split_by_bytes(rows["stored"][starts], read_bytes)
+        edges = np.append(starts, len(recs)).tolist()
+        return [(edges[lo], edges[hi]) for lo, hi in groups]
+
+    def fetch_many(
+        self,
+        records: Sequence[int] | np.ndarray,
+        *,
+        table: np.ndarray | None = None,
+        missing: dict[int, BaseException] | None = None,
+    ) -> FetchedFrames:
+        """Fetch the stored frames of ``records`` with as few positional reads as possible.
+
+        The I/O half of a bulk read. Frames are read in file order: sorted by shard and offset,
+        each frame once however often it is requested (and, with multi-record frames, however
+        many requested records share it); neighbouring frames of a shard less than
+        :data:`MERGE_GAP_BYTES` apart are fetched with one read, the smallest gaps first, with
+        at most as many gap bytes as frame bytes in all
+        (:func:`~tensorstore_pt._partition.plan_runs`). Nothing is checked or decoded here:
+        pass the result to :meth:`decode_many`. Call it on pieces of :meth:`plan_pieces` to
+        bound memory.
+
+        Args:
+            records: Record positions, as for :meth:`read_many`.
+            table: Optional :meth:`record_table` result to take frame positions from (no
+                footer is loaded). Not for stores with multi-record frames.
+            missing: Optional dict of shards known to be unreadable in this pass (shard index
+                to its error): their records get that error without a new attempt, and shards
+                found missing here are added. Pass the same dict to successive calls.
+
+        Returns:
+            A :class:`FetchedFrames`. A record whose shard is missing, truncated or has a
+            damaged footer carries that error (:meth:`FetchedFrames.error`); nothing is raised
+            for it.
+
+        Raises:
+            RecordIndexError: A position is out of range.
+            RecordIndexTypeError: ``records`` is not a 1-D sequence of ints.
+            InvalidOptionError: ``table`` has the wrong dtype or shape.
+            StoreChangedError: The store was replaced since this reader opened it.
+            OSError: The storage failed (for a remote store, after its retries).
+
+        Memory: the bytes read (the frames plus merged gaps), held by the result.
+        Thread safety: safe; the result may be decoded in another thread.
+        """
+        recs = self._records_array(records)
+        if table is not None:
+            table = self._check_table(table)
+        return self._fetch(recs, table, {} if missing is None else missing)
+
+    def _fetch(self, recs: np.ndarray, table: np.ndarray | None, missing: dict[int, BaseException]) -> FetchedFrames:
+        out = FetchedFrames(recs)
+        if not len(recs):
+            return out
+        u = np.unique(recs)
+        shard, rows, where = self._frames_of(u, table, missing)
+        errors = out._errors
+        bad = shard < 0
+        if bad.any():
+            for rec in u[bad].tolist():
+                errors[rec] = missing[int(np.searchsorted(self._starts, rec, side="right")) - 1]
+            keep = ~bad
+            u, shard, rows = u[keep], shard[keep], rows[keep]
+            where = where[keep] if where is not None else None
+        if where is not None:
+            # Multi-record frames: fetch each frame once.
+            fkey = shard * (1 << 40) + where[:, 0]
+            _, first = np.unique(fkey, return_index=True)
+            t_shard, t_rows, t_frame = shard[first], rows[first], where[first, 0]
+        else:
+            t_shard, t_rows, t_frame = shard, rows, None
+        offsets = t_rows["offset"].astype(np.int64)
+        sizes = t_rows["stored"].astype(np.int64)
+        ends = offsets + sizes
+        cut = plan_runs(offsets, ends, t_shard, MERGE_GAP_BYTES, int(sizes.sum()))
+        framed: dict[tuple[int, int], tuple[Any, memoryview]] = {}
+        failed_frames: dict[tuple[int, int], BaseException] = {}
+        frames = out._frames
+        for run in np.split(np.arange(len(offsets)), cut):
+            a, b = int(run[0]), int(run[-1])
+            si = int(t_shard[a])
+            base = int(offsets[a])
+            try:
+                exc = missing.get(si)
+                if exc is not None:
+                    raise exc
+                if a == b:
+                    what = f"record {int(u[a])}'s frame" if t_frame is None else f"frame {int(t_frame[a])}"
+                else:
+                    what = (
+                        f"the frames of records [{int(u[a])}, {int(u[b]) + 1})"
+                        if t_frame is None
+                        else f"frames [{int(t_frame[a])}, {int(t_frame[b]) + 1})"
+                    )
+                buf = self._read_span(si, base, int(ends[b]) - base, what)
+            except RECORD_ERRORS as exc:
+                if isinstance(exc, MissingShardError):
+                    missing[si] = exc
+                if t_frame is None:
+                    for rec in u[run].tolist():
+                        errors[rec] = exc
+                else:
+                    for f in t_frame[run].tolist():
+                        failed_frames[(si, f)] = exc
+                continue
+            out.reads += 1
+            out.stored_bytes += len(buf)
+            view = buf if isinstance(buf, memoryview) else memoryview(buf)
+            rel = (offsets[run] - base).tolist()
+            if t_frame is None:
+                for k, o, z, rec in zip(run.tolist(), rel, sizes[run].tolist(), u[run].tolist()):
+                    frames[rec] = (si, t_rows[k], view[o : o + z])
+            else:
+                for k, o, z, f in zip(run.tolist(), rel, sizes[run].tolist(), t_frame[run].tolist()):
+                    framed[(si, f)] = (t_rows[k], view[o : o + z])
+        if where is not None:
+            out._framed = framed
+            for rec, si, (f, off, n) in zip(u.tolist(), shard.tolist(), where.tolist()):
+                exc = failed_frames.get((si, f))
+                if exc is not None:
+                    errors[rec] = exc
+                else:
+                    frames[rec] = (si, f, off, n)
+        return out
+
+    def decode_many(self, fetched: FetchedFrames, *, raw: bool = False) -> Iterator[RecordResult]:
+        """Check, decompress and load the records of ``fetched``, in its order.
+
+        The CPU half of a bulk read (see :meth:`fetch_many`). Each frame goes through the
+        same checks as :meth:`read` (checksum before decompression, raw length before
+        allocation, decoded length after); with multi-record frames, each frame is checked and
+        decoded once for all the records of ``fetched`` that share it, and each record is
+        copied out into a buffer of its own.
+
+        Args:
+            fetched: What :meth:`fetch_many` of this reader returned.
+            raw: Yield :class:`RawRecord` samples (checked and decompressed, not unpickled).
+
+        Yields:
+            A :class:`RecordResult` per requested record, in order. Per-record damage
+            (``CorruptStoreError``, ``UnsafePayloadError``) is in ``error``, never raised.
+
+        Memory: one decoded record at a time beyond what the caller keeps; with multi-record
+        frames, also the decoded frames still needed by later records of ``fetched`` (one
+        when records come in store order).
+        Thread safety: safe; one iterator per thread.
+        """
+        frames = fetched._frames
+        errors = fetched._errors
+        codec, budget = self._codec, self.max_record_bytes
+        if fetched._framed is None:
+            load = self._load
+            for rec in fetched.records.tolist():
+                got = frames.get(rec)
+                if got is None:
+                    yield RecordResult(rec, None, errors[rec])
+                    continue
+                si, row, frame = got
+                try:
+                    data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget, writable=True)
+                    sample = RawRecord(self, si, rec, data) if raw else load(si, rec, data)  # type: ignore[arg-type]
+                except RECORD_ERRORS as exc:
+                    yield RecordResult(rec, None, exc)
+                    continue
+                yield RecordResult(rec, sample, None)
+            return
+        framed = fetched._framed
+        records = fetched.records.tolist()
+        last: dict[tuple[int, int], int] = {}
+        for pos, rec in enumerate(records):
+            got = frames.get(rec)
+            if got is not None:
+                last[(got[0], got[1])] = pos
+        decoded: dict[tuple[int, int], Any] = {}
+        for pos, rec in enumerate(records):
+            got = frames.get(rec)
+            if got is None:
+                yield RecordResult(rec, None, errors[rec])
+                continue
+            si, f, off, n = got
+            key = (si, f)
+            data = decoded.get(key)
+            if data is None:
+                row, frame = framed[key]
+                try:
+                    data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget)
+                except RECORD_ERRORS as exc:
+                    data = exc
+                decoded[key] = data
+            if last[key] == pos:
+                del decoded[key]
+            if isinstance(data, BaseException):
+                yield RecordResult(rec, None, data)
+                continue
+            buf = bytearray(memoryview(data)[off : off + n])
+            try:
+                sample = RawRecord(self, si, rec, buf) if raw else self._load(si, rec, buf)
+            except RECORD_ERRORS as exc:
+                yield RecordResult(rec, None, exc)
+                continue
+            yield RecordResult(rec, sample, None)
+
+    def iter_many(
+        self,
+        records: Sequence[int] | np.ndarray,
+        *,
+        raw: bool = False,
+        read_bytes: int = READ_BYTES,
+        table: np.ndarray | None = None,
+    ) -> Iterator[RecordResult]:
+        """Read many records, yielding each one's sample or error in the requested order.
+
+        :meth:`plan_pieces`, then for each piece :meth:`fetch_many` and :meth:`decode_many`:
+        pieces of about ``read_bytes`` stored bytes, each fetched with as few positional reads
+        as possible (sorted by shard and offset, nearby frames merged), then checked, decoded
+        and loaded in the requested order.
+
+        Args:
+            records: Record positions (a sequence, range, 1-D integer array or tensor); any
+                order, duplicates allowed (each occurrence gets a sample of its own, the frame
+                is read once a piece), negative positions count from the end.
+            raw: Yield :class:`RawRecord` samples (checked and decompressed, not unpickled).
+            read_bytes: Target stored bytes a piece (default :data:`READ_BYTES`, 1 MiB).
+            table: Optional :meth:`record_table` result to take frame positions from (no
+                footer is loaded). Not for stores with multi-record frames.
+
+        Yields:
+            A :class:`RecordResult` per requested record. Damage to a record or its shard
+            (``CorruptStoreError``) and refused pickles (``UnsafePayloadError``) are reported
+            in ``error``, not raised, so the caller decides to skip or raise.
+
+        Raises:
+            RecordIndexError: A position is out of range (before anything is read).
+            RecordIndexTypeError: ``records`` is not a 1-D sequence of ints.
+            InvalidOptionError: ``read_bytes`` or ``table`` is invalid.
+            StoreChangedError: The store was replaced since this reader opened it.
+            OSError: The storage failed (for a remote store, after its retries).
+
+        Memory: one piece of fetched bytes (at most ``2 * read_bytes`` plus one frame: frames
+        and merged gaps), plus the sample being yielded (and, with multi-record frames, the
+        decoded frames the piece still needs). A shard a piece finds missing is not opened
+        again by later pieces.
+        Thread safety: safe; each iterator belongs to one thread.
+        """
+        read_bytes = _check_read_bytes(read_bytes)
+        recs = self._records_array(records)
+        if table is not None:
+            table = self._check_table(table)
+        return self._iter_many(recs, raw, read_bytes, table)
+
+    def _iter_many(
+        self, recs: np.ndarray, raw: bool, read_bytes: int, table: np.ndarray | None
+    ) -> Iterator[RecordResult]:
+        missing: dict[int, BaseException] = {}
+        for lo, hi in self._plan(recs, read_bytes, table):
+            yield from self.decode_many(self._fetch(recs[lo:hi], table, missing), raw=raw)
+
+    def read_many(
+        self,
+        records: Sequence[int] | np.ndarray,
+        *,
+        raw: bool = False,
+        on_error: str = "raise",
+        read_bytes: int = READ_BYTES,
+        table: np.ndarray | None = None,
+    ) -> list[Any]:
+        """Read many records at once: ``store[list]``, ``store[slice]`` and ``store[array]`` use it.
+
+        Frames are fetched with as few positional reads as possible (see :meth:`iter_many`):
+        on a remote store, a run of nearby records is one ranged read, and a footer is
+        fetched once per shard.
+
+        Args:
+            records: Record positions (a sequence, range, 1-D integer array or tensor); any
+                order, duplicates allowed, negative positions count from the end.
+            raw: Return :class:`RawRecord` samples (checked and decompressed, not unpickled).
+            on_error: ``"raise"`` (default): the first damaged record in the requested order
+                raises its error. ``"return"``: its error (a ``CorruptStoreError`` or
+                ``UnsafePayloadError`` instance) takes its place in the list.
+            read_bytes: Target stored bytes fetched and decoded at a time (default
+                :data:`READ_BYTES`, 1 MiB).
+            table: Optional :meth:`record_table` result to take frame positions from.
+
+        Returns:
+            A list of samples, one per requested position, in the requested order.
+
+        Raises:
+            Everything :meth:`read` and :meth:`iter_many` raise; and
+            InvalidOptionError: ``on_error`` is not ``"raise"`` or ``"return"``.
+
+        Memory: the returned samples, plus one piece (:meth:`iter_many`).
+        Thread safety: safe.
+        """
+        if on_error not in ("raise", "return"):
+            raise InvalidOptionError(f"on_error: expected 'raise' or 'return', found {on_error!r}")
+        out: list[Any] = []
+        for result in self.iter_many(records, raw=raw, read_bytes=read_bytes, table=table):
+            if result.error is not None:
+                if on_error == "raise":
+                    raise result.error
+                out.append(result.error)
+            else:
+                out.append(result.sample)
+        return out
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> Any:
         """``store[i]`` reads one record; a slice or a sequence of ints reads a list of them.
@@ -607,7 +1187,7 @@ class StoreReader:
         if isinstance(key, slice):
             if key.step == 0:
                 raise InvalidOptionError("store slice: expected a non-zero step, found 0")
-            return [self.read(i) for i in range(*key.indices(len(self)))]
+            return self.read_many(range(*key.indices(len(self))))
         if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             return self.read(int(key))
         kind = type(key).__name__
@@ -616,13 +1196,21 @@ class StoreReader:
             if isinstance(key, int) and not isinstance(key, bool):
                 return self.read(key)
         if isinstance(key, (list, tuple)):
-            return [self.read(i) for i in key]
+            return self.read_many(key)
         raise RecordIndexTypeError(f"store index: expected an int, slice or sequence of ints, found {kind}")
 
     def __iter__(self) -> Iterator[Any]:
-        """Yield every record in order (shard by shard, sequential reads)."""
-        for i in range(len(self)):
-            yield self.read(i)
+        """Yield every record in order: shard by shard, in pieces of about :data:`READ_BYTES`
+        (one positional read each).
+
+        Raises:
+            The first record's error, as :meth:`read`.
+        """
+        for first, end in self.shard_bounds().tolist():
+            for result in self._iter_many(np.arange(first, end, dtype=np.int64), False, READ_BYTES, None):
+                if result.error is not None:
+                    raise result.error
+                yield result.sample
 
     def verify(self) -> None:
         """Check every shard's size and whole-file checksum and every record's frame.
@@ -641,6 +1229,12 @@ class StoreReader:
             footer = self._footer(si)
             for fi in range(len(footer.table)):
                 self._decoded_frame(si, fi, entry.first_record + _first_record_of_frame(footer, fi))
+
+
+def _check_read_bytes(value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidOptionError(f"read_bytes: expected a positive int (bytes), found {value!r}")
+    return int(value)
 
 
 def _first_record_of_frame(footer: ShardFooter, fi: int) -> int:

@@ -1,0 +1,337 @@
+"""StoreReader's bulk read (read_many, iter_many, fetch_many/decode_many) and the cost of random
+access in positional reads: what a remote store pays one request each for.
+
+A counting Storage (LocalStorage underneath) counts every ``read_range`` call and its bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import tensorstore_pt as ts
+import tensorstore_pt.reader as reader_mod
+import tensorstore_pt.shardio as shardio
+from tensorstore_pt.format import HEADER_BYTES, TRAILER_BYTES
+from tensorstore_pt.storage import ReadHandle
+from tensorstore_pt.storage.local import LocalStorage
+
+N = 300
+RECORD_ELEMS = 3000  # incompressible uint8: a frame is about RECORD_ELEMS + torch.save's overhead
+
+
+class _CountingHandle(ReadHandle):
+    def __init__(self, inner: ReadHandle, counts: _Counts) -> None:
+        self._inner, self._counts = inner, counts
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        data = self._inner.read_range(offset, length)
+        self._counts.add(offset, len(data))
+        return data
+
+    def size(self) -> int:
+        self._counts.sizes += 1
+        return self._inner.size()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.reads, self.bytes, self.sizes, self.ranges = 0, 0, 0, []
+
+    def add(self, offset: int, n: int) -> None:
+        with self._lock:
+            self.reads += 1
+            self.bytes += n
+            self.ranges.append((offset, n))
+
+
+class CountingStorage(LocalStorage):
+    """LocalStorage that counts positional reads (calls and bytes) on every file it opens."""
+
+    def __init__(self, root: Any) -> None:
+        super().__init__(root)
+        self.counts = _Counts()
+
+    def open(self, name: str) -> ReadHandle:
+        return _CountingHandle(super().open(name), self.counts)
+
+
+def _sample(i: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(i)
+    return {"x": torch.randint(0, 256, (RECORD_ELEMS,), dtype=torch.uint8, generator=g), "i": torch.tensor(i)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("rm") / "s"
+    ts.write_store((_sample(i) for i in range(N)), path, codec="none", max_shard_bytes=400_000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def framed_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("rmf") / "s"
+    ts.write_store((_sample(i) for i in range(N)), path, max_shard_bytes=400_000, frame_target_bytes=20_000)
+    return path
+
+
+def _ids(samples: list[Any]) -> list[int]:
+    return [int(s["i"]) for s in samples]
+
+
+def _frame_bytes(path: Path, i: int) -> int:
+    return int(ts.open_store(path).record_table()["stored"][i])
+
+
+def test_store_layout_is_what_the_counts_below_assume(store: Path) -> None:
+    r = ts.open_store(store)
+    assert len(r.index.shards) >= 2
+    entry = r.index.shards[0]
+    footer_bytes = entry.file_bytes - HEADER_BYTES - entry.stored_bytes
+    # the shard is much larger than its footer: reading it whole would show in the byte counts
+    assert entry.file_bytes > 20 * footer_bytes > 0
+
+
+def test_random_read_is_one_tail_read_then_one_read_a_record(store: Path) -> None:
+    st = CountingStorage(store)
+    r = ts.open_store(st, verify=False)
+    st.counts.reset()
+    first, end = (int(x) for x in r.shard_bounds()[0])
+    i = (first + end) // 2
+    entry = r.index.shards[0]
+    footer_bytes = entry.file_bytes - HEADER_BYTES - entry.stored_bytes
+
+    assert int(r[i]["i"]) == i
+    assert st.counts.reads == 2  # cold: the shard's tail (trailer + footer), then the record
+    tail_offset, tail_bytes = st.counts.ranges[0]
+    assert tail_offset == entry.file_bytes - footer_bytes and tail_bytes == footer_bytes
+    assert st.counts.ranges[1] == (int(r.record_table()["offset"][i]), _frame_bytes(store, i))
+    assert st.counts.sizes == 0  # no size request either
+
+    st.counts.reset()
+    for j in (i + 3, first + 1, end - 1):
+        before = st.counts.reads, st.counts.bytes
+        assert int(r[j]["i"]) == j
+        # warm: one read of exactly the record's frame
+        assert (st.counts.reads - before[0], st.counts.bytes - before[1]) == (1, _frame_bytes(store, j))
+
+
+def test_adjacent_records_are_one_read_and_far_ones_are_not_merged(store: Path) -> None:
+    st = CountingStorage(store)
+    r = ts.open_store(st)  # verify=True: every footer (and header) read at open
+    frames = r.record_table()
+    first, end = (int(x) for x in r.shard_bounds()[1])
+    i = first + 5
+    st.counts.reset()
+    assert _ids(r[[i, i + 1, i + 2]]) == [i, i + 1, i + 2]
+    assert st.counts.reads == 1
+    assert st.counts.bytes == int(frames["stored"][i : i + 3].sum())
+
+    st.counts.reset()
+    assert _ids(r[[i + 2, i, i + 1, i]]) == [i + 2, i, i + 1, i]  # any order, duplicates: still one read
+    assert (st.counts.reads, st.counts.bytes) == (1, int(frames["stored"][i : i + 3].sum()))
+
+    st.counts.reset()
+    far = [first, end - 1, int(r.shard_bounds()[0, 0])]  # > 64 KiB apart, or in other shards
+    assert _ids(r[far]) == far
+    assert st.counts.reads == 3 and st.counts.bytes == int(frames["stored"][far].sum())
+
+
+def test_open_with_verify_reads_tail_and_header_of_each_shard(store: Path) -> None:
+    st = CountingStorage(store)
+    st.counts.reset()
+    r = ts.open_store(st)
+    shard_reads = [(o, n) for o, n in st.counts.ranges if n != len((store / "index.json").read_bytes())]
+    assert len(shard_reads) == 2 * len(r.index.shards)
+    assert sum(1 for o, n in shard_reads if (o, n) == (0, HEADER_BYTES)) == len(r.index.shards)
+
+
+def test_read_many_over_a_shard_reads_in_pieces(store: Path) -> None:
+    st = CountingStorage(store)
+    r = ts.open_store(st)
+    first, end = (int(x) for x in r.shard_bounds()[0])
+    stored = int(r.record_table()["stored"][first:end].sum())
+    read_bytes = 64 * 2**10
+    pieces = r.plan_pieces(range(first, end), read_bytes)
+    assert np.array_equal(np.concatenate(pieces), np.arange(first, end))
+    assert len(pieces) == pytest.approx(stored / read_bytes, abs=1.0)
+    st.counts.reset()
+    got = r.read_many(range(first, end), read_bytes=read_bytes)
+    assert _ids(got) == list(range(first, end))
+    assert st.counts.reads == len(pieces)  # one read a piece: O(pieces), not O(records)
+    assert st.counts.bytes == stored
+    assert max(n for _, n in st.counts.ranges) <= read_bytes + max(_frame_bytes(store, i) for i in range(first, end))
+
+    st.counts.reset()
+    assert _ids(list(r)) == list(range(N))  # iteration: default 1 MiB pieces, in store order
+    assert st.counts.reads == sum(len(r.plan_pieces(range(a, b))) for a, b in r.shard_bounds().tolist())
+
+
+def test_a_footer_larger_than_the_tail_read_takes_a_second_read(store: Path, monkeypatch) -> None:
+    monkeypatch.setattr(shardio, "MAX_TAIL_BYTES", 100)  # smaller than any footer here
+    st = CountingStorage(store)
+    r = ts.open_store(st, verify=False)
+    st.counts.reset()
+    assert int(r[3]["i"]) == 3
+    assert st.counts.reads == 3  # the tail (trailer and a bit), the rest of the footer, the record
+    assert st.counts.ranges[0][1] == max(100, TRAILER_BYTES)
+
+
+def test_a_shard_of_the_wrong_size_is_found_by_the_tail_read(tmp_path: Path, store: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    shard = copy / ts.open_store(copy).index.shards[1].name
+    with open(shard, "ab") as f:
+        f.write(b"junk")
+    r = ts.open_store(copy, verify=False)
+    i = int(r.shard_bounds()[1, 0]) + 1
+    with pytest.raises(ts.ShardSizeError, match=r"expected \d+ bytes \(index\), found \d+ bytes on disk"):
+        r[i]
+    with pytest.raises(ts.ShardSizeError):
+        ts.open_store(copy)
+
+
+def test_read_many_matches_read_in_any_order(store: Path) -> None:
+    r = ts.open_store(store)
+    rng = np.random.default_rng(1)
+    req = rng.integers(-N, N, size=200)
+    want = [int(x) % N for x in req]
+    assert _ids(r.read_many(req)) == want
+    assert _ids(r[req]) == want  # a numpy array
+    assert _ids(r[torch.from_numpy(req)]) == want
+    assert _ids(r[N - 5 :: -37]) == list(range(N - 5, -1, -37))
+    assert _ids(r.read_many(req.tolist(), read_bytes=1)) == want  # one record a piece
+    samples = r.read_many([7, 7])
+    assert samples[0]["x"].data_ptr() != samples[1]["x"].data_ptr()  # duplicates: samples of their own
+    assert torch.equal(samples[0]["x"], _sample(7)["x"])
+    assert r.read_many([]) == []
+
+
+def test_read_many_refuses_bad_input(store: Path) -> None:
+    r = ts.open_store(store)
+    with pytest.raises(ts.RecordIndexError, match=f"record {N} is out of range"):
+        r.read_many([0, N])
+    with pytest.raises(ts.RecordIndexError, match=f"record {-N - 1} is out of range"):
+        r[[-N - 1]]
+    with pytest.raises(ts.RecordIndexTypeError, match="expected an int, found str"):
+        r[[0, "a"]]
+    with pytest.raises(ts.RecordIndexTypeError, match="1-D"):
+        r.read_many([[0, 1]])
+    with pytest.raises(ts.InvalidOptionError, match="read_bytes"):
+        r.read_many([0], read_bytes=0)
+    with pytest.raises(ts.InvalidOptionError, match="on_error"):
+        r.read_many([0], on_error="skip")
+    with pytest.raises(ts.InvalidOptionError, match="table"):
+        r.read_many([0], table=np.zeros(3))
+
+
+def _damage_record(path: Path, i: int) -> None:
+    r = ts.open_store(path)
+    si = int(np.searchsorted(r.shard_bounds()[:, 0], i, side="right")) - 1
+    off = int(r.record_table()["offset"][i]) + 40
+    shard = path / r.index.shards[si].name
+    data = bytearray(shard.read_bytes())
+    data[off] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_per_record_errors_are_reported_in_place(tmp_path: Path, store: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    _damage_record(copy, 11)
+    r = ts.open_store(copy)
+    results = list(r.iter_many([10, 11, 12, 11]))
+    assert [x.record for x in results] == [10, 11, 12, 11]
+    assert [x.error is None for x in results] == [True, False, True, False]
+    assert isinstance(results[1].error, ts.ChecksumMismatchError) and "record 11" in str(results[1].error)
+    assert int(results[2].sample["i"]) == 12
+    got = r.read_many([10, 11, 12], on_error="return")
+    assert int(got[0]["i"]) == 10 and isinstance(got[1], ts.ChecksumMismatchError) and int(got[2]["i"]) == 12
+    with pytest.raises(ts.ChecksumMismatchError, match="record 11"):
+        r[[10, 11, 12]]
+
+
+def test_missing_shard_is_an_error_per_record_and_not_retried(tmp_path: Path, store: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    r = ts.open_store(copy, verify=False)
+    (copy / r.index.shards[1].name).unlink()
+    a, b = (int(x) for x in r.shard_bounds()[1])
+    req = [0, a, a + 1, b - 1, b] if b < N else [0, a, a + 1, b - 1]
+    results = list(r.iter_many(req, read_bytes=1))
+    assert [x.error is not None for x in results] == [False, True, True, True, False][: len(req)]
+    assert all(isinstance(x.error, ts.MissingShardError) for x in results[1:4])
+
+
+def test_raw_records_load_like_read(store: Path) -> None:
+    r = ts.open_store(store)
+    raw = r.read_many([4, 9], raw=True)
+    assert all(type(x) is ts.RawRecord and isinstance(x.data, bytearray) for x in raw)
+    assert [int(x.load()["i"]) for x in raw] == [4, 9]
+    assert bytes(raw[0].data) == r.read_bytes(4)
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(raw[0])
+
+
+def test_fetch_then_decode_in_two_threads(store: Path) -> None:
+    st = CountingStorage(store)
+    r = ts.open_store(st)
+    table = r.record_table()
+    st.counts.reset()
+    fetched = r.fetch_many([20, 21, 22, 150], table=table)
+    assert fetched.reads == st.counts.reads and fetched.stored_bytes == st.counts.bytes
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.extend(r.decode_many(fetched)))
+    t.start()
+    t.join()
+    assert [(x.record, int(x.sample["i"])) for x in out] == [(20, 20), (21, 21), (22, 22), (150, 150)]
+    assert st.counts.reads == fetched.reads  # decoding reads nothing
+
+
+def test_multi_record_frames_are_fetched_and_decoded_once(framed_store: Path, monkeypatch) -> None:
+    st = CountingStorage(framed_store)
+    r = ts.open_store(st)
+    footers = [r._footer(si) for si in range(len(r.index.shards))]
+    fm = footers[0].record_map["frame"]
+    frame_of = {i: int(f) for i, f in enumerate(fm.tolist())}
+    frame0 = [i for i, f in frame_of.items() if f == 0]
+    frame1 = [i for i, f in frame_of.items() if f == 1]
+    assert len(frame0) >= 3 and frame1
+
+    calls: list[int] = []
+    real = reader_mod.check_frame
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reader_mod, "check_frame", counting)
+    req = [frame0[2], frame1[0], frame0[0], frame0[2], frame0[1]]
+    st.counts.reset()
+    assert _ids(r.read_many(req)) == req
+    assert len(calls) == 2  # two frames, each checked and decoded once
+    assert st.counts.reads == 1  # adjacent frames: one read
+    # whole store in order: each frame decoded once, in pieces
+    calls.clear()
+    assert _ids(r.read_many(range(N), read_bytes=30_000)) == list(range(N))
+    assert len(calls) == sum(len(f.table) for f in footers)
