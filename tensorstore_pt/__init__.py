@@ -9,6 +9,7 @@ from typing import Any as _Any
 from ._version import __version__
 from .errors import (
     AllocationBudgetError,
+    BackendNotInstalledError,
     ChecksumMismatchError,
     ConcurrentWriteError,
     CorruptStoreError,
@@ -18,6 +19,7 @@ from .errors import (
     MissingShardError,
     NotARegularFileError,
     NotAStoreError,
+    ReadOnlyStoreError,
     RecordDecodeError,
     RecordIndexError,
     RecordIndexTypeError,
@@ -85,6 +87,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AllocationBudgetError",
     "AuditReport",
+    "BackendNotInstalledError",
     "ChecksumMismatchError",
     "ConcurrentWriteError",
     "CorruptStoreError",
@@ -94,6 +97,7 @@ __all__ = [
     "MissingShardError",
     "NotARegularFileError",
     "NotAStoreError",
+    "ReadOnlyStoreError",
     "RecordDecodeError",
     "RecordIndexError",
     "RecordIndexTypeError",
