@@ -120,13 +120,16 @@ def default_cache_dir() -> Path:
 
 def store_identity(storage: Storage) -> str:
     """The string a store's cache directory is named after: its backend and location (a local
-    path made absolute; a URL as the backend spells it)."""
+    path made absolute; a URL as the backend spells it, with its ``endpoint_url`` if any)."""
     if isinstance(storage, LocalStorage):
         return f"local:{os.path.realpath(storage.root)}"
     ident = getattr(storage, "cache_identity", None)
     if isinstance(ident, str):
         return ident
-    return f"{type(storage).__module__}.{type(storage).__qualname__}:{storage.location}"
+    ident = f"{type(storage).__module__}.{type(storage).__qualname__}:{storage.location}"
+    options = getattr(storage, "storage_options", None)
+    endpoint = options.get("endpoint_url") if isinstance(options, dict) else None
+    return f"{ident} endpoint={endpoint}" if endpoint else ident  # the same bucket name on another server
 
 
 def _flock(fd: int, how: int) -> bool:

@@ -413,3 +413,29 @@ def test_two_jobs_one_cache_store_replaced_between_epochs(tmp_path: Path) -> Non
     # ...and a DataLoader worker, which reopens the store, is told that it was replaced.
     with pytest.raises(StoreChangedError):
         list(ts.StoreDataLoader(job_a, batch_size=4, num_workers=1))
+
+
+def test_backends_stream_through_the_cache(remote_store: tuple[str, Any], tmp_path: Path) -> None:
+    """Local (cache asked for), memory:// and S3 (moto): an epoch with 2 workers fills the cache
+    with each shard once; with the shards then deleted at the source, the next epoch is served
+    from the cache alone."""
+    from tensorstore_pt.storage import storage_for
+
+    url, options = remote_store
+    ts.write_store(
+        ({"i": torch.tensor(i), "v": torch.tensor(0), "x": torch.full((64,), float(i))} for i in range(40)),
+        url,
+        storage_options=options,
+        codec="none",
+        max_shard_bytes=6000,
+    )
+    ds = ts.StoreIterableDataset(url, storage_options=options, cache_dir=tmp_path / "cache", prefetch_shards=1)
+    shards = ts.open_store(url, storage_options=options).index.shards
+    assert len(shards) > 3
+    assert sorted(_ids(ts.StoreDataLoader(ds, batch_size=4, num_workers=2))) == [(i, 0) for i in range(40)]
+    assert ShardCache(tmp_path / "cache").usage_bytes() == sum(s.file_bytes for s in shards)
+    source = storage_for(url, options)
+    for s in shards:
+        source.remove(s.name)
+    ds.set_epoch(1)
+    assert sorted(_ids(ts.StoreDataLoader(ds, batch_size=4, num_workers=0))) == [(i, 0) for i in range(40)]
