@@ -285,13 +285,16 @@ class _StoreView:
             self.cached = CachedStorage(
                 self.storage, cache, reader.index.shards, index_digest=self.digest, prefetch_shards=prefetch_shards
             )
+        self.file_bytes = sum(s.file_bytes for s in reader.index.shards)
         keep = isinstance(store, StoreReader) and self.cached is None
         self._reader: StoreReader | None = reader if keep else None
+        self._direct: StoreReader | None = None
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_reader"] = None
+        state["_direct"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -301,9 +304,22 @@ class _StoreView:
         """The shared frame table as a ``RECORD_DTYPE`` array of shape (records,) (no copy)."""
         return self._table.numpy().view(RECORD_DTYPE).reshape(self.records)
 
-    def reader(self) -> StoreReader:
-        """This process's light reader (opened on first use, reopened after a fork)."""
+    def reader(self, direct: bool = False) -> StoreReader:
+        """This process's light reader (opened on first use, reopened after a fork); through
+        the shard cache if there is one, unless ``direct``."""
+        if direct and self.cached is not None:
+            if self._direct is None or self._pid != os.getpid():
+                self.reader()  # (re)sets the pid and the cached reader after a fork
+                self._direct = StoreReader(
+                    self.storage,
+                    verify=False,
+                    map_location=self.map_location,
+                    max_record_bytes=self.max_record_bytes,
+                    _expect_index_digest=self.digest,
+                )
+            return self._direct
         if self._reader is None or self._pid != os.getpid():
+            self._direct = None
             self._reader = StoreReader(
                 self.cached if self.cached is not None else self.storage,
                 verify=False,
@@ -547,7 +563,9 @@ class StoreIterableDataset(IterableDataset):
         cache_limit_bytes: Bytes the cache may hold (every store in it together), LRU-evicted;
             None: no limit. Pinned shards are never evicted: each consumer pins at most
             ``prefetch_shards + 1``, and where pins exceed the limit it is over-committed by
-            them (docs/remote.md).
+            them (docs/remote.md). A shuffled epoch of a store larger than the limit bypasses
+            the cache and fetches frames with ranged reads (whole shards would be evicted
+            between a shard's many visits and downloaded again).
         prefetch_shards: Shards each consumer downloads ahead of the one it reads, in as many
             background threads (default 2, at least 1). A shard is unpinned once the consumer
             has read its last record of it in the epoch (or moves past the shards it looks
@@ -839,11 +857,14 @@ class StoreIterableDataset(IterableDataset):
         slot = 0 if info is None else 1 + worker % (_SKIP_SLOTS - 1)
         if worker_sample_count(split.length, start, chunk, k, worker) == 0:
             return _SampleIterator(None, None)
+        direct = self._bypass_cache()
         step = min(_HANDOFF_SAMPLES, self.prefetch_samples)
         if info is None:
             # The main process: read, decompress and decode in a background thread, ahead of
             # the training loop.
-            producer = self._produce(self._decode(self._pieces(segments, split, order, plan), slot), step)
+            producer = self._produce(
+                self._decode(self._pieces(segments, split, order, plan, direct), slot, direct=direct), step
+            )
             source: Iterator[list[Any]] = Prefetcher(
                 producer, max(1, self.prefetch_samples // step), name="tspt-decode"
             )
@@ -853,13 +874,13 @@ class StoreIterableDataset(IterableDataset):
             # (measured: docs/datasets.md). Reads still run ahead in a thread, so that one
             # piece's I/O overlaps the previous piece's decoding.
             pieces = Prefetcher(
-                self._pieces(segments, split, order, plan), _READ_AHEAD_PIECES, name=f"tspt-read-w{worker}"
+                self._pieces(segments, split, order, plan, direct), _READ_AHEAD_PIECES, name=f"tspt-read-w{worker}"
             )
             # Under a StoreDataLoader, records go to its collate unpickled, which decodes a
             # batch of them at once (no transform to apply, and no skip to decide here).
             # (CPU records only: the batch decoding fills CPU memory, with no map_location.)
             raw = self.transform is None and self.on_error == "raise" and _is_cpu(self._view.map_location)
-            source = _closing(self._produce(self._decode(pieces, slot, raw), step), pieces)
+            source = _closing(self._produce(self._decode(pieces, slot, raw, direct), step), pieces)
         return _SampleIterator(source, self.transform)
 
     def _produce(self, samples: Iterator[Any], step: int) -> Iterator[list[Any]]:
@@ -887,6 +908,7 @@ class StoreIterableDataset(IterableDataset):
         split: RankSplit,
         order: EpochOrder,
         plan: Iterator[np.ndarray] | None = None,
+        direct: bool = False,
     ) -> Iterator[FetchedFrames]:
         """The consumer's records in order, in pieces of about ``READ_BYTES`` with their frames
         fetched: the I/O half of the reader's bulk read (:meth:`StoreReader.plan_pieces`,
@@ -898,11 +920,12 @@ class StoreIterableDataset(IterableDataset):
 
         Through a shard cache, ``plan`` (the same segments, walked again) tells the cache the
         order in which shards will be visited, so that it downloads the next ones ahead; every
-        shard is unpinned when the iteration ends.
+        shard is unpinned when the iteration ends. With ``direct`` (see :meth:`_bypass_cache`)
+        frames are fetched from the store itself, with ranged reads.
         """
         cached = self._view.cached
-        if cached is None or plan is None:
-            yield from self._fetch_pieces(segments, split, order)
+        if cached is None or plan is None or direct:
+            yield from self._fetch_pieces(segments, split, order, direct)
             return
         cached.plan(self._shard_plan(plan, split, order))
         try:
@@ -933,10 +956,24 @@ class StoreIterableDataset(IterableDataset):
                         yield si
                         last = si
 
+    def _bypass_cache(self) -> bool:
+        """Whether this epoch reads a remote store with ranged reads instead of through its
+        shard cache: when it is shuffled and the store is larger than ``cache_limit_bytes``.
+
+        The window shuffle makes consecutive records come from different shards, so a consumer
+        visits most shards many times an epoch; whole shards downloaded into a cache that cannot
+        hold them all are evicted between visits and downloaded again (measured: 31x the store's
+        bytes for a cache a third of the store). Ranged reads fetch each frame once.
+        """
+        cached = self._view.cached
+        if cached is None or not self.shuffle or cached.cache.limit_bytes is None:
+            return False
+        return cached.cache.limit_bytes < self._view.file_bytes
+
     def _fetch_pieces(
-        self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder
+        self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder, direct: bool = False
     ) -> Iterator[FetchedFrames]:
-        io = self._view.reader()
+        io = self._view.reader(direct)
         table = None if self._view.framed else self._view.table()
         missing: dict[int, BaseException] = {}
         for seg in segments:
@@ -944,7 +981,9 @@ class StoreIterableDataset(IterableDataset):
             for piece in io.plan_pieces(records, READ_BYTES, table=table):
                 yield io.fetch_many(piece, table=table, missing=missing)
 
-    def _decode(self, pieces: Iterator[FetchedFrames], slot: int, raw: bool = False) -> Iterator[Any]:
+    def _decode(
+        self, pieces: Iterator[FetchedFrames], slot: int, raw: bool = False, direct: bool = False
+    ) -> Iterator[Any]:
         """Check, decompress and load the records of ``pieces`` in order (skipping as ``on_error``
         says): the CPU half of the reader's bulk read (:meth:`StoreReader.decode_many`).
 
@@ -952,7 +991,7 @@ class StoreIterableDataset(IterableDataset):
         per piece), records are yielded checked and decompressed but not unpickled, as
         :class:`~tensorstore_pt.reader.RawRecord`.
         """
-        io = self._view.reader()
+        io = self._view.reader(direct)
         skip = self.on_error == "skip"
         for piece in pieces:
             for record, sample, error in io.decode_many(piece, raw=raw and raw_accepted(self._id)):

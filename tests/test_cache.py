@@ -439,3 +439,26 @@ def test_backends_stream_through_the_cache(remote_store: tuple[str, Any], tmp_pa
         source.remove(s.name)
     ds.set_epoch(1)
     assert sorted(_ids(ts.StoreDataLoader(ds, batch_size=4, num_workers=0))) == [(i, 0) for i in range(40)]
+
+
+def test_shuffled_epoch_larger_than_the_cache_reads_ranges(tmp_path: Path) -> None:
+    """Shuffled, with a cache smaller than the store: whole-shard downloads would be evicted
+    between a shard's many visits, so frames are fetched with ranged reads (each once)."""
+    store = make(tmp_path / "s", n=120)
+    sizes = shard_sizes(store)
+    limit = 4 * max(sizes.values())
+    ds = ts.StoreIterableDataset(
+        Remote(store, tmp_path / "log"), shuffle=True, seed=5, cache_dir=tmp_path / "cache", cache_limit_bytes=limit
+    )
+    (tmp_path / "log").unlink()
+    assert sorted(_ids(ts.StoreDataLoader(ds, batch_size=4, num_workers=2))) == [(i, 0) for i in range(120)]
+    fetched = sum(shard_reads(tmp_path / "log").values())
+    frames = ts.open_store(store).index.stored_bytes
+    assert frames <= fetched <= 2 * frames  # each frame once, plus merged gaps of at most as many bytes
+    assert ShardCache(tmp_path / "cache").usage_bytes() == 0
+    # Without a limit (or one that holds the store), the same epoch goes through the cache.
+    (tmp_path / "log").unlink()
+    ds2 = ts.StoreIterableDataset(Remote(store, tmp_path / "log"), shuffle=True, seed=5, cache_dir=tmp_path / "c2")
+    (tmp_path / "log").unlink()
+    assert sorted(_ids(ts.StoreDataLoader(ds2, batch_size=4, num_workers=2))) == [(i, 0) for i in range(120)]
+    assert shard_reads(tmp_path / "log") == sizes
