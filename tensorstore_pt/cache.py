@@ -144,45 +144,72 @@ def _open_cloexec(path: Path | str, flags: int, mode: int = 0o644) -> int:
     return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
 
 
+class _Released(ValueError):
+    """A read on a :class:`CachedShard` that was already unpinned (internal; the proxy re-pins)."""
+
+
 class CachedShard(ReadHandle):
     """A cached shard file, pinned (``flock(LOCK_SH)``) until :meth:`close`.
 
-    Thread-safe reads (``os.pread``); belongs to the process that opened it.
+    Thread-safe reads (``os.pread``); :meth:`close` waits for no one: a read in progress keeps
+    the file open until it ends. Belongs to the process that opened it.
     """
 
     def __init__(self, fd: int, path: Path, size: int) -> None:
         self._fd = fd
         self.path = path
         self._size = size
+        self._mutex = threading.Lock()
+        self._users = 0
+        self._closing = False
 
     def read_range(self, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
-        if self._fd < 0:
-            raise ValueError(f"cached shard {str(self.path)!r} was released (closed)")
-        parts = []
-        got = 0
-        while got < length:
-            data = os.pread(self._fd, length - got, offset + got)
-            if not data:
-                break
-            parts.append(data)
-            got += len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        with self._mutex:
+            if self._fd < 0 or self._closing:
+                raise _Released(f"cached shard {str(self.path)!r} was released (unpinned)")
+            self._users += 1
+            fd = self._fd
+        try:
+            parts = []
+            got = 0
+            while got < length:
+                data = os.pread(fd, length - got, offset + got)
+                if not data:
+                    break
+                parts.append(data)
+                got += len(data)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        finally:
+            with self._mutex:
+                self._users -= 1
+                last = self._closing and self._users == 0
+            if last:
+                self._close_fd()
 
     def size(self) -> int:
         return self._size
 
     def close(self) -> None:
-        """Unpin: close the file (the kernel drops the shared lock)."""
-        if self._fd >= 0:
+        """Unpin: close the file (the kernel drops the shared lock), after reads in progress."""
+        with self._mutex:
+            self._closing = True
+            if self._users:
+                return
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        with self._mutex:
             fd, self._fd = self._fd, -1
+        if fd >= 0:
             os.close(fd)
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
-            self.close()
-        except OSError:
+            if self._fd >= 0:
+                os.close(self._fd)
+        except (OSError, AttributeError):
             pass
 
 
@@ -924,7 +951,11 @@ class CachedStorage(Storage):
             raise
 
     def _read(self, name: str, offset: int, length: int) -> bytes:
-        return self._enter(name).read_range(offset, length)
+        while True:
+            try:
+                return self._enter(name).read_range(offset, length)
+            except _Released:
+                continue  # unpinned by this consumer's own move to another shard: pin it again
 
     def _raise_if_changed(self, cause: BaseException) -> None:
         if self.index_digest is None:

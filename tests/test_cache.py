@@ -462,3 +462,46 @@ def test_shuffled_epoch_larger_than_the_cache_reads_ranges(tmp_path: Path) -> No
     (tmp_path / "log").unlink()
     assert sorted(_ids(ts.StoreDataLoader(ds2, batch_size=4, num_workers=2))) == [(i, 0) for i in range(120)]
     assert shard_reads(tmp_path / "log") == sizes
+
+
+def test_limit_below_what_is_pinned_overcommits_by_the_pins(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = make(tmp_path / "s")
+    sizes = shard_sizes(store)
+    limit = max(sizes.values())  # one shard, while a consumer pins up to prefetch_shards + 1 = 3
+    cache_dir = tmp_path / "cache"
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            if cache_dir.exists():
+                peak[0] = max(peak[0], ShardCache(cache_dir).usage_bytes())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    with caplog.at_level("WARNING", logger="tensorstore_pt.cache"):
+        try:
+            got = read_all(Remote(store, tmp_path / "log", delay_s=0.001), cache_dir, limit=limit)
+        finally:
+            stop.set()
+            t.join()
+    assert got == [(i, 0) for i in range(60)]
+    assert shard_reads(tmp_path / "log") == sizes
+    assert limit < peak[0] <= 3 * limit  # over-committed by at most the pins (1 read + 2 ahead)
+    assert "over-commit" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"cache_limit_bytes": 0}, "cache_limit_bytes: expected a positive int"),
+        ({"cache_limit_bytes": 1.5}, "cache_limit_bytes: expected a positive int"),
+        ({"prefetch_shards": 0}, "prefetch_shards"),
+    ],
+    ids=["zero-limit", "float-limit", "zero-prefetch"],
+)
+def test_bad_cache_options_are_refused(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
+    store = make(tmp_path / "s", n=4)
+    with pytest.raises(ts.InvalidOptionError, match=message):
+        ts.StoreIterableDataset(store, cache_dir=tmp_path / "cache", **kwargs)
