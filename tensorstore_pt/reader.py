@@ -4,6 +4,15 @@ Every read checks the frame's xxh3_64 digest *before* decompressing, checks the 
 header's declared size against the raw length in the shard footer *before* allocating, and
 checks the decompressed length after. Records are loaded with
 ``torch.load(weights_only=True)``.
+
+Bulk reads (:meth:`StoreReader.read_many`, ``store[list]``, ``store[slice]``, and the
+datasets) go through one pipeline: :meth:`StoreReader.plan_pieces` (pieces of about
+:data:`READ_BYTES` of frames), :meth:`StoreReader.fetch_many` (the I/O: frames sorted by
+shard and offset, nearby ones merged into one positional read) and
+:meth:`StoreReader.decode_many` (the checks, decompression and loading, with per-record
+errors returned as :class:`RecordResult`). Every read goes through the store's
+:class:`~tensorstore_pt.storage.Storage`, so a remote store pays one ranged request a
+positional read: one for a shard's footer (its tail, once), then one a record or run.
 """
 
 from __future__ import annotations
@@ -784,7 +793,12 @@ class StoreReader:
         if arr.size == 0:
             return np.zeros(0, dtype=np.int64)
         if arr.dtype.kind not in "iu":
-            bad = next((x for x in arr.tolist() if isinstance(x, bool) or not isinstance(x, int)), arr[0])
+            values = arr.tolist()
+            bad = next((x for x in values if isinstance(x, bool) or not isinstance(x, int)), None)
+            if bad is None:  # Python ints too large for int64
+                raise RecordIndexError(
+                    f"record {max(values, key=abs)} is out of range for store {self.location!r} with {n} records"
+                )
             raise RecordIndexTypeError(f"record index: expected an int, found {type(bad).__name__}")
         if arr.dtype.kind == "u" and int(arr.max()) >= n:
             raise RecordIndexError(

@@ -227,8 +227,12 @@ def test_read_many_refuses_bad_input(store: Path) -> None:
         r.read_many([0, N])
     with pytest.raises(ts.RecordIndexError, match=f"record {-N - 1} is out of range"):
         r[[-N - 1]]
+    with pytest.raises(ts.RecordIndexError, match=f"record {2**70} is out of range"):
+        r[[0, 2**70]]
     with pytest.raises(ts.RecordIndexTypeError, match="expected an int, found str"):
         r[[0, "a"]]
+    with pytest.raises(ts.RecordIndexTypeError, match="expected an int, found bool"):
+        r[[True]]
     with pytest.raises(ts.RecordIndexTypeError, match="1-D"):
         r.read_many([[0, 1]])
     with pytest.raises(ts.InvalidOptionError, match="read_bytes"):
