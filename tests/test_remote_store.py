@@ -37,7 +37,7 @@ from tensorstore_pt.storage import FsspecStorage, LocalStorage, storage_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
-N = 23
+N = 16
 
 
 def sample(i: int) -> dict[str, Any]:
@@ -476,6 +476,10 @@ def test_cli_pack_info_verify_against_s3(s3_bucket: tuple[str, dict], tmp_path: 
     assert json.loads(out[out.index("{") :])["records"] == 9
     assert main(["verify", url, *opts]) == 0
     assert "OK" in capsys.readouterr().out
+    assert main(["audit", url, "--json", "--sample", "4", "--top", "2", *opts]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 9
+    assert main(["get", url, "3", "-o", str(tmp_path / "r3.pt"), *opts]) == 0
+    assert torch.equal(torch.load(tmp_path / "r3.pt", weights_only=True), torch.arange(4))
     assert main(["info", url, "--storage-option", "oops"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
 
