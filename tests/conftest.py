@@ -75,3 +75,20 @@ def remote_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
     else:
         bucket, options = request.getfixturevalue("s3_bucket")
         yield f"s3://{bucket}/store", options
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shard_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Remote stores stream through a node-local shard cache (default: under the system temp
+    directory): point it into the session's temporary directory, so tests leave nothing behind."""
+    import os
+
+    old = os.environ.get("TSPT_CACHE_DIR")
+    os.environ["TSPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("shard-cache"))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TSPT_CACHE_DIR", None)
+        else:
+            os.environ["TSPT_CACHE_DIR"] = old
