@@ -27,7 +27,7 @@ Guarantees:
   consumer stops waiting) and then use its file. The kernel drops the lock of a process that
   dies, however it dies, so a dead downloader never blocks the others: the next one downloads.
 - **Atomic publish.** A download streams into a temporary file in the store's cache directory
-  (``prefetch`` chunk of 8 MiB at a time, hashed as it arrives), is checked against the
+  (8 MiB per request, hashed as it arrives), is checked against the
   index's size and xxh3_64 checksum, and only then renamed to its final name. No process
   ever opens a partial file under a final name. A shard whose bytes fail the check is fetched
   once more; a second failure raises :class:`~tensorstore_pt.errors.ChecksumMismatchError`

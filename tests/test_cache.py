@@ -505,3 +505,55 @@ def test_bad_cache_options_are_refused(tmp_path: Path, kwargs: dict[str, Any], m
     store = make(tmp_path / "s", n=4)
     with pytest.raises(ts.InvalidOptionError, match=message):
         ts.StoreIterableDataset(store, cache_dir=tmp_path / "cache", **kwargs)
+
+
+def _job(store: str, cache_dir: Path, out: Path, workers: int, start: Any) -> None:
+    start.wait()
+    ds = ts.StoreIterableDataset(store, cache_dir=cache_dir)
+    out.write_text(repr(sorted(_ids(ts.StoreDataLoader(ds, batch_size=4, num_workers=workers)))))
+
+
+def test_two_jobs_share_a_cache_one_through_a_read_only_url(tmp_path: Path) -> None:
+    """Job A streams a local store (cache asked for), job B the same files over read-only
+    HTTP, at the same time, with one cache_dir: both get every record once; nothing is written
+    at either source; each URL has its own cache directory (files are keyed by store and
+    content), with each shard once."""
+    import functools
+    import http.server
+
+    store = make(tmp_path / "s")
+    before = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/s"
+        ctx = mp.get_context("fork")
+        start = ctx.Event()
+        jobs = [
+            ctx.Process(target=_job, args=(str(store), tmp_path / "cache", tmp_path / "a", 2, start)),
+            ctx.Process(target=_job, args=(url, tmp_path / "cache", tmp_path / "b", 2, start)),
+        ]
+        for p in jobs:
+            p.start()
+        start.set()
+        for p in jobs:
+            p.join(90)
+            assert p.exitcode == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    want = [(i, 0) for i in range(60)]
+    assert eval((tmp_path / "a").read_text()) == want and eval((tmp_path / "b").read_text()) == want
+    assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == before  # no source was written
+    dirs = [d for d in (tmp_path / "cache").iterdir() if d.is_dir()]
+    assert len(dirs) == 2
+    sizes = shard_sizes(store)
+    for d in dirs:
+        cached = {p.name.split("-", 2)[2]: p.stat().st_size for p in d.iterdir() if p.name.endswith(".tspt")}
+        assert cached == sizes
