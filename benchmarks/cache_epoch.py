@@ -1,16 +1,18 @@
 """Bytes fetched and peak local disk of one epoch streamed through the node-local shard cache.
 
-    python -m benchmarks.cache_epoch [--mib 32] [--shards 16] [--workers 2]
+    python -m benchmarks.cache_epoch [--mib 32] [--shards 16] [--workers 2] [--s3]
 
-The "remote" store is a local store behind a Storage wrapper that counts the shard bytes it
-serves (in a file, so DataLoader workers add up). A thread samples the cache's usage (under
-its accounting lock) every 2 ms. Prints one Markdown table row per run.
+The "remote" store is a local store (or, with ``--s3``, the same store uploaded to a moto S3
+server on 127.0.0.1) behind a Storage wrapper that counts the shard bytes it serves (in a
+file, so DataLoader workers add up). A thread samples the cache's usage (under its accounting
+lock) every 2 ms. Prints one Markdown table row per run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -42,10 +44,10 @@ class _Counted(ReadHandle):
 
 
 class CountingStorage(Storage):
-    """A local store that looks remote and logs the shard bytes it serves."""
+    """A store that looks remote (whatever it wraps) and logs the shard bytes it serves."""
 
-    def __init__(self, root: Path, log: Path) -> None:
-        self.inner, self.log, self.location = LocalStorage(root), str(log), f"counted://{root}"
+    def __init__(self, inner: Storage, log: Path) -> None:
+        self.inner, self.log, self.location = inner, str(log), f"counted+{inner.location}"
 
     def exists(self) -> bool:
         return self.inner.exists()
@@ -83,7 +85,7 @@ def fetched(log: Path) -> int:
     return sum(int(x) for x in log.read_text().split()) if log.exists() else 0
 
 
-def run(store: Path, work: Path, limit: int | None, shuffle: bool, workers: int, tag: str) -> dict[str, Any]:
+def run(store: Storage, work: Path, limit: int | None, shuffle: bool, workers: int, tag: str) -> dict[str, Any]:
     log = work / f"log-{tag}"
     cache_dir = work / f"cache-{tag}"
     remote = CountingStorage(store, log)
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--s3", action="store_true", help="read the store from a moto S3 server on 127.0.0.1")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tspt-cache-bench-"))
     store = work / "store"
@@ -128,8 +131,13 @@ def main() -> None:
     index = ts.open_store(store).index
     total = sum(s.file_bytes for s in index.shards)
     largest = max(s.file_bytes for s in index.shards)
+    source: Storage = LocalStorage(store)
+    server = None
+    if args.s3:
+        source, server = _upload_to_moto(store)
     print(
-        f"store: {n} records, {len(index.shards)} shards, {total} shard bytes (largest {largest}); {args.workers} workers"
+        f"store: {n} records, {len(index.shards)} shards, {total} shard bytes (largest {largest}) at "
+        f"{source.location}; {args.workers} workers"
     )
     print(
         "| shuffle | cache_limit_bytes | records | fetched at open (footers) | fetched in the epoch / store | peak cache disk | epoch s |"
@@ -137,12 +145,44 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for shuffle in (False, True):
         for limit in (None, max(total // 4, 2 * (2 + 1) * largest)):
-            r = run(store, work, limit, shuffle, args.workers, f"{int(shuffle)}-{limit}")
+            r = run(source, work, limit, shuffle, args.workers, f"{int(shuffle)}-{limit}")
             print(
                 f"| {shuffle} | {limit if limit else 'none'} | {r['records']} | {r['opened']} | "
                 f"{r['epoch']} ({r['epoch'] / total:.3f}x) | {r['peak']} ({r['peak'] / total:.2f}x store) | {r['s']:.2f} |"
             )
-    os.system(f"rm -rf {work}")
+    if server is not None:
+        server.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _upload_to_moto(store: Path) -> tuple[Storage, Any]:
+    """Start moto's S3 server on a free port of 127.0.0.1 and copy the store into a bucket."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tensorstore_pt.storage import storage_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        os.environ.setdefault(var, value)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="bench")
+    for p in sorted(store.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            client.upload_file(str(p), "bench", f"store/{p.name}")
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    return storage_for("s3://bench/store", options), server
 
 
 if __name__ == "__main__":
