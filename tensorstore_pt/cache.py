@@ -65,7 +65,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from .checksums import ALGORITHM, FileHasher, digest_int
 from .errors import (
@@ -1003,12 +1003,3 @@ class CachedStorage(Storage):
 
     def remove_container(self) -> None:
         raise InvalidOptionError(f"store {self.location!r}: a CachedStorage is read-only")
-
-
-def shard_visits(shards: Sequence[int] | Iterable[int]) -> Iterator[int]:
-    """Collapse a stream of shard positions into visits (consecutive repeats dropped)."""
-    last = None
-    for s in shards:
-        if s != last:
-            yield s
-            last = s
