@@ -816,7 +816,12 @@ class StoreReader:
         return shard, rows, where
 
     def plan_pieces(
-        self, records: Sequence[int] | np.ndarray, read_bytes: int = READ_BYTES, *, table: np.ndarray | None = None
+        self,
+        records: Sequence[int] | np.ndarray,
+        read_bytes: int = READ_BYTES,
+        *,
+        table: np.ndarray | None = None,
+        missing: dict[int, BaseException] | None = None,
     ) -> list[np.ndarray]:
         """Cut ``records`` (kept in their order) into consecutive pieces of about ``read_bytes``
         stored bytes, the unit in which :meth:`iter_many` fetches and decodes.
@@ -832,6 +837,8 @@ class StoreReader:
             read_bytes: Target stored bytes a piece, a positive int.
             table: Optional :meth:`record_table` result to take frame sizes from (no footer
                 is loaded). Not for stores with multi-record frames.
+            missing: As for :meth:`fetch_many`: shards known to be unreadable (their records
+                count 0 bytes; their footers are not tried again), updated here.
 
         Returns:
             int64 arrays of non-negative positions whose concatenation is ``records``.
@@ -843,12 +850,15 @@ class StoreReader:
         recs = self._records_array(records)
         if table is not None:
             table = self._check_table(table)
-        return [recs[lo:hi] for lo, hi in self._plan(recs, read_bytes, table)]
+        plan = self._plan(recs, read_bytes, table, {} if missing is None else missing)
+        return [recs[lo:hi] for lo, hi in plan]
 
-    def _plan(self, recs: np.ndarray, read_bytes: int, table: np.ndarray | None) -> list[tuple[int, int]]:
+    def _plan(
+        self, recs: np.ndarray, read_bytes: int, table: np.ndarray | None, missing: dict[int, BaseException]
+    ) -> list[tuple[int, int]]:
         if table is not None:
             return split_by_bytes(table["stored"][recs], read_bytes)
-        shard, rows, where = self._frames_of(recs, None, {})
+        shard, rows, where = self._frames_of(recs, None, missing)
         if where is None:
             return split_by_bytes(rows["stored"], read_bytes)
         if not len(recs):
@@ -1109,7 +1119,7 @@ class StoreReader:
         self, recs: np.ndarray, raw: bool, read_bytes: int, table: np.ndarray | None
     ) -> Iterator[RecordResult]:
         missing: dict[int, BaseException] = {}
-        for lo, hi in self._plan(recs, read_bytes, table):
+        for lo, hi in self._plan(recs, read_bytes, table, missing):
             yield from self.decode_many(self._fetch(recs[lo:hi], table, missing), raw=raw)
 
     def read_many(

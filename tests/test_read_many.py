@@ -362,3 +362,36 @@ def test_multi_record_frames_are_fetched_and_decoded_once(framed_store: Path, mo
     calls.clear()
     assert _ids(r.read_many(range(N), read_bytes=30_000)) == list(range(N))
     assert len(calls) == sum(len(f.table) for f in footers)
+
+
+def test_iterable_dataset_skips_per_record_on_a_framed_store(tmp_path: Path, framed_store: Path) -> None:
+    """Multi-record frames through the dataset: a damaged frame costs exactly its records, a
+    missing shard exactly its records, and the missing shard is tried once an iteration."""
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(framed_store, copy)
+    r = ts.open_store(copy)
+    f0 = r._footer(0)
+    lost_frame = [i for i, f in enumerate(f0.record_map["frame"].tolist()) if f == 1]
+    off = int(f0.table["offset"][1]) + 30
+    shard0 = copy / r.index.shards[0].name
+    data = bytearray(shard0.read_bytes())
+    data[off] ^= 0xFF
+    shard0.write_bytes(bytes(data))
+    a, b = (int(x) for x in r.shard_bounds()[2])
+    (copy / r.index.shards[2].name).unlink()
+
+    opens: list[str] = []
+
+    class Tracking(CountingStorage):
+        def open(self, name: str) -> ReadHandle:
+            opens.append(name)
+            return super().open(name)
+
+    ds = ts.StoreIterableDataset(ts.open_store(Tracking(copy), verify=False), on_error="skip", block_records=7)
+    got = [int(s["i"]) for s in ds]
+    expected = [i for i in range(N) if i not in lost_frame and not a <= i < b]
+    assert got == expected
+    assert ds.skip_counts() == {"ChecksumMismatchError": len(lost_frame), "MissingShardError": b - a}
+    assert opens.count(r.index.shards[2].name) == 1
