@@ -929,6 +929,8 @@ class StoreReader:
             keep = ~bad
             u, shard, rows = u[keep], shard[keep], rows[keep]
             where = where[keep] if where is not None else None
+            if not len(u):
+                return out
         if where is not None:
             # Multi-record frames: fetch each frame once.
             fkey = shard * (1 << 40) + where[:, 0]

@@ -306,6 +306,10 @@ def test_missing_shard_is_an_error_per_record_and_not_retried(tmp_path: Path, st
     results = list(r.iter_many(req, read_bytes=1))
     assert [x.error is not None for x in results] == [False, True, True, True, False][: len(req)]
     assert all(isinstance(x.error, ts.MissingShardError) for x in results[1:4])
+    for req in ([a], [a, a + 1]):  # pieces with no readable record at all
+        assert [type(x.error) for x in r.iter_many(req, read_bytes=1)] == [ts.MissingShardError] * len(req)
+        fetched = r.fetch_many(req)
+        assert (fetched.reads, isinstance(fetched.error(a), ts.MissingShardError)) == (0, True)
 
 
 def test_raw_records_load_like_read(store: Path) -> None:
