@@ -978,7 +978,7 @@ class StoreIterableDataset(IterableDataset):
         missing: dict[int, BaseException] = {}
         for seg in segments:
             records = order.records_at(split.global_positions(seg))
-            for piece in io.plan_pieces(records, READ_BYTES, table=table):
+            for piece in io.plan_pieces(records, READ_BYTES, table=table, missing=missing):
                 yield io.fetch_many(piece, table=table, missing=missing)
 
     def _decode(

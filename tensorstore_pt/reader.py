@@ -45,7 +45,6 @@ from .errors import (
     UnsafePayloadError,
 )
 from .format import (
-    HEADER_BYTES,
     INDEX_NAME,
     FEATURE_MULTI_RECORD_FRAMES,
     MAX_INDEX_BYTES,
@@ -61,9 +60,7 @@ from .serialization import loads
 from ._partition import plan_runs, split_by_bytes
 from .shardio import (
     DEFAULT_MAX_RECORD_BYTES,
-    WHOLE_SHARD_SLACK_BYTES,
     check_frame,
-    check_header,
     check_index_sizes,
     fetch_footer,
     file_digest,
@@ -273,11 +270,11 @@ class StoreReader:
 
     Reads on a remote store (one request per ``read_range``): a shard's footer is fetched once,
     with one ranged read of the shard's tail sized by the index
-    (:func:`~tensorstore_pt.shardio.fetch_footer`), and cached; ``open_store(verify=True)``
-    also reads each shard's 16-byte header at open. Then ``store[i]`` is one ranged read of the
-    record's frame, and a bulk read (``store[list]``, :meth:`read_many`) one ranged read per
-    run of nearby frames. No read fetches a whole shard, except one small enough that its
-    footer read covers it.
+    (:func:`~tensorstore_pt.shardio.fetch_footer`), plus one of its 16-byte header (unless the
+    tail read covers the whole shard), and cached: at open with ``verify=True``, else on the
+    first read of the shard. Then ``store[i]`` is one ranged read of the record's frame, and a
+    bulk read (``store[list]``, :meth:`read_many`) one ranged read per run of nearby frames.
+    No read fetches a whole shard, except one small enough that its footer read covers it.
     """
 
     def __init__(
@@ -318,9 +315,6 @@ class StoreReader:
         check_index_sizes(index, self._codec, f"store {self.location!r}: {INDEX_NAME}")
         self._starts = np.array([s.first_record for s in index.shards], dtype=np.int64)
         self._footers: list[ShardFooter | None] = [None] * len(index.shards)
-        # Whether each shard's header was checked: at open with verify=True, else as soon as a
-        # read covers it (a small shard's footer read, or a read of its first frames).
-        self._header_ok: list[bool] = [False] * len(index.shards)
         self._init_process_state()
         if self._verify:
             # One listing for every shard's size (one request on an object store, where each
@@ -493,32 +487,12 @@ class StoreReader:
             return footer
         entry: ShardEntry = self._index.shards[si]
         try:
-            footer, header_checked = fetch_footer(
-                self._handle(si), self._index, entry, self._where(si), header=self._verify
-            )
+            footer = fetch_footer(self._handle(si), self._index, entry, self._where(si))
         except (ShardSizeError, ShardFormatError) as exc:
             self._raise_if_changed(exc)  # a legacy store's shard name reused by a later writer
             raise
-        if header_checked:
-            self._header_ok[si] = True
         self._footers[si] = footer
         return footer
-
-    def _read_span(self, si: int, offset: int, length: int, what: str) -> bytes | memoryview:
-        """Read ``length`` bytes at ``offset`` of shard ``si``; when the shard's header is not
-        checked yet and lies at most ``WHOLE_SHARD_SLACK_BYTES`` before the span, read from
-        byte 0 and check the header too (same read)."""
-        footer = self._footers[si]
-        if footer is None or self._header_ok[si] or offset - HEADER_BYTES > WHOLE_SHARD_SLACK_BYTES:
-            return self._read_exact(si, offset, length, what)
-        data = self._read_exact(si, 0, offset + length, what)
-        try:
-            check_header(data[:HEADER_BYTES], footer, self._index, self._where(si))
-        except ShardFormatError as exc:
-            self._raise_if_changed(exc)
-            raise
-        self._header_ok[si] = True
-        return memoryview(data)[offset:]
 
     # ------------------------------------------------------------------ reading
 
@@ -529,7 +503,7 @@ class StoreReader:
         built over it without a copy.
         """
         row = self._footer(si).table[fi]
-        frame = self._read_span(si, int(row["offset"]), int(row["stored"]), f"record {record}'s frame")
+        frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {record}'s frame")
         return self._decode(si, record, row, frame, writable)
 
     def _decode(
@@ -608,7 +582,7 @@ class StoreReader:
             j = self._normalize(i)
             si, _ = self._locate(j)
             row = table[j]
-            frame = self._read_span(si, int(row["offset"]), int(row["stored"]), f"record {j}'s frame")
+            frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {j}'s frame")
             return self._load(si, j, self._decode(si, j, row, frame, writable=True))
         # A writable buffer of its own lets the decoder build tensors over it without a copy.
         j, si, data = self._read_raw(i, writable=True)
@@ -853,7 +827,12 @@ class StoreReader:
         return shard, rows, where
 
     def plan_pieces(
-        self, records: Sequence[int] | np.ndarray, read_bytes: int = READ_BYTES, *, table: np.ndarray | None = None
+        self,
+        records: Sequence[int] | np.ndarray,
+        read_bytes: int = READ_BYTES,
+        *,
+        table: np.ndarray | None = None,
+        missing: dict[int, BaseException] | None = None,
     ) -> list[np.ndarray]:
         """Cut ``records`` (kept in their order) into consecutive pieces of about ``read_bytes``
         stored bytes, the unit in which :meth:`iter_many` fetches and decodes.
@@ -869,6 +848,8 @@ class StoreReader:
             read_bytes: Target stored bytes a piece, a positive int.
             table: Optional :meth:`record_table` result to take frame sizes from (no footer
                 is loaded). Not for stores with multi-record frames.
+            missing: As for :meth:`fetch_many`: shards known to be unreadable (their records
+                count 0 bytes; their footers are not tried again), updated here.
 
         Returns:
             int64 arrays of non-negative positions whose concatenation is ``records``.
@@ -880,12 +861,15 @@ class StoreReader:
         recs = self._records_array(records)
         if table is not None:
             table = self._check_table(table)
-        return [recs[lo:hi] for lo, hi in self._plan(recs, read_bytes, table)]
+        plan = self._plan(recs, read_bytes, table, {} if missing is None else missing)
+        return [recs[lo:hi] for lo, hi in plan]
 
-    def _plan(self, recs: np.ndarray, read_bytes: int, table: np.ndarray | None) -> list[tuple[int, int]]:
+    def _plan(
+        self, recs: np.ndarray, read_bytes: int, table: np.ndarray | None, missing: dict[int, BaseException]
+    ) -> list[tuple[int, int]]:
         if table is not None:
             return split_by_bytes(table["stored"][recs], read_bytes)
-        shard, rows, where = self._frames_of(recs, None, {})
+        shard, rows, where = self._frames_of(recs, None, missing)
         if where is None:
             return split_by_bytes(rows["stored"], read_bytes)
         if not len(recs):
@@ -956,6 +940,8 @@ class StoreReader:
             keep = ~bad
             u, shard, rows = u[keep], shard[keep], rows[keep]
             where = where[keep] if where is not None else None
+            if not len(u):
+                return out
         if where is not None:
             # Multi-record frames: fetch each frame once.
             fkey = shard * (1 << 40) + where[:, 0]
@@ -986,7 +972,7 @@ class StoreReader:
                         if t_frame is None
                         else f"frames [{int(t_frame[a])}, {int(t_frame[b]) + 1})"
                     )
-                buf = self._read_span(si, base, int(ends[b]) - base, what)
+                buf = self._read_exact(si, base, int(ends[b]) - base, what)
             except RECORD_ERRORS as exc:
                 if isinstance(exc, MissingShardError):
                     missing[si] = exc
@@ -1146,7 +1132,7 @@ class StoreReader:
         self, recs: np.ndarray, raw: bool, read_bytes: int, table: np.ndarray | None
     ) -> Iterator[RecordResult]:
         missing: dict[int, BaseException] = {}
-        for lo, hi in self._plan(recs, read_bytes, table):
+        for lo, hi in self._plan(recs, read_bytes, table, missing):
             yield from self.decode_many(self._fetch(recs[lo:hi], table, missing), raw=raw)
 
     def read_many(

@@ -8,7 +8,7 @@ checks and can never call clean what a read would refuse.
 - :func:`read_exact`, :func:`file_digest`: bounded positional reads of a :class:`ReadHandle`;
 - :func:`open_footer` (a shard on its own terms), :func:`read_footer` (a shard against
   the index), :func:`fetch_footer` (the same with one ranged read of the shard's tail),
-  :func:`check_header`, :func:`check_index_sizes`;
+  :func:`check_index_sizes`;
 - :func:`check_frame`: a frame's xxh3_64, its raw length against the codec's worst case and
   the reader's ``max_record_bytes`` (both before any output buffer exists), the decode, and
   the decoded length; each failure a typed error carrying ``problem = (kind, expected,
@@ -67,7 +67,6 @@ __all__ = [
     "FrameGrouper",
     "ShardBuilder",
     "check_frame",
-    "check_header",
     "check_index_sizes",
     "fetch_footer",
     "file_digest",
@@ -138,7 +137,7 @@ def open_footer(handle: ReadHandle, size: int, where: str) -> ShardFooter:
 
 
 def read_footer(
-    header: bytes | None,
+    header: bytes,
     trailer: bytes,
     file_bytes: int,
     read_range: Callable[[int, int], bytes],
@@ -149,8 +148,7 @@ def read_footer(
     """Check a shard's header, trailer and footer against each other and the index.
 
     Args:
-        header: The first ``HEADER_BYTES`` bytes of the shard, or None to leave the header
-            unchecked here (check it later with :func:`check_header`).
+        header: The first ``HEADER_BYTES`` bytes of the shard.
         trailer: The last ``TRAILER_BYTES`` bytes of the shard.
         file_bytes: The shard's size in bytes.
         read_range: Reads ``(offset, length)`` of the shard; only called for the record table
@@ -166,7 +164,10 @@ def read_footer(
         ShardFormatError: Bad magic, version, trailer or footer, or a footer that disagrees with
             the index (version, record count, first record, codec, stored/raw byte sums).
     """
-    version = None if header is None else _header_version(header, index, where)
+    try:
+        version = decode_header(header, where)
+    except UnsupportedFormatError as exc:
+        raise ShardFormatError(f"{exc}, but the index says {index.version[0]}.{index.version[1]}") from exc
     table_offset, count, js_bytes, checksum = decode_trailer(trailer, file_bytes, where)
     if count != entry.records:
         raise ShardFormatError(f"{where}: footer holds {count} records, the index says {entry.records}")
@@ -179,8 +180,10 @@ def read_footer(
     unknown = set(meta.get("features", [])) - set(index.features)
     if unknown:
         raise ShardFormatError(f"{where}: footer uses feature(s) {sorted(unknown)} the index does not list")
-    if version is not None:
-        _check_footer_version(version, footer, where)
+    if tuple(meta.get("format_version", ())) != version:
+        raise ShardFormatError(
+            f"{where}: header says format {version[0]}.{version[1]}, footer says {meta.get('format_version')}"
+        )
     if meta.get("first_record") != entry.first_record:
         raise ShardFormatError(
             f"{where}: footer says first_record {meta.get('first_record')!r}, the index says {entry.first_record} "
@@ -200,42 +203,19 @@ def read_footer(
     return footer
 
 
-def _header_version(header: bytes, index: IndexInfo, where: str) -> tuple[int, int]:
-    try:
-        return decode_header(header, where)
-    except UnsupportedFormatError as exc:
-        raise ShardFormatError(f"{exc}, but the index says {index.version[0]}.{index.version[1]}") from exc
-
-
-def _check_footer_version(version: tuple[int, int], footer: ShardFooter, where: str) -> None:
-    if tuple(footer.meta.get("format_version", ())) != version:
-        raise ShardFormatError(
-            f"{where}: header says format {version[0]}.{version[1]}, footer says {footer.meta.get('format_version')}"
-        )
-
-
-def check_header(header: bytes, footer: ShardFooter, index: IndexInfo, where: str) -> None:
-    """Check a shard's header (its first ``HEADER_BYTES`` bytes) against the index and the
-    shard's already parsed footer (for a footer read with ``header=None``).
-
-    Raises:
-        ShardFormatError: Bad length, magic or major version, or a version other than the footer's.
-    """
-    _check_footer_version(_header_version(header, index, where), footer, where)
-
-
 #: Default speculative tail read of :func:`fetch_footer` when the index gives no usable size hint.
 TAIL_BYTES = 64 * 2**10
-#: Largest speculative tail read (bytes); a larger footer takes a second read.
-MAX_TAIL_BYTES = 64 * 2**20
+#: Largest speculative tail read (bytes): 1 MiB covers the footer of a shard of about 32,000
+#: frames; a larger footer takes a second read. Kept small because the read is sized by the
+#: index before the shard's size is known to match it (a hostile index must not make the
+#: reader allocate much).
+MAX_TAIL_BYTES = 2**20
 #: A shard whose first byte is at most this far before the speculative tail is read whole
 #: (one read, header included).
 WHOLE_SHARD_SLACK_BYTES = 4 * 2**10
 
 
-def fetch_footer(
-    handle: ReadHandle, index: IndexInfo, entry: ShardEntry, where: str, *, header: bool
-) -> tuple[ShardFooter, bool]:
+def fetch_footer(handle: ReadHandle, index: IndexInfo, entry: ShardEntry, where: str) -> ShardFooter:
     """Read and check a shard's footer with one ranged read of its tail (usually).
 
     The tail read is sized by the index: a well-formed shard's footer (record table, record
@@ -243,20 +223,20 @@ def fetch_footer(
     (docs/format.md, section 5), so that many bytes, at most :data:`MAX_TAIL_BYTES` (or
     :data:`TAIL_BYTES` when the index's numbers are impossible), are read in one request; a
     second read is made only when the trailer says the footer is larger than what was read.
-    A shard at most :data:`WHOLE_SHARD_SLACK_BYTES` larger than the tail is read whole, and
-    its header checked with it. The read asks for one byte past the index's ``file_bytes``,
-    so that a shard longer or shorter than the index says is found without a size request.
+    The shard's header is checked too, with one more read of ``HEADER_BYTES`` bytes, unless
+    the shard is at most :data:`WHOLE_SHARD_SLACK_BYTES` larger than the tail: then it is read
+    whole, header included, in the one read. The tail read asks for one byte past the
+    index's ``file_bytes``, so that a shard longer or shorter than the index says is found
+    without a size request.
 
     Args:
         handle: The open shard.
         index: The store's parsed index.
         entry: The shard's index entry.
         where: Context for messages.
-        header: Also read and check the header when the tail does not hold it (one more read
-            of ``HEADER_BYTES`` bytes).
 
     Returns:
-        ``(footer, header_checked)``.
+        The parsed footer.
 
     Raises:
         ShardSizeError: The shard's size differs from the index's ``file_bytes``.
@@ -284,13 +264,11 @@ def fetch_footer(
             return bytes(view[offset - base : offset - base + length])
         return read_exact(handle, offset, length, "the footer", where, error=ShardSizeError)
 
-    head: bytes | None = None
     if base == 0:
         head = tail[:HEADER_BYTES]
-    elif header:
+    else:
         head = read_exact(handle, 0, HEADER_BYTES, "the header", where, error=ShardSizeError)
-    footer = read_footer(head, tail[-TRAILER_BYTES:], size, read_range, index, entry, where)
-    return footer, head is not None
+    return read_footer(head, tail[-TRAILER_BYTES:], size, read_range, index, entry, where)
 
 
 def check_index_sizes(index: IndexInfo, codec: Codec, where: str) -> None:

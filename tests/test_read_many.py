@@ -106,7 +106,7 @@ def test_store_layout_is_what_the_counts_below_assume(store: Path) -> None:
 
 def test_random_read_is_one_tail_read_then_one_read_a_record(store: Path) -> None:
     st = CountingStorage(store)
-    r = ts.open_store(st, verify=False)
+    r = ts.open_store(st, verify=False)  # footers load on first use
     st.counts.reset()
     first, end = (int(x) for x in r.shard_bounds()[0])
     i = (first + end) // 2
@@ -114,10 +114,10 @@ def test_random_read_is_one_tail_read_then_one_read_a_record(store: Path) -> Non
     footer_bytes = entry.file_bytes - HEADER_BYTES - entry.stored_bytes
 
     assert int(r[i]["i"]) == i
-    assert st.counts.reads == 2  # cold: the shard's tail (trailer + footer), then the record
-    tail_offset, tail_bytes = st.counts.ranges[0]
-    assert tail_offset == entry.file_bytes - footer_bytes and tail_bytes == footer_bytes
-    assert st.counts.ranges[1] == (int(r.record_table()["offset"][i]), _frame_bytes(store, i))
+    # cold: the shard's tail (trailer + footer, exactly), its 16-byte header, then the record
+    frame = (int(ts.open_store(store).record_table()["offset"][i]), _frame_bytes(store, i))
+    assert st.counts.ranges == [(entry.file_bytes - footer_bytes, footer_bytes), (0, HEADER_BYTES), frame]
+    assert st.counts.bytes <= frame[1] + footer_bytes + HEADER_BYTES
     assert st.counts.sizes == 0  # no size request either
 
     st.counts.reset()
@@ -126,6 +126,28 @@ def test_random_read_is_one_tail_read_then_one_read_a_record(store: Path) -> Non
         assert int(r[j]["i"]) == j
         # warm: one read of exactly the record's frame
         assert (st.counts.reads - before[0], st.counts.bytes - before[1]) == (1, _frame_bytes(store, j))
+
+
+def test_open_with_verify_then_a_random_read_is_one_read(store: Path) -> None:
+    st = CountingStorage(store)
+    r = ts.open_store(st)
+    i = int(r.shard_bounds()[2, 0]) + 7
+    st.counts.reset()
+    assert int(r[i]["i"]) == i
+    assert (st.counts.reads, st.counts.bytes) == (1, _frame_bytes(store, i))
+
+
+def test_a_small_shard_is_read_whole_with_its_footer(tmp_path: Path) -> None:
+    path = tmp_path / "small"
+    ts.write_store(({"i": torch.tensor(i)} for i in range(40)), path, max_shard_bytes=4_000)
+    st = CountingStorage(path)
+    r = ts.open_store(st, verify=False)
+    assert len(r.index.shards) >= 2
+    st.counts.reset()
+    i = int(r.shard_bounds()[1, 0]) + 1
+    assert int(r[i]["i"]) == i
+    entry = r.index.shards[1]
+    assert st.counts.reads == 2 and st.counts.ranges[0] == (0, entry.file_bytes)  # header, frames and footer
 
 
 def test_adjacent_records_are_one_read_and_far_ones_are_not_merged(store: Path) -> None:
@@ -185,8 +207,9 @@ def test_a_footer_larger_than_the_tail_read_takes_a_second_read(store: Path, mon
     r = ts.open_store(st, verify=False)
     st.counts.reset()
     assert int(r[3]["i"]) == 3
-    assert st.counts.reads == 3  # the tail (trailer and a bit), the rest of the footer, the record
+    assert st.counts.reads == 4  # the tail (trailer and a bit), the header, the rest of the footer, the record
     assert st.counts.ranges[0][1] == max(100, TRAILER_BYTES)
+    assert st.counts.ranges[1] == (0, HEADER_BYTES)
 
 
 def test_a_shard_of_the_wrong_size_is_found_by_the_tail_read(tmp_path: Path, store: Path) -> None:
@@ -283,6 +306,10 @@ def test_missing_shard_is_an_error_per_record_and_not_retried(tmp_path: Path, st
     results = list(r.iter_many(req, read_bytes=1))
     assert [x.error is not None for x in results] == [False, True, True, True, False][: len(req)]
     assert all(isinstance(x.error, ts.MissingShardError) for x in results[1:4])
+    for req in ([a], [a, a + 1]):  # pieces with no readable record at all
+        assert [type(x.error) for x in r.iter_many(req, read_bytes=1)] == [ts.MissingShardError] * len(req)
+        fetched = r.fetch_many(req)
+        assert (fetched.reads, isinstance(fetched.error(a), ts.MissingShardError)) == (0, True)
 
 
 def test_raw_records_load_like_read(store: Path) -> None:
@@ -339,3 +366,36 @@ def test_multi_record_frames_are_fetched_and_decoded_once(framed_store: Path, mo
     calls.clear()
     assert _ids(r.read_many(range(N), read_bytes=30_000)) == list(range(N))
     assert len(calls) == sum(len(f.table) for f in footers)
+
+
+def test_iterable_dataset_skips_per_record_on_a_framed_store(tmp_path: Path, framed_store: Path) -> None:
+    """Multi-record frames through the dataset: a damaged frame costs exactly its records, a
+    missing shard exactly its records, and the missing shard is tried once an iteration."""
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(framed_store, copy)
+    r = ts.open_store(copy)
+    f0 = r._footer(0)
+    lost_frame = [i for i, f in enumerate(f0.record_map["frame"].tolist()) if f == 1]
+    off = int(f0.table["offset"][1]) + 30
+    shard0 = copy / r.index.shards[0].name
+    data = bytearray(shard0.read_bytes())
+    data[off] ^= 0xFF
+    shard0.write_bytes(bytes(data))
+    a, b = (int(x) for x in r.shard_bounds()[2])
+    (copy / r.index.shards[2].name).unlink()
+
+    opens: list[str] = []
+
+    class Tracking(CountingStorage):
+        def open(self, name: str) -> ReadHandle:
+            opens.append(name)
+            return super().open(name)
+
+    ds = ts.StoreIterableDataset(ts.open_store(Tracking(copy), verify=False), on_error="skip", block_records=7)
+    got = [int(s["i"]) for s in ds]
+    expected = [i for i in range(N) if i not in lost_frame and not a <= i < b]
+    assert got == expected
+    assert ds.skip_counts() == {"ChecksumMismatchError": len(lost_frame), "MissingShardError": b - a}
+    assert opens.count(r.index.shards[2].name) == 1
