@@ -511,3 +511,21 @@ def test_http_store_reads_and_verifies(tmp_path: Any) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "s3"])
+def test_reader_of_a_replaced_store_raises_store_changed(kind: str, request: pytest.FixtureRequest) -> None:
+    """A shard deleted by an overwrite while a reader holds it open: StoreChangedError (the
+    object store answers 404 mid-read), never another version's bytes."""
+    if kind == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket")
+        url = f"s3://{bucket}/replaced"
+    else:
+        url, options = f"memory://tspt-{uuid.uuid4().hex[:12]}/replaced", {}
+    write(url, options, n=4)  # one shard
+    reader = tspt.open_store(url, storage_options=options)
+    assert same(reader[0], sample(0))
+    tspt.write_store((sample(50 + i) for i in range(4)), url, storage_options=options, mode="overwrite")
+    with pytest.raises(tspt.StoreChangedError, match="replaced since it was opened"):
+        reader[1]
+    assert int(tspt.open_store(url, storage_options=options)[1]["id"]) == 51
