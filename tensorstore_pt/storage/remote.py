@@ -570,7 +570,8 @@ class FsspecStorage(Storage):
 
     def writer(self, name: str, *, exclusive: bool = False, if_match: str | None = None) -> AtomicWriter:
         """Spool ``name`` to a local temporary file; ``commit()`` uploads it (see the module
-        docstring for the conditions each backend honours).
+        docstring for the conditions each backend honours). With ``if_match`` on S3 the file
+        is sent from memory in one PUT (meant for ``index.json``, at most ``MAX_INDEX_BYTES``).
 
         Raises:
             ReadOnlyStoreError: An ``http(s)://`` URL.
