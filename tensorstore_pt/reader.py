@@ -17,6 +17,7 @@ positional read: one for a shard's footer (its tail, once), then one a record or
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -37,6 +38,7 @@ from .errors import (
     RecordDecodeError,
     RecordIndexError,
     RecordIndexTypeError,
+    RemoteStorageError,
     ShardFormatError,
     ShardSizeError,
     StoreChangedError,
@@ -479,7 +481,12 @@ class StoreReader:
     def _read_exact(self, si: int, offset: int, length: int, what: str) -> bytes:
         entry = self._index.shards[si]
         where = f"{self._where(si)} (the index says {entry.file_bytes} bytes)"
-        return read_exact(self._handle(si), offset, length, what, where, error=ShardSizeError)
+        try:
+            return read_exact(self._handle(si), offset, length, what, where, error=ShardSizeError)
+        except RemoteStorageError as exc:
+            if exc.errno == errno.ENOENT:  # an object store's shard deleted under an open handle
+                self._raise_if_changed(exc)
+            raise
 
     def _footer(self, si: int) -> ShardFooter:
         footer = self._footers[si]
