@@ -44,6 +44,8 @@ _LAZY = {
     "audit_path": "audit",
     "audit_pt": "audit",
     "audit_store": "audit",
+    "CopyReport": "copy",
+    "copy_store": "copy",
     "StoreInfo": "format",
     "RecoverReport": "integrity",
     "VerifyReport": "integrity",
@@ -60,6 +62,7 @@ _LAZY = {
 
 if _TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditReport, audit_path, audit_pt, audit_store
+    from .copy import CopyReport, copy_store
     from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
     from .format import StoreInfo
     from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
@@ -87,6 +90,7 @@ __all__ = [
     "AuditReport",
     "ChecksumMismatchError",
     "ConcurrentWriteError",
+    "CopyReport",
     "CorruptStoreError",
     "DecompressionError",
     "IndexFormatError",
@@ -123,6 +127,7 @@ __all__ = [
     "audit_path",
     "audit_pt",
     "audit_store",
+    "copy_store",
     "open_store",
     "recover_store",
     "verify_store",
