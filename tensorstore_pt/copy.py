@@ -362,6 +362,8 @@ def _run_parallel(tasks: list[Callable[[], Any]], workers: int, stop: threading.
         futures = {pool.submit(t): i for i, t in enumerate(tasks)}
         try:
             for fut in cf.as_completed(futures):
+                if fut.cancelled():
+                    continue
                 exc = fut.exception()
                 if exc is None:
                     results[futures[fut]] = fut.result()
