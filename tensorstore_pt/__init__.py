@@ -9,6 +9,7 @@ from typing import Any as _Any
 from ._version import __version__
 from .errors import (
     AllocationBudgetError,
+    BackendNotInstalledError,
     ChecksumMismatchError,
     ConcurrentWriteError,
     CorruptStoreError,
@@ -18,6 +19,7 @@ from .errors import (
     MissingShardError,
     NotARegularFileError,
     NotAStoreError,
+    ReadOnlyStoreError,
     RecordDecodeError,
     RecordIndexError,
     RecordIndexTypeError,
@@ -88,6 +90,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AllocationBudgetError",
     "AuditReport",
+    "BackendNotInstalledError",
     "ChecksumMismatchError",
     "ConcurrentWriteError",
     "CopyReport",
@@ -98,6 +101,7 @@ __all__ = [
     "MissingShardError",
     "NotARegularFileError",
     "NotAStoreError",
+    "ReadOnlyStoreError",
     "RecordDecodeError",
     "RecordIndexError",
     "RecordIndexTypeError",

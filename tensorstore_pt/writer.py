@@ -69,7 +69,7 @@ from .format import (
 )
 from .serialization import check_sample, clone_exact, dumps
 from .shardio import FrameGrouper, ShardBuilder, train_dictionary
-from .storage import Storage, StoreLock, storage_for, typed_full_disk
+from .storage import Storage, StoreLock, if_match_kwargs, storage_for, typed_full_disk
 
 __all__ = ["DEFAULT_DICT_BYTES", "DEFAULT_MAX_SHARD_BYTES", "DICT_SAMPLE_BYTES", "ShardWriter", "write_store"]
 
@@ -123,7 +123,8 @@ class ShardWriter:
     """Write samples into a store: fixed-size shards plus a JSON index committed last.
 
     Args:
-        path: The store directory. Created if missing (parents too).
+        path: The store directory (created if missing, parents too), or an fsspec URL such
+            as ``s3://bucket/prefix`` (the bucket must exist; see docs/remote.md).
         codec: ``"zstd"`` (default for a new store), ``"lz4"`` or ``"none"``. In ``append``
             mode the store's codec is used; passing a different one raises.
         level: Codec level; None means the codec's default (zstd 3, lz4 0). zstd accepts
@@ -148,6 +149,8 @@ class ShardWriter:
             this many bytes (frames never cross shards). Better ratio, but a random read
             decodes the whole frame. None (default) writes one record per frame. Format 1.1,
             feature "multi-record-frames".
+        storage_options: For a URL: the fsspec file system's options (``endpoint_url``,
+            ``key``, ``secret``...; see docs/remote.md). None for a local path.
 
     Raises:
         InvalidOptionError: Bad codec, level, shard size, mode, metadata, dictionary or
@@ -159,7 +162,10 @@ class ShardWriter:
         StorageFullError: From ``write``/``close``: the disk filled up (also an ``OSError``,
             ``errno`` ENOSPC); nothing is published and this writer's files are removed.
         ConcurrentWriteError: From ``close``: another writer committed to the same store
-            meanwhile (only where the file system has no locks); nothing is published.
+            meanwhile (only where the file system has no locks: then ``index.json`` is
+            replaced only if it is still the version read at open, atomically where the
+            backend has conditional writes, S3); nothing is published.
+        RemoteStorageError: A URL's object store failed past its retries.
 
     Use as a context manager; the store is published when the ``with`` block exits without
     an exception, and nothing is published if it raises::
@@ -189,6 +195,7 @@ class ShardWriter:
         num_threads: int | None = None,
         dictionary: bool | int = False,
         frame_target_bytes: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if mode not in _MODES:
             raise InvalidOptionError(f"mode: expected one of {list(_MODES)}, found {mode!r}")
@@ -216,7 +223,7 @@ class ShardWriter:
                 f"dictionary: expected True, False or a size in bytes in [256, {MAX_DICT_BYTES}], found {dictionary!r}"
             )
 
-        self._storage = storage_for(path)
+        self._storage = storage_for(path, storage_options)
         self.location = self._storage.location
         self.mode = mode
         self.max_shard_bytes = max_shard_bytes
@@ -228,6 +235,7 @@ class ShardWriter:
         self._lock: StoreLock | None = None
         self._state = "opening"
         self._index_digest: int | None = None  # of the index.json this writer started from
+        self._index_version: str | None = None  # its backend version (an S3 ETag), where there is one
         # Validate user options before touching the file system.
         new_codec = make_codec(codec if codec is not None else "zstd", level) if mode != "append" or codec else None
         if dict_bytes and new_codec is not None and new_codec.codec_id != "zstd":
@@ -365,7 +373,7 @@ class ShardWriter:
 
     def _read_index_bytes(self) -> bytes:
         """Read index.json once at open, remembering its digest for the commit-time comparison."""
-        raw = self._storage.read_all(INDEX_NAME)
+        raw, self._index_version = self._storage.read_versioned(INDEX_NAME)
         self._index_digest = digest_int(raw)
         return raw
 
@@ -551,8 +559,21 @@ class ShardWriter:
                     f"{INDEX_NAME} of {self.location!r} was changed by another writer while this one was "
                     "writing; nothing was published (one writer at a time per store)"
                 )
-            with typed_full_disk(self.location, INDEX_NAME), self._storage.writer(INDEX_NAME) as out:
-                out.write(encode_index(info))
+            # Atomic where the backend allows: replace only the version read at open, or create
+            # only if there is still no index (If-Match / If-None-Match on S3, link(2) locally).
+            try:
+                with (
+                    typed_full_disk(self.location, INDEX_NAME),
+                    self._storage.writer(
+                        INDEX_NAME, exclusive=self._index_digest is None, **if_match_kwargs(self._index_version)
+                    ) as out,
+                ):
+                    out.write(encode_index(info))
+            except FileExistsError as exc:
+                raise ConcurrentWriteError(
+                    f"{INDEX_NAME} of {self.location!r} was created by another writer while this one was "
+                    "writing; nothing was published (one writer at a time per store)"
+                ) from exc
         except BaseException as exc:
             left = self.abort()
             if left and hasattr(exc, "add_note"):
@@ -694,9 +715,9 @@ def write_store(samples: Iterable[Any], path: str | os.PathLike[str] | Storage, 
 
     Args:
         samples: The samples, in record order.
-        path: The store directory.
+        path: The store directory, or an fsspec URL (``s3://bucket/prefix``...).
         **options: Any keyword of :class:`ShardWriter` (codec, level, max_shard_bytes,
-            metadata, mode, num_threads, dictionary, frame_target_bytes).
+            metadata, mode, num_threads, dictionary, frame_target_bytes, storage_options).
 
     Returns:
         The published store's summary.
