@@ -592,25 +592,20 @@ def _run_bench(argv: list[str]) -> int:
     return run_from_args(args, "tspt bench", argv)
 
 
-def parse_storage_option(text: str) -> tuple[str, Any]:
-    """Parse ``KEY=VALUE`` for ``--storage-option``: VALUE as JSON if it parses (``true``,
-    ``3``, ``{"a": 1}``), else as the string given."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(
-            f"expected KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:9000), found {text!r}"
-        )
-    try:
-        return key.strip(), json.loads(value)
-    except ValueError:
-        return key.strip(), value
+def _options(*groups: list[str] | None) -> dict[str, Any] | None:
+    """Merge groups of ``KEY=VALUE`` options (:func:`parse_storage_options`); a later group
+    wins, key by key (nested keys too). None when nothing was given."""
 
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
 
-def _options(*groups: list[tuple[str, Any]] | None) -> dict[str, Any] | None:
-    """Merge ``KEY=VALUE`` pairs; later groups win. None when nothing was given."""
     merged: dict[str, Any] = {}
     for group in groups:
-        merged.update(group or [])
+        merge(merged, parse_storage_options(group) or {})
     return merged or None
 
 
@@ -819,15 +814,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="files copied at once (default: 4)")
     p.add_argument("--overwrite", action="store_true", help="replace another store at DST")
     p.add_argument(
-        "--storage-option", action="append", type=parse_storage_option, metavar="KEY=VALUE",
-        help="an fsspec option for both SRC and DST (repeatable; VALUE parsed as JSON if it can be)",
+        "--storage-option", action="append", default=None, metavar="KEY=VALUE",
+        help="an fsspec storage option for both SRC and DST (repeatable; VALUE is JSON when it parses, else a "
+        "string; a dotted KEY nests: client_kwargs.region_name=eu-west-1)",
     )  # fmt: skip
     p.add_argument(
-        "--src-storage-option", action="append", type=parse_storage_option, metavar="KEY=VALUE",
+        "--src-storage-option", action="append", default=None, metavar="KEY=VALUE",
         help="an fsspec option for SRC only (repeatable; wins over --storage-option)",
     )  # fmt: skip
     p.add_argument(
-        "--dst-storage-option", action="append", type=parse_storage_option, metavar="KEY=VALUE",
+        "--dst-storage-option", action="append", default=None, metavar="KEY=VALUE",
         help="an fsspec option for DST only (repeatable; wins over --storage-option)",
     )  # fmt: skip
     p.add_argument("--no-verify", action="store_true", help="skip verify_store over the copy before the commit")

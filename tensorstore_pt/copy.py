@@ -9,8 +9,8 @@
    a destination holding the same ``index.json`` bytes, or no index and only files of this
    source, is resumed; one holding another store's committed index is refused with
    :class:`~tensorstore_pt.errors.StoreExistsError` unless ``overwrite=True``;
-3. checks the files already at the destination (size, then the whole-file xxh3_64 the index
-   records): each that matches is skipped;
+3. checks the files already at the destination (size from one listing, then the whole-file
+   xxh3_64 the index records, which reads them once): each that matches is skipped;
 4. copies the others in ``workers`` threads, each file streamed in chunks of at most
    ``chunk_bytes`` and hashed on the way; a file whose size or digest differs from the index
    is discarded (never published under its name) and fetched again once, then the copy
@@ -31,8 +31,10 @@ replaced, and the destination is no store until the copy commits. After the comm
 store's files that the new index does not name are removed.
 
 Memory: at most ``workers x chunk_bytes`` of file data in this process (default 4 x 8 MiB),
-plus what the destination backend buffers per open upload (nothing for a local directory;
-one part for a multipart upload), plus the index. No file is ever held whole.
+plus the index. No file is ever held whole in memory. Local disk: nothing for a local
+destination (files are written in place under temporary names); for an object-store
+destination the backend spools each file in flight to a local temporary file before its
+upload (``FsspecStorage``), so up to ``workers`` files' worth of local disk.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from .errors import (
     StoreExistsError,
 )
 from .format import INDEX_NAME, LOCK_NAME, MAX_INDEX_BYTES, IndexInfo, check_shard_name, new_writer_token, parse_index
-from .storage import TEMP_MARKER, AtomicWriter, ReadHandle, Storage, StoreLock, storage_for
+from .storage import TEMP_MARKER, AtomicWriter, ReadHandle, Storage, StoreLock, if_match_kwargs, storage_for
 
 __all__ = ["CopyReport", "copy_store"]
 
@@ -131,20 +133,10 @@ class _Cancelled(Exception):
 
 
 def _open_storage(path: str | os.PathLike[str] | Storage, options: dict[str, Any] | None, side: str) -> Storage:
-    if options is not None and not isinstance(options, dict):
-        raise InvalidOptionError(f"{side}_storage_options: expected a dict or None, found {type(options).__name__}")
-    if isinstance(path, Storage):
-        if options:
-            raise InvalidOptionError(f"{side}_storage_options: given with a Storage object; pass a path or URL instead")
-        return path
-    if not options:
-        return storage_for(path)
     try:
-        return storage_for(path, storage_options=options)  # type: ignore[call-arg]
-    except TypeError as exc:  # a storage_for without options: local paths only
-        raise InvalidOptionError(
-            f"{side}_storage_options: this version has no remote backend to pass {sorted(options)} to ({exc})"
-        ) from exc
+        return storage_for(path, options)
+    except InvalidOptionError as exc:
+        raise InvalidOptionError(f"{side}_storage_options: {exc}") from exc
 
 
 def _files_of(index: IndexInfo, where: str) -> list[_File]:
@@ -196,10 +188,15 @@ class _WithIndex(Storage):
     def size(self, name: str) -> int:
         return len(self._raw) if name == INDEX_NAME else self._inner.size(name)
 
+    def sizes(self) -> dict[str, int]:
+        return {**self._inner.sizes(), INDEX_NAME: len(self._raw)}
+
     def open(self, name: str) -> ReadHandle:
         return _BytesHandle(self._raw) if name == INDEX_NAME else self._inner.open(name)
 
-    def writer(self, name: str, *, exclusive: bool = False) -> AtomicWriter:  # pragma: no cover
+    def writer(
+        self, name: str, *, exclusive: bool = False, if_match: str | None = None
+    ) -> AtomicWriter:  # pragma: no cover
         raise PermissionError(f"{self.location!r}: read-only view")
 
     def remove(self, name: str) -> None:  # pragma: no cover
@@ -267,10 +264,8 @@ class _Progress:
 
 
 def _digest_of(storage: Storage, f: _File, chunk_bytes: int, stop: threading.Event, progress: _Progress) -> bool:
-    """Whether ``f`` is at ``storage`` with its size and whole-file xxh3_64 (read in chunks)."""
+    """Whether ``f`` (listed at ``storage`` with its size) has its whole-file xxh3_64 there."""
     try:
-        if storage.size(f.name) != f.size:
-            return False
         handle = storage.open(f.name)
     except (FileNotFoundError, NotARegularFileError):
         return False
@@ -434,8 +429,8 @@ def copy_store(
             ``src`` and ``dst`` are the same location.
         RemoteStorageError: A remote backend failed past its retries.
 
-    Memory: at most ``workers x chunk_bytes`` of file data plus each open upload's backend
-    buffer, plus the index. Thread safety: safe to call from several threads for different
+    Memory: at most ``workers x chunk_bytes`` of file data, plus the index; an object-store
+    destination also spools up to ``workers`` whole files to local disk before uploading them. Thread safety: safe to call from several threads for different
     destinations; one copy to one destination at a time (the destination's lock).
     """
     from .integrity import verify_store  # imports torch: before the clock starts
@@ -485,11 +480,11 @@ def copy_store(
             for n in names:
                 if _is_temp_of(n, wanted):
                     target.remove(n)
-        present = set(names)
+        present = target.sizes()  # one listing: regular files and their sizes
         stop = threading.Event()
         bar = _Progress(progress, sum(f.size for f in files))
         try:
-            to_check = [f for f in files if f.name in present]
+            to_check = [f for f in files if present.get(f.name) == f.size]
             ok = _run_parallel(
                 [lambda f=f: _digest_of(target, f, chunk_bytes, stop, bar) for f in to_check], workers, stop
             )
@@ -569,8 +564,17 @@ def _old_store_files(old_raw: bytes, location: str) -> set[str]:
 
 
 def _commit(target: Storage, raw: bytes, old_raw: bytes | None, same_index: bool) -> bool:
-    """Write ``index.json`` (``raw``) unless it is there already; return whether it was written."""
-    current = _read_old_index(target)
+    """Write ``index.json`` (``raw``) unless it is there already; return whether it was written.
+
+    The write is conditional: exclusive where there was no index (S3 ``If-None-Match``), and
+    where one is replaced, only if it is still the version compared here (S3 ``If-Match``);
+    backends without conditional writes keep the compare-before-commit window of one request."""
+    try:
+        current, version = target.read_versioned(INDEX_NAME, MAX_INDEX_BYTES)
+    except FileNotFoundError:
+        current, version = None, None
+    except (ValueError, NotARegularFileError):
+        current, version = b"", None
     if same_index and current == raw:
         return False
     expected = None if same_index else old_raw
@@ -580,7 +584,7 @@ def _commit(target: Storage, raw: bytes, old_raw: bytes | None, same_index: bool
             "committed (one writer at a time per store)"
         )
     try:
-        with target.writer(INDEX_NAME, exclusive=current is None) as out:
+        with target.writer(INDEX_NAME, exclusive=current is None, **if_match_kwargs(version)) as out:
             out.write(raw)
     except FileExistsError as exc:
         raise ConcurrentWriteError(
