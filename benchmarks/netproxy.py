@@ -35,7 +35,7 @@ deterministic whatever the thread timing:
 - ``stall``: forward ``after_bytes`` bytes of the response, then send nothing for
   ``stall_s`` seconds (past the client's read timeout), then close;
 - ``503``: the request is never forwarded; the client gets ``503 Service Unavailable`` with
-  an S3-style ``SlowDown`` XML body and ``Connection: close``.
+  an S3-style ``SlowDown`` XML body (none after a ``HEAD``) and ``Connection: close``.
 
 ``after_bytes`` counts response bytes, status line and headers included. Where the response
 declares a ``Content-Length``, it is clamped to one byte short of the whole response, so a
@@ -449,19 +449,20 @@ class _Connection:
                     if not dropping:
                         self._send_upstream(piece)
                 if dropping and (framer.idle or (framer.head_complete and framer.expect_continue)):
-                    self._answer_503()
+                    self._answer_503(head_only=framer.method == b"HEAD")
                     return
         except OSError:
             self.close()
 
-    def _answer_503(self) -> None:
+    def _answer_503(self, head_only: bool) -> None:
+        """The injected 503 (no body after a HEAD request, as HTTP requires), then close."""
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
             f"Content-Length: {len(_SLOWDOWN_BODY)}\r\nConnection: close\r\n\r\n"
         ).encode()
         self.proxy._count(fault="503")
         try:
-            self._send_client(head + _SLOWDOWN_BODY)
+            self._send_client(head if head_only else head + _SLOWDOWN_BODY)
         except OSError:
             pass
         self.close()

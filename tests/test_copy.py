@@ -333,3 +333,145 @@ def test_cli_storage_options_go_to_their_side(many, tmp_path, capsys):
     assert main(["cp", str(many), str(tmp_path / "c"), "-q", "--src-storage-option", "anon=true"]) == 2
     assert "src_storage_options" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------- object stores
+
+
+def store_files(url: str, options: dict[str, Any] | None) -> dict[str, bytes]:
+    """Every file of a store at any location but the lock file, by name (read through the seam)."""
+    from tensorstore_pt.storage import storage_for
+
+    st = storage_for(url, options)
+    return {n: st.read_all(n) for n in st.list() if n != LOCK_NAME}
+
+
+def check_copy(src: Path, url: str, options: dict[str, Any] | None) -> None:
+    """The copy at ``url`` holds exactly the source's files, verifies clean and reads back equal."""
+    assert store_files(url, options) == files_of(src)
+    assert verify_store(url, storage_options=options).ok
+    a, b = open_store(src), open_store(url, storage_options=options)
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        assert equal(a[i], b[i]), i
+
+
+def test_copies_between_local_memory_and_s3(many, s3_bucket, tmp_path):
+    bucket, s3 = s3_bucket
+    import uuid
+
+    mem = f"memory://cp-{uuid.uuid4().hex[:8]}/store"
+    steps = [
+        (str(many), None, f"s3://{bucket}/a", s3),  # local -> s3
+        (f"s3://{bucket}/a", s3, mem, {}),  # s3 -> memory
+        (f"s3://{bucket}/a", s3, f"s3://{bucket}/b", s3),  # s3 -> s3
+        (mem, {}, str(tmp_path / "local"), None),  # memory -> local
+    ]
+    n = len(open_store(many).index.shards)
+    for src, src_opt, dst, dst_opt in steps:
+        report = copy_store(src, dst, src_storage_options=src_opt, dst_storage_options=dst_opt, workers=3)
+        assert (report.shards_copied, report.shards_skipped, report.index_written) == (n, 0, True), (src, dst)
+        check_copy(many, dst, dst_opt)
+
+
+def test_s3_copy_resumes_and_refuses_another_store(many, s3_bucket):
+    from tensorstore_pt.storage import storage_for
+
+    bucket, s3 = s3_bucket
+    url = f"s3://{bucket}/store"
+    copy_store(many, url, dst_storage_options=s3)
+    st = storage_for(url, s3)
+    names = [s.name for s in open_store(many).index.shards]
+    for name in ("index.json", names[0], names[4], names[-1]):  # an interrupted copy's leftovers
+        st.remove(name)
+    report = copy_store(many, url, dst_storage_options=s3)
+    assert (report.shards_skipped, report.shards_copied) == (len(names) - 3, 3)
+    check_copy(many, url, s3)
+    before = store_files(url, s3)
+    with pytest.raises(StoreExistsError, match="another store"):
+        copy_store(FIXTURES / "v1.0" / "none", url, dst_storage_options=s3)
+    assert store_files(url, s3) == before
+
+
+def test_cli_cp_to_and_from_s3(many, s3_bucket, tmp_path, capsys):
+    bucket, s3 = s3_bucket
+    opts = [f"endpoint_url={s3['endpoint_url']}", f"key={s3['key']}", f"secret={s3['secret']}"]
+    to_s3 = ["cp", str(many), f"s3://{bucket}/x", "-q"] + [a for o in opts for a in ("--dst-storage-option", o)]
+    assert main(to_s3) == 0
+    both = [a for o in opts for a in ("--storage-option", o)]
+    assert main(["cp", f"s3://{bucket}/x", f"s3://{bucket}/y", "-q"] + both) == 0
+    back = ["cp", f"s3://{bucket}/y", str(tmp_path / "back"), "-q"]
+    assert main(back + [a for o in opts for a in ("--src-storage-option", o)]) == 0
+    assert "written last" in capsys.readouterr().out
+    assert files_of(tmp_path / "back") == files_of(many)
+
+
+# --------------------------------------------------------------------------- through a faulty network
+
+
+@pytest.fixture
+def s3_behind_proxy(many, s3_bucket):
+    """``(url, storage_options through the proxy, proxy)``: ``many`` uploaded to moto, read back
+    through a :class:`benchmarks.netproxy.NetProxy` with short client timeouts."""
+    from benchmarks.netproxy import NetProxy
+
+    bucket, s3 = s3_bucket
+    url = f"s3://{bucket}/store"
+    copy_store(many, url, dst_storage_options=s3, verify=False)
+    host, port = s3["endpoint_url"].rsplit("//", 1)[1].split(":")
+    with NetProxy(host, int(port)) as proxy:
+        options = {
+            **s3,
+            "endpoint_url": proxy.url,
+            "config_kwargs": {"read_timeout": 1, "connect_timeout": 1},
+            "tspt_retries": 8,
+            "tspt_retry_base_delay_s": 0.01,
+        }
+        yield url, options, proxy
+
+
+def test_reads_through_resets_truncations_stalls_and_503s_are_exact_or_typed(many, s3_behind_proxy):
+    """Every ranged read through a network that resets, truncates, stalls and answers 503
+    returns the exact bytes or raises RemoteStorageError: never wrong bytes."""
+    import random
+
+    from benchmarks.netproxy import FaultSchedule
+    from tensorstore_pt import RemoteStorageError
+    from tensorstore_pt.storage import FsspecStorage
+
+    url, options, proxy = s3_behind_proxy
+    local = {p.name: p.read_bytes() for p in many.iterdir() if p.name.endswith(".tspt")}
+    st = FsspecStorage(url, options)
+    handles = {name: st.open(name) for name in local}  # sizes from one clean listing
+    proxy.reset_stats()
+    proxy.faults = FaultSchedule(seed=5, rate=0.3, after_bytes=(0, 3000), stall_s=3.0)
+    rng = random.Random(1)
+    outcomes = {"exact": 0, "typed": 0}
+    for _ in range(int(os.environ.get("TSPT_FAULT_READS", "30"))):
+        name = rng.choice(sorted(local))
+        data = local[name]
+        off = rng.randrange(len(data))
+        length = rng.randint(1, len(data) - off)
+        try:
+            got = handles[name].read_range(off, length)
+        except RemoteStorageError as exc:
+            assert url in str(exc) and name in str(exc)
+            outcomes["typed"] += 1
+            continue
+        assert got == data[off : off + length], (name, off, length)
+        outcomes["exact"] += 1
+    st_ = proxy.stats()
+    assert sum(st_.faults.values()) >= 5, st_  # the schedule did inject faults
+    assert outcomes["exact"] >= outcomes["typed"]  # retries mended most of them
+
+
+def test_cp_from_s3_through_a_faulty_network_is_byte_identical(many, s3_behind_proxy, tmp_path):
+    from benchmarks.netproxy import FaultSchedule
+
+    url, options, proxy = s3_behind_proxy
+    proxy.faults = FaultSchedule(seed=9, rate=0.25, kinds=("reset", "truncate", "503"), after_bytes=(0, 2000))
+    proxy.latency_ms = 5
+    report = copy_store(url, tmp_path / "copy", src_storage_options=options, workers=3)
+    assert sum(proxy.stats().faults.values()) >= 3
+    assert report.shards_copied == report.shards
+    assert files_of(tmp_path / "copy") == files_of(many)

@@ -318,3 +318,13 @@ def test_non_http_stream_is_forwarded_opaquely():
     assert got == blob
     assert st.bytes_up == st.bytes_down == len(blob)
     assert sum(st.faults.values()) == 0
+
+
+def test_503_after_head_request_has_no_body(server):
+    with NetProxy("127.0.0.1", server.port, faults=FaultSchedule(at={0: Fault("503")})) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+            s.settimeout(5)
+            s.sendall(b"HEAD /5 HTTP/1.1\r\nHost: x\r\n\r\n")
+            data, how = read_until_end(s)
+    assert how == "eof" and data.startswith(b"HTTP/1.1 503 ") and data.endswith(b"\r\n\r\n")
+    assert server.requests == []
