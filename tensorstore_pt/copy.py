@@ -449,6 +449,7 @@ def copy_store(
     where = f"store {source.location!r}: {INDEX_NAME}"
     index = parse_index(raw, where)
     files = _files_of(index, where)
+    source.sizes()  # one listing; on an object store it spares a HEAD per file opened below
     wanted = {f.name for f in files}
     if target.exists() and not target.is_container():
         raise StoreExistsError(f"{target.location!r} exists and is not a directory; expected a directory or a new path")
