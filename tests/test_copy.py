@@ -351,9 +351,8 @@ def check_copy(src: Path, url: str, options: dict[str, Any] | None) -> None:
     assert store_files(url, options) == files_of(src)
     assert verify_store(url, storage_options=options).ok
     a, b = open_store(src), open_store(url, storage_options=options)
-    assert len(a) == len(b)
-    for i in range(len(a)):
-        assert equal(a[i], b[i]), i
+    assert len(a) == len(b) > 0
+    assert equal(list(a[:]), list(b[:]))
 
 
 def test_copies_between_local_memory_and_s3(many, s3_bucket, tmp_path):
