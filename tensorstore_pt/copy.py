@@ -430,8 +430,9 @@ def copy_store(
         RemoteStorageError: A remote backend failed past its retries.
 
     Memory: at most ``workers x chunk_bytes`` of file data, plus the index; an object-store
-    destination also spools up to ``workers`` whole files to local disk before uploading them. Thread safety: safe to call from several threads for different
-    destinations; one copy to one destination at a time (the destination's lock).
+    destination also spools up to ``workers`` whole files to local disk before uploading
+    them. Thread safety: safe to call from several threads for different destinations; one
+    copy to one destination at a time (the destination's lock, where the backend has one).
     """
     from .integrity import verify_store  # imports torch: before the clock starts
     from .reader import read_index_bytes
@@ -507,7 +508,8 @@ def copy_store(
                 first = report.problems[0]
                 raise CorruptStoreError(
                     f"copy at {target.location!r} failed verification ({len(report.problems)} problem(s); first: "
-                    f"{first.message}); nothing was committed"
+                    f"{first.message}); nothing was committed. The source likely has the same damage (`tspt verify` "
+                    "it); verify=False (`tspt cp --no-verify`) copies it as it is"
                 )
         index_written = _commit(target, raw, old_raw, same_index)
         committed = True
