@@ -59,6 +59,7 @@ from .errors import (
     IndexFormatError,
     NotARegularFileError,
     NotAStoreError,
+    ReadOnlyStoreError,
     StorageFullError,
     StoreBusyError,
     TensorStoreError,
@@ -96,7 +97,7 @@ from .shardio import (
     read_exact,
     record_slices,
 )
-from .storage import Storage, if_match_kwargs, typed_full_disk
+from .storage import Storage, if_match_kwargs, storage_for, typed_full_disk
 from .storage.local import _pid_alive
 from .writer import DEFAULT_MAX_SHARD_BYTES, _created_by, lock_owner
 
@@ -699,7 +700,13 @@ def recover_store(
         StorageFullError: No space for the copied shards or the index; nothing was changed.
     """
     del salvage  # always on
-    storage = _storage_checked(path, storage_options)
+    storage = storage_for(path, storage_options)
+    if getattr(storage, "read_only", False) and not dry_run:
+        raise ReadOnlyStoreError(
+            f"store {storage.location!r} is read-only (an http(s):// URL): recover cannot rewrite it; copy it to "
+            "a writable location and recover that (or pass dry_run=True to only report)"
+        )
+    storage = _storage_checked(storage)
     where = f"store {storage.location!r}"
     names = storage.list()
     temps = {n: t for n in names if (t := _parse_temp(n))}

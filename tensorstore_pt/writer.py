@@ -45,6 +45,7 @@ from .errors import (
     InvalidOptionError,
     MissingShardError,
     NotAStoreError,
+    ReadOnlyStoreError,
     StoreExistsError,
     StoreNotFoundError,
     TensorStoreError,
@@ -240,6 +241,11 @@ class ShardWriter:
         new_codec = make_codec(codec if codec is not None else "zstd", level) if mode != "append" or codec else None
         if dict_bytes and new_codec is not None and new_codec.codec_id != "zstd":
             raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
+        if getattr(self._storage, "read_only", False):
+            raise ReadOnlyStoreError(
+                f"store {self.location!r} is read-only (an http(s):// URL); write to s3://, gs://, memory:// or a "
+                "local path instead"
+            )
         try:
             old_index = self._inspect_target()
             self._setup(old_index, new_codec, codec, level, metadata, dict_bytes, num_threads)

@@ -132,6 +132,8 @@ class Storage(ABC):
 
     #: Human-readable location used in error messages.
     location: str
+    #: True where nothing can be written (``http(s)://``): writers and ``recover`` refuse at once.
+    read_only: bool = False
 
     @abstractmethod
     def exists(self) -> bool:

@@ -165,6 +165,10 @@ class _ShortRead(OSError):
     """A ranged GET returned fewer bytes than the object holds (retried)."""
 
 
+class _TooLarge(ValueError):
+    """An object is larger than the caller's ``max_bytes`` (passed through, never retried)."""
+
+
 def _nest(options: dict[str, Any]) -> dict[str, Any]:
     """Copy ``options`` (dicts copied one level deep, so defaults can be merged in)."""
     return {k: dict(v) if isinstance(v, dict) else v for k, v in options.items()}
@@ -234,6 +238,7 @@ class FsspecStorage(Storage):
         self.object_store = self.protocol in _OBJECT_STORES
         self.conditional_writes = self.protocol in ("s3", "s3a")
         self._fs, self._root = self._make_fs()
+        self._pid = os.getpid()
         self._listed: dict[str, dict[str, Any]] = {}
         self._listed_lock = threading.Lock()
 
@@ -269,6 +274,16 @@ class FsspecStorage(Storage):
         if own_retries:
             fs.retries = 1  # this instance is keyed by the options above, which only we build
         return fs, root.rstrip("/")
+
+    @property
+    def fs(self) -> Any:
+        """This process's fsspec file system (rebuilt in a forked child: an async backend's
+        event loop and connections belong to the process that made them)."""
+        if self._pid != os.getpid():
+            self._fs, self._root = self._make_fs()
+            self._pid = os.getpid()
+            self._listed_lock = threading.Lock()
+        return self._fs
 
     # ------------------------------------------------------------------ pickling
 
@@ -334,7 +349,7 @@ class FsspecStorage(Storage):
                 if missing_ok and not isinstance(exc, RemoteStorageError):
                     raise
                 raise self._error(what, name, byte_range, exc, attempt) from exc
-            except (RemoteStorageError, ReadOnlyStoreError):
+            except (RemoteStorageError, ReadOnlyStoreError, _TooLarge):
                 raise
             except Exception as exc:  # noqa: BLE001 - every backend error is classified here
                 transient = _is_transient(exc)
@@ -377,7 +392,7 @@ class FsspecStorage(Storage):
     def _root_info(self) -> dict[str, Any] | None:
         def info() -> dict[str, Any]:
             self._invalidate(self._root)
-            return self._fs.info(self._root)
+            return self.fs.info(self._root)
 
         try:
             return self.call("stat", None, info)
@@ -402,7 +417,7 @@ class FsspecStorage(Storage):
 
     def _http_has_index(self) -> bool:
         try:
-            self.call("stat", "index.json", lambda: self._fs.info(self._path("index.json")))
+            self.call("stat", "index.json", lambda: self.fs.info(self._path("index.json")))
         except FileNotFoundError:
             return False
         return True
@@ -421,7 +436,7 @@ class FsspecStorage(Storage):
         if self.object_store:
             bucket = self._root.split("/", 1)[0]
             try:
-                found = self.call("stat", None, lambda: self._fs.exists(bucket))
+                found = self.call("stat", None, lambda: self.fs.exists(bucket))
             except FileNotFoundError:
                 found = False
             if not found:
@@ -430,7 +445,7 @@ class FsspecStorage(Storage):
                     "credentials); create it first"
                 )
             return False
-        self.call("create", None, lambda: self._fs.makedirs(self._root, exist_ok=True))
+        self.call("create", None, lambda: self.fs.makedirs(self._root, exist_ok=True))
         return True
 
     def remove_container(self) -> None:
@@ -438,14 +453,14 @@ class FsspecStorage(Storage):
         if self.object_store or self.read_only:
             return
         try:
-            if not self._fs.ls(self._root, detail=False):
-                self._fs.rmdir(self._root)
+            if not self.fs.ls(self._root, detail=False):
+                self.fs.rmdir(self._root)
         except OSError:
             pass
 
     def _invalidate(self, path: str | None = None) -> None:
         try:
-            self._fs.invalidate_cache(path)
+            self.fs.invalidate_cache(path)
         except Exception:  # noqa: BLE001 - a cache is never a reason to fail  # pragma: no cover
             pass
 
@@ -459,7 +474,7 @@ class FsspecStorage(Storage):
 
             def ls() -> list[dict[str, Any]]:
                 self._invalidate(self._root)
-                return self._fs.ls(self._root, detail=True)
+                return self.fs.ls(self._root, detail=True)
 
             try:
                 entries = self.call("list", None, ls)
@@ -479,7 +494,7 @@ class FsspecStorage(Storage):
         import json
 
         try:
-            raw = self.call("read", "index.json", lambda: self._fs.cat_file(self._path("index.json")))
+            raw = self.call("read", "index.json", lambda: self.fs.cat_file(self._path("index.json")))
         except FileNotFoundError:
             return []
         entries = [{"name": self._path("index.json"), "size": len(raw), "type": "file"}]
@@ -492,7 +507,7 @@ class FsspecStorage(Storage):
         for name in names + ([dict_name] if dict_name else []):
             if isinstance(name, str) and "/" not in name:
                 try:
-                    entries.append(self.call("stat", name, lambda n=name: self._fs.info(self._path(n))))
+                    entries.append(self.call("stat", name, lambda n=name: self.fs.info(self._path(n))))
                 except FileNotFoundError:
                     pass
         return entries
@@ -506,7 +521,7 @@ class FsspecStorage(Storage):
         return {n: int(e.get("size") or 0) for n, e in self._listing().items() if e.get("type", "file") == "file"}
 
     def _info(self, name: str) -> dict[str, Any]:
-        info = self.call("stat", name, lambda: self._fs.info(self._path(name)))
+        info = self.call("stat", name, lambda: self.fs.info(self._path(name)))
         if info.get("type", "file") != "file":
             raise NotARegularFileError(f"{self._where(name)} is a prefix (a directory); expected an object")
         if info.get("size") is None:
@@ -537,19 +552,19 @@ class FsspecStorage(Storage):
             return self.read_all(name, max_bytes), None
         from fsspec.asyn import sync
 
-        bucket, key, _ = self._fs.split_path(self._path(name))
+        bucket, key, _ = self.fs.split_path(self._path(name))
 
         async def get() -> tuple[bytes, str]:
-            resp = await self._fs._call_s3("get_object", Bucket=bucket, Key=key)
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
             try:
                 length = resp.get("ContentLength")
                 if max_bytes is not None and length is not None and length > max_bytes:
-                    raise ValueError(f"{name!r} is {length} bytes; expected at most {max_bytes}")
+                    raise _TooLarge(f"{name!r} is {length} bytes; expected at most {max_bytes}")
                 return await resp["Body"].read(), resp["ETag"]
             finally:
                 resp["Body"].close()
 
-        return self.call("read", name, lambda: sync(self._fs.loop, get))
+        return self.call("read", name, lambda: sync(self.fs.loop, get))
 
     # ------------------------------------------------------------------ Storage API: writing
 
@@ -568,7 +583,7 @@ class FsspecStorage(Storage):
         with self._listed_lock:
             self._listed.pop(name, None)
         try:
-            self.call("remove", name, lambda: self._fs.rm_file(self._path(name)))
+            self.call("remove", name, lambda: self.fs.rm_file(self._path(name)))
         except FileNotFoundError:
             pass
         self._invalidate(self._root)
@@ -588,7 +603,7 @@ class FsspecStorage(Storage):
         else:
             raise FileExistsError(f"{self._where(new_name)} already exists")
         self._info(name)
-        self.call("copy", name, lambda: self._fs.cp_file(self._path(name), self._path(new_name)))
+        self.call("copy", name, lambda: self.fs.cp_file(self._path(name), self._path(new_name)))
         self.remove(name)
 
     def lock(self, owner: dict | None) -> StoreLock:
@@ -629,7 +644,15 @@ class _FsspecHandle(ReadHandle):
         path = st._path(self._name)
 
         def get() -> bytes:
-            data = st._fs.cat_file(path, start=offset, end=end)
+            data = st.fs.cat_file(path, start=offset, end=end)
+            if len(data) > end - offset:
+                if len(data) != self._size:
+                    raise RemoteStorageError(
+                        errno.EIO,
+                        f"{st._where(self._name, (offset, end))}: the server answered {len(data)} bytes for a range of "
+                        f"{end - offset} (the object is {self._size} bytes); refusing bytes that may be misplaced",
+                    )
+                data = data[offset:end]  # a server that ignores Range sends the whole object
             if len(data) < end - offset:
                 raise _ShortRead(
                     errno.EIO, f"short read: {len(data)} of {end - offset} bytes (the object is {self._size} bytes)"
@@ -676,7 +699,7 @@ class _FsspecWriter(AtomicWriter):
 
                 def put_if_match() -> None:
                     try:
-                        st._fs.pipe_file(path, data, IfMatch=self._if_match)
+                        st.fs.pipe_file(path, data, IfMatch=self._if_match)
                     except Exception as exc:  # noqa: BLE001
                         if _precondition_failed(exc):
                             raise self._conflict(exc) from exc
@@ -690,13 +713,13 @@ class _FsspecWriter(AtomicWriter):
                         raise FileExistsError(f"{st._where(name)} already exists") from exc
 
                 def put_create() -> None:
-                    if not st.conditional_writes and st._fs.exists(path):  # check-then-put
+                    if not st.conditional_writes and st.fs.exists(path):  # check-then-put
                         raise FileExistsError(f"{st._where(name)} already exists")
-                    st._fs.put_file(self._tmp, path, mode="create")
+                    st.fs.put_file(self._tmp, path, mode="create")
 
                 st.call("upload", name, put_create, byte_range=(0, size), on_retry_error=mine)
             else:
-                st.call("upload", name, lambda: st._fs.put_file(self._tmp, path), byte_range=(0, size))
+                st.call("upload", name, lambda: st.fs.put_file(self._tmp, path), byte_range=(0, size))
         except BaseException:
             self.abort()
             raise
