@@ -42,7 +42,8 @@ declares a ``Content-Length``, it is clamped to one byte short of the whole resp
 scheduled reset, truncation or stall always cuts the response short.
 
 Counters (:meth:`NetProxy.stats`): connections, requests, bytes client->server (``bytes_up``)
-and server->client (``bytes_down``) as forwarded, and the faults injected by kind.
+and server->client (``bytes_down``) as forwarded (counted as each chunk is handed to the
+socket, so bytes a client has received are always counted), and the faults injected by kind.
 
 Threads: one accept thread and two per connection. :meth:`NetProxy.close` (or leaving the
 ``with`` block) stops accepting, shuts every socket down, wakes stalls and joins every thread
@@ -413,15 +414,15 @@ class _Connection:
     def _send_client(self, data: bytes) -> None:
         self.down_bucket.take(len(data))
         self.proxy._down_bucket.take(len(data))
+        self.proxy._count(bytes_down=len(data))  # before the send: a client holding the bytes sees them counted
         self.client.sendall(data)
-        self.proxy._count(bytes_down=len(data))
 
     def _send_upstream(self, data: bytes) -> None:
         assert self.upstream is not None
         self.up_bucket.take(len(data))
         self.proxy._up_bucket.take(len(data))
-        self.upstream.sendall(data)
         self.proxy._count(bytes_up=len(data))
+        self.upstream.sendall(data)
 
     def _pump_up(self) -> None:
         framer = _RequestFramer()

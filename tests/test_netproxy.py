@@ -328,3 +328,54 @@ def test_503_after_head_request_has_no_body(server):
             data, how = read_until_end(s)
     assert how == "eof" and data.startswith(b"HTTP/1.1 503 ") and data.endswith(b"\r\n\r\n")
     assert server.requests == []
+
+
+def test_request_framing_finds_every_request_start_however_the_stream_is_split():
+    import random
+
+    from benchmarks.netproxy import _RequestFramer
+
+    body = body_of(3000)
+    chunked = b"".join(f"{n:x};ext=1\r\n".encode() + body[:n] + b"\r\n" for n in (1, 700, 16)) + b"0\r\nX-T: 1\r\n\r\n"
+    requests = [
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"PUT /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n" + body,
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+        b"HEAD /d HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"DELETE /e HTTP/1.0\r\ncontent-length: 0\r\n\r\n",
+    ]
+    stream = b"".join(requests)
+    starts = [sum(len(r) for r in requests[:k]) for k in range(len(requests))]
+    rng = random.Random(4)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(0, 12)))
+        framer = _RequestFramer()
+        pos, found, out = 0, [], b""
+        for a, b in zip([0] + cuts, cuts + [len(stream)]):
+            for piece, begins in framer.feed(stream[a:b]):
+                if begins:
+                    found.append(pos)
+                pos += len(piece)
+                out += piece
+        assert out == stream and found == starts and framer.idle and not framer.opaque
+
+
+def test_503_answers_an_expect_100_continue_request_without_waiting_for_its_body(server):
+    with NetProxy("127.0.0.1", server.port, faults=FaultSchedule(at={0: Fault("503")})) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+            s.settimeout(5)
+            s.sendall(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n")
+            data, how = read_until_end(s)
+    assert how == "eof" and data.startswith(b"HTTP/1.1 503 ") and b"SlowDown" in data
+    assert server.requests == []
+
+
+def test_per_connection_bandwidth_cap(server):
+    rate = 400_000
+    with NetProxy("127.0.0.1", server.port, connection_bandwidth_bytes_per_s=rate) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+            t0 = time.perf_counter()
+            get(s, 200_000)
+            assert read_response(s) == response_of(200_000)
+            elapsed = time.perf_counter() - t0
+    assert elapsed >= (200_000 - max(rate / 20, 16 * 2**10)) / rate * 0.95
