@@ -487,3 +487,30 @@ def test_cp_from_s3_through_a_faulty_network_is_byte_identical(many, s3_behind_p
     assert sum(proxy.stats().faults.values()) >= 3
     assert report.shards_copied == report.shards
     assert files_of(tmp_path / "copy") == files_of(many)
+
+
+def test_a_damaged_or_missing_file_of_a_committed_copy_is_repaired(many, tmp_path):
+    dst = tmp_path / "copy"
+    copy_store(many, dst)
+    names = [s.name for s in open_store(many).index.shards]
+    (dst / names[1]).unlink()
+    damaged = bytearray((dst / names[2]).read_bytes())
+    damaged[100] ^= 0x10
+    (dst / names[2]).write_bytes(bytes(damaged))
+    assert not verify_store(dst).ok
+    report = copy_store(many, dst)
+    assert (report.shards_copied, report.shards_skipped, report.index_written) == (2, len(names) - 2, False)
+    assert files_of(dst) == files_of(many)
+
+
+def test_a_destination_held_by_a_writer_is_refused(many, tmp_path):
+    from tensorstore_pt import StoreBusyError
+
+    dst = tmp_path / "copy"
+    dst.mkdir()
+    with LocalStorage(dst).lock({"pid": os.getpid(), "host": "here", "role": "writer"}):
+        with pytest.raises(StoreBusyError):
+            copy_store(many, dst)
+    assert [p.name for p in dst.iterdir()] == [LOCK_NAME]
+    copy_store(many, dst)
+    assert files_of(dst) == files_of(many)
