@@ -511,3 +511,44 @@ def test_http_store_reads_and_verifies(tmp_path: Any) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "s3"])
+def test_reader_of_a_replaced_store_raises_store_changed(kind: str, request: pytest.FixtureRequest) -> None:
+    """A shard deleted by an overwrite while a reader holds it open: StoreChangedError (the
+    object store answers 404 mid-read), never another version's bytes."""
+    if kind == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket")
+        url = f"s3://{bucket}/replaced"
+    else:
+        url, options = f"memory://tspt-{uuid.uuid4().hex[:12]}/replaced", {}
+    write(url, options, n=4)  # one shard
+    reader = tspt.open_store(url, storage_options=options)
+    assert same(reader[0], sample(0))
+    tspt.write_store((sample(50 + i) for i in range(4)), url, storage_options=options, mode="overwrite")
+    with pytest.raises(tspt.StoreChangedError, match="replaced since it was opened"):
+        reader[1]
+    assert int(tspt.open_store(url, storage_options=options)[1]["id"]) == 51
+
+
+def test_recover_salvages_a_damaged_shard(remote_store: tuple[str, dict | None]) -> None:
+    """recover on each backend: copies the damaged shard's good records to a new shard,
+    quarantines the original (copy + delete on object stores) and commits a new index."""
+    url, options = remote_store
+    write(url, options, max_shard_bytes=4096)
+    index = tspt.open_store(url, storage_options=options).index
+    shard = index.shards[0]
+    fs, root = fs_of(url, options)
+    data = bytearray(fs.cat_file(f"{root}/{shard.name}"))
+    data[HEADER_BYTES + 3] ^= 0xFF  # record 0's frame
+    fs.pipe_file(f"{root}/{shard.name}", bytes(data))
+    report = tspt.recover_store(url, storage_options=options)
+    assert report.index_written and report.records == N - 1 and report.records_lost == 1
+    assert shard.name in [q.name for q in report.quarantined]  # (later shards are renumbered too)
+    after = names_at(url, options)
+    for q in report.quarantined:
+        assert q.name not in after and q.new_name in after
+    assert report.index_backup in after
+    reader = tspt.open_store(url, storage_options=options)
+    assert [int(r["id"]) for r in reader[:]] == list(range(1, N))
+    assert tspt.verify_store(url, storage_options=options).ok

@@ -713,9 +713,12 @@ class _FsspecWriter(AtomicWriter):
                         raise FileExistsError(f"{st._where(name)} already exists") from exc
 
                 def put_create() -> None:
-                    if not st.conditional_writes and st.fs.exists(path):  # check-then-put
+                    if st.conditional_writes:  # If-None-Match: * (412 -> FileExistsError in s3fs)
+                        st.fs.put_file(self._tmp, path, mode="create")
+                        return
+                    if st.fs.exists(path):  # check-then-put: not every backend takes mode="create"
                         raise FileExistsError(f"{st._where(name)} already exists")
-                    st.fs.put_file(self._tmp, path, mode="create")
+                    st.fs.put_file(self._tmp, path)
 
                 st.call("upload", name, put_create, byte_range=(0, size), on_retry_error=mine)
             else:
