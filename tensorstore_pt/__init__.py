@@ -48,6 +48,8 @@ _LAZY = {
     "audit_store": "audit",
     "CachedStorage": "cache",
     "ShardCache": "cache",
+    "CopyReport": "copy",
+    "copy_store": "copy",
     "StoreInfo": "format",
     "RecoverReport": "integrity",
     "VerifyReport": "integrity",
@@ -68,6 +70,7 @@ _LAZY = {
 if _TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditReport, audit_path, audit_pt, audit_store
     from .cache import CachedStorage, ShardCache
+    from .copy import CopyReport, copy_store
     from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
     from .format import StoreInfo
     from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
@@ -97,6 +100,7 @@ __all__ = [
     "CachedStorage",
     "ChecksumMismatchError",
     "ConcurrentWriteError",
+    "CopyReport",
     "CorruptStoreError",
     "DecompressionError",
     "FetchedFrames",
@@ -138,6 +142,7 @@ __all__ = [
     "audit_path",
     "audit_pt",
     "audit_store",
+    "copy_store",
     "open_store",
     "recover_store",
     "verify_store",

@@ -57,6 +57,12 @@ _EXIT_CODES = {
         "1  the record is damaged",
         "2  unusable input: index out of range, not a store, the output exists (see --force) or is a directory",
     ),
+    "cp": (
+        "0  copied (or already there) and verified",
+        "1  the source is damaged, or a file arrived twice with the wrong checksum; nothing was committed",
+        "2  unusable input: no such store, a destination holding another store (see --overwrite), bad options",
+        "130  interrupted: nothing was committed; run the same command again to resume",
+    ),
     "demo": ("0  every store verified clean and every sample read back bit-exact", "1  a check failed"),
     "bench": ("0  every cell ran", "1  some cell failed", "2  bad arguments"),
 }
@@ -586,6 +592,59 @@ def _run_bench(argv: list[str]) -> int:
     return run_from_args(args, "tspt bench", argv)
 
 
+def _options(*groups: list[str] | None) -> dict[str, Any] | None:
+    """Merge groups of ``KEY=VALUE`` options (:func:`parse_storage_options`); a later group
+    wins, key by key (nested keys too). None when nothing was given."""
+
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
+
+    merged: dict[str, Any] = {}
+    for group in groups:
+        merge(merged, parse_storage_options(group) or {})
+    return merged or None
+
+
+def _cmd_cp(args: argparse.Namespace) -> int:
+    from .copy import copy_store
+
+    report = copy_store(
+        args.src,
+        args.dst,
+        src_storage_options=_options(args.storage_option, args.src_storage_option),
+        dst_storage_options=_options(args.storage_option, args.dst_storage_option),
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        verify=not args.no_verify,
+    )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return EXIT_OK
+    skipped = (
+        f"; {report.shards_skipped} of {report.shards} shard(s) were already there and verified, skipped"
+        if report.files_skipped
+        else ""
+    )
+    print(
+        f"copied {report.records:,} records: {report.shards_copied} of {report.shards} shard(s), "
+        f"{format_bytes(report.bytes_copied)} in {report.seconds:.2f} s "
+        f"({_rate_text(report.bytes_copied, report.seconds)}){skipped}"
+    )
+    if report.refetched:
+        print(f"note: {report.refetched} file(s) arrived damaged and were fetched again")
+    if report.removed:
+        print(f"removed {len(report.removed)} file(s) of the replaced store")
+    state = "written last" if report.index_written else "already there"
+    check = ", verified clean" if report.verified else ""
+    print(f"{report.destination}: index.json {state} ({report.index_checksum}, same as the source){check}")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -741,6 +800,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_option(p)
     p.set_defaults(func=_cmd_audit)
 
+    p = add(
+        "cp",
+        "copy a store between two locations (paths or fsspec URLs), verified, index last, resumable",
+        "Copy a store byte for byte: every shard (and the zstd dictionary file) is streamed in parallel, "
+        "checked on arrival against the index's size and xxh3_64 (a file that arrives wrong is fetched once "
+        "more), the result is verified, and index.json is written last with the source's exact bytes. Shards "
+        "already at DST with the right size and checksum are skipped, so an interrupted copy resumes when run "
+        "again. A DST holding another store is refused unless --overwrite.",
+    )
+    p.add_argument("src", help="the source store (a path or URL: s3://bucket/prefix, memory://..., file://...)")
+    p.add_argument("dst", help="the destination (a path or URL); created if missing")
+    p.add_argument("--workers", type=int, default=4, help="files copied at once (default: 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace another store at DST")
+    p.add_argument(
+        "--storage-option", action="append", default=None, metavar="KEY=VALUE",
+        help="an fsspec storage option for both SRC and DST (repeatable; VALUE is JSON when it parses, else a "
+        "string; a dotted KEY nests: client_kwargs.region_name=eu-west-1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--src-storage-option", action="append", default=None, metavar="KEY=VALUE",
+        help="an fsspec option for SRC only (repeatable; wins over --storage-option)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dst-storage-option", action="append", default=None, metavar="KEY=VALUE",
+        help="an fsspec option for DST only (repeatable; wins over --storage-option)",
+    )  # fmt: skip
+    p.add_argument("--no-verify", action="store_true", help="skip verify_store over the copy before the commit")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_cp)
+
     p = add("get", "write one record as a .pt file (its exact torch.save bytes)")
     p.add_argument("store", help="a store directory or URL (s3://bucket/prefix, gs://..., https://...)")
     p.add_argument("index", type=int, help="record position (negative counts from the end)")
@@ -825,7 +915,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tspt {args.command}: error: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"tspt {args.command}: interrupted; nothing was published", file=sys.stderr)
+        resume = "; run the same command again to resume" if args.command == "cp" else ""
+        print(f"tspt {args.command}: interrupted; nothing was published{resume}", file=sys.stderr)
         return 130
 
 
