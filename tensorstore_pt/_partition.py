@@ -5,9 +5,12 @@ Three numberings are used throughout (see docs/datasets.md):
 - **record** ``i`` in ``[0, N)``: a position in the store;
 - **global position** ``g`` in ``[0, N)``: a place in the epoch's order, the same for every
   rank and worker; ``EpochOrder.records_at(g)`` maps it to a record;
-- **rank position** ``j`` in ``[0, L)``: a place in one rank's share of the epoch;
-  ``RankSplit.global_positions(j)`` maps it to global positions (with wrap-around when the
-  ranks are padded to equal length).
+- **plan position** ``p`` in ``[0, M)``: a place in the plan the ranks' shares are cut from,
+  the whole epoch order (``p == g``, M = N) or, after an elastic resume, what the saving run
+  had not delivered (:class:`EpochPlan`, :func:`rest_of_epoch`);
+- **rank position** ``j`` in ``[0, L)``: a place in one rank's share of the plan;
+  ``RankSplit.global_positions(j)`` maps it to global positions (with wrap-around to the
+  plan's start when the ranks are padded to equal length).
 
 Within a rank, rank positions are dealt to DataLoader workers round-robin in chunks of
 ``chunk`` (the batch size), counted from the resume position ``start``. PyTorch's DataLoader

@@ -1326,7 +1326,8 @@ class StoreDataLoader(DataLoader):
         Args:
             states: Exactly one :meth:`state_dict` from each rank ``0 .. world_size - 1`` (any
                 order), all for the same store, split and epoch, or the next epoch's start
-                for a rank that finished the epoch (it delivered its whole share).
+                for a rank that finished the epoch (it delivered its whole share; with
+                ``drop_last``, the partial batch it left out counts as delivered).
 
         Returns:
             A JSON-serialisable state (version 2); ``rank`` is None when the states differed.

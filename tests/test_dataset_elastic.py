@@ -153,6 +153,26 @@ def test_state_at_an_epoch_boundary_starts_an_ordinary_epoch(
     assert [ids(ld) for ld in new] == cut(order, w1, "pad")
 
 
+@pytest.mark.parametrize(("w0", "w1"), [(1, 2), (2, 1)])
+def test_one_rank_to_many_and_back_with_default_equalize(store: Path, w0: int, w1: int) -> None:
+    def make(world: int) -> list[StoreDataLoader]:
+        return [
+            StoreDataLoader(StoreIterableDataset(store, shuffle=True, seed=5, rank=r, world_size=world), batch_size=4)
+            for r in range(world)
+        ]
+
+    old = make(w0)
+    delivered = [take(ld, 3) for ld in old]
+    state = common_state(old)
+    assert state["equalize"] == ("off" if w0 == 1 else "pad")
+    new = make(w1)
+    for ld in new:
+        ld.load_state_dict(state)
+    done = {x for d in delivered for x in d}
+    rest = [x for x in old[0].dataset.epoch_order(0).tolist() if x not in done]
+    assert [ids(ld) for ld in new] == cut(rest, w1, "off" if w1 == 1 else "pad")
+
+
 def test_states_compose_over_several_resumes_and_later_epochs_are_ordinary(store: Path) -> None:
     a = loaders(store, 4, 2, 0, True)
     first = [take(ld, 2) for ld in a]
