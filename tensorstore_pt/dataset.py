@@ -737,7 +737,11 @@ class StoreIterableDataset(IterableDataset):
         return EpochOrder(self.layout(), shuffle=self.shuffle, seed=self.seed, epoch=e).all_records()  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        """This rank's samples per epoch (the same every epoch; equal on every rank with ``equalize``)."""
+        """This rank's samples per epoch (equal on every rank with ``equalize``).
+
+        The same every epoch, except an epoch resumed with another world size: then this rank's
+        share of the rest of that epoch (see :meth:`StoreDataLoader.load_state_dict`).
+        """
         return self._split(*self._rank_world()).length
 
     def partition(self, num_workers: int = 0, *, batch_size: int | None = None) -> PartitionReport:
