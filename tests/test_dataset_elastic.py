@@ -366,3 +366,57 @@ def test_worker_segments_follow_a_plan(
                 assert len(set((g - seg).tolist())) == 1 and len(set((g // window).tolist())) == 1
             seen += mine
         assert sorted(seen) == list(range(s, split.length))
+
+
+# ----------------------------------------------------------------------------- a real process group
+
+
+def _ddp_rank(rank: int, world: int, store: str, out: str, phase: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)  # the rank must come from the process group
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out}/rdv-{phase}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        loader = StoreDataLoader(StoreIterableDataset(store, shuffle=True, seed=5), batch_size=3)
+        if phase == "resume":
+            loader.load_state_dict(json.loads(Path(out, "state.json").read_text()))
+        got: list[int] = []
+        for step, batch in enumerate(loader):
+            total = torch.tensor([batch["id"].numel()])
+            dist.all_reduce(total)  # equal batches on every rank: no collective hangs
+            got += batch["id"].tolist()
+            if phase == "save" and step == 1:
+                break
+        states: list[object] = [None] * world
+        dist.all_gather_object(states, loader.state_dict())  # the recipe for uneven ranks
+        gathered: list[object] = [None] * world
+        dist.all_gather_object(gathered, got)
+        if rank == 0:
+            Path(out, f"{phase}.json").write_text(json.dumps(gathered))
+            if phase == "save":
+                Path(out, "state.json").write_text(json.dumps(StoreDataLoader.merge_states(states)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_gloo_process_groups_two_ranks_then_three(store: Path, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    for phase, world in (("save", 2), ("resume", 3)):
+        mp.start_processes(
+            _ddp_rank, args=(world, str(store), str(tmp_path), phase), nprocs=world, start_method="fork", join=True
+        )
+    before = json.loads((tmp_path / "save.json").read_text())
+    after = json.loads((tmp_path / "resume.json").read_text())
+    assert [len(x) for x in before] == [6, 6]
+    order = StoreIterableDataset(store, shuffle=True, seed=5, rank=0, world_size=1).epoch_order(0).tolist()
+    done = {x for x in before[0] + before[1]}
+    assert after == cut([x for x in order if x not in done], 3, "pad")
