@@ -320,6 +320,19 @@ def test_rest_of_epoch_when_a_pad_share_wrapped(n: int, world: int, counts: list
     assert plan.global_positions(np.arange(len(plan))).tolist() == rest
 
 
+def test_rest_of_epoch_for_every_small_case() -> None:
+    """Exhaustive over N <= 9, W <= 4, every mode and every per-rank count vector."""
+    import itertools
+
+    for n, w0, m0 in itertools.product(range(10), range(1, 5), EQUALIZE_MODES):
+        splits0 = [RankSplit.compute(n, w0, k, m0) for k in range(w0)]
+        shares = [_positions(sp, sp.length) for sp in splits0]
+        for counts in itertools.product(*(range(sp.length + 1) for sp in splits0)):
+            done = {g for share, c in zip(shares, counts) for g in share[:c]}
+            rest = rest_of_epoch(n, w0, m0, list(counts))
+            assert rest.global_positions(np.arange(len(rest))).tolist() == [g for g in range(n) if g not in done]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 30), st.integers(1, 5), st.sampled_from(EQUALIZE_MODES), st.data())
 def test_rest_of_epoch_with_per_rank_counts(n: int, w0: int, m0: str, data: st.DataObject) -> None:
