@@ -5,9 +5,12 @@ Three numberings are used throughout (see docs/datasets.md):
 - **record** ``i`` in ``[0, N)``: a position in the store;
 - **global position** ``g`` in ``[0, N)``: a place in the epoch's order, the same for every
   rank and worker; ``EpochOrder.records_at(g)`` maps it to a record;
-- **rank position** ``j`` in ``[0, L)``: a place in one rank's share of the epoch;
-  ``RankSplit.global_positions(j)`` maps it to global positions (with wrap-around when the
-  ranks are padded to equal length).
+- **plan position** ``p`` in ``[0, M)``: a place in the plan the ranks' shares are cut from,
+  the whole epoch order (``p == g``, M = N) or, after an elastic resume, what the saving run
+  had not delivered (:class:`EpochPlan`, :func:`rest_of_epoch`);
+- **rank position** ``j`` in ``[0, L)``: a place in one rank's share of the plan;
+  ``RankSplit.global_positions(j)`` maps it to global positions (with wrap-around to the
+  plan's start when the ranks are padded to equal length).
 
 Within a rank, rank positions are dealt to DataLoader workers round-robin in chunks of
 ``chunk`` (the batch size), counted from the resume position ``start``. PyTorch's DataLoader
@@ -30,10 +33,12 @@ __all__ = [
     "EQUALIZE_MODES",
     "BlockLayout",
     "EpochOrder",
+    "EpochPlan",
     "RankSplit",
     "keyed_permutation",
     "mix_key",
     "plan_runs",
+    "rest_of_epoch",
     "split_by_bytes",
     "worker_sample_count",
     "worker_segments",
@@ -169,19 +174,100 @@ class EpochOrder:
         return self.records_at(np.arange(self.layout.records, dtype=np.int64))
 
 
+class EpochPlan:
+    """The ordered global positions a rank split is cut from.
+
+    A fresh epoch's plan is the whole epoch order, ``[0, N)``. After an elastic resume (a
+    state saved with another world size or equalize mode) it is what the saving run had not
+    yet delivered, in epoch order (:func:`rest_of_epoch`). A plan is a list of disjoint
+    half-open global-position intervals ``[lo, hi)``, in the order they are consumed; a
+    **plan position** ``p`` in ``[0, M)`` (M: the plan's length) is a place in their
+    concatenation.
+
+    Memory: 24 bytes an interval; an elastic resume adds at most ``world_size`` intervals
+    to its plan (adjacent ones are merged).
+    """
+
+    __slots__ = ("intervals", "_ends")
+
+    def __init__(self, intervals: np.ndarray) -> None:
+        iv = np.asarray(intervals, dtype=np.int64).reshape(-1, 2)
+        iv = iv[iv[:, 1] > iv[:, 0]]
+        if len(iv) > 1:  # merge intervals that continue one another
+            keep = np.ones(len(iv), dtype=bool)
+            keep[1:] = iv[1:, 0] != iv[:-1, 1]
+            first = np.flatnonzero(keep)
+            last = np.append(first[1:] - 1, len(iv) - 1)
+            iv = np.stack([iv[first, 0], iv[last, 1]], axis=1)
+        self.intervals = iv
+        self._ends = np.cumsum(iv[:, 1] - iv[:, 0])
+
+    @classmethod
+    def whole(cls, records: int) -> EpochPlan:
+        """The plan of a fresh epoch: global positions ``[0, records)``."""
+        return cls(np.array([[0, int(records)]], dtype=np.int64))
+
+    def __len__(self) -> int:
+        """M, the positions in the plan."""
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EpochPlan) and np.array_equal(self.intervals, other.intervals)
+
+    def __hash__(self) -> int:
+        return hash(self.intervals.tobytes())
+
+    def __repr__(self) -> str:
+        return f"EpochPlan({self.intervals.tolist()!r})"
+
+    def is_whole(self, records: int) -> bool:
+        """Whether this is the whole epoch order ``[0, records)``."""
+        return len(self.intervals) == 1 and self.intervals[0, 0] == 0 and self.intervals[0, 1] == records
+
+    def to_list(self) -> list[list[int]]:
+        """The intervals as ``[[lo, hi], ...]`` (JSON-serialisable)."""
+        return self.intervals.tolist()
+
+    def global_positions(self, p: np.ndarray) -> np.ndarray:
+        """Map plan positions (int64, each in ``[0, M)``) to global positions (int64)."""
+        p = np.asarray(p, dtype=np.int64)
+        i = np.searchsorted(self._ends, p, side="right")
+        return self.intervals[i, 0] + p - (self._ends[i] - (self.intervals[i, 1] - self.intervals[i, 0]))
+
+    def run_end(self, p: int) -> int:
+        """The end (exclusive) of the interval holding plan position ``p``, in plan positions."""
+        return int(self._ends[int(np.searchsorted(self._ends, p, side="right"))])
+
+    def take(self, ranges: list[tuple[int, int]]) -> EpochPlan:
+        """The plan of plan-position ranges ``[a, b)``, concatenated in the order given."""
+        starts = self._ends - (self.intervals[:, 1] - self.intervals[:, 0])
+        out: list[np.ndarray] = []
+        for a, b in ranges:
+            if b <= a:
+                continue
+            i0 = int(np.searchsorted(self._ends, a, side="right"))
+            i1 = int(np.searchsorted(self._ends, b - 1, side="right"))
+            lo = np.maximum(starts[i0 : i1 + 1], a)
+            hi = np.minimum(self._ends[i0 : i1 + 1], b)
+            base = self.intervals[i0 : i1 + 1, 0] - starts[i0 : i1 + 1]
+            out.append(np.stack([base + lo, base + hi], axis=1))
+        return EpochPlan(np.concatenate(out) if out else np.zeros((0, 2), np.int64))
+
+
 @dataclass(frozen=True)
 class RankSplit:
-    """One rank's share of the epoch order.
+    """One rank's share of the epoch's plan (the whole epoch order, or the rest after an elastic resume).
 
     Attributes:
         records: N, records in the store (global positions per epoch).
         world_size: Number of ranks.
         rank: This rank.
         mode: ``off``, ``pad`` or ``drop`` (see :data:`EQUALIZE_MODES`).
-        base: The global position of this rank's first sample.
+        base: The plan position of this rank's first sample.
         length: L, this rank's samples per epoch.
-        padded: Samples repeated across all ranks (``pad``), wrapping to the order's start.
-        dropped: Samples left out across all ranks (``drop``): the end of the order.
+        padded: Samples repeated across all ranks (``pad``), wrapping to the plan's start.
+        dropped: Samples left out across all ranks (``drop``): the end of the plan.
+        plan: The plan split, or None for the whole epoch order ``[0, N)``.
     """
 
     records: int
@@ -192,25 +278,99 @@ class RankSplit:
     length: int
     padded: int
     dropped: int
+    plan: EpochPlan | None = None
 
     @classmethod
-    def compute(cls, records: int, world_size: int, rank: int, mode: str) -> RankSplit:
-        n, r, k = int(records), int(world_size), int(rank)
+    def compute(cls, records: int, world_size: int, rank: int, mode: str, plan: EpochPlan | None = None) -> RankSplit:
+        """Split the plan (default: the whole epoch order) among ``world_size`` ranks, contiguously."""
+        r, k = int(world_size), int(rank)
+        if plan is not None and plan.is_whole(records):
+            plan = None
+        n = int(records) if plan is None else len(plan)
         if mode == "off":
             base, end = k * n // r, (k + 1) * n // r
-            return cls(n, r, k, mode, base, end - base, 0, 0)
+            return cls(int(records), r, k, mode, base, end - base, 0, 0, plan)
         if mode == "pad":
             length = -(-n // r)
-            return cls(n, r, k, mode, (k * length) % n if n else 0, length, r * length - n, 0)
+            return cls(int(records), r, k, mode, (k * length) % n if n else 0, length, r * length - n, 0, plan)
         if mode == "drop":
             length = n // r
-            return cls(n, r, k, mode, k * length, length, 0, n - r * length)
+            return cls(int(records), r, k, mode, k * length, length, 0, n - r * length, plan)
         raise ValueError(f"equalize mode: expected one of {EQUALIZE_MODES}, found {mode!r}")
+
+    @property
+    def plan_length(self) -> int:
+        """M, the positions in the plan split (N for a whole epoch)."""
+        return self.records if self.plan is None else len(self.plan)
+
+    def plan_positions(self, j: np.ndarray) -> np.ndarray:
+        """Map rank positions (int64, each in ``[0, length)``) to plan positions."""
+        p = self.base + np.asarray(j, dtype=np.int64)
+        return p % self.plan_length if self.mode == "pad" else p
 
     def global_positions(self, j: np.ndarray) -> np.ndarray:
         """Map rank positions (int64, each in ``[0, length)``) to global positions."""
-        g = self.base + np.asarray(j, dtype=np.int64)
-        return g % self.records if self.mode == "pad" else g
+        p = self.plan_positions(j)
+        return p if self.plan is None else self.plan.global_positions(p)
+
+    def run_end(self, j: int) -> int:
+        """The end (exclusive) of the run of consecutive global positions from rank position ``j`` on."""
+        p = int(self.plan_positions(np.array([j]))[0])
+        end = self.records if self.plan is None else self.plan.run_end(p)
+        return min(self.length, j + end - p)
+
+
+def rest_of_epoch(
+    records: int, world_size: int, mode: str, samples: int | list[int], plan: EpochPlan | None = None
+) -> EpochPlan:
+    """What the ranks of a split have not yet delivered: the plan an elastic resume splits anew.
+
+    Rank ``k`` of the split ``RankSplit.compute(records, world_size, k, mode, plan)`` has
+    delivered its first ``min(samples, L_k)`` samples (``samples`` an int: the DDP case,
+    every rank in step), or its first ``samples[k]`` (a list, one count per rank).
+
+    The rest is every position of the plan that no rank delivered, each once, in plan order:
+    a ``pad`` repeat already delivered counts as delivering its position, a ``pad`` repeat not
+    yet delivered is not carried over (it would be a duplicate), and the positions ``drop``
+    would have left out are carried over (the new split decides what to leave out). So
+    ``rest_of_epoch(..., samples=0, plan=p)`` is ``p``.
+
+    Raises:
+        ValueError: ``samples`` is negative, a list of the wrong length, or past a rank's share.
+
+    Returns:
+        An :class:`EpochPlan`. Cost O(W log W + intervals), no O(N) work.
+    """
+    n = int(records) if plan is None else len(plan)
+    w = int(world_size)
+    if isinstance(samples, (list, tuple)):
+        if len(samples) != w:
+            raise ValueError(f"samples: expected one count per rank ({w}), found {len(samples)}")
+        counts = [int(s) for s in samples]
+    else:
+        counts = [int(samples)] * w
+    consumed: list[tuple[int, int]] = []
+    for k, s in enumerate(counts):
+        split = RankSplit.compute(records, w, k, mode, plan)
+        if s < 0 or (isinstance(samples, (list, tuple)) and s > split.length):
+            raise ValueError(f"samples of rank {k}: expected 0 <= samples <= {split.length}, found {s}")
+        c = min(s, split.length)
+        a, b = split.base, split.base + c
+        if b > n:  # pad: the share wraps around to the plan's start (at most once)
+            consumed += [(a, n), (0, b - n)]
+        elif b > a:
+            consumed.append((a, b))
+    consumed.sort()
+    gaps: list[tuple[int, int]] = []
+    at = 0
+    for a, b in consumed:
+        if a > at:
+            gaps.append((at, a))
+        at = max(at, b)
+    if at < n:
+        gaps.append((at, n))
+    source = plan if plan is not None else EpochPlan.whole(records)
+    return source.take(gaps)
 
 
 def worker_sample_count(length: int, start: int, chunk: int, num_workers: int, worker: int) -> int:
@@ -243,7 +403,7 @@ def worker_segments(
     while j < split.length:
         g0 = int(split.global_positions(np.array([j]))[0])
         w_end = min((g0 // window_records + 1) * window_records, n)
-        j_end = min(split.length, j + (w_end - g0))
+        j_end = min(split.run_end(j), j + (w_end - g0))
         c0, c1 = (j - start) // chunk, (j_end - 1 - start) // chunk
         first = c0 + (worker - c0) % num_workers  # this worker's first chunk in the segment
         chunks = np.arange(first, c1 + 1, num_workers, dtype=np.int64)

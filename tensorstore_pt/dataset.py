@@ -24,6 +24,7 @@ Worker batches reach the main process through reused shared-memory arenas (see
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import uuid
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +42,9 @@ from ._partition import (
     EQUALIZE_MODES,
     BlockLayout,
     EpochOrder,
+    EpochPlan,
     RankSplit,
+    rest_of_epoch,
     split_by_bytes,
     worker_sample_count,
     worker_segments,
@@ -137,7 +140,7 @@ def _default_window(block_records: int) -> int:
 
 
 # Slots of the shared control tensor.
-_EPOCH, _START, _CHUNK, _RANK, _WORLD, _RESOLVED, _QUIET = range(7)
+_EPOCH, _START, _CHUNK, _RANK, _WORLD, _RESOLVED, _QUIET, _PLAN = range(8)
 
 
 class PartitionWarning(UserWarning):
@@ -674,6 +677,10 @@ class StoreIterableDataset(IterableDataset):
         self._control[_CHUNK] = self._batch_arg or 1
         self._skips = torch.zeros((_SKIP_SLOTS, len(SKIP_KINDS)), dtype=torch.int64).share_memory_()
         self._layout: BlockLayout | None = None
+        # The plan of an elastically resumed epoch (None: the whole epoch order) and its serial
+        # number; _control[_PLAN] holds the serial of the plan in effect (0: none).
+        self._plan: EpochPlan | None = None
+        self._plan_serial = 0
         self._set_epoch_calls = 0
         self._id = uuid.uuid4().hex  # names this dataset to its StoreDataLoader's collate in workers
 
@@ -722,10 +729,30 @@ class StoreIterableDataset(IterableDataset):
         if e != self.epoch:
             self._control[_EPOCH] = e
             self._control[_START] = 0
+            self._control[_PLAN] = 0
 
-    def _set_position(self, epoch: int, start: int) -> None:
+    def _set_position(self, epoch: int, start: int, plan: EpochPlan | None = None) -> None:
+        """Position the next iteration at rank position ``start`` of ``epoch``, split from ``plan``."""
+        if plan is not None and plan.is_whole(self.records):
+            plan = None
+        if plan is not None and plan != self._plan:
+            self._plan_serial += 1
+            self._plan = plan
         self._control[_EPOCH] = epoch
         self._control[_START] = start
+        self._control[_PLAN] = 0 if plan is None else self._plan_serial
+
+    def _current_plan(self) -> EpochPlan | None:
+        serial = int(self._control[_PLAN])
+        if serial == 0:
+            return None
+        if serial != self._plan_serial:
+            # A persistent worker started before the plan was set (StoreDataLoader restarts them).
+            raise RuntimeError(
+                f"this DataLoader worker holds epoch plan {self._plan_serial}, the loader is at plan {serial}: "
+                "restart the workers (StoreDataLoader does this for you)"
+            )
+        return self._plan
 
     def _mode(self, world_size: int) -> str:
         eq = self.equalize
@@ -753,7 +780,7 @@ class StoreIterableDataset(IterableDataset):
         return _resolve_rank(self._rank_arg, self._world_arg)
 
     def _split(self, rank: int, world: int) -> RankSplit:
-        return RankSplit.compute(self._view.records, world, rank, self._mode(world))
+        return RankSplit.compute(self._view.records, world, rank, self._mode(world), self._current_plan())
 
     def layout(self) -> BlockLayout:
         """The block layout (cached per process)."""
@@ -767,7 +794,11 @@ class StoreIterableDataset(IterableDataset):
         return EpochOrder(self.layout(), shuffle=self.shuffle, seed=self.seed, epoch=e).all_records()  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        """This rank's samples per epoch (the same every epoch; equal on every rank with ``equalize``)."""
+        """This rank's samples per epoch (equal on every rank with ``equalize``).
+
+        The same every epoch, except an epoch resumed with another world size: then this rank's
+        share of the rest of that epoch (see :meth:`StoreDataLoader.load_state_dict`).
+        """
         return self._split(*self._rank_world()).length
 
     def partition(self, num_workers: int = 0, *, batch_size: int | None = None) -> PartitionReport:
@@ -1031,7 +1062,45 @@ class StoreIterableDataset(IterableDataset):
 # --------------------------------------------------------------------------- loader
 
 _STATE_FORMAT = "tensorstore_pt.StoreDataLoader"
-_STATE_VERSION = 1
+#: Version 2 adds ``plan`` and resumes with another world size; version 1 states are still read.
+_STATE_VERSION = 2
+_STATE_VERSIONS = (1, 2)
+#: What every resume must match; world_size and equalize may differ (an elastic resume).
+_STATE_INVARIANTS = ("store", "records", "shuffle", "seed", "block_records", "window_records")
+
+
+def _plan_from_state(raw: Any, records: int) -> EpochPlan | None:
+    """Check a state's ``plan`` (None or ``[[lo, hi], ...]``, disjoint, within ``[0, records)``)."""
+    if raw is None:
+        return None
+    ok = isinstance(raw, (list, tuple)) and all(
+        isinstance(iv, (list, tuple))
+        and len(iv) == 2
+        and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in iv)
+        and 0 <= iv[0] < iv[1] <= records
+        for iv in raw
+    )
+    if ok:
+        iv = np.asarray(raw, dtype=np.int64).reshape(-1, 2)
+        by_lo = iv[np.argsort(iv[:, 0], kind="stable")]
+        ok = bool(np.all(by_lo[1:, 0] >= by_lo[:-1, 1]))
+    if not ok:
+        raise InvalidOptionError(
+            f"state plan: expected None or a list of disjoint [lo, hi] intervals with 0 <= lo < hi <= {records}, "
+            f"found {raw!r:.200}"
+        )
+    plan = EpochPlan(iv)
+    return None if plan.is_whole(records) else plan
+
+
+def _state_split(state: dict[str, Any], records: int) -> tuple[int, str, EpochPlan | None]:
+    """A state's world size, equalize mode and plan (checked)."""
+    world = _check_int("state world_size", state.get("world_size"), 1)
+    mode = state.get("equalize")
+    if mode not in EQUALIZE_MODES:
+        raise InvalidOptionError(f"state equalize: expected one of {list(EQUALIZE_MODES)}, found {mode!r}")
+    plan = _plan_from_state(state.get("plan"), records) if state.get("version") != 1 else None
+    return world, mode, plan  # type: ignore[return-value]
 
 
 class _LoaderIterator:
@@ -1074,9 +1143,10 @@ class _LoaderIterator:
         loader = self._loader
         self._pos = min(self._pos + loader._chunk, self._length)
         if loader._is_live(self):
-            loader._epoch, loader._samples = (
-                (self._epoch + 1, 0) if self._pos >= self._end else (self._epoch, self._pos)
-            )
+            if self._pos >= self._end:
+                loader._epoch, loader._samples, loader._plan = self._epoch + 1, 0, None
+            else:
+                loader._epoch, loader._samples = self._epoch, self._pos
         return batch
 
     def _abandon(self) -> None:
@@ -1099,7 +1169,7 @@ class _LoaderIterator:
         if isinstance(loader.collate_fn, SharedBatchCollate):
             loader.collate_fn.forget_dead_workers()  # non-persistent workers have just exited
         if loader._is_live(self):
-            loader._epoch, loader._samples = self._epoch + 1, 0
+            loader._epoch, loader._samples, loader._plan = self._epoch + 1, 0, None
             loader.dataset._set_position(self._epoch + 1, 0)  # type: ignore[attr-defined]
 
 
@@ -1174,6 +1244,8 @@ class StoreDataLoader(DataLoader):
         self._chunk = chunk
         self._epoch = dataset.epoch
         self._samples = int(dataset._control[_START])
+        self._plan = dataset._current_plan()  # the plan this epoch is split from (None: the whole order)
+        self._workers_plan = 0  # the plan serial the persistent workers, if any, were started with
         self._seen_set_epoch = dataset._set_epoch_calls
         # A weak reference: a dropped iterator must shut its workers down at once, not when the
         # cycle collector gets to it (by then its queues may be finalised and workers hang).
@@ -1185,11 +1257,12 @@ class StoreDataLoader(DataLoader):
         if ds._set_epoch_calls != self._seen_set_epoch:
             self._seen_set_epoch = ds._set_epoch_calls
             if ds.epoch != self._epoch:
-                self._epoch, self._samples = ds.epoch, 0
+                self._epoch, self._samples, self._plan = ds.epoch, 0, None
 
     def __iter__(self) -> _LoaderIterator:  # type: ignore[override]
         ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
         self._sync_from_dataset()
+        ds._set_position(self._epoch, 0, self._plan)
         length = len(ds)
         start = min(self._samples, length)
         end = (
@@ -1197,9 +1270,18 @@ class StoreDataLoader(DataLoader):
             if self.batch_size is not None and self.drop_last
             else length
         )
-        ds._set_position(self._epoch, start)
+        ds._set_position(self._epoch, start, self._plan)
         ds._control[_CHUNK] = self._chunk
         ds._say(ds.partition(self.num_workers), None)
+        serial = int(ds._control[_PLAN])
+        if self._iterator is not None and serial not in (0, self._workers_plan):
+            # Persistent workers hold a copy of the dataset made before this plan was set.
+            shutdown = getattr(self._iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self._iterator = None
+        if self._iterator is None:
+            self._workers_plan = ds._plan_serial
         inner = super().__iter__()
         if isinstance(self.collate_fn, SharedBatchCollate):
             self.collate_fn.forget_dead_workers()
@@ -1214,9 +1296,12 @@ class StoreDataLoader(DataLoader):
         """The consumer-side position and what it is valid for.
 
         Returns:
-            A JSON-serialisable dict: ``epoch`` and ``samples`` (this rank's samples delivered
-            in that epoch), plus the facts a resume must match (store digest, records, rank,
-            world_size, shuffle, seed, equalize mode, block and window sizes).
+            A JSON-serialisable dict (version 2): ``epoch``, ``samples`` (this rank's samples
+            delivered in that epoch), ``plan`` (None, or the ``[[lo, hi], ...]`` global-position
+            intervals this epoch's rank shares are cut from after an elastic resume: at most a
+            few per rank of each world size resumed with this epoch), the rank (for
+            information), and the split and the facts a resume must match (world_size, equalize
+            mode; store digest, records, shuffle, seed, block and window sizes).
         """
         self._sync_from_dataset()
         ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
@@ -1228,6 +1313,7 @@ class StoreDataLoader(DataLoader):
             "samples": self._samples,
             "rank": rank,
             **self._fingerprint(world),
+            "plan": None if self._plan is None else self._plan.to_list(),
         }
 
     def _fingerprint(self, world: int) -> dict[str, Any]:
@@ -1244,36 +1330,136 @@ class StoreDataLoader(DataLoader):
             "window_records": ds.window_records,
         }
 
+    @staticmethod
+    def _check_state(state: Any) -> dict[str, Any]:
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise InvalidOptionError(f"state: expected a dict from StoreDataLoader.state_dict(), found {state!r:.200}")
+        if state.get("version") not in _STATE_VERSIONS:
+            raise InvalidOptionError(
+                f"state: expected version in {list(_STATE_VERSIONS)}, found {state.get('version')!r}"
+            )
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict`: the next ``iter()`` yields the rest of its epoch.
 
         ``num_workers``, ``batch_size``, ``prefetch_factor`` and ``persistent_workers`` may
-        differ from the run that saved the state.
+        differ from the run that saved the state, and so may the world size and the equalize
+        mode (an **elastic resume**).
 
         The state may come from another rank of the same job: in DDP every rank delivers the
         same number of samples per step (with ``equalize``), so the state rank 0 saved
-        restores every rank, each to the rest of its own share.
+        restores every rank. With the saving run's world size and equalize mode, each rank
+        continues with the rest of its own share, in the same order as if never stopped.
+        Otherwise the rest of the epoch over all the saving ranks (every position of the epoch
+        none of them delivered, each once, in epoch order: see docs/datasets.md) is split
+        afresh among this job's ranks, contiguously and with this loader's equalize mode; the
+        split is a function of the state and (rank, world_size) alone. After an elastic load,
+        :meth:`state_dict` describes this loader's split (``plan`` the rest, ``samples`` 0).
+        For ranks that delivered different numbers of samples, see :meth:`merge_states`.
+
+        States of version 1 are read too (their plan is the whole epoch order).
 
         Raises:
-            InvalidOptionError: The state is malformed, or was saved for another store, world
-                size, shuffle, seed, equalize mode or block/window size.
+            InvalidOptionError: The state is malformed, past its split's end, or was saved for
+                another store, shuffle, seed or block/window size.
         """
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise InvalidOptionError(f"state: expected a dict from StoreDataLoader.state_dict(), found {state!r:.200}")
-        if state.get("version") != _STATE_VERSION:
-            raise InvalidOptionError(f"state: expected version {_STATE_VERSION}, found {state.get('version')!r}")
+        state = self._check_state(state)
         ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]
         _, world = ds._rank_world()
         expected = self._fingerprint(world)
-        wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        wrong = {k: (state.get(k), expected[k]) for k in _STATE_INVARIANTS if state.get(k) != expected[k]}
         if wrong:
             detail = ", ".join(f"{k}: state has {a!r}, this loader has {b!r}" for k, (a, b) in sorted(wrong.items()))
             raise InvalidOptionError(f"state does not fit this loader ({detail})")
         epoch = _check_int("state epoch", state.get("epoch"), 0)
         samples = _check_int("state samples", state.get("samples"), 0)
-        if samples > len(ds):  # type: ignore[operator]
-            raise InvalidOptionError(f"state samples: expected at most {len(ds)} (this rank's epoch), found {samples}")
-        self._epoch, self._samples = epoch, samples  # type: ignore[assignment]
+        saved_world, saved_mode, plan = _state_split(state, ds.records)
+        longest = max(
+            RankSplit.compute(ds.records, saved_world, k, saved_mode, plan).length for k in (0, saved_world - 1)
+        )
+        if samples > longest:  # type: ignore[operator]
+            raise InvalidOptionError(
+                f"state samples: expected at most {longest} (a rank's share of the saved split), found {samples}"
+            )
+        if (saved_world, saved_mode) != (world, ds._mode(world)):
+            rest = rest_of_epoch(ds.records, saved_world, saved_mode, samples, plan)  # type: ignore[arg-type]
+            if len(rest) == 0:
+                epoch, plan = epoch + 1, None  # type: ignore[operator]
+            else:
+                plan = None if rest.is_whole(ds.records) else rest
+            samples = 0
+        self._epoch, self._samples, self._plan = epoch, samples, plan  # type: ignore[assignment]
         self._live = None
-        ds._set_position(epoch, samples)  # type: ignore[arg-type]
+        ds._set_position(epoch, samples, plan)  # type: ignore[arg-type]
         self._seen_set_epoch = ds._set_epoch_calls
+
+    @staticmethod
+    def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """One state from the states all ranks of one job saved at the same step.
+
+        Needed when ranks delivered different numbers of samples (no ``equalize``, a rank that
+        stopped early, ``on_error="skip"`` aside): each rank's own state then restores only
+        that rank. The merged state records the rest of the epoch over all of them (every
+        position none of them delivered, each once, in epoch order) and resumes every rank of
+        any world size exactly (:meth:`load_state_dict`). If every rank delivered the same
+        number of samples, it is the (rank-independent) state they all saved.
+
+        Args:
+            states: Exactly one :meth:`state_dict` from each rank ``0 .. world_size - 1`` (any
+                order), all for the same store, split and epoch, or the next epoch's start
+                for a rank that finished the epoch (it delivered its whole share; with
+                ``drop_last``, the partial batch it left out counts as delivered).
+
+        Returns:
+            A JSON-serialisable state (version 2); ``rank`` is None when the states differed.
+
+        Raises:
+            InvalidOptionError: A state is malformed, the states disagree on the store, split
+                or epoch, or the ranks are not each present once.
+        """
+        states = [StoreDataLoader._check_state(s) for s in states] if isinstance(states, (list, tuple)) else []
+        if not states:
+            raise InvalidOptionError("states: expected a non-empty list of StoreDataLoader.state_dict() results")
+        first = states[0]
+        keys = (*_STATE_INVARIANTS, "world_size", "equalize")
+        for st in states[1:]:
+            wrong = [k for k in keys if st.get(k) != first.get(k)]
+            if wrong:
+                raise InvalidOptionError(f"states: ranks disagree on {wrong} ({st.get('rank')} vs {first.get('rank')})")
+        records = _check_int("state records", first.get("records"), 0)
+        world, mode, _ = _state_split(first, records)  # type: ignore[arg-type]
+        ranks = sorted(st.get("rank") for st in states if isinstance(st.get("rank"), int))
+        if ranks != list(range(world)) or len(states) != world:
+            raise InvalidOptionError(
+                f"states: expected one state from each rank 0..{world - 1}, found ranks {[s.get('rank') for s in states]}"
+            )
+        by_rank = sorted(states, key=lambda st: st["rank"])
+        epochs = [_check_int("state epoch", st.get("epoch"), 0) for st in by_rank]
+        counts = [_check_int("state samples", st.get("samples"), 0) for st in by_rank]
+        epoch = min(epochs)  # type: ignore[type-var]
+        current = [st for st, e in zip(by_rank, epochs) if e == epoch]
+        if any(e not in (epoch, epoch + 1) or (e != epoch and c) for e, c in zip(epochs, counts)):  # type: ignore[operator]
+            raise InvalidOptionError(
+                f"states: expected every rank in epoch {epoch}, or at the start of epoch {epoch + 1} "  # type: ignore[operator]
+                f"(finished), found (epoch, samples) {list(zip(epochs, counts))}"
+            )
+        plans = {json.dumps(st.get("plan") if st.get("version") != 1 else None) for st in current}
+        if len(plans) != 1:
+            raise InvalidOptionError(f"states: ranks in epoch {epoch} disagree on the plan")
+        if len(set(epochs)) == 1 and len(set(counts)) == 1:
+            return dict(first)
+        plan = _state_split(current[0], records)[2]  # type: ignore[arg-type]
+        delivered = []
+        for k, (e, c) in enumerate(zip(epochs, counts)):
+            length = RankSplit.compute(records, world, k, mode, plan).length  # type: ignore[arg-type]
+            if c > length:  # type: ignore[operator]
+                raise InvalidOptionError(f"state samples of rank {k}: expected at most {length}, found {c}")
+            delivered.append(length if e != epoch else c)
+        rest = rest_of_epoch(records, world, mode, delivered, plan)  # type: ignore[arg-type]
+        merged = {**first, "version": _STATE_VERSION, "rank": None, "samples": 0}
+        if len(rest) == 0:
+            merged.update(epoch=epoch + 1, plan=None)  # type: ignore[operator]
+        else:
+            merged.update(epoch=epoch, plan=None if rest.is_whole(records) else rest.to_list())  # type: ignore[arg-type]
+        return merged
