@@ -478,7 +478,11 @@ class ShardWriter:
         codec = None if (self._dict_pending or self.frame_target_bytes) else self._codec
         if self.num_workers:
             payload = _pickle_sample(snapshot)
-            self._pending.append(self._pool.submit(_encode_in_worker, payload, self._codec_blob(codec)))
+            try:
+                self._pending.append(self._pool.submit(_encode_in_worker, payload, self._codec_blob(codec)))
+            except cf.process.BrokenProcessPool as exc:
+                self._state = "failed"
+                raise self._worker_died() from exc
         else:
             self._pending.append(self._pool.submit(_encode, snapshot, codec))
         while len(self._pending) > self._max_pending:
@@ -501,16 +505,19 @@ class ShardWriter:
             self._codec_sent, self._codec_sent_for = (key, pickle.dumps(codec)), codec
         return self._codec_sent
 
+    def _worker_died(self) -> PackWorkerError:
+        return PackWorkerError(
+            f"writer for {self.location!r}: a worker process died (killed, or out of memory) while encoding; "
+            "nothing was published"
+        )
+
     def _drain_one(self) -> None:
         fut = self._pending.popleft()
         try:
             try:
                 raw, raw_bytes, frame, checksum = fut.result()
             except cf.process.BrokenProcessPool as exc:
-                raise PackWorkerError(
-                    f"writer for {self.location!r}: a worker process died (killed, or out of memory) while encoding; "
-                    "nothing was published"
-                ) from exc
+                raise self._worker_died() from exc
             if frame is not None:
                 self._emit_frame(frame, checksum, [raw_bytes])
             elif raw is not None:
