@@ -372,6 +372,7 @@ class ShardWriter:
             self._pool = cf.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tspt-writer")
         self._codec_sent: tuple[int, bytes] | None = None  # (key, pickled codec) for worker processes
         self._batch: list[bytes] = []  # pickled samples not yet sent to the worker processes
+        self._pickler = _SamplePickler() if self.num_workers else None
         self._batch_bytes = 0
         self._codec_sent_for: Codec | None = None
         self._state = "open"
@@ -478,7 +479,7 @@ class ShardWriter:
             # same snapshot (_snapshot) of what it unpickles, so the bytes stored are those of
             # the in-process path.
             try:
-                payload = _pickle_sample(sample)
+                payload = self._pickler.dumps(sample)
             except (NotImplementedError, RuntimeError, TypeError, pickle.PicklingError) as exc:
                 raise UnsupportedSampleError(
                     f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})"
@@ -888,58 +889,71 @@ def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
         proc.join(timeout=5)
 
 
-class _SamplePickler(pickle.Pickler):
-    """Pickles a (snapshotted) sample for a worker process: plain CPU strided tensors travel
-    as their storage bytes plus (dtype, offset, size, stride) (one copy, no ``torch.save``);
-    anything else takes torch's own pickling."""
+def _reduce_tensor(obj: Any) -> Any:
+    """Pickle reducer (``dispatch_table``) of a tensor sent to a worker process: a plain CPU
+    strided tensor travels as its storage bytes (copied once, into the pickle) plus
+    (dtype, offset, size, stride, requires_grad); anything else takes torch's own pickling."""
+    import torch
 
-    def reducer_override(self, obj: Any) -> Any:
-        import torch
-
-        t = type(obj)
-        if t is not torch.Tensor and t is not torch.nn.Parameter:
-            return NotImplemented
-        if (
-            obj.layout != torch.strided
-            or obj.device.type != "cpu"
-            or obj.is_quantized
-            or obj.dtype.itemsize < 1
-            or obj.is_conj()
-            or obj.is_neg()
-            or obj.grad_fn is not None
-            or obj.__dict__
-        ):
-            return NotImplemented
+    if (
+        obj.layout != torch.strided
+        or obj.device.type != "cpu"
+        or obj.is_quantized
+        or obj.dtype.itemsize < 1
+        or obj.is_conj()
+        or obj.is_neg()
+        or obj.grad_fn is not None
+        or obj.__dict__
+    ):
+        return obj.__reduce_ex__(5)
+    storage = obj.untyped_storage()
+    nbytes = storage.nbytes()
+    if nbytes == 0:
+        return obj.__reduce_ex__(5)
+    if obj.storage_offset() != 0 or nbytes != obj.numel() * obj.element_size():
+        # A view of a larger storage: send only its data, as the writer's snapshot keeps it.
+        obj = _snapshot(obj)
         storage = obj.untyped_storage()
         nbytes = storage.nbytes()
-        if nbytes == 0:
-            return NotImplemented
-        if obj.storage_offset() != 0 or nbytes != obj.numel() * obj.element_size():
-            # A view of a larger storage: send only its data, as the writer's snapshot keeps it.
-            obj = _snapshot(obj)
-            storage = obj.untyped_storage()
-            nbytes = storage.nbytes()
-        data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,)).numpy()
-        args = (pickle.PickleBuffer(data), obj.dtype, obj.storage_offset(), tuple(obj.shape), obj.stride())
-        return _rebuild_tensor, (*args, obj.requires_grad, t is torch.nn.Parameter)
+    data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,)).numpy()
+    meta = (str(obj.dtype)[6:], obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.requires_grad)
+    return _rebuild_tensor, (pickle.PickleBuffer(data), *meta, type(obj) is torch.nn.Parameter)
 
 
 def _rebuild_tensor(
-    data: bytearray, dtype: Any, offset: int, size: tuple[int, ...], stride: tuple[int, ...], grad: bool, param: bool
+    data: bytearray, dtype: str, offset: int, size: tuple[int, ...], stride: tuple[int, ...], grad: bool, param: bool
 ) -> Any:
     import torch
 
     storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
-    t = torch.empty(0, dtype=dtype).set_(storage, offset, size, stride)
+    t = torch.empty(0, dtype=getattr(torch, dtype)).set_(storage, offset, size, stride)
     if param:
         return torch.nn.Parameter(t, requires_grad=grad)
     return t.requires_grad_(True) if grad else t
 
 
+class _SamplePickler:
+    """Pickles samples for the worker processes (protocol 5, tensors by :func:`_reduce_tensor`);
+    one per writer, reused (its memo is cleared for each sample). Not thread-safe."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._buf = io.BytesIO()
+        self._pickler = pickle.Pickler(self._buf, protocol=5)
+        self._pickler.dispatch_table = {torch.Tensor: _reduce_tensor, torch.nn.Parameter: _reduce_tensor}
+
+    def dumps(self, sample: Any) -> bytes:
+        self._buf.seek(0)
+        self._buf.truncate()
+        self._pickler.clear_memo()
+        self._pickler.dump(sample)
+        return self._buf.getvalue()
+
+
 def _pickle_sample(sample: Any) -> bytes:
-    buf = io.BytesIO()
-    _SamplePickler(buf, protocol=5).dump(sample)
-    return buf.getvalue()
+    """Pickle one sample for a worker process (see :class:`_SamplePickler`)."""
+    return _SamplePickler().dumps(sample)
 
 
 def _check_positive_int(value: Any, name: str) -> None:
