@@ -71,7 +71,7 @@ from .format import (
     shard_name,
 )
 from .shardio import open_footer
-from .storage import LocalStorage, Storage, StoreLock, storage_for, typed_full_disk
+from .storage import TEMP_MARKER, LocalStorage, Storage, StoreLock, storage_for, typed_full_disk
 
 __all__ = ["JOURNAL_NAME", "merge_stores"]
 
@@ -251,6 +251,7 @@ class _Merge:
                     "re-run merge with those parts (in that order) to finish it"
                 )
             self.move = journal["mode"] == "move"
+        self.journal_token = journal["token"]
         self.existing = set(self.dst.list())
         for step in journal["steps"]:
             self._do_step(step)
@@ -489,21 +490,27 @@ class _Merge:
     def _move_step(
         self, st: Storage, name: str, dst_name: str, step: dict[str, Any], tail: bytes | None, where: str
     ) -> bool:
+        """Rename a part's shard into the destination; a shard whose footer changes is renamed
+        to a temporary name first, its tail rewritten there (truncate to its frames, write the
+        new tail, fsync) and then renamed to its final name, so no file under a shard name is
+        ever incomplete (docs/format.md, section 8). Each sub-step is checked on a re-run."""
         src_root, dst_root = _local_root(st), _local_root(self.dst)
         if src_root is None or dst_root is None:
             raise MergeStateError(f"{where}: a move needs local directories; this merge was journalled as a move")
         src, target = src_root / name, dst_root / dst_name
+        if target.exists():
+            self._check_done(dst_name, step, tail, where)
+            return False
+        temp = dst_root / f".{dst_name}{TEMP_MARKER}merge-{self.journal_token}" if tail is not None else target
         moved = False
-        if not target.exists():
+        if not temp.exists():
             if not src.exists():
                 raise MergeStateError(f"{where}: the file is gone from both the part and the destination")
-            os.rename(src, target)
-            _fsync_dir(dst_root)
-            _fsync_dir(src_root)
+            os.rename(src, temp)
             moved = True
         if tail is not None:
             t = step["table_offset"]
-            with open(target, "r+b") as f:
+            with open(temp, "r+b") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < t:
                     raise ShardSizeError(f"{where}: the file is {size} bytes, shorter than its {t} bytes of frames")
@@ -512,8 +519,11 @@ class _Merge:
                         os.ftruncate(f.fileno(), t)
                         os.pwrite(f.fileno(), tail, t)
                         os.fsync(f.fileno())
-        else:
-            self._check_done(dst_name, step, None, where)
+            os.rename(temp, target)
+        _fsync_dir(dst_root)
+        if moved:
+            _fsync_dir(src_root)
+        self._check_done(dst_name, step, tail, where)
         return moved
 
     def _check_done(self, dst_name: str, step: dict[str, Any], tail: bytes | None, where: str) -> None:
