@@ -211,8 +211,9 @@ class ShardWriter:
     bytes of the training records (at most ``DICT_SAMPLE_BYTES`` plus one record), plus one
     shard's tables (32 bytes a frame, 24 a record). Thread safety: one writer must be used
     from one thread, and one writer at a time may write a store (a second one is detected and
-    refused, never silently merged). Fork safety: do not fork while a writer is open (its thread pool does
-    not survive fork).
+    refused, never silently merged). Fork safety: do not fork while a writer is open (its thread
+    or process pool does not survive fork); the writer's own worker processes are started by
+    ``start_method``.
     """
 
     def __init__(
@@ -463,10 +464,14 @@ class ShardWriter:
             raise WriterClosedError(f"writer for {self.location!r} is {self._state}; open a new ShardWriter")
 
     def write(self, sample: Any) -> None:
-        """Queue one sample; it is serialised and compressed in the writer's thread pool.
+        """Queue one sample; it is serialised and compressed in the writer's thread pool (or,
+        with ``num_workers``, in its worker processes).
 
         The sample is checked here, so a bad sample raises from this call; its tensors are
-        snapshotted, so changing them after ``write`` returns does not change what is stored.
+        snapshotted (with ``num_workers``: pickled), so changing them after ``write`` returns
+        does not change what is stored. With ``num_workers``, an error ``torch.save`` itself
+        raises in a worker surfaces from a later ``write`` or from ``close``, with the same
+        type.
 
         Raises:
             UnsupportedSampleError: If ``torch.load(weights_only=True)`` could not load it.

@@ -322,3 +322,26 @@ def test_cli_pack_workers_merge_and_info(tmp_path, capsys):
     ts.write_store(SAMPLES[:5], tmp_path / "lz", codec="lz4")
     assert main(["merge", str(tmp_path / "pa"), str(tmp_path / "lz"), str(tmp_path / "m2"), "-q"]) == 2
     assert "written with codec config" in capsys.readouterr().err
+
+
+def test_prepared_dictionary_options(tmp_path):
+    with pytest.raises(ts.InvalidOptionError, match="ZDICT format"):
+        ts.ShardWriter(tmp_path / "a", dictionary=b"not a dictionary")
+    data = ts.train_zstd_dictionary(SAMPLES, dict_bytes=1024)
+    with pytest.raises(ts.InvalidOptionError, match="only codec 'zstd' takes a dictionary"):
+        ts.ShardWriter(tmp_path / "a", codec="lz4", dictionary=data)
+    with pytest.raises(ts.InvalidOptionError, match="dict_bytes: expected an int"):
+        ts.train_zstd_dictionary(SAMPLES, dict_bytes=10)
+    with pytest.raises(ts.InvalidOptionError, match="could not train"):
+        ts.train_zstd_dictionary(SAMPLES[:1], dict_bytes=1024)
+    assert not (tmp_path / "a").exists()
+    # Append with the store's own dictionary works; another one, or one on a store without, is refused.
+    ts.write_store(SAMPLES[:10], tmp_path / "d", dictionary=data)
+    ts.write_store(SAMPLES[10:20], tmp_path / "d", mode="append", dictionary=data)
+    assert records(tmp_path / "d")[15][0] == 15
+    other = ts.train_zstd_dictionary(SAMPLES[::-1], dict_bytes=2048)
+    with pytest.raises(ts.InvalidOptionError, match="another zstd dictionary"):
+        ts.write_store(SAMPLES[:1], tmp_path / "d", mode="append", dictionary=other)
+    ts.write_store(SAMPLES[:10], tmp_path / "plain")
+    with pytest.raises(ts.InvalidOptionError, match="has no zstd dictionary"):
+        ts.write_store(SAMPLES[:1], tmp_path / "plain", mode="append", dictionary=data)
