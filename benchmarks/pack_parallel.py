@@ -1,6 +1,7 @@
 """Parallel packing: records/s of ``write_store(num_workers=N)`` for N = 0, 1, 2, and against
 litdata's ``optimize(num_workers=2)`` and MosaicML Streaming's ``MDSWriter`` written in 2
-parts by 2 processes + ``merge_index``, on the same medium records, in the same run.
+parts by 2 processes + ``merge_index`` (and tensorstore_pt's own 2 parts + ``merge_stores``),
+on the same medium records, in the same run.
 
 Usage (from the repository root)::
 
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 SHARD_BYTES = 8 * 2**20
-SYSTEMS = ("tspt-w0", "tspt-w1", "tspt-w2", "litdata-w2", "mds-2parts")
+SYSTEMS = ("tspt-w0", "tspt-w1", "tspt-w2", "tspt-2parts", "litdata-w2", "mds-2parts")
 PEERS = {"litdata-w2", "mds-2parts"}
 
 
@@ -64,6 +65,35 @@ def _pack_tspt(samples: list[Any], out: Path, workers: int) -> None:
     import tensorstore_pt as ts
 
     ts.write_store(samples, out, codec="zstd", max_shard_bytes=SHARD_BYTES, num_workers=workers)
+
+
+def _tspt_part(samples: list[Any], out: str) -> None:
+    import tensorstore_pt as ts
+
+    ts.write_store(samples, out, codec="zstd", max_shard_bytes=SHARD_BYTES, num_threads=1)
+
+
+def _pack_tspt_2parts(samples: list[Any], out: Path) -> None:
+    """Two processes each write half of the samples as a part, then ``merge_stores`` moves
+    them into one store (the parts + merge recipe, as MDS's 2 parts + merge_index)."""
+    import multiprocessing
+
+    import tensorstore_pt as ts
+
+    half = len(samples) // 2
+    parts = [str(out / "_parts" / str(k)) for k in range(2)]
+    ctx = multiprocessing.get_context("fork")
+    procs = [
+        ctx.Process(target=_tspt_part, args=(chunk, part))
+        for chunk, part in zip((samples[:half], samples[half:]), parts)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"a tspt part writer exited with {p.exitcode}")
+    ts.merge_stores(parts, out)
 
 
 def _pack_litdata(samples: list[Any], out: Path) -> None:
@@ -120,6 +150,8 @@ def run_one(system: str, data: Path, out: Path) -> float:
     start = time.perf_counter()
     if system.startswith("tspt-w"):
         _pack_tspt(samples, out, int(system[len("tspt-w") :]))
+    elif system == "tspt-2parts":
+        _pack_tspt_2parts(samples, out)
     elif system == "litdata-w2":
         out.mkdir()
         _pack_litdata(samples, out)

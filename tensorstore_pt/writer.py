@@ -467,33 +467,34 @@ class ShardWriter:
         """Queue one sample; it is serialised and compressed in the writer's thread pool (or,
         with ``num_workers``, in its worker processes).
 
-        The sample is checked here, so a bad sample raises from this call; its tensors are
-        snapshotted (with ``num_workers``: pickled), so changing them after ``write`` returns
-        does not change what is stored. With ``num_workers``, an error ``torch.save`` itself
-        raises in a worker surfaces from a later ``write`` or from ``close``, with the same
-        type.
+        The sample is checked here, so a bad sample raises from this call (with
+        ``num_workers``, the worker checks it: the same error, raised from a later ``write`` or
+        from ``close``); its tensors are snapshotted (with ``num_workers``: pickled), so
+        changing them after ``write`` returns does not change what is stored.
 
         Raises:
             UnsupportedSampleError: If ``torch.load(weights_only=True)`` could not load it.
             WriterClosedError: After close, abort or an earlier failure.
         """
         self._check_open()
-        check_sample(sample)
         if self.num_workers:
             # Pickling copies the tensors' bytes now (the snapshot); the worker takes the
             # same snapshot (_snapshot) of what it unpickles, so the bytes stored are those of
-            # the in-process path.
+            # the in-process path. The worker checks the sample (dumps -> check_sample): the
+            # same error, raised from a later write or close.
             try:
                 payload = self._pickler.dumps(sample)
-            except (NotImplementedError, RuntimeError, TypeError, pickle.PicklingError) as exc:
+            except (NotImplementedError, RuntimeError, TypeError, pickle.PicklingError, RecursionError) as exc:
+                check_sample(sample)  # the precise message, where the check can tell
                 raise UnsupportedSampleError(
-                    f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})"
+                    f"sample: it cannot be sent to a worker process ({type(exc).__name__}: {exc})"
                 ) from exc
             self._batch.append(payload)
             self._batch_bytes += len(payload)
             if len(self._batch) >= _BATCH_RECORDS or self._batch_bytes >= _BATCH_BYTES:
                 self._submit_batch()
             return
+        check_sample(sample)
         try:
             snapshot = _snapshot(sample)
         except (NotImplementedError, RuntimeError) as exc:  # e.g. torch.uint1 has no copy kernel

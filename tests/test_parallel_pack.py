@@ -120,7 +120,7 @@ def test_worker_error_is_typed_and_nothing_is_published(tmp_path, monkeypatch):
     assert workers_alive() == []
 
 
-def test_sample_refused_in_the_calling_process(tmp_path):
+def test_unsupported_sample_gets_the_in_process_error(tmp_path):
     dest = tmp_path / "s"
     bad = SAMPLES[:10] + [{"x": np.zeros(3)}]
     with pytest.raises(ts.UnsupportedSampleError, match=r"sample\[\"x\"\]: numpy.ndarray"):
@@ -191,3 +191,25 @@ def test_pickled_sample_round_trips_exactly():
     assert back["t"].stride() == (1, 6) and torch.equal(back["t"], t)
     assert back["g"].requires_grad and type(back["p"]) is torch.nn.Parameter and back["p"].requires_grad
     assert writer_mod.dumps(back) == writer_mod.dumps(s)
+
+
+def test_shard_size_estimate_matches_the_footer_it_will_write():
+    """ShardBuilder.size_with caches the footer JSON's length; it must equal the direct
+    computation for counts across digit boundaries (it decides where shards close)."""
+    from tensorstore_pt.format import FEATURE_MULTI_RECORD_FRAMES, TRAILER_BYTES, footer_meta
+    from tensorstore_pt.shardio import ShardBuilder
+
+    class NullStorage:
+        def writer(self, name, exclusive=False):
+            return type("W", (), {"write": lambda self, data: None})()
+
+    for multi in (False, True):
+        meta = footer_meta([FEATURE_MULTI_RECORD_FRAMES] if multi else [], {"id": "zstd", "level": 3})
+        b = ShardBuilder(NullStorage(), "x", 123_456, meta, multi)
+        for n in (0, 1, 9, 10, 99, 100, 12_345, 999_999):
+            b.offsets = [0] * n
+            b.rec_raw = [0] * (2 * n) if multi else []
+            records = b.records + 1
+            js = json.dumps(b.meta(records, n + 1), sort_keys=True, separators=(",", ":")).encode()
+            tables = (n + 1) * 32 + (records * 24 if multi else 0)
+            assert b.size_with(7, 1) == b.pos + 7 + tables + len(js) + TRAILER_BYTES, (multi, n)
