@@ -565,9 +565,23 @@ class _Merge:
         for lock in self.locks[1:]:
             lock.release()
         self.locks = self.locks[:1]
+        dst_root = _local_root(self.dst)
         for st in self.parts:
             if st.exists() and not [n for n in st.list() if n != LOCK_NAME]:
                 st.remove_container()
+            root = _local_root(st)
+            if root is None or dst_root is None or st.exists():
+                continue
+            # A part written inside the destination (dest/_parts/00003): remove the folders
+            # that held it once they are empty, up to the destination.
+            parent = root.absolute().parent
+            top = dst_root.absolute()
+            while parent != top and top in parent.parents:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+                parent = parent.parent
 
 
 def _fsync_dir(path: Path) -> None:

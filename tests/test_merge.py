@@ -163,6 +163,7 @@ def test_parts_inside_the_destination(tmp_path):
     ts.merge_stores(parts, dest)
     assert records(dest) == expected()
     assert not any(p.exists() for p in parts)
+    assert not (dest / "_parts").exists()  # the emptied folder that held them went too
 
 
 def test_rerun_after_success_changes_nothing(tmp_path):
