@@ -48,6 +48,7 @@ from .errors import (
     MissingShardError,
     NotAStoreError,
     PackWorkerError,
+    StorageFullError,
     StoreExistsError,
     StoreNotFoundError,
     TensorStoreError,
@@ -73,6 +74,7 @@ from .format import (
 from .serialization import check_sample, clone_exact, dumps
 from .shardio import FrameGrouper, ShardBuilder, train_dictionary
 from .storage import Storage, StoreLock, storage_for, typed_full_disk
+from .storage.abc import FULL_ERRNOS, full_disk_error
 
 __all__ = [
     "DEFAULT_DICT_BYTES",
@@ -157,7 +159,9 @@ class ShardWriter:
             ``num_workers`` >= 1.
         start_method: How worker processes start: ``"fork"``, ``"spawn"`` or
             ``"forkserver"`` (``multiprocessing`` start methods); None (default) takes the
-            platform's default. Only with ``num_workers`` >= 1.
+            platform's default. Only with ``num_workers`` >= 1. With spawn and forkserver,
+            a script's writing code must sit under ``if __name__ == "__main__":`` (the
+            workers import the main module).
         dictionary: zstd only. True trains a zstd dictionary (``zstandard.train_dictionary``)
             of ``DEFAULT_DICT_BYTES`` on the first records (up to ``DICT_SAMPLE_BYTES`` of raw
             bytes), stores it in the store and uses it for every frame; an int gives the
@@ -639,9 +643,16 @@ class ShardWriter:
         return features
 
     def _emit_frame(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
-        name = self._open.name if self._open is not None else shard_name(self.token, self._seq)
-        with typed_full_disk(self.location, name):
+        # typed_full_disk, inlined: this runs once a frame, and try costs nothing until it raises.
+        try:
             self._emit_frame_unchecked(frame, checksum, raw_lengths)
+        except StorageFullError:
+            raise
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                name = self._open.name if self._open is not None else shard_name(self.token, self._seq)
+                raise full_disk_error(exc, self.location, name) from exc
+            raise
 
     def _emit_frame_unchecked(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
         if self._open is not None and self._open.size_with(len(frame), len(raw_lengths)) > self.max_shard_bytes:
@@ -887,6 +898,8 @@ def _encode_in_worker(
 def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
     """Terminate a process pool's workers at once (abort, Ctrl-C) and reap them."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    if hasattr(pool, "terminate_workers"):  # Python 3.14+
+        pool.terminate_workers()
     for proc in processes:
         if proc.is_alive():
             proc.terminate()
