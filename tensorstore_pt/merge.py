@@ -252,15 +252,31 @@ class _Merge:
                 )
             self.move = journal["mode"] == "move"
         self.journal_token = journal["token"]
+        index_bytes = journal["index"].encode()
+        info = parse_index(index_bytes, f"{self.dst.location}/{INDEX_NAME}")
+        current = self._read(self.dst, INDEX_NAME)
+        if current is not None and current != index_bytes:
+            # An index other than the planned one: the merge committed and the store was then
+            # written (an append keeps the merged shards first), or it was replaced.
+            now = parse_index(current, f"{self.dst.location}/{INDEX_NAME}")
+            if [(e.name, e.first_record) for e in now.shards[: len(info.shards)]] != [
+                (e.name, e.first_record) for e in info.shards
+            ]:
+                raise MergeStateError(
+                    f"dest {self.dst.location!r} holds an unfinished merge journal ({JOURNAL_NAME}) but its "
+                    f"{INDEX_NAME} is not the merged one: the store was replaced meanwhile; nothing was changed "
+                    "(inspect it, then remove the journal by hand)"
+                )
+            self.dst.remove(JOURNAL_NAME)  # committed, then appended to: only the clean-up is left
+            self._remove_parts(info.created_by["merge"]["part_indexes"])
+            return StoreInfo.from_index(self.dst.location, now)
         self.existing = set(self.dst.list())
         for step in journal["steps"]:
             self._do_step(step)
-        index_bytes = journal["index"].encode()
-        if self._read(self.dst, INDEX_NAME) != index_bytes:
+        if current != index_bytes:
             with typed_full_disk(self.dst.location, INDEX_NAME), self.dst.writer(INDEX_NAME) as out:
                 out.write(index_bytes)
         self.dst.remove(JOURNAL_NAME)
-        info = parse_index(index_bytes, f"{self.dst.location}/{INDEX_NAME}")
         self._remove_parts(info.created_by["merge"]["part_indexes"])
         return StoreInfo.from_index(self.dst.location, info)
 

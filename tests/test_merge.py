@@ -346,3 +346,29 @@ def test_prepared_dictionary_options(tmp_path):
     ts.write_store(SAMPLES[:10], tmp_path / "plain")
     with pytest.raises(ts.InvalidOptionError, match="has no zstd dictionary"):
         ts.write_store(SAMPLES[:1], tmp_path / "plain", mode="append", dictionary=data)
+
+
+def test_rerun_keeps_records_appended_after_the_commit(tmp_path, monkeypatch):
+    parts = write_parts(tmp_path)
+    dest = tmp_path / "m"
+    with monkeypatch.context() as m:
+        _crash_before_journal_removal(m, 0)
+        with pytest.raises(Crash):
+            ts.merge_stores(parts, dest)
+    extra = [sample(1000 + i) for i in range(3)]
+    ts.write_store(extra, dest, mode="append")  # the merged store is committed: it can be written
+    info = ts.merge_stores(parts, dest)
+    assert info.records == 63
+    assert records(dest) == expected() + [(s["y"], s["x"].numpy().tobytes()) for s in extra]
+    assert not (dest / merge_mod.JOURNAL_NAME).exists() and not any(p.exists() for p in parts)
+    # A journal next to an index that is not the merged one at all is refused, nothing changed.
+    parts2 = write_parts(tmp_path / "again")
+    with monkeypatch.context() as m:
+        _crash_before_journal_removal(m, 0)
+        with pytest.raises(Crash):
+            ts.merge_stores(parts2, tmp_path / "m2")
+    ts.write_store(SAMPLES[:2], tmp_path / "m2", mode="overwrite")
+    before = (tmp_path / "m2" / INDEX_NAME).read_bytes()
+    with pytest.raises(ts.MergeStateError, match="replaced meanwhile"):
+        ts.merge_stores(parts2, tmp_path / "m2")
+    assert (tmp_path / "m2" / INDEX_NAME).read_bytes() == before
