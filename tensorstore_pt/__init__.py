@@ -14,12 +14,16 @@ from .errors import (
     ConcurrentWriteError,
     CorruptStoreError,
     DecompressionError,
+    IncompatiblePartsError,
     IndexFormatError,
     InvalidOptionError,
+    MergeStateError,
     MissingShardError,
     NotARegularFileError,
     NotAStoreError,
     ReadOnlyStoreError,
+    PackWorkerError,
+    PartNotCommittedError,
     RecordDecodeError,
     RecordIndexError,
     RecordIndexTypeError,
@@ -62,6 +66,8 @@ _LAZY = {
     "open_store": "reader",
     "ShardWriter": "writer",
     "write_store": "writer",
+    "train_zstd_dictionary": "writer",
+    "merge_stores": "merge",
     "StoreDataLoader": "dataset",
     "StoreDataset": "dataset",
     "StoreIterableDataset": "dataset",
@@ -74,8 +80,9 @@ if _TYPE_CHECKING:  # pragma: no cover
     from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
     from .format import StoreInfo
     from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
+    from .merge import merge_stores
     from .reader import FetchedFrames, RawRecord, RecordResult, StoreReader, open_store
-    from .writer import ShardWriter, write_store
+    from .writer import ShardWriter, train_zstd_dictionary, write_store
 
 
 def __getattr__(name: str) -> _Any:
@@ -104,11 +111,15 @@ __all__ = [
     "CorruptStoreError",
     "DecompressionError",
     "FetchedFrames",
+    "IncompatiblePartsError",
     "IndexFormatError",
     "InvalidOptionError",
+    "MergeStateError",
     "MissingShardError",
     "NotARegularFileError",
     "NotAStoreError",
+    "PackWorkerError",
+    "PartNotCommittedError",
     "RawRecord",
     "ReadOnlyStoreError",
     "RecordDecodeError",
@@ -143,8 +154,10 @@ __all__ = [
     "audit_pt",
     "audit_store",
     "copy_store",
+    "merge_stores",
     "open_store",
     "recover_store",
+    "train_zstd_dictionary",
     "verify_store",
     "write_store",
 ]

@@ -479,6 +479,7 @@ class ShardBuilder:
         self.rec_offset: list[int] = []
         self.rec_raw: list[int] = []
         self.pos = 0
+        self._js_zero: int | None = None
         self._write(encode_header(version_for(footer_meta["features"])))
 
     def _write(self, data: bytes) -> None:
@@ -500,7 +501,10 @@ class ShardBuilder:
         """File size if one more frame of ``records`` records were added and the shard closed."""
         n_records = self.records + records
         n_frames = len(self.offsets) + 1
-        js = len(json.dumps(self.meta(n_records, n_frames), sort_keys=True, separators=(",", ":")).encode())
+        if self._js_zero is None:  # the footer JSON with records = frames = 0, encoded once
+            self._js_zero = len(json.dumps(self.meta(0, 0), sort_keys=True, separators=(",", ":")).encode())
+        # Only the digits of the two counts change: each adds len(str(n)) - 1 to that length.
+        js = self._js_zero + len(str(n_records)) - 1 + (len(str(n_frames)) - 1 if self.multi else 0)
         tables = n_frames * RECORD_ENTRY_BYTES + (n_records * RECORD_MAP_ENTRY_BYTES if self.multi else 0)
         return self.pos + frame_bytes + tables + js + TRAILER_BYTES
 

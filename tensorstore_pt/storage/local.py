@@ -38,6 +38,9 @@ __all__ = ["LocalStorage", "TEMP_MARKER"]
 
 #: Every temporary file name contains this marker (for clean-up and recovery tools).
 TEMP_MARKER = ".tmp-"
+#: Write buffer of a file being written (bytes): frames of a few KiB reach the kernel in
+#: large writes, not one system call each.
+_WRITE_BUFFER_BYTES = 2**20
 #: Largest owner record read back from a lock file (bytes).
 _MAX_OWNER_BYTES = 64 * 2**10
 
@@ -122,7 +125,7 @@ class _LocalWriter(AtomicWriter):
         self._root = root
         self._done = False
         try:
-            self._f = open(self._tmp, "xb")
+            self._f = open(self._tmp, "xb", buffering=_WRITE_BUFFER_BYTES)
         except OSError as exc:
             self._done = True
             if exc.errno in _FULL_ERRNOS:
