@@ -13,11 +13,15 @@ from .errors import (
     ConcurrentWriteError,
     CorruptStoreError,
     DecompressionError,
+    IncompatiblePartsError,
     IndexFormatError,
     InvalidOptionError,
+    MergeStateError,
     MissingShardError,
     NotARegularFileError,
     NotAStoreError,
+    PackWorkerError,
+    PartNotCommittedError,
     RecordDecodeError,
     RecordIndexError,
     RecordIndexTypeError,
@@ -53,6 +57,8 @@ _LAZY = {
     "open_store": "reader",
     "ShardWriter": "writer",
     "write_store": "writer",
+    "train_zstd_dictionary": "writer",
+    "merge_stores": "merge",
     "StoreDataLoader": "dataset",
     "StoreDataset": "dataset",
     "StoreIterableDataset": "dataset",
@@ -63,8 +69,9 @@ if _TYPE_CHECKING:  # pragma: no cover
     from .dataset import StoreDataLoader, StoreDataset, StoreIterableDataset
     from .format import StoreInfo
     from .integrity import RecoverReport, VerifyReport, recover_store, verify_store
+    from .merge import merge_stores
     from .reader import StoreReader, open_store
-    from .writer import ShardWriter, write_store
+    from .writer import ShardWriter, train_zstd_dictionary, write_store
 
 
 def __getattr__(name: str) -> _Any:
@@ -89,11 +96,15 @@ __all__ = [
     "ConcurrentWriteError",
     "CorruptStoreError",
     "DecompressionError",
+    "IncompatiblePartsError",
     "IndexFormatError",
     "InvalidOptionError",
+    "MergeStateError",
     "MissingShardError",
     "NotARegularFileError",
     "NotAStoreError",
+    "PackWorkerError",
+    "PartNotCommittedError",
     "RecordDecodeError",
     "RecordIndexError",
     "RecordIndexTypeError",
@@ -123,8 +134,10 @@ __all__ = [
     "audit_path",
     "audit_pt",
     "audit_store",
+    "merge_stores",
     "open_store",
     "recover_store",
+    "train_zstd_dictionary",
     "verify_store",
     "write_store",
 ]

@@ -19,6 +19,10 @@ working for callers who do not know this package::
     ├── ConcurrentWriteError (RuntimeError)        another writer changed the store meanwhile
     ├── UnsafePayloadError (ValueError)            a record's pickle asks for forbidden globals
     ├── StoreBusyError (RuntimeError)              another writer or recover holds the store's lock
+    ├── PackWorkerError (RuntimeError)             a worker process of a parallel pack died
+    ├── IncompatiblePartsError (ValueError)        merge: parts written with different codec configs
+    ├── PartNotCommittedError (FileNotFoundError, ValueError)  merge: a part without a committed index
+    ├── MergeStateError (RuntimeError)             merge: an unfinished merge of other parts, or a lost file
     ├── StoreChangedError (RuntimeError)           the store was replaced since it was opened
     ├── StorageFullError (OSError)                 no space left (ENOSPC/EDQUOT) writing a file
     ├── RemoteStorageError (OSError)               an object store failed past its retries (URL, file, bytes)
@@ -45,11 +49,15 @@ __all__ = [
     "ConcurrentWriteError",
     "CorruptStoreError",
     "DecompressionError",
+    "IncompatiblePartsError",
     "IndexFormatError",
     "InvalidOptionError",
+    "MergeStateError",
     "MissingShardError",
     "NotARegularFileError",
     "NotAStoreError",
+    "PackWorkerError",
+    "PartNotCommittedError",
     "RecordDecodeError",
     "RecordIndexError",
     "RecordIndexTypeError",
@@ -137,6 +145,26 @@ class UnsafePayloadError(TensorStoreError, ValueError):
 class StoreBusyError(TensorStoreError, RuntimeError):
     """Another writer or ``recover`` holds the store's lock (or, where the file system has no
     locks, a process that is still running owns temporary files in the store)."""
+
+
+class PackWorkerError(TensorStoreError, RuntimeError):
+    """A worker process of a parallel pack (``num_workers``) died (killed, out of memory);
+    nothing was published."""
+
+
+class IncompatiblePartsError(TensorStoreError, ValueError):
+    """Parts given to ``merge_stores`` were written with different codec configs (codec,
+    level, dictionary, frame settings); the message names the part and both configs."""
+
+
+class PartNotCommittedError(TensorStoreError, FileNotFoundError, ValueError):
+    """A part given to ``merge_stores`` has no committed ``index.json`` (its writer failed or
+    is still writing); merge adopts committed parts only."""
+
+
+class MergeStateError(TensorStoreError, RuntimeError):
+    """``merge_stores`` found an unfinished merge of other parts at the destination, or a
+    file its journal names is gone from both the part and the destination."""
 
 
 class StoreChangedError(TensorStoreError, RuntimeError):

@@ -71,7 +71,14 @@ from .serialization import check_sample, clone_exact, dumps
 from .shardio import FrameGrouper, ShardBuilder, train_dictionary
 from .storage import Storage, StoreLock, storage_for, typed_full_disk
 
-__all__ = ["DEFAULT_DICT_BYTES", "DEFAULT_MAX_SHARD_BYTES", "DICT_SAMPLE_BYTES", "ShardWriter", "write_store"]
+__all__ = [
+    "DEFAULT_DICT_BYTES",
+    "DEFAULT_MAX_SHARD_BYTES",
+    "DICT_SAMPLE_BYTES",
+    "ShardWriter",
+    "train_zstd_dictionary",
+    "write_store",
+]
 
 DEFAULT_MAX_SHARD_BYTES = 64 * 2**20
 #: Default zstd dictionary size (bytes) for ``dictionary=True``.
@@ -143,7 +150,9 @@ class ShardWriter:
             dictionary size in bytes. If zstd cannot train one (too few or too small records)
             the store is written without it and a ``UserWarning`` says so. In ``append`` mode
             the store's dictionary, if any, is always used. Format 1.1, feature
-            "zstd-dictionary".
+            "zstd-dictionary". Bytes give a prepared dictionary (ZDICT format, e.g. from
+            :func:`train_zstd_dictionary`), used as is: the way to give the parts of one store
+            (see :func:`~tensorstore_pt.merge_stores`) one shared dictionary.
         frame_target_bytes: Put consecutive records into one frame until its raw size reaches
             this many bytes (frames never cross shards). Better ratio, but a random read
             decodes the whole frame. None (default) writes one record per frame. Format 1.1,
@@ -187,7 +196,7 @@ class ShardWriter:
         metadata: dict[str, Any] | None = None,
         mode: str = "create",
         num_threads: int | None = None,
-        dictionary: bool | int = False,
+        dictionary: bool | int | bytes = False,
         frame_target_bytes: int | None = None,
     ) -> None:
         if mode not in _MODES:
@@ -205,7 +214,11 @@ class ShardWriter:
         _check_positive_int(num_threads, "num_threads")
         if frame_target_bytes is not None:
             _check_positive_int(frame_target_bytes, "frame_target_bytes")
-        if dictionary is True:
+        prepared: bytes | None = None
+        if isinstance(dictionary, (bytes, bytearray, memoryview)):
+            prepared = _check_prepared_dictionary(bytes(dictionary))
+            dict_bytes = 0
+        elif dictionary is True:
             dict_bytes = DEFAULT_DICT_BYTES
         elif dictionary is False or dictionary is None:
             dict_bytes = 0
@@ -213,7 +226,8 @@ class ShardWriter:
             dict_bytes = dictionary
         else:
             raise InvalidOptionError(
-                f"dictionary: expected True, False or a size in bytes in [256, {MAX_DICT_BYTES}], found {dictionary!r}"
+                f"dictionary: expected True, False or a size in bytes in [256, {MAX_DICT_BYTES}], or a prepared "
+                f"zstd dictionary (bytes), found {dictionary!r}"
             )
 
         self._storage = storage_for(path)
@@ -230,11 +244,13 @@ class ShardWriter:
         self._index_digest: int | None = None  # of the index.json this writer started from
         # Validate user options before touching the file system.
         new_codec = make_codec(codec if codec is not None else "zstd", level) if mode != "append" or codec else None
-        if dict_bytes and new_codec is not None and new_codec.codec_id != "zstd":
+        if (dict_bytes or prepared) and new_codec is not None and new_codec.codec_id != "zstd":
             raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
         try:
             old_index = self._inspect_target()
             self._setup(old_index, new_codec, codec, level, metadata, dict_bytes, num_threads)
+            if prepared is not None:
+                self._use_prepared_dictionary(prepared)
         except BaseException:
             self._release(remove_created_dir=True)
             raise
@@ -441,8 +457,6 @@ class ShardWriter:
     def _train_dictionary(self) -> None:
         import zstandard
 
-        from .codecs.zstd import ZstdCodec
-
         samples, self._dict_buffer, self._dict_buffer_bytes = self._dict_buffer, [], 0
         self._dict_pending = False
         level = getattr(self._codec, "level", 3)
@@ -456,16 +470,45 @@ class ShardWriter:
                 stacklevel=3,
             )
         else:
-            digest = digest_int(data)
-            name = f"zstd-dict-{digest:016x}.zdict"
-            if name not in self._storage.list():
-                with typed_full_disk(self.location, name), self._storage.writer(name) as out:
-                    out.write(data)
-                self._new_files.append(name)
-            ref = {"name": name, "checksum": format_digest(digest), "dict_id": dict_id, "bytes": len(data)}
-            self._codec = ZstdCodec(level, data, ref)
+            self._install_dictionary(data, dict_id)
         for raw in samples:
             self._accept_raw(raw)
+
+    def _install_dictionary(self, data: bytes, dict_id: int) -> None:
+        """Write the dictionary file (if new) and switch the codec to use it."""
+        from .codecs.zstd import ZstdCodec
+
+        digest = digest_int(data)
+        name = f"zstd-dict-{digest:016x}.zdict"
+        if name not in self._storage.list():
+            with typed_full_disk(self.location, name), self._storage.writer(name) as out:
+                out.write(data)
+            self._new_files.append(name)
+        ref = {"name": name, "checksum": format_digest(digest), "dict_id": dict_id, "bytes": len(data)}
+        self._codec = ZstdCodec(getattr(self._codec, "level", 3), data, ref)
+
+    def _use_prepared_dictionary(self, data: bytes) -> None:
+        import zstandard
+
+        dict_id = zstandard.ZstdCompressionDict(data).dict_id()
+        if self._codec.codec_id != "zstd":
+            raise InvalidOptionError(
+                f"dictionary: a zstd dictionary needs codec 'zstd', the store uses {self._codec.get_config()}"
+            )
+        store_dict = getattr(self._codec, "dictionary", None)
+        if store_dict is not None:
+            if store_dict != data:
+                raise InvalidOptionError(
+                    f"append to {self.location!r}: the store uses another zstd dictionary "
+                    f"({self._codec.get_config().get('dict')}); pass the store's own or none"
+                )
+            return
+        if self.mode == "append" and self._base_shards:
+            raise InvalidOptionError(
+                f"append to {self.location!r}: the store has no zstd dictionary and one cannot be added to "
+                "existing shards; write a new store with the dictionary"
+            )
+        self._install_dictionary(data, dict_id)
 
     def _shard_features(self) -> list[str]:
         features = []
@@ -544,7 +587,7 @@ class ShardWriter:
             self._emit_group(self._grouper.flush())
             self._close_shard()
             info = IndexInfo.build(
-                self._codec.get_config(), self._shards, self._metadata, _created_by(), tuple(self._features)
+                self._codec.get_config(), self._shards, self._metadata, self._created_by(), tuple(self._features)
             )
             if self._current_index_digest() != self._index_digest:
                 raise ConcurrentWriteError(
@@ -577,6 +620,14 @@ class ShardWriter:
         self._release(remove_created_dir=True)
         self._info = StoreInfo.from_index(self.location, info)
         return self._info
+
+    def _created_by(self) -> dict[str, Any]:
+        """created_by of the index: the versions, and the writer settings that matter to
+        ``merge_stores`` or ``tspt info`` (only where informative)."""
+        created = _created_by()
+        if self.frame_target_bytes is not None:
+            created["frame_target_bytes"] = self.frame_target_bytes
+        return created
 
     def _remove_all(self, names: list[str]) -> list[str]:
         """Remove every file of ``names``, going on past errors; return ``"name (error)"`` for each
@@ -667,6 +718,54 @@ class ShardWriter:
 def _check_positive_int(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidOptionError(f"{name}: expected a positive int, found {value!r}")
+
+
+def _check_prepared_dictionary(data: bytes) -> bytes:
+    """Check that ``data`` is a zstd dictionary in ZDICT format (magic 0xEC30A437) of a size
+    the format allows."""
+    if not 8 <= len(data) <= MAX_DICT_BYTES or data[:4] != b"\x37\xa4\x30\xec":
+        raise InvalidOptionError(
+            f"dictionary: expected a zstd dictionary in ZDICT format (starting with magic 37 a4 30 ec, at most "
+            f"{MAX_DICT_BYTES} bytes, as train_zstd_dictionary makes it), found {len(data)} bytes starting "
+            f"{data[:4].hex(' ')}"
+        )
+    return data
+
+
+def train_zstd_dictionary(samples: Iterable[Any], *, dict_bytes: int = DEFAULT_DICT_BYTES, level: int = 3) -> bytes:
+    """Train a zstd dictionary on samples, to share among writers (the parts of one store).
+
+    Each sample is serialised as the writer would (``torch.save`` bytes, views compacted) and
+    ``zstandard.train_dictionary`` trains on them. Pass the result to every part's writer as
+    ``write_store(..., codec="zstd", dictionary=data)``: all parts then hold the same
+    dictionary file and codec config, as :func:`~tensorstore_pt.merge_stores` requires.
+
+    Args:
+        samples: The samples to train on (a few thousand representative records, or about
+            100 x ``dict_bytes`` of raw bytes, is typical).
+        dict_bytes: The dictionary's size in bytes, in [256, 16 MiB].
+        level: The zstd level the writers will use.
+
+    Returns:
+        The dictionary (ZDICT format), at most ``dict_bytes`` bytes.
+
+    Raises:
+        InvalidOptionError: ``dict_bytes`` out of range, or zstd could not train a dictionary
+            from these samples (too few or too small).
+        UnsupportedSampleError: A sample cannot be stored.
+    """
+    import zstandard
+
+    if isinstance(dict_bytes, bool) or not isinstance(dict_bytes, int) or not 256 <= dict_bytes <= MAX_DICT_BYTES:
+        raise InvalidOptionError(f"dict_bytes: expected an int in [256, {MAX_DICT_BYTES}], found {dict_bytes!r}")
+    raws = [dumps(s) for s in samples]
+    try:
+        data, _ = train_dictionary(raws, dict_bytes, level)
+    except zstandard.ZstdError as exc:
+        raise InvalidOptionError(
+            f"train_zstd_dictionary: zstd could not train a dictionary from {len(raws)} samples ({exc})"
+        ) from exc
+    return data
 
 
 def _snapshot(sample: Any) -> Any:
