@@ -77,8 +77,8 @@ from .errors import (
     TensorStoreError,
     UnsupportedSampleError,
 )
-from .format import INDEX_NAME, LOCK_NAME
-from .storage import Storage, storage_for
+from .format import INDEX_NAME, LOCK_NAME, new_writer_token, parse_index
+from .storage import LocalStorage, Storage, storage_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -163,7 +163,10 @@ def _numeric_tensor(value: np.ndarray | np.generic, column: str) -> torch.Tensor
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     # A C-contiguous copy the sample owns: Arrow-backed arrays are read-only views of a block.
-    return torch.from_numpy(np.array(arr, copy=True, order="C"))
+    t = torch.from_numpy(np.array(arr, copy=True, order="C"))
+    if t.numel() == 0:  # numpy gives empty arrays 0 strides; torch's own are row-major
+        t = torch.empty(t.shape, dtype=t.dtype)
+    return t
 
 
 def _convert(value: Any, column: str) -> Any:
@@ -236,6 +239,64 @@ def _block_rows(block: Any) -> Iterator[dict[str, Any]]:
         yield {name: col[i] for name, col in columns}
 
 
+# --------------------------------------------------------------------------- replacing a store
+
+
+def _replace_store(staged: Storage, dest: Storage) -> StoreInfo:
+    """Publish the store ``staged`` (a directory inside ``dest``) over the store at ``dest``.
+
+    Under ``dest``'s writer lock: the staged shards and dictionary are renamed into ``dest``
+    (their names are new: merge tokens, a content-addressed dictionary), ``index.json`` is
+    replaced atomically (the commit point: until then readers see the old store), then the
+    old store's files that the new index does not name are removed. A crash before the index
+    is replaced leaves the old store as it was plus unreferenced shards (``tspt recover``
+    quarantines them). Local directories only.
+    """
+    from .format import StoreInfo
+    from .writer import lock_owner
+
+    if not (isinstance(staged, LocalStorage) and isinstance(dest, LocalStorage)):
+        raise InvalidOptionError(f"mode='overwrite': supported for local directories only, found {dest.location!r}")
+    raw = staged.read_all(INDEX_NAME)
+    new = parse_index(raw, f"store {staged.location!r}: {INDEX_NAME}")
+    files = [s.name for s in new.shards]
+    new_dict = new.codec.get("dict")
+    if isinstance(new_dict, dict):
+        files.append(new_dict["name"])
+    lock = dest.lock(lock_owner(new_writer_token(), "writer", "overwrite"))
+    try:
+        try:
+            old = parse_index(dest.read_all(INDEX_NAME), f"store {dest.location!r}: {INDEX_NAME}")
+        except (FileNotFoundError, TensorStoreError):
+            old = None  # replaced wholesale; files of an unreadable index are left in place
+        for name in files:
+            os.replace(staged.root / name, dest.root / name)
+        with dest.writer(INDEX_NAME) as out:
+            out.write(raw)
+        if old is not None:
+            keep = set(files)
+            stale = [s.name for s in old.shards if s.name not in keep]
+            old_dict = old.codec.get("dict")
+            if isinstance(old_dict, dict) and old_dict.get("name") not in keep:
+                stale.append(old_dict["name"])
+            left = []
+            for name in stale:
+                try:
+                    dest.remove(name)
+                except OSError as exc:
+                    left.append(f"{name} ({exc.strerror or exc})")
+            if left:
+                warnings.warn(
+                    f"store {dest.location!r}: the overwrite is committed, but files of the old store could not be "
+                    f"removed: {left}; they are unreferenced (`tspt recover` quarantines them)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+    finally:
+        lock.release()
+    return StoreInfo.from_index(dest.location, new)
+
+
 # --------------------------------------------------------------------------- the datasink
 
 
@@ -276,13 +337,24 @@ class TensorStoreDatasink(Datasink):
             readers see the old store).
         to_sample: ``row -> sample``; by default :func:`row_to_sample`. It runs in the write
             tasks, so it must pickle (a module-level function or a picklable callable).
+        dictionary: zstd only. Bytes: a prepared dictionary (from
+            :func:`~tensorstore_pt.train_zstd_dictionary`) every part uses. True: train one
+            in ``on_write_start``, on the driver, from ``dictionary_rows``. The datasink sees
+            no rows on the driver (Ray passes ``on_write_start`` the schema only), so the
+            sample must come from the caller: ``dictionary_rows=ds.take(1000)`` (which runs
+            the pipeline for those rows) or any representative rows. The dictionary travels
+            to the write tasks inside the pickled datasink.
+        dictionary_rows: Rows (as ``to_sample`` takes them) to train on, with ``dictionary=True``.
+        dict_bytes: Size in bytes of the trained dictionary (default 16 KiB).
         num_threads: Threads each write task uses to serialise and compress (default: the
             writer's default).
         storage_options: fsspec options for URL destinations (``endpoint_url``, ``key``...);
             None for local paths.
 
     Raises:
-        InvalidOptionError: A bad mode, codec, level or size (raised here, on the driver).
+        InvalidOptionError: A bad mode, codec, level, size or dictionary (raised here, on the
+            driver); from ``on_write_start``: zstd could not train a dictionary from
+            ``dictionary_rows``, or ``mode="overwrite"`` of a store that is not a local directory.
         StoreExistsError: From ``on_write_start``: ``mode="create"`` and the destination
             holds a store or other files.
         UnsupportedSampleError: From a write task: a row ``to_sample`` cannot map, or a
@@ -305,10 +377,14 @@ class TensorStoreDatasink(Datasink):
         metadata: dict[str, Any] | None = None,
         mode: str = "create",
         to_sample: Callable[[dict[str, Any]], Any] | None = None,
+        dictionary: bool | bytes = False,
+        dictionary_rows: Iterable[Mapping[str, Any]] | None = None,
+        dict_bytes: int | None = None,
         num_threads: int | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         from .codecs import make_codec
+        from .writer import DEFAULT_DICT_BYTES
 
         if mode not in _MODES:
             raise InvalidOptionError(f"mode: expected one of {list(_MODES)}, found {mode!r}")
@@ -343,7 +419,27 @@ class TensorStoreDatasink(Datasink):
             except (TypeError, ValueError) as exc:
                 raise InvalidOptionError(f"metadata: expected a JSON-serialisable dict ({exc})") from exc
         self.metadata = metadata
+        if isinstance(dictionary, (bytes, bytearray, memoryview)):
+            self._dictionary: bytes | None = bytes(dictionary)
+            self._dictionary_rows: list[Mapping[str, Any]] | None = None
+        elif dictionary is True:
+            if dictionary_rows is None:
+                raise InvalidOptionError(
+                    "dictionary=True: pass dictionary_rows= (e.g. ds.take(1000)); a Datasink sees no rows on the "
+                    "driver, and the dictionary must be trained once, before the write tasks start"
+                )
+            self._dictionary = None
+            self._dictionary_rows = list(dictionary_rows)
+        elif dictionary is False:
+            self._dictionary = None
+            self._dictionary_rows = None
+        else:
+            raise InvalidOptionError(f"dictionary: expected True, False or dictionary bytes, found {dictionary!r}")
+        if (dictionary is not False) and codec != "zstd":
+            raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
+        self._dict_bytes = DEFAULT_DICT_BYTES if dict_bytes is None else dict_bytes
         self._write_id: str | None = None
+        self._unfinished: list[str] = []  # parts of a merge that stopped midway (kept to finish it)
         #: The merged store's summary, set by ``on_write_complete``.
         self.result: StoreInfo | None = None
 
@@ -363,6 +459,11 @@ class TensorStoreDatasink(Datasink):
         if not storage.is_container():
             raise StoreExistsError(f"{self.path!r} exists and is not a directory; expected a directory or a new path")
         names = [n for n in storage.list() if n not in (LOCK_NAME, PARTS_DIR)]
+        if self.mode == "overwrite" and INDEX_NAME in names and not isinstance(storage, LocalStorage):
+            raise InvalidOptionError(
+                f"mode='overwrite': replacing a store is supported for local directories only, found {self.path!r}; "
+                "write to a new location"
+            )
         if self.mode == "create":
             if INDEX_NAME in names:
                 raise StoreExistsError(f"create: a store already exists at {self.path!r}; use mode='overwrite'")
@@ -378,8 +479,20 @@ class TensorStoreDatasink(Datasink):
         Raises:
             StoreExistsError: ``mode="create"`` and the destination holds a store or files.
         """
+        from .writer import train_zstd_dictionary
+
         self._check_destination()
+        if self._dictionary_rows is not None:
+            to_sample = self._to_sample or row_to_sample
+            level = self._writer_options["level"]
+            self._dictionary = train_zstd_dictionary(
+                (to_sample(row) for row in self._dictionary_rows),
+                dict_bytes=self._dict_bytes,
+                level=3 if level is None else level,
+            )
+            self._dictionary_rows = None  # trained once; the rows need not travel to the tasks
         self._write_id = secrets.token_hex(8)
+        self._unfinished = []
         self.result = None
 
     # ------------------------------------------------------------------ workers: write
@@ -401,7 +514,10 @@ class TensorStoreDatasink(Datasink):
         # One directory per attempt: a retried task never writes into a stale attempt's part.
         part = _join(self.parts_path, f"{task_idx:06d}-{secrets.token_hex(4)}")
         storage = _storage(part, self.storage_options)
-        with ShardWriter(storage, mode="create", **self._writer_options) as writer:
+        options = dict(self._writer_options)
+        if self._dictionary is not None:
+            options["dictionary"] = self._dictionary
+        with ShardWriter(storage, mode="create", **options) as writer:
             for block in blocks:
                 for row in _block_rows(block):
                     writer.write(to_sample(row))
@@ -413,11 +529,16 @@ class TensorStoreDatasink(Datasink):
     def on_write_complete(self, write_result: Any) -> None:
         """Merge the parts in task-index order into the destination, then remove the parts area.
 
+        With ``mode="overwrite"`` of an existing store, the parts are merged next to it
+        (``<parts area>/merged``), then its shards are moved in and ``index.json`` replaced
+        (the one commit point), and the old store's files are removed.
+
         Raises:
-            StoreExistsError, ConcurrentWriteError, StoreBusyError: From the merge (another
-                writer got there first); nothing of this write is published.
+            StoreExistsError, StoreBusyError: From the merge (another writer got there
+                first); nothing of this write is published.
         """
-        from .merge import merge_stores
+        from .merge import JOURNAL_NAME, merge_stores
+        from .writer import write_store
 
         if self._write_id is None:  # no input block reached the write (an empty dataset)
             self.on_write_start()
@@ -425,19 +546,47 @@ class TensorStoreDatasink(Datasink):
         seen = [r["task_idx"] for r in returns]
         if len(set(seen)) != len(seen):
             raise TensorStoreError(f"write {self._write_id}: a write task reported twice (task indices {seen})")
-        parts = [_storage(r["part"], self.storage_options) for r in returns]
         dest = _storage(self.path, self.storage_options)
-        self.result = merge_stores(
-            parts,
-            dest,
-            mode=self.mode,
-            metadata=self.metadata,
-            **{k: v for k, v in self._writer_options.items() if k in ("codec", "level")},
-        )
+        replace = self.mode == "overwrite" and dest.exists() and INDEX_NAME in dest.list()
+        target = _storage(_join(self.parts_path, "merged"), self.storage_options) if replace else dest
+        if returns:
+            parts = [_storage(r["part"], self.storage_options) for r in returns]
+            try:
+                info = merge_stores(parts, target, metadata=self.metadata or {})
+            except BaseException as exc:
+                if target.exists() and JOURNAL_NAME in target.list():
+                    # The merge changed things before it failed: the parts now belong to it.
+                    self._unfinished = [r["part"] for r in returns]
+                    if hasattr(exc, "add_note"):
+                        exc.add_note(
+                            f"the merge into {target.location!r} stopped midway; finish it with "
+                            f"tensorstore_pt.merge_stores({self._unfinished!r}, {target.location!r}) (the parts are "
+                            "kept for that)"
+                        )
+                raise
+        else:
+            options = dict(self._writer_options)
+            if self._dictionary is not None:
+                options["dictionary"] = self._dictionary
+            info = write_store([], target, metadata=self.metadata, **options)
+        self.result = _replace_store(target, dest) if replace else info
         self._cleanup()
 
     def on_write_failed(self, error: Exception) -> None:
-        """Remove this write's parts area; nothing is published. Never raises."""
+        """Remove this write's parts area; nothing is published.
+
+        Exception: if the merge failed after it began moving shards (its journal is in the
+        destination), the parts belong to that merge and are kept; a ``UserWarning`` names
+        the ``merge_stores`` call that finishes it (merge is idempotent).
+        """
+        if self._unfinished:
+            warnings.warn(
+                f"store {self.path!r}: the merge stopped midway ({type(error).__name__}: {error}); the parts are kept: "
+                f"finish it with tensorstore_pt.merge_stores({self._unfinished!r}, ...) as the error's note says",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
         if self._write_id is not None:
             self._cleanup()
 

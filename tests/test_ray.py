@@ -166,6 +166,10 @@ def test_options_are_checked_on_the_driver(tmp_path):
         TensorStoreDatasink(tmp_path / "s", codec="gzip")
     with pytest.raises(InvalidOptionError, match="metadata"):
         TensorStoreDatasink(tmp_path / "s", metadata={"a": object()})
+    with pytest.raises(InvalidOptionError, match="dictionary_rows"):
+        TensorStoreDatasink(tmp_path / "s", dictionary=True)
+    with pytest.raises(InvalidOptionError, match="only codec 'zstd'"):
+        TensorStoreDatasink(tmp_path / "s", codec="lz4", dictionary=True, dictionary_rows=[])
 
 
 # --------------------------------------------------------------------------- on the cluster
@@ -277,6 +281,21 @@ def test_custom_to_sample_and_to_row(cluster, tmp_path):
     assert back[9]["mean"] == pytest.approx(float(rows[9]["x"].astype(np.float64).mean()), rel=1e-6)
     # non-dict samples with the default mapping: one "sample" column
     assert "sample" in read_store(dest).schema().names
+
+
+def test_shared_dictionary_trained_on_the_driver(cluster, tmp_path):
+    rows = make_rows(400)
+    dest = tmp_path / "s"
+    sink = TensorStoreDatasink(dest, dictionary=True, dictionary_rows=rows[:200], dict_bytes=4096)
+    dataset(rows, blocks=3).write_datasink(sink)
+    store = open_store(dest)
+    ref = tmp_path / "ref"
+    write_store([expected_sample(r) for r in rows], ref)
+    assert_same_store(dest, ref)  # the same records, whatever the dictionary
+    ref_dict = store.index.codec["dict"]
+    assert ref_dict["bytes"] <= 4096
+    assert [p.name for p in dest.iterdir() if p.suffix == ".zdict"] == [ref_dict["name"]]  # one, shared
+    assert verify_store(dest).ok and parts_left(dest) == []
 
 
 def test_empty_dataset_writes_an_empty_store(cluster, tmp_path):
