@@ -91,7 +91,7 @@ __all__ = ["PARTS_DIR", "TensorStoreDatasink", "read_store", "row_to_sample", "s
 #: The hidden directory (prefix) of a destination that holds the parts of writes in progress.
 PARTS_DIR = ".parts"
 _MODES = ("create", "overwrite")
-#: Default target size of one block a read task yields (raw record bytes).
+#: Default size (bytes of numpy data) of one block a read task yields.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
 
