@@ -1,0 +1,193 @@
+"""Parallel packing (``num_workers``): the store is byte for byte the same for any number of
+worker processes and either start method; errors are typed, abort and Ctrl-C kill the pool
+and publish nothing."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tensorstore_pt as ts
+from tensorstore_pt import writer as writer_mod
+from tensorstore_pt.format import INDEX_NAME
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def sample(i: int) -> dict:
+    g = torch.Generator().manual_seed(i)
+    return {
+        "x": torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8, generator=g),
+        "y": i,
+        "t": torch.randn(4, 3, generator=g).t(),  # a transposed view: strides kept
+        "v": torch.arange(20, dtype=torch.int16)[i % 5 : i % 5 + 7],  # a view: compacted
+        "b": torch.tensor([True, False, i % 2 == 0]),
+        "p": torch.nn.Parameter(torch.ones(2), requires_grad=False),
+        "s": f"record {i}",
+    }
+
+
+SAMPLES = [sample(i) for i in range(120)]
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store (dot-files aside), index.json without its informative created_by."""
+    out = {p.name: p.read_bytes() for p in sorted(path.iterdir()) if not p.name.startswith(".")}
+    index = json.loads(out[INDEX_NAME])
+    index.pop("created_by")
+    out[INDEX_NAME] = json.dumps(index, sort_keys=True).encode()
+    return out
+
+
+@pytest.fixture
+def fixed_token(monkeypatch):
+    """Every writer draws the same token, so that shard names compare across writes."""
+    monkeypatch.setattr(writer_mod, "new_writer_token", lambda: "0123456789ab")
+
+
+def workers_alive() -> list:
+    return [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"codec": "zstd", "max_shard_bytes": 20_000},
+        {"codec": "lz4", "max_shard_bytes": 7_000, "frame_target_bytes": 5_000},
+        {"codec": "none", "max_shard_bytes": 1},
+    ],
+    ids=["zstd", "lz4-multi", "none-one-per-shard"],
+)
+def test_byte_identical_for_any_worker_count_fork(tmp_path, fixed_token, options):
+    ref = ts.write_store(SAMPLES, tmp_path / "ref", **options)
+    expected = store_files(tmp_path / "ref")
+    assert ref.shards > 1
+    for n in (1, 2, 3):
+        dest = tmp_path / f"w{n}"
+        info = ts.write_store(SAMPLES, dest, num_workers=n, start_method="fork", **options)
+        assert store_files(dest) == expected, n
+        assert info.created_by["num_workers"] == n
+        assert "num_workers" not in ref.created_by
+    reader = ts.open_store(tmp_path / "w3")
+    for i in (0, 57, 119):
+        got = reader[i]
+        assert got["y"] == i and got["s"] == f"record {i}"
+        assert torch.equal(got["x"], SAMPLES[i]["x"]) and torch.equal(got["v"], SAMPLES[i]["v"])
+        assert got["t"].stride() == SAMPLES[i]["t"].stride()
+
+
+def test_byte_identical_with_spawn_and_a_shared_dictionary(tmp_path, fixed_token):
+    data = ts.train_zstd_dictionary(SAMPLES[:100], dict_bytes=1024)
+    options = {"codec": "zstd", "dictionary": data, "max_shard_bytes": 20_000}
+    ts.write_store(SAMPLES, tmp_path / "ref", **options)
+    # One spawned worker: each one imports torch afresh (seconds), the path is the same for N.
+    info = ts.write_store(SAMPLES, tmp_path / "spawn", num_workers=1, start_method="spawn", **options)
+    assert "dict" in info.codec
+    assert store_files(tmp_path / "spawn") == store_files(tmp_path / "ref")
+    assert ts.verify_store(tmp_path / "spawn", deep=True).problems == ()
+
+
+def test_records_in_input_order_when_workers_finish_out_of_order(tmp_path):
+    # Big and small records alternate: a worker finishes a small one before the other the big one.
+    samples = [torch.full((200_000 if i % 3 == 0 else 10,), i, dtype=torch.int32) for i in range(30)]
+    ts.write_store(samples, tmp_path / "s", num_workers=3, start_method="fork", codec="zstd", level=9)
+    reader = ts.open_store(tmp_path / "s")
+    assert [int(reader[i][0]) for i in range(30)] == list(range(30))
+
+
+def _refusing_dumps(real):
+    def dumps(s):
+        if isinstance(s, dict) and s.get("s") == "record 40":
+            raise ts.UnsupportedSampleError("sample: refused in the worker (test)")
+        return real(s)
+
+    return dumps
+
+
+def test_worker_error_is_typed_and_nothing_is_published(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_mod, "dumps", _refusing_dumps(writer_mod.dumps))  # forked workers inherit it
+    dest = tmp_path / "s"
+    with pytest.raises(ts.UnsupportedSampleError, match="refused in the worker"):
+        ts.write_store(SAMPLES, dest, num_workers=2, start_method="fork", max_shard_bytes=4_000)
+    assert not dest.exists()
+    assert workers_alive() == []
+
+
+def test_sample_refused_in_the_calling_process(tmp_path):
+    dest = tmp_path / "s"
+    bad = SAMPLES[:10] + [{"x": np.zeros(3)}]
+    with pytest.raises(ts.UnsupportedSampleError, match=r"sample\[\"x\"\]: numpy.ndarray"):
+        ts.write_store(bad, dest, num_workers=2, start_method="fork")
+    assert not dest.exists()
+    assert workers_alive() == []
+
+
+def test_dead_worker_raises_pack_worker_error(tmp_path, monkeypatch):
+    real = writer_mod.dumps
+
+    def dumps(s):
+        if isinstance(s, dict) and s.get("s") == "record 30":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(s)
+
+    monkeypatch.setattr(writer_mod, "dumps", dumps)
+    dest = tmp_path / "s"
+    with pytest.raises(ts.PackWorkerError, match="worker process died"):
+        ts.write_store(SAMPLES, dest, num_workers=2, start_method="fork", max_shard_bytes=4_000)
+    assert not dest.exists()
+    assert workers_alive() == []
+
+
+def test_abort_and_ctrl_c_kill_the_pool(tmp_path):
+    w = ts.ShardWriter(tmp_path / "a", num_workers=2, start_method="fork", max_shard_bytes=4_000)
+    w.write_many(SAMPLES[:50])
+    pids = [p.pid for p in workers_alive()]
+    assert len(pids) == 2
+    assert w.abort() == []
+    assert workers_alive() == []
+    assert not (tmp_path / "a").exists()
+
+    def interrupted():
+        yield from SAMPLES[:60]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ts.write_store(interrupted(), tmp_path / "k", num_workers=2, start_method="fork", max_shard_bytes=4_000)
+    assert workers_alive() == []
+    assert not (tmp_path / "k").exists()
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"num_workers": -1}, "num_workers: expected an int >= 0, found -1"),
+        ({"num_workers": True}, "num_workers: expected an int >= 0"),
+        ({"num_workers": 2, "num_threads": 2}, "pass one"),
+        ({"start_method": "fork"}, "needs num_workers >= 1"),
+        ({"num_workers": 2, "start_method": "telepathy"}, "start_method: expected one of"),
+    ],
+)
+def test_bad_worker_options(tmp_path, options, match):
+    with pytest.raises(ts.InvalidOptionError, match=match):
+        ts.ShardWriter(tmp_path / "s", **options)
+    assert not (tmp_path / "s").exists()
+
+
+def test_pickled_sample_round_trips_exactly():
+    """The transport to workers keeps dtype, bytes (bool bytes other than 0/1 too), offset,
+    strides, requires_grad and Parameter-ness."""
+    raw_bool = torch.tensor([0, 1, 2, 255], dtype=torch.uint8).view(torch.bool)
+    t = torch.arange(24, dtype=torch.float64).reshape(4, 6).t()
+    s = {"b": raw_bool, "t": t, "g": torch.ones(3, requires_grad=True), "p": torch.nn.Parameter(torch.zeros(2))}
+    back = writer_mod.pickle.loads(writer_mod._pickle_sample(s))
+    assert torch.equal(back["b"].view(torch.uint8), torch.tensor([0, 1, 2, 255], dtype=torch.uint8))
+    assert back["t"].stride() == (1, 6) and torch.equal(back["t"], t)
+    assert back["g"].requires_grad and type(back["p"]) is torch.nn.Parameter and back["p"].requires_grad
+    assert writer_mod.dumps(back) == writer_mod.dumps(s)
