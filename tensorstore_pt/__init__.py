@@ -9,6 +9,7 @@ from typing import Any as _Any
 from ._version import __version__
 from .errors import (
     AllocationBudgetError,
+    BackendNotInstalledError,
     ChecksumMismatchError,
     ConcurrentWriteError,
     CorruptStoreError,
@@ -22,6 +23,7 @@ from .errors import (
     NotAStoreError,
     PackWorkerError,
     PartNotCommittedError,
+    ReadOnlyStoreError,
     RecordDecodeError,
     RecordIndexError,
     RecordIndexTypeError,
@@ -92,6 +94,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AllocationBudgetError",
     "AuditReport",
+    "BackendNotInstalledError",
     "ChecksumMismatchError",
     "ConcurrentWriteError",
     "CorruptStoreError",
@@ -105,6 +108,7 @@ __all__ = [
     "NotAStoreError",
     "PackWorkerError",
     "PartNotCommittedError",
+    "ReadOnlyStoreError",
     "RecordDecodeError",
     "RecordIndexError",
     "RecordIndexTypeError",

@@ -664,6 +664,7 @@ def _check_options(
 def audit_store(
     path: str | os.PathLike[str],
     *,
+    storage_options: dict[str, Any] | None = None,
     max_records: int | None = 2000,
     sample_records: int = 64,
     candidates: tuple[dict[str, Any], ...] = DEFAULT_CANDIDATES,
@@ -674,7 +675,8 @@ def audit_store(
     """Audit a store.
 
     Args:
-        path: The store directory.
+        path: The store directory, or an fsspec URL (``s3://bucket/prefix``...).
+        storage_options: For a URL: the fsspec file system's options (docs/remote.md).
         max_records: Records analysed for the byte breakdown and bloat, evenly spread; None
             for all. Sizes per shard, totals and the largest records always cover every record.
         sample_records: Records used for the codec projections and timings.
@@ -697,7 +699,7 @@ def audit_store(
     from .serialization import loads
 
     _check_options(max_records, sample_records, repeats, top, candidates)
-    reader = open_store(path)
+    reader = open_store(path, storage_options=storage_options)
     index = reader.index
     shards = tuple(ShardSize(s.name, s.records, s.file_bytes, s.stored_bytes, s.raw_bytes) for s in index.shards)
     # Per-record sizes from the footers (32 bytes a record, no record data read).
@@ -1091,6 +1093,8 @@ def audit_pt(
 def audit_path(path: str | os.PathLike[str], **options: Any) -> AuditReport:
     """Audit a store, a directory of ``.pt`` files or one ``.pt`` file (chosen by what is there).
 
+    A URL (``s3://bucket/prefix``...) is a store; pass its ``storage_options`` in ``options``.
+
     A directory holding ``index.json`` is a store (:func:`audit_store`); any other directory
     or file goes to :func:`audit_pt`. ``options`` are passed on (``max_shard_bytes``,
     ``layout`` and ``recursive`` only apply to ``.pt`` sources).
@@ -1099,6 +1103,15 @@ def audit_path(path: str | os.PathLike[str], **options: Any) -> AuditReport:
         StoreNotFoundError: The path does not exist.
         And whatever the chosen function raises.
     """
+    if isinstance(path, str) and "://" in path and not path.lower().startswith("file://"):
+        for key in ("max_shard_bytes", "layout", "recursive"):
+            options.pop(key, None)
+        return audit_store(path, **options)
+    if isinstance(path, str) and path.lower().startswith("file://"):
+        path = path[len("file://") :]
+    if options.get("storage_options"):
+        raise InvalidOptionError(f"storage_options: only URLs take them; {str(path)!r} is a local path")
+    options.pop("storage_options", None)
     p = Path(path)
     if not p.exists():
         raise StoreNotFoundError(f"audit: {str(p)!r} does not exist")

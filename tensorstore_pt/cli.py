@@ -152,6 +152,43 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def parse_storage_options(items: Sequence[str] | None) -> dict[str, Any] | None:
+    """``--storage-option KEY=VALUE`` (repeatable) -> a storage_options dict, or None if none.
+
+    VALUE is parsed as JSON when it parses (``true``, ``3``, ``{"a": 1}``), else kept as a
+    string; a dotted KEY (``client_kwargs.region_name``) makes nested dicts.
+
+    Raises:
+        InvalidOptionError: An item without ``=``, an empty key, or a key both a value and a
+            parent of another key.
+    """
+    from .errors import InvalidOptionError
+
+    if not items:
+        return None
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise InvalidOptionError(
+                f"--storage-option: expected KEY=VALUE such as endpoint_url=http://127.0.0.1:9000, found {item!r}"
+            )
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InvalidOptionError(f"--storage-option {item!r}: {part!r} was already given a value")
+        if isinstance(node.get(parts[-1]), dict):
+            raise InvalidOptionError(f"--storage-option {item!r}: {key!r} already holds nested options")
+        node[parts[-1]] = value
+    return out
+
+
 def _cmd_pack(args: argparse.Namespace) -> int:
     import itertools
     import time
@@ -177,8 +214,10 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     samples = source.samples
     # The writer takes the store's lock in its constructor: a destination that exists (see
     # --mode), is read-only or cannot be created fails here, before anything is encoded.
+    storage_options = parse_storage_options(args.storage_option)
     with ShardWriter(
         args.dest,
+        storage_options=storage_options,
         codec=args.codec,
         level=args.level,
         max_shard_bytes=args.max_shard_size,
@@ -216,15 +255,17 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         f"{format_bytes(info.raw_bytes)} raw -> {format_bytes(info.file_bytes)} on disk "
         f"(ratio {info.ratio:.2f}, codec {_codec_text(info.codec)})"
     )
-    _report_oversized(info.location, info.records - new_records, args.max_shard_size)
+    _report_oversized(info.location, info.records - new_records, args.max_shard_size, storage_options)
     return EXIT_OK
 
 
-def _report_oversized(location: str, first_new: int, max_shard_bytes: int) -> None:
+def _report_oversized(
+    location: str, first_new: int, max_shard_bytes: int, storage_options: dict[str, Any] | None = None
+) -> None:
     """Say once which records were larger than the shard cap (each got a shard of its own)."""
     from .reader import open_store
 
-    index = open_store(location, verify=False).index
+    index = open_store(location, verify=False, storage_options=storage_options).index
     big = [s for s in index.shards if s.first_record >= first_new and s.file_bytes > max_shard_bytes]
     if not big:
         return
@@ -244,7 +285,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .format import FEATURE_MULTI_RECORD_FRAMES
     from .reader import open_store
 
-    reader = open_store(args.store, verify=False)
+    reader = open_store(args.store, verify=False, storage_options=parse_storage_options(args.storage_option))
     info = reader.info()
     index = reader.index
     multi = FEATURE_MULTI_RECORD_FRAMES in index.features
@@ -283,7 +324,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .integrity import verify_store
 
-    report = verify_store(args.store, deep=args.deep)
+    report = verify_store(args.store, deep=args.deep, storage_options=parse_storage_options(args.storage_option))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return EXIT_OK if report.ok else EXIT_DAMAGED
@@ -322,7 +363,13 @@ def _quote(path: str) -> str:
 def _cmd_recover(args: argparse.Namespace) -> int:
     from .integrity import recover_store
 
-    report = recover_store(args.store, salvage=args.salvage, dry_run=args.dry_run, force=args.force)
+    report = recover_store(
+        args.store,
+        salvage=args.salvage,
+        dry_run=args.dry_run,
+        force=args.force,
+        storage_options=parse_storage_options(args.storage_option),
+    )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return EXIT_OK
@@ -368,6 +415,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit_path
 
     options: dict[str, Any] = {"sample_records": args.sample, "max_records": args.max_records, "top": args.top}
+    storage_options = parse_storage_options(args.storage_option)
+    if storage_options:
+        options["storage_options"] = storage_options
     if args.layout or args.recursive:
         options.update(layout=args.layout, recursive=args.recursive)
     report = audit_path(args.path, **options)
@@ -498,7 +548,7 @@ def _cmd_get(args: argparse.Namespace) -> int:
         raise InvalidOptionError(f"-o {str(out)!r} exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise InvalidOptionError(f"-o {str(out)!r}: the directory {str(out.parent)!r} does not exist")
-    reader = open_store(args.store)
+    reader = open_store(args.store, storage_options=parse_storage_options(args.storage_option))
     n = len(reader)
     data = reader.read_bytes(args.index)  # RecordIndexError names the range
     real = args.index + n if args.index < 0 else args.index
@@ -548,6 +598,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _CODEC_IDS = ("lz4", "none", "zstd")
 
 
+def _add_storage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option", action="append", default=None, metavar="KEY=VALUE",
+        help="for a store URL (s3://bucket/prefix, gs://..., memory://..., https://... read-only): an fsspec "
+        "storage option, repeatable; VALUE is JSON when it parses, else a string; a dotted KEY nests "
+        "(client_kwargs.region_name=eu-west-1). Credentials and endpoints otherwise come from the backend's "
+        "environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tspt`` parser. Imports nothing heavy: ``tspt --help`` answers at once."""
     from ._version import __version__
@@ -578,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
         "can be read either way: pass --layout. .pt files are loaded with weights_only=True.",
     )
     p.add_argument("src", help="a .pt file or a directory of .pt files")
-    p.add_argument("dest", help="the store directory to create")
+    p.add_argument("dest", help="the store to create: a directory or a URL such as s3://bucket/prefix")
     p.add_argument("--codec", choices=_CODEC_IDS, default="zstd", help="frame codec (default: zstd)")
     p.add_argument("--level", type=int, default=None, help="codec level (default: zstd 3, lz4 0)")
     p.add_argument(
@@ -612,11 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="create (default) refuses an existing store; overwrite replaces it; append adds records",
     )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_storage_option(p)
     p.set_defaults(func=_cmd_pack)
 
     p = add("info", "show a store's records, shards, codec, dictionary, frames, sizes and ratio")
-    p.add_argument("store")
+    p.add_argument("store", help="a store directory or URL (s3://bucket/prefix, gs://..., https://...)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_storage_option(p)
     p.set_defaults(func=_cmd_info)
 
     p = add(
@@ -626,9 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
         "headers and footers; every record's checksum, decodability and raw length; record counts. Every "
         "problem is listed with its shard, record, what was expected and what was found.",
     )
-    p.add_argument("store")
+    p.add_argument("store", help="a store directory or URL (s3://bucket/prefix, gs://..., https://...)")
     p.add_argument("--deep", action="store_true", help="also load every record (weights_only=True)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_storage_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = add(
@@ -642,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Holds the store's lock: refuses while a writer runs. Metadata lost with the index cannot be "
         "recovered.",
     )
-    p.add_argument("store")
+    p.add_argument("store", help="a store directory or URL (s3://bucket/prefix, gs://..., https://...)")
     p.add_argument("--salvage", action="store_true", help="accepted for compatibility: always on now")
     p.add_argument("--dry-run", action="store_true", help="report what would be done; change nothing")
     p.add_argument(
@@ -650,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run even if a temporary file's process id is alive (file systems without locks only)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_storage_option(p)
     p.set_defaults(func=_cmd_recover)
 
     p = add(
@@ -674,13 +738,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="largest records to list (default: 10)")
     p.add_argument("--layout", choices=("rows", "columns"), default=None, help="as for pack")
     p.add_argument("--recursive", action="store_true", help="as for pack")
+    _add_storage_option(p)
     p.set_defaults(func=_cmd_audit)
 
     p = add("get", "write one record as a .pt file (its exact torch.save bytes)")
-    p.add_argument("store")
+    p.add_argument("store", help="a store directory or URL (s3://bucket/prefix, gs://..., https://...)")
     p.add_argument("index", type=int, help="record position (negative counts from the end)")
     p.add_argument("-o", "--output", required=True, help="output .pt path")
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    _add_storage_option(p)
     p.set_defaults(func=_cmd_get)
 
     p = add(
@@ -724,6 +790,8 @@ def _input_is_source(args: argparse.Namespace) -> bool:
     if args.command == "pack":
         return True
     if args.command == "audit":
+        if "://" in args.path:
+            return False  # a store URL
         p = Path(args.path)
         return not (p.is_dir() and (p / "index.json").exists())
     return False

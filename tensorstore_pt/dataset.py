@@ -246,17 +246,21 @@ class _StoreView:
         verify: bool,
         map_location: Any,
         max_record_bytes: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(store, StoreReader):
             reader = store
             if max_record_bytes is not None:
                 raise InvalidOptionError("max_record_bytes: set it on the StoreReader passed as store, not here")
+            if storage_options is not None:
+                raise InvalidOptionError("storage_options: set them on the StoreReader passed as store, not here")
         elif isinstance(store, (str, os.PathLike, Storage)):
             reader = open_store(
                 store,
                 verify=verify,
                 map_location=map_location,
                 max_record_bytes=DEFAULT_MAX_RECORD_BYTES if max_record_bytes is None else max_record_bytes,
+                storage_options=storage_options,
             )
         else:
             raise InvalidOptionError(
@@ -325,7 +329,8 @@ class StoreDataset(Dataset):
     is one positional read, a checksum check, a decompression and a ``torch.load``.
 
     Args:
-        store: A store path, a :class:`~tensorstore_pt.storage.Storage`, or a
+        store: A store path, an fsspec URL (``s3://bucket/prefix``...), a
+            :class:`~tensorstore_pt.storage.Storage`, or a
             :class:`~tensorstore_pt.reader.StoreReader`.
         transform: Optional callable applied to each sample (in the worker that loads it).
         verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
@@ -333,6 +338,8 @@ class StoreDataset(Dataset):
         max_record_bytes: The largest raw record in bytes a read decodes when ``store`` is a
             path (default 1 GiB, see :func:`~tensorstore_pt.open_store`); a larger one raises
             :class:`~tensorstore_pt.errors.AllocationBudgetError` before allocating.
+        storage_options: For a URL: the fsspec file system's options (docs/remote.md). The
+            dataset pickles to the URL and these options, so each worker reopens the store.
 
     Raises:
         InvalidOptionError: ``store`` or ``transform`` has the wrong type.
@@ -352,10 +359,11 @@ class StoreDataset(Dataset):
         verify: bool = True,
         map_location: Any = "cpu",
         max_record_bytes: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if transform is not None and not callable(transform):
             raise InvalidOptionError(f"transform: expected a callable or None, found {type(transform).__name__}")
-        self._view = _StoreView(store, verify, map_location, max_record_bytes)
+        self._view = _StoreView(store, verify, map_location, max_record_bytes, storage_options)
         self.transform = transform
 
     @property
@@ -500,7 +508,8 @@ class StoreIterableDataset(IterableDataset):
     ``padded`` samples, ``"drop"`` leaves out ``dropped``; :meth:`partition` reports both).
 
     Args:
-        store: A store path, a :class:`~tensorstore_pt.storage.Storage`, or a
+        store: A store path, an fsspec URL (``s3://bucket/prefix``...), a
+            :class:`~tensorstore_pt.storage.Storage`, or a
             :class:`~tensorstore_pt.reader.StoreReader`.
         shuffle: Shuffle each epoch (see above); ``set_epoch`` changes the shuffle.
         seed: Shuffle seed, an int in ``[0, 2**64)``.
@@ -534,6 +543,8 @@ class StoreIterableDataset(IterableDataset):
         max_record_bytes: The largest raw record in bytes a read decodes when ``store`` is a
             path (default 1 GiB, see :func:`~tensorstore_pt.open_store`); a larger one raises
             :class:`~tensorstore_pt.errors.AllocationBudgetError` before allocating.
+        storage_options: For a URL: the fsspec file system's options (docs/remote.md). The
+            dataset pickles to the URL and these options, so each worker reopens the store.
 
     Raises:
         InvalidOptionError: An argument out of range or of the wrong type.
@@ -577,6 +588,7 @@ class StoreIterableDataset(IterableDataset):
         verify: bool = True,
         map_location: Any = "cpu",
         max_record_bytes: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(shuffle, (bool, np.bool_)):
             raise InvalidOptionError(f"shuffle: expected a bool, found {shuffle!r}")
@@ -604,7 +616,7 @@ class StoreIterableDataset(IterableDataset):
         window_records = _check_int("window_records", window_records, 1, True)
         self.prefetch_samples = _check_int("prefetch_samples", prefetch_samples, 1)
 
-        self._view = _StoreView(store, verify, map_location, max_record_bytes)
+        self._view = _StoreView(store, verify, map_location, max_record_bytes, storage_options)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)  # type: ignore[arg-type]
         self.equalize = equalize

@@ -26,6 +26,8 @@ working for callers who do not know this package::
     ├── StoreChangedError (RuntimeError)           the store was replaced since it was opened
     ├── StorageFullError (OSError)                 no space left (ENOSPC/EDQUOT) writing a file
     ├── RemoteStorageError (OSError)               an object store failed past its retries (URL, file, bytes)
+    ├── ReadOnlyStoreError (PermissionError)       a write to a read-only store URL (http(s)://)
+    ├── BackendNotInstalledError (ImportError)     the URL's backend (s3fs, gcsfs) is not installed
     └── CorruptStoreError (ValueError)             stored bytes disagree with what was written
         ├── MissingShardError (FileNotFoundError)  a shard named in the index is absent
         ├── NotARegularFileError (OSError)         a store file is a directory, FIFO, device...
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 __all__ = [
     "AllocationBudgetError",
+    "BackendNotInstalledError",
     "ChecksumMismatchError",
     "ConcurrentWriteError",
     "CorruptStoreError",
@@ -61,6 +64,7 @@ __all__ = [
     "RecordDecodeError",
     "RecordIndexError",
     "RecordIndexTypeError",
+    "ReadOnlyStoreError",
     "RecordLengthError",
     "RemoteStorageError",
     "ShardFormatError",
@@ -188,6 +192,16 @@ class RemoteStorageError(TensorStoreError, OSError):
     """A remote store (an fsspec URL) failed in a way retrying does not mend: a permanent
     error, or a transient one that outlasted its retries. The message names the URL, the
     file and the byte range."""
+
+
+class ReadOnlyStoreError(TensorStoreError, PermissionError):
+    """A write (a writer, ``recover``, a remove) aimed at a store URL that is read-only
+    (``http://``, ``https://``)."""
+
+
+class BackendNotInstalledError(TensorStoreError, ImportError):
+    """The package that implements a store URL's scheme (s3fs for ``s3://``, gcsfs for
+    ``gs://``) is not installed; the message names the extra to install."""
 
 
 class CorruptStoreError(TensorStoreError, ValueError):

@@ -277,8 +277,8 @@ def _load_check(data: bytes, where: str) -> _RecordCheck:
     return _RecordCheck(data=data)
 
 
-def _storage_checked(path: str | os.PathLike[str] | Storage) -> Storage:
-    storage = storage_for(path)
+def _storage_checked(path: str | os.PathLike[str] | Storage, storage_options: dict[str, Any] | None = None) -> Storage:
+    storage = storage_for(path, storage_options)
     if not storage.exists():
         raise StoreNotFoundError(f"no store at {storage.location!r}: the path does not exist")
     if not storage.is_container():
@@ -295,17 +295,23 @@ def _parse_temp(name: str) -> tuple[str, int] | None:
 
 
 def verify_store(
-    path: str | os.PathLike[str] | Storage, *, deep: bool = False, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    path: str | os.PathLike[str] | Storage,
+    *,
+    deep: bool = False,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    storage_options: dict[str, Any] | None = None,
 ) -> VerifyReport:
     """Check a store end to end and report every problem found.
 
     Args:
-        path: The store directory (or a :class:`~tensorstore_pt.storage.Storage`).
+        path: The store directory, an fsspec URL (``s3://bucket/prefix``...), or a
+            :class:`~tensorstore_pt.storage.Storage`.
         deep: Also load every record (``weights_only=True`` semantics). A pickle that asks for
             anything else is reported as ``unsafe_payload``; it is never run.
         max_record_bytes: As for :func:`open_store` (default 1 GiB): a record that decodes to
             more is reported as ``record_budget`` (a reader with this limit refuses it), not
             decoded. Pass the limit your readers use.
+        storage_options: For a URL: the fsspec file system's options (docs/remote.md).
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is True for a clean store. Damage is reported,
@@ -321,8 +327,9 @@ def verify_store(
     decoded at a time. Thread safety: safe; it opens its own file handles.
     """
     max_record_bytes = _check_max_record_bytes(max_record_bytes)
-    storage = _storage_checked(path)
+    storage = _storage_checked(path, storage_options)
     where = f"store {storage.location!r}"
+    sizes = storage.sizes()  # one listing: names and sizes (one request on an object store)
     names = storage.list()
     if INDEX_NAME not in names:
         shards = [n for n in names if n.endswith(SHARD_SUFFIX)]
@@ -369,7 +376,7 @@ def verify_store(
     shards_checked = 0
     for entry in index.shards:
         before = len(problems)
-        records_checked += _verify_shard(storage, index, codec, entry, deep, problems, max_record_bytes)
+        records_checked += _verify_shard(storage, index, codec, entry, deep, problems, max_record_bytes, sizes)
         if len(problems) == before:
             shards_checked += 1
     notes = _stray_notes(names, tuple(s.name for s in index.shards))
@@ -415,8 +422,12 @@ def _verify_shard(
     deep: bool,
     problems: list[Problem],
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    sizes: dict[str, int] | None = None,
 ) -> int:
-    """Check one shard; append its problems; return how many of its records passed."""
+    """Check one shard; append its problems; return how many of its records passed.
+
+    ``sizes`` (from one :meth:`Storage.sizes` listing) saves a request per shard; a name
+    absent from it is asked of the storage (which then names a missing or irregular file)."""
     name = entry.name
     where = f"store {storage.location!r}, shard {name!r}"
     span = (entry.first_record, entry.first_record + entry.records)
@@ -426,7 +437,7 @@ def _verify_shard(
         problems.append(Problem(kind, name, record, expected, found, message, records))
 
     try:
-        size = storage.size(name)
+        size = sizes[name] if sizes is not None and name in sizes else storage.size(name)
         handle = storage.open(name)
     except FileNotFoundError:
         add(

@@ -143,10 +143,11 @@ class StoreReader:
         verify: bool = True,
         map_location: Any = "cpu",
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        storage_options: dict[str, Any] | None = None,
         _expect_index_digest: int | None = None,
     ) -> None:
         self.max_record_bytes = _check_max_record_bytes(max_record_bytes)
-        self._storage = storage_for(path)
+        self._storage = storage_for(path, storage_options)
         self.location = self._storage.location
         self._verify = bool(verify)
         self.map_location = _check_map_location(map_location)
@@ -175,6 +176,16 @@ class StoreReader:
         self._footers: list[ShardFooter | None] = [None] * len(index.shards)
         self._init_process_state()
         if self._verify:
+            # One listing for every shard's size (one request on an object store, where each
+            # handle then takes its size from it); the footers are read below.
+            sizes = self._storage.sizes()
+            for si, entry in enumerate(index.shards):
+                if entry.name in sizes and sizes[entry.name] != entry.file_bytes:
+                    exc = ShardSizeError(
+                        f"{self._where(si)}: expected {entry.file_bytes} bytes (index), found {sizes[entry.name]} bytes on disk"
+                    )
+                    self._raise_if_changed(exc)
+                    raise exc
             for si in range(len(index.shards)):
                 self._footer(si)
 
@@ -655,11 +666,13 @@ def open_store(
     verify: bool = True,
     map_location: Any = "cpu",
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    storage_options: dict[str, Any] | None = None,
 ) -> StoreReader:
     """Open a store for reading.
 
     Args:
-        path: The store directory.
+        path: The store directory, or an fsspec URL (``s3://bucket/prefix``, ``gs://...``,
+            ``https://...``; see docs/remote.md).
         verify: If True (default), check at open time that every shard exists with the size
             the index records and that its header and footer agree with the index (O(shards)
             small reads; no record data is read). Per-record checksums are checked on every
@@ -669,6 +682,8 @@ def open_store(
             :data:`DEFAULT_MAX_RECORD_BYTES`, 1 GiB). A frame whose raw length is above it
             raises :class:`~tensorstore_pt.errors.AllocationBudgetError` before any output
             buffer exists. Decoding a record's pickle has its own budget (docs/integrity.md).
+        storage_options: For a URL: the fsspec file system's options (``endpoint_url``,
+            ``key``, ``secret``, ``anon``..., and ``tspt_retries``...). None for a local path.
 
     Returns:
         A :class:`StoreReader`.
@@ -687,4 +702,10 @@ def open_store(
     opened; if a later overwrite removed a shard it still needs, reads raise
     ``StoreChangedError`` (never another version's bytes): reopen the store.
     """
-    return StoreReader(path, verify=verify, map_location=map_location, max_record_bytes=max_record_bytes)
+    return StoreReader(
+        path,
+        verify=verify,
+        map_location=map_location,
+        max_record_bytes=max_record_bytes,
+        storage_options=storage_options,
+    )

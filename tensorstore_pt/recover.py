@@ -53,11 +53,13 @@ from ._zipwalk import check_zip, find_zip_end
 from .checksums import digest_int
 from .codecs import Codec, get_codec
 from .errors import (
+    ConcurrentWriteError,
     CorruptStoreError,
     DecompressionError,
     IndexFormatError,
     NotARegularFileError,
     NotAStoreError,
+    ReadOnlyStoreError,
     StorageFullError,
     StoreBusyError,
     TensorStoreError,
@@ -95,7 +97,7 @@ from .shardio import (
     read_exact,
     record_slices,
 )
-from .storage import Storage, typed_full_disk
+from .storage import Storage, if_match_kwargs, storage_for, typed_full_disk
 from .storage.local import _pid_alive
 from .writer import DEFAULT_MAX_SHARD_BYTES, _created_by, lock_owner
 
@@ -248,6 +250,8 @@ class _Evidence:
     created_by: dict[str, Any] | None = None
     raw: bytes = b""
     newer: UnsupportedFormatError | None = None  # the index names what this version does not know
+    present: bool = False  # an index.json was there (valid or not)
+    version: str | None = None  # its backend version (an S3 ETag), for the conditional replace
 
 
 def _ints(obj: dict[str, Any]) -> dict[str, int]:
@@ -264,13 +268,13 @@ def _read_evidence(storage: Storage, notes: list[str]) -> tuple[str, _Evidence]:
     """
     where = f"store {storage.location!r}"
     try:
-        raw = storage.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
+        raw, version = storage.read_versioned(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
     except FileNotFoundError:
         return "missing", _Evidence()
     except (ValueError, NotARegularFileError) as exc:
         notes.append(f"{INDEX_NAME} is unusable ({exc})")
-        return "damaged", _Evidence()
-    ev = _Evidence(raw=raw)
+        return "damaged", _Evidence(present=True)
+    ev = _Evidence(raw=raw, present=True, version=version)
     try:
         index = parse_index(raw, f"{where}: {INDEX_NAME}")
         check_index_sizes(index, _bounds_codec(index.codec), f"{where}: {INDEX_NAME}")
@@ -658,7 +662,12 @@ def _priority(q: _Piece, committed: set[str], dead: dict[str, str]) -> tuple[Any
 
 
 def recover_store(
-    path: str | os.PathLike[str] | Storage, *, salvage: bool = True, dry_run: bool = False, force: bool = False
+    path: str | os.PathLike[str] | Storage,
+    *,
+    salvage: bool = True,
+    dry_run: bool = False,
+    force: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> RecoverReport:
     """Rebuild a store from what its shards prove; quarantine what cannot be kept.
 
@@ -673,6 +682,10 @@ def recover_store(
         force: Run even if a temporary file belongs to a process id that is alive (use when
             that id was reused by an unrelated process; only matters where the file system
             has no locks).
+        storage_options: For a URL: the fsspec file system's options (docs/remote.md). On an
+            object store recover takes no lock (there is none); it replaces ``index.json``
+            only if no writer committed meanwhile (atomic on S3, checked elsewhere) and
+            raises ``ConcurrentWriteError`` otherwise.
 
     Returns:
         A :class:`RecoverReport`.
@@ -687,7 +700,13 @@ def recover_store(
         StorageFullError: No space for the copied shards or the index; nothing was changed.
     """
     del salvage  # always on
-    storage = _storage_checked(path)
+    storage = storage_for(path, storage_options)
+    if getattr(storage, "read_only", False) and not dry_run:
+        raise ReadOnlyStoreError(
+            f"store {storage.location!r} is read-only (an http(s):// URL): recover cannot rewrite it; copy it to "
+            "a writable location and recover that (or pass dry_run=True to only report)"
+        )
+    storage = _storage_checked(storage)
     where = f"store {storage.location!r}"
     names = storage.list()
     temps = {n: t for n in names if (t := _parse_temp(n))}
@@ -981,8 +1000,19 @@ def _recover_locked(
                 if p.name != p.final and p.name in kept_as_is:
                     storage.move(p.name, p.final)
             if index_needed:
-                with typed_full_disk(storage.location, INDEX_NAME), storage.writer(INDEX_NAME) as out:
-                    out.write(encode_index(new_index))
+                # Object stores have no lock: replace only the index read above (S3 If-Match),
+                # or create one only where there was none (If-None-Match / link(2)).
+                try:
+                    with (
+                        typed_full_disk(storage.location, INDEX_NAME),
+                        storage.writer(INDEX_NAME, exclusive=not ev.present, **if_match_kwargs(ev.version)) as out,
+                    ):
+                        out.write(encode_index(new_index))
+                except FileExistsError as exc:
+                    raise ConcurrentWriteError(
+                        f"{where}: a writer committed {INDEX_NAME} while recover ran; nothing was replaced: run "
+                        "`tspt recover` again"
+                    ) from exc
                 index_written = True
     except StorageFullError as exc:
         if not index_written:

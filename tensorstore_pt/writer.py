@@ -48,6 +48,7 @@ from .errors import (
     MissingShardError,
     NotAStoreError,
     PackWorkerError,
+    ReadOnlyStoreError,
     StoreExistsError,
     StoreNotFoundError,
     TensorStoreError,
@@ -72,7 +73,7 @@ from .format import (
 )
 from .serialization import check_sample, clone_exact, dumps
 from .shardio import FrameGrouper, ShardBuilder, train_dictionary
-from .storage import Storage, StoreLock, storage_for, typed_full_disk
+from .storage import Storage, StoreLock, if_match_kwargs, storage_for, typed_full_disk
 
 __all__ = [
     "DEFAULT_DICT_BYTES",
@@ -133,7 +134,8 @@ class ShardWriter:
     """Write samples into a store: fixed-size shards plus a JSON index committed last.
 
     Args:
-        path: The store directory. Created if missing (parents too).
+        path: The store directory (created if missing, parents too), or an fsspec URL such
+            as ``s3://bucket/prefix`` (the bucket must exist; see docs/remote.md).
         codec: ``"zstd"`` (default for a new store), ``"lz4"`` or ``"none"``. In ``append``
             mode the store's codec is used; passing a different one raises.
         level: Codec level; None means the codec's default (zstd 3, lz4 0). zstd accepts
@@ -171,6 +173,8 @@ class ShardWriter:
             this many bytes (frames never cross shards). Better ratio, but a random read
             decodes the whole frame. None (default) writes one record per frame. Format 1.1,
             feature "multi-record-frames".
+        storage_options: For a URL: the fsspec file system's options (``endpoint_url``,
+            ``key``, ``secret``...; see docs/remote.md). None for a local path.
 
     Raises:
         InvalidOptionError: Bad codec, level, shard size, mode, metadata, dictionary or
@@ -182,7 +186,10 @@ class ShardWriter:
         StorageFullError: From ``write``/``close``: the disk filled up (also an ``OSError``,
             ``errno`` ENOSPC); nothing is published and this writer's files are removed.
         ConcurrentWriteError: From ``close``: another writer committed to the same store
-            meanwhile (only where the file system has no locks); nothing is published.
+            meanwhile (only where the file system has no locks: then ``index.json`` is
+            replaced only if it is still the version read at open, atomically where the
+            backend has conditional writes, S3); nothing is published.
+        RemoteStorageError: A URL's object store failed past its retries.
 
     Use as a context manager; the store is published when the ``with`` block exits without
     an exception, and nothing is published if it raises::
@@ -227,6 +234,7 @@ class ShardWriter:
         start_method: str | None = None,
         dictionary: bool | int | bytes = False,
         frame_target_bytes: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if mode not in _MODES:
             raise InvalidOptionError(f"mode: expected one of {list(_MODES)}, found {mode!r}")
@@ -277,7 +285,7 @@ class ShardWriter:
                 f"zstd dictionary (bytes), found {dictionary!r}"
             )
 
-        self._storage = storage_for(path)
+        self._storage = storage_for(path, storage_options)
         self.location = self._storage.location
         self.mode = mode
         self.max_shard_bytes = max_shard_bytes
@@ -289,10 +297,16 @@ class ShardWriter:
         self._lock: StoreLock | None = None
         self._state = "opening"
         self._index_digest: int | None = None  # of the index.json this writer started from
+        self._index_version: str | None = None  # its backend version (an S3 ETag), where there is one
         # Validate user options before touching the file system.
         new_codec = make_codec(codec if codec is not None else "zstd", level) if mode != "append" or codec else None
         if (dict_bytes or prepared) and new_codec is not None and new_codec.codec_id != "zstd":
             raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
+        if getattr(self._storage, "read_only", False):
+            raise ReadOnlyStoreError(
+                f"store {self.location!r} is read-only (an http(s):// URL); write to s3://, gs://, memory:// or a "
+                "local path instead"
+            )
         try:
             old_index = self._inspect_target()
             self._setup(old_index, new_codec, codec, level, metadata, dict_bytes, num_threads)
@@ -441,7 +455,7 @@ class ShardWriter:
 
     def _read_index_bytes(self) -> bytes:
         """Read index.json once at open, remembering its digest for the commit-time comparison."""
-        raw = self._storage.read_all(INDEX_NAME)
+        raw, self._index_version = self._storage.read_versioned(INDEX_NAME)
         self._index_digest = digest_int(raw)
         return raw
 
@@ -680,8 +694,21 @@ class ShardWriter:
                     f"{INDEX_NAME} of {self.location!r} was changed by another writer while this one was "
                     "writing; nothing was published (one writer at a time per store)"
                 )
-            with typed_full_disk(self.location, INDEX_NAME), self._storage.writer(INDEX_NAME) as out:
-                out.write(encode_index(info))
+            # Atomic where the backend allows: replace only the version read at open, or create
+            # only if there is still no index (If-Match / If-None-Match on S3, link(2) locally).
+            try:
+                with (
+                    typed_full_disk(self.location, INDEX_NAME),
+                    self._storage.writer(
+                        INDEX_NAME, exclusive=self._index_digest is None, **if_match_kwargs(self._index_version)
+                    ) as out,
+                ):
+                    out.write(encode_index(info))
+            except FileExistsError as exc:
+                raise ConcurrentWriteError(
+                    f"{INDEX_NAME} of {self.location!r} was created by another writer while this one was "
+                    "writing; nothing was published (one writer at a time per store)"
+                ) from exc
         except BaseException as exc:
             left = self.abort()
             if left and hasattr(exc, "add_note"):
@@ -972,10 +999,10 @@ def write_store(samples: Iterable[Any], path: str | os.PathLike[str] | Storage, 
 
     Args:
         samples: The samples, in record order.
-        path: The store directory.
+        path: The store directory, or an fsspec URL (``s3://bucket/prefix``...).
         **options: Any keyword of :class:`ShardWriter` (codec, level, max_shard_bytes,
             metadata, mode, num_workers, num_threads, start_method, dictionary,
-            frame_target_bytes).
+            frame_target_bytes, storage_options).
 
     Returns:
         The published store's summary.

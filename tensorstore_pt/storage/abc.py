@@ -1,15 +1,25 @@
 """The storage seam: every byte tensorstore_pt reads or writes goes through a :class:`Storage`.
 
-A store lives in one flat namespace of files (``index.json`` and shards). The seam is kept
-small on purpose, so that a remote backend (fsspec URLs, S3) can implement it later:
+A store lives in one flat namespace of files (``index.json`` and shards). Two backends
+implement the seam: :class:`~tensorstore_pt.storage.local.LocalStorage` (a directory) and
+:class:`~tensorstore_pt.storage.remote.FsspecStorage` (an fsspec URL: ``s3://``, ``gs://``,
+``memory://``, ``http(s)://`` read-only). ``storage_for(path, storage_options)`` picks one.
 
-- ``list()``, ``size(name)``: what is there;
-- ``open(name).read_range(offset, length)``: positional reads of a half-open byte range;
-- ``writer(name)`` -> :class:`AtomicWriter`: write under a temporary name, then ``commit()``
-  publishes it atomically (rename on a file system, a single PUT on an object store);
-- ``remove(name)``, ``move(name, new_name)``: clean-up and quarantine;
+- ``list()``, ``sizes()``, ``size(name)``: what is there. ``list`` and ``sizes`` cost one
+  listing request on an object store; ``size`` one request per file.
+- ``open(name).read_range(offset, length)``: positional reads of a half-open byte range
+  (one ranged GET each on an object store);
+- ``read_versioned(name)``: a whole file and the version read (an S3 ETag), for a later
+  conditional replace; None where the backend has no conditional writes;
+- ``writer(name, exclusive=..., if_match=...)`` -> :class:`AtomicWriter`: write under a
+  temporary name (or a local spool file), then ``commit()`` publishes it atomically (rename on
+  a file system, a single PUT or a completed multipart upload on an object store);
+  ``exclusive`` never replaces an existing file, ``if_match`` replaces only the version read;
+- ``remove(name)``, ``move(name, new_name)``: clean-up and quarantine (copy + delete on an
+  object store);
 - ``lock(owner)`` -> :class:`StoreLock`: the one-writer-at-a-time lock (writers and
-  ``recover`` take it; readers never do).
+  ``recover`` take it; readers never do). Object stores have none (``supported`` False):
+  writers then rely on the conditional commit of ``index.json``.
 """
 
 from __future__ import annotations
@@ -122,6 +132,8 @@ class Storage(ABC):
 
     #: Human-readable location used in error messages.
     location: str
+    #: True where nothing can be written (``http(s)://``): writers and ``recover`` refuse at once.
+    read_only: bool = False
 
     @abstractmethod
     def exists(self) -> bool:
@@ -158,6 +170,29 @@ class Storage(ABC):
             NotARegularFileError: It is a directory, FIFO, device or socket.
         """
 
+    def sizes(self) -> dict[str, int]:
+        """Sizes in bytes of the regular files at the location: name -> bytes.
+
+        Backends that list sizes in one request override this (an object store's ``ls``);
+        this default asks :meth:`size` of each listed name and leaves out names that are
+        absent by then or not regular files (:meth:`size` and :meth:`open` still refuse them).
+        """
+        from ..errors import NotARegularFileError
+
+        out = {}
+        for name in self.list():
+            try:
+                out[name] = self.size(name)
+            except (FileNotFoundError, NotARegularFileError):
+                continue
+        return out
+
+    def read_versioned(self, name: str, max_bytes: int | None = None) -> tuple[bytes, str | None]:
+        """Read a whole file (as :meth:`read_all`) and the version read, to pass later as
+        ``writer(name, if_match=version)``. This default returns version None (the backend has
+        no conditional writes; its lock or the caller's compare-before-commit excludes writers)."""
+        return self.read_all(name, max_bytes), None
+
     def read_all(self, name: str, max_bytes: int | None = None) -> bytes:
         """Read a whole file atomically: its size and bytes come from one open file, so a
         file renamed over ``name`` meanwhile is never read short.
@@ -183,12 +218,14 @@ class Storage(ABC):
             handle.close()
 
     @abstractmethod
-    def writer(self, name: str, *, exclusive: bool = False) -> AtomicWriter:
+    def writer(self, name: str, *, exclusive: bool = False, if_match: str | None = None) -> AtomicWriter:
         """Start writing ``name`` atomically.
 
         With ``exclusive=True`` the commit fails with ``FileExistsError`` (and publishes
         nothing) if ``name`` already exists, so two writers never clobber each other's files;
-        otherwise the commit replaces any existing file.
+        otherwise the commit replaces any existing file. With ``if_match`` (a version from
+        :meth:`read_versioned`), a backend with conditional writes commits only if ``name`` is
+        still that version, else raises ``ConcurrentWriteError``; others ignore it.
         """
 
     @abstractmethod

@@ -366,7 +366,10 @@ class LocalStorage(Storage):
     def open(self, name: str) -> ReadHandle:
         return _LocalHandle(self.root / name)
 
-    def writer(self, name: str, *, exclusive: bool = False) -> AtomicWriter:
+    def writer(self, name: str, *, exclusive: bool = False, if_match: str | None = None) -> AtomicWriter:
+        """Write ``name`` via a temporary file and rename. ``if_match`` is ignored: local
+        writers exclude each other with :meth:`lock` (``read_versioned`` returns None)."""
+        del if_match
         return _LocalWriter(self.root, name, exclusive)
 
     def remove(self, name: str) -> None:
