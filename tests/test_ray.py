@@ -316,3 +316,28 @@ def test_read_store_splits_by_shard_and_keeps_order(cluster, tmp_path):
         assert [int(r["id"]) for r in got] == list(range(120)), blocks
         assert all(r["x"].dtype == np.int32 and r["x"].tolist() == [i] * 4 for i, r in enumerate(got))
         assert all(float(r["y"]) == i * 0.5 for i, r in enumerate(got))
+
+
+def test_write_and_read_on_s3(cluster, tmp_path, s3_bucket):
+    """The same on the moto S3 endpoint: parts under s3://bucket/train/.parts, copied by the merge."""
+    import fsspec
+
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/train"
+    rows = make_rows(300)
+    sink = TensorStoreDatasink(url, max_shard_bytes=SHARD_BYTES, storage_options=options)
+    dataset(rows, blocks=3).write_datasink(sink)
+
+    ref = tmp_path / "ref"
+    write_store([expected_sample(r) for r in rows], ref, max_shard_bytes=SHARD_BYTES)
+    got, want = open_store(url, storage_options=options), open_store(ref)
+    assert len(got) == len(want) == 300
+    assert all(got.read_bytes(i) == want.read_bytes(i) for i in range(300))
+    assert verify_store(url, storage_options=options).ok
+    fs = fsspec.filesystem("s3", **options)
+    fs.invalidate_cache()
+    assert not [k for k in fs.find(f"{bucket}/train") if f"/{PARTS_DIR}/" in k]  # the parts are gone
+
+    back = read_store(url, storage_options=options, override_num_blocks=2).take_all()
+    assert [int(r["id"]) for r in back] == list(range(300))
+    assert np.array_equal(back[123]["x"], rows[123]["x"])
