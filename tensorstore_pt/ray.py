@@ -711,9 +711,9 @@ def _read_records(
         yield _rows_to_block(ids, rows, id_column)
 
 
-def _split(bounds: np.ndarray, raw: list[int], parallelism: int) -> list[tuple[int, int, list[int]]]:
-    """Contiguous record ranges ``(start, stop, shard indices)`` for about ``parallelism`` tasks:
-    whole shards grouped when there are enough shards, shards cut into slices otherwise."""
+def _split(bounds: np.ndarray, parallelism: int) -> list[tuple[int, int, list[int]]]:
+    """Contiguous record ranges ``(start, stop, shard indices)`` for at most ``parallelism`` tasks,
+    in store order: runs of whole shards when there are enough shards, else slices of shards."""
     shards = [si for si in range(len(bounds)) if bounds[si, 1] > bounds[si, 0]]
     if not shards:
         return []
@@ -734,11 +734,12 @@ def _split(bounds: np.ndarray, raw: list[int], parallelism: int) -> list[tuple[i
         if group:
             out.append((int(bounds[group[0], 0]), int(bounds[group[-1], 1]), group))
         return out
-    per_shard = -(-parallelism // len(shards))
+    base, extra = divmod(parallelism, len(shards))
     out = []
-    for si in shards:
+    for k, si in enumerate(shards):
         lo, hi = int(bounds[si, 0]), int(bounds[si, 1])
-        cuts = np.linspace(lo, hi, min(per_shard, hi - lo) + 1).round().astype(int)
+        slices = min(base + (k < extra), hi - lo)
+        cuts = np.linspace(lo, hi, slices + 1).round().astype(int)
         out += [(int(a), int(b), [si]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
     return out
 
@@ -797,7 +798,7 @@ class TensorStoreDatasource(Datasource):
     ) -> list[ReadTask]:
         tasks = []
         reader, to_row, id_column, block_bytes = self._reader, self._to_row, self._id_column, self._block_bytes
-        for start, stop, shards in _split(self._bounds, self._raw, parallelism):
+        for start, stop, shards in _split(self._bounds, parallelism):
             whole = sum(int(self._bounds[si, 1] - self._bounds[si, 0]) for si in shards)
             raw = int(sum(self._raw[si] for si in shards) * (stop - start) / max(1, whole))
             meta = BlockMetadata(

@@ -155,6 +155,23 @@ def test_sample_to_row_mapping():
         sample_to_row({"h": torch.ones(2, dtype=torch.bfloat16)}, 4)
 
 
+@pytest.mark.parametrize(
+    "counts, parallelism",
+    [([10] * 10, 3), ([10] * 10, 10), ([10] * 3, 7), ([1, 100, 1, 1], 2), ([0, 5, 0, 5], 3), ([5], 20), ([], 3)],
+)
+def test_read_tasks_cover_the_store_once_in_order(counts, parallelism):
+    from tensorstore_pt.ray import _split
+
+    ends = np.cumsum([0, *counts])
+    bounds = np.stack([ends[:-1], ends[1:]], axis=1) if counts else np.zeros((0, 2), np.int64)
+    ranges = _split(bounds, parallelism)
+    covered = [i for start, stop, _ in ranges for i in range(start, stop)]
+    assert covered == list(range(sum(counts)))  # every record once, in store order
+    assert len(ranges) <= max(parallelism, sum(1 for c in counts if c))
+    for start, stop, shards in ranges:  # a task names exactly the shards its records are in
+        assert shards == [si for si in range(len(counts)) if ends[si] < stop and ends[si + 1] > start]
+
+
 def test_options_are_checked_on_the_driver(tmp_path):
     with pytest.raises(InvalidOptionError, match="mode"):
         TensorStoreDatasink(tmp_path / "s", mode="append")
