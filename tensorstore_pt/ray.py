@@ -439,7 +439,9 @@ class TensorStoreDatasink(Datasink):
             raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
         self._dict_bytes = DEFAULT_DICT_BYTES if dict_bytes is None else dict_bytes
         self._write_id: str | None = None
-        self._unfinished: list[str] = []  # parts of a merge that stopped midway (kept to finish it)
+        #: The parts, in order, of a merge that stopped midway (kept so that
+        #: ``merge_stores(unfinished_parts, path)`` can finish it); empty otherwise.
+        self.unfinished_parts: list[str] = []
         #: The merged store's summary, set by ``on_write_complete``.
         self.result: StoreInfo | None = None
 
@@ -492,7 +494,7 @@ class TensorStoreDatasink(Datasink):
             )
             self._dictionary_rows = None  # trained once; the rows need not travel to the tasks
         self._write_id = secrets.token_hex(8)
-        self._unfinished = []
+        self.unfinished_parts = []
         self.result = None
 
     # ------------------------------------------------------------------ workers: write
@@ -556,11 +558,11 @@ class TensorStoreDatasink(Datasink):
             except BaseException as exc:
                 if target.exists() and JOURNAL_NAME in target.list():
                     # The merge changed things before it failed: the parts now belong to it.
-                    self._unfinished = [r["part"] for r in returns]
+                    self.unfinished_parts = [r["part"] for r in returns]
                     if hasattr(exc, "add_note"):
                         exc.add_note(
                             f"the merge into {target.location!r} stopped midway; finish it with "
-                            f"tensorstore_pt.merge_stores({self._unfinished!r}, {target.location!r}) (the parts are "
+                            f"tensorstore_pt.merge_stores({self.unfinished_parts!r}, {target.location!r}) (the parts are "
                             "kept for that)"
                         )
                 raise
@@ -579,10 +581,10 @@ class TensorStoreDatasink(Datasink):
         destination), the parts belong to that merge and are kept; a ``UserWarning`` names
         the ``merge_stores`` call that finishes it (merge is idempotent).
         """
-        if self._unfinished:
+        if self.unfinished_parts:
             warnings.warn(
                 f"store {self.path!r}: the merge stopped midway ({type(error).__name__}: {error}); the parts are kept: "
-                f"finish it with tensorstore_pt.merge_stores({self._unfinished!r}, ...) as the error's note says",
+                f"finish it with tensorstore_pt.merge_stores({self.unfinished_parts!r}, ...) as the error's note says",
                 UserWarning,
                 stacklevel=2,
             )

@@ -278,6 +278,37 @@ def test_a_retried_task_leaves_no_duplicate_part(cluster, tmp_path):
     assert verify_store(dest).ok and parts_left(dest) == []
 
 
+def test_a_merge_that_stops_midway_keeps_its_parts(cluster, tmp_path, monkeypatch):
+    import tensorstore_pt.merge as merge_mod
+    from tensorstore_pt import merge_stores
+
+    rows = make_rows(200)
+    dest = tmp_path / "s"
+    real_step = merge_mod._Merge._do_step
+    calls = []
+
+    def failing_step(self: Any, step: Any) -> Any:
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(5, "injected I/O error")
+        return real_step(self, step)
+
+    monkeypatch.setattr(merge_mod._Merge, "_do_step", failing_step)
+    sink = TensorStoreDatasink(dest, max_shard_bytes=8 * 2**10)
+    with pytest.warns(UserWarning, match="the parts are kept"):
+        with pytest.raises(OSError, match="injected") as err:
+            dataset(rows, blocks=2).write_datasink(sink)
+    assert "merge_stores(" in "".join(getattr(err.value, "__notes__", []))
+    assert not (dest / "index.json").exists()
+    assert len(sink.unfinished_parts) == 2
+    monkeypatch.undo()
+    merge_stores(sink.unfinished_parts, dest)  # finishes the merge the datasink started
+    ref = tmp_path / "ref"
+    write_store([expected_sample(r) for r in rows], ref)
+    assert_same_store(dest, ref)
+    assert verify_store(dest).ok
+
+
 def test_custom_to_sample_and_to_row(cluster, tmp_path):
     rows = make_rows(300)
     dest = tmp_path / "s"
