@@ -74,6 +74,7 @@ from .errors import (
     InvalidOptionError,
     StoreChangedError,
     StoreExistsError,
+    StoreNotFoundError,
     TensorStoreError,
     UnsupportedSampleError,
 )
@@ -336,7 +337,9 @@ class TensorStoreDatasink(Datasink):
             ``"overwrite"`` (replace the store there when the merge commits; until then
             readers see the old store).
         to_sample: ``row -> sample``; by default :func:`row_to_sample`. It runs in the write
-            tasks, so it must pickle (a module-level function or a picklable callable).
+            tasks, so it must pickle (a module-level function or a picklable callable). The
+            row's arrays may be read-only views of Ray's block: copy one before changing it
+            (the writer itself snapshots the sample's tensors).
         dictionary: zstd only. Bytes: a prepared dictionary (from
             :func:`~tensorstore_pt.train_zstd_dictionary`) every part uses. True: train one
             in ``on_write_start``, on the driver, from ``dictionary_rows``. The datasink sees
@@ -555,6 +558,13 @@ class TensorStoreDatasink(Datasink):
             parts = [_storage(r["part"], self.storage_options) for r in returns]
             try:
                 info = merge_stores(parts, target, metadata=self.metadata or {})
+            except StoreNotFoundError as exc:
+                if hasattr(exc, "add_note"):
+                    exc.add_note(
+                        "a part a write task committed is not visible from the driver: the destination must be on "
+                        "storage every node reaches (a shared file system, or an object-store URL)"
+                    )
+                raise
             except BaseException as exc:
                 if target.exists() and JOURNAL_NAME in target.list():
                     # The merge changed things before it failed: the parts now belong to it.

@@ -21,6 +21,9 @@ from tensorstore_pt import open_store, verify_store, write_store  # noqa: E402
 from tensorstore_pt.errors import InvalidOptionError, StoreExistsError, UnsupportedSampleError  # noqa: E402
 from tensorstore_pt.ray import PARTS_DIR, TensorStoreDatasink, read_store, row_to_sample, sample_to_row  # noqa: E402
 
+# Ray's own DataContext copies touch its deprecated settings.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+
 N = 2000
 SHARD_BYTES = 64 * 2**10  # several shards per part
 
