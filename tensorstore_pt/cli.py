@@ -36,6 +36,13 @@ _EXIT_CODES = {
         "     array or custom class in a .pt file), a destination that exists (see --mode) or is not writable",
         "130  interrupted: nothing was published",
     ),
+    "merge": (
+        "0  merged (or already merged: a re-run changes nothing)",
+        "1  a part's shard is damaged (found while planning: nothing was changed)",
+        "2  unusable input: bad arguments, a part missing, not committed or written with another codec config,\n"
+        "     a destination that holds a store, an unfinished merge of other parts",
+        "130  interrupted: nothing was published; run the same command again to finish",
+    ),
     "info": ("0  shown", "1  the index or a shard footer is damaged", "2  not a store, no such path"),
     "verify": (
         "0  the store is clean",
@@ -224,6 +231,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         mode=args.mode,
         dictionary=(args.dict_size or True) if args.dict else False,
         frame_target_bytes=args.frame_size,
+        num_workers=args.workers,
     ) as writer:
         head = list(itertools.islice(samples, 64))
         samples = itertools.chain(head, samples)
@@ -281,6 +289,55 @@ def _report_oversized(
     )
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from .format import INDEX_NAME, parse_index
+    from .merge import merge_stores
+
+    total = 0
+    for part in args.parts:  # for the bar's total only; merge_stores checks every part itself
+        try:
+            total += parse_index((Path(part) / INDEX_NAME).read_bytes(), part).records
+        except (OSError, ValueError):
+            total = 0
+            break
+    start = time.perf_counter()
+    moved = {"in": 0, "out": 0}
+    with tqdm(total=total or None, unit="rec", disable=args.quiet, dynamic_ncols=True, file=sys.stderr) as bar:
+
+        def progress(records: int, in_bytes: int, out_bytes: int) -> None:
+            moved["in"] += in_bytes
+            moved["out"] += out_bytes
+            bar.update(records)
+            bar.set_postfix_str(
+                progress_text(moved["in"], moved["out"], time.perf_counter() - start).replace(" of tensors", ""),
+                refresh=False,
+            )
+
+        info = merge_stores(args.parts, args.dest, copy=True if args.copy else None, progress=progress)
+    mode = "copied (parts intact)" if args.copy or any(Path(p).exists() for p in args.parts) else "moved"
+    print(
+        f"merged {len(args.parts)} parts ({mode}) into {info.location}: {info.records:,} records in "
+        f"{_shards_text(info.shards)}, {format_bytes(info.file_bytes)} on disk (codec {_codec_text(info.codec)})"
+    )
+    return EXIT_OK
+
+
+def _written_text(created_by: dict[str, Any]) -> str | None:
+    """How a store was written, where it is informative (parallel workers, merged parts)."""
+    how = []
+    merge = created_by.get("merge")
+    if isinstance(merge, dict) and isinstance(merge.get("parts"), list):
+        how.append(f"merged from {len(merge['parts'])} parts")
+    workers = created_by.get("num_workers")
+    if isinstance(workers, int) and workers > 0:
+        how.append(f"packed by {workers} worker processes")
+    return ", ".join(how) or None
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .format import FEATURE_MULTI_RECORD_FRAMES
     from .reader import open_store
@@ -313,8 +370,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("on disk", f"{format_bytes(info.file_bytes)} ({info.file_bytes:,} bytes, shards only)"),
         ("ratio", f"{info.ratio:.2f} (raw / on disk)"),
         ("metadata", json.dumps(info.metadata)),
+        ("written", _written_text(info.created_by)),
         ("created by", json.dumps(info.created_by)),
     ]  # fmt: skip
+    rows = [(k, v) for k, v in rows if v is not None]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -671,9 +730,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=("create", "overwrite", "append"), default="create",
         help="create (default) refuses an existing store; overwrite replaces it; append adds records",
     )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=0, metavar="N",
+        help="serialise and compress in N worker processes (default 0: in this process); the store is the "
+        "same byte for byte for any N",
+    )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_storage_option(p)
     p.set_defaults(func=_cmd_pack)
+
+    p = add(
+        "merge",
+        "commit part stores as one store, records in part order",
+        "Commit PART stores (each written separately, e.g. by one task each, with the same codec options) as "
+        "one store DEST, records in the order the parts are given. On one file system the shards are moved "
+        "(renamed; only their footers are rewritten) and the parts are removed; elsewhere, or with --copy, they "
+        "are copied and the parts are left intact. The index is written last; if the merge is interrupted, "
+        "run the same command again to finish it.",
+    )
+    p.add_argument("parts", nargs="+", metavar="PART", help="the part stores, in record order")
+    p.add_argument("dest", help="the merged store to create")
+    p.add_argument("--copy", action="store_true", help="copy the shards and leave the parts intact")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_merge)
 
     p = add("info", "show a store's records, shards, codec, dictionary, frames, sizes and ratio")
     p.add_argument("store", help="a store directory or URL (s3://bucket/prefix, gs://..., https://...)")

@@ -198,20 +198,22 @@ class ShardWriter:
             for sample in samples:
                 w.write(sample)
 
-    Parallel packing (``num_workers=N``): each sample is checked and snapshotted in the
-    calling process, pickled (tensor bytes copied once into the pickle) and sent to a pool of
-    N processes, which ``torch.save`` and compress it (with ``frame_target_bytes`` or while a
-    dictionary is being trained, workers only serialise and frames are compressed here);
-    results come back in input order. At most ``2 * N + 2`` samples are in flight (queued or
-    being encoded), so the calling process holds at most that many pickled samples and
-    results, and each worker holds one sample, its ``torch.save`` bytes and its frame at a
-    time (about 3x the record's raw size) on top of its own interpreter and torch import. A
-    sample a worker cannot save raises the same :class:`UnsupportedSampleError` as in-process;
+    Parallel packing (``num_workers=N``): each sample is checked and pickled in the calling
+    process (tensor bytes copied once into the pickle: that is the snapshot), gathered into
+    tasks of up to 32 samples or 1 MiB of pickles, and sent to a pool of N processes, which
+    take the same snapshot, ``torch.save`` and compress (with ``frame_target_bytes`` or while
+    a dictionary is being trained, workers only serialise and frames are compressed here);
+    results come back in input order. Memory: at most ``2 * N + 2`` tasks are in flight, so
+    the calling process holds at most about ``(2 * N + 3) x 1 MiB`` of pickled samples (or
+    that many samples when one is larger) plus their results, and each worker holds one task,
+    its samples' ``torch.save`` bytes and frames (about 3x the task's raw size) on top of its
+    own interpreter and torch import. A sample a worker cannot save raises the same
+    :class:`UnsupportedSampleError` as in-process (from a later ``write`` or from ``close``);
     a worker that dies raises :class:`PackWorkerError`; either way, and on abort or Ctrl-C,
     the workers are terminated and nothing is published. Workers ignore SIGINT (the calling
     process handles it) and run torch with one thread.
 
-    Memory: at most ``2 * num_threads + 2`` encoded samples are in flight, plus one frame
+    Memory (``num_workers=0``): at most ``2 * num_threads + 2`` encoded samples are in flight, plus one frame
     group (about ``frame_target_bytes``), plus, while a dictionary is being trained, the raw
     bytes of the training records (at most ``DICT_SAMPLE_BYTES`` plus one record), plus one
     shard's tables (32 bytes a frame, 24 a record). Thread safety: one writer must be used
@@ -373,7 +375,7 @@ class ShardWriter:
         if self.num_workers:
             import multiprocessing
 
-            self._max_pending = 2 * self.num_workers + 2
+            self._max_pending = 2 * self.num_workers + 2  # batches of samples
             self._pool = cf.ProcessPoolExecutor(
                 max_workers=self.num_workers,
                 mp_context=multiprocessing.get_context(self._start_method),
@@ -383,6 +385,8 @@ class ShardWriter:
             self._max_pending = 2 * num_threads + 2
             self._pool = cf.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tspt-writer")
         self._codec_sent: tuple[int, bytes] | None = None  # (key, pickled codec) for worker processes
+        self._batch: list[bytes] = []  # pickled samples not yet sent to the worker processes
+        self._batch_bytes = 0
         self._codec_sent_for: Codec | None = None
         self._state = "open"
         #: Counters for progress displays: records, raw and stored bytes written so far.
@@ -483,22 +487,44 @@ class ShardWriter:
         """
         self._check_open()
         check_sample(sample)
+        if self.num_workers:
+            # Pickling copies the tensors' bytes now (the snapshot); the worker takes the
+            # same snapshot (_snapshot) of what it unpickles, so the bytes stored are those of
+            # the in-process path.
+            try:
+                payload = _pickle_sample(sample)
+            except (NotImplementedError, RuntimeError, TypeError, pickle.PicklingError) as exc:
+                raise UnsupportedSampleError(
+                    f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})"
+                ) from exc
+            self._batch.append(payload)
+            self._batch_bytes += len(payload)
+            if len(self._batch) >= _BATCH_RECORDS or self._batch_bytes >= _BATCH_BYTES:
+                self._submit_batch()
+            return
         try:
             snapshot = _snapshot(sample)
         except (NotImplementedError, RuntimeError) as exc:  # e.g. torch.uint1 has no copy kernel
             raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
-        # One-record frames with a final codec are compressed in the pool; otherwise the
-        # pool only serialises and frames are formed in order on this thread.
-        codec = None if (self._dict_pending or self.frame_target_bytes) else self._codec
-        if self.num_workers:
-            payload = _pickle_sample(snapshot)
-            try:
-                self._pending.append(self._pool.submit(_encode_in_worker, payload, self._codec_blob(codec)))
-            except cf.process.BrokenProcessPool as exc:
-                self._state = "failed"
-                raise self._worker_died() from exc
-        else:
-            self._pending.append(self._pool.submit(_encode, snapshot, codec))
+        self._pending.append(self._pool.submit(_encode, snapshot, self._pool_codec()))
+        while len(self._pending) > self._max_pending:
+            self._drain_one()
+
+    def _pool_codec(self) -> Codec | None:
+        """One-record frames with a final codec are compressed in the pool; otherwise the pool
+        only serialises and frames are formed in order on this thread (the bytes are the same)."""
+        return None if (self._dict_pending or self.frame_target_bytes) else self._codec
+
+    def _submit_batch(self) -> None:
+        """Send the pickled samples gathered so far to the worker processes as one task."""
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        try:
+            self._pending.append(self._pool.submit(_encode_in_worker, batch, self._codec_blob(self._pool_codec())))
+        except cf.process.BrokenProcessPool as exc:
+            self._state = "failed"
+            raise self._worker_died() from exc
         while len(self._pending) > self._max_pending:
             self._drain_one()
 
@@ -529,13 +555,14 @@ class ShardWriter:
         fut = self._pending.popleft()
         try:
             try:
-                raw, raw_bytes, frame, checksum = fut.result()
+                result = fut.result()
             except cf.process.BrokenProcessPool as exc:
                 raise self._worker_died() from exc
-            if frame is not None:
-                self._emit_frame(frame, checksum, [raw_bytes])
-            elif raw is not None:
-                self._accept_raw(raw)
+            for raw, raw_bytes, frame, checksum in result if isinstance(result, list) else [result]:
+                if frame is not None:
+                    self._emit_frame(frame, checksum, [raw_bytes])
+                elif raw is not None:
+                    self._accept_raw(raw)
         except BaseException:
             self._state = "failed"
             raise
@@ -680,6 +707,8 @@ class ShardWriter:
             raise WriterClosedError(f"writer for {self.location!r} failed earlier; nothing was published")
         self._check_open()
         try:
+            if self.num_workers:
+                self._submit_batch()
             while self._pending:
                 self._drain_one()
             if self._dict_pending:
@@ -792,6 +821,7 @@ class ShardWriter:
         else:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
+        self._batch.clear()
         self._dict_buffer.clear()
         self._grouper.clear()
         if self._open is not None:
@@ -845,12 +875,18 @@ def _worker_init() -> None:
 
 
 _WORKER_CODECS: dict[int, Codec] = {}
+#: A task sent to the worker processes holds up to this many samples, or this many bytes of
+#: pickled samples (one larger sample travels alone): fewer, larger tasks keep the calling
+#: process's per-task cost (futures, pipes, wake-ups) small next to the workers' encoding.
+_BATCH_RECORDS = 32
+_BATCH_BYTES = 2**20
 
 
 def _encode_in_worker(
-    payload: bytes, codec_blob: tuple[int, bytes] | None
-) -> tuple[bytes | None, int, bytes | None, int]:
-    """Run in a worker process: unpickle a sample (:func:`_pickle_sample`) and :func:`_encode` it."""
+    batch: list[bytes], codec_blob: tuple[int, bytes] | None
+) -> list[tuple[bytes | None, int, bytes | None, int]]:
+    """Run in a worker process: unpickle each sample (:func:`_pickle_sample`), take the
+    writer's snapshot of it and :func:`_encode` it; results in batch order."""
     codec = None
     if codec_blob is not None:
         key, blob = codec_blob
@@ -858,7 +894,14 @@ def _encode_in_worker(
         if codec is None:
             _WORKER_CODECS.clear()  # one codec at a time (it changes once, when a dictionary is trained)
             codec = _WORKER_CODECS[key] = pickle.loads(blob)
-    return _encode(pickle.loads(payload), codec)
+    out = []
+    for payload in batch:
+        try:
+            sample = _snapshot(pickle.loads(payload))
+        except (NotImplementedError, RuntimeError) as exc:
+            raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
+        out.append(_encode(sample, codec))
+    return out
 
 
 def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
@@ -898,6 +941,11 @@ class _SamplePickler(pickle.Pickler):
         nbytes = storage.nbytes()
         if nbytes == 0:
             return NotImplemented
+        if obj.storage_offset() != 0 or nbytes != obj.numel() * obj.element_size():
+            # A view of a larger storage: send only its data, as the writer's snapshot keeps it.
+            obj = _snapshot(obj)
+            storage = obj.untyped_storage()
+            nbytes = storage.nbytes()
         data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,)).numpy()
         args = (pickle.PickleBuffer(data), obj.dtype, obj.storage_offset(), tuple(obj.shape), obj.stride())
         return _rebuild_tensor, (*args, obj.requires_grad, t is torch.nn.Parameter)

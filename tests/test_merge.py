@@ -300,3 +300,25 @@ def test_unfinished_merge_of_other_parts_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ts.MergeStateError, match="unfinished merge of parts"):
         ts.merge_stores(parts[:2], tmp_path / "m")
     assert ts.merge_stores(parts, tmp_path / "m").records == 60
+
+
+def test_cli_pack_workers_merge_and_info(tmp_path, capsys):
+    from tensorstore_pt.cli import main
+
+    torch.save(SAMPLES[:30], tmp_path / "a.pt")
+    torch.save(SAMPLES[30:], tmp_path / "b.pt")
+    assert main(["pack", str(tmp_path / "a.pt"), str(tmp_path / "pa"), "--workers", "2", "-q"]) == 0
+    assert main(["pack", str(tmp_path / "b.pt"), str(tmp_path / "pb"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "pb")]) == 0
+    assert "written" not in capsys.readouterr().out  # a plain store: nothing to say
+    assert main(["info", str(tmp_path / "pa")]) == 0
+    assert "packed by 2 worker processes" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "pa"), str(tmp_path / "pb"), str(tmp_path / "m"), "--copy", "-q"]) == 0
+    assert "merged 2 parts (copied (parts intact))" in capsys.readouterr().out
+    assert records(tmp_path / "m") == [(s["y"], s["x"].numpy().tobytes()) for s in SAMPLES]
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert "merged from 2 parts" in capsys.readouterr().out
+    ts.write_store(SAMPLES[:5], tmp_path / "lz", codec="lz4")
+    assert main(["merge", str(tmp_path / "pa"), str(tmp_path / "lz"), str(tmp_path / "m2"), "-q"]) == 2
+    assert "written with codec config" in capsys.readouterr().err
