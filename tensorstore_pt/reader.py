@@ -8,6 +8,7 @@ checks the decompressed length after. Records are loaded with
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import Any, Iterator, Sequence
@@ -27,6 +28,7 @@ from .errors import (
     RecordDecodeError,
     RecordIndexError,
     RecordIndexTypeError,
+    RemoteStorageError,
     ShardFormatError,
     ShardSizeError,
     StoreChangedError,
@@ -338,7 +340,12 @@ class StoreReader:
     def _read_exact(self, si: int, offset: int, length: int, what: str) -> bytes:
         entry = self._index.shards[si]
         where = f"{self._where(si)} (the index says {entry.file_bytes} bytes)"
-        return read_exact(self._handle(si), offset, length, what, where, error=ShardSizeError)
+        try:
+            return read_exact(self._handle(si), offset, length, what, where, error=ShardSizeError)
+        except RemoteStorageError as exc:
+            if exc.errno == errno.ENOENT:  # an object store's shard deleted under an open handle
+                self._raise_if_changed(exc)
+            raise
 
     def _footer(self, si: int) -> ShardFooter:
         footer = self._footers[si]

@@ -3,6 +3,7 @@ location parametrized over a local path, ``memory://`` and ``s3://``."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ def _free_port() -> int:
 def moto_endpoint() -> Iterator[str]:
     """``http://127.0.0.1:<port>`` of a moto S3 server shared by the session (stopped at the end)."""
     server_mod = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
     port = _free_port()
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -37,7 +37,7 @@ from tensorstore_pt.storage import FsspecStorage, LocalStorage, storage_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
-N = 23
+N = 16
 
 
 def sample(i: int) -> dict[str, Any]:
@@ -307,6 +307,9 @@ def test_conditional_commit_is_atomic_on_s3(s3_bucket: tuple[str, dict]) -> None
         late.commit()
     data, version = st.read_versioned("index.json")
     assert data == b"v1" and version
+    with pytest.raises(ValueError, match="expected at most 1") as too_big:
+        st.read_versioned("index.json", max_bytes=1)
+    assert not isinstance(too_big.value, RemoteStorageError)
     with st.writer("index.json") as out:  # another writer replaces it meanwhile
         out.write(b"other")
     stale = st.writer("index.json", if_match=version)
@@ -473,5 +476,56 @@ def test_cli_pack_info_verify_against_s3(s3_bucket: tuple[str, dict], tmp_path: 
     assert json.loads(out[out.index("{") :])["records"] == 9
     assert main(["verify", url, *opts]) == 0
     assert "OK" in capsys.readouterr().out
+    assert main(["audit", url, "--json", "--sample", "4", "--top", "2", *opts]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 9
+    assert main(["get", url, "3", "-o", str(tmp_path / "r3.pt"), *opts]) == 0
+    assert torch.equal(torch.load(tmp_path / "r3.pt", weights_only=True), torch.arange(4))
     assert main(["info", url, "--storage-option", "oops"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_http_store_reads_and_verifies(tmp_path: Any) -> None:
+    """A store served over plain HTTP (Python's http.server: HEAD, GET, no Range support, so
+    every ranged read gets the whole object and must still return exactly its bytes)."""
+    import functools
+    import http.server
+    import threading
+
+    write(str(tmp_path / "store"), None, max_shard_bytes=4096)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/store"
+        reader = tspt.open_store(url)
+        assert all(same(reader[i], sample(i)) for i in range(N))
+        assert tspt.verify_store(url).ok
+        with pytest.raises(ReadOnlyStoreError):
+            tspt.write_store([sample(0)], url, mode="overwrite")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "s3"])
+def test_reader_of_a_replaced_store_raises_store_changed(kind: str, request: pytest.FixtureRequest) -> None:
+    """A shard deleted by an overwrite while a reader holds it open: StoreChangedError (the
+    object store answers 404 mid-read), never another version's bytes."""
+    if kind == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket")
+        url = f"s3://{bucket}/replaced"
+    else:
+        url, options = f"memory://tspt-{uuid.uuid4().hex[:12]}/replaced", {}
+    write(url, options, n=4)  # one shard
+    reader = tspt.open_store(url, storage_options=options)
+    assert same(reader[0], sample(0))
+    tspt.write_store((sample(50 + i) for i in range(4)), url, storage_options=options, mode="overwrite")
+    with pytest.raises(tspt.StoreChangedError, match="replaced since it was opened"):
+        reader[1]
+    assert int(tspt.open_store(url, storage_options=options)[1]["id"]) == 51

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Iterator
 
-from ..errors import StorageFullError
+from ..errors import NotARegularFileError, StorageFullError
 
 __all__ = ["AtomicWriter", "FULL_ERRNOS", "ReadHandle", "Storage", "StoreLock", "full_disk_error", "typed_full_disk"]
 
@@ -177,8 +177,6 @@ class Storage(ABC):
         this default asks :meth:`size` of each listed name and leaves out names that are
         absent by then or not regular files (:meth:`size` and :meth:`open` still refuse them).
         """
-        from ..errors import NotARegularFileError
-
         out = {}
         for name in self.list():
             try:

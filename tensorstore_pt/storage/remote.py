@@ -165,6 +165,10 @@ class _ShortRead(OSError):
     """A ranged GET returned fewer bytes than the object holds (retried)."""
 
 
+class _TooLarge(ValueError):
+    """An object is larger than the caller's ``max_bytes`` (passed through, never retried)."""
+
+
 def _nest(options: dict[str, Any]) -> dict[str, Any]:
     """Copy ``options`` (dicts copied one level deep, so defaults can be merged in)."""
     return {k: dict(v) if isinstance(v, dict) else v for k, v in options.items()}
@@ -345,7 +349,7 @@ class FsspecStorage(Storage):
                 if missing_ok and not isinstance(exc, RemoteStorageError):
                     raise
                 raise self._error(what, name, byte_range, exc, attempt) from exc
-            except (RemoteStorageError, ReadOnlyStoreError):
+            except (RemoteStorageError, ReadOnlyStoreError, _TooLarge):
                 raise
             except Exception as exc:  # noqa: BLE001 - every backend error is classified here
                 transient = _is_transient(exc)
@@ -555,7 +559,7 @@ class FsspecStorage(Storage):
             try:
                 length = resp.get("ContentLength")
                 if max_bytes is not None and length is not None and length > max_bytes:
-                    raise ValueError(f"{name!r} is {length} bytes; expected at most {max_bytes}")
+                    raise _TooLarge(f"{name!r} is {length} bytes; expected at most {max_bytes}")
                 return await resp["Body"].read(), resp["ETag"]
             finally:
                 resp["Body"].close()
@@ -641,6 +645,14 @@ class _FsspecHandle(ReadHandle):
 
         def get() -> bytes:
             data = st.fs.cat_file(path, start=offset, end=end)
+            if len(data) > end - offset:
+                if len(data) != self._size:
+                    raise RemoteStorageError(
+                        errno.EIO,
+                        f"{st._where(self._name, (offset, end))}: the server answered {len(data)} bytes for a range of "
+                        f"{end - offset} (the object is {self._size} bytes); refusing bytes that may be misplaced",
+                    )
+                data = data[offset:end]  # a server that ignores Range sends the whole object
             if len(data) < end - offset:
                 raise _ShortRead(
                     errno.EIO, f"short read: {len(data)} of {end - offset} bytes (the object is {self._size} bytes)"
@@ -701,9 +713,12 @@ class _FsspecWriter(AtomicWriter):
                         raise FileExistsError(f"{st._where(name)} already exists") from exc
 
                 def put_create() -> None:
-                    if not st.conditional_writes and st.fs.exists(path):  # check-then-put
+                    if st.conditional_writes:  # If-None-Match: * (412 -> FileExistsError in s3fs)
+                        st.fs.put_file(self._tmp, path, mode="create")
+                        return
+                    if st.fs.exists(path):  # check-then-put: not every backend takes mode="create"
                         raise FileExistsError(f"{st._where(name)} already exists")
-                    st.fs.put_file(self._tmp, path, mode="create")
+                    st.fs.put_file(self._tmp, path)
 
                 st.call("upload", name, put_create, byte_range=(0, size), on_retry_error=mine)
             else:
