@@ -228,6 +228,27 @@ def test_write_equals_single_process_store(cluster, tmp_path):
         assert np.array_equal(got[i]["v"], want["v"])
 
 
+def numbered(row: dict[str, Any]) -> dict[str, Any]:
+    i = int(row["id"])
+    if i < 250:  # the first read task is the slowest: it finishes last
+        import time
+
+        time.sleep(0.004)
+    return {"i": np.int64(i), "sq": np.full((2,), i * i, dtype=np.int64)}
+
+
+def test_fused_read_write_keeps_read_order_without_preserve_order(cluster, tmp_path):
+    """read -> map -> write fuse into one task per read task, numbered in read order: the
+    store keeps that order even with preserve_order off and tasks finishing out of order."""
+    ds = ray.data.range(1000, override_num_blocks=4).map(numbered)
+    assert ds.context.execution_options.preserve_order is False
+    dest = tmp_path / "s"
+    ds.write_datasink(TensorStoreDatasink(dest))
+    store = open_store(dest)
+    assert [int(store[i]["i"]) for i in range(1000)] == list(range(1000))
+    assert torch.equal(store[999]["sq"], torch.tensor([999 * 999] * 2))
+
+
 def test_create_refuses_a_store_and_overwrite_replaces_it(cluster, tmp_path):
     dest = tmp_path / "s"
     write_store([{"a": torch.tensor(1)}], dest)
