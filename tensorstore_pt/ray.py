@@ -87,7 +87,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .format import StoreInfo
     from .reader import StoreReader
 
-__all__ = ["PARTS_DIR", "TensorStoreDatasink", "read_store", "row_to_sample", "sample_to_row"]
+__all__ = [
+    "DEFAULT_BLOCK_BYTES",
+    "PARTS_DIR",
+    "TensorStoreDatasink",
+    "TensorStoreDatasource",
+    "read_store",
+    "row_to_sample",
+    "sample_to_row",
+]
 
 #: The hidden directory (prefix) of a destination that holds the parts of writes in progress.
 PARTS_DIR = ".parts"

@@ -322,7 +322,8 @@ def test_a_merge_that_stops_midway_keeps_its_parts(cluster, tmp_path, monkeypatc
     with pytest.warns(UserWarning, match="the parts are kept"):
         with pytest.raises(OSError, match="injected") as err:
             dataset(rows, blocks=2).write_datasink(sink)
-    assert "merge_stores(" in "".join(getattr(err.value, "__notes__", []))
+    if sys.version_info >= (3, 11):  # exception notes
+        assert "merge_stores(" in "".join(err.value.__notes__)
     assert not (dest / "index.json").exists()
     assert len(sink.unfinished_parts) == 2
     monkeypatch.undo()
