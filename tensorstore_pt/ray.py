@@ -333,8 +333,9 @@ class TensorStoreDatasink(Datasink):
     the parts area.
 
     Args:
-        path: The destination store (a local directory; an fsspec URL with the remote-storage
-            version). Every write task must reach it (a shared file system or a bucket).
+        path: The destination store: a local directory, or an fsspec URL (``s3://bucket/x``,
+            with ``storage_options``). Every write task and the driver must reach it (a shared
+            file system or a bucket).
         codec: ``"zstd"`` (default), ``"lz4"`` or ``"none"``.
         level: Codec level (None: the codec's default).
         max_shard_bytes: Cap on a shard file's size in bytes (default 64 MiB).
@@ -353,10 +354,12 @@ class TensorStoreDatasink(Datasink):
             in ``on_write_start``, on the driver, from ``dictionary_rows``. The datasink sees
             no rows on the driver (Ray passes ``on_write_start`` the schema only), so the
             sample must come from the caller: ``dictionary_rows=ds.take(1000)`` (which runs
-            the pipeline for those rows) or any representative rows. The dictionary travels
-            to the write tasks inside the pickled datasink.
+            the pipeline for those rows; its scalars are Python numbers where write tasks see
+            numpy scalars, which changes the dictionary's fit a little, never its validity) or
+            any representative rows. The dictionary travels to the write tasks inside the
+            pickled datasink.
         dictionary_rows: Rows (as ``to_sample`` takes them) to train on, with ``dictionary=True``.
-        dict_bytes: Size in bytes of the trained dictionary (default 16 KiB).
+        dict_bytes: Size in bytes of the trained dictionary, in [256, 16 MiB] (default 16 KiB).
         num_threads: Threads each write task uses to serialise and compress (default: the
             writer's default).
         storage_options: fsspec options for URL destinations (``endpoint_url``, ``key``...);
@@ -395,6 +398,7 @@ class TensorStoreDatasink(Datasink):
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         from .codecs import make_codec
+        from .codecs.registry import MAX_DICT_BYTES
         from .writer import DEFAULT_DICT_BYTES
 
         if mode not in _MODES:
@@ -449,6 +453,12 @@ class TensorStoreDatasink(Datasink):
         if (dictionary is not False) and codec != "zstd":
             raise InvalidOptionError(f"dictionary: only codec 'zstd' takes a dictionary, found codec {codec!r}")
         self._dict_bytes = DEFAULT_DICT_BYTES if dict_bytes is None else dict_bytes
+        if (
+            isinstance(self._dict_bytes, bool)
+            or not isinstance(self._dict_bytes, int)
+            or not (256 <= self._dict_bytes <= MAX_DICT_BYTES)
+        ):
+            raise InvalidOptionError(f"dict_bytes: expected an int in [256, {MAX_DICT_BYTES}], found {dict_bytes!r}")
         self._write_id: str | None = None
         #: The parts, in order, of a merge that stopped midway (kept so that
         #: ``merge_stores(unfinished_parts, path)`` can finish it); empty otherwise.
@@ -853,7 +863,7 @@ def read_store(
     """Read a store as a ``ray.data.Dataset``, shard-parallel, one row per record.
 
     Args:
-        path: The store (local directory, or an fsspec URL with the remote-storage version).
+        path: The store: a local directory, or an fsspec URL (``s3://bucket/x``...).
         storage_options: fsspec options for URL stores.
         verify: Check on the driver, before any task runs, that every shard exists with the
             size and footer the index records (per-record checksums are checked on every

@@ -188,6 +188,8 @@ def test_options_are_checked_on_the_driver(tmp_path):
         TensorStoreDatasink(tmp_path / "s", metadata={"a": object()})
     with pytest.raises(InvalidOptionError, match="dictionary_rows"):
         TensorStoreDatasink(tmp_path / "s", dictionary=True)
+    with pytest.raises(InvalidOptionError, match="dict_bytes"):
+        TensorStoreDatasink(tmp_path / "s", dictionary=True, dictionary_rows=[], dict_bytes=10)
     with pytest.raises(InvalidOptionError, match="only codec 'zstd'"):
         TensorStoreDatasink(tmp_path / "s", codec="lz4", dictionary=True, dictionary_rows=[])
 
