@@ -152,6 +152,18 @@ def _mds_dataset(url: str, data_dir: Path, cache: Path, **kw: Any) -> Any:
     return SampleDataset(schema=load_schema(data_dir / _SCHEMA), remote=url, local=str(cache), **kw)
 
 
+def _litdata_allow_http() -> None:
+    """litdata downloads chunks with obstore, whose client refuses plain-http endpoints unless its
+    ``allow_http`` client option is set, and litdata passes no way to set it (0.2.76). The local
+    endpoint is http, so the benchmark adds that one option to litdata's obstore client options;
+    nothing else about litdata changes (workers fork and inherit it)."""
+    from litdata.streaming import downloader
+
+    options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
+    if isinstance(options, dict):
+        options["allow_http"] = "true"
+
+
 def _loader(system: str, url: str, data_dir: Path, options: dict[str, Any], cache: Path, batch: int) -> Any:
     if system == "tspt":
         return _tspt_loader(url, options, cache, batch, 2)
@@ -162,6 +174,7 @@ def _loader(system: str, url: str, data_dir: Path, options: dict[str, Any], cach
         return StreamingDataLoader(ds, batch_size=batch, num_workers=2, collate_fn=_collate)
     import litdata
 
+    _litdata_allow_http()
     ds = litdata.StreamingDataset(url, cache_dir=str(cache), shuffle=True, seed=0, storage_options=options)
     return litdata.StreamingDataLoader(ds, batch_size=batch, num_workers=2, collate_fn=_collate)
 
@@ -175,6 +188,7 @@ def _getter(system: str, url: str, data_dir: Path, options: dict[str, Any], cach
         return _mds_dataset(url, data_dir, cache, shuffle=False, batch_size=1).__getitem__
     import litdata
 
+    _litdata_allow_http()
     return litdata.StreamingDataset(url, cache_dir=str(cache), shuffle=False, storage_options=options).__getitem__
 
 
@@ -239,7 +253,11 @@ class _Endpoint:
     """moto's S3 server on 127.0.0.1 and the latency proxy in front of it."""
 
     def __init__(self, latency_ms: float, bandwidth_bytes: int | None) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line a request otherwise
 
         from .netproxy import NetProxy
 
@@ -247,9 +265,9 @@ class _Endpoint:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
         self.direct = f"http://127.0.0.1:{self.port}"
-        self.proxy = NetProxy(("127.0.0.1", self.port), latency_ms=latency_ms, bandwidth_bytes_per_s=bandwidth_bytes)
+        self.proxy = NetProxy("127.0.0.1", self.port, latency_ms=latency_ms, bandwidth_bytes_per_s=bandwidth_bytes)
         self.proxy.start()
-        self.url = f"http://127.0.0.1:{self.proxy.port}"
+        self.url = self.proxy.url
         import s3fs
 
         self.fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=self.direct)
@@ -276,8 +294,9 @@ def _run_child(python: str, task: dict[str, Any], env: dict[str, str], timeout_s
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines[-1:] or ["no output"]
+        return {"error": f"exit {proc.returncode}: {errors[-1].strip()[:300]}"}
     return json.loads(lines[-1])
 
 
@@ -344,8 +363,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             args.python, {**base, "op": "stream", "cache": str(caches[r])}, env, args.timeout_s
                         )
                         after = endpoint.proxy.stats()
-                        got["fetched_bytes"] = after["bytes_down"] - before["bytes_down"]
-                        got["requests"] = after["requests"] - before["requests"]
+                        got["fetched_bytes"] = after.bytes_down - before.bytes_down
+                        got["requests"] = after.requests - before.requests
                         runs.append(got)
                     row[phase] = runs
                     print(f"{kind} {system} stream {phase}: {json.dumps(runs)}", file=sys.stderr)
@@ -362,7 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                     before = endpoint.proxy.stats()
                     got = _run_child(args.python, task, env, args.timeout_s)
-                    got["fetched_bytes"] = endpoint.proxy.stats()["bytes_down"] - before["bytes_down"]
+                    got["fetched_bytes"] = endpoint.proxy.stats().bytes_down - before.bytes_down
                     rnd.append(got)
                 row["random"] = rnd
                 print(f"{kind} {system} random: {json.dumps(rnd)}", file=sys.stderr)
