@@ -20,7 +20,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Any, Iterator, NamedTuple, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -69,7 +70,7 @@ from .shardio import (
     read_exact,
     read_footer,
 )
-from .storage import ReadHandle, Storage, storage_for
+from .storage import LocalStorage, ReadHandle, Storage, storage_for
 
 __all__ = [
     "DEFAULT_MAX_RECORD_BYTES",
@@ -87,6 +88,8 @@ __all__ = [
 #: Bulk reads (:meth:`StoreReader.iter_many`) fetch and decode records in pieces of about this
 #: many stored (compressed) bytes.
 READ_BYTES = 2**20
+#: Footers read at once when a remote store opens with ``verify=True``.
+REMOTE_FOOTER_THREADS = 16
 #: Frames of one shard less than this many bytes apart may be fetched with one positional read
 #: (the gap is read and dropped), as long as the gaps of a piece add up to at most its own bytes.
 MERGE_GAP_BYTES = 64 * 2**10
@@ -329,8 +332,20 @@ class StoreReader:
                     )
                     self._raise_if_changed(exc)
                     raise exc
-            for si in range(len(index.shards)):
+            self._fetch_footers(range(len(index.shards)))
+
+    def _fetch_footers(self, shards: Iterable[int]) -> None:
+        """Read and cache the footers of ``shards``: one after another on a local store, and
+        :data:`REMOTE_FOOTER_THREADS` at a time on a remote one, where each read waits out a
+        request's latency (so a store of N shards opens in about N / 16 round trips)."""
+        todo = [si for si in shards if self._footers[si] is None]
+        if len(todo) < 2 or isinstance(self._storage, LocalStorage):
+            for si in todo:
                 self._footer(si)
+            return
+        with ThreadPoolExecutor(min(REMOTE_FOOTER_THREADS, len(todo)), thread_name_prefix="tspt-footer") as pool:
+            for future in [pool.submit(self._footer, si) for si in todo]:
+                future.result()  # the first shard's error, in shard order
 
     # ------------------------------------------------------------------ per-process state
 
@@ -382,13 +397,18 @@ class StoreReader:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # The copy opens the index the original verified (its digest must match), so it does
+        # not sweep every shard again: on a remote store each DataLoader worker would otherwise
+        # repeat two requests a shard. Footers are read as shards are first used, and every
+        # record is still checked against its checksum.
         self.__init__(  # type: ignore[misc]
             state["storage"],
-            verify=state["verify"],
+            verify=False,
             map_location=state["map_location"],
             max_record_bytes=state.get("max_record_bytes", DEFAULT_MAX_RECORD_BYTES),
             _expect_index_digest=state["index_digest"],
         )
+        self._verify = state["verify"]
 
     def close(self) -> None:
         """Close this process's file handles (they reopen on the next read)."""

@@ -7,6 +7,7 @@ A counting Storage (LocalStorage underneath) counts every ``read_range`` call an
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import tensorstore_pt as ts
 import tensorstore_pt.reader as reader_mod
 import tensorstore_pt.shardio as shardio
 from tensorstore_pt.format import HEADER_BYTES, TRAILER_BYTES
-from tensorstore_pt.storage import ReadHandle
+from tensorstore_pt.storage import ReadHandle, Storage
 from tensorstore_pt.storage.local import LocalStorage
 
 N = 300
@@ -399,3 +400,122 @@ def test_iterable_dataset_skips_per_record_on_a_framed_store(tmp_path: Path, fra
     assert got == expected
     assert ds.skip_counts() == {"ChecksumMismatchError": len(lost_frame), "MissingShardError": b - a}
     assert opens.count(r.index.shards[2].name) == 1
+
+
+# --------------------------------------------------------------------------- opening a remote store
+
+
+class _SlowRemote(Storage):
+    """A Storage that is not LocalStorage (so the reader treats it as remote), delegating to a
+    local directory, with a delay per read (a request's latency) and a record of how many reads
+    were in flight at once. State is kept per root in a module dict so pickled copies share it."""
+
+    delay_s = 0.02
+
+    def __init__(self, root: Any) -> None:
+        self._local = LocalStorage(root)
+        self.location = self._local.location
+        self._key = str(root)
+        _SLOW_STATE.setdefault(self._key, {"reads": 0, "inflight": 0, "peak": 0, "lock": threading.Lock()})
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self._key}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"])  # type: ignore[misc]
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return _SLOW_STATE[self._key]
+
+    def exists(self) -> bool:
+        return self._local.exists()
+
+    def is_container(self) -> bool:
+        return self._local.is_container()
+
+    def ensure(self) -> bool:
+        return self._local.ensure()
+
+    def list(self) -> list[str]:
+        return self._local.list()
+
+    def size(self, name: str) -> int:
+        return self._local.size(name)
+
+    def open(self, name: str) -> ReadHandle:
+        return _SlowHandle(self._local.open(name), self.state, name)
+
+    def writer(self, name: str, *, exclusive: bool = False, **kw: Any) -> Any:
+        raise AssertionError("the reader must not write")
+
+    def remove(self, name: str) -> None:
+        raise AssertionError("the reader must not remove")
+
+    def move(self, name: str, new_name: str) -> None:
+        raise AssertionError("the reader must not move")
+
+    def remove_container(self) -> None:
+        raise AssertionError("the reader must not remove")
+
+
+_SLOW_STATE: dict[str, dict[str, Any]] = {}
+
+
+class _SlowHandle(ReadHandle):
+    def __init__(self, inner: ReadHandle, state: dict[str, Any], name: str) -> None:
+        self._inner, self._state, self._name = inner, state, name
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        st = self._state
+        with st["lock"]:
+            st["reads"] += self._name.endswith(".tspt")  # shard reads (not index.json)
+            st["inflight"] += 1
+            st["peak"] = max(st["peak"], st["inflight"])
+        try:
+            time.sleep(_SlowRemote.delay_s)
+            return self._inner.read_range(offset, length)
+        finally:
+            with st["lock"]:
+                st["inflight"] -= 1
+
+    def size(self) -> int:
+        return self._inner.size()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_remote_open_reads_footers_in_parallel_and_pickled_copies_do_not_sweep_again(store: Path) -> None:
+    """A verifying open of a remote store reads its shards' footers many at a time (each read
+    waits out a request's latency), and a pickled copy (a DataLoader worker) opens without a
+    second sweep; every record still reads back right through the copy."""
+    import pickle
+
+    shards = len(ts.open_store(store).index.shards)
+    assert shards >= 4  # enough shards for the parallel open to show
+    remote = _SlowRemote(store)
+    st = remote.state
+    reader = ts.open_store(remote)  # verify=True
+    assert st["reads"] >= shards  # every shard's footer (and header) was read at open
+    assert st["peak"] > 1, "footers were read one at a time"
+    assert st["peak"] <= reader_mod.REMOTE_FOOTER_THREADS
+    st["reads"] = 0
+    copy = pickle.loads(pickle.dumps(reader))
+    assert st["reads"] == 0, f"the pickled copy swept the shards again ({st['reads']} reads)"
+    assert _ids([copy[i] for i in (0, N // 2, N - 1)]) == [0, N // 2, N - 1]
+    # the copy keeps the original's verify setting for its own pickles
+    assert pickle.loads(pickle.dumps(copy))._verify is True
+
+
+def test_remote_open_reports_a_damaged_shard_in_shard_order(tmp_path: Path) -> None:
+    """The parallel open raises the same typed error as the sequential one, for the first bad shard."""
+    path = tmp_path / "s"
+    ts.write_store((_sample(i) for i in range(60)), path, codec="none", max_shard_bytes=40_000)
+    names = [s.name for s in ts.open_store(path).index.shards]
+    for name in (names[5], names[2]):
+        with open(path / name, "r+b") as f:
+            f.seek(0)
+            f.write(b"XXXX")  # the header's magic
+    with pytest.raises(ts.ShardFormatError, match=names[2]):
+        ts.open_store(_SlowRemote(path))
