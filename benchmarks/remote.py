@@ -99,16 +99,31 @@ class _DiskPeak:
         self.peak = max(self.peak, self._size())
 
 
-def _samples(kind: str, scale: str) -> list[Any]:
+def _samples(kind: str, scale: str, copies: int = 1) -> list[Any]:
+    """More records of one kind, none repeated: the kind built with seeds ``0 .. copies-1``
+    (each seed draws its own crops), except ``small``, whose digits do not depend on the seed:
+    copy ``k`` of it is the digits under the k-th of the 8 symmetries of the square (rotations
+    and flips), still real handwriting, so a chunk compressor finds no repeated records."""
+    import torch
+
     from .kinds import build_kind
 
-    return build_kind(kind, scale, 0).samples
+    if kind != "small":
+        return [s for seed in range(copies) for s in build_kind(kind, scale, seed).samples]
+    base = build_kind(kind, scale, 0).samples
+    out = []
+    for k in range(copies):
+        for s in base:
+            im = torch.rot90(s["image"], k % 4)
+            im = (im.flip(1) if k % 8 >= 4 else im).contiguous()
+            out.append({**s, "image": im})
+    return out
 
 
-def _pack(system: str, kind: str, scale: str, out: Path, shard_bytes: int) -> dict[str, Any]:
+def _pack(system: str, kind: str, scale: str, copies: int, out: Path, shard_bytes: int) -> dict[str, Any]:
     from .systems.abc import PackOptions
 
-    samples = _samples(kind, scale)
+    samples = _samples(kind, scale, copies)
     if system == "tspt":
         from .systems.tspt import TensorStore
 
@@ -238,7 +253,9 @@ def _random(task: dict[str, Any]) -> dict[str, Any]:
 def _child(task: dict[str, Any]) -> dict[str, Any]:
     op = task["op"]
     if op == "pack":
-        return _pack(task["system"], task["kind"], task["scale"], Path(task["out"]), task["shard_bytes"])
+        return _pack(
+            task["system"], task["kind"], task["scale"], task["copies"], Path(task["out"]), task["shard_bytes"]
+        )
     if op == "stream":
         return _stream(task)
     if op == "random":
@@ -324,13 +341,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms": args.latency_ms,
         "bandwidth_mib": args.bandwidth_mib,
         "repeats": args.repeats,
+        "copies": args.copies,
         "kinds": {},
     }
     try:
         for kind in args.kinds.split(","):
             from .kinds import payload_bytes
 
-            payload = sum(payload_bytes(s) for s in _samples(kind, args.scale))
+            payload = sum(payload_bytes(s) for s in _samples(kind, args.scale, args.copies))
             shard_bytes = int(min(max(payload // 8, 64 * 2**10), 64 * 2**20))
             rows: dict[str, Any] = {}
             results["kinds"][kind] = {"payload_bytes": payload, "shard_bytes": shard_bytes, "systems": rows}
@@ -338,7 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 data_dir = work / kind / system
                 packed = _run_child(
                     args.python,
-                    {"op": "pack", "system": system, "kind": kind, "scale": args.scale, "out": str(data_dir),
+                    {"op": "pack", "system": system, "kind": kind, "scale": args.scale, "copies": args.copies, "out": str(data_dir),
                      "shard_bytes": shard_bytes},
                     env,
                     args.timeout_s,
@@ -460,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--kinds", default="medium,small", help="data kinds (benchmarks/kinds.py), comma-separated")
     p.add_argument("--scale", default="full", choices=("full", "quick"))
+    p.add_argument("--copies", type=int, default=8, help="build each kind with this many seeds (more records)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {','.join(SYSTEMS)}")
     p.add_argument("--latency-ms", type=float, default=50.0, help="latency added to every request (default 50)")
     p.add_argument("--bandwidth-mib", type=float, default=100.0, help="bandwidth cap in MiB/s, 0 for none")
