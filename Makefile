@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint venv clean bench bench-quick bench-peers
+.PHONY: demo test lint venv clean bench bench-quick bench-peers bench-remote
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,11 +32,14 @@ lint: $(VENV)/.installed
 PEERS_VENV := .venv-peers
 PEERS_PY := $(PEERS_VENV)/bin/python
 PEERS_TORCH := torch==2.14.1 torchvision==0.29.1
+# s3fs (through aiobotocore) pins botocore to a narrow range and the peers want boto3: naming
+# the versions that fit all of them spares pip's resolver a backtracking search of many minutes.
+PEERS_PINS := boto3==1.43.117 botocore==1.43.117 aiobotocore==3.10.0
 
 $(PEERS_VENV)/.installed: pyproject.toml
 	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_PY) -m pip install -q --upgrade pip
-	$(PEERS_PY) -m pip install -q $(PEERS_TORCH) -e '.[bench-peers,test]'
+	$(PEERS_PY) -m pip install -q $(PEERS_TORCH) $(PEERS_PINS) -e '.[bench-peers,test]'
 	$(PEERS_PY) -c "import torch, torchvision, streaming, litdata, webdataset"
 	touch $@
 
@@ -46,6 +49,11 @@ bench-peers: $(PEERS_VENV)/.installed
 bench: $(VENV)/.installed $(PEERS_VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
 	$(VENV)/bin/tspt bench --python $(PEERS_PY) --docs docs/benchmarks.md
+
+# Training from object storage (moto's S3 server behind a latency proxy): tensorstore_pt against
+# Streaming and litdata; rewrites docs/benchmarks.md between its remote:results markers.
+bench-remote: $(PEERS_VENV)/.installed
+	$(PEERS_PY) -m benchmarks.remote --python $(PEERS_PY) --docs docs/benchmarks.md
 
 bench-quick: $(VENV)/.installed
 	$(VENV)/bin/tspt bench --quick
