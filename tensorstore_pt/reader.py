@@ -343,6 +343,8 @@ class StoreReader:
             for si in todo:
                 self._footer(si)
             return
+        if not self._verify:
+            self._storage.sizes()  # one listing, from which the handles take their sizes (no HEAD each)
         with ThreadPoolExecutor(min(REMOTE_FOOTER_THREADS, len(todo)), thread_name_prefix="tspt-footer") as pool:
             for future in [pool.submit(self._footer, si) for si in todo]:
                 future.result()  # the first shard's error, in shard order
@@ -483,20 +485,22 @@ class StoreReader:
         h = self._handles.get(si)
         if h is not None:
             return h
+        # Opened outside the lock: on a remote store an open may be a request (a HEAD), and
+        # threads opening different shards should not wait on each other's.
+        name = self._index.shards[si].name
+        try:
+            h = self._storage.open(name)
+        except FileNotFoundError as exc:
+            self._raise_if_changed(exc)
+            raise MissingShardError(
+                f"{self._where(si)}: the shard file is missing (the index lists it with "
+                f"{self._index.shards[si].records} records)"
+            ) from exc
         with self._lock:
-            h = self._handles.get(si)
-            if h is None:
-                name = self._index.shards[si].name
-                try:
-                    h = self._storage.open(name)
-                except FileNotFoundError as exc:
-                    self._raise_if_changed(exc)
-                    raise MissingShardError(
-                        f"{self._where(si)}: the shard file is missing (the index lists it with "
-                        f"{self._index.shards[si].records} records)"
-                    ) from exc
-                self._handles[si] = h
-        return h
+            kept = self._handles.setdefault(si, h)
+        if kept is not h:
+            h.close()  # another thread opened it first
+        return kept
 
     def _read_exact(self, si: int, offset: int, length: int, what: str) -> bytes:
         entry = self._index.shards[si]
@@ -667,6 +671,7 @@ class StoreReader:
             raise InvalidOptionError(
                 f"out: expected a {RECORD_DTYPE} array of shape ({len(self)},), found {out.dtype} {out.shape}"
             )
+        self._fetch_footers(range(len(self._index.shards)))  # many at a time on a remote store
         for si, entry in enumerate(self._index.shards):
             out[entry.first_record : entry.first_record + entry.records] = self._footer(si).table
         return out
