@@ -972,8 +972,7 @@ class StoreIterableDataset(IterableDataset):
         starts = self._view.bounds[:, 0]
         stored = None if self._view.framed else self._view.table()["stored"]
         last = -1
-        for seg in segments:
-            records = order.records_at(split.global_positions(seg))
+        for records in self._first_piece_apart(segments, split, order):
             if stored is None:
                 runs = [np.searchsorted(starts, records, side="right") - 1]
             else:
@@ -1007,10 +1006,32 @@ class StoreIterableDataset(IterableDataset):
         io = self._view.reader(direct)
         table = None if self._view.framed else self._view.table()
         missing: dict[int, BaseException] = {}
-        for seg in segments:
-            records = order.records_at(split.global_positions(seg))
+        for records in self._first_piece_apart(segments, split, order):
             for piece in io.plan_pieces(records, READ_BYTES, table=table, missing=missing):
                 yield io.fetch_many(piece, table=table, missing=missing)
+
+    def _first_piece_apart(
+        self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder
+    ) -> Iterator[np.ndarray]:
+        """The consumer's records, segment by segment, with its first batch (``batch_size``
+        records) cut off the first segment as a read group of its own.
+
+        A piece of ``READ_BYTES`` can span every shard of a shuffled window, and its first
+        sample waits for all of it: on a remote store, for every one of those shards to be
+        downloaded. Reading the first batch on its own gets it to the training loop after only
+        its own shards (time to first batch); later pieces keep their full size. The cache's
+        shard plan walks the same cut, so prefetching follows the reads.
+        """
+        first = True
+        for seg in segments:
+            records = order.records_at(split.global_positions(seg))
+            if first:
+                first = False
+                head = min(len(records), max(1, int(self._control[_CHUNK])))
+                if 0 < head < len(records):
+                    yield records[:head]
+                    records = records[head:]
+            yield records
 
     def _decode(
         self, pieces: Iterator[FetchedFrames], slot: int, raw: bool = False, direct: bool = False

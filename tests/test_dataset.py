@@ -383,3 +383,24 @@ def test_consumer_info_sources(monkeypatch: pytest.MonkeyPatch, store: Path) -> 
         consumer_info()
     with pytest.raises(InvalidOptionError, match="pass both or neither"):
         consumer_info(rank=0)
+
+
+def test_first_batch_is_read_on_its_own(tmp_path: Path) -> None:
+    """A consumer's first batch is a read group of its own (time to first batch: it waits only
+    for its own frames, not a whole 1 MiB piece spanning every shard of a shuffled window); the
+    rest follows in full pieces, and the records are still the epoch's, each once."""
+    path = tmp_path / "s"
+    tspt.write_store([torch.full((3000,), i % 251, dtype=torch.uint8) for i in range(600)], path, codec="none",
+                     max_shard_bytes=200_000)  # fmt: skip
+    ds = StoreIterableDataset(path, shuffle=True, seed=3, batch_size=8)
+    split = ds._split(0, 1)
+    from tensorstore_pt._partition import EpochOrder, worker_segments
+
+    order = EpochOrder(ds.layout(), shuffle=True, seed=3, epoch=0)
+    segments = worker_segments(split, ds.layout().window_records, 0, 8, 1, 0)
+    groups = list(ds._first_piece_apart(segments, split, order))
+    assert len(groups[0]) == 8
+    assert len(groups) >= 2 and sum(len(g) for g in groups[1:]) == 600 - 8
+    assert np.concatenate(groups).tolist() == ds.epoch_order().tolist()
+    got = [int(s[0]) for s in ds]
+    assert got == [r % 251 for r in ds.epoch_order().tolist()]
