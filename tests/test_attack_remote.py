@@ -190,12 +190,15 @@ def test_store_replaced_in_place_with_the_same_shard_names(store: Path, tmp_path
 # --------------------------------------------------------------------------- URLs and options
 
 
-@pytest.mark.parametrize("url", ["memory://", "memory:///", "s3://", "s3:///", "gs://"])
+@pytest.mark.parametrize(
+    "url", ["memory://", "memory:///", "s3://", "s3:///", "gs://", "s3://b/a::b", "simplecache::memory://x"]
+)
 def test_url_without_a_location_is_refused(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault: 'memory://' lost its slashes to 'memory:', parsed as a *local relative path*: a
-    store meant for memory (or s3) was written into the working directory."""
+    store meant for memory (or s3) was written into the working directory. A '::' in a URL
+    (a key with '::', or an fsspec chain) failed with a TypeError deep inside s3fs."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(InvalidOptionError, match="expected a scheme and a location"):
+    with pytest.raises(InvalidOptionError, match="expected a scheme and a location|expected one fsspec URL"):
         FsspecStorage(url)
     with pytest.raises(InvalidOptionError):
         make(url)

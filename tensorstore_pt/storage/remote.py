@@ -216,6 +216,11 @@ class FsspecStorage(Storage):
             raise InvalidOptionError(
                 f"url: expected a scheme and a location such as 's3://bucket/prefix' or 'memory://name', found {url!r}"
             )
+        if "::" in url:
+            raise InvalidOptionError(
+                f"url: expected one fsspec URL, found {url!r}: fsspec reads '::' as a chain of file systems "
+                "('simplecache::s3://...'), which stores do not support, so a key with '::' in it cannot be addressed"
+            )
         self.url = url.rstrip("/")
         self.location = self.url
         self.storage_options = dict(storage_options or {})
