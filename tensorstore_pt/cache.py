@@ -255,6 +255,15 @@ class ShardCache:
             raise InvalidOptionError(
                 f"cache_limit_bytes: expected a positive int (bytes) or None, found {limit_bytes!r}"
             )
+        if cache_dir is not None and (
+            not isinstance(cache_dir, (str, os.PathLike))
+            or not isinstance(os.fspath(cache_dir), str)
+            or not str(cache_dir)
+        ):
+            # Path("") is the working directory: an empty setting must not fill it with shards
+            raise InvalidOptionError(
+                f"cache_dir: expected a non-empty local directory path or None, found {cache_dir!r}"
+            )
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.limit_bytes = limit_bytes
         try:

@@ -405,3 +405,13 @@ def test_cached_file_truncated_after_its_check_is_fetched_again(store: Path, tmp
     for p in cached:
         os.truncate(p, 100)
     assert [int(reader[i]["i"]) for i in reversed(range(len(reader)))] == want[::-1]
+
+
+@pytest.mark.parametrize("bad", ["", 3, b"/tmp/x"])
+def test_cache_dir_of_the_wrong_type_or_empty(bad: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault: cache_dir="" became Path("") == the working directory (filled with a cache);
+    cache_dir=3 raised a raw TypeError from pathlib."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidOptionError, match="cache_dir: expected a non-empty local directory path"):
+        ShardCache(bad)
+    assert list(tmp_path.iterdir()) == []
