@@ -32,6 +32,10 @@ Guarantees:
   ever opens a partial file under a final name. A shard whose bytes fail the check is fetched
   once more; a second failure raises :class:`~tensorstore_pt.errors.ChecksumMismatchError`
   naming the shard, the expected and the found digest.
+- **Only regular files.** A cached file or lock is opened with ``O_NOFOLLOW | O_NONBLOCK``:
+  a symbolic link, FIFO, socket or device planted at one of the cache's names is never
+  followed or waited on; the name is removed and the shard downloaded again. A directory
+  holding files there raises :class:`~tensorstore_pt.errors.InvalidOptionError` naming it.
 - **Checked before use.** Each process checks a cached file's size and whole-file checksum
   the first time it pins it (a sequential local read, off the training loop when the shard
   is prefetched); a file that fails is deleted and downloaded again. Afterwards every record
@@ -56,11 +60,13 @@ Requirements: ``cache_dir`` on a local file system with ``flock(2)`` (not NFS).
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import hashlib
 import logging
 import os
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -138,6 +144,10 @@ def _flock(fd: int, how: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+#: Opening a name in the cache never follows a link and never waits on a FIFO.
+_RDONLY_SAFE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 def _open_cloexec(path: Path | str, flags: int, mode: int = 0o644) -> int:
@@ -232,7 +242,7 @@ class ShardCache:
 
     Raises:
         InvalidOptionError: ``limit_bytes`` is not a positive int or None, or ``cache_dir``
-            cannot be created.
+            cannot be created, written or locked in (its accounting lock file is tried here).
 
     Thread safety: every method may be called from many threads. Fork/spawn safety: pickles
     to ``(cache_dir, limit_bytes)``; counters and the memo of checked files are per process.
@@ -245,6 +255,15 @@ class ShardCache:
             raise InvalidOptionError(
                 f"cache_limit_bytes: expected a positive int (bytes) or None, found {limit_bytes!r}"
             )
+        if cache_dir is not None and (
+            not isinstance(cache_dir, (str, os.PathLike))
+            or not isinstance(os.fspath(cache_dir), str)
+            or not str(cache_dir)
+        ):
+            # Path("") is the working directory: an empty setting must not fill it with shards
+            raise InvalidOptionError(
+                f"cache_dir: expected a non-empty local directory path or None, found {cache_dir!r}"
+            )
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.limit_bytes = limit_bytes
         try:
@@ -253,6 +272,7 @@ class ShardCache:
             raise InvalidOptionError(
                 f"cache_dir: cannot create {str(self.cache_dir)!r} ({exc.strerror or exc}); expected a writable local directory"
             ) from exc
+        os.close(self._accounting())  # a directory we cannot write (or lock in) fails here, typed
         self._init_process()
 
     def _init_process(self) -> None:
@@ -284,17 +304,36 @@ class ShardCache:
     # ------------------------------------------------------------------ layout
 
     def store_dir(self, storage: Storage) -> Path:
-        """The directory of ``storage``'s shards in this cache (created on first use)."""
+        """The directory of ``storage``'s shards in this cache (created on first use).
+
+        Raises:
+            InvalidOptionError: It cannot be created (another file holds its name, no permission).
+        """
         ident = store_identity(storage)
         d = self.cache_dir / hashlib.sha256(ident.encode()).hexdigest()[:16]
         if not d.is_dir():
-            d.mkdir(parents=True, exist_ok=True)
-            info = d / "source.txt"
-            if not info.exists():  # for people looking at the cache; never read back
-                tmp = d / f".source.txt.{os.getpid()}-{secrets.token_hex(4)}"  # no _TMP: never swept
-                tmp.write_text(ident + "\n")
-                os.replace(tmp, info)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                info = d / "source.txt"
+                if not info.exists():  # for people looking at the cache; never read back
+                    tmp = d / f".source.txt.{os.getpid()}-{secrets.token_hex(4)}"  # no _TMP: never swept
+                    tmp.write_text(ident + "\n")
+                    os.replace(tmp, info)
+            except OSError as exc:
+                raise self._unusable(d, exc, "a directory of the shard cache") from exc
         return d
+
+    def _unusable(self, path: Path | str, exc: OSError, expected: str) -> InvalidOptionError | StorageFullError:
+        if exc.errno in FULL_ERRNOS:
+            return StorageFullError(
+                exc.errno,
+                f"shard cache {str(self.cache_dir)!r}: no space left on the device ({exc.strerror or exc}) while "
+                f"creating {str(path)!r}; free space or set a smaller cache_limit_bytes",
+            )
+        return InvalidOptionError(
+            f"cache_dir: cannot use {str(path)!r} ({exc.strerror or exc}); expected {expected} (cache_dir must be a "
+            f"writable local directory, on a file system with flock(2), used only by the shard cache)"
+        )
 
     @staticmethod
     def file_name(key: ShardKey) -> str:
@@ -304,9 +343,18 @@ class ShardCache:
     # ------------------------------------------------------------------ accounting
 
     def _accounting(self) -> int:
-        fd = _open_cloexec(self.cache_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        path = self.cache_dir / _LOCK_NAME
         try:
-            _flock(fd, fcntl.LOCK_EX)  # blocking: held only for a directory scan and a reservation
+            fd = _open_cloexec(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            raise self._unusable(path, exc, "a regular lock file (or nothing)") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise self._unusable(path, OSError(errno.EINVAL, "not a regular file"), "a regular lock file")
+            try:
+                _flock(fd, fcntl.LOCK_EX)  # blocking: held only for a directory scan and a reservation
+            except OSError as exc:
+                raise self._unusable(path, exc, "a file system with flock(2)") from exc
         except BaseException:
             os.close(fd)
             raise
@@ -341,9 +389,11 @@ class ShardCache:
     def _orphan(path: str) -> bool:
         """Remove a temporary file whose writer is gone (no flock on it); True if removed."""
         try:
-            fd = _open_cloexec(path, os.O_RDONLY)
+            fd = _open_cloexec(path, _RDONLY_SAFE)
         except FileNotFoundError:
             return True
+        except OSError:
+            return False  # a link or a directory named like a temporary file: left alone
         try:
             if not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
                 return False
@@ -357,9 +407,11 @@ class ShardCache:
 
     def _evict_one(self, path: Path) -> bool:
         try:
-            fd = _open_cloexec(path, os.O_RDONLY)
+            fd = _open_cloexec(path, _RDONLY_SAFE)
         except FileNotFoundError:
             return True
+        except OSError:
+            return False  # replaced by a link meanwhile: not evictable
         try:
             if not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
                 return False  # pinned by a reader
@@ -371,9 +423,9 @@ class ShardCache:
             os.close(fd)
         lock = path.with_name(path.name + ".lock")
         try:
-            lfd = _open_cloexec(lock, os.O_RDONLY)
-        except FileNotFoundError:
-            return True
+            lfd = _open_cloexec(lock, _RDONLY_SAFE)
+        except OSError:
+            return True  # absent, or not a lock file of ours: the shard itself is gone
         try:
             if _flock(lfd, fcntl.LOCK_EX | fcntl.LOCK_NB):
                 try:
@@ -485,6 +537,9 @@ class ShardCache:
             ShardSizeError: The source's file has another size than the index says.
             ChecksumMismatchError: The downloaded bytes failed the index's checksum twice.
             StorageFullError: The cache's file system is full.
+            InvalidOptionError: The cache's own name for the shard (or its lock) holds a
+                directory with files in it, or the cache directory cannot be written. A link,
+                FIFO, socket or empty directory there is removed (the name only) and replaced.
             RemoteStorageError, OSError: As the source raises them past its retries.
         """
         self._ensure_process()
@@ -521,7 +576,19 @@ class ShardCache:
         """Take the shard's download lock (polling, so ``cancel`` is honoured)."""
         path = final.with_name(final.name + ".lock")
         while True:
-            fd = _open_cloexec(path, os.O_RDWR | os.O_CREAT)
+            try:
+                fd = _open_cloexec(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EISDIR) and _remove_foreign(
+                    path, "a symbolic link" if exc.errno == errno.ELOOP else "a directory"
+                ):
+                    continue
+                raise self._unusable(path, exc, "a shard's lock file (a regular file, or nothing)") from exc
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                if _remove_foreign(path, "not a regular file"):
+                    continue
+                raise self._unusable(path, OSError(errno.EISDIR, "a directory"), "a shard's lock file")
             while not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
                 if cancel is not None and cancel.is_set():
                     os.close(fd)
@@ -536,12 +603,30 @@ class ShardCache:
             os.close(fd)
 
     def _pin(self, final: Path, key: ShardKey) -> CachedShard | None:
-        """Open, share-lock and check the cached file; None if absent (or deleted as bad)."""
+        """Open, share-lock and check the cached file; None if absent (or deleted as bad).
+
+        Only a regular file is ever used: a symbolic link, FIFO, socket or device at the name is
+        removed (the name alone; nothing it points to) and the shard downloaded again; a
+        non-empty directory raises InvalidOptionError (it is not the cache's to delete)."""
         try:
-            fd = _open_cloexec(final, os.O_RDONLY)
+            # O_NOFOLLOW: a link is never followed; O_NONBLOCK: opening a FIFO never hangs.
+            fd = _open_cloexec(final, _RDONLY_SAFE)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and _remove_foreign(final, "a symbolic link"):
+                return None
+            raise self._unusable(final, exc, "a cached shard file (a regular file, or nothing)") from exc
         try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                os.close(fd)
+                fd = -1
+                if _remove_foreign(final, "a directory" if stat.S_ISDIR(mode) else "not a regular file"):
+                    return None
+                raise self._unusable(
+                    final, OSError(errno.EISDIR, "a directory with files in it"), "a cached shard file (or nothing)"
+                )
             _flock(fd, fcntl.LOCK_SH)
             st = os.fstat(fd)
             if st.st_nlink == 0:  # evicted between open and lock
@@ -549,7 +634,7 @@ class ShardCache:
                 return None
             ident = (st.st_dev, st.st_ino)
             with self._mutex:
-                checked = ident in self._checked
+                checked = ident in self._checked and st.st_size == key.file_bytes  # resized since: again
             if not checked:
                 found = _digest_fd(fd, st.st_size)
                 if st.st_size != key.file_bytes or found != key.checksum:
@@ -582,10 +667,30 @@ class ShardCache:
             return CachedShard(fd, final, st.st_size)
         except BaseException:
             try:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             except OSError:
                 pass
             raise
+
+    def discard(self, shard: CachedShard) -> None:
+        """Forget that ``shard``'s file was checked and delete it from the cache (if it is still
+        the file under that name): it was found damaged after its check. Readers that have it
+        open keep their open file; the next pin downloads the shard again."""
+        self._ensure_process()
+        try:
+            st = os.fstat(shard._fd)
+        except OSError:
+            return
+        with self._mutex:
+            self._checked.discard((st.st_dev, st.st_ino))
+            self.refetches += 1
+        logger.warning("shard cache: cached file %r changed after it was checked; deleting it", str(shard.path))
+        try:
+            if os.lstat(shard.path).st_ino == st.st_ino:
+                os.unlink(shard.path)
+        except FileNotFoundError:
+            pass
 
     def _download(
         self, source: Storage, store_dir: Path, final: Path, key: ShardKey, cancel: threading.Event | None
@@ -671,6 +776,24 @@ class ShardCache:
             return h.intdigest()
         finally:
             handle.close()
+
+
+def _remove_foreign(path: Path, what: str) -> bool:
+    """Remove what sits at one of the cache's own names but is not a regular file (a link,
+    FIFO, socket, device: the name only; an empty directory). False if it cannot be removed
+    (a directory holding files), True if it is gone."""
+    logger.warning("shard cache: %r is %s, expected a regular file; removing it", str(path), what)
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _digest_fd(fd: int, size: int) -> int:
@@ -820,6 +943,13 @@ class _Feed:
             self.pinned[name] = h
             return h
 
+    def drop(self, name: str, h: CachedShard) -> None:
+        """Unpin ``h`` (a damaged cached file): the next read of ``name`` pins it afresh."""
+        with self.cond:
+            if self.pinned.get(name) is h:
+                del self.pinned[name]
+        h.close()
+
     def close(self) -> None:
         self.stop.set()
         with self.cond:
@@ -946,16 +1076,27 @@ class CachedStorage(Storage):
     def _enter(self, name: str) -> CachedShard:
         try:
             return self.feed().enter(name)
-        except MissingShardError as exc:
+        except (MissingShardError, ShardSizeError, ChecksumMismatchError) as exc:
+            # a shard gone, resized or rewritten at the source: damage, or a store replaced at
+            # the same URL (even with the same shard names): the index decides which
             self._raise_if_changed(exc)
             raise
 
     def _read(self, name: str, offset: int, length: int) -> bytes:
+        healed = False
         while True:
             try:
-                return self._enter(name).read_range(offset, length)
+                h = self._enter(name)
+                data = h.read_range(offset, length)
             except _Released:
                 continue  # unpinned by this consumer's own move to another shard: pin it again
+            if healed or len(data) >= max(0, min(length, self.keys[name].file_bytes - offset)):
+                return data
+            # The cached file shrank after this process checked it (truncated under the cache):
+            # the store is fine, the local copy is not. Drop it and fetch the shard once more.
+            healed = True
+            self.cache.discard(h)
+            self.feed().drop(name, h)
 
     def _raise_if_changed(self, cause: BaseException) -> None:
         if self.index_digest is None:

@@ -165,11 +165,31 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+#: Storage options whose values are always text (credentials, endpoints, names): a secret of
+#: digits such as ``secret=12345678`` must not become the int 12345678.
+TEXT_STORAGE_OPTIONS = frozenset(
+    {
+        "key",
+        "secret",
+        "password",
+        "username",
+        "endpoint_url",
+        "profile",
+        "region_name",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "project",
+    }
+)
+
+
 def parse_storage_options(items: Sequence[str] | None) -> dict[str, Any] | None:
     """``--storage-option KEY=VALUE`` (repeatable) -> a storage_options dict, or None if none.
 
     VALUE is parsed as JSON when it parses (``true``, ``3``, ``{"a": 1}``), else kept as a
-    string; a dotted KEY (``client_kwargs.region_name``) makes nested dicts.
+    string; the values of :data:`TEXT_STORAGE_OPTIONS` (``key``, ``secret``, ``endpoint_url``...)
+    are always kept as strings. A dotted KEY (``client_kwargs.region_name``) makes nested dicts.
 
     Raises:
         InvalidOptionError: An item without ``=``, an empty key, or a key both a value and a
@@ -188,7 +208,7 @@ def parse_storage_options(items: Sequence[str] | None) -> dict[str, Any] | None:
                 f"--storage-option: expected KEY=VALUE such as endpoint_url=http://127.0.0.1:9000, found {item!r}"
             )
         try:
-            value: Any = json.loads(text)
+            value: Any = text if parts[-1] in TEXT_STORAGE_OPTIONS else json.loads(text)
         except ValueError:
             value = text
         node = out
@@ -668,14 +688,28 @@ def _options(*groups: list[str] | None) -> dict[str, Any] | None:
     return merged or None
 
 
+def _is_url(location: str) -> bool:
+    """Whether a location takes storage options (a URL other than ``file://``)."""
+    return "://" in location and not location.lower().startswith("file://")
+
+
 def _cmd_cp(args: argparse.Namespace) -> int:
     from .copy import copy_store
+    from .errors import InvalidOptionError
 
+    # --storage-option is for "both sides": a local side (which takes none) is left out of it,
+    # so that `tspt cp ./store s3://b/p --storage-option endpoint_url=...` works.
+    shared = args.storage_option
+    if shared and not (_is_url(args.src) or _is_url(args.dst)):
+        raise InvalidOptionError(
+            f"--storage-option: expected SRC or DST to be a URL such as s3://bucket/prefix; both are local paths "
+            f"({args.src!r}, {args.dst!r})"
+        )
     report = copy_store(
         args.src,
         args.dst,
-        src_storage_options=_options(args.storage_option, args.src_storage_option),
-        dst_storage_options=_options(args.storage_option, args.dst_storage_option),
+        src_storage_options=_options(shared if _is_url(args.src) else None, args.src_storage_option),
+        dst_storage_options=_options(shared if _is_url(args.dst) else None, args.dst_storage_option),
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.quiet,
@@ -720,7 +754,8 @@ def _add_storage_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage-option", action="append", default=None, metavar="KEY=VALUE",
         help="for a store URL (s3://bucket/prefix, gs://..., memory://..., https://... read-only): an fsspec "
-        "storage option, repeatable; VALUE is JSON when it parses, else a string; a dotted KEY nests "
+        "storage option, repeatable; VALUE is JSON when it parses, else a string (key, secret, endpoint_url "
+        "and other credentials are always strings); a dotted KEY nests "
         "(client_kwargs.region_name=eu-west-1). Credentials and endpoints otherwise come from the backend's "
         "environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)",
     )  # fmt: skip
@@ -894,8 +929,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace another store at DST")
     p.add_argument(
         "--storage-option", action="append", default=None, metavar="KEY=VALUE",
-        help="an fsspec storage option for both SRC and DST (repeatable; VALUE is JSON when it parses, else a "
-        "string; a dotted KEY nests: client_kwargs.region_name=eu-west-1)",
+        help="an fsspec storage option for SRC and DST, whichever are URLs (repeatable; VALUE is JSON when it "
+        "parses, else a "
+        "string, and always a string for key, secret, endpoint_url and other credentials; a dotted KEY nests: "
+        "client_kwargs.region_name=eu-west-1)",
     )  # fmt: skip
     p.add_argument(
         "--src-storage-option", action="append", default=None, metavar="KEY=VALUE",

@@ -483,6 +483,12 @@ def copy_store(
                 if _is_temp_of(n, wanted):
                     target.remove(n)
         present = target.sizes()  # one listing: regular files and their sizes
+        odd = sorted(n for n in names if n in wanted and n not in present)
+        if odd:  # a directory (prefix), FIFO... under a name the copy must write: never ours to delete
+            raise NotARegularFileError(
+                f"{target.location!r}: {odd[0]!r} (one of the copy's file names) is not a regular file; expected a "
+                f"regular file or nothing there ({len(odd)} such name(s)); remove it and copy again. Nothing was changed"
+            )
         stop = threading.Event()
         bar = _Progress(progress, sum(f.size for f in files))
         try:

@@ -7,7 +7,9 @@ Requests (one line each, ``N`` = shards):
 - :meth:`FsspecStorage.open`: no request when the name is in this storage's last listing,
   else one ``HEAD``; ``read_range``: one ranged ``GET``.
 - :meth:`FsspecStorage.writer`: the bytes are spooled to a local temporary file (bounded
-  memory; the spool needs the file's size in free local disk), and ``commit()`` uploads them
+  memory; the spool needs the file's size in free local disk: ENOSPC there raises
+  :class:`~tensorstore_pt.errors.StorageFullError` naming the spool; the spool file of a writer
+  that died is removed by the next writer's sweep of that directory), and ``commit()`` uploads them
   under the final name: one ``PUT``, or an S3 multipart upload for files of 100 MiB or more
   (s3fs ``put_file``: parts of at least 50 MiB).
 
@@ -49,6 +51,7 @@ spawned one sees nothing).
 from __future__ import annotations
 
 import errno
+import fcntl
 import http.client
 import importlib
 import os
@@ -69,7 +72,7 @@ from ..errors import (
     RemoteStorageError,
     StoreNotFoundError,
 )
-from .abc import AtomicWriter, ReadHandle, Storage, StoreLock
+from .abc import FULL_ERRNOS, AtomicWriter, ReadHandle, Storage, StoreLock, full_disk_error
 
 __all__ = ["FsspecStorage", "DEFAULT_RETRIES", "DEFAULT_RETRY_DEADLINE_S", "DEFAULT_RETRY_BASE_DELAY_S"]
 
@@ -207,9 +210,21 @@ class FsspecStorage(Storage):
             raise InvalidOptionError(f"url: expected an fsspec URL like 's3://bucket/prefix', found {url!r}")
         if storage_options is not None and not isinstance(storage_options, dict):
             raise InvalidOptionError(f"storage_options: expected a dict, found {type(storage_options).__name__}")
+        scheme, _, rest = url.partition("://")
+        if not scheme or not rest.strip("/"):
+            # "s3://" stripped of its slashes would be "s3:", a relative local path
+            raise InvalidOptionError(
+                f"url: expected a scheme and a location such as 's3://bucket/prefix' or 'memory://name', found {url!r}"
+            )
+        if "::" in url:
+            raise InvalidOptionError(
+                f"url: expected one fsspec URL, found {url!r}: fsspec reads '::' as a chain of file systems "
+                "('simplecache::s3://...'), which stores do not support, so a key with '::' in it cannot be addressed"
+            )
         self.url = url.rstrip("/")
         self.location = self.url
         self.storage_options = dict(storage_options or {})
+        _check_option_types(self.storage_options, _protocol(url))
         own = {k[len(_OPTION_PREFIX) :]: v for k, v in self.storage_options.items() if k.startswith(_OPTION_PREFIX)}
         unknown = set(own) - {"retries", "retry_deadline_s", "retry_base_delay_s", "spool_dir"}
         if unknown:
@@ -233,6 +248,12 @@ class FsspecStorage(Storage):
             float,
         )
         self.spool_dir = own.get("spool_dir")
+        if self.spool_dir is not None and (
+            not isinstance(self.spool_dir, (str, os.PathLike)) or not os.path.isdir(self.spool_dir)
+        ):
+            raise InvalidOptionError(
+                f"{_OPTION_PREFIX}spool_dir: expected an existing local directory, found {self.spool_dir!r}"
+            )
         self.protocol = _protocol(self.url)
         self.read_only = self.protocol in _READ_ONLY
         self.object_store = self.protocol in _OBJECT_STORES
@@ -413,7 +434,26 @@ class FsspecStorage(Storage):
         if self.read_only:
             return self._http_has_index()
         info = self._root_info()
-        return info is not None and info.get("type") == "directory"
+        if info is None:
+            return False
+        if info.get("type") == "directory":
+            return True
+        # On S3/GCS a key can be an object ("p") and a prefix with objects under it ("p/...") at
+        # once; a store at the URL is the prefix, so the prefix decides.
+        return self.object_store and self._prefix_has_objects()
+
+    def _prefix_has_objects(self) -> bool:
+        under = self._root + "/"
+
+        def ls() -> list[Any]:
+            self._invalidate(self._root)
+            return self.fs.ls(self._root, detail=False)
+
+        try:
+            names = self.call("list", None, ls)
+        except FileNotFoundError:
+            return False
+        return any(str(n).startswith(under) for n in names)
 
     def _http_has_index(self) -> bool:
         try:
@@ -617,6 +657,27 @@ def _rebuild(url: str, options: dict[str, Any], retries: int, deadline: float, b
     return FsspecStorage(url, options, retries=retries, retry_deadline_s=deadline, retry_base_delay_s=base)
 
 
+#: Options that are dicts of a backend's keyword arguments, wherever they are given.
+_DICT_OPTIONS = frozenset({"client_kwargs", "config_kwargs", "s3_additional_kwargs"})
+#: s3fs options that are text (or None): credentials and the endpoint.
+_S3_TEXT_OPTIONS = frozenset({"key", "secret", "token", "endpoint_url", "profile", "username", "password"})
+
+
+def _check_option_types(options: dict[str, Any], protocol: str) -> None:
+    """Refuse storage options of the wrong type here, by name, rather than deep inside the
+    backend's first request (or as a TypeError while the retry settings are merged in)."""
+    for k, v in options.items():
+        if not isinstance(k, str):
+            raise InvalidOptionError(f"storage_options: expected str keys, found {k!r}")
+        if k in _DICT_OPTIONS and not isinstance(v, dict):
+            raise InvalidOptionError(f"storage_options[{k!r}]: expected a dict of keyword arguments, found {v!r}")
+        if protocol in ("s3", "s3a") and k in _S3_TEXT_OPTIONS and v is not None and not isinstance(v, str):
+            raise InvalidOptionError(
+                f"storage_options[{k!r}]: expected a str, found {type(v).__name__} {v!r} (quote it: a secret of digits "
+                "is still text)"
+            )
+
+
 def _check_number(value: Any, what: str, kind: type) -> Any:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
     if kind is int:
@@ -666,6 +727,46 @@ class _FsspecHandle(ReadHandle):
         pass
 
 
+_SPOOL_PREFIX = "tspt-upload-"
+_SPOOL_SUFFIX = ".part"
+#: A spool file younger than this is never swept (the instant between its creation and its lock).
+_SPOOL_GRACE_S = 60.0
+_swept_spools: set[tuple[int, str]] = set()
+_swept_lock = threading.Lock()
+
+
+def _sweep_spool(directory: str) -> None:
+    """Remove the spool files of writers that died before their upload (killed, out of memory):
+    ``tspt-upload-*.part`` files nobody holds a lock on, older than a minute. Once per process
+    and directory; a file another user owns, or one in use, is left alone."""
+    key = (os.getpid(), directory)
+    with _swept_lock:
+        if key in _swept_spools:
+            return
+        _swept_spools.add(key)
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    now = time.time()
+    for e in entries:
+        if not (e.name.startswith(_SPOOL_PREFIX) and e.name.endswith(_SPOOL_SUFFIX)):
+            continue
+        try:
+            if not e.is_file(follow_symlinks=False) or now - e.stat(follow_symlinks=False).st_mtime < _SPOOL_GRACE_S:
+                continue
+            fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(e.path)
+        except OSError:
+            pass  # in use (locked), or not ours to remove
+        finally:
+            os.close(fd)
+
+
 class _FsspecWriter(AtomicWriter):
     """Spools to a local temporary file; ``commit`` uploads it in one PUT (or multipart)."""
 
@@ -675,11 +776,38 @@ class _FsspecWriter(AtomicWriter):
         self._exclusive = exclusive
         self._if_match = if_match
         self._done = False
-        fd, self._tmp = tempfile.mkstemp(prefix="tspt-upload-", suffix=".part", dir=storage.spool_dir)
+        try:
+            fd, self._tmp = tempfile.mkstemp(prefix=_SPOOL_PREFIX, suffix=_SPOOL_SUFFIX, dir=storage.spool_dir)
+        except OSError as exc:
+            raise self._spool_error(exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "alive": a sweep removes only unlocked spools
+        except OSError:  # pragma: no cover - a spool directory without flock: never swept
+            pass
         self._f = os.fdopen(fd, "wb")
+        _sweep_spool(os.path.dirname(self._tmp))
+
+    def _spool_error(self, exc: OSError) -> OSError:
+        """A full local spool disk as StorageFullError (naming the spool), other errors as they are."""
+        if exc.errno in FULL_ERRNOS:
+            spool = self._storage.spool_dir or tempfile.gettempdir()
+            return full_disk_error(
+                exc,
+                self._storage.url,
+                self._name,
+                f"spooling (in the local directory {str(spool)!r}, storage option "
+                f"{_OPTION_PREFIX}spool_dir) before uploading",
+            )
+        return exc
 
     def write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            err = self._spool_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
 
     def commit(self) -> None:
         if self._done:
@@ -687,7 +815,13 @@ class _FsspecWriter(AtomicWriter):
         st, name = self._storage, self._name
         path = st._path(name)
         try:
-            self._f.close()
+            try:
+                self._f.close()  # flushes the last buffered bytes: a full spool disk shows here too
+            except OSError as exc:
+                err = self._spool_error(exc)
+                if err is exc:
+                    raise
+                raise err from exc
             size = os.path.getsize(self._tmp)
             if self._if_match is not None and st.conditional_writes:
                 with open(self._tmp, "rb") as f:
