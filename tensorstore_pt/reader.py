@@ -801,11 +801,9 @@ class StoreReader:
             return np.zeros(0, dtype=np.int64)
         if arr.dtype.kind not in "iu":
             values = arr.tolist()
-            bad = next(
-                (x for x in values if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))), None
-            )
-            if bad is not None:
-                raise RecordIndexTypeError(f"record index: expected an int, found {type(bad).__name__}")
+            bad = [x for x in values if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))]
+            if bad:  # (a list, not next(..., None): None itself is a bad index)
+                raise RecordIndexTypeError(f"record index: expected an int, found {type(bad[0]).__name__}")
             # ints in an object array: Python ints too large for int64, or ints of an object-dtype
             # array or column, which may all be in range
             outside = next((int(x) for x in values if not -n <= int(x) < n), None)

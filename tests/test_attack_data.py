@@ -135,6 +135,11 @@ def test_ints_in_an_object_array_are_read_or_refused_by_what_they_are(stores: di
         r.read_many(np.array([1, True], dtype=object))
     with pytest.raises(tspt.errors.RecordIndexTypeError, match="expected an int, found float"):
         r.read_many([1, 2.0])
+    for req in ([None], [1, None], [None, 2**70], np.array([None, 1], dtype=object)):  # was a bare TypeError
+        with pytest.raises(tspt.errors.RecordIndexTypeError, match="expected an int, found NoneType"):
+            r.read_many(req)
+        with pytest.raises(tspt.errors.RecordIndexTypeError):
+            r[list(req)]
 
 
 def test_iter_many_plans_a_bounded_number_of_requests_at_a_time(stores: dict[int, Path], monkeypatch) -> None:
