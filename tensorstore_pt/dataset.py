@@ -156,11 +156,17 @@ class ConsumerInfo(NamedTuple):
     num_workers: int
 
 
-def _check_int(name: str, value: Any, low: int, none_ok: bool = False) -> int | None:
+#: The largest batch, block or window size: sizes and positions derived from them stay in int64.
+_SIZE_LIMIT = 2**62
+
+
+def _check_int(name: str, value: Any, low: int, none_ok: bool = False, high: int | None = None) -> int | None:
     if value is None and none_ok:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
         raise InvalidOptionError(f"{name}: expected an int >= {low}, found {value!r}")
+    if high is not None and value > high:
+        raise InvalidOptionError(f"{name}: expected an int <= {high}, found {value!r}")
     return int(value)
 
 
@@ -654,9 +660,9 @@ class StoreIterableDataset(IterableDataset):
             raise InvalidOptionError(f"on_error: expected one of {list(ON_ERROR_POLICIES)}, found {on_error!r}")
         if transform is not None and not callable(transform):
             raise InvalidOptionError(f"transform: expected a callable or None, found {type(transform).__name__}")
-        self._batch_arg = _check_int("batch_size", batch_size, 1, True)
-        block_records = _check_int("block_records", block_records, 1, True)
-        window_records = _check_int("window_records", window_records, 1, True)
+        self._batch_arg = _check_int("batch_size", batch_size, 1, True, _SIZE_LIMIT)
+        block_records = _check_int("block_records", block_records, 1, True, _SIZE_LIMIT)
+        window_records = _check_int("window_records", window_records, 1, True, _SIZE_LIMIT)
         self.prefetch_samples = _check_int("prefetch_samples", prefetch_samples, 1)
         prefetch_shards = _check_int("prefetch_shards", prefetch_shards, 1)
         asked = cache_dir is not None or cache_limit_bytes is not None
@@ -821,7 +827,7 @@ class StoreIterableDataset(IterableDataset):
             batch_size: The chunk dealt to each worker; default: the dataset's.
         """
         k = max(1, _check_int("num_workers", num_workers, 0))  # type: ignore[type-var]
-        chunk = _check_int("batch_size", batch_size, 1, True) or int(self._control[_CHUNK])
+        chunk = _check_int("batch_size", batch_size, 1, True, _SIZE_LIMIT) or int(self._control[_CHUNK])
         rank, world = self._rank_world()
         split = self._split(rank, world)
         start = min(int(self._control[_START]), split.length)
@@ -1256,6 +1262,8 @@ class StoreDataLoader(DataLoader):
             # training loop still holds while it asks for the next, and one to spare
             self.collate_fn = SharedBatchCollate(self.collate_fn, (self.prefetch_factor or 2) + 3, dataset._id)
         chunk = self.batch_size if self.batch_size is not None else 1
+        if chunk > _SIZE_LIMIT:
+            raise InvalidOptionError(f"batch_size: expected an int <= {_SIZE_LIMIT}, found {chunk}")
         if dataset._batch_arg is not None and dataset._batch_arg != chunk:
             raise InvalidOptionError(
                 f"batch_size: the dataset was made with batch_size={dataset._batch_arg}, the loader has "

@@ -107,6 +107,19 @@ def test_a_plan_out_of_epoch_order_is_refused(stores: dict[int, Path]) -> None:
     ld.load_state_dict({**state, "plan": [[0, 3], [6, 9]], "world_size": 3})  # ascending: fine
 
 
+@pytest.mark.parametrize("option", ["batch_size", "block_records", "window_records"])
+def test_sizes_past_int64_are_typed_errors(stores: dict[int, Path], option: str) -> None:
+    for value in (2**63, 2**64):  # were torch's ValueError / numpy's OverflowError
+        with pytest.raises(InvalidOptionError, match=rf"{option}: expected an int <= {2**62}, found {value}"):
+            StoreIterableDataset(stores[5], **{option: value})
+    ds = StoreIterableDataset(stores[5], shuffle=True, **{option: 2**62})
+    assert sorted(int(s["id"]) for s in ds) == list(range(5))
+    with pytest.raises(InvalidOptionError, match=r"batch_size: expected an int <= "):
+        StoreDataLoader(StoreIterableDataset(stores[5]), batch_size=2**63)
+    with pytest.raises(InvalidOptionError, match=r"batch_size: expected an int <= "):
+        StoreIterableDataset(stores[5]).partition(2, batch_size=2**63)
+
+
 # ----------------------------------------------------------------------------- read_many
 
 
