@@ -38,6 +38,7 @@ __all__ = [
     "keyed_permutation",
     "mix_key",
     "plan_runs",
+    "rank_shares",
     "rest_of_epoch",
     "split_by_bytes",
     "worker_sample_count",
@@ -238,20 +239,24 @@ class EpochPlan:
         """The end (exclusive) of the interval holding plan position ``p``, in plan positions."""
         return int(self._ends[int(np.searchsorted(self._ends, p, side="right"))])
 
-    def take(self, ranges: list[tuple[int, int]]) -> EpochPlan:
-        """The plan of plan-position ranges ``[a, b)``, concatenated in the order given."""
-        starts = self._ends - (self.intervals[:, 1] - self.intervals[:, 0])
-        out: list[np.ndarray] = []
-        for a, b in ranges:
-            if b <= a:
-                continue
-            i0 = int(np.searchsorted(self._ends, a, side="right"))
-            i1 = int(np.searchsorted(self._ends, b - 1, side="right"))
-            lo = np.maximum(starts[i0 : i1 + 1], a)
-            hi = np.minimum(self._ends[i0 : i1 + 1], b)
-            base = self.intervals[i0 : i1 + 1, 0] - starts[i0 : i1 + 1]
-            out.append(np.stack([base + lo, base + hi], axis=1))
-        return EpochPlan(np.concatenate(out) if out else np.zeros((0, 2), np.int64))
+    def take(self, ranges: list[tuple[int, int]] | np.ndarray) -> EpochPlan:
+        """The plan of plan-position ranges ``[a, b)`` (each within ``[0, M]``), concatenated in
+        the order given. Vectorised: O((ranges + intervals) log intervals), no Python loop."""
+        r = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+        r = r[r[:, 1] > r[:, 0]]
+        if not len(r):
+            return EpochPlan(np.zeros((0, 2), np.int64))
+        lengths = self.intervals[:, 1] - self.intervals[:, 0]
+        starts = self._ends - lengths
+        i0 = np.searchsorted(self._ends, r[:, 0], side="right")
+        i1 = np.searchsorted(self._ends, r[:, 1] - 1, side="right")
+        counts = i1 - i0 + 1
+        which = np.repeat(np.arange(len(r)), counts)  # the range each output interval comes from
+        iv = i0[which] + np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        lo = np.maximum(starts[iv], r[which, 0])
+        hi = np.minimum(self._ends[iv], r[which, 1])
+        base = self.intervals[iv, 0] - starts[iv]
+        return EpochPlan(np.stack([base + lo, base + hi], axis=1))
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,33 @@ class RankSplit:
         return min(self.length, j + end - p)
 
 
+def rank_shares(records: int, world_size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's ``(base, length)`` of ``RankSplit.compute(records, world_size, k, mode)``
+    (``records``: the plan's length), as two int64 arrays of shape (world_size,).
+
+    Vectorised and free of int64 overflow for any ``records < 2**62`` and ``world_size``
+    (``k * n // w`` is computed as ``k * (n // w) + k * (n % w) // w``). Memory: 16 bytes a rank.
+    """
+    n, w = int(records), int(world_size)
+    if w < 1:
+        raise ValueError(f"world_size: expected an int >= 1, found {w}")
+    k = np.arange(w, dtype=np.int64)
+    if mode == "off":
+        q, rem = divmod(n, w)
+        edges = np.arange(w + 1, dtype=np.int64)
+        # edges * rem < (w + 1) * w: in Python ints where that could overflow int64
+        bounds = edges * q + (edges * rem) // w if w < 2**31 else np.array([e * n // w for e in range(w + 1)], np.int64)
+        return bounds[:-1], np.diff(bounds)
+    if mode == "pad":
+        length = -(-n // w)
+        base = (k * length) % n if n else np.zeros(w, np.int64)
+        return base, np.full(w, length, dtype=np.int64)
+    if mode == "drop":
+        length = n // w
+        return k * length, np.full(w, length, dtype=np.int64)
+    raise ValueError(f"equalize mode: expected one of {EQUALIZE_MODES}, found {mode!r}")
+
+
 def rest_of_epoch(
     records: int, world_size: int, mode: str, samples: int | list[int], plan: EpochPlan | None = None
 ) -> EpochPlan:
@@ -339,36 +371,41 @@ def rest_of_epoch(
         ValueError: ``samples`` is negative, a list of the wrong length, or past a rank's share.
 
     Returns:
-        An :class:`EpochPlan`. Cost O(W log W + intervals), no O(N) work.
+        An :class:`EpochPlan`. Cost O(W log W + intervals) in numpy (16 bytes a rank a few
+        times over), no Python loop over ranks and no O(N) work.
     """
     n = int(records) if plan is None else len(plan)
     w = int(world_size)
+    bases, lengths = rank_shares(n, w, mode)
     if isinstance(samples, (list, tuple)):
         if len(samples) != w:
             raise ValueError(f"samples: expected one count per rank ({w}), found {len(samples)}")
         counts = [int(s) for s in samples]
+        done = np.array([min(max(c, -1), 2**62) for c in counts], dtype=np.int64)
+        bad = (done < 0) | (done > lengths)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise ValueError(f"samples of rank {k}: expected 0 <= samples <= {int(lengths[k])}, found {counts[k]}")
     else:
-        counts = [int(samples)] * w
-    consumed: list[tuple[int, int]] = []
-    for k, s in enumerate(counts):
-        split = RankSplit.compute(records, w, k, mode, plan)
-        if s < 0 or (isinstance(samples, (list, tuple)) and s > split.length):
-            raise ValueError(f"samples of rank {k}: expected 0 <= samples <= {split.length}, found {s}")
-        c = min(s, split.length)
-        a, b = split.base, split.base + c
-        if b > n:  # pad: the share wraps around to the plan's start (at most once)
-            consumed += [(a, n), (0, b - n)]
-        elif b > a:
-            consumed.append((a, b))
-    consumed.sort()
-    gaps: list[tuple[int, int]] = []
-    at = 0
-    for a, b in consumed:
-        if a > at:
-            gaps.append((at, a))
-        at = max(at, b)
-    if at < n:
-        gaps.append((at, n))
+        s = int(samples)
+        if s < 0:
+            raise ValueError(f"samples of rank 0: expected 0 <= samples <= {int(lengths[0])}, found {s}")
+        done = np.minimum(lengths, min(s, 2**62))
+    a, b = bases, bases + done
+    wraps = b > n  # pad: the share wraps around to the plan's start (at most once)
+    lo = np.concatenate([a, np.zeros(int(wraps.sum()), np.int64)])
+    hi = np.concatenate([np.where(wraps, n, b), b[wraps] - n])
+    keep = hi > lo
+    lo, hi = lo[keep], hi[keep]
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
+    reach = np.maximum.accumulate(hi) if len(hi) else hi
+    before = np.concatenate([np.zeros(1, np.int64), reach])[: len(lo)]  # the furthest end before each
+    gap = lo > before
+    gaps = np.stack([before[gap], lo[gap]], axis=1)
+    tail = int(reach[-1]) if len(reach) else 0
+    if tail < n:
+        gaps = np.concatenate([gaps, np.array([[tail, n]], dtype=np.int64)])
     source = plan if plan is not None else EpochPlan.whole(records)
     return source.take(gaps)
 

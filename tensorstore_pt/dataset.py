@@ -156,12 +156,30 @@ class ConsumerInfo(NamedTuple):
     num_workers: int
 
 
-def _check_int(name: str, value: Any, low: int, none_ok: bool = False) -> int | None:
+#: The largest batch, block or window size: sizes and positions derived from them stay in int64.
+_SIZE_LIMIT = 2**62
+
+
+def _check_int(name: str, value: Any, low: int, none_ok: bool = False, high: int | None = None) -> int | None:
     if value is None and none_ok:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
         raise InvalidOptionError(f"{name}: expected an int >= {low}, found {value!r}")
+    if high is not None and value > high:
+        raise InvalidOptionError(f"{name}: expected an int <= {high}, found {value!r}")
     return int(value)
+
+
+#: Epochs are int64 in the shared control block, and the next epoch (``epoch + 1``) must fit too.
+_EPOCH_LIMIT = 2**63 - 1
+
+
+def _check_epoch(name: str, value: Any) -> int:
+    """An epoch: an int in ``[0, 2**63 - 1)`` (it and the next one fit the shared int64 slot)."""
+    e = _check_int(name, value, 0)
+    if e >= _EPOCH_LIMIT:  # type: ignore[operator]
+        raise InvalidOptionError(f"{name}: expected an int in [0, 2**63 - 1), found {e}")
+    return e  # type: ignore[return-value]
 
 
 def _env_int(name: str) -> int | None:
@@ -642,9 +660,9 @@ class StoreIterableDataset(IterableDataset):
             raise InvalidOptionError(f"on_error: expected one of {list(ON_ERROR_POLICIES)}, found {on_error!r}")
         if transform is not None and not callable(transform):
             raise InvalidOptionError(f"transform: expected a callable or None, found {type(transform).__name__}")
-        self._batch_arg = _check_int("batch_size", batch_size, 1, True)
-        block_records = _check_int("block_records", block_records, 1, True)
-        window_records = _check_int("window_records", window_records, 1, True)
+        self._batch_arg = _check_int("batch_size", batch_size, 1, True, _SIZE_LIMIT)
+        block_records = _check_int("block_records", block_records, 1, True, _SIZE_LIMIT)
+        window_records = _check_int("window_records", window_records, 1, True, _SIZE_LIMIT)
         self.prefetch_samples = _check_int("prefetch_samples", prefetch_samples, 1)
         prefetch_shards = _check_int("prefetch_shards", prefetch_shards, 1)
         asked = cache_dir is not None or cache_limit_bytes is not None
@@ -724,7 +742,7 @@ class StoreIterableDataset(IterableDataset):
         Takes effect in DataLoader workers, persistent ones included, at their next iteration
         (the epoch lives in shared memory).
         """
-        e = _check_int("epoch", epoch, 0)
+        e = _check_epoch("epoch", epoch)
         self._set_epoch_calls += 1
         if e != self.epoch:
             self._control[_EPOCH] = e
@@ -790,7 +808,7 @@ class StoreIterableDataset(IterableDataset):
 
     def epoch_order(self, epoch: int | None = None) -> np.ndarray:
         """The whole epoch order as records (int64 (N,)). O(N) memory: for inspection and tests."""
-        e = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
+        e = self.epoch if epoch is None else _check_epoch("epoch", epoch)
         return EpochOrder(self.layout(), shuffle=self.shuffle, seed=self.seed, epoch=e).all_records()  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -809,7 +827,7 @@ class StoreIterableDataset(IterableDataset):
             batch_size: The chunk dealt to each worker; default: the dataset's.
         """
         k = max(1, _check_int("num_workers", num_workers, 0))  # type: ignore[type-var]
-        chunk = _check_int("batch_size", batch_size, 1, True) or int(self._control[_CHUNK])
+        chunk = _check_int("batch_size", batch_size, 1, True, _SIZE_LIMIT) or int(self._control[_CHUNK])
         rank, world = self._rank_world()
         split = self._split(rank, world)
         start = min(int(self._control[_START]), split.length)
@@ -1086,29 +1104,33 @@ _STATE_FORMAT = "tensorstore_pt.StoreDataLoader"
 #: Version 2 adds ``plan`` and resumes with another world size; version 1 states are still read.
 _STATE_VERSION = 2
 _STATE_VERSIONS = (1, 2)
+#: The largest world size a state may name. Resuming elastically costs O(world size) (the rest
+#: of an epoch has up to one interval per saving rank), so a state naming billions of ranks
+#: would exhaust memory or hang; no job has more than a few hundred thousand ranks.
+MAX_STATE_WORLD_SIZE = 2**20
 #: What every resume must match; world_size and equalize may differ (an elastic resume).
 _STATE_INVARIANTS = ("store", "records", "shuffle", "seed", "block_records", "window_records")
 
 
 def _plan_from_state(raw: Any, records: int) -> EpochPlan | None:
-    """Check a state's ``plan`` (None or ``[[lo, hi], ...]``, disjoint, within ``[0, records)``)."""
+    """Check a state's ``plan``: None or ``[[lo, hi], ...]``, non-empty intervals within
+    ``[0, records)``, disjoint and ascending (epoch order, as every saved plan is)."""
     if raw is None:
         return None
     ok = isinstance(raw, (list, tuple)) and all(
         isinstance(iv, (list, tuple))
         and len(iv) == 2
-        and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in iv)
+        and all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in iv)
         and 0 <= iv[0] < iv[1] <= records
         for iv in raw
     )
     if ok:
         iv = np.asarray(raw, dtype=np.int64).reshape(-1, 2)
-        by_lo = iv[np.argsort(iv[:, 0], kind="stable")]
-        ok = bool(np.all(by_lo[1:, 0] >= by_lo[:-1, 1]))
+        ok = bool(np.all(iv[1:, 0] >= iv[:-1, 1]))
     if not ok:
         raise InvalidOptionError(
-            f"state plan: expected None or a list of disjoint [lo, hi] intervals with 0 <= lo < hi <= {records}, "
-            f"found {raw!r:.200}"
+            f"state plan: expected None or a list of disjoint, ascending [lo, hi] intervals with "
+            f"0 <= lo < hi <= {records}, found {raw!r:.200}"
         )
     plan = EpochPlan(iv)
     return None if plan.is_whole(records) else plan
@@ -1117,6 +1139,10 @@ def _plan_from_state(raw: Any, records: int) -> EpochPlan | None:
 def _state_split(state: dict[str, Any], records: int) -> tuple[int, str, EpochPlan | None]:
     """A state's world size, equalize mode and plan (checked)."""
     world = _check_int("state world_size", state.get("world_size"), 1)
+    if world > MAX_STATE_WORLD_SIZE:  # type: ignore[operator]
+        raise InvalidOptionError(
+            f"state world_size: expected an int in [1, {MAX_STATE_WORLD_SIZE}] (2**20), found {world}"
+        )
     mode = state.get("equalize")
     if mode not in EQUALIZE_MODES:
         raise InvalidOptionError(f"state equalize: expected one of {list(EQUALIZE_MODES)}, found {mode!r}")
@@ -1257,6 +1283,8 @@ class StoreDataLoader(DataLoader):
             # training loop still holds while it asks for the next, and one to spare
             self.collate_fn = SharedBatchCollate(self.collate_fn, (self.prefetch_factor or 2) + 3, dataset._id)
         chunk = self.batch_size if self.batch_size is not None else 1
+        if chunk > _SIZE_LIMIT:
+            raise InvalidOptionError(f"batch_size: expected an int <= {_SIZE_LIMIT}, found {chunk}")
         if dataset._batch_arg is not None and dataset._batch_arg != chunk:
             raise InvalidOptionError(
                 f"batch_size: the dataset was made with batch_size={dataset._batch_arg}, the loader has "
@@ -1393,7 +1421,7 @@ class StoreDataLoader(DataLoader):
         if wrong:
             detail = ", ".join(f"{k}: state has {a!r}, this loader has {b!r}" for k, (a, b) in sorted(wrong.items()))
             raise InvalidOptionError(f"state does not fit this loader ({detail})")
-        epoch = _check_int("state epoch", state.get("epoch"), 0)
+        epoch = _check_epoch("state epoch", state.get("epoch"))
         samples = _check_int("state samples", state.get("samples"), 0)
         saved_world, saved_mode, plan = _state_split(state, ds.records)
         longest = max(
@@ -1450,13 +1478,13 @@ class StoreDataLoader(DataLoader):
                 raise InvalidOptionError(f"states: ranks disagree on {wrong} ({st.get('rank')} vs {first.get('rank')})")
         records = _check_int("state records", first.get("records"), 0)
         world, mode, _ = _state_split(first, records)  # type: ignore[arg-type]
-        ranks = sorted(st.get("rank") for st in states if isinstance(st.get("rank"), int))
-        if ranks != list(range(world)) or len(states) != world:
+        ranks = sorted(st.get("rank") for st in states if type(st.get("rank")) is int)
+        if len(states) != world or ranks != list(range(world)):  # (the length first: world may be huge)
             raise InvalidOptionError(
                 f"states: expected one state from each rank 0..{world - 1}, found ranks {[s.get('rank') for s in states]}"
             )
         by_rank = sorted(states, key=lambda st: st["rank"])
-        epochs = [_check_int("state epoch", st.get("epoch"), 0) for st in by_rank]
+        epochs = [_check_epoch("state epoch", st.get("epoch")) for st in by_rank]
         counts = [_check_int("state samples", st.get("samples"), 0) for st in by_rank]
         epoch = min(epochs)  # type: ignore[type-var]
         current = [st for st, e in zip(by_rank, epochs) if e == epoch]

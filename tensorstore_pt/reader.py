@@ -96,6 +96,8 @@ MERGE_GAP_BYTES = 64 * 2**10
 #: What a bulk read reports per record instead of raising: the store's damage
 #: (``CorruptStoreError`` and its subclasses) and refused pickles (``UnsafePayloadError``).
 RECORD_ERRORS: tuple[type[BaseException], ...] = (CorruptStoreError, UnsafePayloadError)
+#: Requests :meth:`StoreReader.iter_many` plans at a time (its planning memory: about 50 bytes each).
+PLAN_RECORDS = 2**16
 
 
 def _check_max_record_bytes(value: Any) -> int:
@@ -784,6 +786,10 @@ class StoreReader:
         n = len(self)
         kind = type(records).__name__
         if isinstance(records, range):
+            # Bounds first, in O(1): range(10**12) must not allocate 8 TB before it is refused.
+            for end in (records[0], records[-1]) if len(records) else ():
+                if not -n <= end < n:
+                    raise RecordIndexError(f"record {end} is out of range for store {self.location!r} with {n} records")
             arr = np.arange(records.start, records.stop, records.step, dtype=np.int64)
         elif isinstance(records, (str, bytes)) or isinstance(records, (int, np.integer)):
             raise RecordIndexTypeError(f"records: expected a 1-D sequence of ints, found {kind}")
@@ -800,12 +806,15 @@ class StoreReader:
             return np.zeros(0, dtype=np.int64)
         if arr.dtype.kind not in "iu":
             values = arr.tolist()
-            bad = next((x for x in values if isinstance(x, bool) or not isinstance(x, int)), None)
-            if bad is None:  # Python ints too large for int64
-                raise RecordIndexError(
-                    f"record {max(values, key=abs)} is out of range for store {self.location!r} with {n} records"
-                )
-            raise RecordIndexTypeError(f"record index: expected an int, found {type(bad).__name__}")
+            bad = [x for x in values if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))]
+            if bad:  # (a list, not next(..., None): None itself is a bad index)
+                raise RecordIndexTypeError(f"record index: expected an int, found {type(bad[0]).__name__}")
+            # ints in an object array: Python ints too large for int64, or ints of an object-dtype
+            # array or column, which may all be in range
+            outside = next((int(x) for x in values if not -n <= int(x) < n), None)
+            if outside is not None:
+                raise RecordIndexError(f"record {outside} is out of range for store {self.location!r} with {n} records")
+            arr = np.array([int(x) for x in values], dtype=np.int64)
         if arr.dtype.kind == "u" and int(arr.max()) >= n:
             raise RecordIndexError(
                 f"record {int(arr.max())} is out of range for store {self.location!r} with {n} records"
@@ -1148,10 +1157,11 @@ class StoreReader:
             StoreChangedError: The store was replaced since this reader opened it.
             OSError: The storage failed (for a remote store, after its retries).
 
-        Memory: one piece of fetched bytes (at most ``2 * read_bytes`` plus one frame: frames
-        and merged gaps), plus the sample being yielded (and, with multi-record frames, the
-        decoded frames the piece still needs). A shard a piece finds missing is not opened
-        again by later pieces.
+        Memory: the requested positions (8 bytes each), the plan of :data:`PLAN_RECORDS` of
+        them at a time (about 50 bytes each), one piece of fetched bytes (at most
+        ``2 * read_bytes`` plus one frame: frames and merged gaps), plus the sample being
+        yielded (and, with multi-record frames, the decoded frames the piece still needs). A
+        shard a piece finds missing is not opened again by later pieces.
         Thread safety: safe; each iterator belongs to one thread.
         """
         read_bytes = _check_read_bytes(read_bytes)
@@ -1164,8 +1174,13 @@ class StoreReader:
         self, recs: np.ndarray, raw: bool, read_bytes: int, table: np.ndarray | None
     ) -> Iterator[RecordResult]:
         missing: dict[int, BaseException] = {}
-        for lo, hi in self._plan(recs, read_bytes, table, missing):
-            yield from self.decode_many(self._fetch(recs[lo:hi], table, missing), raw=raw)
+        # Planned PLAN_RECORDS requests at a time: planning holds about 50 bytes a request (frame
+        # rows, shards, a sort), which for a list of 10**8 records would be gigabytes at once.
+        # (A run of records sharing a multi-record frame cut at a chunk's edge decodes it twice.)
+        for at in range(0, len(recs), PLAN_RECORDS):
+            part = recs[at : at + PLAN_RECORDS]
+            for lo, hi in self._plan(part, read_bytes, table, missing):
+                yield from self.decode_many(self._fetch(part[lo:hi], table, missing), raw=raw)
 
     def read_many(
         self,
