@@ -502,7 +502,9 @@ class ShardWriter:
             # same error, raised from a later write or close.
             try:
                 payload = self._pickler.dumps(sample)
-            except (NotImplementedError, RuntimeError, TypeError, pickle.PicklingError, RecursionError) as exc:
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any pickling failure (a local lambda raises AttributeError)
                 check_sample(sample)  # the precise message, where the check can tell
                 raise UnsupportedSampleError(
                     f"sample: it cannot be sent to a worker process ({type(exc).__name__}: {exc})"
@@ -915,7 +917,16 @@ def _encode_in_worker(
     out = []
     for payload in batch:
         try:
-            sample = _snapshot(pickle.loads(payload))
+            obj = pickle.loads(payload)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an object whose rebuild raises (its class's own code)
+            raise UnsupportedSampleError(
+                f"sample: it cannot be rebuilt in a worker process ({type(exc).__name__}: {exc}); samples hold "
+                "tensors, numbers, strings and containers of them"
+            ) from exc
+        try:
+            sample = _snapshot(obj)
         except (NotImplementedError, RuntimeError) as exc:
             raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
         out.append(_encode(sample, codec))
