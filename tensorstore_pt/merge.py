@@ -144,7 +144,9 @@ def merge_stores(
     """
     if isinstance(parts, (str, bytes, os.PathLike, Storage)):
         raise InvalidOptionError(f"parts: expected a sequence of part stores, found a single {type(parts).__name__}")
-    part_st = [storage_for(p) for p in parts]
+    # Local parts by absolute path: the journal and created_by name them, and a re-run (from
+    # another working directory) must name the same directories.
+    part_st = [storage_for(_absolute(p)) for p in parts]
     if not part_st:
         raise InvalidOptionError("parts: expected at least one part store, found none")
     locations = [st.location for st in part_st]
@@ -194,6 +196,16 @@ def merge_stores(
 
 def _local_root(st: Storage) -> Path | None:
     return st.root if isinstance(st, LocalStorage) else None
+
+
+def _absolute(path: str | os.PathLike[str] | Storage) -> str | Storage:
+    """A local path made absolute (a Storage or URL as it is)."""
+    if isinstance(path, Storage):
+        return path
+    text = os.fspath(path)
+    if not isinstance(text, str) or "://" in text:
+        return text  # storage_for reports a bytes path
+    return os.path.abspath(text)
 
 
 def _identity(st: Storage) -> str:
@@ -314,8 +326,9 @@ class _Merge:
     def _part_dirs_inside_dest(self) -> set[str]:
         """Names of dest entries that hold parts (parts may be written inside the destination,
         e.g. ``dest/_parts/part-00003``)."""
-        prefix = self.dst.location.rstrip("/") + "/"
-        return {st.location[len(prefix) :].split("/")[0] for st in self.parts if st.location.startswith(prefix)}
+        prefix = _identity(self.dst).rstrip("/") + "/"
+        idents = [_identity(st) for st in self.parts]
+        return {ident[len(prefix) :].split("/")[0] for ident in idents if ident.startswith(prefix)}
 
     @staticmethod
     def _read(st: Storage, name: str) -> bytes | None:

@@ -266,3 +266,26 @@ def test_cli_merge_errors_are_one_clear_line(tmp_path, capsys):
         assert code != 0 and needle in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "m").exists()
     assert all((p / INDEX_NAME).exists() for p in parts)
+
+
+def test_a_rerun_from_another_directory_finishes_a_merge_started_with_relative_paths(tmp_path, monkeypatch):
+    parts = write_parts(tmp_path, max_shard_bytes=2_000)
+    monkeypatch.chdir(tmp_path)
+    real = merge_mod._Merge._do_step
+    count = {"n": 0}
+
+    def step(self, s):
+        if count["n"] == 3:
+            raise RuntimeError("killed after 3 steps")
+        count["n"] += 1
+        real(self, s)
+
+    with monkeypatch.context() as m:
+        m.setattr(merge_mod._Merge, "_do_step", step)
+        with pytest.raises(RuntimeError, match="killed"):
+            ts.merge_stores([p.name for p in parts], "m")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    info = ts.merge_stores(parts, tmp_path / "m")  # the same directories, spelled absolutely
+    assert info.records == 40 and records(tmp_path / "m") == expected()
+    assert info.created_by["merge"]["parts"] == [str(p) for p in parts]
