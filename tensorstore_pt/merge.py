@@ -15,13 +15,15 @@ come first. A shard's footer holds its store-wide ``first_record`` (docs/format.
 section 5), so a shard of a later part needs a new footer: merge rewrites only the shard's
 tail (record table, footer JSON, trailer; a few bytes a record), never its frames, and gives
 it a new name (``shard-<merge token>-<seq>.tspt``) since its content changed. Shards whose
-footer is already right (those of the first part) keep their names and bytes.
+footer is already right (those of the first part) keep their names and bytes. Before
+anything changes, every shard of every part (and the shared dictionary) is read once and
+checked against its part's index (size, footer, xxh3_64): a damaged part is refused whole.
 
 - *Move* (default where every part and the destination are directories on one local file
   system): each shard is renamed into the destination and its tail rewritten in place; the
-  frames are neither copied nor rewritten, only read once up front to compute the new
-  whole-file checksums (and to check the old ones). The parts are consumed: when the merge
-  commits, each part directory is removed.
+  frames are neither copied nor rewritten, only read once up front (the check above, and
+  the new whole-file checksums). The parts are consumed: when the merge commits, each part
+  directory is removed.
 - *Copy* (anywhere else, or ``copy=True``): each shard is written to the destination through
   the storage seam (frames streamed, new tail appended, published atomically). The parts
   are left intact.
@@ -52,6 +54,7 @@ from .errors import (
     InvalidOptionError,
     MergeStateError,
     MissingShardError,
+    NotAStoreError,
     PartNotCommittedError,
     ShardFormatError,
     ShardSizeError,
@@ -115,19 +118,25 @@ def merge_stores(
         and their index checksums.
 
     Raises:
-        InvalidOptionError: No parts, a part given twice, ``dest`` among the parts, a bad
+        InvalidOptionError: No parts, a part given twice, ``dest`` among the parts (a
+            directory is one part however it is spelled: symbolic links and relative paths
+            are resolved), a bad
             ``metadata``, or ``copy=False`` where a move is impossible.
         StoreNotFoundError: A part does not exist.
+        NotAStoreError: A part is a file.
         PartNotCommittedError: A part has no ``index.json`` (failed or still being written).
         IncompatiblePartsError: A part's codec config or frame settings differ from the
             first part's (both are named).
         StoreExistsError: ``dest`` holds a store or other files (and no unfinished merge of
-            these parts).
+            these parts), or holds the merge of these part locations while one of them holds
+            another store now (written again since).
         MergeStateError: ``dest`` holds an unfinished merge of other parts, or a file the
             journal names is gone.
         StoreBusyError: A writer holds ``dest`` or a part.
-        CorruptStoreError: A part's shard disagrees with its index (size, footer, checksum);
-            nothing was changed if this is found while planning.
+        IndexFormatError: A part's index is malformed (e.g. an unsafe dictionary file name).
+        CorruptStoreError: A part's shard disagrees with its index (size, footer, checksum:
+            every shard is read and checked while planning, so nothing is changed), or no
+            part holds an intact copy of the shared zstd dictionary.
         StorageFullError: The disk filled up (re-run to finish after freeing space).
 
     Thread and process safety: one merge per destination at a time (it takes the
@@ -135,15 +144,21 @@ def merge_stores(
     """
     if isinstance(parts, (str, bytes, os.PathLike, Storage)):
         raise InvalidOptionError(f"parts: expected a sequence of part stores, found a single {type(parts).__name__}")
-    part_st = [storage_for(p) for p in parts]
+    # Local parts by absolute path: the journal and created_by name them, and a re-run (from
+    # another working directory) must name the same directories.
+    part_st = [storage_for(_absolute(p)) for p in parts]
     if not part_st:
         raise InvalidOptionError("parts: expected at least one part store, found none")
     locations = [st.location for st in part_st]
-    dup = sorted({loc for loc in locations if locations.count(loc) > 1})
+    idents = [_identity(st) for st in part_st]
+    dup = sorted({loc for loc, ident in zip(locations, idents) if idents.count(ident) > 1})
     if dup:
-        raise InvalidOptionError(f"parts: each part must be given once, found {dup} more than once")
+        raise InvalidOptionError(
+            f"parts: each part must be given once, found {dup} more than once (the same directory under "
+            "different spellings counts as one)"
+        )
     dst = storage_for(dest)
-    if dst.location in locations:
+    if _identity(dst) in idents:
         raise InvalidOptionError(f"dest: {dst.location!r} is also one of the parts; merge into a new path")
     if metadata is not None:
         if not isinstance(metadata, dict):
@@ -163,7 +178,12 @@ def merge_stores(
     if dst.exists() and not dst.is_container():
         raise StoreExistsError(f"dest {dst.location!r} exists and is not a directory")
     created = dst.ensure()
-    merge = _Merge(part_st, dst, move, progress)
+    try:
+        merge = _Merge(part_st, dst, move, progress)
+    except BaseException:  # a part (or dest) is busy: nothing was changed, nothing stays locked
+        if created:
+            dst.remove_container()
+        raise
     try:
         return merge.run(metadata)
     except BaseException:
@@ -176,6 +196,25 @@ def merge_stores(
 
 def _local_root(st: Storage) -> Path | None:
     return st.root if isinstance(st, LocalStorage) else None
+
+
+def _absolute(path: str | os.PathLike[str] | Storage) -> str | Storage:
+    """A local path made absolute (a Storage or URL as it is)."""
+    if isinstance(path, Storage):
+        return path
+    text = os.fspath(path)
+    if not isinstance(text, str) or "://" in text:
+        return text  # storage_for reports a bytes path
+    return os.path.abspath(text)
+
+
+def _identity(st: Storage) -> str:
+    """What makes two locations one store: a local directory's real path (symbolic links and
+    relative spellings resolved), a URL without its trailing slashes."""
+    root = _local_root(st)
+    if root is not None:
+        return os.path.realpath(root)
+    return st.location.rstrip("/")
 
 
 def _device_of(path: Path) -> int:
@@ -211,10 +250,14 @@ class _Merge:
         self.token = new_writer_token()
         self.untouched = True  # nothing written to dst yet (so a created dst may be removed)
         self.locks: list[StoreLock] = []
-        self.locks.append(dst.lock(lock_owner(self.token, "merge", "create")))
-        for st in parts:  # parts a finished move-merge removed are gone
-            if st.is_container():
-                self.locks.append(st.lock(lock_owner(self.token, "merge", "part")))
+        try:
+            self.locks.append(dst.lock(lock_owner(self.token, "merge", "create")))
+            for st in parts:  # parts a finished move-merge removed are gone
+                if st.is_container():
+                    self.locks.append(st.lock(lock_owner(self.token, "merge", "part")))
+        except BaseException:
+            self.release()  # a busy part: release what was taken (dest first of all)
+            raise
 
     def release(self) -> None:
         for lock in self.locks:
@@ -283,8 +326,9 @@ class _Merge:
     def _part_dirs_inside_dest(self) -> set[str]:
         """Names of dest entries that hold parts (parts may be written inside the destination,
         e.g. ``dest/_parts/part-00003``)."""
-        prefix = self.dst.location.rstrip("/") + "/"
-        return {st.location[len(prefix) :].split("/")[0] for st in self.parts if st.location.startswith(prefix)}
+        prefix = _identity(self.dst).rstrip("/") + "/"
+        idents = [_identity(st) for st in self.parts]
+        return {ident[len(prefix) :].split("/")[0] for ident in idents if ident.startswith(prefix)}
 
     @staticmethod
     def _read(st: Storage, name: str) -> bytes | None:
@@ -301,8 +345,12 @@ class _Merge:
             journal = json.loads(data)
             if journal.get("format") != _JOURNAL_FORMAT or journal.get("version") != 1:
                 raise ValueError(f"not a version-1 merge journal: {journal.get('format')!r}")
-        except (ValueError, AttributeError) as exc:
-            raise MergeStateError(f"dest {self.dst.location!r}: {JOURNAL_NAME} is unreadable ({exc})") from exc
+            _check_journal(journal)
+        except (ValueError, AttributeError, TypeError, KeyError, RecursionError) as exc:
+            raise MergeStateError(
+                f"dest {self.dst.location!r}: {JOURNAL_NAME} is unreadable or damaged ({type(exc).__name__}: {exc}); "
+                "nothing was changed"
+            ) from exc
         return journal
 
     def _already_merged(self) -> IndexInfo | None:
@@ -310,11 +358,32 @@ class _Merge:
         data = self._read(self.dst, INDEX_NAME)
         if data is None:
             return None
+        from .checksums import digest_int
+
         info = parse_index(data, f"{self.dst.location}/{INDEX_NAME}")
         record = info.created_by.get("merge")
-        if isinstance(record, dict) and record.get("parts") == [st.location for st in self.parts]:
-            return info
-        raise StoreExistsError(f"dest {self.dst.location!r} already holds a store; merge into a new path")
+        if not (isinstance(record, dict) and record.get("parts") == [st.location for st in self.parts]):
+            raise StoreExistsError(f"dest {self.dst.location!r} already holds a store; merge into a new path")
+        digests = record.get("part_indexes")
+        if not (isinstance(digests, list) and len(digests) == len(self.parts)):
+            raise StoreExistsError(
+                f"dest {self.dst.location!r} already holds a merge of these part locations, but its index does not "
+                "record their index checksums; merge into a new path"
+            )
+        for st, digest in zip(self.parts, digests):
+            part_index = self._read(st, INDEX_NAME) if st.is_container() else None
+            if part_index is not None and format_digest(digest_int(part_index)) != digest:
+                # The location holds another store than the one merged (written again since):
+                # "already merged" would silently leave its records out.
+                raise StoreExistsError(
+                    f"dest {self.dst.location!r} already holds a merge of these part locations, but part "
+                    f"{st.location!r} holds another store now (its {INDEX_NAME} is not the one merged); merge into "
+                    "a new path"
+                )
+        mode = record.get("mode")
+        if mode in ("move", "copy"):
+            self.move = mode == "move"  # how the merge ran, not how this call would: a copy keeps its parts
+        return info
 
     # -------------------------------------------------------------- planning (read-only)
 
@@ -326,6 +395,8 @@ class _Merge:
         for st in self.parts:
             if not st.exists():
                 raise StoreNotFoundError(f"part {st.location!r} does not exist")
+            if not st.is_container():
+                raise NotAStoreError(f"part {st.location!r} is a file; expected a store directory")
             data = self._read(st, INDEX_NAME)
             if data is None:
                 raise PartNotCommittedError(
@@ -374,17 +445,16 @@ class _Merge:
                 entries.append(entry)
             base += idx.records
         dict_ref = first.codec.get("dict")
-        if isinstance(dict_ref, dict):
-            name = dict_ref["name"]
-            owner = next(
-                (p for p, st in enumerate(self.parts) if name in st.list()),
-                0,
-            )
-            size = self.parts[owner].size(name) if name in self.parts[owner].list() else int(dict_ref["bytes"])
+        if "dict" in first.codec:
+            owner, name, size = self._dictionary_owner(first.codec)
             steps.insert(0, {"part": owner, "src": name, "dst": name, "table_offset": size, "tail": None,
                              "file_bytes": size, "checksum": dict_ref["checksum"], "records": 0})  # fmt: skip
         created_by = _created_by()
-        created_by["merge"] = {"parts": [st.location for st in self.parts], "part_indexes": digests}
+        created_by["merge"] = {
+            "parts": [st.location for st in self.parts],
+            "part_indexes": digests,
+            "mode": "move" if self.move else "copy",
+        }
         for k, v in first_settings.items():
             if v is not None:
                 created_by[k] = v
@@ -407,6 +477,35 @@ class _Merge:
             "index": index_bytes.decode(),
         }
 
+    def _dictionary_owner(self, codec: dict[str, Any]) -> tuple[int, str, int]:
+        """The first part whose copy of the shared zstd dictionary matches the codec config's
+        reference (name, size, xxh3_64, dict id): (part, file name, bytes).
+
+        Raises:
+            IndexFormatError: A malformed reference or unsafe file name (e.g. ``../x``).
+            MissingShardError: No part holds the file.
+            ChecksumMismatchError: No part's copy matches the reference.
+        """
+        from .codecs.registry import load_dictionary
+
+        errors: list[Exception] = []
+        for p, st in enumerate(self.parts):
+            where = f"part {st.location!r}: codec config: dict"
+
+            def load(name: str, st: Storage = st, where: str = where) -> bytes:
+                try:
+                    return st.read_all(name)
+                except FileNotFoundError as exc:
+                    raise MissingShardError(f"{where}: the dictionary file {name!r} is missing") from exc
+
+            try:
+                data = load_dictionary(codec["dict"], load, where)
+            except (MissingShardError, ChecksumMismatchError) as exc:
+                errors.append(exc)
+                continue
+            return p, codec["dict"]["name"], len(data)
+        raise errors[0]  # every part's copy is missing or damaged: the first part's error
+
     def _plan_shard(
         self, p: int, st: Storage, e: ShardEntry, new_first: int, seq: int | None
     ) -> tuple[dict[str, Any], ShardEntry]:
@@ -425,11 +524,14 @@ class _Merge:
                     f"{where}: footer says first_record {footer.meta.get('first_record')!r} and {footer.records} "
                     f"records, the part's index says {e.first_record} and {e.records}"
                 )
-            if seq is None:  # the footer is already right: the shard is adopted as it is
-                step = {"part": p, "src": e.name, "dst": e.name, "table_offset": size, "tail": None,
-                        "file_bytes": size, "checksum": format_digest(e.checksum), "records": e.records}  # fmt: skip
-                return step, e
-            tail = encode_footer(footer.table, {**footer.meta, "first_record": new_first}, footer.record_map)
+            # Every shard is checked against the part's index here, while nothing is changed yet,
+            # the adopted ones too: a move would otherwise consume a damaged part (and a copy stop
+            # midway, journal written, on a shard it can never copy).
+            tail = (
+                None
+                if seq is None
+                else encode_footer(footer.table, {**footer.meta, "first_record": new_first}, footer.record_map)
+            )
             old, new = FileHasher(), FileHasher()
             t = footer.table_offset
             for off in range(0, t, _CHUNK_BYTES):
@@ -441,6 +543,10 @@ class _Merge:
                 raise ChecksumMismatchError(
                     f"{where}: the file's xxh3_64 is {old.intdigest():016x}, the part's index says {e.checksum:016x}"
                 )
+            if tail is None:  # the footer is already right: the shard is adopted as it is
+                step = {"part": p, "src": e.name, "dst": e.name, "table_offset": size, "tail": None,
+                        "file_bytes": size, "checksum": format_digest(e.checksum), "records": e.records}  # fmt: skip
+                return step, e
             new.update(tail)
         finally:
             handle.close()
@@ -582,7 +688,8 @@ class _Merge:
             lock.release()
         self.locks = self.locks[:1]
         dst_root = _local_root(self.dst)
-        for st in self.parts:
+        # Deepest first: a part nested in another part's directory goes before the outer one.
+        for st in sorted(self.parts, key=lambda st: len(_identity(st)), reverse=True):
             if st.exists() and not [n for n in st.list() if n != LOCK_NAME]:
                 st.remove_container()
             root = _local_root(st)
@@ -598,6 +705,47 @@ class _Merge:
                 except OSError:
                     break
                 parent = parent.parent
+
+
+def _check_journal(journal: dict[str, Any]) -> None:
+    """Check the shape of a journal read back (a damaged or planted file must never make merge
+    touch a path outside the part and destination directories).
+
+    Raises:
+        ValueError, TypeError, KeyError: A field is missing or has a bad type or value.
+    """
+    from .format import check_shard_name
+
+    def nat(value: Any, what: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{what}: expected an int >= 0, found {value!r}")
+
+    token = journal["token"]  # part of a temporary file name in the destination
+    if journal["mode"] not in ("move", "copy") or not (isinstance(token, str) and token.isalnum() and token.isascii()):
+        raise ValueError(
+            f"mode/token: expected 'move' or 'copy' and letters/digits, found {journal['mode']!r}/{token!r}"
+        )
+    if not isinstance(journal["index"], str):
+        raise TypeError(f"index: expected a str, found {type(journal['index']).__name__}")
+    parts = journal["parts"]
+    if not isinstance(parts, list) or not all(
+        isinstance(p, dict) and isinstance(p["location"], str) and isinstance(p["index"], str) for p in parts
+    ):
+        raise ValueError("parts: expected a list of {location, index}")
+    if not isinstance(journal["steps"], list):
+        raise TypeError("steps: expected a list")
+    for k, step in enumerate(journal["steps"]):
+        where = f"steps[{k}]"
+        nat(step["part"], f"{where}.part")
+        if step["part"] >= len(parts):
+            raise ValueError(f"{where}.part: {step['part']} is not one of the {len(parts)} parts")
+        check_shard_name(step["src"], f"{where}.src")
+        check_shard_name(step["dst"], f"{where}.dst")
+        for key in ("table_offset", "file_bytes", "records"):
+            nat(step[key], f"{where}.{key}")
+        if step["tail"] is not None:
+            base64.b64decode(step["tail"], validate=True)
+        parse_digest(step["checksum"], f"{where}.checksum")
 
 
 def _fsync_dir(path: Path) -> None:

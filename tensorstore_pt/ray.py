@@ -112,6 +112,19 @@ def _join(base: str, *names: str) -> str:
     return "/".join([base.rstrip("/"), *names])
 
 
+def _absolute(path: str | os.PathLike[str]) -> str:
+    """A local path made absolute on the driver (tasks run in other working directories, on
+    other nodes); a URL as it is.
+
+    Raises:
+        InvalidOptionError: ``path`` is not a str or os.PathLike of str.
+    """
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise InvalidOptionError(f"path: expected a str or os.PathLike of str, found {type(text).__name__}")
+    return text if "://" in text else os.path.abspath(text)
+
+
 def _storage(path: str, storage_options: dict[str, Any] | None) -> Storage:
     """The Storage of a path or URL, with ``storage_options`` for fsspec URLs."""
     if storage_options is None:
@@ -410,7 +423,7 @@ class TensorStoreDatasink(Datasink):
                 f"storage_options: expected a dict or None, found {type(storage_options).__name__}"
             )
         make_codec(codec, level)  # validates codec and level here, on the driver
-        self.path = os.fspath(path)
+        self.path = _absolute(path)
         self.mode = mode
         self.storage_options = storage_options
         self._to_sample = to_sample
@@ -801,7 +814,7 @@ class TensorStoreDatasource(Datasource):
             raise InvalidOptionError(f"id_column: expected a non-empty str, found {id_column!r}")
         if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
             raise InvalidOptionError(f"block_bytes: expected a positive int, found {block_bytes!r}")
-        self.path = os.fspath(path)
+        self.path = _absolute(path)
         storage = _storage(self.path, storage_options)
         checked = open_store(storage, verify=verify)
         # The reader shipped to the tasks: no per-task footer checks (the driver did them);

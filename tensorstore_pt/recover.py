@@ -57,6 +57,7 @@ from .errors import (
     CorruptStoreError,
     DecompressionError,
     IndexFormatError,
+    MergeStateError,
     NotARegularFileError,
     NotAStoreError,
     ReadOnlyStoreError,
@@ -709,6 +710,7 @@ def recover_store(
     storage = _storage_checked(storage)
     where = f"store {storage.location!r}"
     names = storage.list()
+    _refuse_unfinished_merge(storage, names)
     temps = {n: t for n in names if (t := _parse_temp(n))}
     shard_files = [n for n in names if n.endswith(SHARD_SUFFIX) and not n.startswith(".")]
     if INDEX_NAME not in names and not shard_files and not temps:
@@ -730,11 +732,39 @@ def recover_store(
     try:
         # Listed again under the lock: a writer may have committed before the lock was taken.
         names = storage.list()
+        _refuse_unfinished_merge(storage, names)
         temps = {n: t for n in names if (t := _parse_temp(n))}
         shard_files = [n for n in names if n.endswith(SHARD_SUFFIX) and not n.startswith(".")]
         return _recover_locked(storage, where, names, temps, shard_files, token, dead, dry_run, force)
     finally:
         lock.release()
+
+
+def _refuse_unfinished_merge(storage: Storage, names: list[str]) -> None:
+    """A merge journal in the store: ``merge_stores`` stopped midway, some of the merged shards
+    are here and the rest still in the parts. A recover would commit an index of the shards
+    found here (a part of the records) and the re-run of the merge, which finishes the job,
+    would then be refused; so recover refuses and names the call that finishes it.
+
+    Raises:
+        MergeStateError: ``names`` holds the merge journal.
+    """
+    from .merge import JOURNAL_NAME
+
+    if JOURNAL_NAME not in names:
+        return
+    parts: Any = "the same parts, in the same order"
+    try:
+        journal = json.loads(storage.read_all(JOURNAL_NAME, max_bytes=MAX_INDEX_BYTES * 4))
+        parts = [p["location"] for p in journal["parts"]]
+    except (OSError, ValueError, TypeError, KeyError, RecursionError, TensorStoreError):
+        pass  # an unreadable journal: the message still says what to do
+    raise MergeStateError(
+        f"store {storage.location!r} holds an unfinished merge ({JOURNAL_NAME}): some of its shards are still in "
+        f"the parts; finish it with merge_stores({parts!r}, {storage.location!r}) (or `tspt merge`), which is "
+        "idempotent, instead of recovering a part of it. Only if those parts are lost for good, remove "
+        f"{JOURNAL_NAME} by hand, then recover."
+    )
 
 
 def _recover_locked(

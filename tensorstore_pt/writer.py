@@ -215,7 +215,9 @@ class ShardWriter:
     :class:`UnsupportedSampleError` as in-process (from a later ``write`` or from ``close``);
     a worker that dies raises :class:`PackWorkerError`; either way, and on abort or Ctrl-C,
     the workers are terminated and nothing is published. Workers ignore SIGINT (the calling
-    process handles it) and run torch with one thread.
+    process handles it) and run torch with one thread. With ``spawn`` or ``forkserver``, a
+    sample that holds a ``set`` is encoded in the calling process (a fresh interpreter hashes
+    str with another seed, so its set would be written in another order).
 
     Memory (``num_workers=0``): at most ``2 * num_threads + 2`` encoded samples are in flight, plus one frame
     group (about ``frame_target_bytes``), plus, while a dictionary is being trained, the raw
@@ -381,9 +383,13 @@ class ShardWriter:
             import multiprocessing
 
             self._max_pending = 2 * self.num_workers + 2  # batches of samples
+            context = multiprocessing.get_context(self._start_method)
+            # A fresh interpreter (spawn, forkserver) draws its own str hash seed, so a set of
+            # str rebuilt there iterates (and torch.save writes it) in another order.
+            self._fresh_interpreters = context.get_start_method() != "fork"
             self._pool = cf.ProcessPoolExecutor(
                 max_workers=self.num_workers,
-                mp_context=multiprocessing.get_context(self._start_method),
+                mp_context=context,
                 initializer=_worker_init,
             )
         else:
@@ -502,11 +508,30 @@ class ShardWriter:
             # same error, raised from a later write or close.
             try:
                 payload = self._pickler.dumps(sample)
-            except (NotImplementedError, RuntimeError, TypeError, pickle.PicklingError, RecursionError) as exc:
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any pickling failure (a local lambda raises AttributeError)
                 check_sample(sample)  # the precise message, where the check can tell
                 raise UnsupportedSampleError(
                     f"sample: it cannot be sent to a worker process ({type(exc).__name__}: {exc})"
                 ) from exc
+            if self._fresh_interpreters and _holds_set(sample):
+                # Encoded here, in order: the bytes of a set must be this process's (see _setup).
+                check_sample(sample)
+                try:
+                    snapshot = _snapshot(sample)
+                except (NotImplementedError, RuntimeError) as exc:
+                    raise UnsupportedSampleError(
+                        f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})"
+                    ) from exc
+                result = _encode(snapshot, self._pool_codec())
+                self._submit_batch()
+                done: cf.Future[Any] = cf.Future()
+                done.set_result([result])
+                self._pending.append(done)
+                while len(self._pending) > self._max_pending:
+                    self._drain_one()
+                return
             self._batch.append(payload)
             self._batch_bytes += len(payload)
             if len(self._batch) >= _BATCH_RECORDS or self._batch_bytes >= _BATCH_BYTES:
@@ -915,7 +940,16 @@ def _encode_in_worker(
     out = []
     for payload in batch:
         try:
-            sample = _snapshot(pickle.loads(payload))
+            obj = pickle.loads(payload)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an object whose rebuild raises (its class's own code)
+            raise UnsupportedSampleError(
+                f"sample: it cannot be rebuilt in a worker process ({type(exc).__name__}: {exc}); samples hold "
+                "tensors, numbers, strings and containers of them"
+            ) from exc
+        try:
+            sample = _snapshot(obj)
         except (NotImplementedError, RuntimeError) as exc:
             raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
         out.append(_encode(sample, codec))
@@ -995,6 +1029,26 @@ class _SamplePickler:
         self._pickler.clear_memo()
         self._pickler.dump(sample)
         return self._buf.getvalue()
+
+
+def _holds_set(sample: Any) -> bool:
+    """Whether a sample holds a set anywhere in its lists, tuples and dicts (the pickler's fast
+    path for built-in containers cannot report it)."""
+    stack = [sample]
+    seen = 0
+    while stack:
+        obj = stack.pop()
+        t = type(obj)
+        if t is set:
+            return True
+        if t in (list, tuple):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        seen += 1
+        if seen > 1_000_000:  # pathological nesting: leave it to the worker (values stay equal)
+            return False
+    return False
 
 
 def _pickle_sample(sample: Any) -> bytes:

@@ -416,3 +416,20 @@ def test_write_and_read_on_s3(cluster, tmp_path, s3_bucket):
     back = read_store(url, storage_options=options, override_num_blocks=2).take_all()
     assert [int(r["id"]) for r in back] == list(range(300))
     assert np.array_equal(back[123]["x"], rows[123]["x"])
+
+
+def test_a_relative_path_means_the_drivers_directory(cluster, tmp_path, monkeypatch):
+    # Write tasks and read tasks run in the workers' working directory (another node's, on a
+    # cluster): a relative path must be resolved on the driver, where the user wrote it.
+    monkeypatch.chdir(tmp_path)
+    sink = TensorStoreDatasink("rel-train", codec="lz4")
+    assert sink.path == str(tmp_path / "rel-train")
+    rows = make_rows(40)
+    dataset(rows, blocks=2).write_datasink(sink)
+    ref = tmp_path / "ref"
+    write_store([expected_sample(r) for r in rows], ref, codec="lz4")
+    assert_same_store(tmp_path / "rel-train", ref)
+    monkeypatch.chdir(tmp_path / "rel-train")  # the driver moves on; the dataset is lazy
+    back = read_store("../rel-train")
+    os.chdir(tmp_path)
+    assert [int(r["id"]) for r in back.take_all()] == list(range(40))
