@@ -74,7 +74,9 @@ from .format import (
     shard_name,
 )
 from .shardio import open_footer
+from .writer import check_metadata
 from .storage import TEMP_MARKER, LocalStorage, Storage, StoreLock, storage_for, typed_full_disk
+from .storage.local import _fsync_dir
 
 __all__ = ["JOURNAL_NAME", "merge_stores"]
 
@@ -160,13 +162,7 @@ def merge_stores(
     dst = storage_for(dest)
     if _identity(dst) in idents:
         raise InvalidOptionError(f"dest: {dst.location!r} is also one of the parts; merge into a new path")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise InvalidOptionError(f"metadata: expected a dict, found {type(metadata).__name__}")
-        try:
-            metadata = json.loads(json.dumps(metadata, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise InvalidOptionError(f"metadata: expected a JSON-serialisable dict ({exc})") from exc
+    metadata = check_metadata(metadata)
     if copy not in (None, True, False):
         raise InvalidOptionError(f"copy: expected None, True or False, found {copy!r}")
     move = _can_move(part_st, dst) if copy is None else not copy
@@ -746,16 +742,3 @@ def _check_journal(journal: dict[str, Any]) -> None:
         if step["tail"] is not None:
             base64.b64decode(step["tail"], validate=True)
         parse_digest(step["checksum"], f"{where}.checksum")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

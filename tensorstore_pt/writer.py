@@ -248,13 +248,7 @@ class ShardWriter:
         if mode not in _MODES:
             raise InvalidOptionError(f"mode: expected one of {list(_MODES)}, found {mode!r}")
         _check_positive_int(max_shard_bytes, "max_shard_bytes")
-        if metadata is not None:
-            if not isinstance(metadata, dict):
-                raise InvalidOptionError(f"metadata: expected a dict, found {type(metadata).__name__}")
-            try:
-                metadata = json.loads(json.dumps(metadata, allow_nan=False))
-            except (TypeError, ValueError) as exc:
-                raise InvalidOptionError(f"metadata: expected a JSON-serialisable dict ({exc})") from exc
+        metadata = check_metadata(metadata)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise InvalidOptionError(f"num_workers: expected an int >= 0, found {num_workers!r}")
         if num_workers and num_threads is not None:
@@ -1054,6 +1048,22 @@ def _holds_set(sample: Any) -> bool:
 def _pickle_sample(sample: Any) -> bytes:
     """Pickle one sample for a worker process (see :class:`_SamplePickler`)."""
     return _SamplePickler().dumps(sample)
+
+
+def check_metadata(metadata: Any) -> dict[str, Any] | None:
+    """A store's user metadata as it will be stored: None, or a JSON round trip of a dict.
+
+    Raises:
+        InvalidOptionError: Not a dict, or not JSON-serialisable (NaN and infinities included).
+    """
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidOptionError(f"metadata: expected a dict, found {type(metadata).__name__}")
+    try:
+        return json.loads(json.dumps(metadata, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidOptionError(f"metadata: expected a JSON-serialisable dict ({exc})") from exc
 
 
 def _check_positive_int(value: Any, name: str) -> None:
