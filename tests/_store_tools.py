@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from tensorstore_pt import write_store
 from tensorstore_pt.checksums import ALGORITHM, digest_int
 from tensorstore_pt.format import (
+    INDEX_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
     RECORD_DTYPE,
@@ -204,3 +206,19 @@ def file_digests(root: Path) -> dict[str, int]:
             p = Path(dirpath) / f
             out[str(p.relative_to(root))] = digest_int(p.read_bytes())
     return out
+
+
+# --------------------------------------------------------------------------- parallel packing
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store (dot-files aside), index.json without its informative created_by."""
+    out = {p.name: p.read_bytes() for p in sorted(path.iterdir()) if not p.name.startswith(".")}
+    index = json.loads(out[INDEX_NAME])
+    index.pop("created_by")
+    out[INDEX_NAME] = json.dumps(index, sort_keys=True).encode()
+    return out
+
+
+def workers_alive() -> list:
+    return [p for p in multiprocessing.active_children() if p.is_alive()]

@@ -92,3 +92,12 @@ def _shard_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
             os.environ.pop("TSPT_CACHE_DIR", None)
         else:
             os.environ["TSPT_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def fixed_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every writer draws the same token, so that shard names (and so whole stores) compare
+    byte for byte across writes (the parallel-pack identity tests)."""
+    from tensorstore_pt import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "new_writer_token", lambda: "0123456789ab")

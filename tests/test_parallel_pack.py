@@ -5,18 +5,16 @@ and publish nothing."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import tensorstore_pt as ts
+from _store_tools import store_files, workers_alive
 from tensorstore_pt import writer as writer_mod
-from tensorstore_pt.format import INDEX_NAME
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -35,25 +33,6 @@ def sample(i: int) -> dict:
 
 
 SAMPLES = [sample(i) for i in range(120)]
-
-
-def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store (dot-files aside), index.json without its informative created_by."""
-    out = {p.name: p.read_bytes() for p in sorted(path.iterdir()) if not p.name.startswith(".")}
-    index = json.loads(out[INDEX_NAME])
-    index.pop("created_by")
-    out[INDEX_NAME] = json.dumps(index, sort_keys=True).encode()
-    return out
-
-
-@pytest.fixture
-def fixed_token(monkeypatch):
-    """Every writer draws the same token, so that shard names compare across writes."""
-    monkeypatch.setattr(writer_mod, "new_writer_token", lambda: "0123456789ab")
-
-
-def workers_alive() -> list:
-    return [p for p in multiprocessing.active_children() if p.is_alive()]
 
 
 @pytest.mark.parametrize(
