@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .timing import tree_size
+
 __all__ = ["main"]
 
 BUCKET = "bench"
@@ -75,14 +77,7 @@ class _DiskPeak:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _size(self) -> int:
-        total = 0
-        for dirpath, _, files in os.walk(self.root):
-            for f in files:
-                try:
-                    total += os.lstat(os.path.join(dirpath, f)).st_size
-                except OSError:
-                    pass
-        return total
+        return tree_size(self.root)[0]
 
     def _run(self) -> None:
         while not self._stop.is_set():

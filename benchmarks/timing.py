@@ -89,9 +89,18 @@ def tree_files(root: Path) -> list[Path]:
 
 
 def tree_size(root: Path) -> tuple[int, int]:
-    """(total ``st_size`` in bytes, number of files) of the regular files under ``root``."""
-    files = tree_files(root)
-    return sum(p.stat().st_size for p in files), len(files)
+    """(total ``st_size`` in bytes, number of files) of the regular files under ``root``.
+
+    A file removed or renamed between the listing and its ``stat`` (a cache being written
+    while it is sampled) is not counted."""
+    total = count = 0
+    for p in tree_files(root):
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:
+            continue
+        count += 1
+    return total, count
 
 
 def fsync_tree(root: Path) -> None:
