@@ -61,6 +61,7 @@ from .errors import (
 )
 from .format import INDEX_NAME, LOCK_NAME, MAX_INDEX_BYTES, IndexInfo, check_shard_name, new_writer_token, parse_index
 from .storage import TEMP_MARKER, AtomicWriter, ReadHandle, Storage, StoreLock, if_match_kwargs, storage_for
+from .storage.abc import removal_failures
 
 __all__ = ["CopyReport", "copy_store"]
 
@@ -606,13 +607,9 @@ def _remove_old(target: Storage, names: set[str]) -> tuple[str, ...]:
     """Remove a replaced store's files (after the commit); a failure is a warning."""
     import warnings
 
-    removed, left = [], []
-    for name in sorted(names):
-        try:
-            target.remove(name)
-            removed.append(name)
-        except OSError as exc:
-            left.append(f"{name} ({exc.strerror or exc})")
+    failed = target.remove_all(sorted(names))
+    removed = [name for name in sorted(names) if name not in failed]
+    left = removal_failures(failed)
     if left:
         warnings.warn(
             f"store {target.location!r}: the copy is committed, but files of the replaced store could not be "

@@ -80,6 +80,7 @@ from .errors import (
 )
 from .format import INDEX_NAME, LOCK_NAME, new_writer_token, parse_index
 from .storage import LocalStorage, Storage, storage_for
+from .storage.abc import removal_failures
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -301,12 +302,7 @@ def _replace_store(staged: Storage, dest: Storage) -> StoreInfo:
             old_dict = old.codec.get("dict")
             if isinstance(old_dict, dict) and old_dict.get("name") not in keep:
                 stale.append(old_dict["name"])
-            left = []
-            for name in stale:
-                try:
-                    dest.remove(name)
-                except OSError as exc:
-                    left.append(f"{name} ({exc.strerror or exc})")
+            left = removal_failures(dest.remove_all(stale))
             if left:
                 warnings.warn(
                     f"store {dest.location!r}: the overwrite is committed, but files of the old store could not be "

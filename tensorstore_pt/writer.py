@@ -75,7 +75,7 @@ from .format import (
 from .serialization import check_sample, clone_exact, dumps
 from .shardio import FrameGrouper, ShardBuilder, train_dictionary
 from .storage import Storage, StoreLock, if_match_kwargs, storage_for, typed_full_disk
-from .storage.abc import FULL_ERRNOS, full_disk_error
+from .storage.abc import FULL_ERRNOS, full_disk_error, removal_failures
 
 __all__ = [
     "DEFAULT_DICT_BYTES",
@@ -813,13 +813,7 @@ class ShardWriter:
     def _remove_all(self, names: list[str]) -> list[str]:
         """Remove every file of ``names``, going on past errors; return ``"name (error)"`` for each
         file that could not be removed."""
-        left = []
-        for name in names:
-            try:
-                self._storage.remove(name)
-            except OSError as exc:
-                left.append(f"{name} ({exc.strerror or exc})")
-        return left
+        return removal_failures(self._storage.remove_all(names))
 
     def _release(self, remove_created_dir: bool) -> None:
         """Release the store's lock (clearing its owner record: a clean end). With

@@ -28,11 +28,20 @@ import contextlib
 import errno
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..errors import NotARegularFileError, StorageFullError
 
-__all__ = ["AtomicWriter", "FULL_ERRNOS", "ReadHandle", "Storage", "StoreLock", "full_disk_error", "typed_full_disk"]
+__all__ = [
+    "AtomicWriter",
+    "FULL_ERRNOS",
+    "ReadHandle",
+    "Storage",
+    "StoreLock",
+    "full_disk_error",
+    "removal_failures",
+    "typed_full_disk",
+]
 
 #: errno values that mean "no space left" (a full device, or an exhausted quota).
 FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
@@ -46,6 +55,11 @@ def full_disk_error(exc: OSError, location: str, name: str, what: str = "writing
         f"store {location!r}: no space left on the device ({exc.strerror or exc}) while {what} {name!r}; "
         "free some space and write again (the previous store, if any, is unchanged)",
     )
+
+
+def removal_failures(failed: dict[str, OSError]) -> list[str]:
+    """``"name (error)"`` for each file :meth:`Storage.remove_all` could not remove (for messages)."""
+    return [f"{name} ({exc.strerror or exc})" for name, exc in failed.items()]
 
 
 @contextlib.contextmanager
@@ -229,6 +243,20 @@ class Storage(ABC):
     @abstractmethod
     def remove(self, name: str) -> None:
         """Delete a file; a missing file is not an error."""
+
+    def remove_all(self, names: Iterable[str]) -> dict[str, OSError]:
+        """Remove every file of ``names`` (a missing one is not an error), going on past errors.
+
+        Returns:
+            The files that could not be removed, each with its error (empty when all went).
+        """
+        failed: dict[str, OSError] = {}
+        for name in names:
+            try:
+                self.remove(name)
+            except OSError as exc:
+                failed[name] = exc
+        return failed
 
     @abstractmethod
     def move(self, name: str, new_name: str) -> None:
