@@ -320,11 +320,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from .errors import InvalidOptionError
     from .format import INDEX_NAME, parse_index
     from .merge import merge_stores
 
+    storage_options = parse_storage_options(args.storage_option)
+    if storage_options and not any(_is_url(x) for x in (*args.parts, args.dest)):
+        raise InvalidOptionError(
+            "--storage-option: expected a PART or DEST to be a URL such as s3://bucket/prefix; all are local paths"
+        )
     total = 0
     for part in args.parts:  # for the bar's total only; merge_stores checks every part itself
+        if _is_url(part):
+            total = 0  # not worth a request per part before the merge reads every index anyway
+            break
         try:
             total += parse_index((Path(part) / INDEX_NAME).read_bytes(), part).records
         except (OSError, ValueError):
@@ -343,8 +352,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                 refresh=False,
             )
 
-        info = merge_stores(args.parts, args.dest, copy=True if args.copy else None, progress=progress)
-    mode = "copied (parts intact)" if args.copy or any(Path(p).exists() for p in args.parts) else "moved"
+        info = merge_stores(
+            args.parts, args.dest, copy=True if args.copy else None, progress=progress, storage_options=storage_options
+        )
+    moved_parts = not args.copy and not any(_is_url(p) or Path(p).exists() for p in args.parts)
+    mode = "moved" if moved_parts else "copied (parts intact)"
     print(
         f"merged {len(args.parts)} parts ({mode}) into {info.location}: {info.records:,} records in "
         f"{_shards_text(info.shards)}, {format_bytes(info.file_bytes)} on disk (codec {_codec_text(info.codec)})"
@@ -846,6 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="the merged store to create")
     p.add_argument("--copy", action="store_true", help="copy the shards and leave the parts intact")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_storage_option(p)
     p.set_defaults(func=_cmd_merge)
 
     p = add("info", "show a store's records, shards, codec, dictionary, frames, sizes and ratio")
