@@ -91,6 +91,9 @@ DEFAULT_MAX_SHARD_BYTES = 64 * 2**20
 DEFAULT_DICT_BYTES = 16 * 2**10
 #: Raw bytes of leading records buffered to train the dictionary on.
 DICT_SAMPLE_BYTES = 16 * 2**20
+#: Most worker processes a writer starts (``num_workers``): each holds a torch import and up
+#: to two batches in flight, so far more processes than cores only costs memory.
+MAX_WORKERS = 256
 _MODES = ("create", "overwrite", "append")
 
 
@@ -155,7 +158,8 @@ class ShardWriter:
             for CPU parallelism: threads are held back by the GIL (about 1.3x on 2 cores),
             processes are not. Samples are still checked and taken (snapshotted) here, in
             order, and the store is byte for byte the same for any ``num_workers`` (only the
-            informative ``created_by`` records it). See "Parallel packing" below.
+            informative ``created_by`` records it). At most ``MAX_WORKERS`` (256). See
+            "Parallel packing" below.
         num_threads: Threads that serialise and compress in this process when
             ``num_workers`` is 0 (default: 2, or 1 on one core). Not allowed with
             ``num_workers`` >= 1.
@@ -249,8 +253,8 @@ class ShardWriter:
             raise InvalidOptionError(f"mode: expected one of {list(_MODES)}, found {mode!r}")
         _check_positive_int(max_shard_bytes, "max_shard_bytes")
         metadata = check_metadata(metadata)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise InvalidOptionError(f"num_workers: expected an int >= 0, found {num_workers!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or not 0 <= num_workers <= MAX_WORKERS:
+            raise InvalidOptionError(f"num_workers: expected an int in [0, {MAX_WORKERS}], found {num_workers!r}")
         if num_workers and num_threads is not None:
             raise InvalidOptionError(
                 f"num_threads={num_threads!r} with num_workers={num_workers}: pass one (num_threads is for "
