@@ -68,6 +68,7 @@ templates (headers only, never data).
 
 from __future__ import annotations
 
+import operator
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -292,6 +293,7 @@ class _Template:
         "data_at",
         "layout",
         "nbytes",
+        "pick",
         "sid_at",
         "sizes",
         "slots",
@@ -375,16 +377,26 @@ class _Template:
         cur += _EOCD.pack(b"PK\x05\x06", 0, 0, short, short, min(cd_size, _ZIP32_LIMIT), min(cd_off, _ZIP32_LIMIT), 0)
         self.static.append(bytes(cur))
         self.nbytes = offset + _TAIL_BYTES
+        # rebuild joins itemgetter(*pick)(static + values + CRC-32s): static run k is item k,
+        # value j is item S + j, the CRC-32 of value j is item S + (n + 2) + j.
+        runs = len(self.static)
+        pick = [0]
+        for k, slot in enumerate(self.slots):
+            pick.append(runs + slot if slot >= 0 else runs + n + 2 + ~slot)
+            pick.append(k + 1)
+        self.pick = operator.itemgetter(*pick)
 
-    def parts_of(self, mv: memoryview, archive: str) -> PtParts | None:
-        """The parts of ``mv`` if its every static byte is this template's, else None."""
+    def parts_of(self, mv: memoryview, archive: str, check: bool = True) -> PtParts | None:
+        """The parts of ``mv`` if its every static byte is this template's (not checked with
+        ``check=False``: for a caller that compares the rebuilt bytes anyway), else None."""
         if len(mv) != self.nbytes:
             return None
-        raw = mv.obj if type(mv.obj) in (bytes, bytearray) and len(mv.obj) == len(mv) else None
-        for at, run in zip(self.at, self.static):
-            # (a memoryview compares with bytes item by item: ~20x slower than bytes with bytes)
-            if (raw[at : at + len(run)] if raw is not None else mv[at : at + len(run)].tobytes()) != run:
-                return None
+        if check:
+            raw = mv.obj if type(mv.obj) in (bytes, bytearray) and len(mv.obj) == len(mv) else None
+            for at, run in zip(self.at, self.static):
+                # (a memoryview compares with bytes item by item: ~20x slower than bytes with bytes)
+                if (raw[at : at + len(run)] if raw is not None else mv[at : at + len(run)].tobytes()) != run:
+                    return None
         sizes, data_at = self.sizes, self.data_at
         name_hash = 0
         if self.sid_at >= 0:
@@ -479,14 +491,15 @@ def split(buf: Any) -> PtParts | None:
     """
     try:
         mv = memoryview(buf).cast("B")
-        known = _BY_TAIL.get(bytes(mv[-_TAIL_BYTES:]))
-        if known is not None:
-            parts = known[0].parts_of(mv, known[1])
-            if parts is not None:
-                return parts
-        return _split(mv)
+        return _split_known(mv, True) or _split(mv)
     except (struct.error, ValueError, TypeError, IndexError, UnicodeDecodeError, OverflowError, RecordMetaError):
         return None
+
+
+def _split_known(mv: memoryview, check: bool) -> PtParts | None:
+    """The parts of a buffer whose zip tail was seen before, or None."""
+    known = _BY_TAIL.get(bytes(mv[-_TAIL_BYTES:]))
+    return None if known is None else known[0].parts_of(mv, known[1], check)
 
 
 def _split(mv: memoryview) -> PtParts | None:
@@ -582,7 +595,7 @@ def rebuild(parts: PtParts) -> bytes:
             :func:`split`).
     """
     datas = [parts.pickle, *parts.storages]
-    tpl = _template(parts.layout, parts.archive, tuple(len(d) for d in datas))
+    tpl = _template(parts.layout, parts.archive, tuple(map(len, datas)))
     if tpl.crc32:
         crcs = [zlib.crc32(d) if c is None else c for d, c in zip(datas, parts.crcs)]
     else:
@@ -595,11 +608,11 @@ def rebuild(parts: PtParts) -> bytes:
         sid = b"%020d%020d" % (parts.name_hash, seed)
         datas.append(sid)
         crcs.append(zlib.crc32(sid) if tpl.crc32 else 0)
+    else:
+        datas.append(b"")
+        crcs.append(0)
     pack = _U32.pack
-    pieces: list[Any] = [None] * (2 * len(tpl.slots) + 1)
-    pieces[0::2] = tpl.static
-    pieces[1::2] = [datas[j] if j >= 0 else pack(crcs[~j]) for j in tpl.slots]
-    return b"".join(pieces)
+    return b"".join(tpl.pick(tpl.static + datas + [pack(c) for c in crcs]))
 
 
 def prove(buf: Any) -> PtParts | None:
@@ -611,17 +624,15 @@ def prove(buf: Any) -> PtParts | None:
     Returns:
         Parts whose :func:`rebuild` is byte-identical to ``buf``, or None (never raises).
     """
-    parts = split(buf)
-    if parts is None:
-        return None
     try:
         mv = memoryview(buf).cast("B")
         # bytes == memoryview compares item by item (~100x slower than two bytes objects)
         raw = buf if type(buf) in (bytes, bytearray) else mv.tobytes()
-        if rebuild(parts) == raw:
+        # A buffer of a known shape: its headers are checked by the comparison below.
+        parts = _split_known(mv, False)
+        if parts is not None and rebuild(parts) == raw:
             return parts
-        # A shape matched by its headers alone can still be the wrong one (say, a writer
-        # without CRC-32s and no constant records); parse the buffer in full once more.
+        # Otherwise (or if the shape matched on its tail was not the buffer's), parse it in full.
         parts = _split(mv)
         return parts if parts is not None and rebuild(parts) == raw else None
     except (struct.error, ValueError, TypeError, IndexError, UnicodeDecodeError, OverflowError, RecordMetaError):
