@@ -83,6 +83,7 @@ from .errors import RecordMetaError
 
 __all__ = [
     "CRC_STORED_MIN_BYTES",
+    "DEFAULT_LAYOUT",
     "PtLayout",
     "PtParts",
     "decode_meta",

@@ -200,6 +200,37 @@ def test_refuses_what_it_cannot_rebuild() -> None:
     _refused("a str")
 
 
+_MUTATE_BASE = [
+    _save({"x": torch.arange(4), "y": torch.ones(2, 2, dtype=torch.bfloat16)}),
+    _save([torch.zeros(0), 3, "s"]),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(range(len(_MUTATE_BASE))),
+    st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=3),
+    st.integers(-3, 3),
+)
+def test_mutated_buffers_never_raise(which: int, flips: list[tuple[int, int]], resize: int) -> None:
+    """Any damage: split and prove return None or parts that rebuild exactly the damaged bytes."""
+    buf = bytearray(_MUTATE_BASE[which])
+    for at, mask in flips:
+        buf[at % len(buf)] ^= mask
+    if resize > 0:
+        buf += bytes(resize)
+    elif resize < 0:
+        del buf[resize:]
+    data = bytes(buf)
+    parts = _ptzip.prove(data)
+    if parts is not None:
+        assert _ptzip.rebuild(parts) == data
+    split = _ptzip.split(data)
+    if split is not None:  # views over the buffer, not copies
+        assert split.pickle.obj is data and all(s.obj is data for s in split.storages)
+    assert _ptzip.prove(memoryview(data)) is None if parts is None else _ptzip.prove(memoryview(data)) is not None
+
+
 def test_prove_refuses_wrong_crc_or_id() -> None:
     good = _save({"x": torch.arange(4)})
     parts = _ptzip.prove(good)
