@@ -8,7 +8,7 @@ mostly measures the scheduler. No timing assertions: this script only prints.
 
 Operations:
   torch.save      torch.save(sample, io.BytesIO()) and getvalue(): what a writer does today
-  memcpy          bytes(bytearray(buf)): one copy of the whole buffer, the floor
+  memcpy          bytes(memoryview(buf)): one copy of the whole buffer into new memory, the floor
   split           _ptzip.split(buf)
   rebuild         _ptzip.rebuild(parts) (templates warm, as after a store's first records)
   split+rebuild   both
@@ -84,7 +84,7 @@ def run(rounds: int, pool: int, clock_name: str = "cpu") -> dict[str, dict[str, 
         metas = [(_ptzip.encode_meta(p), b"".join(bytes(s) for s in p.storages), p.layout) for p in parts]
         ops: dict[str, tuple[Callable[[Any], Any], list[Any]]] = {
             "torch.save": (_saved, samples),
-            "memcpy": (lambda b: bytes(bytearray(b)), bufs),
+            "memcpy": (lambda b: bytes(memoryview(b)), bufs),
             "split": (_ptzip.split, bufs),
             "rebuild": (_ptzip.rebuild, parts),
             "split+rebuild": (lambda b: _ptzip.rebuild(_ptzip.split(b)), bufs),
