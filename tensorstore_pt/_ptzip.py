@@ -654,6 +654,8 @@ def prove(buf: Any) -> PtParts | None:
 #   u32 CRC-32 of the pickle and of each storage of at least CRC_STORED_MIN_BYTES (in that
 #       order; none when the layout computes no CRC-32s)
 #   the pickle (exactly the rest)
+# One encoding per record: decode_meta refuses overlong varints and the name "archive"
+# spelled out.
 _META_VERSION = 1
 _FLAG_ARCHIVE = 1
 _MAX_VARINT_BYTES = 10
@@ -714,6 +716,8 @@ def _read_varint(mv: memoryview, pos: int, what: str) -> tuple[int, int]:
         byte = mv[i]
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if byte == 0:
+                raise RecordMetaError(f"record metadata: the {what} at offset {pos} is an overlong varint")
             return value, i + 1
         shift += 7
     if n - pos < _MAX_VARINT_BYTES:
@@ -736,7 +740,8 @@ def decode_meta(meta: Any, storages: Any, layout: PtLayout) -> PtParts:
     Raises:
         RecordMetaError: Anything malformed: an unknown version or flag, an archive name
             ``torch.save`` would not write, a length or count that runs past the bytes
-            present, storage sizes that do not add up to ``len(storages)``, bytes left over.
+            present, storage sizes that do not add up to ``len(storages)``, bytes left over,
+            a non-canonical encoding (an overlong varint, ``"archive"`` spelled out).
             Allocations are bounded by ``len(meta)``.
     """
     mv = memoryview(meta).cast("B")
@@ -755,6 +760,8 @@ def decode_meta(meta: Any, storages: Any, layout: PtLayout) -> PtParts:
         if end > n:
             raise _short("archive name", 3, mv[2], n)
         name = mv[3:end].tobytes()
+        if name == b"archive":
+            raise RecordMetaError("record metadata names the default archive name 'archive' explicitly")
         if not _archive_name_ok(name):
             raise RecordMetaError(f"archive name {name!r} is not one torch.save writes (ASCII, no '/', '\\\\', NUL)")
         archive = name.decode("ascii")

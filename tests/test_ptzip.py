@@ -307,6 +307,8 @@ def test_meta_lies_raise_typed_errors_without_allocating() -> None:
         "empty archive": _meta(flags=1, archive=b""),
         "non-ascii archive": _meta(flags=1, archive="é".encode()),
         "archive length past end": bytes((1, 1, 200)) + b"abc",
+        "default archive spelled out": _meta(flags=1, archive=b"archive"),
+        "overlong varint zero": _meta(count=b"\x81\x00"),
     }
     tracemalloc.start()
     try:
