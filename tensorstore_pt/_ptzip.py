@@ -52,7 +52,7 @@ fixtures written by 2.14.1 are rebuilt under 2.13.0).
   writes 0 (``compute_crc32_``). Seen both ways.
 * **``.data/serialization_id``** (``writeSerializationId`` in inline_container.cc): 40
   ASCII digits, the zero-padded decimal of two 64-bit values: (1) a ``c10::hash_combine``
-  of ``std::hash<std::string>`` of every record name, in the iteration order of the
+  of ``c10::hash<std::string>`` of every record name, in the iteration order of the
   writer's ``std::unordered_set`` (depends on the C++ standard library: kept per record
   as :attr:`PtParts.name_hash`); (2) a ``hash_combine`` of the CRC-32 of each data
   descriptor the writer wrote, in write order (``ostream_write_func`` picks them up;
