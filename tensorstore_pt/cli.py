@@ -257,6 +257,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         mode=args.mode,
         dictionary=(args.dict_size or True) if args.dict else False,
         frame_target_bytes=args.frame_size,
+        raw_below=args.raw_below,
         num_workers=args.workers,
     ) as writer:
         head = list(itertools.islice(samples, 64))
@@ -761,6 +762,11 @@ def _add_storage_option(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+#: writer.DEFAULT_RAW_BELOW, repeated so that ``tspt --help`` imports nothing heavy (a test
+#: checks they agree).
+_DEFAULT_RAW_BELOW = 0.05
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tspt`` parser. Imports nothing heavy: ``tspt --help`` answers at once."""
     from ._version import __version__
@@ -819,6 +825,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--frame-size", type=parse_size, default=None, metavar="SIZE",
         help="put consecutive records into one frame of about SIZE raw bytes (e.g. 64KiB): better ratio, "
         "slower random access (default: one record per frame)",
+    )  # fmt: skip
+    p.add_argument(
+        "--raw-below", type=float, default=_DEFAULT_RAW_BELOW, metavar="FRACTION",
+        help="store a frame raw (no codec frame, read at copy speed) when the codec saves less than FRACTION of "
+        f"its bytes (default {_DEFAULT_RAW_BELOW}, measured: docs/benchmarks.md; 0 disables; format 1.2 only "
+        "where a frame is stored raw)",
     )  # fmt: skip
     p.add_argument(
         "--mode", choices=("create", "overwrite", "append"), default="create",
@@ -979,6 +991,7 @@ _CLI_WORDS = (
     (re.compile(r"\bmode=\"(create|overwrite|append)\""), r"--mode \1"),
     (re.compile(r"\bmax_shard_bytes\b"), "--max-shard-size"),
     (re.compile(r"\bframe_target_bytes\b"), "--frame-size"),
+    (re.compile(r"\braw_below\b"), "--raw-below"),
 )
 #: Temporary names (``.x.pt.tmp-7061``, ``.index.json.tmp-...``) -> the user's name.
 _TMP_NAME = re.compile(r"\.([^/\\\s'\"]+?)\.tmp-[0-9A-Za-z-]+")
