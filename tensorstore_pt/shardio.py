@@ -540,7 +540,12 @@ def train_dictionary(
     import zstandard
 
     sample = dictionary_sample(samples, max_bytes, max_records)
-    trained = zstandard.train_dictionary(dict_bytes, sample, k=DICT_TRAIN_K, d=DICT_TRAIN_D, level=level, threads=-1)
+    try:
+        trained = zstandard.train_dictionary(
+            dict_bytes, sample, k=DICT_TRAIN_K, d=DICT_TRAIN_D, level=level, threads=-1
+        )
+    except zstandard.ZstdError:  # too little data for these parameters: zstd searches (a small sample: quick)
+        trained = zstandard.train_dictionary(dict_bytes, sample, level=level, threads=-1)
     return trained.as_bytes(), trained.dict_id()
 
 

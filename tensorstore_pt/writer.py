@@ -74,7 +74,8 @@ from .format import (
     shard_name,
 )
 from .serialization import check_sample, clone_exact, dumps
-from .shardio import FrameGrouper, ShardBuilder, dictionary_gain, train_dictionary
+from . import shardio
+from .shardio import FrameGrouper, ShardBuilder, dictionary_gain, dictionary_sample, train_dictionary
 from .storage import Storage, StoreLock, if_match_kwargs, storage_for, typed_full_disk
 from .storage.abc import FULL_ERRNOS, full_disk_error, removal_failures
 
@@ -659,10 +660,16 @@ class ShardWriter:
         samples, self._dict_buffer, self._dict_buffer_bytes = self._dict_buffer, [], 0
         self._dict_pending = False
         level = getattr(self._codec, "level", 3)
-        # Train on every other buffered record (a bounded sample of them), judge on the rest.
-        train, held_out = samples[0::2], samples[1::2] or samples
+        # Train on a bounded, evenly spread sample of the buffered records; judge the dictionary
+        # on the others (on the sample itself when it took them all: an optimistic gain, so a
+        # dictionary is only skipped when even that is small).
+        train = dictionary_sample(samples, shardio.DICT_TRAIN_BYTES, shardio.DICT_TRAIN_RECORDS)
+        chosen = {id(r) for r in train}
+        held_out = [r for r in samples if id(r) not in chosen] or train
         try:
-            data, dict_id = train_dictionary(train, self._dict_bytes, level)
+            data, dict_id = train_dictionary(
+                train, self._dict_bytes, level, shardio.DICT_TRAIN_BYTES, shardio.DICT_TRAIN_RECORDS
+            )
         except zstandard.ZstdError as exc:
             self._skip_dictionary(f"zstd could not train a dictionary from {len(train)} records ({exc})")
         else:

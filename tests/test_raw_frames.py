@@ -323,8 +323,6 @@ def test_dictionary_training_sample_is_bounded(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(shardio, "DICT_TRAIN_RECORDS", 40)
     # Small, repetitive records: a dictionary helps; 600 records of ~1.5 KB buffered.
     recs = [{"x": (torch.arange(64, dtype=torch.uint8) * (i % 7)).reshape(8, 8), "y": i % 10} for i in range(600)]
-    monkeypatch.setattr(shardio, "train_dictionary", _with_caps(shardio.train_dictionary))
-    monkeypatch.setattr(writer, "train_dictionary", shardio.train_dictionary)
     ts.write_store(recs, tmp_path / "s", codec="zstd", dictionary=True)
     assert len(handed) == 1
     n, total = handed[0]
@@ -333,13 +331,6 @@ def test_dictionary_training_sample_is_bounded(tmp_path: Path, monkeypatch: pyte
     reader = ts.open_store(tmp_path / "s")
     assert "zstd-dictionary" in reader.index.features
     assert _same(reader[599], recs[599])
-
-
-def _with_caps(fn):
-    def call(samples, dict_bytes, level):
-        return fn(samples, dict_bytes, level, shardio.DICT_TRAIN_BYTES, shardio.DICT_TRAIN_RECORDS)
-
-    return call
 
 
 def test_dictionary_sample_even_and_capped() -> None:
