@@ -362,3 +362,34 @@ def test_dictionary_used_when_it_pays(tmp_path: Path) -> None:
         info = ts.write_store(recs, tmp_path / "s", codec="zstd", dictionary=True)
     assert "dict" in info.codec
     assert "dictionary_skipped" not in info.created_by
+
+
+# --------------------------------------------------------------------------- datasets and the CLI
+
+
+def test_datasets_read_raw_frames(tmp_path: Path) -> None:
+    samples = _samples(12)
+    ts.write_store(samples, tmp_path / "s", codec="zstd", max_shard_bytes=300_000)
+    reader = ts.open_store(tmp_path / "s")
+    assert "raw-frames" in reader.index.features
+    with pytest.raises(InvalidOptionError, match="stored raw"):
+        reader.record_table()
+    ds = ts.StoreDataset(tmp_path / "s")
+    assert all(_same(ds[i], s) for i, s in enumerate(samples))
+    it = ts.StoreIterableDataset(tmp_path / "s")
+    got = list(it)
+    assert len(got) == len(samples) and all(_same(a, b) for a, b in zip(got, samples))
+
+
+def test_cli_pack_raw_below(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tensorstore_pt.cli import main
+
+    noise = [{"w": _noise(100_000)} for _ in range(3)]
+    torch.save(noise, tmp_path / "n.pt")
+    assert main(["pack", str(tmp_path / "n.pt"), str(tmp_path / "a"), "--codec", "lz4"]) == 0
+    assert main(["pack", str(tmp_path / "n.pt"), str(tmp_path / "b"), "--codec", "lz4", "--raw-below", "0"]) == 0
+    capsys.readouterr()
+    assert ts.open_store(tmp_path / "a").info().format_version == (1, 2)
+    assert ts.open_store(tmp_path / "b").info().format_version == (1, 0)
+    assert main(["pack", str(tmp_path / "n.pt"), str(tmp_path / "c"), "--raw-below", "1.5"]) != 0
+    assert "--raw-below" in capsys.readouterr().err
