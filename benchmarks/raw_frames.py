@@ -96,7 +96,8 @@ def main() -> None:
             q = np.percentile(saving, [25, 50, 75])
             mb = total / 1e6
             print(
-                f"  {codec_name}-{level}: saving {whole:6.1%} (per record q25/q50/q75 {q[0]:.1%}/{q[1]:.1%}/{q[2]:.1%}); "
+                f"  {codec_name}-{level}: saving {whole:6.1%} "
+                f"(per record q25/q50/q75 {q[0]:.1%}/{q[1]:.1%}/{q[2]:.1%}); "
                 f"read {tc.sum() / mb * 1e3:.3f} ms/MB vs raw {tr.sum() / mb * 1e3:.3f} ms/MB: "
                 f"ratio {tc.sum() / tr.sum():.2f}x"
             )

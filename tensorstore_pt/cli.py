@@ -366,7 +366,7 @@ def _written_text(created_by: dict[str, Any]) -> str | None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .format import FEATURE_MULTI_RECORD_FRAMES
+    from .format import FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES
     from .reader import open_store
 
     reader = open_store(args.store, verify=False, storage_options=parse_storage_options(args.storage_option))
@@ -374,11 +374,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     index = reader.index
     multi = FEATURE_MULTI_RECORD_FRAMES in index.features
     frames = sum(len(reader._footer(si).table) for si in range(len(index.shards))) if multi else info.records
+    raw_frames = None
+    if FEATURE_RAW_FRAMES in index.features:  # format 1.2: count the frames stored raw (reads every footer)
+        raw_frames = sum(
+            int(f.raw_mask.sum())
+            for f in (reader._footer(si) for si in range(len(index.shards)))
+            if f.raw_mask is not None
+        )
     if args.json:
         d = dict(info.__dict__)
         d["ratio"] = info.ratio
         d["features"] = list(index.features)
         d["frames"] = frames
+        d["raw_frames"] = raw_frames or 0
         print(json.dumps(d, indent=2))
         return EXIT_OK
     d = info.codec.get("dict")
@@ -392,6 +400,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("dictionary", f"{d.get('name')} ({d.get('bytes', 0):,} bytes, dict_id {d.get('dict_id')})" if isinstance(d, dict) else "none"),
         ("frames", f"{frames:,} multi-record frames (about {info.records / frames if frames else 0:,.1f} records each)"
          if multi else "one per record"),
+        ("raw frames", None if raw_frames is None else f"{raw_frames:,} of {frames:,} stored raw (the codec saved too little)"),
         ("raw", f"{format_bytes(info.raw_bytes)} ({info.raw_bytes:,} bytes)"),
         ("stored", f"{format_bytes(info.stored_bytes)} ({info.stored_bytes:,} bytes)"),
         ("on disk", f"{format_bytes(info.file_bytes)} ({info.file_bytes:,} bytes, shards only)"),
@@ -614,9 +623,10 @@ def format_audit(report: Any) -> str:
     for pr in report.projections:
         mark = "  <- recommended" if pr.label == report.recommendation else ""
         decode = f"{pr.decode_mb_s:,.0f} +-{100 * pr.decode_spread:.0f}%"
+        raw_share = f"{100 * pr.raw_frame_share:.0f}%" if pr.raw_frame_share else "-"
         lines.append(
             f"  {pr.label:<14}{pr.file_bytes:>16,}{pr.ratio:>8.2f}{pr.compress_mb_s:>15,.0f}{decode:>18}"
-            f"{pr.read_bytes_per_record:>19,}{f'{100 * pr.raw_frame_share:.0f}%' if pr.raw_frame_share else '-':>12}{mark}"
+            f"{pr.read_bytes_per_record:>19,}{raw_share:>12}{mark}"
         )
     raw = [pr for pr in report.projections if pr.raw_frame_share]
     if raw:

@@ -18,6 +18,10 @@ Shard file layout (all integers little-endian)::
 
 Without the "multi-record-frames" feature there is one record per frame, frame_count ==
 record_count, and the frame table is the record table (the 1.0 layout).
+
+Format 1.2, feature "raw-frames": the footer JSON's ``raw_frames`` lists runs ``[first, end]``
+of frames stored raw (stored bytes == raw bytes, no codec frame); the header of such a shard
+may carry the version of its other features (see docs/format.md, section 5.2).
 """
 
 from __future__ import annotations

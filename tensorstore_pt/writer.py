@@ -190,10 +190,16 @@ class ShardWriter:
             a script's writing code must sit under ``if __name__ == "__main__":`` (the
             workers import the main module).
         dictionary: zstd only. True trains a zstd dictionary (``zstandard.train_dictionary``)
-            of ``DEFAULT_DICT_BYTES`` on the first records (up to ``DICT_SAMPLE_BYTES`` of raw
-            bytes), stores it in the store and uses it for every frame; an int gives the
-            dictionary size in bytes. If zstd cannot train one (too few or too small records)
-            the store is written without it and a ``UserWarning`` says so. In ``append`` mode
+            of ``DEFAULT_DICT_BYTES`` on a bounded sample of the first records (they are
+            buffered up to ``DICT_SAMPLE_BYTES`` of raw bytes; training takes whole records
+            evenly spread over them, at most ``shardio.DICT_TRAIN_BYTES`` (4 MiB) and
+            ``shardio.DICT_TRAIN_RECORDS``, with fixed COVER parameters: well under a second),
+            stores it in the store and uses it for every frame; an int gives the dictionary
+            size in bytes. The dictionary is skipped when it saves less than
+            ``DICT_MIN_GAIN`` (2%) of the zstd bytes of the buffered records it was not
+            trained on, or when zstd cannot train one (too few or too small records): the
+            store is then written without it, and a ``UserWarning`` and
+            ``created_by["dictionary_skipped"]`` (and :attr:`dictionary_skipped`) say why. In ``append`` mode
             the store's dictionary, if any, is always used. Format 1.1, feature
             "zstd-dictionary". Bytes give a prepared dictionary (ZDICT format, e.g. from
             :func:`train_zstd_dictionary`), used as is: the way to give the parts of one store
@@ -1154,7 +1160,9 @@ def train_zstd_dictionary(samples: Iterable[Any], *, dict_bytes: int = DEFAULT_D
 
     Args:
         samples: The samples to train on (a few thousand representative records, or about
-            100 x ``dict_bytes`` of raw bytes, is typical).
+            100 x ``dict_bytes`` of raw bytes, is typical). Training uses a bounded, evenly
+            spread sample of them (``shardio.DICT_TRAIN_BYTES``, ``shardio.DICT_TRAIN_RECORDS``),
+            so its time is bounded whatever is passed.
         dict_bytes: The dictionary's size in bytes, in [256, 16 MiB].
         level: The zstd level the writers will use.
 

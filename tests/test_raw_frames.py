@@ -389,6 +389,10 @@ def test_cli_pack_raw_below(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["pack", str(tmp_path / "n.pt"), str(tmp_path / "a"), "--codec", "lz4"]) == 0
     assert main(["pack", str(tmp_path / "n.pt"), str(tmp_path / "b"), "--codec", "lz4", "--raw-below", "0"]) == 0
     capsys.readouterr()
+    assert main(["info", str(tmp_path / "a")]) == 0
+    assert "3 of 3 stored raw" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "b"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["raw_frames"] == 0
     assert ts.open_store(tmp_path / "a").info().format_version == (1, 2)
     assert ts.open_store(tmp_path / "b").info().format_version == (1, 0)
     assert main(["pack", str(tmp_path / "n.pt"), str(tmp_path / "c"), "--raw-below", "1.5"]) != 0
