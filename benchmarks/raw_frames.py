@@ -17,7 +17,10 @@ in that bucket. Break-even: the storage bandwidth (MB/s) at which the bytes save
 take as long to read as its extra decode time: ``saving x raw / (t_codec - t_raw)``. Below
 that bandwidth the codec wins on cold reads; above it (page cache, local NVMe) raw wins.
 
-    python -m benchmarks.raw_frames [--rounds 7] [--scale full]
+    python -m benchmarks.raw_frames [--rounds 7] [--scale full] [--stores] [--kinds state,large,medium]
+
+``--stores`` first reads whole stores of the ``state`` kind end to end (``reader[i]``),
+written with ``raw_below`` 0, 0.05 and 0.10.
 
 No assertions: this script only prints (docs/benchmarks.md, "Raw frames").
 """
@@ -63,7 +66,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--scale", default="full", choices=("full", "quick"))
     parser.add_argument("--kinds", default="state,large,medium")
+    parser.add_argument("--stores", action="store_true", help="also read whole stores of the state kind")
     args = parser.parse_args()
+    if args.stores:
+        print("end to end, reader[i] over every record:")
+        store_reads(args.rounds, args.scale)
     print(f"rounds: {args.rounds} (median), scale {args.scale}; times per raw MB (1e6 bytes)")
     for name in args.kinds.split(","):
         raws = [dumps(s) for s in build_kind(name, args.scale).samples]
@@ -112,6 +119,44 @@ def main() -> None:
                     f"    saving [{lo:4.0%}, {min(hi, 1):4.0%}): {int(m.sum()):5d} records, "
                     f"{raw_len[m].sum() / 1e6:8.2f} MB, read ratio {tc[m].sum() / tr[m].sum():5.2f}x, "
                     f"break-even bandwidth {breakeven:9.0f} MB/s"
+                )
+
+
+def store_reads(rounds: int, scale: str) -> None:
+    """End to end: every record of the ``state`` kind read with ``reader[i]`` from a store
+    written with ``raw_below=0`` (all frames coded) and with the default and 0.10, per codec;
+    median over rounds of the whole pass, ratio against the coded store in the same round."""
+    import tensorstore_pt as ts
+
+    samples = build_kind("state", scale).samples
+    with tempfile.TemporaryDirectory() as tmp:
+        for codec in ("zstd", "lz4"):
+            layouts = {f"raw_below={rb}": rb for rb in (0, 0.05, 0.10)}
+            readers = {}
+            for label, rb in layouts.items():
+                path = os.path.join(tmp, f"{codec}-{rb}")
+                info = ts.write_store(samples, path, codec=codec, raw_below=rb)
+                readers[label] = (ts.open_store(path), info.file_bytes)
+            times: dict[str, list[float]] = {label: [] for label in layouts}
+            for _ in range(rounds + 1):
+                for label, (reader, _) in readers.items():
+                    t0 = time.perf_counter()
+                    for i in range(len(reader)):
+                        reader[i]
+                    times[label].append(time.perf_counter() - t0)
+            base = np.median(times["raw_below=0"][1:])
+            for label, (reader, file_bytes) in readers.items():
+                t = np.median(times[label][1:])
+                share = np.mean(
+                    [
+                        f.is_raw(k)
+                        for f in (reader._footer(s) for s in range(reader.info().shards))
+                        for k in range(len(f.table))
+                    ]
+                )
+                print(
+                    f"  state {codec}-{label:14s}: {file_bytes:,} bytes, {share:5.1%} frames raw, "
+                    f"read all {t * 1e3:7.1f} ms ({t / base:.2f}x the coded store)"
                 )
 
 
