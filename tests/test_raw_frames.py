@@ -397,3 +397,15 @@ def test_cli_pack_raw_below(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert ts.open_store(tmp_path / "b").info().format_version == (1, 0)
     assert main(["pack", str(tmp_path / "n.pt"), str(tmp_path / "c"), "--raw-below", "1.5"]) != 0
     assert "--raw-below" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["lz4-raw", "zstd-raw-frames"])
+def test_v12_fixtures_mix_raw_and_coded_frames(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = Path(__file__).parent / "fixtures" / "v1.2" / name
+    reader = ts.open_store(path)
+    mask = _raw_mask(reader)
+    assert any(mask) and not all(mask)
+    assert ("multi-record-frames" in reader.index.features) == (name == "zstd-raw-frames")
+    monkeypatch.setattr(fmt, "KNOWN_FEATURES", frozenset({"multi-record-frames", "zstd-dictionary"}))
+    with pytest.raises(UnsupportedFormatError, match=r"format 1\.2 uses feature\(s\) \['raw-frames'\]"):
+        ts.open_store(path)
