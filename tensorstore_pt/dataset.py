@@ -68,7 +68,7 @@ from .errors import (
     UnsafePayloadError,
 )
 from .fastload import _is_cpu
-from .format import FEATURE_MULTI_RECORD_FRAMES, RECORD_DTYPE
+from .format import FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES, RECORD_DTYPE
 from .reader import DEFAULT_MAX_RECORD_BYTES, READ_BYTES, FetchedFrames, StoreReader, open_store
 from .storage import LocalStorage, Storage
 
@@ -293,8 +293,9 @@ class _StoreView:
         self.bounds = reader.shard_bounds()
         # Multi-record frames (format 1.1): records share frames, so there is no per-record frame
         # table; records are read with StoreReader.read, whose per-thread frame cache decodes
-        # each frame once when records come in order.
-        self.framed = FEATURE_MULTI_RECORD_FRAMES in reader.index.features
+        # each frame once when records come in order. Raw frames (format 1.2) take the same
+        # path: the shared table's rows cannot mark a frame stored raw; the footers do.
+        self.framed = bool({FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES} & set(reader.index.features))
         self._table = torch.empty((0 if self.framed else self.records, 4), dtype=torch.int64).share_memory_()
         if not self.framed:
             reader.record_table(out=self.table())  # filled in place: one copy, in shared memory
