@@ -170,9 +170,11 @@ def run_from_args(args: argparse.Namespace, prog: str, argv: Sequence[str] | Non
         command=command,
         log_dir=str(out / "logs"),
     )
+    from tensorstore_pt.errors import TensorStoreError
+
     try:
         doc = run_benchmark(config)
-    except BenchError as exc:
+    except (BenchError, TensorStoreError) as exc:  # bad options, or a --source that cannot be read
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     written = write_outputs(doc, out)

@@ -159,6 +159,18 @@ def test_column_rows_come_back_as_their_own_tensors(tmp_path: Path) -> None:
         assert s["y"].untyped_storage().nbytes() == 8
 
 
+def test_ambiguous_source_says_which_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A list of equal-length tensors needs --layout: exit 2 with the error, no traceback."""
+    from tensorstore_pt.cli import main
+
+    src = _save([torch.zeros(4) for _ in range(5)], tmp_path)
+    code = main(["bench", "--quick", "--source", str(src), "-q", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "tspt bench: error: " in err and "ambiguous" in err and "--layout rows" in err
+    assert "Traceback" not in err and not (tmp_path / "out" / "results.json").exists()
+
+
 # --------------------------------------------------------------------------- the check
 
 
