@@ -41,7 +41,11 @@ else in a batch goes through torch's transport as before.
 Batch decoding: a StoreIterableDataset in a worker whose collate is a SharedBatchCollate
 made for it yields :class:`RawRecord` (checked and decompressed, not unpickled) once that
 collate has run there; the collate fills a batch of them straight into the arena with
-:func:`tensorstore_pt.fastload.collate_records` when it applies, or loads them one by one.
+:func:`tensorstore_pt.fastload.collate_records` (nested dicts, lists and tuples of tensors and
+literal leaves, see :func:`decode_batch`) when it applies, or loads them one by one. With
+``num_workers=0`` the dataset's decode thread decodes whole batches itself and yields their
+samples as :class:`BatchItem`; the collate returns the decoded batch when it receives exactly
+one batch's items, in order.
 
 Memory: each worker holds ``slots`` arenas of the largest batch it has sent (rounded up to
 64 KiB; a batch that outgrows its arena doubles it), shared with the main process;

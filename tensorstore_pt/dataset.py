@@ -568,7 +568,9 @@ class StoreIterableDataset(IterableDataset):
             frames, at most 2**18 records). It costs 16 bytes a position, not frame memory.
         prefetch_samples: Decoded samples the background decode thread may hold ahead
             (default 32). Used in the main process (``num_workers=0``); DataLoader workers
-            run ahead by the DataLoader's ``prefetch_factor`` batches instead.
+            run ahead by the DataLoader's ``prefetch_factor`` batches instead. When a
+            :class:`StoreDataLoader` takes whole batches from the thread, it holds
+            ``max(1, prefetch_samples // batch_size)`` batches ahead plus the one it decodes.
         verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
         map_location: Passed to ``torch.load``.
         max_record_bytes: The largest raw record in bytes a read decodes when ``store`` is a
@@ -1303,10 +1305,15 @@ class StoreDataLoader(DataLoader):
     transport). With ``pin_memory`` the pinned copy is taken from the arena. Each worker holds
     ``prefetch_factor + 3`` arenas of its largest batch. See ``tensorstore_pt._shared_batches``.
 
-    With the ring, the default collate, a dataset without ``transform`` and ``on_error="raise"``,
-    workers unpickle records a batch at a time: a batch of plain dict-of-tensor records with
-    one pickle is filled straight into the arena (:func:`tensorstore_pt.fastload.collate_records`);
-    anything else is loaded record by record. The batches are the same either way.
+    With the default collate, a dataset without ``transform`` and ``on_error="raise"`` (and CPU
+    records), records are unpickled a batch at a time: in workers with the ring, straight into
+    the arena; with ``num_workers=0`` and a ``batch_size``, by the dataset's decode thread, which
+    hands over whole batches (with another collate, whole batches of records loaded one by one).
+    A batch of records of one structure (nested dicts, lists and tuples of whole-storage tensors
+    and int, float, bool, str or bytes leaves) is decoded in one go
+    (:func:`tensorstore_pt.fastload.collate_records`); anything else is loaded record by record.
+    The batches are the same either way: what the collate makes of the records ``torch.load``
+    gives, bit for bit and type for type.
 
     Args:
         dataset: A :class:`StoreIterableDataset`.
@@ -1314,8 +1321,8 @@ class StoreDataLoader(DataLoader):
             gives torch's own transport.
         **dataloader_kwargs: As for ``torch.utils.data.DataLoader``. ``batch_size`` also sets
             the chunk dealt to each worker. ``in_order=False`` is refused (it breaks the
-            order guarantee). ``collate_fn`` is wrapped when the ring is on (the wrapper's
-            ``collate_fn`` attribute is yours).
+            order guarantee). ``collate_fn`` is wrapped when the ring is on or
+            ``num_workers=0`` (the wrapper's ``collate_fn`` attribute is yours).
 
     Raises:
         InvalidOptionError: ``dataset`` is not a StoreIterableDataset, ``in_order=False``,

@@ -1912,8 +1912,10 @@ def fast_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") -
 _B_TENSOR, _B_LEAF, _B_DICT, _B_LIST, _B_TUPLE = range(5)
 _BATCH_LEAVES = frozenset([int, float, bool, str, bytes])
 # pickle -> (interned spec, leaf values in spec order), or False (no spec: collate_records declines).
-# Bounded like tables.known (cleared when it holds _MAX_KNOWN_PICKLES entries).
+# Bounded like tables.known (pickles of at most 64 KiB; cleared when it holds _MAX_KNOWN_PICKLES
+# entries or _MAX_KNOWN_BYTES of pickles).
 _BATCH_SPECS: dict[bytes, Any] = {}
+_BATCH_SPECS_BYTES = 0
 _SPEC_INTERN: dict[Any, Any] = {}
 
 
@@ -2061,6 +2063,7 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
 
     Thread safety: safe from many threads (the spec cache is a dict updated under the GIL).
     """
+    global _BATCH_SPECS_BYTES
     if not bufs or not _torch_state_is_plain():
         return None
     tables = _get_tables()
@@ -2081,6 +2084,8 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
             return None
         start, nbytes = records["data.pkl"]
         if last_pkl is None or memoryview(buf)[start : start + nbytes] != last_pkl:
+            if nbytes > _MAX_KNOWN_PICKLE_BYTES:
+                return None
             pkl = bytes(buf[start : start + nbytes])
             got = _BATCH_SPECS.get(pkl)
             if got is None:
@@ -2095,9 +2100,11 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
                         return None
                     plan = _plan_one(buf, pkl, records, lo, hi, tables)
                 got = (_batch_spec(plan) if plan is not None else None) or False
-                if len(_BATCH_SPECS) >= _MAX_KNOWN_PICKLES:
+                if len(_BATCH_SPECS) >= _MAX_KNOWN_PICKLES or _BATCH_SPECS_BYTES + nbytes > _MAX_KNOWN_BYTES:
                     _BATCH_SPECS.clear()
+                    _BATCH_SPECS_BYTES = 0
                 _BATCH_SPECS[pkl] = got
+                _BATCH_SPECS_BYTES += nbytes
             if got is False:
                 return None
             last_pkl = pkl
