@@ -12,7 +12,9 @@ change (the internal switch ``tensorstore_pt._shared_batches.BATCH_DECODE = "dic
 decode plain dict-of-tensor batches in one go, the ``num_workers=0`` decode thread loads record
 by record) and as now (``"all"``). Workers are persistent and keep the switch they were forked
 with; each loader runs one untimed warm-up epoch (it also makes the decoder's plans), then
-``--repeats`` timed epochs, interleaved with every other loader's, and the median is reported.
+``--repeats`` timed epochs, interleaved with every other loader's, and the median is reported,
+with the CPU time of all the loader's processes per sample (steadier than samples/s on a shared
+machine, where other load changes wall time from one epoch to the next).
 
 Usage::
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import psutil
 import torch
 from torch.utils.data import default_collate
 
@@ -92,15 +95,24 @@ class _Config:
         self.loader = StoreDataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, **kw)
         self.count = self._epoch()  # warm-up: starts the workers, makes the plans
         self.times: list[float] = []
+        self.cpu: list[float] = []
+
+    def _pids(self) -> list[int]:
+        it = getattr(self.loader, "_iterator", None)
+        workers = getattr(it, "_workers", []) if it is not None else []
+        return [os.getpid(), *(w.pid for w in workers)]
 
     def _epoch(self) -> int:
         sb.BATCH_DECODE = self.mode
         return sum(self.count_of(b) for b in self.loader)
 
     def epoch(self) -> None:
+        procs = [psutil.Process(p) for p in self._pids()]
+        cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
         t0 = time.perf_counter()
         got = self._epoch()
         self.times.append(time.perf_counter() - t0)
+        self.cpu.append(sum(sum(p.cpu_times()[:2]) - c for p, c in zip(procs, cpu0)))
         if got != self.count:
             raise RuntimeError(f"an epoch delivered {got} samples, the warm-up {self.count}")
 
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "samples_per_s": {},
+        "cpu_us_per_sample": {},
     }
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         configs: dict[str, _Config] = {}
@@ -140,16 +153,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for cfg in configs.values():
                 cfg.epoch()
         sb.BATCH_DECODE = "all"
-        sps = results["samples_per_s"]
+        sps, cpu = results["samples_per_s"], results["cpu_us_per_sample"]
         for name, cfg in configs.items():
             sps[name] = cfg.count / statistics.median(cfg.times)
-        print(f"{'kind':12s} {'workers':>7s} {'before':>10s} {'after':>10s} {'after/before':>13s}")
+            cpu[name] = 1e6 * statistics.median(cfg.cpu) / cfg.count  # all the loader's processes
+        print(
+            f"{'kind':12s} {'workers':>7s} {'samples/s before':>17s} {'after':>8s} {'ratio':>6s}   "
+            f"{'CPU us/sample before':>21s} {'after':>6s}"
+        )
         ratios: dict[str, float] = {}
         for kind in kinds:
             for workers in (0, 2):
                 before, after = sps[f"{kind} w{workers} before"], sps[f"{kind} w{workers} after"]
                 ratios[f"{kind} w{workers} after/before"] = after / before
-                print(f"{kind:12s} {workers:7d} {before:10.0f} {after:10.0f} {after / before:13.2f}")
+                print(
+                    f"{kind:12s} {workers:7d} {before:17.0f} {after:8.0f} {after / before:6.2f}   "
+                    f"{cpu[f'{kind} w{workers} before']:21.1f} {cpu[f'{kind} w{workers} after']:6.1f}"
+                )
             ratios[f"{kind} after: w0/w2"] = sps[f"{kind} w0 after"] / sps[f"{kind} w2 after"]
         results["ratios"] = ratios
         results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
