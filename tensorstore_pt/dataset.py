@@ -17,7 +17,9 @@ tensor made in the process that builds the dataset; DataLoader workers map it, w
 are forked or spawned. A worker's private memory is O(shards + blocks) for the layout, plus
 O(window) for the shuffle window's permutation, plus up to 4 read pieces (at most 2 MiB of
 compressed frames and gaps each), plus one batch of decoded samples (``prefetch_samples +
-32`` in the main process); it does not grow with the number of records or across epochs.
+32`` in the main process, or, when a StoreDataLoader takes whole batches there,
+``max(1, prefetch_samples // batch_size) + 1`` batches with their decompressed records); it
+does not grow with the number of records or across epochs.
 Worker batches reach the main process through reused shared-memory arenas (see
 :class:`StoreDataLoader`).
 """
@@ -610,8 +612,10 @@ class StoreIterableDataset(IterableDataset):
     gap bytes (neighbouring frames less than 64 KiB apart are read in one go), i.e. at most
     2 MiB plus one frame each: one in the main process, up to 4 in a worker (3 read ahead,
     1 being decoded); plus, in the main process, ``prefetch_samples + 32`` decoded samples
-    (the queue, the list being filled and the list being consumed, 16 samples each), in a
-    worker one batch; plus 40 bytes a block and 32 bytes a window position (the window
+    (the queue, the list being filled and the list being consumed, 16 samples each), or
+    when a :class:`StoreDataLoader` takes whole batches, ``max(1, prefetch_samples //
+    batch_size)`` queued batches plus the one being decoded, each with its decompressed
+    records; in a worker one batch; plus 40 bytes a block and 32 bytes a window position (the window
     permutation and its sort keys, while it is made). The frame table (32 bytes a record) is
     in shared memory.
 
