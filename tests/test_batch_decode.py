@@ -202,6 +202,28 @@ def test_batches_equal_torch_load_then_collate(template: Any, other: Any, batch_
             _assert_batches(expected, _loader_batches(loader), per_sample=collate == "list")
 
 
+def _no_grad(sample: Any) -> bool:
+    """No tensor needs grad: torch's collate in a worker stacks into shared memory with ``out=``,
+    which refuses such tensors, while the main process's stack accepts them (torch's own difference)."""
+    return not any(t.requires_grad for t in _tensors(sample))
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(template=samples(max_leaves=5).filter(_no_grad), collate=st.sampled_from(["default", "list"]))
+def test_worker_batches_equal_torch_load_then_collate_property(template: Any, collate: str) -> None:
+    records = [_vary(template, i) for i in range(24)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _write(Path(tmp) / "s", records)
+        fn = default_collate if collate == "default" else list_collate
+        expected = _expected_batches(path, 4, fn)
+        loader = StoreDataLoader(
+            StoreIterableDataset(path), batch_size=4, num_workers=2, collate_fn=fn, persistent_workers=True
+        )
+        for _ in range(2):  # the second epoch: raw records and plans in both workers
+            _assert_batches(expected, _loader_batches(loader), layout=False, per_sample=collate == "list")
+        del loader
+
+
 # --------------------------------------------------------------------------- num_workers=0: whole batches
 
 
