@@ -1916,6 +1916,9 @@ _BATCH_LEAVES = frozenset([int, float, bool, str, bytes])
 # entries or _MAX_KNOWN_BYTES of pickles).
 _BATCH_SPECS: dict[bytes, Any] = {}
 _BATCH_SPECS_BYTES = 0
+# [calls left that plan no new pickle, current back-off]: see collate_records.
+_PLAN_BACKOFF = [0, 0]
+_MAX_PLAN_BACKOFF = 64
 _SPEC_INTERN: dict[Any, Any] = {}
 
 
@@ -2038,7 +2041,10 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
     OrderedDicts) with literal keys, lists and tuples, nested, with the same tensors (dtype,
     shape, each the whole of its own contiguous storage, no ``requires_grad``, hooks or
     metadata) and literal leaves (int, float, bool, str, bytes) of the same types in the same
-    places; the leaf values may differ (a label, an id). Each buffer gets the same checks as on
+    places; the leaf values may differ (a label, a name). Pickles that differ from planned ones
+    only in literal values are planned here, at most ``max(4, len(bufs) // 2)`` a call; a call
+    that needs more declines and the next 1, 2, 4... (at most 64) calls plan none, so that
+    records whose literals never repeat (unique ids) cost little. Each buffer gets the same checks as on
     :func:`fast_loads`'s planned path (zip layout and small records, storage record sizes); the
     leaves are collated with ``leaf``, then each batch tensor is allocated with ``alloc(shape,
     dtype)`` and filled row by row from the storage records. Returns None, having allocated
@@ -2074,6 +2080,9 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
     last_pkl = None
     got = None
     planned = 0
+    skip_planning = _PLAN_BACKOFF[0] > 0
+    if skip_planning:
+        _PLAN_BACKOFF[0] -= 1
     leaf_in_seq: list[bool] = []
     for buf in bufs:
         if type(buf) is not bytearray:
@@ -2096,7 +2105,13 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
                     # Those are planned here, a few a batch (records whose literals all differ,
                     # such as unique ids, would cost an interpretation each: declined).
                     planned += 1
-                    if planned > max(2, len(bufs) // 8) or not tables.has_skeleton(pkl):
+                    if skip_planning or not tables.has_skeleton(pkl):
+                        return None
+                    if planned > max(4, len(bufs) // 2):
+                        # Too many new pickles in one batch: back off (skip planning for 1, 2, 4...
+                        # up to 64 calls) so that records whose literals never repeat cost little.
+                        _PLAN_BACKOFF[1] = min(_MAX_PLAN_BACKOFF, max(1, 2 * _PLAN_BACKOFF[1]))
+                        _PLAN_BACKOFF[0] = _PLAN_BACKOFF[1]
                         return None
                     plan = _plan_one(buf, pkl, records, lo, hi, tables)
                 got = (_batch_spec(plan) if plan is not None else None) or False
@@ -2146,4 +2161,6 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
                 s = starts[i][j]
                 dst[i] = memoryview(buf)[s : s + size_bytes]
         out_tensors.append(t)
+    if planned:
+        _PLAN_BACKOFF[1] = 0  # planning paid off
     return _build_batch(spec, iter(out_tensors), iter(collated_leaves))

@@ -23,7 +23,14 @@ import tensorstore_pt as tspt
 import tensorstore_pt._shared_batches as sb
 import tensorstore_pt.dataset as dataset_module
 from tensorstore_pt import StoreDataLoader, StoreIterableDataset, open_store
+from tensorstore_pt import fastload
 from tensorstore_pt.fastload import collate_records, fast_loads
+
+
+@pytest.fixture(autouse=True)
+def _no_plan_backoff() -> None:
+    """Each test starts without collate_records' planning back-off left by another."""
+    fastload._PLAN_BACKOFF[:] = [0, 0]
 
 
 def list_collate(batch: list[Any]) -> list[Any]:
