@@ -409,8 +409,14 @@ def test_deepcopy_of_a_loader_works_without_the_original(store: Path) -> None:
         assert_same(got, want, f"batch {i}")
 
 
-def _shm_files() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+def _shm_files(pids: set[int]) -> set[str]:
+    """/dev/shm files made by ``pids`` (torch names its file_system segments ``torch_<pid>_...``);
+    other processes on the machine (other test runs) come and go there too."""
+    return {
+        f
+        for f in os.listdir("/dev/shm")
+        if f.split("_")[:1] == ["torch"] and f.split("_")[1:2] in ([str(p)] for p in pids)
+    }
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
@@ -420,14 +426,19 @@ def test_no_shared_memory_left_behind_by_exited_workers(store: Path) -> None:
     torch.multiprocessing.set_sharing_strategy("file_system")
     try:
         loader = StoreDataLoader(StoreIterableDataset(store), batch_size=2, num_workers=2)  # non-persistent
-        start = _shm_files()
-        counts = []
+        counts, pids = [], set()
         for _ in range(4):
-            for batch in loader:  # noqa: B007 - drained; the last batch is dropped just below
+            it = iter(loader)
+            batch = next(it)
+            workers = {w.pid for w in it._inner._workers}
+            pids |= workers
+            assert _shm_files(workers)  # the filter sees the arenas while they are in use
+            for batch in it:  # noqa: B007 - drained; the last batch is dropped just below
                 pass
-            del batch
+            del batch, it
             time.sleep(0.2)
-            counts.append(len(_shm_files() - start))
+            counts.append(len(_shm_files(pids)))
+        assert len(pids) == 8  # two new workers an epoch
         assert counts == [0, 0, 0, 0], counts  # the workers exited and the loader let go of their arenas
     finally:
         torch.multiprocessing.set_sharing_strategy(before)
