@@ -1634,7 +1634,10 @@ def _fast_path(buf: bytes | bytearray | memoryview, check_state: bool = True) ->
     if known is _UNSET:  # first sight
         if tables.has_skeleton(pkl):  # another pickle like it but for literal values ran before
             try:
-                return _replay(pkl, src)
+                result = _replay(pkl, src)
+                # Seen once: if it recurs (a label among a few classes), it gets a plan as below.
+                tables.remember(pkl, _SEEN_ONCE)
+                return result
             except AllocationBudgetError:
                 raise
             except Exception:  # the interpreter decides (a fresh source: nothing of this is reused)

@@ -174,7 +174,6 @@ def test_leaves_in_a_sequence_come_back_as_tuples() -> None:
         lambda i: (torch.arange(10)[2:5],),  # a view of a larger storage
         lambda i: {"a": torch.zeros(2), "b": torch.zeros(2)} if i % 2 else {"a": torch.zeros(2)},  # two plans
         lambda i: [torch.zeros(2)] if i % 2 else [torch.zeros(3)],  # two shapes
-        lambda i: {"x": torch.zeros(2), "id": f"record-{i}"},  # literals that all differ: declined
     ],
 )
 def test_collate_records_declines_what_it_does_not_cover(odd: Any) -> None:
@@ -186,6 +185,19 @@ def test_collate_records_declines_what_it_does_not_cover(odd: Any) -> None:
         bufs, lambda shape, dtype: allocated.append(shape) or torch.empty(shape, dtype=dtype), sb.collate_leaves
     )
     assert got is None and allocated == []
+
+
+def test_records_whose_literals_all_differ_are_covered_once_each_was_seen_twice() -> None:
+    """A pickle that differs from a known one only in literal values is replayed at first
+    sight and planned at its second, like any other recurring pickle: the batch is covered."""
+    records = [{"x": torch.zeros(2) + i, "id": f"record-{i}"} for i in range(16)]
+    bufs = _bufs(records)
+    for b in bufs * 2:
+        fast_loads(bytearray(b))
+    got = collate_records(bufs, lambda shape, dtype: torch.empty(shape, dtype=dtype), sb.collate_leaves)
+    assert got is not None
+    assert_identical(default_collate([torch.load(io.BytesIO(bytes(b)), weights_only=True) for b in bufs]), got)
+    assert got["id"] == [f"record-{i}" for i in range(16)]
 
 
 # --------------------------------------------------------------------------- through the loader, property
