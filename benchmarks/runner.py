@@ -27,8 +27,14 @@ from .systems import BASELINE, get_systems
 
 __all__ = ["BenchConfig", "BenchError", "run_benchmark"]
 
-#: Metrics derived per cell: (key, op result path, label). Throughputs are samples/s.
+#: Read ops measured warm and cold; ``seq_again`` (later passes over the same open
+#: dataset) is warm only. Throughputs are samples/s.
 READ_OPS = ("seq", "random")
+#: Every op of a cell, in the order run (``loader_wN`` follow, one per worker count).
+CELL_OPS = ("pack", "seq", "seq_again", "random")
+#: Smallest and largest shard/chunk size the harness asks for (bytes).
+MIN_SHARD_BYTES = 8 * 2**10
+MAX_SHARD_BYTES = 64 * 2**20
 
 
 class BenchError(RuntimeError):
@@ -60,6 +66,9 @@ class BenchConfig:
         random_cap_s: A random-access pass stops after this many seconds (its rate is then
             taken over the reads it made), so a system that decodes a whole chunk per read
             cannot stall the run.
+        audit: Run ``tspt audit`` (:func:`tensorstore_pt.audit.audit_store`) on each kind's
+            store packed with tensorstore_pt's default configuration, so the report can name
+            the option to use.
         progress: Show a progress bar on stderr.
         command: The command line that started the run (recorded in the results).
     """
@@ -80,6 +89,7 @@ class BenchConfig:
     timeout_s: float = 900.0
     random_reads: int = 512
     random_cap_s: float = 2.0
+    audit: bool = True
     progress: bool = True
     command: str = ""
     log_dir: str | None = None
@@ -158,9 +168,12 @@ class _Server:
 
 
 def _shard_bytes(payload: int) -> int:
-    """One shard size for every sharded system of a kind: an eighth of the payload (so two
-    DataLoader workers always have shards to split), within [64 KiB, 64 MiB]."""
-    return int(min(max(payload // 8, 64 * 2**10), 64 * 2**20))
+    """One shard size for every sharded system of a kind: an eighth of the raw payload, within
+    [8 KiB, 64 MiB]. Every system stores at least the payload (tensorstore_pt counts stored
+    bytes, litdata and Streaming uncompressed bytes, WebDataset tar bytes), so each writes
+    about 8 or more shards/chunks: two DataLoader workers always have shards to split, and no
+    system reads the whole kind from one cached chunk. The cells record the count."""
+    return int(min(max(payload // 8, MIN_SHARD_BYTES), MAX_SHARD_BYTES))
 
 
 def _prepare_kind(name: str, kind_dir: Path, *, quick: bool, seed: int, source: str | None) -> dict[str, Any]:
@@ -205,6 +218,7 @@ def _derive(cell: dict[str, Any], kind: dict[str, Any], workers: tuple[int, ...]
     if pack:
         m["bytes_on_disk"] = pack["bytes_on_disk"]
         m["files"] = pack["files"]
+        m["data_files"] = pack.get("data_files")
         m["payload_per_disk_byte"] = payload / pack["bytes_on_disk"] if pack["bytes_on_disk"] else None
         m["pack_s"] = pack["pack_s"]
         m["pack_peak_rss_delta_bytes"] = pack.get("pack_peak_rss_delta_bytes")
@@ -220,12 +234,20 @@ def _derive(cell: dict[str, Any], kind: dict[str, Any], workers: tuple[int, ...]
         m[f"{op}_peak_rss_delta_bytes"] = r.get("peak_rss_delta_bytes")
         if r.get("cold_note"):
             m[f"{op}_cold_note"] = r["cold_note"]
+    again = cell.get("seq_again")
+    if again and again.get("warm_rate"):
+        m["seq_again_warm_samples_per_s"] = again["warm_rate"]
+        m["seq_again_same_dataset"] = again.get("same_dataset")
     for w in workers:
         r = cell.get(f"loader_w{w}")
         if r and r.get("warm_rate"):
             m[f"loader_w{w}_samples_per_s"] = r["warm_rate"]
             m[f"loader_w{w}_peak_rss_delta_bytes"] = r.get("peak_rss_delta_bytes")
-    caches = [(cell.get(k) or {}).get("cache_bytes") or 0 for k in cell if k in READ_OPS or k.startswith("loader_w")]
+    caches = [
+        (cell.get(k) or {}).get("cache_bytes") or 0
+        for k in cell
+        if k in READ_OPS or k == "seq_again" or k.startswith("loader_w")
+    ]
     m["read_cache_bytes"] = max(caches) if caches else 0
     return m
 
@@ -236,6 +258,7 @@ COMPARED: dict[str, bool] = {
     "pack_s": False,
     "seq_warm_samples_per_s": True,
     "seq_cold_samples_per_s": True,
+    "seq_again_warm_samples_per_s": True,
     "random_warm_samples_per_s": True,
     "random_cold_samples_per_s": True,
 }
@@ -361,8 +384,30 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
             raise BenchError(f"the baseline {BASELINE} cannot run: {doc['systems'][BASELINE]['unavailable']}")
         unsupported = {s: info["systems"][s]["unsupported"] for s in runnable}
 
-        # 3. the cells
-        ops = ["pack", "seq", "random", *[f"loader_w{w}" for w in config.workers]]
+        # 3. the option tspt audit recommends, per kind (on a store packed the default way)
+        if config.audit:
+            for kind in kinds:
+                say(f"auditing kind {kind!r}...")
+                reply = server.run(
+                    {
+                        "op": "audit",
+                        "kind_dir": str(workdir / "kinds" / kind),
+                        "root": str(workdir / "audit" / kind),
+                        "shard_bytes": doc["kinds"][kind]["shard_bytes"],
+                        "audit_repeats": 1 if config.quick else 3,
+                        "timeout_s": config.timeout_s,
+                    },
+                    lambda _: None,
+                )
+                if reply.get("ok"):
+                    doc["kinds"][kind]["audit"] = reply["result"]
+                else:
+                    note(f"{kind}: tspt audit failed: {reply.get('error')}")
+                if not config.keep:
+                    shutil.rmtree(workdir / "audit" / kind, ignore_errors=True)
+
+        # 4. the cells
+        ops = [*CELL_OPS, *[f"loader_w{w}" for w in config.workers]]
         total = len(kinds) * len(runnable) * len(ops)
         bar = _progress(total, config.progress)
         for kind, sname in _iter_cells(kinds, runnable):
@@ -429,7 +474,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
         if own_workdir and not config.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    # 4. ratios against the baseline of the same kind
+    # 5. ratios against the baseline of the same kind
     compared = _compared(tuple(config.workers))
     base_by_kind = {c["kind"]: c.get("metrics") for c in doc["cells"] if c["system"] == BASELINE}
     for c in doc["cells"]:
