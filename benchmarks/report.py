@@ -13,9 +13,12 @@ from typing import Any
 __all__ = [
     "DOCS_BEGIN",
     "DOCS_END",
+    "SAME_BAND",
     "markdown",
     "plot",
+    "recommended_system",
     "summary_rows",
+    "verdicts",
     "write_docs",
     "write_outputs",
 ]
@@ -26,19 +29,42 @@ DOCS_END = "<!-- bench:results:end -->"
 #: Report columns: (metric key, heading, kind of value).
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("bytes_on_disk", "on disk", "bytes"),
+    ("data_files", "data files", "count"),
     ("pack_s", "pack s", "seconds"),
     ("seq_warm_samples_per_s", "seq warm /s", "rate"),
     ("seq_warm_MB_per_s", "seq warm MB/s", "mbps"),
     ("seq_cold_samples_per_s", "seq cold /s", "rate"),
+    ("seq_again_warm_samples_per_s", "seq again /s", "rate"),
     ("random_warm_samples_per_s", "random warm /s", "rate"),
     ("random_cold_samples_per_s", "random cold /s", "rate"),
     ("loader_w0_samples_per_s", "DataLoader 0w /s", "rate"),
     ("loader_w2_samples_per_s", "DataLoader 2w /s", "rate"),
+    ("read_cache_bytes", "extra disk while reading", "bytes"),
     ("seq_peak_rss_delta_bytes", "peak RSS seq", "bytes"),
 )
+#: Columns shown without a factor against the baseline.
+_NO_RATIO = frozenset({"seq_peak_rss_delta_bytes", "read_cache_bytes", "data_files"})
 
-#: The tensorstore_pt configuration the summary speaks for (the library's default codec).
+#: The tensorstore_pt configuration the summary speaks for where no audit says otherwise
+#: (the library's default codec).
 DEFAULT_TSPT = "tspt-zstd3"
+
+#: Factors against the best peer inside this band (``lo <= f < hi``) read "about the same".
+SAME_BAND = (0.8, 1.25)
+
+#: What a system reads from besides its packed files, for the fairness note (peers only).
+READ_COPIES: dict[str, str] = {
+    "mds-zstd": (
+        "Streaming decompresses each shard it reads into its local cache directory and reads the "
+        "decompressed copy from then on; those bytes are the *extra disk while reading* column, and "
+        "every cold pass evicts them too"
+    ),
+    "litdata-zstd": (
+        "litdata decompresses a whole chunk into memory and hands out samples from it, keeping it for "
+        "later reads of the same chunk; its first pass (*seq warm/cold*, dataset opened inside the timed "
+        "pass) and its later passes over the same open dataset (*seq again*) are shown apart"
+    ),
+}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -75,12 +101,14 @@ def _cell_text(metrics: dict[str, Any], vs: dict[str, Any], key: str, kind: str)
         return "n/a" if not note else "n/a*"
     if kind == "bytes":
         text = fmt_bytes(_value(v))
+    elif kind == "count":
+        text = f"{int(_value(v) or 0):,}"
     elif kind == "seconds":
         text = f"{_value(v):.3g}"
     else:
         text = fmt_num(_value(v))
     ratio = vs.get(key)
-    if ratio is not None and key != "seq_peak_rss_delta_bytes":
+    if ratio is not None and key not in _NO_RATIO:
         text += f" ×{ratio:.2g}" if ratio < 10 else f" ×{ratio:.0f}"
     if isinstance(v, dict):
         lo, hi = v["min"], v["max"]
@@ -102,6 +130,7 @@ SUMMARY: tuple[tuple[str, str, bool], ...] = (
     ("pack_s", "pack time", False),
     ("seq_warm_samples_per_s", "sequential read, warm", True),
     ("seq_cold_samples_per_s", "sequential read, cold", True),
+    ("seq_again_warm_samples_per_s", "sequential, later pass", True),
     ("random_warm_samples_per_s", "random access, warm", True),
     ("random_cold_samples_per_s", "random access, cold", True),
     ("loader_w0_samples_per_s", "DataLoader, 0 workers", True),
@@ -109,19 +138,45 @@ SUMMARY: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def summary_rows(doc: dict[str, Any], tspt: str = DEFAULT_TSPT) -> list[dict[str, Any]]:
-    """For every kind and summary metric: ``tspt``'s value, the baseline's, the best peer's,
-    and the factors by which ``tspt`` beats them (> 1: wins, < 1: loses).
+def recommended_system(doc: dict[str, Any], kind: str) -> tuple[str, str]:
+    """The tensorstore_pt configuration the summary speaks for in ``kind``, and why.
+
+    It is the benchmarked configuration that packs with the options ``tspt audit`` recommends
+    for the kind's store packed the default way (``doc["kinds"][kind]["audit"]``), if that
+    configuration ran in this run; else :data:`DEFAULT_TSPT`, with the reason saying so.
+    """
+    audit = doc["kinds"].get(kind, {}).get("audit")
+    ran = {c["system"] for c in doc["cells"] if c["kind"] == kind and c.get("metrics")}
+    if not audit:
+        return DEFAULT_TSPT, "no audit in this run: the default codec"
+    name, label = audit.get("system"), audit.get("recommendation")
+    if name and name in ran:
+        return name, f"`tspt audit` recommends {label}"
+    if not name:
+        return DEFAULT_TSPT, f"`tspt audit` recommends {label}, which no benchmarked configuration packs with"
+    return DEFAULT_TSPT, f"`tspt audit` recommends {label} (`{name}`), not run here"
+
+
+def summary_rows(doc: dict[str, Any], tspt: str | None = None) -> list[dict[str, Any]]:
+    """For every kind and summary metric: the tensorstore_pt configuration's value, the
+    baseline's, the best peer's, and the factors by which the configuration beats them
+    (> 1: wins, < 1: loses).
+
+    Args:
+        doc: A results document.
+        tspt: The configuration to speak for; None (default): per kind, the one
+            :func:`recommended_system` names.
 
     Returns:
-        Rows with keys kind, metric, label, tspt, baseline, vs_baseline, peer, peer_value,
-        vs_peer (None where a number is missing).
+        Rows with keys kind, system, metric, label, higher, tspt, baseline, vs_baseline,
+        peer, peer_value, vs_peer (None where a number is missing).
     """
     by = {(c["kind"], c["system"]): c for c in doc["cells"] if c.get("metrics")}
     baseline = doc.get("baseline", "pt-files")
     rows = []
     for kind in doc["kinds"]:
-        mine = by.get((kind, tspt))
+        system = tspt or recommended_system(doc, kind)[0]
+        mine = by.get((kind, system))
         if not mine:
             continue
         for key, label, higher in SUMMARY:
@@ -139,8 +194,10 @@ def summary_rows(doc: dict[str, Any], tspt: str = DEFAULT_TSPT) -> list[dict[str
             rows.append(
                 {
                     "kind": kind,
+                    "system": system,
                     "metric": key,
                     "label": label,
+                    "higher": higher,
                     "tspt": v,
                     "baseline": b,
                     "vs_baseline": (v / b if higher else b / v) if b and v else None,
@@ -150,6 +207,32 @@ def summary_rows(doc: dict[str, Any], tspt: str = DEFAULT_TSPT) -> list[dict[str
                 }
             )
     return rows
+
+
+def verdicts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Sort summary rows (of one or more kinds) by how the configuration fares against the
+    best peer: ``{kind: {"wins": [...], "same": [...], "loses": [...]}}``, each list in
+    :data:`SUMMARY` order. A factor ``f`` with ``SAME_BAND[0] <= f < SAME_BAND[1]`` is
+    "about the same"; rows with no peer number are left out."""
+    lo, hi = SAME_BAND
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        f = r.get("vs_peer")
+        if f is None:
+            continue
+        bucket = "wins" if f >= hi else "loses" if f < lo else "same"
+        out.setdefault(r["kind"], {"wins": [], "same": [], "loses": []})[bucket].append(r)
+    return out
+
+
+def _fmt_factor(f: float) -> str:
+    return f"{f:.2g}" if f < 10 else f"{f:.0f}"
+
+
+def _verdict_text(r: dict[str, Any]) -> str:
+    """``bytes on disk 3.2x litdata-zstd's``: this option's value over the best peer's."""
+    ratio = r["tspt"] / r["peer_value"]
+    return f"{r['label']} {_fmt_factor(ratio)}x {r['peer']}'s"
 
 
 def _factor(x: float | None) -> str:
@@ -198,8 +281,19 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
         "cache) with `posix_fadvise(POSIX_FADV_DONTNEED)` before each repetition. DataLoader rows are "
         f"steady-state epochs (batch size {cfg['batch_size']}, shuffled, persistent workers started in the "
         "warm-up epoch). Peak RSS is the reading process's peak above the fork server's RSS, DataLoader "
-        "workers not included."
+        "workers not included. *data files*: the files holding the records (shards, chunks, tars, `.pt` files; "
+        "not indexes or schemas), so a reader can see every system spans several of them. *seq again*: later "
+        "ordered passes over the same open dataset (opened once, outside the timing; warm only)."
     )
+    ran = {c["system"] for c in doc["cells"] if c.get("metrics")}
+    copies = [text for name, text in READ_COPIES.items() if name in ran]
+    if copies:
+        lines.append("")
+        lines.append(
+            "Fair by construction: every measurement runs in a fresh process, on data that spans several "
+            "shards/chunks of every system (the *data files* column). Copies a system reads from besides its "
+            "packed files: " + "; ".join(copies) + "."
+        )
     if doc["notes"]:
         lines.append("")
         lines.append("Notes:")
@@ -227,14 +321,14 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
             mets, vs = c["metrics"], c.get("vs_baseline", {})
             cells = [_cell_text(mets, vs, key, kind_) for key, _, kind_ in COLUMNS]
             lines.append(f"| {c['system']} | " + " | ".join(cells) + " |")
-        extra = [
-            f"{c['system']}: {fmt_bytes(c['metrics']['read_cache_bytes'])}"
-            for c in by_kind.get(kind, [])
-            if c.get("metrics", {}).get("read_cache_bytes")
-        ]
-        if extra:
+        audit = meta.get("audit")
+        if audit:
             lines.append("")
-            lines.append("Extra disk written while reading (caches, decompressed shards): " + "; ".join(extra) + ".")
+            lines.append(
+                f"`tspt audit` on this kind's `{audit['store_system']}` store recommends **{audit['recommendation']}**"
+                + (f" (benchmarked as `{audit['system']}`)" if audit.get("system") else "")
+                + f": {audit['reason']}"
+            )
         cold = {
             c["metrics"].get("seq_cold_note")
             for c in by_kind.get(kind, [])
@@ -245,18 +339,18 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
     rows = summary_rows(doc)
     if rows:
         lines.append("")
-        lines.append(
-            f"### Summary: `{DEFAULT_TSPT}` (tensorstore_pt's default codec) against the baseline and the best peer"
-        )
+        lines.append("### Summary: the option to use per kind against the baseline and the best peer")
         lines.append("")
         lines.append(
-            "Each cell: factor against the one-file-per-sample baseline / against the best peer for that metric "
-            "(named). Above 1 (bold) tensorstore_pt wins, below 1 it loses."
+            "Per kind, the tensorstore_pt option `tspt audit` recommends for it (run on the kind's store packed "
+            f"with the default `{DEFAULT_TSPT}`; `{DEFAULT_TSPT}` where the audit did not run or its option was not "
+            "benchmarked). Each cell: factor against the one-file-per-sample baseline / against the best peer for "
+            "that metric (named). Above 1 (bold) tensorstore_pt wins, below 1 it loses."
         )
         lines.append("")
         metrics = [(k, lab) for k, lab, _ in SUMMARY if any(r["metric"] == k for r in rows)]
-        lines.append("| kind | " + " | ".join(lab for _, lab in metrics) + " |")
-        lines.append("|---|" + "---|" * len(metrics))
+        lines.append("| kind | option | " + " | ".join(lab for _, lab in metrics) + " |")
+        lines.append("|---|---|" + "---|" * len(metrics))
         for kind in doc["kinds"]:
             r_by = {r["metric"]: r for r in rows if r["kind"] == kind}
             if not r_by:
@@ -271,7 +365,38 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
                 if r["peer"]:
                     text += f" / {_factor(r['vs_peer'])} ({r['peer']})"
                 cells.append(text)
-            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+            system = next(iter(r_by.values()))["system"]
+            audit = doc["kinds"][kind].get("audit") or {}
+            option = f"`{system}`"
+            if audit and audit.get("system") != system:
+                option += f"<br><sub>audit: {audit.get('recommendation')}, not run</sub>"
+            lines.append(f"| {kind} | {option} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("### Where tensorstore_pt wins and loses, per kind")
+        lines.append("")
+        lo, hi = SAME_BAND
+        lines.append(
+            "Generated from the numbers above: the option named per kind against the best peer for each metric, as "
+            f"the option's value over that peer's (smaller is better for bytes and pack time). Factors of {lo} to "
+            f"{hi} (in the option's favour or against it) count as about the same; on a shared machine timings "
+            "move by more than that between runs (see the min–max under each number)."
+        )
+        lines.append("")
+        why = {k: recommended_system(doc, k)[1] for k in doc["kinds"]}
+        judged = verdicts(rows)
+        for kind in doc["kinds"]:
+            system = next((r["system"] for r in rows if r["kind"] == kind), None)
+            v = judged.get(kind)
+            if system is None:
+                continue
+            if v is None:
+                lines.append(f"- **{kind}**, `{system}` ({why[kind]}): no peer was measured on this kind in this run.")
+                continue
+            parts = []
+            for bucket, word in (("wins", "wins"), ("same", "about the same"), ("loses", "loses")):
+                if v[bucket]:
+                    parts.append(f"{word}: " + ", ".join(_verdict_text(r) for r in v[bucket]))
+            lines.append(f"- **{kind}**, `{system}` ({why[kind]}): " + "; ".join(parts) + ".")
     for p in plots or []:
         lines.append("")
         lines.append(f"![{Path(p).stem}]({p})")
