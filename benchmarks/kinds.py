@@ -38,6 +38,7 @@ No torch import at module level beyond what the builders need when called.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -361,21 +362,32 @@ def _stdlib_sentences(needed: int) -> tuple[list[str], int]:
     return list(seen), files
 
 
-def _embed(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
-    import torch
+@functools.lru_cache(maxsize=1)
+def _embedded_sentences(count: int) -> tuple[list[str], np.ndarray, int]:
+    """(sentences, their L2-normalised float32 vectors [count, <= 384], files read); fitted
+    once per process (the fit does not depend on the seed)."""
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    sentences, files = _stdlib_sentences(max(_EMBED_CORPUS, scale.embed))
+    sentences, files = _stdlib_sentences(count)
     tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1).fit_transform(sentences)
     dim = min(_EMBED_DIM, tfidf.shape[1] - 1, len(sentences) - 1)
     e = TruncatedSVD(n_components=dim, random_state=0).fit_transform(tfidf).astype(np.float32)
     e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    e.setflags(write=False)
+    return sentences, e, files
+
+
+def _embed(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
+    import torch
+
+    sentences, e, files = _embedded_sentences(max(_EMBED_CORPUS, scale.embed))
     n = min(scale.embed, len(sentences))
     out = [{"id": i, "embedding": torch.from_numpy(e[i].copy()), "text": sentences[i]} for i in range(n)]
     return out, (
         f"first sentences of {len(sentences):,} docstrings of {files} Python standard-library files, TF-IDF "
-        f"(1-2 grams) + TruncatedSVD to {dim} dims, L2-normalised: a real-data stand-in for a sentence-embedding model"
+        f"(1-2 grams) + TruncatedSVD to {e.shape[1]} dims, L2-normalised: a real-data stand-in for a "
+        "sentence-embedding model"
     )
 
 

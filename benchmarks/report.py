@@ -232,7 +232,7 @@ def _fmt_factor(f: float) -> str:
 def _verdict_text(r: dict[str, Any]) -> str:
     """``bytes on disk 3.2x litdata-zstd's``: this option's value over the best peer's."""
     ratio = r["tspt"] / r["peer_value"]
-    return f"{r['label']} {_fmt_factor(ratio)}x {r['peer']}'s"
+    return f"{r['label']} {ratio:.3g}x {r['peer']}'s"
 
 
 def _factor(x: float | None) -> str:
