@@ -414,7 +414,8 @@ PLOTTED = (
 
 def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
     """One PNG per throughput metric: throughput against bytes on disk for each system, one
-    panel per data kind, log-log, with min–max bars.
+    panel per data kind, log-log, with min–max bars; every point is labelled with its
+    system, the option the summary speaks for (:func:`recommended_system`) in bold.
 
     Returns:
         (the files written, None) or ([], why no plot was made).
@@ -438,6 +439,8 @@ def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
         fig, axes = plt.subplots(rows, cols, figsize=(max(5 * cols, 9), 4 * rows + 1), squeeze=False)
         any_point = False
         for ax, kind in zip(axes.flat, kinds):
+            chosen = recommended_system(doc, kind)[0]
+            picked = (doc["kinds"][kind].get("audit") or {}).get("system") == chosen
             for c in doc["cells"]:
                 if c["kind"] != kind or not c.get("metrics") or not c["metrics"].get(key):
                     continue
@@ -447,14 +450,18 @@ def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
                     [x], [y["median"]], yerr=[[y["median"] - y["min"]], [y["max"] - y["median"]]],
                     fmt=markers.get(c["family"], "o"), color=colors[c["system"]], label=c["system"], capsize=3,
                 )  # fmt: skip
-                ax.annotate(c["system"], (x, y["median"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                mine = c["system"] == chosen  # the option the summary speaks for: labelled in bold
+                ax.annotate(
+                    c["system"] + (" (audit's pick)" if mine and picked else ""), (x, y["median"]), fontsize=7,
+                    fontweight="bold" if mine else "normal", xytext=(4, 3), textcoords="offset points",
+                )  # fmt: skip
                 any_point = True
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.margins(x=0.15)
+            ax.margins(x=0.25)
             ax.set_title(f"{kind}", fontsize=10)
             ax.set_xlabel("bytes on disk (MiB)")
             ax.set_ylabel(title.split("(")[-1].rstrip(")"))
