@@ -225,8 +225,18 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, A
     return out
 
 
-def _fmt_factor(f: float) -> str:
-    return f"{f:.2g}" if f < 10 else f"{f:.0f}"
+def _summary_cells(r_by: dict[str, dict[str, Any]], metrics: list[tuple[str, str]]) -> list[str]:
+    cells = []
+    for k, _ in metrics:
+        r = r_by.get(k)
+        if not r:
+            cells.append("n/a")
+            continue
+        text = _factor(r["vs_baseline"])
+        if r["peer"]:
+            text += f" / {_factor(r['vs_peer'])} ({r['peer']})"
+        cells.append(text)
+    return cells
 
 
 def _verdict_text(r: dict[str, Any]) -> str:
@@ -351,26 +361,25 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
         metrics = [(k, lab) for k, lab, _ in SUMMARY if any(r["metric"] == k for r in rows)]
         lines.append("| kind | option | " + " | ".join(lab for _, lab in metrics) + " |")
         lines.append("|---|---|" + "---|" * len(metrics))
+        default_rows = summary_rows(doc, DEFAULT_TSPT)
         for kind in doc["kinds"]:
             r_by = {r["metric"]: r for r in rows if r["kind"] == kind}
             if not r_by:
                 continue
-            cells = []
-            for k, _ in metrics:
-                r = r_by.get(k)
-                if not r:
-                    cells.append("n/a")
-                    continue
-                text = _factor(r["vs_baseline"])
-                if r["peer"]:
-                    text += f" / {_factor(r['vs_peer'])} ({r['peer']})"
-                cells.append(text)
             system = next(iter(r_by.values()))["system"]
             audit = doc["kinds"][kind].get("audit") or {}
             option = f"`{system}`"
             if audit and audit.get("system") != system:
                 option += f"<br><sub>audit: {audit.get('recommendation')}, not run</sub>"
-            lines.append(f"| {kind} | {option} | " + " | ".join(cells) + " |")
+            lines.append(f"| {kind} | {option} | " + " | ".join(_summary_cells(r_by, metrics)) + " |")
+            if system != DEFAULT_TSPT:  # the default too, for comparison
+                d_by = {r["metric"]: r for r in default_rows if r["kind"] == kind}
+                if d_by:
+                    lines.append(
+                        f"| | `{DEFAULT_TSPT}`<br><sub>default</sub> | "
+                        + " | ".join(_summary_cells(d_by, metrics))
+                        + " |"
+                    )
         lines.append("")
         lines.append("### Where tensorstore_pt wins and loses, per kind")
         lines.append("")

@@ -292,6 +292,7 @@ def test_wins_and_losses_follow_the_numbers() -> None:
     assert same == "pack time 0.833x peer-a's, sequential read, cold 0.8x peer-a's"
     assert loses == "bytes on disk 3x peer-a's, DataLoader, 2 workers 0.79x peer-a's."
     assert "| k | `tspt-zstd3-frames64k` |" in md
+    assert "| | `tspt-zstd3`<br><sub>default</sub> |" in md  # the default's row follows, for comparison
     # without that option in the run, the summary falls back to the default and says why
     doc["cells"] = [c for c in doc["cells"] if c["system"] != "tspt-zstd3-frames64k"]
     assert recommended_system(doc, "k") == (
