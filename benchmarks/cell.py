@@ -7,7 +7,9 @@ Operations (``task["op"]``):
 ``pack``
     Write the kind's samples ``warmup + repeats`` times into a fresh ``data`` directory;
     report the times, the bytes on disk of the last write and the pack's peak RSS above
-    the RSS after loading the samples.
+    the RSS after loading the samples. With ``pack_budget_s``, the timed repetitions stop
+    once they add up to that many seconds (at least one is made): a writer that trains a
+    zstd dictionary for tens of seconds gets fewer repetitions, not a longer run.
 ``seq``
     Ordered full passes (open included): ``warmup`` untimed passes, the first of which
     checks every sample against the digests written at build time; ``repeats`` warm
@@ -177,6 +179,8 @@ def _pack(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
         dt = time.perf_counter() - t0
         if r >= task["warmup"]:
             times.append(dt)
+            if task.get("pack_budget_s") and sum(times) >= float(task["pack_budget_s"]):
+                break
     peak = peak_rss_bytes()
     fsync_tree(data_dir)
     nbytes, nfiles = tree_size(data_dir)

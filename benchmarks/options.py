@@ -81,9 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--random-cap",
         type=float,
-        default=2.0,
+        default=1.0,
         metavar="S",
-        help="a random-access pass stops after S seconds; its rate is taken over the reads made (default: 2)",
+        help="a random-access pass stops after S seconds; its rate is taken over the reads made (default: 1)",
     )
     p.add_argument(
         "--python",

@@ -66,6 +66,10 @@ class BenchConfig:
         random_cap_s: A random-access pass stops after this many seconds (its rate is then
             taken over the reads it made), so a system that decodes a whole chunk per read
             cannot stall the run.
+        again_repeats: Timed repetitions of ``seq_again`` (later passes over the same open
+            dataset; at most ``repeats``).
+        pack_budget_s: The timed pack repetitions of a cell stop once they add up to this
+            many seconds (at least one is made); None: always ``repeats``.
         audit: Run ``tspt audit`` (:func:`tensorstore_pt.audit.audit_store`) on each kind's
             store packed with tensorstore_pt's default configuration, so the report can name
             the option to use.
@@ -88,7 +92,9 @@ class BenchConfig:
     seed: int = 0
     timeout_s: float = 900.0
     random_reads: int = 512
-    random_cap_s: float = 2.0
+    random_cap_s: float = 1.0
+    again_repeats: int = 3
+    pack_budget_s: float | None = 10.0
     audit: bool = True
     progress: bool = True
     command: str = ""
@@ -435,11 +441,14 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
                 "timeout_s": config.timeout_s,
                 "random_reads": config.random_reads,
                 "random_cap_s": config.random_cap_s,
+                "pack_budget_s": config.pack_budget_s,
             }
             cell["status"] = "ok"
             for op in ops:
                 bar.set_description(f"{kind}/{sname} {op}")
                 task = dict(base_task, op=op)
+                if op == "seq_again":
+                    task["repeats"] = max(1, min(config.repeats, config.again_repeats))
                 if op.startswith("loader_w"):
                     task.update(op="loader", workers=int(op[len("loader_w") :]))
 

@@ -76,10 +76,10 @@ def test_quick_covers_every_kind_and_system(quick: tuple[dict, Path]) -> None:
             assert 0 < s["min"] <= s["median"] <= s["max"] < float("inf"), (c["kind"], c["system"], key, s)
         assert len(m["pack_s"]["values"]) == 5  # --quick keeps the method's 5 repetitions
         assert c["seq"]["order_preserved"] is True and c["random"]["order_preserved"] is True
-        # the later passes: one open dataset, checked in order, warm only, the method's 5 repetitions
+        # the later passes: one open dataset, checked in order, warm only, 3 repetitions
         again = c["seq_again"]
         assert again["order_preserved"] is True and again["same_dataset"] is True
-        assert again["warm_records"] == [doc["kinds"][c["kind"]]["records"]] * 5
+        assert again["warm_records"] == [doc["kinds"][c["kind"]]["records"]] * 3
         assert "cold_rate" not in again and m["seq_again_same_dataset"] is True
         if m.get("seq_peak_rss_delta_bytes") is not None:
             assert 0 <= m["seq_peak_rss_delta_bytes"] < 2**31
@@ -327,6 +327,37 @@ def test_rows_of_the_summary() -> None:
         "peer-b",
         pytest.approx(0.5),
     )
+
+
+def test_pack_repetitions_stop_at_the_budget(tmp_path: Path) -> None:
+    """A slow writer gets fewer timed packs (at least one), not a longer run."""
+    import time
+
+    from benchmarks.cell import _pack
+    from benchmarks.systems.abc import System
+
+    class Slow(System):
+        name, family, label = "slow", "baseline", "sleeps 0.2 s a pack"
+
+        def pack(self, samples, data_dir, options):  # noqa: ANN001
+            time.sleep(0.2)
+            (data_dir / "part-0.bin").write_bytes(b"x" * len(samples))
+
+        def iterate(self, data_dir, cache_dir):  # noqa: ANN001
+            return iter(())
+
+        def loader(self, data_dir, cache_dir, **kw):  # noqa: ANN001
+            return []
+
+    (tmp_path / "kind").mkdir()
+    torch.save([torch.zeros(2)] * 3, tmp_path / "kind" / "samples.pt")
+    task = {"kind_dir": str(tmp_path / "kind"), "root": str(tmp_path / "cell"), "warmup": 1, "repeats": 5,
+            "shard_bytes": 8192, "pack_budget_s": 0.3}  # fmt: skip
+    out = _pack(task, Slow(), lambda _: None)
+    assert len(out["pack_s"]["values"]) == 2  # 0.2 s, then 0.4 s >= 0.3 s: stop
+    assert out["data_files"] == out["files"] == 1 and out["bytes_on_disk"] == 3
+    out = _pack({**task, "pack_budget_s": None}, Slow(), lambda _: None)
+    assert len(out["pack_s"]["values"]) == 5
 
 
 def test_stats_rate_swaps_min_and_max() -> None:
