@@ -322,9 +322,8 @@ def _large(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
 
 
 _EMBED_DIM = 384
-#: Sentences fitted by the TF-IDF + SVD model: the same for every scale, so the quick kind's
-#: vectors are the first rows of the full kind's.
-_EMBED_CORPUS = 1200
+#: Sentences the TF-IDF + SVD model is fitted on, at least (more than the 384 dimensions).
+_EMBED_CORPUS = 400
 
 
 def _stdlib_sentences(needed: int) -> tuple[list[str], int]:
