@@ -68,8 +68,10 @@ class BenchConfig:
             cannot stall the run.
         again_repeats: Timed repetitions of ``seq_again`` (later passes over the same open
             dataset; at most ``repeats``).
+        loader_repeats: Timed epochs of each DataLoader measurement (at most ``repeats``).
         pack_budget_s: The timed pack repetitions of a cell stop once they add up to this
-            many seconds (at least one is made); None: always ``repeats``.
+            many seconds (at least one is made; a warm-up pack that alone takes this long is
+            the one); None: always ``repeats``.
         audit: Run ``tspt audit`` (:func:`tensorstore_pt.audit.audit_store`) on each kind's
             store packed with tensorstore_pt's default configuration, so the report can name
             the option to use.
@@ -94,6 +96,7 @@ class BenchConfig:
     random_reads: int = 512
     random_cap_s: float = 1.0
     again_repeats: int = 3
+    loader_repeats: int = 3
     pack_budget_s: float | None = 10.0
     audit: bool = True
     progress: bool = True
@@ -449,6 +452,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
                 task = dict(base_task, op=op)
                 if op == "seq_again":
                     task["repeats"] = max(1, min(config.repeats, config.again_repeats))
+                if op.startswith("loader_w"):
+                    task["repeats"] = max(1, min(config.repeats, config.loader_repeats))
                 if op.startswith("loader_w"):
                     task.update(op="loader", workers=int(op[len("loader_w") :]))
 

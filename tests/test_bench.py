@@ -337,10 +337,13 @@ def test_pack_repetitions_stop_at_the_budget(tmp_path: Path) -> None:
     from benchmarks.systems.abc import System
 
     class Slow(System):
-        name, family, label = "slow", "baseline", "sleeps 0.2 s a pack"
+        name, family, label = "slow", "baseline", "sleeps 0.5 s a pack"
+
+        calls = 0
 
         def pack(self, samples, data_dir, options):  # noqa: ANN001
-            time.sleep(0.2)
+            Slow.calls += 1
+            time.sleep(0.5)
             (data_dir / "part-0.bin").write_bytes(b"x" * len(samples))
 
         def iterate(self, data_dir, cache_dir):  # noqa: ANN001
@@ -352,12 +355,18 @@ def test_pack_repetitions_stop_at_the_budget(tmp_path: Path) -> None:
     (tmp_path / "kind").mkdir()
     torch.save([torch.zeros(2)] * 3, tmp_path / "kind" / "samples.pt")
     task = {"kind_dir": str(tmp_path / "kind"), "root": str(tmp_path / "cell"), "warmup": 1, "repeats": 5,
-            "shard_bytes": 8192, "pack_budget_s": 0.3}  # fmt: skip
+            "shard_bytes": 8192, "pack_budget_s": 0.8}  # fmt: skip
     out = _pack(task, Slow(), lambda _: None)
-    assert len(out["pack_s"]["values"]) == 2  # 0.2 s, then 0.4 s >= 0.3 s: stop
+    assert len(out["pack_s"]["values"]) == 2  # 0.5 s, then 1 s >= 0.8 s: stop
     assert out["data_files"] == out["files"] == 1 and out["bytes_on_disk"] == 3
-    out = _pack({**task, "pack_budget_s": None}, Slow(), lambda _: None)
-    assert len(out["pack_s"]["values"]) == 5
+    assert out["pack_warmup_timed"] is False
+    out = _pack({**task, "repeats": 3, "pack_budget_s": None}, Slow(), lambda _: None)
+    assert len(out["pack_s"]["values"]) == 3
+    # a warm-up pack over the budget is the one timed repetition: one pack in all
+    Slow.calls = 0
+    out = _pack({**task, "pack_budget_s": 0.4}, Slow(), lambda _: None)
+    assert len(out["pack_s"]["values"]) == 1 and out["pack_warmup_timed"] is True
+    assert Slow.calls == 1
 
 
 def test_stats_rate_swaps_min_and_max() -> None:
