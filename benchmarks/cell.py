@@ -7,7 +7,10 @@ Operations (``task["op"]``):
 ``pack``
     Write the kind's samples ``warmup + repeats`` times into a fresh ``data`` directory;
     report the times, the bytes on disk of the last write and the pack's peak RSS above
-    the RSS after loading the samples. With ``pack_budget_s``, the timed repetitions stop
+    the RSS after loading the samples. The warm-up packs use ``shard_bytes``; with
+    ``target_shards``, the timed ones use the bytes the warm-up wrote (at least
+    ``payload_bytes``) over ``target_shards``, within ``min_shard_bytes``..``max_shard_bytes``,
+    so each system spans about that many shards/chunks. With ``pack_budget_s``, the timed repetitions stop
     once they add up to that many seconds (at least one is made), and a warm-up pack that
     alone takes that long is the one timed repetition (``pack_warmup_timed``): a writer
     that trains a zstd dictionary for tens of seconds gets fewer repetitions, not a longer
@@ -191,6 +194,12 @@ def _pack(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
             times.append(dt)
             warmup_timed = True
             break
+        if r == task["warmup"] - 1 and task.get("target_shards"):
+            # Size this system's shards from what its warm-up pack wrote, so that every system
+            # spans about the same number of shards/chunks whatever its bytes per record.
+            written = sum(p.stat().st_size for p in data_files(data_dir))
+            share = max(written, int(task.get("payload_bytes") or 0)) // int(task["target_shards"])
+            options = PackOptions(shard_bytes=int(min(max(share, task["min_shard_bytes"]), task["max_shard_bytes"])))
     peak = peak_rss_bytes()
     fsync_tree(data_dir)
     nbytes, nfiles = tree_size(data_dir)
@@ -199,6 +208,7 @@ def _pack(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
         "bytes_on_disk": nbytes,
         "files": nfiles,
         "data_files": len(data_files(data_dir)),
+        "shard_bytes": options.shard_bytes,
         "pack_warmup_timed": warmup_timed,
         "pack_peak_rss_delta_bytes": (peak - base) if (reset_ok and peak is not None and base is not None) else None,
     }

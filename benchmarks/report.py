@@ -103,6 +103,8 @@ def _cell_text(metrics: dict[str, Any], vs: dict[str, Any], key: str, kind: str)
         text = fmt_bytes(_value(v))
     elif kind == "count":
         text = f"{int(_value(v) or 0):,}"
+        if key == "data_files" and metrics.get("shard_bytes"):
+            text += f"<br><sub>{fmt_bytes(metrics['shard_bytes'])} each</sub>"
     elif kind == "seconds":
         text = f"{_value(v):.3g}"
     else:
@@ -319,7 +321,8 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
         lines.append(
             f"{meta['records']:,} records, {fmt_bytes(meta['payload_bytes'])} of raw payload "
             f"({meta['payload_bytes'] / max(meta['records'], 1):,.0f} bytes a record); from {meta['origin']}; "
-            f"shard/chunk size {fmt_bytes(meta['shard_bytes'])}."
+            f"shard/chunk size per system: an eighth of what it writes, at least {fmt_bytes(meta['shard_bytes'])} "
+            "(under *data files*)."
         )
         lines.append("")
         lines.append("| system | " + " | ".join(h for _, h, _ in COLUMNS) + " |")

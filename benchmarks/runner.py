@@ -35,6 +35,8 @@ CELL_OPS = ("pack", "seq", "seq_again", "random")
 #: Smallest and largest shard/chunk size the harness asks for (bytes).
 MIN_SHARD_BYTES = 8 * 2**10
 MAX_SHARD_BYTES = 64 * 2**20
+#: Shards/chunks each sharded system is sized to write per kind (see :func:`_shard_bytes`).
+TARGET_SHARDS = 8
 
 
 class BenchError(RuntimeError):
@@ -177,12 +179,17 @@ class _Server:
 
 
 def _shard_bytes(payload: int) -> int:
-    """One shard size for every sharded system of a kind: an eighth of the raw payload, within
-    [8 KiB, 64 MiB]. Every system stores at least the payload (tensorstore_pt counts stored
-    bytes, litdata and Streaming uncompressed bytes, WebDataset tar bytes), so each writes
-    about 8 or more shards/chunks: two DataLoader workers always have shards to split, and no
-    system reads the whole kind from one cached chunk. The cells record the count."""
-    return int(min(max(payload // 8, MIN_SHARD_BYTES), MAX_SHARD_BYTES))
+    """The starting shard size of a kind (its warm-up packs, and the audited store): an
+    eighth of the raw payload, within [8 KiB, 64 MiB].
+
+    Each system's timed packs then use an eighth of what its warm-up pack wrote (at least
+    of the payload): tensorstore_pt stores a ``torch.save`` container per record and counts
+    stored bytes, litdata and Streaming count uncompressed column bytes, WebDataset tar
+    bytes, so one size for all would give one system 8 shards and another 200. Sized per
+    system, each writes about 8 or more shards/chunks: two DataLoader workers always have
+    shards to split, and no system reads the whole kind from one cached chunk. The cells
+    record the count and the size."""
+    return int(min(max(payload // TARGET_SHARDS, MIN_SHARD_BYTES), MAX_SHARD_BYTES))
 
 
 def _prepare_kind(name: str, kind_dir: Path, *, quick: bool, seed: int, source: str | None) -> dict[str, Any]:
@@ -228,6 +235,7 @@ def _derive(cell: dict[str, Any], kind: dict[str, Any], workers: tuple[int, ...]
         m["bytes_on_disk"] = pack["bytes_on_disk"]
         m["files"] = pack["files"]
         m["data_files"] = pack.get("data_files")
+        m["shard_bytes"] = pack.get("shard_bytes")
         m["payload_per_disk_byte"] = payload / pack["bytes_on_disk"] if pack["bytes_on_disk"] else None
         m["pack_s"] = pack["pack_s"]
         m["pack_peak_rss_delta_bytes"] = pack.get("pack_peak_rss_delta_bytes")
@@ -445,6 +453,10 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
                 "random_reads": config.random_reads,
                 "random_cap_s": config.random_cap_s,
                 "pack_budget_s": config.pack_budget_s,
+                "target_shards": TARGET_SHARDS,
+                "payload_bytes": meta["payload_bytes"],
+                "min_shard_bytes": MIN_SHARD_BYTES,
+                "max_shard_bytes": MAX_SHARD_BYTES,
             }
             cell["status"] = "ok"
             for op in ops:

@@ -123,6 +123,17 @@ def test_bytes_on_disk_equal_the_files_sizes(quick: tuple[dict, Path]) -> None:
         next(c for c in doc["cells"] if c["kind"] == "small" and c["system"] == "pt-files")["metrics"]["files"]
         == n_small
     )
+    # each system's shard size: an eighth of what its warm-up pack wrote (at least of the
+    # payload), never below the kind's starting size
+    for c in doc["cells"]:
+        kind = doc["kinds"][c["kind"]]
+        if c["system"].startswith("tspt-"):
+            data = work / "cells" / c["kind"] / c["system"] / "data"
+            written = sum(p.stat().st_size for p in data.iterdir() if p.suffix == ".tspt")
+            expected = min(max(max(written, kind["payload_bytes"]) // 8, 8 * 2**10), 64 * 2**20)
+            # the timed packs wrote about what the warm-up wrote (the index names the shards)
+            assert c["metrics"]["shard_bytes"] == pytest.approx(expected, rel=0.05)
+        assert c["metrics"]["shard_bytes"] >= kind["shard_bytes"]
     # the shard size lets every sharded system span several shards even on the quick data
     for c in doc["cells"]:
         if c["system"].startswith("tspt-") and c["kind"] != "large":
