@@ -42,7 +42,9 @@ def _positive(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the bench options to ``p`` (used by both entry points)."""
     p.add_argument(
-        "--quick", action="store_true", help="tiny data and fewer tensorstore_pt levels: a smoke test (< 60 s)"
+        "--quick",
+        action="store_true",
+        help="tiny data and fewer tensorstore_pt levels: a smoke test (about a minute of CPU without the peers)",
     )
     p.add_argument(
         "--kinds",

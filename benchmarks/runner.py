@@ -48,7 +48,7 @@ class BenchConfig:
     """What to run. Defaults are the published full matrix.
 
     Attributes:
-        quick: Tiny data kinds (a smoke test that finishes in well under a minute).
+        quick: Tiny data kinds (a smoke test: about a minute of CPU time without the peers).
         kinds: Kinds to run (default: all built-in kinds, or only ``source`` with ``source``).
         systems: Systems to run (default: all); the ``pt-files`` baseline is always run.
         source: A user's ``.pt`` file, directory of ``.pt`` files, or store to benchmark.
