@@ -299,6 +299,13 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
     )
     ran = {c["system"] for c in doc["cells"] if c.get("metrics")}
     copies = [text for name, text in READ_COPIES.items() if name in ran]
+    reopened = sorted(
+        {c["system"] for c in doc["cells"] if (c.get("metrics") or {}).get("seq_again_same_dataset") is False}
+    )
+    if reopened:
+        copies.append(
+            f"{', '.join(reopened)} keep no dataset object between passes: their *seq again* passes re-open the data"
+        )
     if copies:
         lines.append("")
         lines.append(

@@ -235,7 +235,8 @@ def _derive(cell: dict[str, Any], kind: dict[str, Any], workers: tuple[int, ...]
         m["bytes_on_disk"] = pack["bytes_on_disk"]
         m["files"] = pack["files"]
         m["data_files"] = pack.get("data_files")
-        m["shard_bytes"] = pack.get("shard_bytes")
+        if cell.get("family") != "baseline":  # one file per sample, or one file: no shard size
+            m["shard_bytes"] = pack.get("shard_bytes")
         m["payload_per_disk_byte"] = payload / pack["bytes_on_disk"] if pack["bytes_on_disk"] else None
         m["pack_s"] = pack["pack_s"]
         m["pack_peak_rss_delta_bytes"] = pack.get("pack_peak_rss_delta_bytes")
