@@ -25,10 +25,13 @@ import tensorstore_pt as ts
 from tensorstore_pt.cache import ShardCache
 from tensorstore_pt.storage import LocalStorage, ReadHandle, Storage
 
+from .storage_wrap import ForwardingHandle, ForwardingStorage
 
-class _Counted(ReadHandle):
+
+class _Counted(ForwardingHandle):
     def __init__(self, inner: ReadHandle, log: str) -> None:
-        self.inner, self.log = inner, log
+        super().__init__(inner)
+        self.log = log
 
     def read_range(self, offset: int, length: int) -> bytes:
         data = self.inner.read_range(offset, length)
@@ -36,49 +39,17 @@ class _Counted(ReadHandle):
             f.write(f"{len(data)}\n")
         return data
 
-    def size(self) -> int:
-        return self.inner.size()
 
-    def close(self) -> None:
-        self.inner.close()
-
-
-class CountingStorage(Storage):
+class CountingStorage(ForwardingStorage):
     """A store that looks remote (whatever it wraps) and logs the shard bytes it serves."""
 
     def __init__(self, inner: Storage, log: Path) -> None:
-        self.inner, self.log, self.location = inner, str(log), f"counted+{inner.location}"
-
-    def exists(self) -> bool:
-        return self.inner.exists()
-
-    def is_container(self) -> bool:
-        return self.inner.is_container()
-
-    def ensure(self) -> bool:
-        return self.inner.ensure()
-
-    def list(self) -> list[str]:
-        return self.inner.list()
-
-    def size(self, name: str) -> int:
-        return self.inner.size(name)
+        super().__init__(inner, f"counted+{inner.location}")
+        self.log = str(log)
 
     def open(self, name: str) -> ReadHandle:
         h = self.inner.open(name)
         return _Counted(h, self.log) if name.endswith(".tspt") else h
-
-    def writer(self, name: str, *, exclusive: bool = False) -> Any:
-        return self.inner.writer(name, exclusive=exclusive)
-
-    def remove(self, name: str) -> None:
-        self.inner.remove(name)
-
-    def move(self, name: str, new_name: str) -> None:
-        self.inner.move(name, new_name)
-
-    def remove_container(self) -> None:
-        self.inner.remove_container()
 
 
 def fetched(log: Path) -> int:

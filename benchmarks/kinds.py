@@ -449,9 +449,30 @@ def build_kind(name: str, scale: str = "full", seed: int = 0) -> Kind:
     return Kind(name=name, description=description, samples=samples, origin=origin)
 
 
-def load_source(path: str | os.PathLike[str]) -> Kind:
+def _own_storage(obj: Any) -> Any:
+    """``obj`` with every tensor that is a view into a larger storage (a row of a column
+    file) copied into its own, so each system stores the sample, not the whole column."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        own = obj.numel() * obj.element_size()
+        return obj.clone() if obj.untyped_storage().nbytes() != own or not obj.is_contiguous() else obj
+    if type(obj) is dict:
+        return {k: _own_storage(v) for k, v in obj.items()}
+    if type(obj) in (tuple, list):
+        return type(obj)(_own_storage(v) for v in obj)
+    return obj
+
+
+def load_source(path: str | os.PathLike[str], layout: str | None = None) -> Kind:
     """The user's own data: a ``.pt`` file (list of samples or dict of columns), a directory
     of ``.pt`` files, or a tensorstore_pt store directory (one holding ``index.json``).
+    Rows of a column file come back as tensors of their own (not views of the column).
+
+    Args:
+        path: The source.
+        layout: ``rows`` or ``columns`` for a file holding a list or tuple of equal-length
+            tensors, as ``tspt pack --layout``.
 
     Raises:
         tensorstore_pt.errors.StoreNotFoundError, InvalidOptionError, UnsupportedSampleError:
@@ -468,7 +489,7 @@ def load_source(path: str | os.PathLike[str]) -> Kind:
         samples = [reader.read(i) for i in range(len(reader))]
         origin = f"tensorstore_pt store {str(p)!r}"
     else:
-        _, it = iter_source(p)
-        samples = list(it)
+        _, it = iter_source(p, layout)
+        samples = [_own_storage(s) for s in it]
         origin = f"{str(p)!r}"
     return Kind(name="source", description=f"the user's data at {str(p)!r}", samples=samples, origin=origin)

@@ -66,6 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="benchmark your own data: a .pt file (list or dict of columns), a directory of .pt files, or a store",
     )
+    p.add_argument(
+        "--layout",
+        choices=("rows", "columns"),
+        default=None,
+        help="how to read a --source .pt file holding a list or tuple of equal-length tensors: rows (one sample "
+        "per tensor) or columns (row i of every tensor is sample i); as for tspt pack",
+    )
     p.add_argument("--repeats", type=_positive, default=5, help="timed repetitions per measurement (default: 5)")
     p.add_argument("--warmup", type=_positive, default=1, help="untimed warm-up repetitions (default: 1)")
     p.add_argument(
@@ -148,6 +155,7 @@ def run_from_args(args: argparse.Namespace, prog: str, argv: Sequence[str] | Non
         kinds=args.kinds,
         systems=args.systems if args.systems is not None else (list(QUICK_SYSTEMS) if args.quick else None),
         source=args.source,
+        source_layout=args.layout,
         repeats=args.repeats,
         warmup=args.warmup,
         workers=tuple(args.workers),
@@ -164,9 +172,11 @@ def run_from_args(args: argparse.Namespace, prog: str, argv: Sequence[str] | Non
         command=command,
         log_dir=str(out / "logs"),
     )
+    from tensorstore_pt.errors import TensorStoreError
+
     try:
         doc = run_benchmark(config)
-    except BenchError as exc:
+    except (BenchError, TensorStoreError) as exc:  # bad options, or a --source that cannot be read
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     written = write_outputs(doc, out)

@@ -52,6 +52,8 @@ class BenchConfig:
         kinds: Kinds to run (default: all built-in kinds, or only ``source`` with ``source``).
         systems: Systems to run (default: all); the ``pt-files`` baseline is always run.
         source: A user's ``.pt`` file, directory of ``.pt`` files, or store to benchmark.
+        source_layout: ``rows`` or ``columns`` for a ``source`` file holding a list or tuple
+            of equal-length tensors (as ``tspt pack --layout``); None otherwise.
         repeats: Timed repetitions of every measurement (>= 1; the method asks for >= 5).
         warmup: Untimed repetitions before them (>= 1; the first checks every sample).
         workers: DataLoader worker counts measured.
@@ -85,6 +87,7 @@ class BenchConfig:
     kinds: list[str] | None = None
     systems: list[str] | None = None
     source: str | None = None
+    source_layout: str | None = None
     repeats: int = 5
     warmup: int = 1
     workers: tuple[int, ...] = (0, 2)
@@ -192,11 +195,13 @@ def _shard_bytes(payload: int) -> int:
     return int(min(max(payload // TARGET_SHARDS, MIN_SHARD_BYTES), MAX_SHARD_BYTES))
 
 
-def _prepare_kind(name: str, kind_dir: Path, *, quick: bool, seed: int, source: str | None) -> dict[str, Any]:
+def _prepare_kind(
+    name: str, kind_dir: Path, *, quick: bool, seed: int, source: str | None, layout: str | None = None
+) -> dict[str, Any]:
     import torch
 
     t0 = time.perf_counter()
-    kind = load_source(source) if name == "source" else build_kind(name, "quick" if quick else "full", seed)
+    kind = load_source(source, layout) if name == "source" else build_kind(name, "quick" if quick else "full", seed)
     build_s = time.perf_counter() - t0
     if not kind.samples:
         raise BenchError(f"kind {name!r}: no samples")
@@ -368,7 +373,12 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
         for k in kinds:
             say(f"building kind {k!r}...")
             doc["kinds"][k] = _prepare_kind(
-                k, workdir / "kinds" / k, quick=config.quick, seed=config.seed, source=config.source
+                k,
+                workdir / "kinds" / k,
+                quick=config.quick,
+                seed=config.seed,
+                source=config.source,
+                layout=config.source_layout,
             )
         # 2. the measurement interpreter
         python = config.python or sys.executable

@@ -41,7 +41,11 @@ else in a batch goes through torch's transport as before.
 Batch decoding: a StoreIterableDataset in a worker whose collate is a SharedBatchCollate
 made for it yields :class:`RawRecord` (checked and decompressed, not unpickled) once that
 collate has run there; the collate fills a batch of them straight into the arena with
-:func:`tensorstore_pt.fastload.collate_records` when it applies, or loads them one by one.
+:func:`tensorstore_pt.fastload.collate_records` (nested dicts, lists and tuples of tensors and
+literal leaves, see :func:`decode_batch`) when it applies, or loads them one by one. With
+``num_workers=0`` the dataset's decode thread decodes whole batches itself and yields their
+samples as :class:`BatchItem`; the collate returns the decoded batch when it receives exactly
+one batch's items, in order.
 
 Memory: each worker holds ``slots`` arenas of the largest batch it has sent (rounded up to
 64 KiB; a batch that outgrows its arena doubles it), shared with the main process;
@@ -64,12 +68,29 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import default_collate, get_worker_info
-from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
+from torch.utils.data._utils.collate import (
+    collate,
+    collate_float_fn,
+    collate_int_fn,
+    collate_str_fn,
+    collate_tensor_fn,
+    default_collate_fn_map,
+)
 
 from .fastload import collate_records
 from .reader import RawRecord
 
-__all__ = ["RawRecord", "SharedBatchCollate", "materialize", "raw_accepted", "transport_supported"]
+__all__ = [
+    "BatchItem",
+    "DecodedBatch",
+    "RawRecord",
+    "SharedBatchCollate",
+    "decode_batch",
+    "materialize",
+    "raw_accepted",
+    "standard_collate",
+    "transport_supported",
+]
 
 #: Largest arena a worker makes (bytes); larger batches go through torch's transport.
 MAX_ARENA_BYTES = 1 << 30
@@ -87,24 +108,127 @@ def transport_supported() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _plain_dict_collate() -> bool:
-    """Whether default_collate collates a dict of tensors in torch's own way: no entry of
-    ``default_collate_fn_map`` (which users may extend) catches a dict or a tensor, other than
-    torch's own tensor entry. :func:`collate_records` makes what that way makes."""
-    for key, fn in default_collate_fn_map.items():
-        for cls in key if isinstance(key, tuple) else (key,):
-            if cls is torch.Tensor and fn is collate_tensor_fn:
-                continue
-            if issubclass(dict, cls) or issubclass(torch.Tensor, cls):
-                return False
-    return True
+def _resolve_collate(cls: type) -> Any:
+    """The entry of ``default_collate_fn_map`` that torch's ``collate`` picks for an object of
+    type ``cls`` (its own type first, then the first key it is an instance of), or None."""
+    fns = default_collate_fn_map
+    if cls in fns:
+        return fns[cls]
+    for key in fns:
+        if issubclass(cls, key):
+            return fns[key]
+    return None
+
+
+def standard_collate() -> bool:
+    """Whether ``default_collate`` collates what :func:`~tensorstore_pt.fastload.collate_records`
+    covers in torch's own way: no entry of ``default_collate_fn_map`` (which users may extend)
+    catches a dict, OrderedDict, list or tuple, and tensors, ints, bools, floats, str and bytes
+    go to torch's own functions for them. :func:`collate_records` then makes what that way makes."""
+    want = {
+        torch.Tensor: collate_tensor_fn,
+        int: collate_int_fn,
+        bool: collate_int_fn,
+        float: collate_float_fn,
+        str: collate_str_fn,
+        bytes: collate_str_fn,
+        dict: None,
+        collections.OrderedDict: None,
+        list: None,
+        tuple: None,
+    }
+    return all(_resolve_collate(cls) is fn for cls, fn in want.items())
+
+
+def collate_leaves(values: list[Any]) -> Any:
+    """default_collate of one leaf position's values (the ``leaf`` of :func:`collate_records`)."""
+    return collate(values, collate_fn_map=default_collate_fn_map)
+
+
+#: Batch decoding (an internal switch, for benchmarks and tests): ``"all"`` (default): nested
+#: containers and leaves, in workers and, under a StoreDataLoader with ``num_workers=0``, in the
+#: decode thread; ``"dicts"``: as before nested containers were covered (plain dicts of tensors,
+#: in workers only); ``"off"``: every record is loaded on its own. Read when a worker collates a
+#: batch (a forked worker keeps its parent's value) and when a StoreDataLoader starts an
+#: iteration with ``num_workers=0``.
+BATCH_DECODE = "all"
+
+
+def _alloc_private(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def decode_batch(samples: list[RawRecord], alloc: Any = _alloc_private) -> Any:
+    """``default_collate([s.load() for s in samples])`` decoded in one go, or None.
+
+    :func:`~tensorstore_pt.fastload.collate_records` over the records' buffers with torch's
+    leaf collation, when ``default_collate`` is torch's own (:func:`standard_collate`); None
+    when it does not apply (then load the records one by one).
+    """
+    if BATCH_DECODE == "off" or not standard_collate():
+        return None
+    return collate_records([s.data for s in samples], alloc, collate_leaves, dicts_only=BATCH_DECODE == "dicts")
+
+
+class DecodedBatch:
+    """A batch the main process's decode thread decoded in one go (``num_workers=0``).
+
+    ``batch`` is what ``default_collate`` makes of ``records`` loaded one by one (see
+    :func:`decode_batch`); the records are kept until the batch is taken, so that a sample
+    collated on its own (:meth:`BatchItem.load`) is still the record as loaded.
+    """
+
+    __slots__ = ("batch", "records")
+
+    def __init__(self, batch: Any, records: list[RawRecord]) -> None:
+        self.batch = batch
+        self.records: list[RawRecord] | None = records
+
+
+class BatchItem:
+    """Sample ``index`` of a :class:`DecodedBatch`, as the dataset hands it to the DataLoader.
+
+    The DataLoader's fetcher collects a batch's samples and calls the collate, which (a
+    :class:`SharedBatchCollate`) returns the decoded batch when it gets exactly its items in
+    order, and otherwise loads each item (:meth:`load`). Not pickled (main process only).
+    """
+
+    __slots__ = ("whole", "index")
+
+    def __init__(self, whole: DecodedBatch, index: int) -> None:
+        self.whole, self.index = whole, index
+
+    def load(self) -> Any:
+        """The sample as :meth:`RawRecord.load` makes it (raises as that does)."""
+        records = self.whole.records
+        if records is None:
+            raise RuntimeError("a sample of a batch that was already handed out, collated again")
+        return records[self.index].load()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a BatchItem belongs to the process that decoded it; it is not sent between processes")
+
+
+def _whole_batch(samples: list[Any]) -> DecodedBatch | None:
+    """The DecodedBatch whose items ``samples`` are, all of them in order; else None."""
+    first = samples[0]
+    if type(first) is not BatchItem:
+        return None
+    whole = first.whole
+    records = whole.records
+    if records is None or len(samples) != len(records):
+        return None
+    for i, s in enumerate(samples):
+        if type(s) is not BatchItem or s.whole is not whole or s.index != i:
+            return None
+    return whole
 
 
 def _loaded(samples: Any) -> Any:
-    """``samples`` (a batch's list) with its RawRecords loaded; anything else (one sample) as is."""
+    """``samples`` (a batch's list) with its RawRecords and BatchItems loaded; anything else (one sample) as is."""
     if type(samples) is not list:
         return samples
-    return [s.load() if type(s) is RawRecord else s for s in samples]
+    return [s.load() if type(s) is RawRecord or type(s) is BatchItem else s for s in samples]
 
 
 _raw_accepted: set[str] = set()
@@ -271,7 +395,7 @@ class _WorkerRing:
         """default_collate of the loaded records, decoded straight into the arena when it can be."""
         self.current = slot_arena
         try:
-            return collate_records([s.data for s in samples], self.alloc_out)
+            return decode_batch(samples, self.alloc_out)
         finally:
             self.current = None
 
@@ -577,8 +701,14 @@ class SharedBatchCollate:
         self._main.forget_dead()
 
     def __call__(self, samples: Any) -> Any:
-        if type(samples) is RawRecord:  # batch_size=None: one sample at a time
+        if type(samples) is RawRecord or type(samples) is BatchItem:  # batch_size=None: one sample at a time
             samples = samples.load()
+        if type(samples) is list and samples and type(samples[0]) is BatchItem:  # num_workers=0
+            whole = _whole_batch(samples) if self.collate_fn is default_collate else None
+            if whole is not None:
+                batch, whole.batch, whole.records = whole.batch, None, None
+                return batch
+            samples = _loaded(samples)
         raw = type(samples) is list and len(samples) > 0 and all(type(s) is RawRecord for s in samples)
         if self.dataset_id is not None and get_worker_info() is not None:
             _raw_accepted.add(self.dataset_id)
@@ -594,7 +724,7 @@ class SharedBatchCollate:
             return self.collate_fn(_loaded(samples))
         slot, arena = got
         default = self.collate_fn is default_collate and default_collate_fn_map.get(torch.Tensor) is collate_tensor_fn
-        batch = ring.collate_raw(samples, arena) if raw and default and _plain_dict_collate() else None
+        batch = ring.collate_raw(samples, arena) if raw and default else None
         if batch is None:
             samples = _loaded(samples)
             batch = ring.collate(samples, arena) if default else self.collate_fn(samples)

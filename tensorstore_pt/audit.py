@@ -217,6 +217,11 @@ class CodecProjection:
         sample_records: Records the measurement used.
         decode_spread: Half the range of the timed decode passes over their median (0.1 =
             +-10%): how far ``decode_mb_s`` can be trusted.
+        raw_frame_share: Fraction of the sampled frames the writer would store raw (format
+            1.2: the codec saves less than ``writer.DEFAULT_RAW_BELOW`` of them); the bytes and
+            decode speed above already count them raw.
+        raw_frame_bytes: Projected extra bytes of those frames stored raw instead of coded
+            (all records; what ``raw_below=0`` would save, at their read speed's cost).
     """
 
     codec: dict[str, Any]
@@ -229,6 +234,8 @@ class CodecProjection:
     read_bytes_per_record: int
     sample_records: int
     decode_spread: float = 0.0
+    raw_frame_share: float = 0.0
+    raw_frame_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -549,9 +556,14 @@ def _project(
             )
             continue
         from .shardio import check_frame
+        from .writer import DEFAULT_RAW_BELOW, stores_raw
 
         units, counts = _frames_of(raws, options.get("frame_target_bytes"))
         frames = [codec.compress(u) for u in units]
+        # As the writer stores them by default: a frame the codec barely shrinks stays raw.
+        raw_flags = [stores_raw(codec, len(f), len(u), DEFAULT_RAW_BELOW) for f, u in zip(frames, units)]
+        raw_extra = sum(len(u) - len(f) for f, u, r in zip(frames, units, raw_flags) if r)
+        frames = [u if r else f for f, u, r in zip(frames, units, raw_flags)]
         sample_stored = sum(len(f) for f in frames)
 
         def compress_all(codec: Codec = codec, units: list[bytes] = units) -> None:
@@ -561,10 +573,13 @@ def _project(
         frame_rows = [{"stored": len(f), "raw": len(u), "checksum": digest_int(f)} for f, u in zip(frames, units)]
 
         def decode_all(
-            codec: Codec = codec, frames: list[bytes] = frames, rows: list[dict[str, int]] = frame_rows
+            codec: Codec = codec,
+            frames: list[bytes] = frames,
+            rows: list[dict[str, int]] = frame_rows,
+            flags: list[bool] = raw_flags,
         ) -> None:
-            for f, row in zip(frames, rows):  # a reader's pipeline: checksum, bounds, decode
-                check_frame(codec, row, f, "audit", max_record_bytes=2**62)
+            for f, row, r in zip(frames, rows, flags):  # a reader's pipeline: checksum, bounds, decode
+                check_frame(codec, row, f, "audit", max_record_bytes=2**62, stored_raw=r)
 
         t_c = _timed(compress_all, repeats, min_seconds) if raws else 0.0
         t_d, spread = _timed_spread(decode_all, repeats, min_seconds) if raws else (0.0, 0.0)
@@ -594,6 +609,8 @@ def _project(
                 read_bytes_per_record=per_read,
                 sample_records=len(raws),
                 decode_spread=spread,
+                raw_frame_share=sum(raw_flags) / len(frames) if frames else 0.0,
+                raw_frame_bytes=round(raw_extra * scale),
             )
         )
     if any(c.get("dictionary") for c in candidates) and not train:

@@ -257,6 +257,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         mode=args.mode,
         dictionary=(args.dict_size or True) if args.dict else False,
         frame_target_bytes=args.frame_size,
+        raw_below=args.raw_below,
         num_workers=args.workers,
     ) as writer:
         head = list(itertools.islice(samples, 64))
@@ -320,11 +321,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from .errors import InvalidOptionError
     from .format import INDEX_NAME, parse_index
     from .merge import merge_stores
 
+    storage_options = parse_storage_options(args.storage_option)
+    if storage_options and not any(_is_url(x) for x in (*args.parts, args.dest)):
+        raise InvalidOptionError(
+            "--storage-option: expected a PART or DEST to be a URL such as s3://bucket/prefix; all are local paths"
+        )
     total = 0
     for part in args.parts:  # for the bar's total only; merge_stores checks every part itself
+        if _is_url(part):
+            total = 0  # not worth a request per part before the merge reads every index anyway
+            break
         try:
             total += parse_index((Path(part) / INDEX_NAME).read_bytes(), part).records
         except (OSError, ValueError):
@@ -343,8 +353,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                 refresh=False,
             )
 
-        info = merge_stores(args.parts, args.dest, copy=True if args.copy else None, progress=progress)
-    mode = "copied (parts intact)" if args.copy or any(Path(p).exists() for p in args.parts) else "moved"
+        info = merge_stores(
+            args.parts, args.dest, copy=True if args.copy else None, progress=progress, storage_options=storage_options
+        )
+    moved_parts = not args.copy and not any(_is_url(p) or Path(p).exists() for p in args.parts)
+    mode = "moved" if moved_parts else "copied (parts intact)"
     print(
         f"merged {len(args.parts)} parts ({mode}) into {info.location}: {info.records:,} records in "
         f"{_shards_text(info.shards)}, {format_bytes(info.file_bytes)} on disk (codec {_codec_text(info.codec)})"
@@ -365,7 +378,7 @@ def _written_text(created_by: dict[str, Any]) -> str | None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .format import FEATURE_MULTI_RECORD_FRAMES
+    from .format import FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES
     from .reader import open_store
 
     reader = open_store(args.store, verify=False, storage_options=parse_storage_options(args.storage_option))
@@ -373,11 +386,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     index = reader.index
     multi = FEATURE_MULTI_RECORD_FRAMES in index.features
     frames = sum(len(reader._footer(si).table) for si in range(len(index.shards))) if multi else info.records
+    raw_frames = None
+    if FEATURE_RAW_FRAMES in index.features:  # format 1.2: count the frames stored raw (reads every footer)
+        raw_frames = sum(
+            int(f.raw_mask.sum())
+            for f in (reader._footer(si) for si in range(len(index.shards)))
+            if f.raw_mask is not None
+        )
     if args.json:
         d = dict(info.__dict__)
         d["ratio"] = info.ratio
         d["features"] = list(index.features)
         d["frames"] = frames
+        d["raw_frames"] = raw_frames or 0
         print(json.dumps(d, indent=2))
         return EXIT_OK
     d = info.codec.get("dict")
@@ -391,6 +412,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("dictionary", f"{d.get('name')} ({d.get('bytes', 0):,} bytes, dict_id {d.get('dict_id')})" if isinstance(d, dict) else "none"),
         ("frames", f"{frames:,} multi-record frames (about {info.records / frames if frames else 0:,.1f} records each)"
          if multi else "one per record"),
+        ("raw frames", None if raw_frames is None else f"{raw_frames:,} of {frames:,} stored raw (the codec saved too little)"),
         ("raw", f"{format_bytes(info.raw_bytes)} ({info.raw_bytes:,} bytes)"),
         ("stored", f"{format_bytes(info.stored_bytes)} ({info.stored_bytes:,} bytes)"),
         ("on disk", f"{format_bytes(info.file_bytes)} ({info.file_bytes:,} bytes, shards only)"),
@@ -607,14 +629,23 @@ def format_audit(report: Any) -> str:
         "",
         f"codec projections (measured on {sample} record(s); torch.load runs at {report.load_mb_s:,.1f} MB/s on them; "
         "MB/s = 10**6 raw bytes a second, median of the timed passes +- half their range):",
-        f"  {'codec':<14}{'bytes on disk':>16}{'ratio':>8}{'compress MB/s':>15}{'decode MB/s':>18}{'bytes read/record':>19}",
+        f"  {'codec':<14}{'bytes on disk':>16}{'ratio':>8}{'compress MB/s':>15}{'decode MB/s':>18}{'bytes read/record':>19}"
+        f"{'raw frames':>12}",
     ]
     for pr in report.projections:
         mark = "  <- recommended" if pr.label == report.recommendation else ""
         decode = f"{pr.decode_mb_s:,.0f} +-{100 * pr.decode_spread:.0f}%"
+        raw_share = f"{100 * pr.raw_frame_share:.0f}%" if pr.raw_frame_share else "-"
         lines.append(
             f"  {pr.label:<14}{pr.file_bytes:>16,}{pr.ratio:>8.2f}{pr.compress_mb_s:>15,.0f}{decode:>18}"
-            f"{pr.read_bytes_per_record:>19,}{mark}"
+            f"{pr.read_bytes_per_record:>19,}{raw_share:>12}{mark}"
+        )
+    raw = [pr for pr in report.projections if pr.raw_frame_share]
+    if raw:
+        lines.append(
+            "  raw frames: the share of frames stored raw (the codec saves < 5% of them; format 1.2), counted raw "
+            "above; " + ", ".join(f"{pr.label} {pr.raw_frame_bytes:+,} bytes" for pr in raw) + " against coding them "
+            "(tspt pack --raw-below 0)"
         )
     lines += ["", f"recommendation: {report.reason}"]
     for note in report.notes:
@@ -761,6 +792,11 @@ def _add_storage_option(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+#: writer.DEFAULT_RAW_BELOW, repeated so that ``tspt --help`` imports nothing heavy (a test
+#: checks they agree).
+_DEFAULT_RAW_BELOW = 0.05
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tspt`` parser. Imports nothing heavy: ``tspt --help`` answers at once."""
     from ._version import __version__
@@ -821,6 +857,12 @@ def build_parser() -> argparse.ArgumentParser:
         "slower random access (default: one record per frame)",
     )  # fmt: skip
     p.add_argument(
+        "--raw-below", type=float, default=_DEFAULT_RAW_BELOW, metavar="FRACTION",
+        help="store a frame raw (no codec frame, read at copy speed) when the codec saves less than FRACTION of "
+        f"its bytes (default {_DEFAULT_RAW_BELOW}, measured: docs/benchmarks.md; 0 disables; format 1.2 only "
+        "where a frame is stored raw)",
+    )  # fmt: skip
+    p.add_argument(
         "--mode", choices=("create", "overwrite", "append"), default="create",
         help="create (default) refuses an existing store; overwrite replaces it; append adds records",
     )  # fmt: skip
@@ -846,6 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="the merged store to create")
     p.add_argument("--copy", action="store_true", help="copy the shards and leave the parts intact")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_storage_option(p)
     p.set_defaults(func=_cmd_merge)
 
     p = add("info", "show a store's records, shards, codec, dictionary, frames, sizes and ratio")
@@ -979,6 +1022,7 @@ _CLI_WORDS = (
     (re.compile(r"\bmode=\"(create|overwrite|append)\""), r"--mode \1"),
     (re.compile(r"\bmax_shard_bytes\b"), "--max-shard-size"),
     (re.compile(r"\bframe_target_bytes\b"), "--frame-size"),
+    (re.compile(r"\braw_below\b"), "--raw-below"),
 )
 #: Temporary names (``.x.pt.tmp-7061``, ``.index.json.tmp-...``) -> the user's name.
 _TMP_NAME = re.compile(r"\.([^/\\\s'\"]+?)\.tmp-[0-9A-Za-z-]+")

@@ -17,7 +17,9 @@ tensor made in the process that builds the dataset; DataLoader workers map it, w
 are forked or spawned. A worker's private memory is O(shards + blocks) for the layout, plus
 O(window) for the shuffle window's permutation, plus up to 4 read pieces (at most 2 MiB of
 compressed frames and gaps each), plus one batch of decoded samples (``prefetch_samples +
-32`` in the main process); it does not grow with the number of records or across epochs.
+32`` in the main process, or, when a StoreDataLoader takes whole batches there,
+``max(1, prefetch_samples // batch_size) + 1`` batches with their decompressed records); it
+does not grow with the number of records or across epochs.
 Worker batches reach the main process through reused shared-memory arenas (see
 :class:`StoreDataLoader`).
 """
@@ -36,7 +38,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from ._partition import (
     EQUALIZE_MODES,
@@ -50,7 +52,8 @@ from ._partition import (
     worker_segments,
 )
 from ._prefetch import Prefetcher
-from ._shared_batches import SharedBatchCollate, materialize, raw_accepted
+from . import _shared_batches
+from ._shared_batches import BatchItem, DecodedBatch, SharedBatchCollate, decode_batch, materialize, raw_accepted
 from .cache import DEFAULT_PREFETCH_SHARDS, CachedStorage, ShardCache
 from .checksums import ALGORITHM
 from .errors import (
@@ -68,7 +71,7 @@ from .errors import (
     UnsafePayloadError,
 )
 from .fastload import _is_cpu
-from .format import FEATURE_MULTI_RECORD_FRAMES, RECORD_DTYPE
+from .format import FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES, RECORD_DTYPE
 from .reader import DEFAULT_MAX_RECORD_BYTES, READ_BYTES, FetchedFrames, StoreReader, open_store
 from .storage import LocalStorage, Storage
 
@@ -293,8 +296,9 @@ class _StoreView:
         self.bounds = reader.shard_bounds()
         # Multi-record frames (format 1.1): records share frames, so there is no per-record frame
         # table; records are read with StoreReader.read, whose per-thread frame cache decodes
-        # each frame once when records come in order.
-        self.framed = FEATURE_MULTI_RECORD_FRAMES in reader.index.features
+        # each frame once when records come in order. Raw frames (format 1.2) take the same
+        # path: the shared table's rows cannot mark a frame stored raw; the footers do.
+        self.framed = bool({FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES} & set(reader.index.features))
         self._table = torch.empty((0 if self.framed else self.records, 4), dtype=torch.int64).share_memory_()
         if not self.framed:
             reader.record_table(out=self.table())  # filled in place: one copy, in shared memory
@@ -567,7 +571,9 @@ class StoreIterableDataset(IterableDataset):
             frames, at most 2**18 records). It costs 16 bytes a position, not frame memory.
         prefetch_samples: Decoded samples the background decode thread may hold ahead
             (default 32). Used in the main process (``num_workers=0``); DataLoader workers
-            run ahead by the DataLoader's ``prefetch_factor`` batches instead.
+            run ahead by the DataLoader's ``prefetch_factor`` batches instead. When a
+            :class:`StoreDataLoader` takes whole batches from the thread, it holds
+            ``max(1, prefetch_samples // batch_size)`` batches ahead plus the one it decodes.
         verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
         map_location: Passed to ``torch.load``.
         max_record_bytes: The largest raw record in bytes a read decodes when ``store`` is a
@@ -607,8 +613,10 @@ class StoreIterableDataset(IterableDataset):
     gap bytes (neighbouring frames less than 64 KiB apart are read in one go), i.e. at most
     2 MiB plus one frame each: one in the main process, up to 4 in a worker (3 read ahead,
     1 being decoded); plus, in the main process, ``prefetch_samples + 32`` decoded samples
-    (the queue, the list being filled and the list being consumed, 16 samples each), in a
-    worker one batch; plus 40 bytes a block and 32 bytes a window position (the window
+    (the queue, the list being filled and the list being consumed, 16 samples each), or
+    when a :class:`StoreDataLoader` takes whole batches, ``max(1, prefetch_samples //
+    batch_size)`` queued batches plus the one being decoded, each with its decompressed
+    records; in a worker one batch; plus 40 bytes a block and 32 bytes a window position (the window
     permutation and its sort keys, while it is made). The frame table (32 bytes a record) is
     in shared memory.
 
@@ -701,6 +709,9 @@ class StoreIterableDataset(IterableDataset):
         self._plan_serial = 0
         self._set_epoch_calls = 0
         self._id = uuid.uuid4().hex  # names this dataset to its StoreDataLoader's collate in workers
+        # Set by a StoreDataLoader with num_workers=0 for the one iter() it makes: (batch size,
+        # whether its collate is default_collate); the decode thread then hands over whole batches.
+        self._batch_request: tuple[int, bool] | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -709,6 +720,7 @@ class StoreIterableDataset(IterableDataset):
             self._resolve()  # spawned workers cannot see the parent's process group
         state = self.__dict__.copy()
         state["_layout"] = None
+        state["_batch_request"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -908,15 +920,29 @@ class StoreIterableDataset(IterableDataset):
             return _SampleIterator(None, None)
         direct = self._bypass_cache()
         step = min(_HANDOFF_SAMPLES, self.prefetch_samples)
-        if info is None:
+        request, self._batch_request = getattr(self, "_batch_request", None), None
+        # CPU records only: the batch decoding fills CPU memory, with no map_location.
+        raw = self.transform is None and self.on_error == "raise" and _is_cpu(self._view.map_location)
+        if info is None and request is not None and raw:
+            # The main process under a StoreDataLoader (num_workers=0): the decode thread reads,
+            # decompresses and decodes whole batches of the loader's batch size, ahead of the
+            # training loop, in the order the loader's fetcher takes them.
+            chunk, default = request
+            producer = self._produce_batches(
+                self._decode(self._pieces(segments, split, order, plan, direct), slot, raw, direct, always=True),
+                chunk,
+                default,
+            )
+            source: Iterator[list[Any]] = Prefetcher(
+                producer, max(1, self.prefetch_samples // chunk), name="tspt-decode"
+            )
+        elif info is None:
             # The main process: read, decompress and decode in a background thread, ahead of
             # the training loop.
             producer = self._produce(
                 self._decode(self._pieces(segments, split, order, plan, direct), slot, direct=direct), step
             )
-            source: Iterator[list[Any]] = Prefetcher(
-                producer, max(1, self.prefetch_samples // step), name="tspt-decode"
-            )
+            source = Prefetcher(producer, max(1, self.prefetch_samples // step), name="tspt-decode")
         else:
             # A DataLoader worker is itself a process decoding ahead of the training loop
             # (prefetch_factor batches); a decode thread there only adds thread switches
@@ -927,8 +953,6 @@ class StoreIterableDataset(IterableDataset):
             )
             # Under a StoreDataLoader, records go to its collate unpickled, which decodes a
             # batch of them at once (no transform to apply, and no skip to decide here).
-            # (CPU records only: the batch decoding fills CPU memory, with no map_location.)
-            raw = self.transform is None and self.on_error == "raise" and _is_cpu(self._view.map_location)
             source = _closing(self._produce(self._decode(pieces, slot, raw, direct), step), pieces)
         return _SampleIterator(source, self.transform)
 
@@ -950,6 +974,45 @@ class StoreIterableDataset(IterableDataset):
                 out = []
         if out:
             yield out
+
+    def _produce_batches(self, records: Iterator[Any], chunk: int, default: bool) -> Iterator[list[Any]]:
+        """Yield ``records`` (RawRecords) in batches of ``chunk``, each decoded in one go.
+
+        With ``default`` (the loader's collate is ``default_collate``) a batch that
+        :func:`~tensorstore_pt._shared_batches.decode_batch` covers comes as
+        :class:`~tensorstore_pt._shared_batches.BatchItem` samples of the collated batch;
+        otherwise (or when it declines) its records are loaded one by one here. An error comes
+        after the samples before it, as from :meth:`_produce`.
+        """
+        while True:
+            batch: list[Any] = []
+            failure: BaseException | None = None
+            try:
+                while len(batch) < chunk:
+                    batch.append(next(records))
+            except StopIteration:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - raised after the samples before it
+                failure = exc
+            if batch:
+                collated = decode_batch(batch) if default and failure is None else None
+                if collated is not None:
+                    whole = DecodedBatch(collated, batch)
+                    yield [BatchItem(whole, i) for i in range(len(batch))]
+                else:
+                    loaded: list[Any] = []
+                    for rec in batch:
+                        try:
+                            loaded.append(rec.load())
+                        except BaseException:
+                            if loaded:
+                                yield loaded
+                            raise
+                    yield loaded
+            if failure is not None:
+                raise failure
+            if len(batch) < chunk:
+                return
 
     def _pieces(
         self,
@@ -1052,19 +1115,24 @@ class StoreIterableDataset(IterableDataset):
             yield records
 
     def _decode(
-        self, pieces: Iterator[FetchedFrames], slot: int, raw: bool = False, direct: bool = False
+        self,
+        pieces: Iterator[FetchedFrames],
+        slot: int,
+        raw: bool = False,
+        direct: bool = False,
+        always: bool = False,
     ) -> Iterator[Any]:
         """Check, decompress and load the records of ``pieces`` in order (skipping as ``on_error``
         says): the CPU half of the reader's bulk read (:meth:`StoreReader.decode_many`).
 
         With ``raw``, once this worker's collate takes them (:func:`raw_accepted`, checked
         per piece), records are yielded checked and decompressed but not unpickled, as
-        :class:`~tensorstore_pt.reader.RawRecord`.
+        :class:`~tensorstore_pt.reader.RawRecord`; with ``always`` too, from the first piece.
         """
         io = self._view.reader(direct)
         skip = self.on_error == "skip"
         for piece in pieces:
-            for record, sample, error in io.decode_many(piece, raw=raw and raw_accepted(self._id)):
+            for record, sample, error in io.decode_many(piece, raw=raw and (always or raw_accepted(self._id))):
                 if error is not None:
                     if not skip:
                         raise error
@@ -1242,10 +1310,15 @@ class StoreDataLoader(DataLoader):
     transport). With ``pin_memory`` the pinned copy is taken from the arena. Each worker holds
     ``prefetch_factor + 3`` arenas of its largest batch. See ``tensorstore_pt._shared_batches``.
 
-    With the ring, the default collate, a dataset without ``transform`` and ``on_error="raise"``,
-    workers unpickle records a batch at a time: a batch of plain dict-of-tensor records with
-    one pickle is filled straight into the arena (:func:`tensorstore_pt.fastload.collate_records`);
-    anything else is loaded record by record. The batches are the same either way.
+    With the default collate, a dataset without ``transform`` and ``on_error="raise"`` (and CPU
+    records), records are unpickled a batch at a time: in workers with the ring, straight into
+    the arena; with ``num_workers=0`` and a ``batch_size``, by the dataset's decode thread, which
+    hands over whole batches (with another collate, whole batches of records loaded one by one).
+    A batch of records of one structure (nested dicts, lists and tuples of whole-storage tensors
+    and int, float, bool, str or bytes leaves) is decoded in one go
+    (:func:`tensorstore_pt.fastload.collate_records`); anything else is loaded record by record.
+    The batches are the same either way: what the collate makes of the records ``torch.load``
+    gives, bit for bit and type for type.
 
     Args:
         dataset: A :class:`StoreIterableDataset`.
@@ -1253,8 +1326,8 @@ class StoreDataLoader(DataLoader):
             gives torch's own transport.
         **dataloader_kwargs: As for ``torch.utils.data.DataLoader``. ``batch_size`` also sets
             the chunk dealt to each worker. ``in_order=False`` is refused (it breaks the
-            order guarantee). ``collate_fn`` is wrapped when the ring is on (the wrapper's
-            ``collate_fn`` attribute is yours).
+            order guarantee). ``collate_fn`` is wrapped when the ring is on or
+            ``num_workers=0`` (the wrapper's ``collate_fn`` attribute is yours).
 
     Raises:
         InvalidOptionError: ``dataset`` is not a StoreIterableDataset, ``in_order=False``,
@@ -1278,9 +1351,10 @@ class StoreDataLoader(DataLoader):
         if not isinstance(batch_ring, (bool, np.bool_)):
             raise InvalidOptionError(f"batch_ring: expected a bool, found {batch_ring!r}")
         super().__init__(dataset, **dataloader_kwargs)
-        if batch_ring and self.num_workers > 0:
+        if (batch_ring and self.num_workers > 0) or self.num_workers == 0:
             # slots: prefetch_factor batches in flight, the batch being handed out, the one the
-            # training loop still holds while it asks for the next, and one to spare
+            # training loop still holds while it asks for the next, and one to spare. With
+            # num_workers=0 it takes the batches the decode thread decoded whole.
             self.collate_fn = SharedBatchCollate(self.collate_fn, (self.prefetch_factor or 2) + 3, dataset._id)
         chunk = self.batch_size if self.batch_size is not None else 1
         if chunk > _SIZE_LIMIT:
@@ -1331,7 +1405,17 @@ class StoreDataLoader(DataLoader):
             self._iterator = None
         if self._iterator is None:
             self._workers_plan = ds._plan_serial
-        inner = super().__iter__()
+        if (
+            self.num_workers == 0
+            and self.batch_size is not None
+            and isinstance(self.collate_fn, SharedBatchCollate)
+            and _shared_batches.BATCH_DECODE == "all"
+        ):
+            ds._batch_request = (self._chunk, self.collate_fn.collate_fn is default_collate)
+        try:
+            inner = super().__iter__()  # with num_workers=0 this calls iter(ds), which takes the request
+        finally:
+            ds._batch_request = None
         if isinstance(self.collate_fn, SharedBatchCollate):
             self.collate_fn.forget_dead_workers()
         live = _LoaderIterator(self, inner, self._epoch, start, length, end)

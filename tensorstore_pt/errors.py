@@ -36,6 +36,7 @@ working for callers who do not know this package::
         ├── ChecksumMismatchError                  xxh3_64 digest differs
         ├── RecordLengthError                      decompressed length differs from the index
         ├── RecordDecodeError                      a record is not a loadable torch.save buffer
+        ├── RecordMetaError                        a container-free record's metadata is malformed
         ├── DecompressionError                     the codec rejected a frame
         └── AllocationBudgetError                  decoding a record would allocate past its budget
 
@@ -66,6 +67,7 @@ __all__ = [
     "RecordIndexTypeError",
     "ReadOnlyStoreError",
     "RecordLengthError",
+    "RecordMetaError",
     "RemoteStorageError",
     "ShardFormatError",
     "ShardSizeError",
@@ -234,6 +236,13 @@ class RecordLengthError(CorruptStoreError):
 
 class RecordDecodeError(CorruptStoreError):
     """A record's bytes are not a loadable ``torch.save`` buffer (bad zip layout or pickle)."""
+
+
+class RecordMetaError(CorruptStoreError):
+    """The stored metadata of a container-free record (its pickle, archive name, storage
+    sizes, serialization-id hash, or the container layout it names) is malformed: a length
+    that runs past the bytes present, a count past its limit, a name ``torch.save`` would
+    not write, storage bytes that do not add up to the sizes listed."""
 
 
 class DecompressionError(CorruptStoreError):

@@ -1898,102 +1898,269 @@ def fast_loads(buf: bytes | bytearray | memoryview, map_location: Any = "cpu") -
 
 # --------------------------------------------------------------------------- batches of records
 
-# pickle -> the plain-dict spec of its plan, or False: see _plain_dict_spec. Bounded like
-# tables.known (cleared when it holds _MAX_KNOWN_PICKLES entries).
-_PLAIN_SPECS: dict[bytes, Any] = {}
+# How a batch of records is collated without a tensor per record (see collate_records): a planned
+# pickle's *batch spec* is its plan's result with the literal leaves taken out. Nodes:
+#   (_B_TENSOR, storage key, dtype, nbytes, size): a tensor that is the whole of its own storage
+#   (offset 0, contiguous, of the storage's dtype), no requires_grad, hooks or metadata;
+#   (_B_LEAF, type, in a sequence): a literal int, float, bool, str or bytes (its value is per
+#   record); default_collate hands a leaf's values over as a tuple inside lists and tuples (it
+#   transposes them with zip), as a list elsewhere, and str and bytes come back as that object;
+#   (_B_DICT, cls, ((key type, key), ...), children): a dict or OrderedDict with literal keys;
+#   (_B_LIST, children), (_B_TUPLE, children).
+# Specs are interned, so records whose pickles differ only in leaf values (a label, an id)
+# share one spec object and batch together.
+_B_TENSOR, _B_LEAF, _B_DICT, _B_LIST, _B_TUPLE = range(5)
+_BATCH_LEAVES = frozenset([int, float, bool, str, bytes])
+# pickle -> (interned spec, leaf values in spec order), or False (no spec: collate_records declines).
+# Bounded like tables.known (pickles of at most 64 KiB; cleared when it holds _MAX_KNOWN_PICKLES
+# entries or _MAX_KNOWN_BYTES of pickles).
+_BATCH_SPECS: dict[bytes, Any] = {}
+_BATCH_SPECS_BYTES = 0
+# [calls left that plan no new pickle, current back-off]: see collate_records.
+_PLAN_BACKOFF = [0, 0]
+_MAX_PLAN_BACKOFF = 64
+_SPEC_INTERN: dict[Any, Any] = {}
 
 
-def _plain_dict_spec(plan: _Plan) -> list[tuple[str, str, torch.dtype, int, tuple[int, ...]]] | None:
-    """``[(dict key, storage key, dtype, nbytes, size)]`` if ``plan`` rebuilds a plain ``dict`` of
-    str -> tensor, each tensor the whole of its own storage (offset 0, contiguous, of the
-    storage's dtype), with no ``requires_grad``, hooks or metadata; else None."""
-    root = plan.root
-    if root[0] != _DICT or root[3] is not dict:
-        return None
-    spec = []
+class _NoSpec(Exception):
+    """Internal: a plan whose result collate_records does not cover."""
+
+
+def _batch_spec(plan: _Plan) -> tuple[Any, tuple[Any, ...]] | None:
+    """``(spec, leaf values)`` of ``plan`` (see above), or None if its result has anything else:
+    a tensor that is a view, shares a storage or needs grad, hooks or metadata; a leaf of
+    another type (None, complex, torch.dtype...); a non-literal dict key."""
+    values: list[Any] = []
     used: set[int] = set()
-    for k, v in root[2]:
-        if k[0] != _CONST or type(k[1]) is not str or v[0] != _TENSOR:
-            return None
-        _, _, si, dtype, offset, size, stride, requires_grad, hooks, metadata = v
-        key, st_dtype, elsize, numel = plan.storages[si]
-        size = tuple(size)
-        if (
-            si in used
-            or dtype != st_dtype
-            or offset != 0
-            or requires_grad is not False
-            or metadata
-            or not (hooks[0] == _DICT and not hooks[2])
-            or tuple(stride) != tuple(torch.empty(size, device="meta").stride())
-            or math.prod(size) != numel
-        ):
-            return None
-        used.add(si)
-        spec.append((k[1], key, dtype, numel * elsize, size))
-    return spec
+
+    def const(v: Any, in_seq: bool) -> Any:
+        t = type(v)
+        if t in _BATCH_LEAVES:
+            values.append(v)
+            return (_B_LEAF, t, in_seq)
+        if t is tuple:
+            return (_B_TUPLE, tuple(const(x, True) for x in v))
+        raise _NoSpec
+
+    def node(n: tuple[Any, ...], in_seq: bool) -> Any:
+        kind = n[0]
+        if kind == _CONST:
+            return const(n[1], in_seq)
+        if kind == _TENSOR:
+            _, _, si, dtype, offset, size, stride, requires_grad, hooks, metadata = n
+            key, st_dtype, elsize, numel = plan.storages[si]
+            size = tuple(size)
+            if (
+                si in used
+                or dtype != st_dtype
+                or offset != 0
+                or requires_grad is not False
+                or metadata
+                or not (hooks[0] == _DICT and not hooks[2])
+                or tuple(stride) != tuple(torch.empty(size, device="meta").stride())
+                or math.prod(size) != numel
+            ):
+                raise _NoSpec
+            used.add(si)
+            return (_B_TENSOR, key, dtype, numel * elsize, size)
+        if kind == _TUPLE:
+            return (_B_TUPLE, tuple(node(c, True) for c in n[2]))
+        if kind == _LIST:
+            return (_B_LIST, tuple(node(c, True) for c in n[2]))
+        keys = []
+        children = []
+        for k, v in n[2]:
+            if k[0] != _CONST:
+                raise _NoSpec
+            keys.append((type(k[1]), k[1]))
+            children.append(node(v, False))
+        return (_B_DICT, n[3], tuple(keys), tuple(children))
+
+    try:
+        spec = node(plan.root, False)
+        spec = _SPEC_INTERN.setdefault(spec, spec)
+    except (_NoSpec, TypeError):  # TypeError: an unhashable key value (cannot happen for literals)
+        return None
+    if len(_SPEC_INTERN) >= _MAX_KNOWN_PICKLES:
+        _SPEC_INTERN.clear()
+    return spec, tuple(values)
 
 
-def collate_records(bufs: list[bytearray], alloc: Any) -> dict[str, torch.Tensor] | None:
+def _spec_parts(spec: Any, out: list[tuple[str, torch.dtype, int, tuple[int, ...]]], in_seq: list[bool]) -> None:
+    """The tensor nodes of ``spec`` in order, ``(storage key, dtype, nbytes, size)``, into ``out``,
+    and whether each leaf lies in a sequence, into ``in_seq``."""
+    kind = spec[0]
+    if kind == _B_TENSOR:
+        out.append(spec[1:])
+    elif kind == _B_LEAF:
+        in_seq.append(spec[2])
+    else:
+        for c in spec[3] if kind == _B_DICT else spec[1]:
+            _spec_parts(c, out, in_seq)
+
+
+def _plan_one(
+    buf: bytearray, pkl: bytes, records: dict[str, tuple[int, int]], lo: int, hi: int, tables: _Tables
+) -> _Plan | None:
+    """The plan of ``pkl`` (the interpreter's second-sight path, see :func:`_fast_path`), or None.
+
+    Not remembered in ``tables`` (fast_loads keeps replaying such pickles); the result made over
+    ``buf`` is dropped."""
+    src = _Source(memoryview(buf), True, records, lo, hi, tables, validating=True)
+    rebuilt: dict[int, tuple[Any, ...]] = {}
+    try:
+        result, replayable = _unpickle(pkl, src, tables, rebuilt)
+    except Exception:  # refused or broken: the one-by-one path reports it
+        return None
+    if src.deferred or not replayable:
+        return None
+    return _compile_plan(result, src, rebuilt)
+
+
+def _build_batch(spec: Any, tensors: Any, leaves: Any) -> Any:
+    """default_collate's result for ``spec``: tuples become lists, dicts keep their class and key
+    order; tensors and collated leaves come from the iterators ``tensors`` and ``leaves``."""
+    kind = spec[0]
+    if kind == _B_TENSOR:
+        return next(tensors)
+    if kind == _B_LEAF:
+        return next(leaves)
+    if kind == _B_DICT:
+        out = spec[1]()
+        for (_, k), c in zip(spec[2], spec[3]):
+            out[k] = _build_batch(c, tensors, leaves)
+        return out
+    return [_build_batch(c, tensors, leaves) for c in spec[1]]
+
+
+def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_only: bool = False) -> Any:
     """``default_collate([fast_loads(b) for b in bufs])`` without making a tensor per record, or None.
 
-    Applies when every buffer holds the same pickle, one this process has already planned
-    (seen at least twice by :func:`fast_loads`), whose result is a plain ``dict`` of str ->
-    tensor as :func:`_plain_dict_spec` describes (the usual ``torch.save({"image": ..., "label":
-    ...})`` record). Each buffer gets the same checks as on :func:`fast_loads`'s planned path
-    (zip layout and small records, storage record sizes); then each batch tensor is allocated
-    with ``alloc(shape, dtype)`` and filled row by row from the storage records. Returns None,
-    having allocated nothing, when anything differs: the caller then loads the records one by
-    one (and gets their errors).
+    Applies when every buffer's pickle is one this process has already planned (seen at least
+    twice by :func:`fast_loads`), all of one *batch spec*: the same structure of dicts (and
+    OrderedDicts) with literal keys, lists and tuples, nested, with the same tensors (dtype,
+    shape, each the whole of its own contiguous storage, no ``requires_grad``, hooks or
+    metadata) and literal leaves (int, float, bool, str, bytes) of the same types in the same
+    places; the leaf values may differ (a label, a name). Pickles that differ from planned ones
+    only in literal values are planned here, at most ``max(4, len(bufs) // 2)`` a call; a call
+    that needs more declines and the next 1, 2, 4... (at most 64) calls plan none, so that
+    records whose literals never repeat (unique ids) cost little. Each buffer gets the same checks as on
+    :func:`fast_loads`'s planned path (zip layout and small records, storage record sizes); the
+    leaves are collated with ``leaf``, then each batch tensor is allocated with ``alloc(shape,
+    dtype)`` and filled row by row from the storage records. Returns None, having allocated
+    nothing with ``alloc``, when anything differs: the caller then loads the records one by one
+    (and gets their errors).
+
+    Args:
+        bufs: The records' ``torch.save`` buffers (``bytearray``; read, not modified or kept).
+        alloc: ``alloc(shape, dtype)`` -> a contiguous CPU tensor to fill (e.g. ``torch.empty``).
+        leaf: ``leaf(values)`` collates the list of one leaf position's values over the batch
+            (what ``default_collate`` does with it: ``torch.tensor`` for ints and bools, float64
+            for floats, the list itself for str and bytes). None: records with leaves decline.
+            An exception from it makes this decline (the one-by-one path raises it again).
+        dicts_only: Decline anything but a plain ``dict`` of str -> tensor (what this function
+            covered before nested containers and leaves; for benchmarks).
 
     Returns:
-        ``{key: tensor of shape (len(bufs), *record shape)}`` in the record's key order, with
-        the records' dtypes (what torch's default_collate makes of the loaded records).
+        What ``default_collate`` makes of the loaded records: tensors stacked to shape
+        ``(len(bufs), *record shape)`` with the records' dtype (contiguous), leaves as ``leaf``
+        collates them, dicts and OrderedDicts of their class in the records' key order, lists
+        and tuples as lists.
+
+    Thread safety: safe from many threads (the spec cache is a dict updated under the GIL).
     """
+    global _BATCH_SPECS_BYTES
     if not bufs or not _torch_state_is_plain():
         return None
     tables = _get_tables()
     starts: list[list[int]] = []
-    pkl: bytes | None = None
+    leaf_rows: list[tuple[Any, ...]] = []
     spec = None
+    tensors: list[tuple[str, torch.dtype, int, tuple[int, ...]]] = []
+    last_pkl = None
+    got = None
+    planned = 0
+    skip_planning = _PLAN_BACKOFF[0] > 0
+    if skip_planning:
+        _PLAN_BACKOFF[0] -= 1
+    leaf_in_seq: list[bool] = []
     for buf in bufs:
         if type(buf) is not bytearray:
             return None
         try:
-            records, _, _ = _layout(buf, len(buf))
+            records, lo, hi = _layout(buf, len(buf))
         except Exception:  # _Fallback or a malformed buffer: the one-by-one path reports it
             return None
         start, nbytes = records["data.pkl"]
-        if pkl is None:
+        if last_pkl is None or memoryview(buf)[start : start + nbytes] != last_pkl:
+            if nbytes > _MAX_KNOWN_PICKLE_BYTES:
+                return None
             pkl = bytes(buf[start : start + nbytes])
-            spec = _PLAIN_SPECS.get(pkl)
-            if spec is None:
+            got = _BATCH_SPECS.get(pkl)
+            if got is None:
                 plan = tables.known.get(pkl)
                 if type(plan) is not _Plan:
-                    return None  # not planned (yet): fast_loads plans a pickle on its second sight
-                spec = _plain_dict_spec(plan) or False
-                if len(_PLAIN_SPECS) >= _MAX_KNOWN_PICKLES:
-                    _PLAIN_SPECS.clear()
-                _PLAIN_SPECS[pkl] = spec
-            if spec is False:
+                    # Not planned by fast_loads: a pickle seen once, or one like a known one but
+                    # for literal values (a label), which fast_loads replays and never plans.
+                    # Those are planned here, a few a batch (records whose literals all differ,
+                    # such as unique ids, would cost an interpretation each: declined).
+                    planned += 1
+                    if skip_planning or not tables.has_skeleton(pkl):
+                        return None
+                    if planned > max(4, len(bufs) // 2):
+                        # Too many new pickles in one batch: back off (skip planning for 1, 2, 4...
+                        # up to 64 calls) so that records whose literals never repeat cost little.
+                        _PLAN_BACKOFF[1] = min(_MAX_PLAN_BACKOFF, max(1, 2 * _PLAN_BACKOFF[1]))
+                        _PLAN_BACKOFF[0] = _PLAN_BACKOFF[1]
+                        return None
+                    plan = _plan_one(buf, pkl, records, lo, hi, tables)
+                got = (_batch_spec(plan) if plan is not None else None) or False
+                if len(_BATCH_SPECS) >= _MAX_KNOWN_PICKLES or _BATCH_SPECS_BYTES + nbytes > _MAX_KNOWN_BYTES:
+                    _BATCH_SPECS.clear()
+                    _BATCH_SPECS_BYTES = 0
+                _BATCH_SPECS[pkl] = got
+                _BATCH_SPECS_BYTES += nbytes
+            if got is False:
                 return None
-        elif memoryview(buf)[start : start + nbytes] != pkl:
-            return None
+            last_pkl = pkl
+            if spec is None:
+                spec = got[0]
+                if dicts_only and not (
+                    spec[0] == _B_DICT
+                    and spec[1] is dict
+                    and all(k[0] is str for k in spec[2])
+                    and all(c[0] == _B_TENSOR for c in spec[3])
+                ):
+                    return None
+                _spec_parts(spec, tensors, leaf_in_seq)
+            elif got[0] is not spec:
+                return None
+        leaf_rows.append(got[1])  # type: ignore[index]
         row = []
-        for _, key, _, size_bytes, _ in spec:  # type: ignore[union-attr]
+        for key, _, size_bytes, _ in tensors:
             rec = records.get("data/" + key)
             if rec is None or rec[1] != size_bytes:
                 return None
             row.append(rec[0])
         starts.append(row)
-    out: dict[str, torch.Tensor] = {}
     n = len(bufs)
-    for j, (name, _, dtype, size_bytes, size) in enumerate(spec):  # type: ignore[arg-type]
+    collated_leaves: list[Any] = []
+    if leaf_rows[0]:
+        if leaf is None:
+            return None
+        try:
+            collated_leaves = [leaf(col if seq else list(col)) for col, seq in zip(zip(*leaf_rows), leaf_in_seq)]
+        except Exception:  # default_collate would raise it too: the one-by-one path does
+            return None
+    out_tensors = []
+    for j, (_, dtype, size_bytes, size) in enumerate(tensors):
         t = alloc((n, *size), dtype)
         if size_bytes:
             dst = t.view(-1).view(torch.uint8).view(n, size_bytes).numpy()
             for i, buf in enumerate(bufs):
                 s = starts[i][j]
                 dst[i] = memoryview(buf)[s : s + size_bytes]
-        out[name] = t
-    return out
+        out_tensors.append(t)
+    if planned:
+        _PLAN_BACKOFF[1] = 0  # planning paid off
+    return _build_batch(spec, iter(out_tensors), iter(collated_leaves))

@@ -18,6 +18,10 @@ Shard file layout (all integers little-endian)::
 
 Without the "multi-record-frames" feature there is one record per frame, frame_count ==
 record_count, and the frame table is the record table (the 1.0 layout).
+
+Format 1.2, feature "raw-frames": the footer JSON's ``raw_frames`` lists runs ``[first, end]``
+of frames stored raw (stored bytes == raw bytes, no codec frame); the header of such a shard
+may carry the version of its other features (see docs/format.md, section 5.2).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ __all__ = [
     "MAX_INDEX_BYTES",
     "FEATURE_DICTIONARY",
     "FEATURE_MULTI_RECORD_FRAMES",
+    "FEATURE_RAW_FRAMES",
     "RECORD_DTYPE",
     "RECORD_ENTRY_BYTES",
     "RECORD_MAP_DTYPE",
@@ -68,6 +73,8 @@ __all__ = [
     "parse_footer",
     "parse_index",
     "parse_shard_name",
+    "raw_frames_mask",
+    "raw_frames_runs",
     "shard_name",
     "version_for",
 ]
@@ -75,19 +82,29 @@ __all__ = [
 FORMAT_NAME = "tensorstore_pt"
 #: The newest (major, minor) this version writes. A reader MUST refuse a newer major; a newer
 #: minor only through unknown features. A store that uses no feature is written as 1.0.
-FORMAT_VERSION: tuple[int, int] = (1, 1)
+FORMAT_VERSION: tuple[int, int] = (1, 2)
 BASE_VERSION: tuple[int, int] = (1, 0)
 #: 1.1: several consecutive records per frame; the footer gains a record map.
 FEATURE_MULTI_RECORD_FRAMES = "multi-record-frames"
 #: 1.1: a zstd dictionary file in the store, referenced from the codec config.
 FEATURE_DICTIONARY = "zstd-dictionary"
+#: 1.2: frames the codec barely shrinks are stored as their raw bytes; the footer JSON lists
+#: them (``raw_frames``, runs of frame indices).
+FEATURE_RAW_FRAMES = "raw-frames"
+#: The version that introduced each optional feature.
+FEATURE_VERSIONS: dict[str, tuple[int, int]] = {
+    FEATURE_MULTI_RECORD_FRAMES: (1, 1),
+    FEATURE_DICTIONARY: (1, 1),
+    FEATURE_RAW_FRAMES: (1, 2),
+}
 #: Optional features (listed in index and footers) this version can read.
-KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_MULTI_RECORD_FRAMES, FEATURE_DICTIONARY})
+KNOWN_FEATURES: frozenset[str] = frozenset(FEATURE_VERSIONS)
 
 
-def version_for(features: list[str] | tuple[str, ...]) -> tuple[int, int]:
-    """The lowest format version that describes a store or shard using ``features``."""
-    return FORMAT_VERSION if features else BASE_VERSION
+def version_for(features: list[str] | tuple[str, ...] | set[str]) -> tuple[int, int]:
+    """The lowest format version that describes a store or shard using ``features``: the
+    newest version among those that introduced them (1.0 for none)."""
+    return max((FEATURE_VERSIONS[f] for f in features if f in FEATURE_VERSIONS), default=BASE_VERSION)
 
 
 INDEX_NAME = "index.json"
@@ -227,12 +244,20 @@ class ShardFooter:
         record_map: With the "multi-record-frames" feature, a ``RECORD_MAP_DTYPE`` array
             (frame, raw_offset, raw), one row per record: record k is bytes
             ``[raw_offset, raw_offset + raw)`` of frame ``frame`` decoded. None otherwise.
+        raw_mask: With the "raw-frames" feature, a bool array, one per frame: True where the
+            frame is stored raw (the footer JSON's ``raw_frames`` runs). None otherwise.
     """
 
     table: np.ndarray
     meta: dict[str, Any]
     table_offset: int
     record_map: np.ndarray | None = None
+    raw_mask: np.ndarray | None = None
+
+    def is_raw(self, fi: int) -> bool:
+        """Whether frame ``fi`` is stored raw (format 1.2, "raw-frames"): its stored bytes are
+        its raw bytes, no codec frame."""
+        return self.raw_mask is not None and bool(self.raw_mask[fi])
 
     @property
     def records(self) -> int:
@@ -388,7 +413,71 @@ def parse_footer(
     if multi:
         record_map = np.frombuffer(body, dtype=RECORD_MAP_DTYPE, count=count, offset=frames * RECORD_ENTRY_BYTES)
         _check_record_map(record_map, table, where)
-    return ShardFooter(table=table, meta=meta, table_offset=table_offset, record_map=record_map)
+    raw_mask = None
+    if FEATURE_RAW_FRAMES in features:
+        raw_mask = raw_frames_mask(meta.get("raw_frames"), table, where)
+    elif "raw_frames" in meta:
+        raise ShardFormatError(
+            f"{where}: footer JSON has 'raw_frames' but does not list the feature {FEATURE_RAW_FRAMES!r}"
+        )
+    return ShardFooter(table=table, meta=meta, table_offset=table_offset, record_map=record_map, raw_mask=raw_mask)
+
+
+def raw_frames_mask(runs: Any, table: np.ndarray, where: str) -> np.ndarray:
+    """Check a footer's ``raw_frames`` (format 1.2) against its frame table; return the mask.
+
+    ``runs`` must be a list of ``[first, end]`` int pairs (half-open ranges of frame indices),
+    each non-empty, in increasing order, not overlapping or touching (``end`` of one run <
+    ``first`` of the next), inside ``[0, frames]``; every frame they name must have
+    ``stored == raw`` (its stored bytes are its raw bytes).
+
+    Raises:
+        ShardFormatError: Anything else.
+    """
+    frames = len(table)
+    if not isinstance(runs, list):
+        raise ShardFormatError(
+            f"{where}: footer lists {FEATURE_RAW_FRAMES!r} but 'raw_frames' is {runs!r}; expected a list of "
+            "[first, end] frame ranges"
+        )
+    mask = np.zeros(frames, dtype=bool)
+    prev_end = -1
+    for run in runs:
+        if (
+            not isinstance(run, list)
+            or len(run) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in run)
+        ):
+            raise ShardFormatError(f"{where}: 'raw_frames' entry {run!r}: expected [first, end] (two ints)")
+        first, end = run
+        if not prev_end < first < end <= frames:
+            raise ShardFormatError(
+                f"{where}: 'raw_frames' run {run!r}: expected runs in increasing order, non-empty, not overlapping "
+                f"or touching the previous one (which ends at {max(prev_end, 0)}), within the {frames} frames"
+            )
+        mask[first:end] = True
+        prev_end = end
+    if mask.any():
+        bad = np.flatnonzero(mask & (table["stored"] != table["raw"]))
+        if len(bad):
+            fi = int(bad[0])
+            raise ShardFormatError(
+                f"{where}: frame {fi} is stored raw ('raw_frames') but its table row says {int(table['stored'][fi])} "
+                f"stored bytes and {int(table['raw'][fi])} raw bytes; a raw frame's two lengths are equal"
+            )
+    return mask
+
+
+def raw_frames_runs(mask: list[bool] | np.ndarray) -> list[list[int]]:
+    """The ``raw_frames`` runs (``[first, end]`` pairs) of a per-frame bool mask."""
+    runs: list[list[int]] = []
+    for fi, raw in enumerate(mask):
+        if raw:
+            if runs and runs[-1][1] == fi:
+                runs[-1][1] = fi + 1
+            else:
+                runs.append([fi, fi + 1])
+    return runs
 
 
 def _check_record_map(record_map: np.ndarray, table: np.ndarray, where: str) -> None:

@@ -61,6 +61,7 @@ from .reader import _check_max_record_bytes, read_index_bytes
 from .shardio import (
     DEFAULT_MAX_RECORD_BYTES,
     check_frame,
+    header_version_ok,
     check_index_sizes,
     file_digest,
     frame_records,
@@ -231,7 +232,12 @@ class _RecordCheck:
 
 
 def _check_frame(
-    handle: ReadHandle, codec: Codec | None, row: Any, where: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    handle: ReadHandle,
+    codec: Codec | None,
+    row: Any,
+    where: str,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    stored_raw: bool = False,
 ) -> _RecordCheck:
     """Read one frame and run it through the readers' pipeline (:func:`.shardio.check_frame`);
     its typed errors become the report's kinds."""
@@ -245,7 +251,7 @@ def _check_frame(
             f"{where}: the frame at byte {offset} needs {stored} bytes, found {len(frame)} (truncated)",
         )
     try:
-        data = check_frame(codec, row, frame, where, max_record_bytes=max_record_bytes)
+        data = check_frame(codec, row, frame, where, max_record_bytes=max_record_bytes, stored_raw=stored_raw)
     except TensorStoreError as exc:
         kind, expected, found = getattr(exc, "problem", ("record_decode", "a decodable frame", str(exc)))
         return _RecordCheck(kind, expected, found, str(exc))
@@ -537,7 +543,7 @@ def _verify_shard(
                 f"{where}: footer uses feature(s) {unknown} the index does not list",
                 records=span,
             )
-        if header_version is not None and tuple(meta.get("format_version", ())) != header_version:
+        if header_version is not None and not header_version_ok(header_version, meta):
             add(
                 "header",
                 f"format {meta.get('format_version')} (footer)",
@@ -563,7 +569,7 @@ def _verify_shard(
             fwhere = (
                 f"{where}, records [{j}, {entry.first_record + b}) (frame {fi})" if many else f"{where}, record {j}"
             )
-            check = _check_frame(handle, codec, footer.table[fi], fwhere, max_record_bytes)
+            check = _check_frame(handle, codec, footer.table[fi], fwhere, max_record_bytes, footer.is_raw(fi))
             if check.kind is not None:
                 add(check.kind, check.expected, check.found, check.message, record=j,
                     records=(j, entry.first_record + b) if many else None)  # fmt: skip

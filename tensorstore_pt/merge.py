@@ -97,6 +97,7 @@ def merge_stores(
     metadata: dict[str, Any] | None = None,
     copy: bool | None = None,
     progress: Progress | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> StoreInfo:
     """Commit committed part stores as one new store, records in the order of ``parts``.
 
@@ -114,6 +115,9 @@ def merge_stores(
             intact); False requires a move (raises where it is impossible).
         progress: Called after each shard as ``progress(records, in_bytes, out_bytes)``
             with the shard's record count, the bytes read and the bytes written (ints).
+        storage_options: fsspec options (``endpoint_url``, credentials, ``tspt_*`` retry
+            options) for every part and ``dest`` given as a URL (``s3://...``); local paths
+            and :class:`Storage` objects take none and are left out of it.
 
     Returns:
         The merged store's summary. Its ``created_by["merge"]`` records the part locations
@@ -148,7 +152,9 @@ def merge_stores(
         raise InvalidOptionError(f"parts: expected a sequence of part stores, found a single {type(parts).__name__}")
     # Local parts by absolute path: the journal and created_by name them, and a re-run (from
     # another working directory) must name the same directories.
-    part_st = [storage_for(_absolute(p)) for p in parts]
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise InvalidOptionError(f"storage_options: expected a dict, found {type(storage_options).__name__}")
+    part_st = [storage_for(_absolute(p), _options_for(p, storage_options)) for p in parts]
     if not part_st:
         raise InvalidOptionError("parts: expected at least one part store, found none")
     locations = [st.location for st in part_st]
@@ -159,7 +165,7 @@ def merge_stores(
             f"parts: each part must be given once, found {dup} more than once (the same directory under "
             "different spellings counts as one)"
         )
-    dst = storage_for(dest)
+    dst = storage_for(dest, _options_for(dest, storage_options))
     if _identity(dst) in idents:
         raise InvalidOptionError(f"dest: {dst.location!r} is also one of the parts; merge into a new path")
     metadata = check_metadata(metadata)
@@ -188,6 +194,16 @@ def merge_stores(
         raise
     finally:
         merge.release()
+
+
+def _options_for(location: Any, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``storage_options`` for a URL location (other than ``file://``); None for the rest."""
+    if storage_options is None or isinstance(location, Storage):
+        return None
+    text = os.fspath(location)
+    if isinstance(text, str) and "://" in text and not text.lower().startswith("file://"):
+        return storage_options
+    return None
 
 
 def _local_root(st: Storage) -> Path | None:

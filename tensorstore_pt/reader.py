@@ -50,6 +50,7 @@ from .errors import (
 from .format import (
     INDEX_NAME,
     FEATURE_MULTI_RECORD_FRAMES,
+    FEATURE_RAW_FRAMES,
     MAX_INDEX_BYTES,
     RECORD_DTYPE,
     SHARD_SUFFIX,
@@ -322,6 +323,7 @@ class StoreReader:
         check_index_sizes(index, self._codec, f"store {self.location!r}: {INDEX_NAME}")
         self._starts = np.array([s.first_record for s in index.shards], dtype=np.int64)
         self._footers: list[ShardFooter | None] = [None] * len(index.shards)
+        self._raw_frames = FEATURE_RAW_FRAMES in index.features
         self._init_process_state()
         if self._verify:
             # One listing for every shard's size (one request on an object store, where each
@@ -535,17 +537,30 @@ class StoreReader:
         With ``writable`` the result is a fresh ``bytearray`` the caller owns, so tensors can be
         built over it without a copy.
         """
-        row = self._footer(si).table[fi]
+        footer = self._footer(si)
+        row = footer.table[fi]
         frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {record}'s frame")
-        return self._decode(si, record, row, frame, writable)
+        return self._decode(si, record, row, frame, writable, footer.is_raw(fi))
 
     def _decode(
-        self, si: int, j: int, row: np.void | np.ndarray, frame: bytes | memoryview, writable: bool = False
+        self,
+        si: int,
+        j: int,
+        row: np.void | np.ndarray,
+        frame: bytes | memoryview,
+        writable: bool = False,
+        stored_raw: bool = False,
     ) -> bytes | bytearray:
-        """Check and decode a frame through :func:`.shardio.check_frame` (``j`` is for messages)."""
+        """Check and decode a frame through :func:`.shardio.check_frame` (``j`` is for messages;
+        ``stored_raw``: the frame is stored raw, format 1.2)."""
         data = check_frame(self._codec, row, frame, self._where(si, j), max_record_bytes=self.max_record_bytes,
-                           writable=writable)  # fmt: skip
+                           writable=writable, stored_raw=stored_raw)  # fmt: skip
         return data  # type: ignore[return-value]
+
+    def _is_raw(self, si: int, fi: int) -> bool:
+        """Whether frame ``fi`` of shard ``si`` is stored raw (loads the footer only in a store
+        that lists "raw-frames")."""
+        return self._raw_frames and self._footer(si).is_raw(fi)
 
     def _read_raw(self, i: int, writable: bool) -> tuple[int, int, bytes | bytearray]:
         """(record position, shard, raw bytes) of record ``i``; see :meth:`read_bytes`."""
@@ -667,6 +682,11 @@ class StoreReader:
                 f"record_table: store {self.location!r} has multi-record frames; its records have no "
                 "frame of their own (read them with read(i), which caches the decoded frame)"
             )
+        if self._raw_frames:
+            raise InvalidOptionError(
+                f"record_table: store {self.location!r} has frames stored raw (format 1.2), which the "
+                "table's rows cannot mark; read records with read(i), which takes that from the footers"
+            )
         if out is None:
             out = np.zeros(len(self), dtype=RECORD_DTYPE)
         elif out.dtype != RECORD_DTYPE or out.shape != (len(self),):
@@ -753,8 +773,10 @@ class StoreReader:
         """
         j = self._normalize(i)
         si, k = self._locate(j)
+        if table is not None:
+            table = self._check_table(table)
         _, rows = self._rows(j, j + 1, table)
-        return self._decode(si, j, rows[0], frame)
+        return self._decode(si, j, rows[0], frame, stored_raw=table is None and self._is_raw(si, k))
 
     def load_record(self, i: int, raw: bytes | bytearray | memoryview) -> Any:
         """Load record ``i``'s ``torch.save`` buffer with ``weights_only=True`` semantics.
@@ -773,6 +795,11 @@ class StoreReader:
         if FEATURE_MULTI_RECORD_FRAMES in self._index.features:
             raise InvalidOptionError(
                 f"table: store {self.location!r} has multi-record frames, which have no per-record frame table"
+            )
+        if self._raw_frames:
+            raise InvalidOptionError(
+                f"table: store {self.location!r} has frames stored raw (format 1.2), which a record table "
+                "cannot mark; pass no table"
             )
         if not isinstance(table, np.ndarray) or table.dtype != RECORD_DTYPE or table.shape != (len(self),):
             found = f"{table.dtype} {table.shape}" if isinstance(table, np.ndarray) else type(table).__name__
@@ -1078,7 +1105,9 @@ class StoreReader:
                     continue
                 si, row, frame = got
                 try:
-                    data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget, writable=True)
+                    stored_raw = self._raw_frames and self._footer(si).is_raw(rec - int(self._starts[si]))
+                    data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget, writable=True,
+                                       stored_raw=stored_raw)  # fmt: skip
                     sample = RawRecord(self, si, rec, data) if raw else load(si, rec, data)  # type: ignore[arg-type]
                 except RECORD_ERRORS as exc:
                     yield RecordResult(rec, None, exc)
@@ -1104,7 +1133,9 @@ class StoreReader:
             if data is None:
                 row, frame = framed[key]
                 try:
-                    data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget)
+                    stored_raw = self._is_raw(si, f)
+                    data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget,
+                                       stored_raw=stored_raw)  # fmt: skip
                 except RECORD_ERRORS as exc:
                     data = exc
                 decoded[key] = data

@@ -70,6 +70,7 @@ from .format import (
     FEATURE_DICTIONARY,
     FORMAT_VERSION,
     FEATURE_MULTI_RECORD_FRAMES,
+    FEATURE_RAW_FRAMES,
     HEADER_BYTES,
     INDEX_NAME,
     MAX_INDEX_BYTES,
@@ -91,6 +92,7 @@ from .shardio import (
     DEFAULT_MAX_RECORD_BYTES,
     ShardBuilder,
     check_frame,
+    header_version_ok,
     check_index_sizes,
     file_digest,
     frame_records,
@@ -325,6 +327,7 @@ class _Frame:
     checksum: int
     raw_lengths: list[int]
     first: int  # shard-relative position of its first record
+    raw: bool = False  # stored raw (format 1.2, "raw-frames")
 
 
 @dataclass
@@ -441,7 +444,7 @@ class _Scanner:
             if codec is None:
                 piece.reason = f"its footer's codec {piece.codec} cannot be used"
                 return piece
-            if version is not None and tuple(meta.get("format_version", ())) != version:
+            if version is not None and not header_version_ok(version, meta):
                 header_problem = f"its header says format {version}, its footer {meta.get('format_version')}"
             bad: list[str] = []
             for fi, (a, b) in enumerate(frame_records(footer)):
@@ -450,12 +453,16 @@ class _Scanner:
                     frame = read_exact(handle, int(row["offset"]), int(row["stored"]), f"frame {fi}", where)
                     # The checksum proves a frame; it is also decoded where a reader would decode it.
                     small = int(row["raw"]) <= DEFAULT_MAX_RECORD_BYTES
-                    check_frame(codec if small else None, row, frame, f"{where}, frame {fi}")
+                    check_frame(
+                        codec if small else None, row, frame, f"{where}, frame {fi}", stored_raw=footer.is_raw(fi)
+                    )
                 except TensorStoreError as exc:
                     bad.append(str(exc))
                     continue
                 lengths = [n for _, n in record_slices(footer, a, b)]
-                piece.frames.append(_Frame(int(row["offset"]), int(row["stored"]), int(row["checksum"]), lengths, a))
+                piece.frames.append(
+                    _Frame(int(row["offset"]), int(row["stored"]), int(row["checksum"]), lengths, a, footer.is_raw(fi))
+                )
             piece.intact = not bad and not header_problem
             if piece.intact:
                 piece.entry = ShardEntry(
@@ -1107,7 +1114,13 @@ def _copy_piece(
     made: list[tuple[ShardEntry, list[str]]] = []
     if dry_run:
         n = piece.good
-        made.append((ShardEntry(shard_name(token, seq), n, first, 0, 0, 0, 0), features))
+        raw = any(f.raw for f in piece.frames)
+        made.append(
+            (
+                ShardEntry(shard_name(token, seq), n, first, 0, 0, 0, 0),
+                sorted({*features, FEATURE_RAW_FRAMES}) if raw else features,
+            )
+        )
         return made, seq + 1
     handle = storage.open(piece.name)
     out: ShardBuilder | None = None
@@ -1116,22 +1129,27 @@ def _copy_piece(
             frame = read_exact(handle, f.offset, f.stored, "a frame", piece.name)
             if digest_int(frame) != f.checksum:  # changed under us: never copy what was not proven
                 raise CorruptStoreError(f"{piece.name!r}: a frame at byte {f.offset} changed while recover ran")
-            if out is not None and out.records and out.size_with(len(frame), len(f.raw_lengths)) > cap:
-                made.append((out.close(), features))
+            if out is not None and out.records and out.size_with(len(frame), len(f.raw_lengths), f.raw) > cap:
+                made.append((out.close(), _with_raw(features, out)))
                 out = None
             if out is None:
                 out = ShardBuilder(storage, shard_name(token, seq), first, meta, multi=multi)
                 seq += 1
-            out.add(frame, f.checksum, f.raw_lengths)
+            out.add(frame, f.checksum, f.raw_lengths, f.raw)
             first += len(f.raw_lengths)
         if out is not None:
-            made.append((out.close(), features))
+            made.append((out.close(), _with_raw(features, out)))
             out = None
     finally:
         handle.close()
         if out is not None:
             out.out.abort()
     return made, seq
+
+
+def _with_raw(features: list[str], out: ShardBuilder) -> list[str]:
+    """A copied shard's features: those of its piece, plus "raw-frames" if it holds a raw frame."""
+    return sorted({*features, FEATURE_RAW_FRAMES}) if out.raw_runs else features
 
 
 def _quarantine_name(name: str, taken: set[str]) -> str:

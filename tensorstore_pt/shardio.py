@@ -44,7 +44,9 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .format import (
+    FEATURE_RAW_FRAMES,
     HEADER_BYTES,
+    MAX_FOOTER_JSON_BYTES,
     RECORD_DTYPE,
     RECORD_ENTRY_BYTES,
     RECORD_MAP_DTYPE,
@@ -75,6 +77,8 @@ __all__ = [
     "read_exact",
     "read_footer",
     "record_slices",
+    "dictionary_gain",
+    "dictionary_sample",
     "train_dictionary",
 ]
 
@@ -180,7 +184,7 @@ def read_footer(
     unknown = set(meta.get("features", [])) - set(index.features)
     if unknown:
         raise ShardFormatError(f"{where}: footer uses feature(s) {sorted(unknown)} the index does not list")
-    if tuple(meta.get("format_version", ())) != version:
+    if not header_version_ok(version, meta):
         raise ShardFormatError(
             f"{where}: header says format {version[0]}.{version[1]}, footer says {meta.get('format_version')}"
         )
@@ -201,6 +205,18 @@ def read_footer(
             f"{entry.stored_bytes} / {entry.raw_bytes}"
         )
     return footer
+
+
+def header_version_ok(version: tuple[int, int], meta: dict[str, Any]) -> bool:
+    """Whether a shard header's version fits its footer JSON (docs/format.md, section 5): equal
+    to the footer's ``format_version``, or, when the footer lists "raw-frames" (a writer
+    learns of a raw frame only after it wrote the header), the lowest version of the
+    footer's other features."""
+    footer_version = tuple(meta.get("format_version", ()))
+    if footer_version == version:
+        return True
+    features = meta.get("features", [])
+    return FEATURE_RAW_FRAMES in features and version == version_for([f for f in features if f != FEATURE_RAW_FRAMES])
 
 
 #: Default speculative tail read of :func:`fetch_footer` when the index gives no usable size hint.
@@ -280,8 +296,11 @@ def check_index_sizes(index: IndexInfo, codec: Codec, where: str) -> None:
     Raises:
         IndexFormatError: A shard's ``raw_bytes`` is above the codec's worst-case bound.
     """
+    raw_frames = FEATURE_RAW_FRAMES in index.features
     for entry in index.shards:
         bound = codec.max_raw_bytes(entry.stored_bytes, entry.records)
+        if raw_frames:  # frames stored raw (format 1.2) hold at most their stored bytes
+            bound += entry.stored_bytes
         if entry.raw_bytes > bound:
             raise IndexFormatError(
                 f"{where}: shard {entry.name!r} says {entry.raw_bytes} raw bytes, but {entry.records} "
@@ -317,6 +336,7 @@ def check_frame(
     *,
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     writable: bool = False,
+    stored_raw: bool = False,
 ) -> bytes | bytearray | None:
     """Check one stored frame and decode it: the single frame pipeline of every reader.
 
@@ -333,6 +353,10 @@ def check_frame(
         where: The place, for messages (store, shard, record).
         max_record_bytes: Refuse a frame that decodes to more than this (bytes).
         writable: Decode into a fresh ``bytearray`` (tensors can be built over it).
+        stored_raw: The frame is stored raw (format 1.2, "raw-frames"): its stored bytes are
+            its raw bytes, so its raw length must equal its stored length and "decoding" is
+            no work (``bytes`` input is returned as is; a ``memoryview`` or ``writable`` gets
+            one copy). The codec is not used.
 
     Returns:
         The decoded bytes; None when ``codec`` is None.
@@ -360,6 +384,8 @@ def check_frame(
         )
     if codec is None:
         return None
+    if stored_raw:
+        return _raw_frame(row, frame, where, max_record_bytes, writable)
     bound = codec.max_raw_bytes(stored)
     if raw > bound:
         raise _failed(
@@ -408,6 +434,34 @@ def check_frame(
     return data
 
 
+def _raw_frame(
+    row: Any, frame: bytes | memoryview, where: str, max_record_bytes: int, writable: bool
+) -> bytes | bytearray:
+    """The tail of :func:`check_frame` for a frame stored raw (checksum already checked)."""
+    stored, raw = int(row["stored"]), int(row["raw"])
+    if raw != stored or len(frame) != stored:
+        raise _failed(
+            RecordLengthError,
+            "record_length",
+            f"{stored} raw bytes (a frame stored raw)",
+            f"{raw} raw bytes in the footer, {len(frame)} bytes read",
+            f"{where}: the frame is stored raw, so its raw length must equal its {stored} stored bytes; the footer "
+            f"says {raw} raw bytes and {len(frame)} bytes were read",
+        )
+    if raw > max_record_bytes:
+        raise _failed(
+            AllocationBudgetError,
+            "record_budget",
+            f"at most max_record_bytes={max_record_bytes} raw bytes",
+            f"{raw} raw bytes in the footer",
+            f"{where}: the footer says the record is {raw} raw bytes, above max_record_bytes={max_record_bytes} "
+            "(open the store with a larger max_record_bytes to read it)",
+        )
+    if writable:
+        return bytearray(frame)
+    return frame if isinstance(frame, bytes) else bytes(frame)
+
+
 class FrameGrouper:
     """Groups consecutive raw records into frames of about ``target`` raw bytes (format 1.1,
     "multi-record-frames"): a frame closes once its records reach ``target`` bytes; None
@@ -435,8 +489,47 @@ class FrameGrouper:
         self._group, self._bytes = [], 0
 
 
-def train_dictionary(samples: list[bytes], dict_bytes: int, level: int) -> tuple[bytes, int]:
-    """Train a zstd dictionary (``zstandard.train_dictionary``, zstd's ZDICT format).
+#: Most raw bytes a zstd dictionary is trained on (bytes); chosen by measurement
+#: (docs/benchmarks.md, "Bounded dictionary training").
+DICT_TRAIN_BYTES = 4 * 2**20
+#: Most records a zstd dictionary is trained on.
+DICT_TRAIN_RECORDS = 4096
+#: zstd's COVER parameters (segment size k, d-mer size d), fixed instead of searched: the
+#: search (zstd's default when both are 0) took 1.4-17 s on 0.25-2 MB of image patches for
+#: the same gain as one training with these values in 0.05 s (docs/benchmarks.md).
+DICT_TRAIN_K = 1024
+DICT_TRAIN_D = 8
+
+
+def dictionary_sample(samples: list[bytes], max_bytes: int, max_records: int) -> list[bytes]:
+    """Whole records of ``samples``, evenly spread over them (first one included, order kept),
+    at most ``max_records`` of them and at most ``max_bytes`` bytes in all (at least one)."""
+    if not samples:
+        return []
+    mean = max(1, sum(map(len, samples)) // len(samples))
+    want = max(1, min(len(samples), max_records, max_bytes // mean))
+    picked: list[bytes] = []
+    total = 0
+    for k in range(want):
+        rec = samples[k * len(samples) // want]
+        if picked and total + len(rec) > max_bytes:
+            continue
+        picked.append(rec)
+        total += len(rec)
+    return picked
+
+
+def train_dictionary(
+    samples: list[bytes],
+    dict_bytes: int,
+    level: int,
+    max_bytes: int = DICT_TRAIN_BYTES,
+    max_records: int = DICT_TRAIN_RECORDS,
+) -> tuple[bytes, int]:
+    """Train a zstd dictionary (``zstandard.train_dictionary``, zstd's ZDICT format) on a
+    bounded sample of ``samples`` (:func:`dictionary_sample`: at most ``max_bytes`` bytes and
+    ``max_records`` records) with fixed COVER parameters (``DICT_TRAIN_K``, ``DICT_TRAIN_D``),
+    so that training takes a bounded time on any input.
 
     Returns:
         ``(dictionary bytes, its Dictionary_ID)``.
@@ -446,8 +539,26 @@ def train_dictionary(samples: list[bytes], dict_bytes: int, level: int) -> tuple
     """
     import zstandard
 
-    trained = zstandard.train_dictionary(dict_bytes, samples, level=level, threads=-1)
+    sample = dictionary_sample(samples, max_bytes, max_records)
+    try:
+        trained = zstandard.train_dictionary(
+            dict_bytes, sample, k=DICT_TRAIN_K, d=DICT_TRAIN_D, level=level, threads=-1
+        )
+    except zstandard.ZstdError:  # too little data for these parameters: zstd searches (a small sample: quick)
+        trained = zstandard.train_dictionary(dict_bytes, sample, level=level, threads=-1)
     return trained.as_bytes(), trained.dict_id()
+
+
+def dictionary_gain(samples: list[bytes], dictionary: bytes, level: int, max_bytes: int = DICT_TRAIN_BYTES) -> float:
+    """The fraction of zstd bytes a dictionary saves on a bounded, evenly spread sample of
+    ``samples`` (``1 - bytes with / bytes without``; 0.0 for no samples)."""
+    import zstandard
+
+    sample = dictionary_sample(samples, max_bytes, DICT_TRAIN_RECORDS)
+    plain = zstandard.ZstdCompressor(level=level)
+    with_dict = zstandard.ZstdCompressor(level=level, dict_data=zstandard.ZstdCompressionDict(dictionary))
+    without = sum(len(plain.compress(r)) for r in sample)
+    return 1 - sum(len(with_dict.compress(r)) for r in sample) / without if without else 0.0
 
 
 # --------------------------------------------------------------------------- building
@@ -480,6 +591,10 @@ class ShardBuilder:
         self.rec_raw: list[int] = []
         self.pos = 0
         self._js_zero: int | None = None
+        self._js_raw_zero: int | None = None
+        #: Frames stored raw (format 1.2), as the footer's ``raw_frames`` runs.
+        self.raw_runs: list[list[int]] = []
+        self._runs_js = 2  # len(json of raw_runs), "[]" while there is none
         self._write(encode_header(version_for(footer_meta["features"])))
 
     def _write(self, data: bytes) -> None:
@@ -491,25 +606,63 @@ class ShardBuilder:
     def records(self) -> int:
         return len(self.rec_raw) if self.multi else len(self.offsets)
 
-    def meta(self, records: int, frames: int) -> dict[str, Any]:
+    def meta(self, records: int, frames: int, raw_runs: list[list[int]] | None = None) -> dict[str, Any]:
+        """The shard's footer JSON object; with ``raw_runs`` (even empty), as a shard holding
+        raw frames: feature "raw-frames" added, its version, and ``raw_frames``."""
         meta = {**self.footer_meta, "records": records, "first_record": self.first_record}
         if self.multi:
             meta["frames"] = frames
+        if raw_runs is not None:
+            features = [*meta["features"], FEATURE_RAW_FRAMES]
+            meta["features"] = features
+            meta["format_version"] = list(version_for(features))
+            meta["raw_frames"] = raw_runs
         return meta
 
-    def size_with(self, frame_bytes: int, records: int) -> int:
-        """File size if one more frame of ``records`` records were added and the shard closed."""
+    def _runs_js_with(self, raw: bool) -> int:
+        """len(JSON of raw_runs) once frame ``len(self.offsets)`` is added (raw or not)."""
+        if not raw:
+            return self._runs_js
+        fi = len(self.offsets)
+        if self.raw_runs and self.raw_runs[-1][1] == fi:  # extends the last run: its end gains digits
+            return self._runs_js + len(str(fi + 1)) - len(str(fi))
+        return self._runs_js + len(f"[{fi},{fi + 1}]") + (1 if self.raw_runs else 0)
+
+    def size_with(self, frame_bytes: int, records: int, raw: bool = False) -> int:
+        """File size if one more frame of ``records`` records (stored raw: ``raw``) were added
+        and the shard closed. A footer JSON past ``MAX_FOOTER_JSON_BYTES`` (readers refuse it;
+        only reachable with tens of thousands of separate raw-frame runs) reports a size of
+        ``2**63``, so the writer closes the shard first."""
         n_records = self.records + records
         n_frames = len(self.offsets) + 1
-        if self._js_zero is None:  # the footer JSON with records = frames = 0, encoded once
-            self._js_zero = len(json.dumps(self.meta(0, 0), sort_keys=True, separators=(",", ":")).encode())
+        runs_js = self._runs_js_with(raw)
+        if runs_js > 2:
+            if self._js_raw_zero is None:
+                self._js_raw_zero = len(json.dumps(self.meta(0, 0, []), sort_keys=True, separators=(",", ":")).encode())
+            base = self._js_raw_zero + runs_js - 2
+        else:
+            if self._js_zero is None:  # the footer JSON with records = frames = 0, encoded once
+                self._js_zero = len(json.dumps(self.meta(0, 0), sort_keys=True, separators=(",", ":")).encode())
+            base = self._js_zero
         # Only the digits of the two counts change: each adds len(str(n)) - 1 to that length.
-        js = self._js_zero + len(str(n_records)) - 1 + (len(str(n_frames)) - 1 if self.multi else 0)
+        js = base + len(str(n_records)) - 1 + (len(str(n_frames)) - 1 if self.multi else 0)
+        if js > MAX_FOOTER_JSON_BYTES:
+            return 2**63
         tables = n_frames * RECORD_ENTRY_BYTES + (n_records * RECORD_MAP_ENTRY_BYTES if self.multi else 0)
         return self.pos + frame_bytes + tables + js + TRAILER_BYTES
 
-    def add(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
-        """Append one frame holding records of ``raw_lengths`` bytes (one, unless multi)."""
+    def add(self, frame: bytes, checksum: int, raw_lengths: list[int], raw: bool = False) -> None:
+        """Append one frame holding records of ``raw_lengths`` bytes (one, unless multi);
+        ``raw``: the frame is the records' raw bytes themselves (format 1.2, "raw-frames")."""
+        if raw:
+            if len(frame) != sum(raw_lengths):
+                raise ValueError(f"a raw frame is its records' bytes: {len(frame)} bytes for {sum(raw_lengths)}")
+            self._runs_js = self._runs_js_with(True)
+            fi = len(self.offsets)
+            if self.raw_runs and self.raw_runs[-1][1] == fi:
+                self.raw_runs[-1][1] = fi + 1
+            else:
+                self.raw_runs.append([fi, fi + 1])
         if self.multi:
             offset = 0
             for n in raw_lengths:
@@ -540,7 +693,8 @@ class ShardBuilder:
             record_map["frame"] = self.rec_frame
             record_map["raw_offset"] = self.rec_offset
             record_map["raw"] = self.rec_raw
-        self._write(encode_footer(table, self.meta(self.records, len(self.offsets)), record_map))
+        meta = self.meta(self.records, len(self.offsets), self.raw_runs or None)
+        self._write(encode_footer(table, meta, record_map))
         try:
             self.out.commit()
         except FileExistsError as exc:

@@ -60,6 +60,7 @@ from .errors import (
 from .format import (
     FEATURE_DICTIONARY,
     FEATURE_MULTI_RECORD_FRAMES,
+    FEATURE_RAW_FRAMES,
     INDEX_NAME,
     LOCK_NAME,
     IndexInfo,
@@ -73,13 +74,15 @@ from .format import (
     shard_name,
 )
 from .serialization import check_sample, clone_exact, dumps
-from .shardio import FrameGrouper, ShardBuilder, train_dictionary
+from . import shardio
+from .shardio import FrameGrouper, ShardBuilder, dictionary_gain, dictionary_sample, train_dictionary
 from .storage import Storage, StoreLock, if_match_kwargs, storage_for, typed_full_disk
 from .storage.abc import FULL_ERRNOS, full_disk_error, removal_failures
 
 __all__ = [
     "DEFAULT_DICT_BYTES",
     "DEFAULT_MAX_SHARD_BYTES",
+    "DEFAULT_RAW_BELOW",
     "DICT_SAMPLE_BYTES",
     "ShardWriter",
     "train_zstd_dictionary",
@@ -87,10 +90,23 @@ __all__ = [
 ]
 
 DEFAULT_MAX_SHARD_BYTES = 64 * 2**20
+#: Default ``raw_below``: a frame the codec shrinks by less than this fraction (5%) is stored
+#: raw (format 1.2, "raw-frames"). Measured (docs/benchmarks.md, "Raw frames"): zstd-3 and lz4
+#: frames read 2-7x slower than the same bytes stored raw, and a frame that saves under 5% only
+#: wins back its decode time on storage slower than about 45 MB/s (zstd) or 110 MB/s (lz4).
+DEFAULT_RAW_BELOW = 0.05
 #: Default zstd dictionary size (bytes) for ``dictionary=True``.
 DEFAULT_DICT_BYTES = 16 * 2**10
-#: Raw bytes of leading records buffered to train the dictionary on.
+#: Raw bytes of leading records buffered to train the dictionary on (the training itself takes
+#: a bounded sample of them: ``shardio.DICT_TRAIN_BYTES``, ``shardio.DICT_TRAIN_RECORDS``).
 DICT_SAMPLE_BYTES = 16 * 2**20
+#: Most worker processes a writer starts (``num_workers``): each holds a torch import and up
+#: to two batches in flight, so far more processes than cores only costs memory.
+MAX_WORKERS = 256
+#: A trained dictionary is used only if it saves at least this fraction of the zstd bytes of
+#: held-out buffered records (measured: docs/benchmarks.md, "Bounded dictionary training");
+#: otherwise the store is written without it, and a warning and ``created_by`` say why.
+DICT_MIN_GAIN = 0.02
 _MODES = ("create", "overwrite", "append")
 
 
@@ -120,16 +136,28 @@ def _created_by() -> dict[str, Any]:
     }
 
 
-def _encode(sample: Any, codec: Codec | None) -> tuple[bytes | None, int, bytes | None, int]:
-    """Serialise one sample; with a codec, also compress it as a one-record frame.
+def stores_raw(codec: Codec, frame_bytes: int, raw_bytes: int, raw_below: float) -> bool:
+    """Whether a frame of ``raw_bytes`` that ``codec`` compressed to ``frame_bytes`` is stored
+    raw instead (format 1.2, "raw-frames"): the codec saves less than the fraction
+    ``raw_below`` of its bytes (``0`` never; codec ``none`` never: its frames are raw already)."""
+    return raw_below > 0 and codec.codec_id != "none" and frame_bytes > raw_bytes * (1.0 - raw_below)
 
-    Returns (raw or None, raw length, frame or None, frame checksum).
+
+def _encode(
+    sample: Any, codec: Codec | None, raw_below: float = 0.0
+) -> tuple[bytes | None, int, bytes | None, int, bool]:
+    """Serialise one sample; with a codec, also compress it as a one-record frame (or keep it
+    raw, see :func:`stores_raw`).
+
+    Returns (raw or None, raw length, frame or None, frame checksum, frame stored raw).
     """
     raw = dumps(sample)
     if codec is None:
-        return raw, len(raw), None, 0
+        return raw, len(raw), None, 0, False
     frame = codec.compress(raw)
-    return None, len(raw), frame, digest_int(frame)
+    if stores_raw(codec, len(frame), len(raw), raw_below):
+        return None, len(raw), raw, digest_int(raw), True
+    return None, len(raw), frame, digest_int(frame), False
 
 
 class ShardWriter:
@@ -155,7 +183,8 @@ class ShardWriter:
             for CPU parallelism: threads are held back by the GIL (about 1.3x on 2 cores),
             processes are not. Samples are still checked and taken (snapshotted) here, in
             order, and the store is byte for byte the same for any ``num_workers`` (only the
-            informative ``created_by`` records it). See "Parallel packing" below.
+            informative ``created_by`` records it). At most ``MAX_WORKERS`` (256). See
+            "Parallel packing" below.
         num_threads: Threads that serialise and compress in this process when
             ``num_workers`` is 0 (default: 2, or 1 on one core). Not allowed with
             ``num_workers`` >= 1.
@@ -165,10 +194,16 @@ class ShardWriter:
             a script's writing code must sit under ``if __name__ == "__main__":`` (the
             workers import the main module).
         dictionary: zstd only. True trains a zstd dictionary (``zstandard.train_dictionary``)
-            of ``DEFAULT_DICT_BYTES`` on the first records (up to ``DICT_SAMPLE_BYTES`` of raw
-            bytes), stores it in the store and uses it for every frame; an int gives the
-            dictionary size in bytes. If zstd cannot train one (too few or too small records)
-            the store is written without it and a ``UserWarning`` says so. In ``append`` mode
+            of ``DEFAULT_DICT_BYTES`` on a bounded sample of the first records (they are
+            buffered up to ``DICT_SAMPLE_BYTES`` of raw bytes; training takes whole records
+            evenly spread over them, at most ``shardio.DICT_TRAIN_BYTES`` (4 MiB) and
+            ``shardio.DICT_TRAIN_RECORDS``, with fixed COVER parameters: well under a second),
+            stores it in the store and uses it for every frame; an int gives the dictionary
+            size in bytes. The dictionary is skipped when it saves less than
+            ``DICT_MIN_GAIN`` (2%) of the zstd bytes of the buffered records it was not
+            trained on, or when zstd cannot train one (too few or too small records): the
+            store is then written without it, and a ``UserWarning`` and
+            ``created_by["dictionary_skipped"]`` (and :attr:`dictionary_skipped`) say why. In ``append`` mode
             the store's dictionary, if any, is always used. Format 1.1, feature
             "zstd-dictionary". Bytes give a prepared dictionary (ZDICT format, e.g. from
             :func:`train_zstd_dictionary`), used as is: the way to give the parts of one store
@@ -177,6 +212,12 @@ class ShardWriter:
             this many bytes (frames never cross shards). Better ratio, but a random read
             decodes the whole frame. None (default) writes one record per frame. Format 1.1,
             feature "multi-record-frames".
+        raw_below: Store a frame raw (its ``torch.save`` bytes, no codec frame) when the codec
+            shrinks it by less than this fraction of its raw bytes; 0 disables. Default
+            ``DEFAULT_RAW_BELOW`` (0.05), chosen by measurement (docs/benchmarks.md, "Raw
+            frames"): such frames read at copy speed instead of 2-7x slower. Only a store
+            that actually holds a raw frame uses format 1.2 (feature "raw-frames"); others
+            are written exactly as without the option. Codec ``none`` ignores it.
         storage_options: For a URL: the fsspec file system's options (``endpoint_url``,
             ``key``, ``secret``...; see docs/remote.md). None for a local path.
 
@@ -243,14 +284,15 @@ class ShardWriter:
         start_method: str | None = None,
         dictionary: bool | int | bytes = False,
         frame_target_bytes: int | None = None,
+        raw_below: float = DEFAULT_RAW_BELOW,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         if mode not in _MODES:
             raise InvalidOptionError(f"mode: expected one of {list(_MODES)}, found {mode!r}")
         _check_positive_int(max_shard_bytes, "max_shard_bytes")
         metadata = check_metadata(metadata)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise InvalidOptionError(f"num_workers: expected an int >= 0, found {num_workers!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or not 0 <= num_workers <= MAX_WORKERS:
+            raise InvalidOptionError(f"num_workers: expected an int in [0, {MAX_WORKERS}], found {num_workers!r}")
         if num_workers and num_threads is not None:
             raise InvalidOptionError(
                 f"num_threads={num_threads!r} with num_workers={num_workers}: pass one (num_threads is for "
@@ -272,6 +314,9 @@ class ShardWriter:
         self._start_method = start_method
         if frame_target_bytes is not None:
             _check_positive_int(frame_target_bytes, "frame_target_bytes")
+        if isinstance(raw_below, bool) or not isinstance(raw_below, (int, float)) or not 0 <= raw_below < 1:
+            raise InvalidOptionError(f"raw_below: expected a fraction in [0, 1) (0 disables), found {raw_below!r}")
+        self.raw_below = float(raw_below)
         prepared: bytes | None = None
         if isinstance(dictionary, (bytes, bytearray, memoryview)):
             prepared = _check_prepared_dictionary(bytes(dictionary))
@@ -367,11 +412,13 @@ class ShardWriter:
         self._dict_bytes = dict_bytes
         self._dict_pending = dict_bytes > 0  # records are buffered until the dictionary is trained
         self._dict_buffer: list[bytes] = []
+        #: Why a requested dictionary was not used (None: used, or none was asked for).
+        self.dictionary_skipped: str | None = None
         self._dict_buffer_bytes = 0
         self._new_files: list[str] = []  # non-shard files this writer created (the dictionary)
         self._grouper = FrameGrouper(self.frame_target_bytes)
         self._open: ShardBuilder | None = None
-        self._pending: collections.deque[cf.Future[tuple[bytes | None, int, bytes | None, int]]] = collections.deque()
+        self._pending: collections.deque[cf.Future[Any]] = collections.deque()
         self._pool: cf.Executor
         if self.num_workers:
             import multiprocessing
@@ -518,7 +565,7 @@ class ShardWriter:
                     raise UnsupportedSampleError(
                         f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})"
                     ) from exc
-                result = _encode(snapshot, self._pool_codec())
+                result = _encode(snapshot, self._pool_codec(), self.raw_below)
                 self._submit_batch()
                 done: cf.Future[Any] = cf.Future()
                 done.set_result([result])
@@ -536,7 +583,7 @@ class ShardWriter:
             snapshot = _snapshot(sample)
         except (NotImplementedError, RuntimeError) as exc:  # e.g. torch.uint1 has no copy kernel
             raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
-        self._pending.append(self._pool.submit(_encode, snapshot, self._pool_codec()))
+        self._pending.append(self._pool.submit(_encode, snapshot, self._pool_codec(), self.raw_below))
         while len(self._pending) > self._max_pending:
             self._drain_one()
 
@@ -551,7 +598,9 @@ class ShardWriter:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         try:
-            self._pending.append(self._pool.submit(_encode_in_worker, batch, self._codec_blob(self._pool_codec())))
+            self._pending.append(
+                self._pool.submit(_encode_in_worker, batch, self._codec_blob(self._pool_codec()), self.raw_below)
+            )
         except cf.process.BrokenProcessPool as exc:
             self._state = "failed"
             raise self._worker_died() from exc
@@ -588,9 +637,9 @@ class ShardWriter:
                 result = fut.result()
             except cf.process.BrokenProcessPool as exc:
                 raise self._worker_died() from exc
-            for raw, raw_bytes, frame, checksum in result if isinstance(result, list) else [result]:
+            for raw, raw_bytes, frame, checksum, stored_raw in result if isinstance(result, list) else [result]:
                 if frame is not None:
-                    self._emit_frame(frame, checksum, [raw_bytes])
+                    self._emit_frame(frame, checksum, [raw_bytes], stored_raw)
                 elif raw is not None:
                     self._accept_raw(raw)
         except BaseException:
@@ -608,8 +657,12 @@ class ShardWriter:
 
     def _emit_group(self, group: list[bytes] | None) -> None:
         if group:
-            frame = self._codec.compress(group[0] if len(group) == 1 else b"".join(group))
-            self._emit_frame(frame, digest_int(frame), [len(r) for r in group])
+            data = group[0] if len(group) == 1 else b"".join(group)
+            frame = self._codec.compress(data)
+            stored_raw = stores_raw(self._codec, len(frame), len(data), self.raw_below)
+            if stored_raw:
+                frame = data
+            self._emit_frame(frame, digest_int(frame), [len(r) for r in group], stored_raw)
 
     def _train_dictionary(self) -> None:
         import zstandard
@@ -617,19 +670,34 @@ class ShardWriter:
         samples, self._dict_buffer, self._dict_buffer_bytes = self._dict_buffer, [], 0
         self._dict_pending = False
         level = getattr(self._codec, "level", 3)
+        # Train on a bounded, evenly spread sample of the buffered records; judge the dictionary
+        # on the others (on the sample itself when it took them all: an optimistic gain, so a
+        # dictionary is only skipped when even that is small).
+        train = dictionary_sample(samples, shardio.DICT_TRAIN_BYTES, shardio.DICT_TRAIN_RECORDS)
+        chosen = {id(r) for r in train}
+        held_out = [r for r in samples if id(r) not in chosen] or train
         try:
-            data, dict_id = train_dictionary(samples, self._dict_bytes, level)
-        except zstandard.ZstdError as exc:
-            warnings.warn(
-                f"dictionary: zstd could not train a dictionary from {len(samples)} records ({exc}); "
-                f"{self.location!r} is written without one",
-                UserWarning,
-                stacklevel=3,
+            data, dict_id = train_dictionary(
+                train, self._dict_bytes, level, shardio.DICT_TRAIN_BYTES, shardio.DICT_TRAIN_RECORDS
             )
+        except zstandard.ZstdError as exc:
+            self._skip_dictionary(f"zstd could not train a dictionary from {len(train)} records ({exc})")
         else:
-            self._install_dictionary(data, dict_id)
+            gain = dictionary_gain(held_out, data, level)
+            if gain < DICT_MIN_GAIN:
+                self._skip_dictionary(
+                    f"the trained dictionary saves {gain:.1%} of the zstd bytes of {len(held_out)} held-out records, "
+                    f"below DICT_MIN_GAIN={DICT_MIN_GAIN:.0%}"
+                )
+            else:
+                self._install_dictionary(data, dict_id)
         for raw in samples:
             self._accept_raw(raw)
+
+    def _skip_dictionary(self, why: str) -> None:
+        """Write the store without a dictionary: a ``UserWarning`` and ``created_by`` say why."""
+        self.dictionary_skipped = why
+        warnings.warn(f"dictionary: {why}; {self.location!r} is written without one", UserWarning, stacklevel=4)
 
     def _install_dictionary(self, data: bytes, dict_id: int) -> None:
         """Write the dictionary file (if new) and switch the codec to use it."""
@@ -675,10 +743,10 @@ class ShardWriter:
             features.append(FEATURE_DICTIONARY)
         return features
 
-    def _emit_frame(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
+    def _emit_frame(self, frame: bytes, checksum: int, raw_lengths: list[int], stored_raw: bool = False) -> None:
         # typed_full_disk, inlined: this runs once a frame, and try costs nothing until it raises.
         try:
-            self._emit_frame_unchecked(frame, checksum, raw_lengths)
+            self._emit_frame_unchecked(frame, checksum, raw_lengths, stored_raw)
         except StorageFullError:
             raise
         except OSError as exc:
@@ -687,8 +755,11 @@ class ShardWriter:
                 raise full_disk_error(exc, self.location, name) from exc
             raise
 
-    def _emit_frame_unchecked(self, frame: bytes, checksum: int, raw_lengths: list[int]) -> None:
-        if self._open is not None and self._open.size_with(len(frame), len(raw_lengths)) > self.max_shard_bytes:
+    def _emit_frame_unchecked(self, frame: bytes, checksum: int, raw_lengths: list[int], stored_raw: bool) -> None:
+        if (
+            self._open is not None
+            and self._open.size_with(len(frame), len(raw_lengths), stored_raw) > self.max_shard_bytes
+        ):
             self._close_shard()
         if self._open is None:
             features = self._shard_features()
@@ -701,7 +772,7 @@ class ShardWriter:
                 multi=FEATURE_MULTI_RECORD_FRAMES in features,
             )
             self._seq += 1
-        self._open.add(frame, checksum, raw_lengths)
+        self._open.add(frame, checksum, raw_lengths, stored_raw)
         self._records += len(raw_lengths)
         self.records_written += len(raw_lengths)
         self.raw_bytes_written += sum(raw_lengths)
@@ -714,6 +785,8 @@ class ShardWriter:
             try:
                 with typed_full_disk(self.location, shard.name):
                     self._shards.append(shard.close())
+                if shard.raw_runs:
+                    self._features.add(FEATURE_RAW_FRAMES)
             except BaseException:
                 self._open = shard  # so that abort removes its temporary file
                 raise
@@ -808,6 +881,10 @@ class ShardWriter:
             created["num_workers"] = self.num_workers
         if self.frame_target_bytes is not None:
             created["frame_target_bytes"] = self.frame_target_bytes
+        if self.dictionary_skipped is not None:
+            created["dictionary_skipped"] = self.dictionary_skipped
+        if FEATURE_RAW_FRAMES in self._features:
+            created["raw_below"] = self.raw_below
         return created
 
     def _remove_all(self, names: list[str]) -> list[str]:
@@ -914,8 +991,8 @@ _BATCH_BYTES = 2**20
 
 
 def _encode_in_worker(
-    batch: list[bytes], codec_blob: tuple[int, bytes] | None
-) -> list[tuple[bytes | None, int, bytes | None, int]]:
+    batch: list[bytes], codec_blob: tuple[int, bytes] | None, raw_below: float = 0.0
+) -> list[tuple[bytes | None, int, bytes | None, int, bool]]:
     """Run in a worker process: unpickle each sample (:func:`_pickle_sample`), take the
     writer's snapshot of it and :func:`_encode` it; results in batch order."""
     codec = None
@@ -940,7 +1017,7 @@ def _encode_in_worker(
             sample = _snapshot(obj)
         except (NotImplementedError, RuntimeError) as exc:
             raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
-        out.append(_encode(sample, codec))
+        out.append(_encode(sample, codec, raw_below))
     return out
 
 
@@ -1087,7 +1164,9 @@ def train_zstd_dictionary(samples: Iterable[Any], *, dict_bytes: int = DEFAULT_D
 
     Args:
         samples: The samples to train on (a few thousand representative records, or about
-            100 x ``dict_bytes`` of raw bytes, is typical).
+            100 x ``dict_bytes`` of raw bytes, is typical). Training uses a bounded, evenly
+            spread sample of them (``shardio.DICT_TRAIN_BYTES``, ``shardio.DICT_TRAIN_RECORDS``),
+            so its time is bounded whatever is passed.
         dict_bytes: The dictionary's size in bytes, in [256, 16 MiB].
         level: The zstd level the writers will use.
 
@@ -1141,7 +1220,7 @@ def write_store(samples: Iterable[Any], path: str | os.PathLike[str] | Storage, 
         path: The store directory, or an fsspec URL (``s3://bucket/prefix``...).
         **options: Any keyword of :class:`ShardWriter` (codec, level, max_shard_bytes,
             metadata, mode, num_workers, num_threads, start_method, dictionary,
-            frame_target_bytes, storage_options).
+            frame_target_bytes, raw_below, storage_options).
 
     Returns:
         The published store's summary.

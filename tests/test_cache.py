@@ -23,15 +23,17 @@ from tensorstore_pt.errors import ChecksumMismatchError, MissingShardError, Stor
 from tensorstore_pt.reader import StoreReader
 from tensorstore_pt.storage import LocalStorage, ReadHandle, Storage
 
+from benchmarks.storage_wrap import ForwardingHandle, ForwardingStorage
+
 from _trust_tools import fork_and_kill
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class _Handle(ReadHandle):
+class _Handle(ForwardingHandle):
     def __init__(self, owner: Remote, name: str) -> None:
+        super().__init__(owner.inner.open(name))
         self.owner, self.name = owner, name
-        self.inner = owner.inner.open(name)
 
     def read_range(self, offset: int, length: int) -> bytes:
         o = self.owner
@@ -44,12 +46,6 @@ class _Handle(ReadHandle):
             f.write(f"{self.name} {len(data)}\n")
         return data
 
-    def size(self) -> int:
-        return self.inner.size()
-
-    def close(self) -> None:
-        self.inner.close()
-
 
 def _marked(o: Remote, name: str) -> bool:
     """True from the second call on for ``name`` (a per-test marker file records the first)."""
@@ -60,45 +56,17 @@ def _marked(o: Remote, name: str) -> bool:
     return False
 
 
-class Remote(Storage):
+class Remote(ForwardingStorage):
     """A "remote" store: a local directory behind a counting, optionally slow or lying wrapper."""
 
     def __init__(self, root: Path, log: Path, delay_s: float = 0.0, corrupt: str | None = None) -> None:
-        self.inner = LocalStorage(root)
-        self.location = f"remote://{root}"
+        super().__init__(LocalStorage(root), f"remote://{root}")
         self.log, self.delay_s, self.corrupt = str(log), delay_s, corrupt
-
-    def exists(self) -> bool:
-        return self.inner.exists()
-
-    def is_container(self) -> bool:
-        return self.inner.is_container()
-
-    def ensure(self) -> bool:
-        return self.inner.ensure()
-
-    def list(self) -> list[str]:
-        return self.inner.list()
-
-    def size(self, name: str) -> int:
-        return self.inner.size(name)
 
     def open(self, name: str) -> ReadHandle:
         if name.endswith(".tspt"):
             return _Handle(self, name)
         return self.inner.open(name)
-
-    def writer(self, name: str, *, exclusive: bool = False) -> Any:
-        return self.inner.writer(name, exclusive=exclusive)
-
-    def remove(self, name: str) -> None:
-        self.inner.remove(name)
-
-    def move(self, name: str, new_name: str) -> None:
-        self.inner.move(name, new_name)
-
-    def remove_container(self) -> None:
-        self.inner.remove_container()
 
 
 def shard_reads(log: Path) -> dict[str, int]:

@@ -27,6 +27,7 @@ from _store_tools import build_store, sample, torch_save_bytes
 from tensorstore_pt import (
     AllocationBudgetError,
     CorruptStoreError,
+    IndexFormatError,
     RecordDecodeError,
     UnsafePayloadError,
     UnsupportedSampleError,
@@ -463,3 +464,85 @@ def test_differential_fuzz_fast_decoder_vs_torch_load() -> None:
             assert a.dtype == e.dtype and a.shape == e.shape and a.stride() == e.stride()
             ua, ub, ue = (t.contiguous().view(-1).view(torch.uint8) if t.numel() else t for t in (a, b, e))
             assert torch.equal(ua, ub) and torch.equal(ua, ue)
+
+
+# --------------------------------------------------------------------------- format 1.2: raw frames
+
+
+def _raw_frame_store(path: Path, raws: list[bytes], codec: str = "zstd") -> Path:
+    """A store whose every frame is stored raw (format 1.2), built below the writer so that
+    hostile records (which the writer refuses) can be stored."""
+    from tensorstore_pt.checksums import digest_int
+    from tensorstore_pt.format import IndexInfo, encode_index, footer_meta
+    from tensorstore_pt.shardio import ShardBuilder
+    from tensorstore_pt.storage import storage_for
+
+    path.mkdir()
+    storage = storage_for(path)
+    out = ShardBuilder(storage, "shard-00000.tspt", 0, footer_meta([], CODECS[codec]), multi=False)
+    for raw in raws:
+        out.add(raw, digest_int(raw), [len(raw)], raw=True)
+    entry = out.close()
+    info = IndexInfo.build(CODECS[codec], [entry], {}, {}, features=("raw-frames",))
+    (path / "index.json").write_bytes(encode_index(info))
+    return path
+
+
+@pytest.mark.parametrize("kind", list(RECORDS))
+def test_hostile_record_stored_raw(tmp_path: Path, kind: str) -> None:
+    """A hostile record in a raw frame meets the same record checks as in a codec frame."""
+    raw, error = RECORDS[kind]
+    store = _raw_frame_store(tmp_path / "s", [GOOD, raw, GOOD])
+    r = open_store(store)
+    assert r._footer(0).meta["raw_frames"] == [[0, 3]]
+    peak, err = peak_bytes(lambda: r[1])
+    assert isinstance(err, error), repr(err)
+    assert "record 1" in str(err)
+    assert peak < PEAK_BOUND, f"{kind}: peak {peak} bytes"
+    assert torch.equal(r[2]["x"], sample(0)["x"])
+    assert [p.record for p in verify_store(store, deep=True).problems] == [1]
+
+
+def _lie(store: Path, meta_edit: Any = None, raw_of_frame_1: int | None = None) -> None:
+    """Rewrite the footer of a raw-frame store (a consistent lie: checksums resealed)."""
+    import json as _json
+
+    import numpy as np
+    from _store_tools import reseal_index
+
+    from tensorstore_pt.format import RECORD_DTYPE, TRAILER_BYTES, decode_trailer, encode_footer
+
+    path = store / "shard-00000.tspt"
+    data = path.read_bytes()
+    table_offset, count, js, _ = decode_trailer(data[-TRAILER_BYTES:], len(data), str(path))
+    table = np.frombuffer(data, dtype=RECORD_DTYPE, count=count, offset=table_offset).copy()
+    meta = _json.loads(data[len(data) - TRAILER_BYTES - js : len(data) - TRAILER_BYTES])
+    if meta_edit is not None:
+        meta_edit(meta)
+    if raw_of_frame_1 is not None:
+        table["raw"][1] = raw_of_frame_1
+    path.write_bytes(data[:table_offset] + encode_footer(table, meta))
+    reseal_index(store)
+
+
+RAW_FRAME_LIES = {
+    # A raw frame whose table row says another raw length than its stored one: 64 bytes more
+    # (the footer check refuses it), or 1 GiB (the index's bound refuses it before any shard).
+    "raw-length-differs": {"raw_of_frame_1": len(GOOD) + 64},
+    "raw-length-claims-1GiB": {"raw_of_frame_1": 2**30},
+    "flag-index-past-frame-count": {"meta_edit": lambda m: m.update(raw_frames=[[0, 4]])},
+    "duplicate-flags": {"meta_edit": lambda m: m.update(raw_frames=[[0, 2], [1, 2], [2, 3]])},
+    "flags-not-a-list": {"meta_edit": lambda m: m.update(raw_frames={"0": 1})},
+    "negative-flag": {"meta_edit": lambda m: m.update(raw_frames=[[-1, 3]])},
+}
+
+
+@pytest.mark.parametrize("kind", list(RAW_FRAME_LIES))
+def test_hostile_raw_frame_flags(tmp_path: Path, kind: str) -> None:
+    store = _raw_frame_store(tmp_path / "s", [GOOD, GOOD, GOOD])
+    _lie(store, **RAW_FRAME_LIES[kind])
+    peak, err = peak_bytes(lambda: open_store(store)[1])
+    assert isinstance(err, (CorruptStoreError, IndexFormatError)), repr(err)
+    assert "shard-00000.tspt" in str(err)
+    assert peak < PEAK_BOUND, f"{kind}: peak {peak} bytes"
+    assert not verify_store(store, deep=True).ok

@@ -372,3 +372,33 @@ def test_rerun_keeps_records_appended_after_the_commit(tmp_path, monkeypatch):
     with pytest.raises(ts.MergeStateError, match="replaced meanwhile"):
         ts.merge_stores(parts2, tmp_path / "m2")
     assert (tmp_path / "m2" / INDEX_NAME).read_bytes() == before
+
+
+def test_cli_merge_parts_at_urls_with_storage_options(tmp_path, s3_bucket, monkeypatch, capsys):
+    """``tspt merge`` takes parts and a destination at URLs; ``--storage-option`` reaches every
+    URL side (the endpoint is not in the environment, so only the option can name it) and
+    leaves the local part alone."""
+    from tensorstore_pt.cli import main
+
+    bucket, s3 = s3_bucket
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    parts = [str(tmp_path / "p0"), f"s3://{bucket}/p1", f"s3://{bucket}/p2"]
+    for part, (a, b) in zip(parts, SPLITS):
+        ts.write_store(SAMPLES[a:b], part, storage_options=None if "://" not in part else s3)
+    opts = [a for k in ("endpoint_url", "key", "secret") for a in ("--storage-option", f"{k}={s3[k]}")]
+    dest = f"s3://{bucket}/merged"
+    assert main(["merge", *parts, dest, "-q", *opts]) == 0
+    assert f"merged 3 parts (copied (parts intact)) into {dest}" in capsys.readouterr().out
+    reader = ts.open_store(dest, storage_options=s3)
+    assert [(r["y"], r["x"].numpy().tobytes()) for r in (reader[i] for i in range(len(reader)))] == expected()
+    assert ts.verify_store(dest, deep=True, storage_options=s3).ok
+    assert main(["merge", *parts, dest, "-q", *opts]) == 0  # a re-run changes nothing
+    all_local = ["merge", parts[0], str(tmp_path / "m"), "-q", "--storage-option", "anon=true"]
+    assert main(all_local) == 2
+    assert "all are local paths" in capsys.readouterr().err
+
+
+def test_merge_stores_refuses_storage_options_that_are_not_a_dict(tmp_path):
+    parts = write_parts(tmp_path)
+    with pytest.raises(ts.errors.InvalidOptionError, match="storage_options: expected a dict"):
+        ts.merge_stores(parts, tmp_path / "m", storage_options="endpoint_url=x")

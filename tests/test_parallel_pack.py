@@ -146,8 +146,9 @@ def test_abort_and_ctrl_c_kill_the_pool(tmp_path):
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"num_workers": -1}, "num_workers: expected an int >= 0, found -1"),
-        ({"num_workers": True}, "num_workers: expected an int >= 0"),
+        ({"num_workers": -1}, r"num_workers: expected an int in \[0, 256\], found -1"),
+        ({"num_workers": True}, r"num_workers: expected an int in \[0, 256\]"),
+        ({"num_workers": 257}, r"num_workers: expected an int in \[0, 256\], found 257"),
         ({"num_workers": 2, "num_threads": 2}, "pass one"),
         ({"start_method": "fork"}, "needs num_workers >= 1"),
         ({"num_workers": 2, "start_method": "telepathy"}, "start_method: expected one of"),

@@ -19,8 +19,10 @@ import tensorstore_pt as ts
 import tensorstore_pt.reader as reader_mod
 import tensorstore_pt.shardio as shardio
 from tensorstore_pt.format import HEADER_BYTES, TRAILER_BYTES
-from tensorstore_pt.storage import ReadHandle, Storage
+from tensorstore_pt.storage import ReadHandle
 from tensorstore_pt.storage.local import LocalStorage
+
+from benchmarks.storage_wrap import ForwardingHandle, ForwardingStorage
 
 N = 300
 RECORD_ELEMS = 3000  # incompressible uint8: a frame is about RECORD_ELEMS + torch.save's overhead
@@ -405,7 +407,7 @@ def test_iterable_dataset_skips_per_record_on_a_framed_store(tmp_path: Path, fra
 # --------------------------------------------------------------------------- opening a remote store
 
 
-class _SlowRemote(Storage):
+class _SlowRemote(ForwardingStorage):
     """A Storage that is not LocalStorage (so the reader treats it as remote), delegating to a
     local directory, with a delay per read (a request's latency) and a record of how many reads
     were in flight at once. State is kept per root in a module dict so pickled copies share it."""
@@ -413,8 +415,8 @@ class _SlowRemote(Storage):
     delay_s = 0.02
 
     def __init__(self, root: Any) -> None:
-        self._local = LocalStorage(root)
-        self.location = self._local.location
+        local = LocalStorage(root)
+        super().__init__(local, local.location)
         self._key = str(root)
         _SLOW_STATE.setdefault(self._key, {"reads": 0, "inflight": 0, "peak": 0, "lock": threading.Lock()})
 
@@ -428,23 +430,8 @@ class _SlowRemote(Storage):
     def state(self) -> dict[str, Any]:
         return _SLOW_STATE[self._key]
 
-    def exists(self) -> bool:
-        return self._local.exists()
-
-    def is_container(self) -> bool:
-        return self._local.is_container()
-
-    def ensure(self) -> bool:
-        return self._local.ensure()
-
-    def list(self) -> list[str]:
-        return self._local.list()
-
-    def size(self, name: str) -> int:
-        return self._local.size(name)
-
     def open(self, name: str) -> ReadHandle:
-        return _SlowHandle(self._local.open(name), self.state, name)
+        return _SlowHandle(self.inner.open(name), self.state, name)
 
     def writer(self, name: str, *, exclusive: bool = False, **kw: Any) -> Any:
         raise AssertionError("the reader must not write")
@@ -462,9 +449,10 @@ class _SlowRemote(Storage):
 _SLOW_STATE: dict[str, dict[str, Any]] = {}
 
 
-class _SlowHandle(ReadHandle):
+class _SlowHandle(ForwardingHandle):
     def __init__(self, inner: ReadHandle, state: dict[str, Any], name: str) -> None:
-        self._inner, self._state, self._name = inner, state, name
+        super().__init__(inner)
+        self._state, self._name = state, name
 
     def read_range(self, offset: int, length: int) -> bytes:
         st = self._state
@@ -474,16 +462,10 @@ class _SlowHandle(ReadHandle):
             st["peak"] = max(st["peak"], st["inflight"])
         try:
             time.sleep(_SlowRemote.delay_s)
-            return self._inner.read_range(offset, length)
+            return self.inner.read_range(offset, length)
         finally:
             with st["lock"]:
                 st["inflight"] -= 1
-
-    def size(self) -> int:
-        return self._inner.size()
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 def test_remote_open_reads_footers_in_parallel_and_pickled_copies_do_not_sweep_again(store: Path) -> None:

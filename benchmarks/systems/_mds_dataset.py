@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from streaming import StreamingDataset
 
 from ._schema import Schema
+from .peer_mds import stored_dtype
 
 __all__ = ["SampleDataset"]
 
@@ -21,4 +23,8 @@ class SampleDataset(StreamingDataset):  # type: ignore[misc]
         self.schema = schema
 
     def __getitem__(self, idx: Any) -> Any:
-        return self.schema.unflatten(super().__getitem__(idx))
+        row = super().__getitem__(idx)
+        for c in self.schema.columns:
+            if c.kind == "tensor" and stored_dtype(c) != c.dtype:  # a bool tensor written as uint8
+                row[c.name] = np.asarray(row[c.name]).view(c.dtype)
+        return self.schema.unflatten(row)

@@ -56,13 +56,15 @@ class Schema:
         return {c.name: (sample[c.key].numpy() if c.kind == "tensor" else sample[c.key]) for c in self.columns}
 
     def unflatten(self, row: dict[str, Any]) -> Any:
-        """``{column name: value}`` -> the sample as written (tensors via ``torch.from_numpy``)."""
+        """``{column name: value}`` -> the sample as written (tensors via ``torch.from_numpy``;
+        a tensor's value may be a numpy array or, for a 0-dim tensor, a numpy scalar)."""
+        import numpy as np
         import torch
 
         def leaf(c: Column) -> Any:
             v = row[c.name]
-            if c.kind == "tensor":
-                return torch.from_numpy(v)
+            if c.kind == "tensor":  # asarray: a 0-dim tensor may come back as a numpy scalar
+                return torch.from_numpy(np.asarray(v))
             return _CAST[c.kind](v)  # numpy scalars from some readers -> the builtin type
 
         if self.container == "tensor":

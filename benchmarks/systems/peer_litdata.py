@@ -24,6 +24,19 @@ def _get(i: int) -> Any:
     return _SAMPLES[i]
 
 
+def _own_bytes(item: Any) -> Any:
+    """The dataset's ``transform``: bytes leaves as ``bytes``. litdata's bytes serializer
+    hands back a ``memoryview`` into the chunk it read, which is not the ``bytes`` written
+    and which a DataLoader worker cannot pickle. Other leaves pass through untouched."""
+    if isinstance(item, memoryview):
+        return item.tobytes()
+    if type(item) is dict:
+        return {k: _own_bytes(v) for k, v in item.items()}
+    if type(item) in (tuple, list):
+        return type(item)(_own_bytes(v) for v in item)
+    return item
+
+
 class LitData(System):
     name = "litdata-zstd"
     family = "peer"
@@ -80,7 +93,7 @@ class LitData(System):
     def _dataset(self, data_dir: Path, cache_dir: Path, **kw: Any) -> Any:
         import litdata
 
-        return litdata.StreamingDataset(input_dir=str(data_dir), cache_dir=str(cache_dir), **kw)
+        return litdata.StreamingDataset(input_dir=str(data_dir), cache_dir=str(cache_dir), transform=_own_bytes, **kw)
 
     def iterate(self, data_dir: Path, cache_dir: Path) -> Iterator[Any]:
         yield from self._dataset(data_dir, cache_dir, shuffle=False)

@@ -4,8 +4,12 @@
 The packed directory is the dataset's ``remote``; reads go through a ``local`` cache, as
 Streaming is used in training: on first access each zstd shard is copied into the cache and
 decompressed there (so the cache holds the raw shards; the harness reports its size).
-Tensors are stored as ``ndarray`` columns (fixed dtype, and fixed shape where every sample
-shares it), ints as ``int``, strs as ``str``, bytes as ``bytes``.
+Columns use MDS's own encodings: 0-dim tensors its scalar encodings (``int64``,
+``float32``...), other tensors ``ndarray`` (fixed dtype, and fixed shape where every sample
+shares it), ints ``int``, floats ``float64``, strs ``str``, bytes ``bytes``. MDS has no bool
+dtype: bool tensors are written as their uint8 view and viewed back when read. What MDS
+cannot hold (empty tensors, dtypes outside its list, ints beyond int64) is reported as
+unsupported.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import gc
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from ._schema import UnsupportedSample, infer_schema, load_schema, save_schema
+from ._schema import Column, Schema, UnsupportedSample, infer_schema, load_schema, save_schema
 from .abc import PackOptions, System, collate_list
 
 __all__ = ["MosaicMDS"]
@@ -22,10 +26,62 @@ __all__ = ["MosaicMDS"]
 _SCHEMA = "bench-schema.json"
 
 
-def _encoding(c: Any) -> str:
+#: The numpy dtypes MDS has encodings for: its ``ndarray`` values and its scalar encodings
+#: (named as numpy names them).
+_MDS_DTYPES = frozenset(
+    ["uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "float32", "float64"]
+)
+#: dtypes MDS lacks, stored as the listed one of the same item size (a view, no copy).
+_STORED_AS = {"bool": "uint8"}
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def stored_dtype(c: Column) -> str | None:
+    """The numpy dtype a tensor column is written as (None for other columns)."""
+    return _STORED_AS.get(c.dtype, c.dtype) if c.kind == "tensor" and c.dtype else None
+
+
+def _encoding(c: Column) -> str:
+    """The MDS encoding of a column: a scalar encoding (``int64``, ``float32``...) for 0-dim
+    tensors, ``ndarray:DTYPE[:SHAPE]`` for the others (the shape when every sample shares
+    it), ``int`` (int64), ``float64``, ``str`` and ``bytes`` for the Python leaves."""
     if c.kind == "tensor":
-        return f"ndarray:{c.dtype}" + (":" + ",".join(map(str, c.shape)) if c.shape else "")
+        dtype = stored_dtype(c)
+        if c.shape == ():
+            return str(dtype)
+        return f"ndarray:{dtype}" + (":" + ",".join(map(str, c.shape)) if c.shape else "")
     return {"int": "int", "float": "float64", "str": "str", "bytes": "bytes"}[c.kind]
+
+
+def _why_not(schema: Schema, sample: Any, where: str) -> str | None:
+    """Why MDS's encodings cannot hold ``sample`` exactly (None if they can)."""
+    for c in schema.columns:
+        v = sample if schema.container == "tensor" else sample[c.key]
+        if c.kind == "tensor":
+            dtype = str(v.dtype).removeprefix("torch.")
+            if _STORED_AS.get(dtype, dtype) not in _MDS_DTYPES:
+                return f"{where}: MDS has no encoding for tensors of dtype {dtype} (leaf {c.key!r})"
+            if v.numel() == 0:
+                shape = tuple(v.shape)
+                return (
+                    f"{where}: MDS's ndarray encoding rejects a tensor with no elements (leaf {c.key!r}, shape {shape})"
+                )
+            if v.dim() == 0 and c.shape != ():
+                return (
+                    f"{where}: leaf {c.key!r} is 0-dim in some samples only "
+                    "(MDS holds scalars and arrays in different encodings)"
+                )
+        elif c.kind == "int" and not _INT64[0] <= v <= _INT64[1]:
+            return f"{where}: MDS stores ints as int64; leaf {c.key!r} holds {v}"
+    return None
+
+
+def _row(schema: Schema, sample: Any) -> dict[str, Any]:
+    row = schema.flatten(sample)
+    for c in schema.columns:
+        if c.dtype in _STORED_AS:
+            row[c.name] = row[c.name].view(_STORED_AS[c.dtype])
+    return row
 
 
 class MosaicMDS(System):
@@ -47,19 +103,30 @@ class MosaicMDS(System):
 
     def unsupported_reason(self, sample: Any) -> str | None:
         try:
-            infer_schema([sample])
+            schema = infer_schema([sample])
         except UnsupportedSample as exc:
             return f"MDS columns cannot hold this sample without pickling: {exc}"
-        return None
+        why = _why_not(schema, sample, "the first sample")
+        return f"MDS columns cannot hold this sample: {why}" if why else None
 
     def pack(self, samples: Sequence[Any], data_dir: Path, options: PackOptions) -> None:
+        """Write the samples as MDS columns.
+
+        Raises:
+            UnsupportedSample: A sample MDS's encodings cannot hold exactly (the message says
+                which and why), before anything is written.
+        """
         from streaming import MDSWriter
 
         schema = infer_schema(samples)
+        for i, s in enumerate(samples):
+            why = _why_not(schema, s, f"sample {i}")
+            if why:
+                raise UnsupportedSample(why)
         columns = {c.name: _encoding(c) for c in schema.columns}
         with MDSWriter(out=str(data_dir), columns=columns, compression="zstd", size_limit=options.shard_bytes) as w:
             for s in samples:
-                w.write(schema.flatten(s))
+                w.write(_row(schema, s))
         save_schema(schema, data_dir / _SCHEMA)
 
     def _dataset(self, data_dir: Path, cache_dir: Path, **kw: Any) -> Any:

@@ -6,7 +6,9 @@ format, decoded by webdataset's default decoder), ints as ``.cls``, floats as ``
 as ``.txt``, bytes as ``.bin``. Tar shards have no index, so there is no random access (reported as n/a).
 Training order comes from shard shuffling plus a 1,000-sample shuffle buffer, the
 documented recipe; the DataLoader batches inside the pipeline (``.batched``) and
-``WebLoader`` runs with ``batch_size=None``.
+``WebLoader`` runs with ``batch_size=None`` and a ``collate_fn`` that hands the batch on as
+it is (the DataLoader's default for ``batch_size=None``, ``default_convert``, would turn the
+tuples of a sample into lists).
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ class _Unflatten:
 
 def _unwrap_batch(batch: list[tuple[Any]]) -> list[Any]:
     return [t[0] for t in batch]
+
+
+def _as_is(batch: list[Any]) -> list[Any]:
+    """The DataLoader's ``collate_fn``: the batch ``.batched`` made, untouched. Without it, a
+    DataLoader with ``batch_size=None`` applies torch's ``default_convert`` to each batch,
+    which turns every tuple inside into a list (and numpy arrays into tensors)."""
+    return batch
 
 
 class WebDatasetTar(System):
@@ -96,4 +105,6 @@ class WebDatasetTar(System):
             .map(fix)
             .batched(batch_size, collation_fn=_unwrap_batch, partial=True)
         )
-        return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+        return wds.WebLoader(
+            pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=_as_is
+        )
