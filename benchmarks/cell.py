@@ -195,11 +195,7 @@ def _pack(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
             warmup_timed = True
             break
         if r == task["warmup"] - 1 and task.get("target_shards"):
-            # Size this system's shards from what its warm-up pack wrote, so that every system
-            # spans about the same number of shards/chunks whatever its bytes per record.
-            written = sum(p.stat().st_size for p in data_files(data_dir))
-            share = max(written, int(task.get("payload_bytes") or 0)) // int(task["target_shards"])
-            options = PackOptions(shard_bytes=int(min(max(share, task["min_shard_bytes"]), task["max_shard_bytes"])))
+            options = _sized(task, system, samples, data_dir, options)
     peak = peak_rss_bytes()
     fsync_tree(data_dir)
     nbytes, nfiles = tree_size(data_dir)
@@ -212,6 +208,29 @@ def _pack(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
         "pack_warmup_timed": warmup_timed,
         "pack_peak_rss_delta_bytes": (peak - base) if (reset_ok and peak is not None and base is not None) else None,
     }
+
+
+def _sized(task: dict[str, Any], system: System, samples: list[Any], data_dir: Path, first: PackOptions) -> PackOptions:
+    """This system's shard size, from what its warm-up pack (at ``first``) left in ``data_dir``:
+    the bytes written (at least the payload) over ``target_shards``, within the bounds. A
+    writer with a fixed cost per file (a tar's 10 KiB end blocks) writes far more bytes in
+    small shards than in large ones; if the new size then gives fewer than half the target,
+    one untimed trial pack shrinks it by the shortfall."""
+    target, lo, hi = int(task["target_shards"]), int(task["min_shard_bytes"]), int(task["max_shard_bytes"])
+
+    def clamp(n: int) -> int:
+        return int(min(max(n, lo), hi))
+
+    written = sum(p.stat().st_size for p in data_files(data_dir))
+    size = clamp(max(written, int(task.get("payload_bytes") or 0)) // target)
+    if size > 2 * first.shard_bytes:
+        shutil.rmtree(data_dir)
+        data_dir.mkdir(parents=True)
+        system.pack(samples, data_dir, PackOptions(shard_bytes=size))
+        count = len(data_files(data_dir))
+        if count < target // 2:
+            size = clamp(size * count // target)
+    return PackOptions(shard_bytes=size)
 
 
 def data_files(data_dir: Path) -> list[Path]:
