@@ -6,8 +6,9 @@ from a documented recipe. Every builder is deterministic for a given ``seed`` an
 ======== ===================================================================================
 kind     samples
 ======== ===================================================================================
-small    ``{"image": uint8 [8, 8], "label": int}``: scikit-learn's ``load_digits`` (real
-         scans, pixel values 0..16 as shipped).
+small    ``(uint8 [8, 8], int64 [])``: the tutorial way, a tuple of the image and a 0-dim
+         label tensor: all 1,797 of scikit-learn's ``load_digits`` (real scans, pixel
+         values 0..16 as shipped).
 medium   ``{"image": uint8 [3, 64, 64], "label": int}``: patches cut at random places from
          the colour photographs scikit-image ships (label = source photo); without
          scikit-image, from smooth structured synthetic images (gradients, discs, stripes).
@@ -19,8 +20,12 @@ large    ``{"spec": float16 [80, T], "audio": int16 [160 * T]}``, ``T`` frames o
          speech-like audio (a gliding glottal pulse train through three moving formants,
          syllable envelope, fricative noise) at 16 kHz and its log-mel spectrogram
          (``torch.stft``, n_fft 400, hop 160, 80 mel bands).
-embed    ``{"id": int, "embedding": float32 [768]}``: unit vectors around 64 cluster
-         centres with a rank-32 spread and isotropic noise, like sentence embeddings.
+embed    ``{"id": int, "embedding": float32 [384], "text": str}``: sentence embeddings of
+         real text, a stand-in for a small sentence-embedding model (which would need a
+         download): the first sentence of every docstring of Python's standard library
+         (distinct, 20..300 characters, sorted path order), TF-IDF (word 1-2 grams,
+         sublinear tf) then ``TruncatedSVD`` to 384 dimensions (``random_state=0``), each
+         vector L2-normalised; ``text`` is the sentence.
 state    ``{"name": str, "tensor": float32 [...]}``: one tensor per record, the
          ``state_dict`` of a seeded transformer encoder (token embedding, encoder layers,
          head); default ``torch.nn`` initialisation.
@@ -33,6 +38,7 @@ No torch import at module level beyond what the builders need when called.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -140,7 +146,7 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "full": Scale(small=1024, medium=768, tokens=1024, large=96, large_frames=(100, 500), embed=1024,
+    "full": Scale(small=1797, medium=768, tokens=1024, large=96, large_frames=(100, 500), embed=1200,
                   state_layers=4, state_width=256, state_vocab=8192),
     "quick": Scale(small=16, medium=12, tokens=16, large=4, large_frames=(20, 50), embed=16,
                    state_layers=1, state_width=32, state_vocab=256),
@@ -154,8 +160,12 @@ def _small(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
     digits = load_digits()
     images = digits.images.astype(np.uint8)  # values 0..16, exactly as shipped
     n = min(scale.small, len(images))
-    out = [{"image": torch.from_numpy(images[i].copy()), "label": int(digits.target[i])} for i in range(n)]
-    return out, f"sklearn.datasets.load_digits (first {n} of {len(images)})"
+    # The tutorial way: (image, label) tuples with a 0-dim int64 label tensor.
+    out = [
+        (torch.from_numpy(images[i].copy()), torch.tensor(int(digits.target[i]), dtype=torch.int64)) for i in range(n)
+    ]
+    which = "all" if n == len(images) else f"first {n} of"
+    return out, f"sklearn.datasets.load_digits ({which} {len(images)} digits, as (image, label) tuples)"
 
 
 def _photos() -> tuple[list[np.ndarray], str]:
@@ -311,18 +321,77 @@ def _large(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
     return out, "synthetic speech-like audio at 16 kHz with its log-mel spectrogram (torch.stft)"
 
 
+_EMBED_DIM = 384
+#: Sentences the TF-IDF + SVD model is fitted on, at least (more than the 384 dimensions).
+_EMBED_CORPUS = 400
+
+
+def _stdlib_sentences(needed: int) -> tuple[list[str], int]:
+    """First sentences of the standard library's docstrings (module, class, function), in
+    sorted path order, whitespace collapsed, distinct, 20..300 characters."""
+    import ast
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: dict[str, None] = {}
+    files = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "test", "tests", "__pycache__", "idlelib")
+        )
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse((Path(dirpath) / name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+                continue
+            files += 1
+            for node in ast.walk(tree):
+                if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                doc = ast.get_docstring(node)
+                if not doc:
+                    continue
+                text = " ".join(doc.split("\n\n", 1)[0].split())
+                text = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+                if 20 <= len(text) <= 300:
+                    seen.setdefault(text, None)
+            if len(seen) >= needed:
+                return list(seen)[:needed], files
+    return list(seen), files
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_sentences(count: int) -> tuple[list[str], np.ndarray, int]:
+    """(sentences, their L2-normalised float32 vectors [count, <= 384], files read); fitted
+    once per process (the fit does not depend on the seed)."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+    sentences, files = _stdlib_sentences(count)
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1).fit_transform(sentences)
+    dim = min(_EMBED_DIM, tfidf.shape[1] - 1, len(sentences) - 1)
+    # One BLAS thread: the same numbers whatever the machine's cores, and several times
+    # faster than oversubscribed threads on a busy machine.
+    with threadpool_limits(1):
+        e = TruncatedSVD(n_components=dim, random_state=0).fit_transform(tfidf).astype(np.float32)
+    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    e.setflags(write=False)
+    return sentences, e, files
+
+
 def _embed(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
     import torch
 
-    dim, clusters, rank = 768, 64, 32
-    centres = rng.normal(0, 1, (clusters, dim)).astype(np.float32)
-    basis = rng.normal(0, 1, (clusters, rank, dim)).astype(np.float32) / math.sqrt(rank)
-    c = rng.integers(clusters, size=scale.embed)
-    z = rng.normal(0, 0.6, (scale.embed, rank)).astype(np.float32)
-    e = centres[c] + np.einsum("nr,nrd->nd", z, basis[c]) + rng.normal(0, 0.2, (scale.embed, dim)).astype(np.float32)
-    e /= np.linalg.norm(e, axis=1, keepdims=True)
-    out = [{"id": i, "embedding": torch.from_numpy(e[i].copy())} for i in range(scale.embed)]
-    return out, "unit vectors around 64 cluster centres (rank-32 spread, isotropic noise), dim 768"
+    sentences, e, files = _embedded_sentences(max(_EMBED_CORPUS, scale.embed))
+    n = min(scale.embed, len(sentences))
+    out = [{"id": i, "embedding": torch.from_numpy(e[i].copy()), "text": sentences[i]} for i in range(n)]
+    return out, (
+        f"first sentences of {len(sentences):,} docstrings of {files} Python standard-library files, TF-IDF "
+        f"(1-2 grams) + TruncatedSVD to {e.shape[1]} dims, L2-normalised: a real-data stand-in for a "
+        "sentence-embedding model"
+    )
 
 
 def _state(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
@@ -349,11 +418,11 @@ def _state(scale: Scale, rng: np.random.Generator) -> tuple[list[Any], str]:
 
 
 _BUILDERS: dict[str, tuple[Callable[[Scale, np.random.Generator], tuple[list[Any], str]], str]] = {
-    "small": (_small, "small records: (8x8 uint8 image, label)"),
+    "small": (_small, "small records: (8x8 uint8 image, 0-dim int64 label) tuples"),
     "medium": (_medium, "medium records: (3x64x64 uint8 image patch, label)"),
     "tokens": (_tokens, "variable-length int64 token sequences, 10..512 tokens"),
     "large": (_large, "large records: float16 80xT log-mel spectrogram + int16 audio"),
-    "embed": (_embed, "float32 embeddings, dim 768"),
+    "embed": (_embed, "float32 sentence embeddings, dim 384, with their text"),
     "state": (_state, "a model state_dict, one tensor per record"),
 }
 

@@ -42,7 +42,9 @@ def _positive(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the bench options to ``p`` (used by both entry points)."""
     p.add_argument(
-        "--quick", action="store_true", help="tiny data and fewer tensorstore_pt levels: a smoke test (< 60 s)"
+        "--quick",
+        action="store_true",
+        help="tiny data and fewer tensorstore_pt levels: a smoke test (about a minute of CPU without the peers)",
     )
     p.add_argument(
         "--kinds",
@@ -88,9 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--random-cap",
         type=float,
-        default=2.0,
+        default=1.0,
         metavar="S",
-        help="a random-access pass stops after S seconds; its rate is taken over the reads made (default: 2)",
+        help="a random-access pass stops after S seconds; its rate is taken over the reads made (default: 1)",
     )
     p.add_argument(
         "--python",

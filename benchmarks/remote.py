@@ -108,10 +108,10 @@ def _samples(kind: str, scale: str, copies: int = 1) -> list[Any]:
     base = build_kind(kind, scale, 0).samples
     out = []
     for k in range(copies):
-        for s in base:
-            im = torch.rot90(s["image"], k % 4)
+        for image, label in base:  # (image, label) tuples, the tutorial way
+            im = torch.rot90(image, k % 4)
             im = (im.flip(1) if k % 8 >= 4 else im).contiguous()
-            out.append({**s, "image": im})
+            out.append((im, label))
     return out
 
 

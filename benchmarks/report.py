@@ -13,9 +13,12 @@ from typing import Any
 __all__ = [
     "DOCS_BEGIN",
     "DOCS_END",
+    "SAME_BAND",
     "markdown",
     "plot",
+    "recommended_system",
     "summary_rows",
+    "verdicts",
     "write_docs",
     "write_outputs",
 ]
@@ -26,19 +29,42 @@ DOCS_END = "<!-- bench:results:end -->"
 #: Report columns: (metric key, heading, kind of value).
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("bytes_on_disk", "on disk", "bytes"),
+    ("data_files", "data files", "count"),
     ("pack_s", "pack s", "seconds"),
     ("seq_warm_samples_per_s", "seq warm /s", "rate"),
     ("seq_warm_MB_per_s", "seq warm MB/s", "mbps"),
     ("seq_cold_samples_per_s", "seq cold /s", "rate"),
+    ("seq_again_warm_samples_per_s", "seq again /s", "rate"),
     ("random_warm_samples_per_s", "random warm /s", "rate"),
     ("random_cold_samples_per_s", "random cold /s", "rate"),
     ("loader_w0_samples_per_s", "DataLoader 0w /s", "rate"),
     ("loader_w2_samples_per_s", "DataLoader 2w /s", "rate"),
+    ("read_cache_bytes", "extra disk while reading", "bytes"),
     ("seq_peak_rss_delta_bytes", "peak RSS seq", "bytes"),
 )
+#: Columns shown without a factor against the baseline.
+_NO_RATIO = frozenset({"seq_peak_rss_delta_bytes", "read_cache_bytes", "data_files"})
 
-#: The tensorstore_pt configuration the summary speaks for (the library's default codec).
+#: The tensorstore_pt configuration the summary speaks for where no audit says otherwise
+#: (the library's default codec).
 DEFAULT_TSPT = "tspt-zstd3"
+
+#: Factors against the best peer inside this band (``lo <= f < hi``) read "about the same".
+SAME_BAND = (0.8, 1.25)
+
+#: What a system reads from besides its packed files, for the fairness note (peers only).
+READ_COPIES: dict[str, str] = {
+    "mds-zstd": (
+        "Streaming decompresses each shard it reads into its local cache directory and reads the "
+        "decompressed copy from then on; those bytes are the *extra disk while reading* column, and "
+        "every cold pass evicts them too"
+    ),
+    "litdata-zstd": (
+        "litdata decompresses a whole chunk into memory and hands out samples from it, keeping it for "
+        "later reads of the same chunk; its first pass (*seq warm/cold*, dataset opened inside the timed "
+        "pass) and its later passes over the same open dataset (*seq again*) are shown apart"
+    ),
+}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -75,12 +101,16 @@ def _cell_text(metrics: dict[str, Any], vs: dict[str, Any], key: str, kind: str)
         return "n/a" if not note else "n/a*"
     if kind == "bytes":
         text = fmt_bytes(_value(v))
+    elif kind == "count":
+        text = f"{int(_value(v) or 0):,}"
+        if key == "data_files" and metrics.get("shard_bytes"):
+            text += f"<br><sub>{fmt_bytes(metrics['shard_bytes'])} each</sub>"
     elif kind == "seconds":
         text = f"{_value(v):.3g}"
     else:
         text = fmt_num(_value(v))
     ratio = vs.get(key)
-    if ratio is not None and key != "seq_peak_rss_delta_bytes":
+    if ratio is not None and key not in _NO_RATIO:
         text += f" ×{ratio:.2g}" if ratio < 10 else f" ×{ratio:.0f}"
     if isinstance(v, dict):
         lo, hi = v["min"], v["max"]
@@ -102,6 +132,7 @@ SUMMARY: tuple[tuple[str, str, bool], ...] = (
     ("pack_s", "pack time", False),
     ("seq_warm_samples_per_s", "sequential read, warm", True),
     ("seq_cold_samples_per_s", "sequential read, cold", True),
+    ("seq_again_warm_samples_per_s", "sequential, later pass", True),
     ("random_warm_samples_per_s", "random access, warm", True),
     ("random_cold_samples_per_s", "random access, cold", True),
     ("loader_w0_samples_per_s", "DataLoader, 0 workers", True),
@@ -109,19 +140,45 @@ SUMMARY: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def summary_rows(doc: dict[str, Any], tspt: str = DEFAULT_TSPT) -> list[dict[str, Any]]:
-    """For every kind and summary metric: ``tspt``'s value, the baseline's, the best peer's,
-    and the factors by which ``tspt`` beats them (> 1: wins, < 1: loses).
+def recommended_system(doc: dict[str, Any], kind: str) -> tuple[str, str]:
+    """The tensorstore_pt configuration the summary speaks for in ``kind``, and why.
+
+    It is the benchmarked configuration that packs with the options ``tspt audit`` recommends
+    for the kind's store packed the default way (``doc["kinds"][kind]["audit"]``), if that
+    configuration ran in this run; else :data:`DEFAULT_TSPT`, with the reason saying so.
+    """
+    audit = doc["kinds"].get(kind, {}).get("audit")
+    ran = {c["system"] for c in doc["cells"] if c["kind"] == kind and c.get("metrics")}
+    if not audit:
+        return DEFAULT_TSPT, "no audit in this run: the default codec"
+    name, label = audit.get("system"), audit.get("recommendation")
+    if name and name in ran:
+        return name, f"`tspt audit` recommends {label}"
+    if not name:
+        return DEFAULT_TSPT, f"`tspt audit` recommends {label}, which no benchmarked configuration packs with"
+    return DEFAULT_TSPT, f"`tspt audit` recommends {label} (`{name}`), not run here"
+
+
+def summary_rows(doc: dict[str, Any], tspt: str | None = None) -> list[dict[str, Any]]:
+    """For every kind and summary metric: the tensorstore_pt configuration's value, the
+    baseline's, the best peer's, and the factors by which the configuration beats them
+    (> 1: wins, < 1: loses).
+
+    Args:
+        doc: A results document.
+        tspt: The configuration to speak for; None (default): per kind, the one
+            :func:`recommended_system` names.
 
     Returns:
-        Rows with keys kind, metric, label, tspt, baseline, vs_baseline, peer, peer_value,
-        vs_peer (None where a number is missing).
+        Rows with keys kind, system, metric, label, higher, tspt, baseline, vs_baseline,
+        peer, peer_value, vs_peer (None where a number is missing).
     """
     by = {(c["kind"], c["system"]): c for c in doc["cells"] if c.get("metrics")}
     baseline = doc.get("baseline", "pt-files")
     rows = []
     for kind in doc["kinds"]:
-        mine = by.get((kind, tspt))
+        system = tspt or recommended_system(doc, kind)[0]
+        mine = by.get((kind, system))
         if not mine:
             continue
         for key, label, higher in SUMMARY:
@@ -139,8 +196,10 @@ def summary_rows(doc: dict[str, Any], tspt: str = DEFAULT_TSPT) -> list[dict[str
             rows.append(
                 {
                     "kind": kind,
+                    "system": system,
                     "metric": key,
                     "label": label,
+                    "higher": higher,
                     "tspt": v,
                     "baseline": b,
                     "vs_baseline": (v / b if higher else b / v) if b and v else None,
@@ -150,6 +209,42 @@ def summary_rows(doc: dict[str, Any], tspt: str = DEFAULT_TSPT) -> list[dict[str
                 }
             )
     return rows
+
+
+def verdicts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Sort summary rows (of one or more kinds) by how the configuration fares against the
+    best peer: ``{kind: {"wins": [...], "same": [...], "loses": [...]}}``, each list in
+    :data:`SUMMARY` order. A factor ``f`` with ``SAME_BAND[0] <= f < SAME_BAND[1]`` is
+    "about the same"; rows with no peer number are left out."""
+    lo, hi = SAME_BAND
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        f = r.get("vs_peer")
+        if f is None:
+            continue
+        bucket = "wins" if f >= hi else "loses" if f < lo else "same"
+        out.setdefault(r["kind"], {"wins": [], "same": [], "loses": []})[bucket].append(r)
+    return out
+
+
+def _summary_cells(r_by: dict[str, dict[str, Any]], metrics: list[tuple[str, str]]) -> list[str]:
+    cells = []
+    for k, _ in metrics:
+        r = r_by.get(k)
+        if not r:
+            cells.append("n/a")
+            continue
+        text = _factor(r["vs_baseline"])
+        if r["peer"]:
+            text += f" / {_factor(r['vs_peer'])} ({r['peer']})"
+        cells.append(text)
+    return cells
+
+
+def _verdict_text(r: dict[str, Any]) -> str:
+    """``bytes on disk 3.2x litdata-zstd's``: this option's value over the best peer's."""
+    ratio = r["tspt"] / r["peer_value"]
+    return f"{r['label']} {ratio:.3g}x {r['peer']}'s"
 
 
 def _factor(x: float | None) -> str:
@@ -198,8 +293,26 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
         "cache) with `posix_fadvise(POSIX_FADV_DONTNEED)` before each repetition. DataLoader rows are "
         f"steady-state epochs (batch size {cfg['batch_size']}, shuffled, persistent workers started in the "
         "warm-up epoch). Peak RSS is the reading process's peak above the fork server's RSS, DataLoader "
-        "workers not included."
+        "workers not included. *data files*: the files holding the records (shards, chunks, tars, `.pt` files; "
+        "not indexes or schemas), so a reader can see every system spans several of them. *seq again*: later "
+        "ordered passes over the same open dataset (opened once, outside the timing; warm only)."
     )
+    ran = {c["system"] for c in doc["cells"] if c.get("metrics")}
+    copies = [text for name, text in READ_COPIES.items() if name in ran]
+    reopened = sorted(
+        {c["system"] for c in doc["cells"] if (c.get("metrics") or {}).get("seq_again_same_dataset") is False}
+    )
+    if reopened:
+        copies.append(
+            f"{', '.join(reopened)} keep no dataset object between passes: their *seq again* passes re-open the data"
+        )
+    if copies:
+        lines.append("")
+        lines.append(
+            "Fair by construction: every measurement runs in a fresh process, on data that spans several "
+            "shards/chunks of every system (the *data files* column). Copies a system reads from besides its "
+            "packed files: " + "; ".join(copies) + "."
+        )
     if doc["notes"]:
         lines.append("")
         lines.append("Notes:")
@@ -215,7 +328,8 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
         lines.append(
             f"{meta['records']:,} records, {fmt_bytes(meta['payload_bytes'])} of raw payload "
             f"({meta['payload_bytes'] / max(meta['records'], 1):,.0f} bytes a record); from {meta['origin']}; "
-            f"shard/chunk size {fmt_bytes(meta['shard_bytes'])}."
+            f"shard/chunk size per system: an eighth of what it writes, at least {fmt_bytes(meta['shard_bytes'])} "
+            "(under *data files*)."
         )
         lines.append("")
         lines.append("| system | " + " | ".join(h for _, h, _ in COLUMNS) + " |")
@@ -227,14 +341,14 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
             mets, vs = c["metrics"], c.get("vs_baseline", {})
             cells = [_cell_text(mets, vs, key, kind_) for key, _, kind_ in COLUMNS]
             lines.append(f"| {c['system']} | " + " | ".join(cells) + " |")
-        extra = [
-            f"{c['system']}: {fmt_bytes(c['metrics']['read_cache_bytes'])}"
-            for c in by_kind.get(kind, [])
-            if c.get("metrics", {}).get("read_cache_bytes")
-        ]
-        if extra:
+        audit = meta.get("audit")
+        if audit:
             lines.append("")
-            lines.append("Extra disk written while reading (caches, decompressed shards): " + "; ".join(extra) + ".")
+            lines.append(
+                f"`tspt audit` on this kind's `{audit['store_system']}` store recommends **{audit['recommendation']}**"
+                + (f" (benchmarked as `{audit['system']}`)" if audit.get("system") else "")
+                + f": {audit['reason']}"
+            )
         cold = {
             c["metrics"].get("seq_cold_note")
             for c in by_kind.get(kind, [])
@@ -245,33 +359,63 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None) -> str:
     rows = summary_rows(doc)
     if rows:
         lines.append("")
-        lines.append(
-            f"### Summary: `{DEFAULT_TSPT}` (tensorstore_pt's default codec) against the baseline and the best peer"
-        )
+        lines.append("### Summary: the option to use per kind against the baseline and the best peer")
         lines.append("")
         lines.append(
-            "Each cell: factor against the one-file-per-sample baseline / against the best peer for that metric "
-            "(named). Above 1 (bold) tensorstore_pt wins, below 1 it loses."
+            "Per kind, the tensorstore_pt option `tspt audit` recommends for it (run on the kind's store packed "
+            f"with the default `{DEFAULT_TSPT}`; `{DEFAULT_TSPT}` where the audit did not run or its option was not "
+            "benchmarked). Each cell: factor against the one-file-per-sample baseline / against the best peer for "
+            "that metric (named). Above 1 (bold) tensorstore_pt wins, below 1 it loses."
         )
         lines.append("")
         metrics = [(k, lab) for k, lab, _ in SUMMARY if any(r["metric"] == k for r in rows)]
-        lines.append("| kind | " + " | ".join(lab for _, lab in metrics) + " |")
-        lines.append("|---|" + "---|" * len(metrics))
+        lines.append("| kind | option | " + " | ".join(lab for _, lab in metrics) + " |")
+        lines.append("|---|---|" + "---|" * len(metrics))
+        default_rows = summary_rows(doc, DEFAULT_TSPT)
         for kind in doc["kinds"]:
             r_by = {r["metric"]: r for r in rows if r["kind"] == kind}
             if not r_by:
                 continue
-            cells = []
-            for k, _ in metrics:
-                r = r_by.get(k)
-                if not r:
-                    cells.append("n/a")
-                    continue
-                text = _factor(r["vs_baseline"])
-                if r["peer"]:
-                    text += f" / {_factor(r['vs_peer'])} ({r['peer']})"
-                cells.append(text)
-            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+            system = next(iter(r_by.values()))["system"]
+            audit = doc["kinds"][kind].get("audit") or {}
+            option = f"`{system}`"
+            if audit and audit.get("system") != system:
+                option += f"<br><sub>audit: {audit.get('recommendation')}, not run</sub>"
+            lines.append(f"| {kind} | {option} | " + " | ".join(_summary_cells(r_by, metrics)) + " |")
+            if system != DEFAULT_TSPT:  # the default too, for comparison
+                d_by = {r["metric"]: r for r in default_rows if r["kind"] == kind}
+                if d_by:
+                    lines.append(
+                        f"| | `{DEFAULT_TSPT}`<br><sub>default</sub> | "
+                        + " | ".join(_summary_cells(d_by, metrics))
+                        + " |"
+                    )
+        lines.append("")
+        lines.append("### Where tensorstore_pt wins and loses, per kind")
+        lines.append("")
+        lo, hi = SAME_BAND
+        lines.append(
+            "Generated from the numbers above: the option named per kind against the best peer for each metric, as "
+            f"the option's value over that peer's (smaller is better for bytes and pack time). Factors of {lo} to "
+            f"{hi} (in the option's favour or against it) count as about the same; on a shared machine timings "
+            "move by more than that between runs (see the min–max under each number)."
+        )
+        lines.append("")
+        why = {k: recommended_system(doc, k)[1] for k in doc["kinds"]}
+        judged = verdicts(rows)
+        for kind in doc["kinds"]:
+            system = next((r["system"] for r in rows if r["kind"] == kind), None)
+            v = judged.get(kind)
+            if system is None:
+                continue
+            if v is None:
+                lines.append(f"- **{kind}**, `{system}` ({why[kind]}): no peer was measured on this kind in this run.")
+                continue
+            parts = []
+            for bucket, word in (("wins", "wins"), ("same", "about the same"), ("loses", "loses")):
+                if v[bucket]:
+                    parts.append(f"{word}: " + ", ".join(_verdict_text(r) for r in v[bucket]))
+            lines.append(f"- **{kind}**, `{system}` ({why[kind]}): " + "; ".join(parts) + ".")
     for p in plots or []:
         lines.append("")
         lines.append(f"![{Path(p).stem}]({p})")
@@ -289,7 +433,8 @@ PLOTTED = (
 
 def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
     """One PNG per throughput metric: throughput against bytes on disk for each system, one
-    panel per data kind, log-log, with min–max bars.
+    panel per data kind, log-log, with min–max bars; every point is labelled with its
+    system, the option the summary speaks for (:func:`recommended_system`) in bold.
 
     Returns:
         (the files written, None) or ([], why no plot was made).
@@ -313,6 +458,8 @@ def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
         fig, axes = plt.subplots(rows, cols, figsize=(max(5 * cols, 9), 4 * rows + 1), squeeze=False)
         any_point = False
         for ax, kind in zip(axes.flat, kinds):
+            chosen = recommended_system(doc, kind)[0]
+            picked = (doc["kinds"][kind].get("audit") or {}).get("system") == chosen
             for c in doc["cells"]:
                 if c["kind"] != kind or not c.get("metrics") or not c["metrics"].get(key):
                     continue
@@ -322,14 +469,18 @@ def plot(doc: dict[str, Any], out_dir: Path) -> tuple[list[Path], str | None]:
                     [x], [y["median"]], yerr=[[y["median"] - y["min"]], [y["max"] - y["median"]]],
                     fmt=markers.get(c["family"], "o"), color=colors[c["system"]], label=c["system"], capsize=3,
                 )  # fmt: skip
-                ax.annotate(c["system"], (x, y["median"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                mine = c["system"] == chosen  # the option the summary speaks for: labelled in bold
+                ax.annotate(
+                    c["system"] + (" (audit's pick)" if mine and picked else ""), (x, y["median"]), fontsize=7,
+                    fontweight="bold" if mine else "normal", xytext=(4, 3), textcoords="offset points",
+                )  # fmt: skip
                 any_point = True
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.margins(x=0.15)
+            ax.margins(x=0.25)
             ax.set_title(f"{kind}", fontsize=10)
             ax.set_xlabel("bytes on disk (MiB)")
             ax.set_ylabel(title.split("(")[-1].rstrip(")"))

@@ -27,8 +27,16 @@ from .systems import BASELINE, get_systems
 
 __all__ = ["BenchConfig", "BenchError", "run_benchmark"]
 
-#: Metrics derived per cell: (key, op result path, label). Throughputs are samples/s.
+#: Read ops measured warm and cold; ``seq_again`` (later passes over the same open
+#: dataset) is warm only. Throughputs are samples/s.
 READ_OPS = ("seq", "random")
+#: Every op of a cell, in the order run (``loader_wN`` follow, one per worker count).
+CELL_OPS = ("pack", "seq", "seq_again", "random")
+#: Smallest and largest shard/chunk size the harness asks for (bytes).
+MIN_SHARD_BYTES = 8 * 2**10
+MAX_SHARD_BYTES = 64 * 2**20
+#: Shards/chunks each sharded system is sized to write per kind (see :func:`_shard_bytes`).
+TARGET_SHARDS = 8
 
 
 class BenchError(RuntimeError):
@@ -40,7 +48,7 @@ class BenchConfig:
     """What to run. Defaults are the published full matrix.
 
     Attributes:
-        quick: Tiny data kinds (a smoke test that finishes in well under a minute).
+        quick: Tiny data kinds (a smoke test: about a minute of CPU time without the peers).
         kinds: Kinds to run (default: all built-in kinds, or only ``source`` with ``source``).
         systems: Systems to run (default: all); the ``pt-files`` baseline is always run.
         source: A user's ``.pt`` file, directory of ``.pt`` files, or store to benchmark.
@@ -62,6 +70,15 @@ class BenchConfig:
         random_cap_s: A random-access pass stops after this many seconds (its rate is then
             taken over the reads it made), so a system that decodes a whole chunk per read
             cannot stall the run.
+        again_repeats: Timed repetitions of ``seq_again`` (later passes over the same open
+            dataset; at most ``repeats``).
+        loader_repeats: Timed epochs of each DataLoader measurement (at most ``repeats``).
+        pack_budget_s: The timed pack repetitions of a cell stop once they add up to this
+            many seconds (at least one is made; a warm-up pack that alone takes this long is
+            the one); None: always ``repeats``.
+        audit: Run ``tspt audit`` (:func:`tensorstore_pt.audit.audit_store`) on each kind's
+            store packed with tensorstore_pt's default configuration, so the report can name
+            the option to use.
         progress: Show a progress bar on stderr.
         command: The command line that started the run (recorded in the results).
     """
@@ -82,7 +99,11 @@ class BenchConfig:
     seed: int = 0
     timeout_s: float = 900.0
     random_reads: int = 512
-    random_cap_s: float = 2.0
+    random_cap_s: float = 1.0
+    again_repeats: int = 3
+    loader_repeats: int = 3
+    pack_budget_s: float | None = 10.0
+    audit: bool = True
     progress: bool = True
     command: str = ""
     log_dir: str | None = None
@@ -161,9 +182,17 @@ class _Server:
 
 
 def _shard_bytes(payload: int) -> int:
-    """One shard size for every sharded system of a kind: an eighth of the payload (so two
-    DataLoader workers always have shards to split), within [64 KiB, 64 MiB]."""
-    return int(min(max(payload // 8, 64 * 2**10), 64 * 2**20))
+    """The starting shard size of a kind (its warm-up packs, and the audited store): an
+    eighth of the raw payload, within [8 KiB, 64 MiB].
+
+    Each system's timed packs then use an eighth of what its warm-up pack wrote (at least
+    of the payload): tensorstore_pt stores a ``torch.save`` container per record and counts
+    stored bytes, litdata and Streaming count uncompressed column bytes, WebDataset tar
+    bytes, so one size for all would give one system 8 shards and another 200. Sized per
+    system, each writes about 8 or more shards/chunks: two DataLoader workers always have
+    shards to split, and no system reads the whole kind from one cached chunk. The cells
+    record the count and the size."""
+    return int(min(max(payload // TARGET_SHARDS, MIN_SHARD_BYTES), MAX_SHARD_BYTES))
 
 
 def _prepare_kind(
@@ -210,6 +239,9 @@ def _derive(cell: dict[str, Any], kind: dict[str, Any], workers: tuple[int, ...]
     if pack:
         m["bytes_on_disk"] = pack["bytes_on_disk"]
         m["files"] = pack["files"]
+        m["data_files"] = pack.get("data_files")
+        if cell.get("family") != "baseline":  # one file per sample, or one file: no shard size
+            m["shard_bytes"] = pack.get("shard_bytes")
         m["payload_per_disk_byte"] = payload / pack["bytes_on_disk"] if pack["bytes_on_disk"] else None
         m["pack_s"] = pack["pack_s"]
         m["pack_peak_rss_delta_bytes"] = pack.get("pack_peak_rss_delta_bytes")
@@ -225,12 +257,20 @@ def _derive(cell: dict[str, Any], kind: dict[str, Any], workers: tuple[int, ...]
         m[f"{op}_peak_rss_delta_bytes"] = r.get("peak_rss_delta_bytes")
         if r.get("cold_note"):
             m[f"{op}_cold_note"] = r["cold_note"]
+    again = cell.get("seq_again")
+    if again and again.get("warm_rate"):
+        m["seq_again_warm_samples_per_s"] = again["warm_rate"]
+        m["seq_again_same_dataset"] = again.get("same_dataset")
     for w in workers:
         r = cell.get(f"loader_w{w}")
         if r and r.get("warm_rate"):
             m[f"loader_w{w}_samples_per_s"] = r["warm_rate"]
             m[f"loader_w{w}_peak_rss_delta_bytes"] = r.get("peak_rss_delta_bytes")
-    caches = [(cell.get(k) or {}).get("cache_bytes") or 0 for k in cell if k in READ_OPS or k.startswith("loader_w")]
+    caches = [
+        (cell.get(k) or {}).get("cache_bytes") or 0
+        for k in cell
+        if k in READ_OPS or k == "seq_again" or k.startswith("loader_w")
+    ]
     m["read_cache_bytes"] = max(caches) if caches else 0
     return m
 
@@ -241,6 +281,7 @@ COMPARED: dict[str, bool] = {
     "pack_s": False,
     "seq_warm_samples_per_s": True,
     "seq_cold_samples_per_s": True,
+    "seq_again_warm_samples_per_s": True,
     "random_warm_samples_per_s": True,
     "random_cold_samples_per_s": True,
 }
@@ -371,8 +412,30 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
             raise BenchError(f"the baseline {BASELINE} cannot run: {doc['systems'][BASELINE]['unavailable']}")
         unsupported = {s: info["systems"][s]["unsupported"] for s in runnable}
 
-        # 3. the cells
-        ops = ["pack", "seq", "random", *[f"loader_w{w}" for w in config.workers]]
+        # 3. the option tspt audit recommends, per kind (on a store packed the default way)
+        if config.audit:
+            for kind in kinds:
+                say(f"auditing kind {kind!r}...")
+                reply = server.run(
+                    {
+                        "op": "audit",
+                        "kind_dir": str(workdir / "kinds" / kind),
+                        "root": str(workdir / "audit" / kind),
+                        "shard_bytes": doc["kinds"][kind]["shard_bytes"],
+                        "audit_repeats": 1 if config.quick else 3,
+                        "timeout_s": config.timeout_s,
+                    },
+                    lambda _: None,
+                )
+                if reply.get("ok"):
+                    doc["kinds"][kind]["audit"] = reply["result"]
+                else:
+                    note(f"{kind}: tspt audit failed: {reply.get('error')}")
+                if not config.keep:
+                    shutil.rmtree(workdir / "audit" / kind, ignore_errors=True)
+
+        # 4. the cells
+        ops = [*CELL_OPS, *[f"loader_w{w}" for w in config.workers]]
         total = len(kinds) * len(runnable) * len(ops)
         bar = _progress(total, config.progress)
         for kind, sname in _iter_cells(kinds, runnable):
@@ -400,11 +463,20 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
                 "timeout_s": config.timeout_s,
                 "random_reads": config.random_reads,
                 "random_cap_s": config.random_cap_s,
+                "pack_budget_s": config.pack_budget_s,
+                "target_shards": TARGET_SHARDS,
+                "payload_bytes": meta["payload_bytes"],
+                "min_shard_bytes": MIN_SHARD_BYTES,
+                "max_shard_bytes": MAX_SHARD_BYTES,
             }
             cell["status"] = "ok"
             for op in ops:
                 bar.set_description(f"{kind}/{sname} {op}")
                 task = dict(base_task, op=op)
+                if op == "seq_again":
+                    task["repeats"] = max(1, min(config.repeats, config.again_repeats))
+                if op.startswith("loader_w"):
+                    task["repeats"] = max(1, min(config.repeats, config.loader_repeats))
                 if op.startswith("loader_w"):
                     task.update(op="loader", workers=int(op[len("loader_w") :]))
 
@@ -439,7 +511,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] | None = None)
         if own_workdir and not config.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    # 4. ratios against the baseline of the same kind
+    # 5. ratios against the baseline of the same kind
     compared = _compared(tuple(config.workers))
     base_by_kind = {c["kind"]: c.get("metrics") for c in doc["cells"] if c["system"] == BASELINE}
     for c in doc["cells"]:

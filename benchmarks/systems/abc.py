@@ -93,6 +93,14 @@ class System(ABC):
         random access (then the metric is reported as not applicable)."""
         return None
 
+    def sequential_dataset(self, data_dir: Path, cache_dir: Path) -> Iterable[Any] | None:
+        """Open the dataset once and return it: every ``iter()`` of it is one ordered pass
+        over all samples through the same open dataset, so whatever it keeps between passes
+        (a decompressed chunk in memory, open handles) stays kept. None (the default): the
+        adapter does not say; the harness then measures later passes its own way (see
+        :mod:`benchmarks.cell`, op ``seq_again``)."""
+        return None
+
     @abstractmethod
     def loader(
         self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int

@@ -69,6 +69,9 @@ class TorchFiles(System):
     def random_access(self, data_dir: Path, cache_dir: Path) -> Callable[[int], Any]:
         return _FileDataset(_files(data_dir)).__getitem__
 
+    def sequential_dataset(self, data_dir: Path, cache_dir: Path) -> Iterable[Any]:
+        return _FileDataset(_files(data_dir))  # keeps the file list; every pass loads every file
+
     def loader(
         self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
     ) -> Iterable[list[Any]]:
@@ -93,6 +96,9 @@ class TorchList(System):
 
     def random_access(self, data_dir: Path, cache_dir: Path) -> Callable[[int], Any]:
         return _load(data_dir / "data.pt").__getitem__
+
+    def sequential_dataset(self, data_dir: Path, cache_dir: Path) -> Iterable[Any]:
+        return _load(data_dir / "data.pt")  # the loaded list: later passes only index it
 
     def loader(
         self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int

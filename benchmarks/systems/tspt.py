@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 from .abc import PackOptions, System, collate_list
 
-__all__ = ["CONFIGS", "TensorStore", "tspt_systems"]
+__all__ = ["AUDITED", "CONFIGS", "TensorStore", "system_for_audit", "tspt_systems"]
 
 #: (system name, codec, level, other writer options) for every tensorstore_pt configuration
 #: benchmarked; the last two are the format 1.1 options (a trained zstd dictionary, and
@@ -25,6 +25,37 @@ CONFIGS: tuple[tuple[str, str, int | None, dict[str, Any]], ...] = (
     ("tspt-zstd3-dict", "zstd", 3, {"dictionary": True}),
     ("tspt-zstd3-frames64k", "zstd", 3, {"frame_target_bytes": 64 * 2**10}),
 )
+
+#: The configuration whose store ``tspt audit`` is run on, per kind, to name the option to use
+#: (tensorstore_pt's default codec, as a user's first store would be).
+AUDITED = "tspt-zstd3"
+
+#: Levels the codecs use when none is given (tensorstore_pt.codecs: lz4 0, zstd 3).
+_DEFAULT_LEVEL = {"lz4": 0, "zstd": 3}
+
+
+def _option_key(codec: str, level: int | None, options: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two packing options the same store: codec, level (defaults filled in),
+    whether a dictionary is trained, whether records share frames."""
+    if level is None:
+        level = _DEFAULT_LEVEL.get(codec)
+    return (codec, level, bool(options.get("dictionary")), bool(options.get("frame_target_bytes")))
+
+
+def system_for_audit(options: dict[str, Any]) -> str | None:
+    """The benchmarked configuration (a :data:`CONFIGS` name) that packs with the options an
+    audit recommends, or None if no row matches.
+
+    Args:
+        options: A :class:`tensorstore_pt.audit.CodecProjection`'s ``codec``, i.e.
+            :func:`~tensorstore_pt.write_store` keywords (``{"codec": "zstd", "level": 3,
+            "dictionary": 16384}``).
+    """
+    want = _option_key(options["codec"], options.get("level"), options)
+    for name, codec, level, extra in CONFIGS:
+        if _option_key(codec, level, extra) == want:
+            return name
+    return None
 
 
 class TensorStore(System):
@@ -76,6 +107,11 @@ class TensorStore(System):
         from tensorstore_pt import open_store
 
         return open_store(data_dir).read
+
+    def sequential_dataset(self, data_dir: Path, cache_dir: Path) -> Iterable[Any]:
+        from tensorstore_pt import open_store
+
+        return open_store(data_dir)  # each iter() is one ordered pass over the open reader
 
     def loader(
         self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
