@@ -240,16 +240,6 @@ def data_files(data_dir: Path) -> list[Path]:
     return [p for p in tree_files(data_dir) if not p.name.endswith(".json") and not p.name.startswith(".")]
 
 
-#: Peers whose adapter does not implement :meth:`System.sequential_dataset`: the keywords
-#: their ``iterate`` opens their streaming dataset with (``_dataset``), so a later pass can
-#: go over the same dataset object. A system in neither place re-opens through ``iterate``
-#: for every pass (reported as ``same_dataset: false``).
-_PEER_DATASETS: dict[str, dict[str, Any]] = {
-    "litdata-zstd": {"shuffle": False},
-    "mds-zstd": {"shuffle": False, "batch_size": 1},
-}
-
-
 class _Reopening:
     """Each ``iter()`` re-opens the dataset through ``system.iterate``."""
 
@@ -265,10 +255,6 @@ def _sequential_dataset(system: System, data_dir: Path, cache_dir: Path) -> tupl
     ds = system.sequential_dataset(data_dir, cache_dir)
     if ds is not None:
         return ds, True
-    kw = _PEER_DATASETS.get(system.name)
-    opener = getattr(system, "_dataset", None)
-    if kw is not None and opener is not None:
-        return opener(data_dir, cache_dir, **kw), True
     return _Reopening(system, data_dir, cache_dir), False
 
 

@@ -97,8 +97,9 @@ class System(ABC):
         """Open the dataset once and return it: every ``iter()`` of it is one ordered pass
         over all samples through the same open dataset, so whatever it keeps between passes
         (a decompressed chunk in memory, open handles) stays kept. None (the default): the
-        adapter does not say; the harness then measures later passes its own way (see
-        :mod:`benchmarks.cell`, op ``seq_again``)."""
+        system keeps nothing between passes (WebDataset's tar streams); the harness then
+        re-opens it through :meth:`iterate` for every pass and reports that (op
+        ``seq_again``, ``same_dataset: false``)."""
         return None
 
     @abstractmethod

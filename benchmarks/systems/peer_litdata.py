@@ -98,6 +98,10 @@ class LitData(System):
     def iterate(self, data_dir: Path, cache_dir: Path) -> Iterator[Any]:
         yield from self._dataset(data_dir, cache_dir, shuffle=False)
 
+    def sequential_dataset(self, data_dir: Path, cache_dir: Path) -> Iterable[Any]:
+        """One open ``StreamingDataset``: a later pass reads the decompressed chunk it kept."""
+        return self._dataset(data_dir, cache_dir, shuffle=False)
+
     def random_access(self, data_dir: Path, cache_dir: Path) -> Callable[[int], Any]:
         return self._dataset(data_dir, cache_dir, shuffle=False).__getitem__
 

@@ -147,6 +147,10 @@ class MosaicMDS(System):
     def iterate(self, data_dir: Path, cache_dir: Path) -> Iterator[Any]:
         yield from self._dataset(data_dir, cache_dir, shuffle=False, batch_size=1)
 
+    def sequential_dataset(self, data_dir: Path, cache_dir: Path) -> Iterable[Any]:
+        """One open ``StreamingDataset``: a later pass reads the shards it decompressed into its cache."""
+        return self._dataset(data_dir, cache_dir, shuffle=False, batch_size=1)
+
     def random_access(self, data_dir: Path, cache_dir: Path) -> Callable[[int], Any]:
         return self._dataset(data_dir, cache_dir, shuffle=False, batch_size=1).__getitem__
 
