@@ -396,15 +396,7 @@ def check_frame(
             f"{where}: the footer says the record is {raw} raw bytes, but a {stored}-byte {codec.codec_id} frame "
             f"decodes to at most {bound} bytes (a hostile or damaged footer; nothing was allocated)",
         )
-    if raw > max_record_bytes:
-        raise _failed(
-            AllocationBudgetError,
-            "record_budget",
-            f"at most max_record_bytes={max_record_bytes} raw bytes",
-            f"{raw} raw bytes in the footer",
-            f"{where}: the footer says the record is {raw} raw bytes, above max_record_bytes={max_record_bytes} "
-            "(open the store with a larger max_record_bytes to read it); nothing was allocated",
-        )
+    _check_record_budget(raw, max_record_bytes, where)
     try:
         data = codec.decompress_into(frame, raw) if writable else codec.decompress(frame, raw)
     except DecompressionError as exc:
@@ -434,6 +426,19 @@ def check_frame(
     return data
 
 
+def _check_record_budget(raw: int, max_record_bytes: int, where: str) -> None:
+    """Refuse a record of more than ``max_record_bytes`` raw bytes before anything is allocated."""
+    if raw > max_record_bytes:
+        raise _failed(
+            AllocationBudgetError,
+            "record_budget",
+            f"at most max_record_bytes={max_record_bytes} raw bytes",
+            f"{raw} raw bytes in the footer",
+            f"{where}: the footer says the record is {raw} raw bytes, above max_record_bytes={max_record_bytes} "
+            "(open the store with a larger max_record_bytes to read it); nothing was allocated",
+        )
+
+
 def _raw_frame(
     row: Any, frame: bytes | memoryview, where: str, max_record_bytes: int, writable: bool
 ) -> bytes | bytearray:
@@ -448,15 +453,7 @@ def _raw_frame(
             f"{where}: the frame is stored raw, so its raw length must equal its {stored} stored bytes; the footer "
             f"says {raw} raw bytes and {len(frame)} bytes were read",
         )
-    if raw > max_record_bytes:
-        raise _failed(
-            AllocationBudgetError,
-            "record_budget",
-            f"at most max_record_bytes={max_record_bytes} raw bytes",
-            f"{raw} raw bytes in the footer",
-            f"{where}: the footer says the record is {raw} raw bytes, above max_record_bytes={max_record_bytes} "
-            "(open the store with a larger max_record_bytes to read it)",
-        )
+    _check_record_budget(raw, max_record_bytes, where)
     if writable:
         return bytearray(frame)
     return frame if isinstance(frame, bytes) else bytes(frame)
