@@ -38,7 +38,8 @@ from tensorstore_pt import fastload
 from tensorstore_pt.fastload import fast_loads
 
 
-def _saved(sample: Any) -> bytes:
+def saved(sample: Any) -> bytes:
+    """``torch.save``'s bytes of ``sample``."""
     buf = io.BytesIO()
     torch.save(sample, buf)
     return buf.getvalue()
@@ -47,9 +48,9 @@ def _saved(sample: Any) -> bytes:
 def make_cases(pool: int) -> dict[str, list[bytes]]:
     g = torch.Generator().manual_seed(0)
     return {
-        "a: 128 float32": [_saved(torch.randn(128, generator=g)) for _ in range(pool)],
+        "a: 128 float32": [saved(torch.randn(128, generator=g)) for _ in range(pool)],
         "b: dict of 3 tensors": [
-            _saved(
+            saved(
                 {
                     "x": torch.randn(16, generator=g),
                     "ids": torch.randint(0, 1000, (4,), generator=g),
@@ -59,7 +60,7 @@ def make_cases(pool: int) -> dict[str, list[bytes]]:
             for _ in range(pool)
         ],
         "c: (8x8 uint8, int64 label)": [
-            _saved(
+            saved(
                 (
                     torch.randint(0, 256, (8, 8), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (), generator=g),
@@ -67,9 +68,9 @@ def make_cases(pool: int) -> dict[str, list[bytes]]:
             )
             for _ in range(pool)
         ],
-        "d: 16 MiB float32": [_saved(torch.randn(4 * 2**20, generator=g)) for _ in range(2)],
+        "d: 16 MiB float32": [saved(torch.randn(4 * 2**20, generator=g)) for _ in range(2)],
         "e: varying length, label, id": [
-            _saved(
+            saved(
                 {
                     "tokens": torch.randint(0, 30000, (int(torch.randint(20, 200, (), generator=g)),), generator=g),
                     "label": int(torch.randint(0, 200, (), generator=g)),
@@ -81,15 +82,16 @@ def make_cases(pool: int) -> dict[str, list[bytes]]:
     }
 
 
+#: The clocks a run can time with: CPU time of this thread, or wall time.
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
-_clock = time.thread_time
 
 
-def _per_sample_us(fn: Callable[[Any], Any], bufs: list[Any]) -> float:
-    t0 = _clock()
-    for b in bufs:
-        fn(b)
-    return (_clock() - t0) / len(bufs) * 1e6
+def per_item_us(clock: Callable[[], float], fn: Callable[[Any], Any], items: list[Any]) -> float:
+    """Microseconds of ``clock`` per call of ``fn`` over ``items`` (one pass)."""
+    t0 = clock()
+    for x in items:
+        fn(x)
+    return (clock() - t0) / len(items) * 1e6
 
 
 def _cold(buf: bytes) -> Any:
@@ -98,8 +100,7 @@ def _cold(buf: bytes) -> Any:
 
 
 def run(rounds: int, pool: int, clock: str = "cpu") -> dict[str, dict[str, float]]:
-    global _clock
-    _clock = CLOCKS[clock]
+    timer = CLOCKS[clock]
     torch.set_num_threads(1)
     results: dict[str, dict[str, float]] = {}
     for name, bufs in make_cases(pool).items():
@@ -124,7 +125,7 @@ def run(rounds: int, pool: int, clock: str = "cpu") -> dict[str, dict[str, float
                     for _ in range(fastload._COMPILE_AFTER):  # the cold loader cleared the caches:
                         for b in bufs[:2]:  # refill them as the first records of a store do
                             fast_loads(b)
-                times[label].append(_per_sample_us(fn, data))
+                times[label].append(per_item_us(timer, fn, data))
         med = {k: statistics.median(v) for k, v in times.items()}
         results[name] = med
         base = med["torch.load"]

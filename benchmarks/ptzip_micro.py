@@ -24,12 +24,10 @@ Run: python benchmarks/ptzip_micro.py [--rounds 15] [--pool 64] [--json out.json
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,11 +35,7 @@ import torch
 
 from tensorstore_pt import _ptzip
 
-
-def _saved(sample: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(sample, buf)
-    return buf.getvalue()
+from benchmarks.fastload_micro import CLOCKS, per_item_us, saved
 
 
 def make_cases(pool: int) -> dict[str, list[Any]]:
@@ -62,28 +56,18 @@ def make_cases(pool: int) -> dict[str, list[Any]]:
     }
 
 
-CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
-
-
-def _per_record_us(clock: Callable[[], float], fn: Callable[[Any], Any], items: list[Any]) -> float:
-    t0 = clock()
-    for x in items:
-        fn(x)
-    return (clock() - t0) / len(items) * 1e6
-
-
 def run(rounds: int, pool: int, clock_name: str = "cpu") -> dict[str, dict[str, float]]:
     clock = CLOCKS[clock_name]
     torch.set_num_threads(1)
     results: dict[str, dict[str, float]] = {}
     for name, samples in make_cases(pool).items():
-        bufs = [_saved(s) for s in samples]
+        bufs = [saved(s) for s in samples]
         parts = [_ptzip.prove(b) for b in bufs]
         if any(p is None for p in parts):
             raise SystemExit(f"{name}: a buffer did not prove; nothing to measure")
         metas = [(_ptzip.encode_meta(p), b"".join(bytes(s) for s in p.storages), p.layout) for p in parts]
         ops: dict[str, tuple[Callable[[Any], Any], list[Any]]] = {
-            "torch.save": (_saved, samples),
+            "torch.save": (saved, samples),
             "memcpy": (lambda b: bytes(memoryview(b)), bufs),
             "split": (_ptzip.split, bufs),
             "rebuild": (_ptzip.rebuild, parts),
@@ -96,7 +80,7 @@ def run(rounds: int, pool: int, clock_name: str = "cpu") -> dict[str, dict[str, 
         times: dict[str, list[float]] = {k: [] for k in ops}
         for _ in range(rounds):
             for label, (fn, items) in ops.items():
-                times[label].append(_per_record_us(clock, fn, items))
+                times[label].append(per_item_us(clock, fn, items))
         med = {k: statistics.median(v) for k, v in times.items()}
         results[name] = med
         meta_bytes = len(metas[0][0]) - len(parts[0].pickle)
