@@ -29,18 +29,18 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import psutil
 import torch
 from torch.utils.data import default_collate
 
 import tensorstore_pt as tspt
 import tensorstore_pt._shared_batches as sb
 from tensorstore_pt import StoreDataLoader, StoreIterableDataset
+
+from benchmarks.dataset_throughput import TimedLoader, patches
 
 
 def list_collate(batch: list[Any]) -> list[Any]:
@@ -66,55 +66,32 @@ def tokens(n: int, rng: np.random.Generator) -> Iterator[Any]:
         yield torch.from_numpy(rng.zipf(1.3, int(rng.integers(10, 101))).clip(0, 50_000).astype(np.int64))
 
 
-def medium(n: int, rng: np.random.Generator) -> Iterator[Any]:
-    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
-    for i in range(n):
-        a, b, c = rng.uniform(-2, 2, size=3)
-        base = 128 + 40 * np.sin(a * xx / 16 + b * yy / 16 + c)
-        patch = np.stack([base + rng.normal(0, 6, base.shape) + 15 * k for k in range(3)])
-        yield torch.from_numpy(np.clip(patch, 0, 255).astype(np.uint8)), torch.tensor(i % 10)
-
-
 KINDS: dict[str, tuple[Callable[[int, np.random.Generator], Iterator[Any]], Any, Callable[[Any], int], float]] = {
     # name: (records, collate, samples in a batch, share of --records)
     "small_dict": (small_dict, default_collate, lambda b: len(b["target"]), 1.0),
     "small_tuple": (small_tuple, default_collate, lambda b: len(b[1]), 1.0),
     "tokens": (tokens, list_collate, len, 1.0),
-    "medium": (medium, default_collate, lambda b: len(b[1]), 0.25),
+    "medium": (patches, default_collate, lambda b: len(b[1]), 0.25),
 }
 
 
-class _Config:
+class _Config(TimedLoader):
+    """A StoreDataLoader over ``path`` timed with ``sb.BATCH_DECODE`` set to ``mode``."""
+
     def __init__(
         self, path: Path, collate: Any, count: Callable[[Any], int], workers: int, mode: str, batch_size: int
     ) -> None:
-        self.mode, self.count_of = mode, count
+        self.mode = mode
         sb.BATCH_DECODE = mode  # workers fork with it (persistent), num_workers=0 reads it per epoch
         kw = {"persistent_workers": True} if workers else {}
         ds = StoreIterableDataset(path)
-        self.loader = StoreDataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, **kw)
-        self.count = self._epoch()  # warm-up: starts the workers, makes the plans
-        self.times: list[float] = []
-        self.cpu: list[float] = []
-
-    def _pids(self) -> list[int]:
-        it = getattr(self.loader, "_iterator", None)
-        workers = getattr(it, "_workers", []) if it is not None else []
-        return [os.getpid(), *(w.pid for w in workers)]
+        super().__init__(
+            StoreDataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, **kw), count
+        )
 
     def _epoch(self) -> int:
         sb.BATCH_DECODE = self.mode
-        return sum(self.count_of(b) for b in self.loader)
-
-    def epoch(self) -> None:
-        procs = [psutil.Process(p) for p in self._pids()]
-        cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
-        t0 = time.perf_counter()
-        got = self._epoch()
-        self.times.append(time.perf_counter() - t0)
-        self.cpu.append(sum(sum(p.cpu_times()[:2]) - c for p, c in zip(procs, cpu0)))
-        if got != self.count:
-            raise RuntimeError(f"an epoch delivered {got} samples, the warm-up {self.count}")
+        return super()._epoch()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

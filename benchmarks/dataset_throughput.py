@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import psutil
@@ -52,14 +52,19 @@ import tensorstore_pt as tspt
 from tensorstore_pt import StoreDataLoader, StoreDataset, StoreIterableDataset
 
 
-def make_records(n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
+def patches(n: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` (uint8 [3, 64, 64] smooth patch with noise, 0-dim int64 label ``i % 10``) pairs."""
     yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
     for i in range(n):
         a, b, c = rng.uniform(-2, 2, size=3)
         base = 128 + 40 * np.sin(a * xx / 16 + b * yy / 16 + c)
         patch = np.stack([base + rng.normal(0, 6, base.shape) + 15 * k for k in range(3)])
-        yield {"image": torch.from_numpy(np.clip(patch, 0, 255).astype(np.uint8)), "label": torch.tensor(i % 10)}
+        yield torch.from_numpy(np.clip(patch, 0, 255).astype(np.uint8)), torch.tensor(i % 10)
+
+
+def make_records(n: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    for image, label in patches(n, np.random.default_rng(seed)):
+        yield {"image": image, "label": label}
 
 
 def _spin(n: int) -> float:
@@ -86,12 +91,18 @@ def machine_speedup(n: int = 5_000_000, repeats: int = 3) -> float:
     return statistics.median(out)
 
 
-class _Config:
-    """One loader, kept alive (persistent workers) across interleaved timed epochs."""
+class TimedLoader:
+    """One loader, kept alive (persistent workers) across interleaved timed epochs: wall
+    seconds and CPU seconds (this process and the loader's workers) per epoch.
 
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-        self.count = sum(b["label"].numel() for b in loader)  # warm-up: starts the workers
+    Args:
+        loader: The loader; its first epoch (the warm-up, untimed) starts the workers.
+        count: Samples in a batch (default: the length of its ``label`` tensor).
+    """
+
+    def __init__(self, loader: Any, count: Callable[[Any], int] = lambda b: b["label"].numel()) -> None:
+        self.loader, self.count_of = loader, count
+        self.count = self._epoch()  # warm-up: starts the workers
         self.times: list[float] = []
         self.cpu: list[float] = []
 
@@ -100,11 +111,14 @@ class _Config:
         workers = getattr(it, "_workers", []) if it is not None else []
         return [os.getpid(), *(w.pid for w in workers)]
 
+    def _epoch(self) -> int:
+        return sum(self.count_of(b) for b in self.loader)
+
     def epoch(self) -> None:
         procs = [psutil.Process(p) for p in self._pids()]
         cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
         t0 = time.perf_counter()
-        got = sum(b["label"].numel() for b in self.loader)
+        got = self._epoch()
         self.times.append(time.perf_counter() - t0)
         self.cpu.append(sum(sum(p.cpu_times()[:2]) - c for p, c in zip(procs, cpu0)))
         if got != self.count:
@@ -147,13 +161,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return DataLoader(ds, batch_size=bs, num_workers=workers, persistent_workers=True)
 
         configs = {
-            "iterable_w0": _Config(iterable(0)),
-            "iterable_w2": _Config(iterable(2)),
-            "map_seq_w0": _Config(map_seq(0)),
-            "map_seq_w2": _Config(map_seq(2)),
-            "iterable_shuffle_w2": _Config(iterable(2, shuffle=True)),
-            "iterable_torch_transport_w2": _Config(iterable(2, ring=False)),
-            "iterable_coarse_chunks_w2": _Config(coarse(2)),
+            "iterable_w0": TimedLoader(iterable(0)),
+            "iterable_w2": TimedLoader(iterable(2)),
+            "map_seq_w0": TimedLoader(map_seq(0)),
+            "map_seq_w2": TimedLoader(map_seq(2)),
+            "iterable_shuffle_w2": TimedLoader(iterable(2, shuffle=True)),
+            "iterable_torch_transport_w2": TimedLoader(iterable(2, ring=False)),
+            "iterable_coarse_chunks_w2": TimedLoader(coarse(2)),
         }
         # Interleave the timed epochs, so that load from elsewhere falls on every configuration alike.
         ceiling = [machine_speedup()]
