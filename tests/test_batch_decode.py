@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import _from_bytes, assert_identical, samples
+from strategies import _from_bytes, assert_identical, samples, saved
 from torch.utils.data import default_collate
 
 import tensorstore_pt as tspt
@@ -126,12 +126,7 @@ def _write(path: Path, records: list[Any]) -> Path:
 
 
 def _bufs(records: list[Any]) -> list[bytearray]:
-    out = []
-    for r in records:
-        f = io.BytesIO()
-        torch.save(r, f)
-        out.append(bytearray(f.getvalue()))
-    return out
+    return [bytearray(saved(r)) for r in records]
 
 
 def test_nested_records_collate_like_default_collate() -> None:

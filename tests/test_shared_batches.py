@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from strategies import saved
 from torch.utils.data import default_collate
 
 import tensorstore_pt as tspt
@@ -481,14 +482,7 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _buffers(samples: list[Any]) -> list[bytearray]:
-    import io
-
-    out = []
-    for s in samples:
-        f = io.BytesIO()
-        torch.save(s, f)
-        out.append(bytearray(f.getvalue()))
-    return out
+    return [bytearray(saved(s)) for s in samples]
 
 
 def test_collate_records_equals_default_collate_of_the_loaded_records() -> None:
