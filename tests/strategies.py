@@ -21,6 +21,7 @@ Strategies:
 Helpers:
 
 * :func:`saved` -- the ``torch.save`` bytes of a sample.
+* :func:`tensors_of` -- the tensors in a sample, in order.
 * :func:`assert_identical` -- two loaded samples are the same: container types and order,
   leaf values bit for bit (``-0.0`` vs ``0.0`` and NaN payloads count), and for tensors:
   type (``Tensor``/``Parameter``), layout, dtype, shape, values, ``requires_grad``; with
@@ -218,6 +219,17 @@ def saved(sample: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(sample, buf)
     return buf.getvalue()
+
+
+def tensors_of(x: Any) -> list[torch.Tensor]:
+    """The tensors in a sample (dicts, lists and tuples walked in order), depth first."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in tensors_of(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in tensors_of(v)]
+    return []
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import _from_bytes, assert_identical, samples, saved
+from strategies import _from_bytes, assert_identical, samples, saved, tensors_of
 from torch.utils.data import default_collate
 
 import tensorstore_pt as tspt
@@ -219,7 +219,7 @@ def test_batches_equal_torch_load_then_collate(template: Any, other: Any, batch_
 def _no_grad(sample: Any) -> bool:
     """No tensor needs grad: torch's collate in a worker stacks into shared memory with ``out=``,
     which refuses such tensors, while the main process's stack accepts them (torch's own difference)."""
-    return not any(t.requires_grad for t in _tensors(sample))
+    return not any(t.requires_grad for t in tensors_of(sample))
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
@@ -363,18 +363,8 @@ def test_worker_batches_equal_torch_load_then_collate(
         got = _loader_batches(loader)
         _assert_batches(expected, got, layout=False, per_sample=collate == "list")
         for e, g in zip(expected, got):  # arena views: same strides and offsets, storage aside
-            for te, tg in zip(_tensors(e), _tensors(g)):
+            for te, tg in zip(tensors_of(e), tensors_of(g)):
                 assert te.stride() == tg.stride() and te.storage_offset() == tg.storage_offset()
     if sb.transport_supported():
         # raw records reach the collate once it has run in a worker, and plans are made on the way
         assert (int(hits[0]) >= 2) == (collate == "default")
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    return []

@@ -23,6 +23,7 @@ import torch
 import zstandard
 from _hostile_tools import CODECS, hand, peak_bytes, torch_zip
 from _store_tools import build_store, sample, torch_save_bytes
+from strategies import tensors_of
 
 from tensorstore_pt import (
     AllocationBudgetError,
@@ -432,16 +433,6 @@ def _mutate(rng: random.Random, buf: bytes) -> bytes:
     return bytes(b)
 
 
-def _leaves(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _leaves(v)]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _leaves(v)]
-    return []
-
-
 def test_differential_fuzz_fast_decoder_vs_torch_load() -> None:
     """Mutated valid records: the fast decoder refuses, or returns what torch.load returns,
     bit for bit, and the same bytes twice (never uninitialised memory). ``TSPT_FUZZ_N`` sets
@@ -460,7 +451,7 @@ def test_differential_fuzz_fast_decoder_vs_torch_load() -> None:
             continue
         again = fast_loads(buf)
         expected = torch.load(io.BytesIO(buf), weights_only=True)
-        for a, b, e in zip(_leaves(got), _leaves(again), _leaves(expected)):
+        for a, b, e in zip(tensors_of(got), tensors_of(again), tensors_of(expected)):
             assert a.dtype == e.dtype and a.shape == e.shape and a.stride() == e.stride()
             ua, ub, ue = (t.contiguous().view(-1).view(torch.uint8) if t.numel() else t for t in (a, b, e))
             assert torch.equal(ua, ub) and torch.equal(ua, ue)
