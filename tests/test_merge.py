@@ -15,12 +15,10 @@ from tensorstore_pt import merge as merge_mod
 from tensorstore_pt.format import INDEX_NAME
 from tensorstore_pt.storage import LocalStorage
 
+from _merge_tools import Crash, crash_after_steps, pairs, records, sample
+from _merge_tools import write_parts as _write_parts
+
 pytestmark = pytest.mark.timeout(120)
-
-
-def sample(i: int) -> dict:
-    g = torch.Generator().manual_seed(i)
-    return {"x": torch.randint(0, 8, (3, 12, 12), dtype=torch.uint8, generator=g), "y": i}
 
 
 SAMPLES = [sample(i) for i in range(60)]
@@ -28,25 +26,11 @@ SPLITS = [(0, 25), (25, 26), (26, 60)]  # uneven, with a one-record part
 
 
 def write_parts(root: Path, splits=SPLITS, **options) -> list[Path]:
-    parts = []
-    for k, (a, b) in enumerate(splits):
-        part = root / f"part-{k}"
-        ts.write_store(SAMPLES[a:b], part, **options)
-        parts.append(part)
-    return parts
-
-
-def records(path: Path) -> list[tuple[int, bytes]]:
-    reader = ts.open_store(path)
-    return [(r["y"], r["x"].numpy().tobytes()) for r in (reader[i] for i in range(len(reader)))]
+    return _write_parts(root, SAMPLES, splits, **options)
 
 
 def expected(order=(0, 1, 2)) -> list[tuple[int, bytes]]:
-    out = []
-    for k in order:
-        a, b = SPLITS[k]
-        out += [(s["y"], s["x"].numpy().tobytes()) for s in SAMPLES[a:b]]
-    return out
+    return [p for k in order for p in pairs(SAMPLES[SPLITS[k][0] : SPLITS[k][1]])]
 
 
 def shard_bytes(path: Path) -> list[bytes]:
@@ -179,23 +163,6 @@ def test_rerun_after_success_changes_nothing(tmp_path):
     assert info.records == 60 and before == after
 
 
-class Crash(Exception):
-    pass
-
-
-def _crash_after_steps(monkeypatch, n):
-    real = merge_mod._Merge._do_step
-    count = {"n": 0}
-
-    def step(self, s):
-        if count["n"] == n:
-            raise Crash(f"after {n} steps")
-        count["n"] += 1
-        real(self, s)
-
-    monkeypatch.setattr(merge_mod._Merge, "_do_step", step)
-
-
 def _crash_mid_rewrite(monkeypatch, n):
     """The n-th footer rewrite dies after truncating the shard, before writing its new tail."""
     real = os.pwrite
@@ -253,9 +220,9 @@ def _crash_planning(monkeypatch, n):
 
 CRASHES = [
     ("planning", _crash_planning, 0),
-    ("journal-written", _crash_after_steps, 0),
-    ("after-3-steps", _crash_after_steps, 3),
-    ("after-8-steps", _crash_after_steps, 8),
+    ("journal-written", crash_after_steps, 0),
+    ("after-3-steps", crash_after_steps, 3),
+    ("after-8-steps", crash_after_steps, 8),
     ("mid-rewrite", _crash_mid_rewrite, 2),
     ("after-move", _crash_after_move, 5),
     ("before-journal-removal", _crash_before_journal_removal, 0),
@@ -295,7 +262,7 @@ def test_rerun_after_a_crash_finishes_the_merge(tmp_path, monkeypatch, copy, nam
 def test_unfinished_merge_of_other_parts_is_refused(tmp_path, monkeypatch):
     parts = write_parts(tmp_path)
     with monkeypatch.context() as m:
-        _crash_after_steps(m, 2)
+        crash_after_steps(m, 2)
         with pytest.raises(Crash):
             ts.merge_stores(parts, tmp_path / "m")
     with pytest.raises(ts.MergeStateError, match="unfinished merge of parts"):

@@ -7,18 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import tensorstore_pt as ts
 from tensorstore_pt import merge as merge_mod
 from tensorstore_pt.format import HEADER_BYTES, INDEX_NAME
 
+from _merge_tools import Crash, crash_after_steps, pairs, records, sample
+from _merge_tools import write_parts as _write_parts
+
 pytestmark = pytest.mark.timeout(120)
-
-
-def sample(i: int) -> dict:
-    g = torch.Generator().manual_seed(i)
-    return {"x": torch.randint(0, 8, (3, 12, 12), dtype=torch.uint8, generator=g), "y": i}
 
 
 SAMPLES = [sample(i) for i in range(40)]
@@ -26,21 +23,11 @@ SPLITS = [(0, 15), (15, 16), (16, 40)]
 
 
 def write_parts(root: Path, splits=SPLITS, **options) -> list[Path]:
-    parts = []
-    for k, (a, b) in enumerate(splits):
-        part = root / f"part-{k}"
-        ts.write_store(SAMPLES[a:b], part, **options)
-        parts.append(part)
-    return parts
-
-
-def records(path: Path) -> list[tuple[int, bytes]]:
-    reader = ts.open_store(path)
-    return [(r["y"], r["x"].numpy().tobytes()) for r in (reader[i] for i in range(len(reader)))]
+    return _write_parts(root, SAMPLES, splits, **options)
 
 
 def expected(samples=SAMPLES) -> list[tuple[int, bytes]]:
-    return [(s["y"], s["x"].numpy().tobytes()) for s in samples]
+    return pairs(samples)
 
 
 def files(path: Path) -> dict[str, bytes]:
@@ -160,18 +147,9 @@ def test_rerun_after_a_part_location_was_written_again_is_refused(tmp_path, copy
 def test_recover_refuses_a_half_merged_destination_and_merge_finishes(tmp_path, monkeypatch):
     parts = write_parts(tmp_path, max_shard_bytes=2_000)
     dest = tmp_path / "m"
-    real = merge_mod._Merge._do_step
-    count = {"n": 0}
-
-    def step(self, s):
-        if count["n"] == 4:
-            raise RuntimeError("killed after 4 steps")
-        count["n"] += 1
-        real(self, s)
-
     with monkeypatch.context() as m:
-        m.setattr(merge_mod._Merge, "_do_step", step)
-        with pytest.raises(RuntimeError, match="killed"):
+        crash_after_steps(m, 4)
+        with pytest.raises(Crash):
             ts.merge_stores(parts, dest)
     before = files(dest)
     for dry_run in (True, False):
@@ -271,18 +249,9 @@ def test_cli_merge_errors_are_one_clear_line(tmp_path, capsys):
 def test_a_rerun_from_another_directory_finishes_a_merge_started_with_relative_paths(tmp_path, monkeypatch):
     parts = write_parts(tmp_path, max_shard_bytes=2_000)
     monkeypatch.chdir(tmp_path)
-    real = merge_mod._Merge._do_step
-    count = {"n": 0}
-
-    def step(self, s):
-        if count["n"] == 3:
-            raise RuntimeError("killed after 3 steps")
-        count["n"] += 1
-        real(self, s)
-
     with monkeypatch.context() as m:
-        m.setattr(merge_mod._Merge, "_do_step", step)
-        with pytest.raises(RuntimeError, match="killed"):
+        crash_after_steps(m, 3)
+        with pytest.raises(Crash):
             ts.merge_stores([p.name for p in parts], "m")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
