@@ -41,6 +41,11 @@ class ForwardingStorage(Storage):
         self.inner = inner
         self.location = location or f"wrapped+{inner.location}"
 
+    @property
+    def read_concurrency(self) -> int:  # type: ignore[override]
+        """The wrapped storage's (a subclass may set its own as a class attribute)."""
+        return self.inner.read_concurrency
+
     def exists(self) -> bool:
         return self.inner.exists()
 

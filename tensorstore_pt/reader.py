@@ -18,6 +18,7 @@ positional read: one for a shard's footer (its tail, once), then one a record or
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -1024,23 +1025,25 @@ class StoreReader:
         framed: dict[tuple[int, int], tuple[Any, memoryview]] = {}
         failed_frames: dict[tuple[int, int], BaseException] = {}
         frames = out._frames
-        for run in np.split(np.arange(len(offsets)), cut):
+        runs = np.split(np.arange(len(offsets)), cut)
+        jobs = []
+        for run in runs:
             a, b = int(run[0]), int(run[-1])
-            si = int(t_shard[a])
-            base = int(offsets[a])
+            if a == b:
+                what = f"record {int(u[a])}'s frame" if t_frame is None else f"frame {int(t_frame[a])}"
+            else:
+                what = (
+                    f"the frames of records [{int(u[a])}, {int(u[b]) + 1})"
+                    if t_frame is None
+                    else f"frames [{int(t_frame[a])}, {int(t_frame[b]) + 1})"
+                )
+            jobs.append((int(t_shard[a]), int(offsets[a]), int(ends[b] - offsets[a]), what))
+        read = self._read_runs(jobs, missing)
+        for run, (si, base, _, _), got in zip(runs, jobs, read):
             try:
-                exc = missing.get(si)
-                if exc is not None:
-                    raise exc
-                if a == b:
-                    what = f"record {int(u[a])}'s frame" if t_frame is None else f"frame {int(t_frame[a])}"
-                else:
-                    what = (
-                        f"the frames of records [{int(u[a])}, {int(u[b]) + 1})"
-                        if t_frame is None
-                        else f"frames [{int(t_frame[a])}, {int(t_frame[b]) + 1})"
-                    )
-                buf = self._read_exact(si, base, int(ends[b]) - base, what)
+                buf = got() if callable(got) else got
+                if isinstance(buf, BaseException):
+                    raise buf
             except RECORD_ERRORS as exc:
                 if isinstance(exc, MissingShardError):
                     missing[si] = exc
@@ -1070,6 +1073,35 @@ class StoreReader:
                 else:
                     frames[rec] = (si, f, off, n)
         return out
+
+    def _read_run(self, si: int, base: int, length: int, what: str, missing: dict[int, BaseException]) -> Any:
+        exc = missing.get(si)
+        if exc is not None:
+            raise exc
+        return self._read_exact(si, base, length, what)
+
+    def _read_runs(self, jobs: list[tuple[int, int, int, str]], missing: dict[int, BaseException]) -> list[Any]:
+        """The reads of :meth:`_fetch`, one per ``(shard, offset, length, what)``: where the
+        storage keeps several in flight (:attr:`Storage.read_concurrency`), all of them now,
+        each result a buffer or its record error (other errors raise, the first in order);
+        otherwise one callable per read, run in turn by the caller, so that a shard found
+        missing is not asked again."""
+        width = min(getattr(self._storage, "read_concurrency", 1), len(jobs))
+        if width < 2:
+            return [functools.partial(self._read_run, *job, missing) for job in jobs]
+
+        def one(job: tuple[int, int, int, str]) -> Any:
+            try:
+                return self._read_run(*job, missing)
+            except RECORD_ERRORS as exc:
+                return exc
+
+        pool = ThreadPoolExecutor(width, thread_name_prefix="tspt-read")
+        try:
+            futures = [pool.submit(one, job) for job in jobs]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def decode_many(self, fetched: FetchedFrames, *, raw: bool = False) -> Iterator[RecordResult]:
         """Check, decompress and load the records of ``fetched``, in its order.

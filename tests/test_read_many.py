@@ -501,3 +501,97 @@ def test_remote_open_reports_a_damaged_shard_in_shard_order(tmp_path: Path) -> N
             f.write(b"XXXX")  # the header's magic
     with pytest.raises(ts.ShardFormatError, match=names[2]):
         ts.open_store(_SlowRemote(path))
+
+
+# --------------------------------------------------------------------------- bulk reads in flight
+
+
+class _SlowObjectStore(_SlowRemote):
+    """:class:`_SlowRemote` that, like an object store, lets a bulk read keep reads in flight."""
+
+    read_concurrency = 8
+
+
+def _one_per_shard(path: Path, seed: int) -> list[int]:
+    """Two records of each shard, a fifth from either end (too far apart to share a read), in a
+    shuffled order (a shuffled batch's reads)."""
+    bounds = ts.open_store(path).shard_bounds()
+    picks = [int(a + (b - a) * k // 5) for a, b in bounds.tolist() for k in (1, 4)]
+    np.random.default_rng(seed).shuffle(picks)
+    return picks
+
+
+def test_remote_bulk_read_keeps_reads_in_flight_and_returns_the_same_samples(store: Path) -> None:
+    """On storage with ``read_concurrency`` > 1, read_many issues its positional reads many at a
+    time (never more than that), one per run as before, and the samples are read's, in order."""
+    picks = _one_per_shard(store, 0)
+    assert len(picks) >= 6
+    remote = _SlowObjectStore(store)
+    reader = ts.open_store(remote, verify=False)
+    reader.shard_bounds()
+    reader._fetch_footers(range(len(reader.index.shards)))  # footers now, so only frame reads are counted below
+    st = remote.state
+    st["reads"], st["peak"] = 0, 0
+    got = reader.read_many(picks)
+    assert _ids(got) == picks
+    for i, sample in zip(picks, got):
+        assert torch.equal(sample["x"], _sample(i)["x"])
+    assert st["reads"] == len(picks)  # one ranged read a record: far apart, never merged
+    assert 1 < st["peak"] <= _SlowObjectStore.read_concurrency, st["peak"]
+    # storage without concurrency (the default): one read at a time
+    plain = _SlowRemote(store)
+    r2 = ts.open_store(plain, verify=False)
+    r2._fetch_footers(range(len(r2.index.shards)))
+    plain.state["peak"] = 0
+    assert _ids(r2.read_many(picks)) == picks
+    assert plain.state["peak"] == 1
+
+
+def test_remote_bulk_read_reports_a_missing_shard_per_record(tmp_path: Path, store: Path) -> None:
+    """Reads in flight keep the per-record error reporting: the records of a deleted shard carry
+    MissingShardError, every other record reads back, and on_error='raise' raises it."""
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    picks = _one_per_shard(copy, 1)
+    reader = ts.open_store(_SlowObjectStore(copy), verify=False)
+    gone = int(np.searchsorted(reader.shard_bounds()[:, 0], picks[2], side="right")) - 1
+    (copy / reader.index.shards[gone].name).unlink()
+    lo, hi = (int(x) for x in reader.shard_bounds()[gone])
+    got = reader.read_many(picks, on_error="return")
+    lost = [lo <= p < hi for p in picks]
+    assert sum(lost) == 2
+    assert [isinstance(s, ts.MissingShardError) for s in got] == lost
+    assert [int(s["i"]) for s, x in zip(got, lost) if not x] == [p for p, x in zip(picks, lost) if not x]
+    with pytest.raises(ts.MissingShardError):
+        reader.read_many(picks)
+
+
+def test_dataset_getitems_is_a_bulk_read_with_getitem_semantics(store: Path) -> None:
+    """StoreDataset.__getitems__ (what DataLoader calls for a batch) returns [ds[i] for i in batch]
+    (transform, negative positions, errors), reading a shuffled batch with reads in flight."""
+    remote = _SlowObjectStore(store)
+    ds = ts.StoreDataset(remote, verify=False, transform=lambda s: int(s["i"]) * 10)
+    picks = _one_per_shard(store, 2)
+    remote.state["peak"] = 0
+    assert ds.__getitems__(picks + [-1]) == [i * 10 for i in picks] + [(N - 1) * 10]
+    assert remote.state["peak"] > 1
+    assert ds.__getitems__([]) == []
+    reads = remote.state["reads"]
+    with pytest.raises(ts.RecordIndexError, match=f"record {N} is out of range"):
+        ds.__getitems__([0, N])
+    with pytest.raises(ts.InvalidOptionError, match="expected an int, found str"):
+        ds.__getitems__([0, "1"])
+    assert remote.state["reads"] == reads  # refused before anything was read
+    loader = torch.utils.data.DataLoader(ts.StoreDataset(store), batch_size=16, shuffle=True, num_workers=0)
+    seen = [int(i) for batch in loader for i in batch["i"]]
+    assert sorted(seen) == list(range(N))
+
+
+def test_dataset_getitems_on_a_framed_store(framed_store: Path) -> None:
+    """Multi-record frames have no shared frame table: the bulk read positions them by footers."""
+    ds = ts.StoreDataset(framed_store)
+    picks = [5, N - 1, 0, 5, 150]
+    assert _ids(ds.__getitems__(picks)) == picks
+    assert [int(s["i"]) for s in (ds[i] for i in picks)] == picks

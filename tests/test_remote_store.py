@@ -132,6 +132,8 @@ def test_round_trip_and_roll_over(remote_store: tuple[str, dict | None]) -> None
     for i in range(N):
         assert same(reader[i], sample(i)), i
     assert [int(s["id"]) for s in reader[3:9]] == list(range(3, 9))
+    picks = [N - 1, 0, N // 2, 1, N - 2, N // 3]  # a shuffled batch over shards: reads in flight on a remote store
+    assert all(same(got, sample(i)) for got, i in zip(reader.read_many(picks), picks))
     assert tspt.verify_store(url, deep=True, storage_options=options).ok
     on_store = names_at(url, options)
     assert "index.json" in on_store and sum(n.endswith(".tspt") for n in on_store) == info.shards

@@ -148,6 +148,12 @@ class Storage(ABC):
     location: str
     #: True where nothing can be written (``http(s)://``): writers and ``recover`` refuse at once.
     read_only: bool = False
+    #: Positional reads a bulk read (:meth:`StoreReader.read_many
+    #: <tensorstore_pt.reader.StoreReader.read_many>`) keeps in flight at once: 1 (one after
+    #: another) for storage that answers in microseconds, more where each read waits out a
+    #: request's latency (an object store). Reads run in threads, so the storage's
+    #: :meth:`ReadHandle.read_range` must be thread-safe where this is above 1.
+    read_concurrency: int = 1
 
     @abstractmethod
     def exists(self) -> bool:
