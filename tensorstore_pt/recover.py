@@ -25,7 +25,8 @@ How it decides:
   candidate; versions cannot then be told apart, so the longest record sequence is kept.
 - **Damaged records are dropped, the rest kept.** A shard with damaged frames keeps its
   other records; so does a shard whose footer is lost (rebuilt from its frames: zstd and lz4
-  frames delimit themselves, ``none`` records are zip archives that do). The format has no
+  frames delimit themselves; ``none`` records and the records of raw frames (format 1.2)
+  are zip archives, which do). The format has no
   holes, so the records after a lost one move down: such shards are copied (frames
   unchanged, checksums kept) into new shards of this recover's own token, and the report
   says, per shard file, which records (in the old numbering) were kept and which were lost.
@@ -503,12 +504,19 @@ class _Scanner:
         finally:
             handle.close()
         raw_left = evidence.get("raw_bytes", codec.max_raw_bytes(len(region)))
-        magic = _FRAME_MAGIC.get(codec.codec_id, b"PK\x03\x04")
+        magic = _FRAME_MAGIC.get(codec.codec_id, _ZIP_MAGIC)
+        # A frame stored raw (format 1.2) is its records' torch.save archives, with no codec
+        # header: found, and proven, by the zip structure and CRC-32s, as codec none frames are.
+        raw_too = magic != _ZIP_MAGIC
         pos = rel = 0
         segment = 0  # index of the first frame after the last damaged stretch
         in_gap = damaged = False
         while pos < len(region):
             found = self._frame_at(codec, region, pos, raw_left)
+            stored_raw = False
+            if found is None and raw_too and region.startswith(_ZIP_MAGIC, pos):
+                found = self._raw_frame_at(region, pos)
+                stored_raw = found is not None
             if found is None:
                 # A damaged frame: resynchronise at the next frame magic (zstd and lz4 frames,
                 # and zip archives, start with one); a damaged stretch counts one lost record
@@ -518,6 +526,10 @@ class _Scanner:
                 in_gap = damaged = True
                 segment = len(piece.frames)
                 nxt = region.find(magic, pos + 1)
+                if raw_too:  # the next frame may be a raw one
+                    nxt_raw = region.find(_ZIP_MAGIC, pos + 1)
+                    if nxt_raw >= 0 and (nxt < 0 or nxt_raw < nxt):
+                        nxt = nxt_raw
                 if nxt < 0:
                     pos = len(region)
                     break
@@ -525,7 +537,9 @@ class _Scanner:
                 continue
             n, raw, lengths = found
             in_gap = False
-            piece.frames.append(_Frame(HEADER_BYTES + pos, n, digest_int(region[pos : pos + n]), lengths, rel))
+            piece.frames.append(
+                _Frame(HEADER_BYTES + pos, n, digest_int(region[pos : pos + n]), lengths, rel, stored_raw)
+            )
             rel += len(lengths)
             pos += n
             raw_left -= len(raw)
@@ -554,10 +568,21 @@ class _Scanner:
         lengths = _split_records(got[1])
         return None if lengths is None else (got[0], got[1], lengths)
 
+    @staticmethod
+    def _raw_frame_at(region: bytes, pos: int) -> tuple[int, bytes, list[int]] | None:
+        """(stored length, bytes, [length]) of one record stored raw at ``pos`` (a torch.save zip
+        archive whose CRC-32s hold), or None. A raw frame of several records (multi-record
+        frames) is found one record at a time; each becomes a raw frame of its own."""
+        stop = find_zip_end(region, pos)
+        if stop is None or check_zip(memoryview(region)[pos:stop]) is not None:
+            return None
+        return stop - pos, region[pos:stop], [stop - pos]
+
 
 #: The first bytes of a frame: zstd's Magic_Number 0xFD2FB528 (RFC 8878) and LZ4's 0x184D2204
 #: (LZ4 Frame Format), little-endian; ``none`` frames are zip archives (PKWARE local header).
-_FRAME_MAGIC = {"zstd": b"\x28\xb5\x2f\xfd", "lz4": b"\x04\x22\x4d\x18", "none": b"PK\x03\x04"}
+_ZIP_MAGIC = b"PK\x03\x04"
+_FRAME_MAGIC = {"zstd": b"\x28\xb5\x2f\xfd", "lz4": b"\x04\x22\x4d\x18", "none": _ZIP_MAGIC}
 
 
 def _split_records(raw: bytes) -> list[int] | None:
