@@ -4,17 +4,32 @@
   store that holds raw frames: every record a torch.save archive's CRC-32s still prove is
   kept, raw or coded, in order and bit-identical, and the report names exactly the records
   that were dropped (it used to drop every raw frame and misnumber what it kept).
+- a footer or index whose ``format_version`` is older than its features (raw-frames at 1.0
+  or 1.1), and a footer that lists raw-frames but names no raw frame, are refused as
+  format errors (they were read).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from _store_tools import flip, truncate
+from _store_tools import flip, load_index, reseal_index, save_index, truncate
 
 import tensorstore_pt as ts
+from tensorstore_pt.errors import IndexFormatError, ShardFormatError
+from tensorstore_pt.format import (
+    HEADER_BYTES,
+    RECORD_DTYPE,
+    TRAILER_BYTES,
+    decode_trailer,
+    encode_footer,
+    encode_header,
+)
 from tensorstore_pt.integrity import verify_store
 from tensorstore_pt.serialization import dumps
 
@@ -99,3 +114,66 @@ def test_recover_drops_only_a_damaged_raw_frame_when_the_footer_is_lost(tmp_path
     assert _records(store) == [dumps(s) for i, s in enumerate(samples) if i != 3]
     assert _lost(report) == [(3, 4)]
     assert verify_store(store, deep=True).ok
+
+
+# --------------------------------------------------------------------------- versions that lie about raw frames
+
+
+def _footer_edit(shard: Path, edit: Any, header: tuple[int, int] | None = None) -> None:
+    """Apply ``edit(meta)`` to a shard's footer JSON (and set its header version), re-sealed."""
+    data = shard.read_bytes()
+    table_offset, count, js, _ = decode_trailer(data[-TRAILER_BYTES:], len(data), str(shard))
+    table = np.frombuffer(data, dtype=RECORD_DTYPE, count=count, offset=table_offset).copy()
+    meta = json.loads(data[len(data) - TRAILER_BYTES - js : len(data) - TRAILER_BYTES])
+    edit(meta)
+    head = data[:HEADER_BYTES] if header is None else encode_header(header)
+    shard.write_bytes(head + data[HEADER_BYTES:table_offset] + encode_footer(table, meta))
+
+
+def _raw_store(tmp_path: Path) -> tuple[Path, Path]:
+    store = tmp_path / "s"
+    ts.write_store(_mixed(4), store, codec="zstd")
+    shard, rows = _frames(store)
+    assert [raw for _, _, raw in rows] == [True, True, False, True]
+    return store, shard
+
+
+@pytest.mark.parametrize("version", [(1, 0), (1, 1)])
+def test_footer_listing_raw_frames_with_an_older_version_is_refused(tmp_path: Path, version: tuple[int, int]) -> None:
+    """docs/format.md 5.2: such a footer MUST have format_version [1, 2] (header and footer
+    both say the older version here, so the header check alone passes)."""
+    store, shard = _raw_store(tmp_path)
+    _footer_edit(shard, lambda meta: meta.update(format_version=list(version)), header=version)
+    reseal_index(store)
+    with pytest.raises(ShardFormatError, match=r"need at least \[1, 2\]"):
+        ts.open_store(store)[0]
+    assert not verify_store(store, deep=True).ok
+
+
+def test_footer_listing_raw_frames_without_any_is_refused(tmp_path: Path) -> None:
+    """A shard without raw frames MUST NOT list the feature: refused as a footer problem
+    before any frame reaches the codec (it used to fail as a zstd decode error)."""
+    store, shard = _raw_store(tmp_path)
+    _footer_edit(shard, lambda meta: meta.update(raw_frames=[]))
+    reseal_index(store)
+    with pytest.raises(ShardFormatError, match="names no frame"):
+        ts.open_store(store)[0]
+    assert not verify_store(store, deep=True).ok
+
+
+@pytest.mark.parametrize(
+    ("features", "version"), [(["raw-frames"], [1, 1]), (["raw-frames"], [1, 0]), (["multi-record-frames"], [1, 0])]
+)
+def test_index_version_older_than_its_features_is_refused(tmp_path: Path, features: list[str], version: list) -> None:
+    store = tmp_path / "s"
+    multi = "multi-record-frames" in features
+    ts.write_store(
+        _mixed(3), store, codec="zstd", frame_target_bytes=10_000 if multi else None, raw_below=0 if multi else 0.05
+    )
+    obj = load_index(store)
+    assert obj["features"] == features
+    obj["format_version"] = version
+    save_index(store, obj)
+    with pytest.raises(IndexFormatError, match="need at least"):
+        ts.open_store(store)
+    assert not verify_store(store).ok
