@@ -7,6 +7,8 @@
 - a footer or index whose ``format_version`` is older than its features (raw-frames at 1.0
   or 1.1), and a footer that lists raw-frames but names no raw frame, are refused as
   format errors (they were read).
+- merge checks each part's shards against the part's index as a reader does (header version,
+  features, codec, byte sums): it used to merge, and move, a part that readers refuse.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _store_tools import flip, load_index, reseal_index, save_index, truncate
+from _store_tools import flip, load_index, reseal_index, save_index, store_files, truncate
 
 import tensorstore_pt as ts
 from tensorstore_pt.errors import IndexFormatError, ShardFormatError
@@ -177,3 +179,27 @@ def test_index_version_older_than_its_features_is_refused(tmp_path: Path, featur
     with pytest.raises(IndexFormatError, match="need at least"):
         ts.open_store(store)
     assert not verify_store(store).ok
+
+
+# --------------------------------------------------------------------------- merge checks parts as a reader does
+
+
+def test_merge_refuses_a_part_whose_footer_lists_raw_frames_its_index_omits(tmp_path: Path) -> None:
+    """A reader refuses such a part; merge used to accept it (moving its shards) and publish a
+    merged store that every reader refused."""
+    raw_part, plain = tmp_path / "a", tmp_path / "b"
+    ts.write_store(_mixed(3), raw_part, codec="zstd")
+    ts.write_store([torch.zeros(100) for _ in range(3)], plain, codec="zstd")
+    obj = load_index(raw_part)
+    assert obj["features"] == ["raw-frames"]
+    obj["features"], obj["format_version"] = [], [1, 0]
+    save_index(raw_part, obj)
+    with pytest.raises(ShardFormatError, match="does not list"):
+        ts.open_store(raw_part)[0]
+    before = store_files(raw_part)
+
+    with pytest.raises(ShardFormatError, match="does not list"):
+        ts.merge_stores([plain, raw_part], tmp_path / "m")  # a move where it can
+
+    assert store_files(raw_part) == before  # nothing taken from the part
+    assert not (tmp_path / "m" / "index.json").exists()
