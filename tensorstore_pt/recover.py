@@ -256,6 +256,7 @@ class _Evidence:
     newer: UnsupportedFormatError | None = None  # the index names what this version does not know
     present: bool = False  # an index.json was there (valid or not)
     version: str | None = None  # its backend version (an S3 ETag), for the conditional replace
+    features: tuple[str, ...] | None = None  # the features it lists (None: unknown)
 
 
 def _ints(obj: dict[str, Any]) -> dict[str, int]:
@@ -297,6 +298,9 @@ def _read_evidence(storage: Storage, notes: list[str]) -> tuple[str, _Evidence]:
         notes.append(f"{INDEX_NAME} is damaged ({exc}); it is used as evidence only, the shards' footers decide")
         if not isinstance(obj, dict):
             return "damaged", ev
+        features = obj.get("features")
+        if isinstance(features, list) and all(isinstance(f, str) for f in features):
+            ev.features = tuple(features)
         for s in obj.get("shards", []) if isinstance(obj.get("shards"), list) else []:
             if isinstance(s, dict):
                 try:
@@ -314,6 +318,7 @@ def _read_evidence(storage: Storage, notes: list[str]) -> tuple[str, _Evidence]:
     ev.names = [s.name for s in index.shards]
     ev.entries = {s.name: _ints(s.to_json()) for s in index.shards}
     ev.codec, ev.metadata, ev.created_by = dict(index.codec), dict(index.metadata), dict(index.created_by)
+    ev.features = index.features
     ev.index = index  # type: ignore[attr-defined]
     return "valid", ev
 
@@ -483,9 +488,12 @@ class _Scanner:
         finally:
             handle.close()
 
-    def rebuild(self, piece: _Piece, evidence: dict[str, int], codec_config: dict[str, Any]) -> None:
+    def rebuild(
+        self, piece: _Piece, evidence: dict[str, int], codec_config: dict[str, Any], raw_frames: bool = True
+    ) -> None:
         """Find the frames of a shard whose footer is lost, from byte 16, with the index's
-        knowledge of the shard (first record, record count, stored and raw bytes)."""
+        knowledge of the shard (first record, record count, stored and raw bytes); with
+        ``raw_frames``, frames stored raw (format 1.2) too."""
         codec = self.codec(codec_config)
         if codec is None or "first_record" not in evidence:
             piece.reason += "; it cannot be rebuilt (no usable codec or index entry)"
@@ -507,7 +515,7 @@ class _Scanner:
         magic = _FRAME_MAGIC.get(codec.codec_id, _ZIP_MAGIC)
         # A frame stored raw (format 1.2) is its records' torch.save archives, with no codec
         # header: found, and proven, by the zip structure and CRC-32s, as codec none frames are.
-        raw_too = magic != _ZIP_MAGIC
+        raw_too = raw_frames and magic != _ZIP_MAGIC
         pos = rel = 0
         segment = 0  # index of the first frame after the last damaged stretch
         in_gap = damaged = False
@@ -882,10 +890,12 @@ def _recover_locked(
     if ev.codec is not None and ev.codec != codec_config:
         notes.append(f"the index says codec {ev.codec}, the shards' footers say {codec_config}: the footers win")
 
-    # Shards whose footer is lost: rebuild them from the index's entry and their frames.
+    # Shards whose footer is lost: rebuild them from the index's entry and their frames. They
+    # may hold raw frames (format 1.2) unless the index says that no shard does.
+    raw_frames = ev.features is None or FEATURE_RAW_FRAMES in ev.features
     for p in pieces:
         if p.footer_lost and p.final in ev.entries:
-            scanner.rebuild(p, ev.entries[p.final], codec_config)
+            scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames)
 
     committed = set(ev.names)
     committed_tokens = {t for n in ev.names if (parsed := parse_shard_name(n)) for t in [parsed[0]]}

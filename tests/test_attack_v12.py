@@ -66,16 +66,22 @@ def _lost(report: ts.RecoverReport) -> list[tuple[int, int]]:
     return [r for s in report.shards for r in s.lost]
 
 
-@pytest.mark.parametrize("codec", ["zstd", "lz4"])
-def test_recover_keeps_raw_frames_of_a_truncated_shard(tmp_path: Path, codec: str) -> None:
+@pytest.mark.parametrize(("codec", "index"), [("zstd", "valid"), ("lz4", "valid"), ("zstd", "damaged")])
+def test_recover_keeps_raw_frames_of_a_truncated_shard(tmp_path: Path, codec: str, index: str) -> None:
     samples = _mixed(9)
     store = tmp_path / "s"
     ts.write_store(samples, store, codec=codec)
     shard, rows = _frames(store)
     assert [raw for _, _, raw in rows] == [i % 3 != 2 for i in range(9)]
     truncate(shard, rows[7][0] + rows[7][1] // 2)  # inside raw frame 7: the footer is lost
+    if index == "damaged":  # evidence only: its shard entries and features still count
+        obj = load_index(store)
+        obj["totals"]["records"] += 1
+        save_index(store, obj)
 
     report = ts.recover_store(store)
+
+    assert report.index_before == index
 
     assert _records(store) == [dumps(s) for s in samples[:7]]
     assert _lost(report) == [(7, 9)]
