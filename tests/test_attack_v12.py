@@ -93,18 +93,25 @@ def test_recover_keeps_raw_frames_of_a_truncated_shard(tmp_path: Path, codec: st
 
 
 def test_recover_keeps_records_of_multi_record_raw_frames(tmp_path: Path) -> None:
+    """Multi-record frames, raw and coded in turn: a raw frame's records are found one by one."""
     g = torch.Generator().manual_seed(3)
-    samples = [torch.randint(0, 256, (12000,), dtype=torch.uint8, generator=g) for _ in range(10)]
+    samples = [
+        torch.randint(0, 256, (12000,), dtype=torch.uint8, generator=g)
+        if i // 2 % 2 == 0
+        else torch.full((3000,), float(i))
+        for i in range(16)
+    ]
     store = tmp_path / "s"
-    ts.write_store(samples, store, codec="zstd", frame_target_bytes=20000, raw_below=0.3)  # 2 a frame, raw
+    ts.write_store(samples, store, codec="zstd", frame_target_bytes=20000, raw_below=0.3)  # 2 records a frame
     shard, rows = _frames(store)
-    assert len(rows) == 5 and all(raw for _, _, raw in rows)
-    truncate(shard, rows[4][0] + 10)  # inside the last frame
+    assert [raw for _, _, raw in rows] == [True, False] * 4
+    truncate(shard, rows[7][0] + 10)  # inside the last frame
 
     report = ts.recover_store(store)
 
-    assert _records(store) == [dumps(s) for s in samples[:8]]
-    assert _lost(report) == [(8, 10)]
+    assert _records(store) == [dumps(s) for s in samples[:14]]
+    assert _lost(report) == [(14, 16)]
+    assert set(ts.open_store(store).index.features) == {"multi-record-frames", "raw-frames"}
     assert verify_store(store, deep=True).ok
 
 
