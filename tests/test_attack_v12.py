@@ -7,6 +7,8 @@
 - a footer or index whose ``format_version`` is older than its features (raw-frames at 1.0
   or 1.1), and a footer that lists raw-frames but names no raw frame, are refused as
   format errors (they were read).
+- a read refuses a frame over ``max_record_bytes`` from its footer row before reading it: a
+  raw frame is as large stored as decoded, so the read was the allocation the budget bounds.
 - merge checks each part's shards against the part's index as a reader does (header version,
   features, codec, byte sums): it used to merge, and move, a part that readers refuse.
 """
@@ -20,10 +22,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _hostile_tools import peak_bytes
 from _store_tools import flip, load_index, reseal_index, save_index, store_files, truncate
 
 import tensorstore_pt as ts
-from tensorstore_pt.errors import IndexFormatError, ShardFormatError
+from tensorstore_pt.errors import AllocationBudgetError, IndexFormatError, ShardFormatError
 from tensorstore_pt.format import (
     HEADER_BYTES,
     RECORD_DTYPE,
@@ -216,3 +219,34 @@ def test_merge_refuses_a_part_whose_footer_lists_raw_frames_its_index_omits(tmp_
 
     assert store_files(raw_part) == before  # nothing taken from the part
     assert not (tmp_path / "m" / "index.json").exists()
+
+
+# --------------------------------------------------------------------------- max_record_bytes before the read
+
+
+@pytest.mark.parametrize("kind", ["raw", "coded", "multi"])
+def test_frame_over_max_record_bytes_is_refused_before_it_is_read(tmp_path: Path, kind: str) -> None:
+    """A raw frame is as large stored as decoded, so reading it was the allocation that
+    max_record_bytes bounds: every read path refuses a frame over the budget from its footer
+    row, before reading it (it used to read all of it first, coded frames too)."""
+    big_bytes = 4 << 20
+    g = torch.Generator().manual_seed(4)
+    big = torch.randint(0, 256, (big_bytes,), dtype=torch.uint8, generator=g)
+    options = {"raw": {}, "coded": {"raw_below": 0}, "multi": {"frame_target_bytes": 1 << 20}}[kind]
+    store = tmp_path / "s"
+    ts.write_store([big, torch.zeros(4), torch.ones(4)], store, codec="zstd", **options)
+    _, rows = _frames(store)
+    assert rows[0][1] > big_bytes and rows[0][2] == (kind != "coded")  # the frame holding record 0
+    reader = ts.open_store(store, max_record_bytes=big_bytes // 4)
+    assert torch.equal(reader[1], torch.zeros(4))
+    list(reader.read_many([1]))  # warm: read_many's first call imports numpy.ma (about 1 MB)
+
+    for read in (lambda: reader[0], lambda: reader.read_bytes(0)):
+        peak, err = peak_bytes(read)
+        assert isinstance(err, AllocationBudgetError) and "record 0" in str(err), repr(err)
+        assert peak < big_bytes // 8, f"peak {peak} bytes"
+    got: list[Any] = []
+    peak, err = peak_bytes(lambda: got.extend(reader.read_many([0, 1, 2], on_error="return")))
+    assert err is None and peak < big_bytes // 8, f"peak {peak} bytes"
+    assert isinstance(got[0], AllocationBudgetError) and "record 0" in str(got[0])
+    assert torch.equal(got[1], torch.zeros(4)) and torch.equal(got[2], torch.ones(4))
