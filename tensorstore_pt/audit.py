@@ -430,12 +430,18 @@ def _storage_bytes(obj: Any) -> int:
 
 
 def _train_positions(n: int, sample: list[int], candidates: tuple[dict[str, Any], ...], k: int = 256) -> list[int]:
-    """Up to ``k`` positions outside ``sample``, evenly spread, to train candidate dictionaries on."""
+    """Up to ``k`` positions outside ``sample``, evenly spread over the others, to train
+    candidate dictionaries on. Memory and time O(len(sample) + k), not O(n): the j-th
+    position outside ``sample`` is j plus the number of sampled positions before it."""
     if not any(c.get("dictionary") for c in candidates):
         return []
-    taken = set(sample)
-    rest = [i for i in range(n) if i not in taken]
-    return [rest[j] for j in _evenly(len(rest), k)]
+    taken = np.unique(np.asarray(sample, dtype=np.int64))
+    free = n - len(taken)
+    if free <= 0:
+        return []
+    ranks = np.asarray(_evenly(free, k), dtype=np.int64)
+    before = taken - np.arange(len(taken), dtype=np.int64)  # positions outside sample before each sampled one
+    return (ranks + np.searchsorted(before, ranks, side="right")).tolist()
 
 
 def _is_bloated(tensor: int, element: int) -> bool:

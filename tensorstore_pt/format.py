@@ -426,8 +426,8 @@ def parse_footer(
 def raw_frames_mask(runs: Any, table: np.ndarray, where: str) -> np.ndarray:
     """Check a footer's ``raw_frames`` (format 1.2) against its frame table; return the mask.
 
-    ``runs`` must be a list of ``[first, end]`` int pairs (half-open ranges of frame indices),
-    each non-empty, in increasing order, not overlapping or touching (``end`` of one run <
+    ``runs`` must be a non-empty list of ``[first, end]`` int pairs (half-open ranges of frame
+    indices), each non-empty, in increasing order, not overlapping or touching (``end`` of one run <
     ``first`` of the next), inside ``[0, frames]``; every frame they name must have
     ``stored == raw`` (its stored bytes are its raw bytes).
 
@@ -439,6 +439,11 @@ def raw_frames_mask(runs: Any, table: np.ndarray, where: str) -> np.ndarray:
         raise ShardFormatError(
             f"{where}: footer lists {FEATURE_RAW_FRAMES!r} but 'raw_frames' is {runs!r}; expected a list of "
             "[first, end] frame ranges"
+        )
+    if not runs:
+        raise ShardFormatError(
+            f"{where}: footer lists {FEATURE_RAW_FRAMES!r} but 'raw_frames' names no frame; a shard without raw "
+            "frames does not list the feature"
         )
     mask = np.zeros(frames, dtype=bool)
     prev_end = -1
@@ -675,6 +680,14 @@ def _check_version_and_features(obj: dict[str, Any], where: str) -> tuple[tuple[
         raise UnsupportedFormatError(
             f"{where}: format {major}.{minor} uses feature(s) {unknown} that this tensorstore_pt does "
             "not know (upgrade tensorstore_pt)"
+        )
+    needed = version_for(features)
+    if (major, minor) < needed:
+        # A version older than its features (docs/format.md, section 7): a reader of that
+        # version would not know them. A damaged or hostile object, never a writer's.
+        raise IndexFormatError(
+            f"{where}: 'format_version' is [{major}, {minor}], but features {sorted(features)} need at least "
+            f"[{needed[0]}, {needed[1]}]"
         )
     return (major, minor), tuple(features)
 

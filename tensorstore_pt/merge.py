@@ -73,7 +73,7 @@ from .format import (
     parse_index,
     shard_name,
 )
-from .shardio import open_footer
+from .shardio import fetch_footer
 from .writer import check_metadata
 from .storage import TEMP_MARKER, LocalStorage, Storage, StoreLock, storage_for, typed_full_disk
 from .storage.local import _fsync_dir
@@ -444,7 +444,7 @@ class _Merge:
             features.update(idx.features)
             for e in idx.shards:
                 new_first = base + e.first_record
-                step, entry = self._plan_shard(p, st, e, new_first, None if new_first == e.first_record else seq)
+                step, entry = self._plan_shard(p, st, idx, e, new_first, None if new_first == e.first_record else seq)
                 if step["dst"] != step["src"]:
                     seq += 1
                 if entry.name in names:
@@ -519,7 +519,7 @@ class _Merge:
         raise errors[0]  # every part's copy is missing or damaged: the first part's error
 
     def _plan_shard(
-        self, p: int, st: Storage, e: ShardEntry, new_first: int, seq: int | None
+        self, p: int, st: Storage, idx: IndexInfo, e: ShardEntry, new_first: int, seq: int | None
     ) -> tuple[dict[str, Any], ShardEntry]:
         where = f"part {st.location!r}, shard {e.name!r}"
         try:
@@ -530,12 +530,10 @@ class _Merge:
             size = handle.size()
             if size != e.file_bytes:
                 raise ShardSizeError(f"{where}: the file is {size} bytes, the part's index says {e.file_bytes}")
-            footer = open_footer(handle, size, where)
-            if footer.meta.get("first_record") != e.first_record or footer.records != e.records:
-                raise ShardFormatError(
-                    f"{where}: footer says first_record {footer.meta.get('first_record')!r} and {footer.records} "
-                    f"records, the part's index says {e.first_record} and {e.records}"
-                )
+            # The reader's own check of a shard against its index (header version, features,
+            # codec, first record, counts and byte sums): a part that a reader would refuse
+            # must not become a merged store that readers refuse.
+            footer = fetch_footer(handle, idx, e, where)
             # Every shard is checked against the part's index here, while nothing is changed yet,
             # the adopted ones too: a move would otherwise consume a damaged part (and a copy stop
             # midway, journal written, on a shard it can never copy).

@@ -67,6 +67,7 @@ from .shardio import (
     DEFAULT_MAX_RECORD_BYTES,
     check_frame,
     check_index_sizes,
+    check_record_budget,
     fetch_footer,
     file_digest,
     read_exact,
@@ -540,6 +541,7 @@ class StoreReader:
         """
         footer = self._footer(si)
         row = footer.table[fi]
+        check_record_budget(int(row["raw"]), self.max_record_bytes, self._where(si, record))  # before the read
         frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {record}'s frame")
         return self._decode(si, record, row, frame, writable, footer.is_raw(fi))
 
@@ -631,6 +633,7 @@ class StoreReader:
             j = self._normalize(i)
             si, _ = self._locate(j)
             row = table[j]
+            check_record_budget(int(row["raw"]), self.max_record_bytes, self._where(si, j))  # before the read
             frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {j}'s frame")
             return self._load(si, j, self._decode(si, j, row, frame, writable=True))
         # A writable buffer of its own lets the decoder build tensors over it without a copy.
@@ -1018,16 +1021,35 @@ class StoreReader:
             t_shard, t_rows, t_frame = shard[first], rows[first], where[first, 0]
         else:
             t_shard, t_rows, t_frame = shard, rows, None
+        failed_frames: dict[tuple[int, int], BaseException] = {}
+        over = t_rows["raw"] > self.max_record_bytes
+        if over.any():
+            # Frames over the budget are refused before they are read (a raw frame, format 1.2,
+            # is as large stored as decoded).
+            for k in np.flatnonzero(over).tolist():
+                si = int(t_shard[k])
+                rec = int(u[k]) if t_frame is None else int(u[first[k]])
+                try:
+                    check_record_budget(int(t_rows[k]["raw"]), self.max_record_bytes, self._where(si, rec))
+                except AllocationBudgetError as exc:
+                    if t_frame is None:
+                        errors[rec] = exc
+                    else:
+                        failed_frames[(si, int(t_frame[k]))] = exc
+            keep = ~over
+            t_shard, t_rows = t_shard[keep], t_rows[keep]
+            if t_frame is None:
+                u = u[keep]
+            else:
+                t_frame = t_frame[keep]
         offsets = t_rows["offset"].astype(np.int64)
         sizes = t_rows["stored"].astype(np.int64)
         ends = offsets + sizes
-        cut = plan_runs(offsets, ends, t_shard, MERGE_GAP_BYTES, int(sizes.sum()))
         framed: dict[tuple[int, int], tuple[Any, memoryview]] = {}
-        failed_frames: dict[tuple[int, int], BaseException] = {}
         frames = out._frames
-        runs = np.split(np.arange(len(offsets)), cut)
+        runs = np.split(np.arange(len(offsets)), plan_runs(offsets, ends, t_shard, MERGE_GAP_BYTES, int(sizes.sum())))
         jobs = []
-        for run in runs:
+        for run in runs if len(offsets) else []:
             a, b = int(run[0]), int(run[-1])
             if a == b:
                 what = f"record {int(u[a])}'s frame" if t_frame is None else f"frame {int(t_frame[a])}"

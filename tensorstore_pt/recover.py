@@ -25,7 +25,8 @@ How it decides:
   candidate; versions cannot then be told apart, so the longest record sequence is kept.
 - **Damaged records are dropped, the rest kept.** A shard with damaged frames keeps its
   other records; so does a shard whose footer is lost (rebuilt from its frames: zstd and lz4
-  frames delimit themselves, ``none`` records are zip archives that do). The format has no
+  frames delimit themselves; ``none`` records and the records of raw frames (format 1.2)
+  are zip archives, which do). The format has no
   holes, so the records after a lost one move down: such shards are copied (frames
   unchanged, checksums kept) into new shards of this recover's own token, and the report
   says, per shard file, which records (in the old numbering) were kept and which were lost.
@@ -255,6 +256,7 @@ class _Evidence:
     newer: UnsupportedFormatError | None = None  # the index names what this version does not know
     present: bool = False  # an index.json was there (valid or not)
     version: str | None = None  # its backend version (an S3 ETag), for the conditional replace
+    features: tuple[str, ...] | None = None  # the features it lists (None: unknown)
 
 
 def _ints(obj: dict[str, Any]) -> dict[str, int]:
@@ -296,6 +298,9 @@ def _read_evidence(storage: Storage, notes: list[str]) -> tuple[str, _Evidence]:
         notes.append(f"{INDEX_NAME} is damaged ({exc}); it is used as evidence only, the shards' footers decide")
         if not isinstance(obj, dict):
             return "damaged", ev
+        features = obj.get("features")
+        if isinstance(features, list) and all(isinstance(f, str) for f in features):
+            ev.features = tuple(features)
         for s in obj.get("shards", []) if isinstance(obj.get("shards"), list) else []:
             if isinstance(s, dict):
                 try:
@@ -313,6 +318,7 @@ def _read_evidence(storage: Storage, notes: list[str]) -> tuple[str, _Evidence]:
     ev.names = [s.name for s in index.shards]
     ev.entries = {s.name: _ints(s.to_json()) for s in index.shards}
     ev.codec, ev.metadata, ev.created_by = dict(index.codec), dict(index.metadata), dict(index.created_by)
+    ev.features = index.features
     ev.index = index  # type: ignore[attr-defined]
     return "valid", ev
 
@@ -482,9 +488,12 @@ class _Scanner:
         finally:
             handle.close()
 
-    def rebuild(self, piece: _Piece, evidence: dict[str, int], codec_config: dict[str, Any]) -> None:
+    def rebuild(
+        self, piece: _Piece, evidence: dict[str, int], codec_config: dict[str, Any], raw_frames: bool = True
+    ) -> None:
         """Find the frames of a shard whose footer is lost, from byte 16, with the index's
-        knowledge of the shard (first record, record count, stored and raw bytes)."""
+        knowledge of the shard (first record, record count, stored and raw bytes); with
+        ``raw_frames``, frames stored raw (format 1.2) too."""
         codec = self.codec(codec_config)
         if codec is None or "first_record" not in evidence:
             piece.reason += "; it cannot be rebuilt (no usable codec or index entry)"
@@ -503,12 +512,19 @@ class _Scanner:
         finally:
             handle.close()
         raw_left = evidence.get("raw_bytes", codec.max_raw_bytes(len(region)))
-        magic = _FRAME_MAGIC.get(codec.codec_id, b"PK\x03\x04")
+        magic = _FRAME_MAGIC.get(codec.codec_id, _ZIP_MAGIC)
+        # A frame stored raw (format 1.2) is its records' torch.save archives, with no codec
+        # header: found, and proven, by the zip structure and CRC-32s, as codec none frames are.
+        raw_too = raw_frames and magic != _ZIP_MAGIC
         pos = rel = 0
         segment = 0  # index of the first frame after the last damaged stretch
         in_gap = damaged = False
         while pos < len(region):
             found = self._frame_at(codec, region, pos, raw_left)
+            stored_raw = False
+            if found is None and raw_too and region.startswith(_ZIP_MAGIC, pos):
+                found = self._raw_frame_at(region, pos)
+                stored_raw = found is not None
             if found is None:
                 # A damaged frame: resynchronise at the next frame magic (zstd and lz4 frames,
                 # and zip archives, start with one); a damaged stretch counts one lost record
@@ -518,6 +534,10 @@ class _Scanner:
                 in_gap = damaged = True
                 segment = len(piece.frames)
                 nxt = region.find(magic, pos + 1)
+                if raw_too:  # the next frame may be a raw one
+                    nxt_raw = region.find(_ZIP_MAGIC, pos + 1)
+                    if nxt_raw >= 0 and (nxt < 0 or nxt_raw < nxt):
+                        nxt = nxt_raw
                 if nxt < 0:
                     pos = len(region)
                     break
@@ -525,7 +545,9 @@ class _Scanner:
                 continue
             n, raw, lengths = found
             in_gap = False
-            piece.frames.append(_Frame(HEADER_BYTES + pos, n, digest_int(region[pos : pos + n]), lengths, rel))
+            piece.frames.append(
+                _Frame(HEADER_BYTES + pos, n, digest_int(region[pos : pos + n]), lengths, rel, stored_raw)
+            )
             rel += len(lengths)
             pos += n
             raw_left -= len(raw)
@@ -554,10 +576,21 @@ class _Scanner:
         lengths = _split_records(got[1])
         return None if lengths is None else (got[0], got[1], lengths)
 
+    @staticmethod
+    def _raw_frame_at(region: bytes, pos: int) -> tuple[int, bytes, list[int]] | None:
+        """(stored length, bytes, [length]) of one record stored raw at ``pos`` (a torch.save zip
+        archive whose CRC-32s hold), or None. A raw frame of several records (multi-record
+        frames) is found one record at a time; each becomes a raw frame of its own."""
+        stop = find_zip_end(region, pos)
+        if stop is None or check_zip(memoryview(region)[pos:stop]) is not None:
+            return None
+        return stop - pos, region[pos:stop], [stop - pos]
+
 
 #: The first bytes of a frame: zstd's Magic_Number 0xFD2FB528 (RFC 8878) and LZ4's 0x184D2204
 #: (LZ4 Frame Format), little-endian; ``none`` frames are zip archives (PKWARE local header).
-_FRAME_MAGIC = {"zstd": b"\x28\xb5\x2f\xfd", "lz4": b"\x04\x22\x4d\x18", "none": b"PK\x03\x04"}
+_ZIP_MAGIC = b"PK\x03\x04"
+_FRAME_MAGIC = {"zstd": b"\x28\xb5\x2f\xfd", "lz4": b"\x04\x22\x4d\x18", "none": _ZIP_MAGIC}
 
 
 def _split_records(raw: bytes) -> list[int] | None:
@@ -857,10 +890,12 @@ def _recover_locked(
     if ev.codec is not None and ev.codec != codec_config:
         notes.append(f"the index says codec {ev.codec}, the shards' footers say {codec_config}: the footers win")
 
-    # Shards whose footer is lost: rebuild them from the index's entry and their frames.
+    # Shards whose footer is lost: rebuild them from the index's entry and their frames. They
+    # may hold raw frames (format 1.2) unless the index says that no shard does.
+    raw_frames = ev.features is None or FEATURE_RAW_FRAMES in ev.features
     for p in pieces:
         if p.footer_lost and p.final in ev.entries:
-            scanner.rebuild(p, ev.entries[p.final], codec_config)
+            scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames)
 
     committed = set(ev.names)
     committed_tokens = {t for n in ev.names if (parsed := parse_shard_name(n)) for t in [parsed[0]]}

@@ -70,6 +70,7 @@ __all__ = [
     "ShardBuilder",
     "check_frame",
     "check_index_sizes",
+    "check_record_budget",
     "fetch_footer",
     "file_digest",
     "frame_records",
@@ -396,7 +397,7 @@ def check_frame(
             f"{where}: the footer says the record is {raw} raw bytes, but a {stored}-byte {codec.codec_id} frame "
             f"decodes to at most {bound} bytes (a hostile or damaged footer; nothing was allocated)",
         )
-    _check_record_budget(raw, max_record_bytes, where)
+    check_record_budget(raw, max_record_bytes, where)
     try:
         data = codec.decompress_into(frame, raw) if writable else codec.decompress(frame, raw)
     except DecompressionError as exc:
@@ -426,8 +427,17 @@ def check_frame(
     return data
 
 
-def _check_record_budget(raw: int, max_record_bytes: int, where: str) -> None:
-    """Refuse a record of more than ``max_record_bytes`` raw bytes before anything is allocated."""
+def check_record_budget(raw: int, max_record_bytes: int, where: str) -> None:
+    """Refuse a frame whose footer row says more than ``max_record_bytes`` raw bytes.
+
+    :func:`check_frame` does this before it allocates any output; a reader calls it before it
+    reads the frame too, so that a frame over the budget is not read at all (a raw frame,
+    format 1.2, is as large stored as decoded: reading it is the allocation).
+
+    Raises:
+        AllocationBudgetError: ``raw > max_record_bytes``; ``problem`` is ``("record_budget",
+            ...)``.
+    """
     if raw > max_record_bytes:
         raise _failed(
             AllocationBudgetError,
@@ -453,7 +463,7 @@ def _raw_frame(
             f"{where}: the frame is stored raw, so its raw length must equal its {stored} stored bytes; the footer "
             f"says {raw} raw bytes and {len(frame)} bytes were read",
         )
-    _check_record_budget(raw, max_record_bytes, where)
+    check_record_budget(raw, max_record_bytes, where)
     if writable:
         return bytearray(frame)
     return frame if isinstance(frame, bytes) else bytes(frame)
