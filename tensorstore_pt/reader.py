@@ -296,12 +296,19 @@ class StoreReader:
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         storage_options: dict[str, Any] | None = None,
         _expect_index_digest: int | None = None,
+        _opened_index: tuple[IndexInfo, int] | None = None,
     ) -> None:
         self.max_record_bytes = _check_max_record_bytes(max_record_bytes)
         self._storage = storage_for(path, storage_options)
         self.location = self._storage.location
         self._verify = bool(verify)
         self.map_location = _check_map_location(map_location)
+        if _opened_index is not None:
+            # The index another reader of this store parsed (a dataset's worker): no request
+            # before the first shard read. A store replaced since then is still found: its
+            # shards are gone or fail their checksums, and _raise_if_changed names it.
+            self._open_index(*_opened_index)
+            return
         for attempt in range(_OPEN_ATTEMPTS):
             index, digest = _read_index(self._storage)
             if _expect_index_digest is not None and digest != _expect_index_digest:

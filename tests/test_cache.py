@@ -68,6 +68,12 @@ class Remote(ForwardingStorage):
             return _Handle(self, name)
         return self.inner.open(name)
 
+    def read_all(self, name: str, max_bytes: int | None = None) -> bytes:
+        if name == "index.json":  # counted apart from the shard bytes of `shard_reads`
+            with open(self.log + ".index", "a") as f:
+                f.write(f"{os.getpid()}\n")
+        return self.inner.read_all(name, max_bytes)
+
 
 def shard_reads(log: Path) -> dict[str, int]:
     """Bytes served per shard name, from the log."""
@@ -378,9 +384,16 @@ def test_two_jobs_one_cache_store_replaced_between_epochs(tmp_path: Path) -> Non
     # Job A's next epoch still reads the version it opened, whole (its files are in the cache)...
     job_a.set_epoch(1)
     assert [(int(s["i"]), int(s["v"])) for s in job_a] == [(i, 1) for i in range(60)]
-    # ...and a DataLoader worker, which reopens the store, is told that it was replaced.
+    # ...and so do its DataLoader workers, which start from the index job A opened.
+    got = [
+        (int(i), int(v)) for b in ts.StoreDataLoader(job_a, batch_size=4, num_workers=1) for i, v in zip(b["i"], b["v"])
+    ]
+    assert got == [(i, 1) for i in range(60)]
+    # A job whose version is in no cache, replaced under it: its workers are told, never served version 3.
+    job_c = ts.StoreIterableDataset(Remote(store, tmp_path / "log"), cache_dir=tmp_path / "cache-c")
+    make(store, version=3)
     with pytest.raises(StoreChangedError):
-        list(ts.StoreDataLoader(job_a, batch_size=4, num_workers=1))
+        list(ts.StoreDataLoader(job_c, batch_size=4, num_workers=1))
 
 
 def test_backends_stream_through_the_cache(remote_store: tuple[str, Any], tmp_path: Path) -> None:
@@ -525,3 +538,23 @@ def test_two_jobs_share_a_cache_one_through_a_read_only_url(tmp_path: Path) -> N
     for d in dirs:
         cached = {p.name.split("-", 2)[2]: p.stat().st_size for p in d.iterdir() if p.name.endswith(".tspt")}
         assert cached == sizes
+
+
+def test_workers_start_from_the_datasets_index(tmp_path: Path) -> None:
+    """DataLoader workers of a remote dataset read no index.json of their own (six requests
+    before their first shard read on an object store): they start from the one the dataset
+    opened, and still read every record exactly once."""
+    store = make(tmp_path / "s", version=4)
+    log = tmp_path / "log"
+    ds = ts.StoreIterableDataset(Remote(store, log), cache_dir=tmp_path / "cache", shuffle=True, seed=3)
+    opened = Path(str(log) + ".index").read_text().split()
+    assert opened and set(opened) == {str(os.getpid())}  # the dataset's own open, in this process
+    got = [
+        (int(i), int(v)) for b in ts.StoreDataLoader(ds, batch_size=4, num_workers=2) for i, v in zip(b["i"], b["v"])
+    ]
+    assert sorted(got) == [(i, 4) for i in range(60)]
+    assert Path(str(log) + ".index").read_text().split() == opened, "a worker read index.json again"
+    mds = ts.StoreDataset(Remote(store, log))
+    got = [int(i) for b in torch.utils.data.DataLoader(mds, batch_size=7, num_workers=2) for i in b["i"]]
+    assert got == list(range(60))
+    assert set(Path(str(log) + ".index").read_text().split()) == {str(os.getpid())}
