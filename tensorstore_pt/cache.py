@@ -70,8 +70,9 @@ import stat
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from .checksums import ALGORITHM, FileHasher, digest_int
 from .errors import (
@@ -93,6 +94,9 @@ logger = logging.getLogger("tensorstore_pt.cache")
 
 #: Shards a consumer downloads ahead of the one it reads, by default.
 DEFAULT_PREFETCH_SHARDS = 2
+#: Downloads in flight at once when a loader warms the cache for its workers' first reads
+#: (:meth:`CachedStorage.warm`).
+WARM_THREADS = 8
 #: Bytes read from the source per request while downloading a shard (the memory per download).
 CHUNK_BYTES = 8 * 2**20
 _LOCK_NAME = ".tspt-cache.lock"
@@ -1066,6 +1070,46 @@ class CachedStorage(Storage):
                 yield names[v] if isinstance(v, int) else v
 
         self.feed().set_plan(as_names())
+
+    def warm(self, names: Sequence[str], width: int = WARM_THREADS) -> threading.Thread | None:
+        """Download ``names`` into the cache in the background, ``width`` at a time, pinning none.
+
+        For a process that is about to start others which will read these shards (a
+        ``DataLoader`` and its workers): the downloads run while they start, so a worker
+        finds its first shards on the node, or being downloaded (it then waits for that
+        download, once per node as always), instead of first creating its own object-store
+        client. Errors are left to the reads that need the shard (a worker raises its own).
+
+        Args:
+            names: Shard names of this store (unknown names are ignored).
+            width: Downloads in flight at once (>= 1).
+
+        Returns:
+            The daemon thread running the downloads (joined by nobody), or None if there was
+            nothing to download.
+
+        Memory: ``width`` download chunks of 8 MiB. Disk: the shards, as any read would.
+        Thread safety: safe. Fork safety: the downloads belong to this process; a child
+        forked meanwhile waits on the cache's per-shard lock like any other reader.
+        """
+        todo = [self.keys[n] for n in dict.fromkeys(names) if n in self.keys]
+        if not todo:
+            return None
+        source, cache = self.source, self.cache
+
+        def one(key: ShardKey) -> None:
+            try:
+                cache.acquire(source, key).close()
+            except Exception:  # noqa: BLE001 - the reader that needs this shard gets the error
+                pass
+
+        def run() -> None:
+            with ThreadPoolExecutor(max(1, min(width, len(todo))), thread_name_prefix="tspt-warm") as pool:
+                list(pool.map(one, todo))
+
+        thread = threading.Thread(target=run, name="tspt-warm", daemon=True)
+        thread.start()
+        return thread
 
     def release(self) -> None:
         """Unpin every shard, stop the downloads of this process (end of an iteration)."""

@@ -18,6 +18,7 @@ import torch
 
 import tensorstore_pt as ts
 from tensorstore_pt import cache as cache_mod
+from tensorstore_pt import dataset as dataset_mod
 from tensorstore_pt.cache import CachedStorage, ShardCache, ShardKey
 from tensorstore_pt.errors import ChecksumMismatchError, MissingShardError, StoreChangedError
 from tensorstore_pt.reader import StoreReader
@@ -558,3 +559,40 @@ def test_workers_start_from_the_datasets_index(tmp_path: Path) -> None:
     got = [int(i) for b in torch.utils.data.DataLoader(mds, batch_size=7, num_workers=2) for i in b["i"]]
     assert got == list(range(60))
     assert set(Path(str(log) + ".index").read_text().split()) == {str(os.getpid())}
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_loader_downloads_the_workers_first_shards_while_they_start(tmp_path: Path, start: str) -> None:
+    """A StoreDataLoader with workers downloads each worker's first shards in the main process
+    (with fork, before the workers start: they would inherit the download locks), and the
+    epoch still fetches every shard exactly once per node and reads every record once."""
+    store = make(tmp_path / "s", version=5)
+    log = tmp_path / "log"
+    ds = ts.StoreIterableDataset(Remote(store, log), cache_dir=tmp_path / "cache", shuffle=True, seed=1)
+    loader = ts.StoreDataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context=start)
+    ds._control[dataset_mod._CHUNK] = 4  # the loader sets it at iter: the batch size
+    first = ds._first_shards(2)
+    assert 1 <= len(first) <= len(ts.open_store(store).index.shards)
+    log.unlink()  # the open's footer reads
+    got = [(int(i), int(v)) for b in loader for i, v in zip(b["i"], b["v"])]
+    assert sorted(got) == [(i, 5) for i in range(60)]
+    cache = ds._view.cached.cache
+    assert cache.downloads == len(first)  # in this process: the head start, nothing else
+    assert shard_reads(log) == shard_sizes(store)  # still once per node
+
+
+def test_warm_downloads_named_shards_and_skips_unknown_ones(tmp_path: Path) -> None:
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log")
+    cache = ShardCache(tmp_path / "cache")
+    plain = ts.open_store(remote, verify=False)
+    cs = CachedStorage(remote, cache, plain.index.shards, index_digest=plain.index_digest)
+    names = [s.name for s in plain.index.shards]
+    assert cs.warm(["no-such-shard"]) is None
+    thread = cs.warm([names[1], names[0], names[1], "no-such-shard"])
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert set(shard_reads(tmp_path / "log")) == {names[0], names[1]}
+    assert cache.downloads == 2
+    cache.acquire(remote, cs.keys[names[0]]).close()
+    assert cache.hits >= 1 and cache.downloads == 2
