@@ -158,6 +158,38 @@ def _open_cloexec(path: Path | str, flags: int, mode: int = 0o644) -> int:
     return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
 
 
+#: The descriptors of this process's exclusive cache locks (the accounting lock, a shard's
+#: download lock) while held. A child made by ``fork`` inherits them, and a lock stays held
+#: while any descriptor of it is open: the child closes its copies at once (they belong to
+#: threads of the parent, which do not run in the child), or a download lock held by the
+#: parent at the fork would never be released while the child lives.
+_LOCKS_HELD: set[int] = set()
+
+
+def _hold(fd: int) -> int:
+    _LOCKS_HELD.add(fd)
+    return fd
+
+
+def _unhold(fd: int) -> None:
+    """Close a descriptor taken with :func:`_hold` (releasing its lock)."""
+    _LOCKS_HELD.discard(fd)
+    os.close(fd)
+
+
+def _drop_inherited_locks() -> None:
+    fds = list(_LOCKS_HELD)
+    _LOCKS_HELD.clear()
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class _Released(ValueError):
     """A read on a :class:`CachedShard` that was already unpinned (internal; the proxy re-pins)."""
 
@@ -276,7 +308,7 @@ class ShardCache:
             raise InvalidOptionError(
                 f"cache_dir: cannot create {str(self.cache_dir)!r} ({exc.strerror or exc}); expected a writable local directory"
             ) from exc
-        os.close(self._accounting())  # a directory we cannot write (or lock in) fails here, typed
+        _unhold(self._accounting())  # a directory we cannot write (or lock in) fails here, typed
         self._init_process()
 
     def _init_process(self) -> None:
@@ -352,6 +384,7 @@ class ShardCache:
             fd = _open_cloexec(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
             raise self._unusable(path, exc, "a regular lock file (or nothing)") from exc
+        _hold(fd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise self._unusable(path, OSError(errno.EINVAL, "not a regular file"), "a regular lock file")
@@ -360,7 +393,7 @@ class ShardCache:
             except OSError as exc:
                 raise self._unusable(path, exc, "a file system with flock(2)") from exc
         except BaseException:
-            os.close(fd)
+            _unhold(fd)
             raise
         return fd
 
@@ -447,7 +480,7 @@ class ShardCache:
         try:
             return self._scan()[0]
         finally:
-            os.close(fd)
+            _unhold(fd)
 
     def evict(self, target_bytes: int = 0) -> int:
         """Delete least-recently-used unpinned shards until at most ``target_bytes`` are in use.
@@ -460,7 +493,7 @@ class ShardCache:
         try:
             return self._evict_locked(target_bytes)
         finally:
-            os.close(fd)
+            _unhold(fd)
 
     def _evict_locked(self, target_bytes: int) -> int:
         used, finals = self._scan()
@@ -513,7 +546,7 @@ class ShardCache:
                 raise
             return fd, tmp
         finally:
-            os.close(lock)
+            _unhold(lock)
 
     def _full(self, exc: OSError, key: ShardKey) -> StorageFullError:
         return StorageFullError(
@@ -557,7 +590,7 @@ class ShardCache:
                     if _TMP in e.name:
                         self._orphan(e.path)
             finally:
-                os.close(lock)
+                _unhold(lock)
         final = store_dir / self.file_name(key)
         while True:
             pinned = self._pin(final, key)
@@ -574,7 +607,7 @@ class ShardCache:
                     return pinned
                 return self._download(source, store_dir, final, key, cancel)
             finally:
-                os.close(lock_fd)
+                _unhold(lock_fd)
 
     def _shard_lock(self, final: Path, cancel: threading.Event | None) -> int:
         """Take the shard's download lock (polling, so ``cancel`` is honoured)."""
@@ -593,9 +626,10 @@ class ShardCache:
                 if _remove_foreign(path, "not a regular file"):
                     continue
                 raise self._unusable(path, OSError(errno.EISDIR, "a directory"), "a shard's lock file")
+            _hold(fd)
             while not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
                 if cancel is not None and cancel.is_set():
-                    os.close(fd)
+                    _unhold(fd)
                     raise _Cancelled()
                 time.sleep(_POLL_S)
             try:
@@ -604,7 +638,7 @@ class ShardCache:
                 same = False  # evicted with its shard meanwhile: lock the new one
             if same:
                 return fd
-            os.close(fd)
+            _unhold(fd)
 
     def _pin(self, final: Path, key: ShardKey) -> CachedShard | None:
         """Open, share-lock and check the cached file; None if absent (or deleted as bad).
@@ -712,7 +746,7 @@ class ShardCache:
                     try:
                         os.rename(tmp, final)
                     finally:
-                        os.close(acct)
+                        _unhold(acct)
                     st = os.fstat(fd)
                     with self._mutex:
                         self._checked.add((st.st_dev, st.st_ino))

@@ -596,3 +596,35 @@ def test_warm_downloads_named_shards_and_skips_unknown_ones(tmp_path: Path) -> N
     assert cache.downloads == 2
     cache.acquire(remote, cs.keys[names[0]]).close()
     assert cache.hits >= 1 and cache.downloads == 2
+
+
+def test_a_forked_child_does_not_keep_its_parents_download_lock(tmp_path: Path) -> None:
+    """A download lock the parent holds when it forks is released when the parent releases it,
+    even while the child lives: the child closes its inherited copies at once (else a worker
+    forked during a download would block that shard for everyone until it exits)."""
+    import fcntl
+    import time
+
+    cache = ShardCache(tmp_path / "cache")
+    final = tmp_path / "cache" / "x.tspt"
+    fd = cache._shard_lock(final, None)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: alive for a while, holding whatever it inherited
+        os.write(w, b"1")  # fork has returned here: the at-fork handlers have run
+        time.sleep(3)
+        os._exit(0)
+    try:
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        cache_mod._unhold(fd)
+        again = os.open(str(final) + ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the child kept it
+        finally:
+            os.close(again)
+        assert not cache_mod._LOCKS_HELD
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
