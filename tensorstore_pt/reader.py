@@ -1112,14 +1112,33 @@ class StoreReader:
         if width < 2:
             return [functools.partial(self._read_run, *job, missing) for job in jobs]
 
+        # Each shard is opened once, before its reads (an open may be a request, a HEAD; a
+        # missing shard's is two, with the index read that tells "missing" from "replaced"):
+        # reads of one shard started together would otherwise each open it, or each find it
+        # missing. An open's error goes to that shard's reads, in their place in the order.
+        self._ensure_process()
+        failed: dict[int, BaseException] = {}
+
+        def open_one(si: int) -> None:
+            try:
+                self._handle(si)
+            except Exception as exc:  # kept for the shard's reads, raised there in order
+                failed[si] = exc
+
         def one(job: tuple[int, int, int, str]) -> Any:
             try:
+                exc = failed.get(job[0])
+                if exc is not None:
+                    raise exc
                 return self._read_run(*job, missing)
             except RECORD_ERRORS as exc:
                 return exc
 
+        to_open = sorted({job[0] for job in jobs if job[0] not in missing and job[0] not in self._handles})
         pool = ThreadPoolExecutor(width, thread_name_prefix="tspt-read")
         try:
+            for f in [pool.submit(open_one, si) for si in to_open]:
+                f.result()
             futures = [pool.submit(one, job) for job in jobs]
             return [f.result() for f in futures]
         finally:

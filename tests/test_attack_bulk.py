@@ -1,0 +1,181 @@
+"""Attacks on the bulk read with reads in flight (StoreReader._read_runs on storage with
+``read_concurrency`` > 1) and on StoreDataset.__getitems__: errors in the order of the
+sequential path, one open a shard, no thread left behind, DataLoader workers after a bulk read."""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tensorstore_pt as ts
+from tensorstore_pt.storage import ReadHandle
+
+from test_read_many import _SlowObjectStore, _SlowRemote, _damage_record, _sample
+
+N = 120
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ab") / "s"
+    ts.write_store((_sample(i) for i in range(N)), path, codec="none", max_shard_bytes=100_000)
+    return path
+
+
+_OPENS: collections.Counter[str] = collections.Counter()
+
+
+class _CountingObjectStore(_SlowObjectStore):
+    """An object store whose open is a request (a HEAD: it takes a while), counted per name."""
+
+    def open(self, name: str) -> ReadHandle:
+        _OPENS[name] += 1
+        time.sleep(_SlowRemote.delay_s)
+        return super().open(name)
+
+
+class _SequentialCountingStore(_CountingObjectStore):
+    read_concurrency = 1
+
+
+def _far_apart(path: Path, per_shard: int) -> list[int]:
+    """``per_shard`` records of each shard, spread out so that no two share a read, shuffled."""
+    bounds = ts.open_store(path).shard_bounds().tolist()
+    picks = [a + (b - a) * k // per_shard for a, b in bounds for k in range(per_shard)]
+    np.random.default_rng(0).shuffle(picks)
+    return picks
+
+
+def _fresh(reader: ts.StoreReader) -> ts.StoreReader:
+    """A copy with no open handles (what a DataLoader worker gets)."""
+    return pickle.loads(pickle.dumps(reader))
+
+
+def test_reads_in_flight_open_each_shard_once(store: Path) -> None:
+    """Several reads of one shard started together must not each open it (on an object store an
+    open is a HEAD): as on the sequential path, a bulk read opens each shard once."""
+    picks = _far_apart(store, 3)
+    for cls in (_CountingObjectStore, _SequentialCountingStore):
+        base = ts.open_store(cls(store), verify=False)
+        table = base.record_table()
+        reader = _fresh(base)
+        _OPENS.clear()
+        assert [int(s["i"]) for s in reader.read_many(picks, table=table)] == picks
+        names = [s.name for s in reader.index.shards]
+        assert dict(_OPENS) == {name: 1 for name in names}, cls.__name__
+
+
+def test_a_missing_shard_is_asked_once_with_reads_in_flight(tmp_path: Path, store: Path) -> None:
+    """A shard found missing costs one open (and one index read to tell it from a replaced
+    store), not one per read in flight; its records carry MissingShardError."""
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    base = ts.open_store(_CountingObjectStore(copy), verify=False)
+    table = base.record_table()
+    lo, hi = (int(x) for x in base.shard_bounds()[1])
+    name = base.index.shards[1].name
+    (copy / name).unlink()
+    recs = list(range(lo, hi, 4))  # far enough apart: one read each
+    assert len(recs) > 2
+    reader = _fresh(base)
+    _OPENS.clear()
+    got = reader.read_many(recs + [0], table=table, on_error="return")
+    assert all(isinstance(g, ts.MissingShardError) for g in got[:-1])
+    assert int(got[-1]["i"]) == 0
+    assert _OPENS[name] == 1
+
+
+class _FailingHandle(ReadHandle):
+    def __init__(self, inner: ReadHandle) -> None:
+        self._inner = inner
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        time.sleep(0.01)
+        raise ts.RemoteStorageError(5, "injected: the GET failed after its retries")
+
+    def size(self) -> int:
+        return self._inner.size()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _OneShardFails(_SlowObjectStore):
+    """Reads of ``bad`` fail with RemoteStorageError; opening ``gone`` raises a second one."""
+
+    bad = ""
+    gone = ""
+
+    def open(self, name: str) -> ReadHandle:
+        if name == self.gone:
+            raise ts.RemoteStorageError(5, "injected: the HEAD failed after its retries")
+        h = super().open(name)
+        return _FailingHandle(h) if name == self.bad else h
+
+
+class _OneShardFailsInTurn(_OneShardFails):
+    read_concurrency = 1
+
+
+@pytest.mark.parametrize("cls", [_OneShardFailsInTurn, _OneShardFails])
+def test_storage_errors_in_flight_raise_the_first_in_file_order_and_leave_no_thread(
+    store: Path, cls: type[_OneShardFails], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing GET of one shard and a failing open of a later one: the bulk read raises the
+    first in file order (the sequential path's), whatever finishes first, and its pool is gone."""
+    names = [s.name for s in ts.open_store(store).index.shards]
+    base = ts.open_store(cls(store), verify=False)
+    table = base.record_table()
+    monkeypatch.setattr(cls, "bad", names[1])  # from now on (the table above read every footer)
+    monkeypatch.setattr(cls, "gone", names[2])
+    before = threading.active_count()
+    picks = _far_apart(store, 3)
+    for _ in range(3):
+        with pytest.raises(ts.RemoteStorageError, match="the GET failed"):
+            _fresh(base).read_many(picks, table=table)
+    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("tspt-read")]
+
+
+def test_getitems_raises_the_first_failure_in_the_batch_order(tmp_path: Path, store: Path) -> None:
+    """``ds.__getitems__(batch)`` raises what ``[ds[i] for i in batch]`` raises: a transform that
+    fails on an earlier index wins over a damaged record later in the batch, and the other way round."""
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    _damage_record(copy, 50)
+
+    def transform(sample: dict[str, torch.Tensor]) -> int:
+        if int(sample["i"]) == 7:
+            raise KeyError("the transform refuses record 7")
+        return int(sample["i"])
+
+    ds = ts.StoreDataset(_SlowObjectStore(copy), verify=False, transform=transform)
+    for batch, expected in (([3, 7, 50], KeyError), ([3, 50, 7], ts.ChecksumMismatchError)):
+        with pytest.raises(expected):
+            [ds[i] for i in batch]
+        with pytest.raises(expected):
+            ds.__getitems__(batch)
+    assert ds.__getitems__([3, -1, 3, np.int64(4)]) == [3, N - 1, 3, 4]
+
+
+def test_dataloader_fork_workers_after_a_bulk_read_in_the_parent(store: Path) -> None:
+    """A bulk read with reads in flight in the parent, then forked DataLoader workers each doing
+    bulk reads (batch_sampler, drop_last): every record once, the parent left with no pool thread."""
+    remote = _SlowObjectStore(store)
+    ds = ts.StoreDataset(remote, verify=False, transform=lambda s: int(s["i"]))
+    assert ds.__getitems__(_far_apart(store, 2)) == _far_apart(store, 2)
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(N)), batch_size=16, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, num_workers=2, multiprocessing_context="fork", collate_fn=list
+    )
+    seen = [i for batch in loader for i in batch]
+    assert len(seen) == (N // 16) * 16 == len(set(seen))
+    assert not [t for t in threading.enumerate() if t.name.startswith("tspt-read")]
