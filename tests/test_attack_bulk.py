@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -179,3 +180,45 @@ def test_dataloader_fork_workers_after_a_bulk_read_in_the_parent(store: Path) ->
     seen = [i for batch in loader for i in batch]
     assert len(seen) == (N // 16) * 16 == len(set(seen))
     assert not [t for t in threading.enumerate() if t.name.startswith("tspt-read")]
+
+
+def test_a_forked_child_rebuilds_the_s3_file_system_once_for_reads_in_flight(s3_bucket: tuple[str, dict]) -> None:
+    """Fault: in a forked child (a DataLoader worker) the first bulk read's 16 reads in flight
+    each found the parent's fsspec file system and each built a new one (16 clients, a race on
+    the listing lock). Now the first thread rebuilds it and the others wait and use it."""
+    import os
+
+    from tensorstore_pt.storage import remote
+
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/s"
+    ts.write_store((_sample(i) for i in range(60)), url, codec="none", max_shard_bytes=40_000, storage_options=options)
+    reader = ts.open_store(url, verify=False, storage_options=options)
+    table = reader.record_table()
+    assert reader.storage.read_concurrency > 1
+    picks = list(range(0, 60, 5))
+    calls: list[str] = []
+    real = remote.FsspecStorage._make_fs
+
+    def counting(self: remote.FsspecStorage) -> Any:
+        calls.append(threading.current_thread().name)
+        time.sleep(0.05)  # a client takes a while to build: the window the threads raced in
+        return real(self)
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            remote.FsspecStorage._make_fs = counting  # type: ignore[method-assign]
+            got = [int(s["i"]) for s in reader.read_many(picks, table=table)]
+            os.write(write_fd, f"{len(calls)} {got == picks}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read_fd, 100).decode()
+    os.close(read_fd)
+    assert os.waitstatus_to_exitcode(status) == 0, answer
+    assert answer == "1 True"
