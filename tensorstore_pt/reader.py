@@ -96,6 +96,18 @@ REMOTE_FOOTER_THREADS = 16
 #: Frames of one shard less than this many bytes apart may be fetched with one positional read
 #: (the gap is read and dropped), as long as the gaps of a piece add up to at most its own bytes.
 MERGE_GAP_BYTES = 64 * 2**10
+#: Serializes StoreReader._ensure_process's fresh start in a forked child; made afresh in every
+#: child (a lock a parent's thread held at the fork would stay held there).
+_PROCESS_LOCK = threading.Lock()
+
+
+def _reset_process_lock() -> None:
+    global _PROCESS_LOCK
+    _PROCESS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_process_lock)
+
 #: What a bulk read reports per record instead of raising: the store's damage
 #: (``CorruptStoreError`` and its subclasses) and refused pickles (``UnsafePayloadError``).
 RECORD_ERRORS: tuple[type[BaseException], ...] = (CorruptStoreError, UnsafePayloadError)
@@ -358,10 +370,10 @@ class StoreReader:
     # ------------------------------------------------------------------ per-process state
 
     def _init_process_state(self) -> None:
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._handles: dict[int, ReadHandle] = {}
         self._frame_cache = threading.local()  # (shard, frame) -> decoded bytes, one per thread
+        self._pid = os.getpid()  # last: a thread that sees this process's pid sees the state above
 
     def _load_store_file(self, name: str) -> bytes:
         try:
@@ -392,8 +404,12 @@ class StoreReader:
     def _ensure_process(self) -> None:
         if self._pid != os.getpid():
             # A forked child: the parent's lock may be held by a thread that does not exist
-            # here, and its handles are the parent's. Start afresh (the fds stay with the parent).
-            self._init_process_state()
+            # here, and its handles are the parent's. Start afresh (the fds stay with the parent),
+            # once: threads that get here together (reads in flight) must not each start afresh
+            # and drop the handles the others opened meanwhile.
+            with _PROCESS_LOCK:
+                if self._pid != os.getpid():
+                    self._init_process_state()
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -875,6 +891,7 @@ class StoreReader:
         order = np.argsort(shard, kind="stable")
         ss = shard[order]
         cuts = np.flatnonzero(ss[1:] != ss[:-1]) + 1
+        self._prefetch_footers(ss[np.append(0, cuts)].tolist(), failed)
         for idx in np.split(order, cuts):
             si = int(shard[idx[0]])
             try:
@@ -997,6 +1014,30 @@ class StoreReader:
         if table is not None:
             table = self._check_table(table)
         return self._fetch(recs, table, {} if missing is None else missing)
+
+    def _prefetch_footers(self, shards: list[int], failed: dict[int, BaseException]) -> None:
+        """Where the storage keeps reads in flight, read the footers of ``shards`` (ascending)
+        not read yet that many at a time, as :meth:`_read_runs` does frames: a batch over many
+        shards of a remote store with no frame table (multi-record or raw frames) then waits
+        out a few round trips for its footers, not one per shard in a row. A shard's record
+        error goes to ``failed``; another error raises, the first in shard order."""
+        todo = [si for si in shards if si not in failed and self._footers[si] is None]
+        width = min(getattr(self._storage, "read_concurrency", 1), len(todo))
+        if width < 2:
+            return  # read in turn by the caller
+        self._ensure_process()
+        with ThreadPoolExecutor(width, thread_name_prefix="tspt-footer") as pool:
+            futures = [pool.submit(self._footer, si) for si in todo]
+            first: BaseException | None = None
+            for si, future in zip(todo, futures):
+                try:
+                    future.result()
+                except RECORD_ERRORS as exc:
+                    failed[si] = exc
+                except Exception as exc:
+                    first = exc if first is None else first
+        if first is not None:
+            raise first
 
     def _fetch(self, recs: np.ndarray, table: np.ndarray | None, missing: dict[int, BaseException]) -> FetchedFrames:
         out = FetchedFrames(recs)

@@ -222,3 +222,83 @@ def test_a_forked_child_rebuilds_the_s3_file_system_once_for_reads_in_flight(s3_
     os.close(read_fd)
     assert os.waitstatus_to_exitcode(status) == 0, answer
     assert answer == "1 True"
+
+
+@pytest.fixture(scope="module")
+def framed_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("abf") / "s"
+    ts.write_store((_sample(i) for i in range(N)), path, max_shard_bytes=100_000, frame_target_bytes=20_000)
+    return path
+
+
+def test_footers_of_a_framed_store_are_read_with_reads_in_flight(tmp_path: Path, framed_store: Path) -> None:
+    """Fault: a store with no frame table (multi-record frames, format 1.1; raw frames, 1.2) is
+    positioned by footers, which a bulk read fetched one shard after another: a fresh worker's
+    first batch over k shards of an object store waited out k round trips in a row before its
+    reads in flight. Now the footers are read many at a time too; a shard whose footer cannot
+    be read still gives its records their error (asked once), the others read back."""
+    copy = tmp_path / "s"
+    shutil.copytree(framed_store, copy)
+    base = ts.open_store(_CountingObjectStore(copy), verify=False)
+    bounds = base.shard_bounds().tolist()
+    gone = base.index.shards[2].name
+    (copy / gone).unlink()
+    picks = [a for a, _ in bounds] + [b - 1 for _, b in bounds]
+    reader = _fresh(base)  # no footer read yet
+    state = reader.storage.state
+    state["peak"] = 0
+    _OPENS.clear()
+    failed: dict[int, BaseException] = {}
+    reader._frames_of(np.array(picks), None, failed)
+    assert state["peak"] > 1, "footers were read one at a time"
+    assert list(failed) == [2] and isinstance(failed[2], ts.MissingShardError)
+    assert _OPENS[gone] == 1
+    got = _fresh(base).read_many(picks, on_error="return")
+    lo, hi = bounds[2]
+    for p, g in zip(picks, got):
+        if lo <= p < hi:
+            assert isinstance(g, ts.MissingShardError)
+        else:
+            assert int(g["i"]) == p
+
+
+def test_threads_of_a_forked_child_start_the_reader_afresh_once(store: Path) -> None:
+    """Fault: in a forked child, threads reading at once (a bulk read's footers or frames, or
+    the user's threads) each found the parent's pid and each reset the reader's handles and
+    lock, dropping the handles the others had just opened. Now one thread resets, once."""
+    import os
+
+    reader = ts.open_store(_SlowObjectStore(store), verify=False)
+    reader.read_many([0, N - 1])
+    bounds = reader.shard_bounds().tolist()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            calls: list[int] = []
+            real = ts.StoreReader._init_process_state
+
+            def slow(self: ts.StoreReader) -> None:
+                calls.append(1)
+                time.sleep(0.05)  # the window in which the other threads also saw a new pid
+                real(self)
+
+            ts.StoreReader._init_process_state = slow  # type: ignore[method-assign]
+            got: dict[int, int] = {}
+            threads = [threading.Thread(target=lambda a=a: got.update({a: int(reader[a]["i"])})) for a, _ in bounds]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            ok = got == {a: a for a, _ in bounds} and len(reader._handles) == len(bounds)
+            os.write(write_fd, f"{len(calls)} {ok}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read_fd, 100).decode()
+    os.close(read_fd)
+    assert os.waitstatus_to_exitcode(status) == 0, answer
+    assert answer == "1 True"
