@@ -393,7 +393,9 @@ class StoreDataset(Dataset):
     Raises:
         InvalidOptionError: ``store`` or ``transform`` has the wrong type.
         The errors of :func:`~tensorstore_pt.open_store`; ``ds[i]`` raises those of
-        :meth:`StoreReader.read <tensorstore_pt.reader.StoreReader.read>`.
+        :meth:`StoreReader.read <tensorstore_pt.reader.StoreReader.read>`, and
+        InvalidOptionError when ``i`` is not a Python or numpy int or a 0-dim integer tensor
+        or array, RecordIndexError when it is out of range.
 
     Memory: the frame table (32 bytes a record) in shared memory, mapped by every worker;
     a worker's private memory does not grow with the number of records.
@@ -424,8 +426,11 @@ class StoreDataset(Dataset):
 
     def _position(self, index: Any) -> int:
         n = self._view.records
+        kind = type(index).__name__
+        if getattr(index, "ndim", None) == 0 and hasattr(index, "tolist"):
+            index = index.tolist()  # a 0-dim tensor or array (an element of a tensor of indices)
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
-            raise InvalidOptionError(f"dataset index: expected an int, found {type(index).__name__}")
+            raise InvalidOptionError(f"dataset index: expected an int, found {kind}")
         i = int(index) + n if index < 0 else int(index)
         if not 0 <= i < n:
             raise RecordIndexError(f"record {int(index)} is out of range for store {self.location!r} with {n} records")
@@ -450,7 +455,8 @@ class StoreDataset(Dataset):
         the read of the piece holding it fails).
 
         Args:
-            indices: Record positions (ints; negative ones count from the end).
+            indices: Record positions (Python or numpy ints or 0-dim integer tensors, as for
+                ``ds[i]``; a 1-D integer tensor works too; negative ones count from the end).
 
         Returns:
             The samples (transformed), in the order of ``indices``.

@@ -302,3 +302,21 @@ def test_threads_of_a_forked_child_start_the_reader_afresh_once(store: Path) -> 
     os.close(read_fd)
     assert os.waitstatus_to_exitcode(status) == 0, answer
     assert answer == "1 True"
+
+
+def test_dataset_indices_are_what_the_reader_takes(store: Path) -> None:
+    """Fault: ``ds[torch.tensor(3)]`` and ``ds.__getitems__(torch.tensor([...]))`` (a sampler of
+    tensors) were refused though ``reader[torch.tensor(3)]`` reads record 3. Now 0-dim integer
+    tensors and arrays are indices, in both paths; bools, floats and strings are still refused."""
+    ds = ts.StoreDataset(store, transform=lambda s: int(s["i"]))
+    assert ds[torch.tensor(3)] == 3
+    assert ds[np.array(-1)] == N - 1
+    assert ds.__getitems__(torch.tensor([5, -1, 5])) == [5, N - 1, 5]
+    assert ds.__getitems__(np.array([2, 0])) == [2, 0]
+    for bad, kind in ((torch.tensor(True), "Tensor"), (torch.tensor(1.0), "Tensor"), (True, "bool"), ("1", "str")):
+        with pytest.raises(ts.InvalidOptionError, match=f"expected an int, found {kind}"):
+            ds[bad]
+        with pytest.raises(ts.InvalidOptionError, match=f"expected an int, found {kind}"):
+            ds.__getitems__([0, bad])
+    with pytest.raises(ts.RecordIndexError, match=f"record {N} is out of range"):
+        ds.__getitems__(torch.tensor([0, N]))
