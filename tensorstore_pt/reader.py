@@ -1015,6 +1015,17 @@ class StoreReader:
             table = self._check_table(table)
         return self._fetch(recs, table, {} if missing is None else missing)
 
+    def _read_width(self, reads: int) -> int:
+        """Reads to keep in flight for ``reads`` reads: the storage's ``read_concurrency``
+        (checked: a storage class of the user's may set anything), at most ``reads``."""
+        value = getattr(self._storage, "read_concurrency", 1)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InvalidOptionError(
+                f"store {self.location!r}: {type(self._storage).__name__}.read_concurrency: expected a "
+                f"positive int (reads in flight), found {value!r}"
+            )
+        return min(int(value), reads)
+
     def _prefetch_footers(self, shards: list[int], failed: dict[int, BaseException]) -> None:
         """Where the storage keeps reads in flight, read the footers of ``shards`` (ascending)
         not read yet that many at a time, as :meth:`_read_runs` does frames: a batch over many
@@ -1022,7 +1033,7 @@ class StoreReader:
         out a few round trips for its footers, not one per shard in a row. A shard's record
         error goes to ``failed``; another error raises, the first in shard order."""
         todo = [si for si in shards if si not in failed and self._footers[si] is None]
-        width = min(getattr(self._storage, "read_concurrency", 1), len(todo))
+        width = self._read_width(len(todo))
         if width < 2:
             return  # read in turn by the caller
         self._ensure_process()
@@ -1149,7 +1160,7 @@ class StoreReader:
         each result a buffer or its record error (other errors raise, the first in order);
         otherwise one callable per read, run in turn by the caller, so that a shard found
         missing is not asked again."""
-        width = min(getattr(self._storage, "read_concurrency", 1), len(jobs))
+        width = self._read_width(len(jobs))
         if width < 2:
             return [functools.partial(self._read_run, *job, missing) for job in jobs]
 

@@ -320,3 +320,22 @@ def test_dataset_indices_are_what_the_reader_takes(store: Path) -> None:
             ds.__getitems__([0, bad])
     with pytest.raises(ts.RecordIndexError, match=f"record {N} is out of range"):
         ds.__getitems__(torch.tensor([0, N]))
+
+
+class _BadConcurrency(_SlowObjectStore):
+    read_concurrency = "16"  # type: ignore[assignment]
+
+
+class _ZeroConcurrency(_SlowObjectStore):
+    read_concurrency = 0
+
+
+@pytest.mark.parametrize("cls", [_BadConcurrency, _ZeroConcurrency])
+def test_a_storage_with_a_bad_read_concurrency_is_refused_by_name(store: Path, cls: type) -> None:
+    """Fault: a storage class of the user's with ``read_concurrency = "16"`` made a bulk read
+    fail with a bare TypeError from ``min``, and 0 silently meant one at a time. Now both are an
+    InvalidOptionError naming the class, the attribute and the value."""
+    reader = ts.open_store(cls(store), verify=False)
+    with pytest.raises(ts.InvalidOptionError, match=f"{cls.__name__}.read_concurrency: expected a positive int"):
+        reader.read_many([0, N // 2, N - 1])
+    assert int(reader[N - 1]["i"]) == N - 1  # a single read needs no concurrency
