@@ -363,9 +363,12 @@ class StoreReader:
             return
         if not self._verify:
             self._storage.sizes()  # one listing, from which the handles take their sizes (no HEAD each)
-        with ThreadPoolExecutor(min(REMOTE_FOOTER_THREADS, len(todo)), thread_name_prefix="tspt-footer") as pool:
+        pool = ThreadPoolExecutor(min(REMOTE_FOOTER_THREADS, len(todo)), thread_name_prefix="tspt-footer")
+        try:
             for future in [pool.submit(self._footer, si) for si in todo]:
                 future.result()  # the first shard's error, in shard order
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error (or ^C), no more requests
 
     # ------------------------------------------------------------------ per-process state
 
@@ -1037,18 +1040,16 @@ class StoreReader:
         if width < 2:
             return  # read in turn by the caller
         self._ensure_process()
-        with ThreadPoolExecutor(width, thread_name_prefix="tspt-footer") as pool:
+        pool = ThreadPoolExecutor(width, thread_name_prefix="tspt-footer")
+        try:
             futures = [pool.submit(self._footer, si) for si in todo]
-            first: BaseException | None = None
             for si, future in zip(todo, futures):
                 try:
                     future.result()
                 except RECORD_ERRORS as exc:
-                    failed[si] = exc
-                except Exception as exc:
-                    first = exc if first is None else first
-        if first is not None:
-            raise first
+                    failed[si] = exc  # a non-record error raises here: the first in shard order
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error (or ^C), no more requests
 
     def _fetch(self, recs: np.ndarray, table: np.ndarray | None, missing: dict[int, BaseException]) -> FetchedFrames:
         out = FetchedFrames(recs)
