@@ -530,12 +530,23 @@ class StoreReader:
     def _read_exact(self, si: int, offset: int, length: int, what: str) -> bytes:
         entry = self._index.shards[si]
         where = f"{self._where(si)} (the index says {entry.file_bytes} bytes)"
+        handle = self._handle(si)
         try:
-            return read_exact(self._handle(si), offset, length, what, where, error=ShardSizeError)
+            return read_exact(handle, offset, length, what, where, error=ShardSizeError)
         except RemoteStorageError as exc:
-            if exc.errno == errno.ENOENT:  # an object store's shard deleted under an open handle
-                self._raise_if_changed(exc)
-            raise
+            if exc.errno != errno.ENOENT:
+                raise
+            # An object store's shard deleted under an open handle: the store was replaced, or
+            # the shard is missing, as for one found missing at open (a record error, reported
+            # per record by bulk reads, skipped by skip_corrupt; not a failed request).
+            self._raise_if_changed(exc)
+            with self._lock:  # dropped, not closed: other threads may be reading through it
+                if self._handles.get(si) is handle:
+                    del self._handles[si]
+            raise MissingShardError(
+                f"{self._where(si)}: the shard file is missing (it went away while open; the index "
+                f"lists it with {entry.records} records)"
+            ) from exc
 
     def _footer(self, si: int) -> ShardFooter:
         footer = self._footers[si]

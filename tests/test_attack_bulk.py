@@ -391,3 +391,28 @@ def test_a_storage_error_in_the_footer_reads_stops_the_queued_ones(
     with pytest.raises(ts.RemoteStorageError, match="the shard's GET failed"):
         reader.read_many([int(a) for a, _ in reader.shard_bounds()])
     assert len(_READS) <= width, f"{len(_READS)} of {shards - 1} footers were read after the first failed"
+
+
+def test_a_shard_deleted_under_an_open_handle_is_a_missing_shard(s3_bucket: tuple[str, dict]) -> None:
+    """Fault: on an object store, a shard deleted while a reader (a DataLoader worker) had it
+    open failed every later bulk read with RemoteStorageError (HTTP 404): on_error="return"
+    could not report it per record, skip_corrupt could not skip it, while a reader opened after
+    the delete got MissingShardError per record. Now both get MissingShardError per record."""
+    import boto3
+
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/s"
+    ts.write_store((_sample(i) for i in range(60)), url, codec="none", max_shard_bytes=40_000, storage_options=options)
+    reader = ts.open_store(url, verify=False, storage_options=options)
+    table = reader.record_table()
+    picks = list(range(0, 60, 4))
+    assert [int(s["i"]) for s in reader.read_many(picks, table=table)] == picks  # every shard now open
+    lo, hi = (int(x) for x in reader.shard_bounds()[1])
+    boto3.client("s3").delete_object(Bucket=bucket, Key=f"s/{reader.index.shards[1].name}")
+    later = ts.open_store(url, verify=False, storage_options=options)
+    for r in (reader, later):
+        got = r.read_many(picks, table=table, on_error="return")
+        assert [isinstance(g, ts.MissingShardError) for g in got] == [lo <= p < hi for p in picks]
+        assert [int(g["i"]) for g in got if isinstance(g, dict)] == [p for p in picks if not lo <= p < hi]
+        with pytest.raises(ts.MissingShardError, match="the shard file is missing"):
+            r[lo]
