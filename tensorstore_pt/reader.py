@@ -534,29 +534,39 @@ class StoreReader:
         try:
             return read_exact(handle, offset, length, what, where, error=ShardSizeError)
         except RemoteStorageError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            # An object store's shard deleted under an open handle: the store was replaced, or
-            # the shard is missing, as for one found missing at open (a record error, reported
-            # per record by bulk reads, skipped by skip_corrupt; not a failed request).
-            self._raise_if_changed(exc)
-            with self._lock:  # dropped, not closed: other threads may be reading through it
-                if self._handles.get(si) is handle:
-                    del self._handles[si]
-            raise MissingShardError(
-                f"{self._where(si)}: the shard file is missing (it went away while open; the index "
-                f"lists it with {entry.records} records)"
-            ) from exc
+            self._raise_if_vanished(si, handle, exc)
+            raise
+
+    def _raise_if_vanished(self, si: int, handle: ReadHandle, exc: RemoteStorageError) -> None:
+        """If ``exc`` says shard ``si`` is gone (ENOENT: an object store's shard deleted under an
+        open handle), raise StoreChangedError if the store was replaced, else MissingShardError,
+        as for a shard found missing at open: a record error (reported per record by bulk reads,
+        skipped by skip_corrupt), not a failed request. The stale handle is dropped (not closed:
+        other threads may still be reading through it)."""
+        if exc.errno != errno.ENOENT:
+            return
+        self._raise_if_changed(exc)
+        with self._lock:
+            if self._handles.get(si) is handle:
+                del self._handles[si]
+        raise MissingShardError(
+            f"{self._where(si)}: the shard file is missing (it went away while open; the index "
+            f"lists it with {self._index.shards[si].records} records)"
+        ) from exc
 
     def _footer(self, si: int) -> ShardFooter:
         footer = self._footers[si]
         if footer is not None:
             return footer
         entry: ShardEntry = self._index.shards[si]
+        handle = self._handle(si)
         try:
-            footer = fetch_footer(self._handle(si), self._index, entry, self._where(si))
+            footer = fetch_footer(handle, self._index, entry, self._where(si))
         except (ShardSizeError, ShardFormatError) as exc:
             self._raise_if_changed(exc)  # a legacy store's shard name reused by a later writer
+            raise
+        except RemoteStorageError as exc:
+            self._raise_if_vanished(si, handle, exc)
             raise
         self._footers[si] = footer
         return footer

@@ -397,16 +397,19 @@ def test_a_shard_deleted_under_an_open_handle_is_a_missing_shard(s3_bucket: tupl
     """Fault: on an object store, a shard deleted while a reader (a DataLoader worker) had it
     open failed every later bulk read with RemoteStorageError (HTTP 404): on_error="return"
     could not report it per record, skip_corrupt could not skip it, while a reader opened after
-    the delete got MissingShardError per record. Now both get MissingShardError per record."""
+    the delete got MissingShardError per record (a footer read under an open handle: the same).
+    Now all get MissingShardError per record."""
     import boto3
 
     bucket, options = s3_bucket
     url = f"s3://{bucket}/s"
     ts.write_store((_sample(i) for i in range(60)), url, codec="none", max_shard_bytes=40_000, storage_options=options)
+    table = ts.open_store(url, verify=False, storage_options=options).record_table()
     reader = ts.open_store(url, verify=False, storage_options=options)
-    table = reader.record_table()
     picks = list(range(0, 60, 4))
     assert [int(s["i"]) for s in reader.read_many(picks, table=table)] == picks  # every shard now open
+    footless = ts.open_store(url, verify=False, storage_options=options)
+    footless.read_many(picks, table=table)  # every shard open, no footer read (the table positions)
     lo, hi = (int(x) for x in reader.shard_bounds()[1])
     boto3.client("s3").delete_object(Bucket=bucket, Key=f"s/{reader.index.shards[1].name}")
     later = ts.open_store(url, verify=False, storage_options=options)
@@ -416,3 +419,5 @@ def test_a_shard_deleted_under_an_open_handle_is_a_missing_shard(s3_bucket: tupl
         assert [int(g["i"]) for g in got if isinstance(g, dict)] == [p for p in picks if not lo <= p < hi]
         with pytest.raises(ts.MissingShardError, match="the shard file is missing"):
             r[lo]
+    with pytest.raises(ts.MissingShardError, match="the shard file is missing"):
+        footless[lo]  # its footer's read finds it gone
