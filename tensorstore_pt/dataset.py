@@ -72,7 +72,7 @@ from .errors import (
 )
 from .fastload import _is_cpu
 from .format import FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES, RECORD_DTYPE
-from .reader import DEFAULT_MAX_RECORD_BYTES, READ_BYTES, FetchedFrames, StoreReader, open_store
+from .reader import DEFAULT_MAX_RECORD_BYTES, READ_BYTES, FetchedFrames, RecordResult, StoreReader, open_store
 from .storage import LocalStorage, Storage
 
 __all__ = [
@@ -367,10 +367,10 @@ class _StoreView:
         (multi-record frames: through the reader's footers and per-thread frame cache)."""
         return self.reader().read(i, table=None if self.framed else self.table())
 
-    def read_many(self, records: list[int]) -> list[Any]:
-        """Records ``records`` in one bulk read (:meth:`StoreReader.read_many`), positioned by
-        the shared table (multi-record frames: by the reader's footers)."""
-        return self.reader().read_many(records, table=None if self.framed else self.table())
+    def iter_many(self, records: list[int]) -> Iterator[RecordResult]:
+        """Records ``records`` in one bulk read (:meth:`StoreReader.iter_many`), positioned by
+        the shared table (multi-record frames: by the reader's footers), each with its error."""
+        return self.reader().iter_many(records, table=None if self.framed else self.table())
 
 
 # --------------------------------------------------------------------------- map-style
@@ -400,7 +400,9 @@ class StoreDataset(Dataset):
     Raises:
         InvalidOptionError: ``store`` or ``transform`` has the wrong type.
         The errors of :func:`~tensorstore_pt.open_store`; ``ds[i]`` raises those of
-        :meth:`StoreReader.read <tensorstore_pt.reader.StoreReader.read>`.
+        :meth:`StoreReader.read <tensorstore_pt.reader.StoreReader.read>`, and
+        InvalidOptionError when ``i`` is not a Python or numpy int or a 0-dim integer tensor
+        or array, RecordIndexError when it is out of range.
 
     Memory: the frame table (32 bytes a record) in shared memory, mapped by every worker;
     a worker's private memory does not grow with the number of records.
@@ -431,8 +433,11 @@ class StoreDataset(Dataset):
 
     def _position(self, index: Any) -> int:
         n = self._view.records
+        kind = type(index).__name__
+        if getattr(index, "ndim", None) == 0 and hasattr(index, "tolist"):
+            index = index.tolist()  # a 0-dim tensor or array (an element of a tensor of indices)
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
-            raise InvalidOptionError(f"dataset index: expected an int, found {type(index).__name__}")
+            raise InvalidOptionError(f"dataset index: expected an int, found {kind}")
         i = int(index) + n if index < 0 else int(index)
         if not 0 <= i < n:
             raise RecordIndexError(f"record {int(index)} is out of range for store {self.location!r} with {n} records")
@@ -450,10 +455,15 @@ class StoreDataset(Dataset):
         <tensorstore_pt.reader.StoreReader.read_many>`: nearby frames in one read, and on an
         object store up to :attr:`~tensorstore_pt.storage.Storage.read_concurrency` ranged GETs
         in flight, so a shuffled batch of 32 records from 32 shards costs a few round trips,
-        not 32 in a row. The samples and errors are those of ``[ds[i] for i in indices]``.
+        not 32 in a row. The samples and errors are those of ``[ds[i] for i in indices]``:
+        records are checked and transformed in the order of ``indices``, and the first record
+        error or transform exception in that order is raised (except that every index is
+        checked before anything is read, and a storage error, an ``OSError``, is raised when
+        the read of the piece holding it fails).
 
         Args:
-            indices: Record positions (ints; negative ones count from the end).
+            indices: Record positions (Python or numpy ints or 0-dim integer tensors, as for
+                ``ds[i]``; a 1-D integer tensor works too; negative ones count from the end).
 
         Returns:
             The samples (transformed), in the order of ``indices``.
@@ -462,11 +472,18 @@ class StoreDataset(Dataset):
             InvalidOptionError: An index is not an int.
             RecordIndexError: An index is out of range (before anything is read).
             The errors of :meth:`StoreReader.read_many
-            <tensorstore_pt.reader.StoreReader.read_many>` for the first damaged record.
+            <tensorstore_pt.reader.StoreReader.read_many>` for the first damaged record, or
+            what ``transform`` raises, whichever comes first in the order of ``indices``.
         """
-        samples = self._view.read_many([self._position(i) for i in indices])
-        if self.transform is not None:
-            samples = [self.transform(sample) for sample in samples]
+        positions = [self._position(i) for i in indices]
+        transform = self.transform
+        samples: list[Any] = []
+        # In the requested order, each record's error or transform runs before the next record
+        # is looked at: the first failure raised is the one ``[ds[i] for i in indices]`` raises.
+        for result in self._view.iter_many(positions):
+            if result.error is not None:
+                raise result.error
+            samples.append(transform(result.sample) if transform is not None else result.sample)
         return samples
 
     def __repr__(self) -> str:

@@ -96,6 +96,18 @@ REMOTE_FOOTER_THREADS = 16
 #: Frames of one shard less than this many bytes apart may be fetched with one positional read
 #: (the gap is read and dropped), as long as the gaps of a piece add up to at most its own bytes.
 MERGE_GAP_BYTES = 64 * 2**10
+#: Serializes StoreReader._ensure_process's fresh start in a forked child; made afresh in every
+#: child (a lock a parent's thread held at the fork would stay held there).
+_PROCESS_LOCK = threading.Lock()
+
+
+def _reset_process_lock() -> None:
+    global _PROCESS_LOCK
+    _PROCESS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_process_lock)
+
 #: What a bulk read reports per record instead of raising: the store's damage
 #: (``CorruptStoreError`` and its subclasses) and refused pickles (``UnsafePayloadError``).
 RECORD_ERRORS: tuple[type[BaseException], ...] = (CorruptStoreError, UnsafePayloadError)
@@ -358,17 +370,20 @@ class StoreReader:
             return
         if not self._verify:
             self._storage.sizes()  # one listing, from which the handles take their sizes (no HEAD each)
-        with ThreadPoolExecutor(min(REMOTE_FOOTER_THREADS, len(todo)), thread_name_prefix="tspt-footer") as pool:
+        pool = ThreadPoolExecutor(min(REMOTE_FOOTER_THREADS, len(todo)), thread_name_prefix="tspt-footer")
+        try:
             for future in [pool.submit(self._footer, si) for si in todo]:
                 future.result()  # the first shard's error, in shard order
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error (or ^C), no more requests
 
     # ------------------------------------------------------------------ per-process state
 
     def _init_process_state(self) -> None:
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._handles: dict[int, ReadHandle] = {}
         self._frame_cache = threading.local()  # (shard, frame) -> decoded bytes, one per thread
+        self._pid = os.getpid()  # last: a thread that sees this process's pid sees the state above
 
     def _load_store_file(self, name: str) -> bytes:
         try:
@@ -399,8 +414,12 @@ class StoreReader:
     def _ensure_process(self) -> None:
         if self._pid != os.getpid():
             # A forked child: the parent's lock may be held by a thread that does not exist
-            # here, and its handles are the parent's. Start afresh (the fds stay with the parent).
-            self._init_process_state()
+            # here, and its handles are the parent's. Start afresh (the fds stay with the parent),
+            # once: threads that get here together (reads in flight) must not each start afresh
+            # and drop the handles the others opened meanwhile.
+            with _PROCESS_LOCK:
+                if self._pid != os.getpid():
+                    self._init_process_state()
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -518,22 +537,43 @@ class StoreReader:
     def _read_exact(self, si: int, offset: int, length: int, what: str) -> bytes:
         entry = self._index.shards[si]
         where = f"{self._where(si)} (the index says {entry.file_bytes} bytes)"
+        handle = self._handle(si)
         try:
-            return read_exact(self._handle(si), offset, length, what, where, error=ShardSizeError)
+            return read_exact(handle, offset, length, what, where, error=ShardSizeError)
         except RemoteStorageError as exc:
-            if exc.errno == errno.ENOENT:  # an object store's shard deleted under an open handle
-                self._raise_if_changed(exc)
+            self._raise_if_vanished(si, handle, exc)
             raise
+
+    def _raise_if_vanished(self, si: int, handle: ReadHandle, exc: RemoteStorageError) -> None:
+        """If ``exc`` says shard ``si`` is gone (ENOENT: an object store's shard deleted under an
+        open handle), raise StoreChangedError if the store was replaced, else MissingShardError,
+        as for a shard found missing at open: a record error (reported per record by bulk reads,
+        skipped by skip_corrupt), not a failed request. The stale handle is dropped (not closed:
+        other threads may still be reading through it)."""
+        if exc.errno != errno.ENOENT:
+            return
+        self._raise_if_changed(exc)
+        with self._lock:
+            if self._handles.get(si) is handle:
+                del self._handles[si]
+        raise MissingShardError(
+            f"{self._where(si)}: the shard file is missing (it went away while open; the index "
+            f"lists it with {self._index.shards[si].records} records)"
+        ) from exc
 
     def _footer(self, si: int) -> ShardFooter:
         footer = self._footers[si]
         if footer is not None:
             return footer
         entry: ShardEntry = self._index.shards[si]
+        handle = self._handle(si)
         try:
-            footer = fetch_footer(self._handle(si), self._index, entry, self._where(si))
+            footer = fetch_footer(handle, self._index, entry, self._where(si))
         except (ShardSizeError, ShardFormatError) as exc:
             self._raise_if_changed(exc)  # a legacy store's shard name reused by a later writer
+            raise
+        except RemoteStorageError as exc:
+            self._raise_if_vanished(si, handle, exc)
             raise
         self._footers[si] = footer
         return footer
@@ -882,6 +922,7 @@ class StoreReader:
         order = np.argsort(shard, kind="stable")
         ss = shard[order]
         cuts = np.flatnonzero(ss[1:] != ss[:-1]) + 1
+        self._prefetch_footers(ss[np.append(0, cuts)].tolist(), failed)
         for idx in np.split(order, cuts):
             si = int(shard[idx[0]])
             try:
@@ -1005,6 +1046,39 @@ class StoreReader:
             table = self._check_table(table)
         return self._fetch(recs, table, {} if missing is None else missing)
 
+    def _read_width(self, reads: int) -> int:
+        """Reads to keep in flight for ``reads`` reads: the storage's ``read_concurrency``
+        (checked: a storage class of the user's may set anything), at most ``reads``."""
+        value = getattr(self._storage, "read_concurrency", 1)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InvalidOptionError(
+                f"store {self.location!r}: {type(self._storage).__name__}.read_concurrency: expected a "
+                f"positive int (reads in flight), found {value!r}"
+            )
+        return min(int(value), reads)
+
+    def _prefetch_footers(self, shards: list[int], failed: dict[int, BaseException]) -> None:
+        """Where the storage keeps reads in flight, read the footers of ``shards`` (ascending)
+        not read yet that many at a time, as :meth:`_read_runs` does frames: a batch over many
+        shards of a remote store with no frame table (multi-record or raw frames) then waits
+        out a few round trips for its footers, not one per shard in a row. A shard's record
+        error goes to ``failed``; another error raises, the first in shard order."""
+        todo = [si for si in shards if si not in failed and self._footers[si] is None]
+        width = self._read_width(len(todo))
+        if width < 2:
+            return  # read in turn by the caller
+        self._ensure_process()
+        pool = ThreadPoolExecutor(width, thread_name_prefix="tspt-footer")
+        try:
+            futures = [pool.submit(self._footer, si) for si in todo]
+            for si, future in zip(todo, futures):
+                try:
+                    future.result()
+                except RECORD_ERRORS as exc:
+                    failed[si] = exc  # a non-record error raises here: the first in shard order
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error (or ^C), no more requests
+
     def _fetch(self, recs: np.ndarray, table: np.ndarray | None, missing: dict[int, BaseException]) -> FetchedFrames:
         out = FetchedFrames(recs)
         if not len(recs):
@@ -1115,18 +1189,37 @@ class StoreReader:
         each result a buffer or its record error (other errors raise, the first in order);
         otherwise one callable per read, run in turn by the caller, so that a shard found
         missing is not asked again."""
-        width = min(getattr(self._storage, "read_concurrency", 1), len(jobs))
+        width = self._read_width(len(jobs))
         if width < 2:
             return [functools.partial(self._read_run, *job, missing) for job in jobs]
 
+        # Each shard is opened once, before its reads (an open may be a request, a HEAD; a
+        # missing shard's is two, with the index read that tells "missing" from "replaced"):
+        # reads of one shard started together would otherwise each open it, or each find it
+        # missing. An open's error goes to that shard's reads, in their place in the order.
+        self._ensure_process()
+        failed: dict[int, BaseException] = {}
+
+        def open_one(si: int) -> None:
+            try:
+                self._handle(si)
+            except Exception as exc:  # kept for the shard's reads, raised there in order
+                failed[si] = exc
+
         def one(job: tuple[int, int, int, str]) -> Any:
             try:
+                exc = failed.get(job[0])
+                if exc is not None:
+                    raise exc
                 return self._read_run(*job, missing)
             except RECORD_ERRORS as exc:
                 return exc
 
+        to_open = sorted({job[0] for job in jobs if job[0] not in missing and job[0] not in self._handles})
         pool = ThreadPoolExecutor(width, thread_name_prefix="tspt-read")
         try:
+            for f in [pool.submit(open_one, si) for si in to_open]:
+                f.result()
             futures = [pool.submit(one, job) for job in jobs]
             return [f.result() for f in futures]
         finally:

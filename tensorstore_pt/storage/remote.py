@@ -90,6 +90,17 @@ _BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs"})
 _READ_ONLY = frozenset({"http", "https"})
 _OPTION_PREFIX = "tspt_"
+#: Serializes FsspecStorage.fs's rebuild in a forked child; made afresh in every child (a lock
+#: the parent's threads held at the fork would stay held there).
+_REBUILD_LOCK = threading.Lock()
+
+
+def _reset_rebuild_lock() -> None:
+    global _REBUILD_LOCK
+    _REBUILD_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_rebuild_lock)
 _TRANSIENT_CODES = frozenset(
     {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError", "ServiceUnavailable"}
 )
@@ -305,11 +316,15 @@ class FsspecStorage(Storage):
     @property
     def fs(self) -> Any:
         """This process's fsspec file system (rebuilt in a forked child: an async backend's
-        event loop and connections belong to the process that made them)."""
+        event loop and connections belong to the process that made them). Rebuilt once, by
+        the first of the child's threads to ask (a bulk read's reads in flight all ask at
+        once); the others wait for it."""
         if self._pid != os.getpid():
-            self._fs, self._root = self._make_fs()
-            self._pid = os.getpid()
-            self._listed_lock = threading.Lock()
+            with _REBUILD_LOCK:
+                if self._pid != os.getpid():
+                    self._fs, self._root = self._make_fs()
+                    self._listed_lock = threading.Lock()
+                    self._pid = os.getpid()  # last: a thread that sees it sees the new file system
         return self._fs
 
     # ------------------------------------------------------------------ pickling
