@@ -1119,12 +1119,17 @@ class CachedStorage(Storage):
             width: Downloads in flight at once (>= 1).
 
         Returns:
-            The daemon thread running the downloads (joined by nobody), or None if there was
-            nothing to download.
+            The daemon thread running the downloads, or None if there was nothing to
+            download. Join it before a ``fork`` if the child will read these shards soon:
+            see fork safety.
 
         Memory: ``width`` download chunks of 8 MiB. Disk: the shards, as any read would.
-        Thread safety: safe. Fork safety: the downloads belong to this process; a child
-        forked meanwhile waits on the cache's per-shard lock like any other reader.
+        Thread safety: safe. Fork safety: the downloads belong to this process. A child
+        forked meanwhile closes its inherited copies of the download locks at once (so they
+        are released when these downloads end) and waits on a shard's lock like any other
+        reader; :meth:`StoreDataLoader.__iter__
+        <tensorstore_pt.dataset.StoreDataLoader.__iter__>` still joins the downloads before
+        ``fork`` workers start, so that they start with their first shards on the node.
         """
         todo = [self.keys[n] for n in dict.fromkeys(names) if n in self.keys]
         if not todo:

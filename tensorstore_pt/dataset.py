@@ -1486,13 +1486,14 @@ class StoreDataLoader(DataLoader):
         object-store client, while the workers start: a worker then finds them on the node
         instead of first creating a client of its own (about 0.5 s for s3fs) and fetching them.
 
-        Workers started by ``fork`` inherit this process's open files, and with them the
-        download locks (``flock``) of downloads in flight, which would then never be released:
-        with ``fork``, the downloads end before the workers start (they run in parallel,
-        :data:`~tensorstore_pt.cache.WARM_THREADS` at a time, so this costs about what a
-        worker's own first download would). ``spawn`` and ``forkserver`` workers inherit no
-        open file (the cache opens every file close-on-exec), so the downloads overlap their
-        start.
+        Workers started by ``fork`` inherit this process's open files, and with them the files
+        of downloads in flight (the cache closes its inherited download locks in a forked
+        child, but a half-written download's file would stay pinned there while the worker
+        lives): with ``fork``, the downloads end before the workers start (they run in
+        parallel, :data:`~tensorstore_pt.cache.WARM_THREADS` at a time, so this costs about
+        what a worker's own first download would). ``spawn`` and ``forkserver`` workers
+        inherit no open file (the cache opens every file close-on-exec), so the downloads
+        overlap their start.
         """
         try:
             thread = ds._view.cached.warm(ds._first_shards(self.num_workers))  # type: ignore[union-attr]
