@@ -451,8 +451,8 @@ class StoreDataset(Dataset):
         """A batch of records in one bulk read: what ``DataLoader`` calls (torch 2.x's
         ``_MapDatasetFetcher``) instead of ``ds[i]`` per index when it batches.
 
-        The records' frames are fetched with :meth:`StoreReader.read_many
-        <tensorstore_pt.reader.StoreReader.read_many>`: nearby frames in one read, and on an
+        The records' frames are fetched with :meth:`StoreReader.iter_many
+        <tensorstore_pt.reader.StoreReader.iter_many>`: nearby frames in one read, and on an
         object store up to :attr:`~tensorstore_pt.storage.Storage.read_concurrency` ranged GETs
         in flight, so a shuffled batch of 32 records from 32 shards costs a few round trips,
         not 32 in a row. The samples and errors are those of ``[ds[i] for i in indices]``:
