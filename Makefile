@@ -7,10 +7,19 @@ TORCH := torch==2.13.0
 
 .PHONY: demo test lint venv clean bench bench-quick bench-peers bench-remote
 
+# s3fs (through aiobotocore) pins botocore to a narrow range and moto wants boto3: naming the
+# versions that fit all of them spares pip's resolver a backtracking search of many minutes.
+S3_PINS := boto3==1.43.117 botocore==1.43.117 aiobotocore==3.10.0
+
+# torch first, on its own: pip then takes the CPU build on this disk (installed together with
+# the extras, it took PyPI's CUDA build of the same version: a 5.8 GB venv). With torch
+# installed, the project's `torch>=2.6` installs nothing more.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) -e '.[demo,test]'
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(S3_PINS) -e '.[demo,test]'
+	$(PY) -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -32,9 +41,8 @@ lint: $(VENV)/.installed
 PEERS_VENV := .venv-peers
 PEERS_PY := $(PEERS_VENV)/bin/python
 PEERS_TORCH := torch==2.14.1 torchvision==0.29.1
-# s3fs (through aiobotocore) pins botocore to a narrow range and the peers want boto3: naming
-# the versions that fit all of them spares pip's resolver a backtracking search of many minutes.
-PEERS_PINS := boto3==1.43.117 botocore==1.43.117 aiobotocore==3.10.0
+# The same S3 pins as the test venv (above): the peers want boto3 too.
+PEERS_PINS := $(S3_PINS)
 
 $(PEERS_VENV)/.installed: pyproject.toml
 	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
