@@ -10,7 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -182,11 +182,32 @@ def test_dataloader_fork_workers_after_a_bulk_read_in_the_parent(store: Path) ->
     assert not [t for t in threading.enumerate() if t.name.startswith("tspt-read")]
 
 
+def _in_forked_child(body: Callable[[], str]) -> str:
+    """Run ``body`` in a forked child (a DataLoader worker's situation); the text it returned,
+    once the child has exited cleanly."""
+    import os
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.write(write_fd, body().encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read_fd, 100).decode()
+    os.close(read_fd)
+    assert os.waitstatus_to_exitcode(status) == 0, answer
+    return answer
+
+
 def test_a_forked_child_rebuilds_the_s3_file_system_once_for_reads_in_flight(s3_bucket: tuple[str, dict]) -> None:
     """Fault: in a forked child (a DataLoader worker) the first bulk read's 16 reads in flight
     each found the parent's fsspec file system and each built a new one (16 clients, a race on
     the listing lock). Now the first thread rebuilds it and the others wait and use it."""
-    import os
 
     from tensorstore_pt.storage import remote
 
@@ -205,23 +226,12 @@ def test_a_forked_child_rebuilds_the_s3_file_system_once_for_reads_in_flight(s3_
         time.sleep(0.05)  # a client takes a while to build: the window the threads raced in
         return real(self)
 
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            remote.FsspecStorage._make_fs = counting  # type: ignore[method-assign]
-            got = [int(s["i"]) for s in reader.read_many(picks, table=table)]
-            os.write(write_fd, f"{len(calls)} {got == picks}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    _, status = os.waitpid(pid, 0)
-    answer = os.read(read_fd, 100).decode()
-    os.close(read_fd)
-    assert os.waitstatus_to_exitcode(status) == 0, answer
-    assert answer == "1 True"
+    def child() -> str:
+        remote.FsspecStorage._make_fs = counting  # type: ignore[method-assign]
+        got = [int(s["i"]) for s in reader.read_many(picks, table=table)]
+        return f"{len(calls)} {got == picks}"
+
+    assert _in_forked_child(child) == "1 True"
 
 
 @pytest.fixture(scope="module")
@@ -266,42 +276,31 @@ def test_threads_of_a_forked_child_start_the_reader_afresh_once(store: Path) -> 
     """Fault: in a forked child, threads reading at once (a bulk read's footers or frames, or
     the user's threads) each found the parent's pid and each reset the reader's handles and
     lock, dropping the handles the others had just opened. Now one thread resets, once."""
-    import os
 
     reader = ts.open_store(_SlowObjectStore(store), verify=False)
     reader.read_many([0, N - 1])
     bounds = reader.shard_bounds().tolist()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            calls: list[int] = []
-            real = ts.StoreReader._init_process_state
 
-            def slow(self: ts.StoreReader) -> None:
-                calls.append(1)
-                time.sleep(0.05)  # the window in which the other threads also saw a new pid
-                real(self)
+    def child() -> str:
+        calls: list[int] = []
+        real = ts.StoreReader._init_process_state
 
-            ts.StoreReader._init_process_state = slow  # type: ignore[method-assign]
-            got: dict[int, int] = {}
-            threads = [threading.Thread(target=lambda a=a: got.update({a: int(reader[a]["i"])})) for a, _ in bounds]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            ok = got == {a: a for a, _ in bounds} and len(reader._handles) == len(bounds)
-            os.write(write_fd, f"{len(calls)} {ok}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    _, status = os.waitpid(pid, 0)
-    answer = os.read(read_fd, 100).decode()
-    os.close(read_fd)
-    assert os.waitstatus_to_exitcode(status) == 0, answer
-    assert answer == "1 True"
+        def slow(self: ts.StoreReader) -> None:
+            calls.append(1)
+            time.sleep(0.05)  # the window in which the other threads also saw a new pid
+            real(self)
+
+        ts.StoreReader._init_process_state = slow  # type: ignore[method-assign]
+        got: dict[int, int] = {}
+        threads = [threading.Thread(target=lambda a=a: got.update({a: int(reader[a]["i"])})) for a, _ in bounds]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ok = got == {a: a for a, _ in bounds} and len(reader._handles) == len(bounds)
+        return f"{len(calls)} {ok}"
+
+    assert _in_forked_child(child) == "1 True"
 
 
 def test_dataset_indices_are_what_the_reader_takes(store: Path) -> None:
