@@ -18,11 +18,10 @@ positional read: one for a shard's footer (its tail, once), then one a record or
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -136,6 +135,17 @@ def _check_map_location(map_location: Any) -> Any:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidOptionError(f"map_location: {map_location!r} needs CUDA, which is not available in this process")
     return map_location
+
+
+def _in_flight(fn: Callable[[Any], Any], items: Sequence[Any], width: int, name: str) -> list[Any]:
+    """``[fn(x) for x in items]`` with ``width`` calls in flight, in threads named ``name``: the
+    first exception in the order of ``items`` raises, and after it (or a ``KeyboardInterrupt``)
+    the calls not started yet are cancelled, so no more requests go out."""
+    pool = ThreadPoolExecutor(width, thread_name_prefix=name)
+    try:
+        return [future.result() for future in [pool.submit(fn, x) for x in items]]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_index_bytes(storage: Storage) -> bytes:
@@ -370,12 +380,7 @@ class StoreReader:
             return
         if not self._verify:
             self._storage.sizes()  # one listing, from which the handles take their sizes (no HEAD each)
-        pool = ThreadPoolExecutor(min(REMOTE_FOOTER_THREADS, len(todo)), thread_name_prefix="tspt-footer")
-        try:
-            for future in [pool.submit(self._footer, si) for si in todo]:
-                future.result()  # the first shard's error, in shard order
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # after an error (or ^C), no more requests
+        _in_flight(self._footer, todo, min(REMOTE_FOOTER_THREADS, len(todo)), "tspt-footer")  # errors in shard order
 
     # ------------------------------------------------------------------ per-process state
 
@@ -1068,16 +1073,17 @@ class StoreReader:
         if width < 2:
             return  # read in turn by the caller
         self._ensure_process()
-        pool = ThreadPoolExecutor(width, thread_name_prefix="tspt-footer")
-        try:
-            futures = [pool.submit(self._footer, si) for si in todo]
-            for si, future in zip(todo, futures):
-                try:
-                    future.result()
-                except RECORD_ERRORS as exc:
-                    failed[si] = exc  # a non-record error raises here: the first in shard order
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # after an error (or ^C), no more requests
+
+        def one(si: int) -> BaseException | None:
+            try:
+                self._footer(si)
+            except RECORD_ERRORS as exc:
+                return exc  # a non-record error raises: the first in shard order
+            return None
+
+        for si, exc in zip(todo, _in_flight(one, todo, width, "tspt-footer")):
+            if exc is not None:
+                failed[si] = exc
 
     def _fetch(self, recs: np.ndarray, table: np.ndarray | None, missing: dict[int, BaseException]) -> FetchedFrames:
         out = FetchedFrames(recs)
@@ -1144,9 +1150,9 @@ class StoreReader:
         read = self._read_runs(jobs, missing)
         for run, (si, base, _, _), got in zip(runs, jobs, read):
             try:
-                buf = got() if callable(got) else got
-                if isinstance(buf, BaseException):
-                    raise buf
+                if isinstance(got, BaseException):
+                    raise got
+                buf = got
             except RECORD_ERRORS as exc:
                 if isinstance(exc, MissingShardError):
                     missing[si] = exc
@@ -1183,15 +1189,20 @@ class StoreReader:
             raise exc
         return self._read_exact(si, base, length, what)
 
-    def _read_runs(self, jobs: list[tuple[int, int, int, str]], missing: dict[int, BaseException]) -> list[Any]:
-        """The reads of :meth:`_fetch`, one per ``(shard, offset, length, what)``: where the
-        storage keeps several in flight (:attr:`Storage.read_concurrency`), all of them now,
-        each result a buffer or its record error (other errors raise, the first in order);
-        otherwise one callable per read, run in turn by the caller, so that a shard found
-        missing is not asked again."""
+    def _read_runs(self, jobs: list[tuple[int, int, int, str]], missing: dict[int, BaseException]) -> Iterator[Any]:
+        """The reads of :meth:`_fetch`, one per ``(shard, offset, length, what)``, in order, each
+        a buffer or its record error (other errors raise, the first in order): where the storage
+        keeps several in flight (:attr:`Storage.read_concurrency`), all of them at the first
+        ``next``; otherwise each when it is asked for, so that a shard the caller found missing
+        (``missing``) is not asked again."""
         width = self._read_width(len(jobs))
         if width < 2:
-            return [functools.partial(self._read_run, *job, missing) for job in jobs]
+            for job in jobs:
+                try:
+                    yield self._read_run(*job, missing)
+                except RECORD_ERRORS as exc:
+                    yield exc
+            return
 
         # Each shard is opened once, before its reads (an open may be a request, a HEAD; a
         # missing shard's is two, with the index read that tells "missing" from "replaced"):
@@ -1216,14 +1227,8 @@ class StoreReader:
                 return exc
 
         to_open = sorted({job[0] for job in jobs if job[0] not in missing and job[0] not in self._handles})
-        pool = ThreadPoolExecutor(width, thread_name_prefix="tspt-read")
-        try:
-            for f in [pool.submit(open_one, si) for si in to_open]:
-                f.result()
-            futures = [pool.submit(one, job) for job in jobs]
-            return [f.result() for f in futures]
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        _in_flight(open_one, to_open, width, "tspt-read")
+        yield from _in_flight(one, jobs, width, "tspt-read")
 
     def decode_many(self, fetched: FetchedFrames, *, raw: bool = False) -> Iterator[RecordResult]:
         """Check, decompress and load the records of ``fetched``, in its order.
