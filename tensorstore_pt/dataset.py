@@ -964,15 +964,9 @@ class StoreIterableDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, k = (0, 1) if info is None else (int(info.id), int(info.num_workers))
-        rank, world = self._rank_world()
-        c = self._control
-        epoch, start, chunk = int(c[_EPOCH]), int(c[_START]), int(c[_CHUNK])
-        split = self._split(rank, world)
-        start = min(start, split.length)
-        if not int(c[_QUIET]):
+        split, start, chunk, layout, order = self._walk()
+        if not int(self._control[_QUIET]):
             self._say(self.partition(k), worker)
-        layout = self.layout()
-        order = EpochOrder(layout, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
         segments = worker_segments(split, layout.window_records, start, chunk, k, worker)
         # The same walk again, for the shard cache's prefetch plan (a second, lazy pass: O(1) memory).
         plan = worker_segments(split, layout.window_records, start, chunk, k, worker)
@@ -1128,6 +1122,19 @@ class StoreIterableDataset(IterableDataset):
                         yield si
                         last = si
 
+    def _walk(self) -> tuple[RankSplit, int, int, BlockLayout, EpochOrder]:
+        """Where this rank's walk of the epoch stands now: its split, the start position in it,
+        the loader's chunk (batch size), the block layout and the epoch's order. What every
+        consumer of the rank computes its records from (:meth:`__iter__`), and what the
+        loader's head start (:meth:`_first_shards`) must compute them from too."""
+        rank, world = self._rank_world()
+        c = self._control
+        epoch, start, chunk = int(c[_EPOCH]), int(c[_START]), int(c[_CHUNK])
+        split = self._split(rank, world)
+        layout = self.layout()
+        order = EpochOrder(layout, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        return split, min(start, split.length), chunk, layout, order
+
     def _first_shards(self, k: int) -> list[str]:
         """The shards each of ``k`` workers reads for its first batch (the read group
         :meth:`_first_piece_apart` cuts off), worker by worker, at the current position: what
@@ -1136,13 +1143,7 @@ class StoreIterableDataset(IterableDataset):
         cached = self._view.cached
         if cached is None or k < 1 or self._bypass_cache():
             return []
-        rank, world = self._rank_world()
-        c = self._control
-        epoch, start, chunk = int(c[_EPOCH]), int(c[_START]), int(c[_CHUNK])
-        split = self._split(rank, world)
-        start = min(start, split.length)
-        layout = self.layout()
-        order = EpochOrder(layout, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        split, start, chunk, layout, order = self._walk()
         starts = self._view.bounds[:, 0]
         keys = list(cached.keys.values())  # every shard of the index, in its order
         limit = cached.cache.limit_bytes
