@@ -267,6 +267,17 @@ def _stream(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _new_shard_reads(n: int, strata: int, rng: Any) -> list[int]:
+    """One uniformly drawn record in each of ``strata`` equal slices of ``n`` records, shuffled:
+    with ``strata`` the number of shards, each read lands in a shard nothing has read yet."""
+    import numpy as np
+
+    edges = np.linspace(0, n, strata + 1).astype(np.int64)
+    reads = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:])]
+    rng.shuffle(reads)
+    return reads
+
+
 def _random(task: dict[str, Any]) -> dict[str, Any]:
     """Random reads from a cold cache, in two phases in one process.
 
@@ -281,10 +292,8 @@ def _random(task: dict[str, Any]) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
     get = _getter(task["system"], task["url"], Path(task["data_dir"]), task["options"], cache)
     rng = np.random.default_rng(1)
-    n, strata = task["records"], task["strata"]
-    edges = np.linspace(0, n, strata + 1).astype(np.int64)
-    cold = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:])]
-    rng.shuffle(cold)
+    n = task["records"]
+    cold = _new_shard_reads(n, task["strata"], rng)
     out: dict[str, Any] = {}
     for phase, order in (("cold", cold), ("mixed", rng.integers(0, n, size=task["reads"]).tolist())):
         t0 = time.perf_counter()
@@ -308,11 +317,7 @@ def _batch(task: dict[str, Any]) -> dict[str, Any]:
 
     cache = Path(task["cache"])
     cache.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    n, strata = task["records"], task["strata"]
-    edges = np.linspace(0, n, strata + 1).astype(np.int64)
-    order = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:])]
-    rng.shuffle(order)
+    order = _new_shard_reads(task["records"], task["strata"], np.random.default_rng(1))
     if task["system"] == "tspt":
         from tensorstore_pt import open_store
 
