@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from ._forksafe import ChildLock
 from .checksums import ALGORITHM, digest_int
 from .codecs import Codec, get_codec
 from .codecs.registry import MAX_DICT_BYTES
@@ -97,15 +98,7 @@ REMOTE_FOOTER_THREADS = 16
 MERGE_GAP_BYTES = 64 * 2**10
 #: Serializes StoreReader._ensure_process's fresh start in a forked child; made afresh in every
 #: child (a lock a parent's thread held at the fork would stay held there).
-_PROCESS_LOCK = threading.Lock()
-
-
-def _reset_process_lock() -> None:
-    global _PROCESS_LOCK
-    _PROCESS_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_process_lock)
+_PROCESS_LOCK = ChildLock()
 
 #: What a bulk read reports per record instead of raising: the store's damage
 #: (``CorruptStoreError`` and its subclasses) and refused pickles (``UnsafePayloadError``).

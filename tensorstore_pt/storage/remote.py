@@ -63,6 +63,7 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
+from .._forksafe import ChildLock
 from ..errors import (
     BackendNotInstalledError,
     ConcurrentWriteError,
@@ -92,15 +93,7 @@ _READ_ONLY = frozenset({"http", "https"})
 _OPTION_PREFIX = "tspt_"
 #: Serializes FsspecStorage.fs's rebuild in a forked child; made afresh in every child (a lock
 #: the parent's threads held at the fork would stay held there).
-_REBUILD_LOCK = threading.Lock()
-
-
-def _reset_rebuild_lock() -> None:
-    global _REBUILD_LOCK
-    _REBUILD_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_rebuild_lock)
+_REBUILD_LOCK = ChildLock()
 _TRANSIENT_CODES = frozenset(
     {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError", "ServiceUnavailable"}
 )
