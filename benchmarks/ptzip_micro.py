@@ -14,6 +14,9 @@ Operations:
   split+rebuild   both
   prove           _ptzip.prove(buf): split, rebuild, compare (what the writer pays per record)
   meta->bytes     decode_meta(meta, storages, layout) then rebuild: what read_bytes pays
+  dumps           tensorstore_pt.serialization.dumps(sample): what a writer pays per record (check,
+                  compact, torch.save; or, for a plain shape seen before, its proved save
+                  template around the sample's storages: the same bytes)
 
 Cases: digits (8x8 uint8 image, 0-dim int64 label), patch (3x64x64 uint8, 0-dim label),
 4 MiB float32 (a 1-D tensor of 2**20 values).
@@ -33,7 +36,7 @@ from typing import Any
 
 import torch
 
-from tensorstore_pt import _ptzip
+from tensorstore_pt import _ptzip, serialization
 
 from benchmarks.fastload_micro import CLOCKS, per_item_us, saved
 
@@ -74,7 +77,10 @@ def run(rounds: int, pool: int, clock_name: str = "cpu") -> dict[str, dict[str, 
             "split+rebuild": (lambda b: _ptzip.rebuild(_ptzip.split(b)), bufs),
             "prove": (_ptzip.prove, bufs),
             "meta->bytes": (lambda m: _ptzip.rebuild(_ptzip.decode_meta(*m)), metas),
+            "dumps": (serialization.dumps, samples),
         }
+        if [serialization.dumps(s) for s in samples] != bufs:
+            raise SystemExit(f"{name}: dumps did not give torch.save's bytes")
         for fn, items in ops.values():  # warm up: templates, torch's lazy imports
             fn(items[0])
         times: dict[str, list[float]] = {k: [] for k in ops}

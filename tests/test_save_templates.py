@@ -1,0 +1,187 @@
+"""``serialization.dumps`` reuses a proved template for samples of a shape seen before
+(:class:`tensorstore_pt.serialization._SaveTemplates`); its bytes must be ``torch.save``'s own,
+byte for byte, whatever the sample."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import samples
+
+from tensorstore_pt import serialization as ser
+from tensorstore_pt.writer import _snapshot
+
+
+def _torch_save(sample):
+    buf = io.BytesIO()
+    torch.save(ser.compact(sample), buf)
+    return buf.getvalue()
+
+
+def _same_shape(sample, seed: int):
+    """A sample of the same structure (same leaves, same dict keys, same object sharing)
+    whose tensors hold other bytes."""
+    g = torch.Generator().manual_seed(seed)
+    memo: dict[int, object] = {}
+
+    def go(x):
+        if id(x) in memo:
+            return memo[id(x)]
+        if isinstance(x, torch.Tensor):
+            if x.layout != torch.strided:
+                out = x
+            else:
+                t = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+                n = t.untyped_storage().nbytes()
+                if n:
+                    flat = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+                    flat.copy_(
+                        torch.randint(0, 2 if x.dtype == torch.bool else 256, (n,), dtype=torch.uint8, generator=g)
+                    )
+                if type(x) is torch.nn.Parameter:
+                    out = torch.nn.Parameter(t, requires_grad=x.requires_grad)
+                else:
+                    out = t.requires_grad_(True) if x.requires_grad else t
+        elif type(x) in (list, tuple):
+            out = type(x)(go(v) for v in x)
+        elif isinstance(x, dict):
+            out = type(x)({k: go(v) for k, v in x.items()})  # a mapping: Counter copies counts
+        else:
+            return x
+        memo[id(x)] = out
+        return out
+
+    return go(sample)
+
+
+@pytest.fixture
+def templates(monkeypatch):
+    """A fresh template cache for the test (the module's own is shared by the process)."""
+    fresh = ser._SaveTemplates()
+    monkeypatch.setattr(ser, "_TEMPLATES", fresh)
+    return fresh
+
+
+@settings(max_examples=150, deadline=None)
+@given(sample=samples(extras=True), seed=st.integers(0, 2**31))
+def test_templated_bytes_are_torch_saves_for_any_sample(sample, seed):
+    templates = ser._SaveTemplates()  # a fresh cache for each example
+    saved_templates, ser._TEMPLATES = ser._TEMPLATES, templates
+    try:
+        _check_any_sample(templates, sample, seed)
+    finally:
+        ser._TEMPLATES = saved_templates
+
+
+def _check_any_sample(templates, sample, seed):
+    try:
+        expected = _torch_save(sample)
+        ser.check_sample(sample)
+    except Exception:  # noqa: BLE001 - torch.save or the check refuses it: dumps must refuse it
+        with pytest.raises(ser.UnsupportedSampleError):
+            ser.dumps(sample)
+        return
+    assert ser.dumps(sample) == expected  # the first of its shape: torch.save's own bytes
+    others = [_same_shape(sample, seed + k) for k in range(2)]
+    plain = [templates._signature(x) is not None for x in [sample, *others]]
+    for other in others:  # later ones of the same shape: from the template, if it is plain
+        assert ser.dumps(other) == _torch_save(other)
+    # Every plain shape's template passed its proof, and the later samples used it. (A sample
+    # whose tensors share one buffer is not plain; its copies, with buffers of their own, are.)
+    assert plain[1] == plain[2]
+    assert templates.hits == (2 if plain[0] else 1 if plain[1] else 0)
+    if plain[0]:  # a plain sample saves as its snapshot does (fork workers skip the snapshot)
+        assert ser.plain_dumps(sample) == expected == _torch_save(_snapshot(sample))
+
+
+def test_a_plain_sample_shape_is_saved_from_its_template(templates):
+    g = torch.Generator().manual_seed(0)
+    batch = [
+        {"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g), "label": torch.tensor(i % 10)}
+        for i in range(20)
+    ]
+    assert [ser.dumps(s) for s in batch] == [_torch_save(s) for s in batch]
+    assert (templates.misses, templates.hits) == (1, 19)
+    # A transposed (dense, non-contiguous) tensor and Python leaves of every kind.
+    rows = [
+        (torch.randn(4, 5, generator=g).t(), 7, -0.0, float("nan"), True, None, "name", b"\x00\x01", [1, 2.5])
+        for _ in range(5)
+    ]
+    assert [ser.dumps(s) for s in rows] == [_torch_save(s) for s in rows]
+    assert (templates.misses, templates.hits) == (2, 23)
+
+
+def test_leaf_values_and_string_sharing_are_part_of_the_shape(templates):
+    t = torch.arange(4)
+    a1, a2 = "".join(["ke", "y"]), "".join(["ke", "y"])  # equal, distinct objects
+    same = [{"x": t}, {"x": t.clone()}]
+    distinct = [{a1: t.clone()}, {a2: t.clone()}]
+    shared = [{a1: t.clone()}, {a1: t.clone()}]  # pickle's memo writes the second a1 as a reference
+    cases = [(t.clone(), 1), (t.clone(), 2), (t.clone(), 1.0), (t.clone(), True), same, distinct, shared]
+    for sample in cases + cases:
+        assert ser.dumps(sample) == _torch_save(sample)
+    assert _torch_save(distinct) != _torch_save(shared)  # (the case above is a real difference)
+    assert templates.hits == len(cases)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (torch.arange(6.0)[2:],),  # a view with a storage offset: compacted
+        lambda: (torch.zeros(3).expand(2, 3),),  # overlapping: compacted
+        lambda: (torch.ones(2, requires_grad=True),),
+        lambda: (torch.nn.Parameter(torch.ones(2)),),
+        lambda: (torch.ones(2, dtype=torch.complex64).conj(),),
+        lambda: [torch.ones(2)] * 2,  # one tensor object twice
+        lambda: {"a": (t := torch.ones(4)), "b": t.view(2, 2)},  # one storage, two tensors
+        lambda: (2**70,),
+        lambda: ({(1, 2): torch.ones(1)},),  # a tuple dict key: refused
+    ],
+)
+def test_samples_outside_the_plain_shapes_take_torch_save(templates, make):
+    for _ in range(3):
+        sample = make()
+        try:
+            expected = _torch_save(sample)
+            ser.check_sample(sample)
+        except Exception:  # noqa: BLE001
+            with pytest.raises(ser.UnsupportedSampleError):
+                ser.dumps(sample)
+            continue
+        assert ser.dumps(sample) == expected
+    assert templates.hits == 0
+
+
+def test_save_options_key_the_templates(templates):
+    sample = (torch.arange(10, dtype=torch.int16), "s")
+    assert ser.dumps(sample) == _torch_save(sample)
+    torch.serialization.set_crc32_options(False)
+    try:
+        assert ser.dumps(sample) == _torch_save(sample)  # CRC-32s now 0: not the first template
+        assert ser.dumps(sample) == _torch_save(sample)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert ser.dumps(sample) == _torch_save(sample)
+    assert (templates.misses, templates.hits) == (2, 2)
+
+
+def test_shapes_that_never_repeat_stop_making_templates(templates):
+    for n in range(ser._TEMPLATE_MISS_BUDGET + 20):
+        sample = torch.arange(n + 1)  # a new shape every time
+        assert ser.dumps(sample) == _torch_save(sample)
+    assert templates.misses == ser._TEMPLATE_MISS_BUDGET + 20
+    assert len(templates._templates) == ser._TEMPLATE_MISS_BUDGET  # none made past the budget
+
+
+def test_skip_data_saves_are_never_templated(templates):
+    sample = (torch.arange(8), "x")
+    assert ser.dumps(sample) == _torch_save(sample)
+    with torch.serialization.skip_data():
+        expected = _torch_save(sample)
+        assert ser.dumps(sample) == expected  # torch.save's own (its storages are not written)
+        assert ser.plain_dumps(sample) is None
+    assert templates.hits == 0
