@@ -149,18 +149,6 @@ def progress_text(in_bytes: int, out_bytes: int, seconds: float) -> str:
     return f"in {_rate_text(in_bytes, seconds)} of tensors, out {out}"
 
 
-def _tensor_bytes(obj: Any) -> int:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size() if obj.layout == torch.strided else 0
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
 def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
@@ -260,8 +248,12 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         raw_below=args.raw_below,
         num_workers=args.workers,
     ) as writer:
-        head = list(itertools.islice(samples, 64))
-        samples = itertools.chain(head, samples)
+        rows = source.rows
+        if rows is not None:
+            head = [rows[i] for i in range(min(64, len(rows)))]
+        else:
+            head = list(itertools.islice(samples, 64))
+            samples = itertools.chain(head, samples)
         source_bytes = sum(f.stat().st_size for f in source.files) if source.files else source.path.stat().st_size
         from .audit import pack_size_warning
 
@@ -274,15 +266,17 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         if warning:
             _note(f"warning: {warning}")
         start = time.perf_counter()
-        in_bytes = 0
         with tqdm(total=source.records, unit="rec", disable=args.quiet, dynamic_ncols=True, file=sys.stderr) as bar:
-            for sample in samples:
-                in_bytes += _tensor_bytes(sample)
-                writer.write(sample)
-                bar.update(1)
-                if bar.n % 64 == 0 or bar.n == source.records:
+
+            def progress(done: int, in_bytes: int) -> None:
+                step = bar.n // 64 != done // 64 or done == source.records
+                bar.update(done - bar.n)
+                if step:
                     seconds = time.perf_counter() - start
                     bar.set_postfix_str(progress_text(in_bytes, writer.stored_bytes_written, seconds), refresh=False)
+
+            # A .pt file's rows go by position: fork workers then inherit them (nothing pickled).
+            writer.write_many(rows if rows is not None else samples, progress)
     info = writer.close()
     new_records = writer.records_written
     print(

@@ -31,7 +31,7 @@ import io
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from .errors import InvalidOptionError, StoreNotFoundError, TensorStoreError, Un
 __all__ = [
     "LAYOUTS",
     "PT_MAGICS",
+    "ColumnRows",
     "Source",
     "iter_source",
     "load_pt_bytes",
@@ -296,6 +297,8 @@ class Source:
         description: One line saying how it was read, with the record count.
         skipped: What was not packed, relative to ``path`` (directories only).
         files: The ``.pt`` files, for a directory.
+        rows: The samples by position, for a ``.pt`` file (the list or tuple itself, or a
+            :class:`ColumnRows`); None for a directory. ``samples`` iterates over it.
     """
 
     path: Path
@@ -305,12 +308,34 @@ class Source:
     samples: Iterator[Any] = field(repr=False)
     skipped: tuple[str, ...] = ()
     files: tuple[Path, ...] = ()
+    rows: Sequence[Any] | None = field(default=None, repr=False)
+
+
+class ColumnRows(Sequence[Any]):
+    """The rows of equal-length columns as a sequence: item ``i`` is ``tuple(t[i] for t in
+    columns)`` for a tuple or list of columns, ``{k: v[i] ...}`` for a dict; made on access
+    (views of the columns, no copy). Read-only; safe to read from forked processes."""
+
+    def __init__(self, columns: Any, n: int) -> None:
+        self.columns = columns
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(f"row {i} of {self.n}")
+        i %= self.n
+        if isinstance(self.columns, dict):
+            return {k: v[i] for k, v in self.columns.items()}
+        return tuple(t[i] for t in self.columns)
 
 
 def _columns(obj: Any, n: int) -> Iterator[Any]:
-    if isinstance(obj, dict):
-        return ({k: v[i] for k, v in obj.items()} for i in range(n))
-    return (tuple(t[i] for t in obj) for i in range(n))
+    return iter(ColumnRows(obj, n))
 
 
 def read_layout(obj: Any, where: str, layout: str | None = None) -> tuple[str, int, str, Iterator[Any]]:
@@ -436,8 +461,10 @@ def open_source(src: str | Path, layout: str | None = None, recursive: bool = Fa
         )
         samples = (load_pt_bytes(f.read_bytes(), repr(str(f))) for f in files)
         return Source(src, "files", len(files), desc, samples, tuple(skipped), tuple(files))
-    kind, n, desc, samples = read_layout(load_pt_bytes(src.read_bytes(), repr(str(src))), f"{str(src)!r}", layout)
-    return Source(src, kind, n, desc, samples)
+    obj = load_pt_bytes(src.read_bytes(), repr(str(src)))
+    kind, n, desc, samples = read_layout(obj, f"{str(src)!r}", layout)
+    by_position = obj if kind == "rows" else ColumnRows(obj, n)
+    return Source(src, kind, n, desc, samples, rows=by_position)
 
 
 def iter_source(src: Path, layout: str | None = None, recursive: bool = False) -> tuple[int, Iterator[Any]]:

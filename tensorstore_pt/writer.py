@@ -29,13 +29,14 @@ import collections
 import concurrent.futures as cf
 import datetime
 import io
+import itertools
 import json
 import os
 import pickle
 import socket
 import warnings
 from types import TracebackType
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from . import _version
 from .checksums import digest_int, format_digest
@@ -73,8 +74,9 @@ from .format import (
     parse_index,
     shard_name,
 )
-from .serialization import check_sample, clone_exact, dumps
+from .serialization import check_sample, clone_exact, dumps, plain_dumps, save_options, tensor_bytes
 from . import shardio
+from .sources import ColumnRows
 from .shardio import FrameGrouper, ShardBuilder, dictionary_gain, dictionary_sample, train_dictionary
 from .storage import Storage, StoreLock, if_match_kwargs, storage_for, typed_full_disk
 from .storage.abc import FULL_ERRNOS, full_disk_error, removal_failures
@@ -151,7 +153,13 @@ def _encode(
 
     Returns (raw or None, raw length, frame or None, frame checksum, frame stored raw).
     """
-    raw = dumps(sample)
+    return _frame(dumps(sample), codec, raw_below)
+
+
+def _frame(
+    raw: bytes, codec: Codec | None, raw_below: float = 0.0
+) -> tuple[bytes | None, int, bytes | None, int, bool]:
+    """:func:`_encode` of a sample already serialised to ``raw``."""
     if codec is None:
         return raw, len(raw), None, 0, False
     frame = codec.compress(raw)
@@ -248,11 +256,16 @@ class ShardWriter:
     tasks of up to 32 samples or 1 MiB of pickles, and sent to a pool of N processes, which
     take the same snapshot, ``torch.save`` and compress (with ``frame_target_bytes`` or while
     a dictionary is being trained, workers only serialise and frames are compressed here);
-    results come back in input order. Memory: at most ``2 * N + 2`` tasks are in flight, so
-    the calling process holds at most about ``(2 * N + 3) x 1 MiB`` of pickled samples (or
-    that many samples when one is larger) plus their results, and each worker holds one task,
-    its samples' ``torch.save`` bytes and frames (about 3x the task's raw size) on top of its
-    own interpreter and torch import. A sample a worker cannot save raises the same
+    results come back in input order. A list or tuple given to :meth:`write_many` (and so to
+    :func:`write_store`, and ``tspt pack``'s rows of a ``.pt`` file) on ``fork`` workers that
+    have not started yet is not pickled: the workers fork with it and each task names a range
+    of positions (up to 32 samples or 1 MiB of tensor bytes), so the calling process only
+    writes frames; the workers read the list as it was when they forked. Memory: at most
+    ``2 * N + 2`` tasks are in flight, so the calling process holds at most about
+    ``(2 * N + 3) x 1 MiB`` of pickled samples (or that many samples when one is larger)
+    plus their results, and each worker holds one task, its samples' ``torch.save`` bytes
+    and frames (about 3x the task's raw size) on top of its own interpreter and torch import
+    (an inherited list's pages are shared with the calling process until written to). A sample a worker cannot save raises the same
     :class:`UnsupportedSampleError` as in-process (from a later ``write`` or from ``close``);
     a worker that dies raises :class:`PackWorkerError`; either way, and on abort or Ctrl-C,
     the workers are terminated and nothing is published. Workers ignore SIGINT (the calling
@@ -439,6 +452,8 @@ class ShardWriter:
         self._codec_sent: tuple[int, bytes] | None = None  # (key, pickled codec) for worker processes
         self._batch: list[bytes] = []  # pickled samples not yet sent to the worker processes
         self._pickler = _SamplePickler() if self.num_workers else None
+        self._pool_started = False  # whether a task was sent to the pool (fork workers then exist)
+        self._inherited: int | None = None  # the key in _INHERITED of the samples the workers inherit
         self._batch_bytes = 0
         self._codec_sent_for: Codec | None = None
         self._state = "open"
@@ -597,6 +612,7 @@ class ShardWriter:
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._pool_started = True
         try:
             self._pending.append(
                 self._pool.submit(_encode_in_worker, batch, self._codec_blob(self._pool_codec()), self.raw_below)
@@ -607,12 +623,77 @@ class ShardWriter:
         while len(self._pending) > self._max_pending:
             self._drain_one()
 
-    def write_many(self, samples: Iterable[Any]) -> int:
-        """Write every sample of an iterable; return how many were written."""
-        n = 0
+    def write_many(self, samples: Iterable[Any], progress: Callable[[int, int], None] | None = None) -> int:
+        """Write every sample of an iterable; return how many were written.
+
+        With ``num_workers`` on ``fork``, a list or tuple (or a pack source's
+        :class:`~tensorstore_pt.sources.ColumnRows`) given to the first call that sends work
+        to the workers is not pickled at all: the workers are forked with it and each task
+        names a range of its positions (see "Parallel packing" in the class docstring).
+
+        Args:
+            samples: The samples, in record order.
+            progress: Called as ``progress(samples_handed_over, their_tensor_bytes)`` after
+                each sample, or each task of inherited samples, is handed to the writer
+                (counted from this call's start; tensor bytes as
+                :func:`~tensorstore_pt.serialization.tensor_bytes`).
+        """
+        if self._inherit_ok(samples):
+            return self._write_inherited(samples, progress)  # type: ignore[arg-type]
+        n = size = 0
         for sample in samples:
             self.write(sample)
             n += 1
+            if progress is not None:
+                size += tensor_bytes(sample)
+                progress(n, size)
+        return n
+
+    def _inherit_ok(self, samples: Iterable[Any]) -> bool:
+        """Whether the worker processes can take ``samples`` by inheritance: fork workers not
+        started yet (they start at the first task), and a list or tuple (positions to name)."""
+        return (
+            bool(self.num_workers)
+            and not self._fresh_interpreters
+            and not self._pool_started
+            and self._state == "open"
+            and (type(samples) in (list, tuple) or type(samples) is ColumnRows)
+        )
+
+    def _write_inherited(self, samples: Sequence[Any], progress: Callable[[int, int], None] | None) -> int:
+        """:meth:`write_many` of a list on fork workers: the list is registered before the
+        workers fork, so they inherit it; each task is a range of positions (up to
+        ``_BATCH_RECORDS`` samples or ``_BATCH_BYTES`` of tensor bytes), encoded by
+        :func:`_encode_inherited`. The calling process pickles nothing but the ranges: it only
+        writes the frames that come back, in order."""
+        self._check_open()
+        self._submit_batch()  # (nothing: the pool has not started, so no write() came first)
+        token = next(_INHERIT_TOKENS)
+        _INHERITED[token] = samples
+        self._inherited = token
+        n = len(samples)
+        start = total = 0
+        while start < n:
+            stop, size = start, 0
+            while stop < n and stop - start < _BATCH_RECORDS and (stop == start or size < _BATCH_BYTES):
+                size += tensor_bytes(samples[stop])
+                stop += 1
+            total += size
+            try:
+                self._pending.append(
+                    self._pool.submit(
+                        _encode_inherited, token, start, stop, self._codec_blob(self._pool_codec()), self.raw_below
+                    )
+                )
+            except cf.process.BrokenProcessPool as exc:
+                self._state = "failed"
+                raise self._worker_died() from exc
+            self._pool_started = True
+            while len(self._pending) > self._max_pending:
+                self._drain_one()
+            start = stop
+            if progress is not None:
+                progress(stop, total)
         return n
 
     def _codec_blob(self, codec: Codec | None) -> tuple[int, bytes] | None:
@@ -896,6 +977,9 @@ class ShardWriter:
         """Release the store's lock (clearing its owner record: a clean end). With
         ``remove_created_dir``, also remove the directory this writer created if nothing was
         published in it (it is removed only if empty)."""
+        if getattr(self, "_inherited", None) is not None:
+            _INHERITED.pop(self._inherited, None)  # the workers are gone: drop the list
+            self._inherited = None
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.release()
@@ -990,18 +1074,24 @@ _BATCH_RECORDS = 32
 _BATCH_BYTES = 2**20
 
 
+def _worker_codec(codec_blob: tuple[int, bytes] | None) -> Codec | None:
+    """The codec a task names, unpickled once per worker process (see ``_codec_blob``)."""
+    if codec_blob is None:
+        return None
+    key, blob = codec_blob
+    codec = _WORKER_CODECS.get(key)
+    if codec is None:
+        _WORKER_CODECS.clear()  # one codec at a time (it changes once, when a dictionary is trained)
+        codec = _WORKER_CODECS[key] = pickle.loads(blob)
+    return codec
+
+
 def _encode_in_worker(
     batch: list[bytes], codec_blob: tuple[int, bytes] | None, raw_below: float = 0.0
 ) -> list[tuple[bytes | None, int, bytes | None, int, bool]]:
     """Run in a worker process: unpickle each sample (:func:`_pickle_sample`), take the
     writer's snapshot of it and :func:`_encode` it; results in batch order."""
-    codec = None
-    if codec_blob is not None:
-        key, blob = codec_blob
-        codec = _WORKER_CODECS.get(key)
-        if codec is None:
-            _WORKER_CODECS.clear()  # one codec at a time (it changes once, when a dictionary is trained)
-            codec = _WORKER_CODECS[key] = pickle.loads(blob)
+    codec = _worker_codec(codec_blob)
     out = []
     for payload in batch:
         try:
@@ -1018,6 +1108,41 @@ def _encode_in_worker(
         except (NotImplementedError, RuntimeError) as exc:
             raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
         out.append(_encode(sample, codec, raw_below))
+    return out
+
+
+#: Sample lists the fork workers of a writer inherit (:meth:`ShardWriter._write_inherited`),
+#: by token; an entry lives from before the workers fork until the writer closes or aborts.
+_INHERITED: dict[int, Sequence[Any]] = {}
+_INHERIT_TOKENS = itertools.count(1)
+
+
+def _encode_inherited(
+    token: int, start: int, stop: int, codec_blob: tuple[int, bytes] | None, raw_below: float = 0.0
+) -> list[tuple[bytes | None, int, bytes | None, int, bool]]:
+    """Run in a fork worker process: :func:`_encode` samples ``start..stop-1`` of the list it
+    inherited (``_INHERITED[token]``); results in order. No snapshot is taken: this process's
+    copy of the list is the one it forked with, which nothing changes (the bytes are those of
+    the snapshot path: a plain sample, one :func:`~tensorstore_pt.serialization.plain_dumps`
+    takes, is the same with or without a snapshot; any other is snapshotted first)."""
+    samples = _INHERITED.get(token)
+    if samples is None:  # a worker that did not fork from the writer's process
+        raise PackWorkerError(f"a pack worker process (pid {os.getpid()}) did not inherit the samples it was sent")
+    codec = _worker_codec(codec_blob)
+    out = []
+    out = []
+    options = save_options()  # once: nothing in this worker changes torch's save options
+    for i in range(start, stop):
+        raw = plain_dumps(samples[i], options)
+        if raw is None:
+            try:
+                snapshot = _snapshot(samples[i])
+            except (NotImplementedError, RuntimeError) as exc:
+                raise UnsupportedSampleError(
+                    f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})"
+                ) from exc
+            raw = dumps(snapshot)
+        out.append(_frame(raw, codec, raw_below))
     return out
 
 

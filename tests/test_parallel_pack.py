@@ -193,3 +193,61 @@ def test_shard_size_estimate_matches_the_footer_it_will_write():
             js = json.dumps(b.meta(records, n + 1), sort_keys=True, separators=(",", ":")).encode()
             tables = (n + 1) * 32 + (records * 24 if multi else 0)
             assert b.size_with(7, 1) == b.pos + 7 + tables + len(js) + TRAILER_BYTES, (multi, n)
+
+
+def _refuse_pickling(self, sample):
+    raise AssertionError("a sample was pickled for a worker")
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "columns", "iterator"])
+def test_fork_workers_inherit_a_list_instead_of_pickling_it(tmp_path, fixed_token, monkeypatch, kind):
+    from tensorstore_pt.sources import ColumnRows
+
+    images = torch.stack([s["x"] for s in SAMPLES])
+    labels = torch.arange(len(SAMPLES))
+    rows = [(images[i], labels[i]) for i in range(len(SAMPLES))]
+    source = {"list": rows, "tuple": tuple(rows), "columns": ColumnRows((images, labels), len(rows))}.get(kind)
+    ts.write_store(rows, tmp_path / "ref", codec="zstd", max_shard_bytes=20_000)
+    if kind == "iterator":
+        source = iter(rows)  # no positions: pickled as before
+    else:
+        monkeypatch.setattr(writer_mod._SamplePickler, "dumps", _refuse_pickling)  # forked workers see it too
+    seen = []
+    with ts.ShardWriter(tmp_path / "w2", codec="zstd", max_shard_bytes=20_000, num_workers=2, start_method="fork") as w:
+        assert w.write_many(source, progress=lambda n, b: seen.append((n, b))) == len(rows)
+    assert store_files(tmp_path / "w2") == store_files(tmp_path / "ref")
+    assert seen[-1] == (len(rows), sum(r[0].numel() + 8 for r in rows))  # images + int64 labels
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+    assert writer_mod._INHERITED == {}  # the writer let go of the list
+    assert workers_alive() == []
+
+
+def test_a_list_after_single_writes_is_pickled_and_stays_identical(tmp_path, fixed_token):
+    ts.write_store(SAMPLES, tmp_path / "ref", codec="zstd", max_shard_bytes=20_000)
+    with ts.ShardWriter(tmp_path / "w", codec="zstd", max_shard_bytes=20_000, num_workers=2, start_method="fork") as w:
+        for s in SAMPLES[:40]:
+            w.write(s)
+        w._submit_batch()  # the pool starts: a list given now cannot be inherited any more
+        assert not w._inherit_ok(SAMPLES[40:])
+        w.write_many(SAMPLES[40:])
+    assert store_files(tmp_path / "w") == store_files(tmp_path / "ref")
+
+
+def test_a_failing_inherited_pack_publishes_nothing_and_lets_go(tmp_path):
+    bad = [*SAMPLES[:50], {"x": torch.ones(2), "f": lambda: 1}, *SAMPLES[50:]]
+    with pytest.raises(ts.UnsupportedSampleError, match=r'sample\["f"\]'):
+        ts.write_store(bad, tmp_path / "s", num_workers=2, start_method="fork")
+    assert not (tmp_path / "s").exists()
+    assert writer_mod._INHERITED == {}
+    assert workers_alive() == []
+
+
+def test_cli_pack_with_workers_inherits_the_rows(tmp_path, fixed_token, monkeypatch):
+    from tensorstore_pt.cli import main
+
+    src = tmp_path / "rows.pt"
+    torch.save(SAMPLES, src)
+    assert main(["pack", str(src), str(tmp_path / "w0"), "--quiet"]) == 0
+    monkeypatch.setattr(writer_mod._SamplePickler, "dumps", _refuse_pickling)
+    assert main(["pack", str(src), str(tmp_path / "w2"), "--workers", "2", "--quiet"]) == 0
+    assert store_files(tmp_path / "w2") == store_files(tmp_path / "w0")

@@ -78,11 +78,17 @@ class _Unbuildable:
 
 def test_a_sample_that_cannot_be_rebuilt_in_a_worker_is_typed(tmp_path):
     bad = {"x": torch.zeros(2), "o": _Unbuildable()}
-    with pytest.raises(ts.UnsupportedSampleError):
+    with pytest.raises(ts.UnsupportedSampleError) as in_process:
         ts.write_store([bad], tmp_path / "a", num_workers=0)
+    # Samples from an iterator travel pickled: the worker cannot rebuild this one.
     with pytest.raises(ts.UnsupportedSampleError, match="rebuilt in a worker"):
-        ts.write_store([{"x": torch.ones(1)}, bad], tmp_path / "b", num_workers=2, start_method="fork")
-    assert not (tmp_path / "b").exists()
+        ts.write_store(iter([{"x": torch.ones(1)}, bad]), tmp_path / "b", num_workers=2, start_method="fork")
+    # A list is inherited by fork workers, never pickled: the worker's check gives the
+    # in-process message.
+    with pytest.raises(ts.UnsupportedSampleError) as inherited:
+        ts.write_store([{"x": torch.ones(1)}, bad], tmp_path / "c", num_workers=2, start_method="fork")
+    assert str(inherited.value) == str(in_process.value)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
     assert workers_alive() == []
 
 
