@@ -635,6 +635,17 @@ class ShardBuilder:
             return self._runs_js + len(str(fi + 1)) - len(str(fi))
         return self._runs_js + len(f"[{fi},{fi + 1}]") + (1 if self.raw_runs else 0)
 
+    def _js_base(self, runs_js: int) -> int:
+        """len(footer JSON) with records = frames = 0 and a ``raw_frames`` of ``runs_js``
+        characters (2: ``[]``, none: the key is left out); each encoded once."""
+        if runs_js > 2:
+            if self._js_raw_zero is None:
+                self._js_raw_zero = len(json.dumps(self.meta(0, 0, []), sort_keys=True, separators=(",", ":")).encode())
+            return self._js_raw_zero + runs_js - 2
+        if self._js_zero is None:
+            self._js_zero = len(json.dumps(self.meta(0, 0), sort_keys=True, separators=(",", ":")).encode())
+        return self._js_zero
+
     def size_with(self, frame_bytes: int, records: int, raw: bool = False) -> int:
         """File size if one more frame of ``records`` records (stored raw: ``raw``) were added
         and the shard closed. A footer JSON past ``MAX_FOOTER_JSON_BYTES`` (readers refuse it;
@@ -642,21 +653,46 @@ class ShardBuilder:
         ``2**63``, so the writer closes the shard first."""
         n_records = self.records + records
         n_frames = len(self.offsets) + 1
-        runs_js = self._runs_js_with(raw)
-        if runs_js > 2:
-            if self._js_raw_zero is None:
-                self._js_raw_zero = len(json.dumps(self.meta(0, 0, []), sort_keys=True, separators=(",", ":")).encode())
-            base = self._js_raw_zero + runs_js - 2
-        else:
-            if self._js_zero is None:  # the footer JSON with records = frames = 0, encoded once
-                self._js_zero = len(json.dumps(self.meta(0, 0), sort_keys=True, separators=(",", ":")).encode())
-            base = self._js_zero
         # Only the digits of the two counts change: each adds len(str(n)) - 1 to that length.
-        js = base + len(str(n_records)) - 1 + (len(str(n_frames)) - 1 if self.multi else 0)
+        js = (
+            self._js_base(self._runs_js_with(raw))
+            + len(str(n_records))
+            - 1
+            + (len(str(n_frames)) - 1 if self.multi else 0)
+        )
         if js > MAX_FOOTER_JSON_BYTES:
             return 2**63
         tables = n_frames * RECORD_ENTRY_BYTES + (n_records * RECORD_MAP_ENTRY_BYTES if self.multi else 0)
         return self.pos + frame_bytes + tables + js + TRAILER_BYTES
+
+    def fitting(self, frames: list[bytes], cap: int, first_free: bool) -> int:
+        """How many of ``frames`` (one record each, none stored raw; not multi), from the
+        first, fit before the shard's size (:meth:`size_with` after each) would pass ``cap``:
+        the frames :meth:`add` one at a time would take before the writer closes the shard.
+        ``first_free``: the first frame is taken whatever its size (a fresh shard)."""
+        base = self._js_base(self._runs_js)  # frames not stored raw leave raw_frames as it is
+        pos, n, taken = self.pos, len(self.offsets), 0
+        for frame in frames:
+            pos += len(frame)
+            n += 1
+            js = base + len(str(n)) - 1
+            if not (first_free and taken == 0) and (
+                js > MAX_FOOTER_JSON_BYTES or pos + n * RECORD_ENTRY_BYTES + js + TRAILER_BYTES > cap
+            ):
+                break
+            taken += 1
+        return taken
+
+    def add_run(self, frames: list[bytes], checksums: list[int], raw_lengths: list[int]) -> None:
+        """:meth:`add` of one-record frames (not raw, not multi) in one write."""
+        pos = self.pos
+        for frame in frames:
+            self.offsets.append(pos)
+            pos += len(frame)
+        self.stored.extend(map(len, frames))
+        self.raw.extend(raw_lengths)
+        self.checksums.extend(checksums)
+        self._write(b"".join(frames))
 
     def add(self, frame: bytes, checksum: int, raw_lengths: list[int], raw: bool = False) -> None:
         """Append one frame holding records of ``raw_lengths`` bytes (one, unless multi);

@@ -718,11 +718,22 @@ class ShardWriter:
                 result = fut.result()
             except cf.process.BrokenProcessPool as exc:
                 raise self._worker_died() from exc
-            for raw, raw_bytes, frame, checksum, stored_raw in result if isinstance(result, list) else [result]:
+            results = result if isinstance(result, list) else [result]
+            i = 0
+            while i < len(results):
+                raw, raw_bytes, frame, checksum, stored_raw = results[i]
+                if frame is not None and not stored_raw and self.frame_target_bytes is None:
+                    j = i + 1  # a run of one-record compressed frames: written in one go
+                    while j < len(results) and results[j][2] is not None and not results[j][4]:
+                        j += 1
+                    self._emit_run(results[i:j])
+                    i = j
+                    continue
                 if frame is not None:
                     self._emit_frame(frame, checksum, [raw_bytes], stored_raw)
                 elif raw is not None:
                     self._accept_raw(raw)
+                i += 1
         except BaseException:
             self._state = "failed"
             raise
@@ -836,6 +847,49 @@ class ShardWriter:
                 raise full_disk_error(exc, self.location, name) from exc
             raise
 
+    def _emit_run(self, results: list[tuple[bytes | None, int, bytes | None, int, bool]]) -> None:
+        """:meth:`_emit_frame` of each of a run of one-record frames not stored raw (worker
+        results), with one write per shard they go to: the same shards, byte for byte."""
+        frames = [r[2] for r in results]
+        k = 0
+        while k < len(frames):
+            try:
+                fresh = self._open is None
+                if fresh:
+                    self._open_shard()
+                shard = self._open
+                take = shard.fitting(frames[k:], self.max_shard_bytes, fresh)  # type: ignore[union-attr]
+                if take == 0:
+                    self._close_shard()
+                    continue
+                run = results[k : k + take]
+                raw_lengths = [r[1] for r in run]
+                shard.add_run(frames[k : k + take], [r[3] for r in run], raw_lengths)  # type: ignore[union-attr]
+            except StorageFullError:
+                raise
+            except OSError as exc:
+                if exc.errno in FULL_ERRNOS:
+                    name = self._open.name if self._open is not None else shard_name(self.token, self._seq)
+                    raise full_disk_error(exc, self.location, name) from exc
+                raise
+            self._records += take
+            self.records_written += take
+            self.raw_bytes_written += sum(raw_lengths)
+            self.stored_bytes_written += sum(map(len, frames[k : k + take]))
+            k += take
+
+    def _open_shard(self) -> None:
+        features = self._shard_features()
+        self._features.update(features)
+        self._open = ShardBuilder(
+            self._storage,
+            shard_name(self.token, self._seq),
+            self._records,
+            footer_meta(features, self._codec.get_config()),
+            multi=FEATURE_MULTI_RECORD_FRAMES in features,
+        )
+        self._seq += 1
+
     def _emit_frame_unchecked(self, frame: bytes, checksum: int, raw_lengths: list[int], stored_raw: bool) -> None:
         if (
             self._open is not None
@@ -843,17 +897,8 @@ class ShardWriter:
         ):
             self._close_shard()
         if self._open is None:
-            features = self._shard_features()
-            self._features.update(features)
-            self._open = ShardBuilder(
-                self._storage,
-                shard_name(self.token, self._seq),
-                self._records,
-                footer_meta(features, self._codec.get_config()),
-                multi=FEATURE_MULTI_RECORD_FRAMES in features,
-            )
-            self._seq += 1
-        self._open.add(frame, checksum, raw_lengths, stored_raw)
+            self._open_shard()
+        self._open.add(frame, checksum, raw_lengths, stored_raw)  # type: ignore[union-attr]
         self._records += len(raw_lengths)
         self.records_written += len(raw_lengths)
         self.raw_bytes_written += sum(raw_lengths)
