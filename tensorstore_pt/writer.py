@@ -265,11 +265,12 @@ class ShardWriter:
     ``(2 * N + 3) x 1 MiB`` of pickled samples (or that many samples when one is larger)
     plus their results, and each worker holds one task, its samples' ``torch.save`` bytes
     and frames (about 3x the task's raw size) on top of its own interpreter and torch import
-    (an inherited list's pages are shared with the calling process until written to). A sample a worker cannot save raises the same
-    :class:`UnsupportedSampleError` as in-process (from a later ``write`` or from ``close``);
-    a worker that dies raises :class:`PackWorkerError`; either way, and on abort or Ctrl-C,
-    the workers are terminated and nothing is published. Workers ignore SIGINT (the calling
-    process handles it) and run torch with one thread. With ``spawn`` or ``forkserver``, a
+    (an inherited list's pages are shared with the calling process until written to). A
+    sample a worker cannot save raises the same :class:`UnsupportedSampleError` as
+    in-process (from a later ``write`` or from ``close``); a worker that dies raises
+    :class:`PackWorkerError`; either way, and on abort or Ctrl-C, the workers are terminated
+    and nothing is published. Workers ignore SIGINT (the calling process handles it) and run
+    torch with one thread. With ``spawn`` or ``forkserver``, a
     sample that holds a ``set`` is encoded in the calling process (a fresh interpreter hashes
     str with another seed, so its set would be written in another order).
 
