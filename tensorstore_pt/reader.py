@@ -300,7 +300,10 @@ class StoreReader:
     in flight (16 on an object store, one after another on a local disk). Then ``store[i]`` is
     one ranged read of the record's frame, and a bulk read (``store[list]``,
     :meth:`read_many`) one ranged read per run of nearby frames. No read fetches a whole
-    shard, except one small enough that its footer read covers it.
+    shard, except one small enough that its footer read covers it. (A
+    :class:`~tensorstore_pt.dataset.StoreIterableDataset` that streams through a shard cache
+    opens its store with ``verify=True`` but reads no footer from it: each footer comes from
+    the shard's checksum-verified cached copy.)
     """
 
     def __init__(
@@ -313,11 +316,16 @@ class StoreReader:
         storage_options: dict[str, Any] | None = None,
         _expect_index_digest: int | None = None,
         _opened_index: tuple[IndexInfo, int] | None = None,
+        _footers_at_open: bool = True,
     ) -> None:
         self.max_record_bytes = _check_max_record_bytes(max_record_bytes)
         self._storage = storage_for(path, storage_options)
         self.location = self._storage.location
         self._verify = bool(verify)
+        # False: verify checks the listing only (every shard present with its index size) and
+        # footers are read when their shard is first read; for a reader over a shard cache,
+        # where each shard's whole-file checksum is checked on arrival (StoreIterableDataset).
+        self._footers_at_open = bool(_footers_at_open)
         self.map_location = _check_map_location(map_location)
         if _opened_index is not None:
             # The index another reader of this store parsed (a dataset's worker): no request
@@ -361,7 +369,12 @@ class StoreReader:
                     )
                     self._raise_if_changed(exc)
                     raise exc
-            self._fetch_footers(range(len(index.shards)))
+                if entry.name not in sizes and not self._footers_at_open:
+                    # Not listed (absent, or not a regular file): opening it raises the typed
+                    # error the footer read would have (one HEAD on an object store).
+                    self._handle(si)
+            if self._footers_at_open:
+                self._fetch_footers(range(len(index.shards)))
 
     def _fetch_footers(self, shards: Iterable[int]) -> None:
         """Read and cache the footers of ``shards``, :attr:`Storage.read_concurrency` at a time
@@ -1505,7 +1518,10 @@ def open_store(
             the index records and that its header and footer agree with the index (O(shards)
             small reads, :attr:`Storage.read_concurrency` at a time; no record data is read).
             Per-record checksums are checked on every read regardless.
-            :meth:`StoreReader.verify` checks everything.
+            :meth:`StoreReader.verify` checks everything. (A
+            :class:`~tensorstore_pt.dataset.StoreIterableDataset` streaming through a shard
+            cache checks less at open, the listing only, and each footer from the shard's
+            checksum-verified cached copy; see its ``verify``.)
         map_location: Passed to ``torch.load``; ``"cpu"`` by default.
         max_record_bytes: The largest raw record, in bytes, a read decodes (default
             :data:`DEFAULT_MAX_RECORD_BYTES`, 1 GiB). A frame whose raw length is above it
