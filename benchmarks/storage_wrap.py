@@ -1,9 +1,10 @@
 """Storage wrappers for measuring and fault tests: a :class:`Storage` that forwards every call
 to another one, and a :class:`ReadHandle` that forwards to another handle.
 
-A wrapper is not a :class:`~tensorstore_pt.storage.LocalStorage`, so the reader, the shard
-cache and the datasets treat it as a remote store (footers fetched in parallel, shards cached
-on the node) whatever it wraps; subclasses override :meth:`ForwardingStorage.open` (or a
+A wrapper is not a :class:`~tensorstore_pt.storage.LocalStorage`, so the datasets treat it as
+a remote store (shards cached on the node) whatever it wraps; it keeps as many reads in flight
+as what it wraps (``read_concurrency``: one at a time over a local directory, unless a
+subclass sets its own); subclasses override :meth:`ForwardingStorage.open` (or a
 handle's :meth:`ForwardingHandle.read_range`) to count, delay or damage what is read.
 Locks are not forwarded: a wrapper has the base class's no-lock default.
 """

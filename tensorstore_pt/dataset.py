@@ -72,8 +72,8 @@ from .errors import (
 )
 from .fastload import _is_cpu
 from .format import FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES, RECORD_DTYPE
-from .reader import DEFAULT_MAX_RECORD_BYTES, READ_BYTES, FetchedFrames, RecordResult, StoreReader, open_store
-from .storage import LocalStorage, Storage
+from .reader import DEFAULT_MAX_RECORD_BYTES, READ_BYTES, FetchedFrames, RecordResult, StoreReader
+from .storage import LocalStorage, Storage, storage_for
 
 __all__ = [
     "ON_ERROR_POLICIES",
@@ -256,6 +256,14 @@ class _StoreView:
     for a DataLoader worker by torch.multiprocessing, by value otherwise). Each process opens
     its own light reader (no footers loaded) on first use; it refuses a store whose
     ``index.json`` changed since the view was made.
+
+    Opening a store by location with ``verify`` checks the index and, from one listing, every
+    shard's presence and size. Without a shard cache it also reads every footer
+    (:func:`~tensorstore_pt.open_store`). Through a cache (``cache_for`` gives one) the footers
+    are not read at open: a view of multi-record or raw frames has no use for them there, and
+    each consumer reads them from the shard's cached copy, whose whole-file checksum was
+    checked on arrival. A view with a frame table reads every footer to fill the table
+    (:meth:`StoreReader.record_table`), which checks them as the open would have.
     """
 
     def __init__(
@@ -274,13 +282,16 @@ class _StoreView:
                 raise InvalidOptionError("max_record_bytes: set it on the StoreReader passed as store, not here")
             if storage_options is not None:
                 raise InvalidOptionError("storage_options: set them on the StoreReader passed as store, not here")
+            cache = cache_for(reader.storage) if cache_for is not None else None
         elif isinstance(store, (str, os.PathLike, Storage)):
-            reader = open_store(
-                store,
+            storage = storage_for(store, storage_options)
+            cache = cache_for(storage) if cache_for is not None else None
+            reader = StoreReader(
+                storage,
                 verify=verify,
                 map_location=map_location,
                 max_record_bytes=DEFAULT_MAX_RECORD_BYTES if max_record_bytes is None else max_record_bytes,
-                storage_options=storage_options,
+                _footers_at_open=cache is None,
             )
         else:
             raise InvalidOptionError(
@@ -305,7 +316,6 @@ class _StoreView:
         # Streaming through a node-local shard cache: this process's reads of shards go to the
         # cache's pinned local files (docs/remote.md, "Node-local shard cache").
         self.cached: CachedStorage | None = None
-        cache = cache_for(self.storage) if cache_for is not None else None
         if cache is not None:
             self.cached = CachedStorage(
                 self.storage, cache, reader.index.shards, index_digest=self.digest, prefetch_shards=prefetch_shards
@@ -635,7 +645,16 @@ class StoreIterableDataset(IterableDataset):
             run ahead by the DataLoader's ``prefetch_factor`` batches instead. When a
             :class:`StoreDataLoader` takes whole batches from the thread, it holds
             ``max(1, prefetch_samples // batch_size)`` batches ahead plus the one it decodes.
-        verify: Passed to :func:`~tensorstore_pt.open_store` when ``store`` is a path.
+        verify: When ``store`` is a path, URL or Storage: check at open that the index is
+            sound and, from one listing, that every shard exists with the size the index
+            records (a shard the listing does not name is opened: one request). Through a
+            shard cache (a remote store, or ``cache_dir`` given) no footer is read at open:
+            each shard's whole-file checksum is checked when it arrives in the cache, and its
+            footer is read and checked from the cached copy when the shard is first read, so
+            a damaged shard raises then (as every record's frame checksum is checked on every
+            read regardless). A store without multi-record or raw frames still reads every
+            footer at open, to build its frame table. Without a cache, as
+            :func:`~tensorstore_pt.open_store`: every footer too.
         map_location: Passed to ``torch.load``.
         max_record_bytes: The largest raw record in bytes a read decodes when ``store`` is a
             path (default 1 GiB, see :func:`~tensorstore_pt.open_store`); a larger one raises

@@ -73,7 +73,7 @@ from .shardio import (
     read_exact,
     read_footer,
 )
-from .storage import LocalStorage, ReadHandle, Storage, storage_for
+from .storage import ReadHandle, Storage, storage_for
 
 __all__ = [
     "DEFAULT_MAX_RECORD_BYTES",
@@ -91,8 +91,6 @@ __all__ = [
 #: Bulk reads (:meth:`StoreReader.iter_many`) fetch and decode records in pieces of about this
 #: many stored (compressed) bytes.
 READ_BYTES = 2**20
-#: Footers read at once when a remote store opens with ``verify=True``.
-REMOTE_FOOTER_THREADS = 16
 #: Frames of one shard less than this many bytes apart may be fetched with one positional read
 #: (the gap is read and dropped), as long as the gaps of a piece add up to at most its own bytes.
 MERGE_GAP_BYTES = 64 * 2**10
@@ -297,9 +295,15 @@ class StoreReader:
     with one ranged read of the shard's tail sized by the index
     (:func:`~tensorstore_pt.shardio.fetch_footer`), plus one of its 16-byte header (unless the
     tail read covers the whole shard), and cached: at open with ``verify=True``, else on the
-    first read of the shard. Then ``store[i]`` is one ranged read of the record's frame, and a
-    bulk read (``store[list]``, :meth:`read_many`) one ranged read per run of nearby frames.
-    No read fetches a whole shard, except one small enough that its footer read covers it.
+    first read of the shard. The open's footer reads, like a bulk read's, keep
+    :attr:`Storage.read_concurrency <tensorstore_pt.storage.Storage.read_concurrency>` reads
+    in flight (16 on an object store, one after another on a local disk). Then ``store[i]`` is
+    one ranged read of the record's frame, and a bulk read (``store[list]``,
+    :meth:`read_many`) one ranged read per run of nearby frames. No read fetches a whole
+    shard, except one small enough that its footer read covers it. (A
+    :class:`~tensorstore_pt.dataset.StoreIterableDataset` that streams through a shard cache
+    opens its store with ``verify=True`` but reads no footer from it: each footer comes from
+    the shard's checksum-verified cached copy.)
     """
 
     def __init__(
@@ -312,11 +316,16 @@ class StoreReader:
         storage_options: dict[str, Any] | None = None,
         _expect_index_digest: int | None = None,
         _opened_index: tuple[IndexInfo, int] | None = None,
+        _footers_at_open: bool = True,
     ) -> None:
         self.max_record_bytes = _check_max_record_bytes(max_record_bytes)
         self._storage = storage_for(path, storage_options)
         self.location = self._storage.location
         self._verify = bool(verify)
+        # False: verify checks the listing only (every shard present with its index size) and
+        # footers are read when their shard is first read; for a reader over a shard cache,
+        # where each shard's whole-file checksum is checked on arrival (StoreIterableDataset).
+        self._footers_at_open = bool(_footers_at_open)
         self.map_location = _check_map_location(map_location)
         if _opened_index is not None:
             # The index another reader of this store parsed (a dataset's worker): no request
@@ -360,20 +369,28 @@ class StoreReader:
                     )
                     self._raise_if_changed(exc)
                     raise exc
-            self._fetch_footers(range(len(index.shards)))
+                if entry.name not in sizes and not self._footers_at_open:
+                    # Not listed (absent, or not a regular file): opening it raises the typed
+                    # error the footer read would have (one HEAD on an object store).
+                    self._handle(si)
+            if self._footers_at_open:
+                self._fetch_footers(range(len(index.shards)))
 
     def _fetch_footers(self, shards: Iterable[int]) -> None:
-        """Read and cache the footers of ``shards``: one after another on a local store, and
-        :data:`REMOTE_FOOTER_THREADS` at a time on a remote one, where each read waits out a
-        request's latency (so a store of N shards opens in about N / 16 round trips)."""
+        """Read and cache the footers of ``shards``, :attr:`Storage.read_concurrency` at a time
+        as a bulk read's frames (:meth:`_read_width`): one after another on a local store, 16 at
+        a time on an object store, where each read waits out a request's latency (so a store of
+        N shards opens in about N / 16 round trips). Errors raise in shard order."""
         todo = [si for si in shards if self._footers[si] is None]
-        if len(todo) < 2 or isinstance(self._storage, LocalStorage):
+        width = self._read_width(len(todo))
+        if width < 2:
             for si in todo:
                 self._footer(si)
             return
         if not self._verify:
             self._storage.sizes()  # one listing, from which the handles take their sizes (no HEAD each)
-        _in_flight(self._footer, todo, min(REMOTE_FOOTER_THREADS, len(todo)), "tspt-footer")  # errors in shard order
+        self._ensure_process()
+        _in_flight(self._footer, todo, width, "tspt-footer")
 
     # ------------------------------------------------------------------ per-process state
 
@@ -1499,8 +1516,12 @@ def open_store(
             ``https://...``; see docs/remote.md).
         verify: If True (default), check at open time that every shard exists with the size
             the index records and that its header and footer agree with the index (O(shards)
-            small reads; no record data is read). Per-record checksums are checked on every
-            read regardless. :meth:`StoreReader.verify` checks everything.
+            small reads, :attr:`Storage.read_concurrency` at a time; no record data is read).
+            Per-record checksums are checked on every read regardless.
+            :meth:`StoreReader.verify` checks everything. (A
+            :class:`~tensorstore_pt.dataset.StoreIterableDataset` streaming through a shard
+            cache checks less at open, the listing only, and each footer from the shard's
+            checksum-verified cached copy; see its ``verify``.)
         map_location: Passed to ``torch.load``; ``"cpu"`` by default.
         max_record_bytes: The largest raw record, in bytes, a read decodes (default
             :data:`DEFAULT_MAX_RECORD_BYTES`, 1 GiB). A frame whose raw length is above it

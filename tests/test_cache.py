@@ -20,12 +20,21 @@ import tensorstore_pt as ts
 from tensorstore_pt import cache as cache_mod
 from tensorstore_pt import dataset as dataset_mod
 from tensorstore_pt.cache import CachedStorage, ShardCache, ShardKey
-from tensorstore_pt.errors import ChecksumMismatchError, MissingShardError, StoreChangedError
+from tensorstore_pt.checksums import ALGORITHM, digest_int
+from tensorstore_pt.errors import (
+    ChecksumMismatchError,
+    MissingShardError,
+    ShardFormatError,
+    ShardSizeError,
+    StoreChangedError,
+)
+from tensorstore_pt.format import TRAILER_BYTES
 from tensorstore_pt.reader import StoreReader
 from tensorstore_pt.storage import LocalStorage, ReadHandle, Storage
 
 from benchmarks.storage_wrap import ForwardingHandle, ForwardingStorage
 
+from _store_tools import flip, layout, load_index, save_index, truncate
 from _trust_tools import fork_and_kill
 
 pytestmark = pytest.mark.timeout(120)
@@ -331,6 +340,104 @@ def test_missing_shard_at_source_is_typed(tmp_path: Path) -> None:
 
 def _ids(loader: Any) -> list[tuple[int, int]]:
     return [(int(i), int(v)) for batch in loader for i, v in zip(batch["i"].tolist(), batch["v"].tolist())]
+
+
+#: Index features of the stores :func:`make_framed` writes (no per-record frame table).
+FRAMED = {"multi": "multi-record-frames", "raw": "raw-frames"}
+
+
+def make_framed(path: Path, frames: str, n: int = 40) -> Path:
+    """``n`` records ({"i": i, "v": 0, "x": ...}) with no frame of their own in a shared table:
+    ``"multi"``, about 4 records a frame (format 1.1); ``"raw"``, incompressible records whose
+    frames are stored raw (format 1.2). About 8 records a shard."""
+    if frames == "multi":
+        samples = ({"i": torch.tensor(i), "v": torch.tensor(0), "x": torch.full((64,), float(i))} for i in range(n))
+        ts.write_store(samples, path, codec="none", max_shard_bytes=20_000, frame_target_bytes=8192)
+    else:
+        g = torch.Generator().manual_seed(0)
+        samples = (
+            {
+                "i": torch.tensor(i),
+                "v": torch.tensor(0),
+                "x": torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=g),
+            }
+            for i in range(n)
+        )
+        ts.write_store(samples, path, codec="zstd", max_shard_bytes=30_000, raw_below=0.5)
+    assert FRAMED[frames] in ts.open_store(path).index.features
+    return path
+
+
+@pytest.mark.parametrize("frames", sorted(FRAMED))
+def test_framed_store_streams_each_shard_once_and_reads_no_footer_at_open(tmp_path: Path, frames: str) -> None:
+    """Multi-record or raw frames (no shared frame table): the dataset's verifying open reads no
+    shard byte at the source (no footer), and an epoch with two workers fetches each shard's
+    bytes exactly once, footers included (read from the cached copies); the next epoch none."""
+    store = make_framed(tmp_path / "s", frames)
+    log = tmp_path / "log"
+    ds = ts.StoreIterableDataset(Remote(store, log), cache_dir=tmp_path / "cache", shuffle=True, seed=1)  # verify=True
+    assert shard_reads(log) == {}, "the open read shards (footers) at the source"
+    assert sorted(_ids(ts.StoreDataLoader(ds, batch_size=4, num_workers=2))) == [(i, 0) for i in range(40)]
+    assert shard_reads(log) == shard_sizes(store)
+    log.unlink()
+    ds.set_epoch(1)
+    assert sorted(_ids(ts.StoreDataLoader(ds, batch_size=4, num_workers=0))) == [(i, 0) for i in range(40)]
+    assert shard_reads(log) == {}
+    ts.StoreDataset(Remote(store, log))  # map-style, no cache: its verifying open reads every footer
+    assert set(shard_reads(log)) == set(shard_sizes(store))
+
+
+def test_framed_stream_open_still_checks_every_shard_from_the_listing(tmp_path: Path) -> None:
+    """With verify=True and no footer read, the open still refuses a shard of another size than
+    the index says, or one that is missing, naming it; with verify=False the open does not look."""
+    store = make_framed(tmp_path / "s", "multi")
+    shards = ts.open_store(store).index.shards
+    assert len(shards) >= 3
+    short = shards[1]
+    truncate(store / short.name, short.file_bytes - 1)
+    with pytest.raises(ShardSizeError, match=f"{short.name}.*expected {short.file_bytes} bytes"):
+        ts.StoreIterableDataset(Remote(store, tmp_path / "log"), cache_dir=tmp_path / "cache")
+    ts.StoreIterableDataset(Remote(store, tmp_path / "log"), cache_dir=tmp_path / "cache", verify=False)
+    store2 = make_framed(tmp_path / "s2", "multi")
+    gone = ts.open_store(store2).index.shards[2]
+    os.unlink(store2 / gone.name)
+    with pytest.raises(MissingShardError, match=gone.name):
+        ts.StoreIterableDataset(Remote(store2, tmp_path / "log2"), cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("frames", sorted(FRAMED))
+@pytest.mark.parametrize("resealed", [True, False], ids=["index-agrees", "damaged-at-rest"])
+def test_damaged_footer_of_a_framed_remote_store_is_found_when_its_shard_is_read(
+    tmp_path: Path, frames: str, resealed: bool
+) -> None:
+    """A damaged footer is no longer found by the dataset's open (it reads no footer) but by
+    the first read of its shard. With the index's checksum agreeing with the damaged file (a
+    writer's bad footer), the error is the footer's own, the type a verifying ``open_store``
+    raises; damaged at rest (the index's checksum is the good file's), the download's whole-file
+    check refuses it first, as ``ChecksumMismatchError``. Either way, ``on_error="skip"`` leaves
+    out that shard's records and no other."""
+    store = make_framed(tmp_path / "s", frames)
+    shards = ts.open_store(store).index.shards
+    bad = shards[2]
+    size, _, footer_json, _ = layout(store / bad.name)
+    flip(store / bad.name, size - TRAILER_BYTES - footer_json // 2)  # a byte of the footer's JSON
+    if resealed:
+        obj = load_index(store)
+        data = (store / bad.name).read_bytes()
+        obj["shards"][2]["checksum"] = f"{ALGORITHM}:{digest_int(data):016x}"
+        save_index(store, obj)
+    with pytest.raises(ShardFormatError, match=bad.name) as opened:
+        ts.open_store(store)  # verify=True reads every footer
+    expected = type(opened.value) if resealed else ChecksumMismatchError
+    ds = ts.StoreIterableDataset(Remote(store, tmp_path / "log"), cache_dir=tmp_path / "cache")  # opens
+    with pytest.raises(expected, match=bad.name) as read:
+        list(ts.StoreDataLoader(ds, batch_size=4, num_workers=0))
+    assert type(read.value) is expected
+    skipping = ts.StoreIterableDataset(Remote(store, tmp_path / "log"), cache_dir=tmp_path / "cache", on_error="skip")
+    got = sorted(_ids(ts.StoreDataLoader(skipping, batch_size=4, num_workers=0)))
+    lost = range(bad.first_record, bad.first_record + bad.records)
+    assert got == [(i, 0) for i in range(40) if i not in lost]
+    assert skipping.skip_counts() == {expected.__name__: bad.records}
 
 
 def test_dataloader_two_workers_download_each_shard_once(tmp_path: Path) -> None:

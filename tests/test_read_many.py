@@ -468,20 +468,27 @@ class _SlowHandle(ForwardingHandle):
                 st["inflight"] -= 1
 
 
+class _TwoInFlight(_SlowRemote):
+    """:class:`_SlowRemote` keeping two reads in flight (fewer than the test store's shards)."""
+
+    read_concurrency = 2
+
+
 def test_remote_open_reads_footers_in_parallel_and_pickled_copies_do_not_sweep_again(store: Path) -> None:
-    """A verifying open of a remote store reads its shards' footers many at a time (each read
-    waits out a request's latency), and a pickled copy (a DataLoader worker) opens without a
-    second sweep; every record still reads back right through the copy."""
+    """A verifying open of a store whose storage keeps reads in flight (``read_concurrency``,
+    as an object store) reads its shards' footers that many at a time (each read waits out a
+    request's latency), and a pickled copy (a DataLoader worker) opens without a second sweep;
+    every record still reads back right through the copy."""
     import pickle
 
     shards = len(ts.open_store(store).index.shards)
-    assert shards >= 4  # enough shards for the parallel open to show
-    remote = _SlowRemote(store)
+    assert shards > _TwoInFlight.read_concurrency  # enough shards for the limit to show
+    remote = _TwoInFlight(store)
     st = remote.state
+    st["reads"], st["peak"] = 0, 0
     reader = ts.open_store(remote)  # verify=True
     assert st["reads"] >= shards  # every shard's footer (and header) was read at open
-    assert st["peak"] > 1, "footers were read one at a time"
-    assert st["peak"] <= reader_mod.REMOTE_FOOTER_THREADS
+    assert st["peak"] == _TwoInFlight.read_concurrency, st["peak"]  # in flight, never more than that
     st["reads"] = 0
     copy = pickle.loads(pickle.dumps(reader))
     assert st["reads"] == 0, f"the pickled copy swept the shards again ({st['reads']} reads)"
@@ -490,7 +497,23 @@ def test_remote_open_reads_footers_in_parallel_and_pickled_copies_do_not_sweep_a
     assert pickle.loads(pickle.dumps(copy))._verify is True
 
 
-def test_remote_open_reports_a_damaged_shard_in_shard_order(tmp_path: Path) -> None:
+def test_open_reads_footers_one_at_a_time_where_the_storage_reads_one_at_a_time(store: Path) -> None:
+    """The open's footer sweep follows ``read_concurrency`` as bulk reads do: a storage that
+    keeps one read in flight (the default, which does not promise thread-safe reads; a
+    forwarding wrapper of a local directory) gets its footers read in turn, whatever its class."""
+    shards = len(ts.open_store(store).index.shards)
+    remote = _SlowRemote(store)
+    assert remote.read_concurrency == 1
+    st = remote.state
+    st["reads"], st["peak"] = 0, 0
+    reader = ts.open_store(remote)
+    assert st["reads"] >= shards
+    assert st["peak"] == 1, f"{st['peak']} footer reads were in flight at once"
+    assert _ids([reader[i] for i in (0, N - 1)]) == [0, N - 1]
+
+
+@pytest.mark.parametrize("width", [1, 8])
+def test_remote_open_reports_a_damaged_shard_in_shard_order(tmp_path: Path, width: int) -> None:
     """The parallel open raises the same typed error as the sequential one, for the first bad shard."""
     path = tmp_path / "s"
     ts.write_store((_sample(i) for i in range(60)), path, codec="none", max_shard_bytes=40_000)
@@ -499,8 +522,9 @@ def test_remote_open_reports_a_damaged_shard_in_shard_order(tmp_path: Path) -> N
         with open(path / name, "r+b") as f:
             f.seek(0)
             f.write(b"XXXX")  # the header's magic
+    cls = _SlowObjectStore if width > 1 else _SlowRemote
     with pytest.raises(ts.ShardFormatError, match=names[2]):
-        ts.open_store(_SlowRemote(path))
+        ts.open_store(cls(path))
 
 
 # --------------------------------------------------------------------------- bulk reads in flight

@@ -205,6 +205,67 @@ def test_open_costs_a_constant_number_of_requests(kind: str, request: pytest.Fix
     assert counts[2, True].get("info") == counts[12, True].get("info") <= counts[2, False]["info"]
 
 
+class ByteCounting(Counting):
+    """:class:`Counting` that also adds up the bytes each ``cat_file`` returns, per object name,
+    and records the ranged ones (``start`` given) as ``(name, start, end)``."""
+
+    def __init__(self, fs: Any) -> None:
+        super().__init__(fs)
+        self.got: collections.Counter[str] = collections.Counter()
+        self.ranges: list[tuple[str, int, int | None]] = []
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kw: Any) -> bytes:
+        self.calls["cat_file"] += 1
+        data = self.inner.cat_file(path, start=start, end=end, **kw)
+        name = path.rsplit("/", 1)[-1]
+        self.got[name] += len(data)
+        if start is not None:
+            self.ranges.append((name, start, end))
+        return data
+
+
+@pytest.mark.parametrize("kind", ["memory", "s3"])
+def test_streaming_a_framed_store_fetches_each_shard_once(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    """A store with multi-record frames streamed from a URL through the shard cache: the
+    dataset's verifying open makes no ranged read (no footer: one listing checks every shard's
+    size), and the epoch fetches each shard's bytes exactly once, its footer included (read
+    from the cached copy). A second epoch fetches nothing."""
+    if kind == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket")
+        url = f"s3://{bucket}/framed"
+    else:
+        url, options = f"memory://tspt-{uuid.uuid4().hex[:12]}/framed", {}
+    records = 40
+    tspt.write_store(
+        ({"id": torch.tensor(i), "x": torch.full((64,), float(i))} for i in range(records)),
+        url,
+        storage_options=options,
+        codec="none",
+        max_shard_bytes=12_000,
+        frame_target_bytes=4096,
+    )
+    index = tspt.open_store(url, storage_options=options, verify=False).index
+    assert "multi-record-frames" in index.features and len(index.shards) >= 3
+    storage = FsspecStorage(url, options)
+    counting = ByteCounting(storage.fs)
+    storage._fs = counting  # noqa: SLF001 - the test's own wrapper around the backend
+    ds = StoreIterableDataset(storage, cache_dir=tmp_path / "cache", shuffle=True, seed=2)  # verify=True
+    shards = {s.name: s.file_bytes for s in index.shards}
+    opened = [r for r in counting.ranges if r[0] in shards]
+    assert opened == [], f"the open read ranges of shards (footers): {opened}"
+    assert not set(counting.got) & set(shards)
+    assert counting.calls["ls"] == 1  # the sizes, from one listing
+    loader = StoreDataLoader(ds, batch_size=4, num_workers=0)
+    assert sorted(ids_of(loader)) == list(range(records))
+    assert {n: counting.got[n] for n in shards} == shards  # each shard's bytes once, nothing more
+    counting.got.clear()
+    ds.set_epoch(1)
+    assert sorted(ids_of(loader)) == list(range(records))
+    assert not set(counting.got) & set(shards)
+
+
 # ----------------------------------------------------------------------------- damage
 
 
