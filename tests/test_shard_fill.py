@@ -58,7 +58,9 @@ def test_fitting_takes_what_size_with_one_at_a_time_takes(tmp_path_factory, befo
 @given(sizes=st.lists(st.integers(1, 4000), min_size=1, max_size=60), cap=st.integers(1, 40_000))
 def test_workers_fill_shards_to_the_cap_and_no_further(tmp_path_factory, sizes, cap):
     tmp = tmp_path_factory.mktemp("shards")
-    samples = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n)) for n in sizes]
+    samples = [
+        torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n)) for n in sizes
+    ]
     info = ts.write_store(samples, tmp / "w", codec="zstd", max_shard_bytes=cap, num_workers=2, start_method="fork")
     reader = ts.open_store(tmp / "w")
     shards = reader.index.shards
