@@ -26,6 +26,7 @@ Worker batches reach the main process through reused shared-memory arenas (see
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -1525,6 +1526,27 @@ class StoreDataLoader(DataLoader):
         context = self.multiprocessing_context or torch.multiprocessing.get_context()
         if context.get_start_method() == "fork":
             thread.join()
+
+    def _get_iterator(self) -> Any:
+        """DataLoader's iterator, whose ``__init__`` starts the workers. With ``fork``, this
+        process's objects are frozen (``gc.freeze``) while the workers fork and unfrozen at
+        once after: a worker inherits them in the permanent generation, so its cycle collector
+        never walks them. Without this, each full collection in a worker walks every object
+        the training process had (hundreds of thousands once s3fs and its client are loaded),
+        writing to each header and so copying its memory page: about 0.3 s of a 2 s epoch
+        measured on the benchmark's small kind. The Python docs (``gc.freeze``) recommend it
+        before fork for the same copy-on-write reason. Objects a worker inherits are then not
+        collected in that worker (cycles among them stay until it exits)."""
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        context = self.multiprocessing_context or torch.multiprocessing.get_context()
+        if context.get_start_method() != "fork":
+            return super()._get_iterator()
+        gc.freeze()
+        try:
+            return super()._get_iterator()
+        finally:
+            gc.unfreeze()
 
     def __iter__(self) -> _LoaderIterator:  # type: ignore[override]
         ds: StoreIterableDataset = self.dataset  # type: ignore[assignment]

@@ -404,3 +404,23 @@ def test_first_batch_is_read_on_its_own(tmp_path: Path) -> None:
     assert np.concatenate(groups).tolist() == ds.epoch_order().tolist()
     got = [int(s[0]) for s in ds]
     assert got == [r % 251 for r in ds.epoch_order().tolist()]
+
+
+_FROZEN = multiprocessing.get_context("fork").Value("q", -1)
+
+
+def _record_freeze_count(worker_id: int) -> None:
+    _FROZEN.value = gc.get_freeze_count()
+
+
+def test_fork_workers_inherit_the_parents_objects_frozen(store):
+    """A fork worker's cycle collector never walks the objects it inherited (gc.freeze around
+    the fork), and the training process is left unfrozen."""
+    marker = [object() for _ in range(1000)]  # objects of the training process
+    ds = tspt.StoreIterableDataset(store, shuffle=True, seed=0)
+    loader = StoreDataLoader(
+        ds, batch_size=4, num_workers=1, multiprocessing_context="fork", worker_init_fn=_record_freeze_count
+    )
+    assert len(ids_of(loader)) == N
+    assert _FROZEN.value >= len(marker)  # at least the marker list's objects
+    assert gc.get_freeze_count() == 0
