@@ -1,7 +1,9 @@
 """Parallel packing: records/s of ``write_store(num_workers=N)`` for N = 0, 1, 2, and against
 litdata's ``optimize(num_workers=2)`` and MosaicML Streaming's ``MDSWriter`` written in 2
 parts by 2 processes + ``merge_index`` (and tensorstore_pt's own 2 parts + ``merge_stores``),
-on the same medium records, in the same run.
+on the same medium records, in the same run; and a control of what 2 processes give on this
+machine at all (``control-1p``/``control-2p``: zstd-3 of the same image bytes in 1 process, or
+split between 2), since a shared 2-core machine seldom gives 2x.
 
 Usage (from the repository root)::
 
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 SHARD_BYTES = 8 * 2**20
-SYSTEMS = ("tspt-w0", "tspt-w1", "tspt-w2", "tspt-2parts", "litdata-w2", "mds-2parts")
+SYSTEMS = ("tspt-w0", "tspt-w1", "tspt-w2", "tspt-2parts", "litdata-w2", "mds-2parts", "control-1p", "control-2p")
 PEERS = {"litdata-w2", "mds-2parts"}
 
 
@@ -142,6 +144,35 @@ def _pack_mds_2parts(samples: list[Any], out: Path) -> None:
     merge_index(str(out), keep_local=True)
 
 
+def _compress_all(blobs: list[bytes]) -> None:
+    import zstandard
+
+    c = zstandard.ZstdCompressor(level=3)
+    for b in blobs:
+        c.compress(b)
+
+
+def _control(samples: list[Any], processes: int) -> float:
+    """The 2-core machine's own parallel speedup, as a yardstick for the ratios: zstd-3 of
+    each sample's image bytes (the largest part of a worker's work), all in this process
+    (1) or split in halves between 2 forked processes; the seconds, process start included."""
+    import multiprocessing
+
+    blobs = [s["image"].numpy().tobytes() for s in samples]
+    start = time.perf_counter()
+    if processes == 1:
+        _compress_all(blobs)
+        return time.perf_counter() - start
+    ctx = multiprocessing.get_context("fork")
+    half = len(blobs) // 2
+    procs = [ctx.Process(target=_compress_all, args=(part,)) for part in (blobs[:half], blobs[half:])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return time.perf_counter() - start
+
+
 def run_one(system: str, data: Path, out: Path) -> float:
     """Load the data, pack it with ``system`` into ``out``; return the seconds packing took."""
     import torch
@@ -157,6 +188,8 @@ def run_one(system: str, data: Path, out: Path) -> float:
     elif system == "mds-2parts":
         import streaming  # noqa: F401
         import streaming.base.util  # noqa: F401
+    if system.startswith("control-"):
+        return _control(samples, int(system[len("control-") : -1]))
     start = time.perf_counter()
     if system.startswith("tspt-w"):
         _pack_tspt(samples, out, int(system[len("tspt-w") :]))
@@ -260,9 +293,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"| {r['system']} | {r['median_s']:.2f} | {r['records_per_s']:,.0f} | {r['mb_per_s']:.1f} | {ratio} |"
             )
+    # Per round (the same minute of machine load), 2 processes against 1: tensorstore_pt's
+    # workers, and the control's perfectly parallel compression.
+    speedups = {}
+    for name, one, two in (("tspt w2 / w1", "tspt-w1", "tspt-w2"), ("control 2p / 1p", "control-1p", "control-2p")):
+        if times.get(one) and times.get(two):
+            per_round = [a / b for a, b in zip(times[one], times[two])]
+            speedups[name] = {"median": statistics.median(per_round), "rounds": per_round}
+            print(f"{name}: {statistics.median(per_round):.2f}x (rounds: {' '.join(f'{x:.2f}' for x in per_round)})")
     if args.out:
         Path(args.out).write_text(
-            json.dumps({"records": args.records, "repeats": args.repeats, "rows": rows}, indent=1)
+            json.dumps({"records": args.records, "repeats": args.repeats, "rows": rows, "speedups": speedups}, indent=1)
         )
     return 0
 

@@ -12,8 +12,10 @@ Measured per kind and system:
 
 - ``first_batch_s``: from creating the dataset to the first batch of a 2-worker loader, cold
   (torch is imported before; the system's own modules are imported in that time);
-- ``steady_sps``: samples/s of that loader after its first batch, cold and warm (a second
-  process, same cache directory);
+- ``steady_sps``: samples/s of that loader after its first batch, cold (the first epoch) and
+  warm (a second process, same cache directory, ``--warm-epochs`` epochs in a row, as the
+  local-disk baseline: one epoch of these kinds is under a second, too short to tell a steady
+  rate from start-up noise);
 - ``random_rps``: random reads/s from a cold cache (``store[i]`` / ``dataset[i]``);
 - ``batch_rps``: the same cold reads, one in each shard, as one batch with up to
   :data:`BATCH_WIDTH` in flight (``store.read_many``, what ``StoreDataset`` does for a
@@ -249,11 +251,12 @@ def _stream(task: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         loader = _loader(task["system"], task["url"], Path(task["data_dir"]), task["options"], cache, task["batch"])
         samples, first = 0, None
-        for batch in loader:
-            samples += len(batch)
-            if first is None:
-                first = time.perf_counter() - t0
-                first_samples = samples
+        for _ in range(task.get("epochs", 1)):
+            for batch in loader:
+                samples += len(batch)
+                if first is None:
+                    first = time.perf_counter() - t0
+                    first_samples = samples
         total = time.perf_counter() - t0
     if first is None:
         raise RuntimeError("the loader yielded nothing")
@@ -430,6 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms": args.latency_ms,
         "bandwidth_mib": args.bandwidth_mib,
         "repeats": args.repeats,
+        "warm_epochs": args.warm_epochs,
         "copies": args.copies,
         "random_reads": args.random_reads,
         "kinds": {},
@@ -471,8 +475,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         if phase == "cold":
                             shutil.rmtree(caches[r], ignore_errors=True)
                         before = endpoint.proxy.stats()
+                        epochs = 1 if phase == "cold" else args.warm_epochs
                         got = _run_child(
-                            args.python, {**base, "op": "stream", "cache": str(caches[r])}, env, args.timeout_s
+                            args.python,
+                            {**base, "op": "stream", "cache": str(caches[r]), "epochs": epochs},
+                            env,
+                            args.timeout_s,
                         )
                         after = endpoint.proxy.stats()
                         got["fetched_bytes"] = after.bytes_down - before.bytes_down
@@ -510,7 +518,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             local = []
             for r in range(args.repeats):
                 task = {"system": "tspt", "url": str(work / kind / "tspt"), "data_dir": "", "options": {},
-                        "batch": args.batch, "records": 0, "op": "stream", "cache": str(work / "cache-local" / str(r))}  # fmt: skip
+                        "batch": args.batch, "records": 0, "op": "stream", "cache": str(work / "cache-local" / str(r)),
+                        "epochs": args.warm_epochs}  # fmt: skip
                 local.append(_run_child(args.python, task, env, args.timeout_s))
             results["kinds"][kind]["local"] = local
     finally:
@@ -530,7 +539,8 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         f"Command: `{results['command']}`  ",
         f"Date: {results['date']}. Injected latency {results['latency_ms']} ms a request, bandwidth cap "
-        f"{results['bandwidth_mib'] or 'none'} MiB/s; medians of {results['repeats']} fresh processes each.",
+        f"{results['bandwidth_mib'] or 'none'} MiB/s; medians of {results['repeats']} fresh processes each. Warm-cache "
+        f"and local-disk runs read {results.get('warm_epochs', 1)} epochs in a row, cold runs one.",
         "",
     ]
     for kind, k in results["kinds"].items():
@@ -591,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bandwidth-mib", type=float, default=100.0, help="bandwidth cap in MiB/s, 0 for none")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--warm-epochs", type=int, default=3, help="epochs a warm-cache and a local-disk run read")
     p.add_argument("--random-reads", type=int, default=200)
     p.add_argument("--random-budget-s", type=float, default=30.0, help="stop random reads after this long")
     p.add_argument("--timeout-s", type=float, default=600.0, help="limit for each measured process")
