@@ -840,13 +840,15 @@ class ShardWriter:
         # typed_full_disk, inlined: this runs once a frame, and try costs nothing until it raises.
         try:
             self._emit_frame_unchecked(frame, checksum, raw_lengths, stored_raw)
-        except StorageFullError:
-            raise
         except OSError as exc:
-            if exc.errno in FULL_ERRNOS:
-                name = self._open.name if self._open is not None else shard_name(self.token, self._seq)
-                raise full_disk_error(exc, self.location, name) from exc
+            self._raise_if_full(exc)
             raise
+
+    def _raise_if_full(self, exc: OSError) -> None:
+        """Raise a full disk's OSError (not yet typed) as StorageFullError naming the shard."""
+        if not isinstance(exc, StorageFullError) and exc.errno in FULL_ERRNOS:
+            name = self._open.name if self._open is not None else shard_name(self.token, self._seq)
+            raise full_disk_error(exc, self.location, name) from exc
 
     def _emit_run(self, results: list[tuple[bytes | None, int, bytes | None, int, bool]]) -> None:
         """:meth:`_emit_frame` of each of a run of one-record frames not stored raw (worker
@@ -866,12 +868,8 @@ class ShardWriter:
                 run = results[k : k + take]
                 raw_lengths = [r[1] for r in run]
                 shard.add_run(frames[k : k + take], [r[3] for r in run], raw_lengths)  # type: ignore[union-attr]
-            except StorageFullError:
-                raise
             except OSError as exc:
-                if exc.errno in FULL_ERRNOS:
-                    name = self._open.name if self._open is not None else shard_name(self.token, self._seq)
-                    raise full_disk_error(exc, self.location, name) from exc
+                self._raise_if_full(exc)
                 raise
             self._records += take
             self.records_written += take
