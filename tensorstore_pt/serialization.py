@@ -30,6 +30,7 @@ import io
 import json
 import pickle
 import struct
+import sys
 import zlib
 from typing import Any
 
@@ -312,6 +313,13 @@ _TEMPLATE_MISS_BUDGET = 64
 _DOUBLE = struct.Struct("<d")
 _KEY_TYPES = (str, int, float, bool, type(None), bytes)
 _NAMED = hasattr(torch.Tensor, "names")
+#: Strings torch.save's pickle writes itself, through pickle's memo (which works by object
+#: identity): a storage's persistent id holds the interned literals "storage" and "cpu", and
+#: bytes under protocol 2 pickle as ``_codecs.encode(text, "latin1")``. A user string of
+#: one of these values becomes a memo reference when it *is* that interned object and is
+#: written out when it is an equal string built at run time, so such a string's token says
+#: which it is. (One-character strings are always CPython's cached objects: no choice.)
+_PICKLER_STRINGS = frozenset({"storage", "cpu", "latin1"})
 
 
 def _dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
@@ -441,7 +449,10 @@ class _SaveTemplates:
                     tokens.append(("memo", first))
                 else:
                     strings[id(obj)] = len(tokens)
-                    tokens.append((t, obj))
+                    if t is str and obj in _PICKLER_STRINGS:
+                        tokens.append((t, obj, obj is sys.intern(obj)))
+                    else:
+                        tokens.append((t, obj))
             elif t is int:
                 if not -(2**63) <= obj < 2**63:
                     return None
