@@ -413,9 +413,18 @@ class _SaveTemplates:
                 storage = obj.untyped_storage()
                 nbytes = storage.nbytes()
                 ptr = storage.data_ptr()
-                if nbytes != obj.numel() * obj.element_size() or id(obj) in seen or (nbytes and ptr in seen):
+                # torch.save keys a storage by its StorageImpl (``_cdata``): two tensors on one
+                # storage (even an empty one, whose data pointer is 0) save one record.
+                cdata = ("storage", storage._cdata)
+                if (
+                    nbytes != obj.numel() * obj.element_size()
+                    or id(obj) in seen
+                    or cdata in seen
+                    or (nbytes and ptr in seen)
+                ):
                     return None
                 seen.add(id(obj))
+                seen.add(cdata)
                 if nbytes:
                     seen.add(ptr)
                 tokens.append((obj.dtype, obj.shape, obj.stride()))

@@ -48,3 +48,17 @@ def test_user_string_equal_to_a_pickler_string(templates, word, interned_first):
     assert ser.dumps(second) == _torch_save(second)
     assert ser.dumps(interned) == _torch_save(interned)
     assert ser.dumps(built) == _torch_save(built)
+
+
+@pytest.mark.parametrize("shared_first", [True, False])
+def test_two_tensors_on_one_empty_storage(templates, shared_first):
+    """torch.save keys storages by the storage itself (``_cdata``): two tensors on one empty
+    storage save one storage record, two empty tensors of their own save two. Both samples
+    have the same dtypes, sizes and strides, so the template must tell them apart."""
+    empty = torch.empty(0)
+    shared = (empty, empty.view(0, 3))
+    separate = (torch.empty(0), torch.empty(0, 3))
+    assert shared[1].stride() == separate[1].stride()  # test premise
+    first, second = (shared, separate) if shared_first else (separate, shared)
+    for sample in (first, second, first, second):
+        assert ser.dumps(sample) == _torch_save(sample)
