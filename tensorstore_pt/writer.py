@@ -669,10 +669,12 @@ class ShardWriter:
         writes the frames that come back, in order."""
         self._check_open()
         self._submit_batch()  # (nothing: the pool has not started, so no write() came first)
+        n = len(samples)
+        if n == 0:
+            return 0  # no worker starts: registering it would leave it behind once the next list is
         token = next(_INHERIT_TOKENS)
         _INHERITED[token] = samples
         self._inherited = token
-        n = len(samples)
         start = total = 0
         while start < n:
             stop, size = start, 0

@@ -8,8 +8,14 @@ import io
 
 import pytest
 import torch
+from _store_tools import store_files, workers_alive
 
+import tensorstore_pt as ts
 from tensorstore_pt import serialization as ser
+from tensorstore_pt import writer as writer_mod
+from tensorstore_pt.sources import ColumnRows
+
+pytestmark = pytest.mark.timeout(240)
 
 
 def _torch_save(sample):
@@ -62,3 +68,19 @@ def test_two_tensors_on_one_empty_storage(templates, shared_first):
     first, second = (shared, separate) if shared_first else (separate, shared)
     for sample in (first, second, first, second):
         assert ser.dumps(sample) == _torch_save(sample)
+
+
+def test_an_empty_inherited_list_first_is_not_left_behind(tmp_path, fixed_token):
+    """An empty list (or ColumnRows of 0 rows over large columns) given first starts no
+    worker, so the next list is inherited too: the first must not stay registered in
+    ``_INHERITED`` (where every later fork would copy it) after the writer closes."""
+    rows = [(torch.full((8,), i, dtype=torch.uint8), i) for i in range(30)]
+    ts.write_store(rows, tmp_path / "ref", codec="zstd", max_shard_bytes=2_000)
+    columns = ColumnRows((torch.zeros(1000, 8, dtype=torch.uint8),), 0)
+    with ts.ShardWriter(tmp_path / "w", codec="zstd", max_shard_bytes=2_000, num_workers=2, start_method="fork") as w:
+        assert w.write_many(columns) == 0
+        assert w.write_many([]) == 0
+        assert w.write_many(rows) == 30
+    assert writer_mod._INHERITED == {}
+    assert store_files(tmp_path / "w") == store_files(tmp_path / "ref")
+    assert workers_alive() == []
