@@ -313,13 +313,26 @@ _TEMPLATE_MISS_BUDGET = 64
 _DOUBLE = struct.Struct("<d")
 _KEY_TYPES = (str, int, float, bool, type(None), bytes)
 _NAMED = hasattr(torch.Tensor, "names")
-#: Strings torch.save's pickle writes itself, through pickle's memo (which works by object
-#: identity): a storage's persistent id holds the interned literals "storage" and "cpu", and
-#: bytes under protocol 2 pickle as ``_codecs.encode(text, "latin1")``. A user string of
-#: one of these values becomes a memo reference when it *is* that interned object and is
-#: written out when it is an equal string built at run time, so such a string's token says
-#: which it is. (One-character strings are always CPython's cached objects: no choice.)
+#: Strings torch.save's pickle makes itself and writes through pickle's memo, which works by
+#: object identity: a storage's persistent id holds the interned literals "storage" and
+#: "cpu", and a bytes value under protocol 2 pickles as ``_codecs.encode(text, "latin1")``
+#: (the interned "latin1"; ``text`` decoded from the bytes, which for one byte is CPython's
+#: cached character, :data:`_LATIN1_CHARS`). A user string that *is* one of these objects
+#: becomes a memo reference; an equal string that is another object is written out. So such
+#: a string's token says which it is (:func:`_str_token`).
 _PICKLER_STRINGS = frozenset({"storage", "cpu", "latin1"})
+#: The one-character strings ``bytes.decode("latin-1")`` gives (the pickler's decode).
+_LATIN1_CHARS = tuple(bytes([i]).decode("latin-1") for i in range(256))
+
+
+def _str_token(obj: str) -> tuple[Any, ...]:
+    """A string's token: its value and, where torch.save's pickler can hold the very same
+    object (see :data:`_PICKLER_STRINGS`), whether it is that object."""
+    if len(obj) == 1 and ord(obj) < 256:
+        return (str, obj, obj is _LATIN1_CHARS[ord(obj)])
+    if obj in _PICKLER_STRINGS:
+        return (str, obj, obj is sys.intern(obj))
+    return (str, obj)
 
 
 def _dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
@@ -458,10 +471,7 @@ class _SaveTemplates:
                     tokens.append(("memo", first))
                 else:
                     strings[id(obj)] = len(tokens)
-                    if t is str and obj in _PICKLER_STRINGS:
-                        tokens.append((t, obj, obj is sys.intern(obj)))
-                    else:
-                        tokens.append((t, obj))
+                    tokens.append(_str_token(obj) if t is str else (t, obj))
             elif t is int:
                 if not -(2**63) <= obj < 2**63:
                     return None

@@ -84,3 +84,26 @@ def test_an_empty_inherited_list_first_is_not_left_behind(tmp_path, fixed_token)
     assert writer_mod._INHERITED == {}
     assert store_files(tmp_path / "w") == store_files(tmp_path / "ref")
     assert workers_alive() == []
+
+
+@pytest.mark.parametrize("char", ["x", "0", "\xe9", "\x00"])
+@pytest.mark.parametrize("cached_first", [True, False])
+def test_one_character_string_and_bytes(templates, char, cached_first):
+    """Under pickle protocol 2 a bytes value pickles as ``_codecs.encode(text, "latin1")``,
+    ``text`` decoded from it; a one-character decode can be CPython's cached character, the
+    very object a user's one-character string may be (a literal), and then the pickle writes
+    a memo reference where an equal string built otherwise (a slice) is written out."""
+    cached = bytes([ord(char)]).decode("latin-1")
+    others = [c for c in (char, char.lower(), char.upper().lower()) if c == char and c is not cached]
+    if not others:
+        pytest.skip("this Python gives only its cached one-character strings")
+    built = others[0]
+    for s in (cached, built):
+        first = (torch.ones(1), s, bytes([ord(char)]))
+        second = (torch.ones(1), bytes([ord(char)]), s)
+        for sample in (first, second):
+            assert ser.dumps(sample) == _torch_save(sample)
+    pairs = [(cached, built), (built, cached)] if cached_first else [(built, cached), (cached, built)]
+    for a, b in pairs:
+        for sample in ((torch.zeros(1), a, bytes([ord(char)])), (torch.zeros(1), b, bytes([ord(char)]))):
+            assert ser.dumps(sample) == _torch_save(sample)
