@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -107,3 +108,32 @@ def test_one_character_string_and_bytes(templates, char, cached_first):
     for a, b in pairs:
         for sample in ((torch.zeros(1), a, bytes([ord(char)])), (torch.zeros(1), b, bytes([ord(char)]))):
             assert ser.dumps(sample) == _torch_save(sample)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("where", ["first-shard", "mid-write", "index"])
+def test_full_disk_during_a_run_of_frames(tmp_path, num_workers, where):
+    """A full disk while worker results are written as runs (``_emit_run``, one write per
+    shard) fails as one frame at a time does: StorageFullError naming the store and a shard
+    (not its temporary file), nothing published, the workers gone, the list let go."""
+    from _trust_tools import FullDiskStorage
+
+    from tensorstore_pt.storage import TEMP_MARKER
+
+    g = torch.Generator().manual_seed(3)
+    rows = [(torch.randint(0, 255, (500,), dtype=torch.uint8, generator=g), i) for i in range(200)]
+    counter = FullDiskStorage(tmp_path / "count")
+    ts.write_store(rows, counter, codec="zstd", max_shard_bytes=20_000)
+    budget = {"first-shard": 700, "mid-write": counter.written // 2, "index": counter.written - 3_000}[where]
+    store = tmp_path / "s"
+    full = FullDiskStorage(store, budget)
+    workers = {"num_workers": num_workers, "start_method": "fork"} if num_workers else {}
+    with pytest.raises(ts.StorageFullError) as info:
+        ts.write_store(rows, full, codec="zstd", max_shard_bytes=20_000, **workers)
+    assert full.failures >= 1
+    msg = str(info.value)
+    assert str(store) in msg and TEMP_MARKER not in msg, msg
+    assert re.search(r"while writing 'shard-[0-9a-z-]+\.tspt'" if where != "index" else r"'index\.json'", msg), msg
+    assert not store.exists() or [p.name for p in store.iterdir() if not p.name.startswith(".")] == []
+    assert writer_mod._INHERITED == {}
+    assert workers_alive() == []
