@@ -513,7 +513,8 @@ class _SaveTemplates:
         if self.misses > _TEMPLATE_MISS_BUDGET and self.misses > self.hits:
             return None  # shapes that do not repeat: templates would not pay
         raw = _torch_save(sample)
-        self._remember(key, raw, storages)
+        if save_options() == options:  # the options are process-wide: another thread may change them meanwhile
+            self._remember(key, raw, storages)
         return raw
 
     def _remember(self, key: Any, raw: bytes, storages: list[Any]) -> None:

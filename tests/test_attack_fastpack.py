@@ -137,3 +137,25 @@ def test_full_disk_during_a_run_of_frames(tmp_path, num_workers, where):
     assert not store.exists() or [p.name for p in store.iterdir() if not p.name.startswith(".")] == []
     assert writer_mod._INHERITED == {}
     assert workers_alive() == []
+
+
+def test_save_options_changed_while_a_template_is_made(templates, monkeypatch):
+    """torch's save options are process-wide: another thread may turn CRC-32s off while this
+    one's first ``torch.save`` of a shape runs (simulated here inside that save). That save's
+    bytes must not become the template of the options read before it."""
+    real = ser._torch_save
+    flips = []
+
+    def save_while_another_thread_flips(sample):
+        if not flips:
+            flips.append(True)
+            torch.serialization.set_crc32_options(False)
+        return real(sample)
+
+    monkeypatch.setattr(ser, "_torch_save", save_while_another_thread_flips)
+    try:
+        ser.dumps((torch.zeros(3), 1))
+    finally:
+        torch.serialization.set_crc32_options(True)
+    sample = (torch.arange(3.0), 1)
+    assert ser.dumps(sample) == _torch_save(sample)
