@@ -310,6 +310,9 @@ _MAX_SAVE_TEMPLATES = 512
 #: outnumber hits (samples whose shapes never repeat: variable lengths, a file name per
 #: sample): making one costs a proof (~15 us) on top of ``torch.save``.
 _TEMPLATE_MISS_BUDGET = 64
+#: ... but one miss in this many still makes a template, so that shapes that do repeat (a
+#: later data kind in the same process) get templates again.
+_TEMPLATE_RETRY_EVERY = 256
 _DOUBLE = struct.Struct("<d")
 _KEY_TYPES = (str, int, float, bool, type(None), bytes)
 _NAMED = hasattr(torch.Tensor, "names")
@@ -510,7 +513,7 @@ class _SaveTemplates:
             )
             return _ptzip.rebuild(parts)
         self.misses += 1
-        if self.misses > _TEMPLATE_MISS_BUDGET and self.misses > self.hits:
+        if self.misses > _TEMPLATE_MISS_BUDGET and self.misses > self.hits and self.misses % _TEMPLATE_RETRY_EVERY:
             return None  # shapes that do not repeat: templates would not pay
         raw = _torch_save(sample)
         if save_options() == options:  # the options are process-wide: another thread may change them meanwhile

@@ -159,3 +159,15 @@ def test_save_options_changed_while_a_template_is_made(templates, monkeypatch):
         torch.serialization.set_crc32_options(True)
     sample = (torch.arange(3.0), 1)
     assert ser.dumps(sample) == _torch_save(sample)
+
+
+def test_templates_come_back_after_a_run_of_shapes_that_never_repeat(templates):
+    """Samples whose shapes never repeat (variable lengths) stop the making of templates;
+    a later data kind of one fixed shape in the same process (a second ``tspt pack``-like
+    run, a notebook) must get templates again instead of ``torch.save`` for good."""
+    for n in range(1, 200):
+        ser.dumps((torch.zeros(n), n))  # 199 shapes, each seen once
+    fixed = [(torch.full((16,), float(i)), 7) for i in range(600)]
+    for sample in fixed:
+        assert ser.dumps(sample) == _torch_save(sample)
+    assert templates.hits >= 300  # the fixed shape gets its template within one retry period (256 misses)
