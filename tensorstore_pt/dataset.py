@@ -1523,9 +1523,14 @@ class StoreDataLoader(DataLoader):
             return
         if thread is None:
             return
-        context = self.multiprocessing_context or torch.multiprocessing.get_context()
-        if context.get_start_method() == "fork":
+        if self._forks_workers():
             thread.join()
+
+    def _forks_workers(self) -> bool:
+        """Whether this loader's workers start by ``fork`` (its multiprocessing context, or
+        torch's default)."""
+        context = self.multiprocessing_context or torch.multiprocessing.get_context()
+        return context.get_start_method() == "fork"
 
     def _get_iterator(self) -> Any:
         """DataLoader's iterator, whose ``__init__`` starts the workers. With ``fork``, this
@@ -1537,10 +1542,7 @@ class StoreDataLoader(DataLoader):
         measured on the benchmark's small kind. The Python docs (``gc.freeze``) recommend it
         before fork for the same copy-on-write reason. Objects a worker inherits are then not
         collected in that worker (cycles among them stay until it exits)."""
-        if self.num_workers == 0:
-            return super()._get_iterator()
-        context = self.multiprocessing_context or torch.multiprocessing.get_context()
-        if context.get_start_method() != "fork":
+        if self.num_workers == 0 or not self._forks_workers():
             return super()._get_iterator()
         gc.freeze()
         try:

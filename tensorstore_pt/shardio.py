@@ -651,19 +651,23 @@ class ShardBuilder:
         and the shard closed. A footer JSON past ``MAX_FOOTER_JSON_BYTES`` (readers refuse it;
         only reachable with tens of thousands of separate raw-frame runs) reports a size of
         ``2**63``, so the writer closes the shard first."""
-        n_records = self.records + records
-        n_frames = len(self.offsets) + 1
-        # Only the digits of the two counts change: each adds len(str(n)) - 1 to that length.
-        js = (
-            self._js_base(self._runs_js_with(raw))
-            + len(str(n_records))
-            - 1
-            + (len(str(n_frames)) - 1 if self.multi else 0)
+        return self._closed_size(
+            self.pos + frame_bytes,
+            len(self.offsets) + 1,
+            self.records + records,
+            self._js_base(self._runs_js_with(raw)),
         )
+
+    def _closed_size(self, pos: int, n_frames: int, n_records: int, js_base: int) -> int:
+        """File size once closed with ``pos`` bytes of header and frames, ``n_frames`` frames,
+        ``n_records`` records and a footer JSON of :meth:`_js_base` ``js_base`` (``2**63`` if
+        that JSON would pass ``MAX_FOOTER_JSON_BYTES``)."""
+        # Only the digits of the two counts change: each adds len(str(n)) - 1 to that length.
+        js = js_base + len(str(n_records)) - 1 + (len(str(n_frames)) - 1 if self.multi else 0)
         if js > MAX_FOOTER_JSON_BYTES:
             return 2**63
         tables = n_frames * RECORD_ENTRY_BYTES + (n_records * RECORD_MAP_ENTRY_BYTES if self.multi else 0)
-        return self.pos + frame_bytes + tables + js + TRAILER_BYTES
+        return pos + tables + js + TRAILER_BYTES
 
     def fitting(self, frames: list[bytes], cap: int, first_free: bool) -> int:
         """How many of ``frames`` (one record each, none stored raw; not multi), from the
@@ -674,11 +678,8 @@ class ShardBuilder:
         pos, n, taken = self.pos, len(self.offsets), 0
         for frame in frames:
             pos += len(frame)
-            n += 1
-            js = base + len(str(n)) - 1
-            if not (first_free and taken == 0) and (
-                js > MAX_FOOTER_JSON_BYTES or pos + n * RECORD_ENTRY_BYTES + js + TRAILER_BYTES > cap
-            ):
+            n += 1  # one record a frame
+            if not (first_free and taken == 0) and self._closed_size(pos, n, n, base) > cap:
                 break
             taken += 1
         return taken

@@ -873,10 +873,7 @@ class ShardWriter:
             except OSError as exc:
                 self._raise_if_full(exc)
                 raise
-            self._records += take
-            self.records_written += take
-            self.raw_bytes_written += sum(raw_lengths)
-            self.stored_bytes_written += sum(map(len, frames[k : k + take]))
+            self._count(take, sum(raw_lengths), sum(map(len, frames[k : k + take])))
             k += take
 
     def _open_shard(self) -> None:
@@ -900,10 +897,15 @@ class ShardWriter:
         if self._open is None:
             self._open_shard()
         self._open.add(frame, checksum, raw_lengths, stored_raw)  # type: ignore[union-attr]
-        self._records += len(raw_lengths)
-        self.records_written += len(raw_lengths)
-        self.raw_bytes_written += sum(raw_lengths)
-        self.stored_bytes_written += len(frame)
+        self._count(len(raw_lengths), sum(raw_lengths), len(frame))
+
+    def _count(self, records: int, raw_bytes: int, stored_bytes: int) -> None:
+        """Count frames just added to the open shard: the next record's number and the
+        progress counters."""
+        self._records += records
+        self.records_written += records
+        self.raw_bytes_written += raw_bytes
+        self.stored_bytes_written += stored_bytes
 
     def _close_shard(self) -> None:
         if self._open is not None:
