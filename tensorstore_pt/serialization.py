@@ -374,8 +374,8 @@ class _SaveTemplates:
     on: container types and lengths, dict keys, scalar leaves by type and exact value, which
     string objects repeat (pickle's memo works by object identity) and which are the very
     objects torch's pickler writes itself (:func:`_str_token`), no two tensors on one storage
-    (even an empty one), and per tensor its dtype, size and stride. Tensor values are not part of it: ``_save`` in
-    torch/serialization.py pickles a storage as a persistent id
+    (even an empty one), and per tensor its dtype, size and stride. Tensor values are not
+    part of it: ``_save`` in torch/serialization.py pickles a storage as a persistent id
     (``("storage", storage type, key, "cpu", numel)``, keys numbered in order of first
     appearance) and writes its bytes as the record ``data/<key>``; ``Tensor.__reduce_ex__``
     (torch/_tensor.py) pickles ``_rebuild_tensor_v2(storage, offset, size, stride,
