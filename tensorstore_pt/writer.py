@@ -1202,9 +1202,15 @@ def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
     for proc in processes:
         if proc.is_alive():
             proc.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)
+    # Not shutdown(wait=True): its join of the executor's manager thread can wait forever
+    # when the workers are killed while it waits on them (seen once in CI, Python 3.11). The
+    # workers are what must be gone; they are joined below, and the thread, bounded, after.
+    pool.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.join(timeout=5)
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(timeout=5)
 
 
 def _reduce_tensor(obj: Any) -> Any:
