@@ -1054,11 +1054,13 @@ class ShardWriter:
             return []
         self._state = "aborted"
         left: list[str] = []
-        for fut in self._pending:
-            fut.cancel()
         if isinstance(self._pool, cf.ProcessPoolExecutor):
+            # Its futures are left to the executor: it fails them all once the workers are
+            # killed, and (Python 3.11) raises in its manager thread on one cancelled here.
             _kill_pool(self._pool)
         else:
+            for fut in self._pending:
+                fut.cancel()
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
         self._batch.clear()
@@ -1195,22 +1197,39 @@ def _encode_inherited(
 
 
 def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
-    """Terminate a process pool's workers at once (abort, Ctrl-C) and reap them."""
+    """Terminate a process pool's workers at once (abort, Ctrl-C) and reap them.
+
+    A worker killed while it sends a result (a chunk of encoded frames is larger than a pipe's
+    buffer) leaves the executor's manager thread blocked in ``recv()`` on a half-sent message
+    for ever: this process holds the result pipe's write end too, so no end of file comes, and
+    both ``shutdown(wait=True)`` and the interpreter's exit (``concurrent.futures`` joins its
+    manager threads at exit) then hang. So once the workers are dead, our copy of that write
+    end is closed: the manager reads end of file, marks the pool broken and winds down.
+    """
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    # shutdown() drops these references; take them first.
+    manager = getattr(pool, "_executor_manager_thread", None)
+    result_writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
     if hasattr(pool, "terminate_workers"):  # Python 3.14+
         pool.terminate_workers()
     for proc in processes:
         if proc.is_alive():
             proc.terminate()
-    # Not shutdown(wait=True): its join of the executor's manager thread can wait forever
-    # when the workers are killed while it waits on them (seen once in CI, Python 3.11). The
-    # workers are what must be gone; they are joined below, and the thread, bounded, after.
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.join(timeout=5)
-    manager = getattr(pool, "_executor_manager_thread", None)
+    if result_writer is not None and not any(proc.is_alive() for proc in processes):
+        try:
+            result_writer.close()
+        except OSError:
+            pass
     if manager is not None:
         manager.join(timeout=5)
+        if manager.is_alive():
+            # Still blocked (a worker that outlived SIGTERM): let the interpreter exit anyway.
+            from concurrent.futures import process as cf_process
+
+            getattr(cf_process, "_threads_wakeups", {}).pop(manager, None)
 
 
 def _reduce_tensor(obj: Any) -> Any:

@@ -242,6 +242,35 @@ def test_a_failing_inherited_pack_publishes_nothing_and_lets_go(tmp_path):
     assert workers_alive() == []
 
 
+def test_an_aborted_pool_leaves_no_thread_and_lets_the_interpreter_exit(tmp_path):
+    # Workers killed while they send a large result once left the executor's manager thread
+    # blocked on a half-sent message for ever: leaked here, and the interpreter's exit (which
+    # joins that thread) hung. Records of 16 KiB that do not compress make each result larger than a pipe's buffer.
+    script = f"""
+import threading, torch, tensorstore_pt as ts
+rows = [{{"x": torch.randn(64, 64, generator=torch.Generator().manual_seed(i))}} for i in range(300)]
+before = set(threading.enumerate())
+for i in range(12):
+    bad = [*rows[: 40 + 20 * i], {{"f": lambda: 1}}, *rows[40 + 20 * i :]]
+    try:
+        ts.write_store(bad, {str(tmp_path)!r} + f"/s{{i}}", num_workers=2, start_method="fork")
+    except ts.UnsupportedSampleError:
+        pass
+    else:
+        raise SystemExit("the pack did not fail")
+left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+print("left", left)
+"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "left []", proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_pack_with_workers_inherits_the_rows(tmp_path, fixed_token, monkeypatch):
     from tensorstore_pt.cli import main
 
