@@ -19,7 +19,8 @@ Operations:
                   template around the sample's storages: the same bytes)
 
 Cases: digits (8x8 uint8 image, 0-dim int64 label), patch (3x64x64 uint8, 0-dim label),
-4 MiB float32 (a 1-D tensor of 2**20 values).
+4 MiB float32 (a 1-D tensor of 2**20 values), and patches with Python int labels of 1000
+classes (1000 records, whatever ``--pool``).
 
 Run: python benchmarks/ptzip_micro.py [--rounds 15] [--pool 64] [--json out.json]
 """
@@ -56,6 +57,12 @@ def make_cases(pool: int) -> dict[str, list[Any]]:
             for _ in range(pool)
         ],
         "4 MiB float32": [torch.randn(2**20, generator=g) for _ in range(min(pool, 4))],
+        # Python int labels of 1000 classes, each once: a template per label value would not fit
+        # the template cache (512 shapes); the label's value is patched into one template instead.
+        "patch, 1000 int classes: {image, label}": [
+            {"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g), "label": int(c)}
+            for c in torch.randperm(1000, generator=g)
+        ],
     }
 
 

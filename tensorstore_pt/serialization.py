@@ -315,6 +315,51 @@ _TEMPLATE_MISS_BUDGET = 64
 _TEMPLATE_RETRY_EVERY = 256
 _DOUBLE = struct.Struct("<d")
 _KEY_TYPES = (str, int, float, bool, type(None), bytes)
+# How pickle (protocol 2, torch.save's default) writes an int or float leaf: the opcode is
+# fixed by the value's range, the payload follows it (pickle.py: save_long, save_float).
+# Templates key a leaf by its encoder and patch the payload in (see _SaveTemplate.patches).
+_U16 = struct.Struct("<H")
+_I32 = struct.Struct("<i")
+_BINFLOAT = struct.Struct(">d")
+_PACK_U16, _PACK_I32, _PACK_BINFLOAT = _U16.pack, _I32.pack, _BINFLOAT.pack
+
+
+def _uint8(v: int) -> bytes:
+    return bytes((v,))
+
+
+def _long1(n: int) -> Any:
+    def encode(v: int) -> bytes:
+        return v.to_bytes(n, "little", signed=True)
+
+    return encode
+
+
+_LONG1 = {n: _long1(n) for n in range(1, 10)}  # int64 values take at most 8 bytes
+
+
+def _int_encoder(v: int) -> Any:
+    """The payload encoder of ``v`` as pickle writes it: BININT1, BININT2, BININT or LONG1
+    (whose length byte is part of the encoder: pickle.encode_long's minimal two's complement)."""
+    if 0 <= v <= 0xFF:
+        return _uint8
+    if 0 <= v <= 0xFFFF:
+        return _PACK_U16
+    if -0x80000000 <= v <= 0x7FFFFFFF:
+        return _PACK_I32
+    return _LONG1[len(pickle.encode_long(v))]  # type: ignore[attr-defined]
+
+
+class _ExactKey:
+    """A dict key that is an int or float: part of a shape by value (not patched in, which
+    could make two keys equal), so it travels the walk in this wrapper."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 _NAMED = hasattr(torch.Tensor, "names")
 #: Strings torch.save's pickle makes itself and writes through pickle's memo, which works by
 #: object identity: a storage's persistent id holds the interned literals "storage" and
@@ -355,7 +400,7 @@ def _dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 class _SaveTemplate:
     """What :func:`torch.save` wrote for one shape of sample, less its storages' bytes."""
 
-    __slots__ = ("layout", "archive", "pickle", "name_hash", "pickle_crc", "count")
+    __slots__ = ("layout", "archive", "pickle", "name_hash", "pickle_crc", "count", "patches")
 
     def __init__(self, parts: _ptzip.PtParts) -> None:
         self.layout = parts.layout
@@ -365,13 +410,32 @@ class _SaveTemplate:
         # computed once here; rebuild recomputes the storages' CRC-32s (ignored without CRC-32s)
         self.pickle_crc = zlib.crc32(self.pickle) if parts.layout.crc32 else 0
         self.count = len(parts.storages)
+        #: (offset in the pickle, payload encoder) of each int or float leaf, in walk order
+        self.patches: tuple[tuple[int, Any], ...] = ()
+
+    def parts(self, storages: list[Any], scalars: list[Any]) -> _ptzip.PtParts:
+        """The parts of a sample of this shape: its scalars patched into the pickle."""
+        pickled, crc = self.pickle, self.pickle_crc
+        if self.patches:
+            buf = bytearray(pickled)
+            for (off, encode), value in zip(self.patches, scalars):
+                payload = encode(value)
+                buf[off : off + len(payload)] = payload
+            pickled = bytes(buf)
+            crc = zlib.crc32(pickled) if self.layout.crc32 else 0
+        return _ptzip.PtParts(
+            self.layout, self.archive, pickled, tuple(storages), self.name_hash, (crc,) + (None,) * self.count
+        )
 
 
 class _SaveTemplates:
     """``torch.save`` bytes of samples whose shape was seen before, without ``torch.save``.
 
     A sample's *shape* (:meth:`_signature`) is everything ``torch.save``'s pickle depends
-    on: container types and lengths, dict keys, scalar leaves by type and exact value, which
+    on: container types and lengths, dict keys, str, bytes, bool and None leaves by value,
+    int and float leaves by the opcode pickle writes them with (an int's range: BININT1,
+    BININT2, BININT or LONG1 and its length; BINFLOAT), their values being patched into the
+    template's pickle at offsets found when it is made (:meth:`_make`), which
     string objects repeat (pickle's memo works by object identity) and which are the very
     objects torch's pickler writes itself (:func:`_str_token`), no two tensors on one storage
     (even an empty one), and per tensor its dtype, size and stride. Tensor values are not
@@ -402,10 +466,12 @@ class _SaveTemplates:
         self.hits = 0
         self.misses = 0
 
-    def _signature(self, sample: Any) -> tuple[tuple[Any, ...], list[Any]] | None:
-        """The sample's shape and its storages' bytes (in pickling order), or None."""
+    def _signature(self, sample: Any) -> tuple[tuple[Any, ...], list[Any], list[Any]] | None:
+        """The sample's shape, its storages' bytes and its int and float leaves (each in
+        pickling order), or None."""
         tokens: list[Any] = []
         storages: list[Any] = []
+        scalars: list[Any] = []
         seen: set[int] = set()  # containers, tensors and storages: none may repeat
         strings: dict[int, int] = {}  # id -> its first token (pickle memoizes str and bytes)
         stack: list[Any] = [sample]
@@ -460,10 +526,11 @@ class _SaveTemplates:
                 seen.add(id(obj))
                 tokens.append((dict, len(obj)))
                 for k, v in reversed(obj.items()):
-                    if type(k) not in _KEY_TYPES:
+                    tk = type(k)
+                    if tk not in _KEY_TYPES:
                         return None  # check_sample names the problem
                     stack.append(v)
-                    stack.append(k)
+                    stack.append(_ExactKey(k) if tk is int or tk is float else k)
             elif t is str or t is bytes:
                 if not obj:
                     if t is bytes:
@@ -479,14 +546,19 @@ class _SaveTemplates:
             elif t is int:
                 if not -(2**63) <= obj < 2**63:
                     return None
-                tokens.append((int, obj))
+                tokens.append(_int_encoder(obj))
+                scalars.append(obj)
             elif t is float:
-                tokens.append((float, _DOUBLE.pack(obj)))  # -0.0 and NaN payloads apart
+                tokens.append(_PACK_BINFLOAT)
+                scalars.append(obj)
             elif t is bool or obj is None:
                 tokens.append(obj)
+            elif t is _ExactKey:
+                key = obj.value
+                tokens.append((type(key), _DOUBLE.pack(key) if type(key) is float else key))  # -0.0, NaNs apart
             else:
                 return None
-        return tuple(tokens), storages
+        return tuple(tokens), storages, scalars
 
     def dumps(self, sample: Any, options: tuple[bool, int] | None) -> bytes | None:
         """``torch.save``'s bytes of ``sample`` if its shape has a template (or gets one now:
@@ -497,44 +569,90 @@ class _SaveTemplates:
         found = self._signature(sample)
         if found is None:
             return None
-        tokens, storages = found
+        tokens, storages, scalars = found
         key = (tokens, options)
         tpl = self._templates.get(key, False)
         if tpl is None:
             return None  # a shape whose template failed its proof
         if tpl is not False:
             self.hits += 1
-            parts = _ptzip.PtParts(
-                tpl.layout,
-                tpl.archive,
-                tpl.pickle,
-                tuple(storages),
-                tpl.name_hash,
-                (tpl.pickle_crc,) + (None,) * tpl.count,
-            )
-            return _ptzip.rebuild(parts)
+            return _ptzip.rebuild(tpl.parts(storages, scalars))
         self.misses += 1
         if self.misses > _TEMPLATE_MISS_BUDGET and self.misses > self.hits and self.misses % _TEMPLATE_RETRY_EVERY:
             return None  # shapes that do not repeat: templates would not pay
         raw = _torch_save(sample)
         if save_options() == options:  # the options are process-wide: another thread may change them meanwhile
-            self._remember(key, raw, storages)
+            tpl = self._make(raw, sample, storages, scalars)
+            if save_options() == options:
+                if len(self._templates) >= _MAX_SAVE_TEMPLATES:
+                    self._templates.clear()
+                self._templates[key] = tpl
         return raw
 
-    def _remember(self, key: Any, raw: bytes, storages: list[Any]) -> None:
+    @staticmethod
+    def _make(raw: bytes, sample: Any, storages: list[Any], scalars: list[Any]) -> _SaveTemplate | None:
+        """The template of ``sample``'s shape from its ``torch.save`` bytes ``raw``, or None
+        if it does not prove.
+
+        Proof: the template rebuilt around this walk's storages gives ``raw`` back byte for
+        byte. With int or float leaves, a twin of the sample whose every such leaf differs in
+        exactly one payload byte (the low bit of an int, the sign of a float: the value keeps
+        its pickle opcode) is saved too; the pickles must differ in exactly one byte per leaf,
+        which gives each leaf's offset in walk order, and the template patched with the twin's
+        leaves must give the twin's bytes back byte for byte as well.
+        """
         parts = _ptzip.split(raw)
-        tpl: _SaveTemplate | None = None
-        if parts is not None and len(parts.storages) == len(storages):
-            candidate = _SaveTemplate(parts)
-            again = _ptzip.PtParts(
-                parts.layout, parts.archive, candidate.pickle, tuple(storages), parts.name_hash,
-                (candidate.pickle_crc,) + (None,) * candidate.count,
-            )  # fmt: skip
-            if _ptzip.rebuild(again) == raw:
-                tpl = candidate
-        if len(self._templates) >= _MAX_SAVE_TEMPLATES:
-            self._templates.clear()
-        self._templates[key] = tpl
+        if parts is None or len(parts.storages) != len(storages):
+            return None
+        tpl = _SaveTemplate(parts)
+        if _ptzip.rebuild(tpl.parts(storages, scalars)) != raw:
+            return None
+        if not scalars:
+            return tpl
+        twin_scalars = [_twin(v) for v in scalars]
+        feed = iter(twin_scalars)
+        twin_raw = _torch_save(_with_scalars(sample, feed))
+        twin = _ptzip.split(twin_raw)
+        if twin is None or len(twin.pickle) != len(tpl.pickle):
+            return None
+        a, b = tpl.pickle, bytes(twin.pickle)
+        offsets = [i for i in range(len(a)) if a[i] != b[i]]
+        if len(offsets) != len(scalars):
+            return None
+        tpl.patches = tuple(
+            (off, _PACK_BINFLOAT if type(v) is float else _int_encoder(v)) for off, v in zip(offsets, scalars)
+        )
+        if _ptzip.rebuild(tpl.parts(storages, twin_scalars)) != twin_raw:
+            return None
+        if _ptzip.rebuild(tpl.parts(storages, scalars)) != raw:
+            return None
+        return tpl
+
+
+def _twin(value: Any) -> Any:
+    """A leaf that pickles with the same opcode and length as ``value`` and differs from it in
+    exactly its first payload byte: an int with its low bit flipped (little-endian payloads),
+    a float with its sign flipped (BINFLOAT is big-endian; the bits are flipped, so a NaN's
+    payload is kept)."""
+    if type(value) is float:
+        (bits,) = struct.unpack(">Q", _BINFLOAT.pack(value))
+        return _BINFLOAT.unpack(struct.pack(">Q", bits ^ (1 << 63)))[0]
+    return value ^ 1
+
+
+def _with_scalars(obj: Any, feed: Any) -> Any:
+    """A copy of a plain sample's containers with its int and float leaves (not dict keys)
+    taken from ``feed`` in walk order; every other object is the same object."""
+    t = type(obj)
+    if t is int or t is float:
+        return next(feed)
+    if t is list:
+        return [_with_scalars(v, feed) for v in obj]
+    if t is tuple:
+        return tuple(_with_scalars(v, feed) for v in obj)
+    if t is dict:
+        return {k: _with_scalars(v, feed) for k, v in obj.items()}
+    return obj
 
 
 _TEMPLATES = _SaveTemplates()

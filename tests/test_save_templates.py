@@ -5,6 +5,9 @@ byte for byte, whatever the sample."""
 from __future__ import annotations
 
 import io
+import pickle
+import pickletools
+import struct
 
 import pytest
 import torch
@@ -24,7 +27,9 @@ def _torch_save(sample):
 
 def _same_shape(sample, seed: int):
     """A sample of the same structure (same leaves, same dict keys, same object sharing)
-    whose tensors hold other bytes."""
+    whose tensors hold other bytes, and whose int and float leaves (not dict keys) hold other
+    values that pickle writes with the same opcode (an int's low byte changes, so does a
+    float's whole value)."""
     g = torch.Generator().manual_seed(seed)
     memo: dict[int, object] = {}
 
@@ -46,6 +51,10 @@ def _same_shape(sample, seed: int):
                     out = torch.nn.Parameter(t, requires_grad=x.requires_grad)
                 else:
                     out = t.requires_grad_(True) if x.requires_grad else t
+        elif type(x) is int:
+            return x ^ int(torch.randint(0, 256, (), generator=g))
+        elif type(x) is float:
+            return struct.unpack("<d", struct.pack("<q", int(torch.randint(-(2**63), 2**63 - 1, (), generator=g))))[0]
         elif type(x) in (list, tuple):
             out = type(x)(go(v) for v in x)
         elif isinstance(x, dict):
@@ -115,7 +124,7 @@ def test_a_plain_sample_shape_is_saved_from_its_template(templates):
     assert (templates.misses, templates.hits) == (2, 23)
 
 
-def test_leaf_values_and_string_sharing_are_part_of_the_shape(templates):
+def test_leaf_values_other_than_numbers_and_string_sharing_are_part_of_the_shape(templates):
     t = torch.arange(4)
     a1, a2 = "".join(["ke", "y"]), "".join(["ke", "y"])  # equal, distinct objects
     same = [{"x": t}, {"x": t.clone()}]
@@ -125,7 +134,44 @@ def test_leaf_values_and_string_sharing_are_part_of_the_shape(templates):
     for sample in cases + cases:
         assert ser.dumps(sample) == _torch_save(sample)
     assert _torch_save(distinct) != _torch_save(shared)  # (the case above is a real difference)
-    assert templates.hits == len(cases)
+    # (t, 2) is (t, 1)'s shape: an int leaf's value is patched in; a float or a bool is not an int
+    assert (templates.misses, templates.hits) == (len(cases) - 1, len(cases) + 1)
+
+
+INTS = [0, 1, 254, 255, 256, 257, 65534, 65535, 65536, -1, -2, -255, -256, -65536, 2**31 - 2, 2**31 - 1]
+INTS += [2**31, -(2**31), -(2**31) - 1, 2**32, 2**40 + 3, -(2**47), 2**63 - 1, -(2**63), -(2**63) + 1, 2**55]
+FLOATS = [0.0, -0.0, 1.0, -2.5, 1e-310, -1e308, float("inf"), float("-inf"), float("nan"), -float("nan")]
+FLOATS += [struct.unpack(">d", bytes.fromhex("7ff8000000000123"))[0], 3.141592653589793]
+
+
+def test_int_and_float_leaves_are_patched_into_one_template_per_opcode(templates):
+    """Labels of many values (1000 ImageNet classes) share templates: one per pickle opcode
+    of each int or float leaf, never one per value; every result is torch.save's own bytes."""
+    t = torch.arange(3, dtype=torch.int16)
+    rows = [{"image": t.clone(), "label": v, "weight": f} for v in INTS for f in FLOATS[:3]]
+    rows += [(t.clone(), [v, -v if -(2**63) <= -v < 2**63 else 0, f]) for v in INTS for f in FLOATS]
+    rows += [{"label": v} for v in range(1000)]
+    for sample in rows:
+        assert ser.dumps(sample) == _torch_save(sample), sample
+
+    def opcode(v):  # how pickle writes v, from pickle's own disassembler: (opcode, payload length)
+        op, arg, pos = list(pickletools.genops(pickle.dumps(v, protocol=2)))[1]
+        return op.name, len(pickle.dumps(v, protocol=2)) - 3
+
+    shapes = {("dict", opcode(v), "float") for v in INTS}
+    shapes |= {("tuple", opcode(v), opcode(-v if -(2**63) <= -v < 2**63 else 0)) for v in INTS}
+    shapes |= {("label", opcode(v)) for v in range(1000)}
+    assert len({op for op, _ in map(opcode, INTS)}) == 4  # BININT1, BININT2, BININT, LONG1
+    assert templates.misses == len(shapes) < 40
+
+
+def test_number_dict_keys_stay_exact(templates):
+    t = torch.arange(2)
+    rows = [{0: t.clone(), 1: t.clone()}, {1: t.clone(), 0: t.clone()}, {0: t.clone(), 2: t.clone()}]
+    rows += [{0.5: t.clone()}, {-0.0: t.clone()}, {0.0: t.clone()}, {1: 1, 2: 2}, {1: 2, 2: 1}]
+    for sample in rows + rows:
+        assert ser.dumps(sample) == _torch_save(sample), sample
+    assert templates.misses == len(rows) - 1  # {1: 2, 2: 1} is {1: 1, 2: 2}'s shape (values patched)
 
 
 @pytest.mark.parametrize(
