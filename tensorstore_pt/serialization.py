@@ -481,7 +481,7 @@ class _SaveTemplates:
             if t is torch.Tensor:
                 if (
                     obj.layout is not torch.strided
-                    or obj.device.type != "cpu"
+                    or not obj.is_cpu
                     or obj.requires_grad
                     or obj.is_quantized
                     or obj.is_conj()
@@ -500,7 +500,7 @@ class _SaveTemplates:
                 # storage (even an empty one, whose data pointer is 0) save one record.
                 cdata = ("storage", storage._cdata)
                 if (
-                    nbytes != obj.numel() * obj.element_size()
+                    nbytes != obj.nbytes
                     or id(obj) in seen
                     or cdata in seen
                     or (nbytes and ptr in seen)
