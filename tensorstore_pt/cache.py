@@ -38,7 +38,8 @@ Guarantees:
   holding files there raises :class:`~tensorstore_pt.errors.InvalidOptionError` naming it.
 - **Checked before use.** Each process checks a cached file's size and whole-file checksum
   the first time it pins it (a sequential local read, off the training loop when the shard
-  is prefetched); a file that fails is deleted and downloaded again. Afterwards every record
+  is prefetched), unless it was forked from a process that had checked it (or downloaded
+  it); a file that fails is deleted and downloaded again. Afterwards every record
   read from it still has its frame checksum checked, as for any store.
 - **Pins.** A reader holds ``flock(LOCK_SH)`` on every cached file it uses. Eviction takes
   ``LOCK_EX | LOCK_NB`` and skips a file it cannot lock, so no file is deleted under a reader.
@@ -335,7 +336,11 @@ class ShardCache:
 
     def _ensure_process(self) -> None:
         if self._pid != os.getpid():
+            checked = self._checked
             self._init_process()
+            # A forked child keeps the parent's checks: the same files, checked as this process
+            # would have checked them (a DataLoader forks its workers afresh every epoch).
+            self._checked = set(checked)
 
     # ------------------------------------------------------------------ layout
 

@@ -735,3 +735,37 @@ def test_a_forked_child_does_not_keep_its_parents_download_lock(tmp_path: Path) 
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+def test_a_forked_child_keeps_its_parents_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard the parent downloaded or checked is not read in full again by a child forked
+    after (DataLoader workers are forked every epoch); a shard the parent never checked is."""
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log")
+    entries = ts.open_store(store).index.shards
+    keys = [ShardKey(e.name, e.file_bytes, e.checksum) for e in entries[:2]]
+    ShardCache(tmp_path / "cache").acquire(remote, keys[1]).close()  # cached by "another process"
+    cache = ShardCache(tmp_path / "cache")
+    cache.acquire(remote, keys[0]).close()  # downloaded (and checked) by this process
+    digests = tmp_path / "digests"
+
+    def counting(fd: int, size: int) -> int:
+        with open(digests, "a") as f:
+            f.write(f"{os.getpid()} {size}\n")
+        return digest(fd, size)
+
+    digest = cache_mod._digest_fd
+    monkeypatch.setattr(cache_mod, "_digest_fd", counting)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for key in keys:
+                cache.acquire(remote, key).close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert digests.read_text().split() == [str(pid), str(keys[1].file_bytes)]  # only the unchecked one
+    assert shard_reads(tmp_path / "log") == {k.name: k.file_bytes for k in keys}  # nothing downloaded twice
