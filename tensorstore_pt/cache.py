@@ -12,7 +12,7 @@ Layout of ``cache_dir``::
     .tspt-cache.lock                        accounting lock (flock; held for a scan + reservation)
     <store id>/                             16 hex digits: a hash of the store's backend and URL
         <checksum>-<file_bytes>-<shard>     a published shard (checksum: its xxh3_64, 16 hex)
-        <checksum>-<file_bytes>-<shard>.lock    the shard's download lock (flock, empty)
+        <checksum>-<file_bytes>-<shard>.lock    the shard's download lock (flock), last use, check record
         .<checksum>-<file_bytes>-<shard>.tmp-<pid>-<random>   a download in progress
 
 A cached file is keyed by the store's identity *and* the shard's content (its whole-file
@@ -39,13 +39,23 @@ Guarantees:
 - **Checked before use.** Each process checks a cached file's size and whole-file checksum
   the first time it pins it (a sequential local read, off the training loop when the shard
   is prefetched), unless it was forked from a process that had checked it (or downloaded
-  it); a file that fails is deleted and downloaded again. Afterwards every record
+  it), or the shard's check record vouches for it: after a check, a process writes the
+  file's (inode, size, mtime, ctime) and the index checksum into the shard's lock file, and
+  a process that later finds the file with the same four values skips the whole-file read.
+  A cached file is never written to after its publish (pins touch the lock file, not the
+  shard), and any write changes its ctime, which no user can set back; a record is written
+  only when the file's ctime is at least ``_SETTLED_NS`` in the past, so a write in the same
+  clock tick as the check cannot go unseen. A record absent, torn or of another file means a
+  full check. (DataLoader workers start afresh each epoch: without the record each would
+  read every shard it pins once per epoch.) A file that fails is deleted and downloaded
+  again. Afterwards every record
   read from it still has its frame checksum checked, as for any store.
 - **Pins.** A reader holds ``flock(LOCK_SH)`` on every cached file it uses. Eviction takes
   ``LOCK_EX | LOCK_NB`` and skips a file it cannot lock, so no file is deleted under a reader.
 - **LRU eviction.** With ``limit_bytes``, before each download the cache (every store under
   ``cache_dir``) is brought down to ``limit_bytes`` minus the new shard by deleting the least
-  recently used unpinned shards (a file's mtime is touched on each pin). Downloads in progress
+  recently used unpinned shards (a shard's last use is its lock file's mtime, touched on each
+  pin). Downloads in progress
   reserve their full size (``posix_fallocate``) and count. If pinned files and downloads in
   progress alone exceed the limit, the download goes ahead (over-commit, logged once per
   process): disk use stays at most ``max(limit_bytes, pinned + downloading)``, and a consumer
@@ -407,12 +417,19 @@ class ShardCache:
         Call with the accounting lock held."""
         used = 0
         finals: list[tuple[float, int, Path]] = []
+        used_at: dict[str, float] = {}
         for sub in os.scandir(self.cache_dir):
             if not sub.is_dir(follow_symlinks=False):
                 continue
             for e in os.scandir(sub.path):
                 name = e.name
-                if name.endswith(".lock") or "source.txt" in name or not e.is_file(follow_symlinks=False):
+                if name.endswith(".lock"):
+                    try:
+                        used_at[name[: -len(".lock")]] = e.stat(follow_symlinks=False).st_mtime
+                    except FileNotFoundError:
+                        pass
+                    continue
+                if "source.txt" in name or not e.is_file(follow_symlinks=False):
                     continue
                 try:
                     st = e.stat(follow_symlinks=False)
@@ -425,6 +442,8 @@ class ShardCache:
                     continue
                 used += st.st_size
                 finals.append((st.st_mtime, st.st_size, Path(e.path)))
+        # last use: the lock file's mtime (touched on each pin), else the shard's (its publish)
+        finals = [(max(t, used_at.get(p.name, t)), size, p) for t, size, p in finals]
         return used, finals
 
     @staticmethod
@@ -678,6 +697,11 @@ class ShardCache:
             ident = (st.st_dev, st.st_ino)
             with self._mutex:
                 checked = ident in self._checked and st.st_size == key.file_bytes  # resized since: again
+            record: bytes | None = None
+            if not checked and st.st_size == key.file_bytes and _read_check(final) == _check_record(st, key):
+                checked = True  # checked by another process, and not written to since
+                with self._mutex:
+                    self._checked.add(ident)
             if not checked:
                 found = _digest_fd(fd, st.st_size)
                 if st.st_size != key.file_bytes or found != key.checksum:
@@ -703,10 +727,9 @@ class ShardCache:
                     return None
                 with self._mutex:
                     self._checked.add(ident)
-            try:
-                os.utime(fd)  # LRU: mtime is the last use
-            except OSError:
-                pass
+                if time.time_ns() - st.st_ctime_ns >= _SETTLED_NS:
+                    record = _check_record(st, key)  # checked here and now: vouch for it
+            _touch(final, record)  # LRU: the lock file's mtime is the last use
             return CachedShard(fd, final, st.st_size)
         except BaseException:
             try:
@@ -837,6 +860,55 @@ def _remove_foreign(path: Path, what: str) -> bool:
     except OSError:
         return False
     return True
+
+
+#: A check record is written only for a file last changed at least this long ago (ns): well
+#: past the coarse clock tick (a few ms) file times are taken from.
+_SETTLED_NS = 1_000_000_000
+#: Bytes of a check record (fixed: rewritten in place, it never leaves a longer one's tail).
+_CHECK_BYTES = 128
+
+
+def _check_record(st: os.stat_result, key: ShardKey) -> bytes:
+    """The check record of a cached file as ``st`` finds it, checked against ``key``."""
+    text = f"tspt-checked {key.checksum:016x} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
+    return text.encode("ascii").ljust(_CHECK_BYTES, b" ")
+
+
+def _read_check(final: Path) -> bytes | None:
+    """The check record in ``final``'s lock file, or None (absent, unreadable, not a file)."""
+    try:
+        fd = _open_cloexec(final.with_name(final.name + ".lock"), _RDONLY_SAFE)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.pread(fd, _CHECK_BYTES + 1, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _touch(final: Path, record: bytes | None) -> None:
+    """Mark ``final`` used now (its lock file's mtime) and write its check record if given.
+    Best effort: a lock file that cannot be written only costs LRU order or a full check."""
+    try:
+        lfd = _open_cloexec(
+            final.with_name(final.name + ".lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        )
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(lfd).st_mode):
+            if record is not None:
+                os.pwrite(lfd, record, 0)
+            os.utime(lfd)
+    except OSError:
+        pass
+    finally:
+        os.close(lfd)
 
 
 def _digest_fd(fd: int, size: int) -> int:

@@ -769,3 +769,79 @@ def test_a_forked_child_keeps_its_parents_checks(tmp_path: Path, monkeypatch: py
     assert status == 0
     assert digests.read_text().split() == [str(pid), str(keys[1].file_bytes)]  # only the unchecked one
     assert shard_reads(tmp_path / "log") == {k.name: k.file_bytes for k in keys}  # nothing downloaded twice
+
+
+def test_a_check_record_spares_a_full_read_until_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a process checked a settled cached file, other processes (fresh ShardCache
+    objects here) trust the check record in its lock file instead of reading it in full, until
+    the file is written to (in place, same size, even with its mtime set back), or the record
+    is torn or another shard's."""
+    monkeypatch.setattr(cache_mod, "_SETTLED_NS", 50_000_000)  # 50 ms: past the clock tick
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log")
+    entries = ts.open_store(store).index.shards
+    key, other = (ShardKey(e.name, e.file_bytes, e.checksum) for e in entries[:2])
+    counted: list[int] = []
+    digest = cache_mod._digest_fd
+    monkeypatch.setattr(cache_mod, "_digest_fd", lambda fd, size: counted.append(size) or digest(fd, size))
+
+    def pin(k: ShardKey = key) -> ShardCache:
+        cache = ShardCache(tmp_path / "cache")  # another process's view: nothing checked in memory
+        cache.acquire(remote, k).close()
+        return cache
+
+    pin(), pin(other)  # downloaded: checked while they arrived, but too fresh to vouch for
+    time.sleep(0.06)
+    assert counted == []
+    pin(), pin(other)  # checked in full, settled: both get a record
+    assert counted == [key.file_bytes, other.file_bytes]
+    pin(), pin(), pin(other)
+    assert len(counted) == 2  # vouched for by the records
+
+    cached = ShardCache(tmp_path / "cache").store_dir(remote) / ShardCache.file_name(key)
+    lock = cached.with_name(cached.name + ".lock")
+    before = os.stat(cached)
+    data = bytearray(cached.read_bytes())
+    data[100] ^= 0x01
+    with open(cached, "r+b") as f:  # in place, same size
+        f.write(data)
+    os.utime(cached, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime set back; ctime cannot be
+    cache = pin()
+    assert len(counted) == 3 and (cache.refetches, cache.downloads) == (1, 1)
+    assert cached.read_bytes() == (store / key.name).read_bytes()
+
+    time.sleep(0.06)
+    pin()  # the new file: checked in full once, then vouched for
+    pin()
+    assert len(counted) == 4
+    good = lock.read_bytes()
+    other_lock = cached.with_name(ShardCache.file_name(other) + ".lock")
+    for record in (b"tspt-checked torn", other_lock.read_bytes(), b""):
+        lock.write_bytes(record)
+        pin()
+        assert lock.read_bytes() == good  # read in full, and vouched for again
+    assert len(counted) == 7
+    assert shard_reads(tmp_path / "log") == {key.name: 2 * key.file_bytes, other.name: other.file_bytes}
+
+
+def test_pins_touch_the_lock_file_and_eviction_follows_the_last_pin(tmp_path: Path) -> None:
+    store = make(tmp_path / "s")
+    remote = Remote(store, tmp_path / "log")
+    entries = ts.open_store(store).index.shards
+    first, second = (ShardKey(e.name, e.file_bytes, e.checksum) for e in entries[:2])
+    cache = ShardCache(tmp_path / "cache")
+    cache.acquire(remote, first).close()
+    time.sleep(0.02)
+    cache.acquire(remote, second).close()
+    sdir = cache.store_dir(remote)
+    shard = sdir / ShardCache.file_name(first)
+    published = os.stat(shard)
+    time.sleep(0.02)
+    cache.acquire(remote, first).close()  # used last now
+    now = os.stat(shard)
+    assert (now.st_mtime_ns, now.st_ctime_ns) == (published.st_mtime_ns, published.st_ctime_ns)
+    assert os.stat(str(shard) + ".lock").st_mtime_ns > published.st_mtime_ns
+    cache.evict(cache.usage_bytes() - 1)  # room for one less byte: the least recently used goes
+    assert shard.exists() and not (sdir / ShardCache.file_name(second)).exists()
