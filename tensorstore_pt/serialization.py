@@ -499,12 +499,7 @@ class _SaveTemplates:
                 # torch.save keys a storage by its StorageImpl (``_cdata``): two tensors on one
                 # storage (even an empty one, whose data pointer is 0) save one record.
                 cdata = ("storage", storage._cdata)
-                if (
-                    nbytes != obj.nbytes
-                    or id(obj) in seen
-                    or cdata in seen
-                    or (nbytes and ptr in seen)
-                ):
+                if nbytes != obj.nbytes or id(obj) in seen or cdata in seen or (nbytes and ptr in seen):
                     return None
                 seen.add(id(obj))
                 seen.add(cdata)
