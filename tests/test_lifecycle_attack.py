@@ -58,3 +58,61 @@ print("exit at", time.time(), flush=True)
     assert end - said < 2.5, f"the exit took {end - said:.1f} s"
     leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
     assert leftovers == [], leftovers
+
+
+def test_a_second_ctrl_c_while_a_pack_aborts_still_stops_the_workers_and_lets_go(tmp_path):
+    # A Ctrl-C that lands while ShardWriter.abort waits for the killed workers (a second
+    # Ctrl-C, the first having started the abort) skipped the rest of the abort, and a later
+    # abort or close did nothing (the writer already said "aborted"): the store stayed locked
+    # in this process, the writer's files stayed, the inherited sample list stayed registered,
+    # and the executor's manager thread could stay blocked on a half-sent result. Simulated:
+    # the first join of a worker raises KeyboardInterrupt, as a Ctrl-C there would.
+    script = f"""
+import multiprocessing, os, threading, time
+import torch, tensorstore_pt as ts
+from tensorstore_pt import writer as W
+from multiprocessing.process import BaseProcess
+root = {str(tmp_path)!r}
+rows = [{{"x": torch.randn(64, 64, generator=torch.Generator().manual_seed(i))}} for i in range(300)]
+threads = set(threading.enumerate())
+fds = set(os.listdir("/proc/self/fd"))
+join = BaseProcess.join
+hits = []
+def interrupted_join(self, timeout=None):
+    if not hits and threading.current_thread() is threading.main_thread():  # where a Ctrl-C lands
+        hits.append(1)
+        raise KeyboardInterrupt
+    return join(self, timeout)
+# Several positions of the bad sample on fork: some abort while a worker sends a result
+# larger than a pipe's buffer (records of 16 KiB that do not compress); one run on spawn.
+runs = [("fork", 40 + 20 * i) for i in range(12)] + [("spawn", 150)]
+for n, (method, at) in enumerate(runs):
+    hits.clear()
+    BaseProcess.join = interrupted_join
+    path = root + f"/{{method}}{{n}}"
+    try:
+        ts.write_store([*rows[:at], {{"f": lambda: 1}}, *rows[at:]], path, num_workers=2, start_method=method)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise SystemExit("the abort was not interrupted")
+    finally:
+        BaseProcess.join = join
+    print(method, "inherited", len(W._INHERITED), flush=True)
+    print(method, "files", sorted(os.listdir(path)) if os.path.exists(path) else [])
+    ts.write_store(rows[:3], path, mode="overwrite")  # the store is not locked
+    print(method, "records", len(ts.open_store(path)))
+time.sleep(0.5)
+print("children", len(multiprocessing.active_children()), flush=True)
+left = [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
+print("threads", left)
+print("exit at", time.time(), flush=True)
+"""
+    proc, end = run_script(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[:-3] == [
+        f"{m} {what}" for m in ["fork"] * 12 + ["spawn"] for what in ("inherited 0", "files []", "records 3")
+    ]
+    assert lines[-3:-1] == ["children 0", "threads []"], proc.stdout
+    assert end - float(lines[-1].split()[-1]) < 3, proc.stdout
