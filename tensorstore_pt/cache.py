@@ -1146,6 +1146,8 @@ class CachedStorage(Storage):
             see fork safety.
 
         Memory: ``width`` download chunks of 8 MiB. Disk: the shards, as any read would.
+        Exit: the downloads never hold up the interpreter's exit; it cancels them and waits
+        at most 2 s for the reads in flight (a cancelled download removes its temporary file).
         Thread safety: safe. Fork safety: the downloads belong to this process. A child
         forked meanwhile closes its inherited copies of the download locks at once (so they
         are released when these downloads end) and waits on a shard's lock like any other
