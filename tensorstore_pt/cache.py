@@ -70,6 +70,7 @@ Requirements: ``cache_dir`` on a local file system with ``flock(2)`` (not NFS).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import errno
 import fcntl
@@ -81,7 +82,6 @@ import stat
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
@@ -925,6 +925,28 @@ def _digest_fd(fd: int, size: int) -> int:
 
 # --------------------------------------------------------------------------- consumer side
 
+#: Warm-ups running (:meth:`CachedStorage.warm`): their thread and the event that cancels them.
+_warmups: dict[threading.Thread, threading.Event] = {}
+_warmups_lock = threading.Lock()
+#: Seconds the interpreter's exit waits for cancelled warm-ups to stop (each finishes the read
+#: in progress, then removes its temporary file); one still busy after that is left behind
+#: (a daemon thread), and the next process to use the cache removes its temporary file.
+_EXIT_WAIT_S = 2.0
+
+
+def _stop_warmups() -> None:
+    """At the interpreter's exit: cancel every warm-up and wait (bounded) for it to stop."""
+    with _warmups_lock:
+        running = list(_warmups.items())
+    for _, cancel in running:
+        cancel.set()
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for thread, _ in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_stop_warmups)  # runs at exit: the warm-up threads are daemons, which nothing joins
+
 
 class _Feed:
     """One process's pins and background downloads for a :class:`CachedStorage`."""
@@ -1201,6 +1223,8 @@ class CachedStorage(Storage):
             see fork safety.
 
         Memory: ``width`` download chunks of 8 MiB. Disk: the shards, as any read would.
+        Exit: the downloads never hold up the interpreter's exit; it cancels them and waits
+        at most 2 s for the reads in flight (a cancelled download removes its temporary file).
         Thread safety: safe. Fork safety: the downloads belong to this process. A child
         forked meanwhile closes its inherited copies of the download locks at once (so they
         are released when these downloads end) and waits on a shard's lock like any other
@@ -1212,18 +1236,41 @@ class CachedStorage(Storage):
         if not todo:
             return None
         source, cache = self.source, self.cache
+        left = collections.deque(todo)
+        cancel = threading.Event()  # set at the interpreter's exit (_stop_warmups)
 
-        def one(key: ShardKey) -> None:
-            try:
-                cache.acquire(source, key).close()
-            except Exception:  # noqa: BLE001 - the reader that needs this shard gets the error
-                pass
+        def one_by_one() -> None:
+            while not cancel.is_set():
+                try:
+                    key = left.popleft()
+                except IndexError:
+                    return
+                try:
+                    cache.acquire(source, key, cancel=cancel).close()
+                except Exception:  # noqa: BLE001 - the reader that needs this shard gets the error (_Cancelled: exit)
+                    pass
 
         def run() -> None:
-            with ThreadPoolExecutor(max(1, min(width, len(todo))), thread_name_prefix="tspt-warm") as pool:
-                list(pool.map(one, todo))
+            # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's
+            # threads at exit after they ran every queued download, so a process that failed
+            # or was interrupted while its loader started waited for all of them (for ever on
+            # a source that stopped answering).
+            workers = [
+                threading.Thread(target=one_by_one, name=f"tspt-warm-{i}", daemon=True)
+                for i in range(max(1, min(width, len(todo))))
+            ]
+            try:
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+            finally:
+                with _warmups_lock:
+                    _warmups.pop(threading.current_thread(), None)
 
         thread = threading.Thread(target=run, name="tspt-warm", daemon=True)
+        with _warmups_lock:
+            _warmups[thread] = cancel
         thread.start()
         return thread
 

@@ -1053,15 +1053,32 @@ class ShardWriter:
         if self._state == "aborted":
             return []
         self._state = "aborted"
+        try:
+            if isinstance(self._pool, cf.ProcessPoolExecutor):
+                # Its futures are left to the executor: it fails them all once the workers are
+                # killed, and (Python 3.11) raises in its manager thread on one cancelled here.
+                _kill_pool(self._pool)
+            else:
+                for fut in self._pending:
+                    fut.cancel()
+                self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            # Even when a Ctrl-C (a second one) interrupts the wait for the pool: a later abort
+            # does nothing, so the files and the lock must go now.
+            left = self._discard()
+        if left:
+            warnings.warn(
+                f"store {self.location!r}: the failed write could not remove {left}; these files are not part of "
+                "the store and `tspt recover` never adopts them (it quarantines them)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return left
+
+    def _discard(self) -> list[str]:
+        """The rest of :meth:`abort` once the pool is stopped: drop what is buffered, remove this
+        writer's files and release the lock; return the files that could not be removed."""
         left: list[str] = []
-        if isinstance(self._pool, cf.ProcessPoolExecutor):
-            # Its futures are left to the executor: it fails them all once the workers are
-            # killed, and (Python 3.11) raises in its manager thread on one cancelled here.
-            _kill_pool(self._pool)
-        else:
-            for fut in self._pending:
-                fut.cancel()
-            self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
         self._batch.clear()
         self._dict_buffer.clear()
@@ -1075,13 +1092,6 @@ class ShardWriter:
         left += self._remove_all([shard.name for shard in self._shards[self._base_shards :]] + self._new_files)
         del self._shards[self._base_shards :]
         self._release(remove_created_dir=True)
-        if left:
-            warnings.warn(
-                f"store {self.location!r}: the failed write could not remove {left}; these files are not part of "
-                "the store and `tspt recover` never adopts them (it quarantines them)",
-                UserWarning,
-                stacklevel=2,
-            )
         return left
 
     def __enter__(self) -> ShardWriter:
@@ -1216,20 +1226,28 @@ def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
         if proc.is_alive():
             proc.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
-    for proc in processes:
-        proc.join(timeout=5)
-    if result_writer is not None and not any(proc.is_alive() for proc in processes):
-        try:
-            result_writer.close()
-        except OSError:
-            pass
-    if manager is not None:
-        manager.join(timeout=5)
-        if manager.is_alive():
-            # Still blocked (a worker that outlived SIGTERM): let the interpreter exit anyway.
-            from concurrent.futures import process as cf_process
+    try:
+        for proc in processes:
+            proc.join(timeout=5)
+    finally:
+        # Also when a Ctrl-C (a second one) interrupts the wait above: otherwise the workers
+        # may outlive it and the manager thread stay blocked, hanging the interpreter's exit.
+        for proc in processes:
+            if proc.is_alive():  # it outlived SIGTERM, or the wait was interrupted
+                proc.kill()
+                proc.join(timeout=5)
+        if result_writer is not None and not any(proc.is_alive() for proc in processes):
+            try:
+                result_writer.close()
+            except OSError:
+                pass
+        if manager is not None:
+            manager.join(timeout=5)
+            if manager.is_alive():
+                # Still blocked (a worker that outlived SIGKILL): let the interpreter exit anyway.
+                from concurrent.futures import process as cf_process
 
-            getattr(cf_process, "_threads_wakeups", {}).pop(manager, None)
+                getattr(cf_process, "_threads_wakeups", {}).pop(manager, None)
 
 
 def _reduce_tensor(obj: Any) -> Any:
