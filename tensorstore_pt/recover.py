@@ -933,7 +933,7 @@ def _recover_locked(
     entries: list[ShardEntry | _Piece] = []
     position = 0
     for p in chain:
-        if p.intact and p.entry is not None and p.first_record == position:
+        if p.intact and p.entry is not None and p.first_record == position and _plain_name(p.final):
             how = "renamed" if p.name != p.final else "indexed" if p.final in committed else "adopted"
             kept.append(KeptShard(p.final, position, p.good, how, p.name))
             entries.append(p.entry)
@@ -953,7 +953,11 @@ def _recover_locked(
             outcomes.append(ShardOutcome(p.name, action, p.first_record, p.records, p.good, p.lost(), p.reason))
             continue
         if p.name in chain_names:
-            why = p.reason or "its records move down (records before it were lost)"
+            why = p.reason or (
+                "its records move down (records before it were lost)"
+                if _plain_name(p.final)
+                else "its name is not a plain shard file name (docs/format.md, section 6), so no index can hold it"
+            )
             outcomes.append(ShardOutcome(p.name, "copied", p.first_record, p.records, p.good, p.lost(), why))
             to_quarantine.append((p.name, f"its proven records were copied into new shards; {why}", p.records))
             continue
@@ -1185,6 +1189,17 @@ def _copy_piece(
 def _with_raw(features: list[str], out: ShardBuilder) -> list[str]:
     """A copied shard's features: those of its piece, plus "raw-frames" if it holds a raw frame."""
     return sorted({*features, FEATURE_RAW_FRAMES}) if out.raw_runs else features
+
+
+def _plain_name(name: str) -> bool:
+    """Whether an index may name ``name`` as a shard (docs/format.md, section 6): a shard found
+    under another name (renamed by hand: ``a..b.tspt``) is copied under a new name, never kept
+    as is, since an index naming it would be refused by every reader."""
+    try:
+        check_shard_name(name, INDEX_NAME)
+    except IndexFormatError:
+        return False
+    return True
 
 
 def _quarantine_name(name: str, taken: set[str]) -> str:

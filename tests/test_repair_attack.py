@@ -1,0 +1,39 @@
+"""Attacks on the repair tools (recover, merge, cp) with fresh eyes: each test is a fault that
+was found, written before its fix. The rule they check: repair keeps every record that
+checksums prove, says exactly what it could not keep, and leaves a store that verifies clean.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+from _store_tools import make_store, sample, same
+from tensorstore_pt import open_store, recover_store, verify_store
+from tensorstore_pt.format import INDEX_NAME
+
+
+def _shards(store: Path) -> list[str]:
+    return sorted(n for n in os.listdir(store) if n.endswith(".tspt"))
+
+
+def _records(store: Path) -> list:
+    return list(open_store(store))
+
+
+def test_recover_never_keeps_a_shard_under_a_name_the_index_cannot_hold(tmp_path: Path) -> None:
+    # A shard renamed by hand to a name that is not a plain shard name (docs/format.md,
+    # section 6: no ".."): recover used to keep it as is and commit an index that every
+    # reader refuses. Its records must be kept under a valid name instead.
+    store = make_store(tmp_path / "s", "zstd", shards=1)
+    (name,) = _shards(store)
+    os.remove(store / INDEX_NAME)
+    os.rename(store / name, store / "a..b.tspt")
+    report = recover_store(store)
+    assert report.records == 4 and report.records_lost == 0
+    assert all(".." not in k.name for k in report.kept)
+    assert verify_store(store).ok
+    got = _records(store)
+    assert len(got) == 4 and all(same(g, sample(i)) for i, g in enumerate(got))
+    assert (store / "a..b.tspt.quarantined").exists()  # never deleted
