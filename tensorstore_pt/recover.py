@@ -1012,6 +1012,17 @@ def _recover_locked(
         ShardOutcome(o.name, o.action, o.first_record, o.records, o.kept, _subtract(o.lost, covered), o.reason)
         for o in outcomes
     ]
+    # Records of the kept sequence that no file holds any more (before its first kept shard, or
+    # between two kept shards: a shard file gone without an index to name it) move down too:
+    # they are lost, and the report says so.
+    reported = sorted([r for o in outcomes for r in o.lost] + covered)
+    start = 0
+    for p in chain:
+        if p.first_record is not None and p.first_record > start:
+            for a, b in _subtract(((start, p.first_record),), reported):
+                outcomes.append(ShardOutcome("(no file)", "missing", a, b - a, 0, ((a, b),),
+                                             "no shard file holds these records of the kept sequence"))  # fmt: skip
+        start = max(start, p.end)
     lost_total = 0
     end = -1
     for a, b in sorted(r for o in outcomes for r in o.lost):  # the union's length: overlaps count once

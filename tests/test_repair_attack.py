@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 
 from _store_tools import make_store, sample, same
-from tensorstore_pt import open_store, recover_store, verify_store
+from tensorstore_pt import open_store, recover_store, verify_store, write_store
 from tensorstore_pt.format import INDEX_NAME
 
 
@@ -37,3 +38,23 @@ def test_recover_never_keeps_a_shard_under_a_name_the_index_cannot_hold(tmp_path
     got = _records(store)
     assert len(got) == 4 and all(same(g, sample(i)) for i, g in enumerate(got))
     assert (store / "a..b.tspt.quarantined").exists()  # never deleted
+
+
+def test_recover_without_index_reports_the_records_of_a_missing_shard(tmp_path: Path) -> None:
+    # One writer's shards 0..5, the index and shard 1 gone: the records of shard 1 are lost and
+    # the ones after move down. The report used to say records_lost == 0 and no lost range.
+    store = tmp_path / "s"
+    data = [{"x": torch.full((3000,), float(i))} for i in range(12)]
+    write_store(data, store, codec="none", max_shard_bytes=30000)
+    names = _shards(store)
+    assert len(names) == 6
+    os.remove(store / INDEX_NAME)
+    os.remove(store / names[1])
+    report = recover_store(store)
+    assert report.records == 10
+    assert report.records_lost == 2
+    lost = sorted(r for o in report.shards for r in o.lost)
+    assert lost == [(2, 4)]
+    assert verify_store(store).ok
+    got = [int(r["x"][0]) for r in _records(store)]
+    assert got == [0, 1] + list(range(4, 12))
