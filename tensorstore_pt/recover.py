@@ -695,6 +695,7 @@ def _priority(q: _Piece, committed: set[str], dead: dict[str, str]) -> tuple[Any
         0 if q.final in committed else 1 if q.token in dead else 2,
         0 if q.intact else 1,
         -q.good,
+        0 if q.token is not None and _plain_name(q.final) else 1,  # a name this library writes
         q.final,
     )
 
@@ -908,6 +909,18 @@ def _recover_locked(
         return q.token in committed_tokens or dead.get(q.token or "") == "append"
 
     usable.sort(key=lambda q: _priority(q, committed, dead))
+    # A file that proves exactly the records another one proves (a copy left in the directory)
+    # adds nothing: only the first by priority is a candidate, so that a copy never looks like
+    # a second writer whose shards end where the next writer started (see _chain).
+    duplicates: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], _Piece] = {}
+    for q in usable:
+        key = (q.first_record, tuple((f.first, f.stored, f.checksum, tuple(f.raw_lengths)) for f in q.frames))
+        if key in seen:
+            duplicates[q.name] = seen[key].name
+        else:
+            seen[key] = q
+    usable = [q for q in usable if q.name not in duplicates]
     if ev.valid or any(p.final in committed for p in usable):
         chain = _chain(usable, committed, adoptable, present, None)
     else:
@@ -963,6 +976,8 @@ def _recover_locked(
             continue
         if p.first_record is None or not p.frames:
             why = p.reason or "it proves no record"
+        elif p.name in duplicates:
+            why = f"a duplicate of {duplicates[p.name]!r} (it proves the same records, by the same checksums)"
         elif p.codec != codec_config:
             why = f"its codec {p.codec} is not the store's {codec_config}"
         elif not adoptable(p):

@@ -5,7 +5,9 @@ checksums prove, says exactly what it could not keep, and leaves a store that ve
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -58,3 +60,21 @@ def test_recover_without_index_reports_the_records_of_a_missing_shard(tmp_path: 
     assert verify_store(store).ok
     got = [int(r["x"][0]) for r in _records(store)]
     assert got == [0, 1] + list(range(4, 12))
+
+
+def test_recover_without_index_a_duplicate_shard_costs_no_record(tmp_path: Path) -> None:
+    # Three writers (a write and two appends), the index lost, and a byte-for-byte copy of the
+    # first shard under another name (a backup left in the directory). Recover used to see two
+    # sequences ending where the second writer starts, keep records 4..11 only, renumbered
+    # 0..7, and report nothing lost. The copy proves the same records: all 12 must stay.
+    store = make_store(tmp_path / "s", "zstd")
+    first = json.loads((store / INDEX_NAME).read_text())["shards"][0]["name"]
+    os.remove(store / INDEX_NAME)
+    shutil.copy(store / first, store / "backup.tspt")
+    report = recover_store(store)
+    assert report.records == 12 and report.records_lost == 0
+    assert verify_store(store).ok
+    got = _records(store)
+    assert len(got) == 12 and all(same(g, sample(i)) for i, g in enumerate(got))
+    dup = [o for o in report.shards if o.name in ("backup.tspt", first) and o.action == "quarantined"]
+    assert len(dup) == 1 and "duplicate" in dup[0].reason
