@@ -516,7 +516,7 @@ class _Scanner:
         # A frame stored raw (format 1.2) is its records' torch.save archives, with no codec
         # header: found, and proven, by the zip structure and CRC-32s, as codec none frames are.
         raw_too = raw_frames and magic != _ZIP_MAGIC
-        pos = rel = 0
+        pos = rel = rel_end = 0
         segment = 0  # index of the first frame after the last damaged stretch
         in_gap = damaged = False
         while pos < len(region):
@@ -549,6 +549,7 @@ class _Scanner:
                 _Frame(HEADER_BYTES + pos, n, digest_int(region[pos : pos + n]), lengths, rel, stored_raw)
             )
             rel += len(lengths)
+            rel_end = rel
             pos += n
             raw_left -= len(raw)
         if damaged and not in_gap and piece.records is not None and rel < piece.records:
@@ -557,7 +558,9 @@ class _Scanner:
             for f in piece.frames[segment:]:
                 f.first += shift
         if piece.records is None:
-            piece.records = rel
+            # Without the index's stored_bytes the walk also crossed the lost record table and
+            # footer: an unproven stretch after the last frame is that, not a lost record.
+            piece.records = rel if "stored_bytes" in evidence or not piece.frames else rel_end
         proven = sum(len(f.raw_lengths) for f in piece.frames)
         piece.reason += f"; rebuilt from its frames: {proven} record(s) proven by their zip CRC-32s"
 
@@ -585,6 +588,31 @@ class _Scanner:
         if stop is None or check_zip(memoryview(region)[pos:stop]) is not None:
             return None
         return stop - pos, region[pos:stop], [stop - pos]
+
+
+def _rebuild_by_neighbours(
+    pieces: list[_Piece], ev: _Evidence, scanner: _Scanner, codec_config: dict[str, Any], raw_frames: bool
+) -> None:
+    """Rebuild the shards whose footer is lost and that no index entry describes (the index is
+    lost or damaged) from their frames, where the same writer's shard numbered one before has
+    an intact footer: the lost shard starts where that one ends (a writer numbers its shards in
+    record order, one after another), and ends where the writer's next shard starts, if that one
+    is intact too (else at its last proven frame)."""
+    own: dict[tuple[str, int], _Piece] = {}
+    for p in pieces:
+        if p.token is not None and p.seq is not None and p.first_record is not None and p.records:
+            own[(p.token, p.seq)] = p
+    for q in pieces:
+        if not q.footer_lost or q.newer or q.final in ev.entries or q.token is None or q.seq is None:
+            continue
+        prev = own.get((q.token, q.seq - 1))
+        if prev is None or prev.records is None or prev.first_record is None:
+            continue
+        evidence = {"first_record": prev.first_record + prev.records}
+        nxt = own.get((q.token, q.seq + 1))
+        if nxt is not None and nxt.first_record is not None and nxt.first_record > evidence["first_record"]:
+            evidence["records"] = nxt.first_record - evidence["first_record"]
+        scanner.rebuild(q, evidence, codec_config, raw_frames)
 
 
 #: The first bytes of a frame: zstd's Magic_Number 0xFD2FB528 (RFC 8878) and LZ4's 0x184D2204
@@ -897,6 +925,9 @@ def _recover_locked(
     for p in pieces:
         if p.footer_lost and p.final in ev.entries:
             scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames)
+    if not ev.valid:
+        # No index entry to go by: the shard's writer's previous shard says where it starts.
+        _rebuild_by_neighbours(pieces, ev, scanner, codec_config, raw_frames)
 
     committed = set(ev.names)
     committed_tokens = {t for n in ev.names if (parsed := parse_shard_name(n)) for t in [parsed[0]]}

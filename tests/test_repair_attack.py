@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from _store_tools import make_store, sample, same
@@ -78,3 +79,32 @@ def test_recover_without_index_a_duplicate_shard_costs_no_record(tmp_path: Path)
     assert len(got) == 12 and all(same(g, sample(i)) for i, g in enumerate(got))
     dup = [o for o in report.shards if o.name in ("backup.tspt", first) and o.action == "quarantined"]
     assert len(dup) == 1 and "duplicate" in dup[0].reason
+
+
+def _numbered(n: int) -> list[dict[str, torch.Tensor]]:
+    """Records that do not compress (so each codec makes several shards), tagged by position."""
+    g = torch.Generator().manual_seed(5)
+    return [{"x": torch.randn(3000, generator=g), "i": torch.tensor(i)} for i in range(n)]
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd", "lz4"])
+@pytest.mark.parametrize("victim", ["middle", "last"])
+def test_recover_without_index_keeps_the_records_of_a_shard_whose_footer_is_lost(
+    tmp_path: Path, codec: str, victim: str
+) -> None:
+    # One writer's shards, the index lost and one shard cut short by 10 bytes (its trailer
+    # gone). Its frames still prove its records (zstd/lz4 frames, zip CRC-32s), and its writer's
+    # previous shard says where it starts. Recover used to quarantine it and keep nothing of it
+    # (the last shard: 2 records gone and records_lost 0).
+    store = tmp_path / "s"
+    write_store(_numbered(12), store, codec=codec, max_shard_bytes=30000)
+    names = _shards(store)
+    assert len(names) == 6
+    os.remove(store / INDEX_NAME)
+    cut = store / names[1 if victim == "middle" else -1]
+    os.truncate(cut, cut.stat().st_size - 10)
+    report = recover_store(store)
+    assert report.records == 12 and report.records_lost == 0
+    assert verify_store(store).ok
+    assert [int(r["i"]) for r in _records(store)] == list(range(12))
+    assert (store / (cut.name + ".quarantined")).exists()
