@@ -606,13 +606,58 @@ def _rebuild_by_neighbours(
         if not q.footer_lost or q.newer or q.final in ev.entries or q.token is None or q.seq is None:
             continue
         prev = own.get((q.token, q.seq - 1))
+        nxt = own.get((q.token, q.seq + 1))
         if prev is None or prev.records is None or prev.first_record is None:
+            if q.seq == 0 and nxt is not None and nxt.first_record is not None:
+                _rebuild_first(q, nxt.first_record, scanner, codec_config, raw_frames)
             continue
         evidence = {"first_record": prev.first_record + prev.records}
-        nxt = own.get((q.token, q.seq + 1))
         if nxt is not None and nxt.first_record is not None and nxt.first_record > evidence["first_record"]:
             evidence["records"] = nxt.first_record - evidence["first_record"]
         scanner.rebuild(q, evidence, codec_config, raw_frames)
+        if "records" not in evidence and q.frames and not _table_follows(scanner.storage, q):
+            q.reason += "; records after its last proven frame, if it held any, are not counted (no index)"
+
+
+def _table_follows(storage: Storage, q: _Piece) -> bool:
+    """Whether the record (or frame) table starts right after the last frame ``q``'s walk found:
+    its first row names the first frame (offset 16, the same stored length), so the walk found
+    every frame up to the table and the shard held exactly the records it proves."""
+    if not q.frames:
+        return False
+    last = q.frames[-1]
+    try:
+        handle = storage.open(q.name)
+    except (FileNotFoundError, NotARegularFileError):
+        return False
+    try:
+        row = handle.read_range(last.offset + last.stored, 16)
+    finally:
+        handle.close()
+    return row == HEADER_BYTES.to_bytes(8, "little") + q.frames[0].stored.to_bytes(8, "little")
+
+
+def _rebuild_first(q: _Piece, end: int, scanner: _Scanner, codec_config: dict[str, Any], raw_frames: bool) -> None:
+    """Rebuild a writer's first shard (seq 0) whose footer is lost from its frames, where the
+    writer's second shard starts at ``end``: only if every frame found proves its records with
+    no damaged stretch between them, so that it ends exactly at ``end`` (else nothing tells
+    where it starts, and it stays unproven)."""
+    scanner.rebuild(q, {"first_record": 0}, codec_config, raw_frames)
+    clean = q.frames and q.good == q.records and q.good <= end and _table_follows(scanner.storage, q)
+    if clean and all(f.first == k for f, k in zip(q.frames, _starts(q.frames))):
+        q.first_record = end - q.good
+        return
+    q.first_record, q.records, q.frames = None, None, []
+    q.reason += "; where it starts is unknown (damaged frames, no index)"
+
+
+def _starts(frames: list[_Frame]) -> list[int]:
+    """The shard-relative first record of each of ``frames`` if they follow one another."""
+    out, k = [], 0
+    for f in frames:
+        out.append(k)
+        k += len(f.raw_lengths)
+    return out
 
 
 #: The first bytes of a frame: zstd's Magic_Number 0xFD2FB528 (RFC 8878) and LZ4's 0x184D2204

@@ -88,7 +88,7 @@ def _numbered(n: int) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("codec", ["none", "zstd", "lz4"])
-@pytest.mark.parametrize("victim", ["middle", "last"])
+@pytest.mark.parametrize("victim", ["first", "middle", "last"])
 def test_recover_without_index_keeps_the_records_of_a_shard_whose_footer_is_lost(
     tmp_path: Path, codec: str, victim: str
 ) -> None:
@@ -101,10 +101,31 @@ def test_recover_without_index_keeps_the_records_of_a_shard_whose_footer_is_lost
     names = _shards(store)
     assert len(names) == 6
     os.remove(store / INDEX_NAME)
-    cut = store / names[1 if victim == "middle" else -1]
+    cut = store / names[{"first": 0, "middle": 1, "last": -1}[victim]]
     os.truncate(cut, cut.stat().st_size - 10)
     report = recover_store(store)
     assert report.records == 12 and report.records_lost == 0
     assert verify_store(store).ok
     assert [int(r["i"]) for r in _records(store)] == list(range(12))
     assert (store / (cut.name + ".quarantined")).exists()
+
+
+def test_recover_without_index_never_guesses_where_a_damaged_first_shard_starts(tmp_path: Path) -> None:
+    # The first shard cut short and its last frame damaged too: the frames it proves may end
+    # before its true end, so where it starts is unknown. It is not placed by a guess (which
+    # would report the wrong records lost); its records are reported lost, the rest kept.
+    store = tmp_path / "s"
+    write_store(_numbered(12), store, codec="lz4", max_shard_bytes=30000)
+    first = _shards(store)[0]
+    table = json.loads((store / INDEX_NAME).read_text())["shards"]
+    assert table[0]["name"] == first and table[0]["records"] == 2
+    os.remove(store / INDEX_NAME)
+    path = store / first
+    data = bytearray(path.read_bytes())
+    data[16 + table[0]["stored_bytes"] - 100] ^= 0xFF  # inside the second (last) frame
+    path.write_bytes(bytes(data[:-10]))
+    report = recover_store(store)
+    assert report.records == 10 and report.records_lost == 2
+    assert sorted(r for o in report.shards for r in o.lost) == [(0, 2)]
+    assert [int(r["i"]) for r in _records(store)] == list(range(2, 12))
+    assert verify_store(store).ok
