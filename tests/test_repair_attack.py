@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from _store_tools import make_store, sample, same
-from tensorstore_pt import open_store, recover_store, verify_store, write_store
+from tensorstore_pt import copy_store, open_store, recover_store, verify_store, write_store
+from tensorstore_pt.errors import ChecksumMismatchError
 from tensorstore_pt.format import INDEX_NAME
 
 
@@ -129,3 +130,34 @@ def test_recover_without_index_never_guesses_where_a_damaged_first_shard_starts(
     assert sorted(r for o in report.shards for r in o.lost) == [(0, 2)]
     assert [int(r["i"]) for r in _records(store)] == list(range(2, 12))
     assert verify_store(store).ok
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file() and p.name != ".tspt-lock"}
+
+
+def test_cp_overwrite_of_a_damaged_source_leaves_the_old_store_whole(tmp_path: Path) -> None:
+    # The destination holds a store whose legacy shard names (shard-00000.tspt...) are also the
+    # source's, with other bytes. A copy with overwrite=True used to remove the old index, then
+    # replace shard-00000.tspt, then fail on the source's damaged shard-00001.tspt: the old
+    # store was gone (no index, a shard overwritten) and the copy never committed. Nothing of
+    # the old store may change until every file of the new one has arrived and verified.
+    fixtures = Path(__file__).parent / "fixtures" / "v1.0"
+    dst = tmp_path / "dst"
+    copy_store(fixtures / "zstd", dst)
+    before = _files(dst)
+    src = tmp_path / "src"
+    shutil.copytree(fixtures / "lz4", src)
+    last = json.loads((src / INDEX_NAME).read_text())["shards"][-1]["name"]
+    data = bytearray((src / last).read_bytes())
+    data[20] ^= 0xFF
+    (src / last).write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=last):
+        copy_store(src, dst, overwrite=True, workers=1)
+    assert {n: b for n, b in _files(dst).items() if not n.startswith(".")} == before
+    assert verify_store(dst).ok
+    # Repaired, the source replaces it, and no staged file is left behind.
+    shutil.copy(fixtures / "lz4" / last, src / last)
+    copy_store(src, dst, overwrite=True)
+    assert _files(dst) == _files(fixtures / "lz4")
+    assert verify_store(dst).ok
