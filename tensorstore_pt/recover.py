@@ -1110,9 +1110,12 @@ def _recover_locked(
     start = 0
     for p in chain:
         if p.first_record is not None and p.first_record > start:
+            why = (
+                "no file proves these records of the kept sequence (a shard file gone, or one that "
+                "could not be rebuilt with no index to go by)"
+            )
             for a, b in _subtract(((start, p.first_record),), reported):
-                outcomes.append(ShardOutcome("(no file)", "missing", a, b - a, 0, ((a, b),),
-                                             "no shard file holds these records of the kept sequence"))  # fmt: skip
+                outcomes.append(ShardOutcome("(no file)", "missing", a, b - a, 0, ((a, b),), why))
         start = max(start, p.end)
     lost_total = 0
     end = -1
