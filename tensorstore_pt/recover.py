@@ -1176,6 +1176,11 @@ def _recover_locked(
             with typed_full_disk(storage.location, index_backup), storage.writer(index_backup) as out:
                 out.write(ev.raw)
             new_files.append(index_backup)
+        # An index.json that cannot be read as bytes (a directory, an oversized file) cannot be
+        # copied: it is moved aside, never deleted, just before the new index is written.
+        aside = not dry_run and index_needed and ev.present and not ev.raw
+        if aside:
+            index_backup = _quarantine_name(INDEX_NAME, taken)
         if not dry_run:
             for p in chain:
                 if p.name != p.final and p.name in kept_as_is:
@@ -1183,10 +1188,14 @@ def _recover_locked(
             if index_needed:
                 # Object stores have no lock: replace only the index read above (S3 If-Match),
                 # or create one only where there was none (If-None-Match / link(2)).
+                if aside and index_backup is not None:
+                    storage.move(INDEX_NAME, index_backup)
                 try:
                     with (
                         typed_full_disk(storage.location, INDEX_NAME),
-                        storage.writer(INDEX_NAME, exclusive=not ev.present, **if_match_kwargs(ev.version)) as out,
+                        storage.writer(
+                            INDEX_NAME, exclusive=aside or not ev.present, **if_match_kwargs(ev.version)
+                        ) as out,
                     ):
                         out.write(encode_index(new_index))
                 except FileExistsError as exc:

@@ -161,3 +161,20 @@ def test_cp_overwrite_of_a_damaged_source_leaves_the_old_store_whole(tmp_path: P
     copy_store(src, dst, overwrite=True)
     assert _files(dst) == _files(fixtures / "lz4")
     assert verify_store(dst).ok
+
+
+def test_recover_moves_aside_an_index_that_is_a_directory(tmp_path: Path) -> None:
+    # index.json is a directory (holding a file): recover used to fail renaming its new index
+    # over it (IsADirectoryError), leaving a temporary index behind and the store unreadable.
+    # It is moved aside as a quarantined file (never deleted) and the index rebuilt.
+    store = make_store(tmp_path / "s", "zstd")
+    os.remove(store / INDEX_NAME)
+    (store / INDEX_NAME).mkdir()
+    (store / INDEX_NAME / "note").write_text("mine")
+    report = recover_store(store)
+    assert report.records == 12 and report.index_written and report.records_lost == 0
+    assert report.index_backup is not None
+    assert (store / report.index_backup / "note").read_text() == "mine"
+    assert verify_store(store).ok
+    assert [int(r["i"]) for r in _records(store)] == list(range(12))
+    assert not [n for n in os.listdir(store) if n.startswith(".index.json")]
