@@ -26,10 +26,13 @@ How it decides:
 - **Damaged records are dropped, the rest kept.** A shard with damaged frames keeps its
   other records; so does a shard whose footer is lost (rebuilt from its frames: zstd and lz4
   frames delimit themselves; ``none`` records and the records of raw frames (format 1.2)
-  are zip archives, which do). The format has no
+  are zip archives, which do; where it starts is the index's entry or, with the index lost,
+  the end of its writer's previous shard). A file that proves exactly another file's
+  records (a copy) is quarantined as its duplicate. The format has no
   holes, so the records after a lost one move down: such shards are copied (frames
   unchanged, checksums kept) into new shards of this recover's own token, and the report
-  says, per shard file, which records (in the old numbering) were kept and which were lost.
+  says, per shard file, which records (in the old numbering) were kept and which were lost,
+  and names with a ``"missing"`` row the records of the kept sequence no file proves.
 
 Crash safety: recover holds the store's lock for its whole run. It writes the copied shards
 and a copy of the old index first, then renames complete temporary shards into place,

@@ -16,6 +16,7 @@ import torch
 from _store_tools import make_store, sample, same
 from tensorstore_pt import copy_store, open_store, recover_store, verify_store, write_store
 from tensorstore_pt.errors import ChecksumMismatchError
+from tensorstore_pt.recover import RecoverReport
 from tensorstore_pt.format import INDEX_NAME
 
 
@@ -27,6 +28,14 @@ def _records(store: Path) -> list:
     return list(open_store(store))
 
 
+def _recover_twice(store: Path) -> RecoverReport:
+    """recover_store, then once more: the second run must find nothing to change."""
+    report = recover_store(store)
+    again = recover_store(store)
+    assert not again.changed and again.records == report.records and again.records_lost == 0
+    return report
+
+
 def test_recover_never_keeps_a_shard_under_a_name_the_index_cannot_hold(tmp_path: Path) -> None:
     # A shard renamed by hand to a name that is not a plain shard name (docs/format.md,
     # section 6: no ".."): recover used to keep it as is and commit an index that every
@@ -35,7 +44,7 @@ def test_recover_never_keeps_a_shard_under_a_name_the_index_cannot_hold(tmp_path
     (name,) = _shards(store)
     os.remove(store / INDEX_NAME)
     os.rename(store / name, store / "a..b.tspt")
-    report = recover_store(store)
+    report = _recover_twice(store)
     assert report.records == 4 and report.records_lost == 0
     assert all(".." not in k.name for k in report.kept)
     assert verify_store(store).ok
@@ -54,7 +63,7 @@ def test_recover_without_index_reports_the_records_of_a_missing_shard(tmp_path: 
     assert len(names) == 6
     os.remove(store / INDEX_NAME)
     os.remove(store / names[1])
-    report = recover_store(store)
+    report = _recover_twice(store)
     assert report.records == 10
     assert report.records_lost == 2
     lost = sorted(r for o in report.shards for r in o.lost)
@@ -73,7 +82,7 @@ def test_recover_without_index_a_duplicate_shard_costs_no_record(tmp_path: Path)
     first = json.loads((store / INDEX_NAME).read_text())["shards"][0]["name"]
     os.remove(store / INDEX_NAME)
     shutil.copy(store / first, store / "backup.tspt")
-    report = recover_store(store)
+    report = _recover_twice(store)
     assert report.records == 12 and report.records_lost == 0
     assert verify_store(store).ok
     got = _records(store)
@@ -104,7 +113,7 @@ def test_recover_without_index_keeps_the_records_of_a_shard_whose_footer_is_lost
     os.remove(store / INDEX_NAME)
     cut = store / names[{"first": 0, "middle": 1, "last": -1}[victim]]
     os.truncate(cut, cut.stat().st_size - 10)
-    report = recover_store(store)
+    report = _recover_twice(store)
     assert report.records == 12 and report.records_lost == 0
     assert verify_store(store).ok
     assert [int(r["i"]) for r in _records(store)] == list(range(12))
@@ -125,7 +134,7 @@ def test_recover_without_index_never_guesses_where_a_damaged_first_shard_starts(
     data = bytearray(path.read_bytes())
     data[16 + table[0]["stored_bytes"] - 100] ^= 0xFF  # inside the second (last) frame
     path.write_bytes(bytes(data[:-10]))
-    report = recover_store(store)
+    report = _recover_twice(store)
     assert report.records == 10 and report.records_lost == 2
     assert sorted(r for o in report.shards for r in o.lost) == [(0, 2)]
     assert [int(r["i"]) for r in _records(store)] == list(range(2, 12))
@@ -171,7 +180,7 @@ def test_recover_moves_aside_an_index_that_is_a_directory(tmp_path: Path) -> Non
     os.remove(store / INDEX_NAME)
     (store / INDEX_NAME).mkdir()
     (store / INDEX_NAME / "note").write_text("mine")
-    report = recover_store(store)
+    report = _recover_twice(store)
     assert report.records == 12 and report.index_written and report.records_lost == 0
     assert report.index_backup is not None
     assert (store / report.index_backup / "note").read_text() == "mine"
