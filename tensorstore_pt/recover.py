@@ -356,6 +356,7 @@ class _Piece:
     footer_lost: bool = False
     reason: str = ""
     file_bytes: int = 0
+    open_end: bool = False  # rebuilt without an index: records after its last proven frame unknown
 
     @property
     def token(self) -> str | None:
@@ -619,7 +620,8 @@ def _rebuild_by_neighbours(
             evidence["records"] = nxt.first_record - evidence["first_record"]
         scanner.rebuild(q, evidence, codec_config, raw_frames)
         if "records" not in evidence and q.frames and not _table_follows(scanner.storage, q):
-            q.reason += "; records after its last proven frame, if it held any, are not counted (no index)"
+            q.open_end = True
+            q.reason += "; records after its last proven frame, if it held any, are unknown (no index)"
 
 
 def _table_follows(storage: Storage, q: _Piece) -> bool:
@@ -729,7 +731,9 @@ def _chain(
         if q.final not in committed:
             if not adoptable(q) or not _may_follow(last, q, present):
                 continue
-            if q.first_record != end and (last is None or last.token != q.token):
+            if q.first_record != end and (last is None or (last.token != q.token and not last.open_end)):
+                # (After a shard whose end is unknown, the next writer's shard may start later:
+                # the records between are that shard's lost tail.)
                 continue
             if (
                 last is not None

@@ -187,3 +187,28 @@ def test_recover_moves_aside_an_index_that_is_a_directory(tmp_path: Path) -> Non
     assert verify_store(store).ok
     assert [int(r["i"]) for r in _records(store)] == list(range(12))
     assert not [n for n in os.listdir(store) if n.startswith(".index.json")]
+
+
+def test_recover_without_index_joins_the_next_writer_after_a_shard_whose_end_is_unknown(tmp_path: Path) -> None:
+    # A write (records 0..5) and an append (6..11), the index lost, and the write's last shard
+    # cut short with its last frame damaged too: its records after the last proven frame are
+    # unknown, so it ends "at least" at record 5. The append's first shard starts at 6; recover
+    # used to keep only the append's records (6 of the 11 proven), since the write's sequence
+    # no longer ended exactly where the append starts. Now the append joins after the gap and
+    # only record 5 is lost.
+    store = tmp_path / "s"
+    data = _numbered(12)
+    write_store(data[:6], store, codec="lz4", max_shard_bytes=30000)
+    write_store(data[6:], store, codec="lz4", max_shard_bytes=30000, mode="append")
+    table = json.loads((store / INDEX_NAME).read_text())["shards"]
+    assert [(e["first_record"], e["records"]) for e in table] == [(0, 2), (2, 2), (4, 2), (6, 2), (8, 2), (10, 2)]
+    os.remove(store / INDEX_NAME)
+    path = store / table[2]["name"]
+    raw = bytearray(path.read_bytes())
+    raw[16 + table[2]["stored_bytes"] - 100] ^= 0xFF  # inside its last frame
+    path.write_bytes(bytes(raw[:-10]))
+    report = _recover_twice(store)
+    assert report.records == 11 and report.records_lost == 1
+    assert sorted(r for o in report.shards for r in o.lost) == [(5, 6)]
+    assert [int(r["i"]) for r in _records(store)] == [0, 1, 2, 3, 4, *range(6, 12)]
+    assert verify_store(store).ok
