@@ -420,6 +420,13 @@ class _Scanner:
         except NotARegularFileError as exc:
             piece.reason = str(exc)
             return piece
+        except PermissionError as exc:
+            # Unreadable is not unproven: quarantining it would drop records that are fine.
+            raise PermissionError(
+                exc.errno,
+                f"{where}: recover cannot read it ({exc.strerror}); nothing was changed: make it readable "
+                "(or move it out of the store) and run `tspt recover` again",
+            ) from exc
         try:
             size = piece.file_bytes = handle.size()
             header = handle.read_range(0, HEADER_BYTES)
@@ -820,6 +827,7 @@ def recover_store(
         StoreBusyError: A writer or another recover holds the store's lock (named by pid and
             host), or a temporary file belongs to a process still running.
         StorageFullError: No space for the copied shards or the index; nothing was changed.
+        PermissionError: A shard file cannot be read (named in the message); nothing was changed.
     """
     del salvage  # always on
     storage = storage_for(path, storage_options)

@@ -212,3 +212,29 @@ def test_recover_without_index_joins_the_next_writer_after_a_shard_whose_end_is_
     assert sorted(r for o in report.shards for r in o.lost) == [(5, 6)]
     assert [int(r["i"]) for r in _records(store)] == [0, 1, 2, 3, 4, *range(6, 12)]
     assert verify_store(store).ok
+
+
+def test_recover_refuses_an_unreadable_shard_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shard recover may not read (chmod 000; emulated, since tests may run as root): it is not
+    # quarantined as unproven (its records are fine, only unreadable now); recover refuses, says
+    # which file and that nothing changed, and runs once it is readable again.
+    from tensorstore_pt.storage.local import LocalStorage
+
+    store = make_store(tmp_path / "s", "zstd")
+    victim = json.loads((store / INDEX_NAME).read_text())["shards"][1]["name"]
+    before = _files(store)
+    real_open = LocalStorage.open
+
+    def deny(self: LocalStorage, name: str):  # noqa: ANN202 - a ReadHandle
+        if name == victim:
+            raise PermissionError(13, "Permission denied", str(self.root / name))
+        return real_open(self, name)
+
+    monkeypatch.setattr(LocalStorage, "open", deny)
+    with pytest.raises(PermissionError, match=f"{victim}.*nothing was changed"):
+        recover_store(store)
+    assert _files(store) == before
+    monkeypatch.setattr(LocalStorage, "open", real_open)
+    assert not _recover_twice(store).changed
