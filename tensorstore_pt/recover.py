@@ -337,6 +337,7 @@ class _Frame:
     raw_lengths: list[int]
     first: int  # shard-relative position of its first record
     raw: bool = False  # stored raw (format 1.2, "raw-frames")
+    source: str | None = None  # the file it is read from, if not its piece's own (a copy's)
 
 
 @dataclass
@@ -357,6 +358,7 @@ class _Piece:
     reason: str = ""
     file_bytes: int = 0
     open_end: bool = False  # rebuilt without an index: records after its last proven frame unknown
+    wanted: list[_Frame] = field(default_factory=list)  # damaged frames, as its intact footer names them
 
     @property
     def token(self) -> str | None:
@@ -475,6 +477,10 @@ class _Scanner:
                     )
                 except TensorStoreError as exc:
                     bad.append(str(exc))
+                    piece.wanted.append(
+                        _Frame(int(row["offset"]), int(row["stored"]), int(row["checksum"]),
+                               [n for _, n in record_slices(footer, a, b)], a, footer.is_raw(fi))
+                    )  # fmt: skip
                     continue
                 lengths = [n for _, n in record_slices(footer, a, b)]
                 piece.frames.append(
@@ -599,6 +605,33 @@ class _Scanner:
         if stop is None or check_zip(memoryview(region)[pos:stop]) is not None:
             return None
         return stop - pos, region[pos:stop], [stop - pos]
+
+
+def _fill_from_copies(chain: list[_Piece], pieces: list[_Piece]) -> None:
+    """Give a kept shard's damaged frames back from another file that proves them: a frame at
+    the same records whose xxh3_64, stored length, record lengths and raw flag are the ones the
+    shard's own intact (checksummed) footer names is the frame its writer wrote (a copy of the
+    shard taken before the damage, for example). The shard is then copied, that frame read
+    from the other file."""
+    found: dict[tuple[int, int, int, tuple[int, ...], bool], tuple[_Piece, _Frame]] = {}
+    for q in pieces:
+        if q.first_record is None:
+            continue
+        for f in q.frames:
+            if f.source is None:
+                key = (q.first_record + f.first, f.checksum, f.stored, tuple(f.raw_lengths), f.raw)
+                found.setdefault(key, (q, f))
+    for p in chain:
+        if not p.wanted or p.first_record is None:
+            continue
+        for w in p.wanted:
+            hit = found.get((p.first_record + w.first, w.checksum, w.stored, tuple(w.raw_lengths), w.raw))
+            if hit is None or hit[0] is p:
+                continue
+            q, f = hit
+            p.frames.append(_Frame(f.offset, f.stored, f.checksum, list(f.raw_lengths), w.first, f.raw, q.name))
+            p.reason += f"; its damaged frame at record {p.first_record + w.first} was taken from {q.name!r}"
+        p.frames.sort(key=lambda f: f.first)
 
 
 def _rebuild_by_neighbours(
@@ -1031,6 +1064,8 @@ def _recover_locked(
                 f"records, starting at {chain[0].final!r}; the others are quarantined, not deleted"
             )
 
+    _fill_from_copies(chain, pieces)
+
     # Plan the new store: keep a shard as is where it lands at its own first record, else copy.
     cap = max([p.file_bytes for p in chain] + [0]) or DEFAULT_MAX_SHARD_BYTES
     kept: list[KeptShard] = []
@@ -1290,13 +1325,16 @@ def _copy_piece(
             )
         )
         return made, seq + 1
-    handle = storage.open(piece.name)
+    handles = {piece.name: storage.open(piece.name)}
     out: ShardBuilder | None = None
     try:
         for f in piece.frames:
-            frame = read_exact(handle, f.offset, f.stored, "a frame", piece.name)
+            source = f.source or piece.name
+            if source not in handles:
+                handles[source] = storage.open(source)
+            frame = read_exact(handles[source], f.offset, f.stored, "a frame", source)
             if digest_int(frame) != f.checksum:  # changed under us: never copy what was not proven
-                raise CorruptStoreError(f"{piece.name!r}: a frame at byte {f.offset} changed while recover ran")
+                raise CorruptStoreError(f"{source!r}: a frame at byte {f.offset} changed while recover ran")
             if out is not None and out.records and out.size_with(len(frame), len(f.raw_lengths), f.raw) > cap:
                 made.append((out.close(), _with_raw(features, out)))
                 out = None
@@ -1309,7 +1347,8 @@ def _copy_piece(
             made.append((out.close(), _with_raw(features, out)))
             out = None
     finally:
-        handle.close()
+        for handle in handles.values():
+            handle.close()
         if out is not None:
             out.out.abort()
     return made, seq

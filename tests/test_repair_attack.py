@@ -238,3 +238,23 @@ def test_recover_refuses_an_unreadable_shard_and_changes_nothing(
     assert _files(store) == before
     monkeypatch.setattr(LocalStorage, "open", real_open)
     assert not _recover_twice(store).changed
+
+
+def test_recover_takes_a_damaged_frame_from_a_copy_that_proves_it(tmp_path: Path) -> None:
+    # A committed shard with one damaged frame, and beside it a copy of that shard taken before
+    # the damage (backup.tspt, which the index does not name). The shard's own checksummed
+    # footer names the frame's xxh3_64; the copy holds a frame at the same records with that
+    # digest, so the record is proven. Recover used to drop it (records_lost 1).
+    store = make_store(tmp_path / "s", "lz4")
+    entry = json.loads((store / INDEX_NAME).read_text())["shards"][1]
+    path = store / entry["name"]
+    shutil.copy(path, store / "backup.tspt")
+    raw = bytearray(path.read_bytes())
+    raw[16 + entry["stored_bytes"] // 2] ^= 0xFF  # inside one of its frames
+    path.write_bytes(bytes(raw))
+    assert not verify_store(store).ok
+    report = _recover_twice(store)
+    assert report.records == 12 and report.records_lost == 0
+    assert [int(r["i"]) for r in _records(store)] == list(range(12))
+    assert verify_store(store).ok
+    assert (store / "backup.tspt.quarantined").exists()
