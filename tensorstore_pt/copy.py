@@ -24,11 +24,13 @@
 
 Nothing is committed when any step fails: files copied so far stay at the destination under
 their final names (they are not part of any store until the index is written) and the next
-run skips them. With ``overwrite=True`` the old store stays readable until the commit unless
-one of the source's file names is also one of its files with other bytes (legacy names such
-as ``shard-00000.tspt``): then the old ``index.json`` is removed before that file is
-replaced, and the destination is no store until the copy commits. After the commit the old
-store's files that the new index does not name are removed.
+run skips them. With ``overwrite=True`` the old store stays readable until every file of the
+new one has arrived and verified, even where one of the source's file names is also one of
+its files with other bytes (legacy names such as ``shard-00000.tspt``): such a file is
+streamed to a temporary name first; only then is the old ``index.json`` removed, the old files
+replaced by the waiting ones and the new index committed (a crash in that short window leaves
+no store, and re-running the copy finishes it). After the commit the old store's files that
+the new index does not name are removed.
 
 Memory: at most ``workers x chunk_bytes`` of file data in this process (default 4 x 8 MiB),
 plus the index. No file is ever held whole in memory. Local disk: nothing for a local
@@ -169,9 +171,10 @@ def _is_temp_of(name: str, wanted: set[str]) -> bool:
 class _WithIndex(Storage):
     """A read-only view of ``inner`` in which ``index.json`` is ``raw`` (not yet written)."""
 
-    def __init__(self, inner: Storage, raw: bytes) -> None:
+    def __init__(self, inner: Storage, raw: bytes, staged: dict[str, str] | None = None) -> None:
         self._inner = inner
         self._raw = raw
+        self._staged = staged or {}  # a file's name -> the name it waits under (not yet in place)
         self.location = inner.location
 
     def exists(self) -> bool:
@@ -184,16 +187,17 @@ class _WithIndex(Storage):
         return False
 
     def list(self) -> list[str]:
-        return sorted(set(self._inner.list()) | {INDEX_NAME})
+        return sorted(set(self._inner.list()) | set(self._staged) | {INDEX_NAME})
 
     def size(self, name: str) -> int:
-        return len(self._raw) if name == INDEX_NAME else self._inner.size(name)
+        return len(self._raw) if name == INDEX_NAME else self._inner.size(self._staged.get(name, name))
 
     def sizes(self) -> dict[str, int]:
-        return {**self._inner.sizes(), INDEX_NAME: len(self._raw)}
+        sizes = self._inner.sizes()
+        return {**sizes, **{n: sizes[s] for n, s in self._staged.items() if s in sizes}, INDEX_NAME: len(self._raw)}
 
     def open(self, name: str) -> ReadHandle:
-        return _BytesHandle(self._raw) if name == INDEX_NAME else self._inner.open(name)
+        return _BytesHandle(self._raw) if name == INDEX_NAME else self._inner.open(self._staged.get(name, name))
 
     def writer(
         self, name: str, *, exclusive: bool = False, if_match: str | None = None
@@ -286,10 +290,16 @@ def _digest_of(storage: Storage, f: _File, chunk_bytes: int, stop: threading.Eve
 
 
 def _transfer(
-    src: Storage, dst: Storage, f: _File, chunk_bytes: int, stop: threading.Event, progress: _Progress
+    src: Storage,
+    dst: Storage,
+    f: _File,
+    chunk_bytes: int,
+    stop: threading.Event,
+    progress: _Progress,
+    as_name: str | None = None,
 ) -> tuple[int, int]:
-    """Stream ``f`` from ``src`` to ``dst``, publishing it only if its size and digest match the
-    index; return ``(size, digest)`` of what arrived."""
+    """Stream ``f`` from ``src`` to ``dst`` (under ``as_name`` if given), publishing it only if
+    its size and digest match the index; return ``(size, digest)`` of what arrived."""
     where = f"store {src.location!r}: {'shard' if f.shard else 'dictionary file'} {f.name!r}"
     try:
         handle = src.open(f.name)
@@ -301,7 +311,7 @@ def _transfer(
             raise ShardSizeError(f"{where}: expected {f.size} bytes (index), found {size}")
         h = FileHasher()
         got = 0
-        out = dst.writer(f.name)
+        out = dst.writer(as_name or f.name)
         try:
             while got < f.size:
                 if stop.is_set():
@@ -327,11 +337,18 @@ def _transfer(
 
 
 def _copy_one(
-    src: Storage, dst: Storage, f: _File, chunk_bytes: int, stop: threading.Event, progress: _Progress
+    src: Storage,
+    dst: Storage,
+    f: _File,
+    chunk_bytes: int,
+    stop: threading.Event,
+    progress: _Progress,
+    as_name: str | None = None,
 ) -> bool:
-    """Copy one file, fetching it again once if it arrives wrong; return whether it was refetched."""
+    """Copy one file (under ``as_name`` if given), fetching it again once if it arrives wrong;
+    return whether it was refetched."""
     for attempt in (1, 2):
-        got, digest = _transfer(src, dst, f, chunk_bytes, stop, progress)
+        got, digest = _transfer(src, dst, f, chunk_bytes, stop, progress, as_name)
         if got == f.size and digest == f.checksum:
             return attempt == 2
         if attempt == 1:
@@ -456,7 +473,8 @@ def copy_store(
     if target.exists() and not target.is_container():
         raise StoreExistsError(f"{target.location!r} exists and is not a directory; expected a directory or a new path")
     created = target.ensure()
-    lock: StoreLock | None = target.lock(lock_owner(new_writer_token(), "copy", "overwrite" if overwrite else "create"))
+    token = new_writer_token()
+    lock: StoreLock | None = target.lock(lock_owner(token, "copy", "overwrite" if overwrite else "create"))
     committed = False
     try:
         names = [n for n in target.list() if n != LOCK_NAME]
@@ -500,17 +518,22 @@ def copy_store(
             skipped = {f.name for f, good in zip(to_check, ok) if good}
             to_copy = [f for f in files if f.name not in skipped]
             bar.grow(sum(f.size for f in to_check if f.name not in skipped))
-            if old_raw is not None and not same_index and any(f.name in old_files for f in to_copy):
-                # A file of the old store is about to change: it stops being a store now.
-                target.remove(INDEX_NAME)
-                old_raw = None
+            # A file of the old store that the copy replaces waits under a temporary name until
+            # every file has arrived and verified: a copy that fails leaves the old store whole.
+            staged = {
+                f.name: f".{f.name}{TEMP_MARKER}cp-{token}"
+                for f in to_copy
+                if old_raw is not None and not same_index and f.name in old_files
+            }
             refetched = _run_parallel(
-                [lambda f=f: _copy_one(source, target, f, chunk_bytes, stop, bar) for f in to_copy], workers, stop
+                [lambda f=f: _copy_one(source, target, f, chunk_bytes, stop, bar, staged.get(f.name)) for f in to_copy],
+                workers,
+                stop,
             )
         finally:
             bar.close()
         if verify:
-            report = verify_store(_WithIndex(target, raw))
+            report = verify_store(_WithIndex(target, raw, staged))
             if not report.ok:
                 first = report.problems[0]
                 raise CorruptStoreError(
@@ -518,6 +541,14 @@ def copy_store(
                     f"{first.message}); nothing was committed. The source likely has the same damage (`tspt verify` "
                     "it); verify=False (`tspt cp --no-verify`) copies it as it is"
                 )
+        if staged:
+            # The old store stops being one now: its index goes first, then its files are replaced.
+            _check_unchanged(target, old_raw)
+            target.remove(INDEX_NAME)
+            old_raw = None
+            for name, temp in staged.items():
+                target.remove(name)
+                target.move(temp, name)
         index_written = _commit(target, raw, old_raw, same_index)
         committed = True
         removed = _remove_old(target, old_files - wanted) if old_files else ()
@@ -601,6 +632,26 @@ def _commit(target: Storage, raw: bytes, old_raw: bytes | None, same_index: bool
             f"another writer committed {INDEX_NAME} at {target.location!r} during the copy; nothing was committed"
         ) from exc
     return True
+
+
+def _check_unchanged(target: Storage, old_raw: bytes | None) -> None:
+    """Refuse to replace the destination's files if its ``index.json`` is no longer ``old_raw``
+    (another writer committed during the copy, where the backend has no lock).
+
+    Raises:
+        ConcurrentWriteError: The index changed.
+    """
+    try:
+        current = target.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
+    except FileNotFoundError:
+        current = None
+    except (ValueError, NotARegularFileError):
+        current = b""
+    if current != old_raw:
+        raise ConcurrentWriteError(
+            f"{INDEX_NAME} of {target.location!r} was changed by another writer during the copy; nothing was "
+            "committed (one writer at a time per store)"
+        )
 
 
 def _remove_old(target: Storage, names: set[str]) -> tuple[str, ...]:

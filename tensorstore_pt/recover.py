@@ -26,10 +26,13 @@ How it decides:
 - **Damaged records are dropped, the rest kept.** A shard with damaged frames keeps its
   other records; so does a shard whose footer is lost (rebuilt from its frames: zstd and lz4
   frames delimit themselves; ``none`` records and the records of raw frames (format 1.2)
-  are zip archives, which do). The format has no
+  are zip archives, which do; where it starts is the index's entry or, with the index lost,
+  the end of its writer's previous shard). A file that proves exactly another file's
+  records (a copy) is quarantined as its duplicate. The format has no
   holes, so the records after a lost one move down: such shards are copied (frames
   unchanged, checksums kept) into new shards of this recover's own token, and the report
-  says, per shard file, which records (in the old numbering) were kept and which were lost.
+  says, per shard file, which records (in the old numbering) were kept and which were lost,
+  and names with a ``"missing"`` row the records of the kept sequence no file proves.
 
 Crash safety: recover holds the store's lock for its whole run. It writes the copied shards
 and a copy of the old index first, then renames complete temporary shards into place,
@@ -334,6 +337,7 @@ class _Frame:
     raw_lengths: list[int]
     first: int  # shard-relative position of its first record
     raw: bool = False  # stored raw (format 1.2, "raw-frames")
+    source: str | None = None  # the file it is read from, if not its piece's own (a copy's)
 
 
 @dataclass
@@ -353,6 +357,8 @@ class _Piece:
     footer_lost: bool = False
     reason: str = ""
     file_bytes: int = 0
+    open_end: bool = False  # rebuilt without an index: records after its last proven frame unknown
+    wanted: list[_Frame] = field(default_factory=list)  # damaged frames, as its intact footer names them
 
     @property
     def token(self) -> str | None:
@@ -416,6 +422,13 @@ class _Scanner:
         except NotARegularFileError as exc:
             piece.reason = str(exc)
             return piece
+        except PermissionError as exc:
+            # Unreadable is not unproven: quarantining it would drop records that are fine.
+            raise PermissionError(
+                exc.errno,
+                f"{where}: recover cannot read it ({exc.strerror}); nothing was changed: make it readable "
+                "(or move it out of the store) and run `tspt recover` again",
+            ) from exc
         try:
             size = piece.file_bytes = handle.size()
             header = handle.read_range(0, HEADER_BYTES)
@@ -464,6 +477,10 @@ class _Scanner:
                     )
                 except TensorStoreError as exc:
                     bad.append(str(exc))
+                    piece.wanted.append(
+                        _Frame(int(row["offset"]), int(row["stored"]), int(row["checksum"]),
+                               [n for _, n in record_slices(footer, a, b)], a, footer.is_raw(fi))
+                    )  # fmt: skip
                     continue
                 lengths = [n for _, n in record_slices(footer, a, b)]
                 piece.frames.append(
@@ -516,7 +533,7 @@ class _Scanner:
         # A frame stored raw (format 1.2) is its records' torch.save archives, with no codec
         # header: found, and proven, by the zip structure and CRC-32s, as codec none frames are.
         raw_too = raw_frames and magic != _ZIP_MAGIC
-        pos = rel = 0
+        pos = rel = rel_end = 0
         segment = 0  # index of the first frame after the last damaged stretch
         in_gap = damaged = False
         while pos < len(region):
@@ -549,6 +566,7 @@ class _Scanner:
                 _Frame(HEADER_BYTES + pos, n, digest_int(region[pos : pos + n]), lengths, rel, stored_raw)
             )
             rel += len(lengths)
+            rel_end = rel
             pos += n
             raw_left -= len(raw)
         if damaged and not in_gap and piece.records is not None and rel < piece.records:
@@ -557,7 +575,9 @@ class _Scanner:
             for f in piece.frames[segment:]:
                 f.first += shift
         if piece.records is None:
-            piece.records = rel
+            # Without the index's stored_bytes the walk also crossed the lost record table and
+            # footer: an unproven stretch after the last frame is that, not a lost record.
+            piece.records = rel if "stored_bytes" in evidence or not piece.frames else rel_end
         proven = sum(len(f.raw_lengths) for f in piece.frames)
         piece.reason += f"; rebuilt from its frames: {proven} record(s) proven by their zip CRC-32s"
 
@@ -585,6 +605,104 @@ class _Scanner:
         if stop is None or check_zip(memoryview(region)[pos:stop]) is not None:
             return None
         return stop - pos, region[pos:stop], [stop - pos]
+
+
+def _fill_from_copies(chain: list[_Piece], pieces: list[_Piece]) -> None:
+    """Give a kept shard's damaged frames back from another file that proves them: a frame at
+    the same records whose xxh3_64, stored length, record lengths and raw flag are the ones the
+    shard's own intact (checksummed) footer names is the frame its writer wrote (a copy of the
+    shard taken before the damage, for example). The shard is then copied, that frame read
+    from the other file."""
+    found: dict[tuple[int, int, int, tuple[int, ...], bool], tuple[_Piece, _Frame]] = {}
+    for q in pieces:
+        if q.first_record is None:
+            continue
+        for f in q.frames:
+            if f.source is None:
+                key = (q.first_record + f.first, f.checksum, f.stored, tuple(f.raw_lengths), f.raw)
+                found.setdefault(key, (q, f))
+    for p in chain:
+        if not p.wanted or p.first_record is None:
+            continue
+        for w in p.wanted:
+            hit = found.get((p.first_record + w.first, w.checksum, w.stored, tuple(w.raw_lengths), w.raw))
+            if hit is None or hit[0] is p:
+                continue
+            q, f = hit
+            p.frames.append(_Frame(f.offset, f.stored, f.checksum, list(f.raw_lengths), w.first, f.raw, q.name))
+            p.reason += f"; its damaged frame at record {p.first_record + w.first} was taken from {q.name!r}"
+        p.frames.sort(key=lambda f: f.first)
+
+
+def _rebuild_by_neighbours(
+    pieces: list[_Piece], ev: _Evidence, scanner: _Scanner, codec_config: dict[str, Any], raw_frames: bool
+) -> None:
+    """Rebuild the shards whose footer is lost and that no index entry describes (the index is
+    lost or damaged) from their frames, where the same writer's shard numbered one before has
+    an intact footer: the lost shard starts where that one ends (a writer numbers its shards in
+    record order, one after another), and ends where the writer's next shard starts, if that one
+    is intact too (else at its last proven frame)."""
+    own: dict[tuple[str, int], _Piece] = {}
+    for p in pieces:
+        if p.token is not None and p.seq is not None and p.first_record is not None and p.records:
+            own[(p.token, p.seq)] = p
+    for q in pieces:
+        if not q.footer_lost or q.newer or q.final in ev.entries or q.token is None or q.seq is None:
+            continue
+        prev = own.get((q.token, q.seq - 1))
+        nxt = own.get((q.token, q.seq + 1))
+        if prev is None or prev.records is None or prev.first_record is None:
+            if q.seq == 0 and nxt is not None and nxt.first_record is not None:
+                _rebuild_first(q, nxt.first_record, scanner, codec_config, raw_frames)
+            continue
+        evidence = {"first_record": prev.first_record + prev.records}
+        if nxt is not None and nxt.first_record is not None and nxt.first_record > evidence["first_record"]:
+            evidence["records"] = nxt.first_record - evidence["first_record"]
+        scanner.rebuild(q, evidence, codec_config, raw_frames)
+        if "records" not in evidence and q.frames and not _table_follows(scanner.storage, q):
+            q.open_end = True
+            q.reason += "; records after its last proven frame, if it held any, are unknown (no index)"
+
+
+def _table_follows(storage: Storage, q: _Piece) -> bool:
+    """Whether the record (or frame) table starts right after the last frame ``q``'s walk found:
+    its first row names the first frame (offset 16, the same stored length), so the walk found
+    every frame up to the table and the shard held exactly the records it proves."""
+    if not q.frames:
+        return False
+    last = q.frames[-1]
+    try:
+        handle = storage.open(q.name)
+    except (FileNotFoundError, NotARegularFileError):
+        return False
+    try:
+        row = handle.read_range(last.offset + last.stored, 16)
+    finally:
+        handle.close()
+    return row == HEADER_BYTES.to_bytes(8, "little") + q.frames[0].stored.to_bytes(8, "little")
+
+
+def _rebuild_first(q: _Piece, end: int, scanner: _Scanner, codec_config: dict[str, Any], raw_frames: bool) -> None:
+    """Rebuild a writer's first shard (seq 0) whose footer is lost from its frames, where the
+    writer's second shard starts at ``end``: only if every frame found proves its records with
+    no damaged stretch between them, so that it ends exactly at ``end`` (else nothing tells
+    where it starts, and it stays unproven)."""
+    scanner.rebuild(q, {"first_record": 0}, codec_config, raw_frames)
+    clean = q.frames and q.good == q.records and q.good <= end and _table_follows(scanner.storage, q)
+    if clean and all(f.first == k for f, k in zip(q.frames, _starts(q.frames))):
+        q.first_record = end - q.good
+        return
+    q.first_record, q.records, q.frames = None, None, []
+    q.reason += "; where it starts is unknown (damaged frames, no index)"
+
+
+def _starts(frames: list[_Frame]) -> list[int]:
+    """The shard-relative first record of each of ``frames`` if they follow one another."""
+    out, k = [], 0
+    for f in frames:
+        out.append(k)
+        k += len(f.raw_lengths)
+    return out
 
 
 #: The first bytes of a frame: zstd's Magic_Number 0xFD2FB528 (RFC 8878) and LZ4's 0x184D2204
@@ -653,7 +771,9 @@ def _chain(
         if q.final not in committed:
             if not adoptable(q) or not _may_follow(last, q, present):
                 continue
-            if q.first_record != end and (last is None or last.token != q.token):
+            if q.first_record != end and (last is None or (last.token != q.token and not last.open_end)):
+                # (After a shard whose end is unknown, the next writer's shard may start later:
+                # the records between are that shard's lost tail.)
                 continue
             if (
                 last is not None
@@ -695,6 +815,7 @@ def _priority(q: _Piece, committed: set[str], dead: dict[str, str]) -> tuple[Any
         0 if q.final in committed else 1 if q.token in dead else 2,
         0 if q.intact else 1,
         -q.good,
+        0 if q.token is not None and _plain_name(q.final) else 1,  # a name this library writes
         q.final,
     )
 
@@ -739,6 +860,7 @@ def recover_store(
         StoreBusyError: A writer or another recover holds the store's lock (named by pid and
             host), or a temporary file belongs to a process still running.
         StorageFullError: No space for the copied shards or the index; nothing was changed.
+        PermissionError: A shard file cannot be read (named in the message); nothing was changed.
     """
     del salvage  # always on
     storage = storage_for(path, storage_options)
@@ -896,6 +1018,9 @@ def _recover_locked(
     for p in pieces:
         if p.footer_lost and p.final in ev.entries:
             scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames)
+    if not ev.valid:
+        # No index entry to go by: the shard's writer's previous shard says where it starts.
+        _rebuild_by_neighbours(pieces, ev, scanner, codec_config, raw_frames)
 
     committed = set(ev.names)
     committed_tokens = {t for n in ev.names if (parsed := parse_shard_name(n)) for t in [parsed[0]]}
@@ -908,6 +1033,18 @@ def _recover_locked(
         return q.token in committed_tokens or dead.get(q.token or "") == "append"
 
     usable.sort(key=lambda q: _priority(q, committed, dead))
+    # A file that proves exactly the records another one proves (a copy left in the directory)
+    # adds nothing: only the first by priority is a candidate, so that a copy never looks like
+    # a second writer whose shards end where the next writer started (see _chain).
+    duplicates: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], _Piece] = {}
+    for q in usable:
+        key = (q.first_record, tuple((f.first, f.stored, f.checksum, tuple(f.raw_lengths)) for f in q.frames))
+        if key in seen:
+            duplicates[q.name] = seen[key].name
+        else:
+            seen[key] = q
+    usable = [q for q in usable if q.name not in duplicates]
     if ev.valid or any(p.final in committed for p in usable):
         chain = _chain(usable, committed, adoptable, present, None)
     else:
@@ -927,13 +1064,15 @@ def _recover_locked(
                 f"records, starting at {chain[0].final!r}; the others are quarantined, not deleted"
             )
 
+    _fill_from_copies(chain, pieces)
+
     # Plan the new store: keep a shard as is where it lands at its own first record, else copy.
     cap = max([p.file_bytes for p in chain] + [0]) or DEFAULT_MAX_SHARD_BYTES
     kept: list[KeptShard] = []
     entries: list[ShardEntry | _Piece] = []
     position = 0
     for p in chain:
-        if p.intact and p.entry is not None and p.first_record == position:
+        if p.intact and p.entry is not None and p.first_record == position and _plain_name(p.final):
             how = "renamed" if p.name != p.final else "indexed" if p.final in committed else "adopted"
             kept.append(KeptShard(p.final, position, p.good, how, p.name))
             entries.append(p.entry)
@@ -953,12 +1092,18 @@ def _recover_locked(
             outcomes.append(ShardOutcome(p.name, action, p.first_record, p.records, p.good, p.lost(), p.reason))
             continue
         if p.name in chain_names:
-            why = p.reason or "its records move down (records before it were lost)"
+            why = p.reason or (
+                "its records move down (records before it were lost)"
+                if _plain_name(p.final)
+                else "its name is not a plain shard file name (docs/format.md, section 6), so no index can hold it"
+            )
             outcomes.append(ShardOutcome(p.name, "copied", p.first_record, p.records, p.good, p.lost(), why))
             to_quarantine.append((p.name, f"its proven records were copied into new shards; {why}", p.records))
             continue
         if p.first_record is None or not p.frames:
             why = p.reason or "it proves no record"
+        elif p.name in duplicates:
+            why = f"a duplicate of {duplicates[p.name]!r} (it proves the same records, by the same checksums)"
         elif p.codec != codec_config:
             why = f"its codec {p.codec} is not the store's {codec_config}"
         elif not adoptable(p):
@@ -1008,6 +1153,20 @@ def _recover_locked(
         ShardOutcome(o.name, o.action, o.first_record, o.records, o.kept, _subtract(o.lost, covered), o.reason)
         for o in outcomes
     ]
+    # Records of the kept sequence that no file holds any more (before its first kept shard, or
+    # between two kept shards: a shard file gone without an index to name it) move down too:
+    # they are lost, and the report says so.
+    reported = sorted([r for o in outcomes for r in o.lost] + covered)
+    start = 0
+    for p in chain:
+        if p.first_record is not None and p.first_record > start:
+            why = (
+                "no file proves these records of the kept sequence (a shard file gone, or one that "
+                "could not be rebuilt with no index to go by)"
+            )
+            for a, b in _subtract(((start, p.first_record),), reported):
+                outcomes.append(ShardOutcome("(no file)", "missing", a, b - a, 0, ((a, b),), why))
+        start = max(start, p.end)
     lost_total = 0
     end = -1
     for a, b in sorted(r for o in outcomes for r in o.lost):  # the union's length: overlaps count once
@@ -1067,6 +1226,11 @@ def _recover_locked(
             with typed_full_disk(storage.location, index_backup), storage.writer(index_backup) as out:
                 out.write(ev.raw)
             new_files.append(index_backup)
+        # An index.json that cannot be read as bytes (a directory, an oversized file) cannot be
+        # copied: it is moved aside, never deleted, just before the new index is written.
+        aside = not dry_run and index_needed and ev.present and not ev.raw
+        if aside:
+            index_backup = _quarantine_name(INDEX_NAME, taken)
         if not dry_run:
             for p in chain:
                 if p.name != p.final and p.name in kept_as_is:
@@ -1074,10 +1238,14 @@ def _recover_locked(
             if index_needed:
                 # Object stores have no lock: replace only the index read above (S3 If-Match),
                 # or create one only where there was none (If-None-Match / link(2)).
+                if aside and index_backup is not None:
+                    storage.move(INDEX_NAME, index_backup)
                 try:
                     with (
                         typed_full_disk(storage.location, INDEX_NAME),
-                        storage.writer(INDEX_NAME, exclusive=not ev.present, **if_match_kwargs(ev.version)) as out,
+                        storage.writer(
+                            INDEX_NAME, exclusive=aside or not ev.present, **if_match_kwargs(ev.version)
+                        ) as out,
                     ):
                         out.write(encode_index(new_index))
                 except FileExistsError as exc:
@@ -1157,13 +1325,16 @@ def _copy_piece(
             )
         )
         return made, seq + 1
-    handle = storage.open(piece.name)
+    handles = {piece.name: storage.open(piece.name)}
     out: ShardBuilder | None = None
     try:
         for f in piece.frames:
-            frame = read_exact(handle, f.offset, f.stored, "a frame", piece.name)
+            source = f.source or piece.name
+            if source not in handles:
+                handles[source] = storage.open(source)
+            frame = read_exact(handles[source], f.offset, f.stored, "a frame", source)
             if digest_int(frame) != f.checksum:  # changed under us: never copy what was not proven
-                raise CorruptStoreError(f"{piece.name!r}: a frame at byte {f.offset} changed while recover ran")
+                raise CorruptStoreError(f"{source!r}: a frame at byte {f.offset} changed while recover ran")
             if out is not None and out.records and out.size_with(len(frame), len(f.raw_lengths), f.raw) > cap:
                 made.append((out.close(), _with_raw(features, out)))
                 out = None
@@ -1176,7 +1347,8 @@ def _copy_piece(
             made.append((out.close(), _with_raw(features, out)))
             out = None
     finally:
-        handle.close()
+        for handle in handles.values():
+            handle.close()
         if out is not None:
             out.out.abort()
     return made, seq
@@ -1185,6 +1357,17 @@ def _copy_piece(
 def _with_raw(features: list[str], out: ShardBuilder) -> list[str]:
     """A copied shard's features: those of its piece, plus "raw-frames" if it holds a raw frame."""
     return sorted({*features, FEATURE_RAW_FRAMES}) if out.raw_runs else features
+
+
+def _plain_name(name: str) -> bool:
+    """Whether an index may name ``name`` as a shard (docs/format.md, section 6): a shard found
+    under another name (renamed by hand: ``a..b.tspt``) is copied under a new name, never kept
+    as is, since an index naming it would be refused by every reader."""
+    try:
+        check_shard_name(name, INDEX_NAME)
+    except IndexFormatError:
+        return False
+    return True
 
 
 def _quarantine_name(name: str, taken: set[str]) -> str:
