@@ -610,20 +610,11 @@ def _commit(target: Storage, raw: bytes, old_raw: bytes | None, same_index: bool
     The write is conditional: exclusive where there was no index (S3 ``If-None-Match``), and
     where one is replaced, only if it is still the version compared here (S3 ``If-Match``);
     backends without conditional writes keep the compare-before-commit window of one request."""
-    try:
-        current, version = target.read_versioned(INDEX_NAME, MAX_INDEX_BYTES)
-    except FileNotFoundError:
-        current, version = None, None
-    except (ValueError, NotARegularFileError):
-        current, version = b"", None
+    current, version = _current_index(target)
     if same_index and current == raw:
         return False
-    expected = None if same_index else old_raw
-    if current != expected:
-        raise ConcurrentWriteError(
-            f"{INDEX_NAME} of {target.location!r} was changed by another writer during the copy; nothing was "
-            "committed (one writer at a time per store)"
-        )
+    if current != (None if same_index else old_raw):
+        raise _changed(target)
     try:
         with target.writer(INDEX_NAME, exclusive=current is None, **if_match_kwargs(version)) as out:
             out.write(raw)
@@ -641,17 +632,26 @@ def _check_unchanged(target: Storage, old_raw: bytes | None) -> None:
     Raises:
         ConcurrentWriteError: The index changed.
     """
+    if _current_index(target)[0] != old_raw:
+        raise _changed(target)
+
+
+def _current_index(target: Storage) -> tuple[bytes | None, Any]:
+    """The destination's ``index.json`` now and its version (for ``If-Match``): None if there
+    is none, ``b""`` if it is not a readable file (a directory, too large)."""
     try:
-        current = target.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
+        return target.read_versioned(INDEX_NAME, MAX_INDEX_BYTES)
     except FileNotFoundError:
-        current = None
+        return None, None
     except (ValueError, NotARegularFileError):
-        current = b""
-    if current != old_raw:
-        raise ConcurrentWriteError(
-            f"{INDEX_NAME} of {target.location!r} was changed by another writer during the copy; nothing was "
-            "committed (one writer at a time per store)"
-        )
+        return b"", None
+
+
+def _changed(target: Storage) -> ConcurrentWriteError:
+    return ConcurrentWriteError(
+        f"{INDEX_NAME} of {target.location!r} was changed by another writer during the copy; nothing was "
+        "committed (one writer at a time per store)"
+    )
 
 
 def _remove_old(target: Storage, names: set[str]) -> tuple[str, ...]:
