@@ -482,7 +482,7 @@ class ShardCache:
                 pass
         finally:
             os.close(fd)
-        lock = path.with_name(path.name + ".lock")
+        lock = _lock_path(path)
         try:
             lfd = _open_cloexec(lock, _RDONLY_SAFE)
         except OSError:
@@ -635,7 +635,7 @@ class ShardCache:
 
     def _shard_lock(self, final: Path, cancel: threading.Event | None) -> int:
         """Take the shard's download lock (polling, so ``cancel`` is honoured)."""
-        path = final.with_name(final.name + ".lock")
+        path = _lock_path(final)
         while True:
             try:
                 fd = _open_cloexec(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -878,7 +878,7 @@ def _check_record(st: os.stat_result, key: ShardKey) -> bytes:
 def _read_check(final: Path) -> bytes | None:
     """The check record in ``final``'s lock file, or None (absent, unreadable, not a file)."""
     try:
-        fd = _open_cloexec(final.with_name(final.name + ".lock"), _RDONLY_SAFE)
+        fd = _open_cloexec(_lock_path(final), _RDONLY_SAFE)
     except OSError:
         return None
     try:
@@ -894,10 +894,17 @@ def _read_check(final: Path) -> bytes | None:
 def _touch(final: Path, record: bytes | None) -> None:
     """Mark ``final`` used now (its lock file's mtime) and write its check record if given.
     Best effort: a lock file that cannot be written only costs LRU order or a full check."""
+    lock = _lock_path(final)
+    if record is None:  # the common pin: one system call (never following a link)
+        try:
+            os.utime(lock, follow_symlinks=False)
+            return
+        except FileNotFoundError:
+            pass  # no lock file yet: created below
+        except OSError:
+            return
     try:
-        lfd = _open_cloexec(
-            final.with_name(final.name + ".lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-        )
+        lfd = _open_cloexec(lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return
     try:
@@ -909,6 +916,11 @@ def _touch(final: Path, record: bytes | None) -> None:
         pass
     finally:
         os.close(lfd)
+
+
+def _lock_path(final: Path) -> Path:
+    """A cached shard's lock file: its download lock, last use and check record."""
+    return final.with_name(final.name + ".lock")
 
 
 def _digest_fd(fd: int, size: int) -> int:
