@@ -726,6 +726,14 @@ class ShardBuilder:
         Raises:
             ConcurrentWriteError: A file of this name appeared meanwhile (never overwritten).
         """
+        entry = self.finish()
+        self.publish()
+        return entry
+
+    def finish(self) -> ShardEntry:
+        """Write the tables, footer and trailer (nothing is published yet); return the shard's
+        index entry. :meth:`publish` then commits the file; it may run on another thread (the
+        builder is not touched again here)."""
         table = np.zeros(len(self.offsets), dtype=RECORD_DTYPE)
         table["offset"] = self.offsets
         table["stored"] = self.stored
@@ -739,13 +747,6 @@ class ShardBuilder:
             record_map["raw"] = self.rec_raw
         meta = self.meta(self.records, len(self.offsets), self.raw_runs or None)
         self._write(encode_footer(table, meta, record_map))
-        try:
-            self.out.commit()
-        except FileExistsError as exc:
-            raise ConcurrentWriteError(
-                f"shard {self.name!r} was published by another writer while this one was writing; "
-                "one writer at a time per store"
-            ) from exc
         return ShardEntry(
             name=self.name,
             records=self.records,
@@ -755,3 +756,19 @@ class ShardBuilder:
             raw_bytes=sum(self.raw),
             checksum=self.hasher.intdigest(),
         )
+
+    def publish(self) -> None:
+        """Commit the finished file under its name (flush, fsync, link: see the storage's
+        ``AtomicWriter.commit``).
+
+        Raises:
+            ConcurrentWriteError: A file of this name appeared meanwhile (never overwritten).
+            OSError: From the storage (a full disk: ``errno`` ENOSPC).
+        """
+        try:
+            self.out.commit()
+        except FileExistsError as exc:
+            raise ConcurrentWriteError(
+                f"shard {self.name!r} was published by another writer while this one was writing; "
+                "one writer at a time per store"
+            ) from exc

@@ -277,7 +277,13 @@ class ShardWriter:
     Memory (``num_workers=0``): at most ``2 * num_threads + 2`` encoded samples are in flight, plus one frame
     group (about ``frame_target_bytes``), plus, while a dictionary is being trained, the raw
     bytes of the training records (at most ``DICT_SAMPLE_BYTES`` plus one record), plus one
-    shard's tables (32 bytes a frame, 24 a record). Thread safety: one writer must be used
+    shard's tables (32 bytes a frame, 24 a record). Publishing: a full shard is finished on
+    the calling thread and published (flushed, fsynced and linked under its name; uploaded,
+    for a URL) on one background thread while the next shard is written; at most 2 finished
+    shards wait to be published (the writer then waits), so temporary files (for a URL, the
+    local spool) hold at most 3 shards. ``close`` waits for every publication before it
+    commits the index; an error of a publication is raised from a later ``write`` or from
+    ``close``, and nothing is published. Thread safety: one writer must be used
     from one thread, and one writer at a time may write a store (a second one is detected and
     refused, never silently merged). Fork safety: do not fork while a writer is open (its thread
     or process pool does not survive fork); the writer's own worker processes are started by
@@ -432,6 +438,10 @@ class ShardWriter:
         self._new_files: list[str] = []  # non-shard files this writer created (the dictionary)
         self._grouper = FrameGrouper(self.frame_target_bytes)
         self._open: ShardBuilder | None = None
+        # Finished shards being published (flush, fsync, link; an upload for a URL) on one
+        # background thread, oldest first, so that this thread goes on writing frames.
+        self._publishing: collections.deque[tuple[ShardBuilder, cf.Future[None]]] = collections.deque()
+        self._publisher: cf.ThreadPoolExecutor | None = None
         self._pending: collections.deque[cf.Future[Any]] = collections.deque()
         self._pool: cf.Executor
         if self.num_workers:
@@ -908,17 +918,33 @@ class ShardWriter:
         self.stored_bytes_written += stored_bytes
 
     def _close_shard(self) -> None:
+        """Finish the open shard here and hand its publication to the publisher thread."""
         if self._open is not None:
             shard = self._open
             self._open = None
             try:
                 with typed_full_disk(self.location, shard.name):
-                    self._shards.append(shard.close())
-                if shard.raw_runs:
-                    self._features.add(FEATURE_RAW_FRAMES)
+                    entry = shard.finish()
             except BaseException:
                 self._open = shard  # so that abort removes its temporary file
                 raise
+            if shard.raw_runs:
+                self._features.add(FEATURE_RAW_FRAMES)
+            self._shards.append(entry)
+            if self._publisher is None:
+                self._publisher = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tspt-publish")
+            self._publishing.append((shard, self._publisher.submit(shard.publish)))
+            while len(self._publishing) > _MAX_PUBLISHING:
+                self._wait_published()
+
+    def _wait_published(self) -> None:
+        """Wait for the oldest shard being published; raise its error (a full disk typed as
+        :class:`StorageFullError`). A shard whose publication failed stays listed, so that
+        abort removes its temporary file."""
+        shard, fut = self._publishing[0]
+        with typed_full_disk(self.location, shard.name):
+            fut.result()
+        self._publishing.popleft()
 
     # ------------------------------------------------------------------ finishing
 
@@ -954,6 +980,8 @@ class ShardWriter:
                 self._train_dictionary()
             self._emit_group(self._grouper.flush())
             self._close_shard()
+            while self._publishing:  # every shard is durable before the index names it
+                self._wait_published()
             info = IndexInfo.build(
                 self._codec.get_config(), self._shards, self._metadata, self._created_by(), tuple(self._features)
             )
@@ -984,6 +1012,7 @@ class ShardWriter:
             raise
         self._state = "closed"
         self._pool.shutdown(wait=True)
+        self._stop_publisher()
         if self._old is not None and self.mode == "overwrite":
             stale = [old.name for old in self._old.shards if old.name not in {s.name for s in self._shards}]
             old_dict = self._old.codec.get("dict")
@@ -1089,10 +1118,23 @@ class ShardWriter:
             except OSError as exc:
                 left.append(f"the temporary file of {self._open.name} ({exc.strerror or exc})")
             self._open = None
+        self._stop_publisher()  # a shard being published is published or failed before its removal
+        for shard, _ in self._publishing:
+            try:
+                shard.out.abort()  # a failed publication's temporary file (nothing if published)
+            except OSError as exc:
+                left.append(f"the temporary file of {shard.name} ({exc.strerror or exc})")
+        self._publishing.clear()
         left += self._remove_all([shard.name for shard in self._shards[self._base_shards :]] + self._new_files)
         del self._shards[self._base_shards :]
         self._release(remove_created_dir=True)
         return left
+
+    def _stop_publisher(self) -> None:
+        """Wait for the publisher thread to finish what it was given, and stop it."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.shutdown(wait=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -1132,6 +1174,11 @@ _WORKER_CODECS: dict[int, Codec] = {}
 #: process's per-task cost (futures, pipes, wake-ups) small next to the workers' encoding.
 _BATCH_RECORDS = 32
 _BATCH_BYTES = 2**20
+#: Finished shards published (fsync, link; uploaded, for a URL) on the writer's publisher
+#: thread while it writes the next one; past this many, the writer waits for the oldest. It
+#: bounds the temporary files (and, for a URL, the local spool) to this many shards plus the
+#: open one.
+_MAX_PUBLISHING = 2
 
 
 def _worker_codec(codec_blob: tuple[int, bytes] | None) -> Codec | None:

@@ -235,6 +235,8 @@ _SLOW_WRITER = textwrap.dedent(
     w = ts.ShardWriter(store, mode=mode, codec="zstd", max_shard_bytes=2000, num_threads=1)
     for i in range(start, start + 30):
         w.write(tagged(i))
+    while w._publishing:  # finished shards are published on a thread: let the listing settle
+        w._wait_published()
     print("ready", flush=True)
     sys.stdin.readline()  # the test holds the writer here, mid-write
     w.close()
