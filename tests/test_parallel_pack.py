@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -280,3 +281,19 @@ def test_cli_pack_with_workers_inherits_the_rows(tmp_path, fixed_token, monkeypa
     monkeypatch.setattr(writer_mod._SamplePickler, "dumps", _refuse_pickling)
     assert main(["pack", str(src), str(tmp_path / "w2"), "--workers", "2", "--quiet"]) == 0
     assert store_files(tmp_path / "w2") == store_files(tmp_path / "w0")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes (F_SETPIPE_SZ) are a Linux feature")
+def test_the_result_pipe_is_widened_where_the_system_allows(tmp_path) -> None:
+    import fcntl
+
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        allowed = int(f.read()) >= writer_mod._RESULT_PIPE_BYTES or os.geteuid() == 0
+    w = ts.ShardWriter(tmp_path / "s", num_workers=1)
+    try:
+        size = fcntl.fcntl(w._pool._result_queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+        assert size == (writer_mod._RESULT_PIPE_BYTES if allowed else 65536)
+        w.write_many(SAMPLES[:40])
+    finally:
+        w.close()
+    assert [r["y"] for r in ts.open_store(tmp_path / "s")] == list(range(40))
