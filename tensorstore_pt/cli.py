@@ -217,7 +217,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .errors import InvalidOptionError
-    from .sources import open_source
+    from .sources import FileRows, open_source
     from .writer import ShardWriter
 
     if args.dict_size is not None and not args.dict:
@@ -249,7 +249,9 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         num_workers=args.workers,
     ) as writer:
         rows = source.rows
-        if rows is not None:
+        if isinstance(rows, FileRows):
+            head = rows.preload(64)  # kept: these files are not read again
+        elif rows is not None:
             head = [rows[i] for i in range(min(64, len(rows)))]
         else:
             head = list(itertools.islice(samples, 64))
@@ -275,7 +277,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
                     seconds = time.perf_counter() - start
                     bar.set_postfix_str(progress_text(in_bytes, writer.stored_bytes_written, seconds), refresh=False)
 
-            # A .pt file's rows go by position: fork workers then inherit them (nothing pickled).
+            # Rows go by position: fork workers then inherit them (nothing pickled); a
+            # directory's files are then loaded by the workers, not here.
             writer.write_many(rows if rows is not None else samples, progress)
     info = writer.close()
     new_records = writer.records_written

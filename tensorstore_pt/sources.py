@@ -42,6 +42,7 @@ __all__ = [
     "LAYOUTS",
     "PT_MAGICS",
     "ColumnRows",
+    "FileRows",
     "Source",
     "iter_source",
     "load_pt_bytes",
@@ -297,8 +298,9 @@ class Source:
         description: One line saying how it was read, with the record count.
         skipped: What was not packed, relative to ``path`` (directories only).
         files: The ``.pt`` files, for a directory.
-        rows: The samples by position, for a ``.pt`` file (the list or tuple itself, or a
-            :class:`ColumnRows`); None for a directory. ``samples`` iterates over it.
+        rows: The samples by position: for a ``.pt`` file the list or tuple itself, or a
+            :class:`ColumnRows`; for a directory a :class:`FileRows`. ``samples`` iterates
+            over it.
     """
 
     path: Path
@@ -332,6 +334,49 @@ class ColumnRows(Sequence[Any]):
         if isinstance(self.columns, dict):
             return {k: v[i] for k, v in self.columns.items()}
         return tuple(t[i] for t in self.columns)
+
+
+class FileRows(Sequence[Any]):
+    """The samples of a directory's ``.pt`` files as a sequence: item ``i`` is file ``i``
+    loaded with :func:`load_pt_bytes` on access (each access reads the file again, except the
+    items :meth:`preload` kept). Fork workers of a parallel pack inherit it and load their own
+    files, so the calling process reads none of them. Read-only; safe to read from forked
+    processes.
+
+    Raises (on access): what :func:`load_pt_bytes` raises, naming the file.
+    """
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = tuple(files)
+        self._kept: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self.files)))]
+        if not -len(self.files) <= i < len(self.files):
+            raise IndexError(f"file {i} of {len(self.files)}")
+        i %= len(self.files)
+        kept = self._kept.get(i)
+        if kept is not None:
+            return kept
+        f = self.files[i]
+        return load_pt_bytes(f.read_bytes(), repr(str(f)))
+
+    def preload(self, k: int) -> list[Any]:
+        """Load the first ``k`` files (or all, if fewer), keep them, and return them: what is
+        looked at before packing is then not read again."""
+        for i in range(min(k, len(self.files))):
+            if i not in self._kept:
+                self._kept[i] = self[i]
+        return [self._kept[i] for i in range(min(k, len(self.files)))]
+
+    def item_bytes(self, i: int) -> int:
+        """The size in bytes of file ``i`` (what a parallel pack sizes its tasks by, without
+        loading it)."""
+        return self.files[i].stat().st_size
 
 
 def _columns(obj: Any, n: int) -> Iterator[Any]:
@@ -459,8 +504,8 @@ def open_source(src: str | Path, layout: str | None = None, recursive: bool = Fa
         desc = f"a directory of {len(files):,} .pt files read as {len(files):,} records (one per file)" + (
             f", from {subdirs} directories" if subdirs > 1 else ""
         )
-        samples = (load_pt_bytes(f.read_bytes(), repr(str(f))) for f in files)
-        return Source(src, "files", len(files), desc, samples, tuple(skipped), tuple(files))
+        by_position = FileRows(files)
+        return Source(src, "files", len(files), desc, iter(by_position), tuple(skipped), tuple(files), by_position)
     obj = load_pt_bytes(src.read_bytes(), repr(str(src)))
     kind, n, desc, samples = read_layout(obj, f"{str(src)!r}", layout)
     by_position = obj if kind == "rows" else ColumnRows(obj, n)

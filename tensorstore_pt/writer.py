@@ -81,7 +81,7 @@ from .format import (
 )
 from .serialization import check_sample, clone_exact, dumps, plain_dumps, save_options, tensor_bytes
 from . import shardio
-from .sources import ColumnRows
+from .sources import ColumnRows, FileRows
 from .shardio import FrameGrouper, ShardBuilder, dictionary_gain, dictionary_sample, train_dictionary
 from .storage import Storage, StoreLock, if_match_kwargs, storage_for, typed_full_disk
 from .storage.abc import FULL_ERRNOS, full_disk_error, removal_failures
@@ -265,7 +265,10 @@ class ShardWriter:
     :func:`write_store`, and ``tspt pack``'s rows of a ``.pt`` file) on ``fork`` workers that
     have not started yet is not pickled: the workers fork with it and each task names a range
     of positions (up to 32 samples or 1 MiB of tensor bytes), so the calling process only
-    writes frames; the workers read the list as it was when they forked. Memory: at most
+    writes frames; the workers read the list as it was when they forked. A directory of
+    ``.pt`` files (``tspt pack DIR``, a :class:`~tensorstore_pt.sources.FileRows`) goes the
+    same way: tasks of up to 32 files or 1 MiB of file bytes, each file read and loaded
+    (weights-only) by the worker that encodes it, so the calling process reads none. Memory: at most
     ``2 * N + 2`` tasks are in flight, so the calling process holds at most about
     ``(2 * N + 3) x 1 MiB`` of pickled samples (or that many samples when one is larger)
     plus their results, and each worker holds one task, its samples' ``torch.save`` bytes
@@ -644,16 +647,19 @@ class ShardWriter:
         """Write every sample of an iterable; return how many were written.
 
         With ``num_workers`` on ``fork``, a list or tuple (or a pack source's
-        :class:`~tensorstore_pt.sources.ColumnRows`) given to the first call that sends work
+        :class:`~tensorstore_pt.sources.ColumnRows` or
+        :class:`~tensorstore_pt.sources.FileRows`) given to the first call that sends work
         to the workers is not pickled at all: the workers are forked with it and each task
-        names a range of its positions (see "Parallel packing" in the class docstring).
+        names a range of its positions (see "Parallel packing" in the class docstring); the
+        files of a ``FileRows`` are then loaded by the workers.
 
         Args:
             samples: The samples, in record order.
             progress: Called as ``progress(samples_handed_over, their_tensor_bytes)`` after
                 each sample, or each task of inherited samples, is handed to the writer
                 (counted from this call's start; tensor bytes as
-                :func:`~tensorstore_pt.serialization.tensor_bytes`).
+                :func:`~tensorstore_pt.serialization.tensor_bytes`; for the inherited files
+                of a ``FileRows``, their file sizes).
         """
         if self._inherit_ok(samples):
             return self._write_inherited(samples, progress)  # type: ignore[arg-type]
@@ -674,7 +680,7 @@ class ShardWriter:
             and not self._fresh_interpreters
             and not self._pool_started
             and self._state == "open"
-            and (type(samples) in (list, tuple) or type(samples) is ColumnRows)
+            and type(samples) in (list, tuple, ColumnRows, FileRows)
         )
 
     def _write_inherited(self, samples: Sequence[Any], progress: Callable[[int, int], None] | None) -> int:
@@ -691,11 +697,13 @@ class ShardWriter:
         token = next(_INHERIT_TOKENS)
         _INHERITED[token] = samples
         self._inherited = token
+        # A directory's files are sized by their file size: only the workers load them.
+        item_bytes = samples.item_bytes if type(samples) is FileRows else lambda i: tensor_bytes(samples[i])
         start = total = 0
         while start < n:
             stop, size = start, 0
             while stop < n and stop - start < _BATCH_RECORDS and (stop == start or size < _BATCH_BYTES):
-                size += tensor_bytes(samples[stop])
+                size += item_bytes(stop)
                 stop += 1
             total += size
             try:

@@ -272,11 +272,15 @@ print("left", left)
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_pack_with_workers_inherits_the_rows(tmp_path, fixed_token, monkeypatch):
+@pytest.mark.parametrize("kind", ["rows", "directory"])
+def test_cli_pack_with_workers_inherits_the_rows(tmp_path, fixed_token, monkeypatch, kind):
     from tensorstore_pt.cli import main
 
-    src = tmp_path / "rows.pt"
-    torch.save(SAMPLES, src)
+    if kind == "rows":
+        src = tmp_path / "rows.pt"
+        torch.save(SAMPLES, src)
+    else:
+        src = _sample_dir(tmp_path, len(SAMPLES))
     assert main(["pack", str(src), str(tmp_path / "w0"), "--quiet"]) == 0
     monkeypatch.setattr(writer_mod._SamplePickler, "dumps", _refuse_pickling)
     assert main(["pack", str(src), str(tmp_path / "w2"), "--workers", "2", "--quiet"]) == 0
@@ -297,3 +301,60 @@ def test_the_result_pipe_is_widened_where_the_system_allows(tmp_path) -> None:
     finally:
         w.close()
     assert [r["y"] for r in ts.open_store(tmp_path / "s")] == list(range(40))
+
+
+def _sample_dir(tmp_path, n: int):
+    d = tmp_path / "src"
+    d.mkdir()
+    for i in range(n):
+        torch.save(sample(i), d / f"s{i}.pt")
+    return d
+
+
+def test_a_directory_of_files_is_loaded_by_the_workers_not_here(tmp_path, fixed_token, monkeypatch):
+    """``tspt pack DIR --workers N``: the fork workers inherit the file list and load their own
+    files; the calling process reads only the files it looked at before packing (the size
+    warning's first 64), and the store is the same bytes as packing the loaded list in-process."""
+    from tensorstore_pt import sources
+
+    src = _sample_dir(tmp_path, 100)
+    ref = tmp_path / "ref"
+    ts.write_store([torch.load(src / f"s{i}.pt", weights_only=True) for i in range(100)], ref, max_shard_bytes=20_000)
+    expected = store_files(ref)
+    loads_here = []
+    load = sources.load_pt_bytes
+    me = os.getpid()
+
+    def counting_load(data, where):
+        if os.getpid() == me:
+            loads_here.append(where)
+        return load(data, where)
+
+    monkeypatch.setattr(sources, "load_pt_bytes", counting_load)
+    source = sources.open_source(src)
+    assert isinstance(source.rows, sources.FileRows) and len(source.rows) == 100
+    head = source.rows.preload(10)
+    assert [s["y"] for s in head] == list(range(10)) and len(loads_here) == 10
+    dest = tmp_path / "w2"
+    done = []
+    with ts.ShardWriter(dest, max_shard_bytes=20_000, num_workers=2, start_method="fork") as w:
+        w.write_many(source.rows, lambda n, b: done.append((n, b)))
+    assert len(loads_here) == 10  # every other file was read by a worker
+    assert store_files(dest) == expected
+    assert done[-1] == (100, sum((src / f"s{i}.pt").stat().st_size for i in range(100)))
+    assert [r["y"] for r in ts.open_store(dest)] == list(range(100))
+
+
+def test_an_unsafe_file_read_by_a_worker_fails_the_pack_naming_it(tmp_path):
+    import numpy as np
+
+    src = _sample_dir(tmp_path, 60)
+    torch.save({"x": np.zeros(3)}, src / "s41.pt")
+    from tensorstore_pt import sources
+
+    dest = tmp_path / "w2"
+    with pytest.raises(ts.UnsafePayloadError, match=r"s41\.pt.*numpy"):
+        with ts.ShardWriter(dest, num_workers=2, start_method="fork") as w:
+            w.write_many(sources.open_source(src).rows)
+    assert not dest.exists() or os.listdir(dest) == []
+    assert not workers_alive()
