@@ -3,7 +3,8 @@ litdata's ``optimize(num_workers=2)`` and MosaicML Streaming's ``MDSWriter`` wri
 parts by 2 processes + ``merge_index`` (and tensorstore_pt's own 2 parts + ``merge_stores``),
 on the same medium records, in the same run; and a control of what 2 processes give on this
 machine at all (``control-1p``/``control-2p``: zstd-3 of the same image bytes in 1 process, or
-split between 2), since a shared 2-core machine seldom gives 2x.
+split between 2), since a shared 2-core machine seldom gives 2x; and ``tspt pack DIR --workers
+N`` (``tspt-dir-wN``) of the same samples saved one per ``.pt`` file, reading included.
 
 Usage (from the repository root)::
 
@@ -41,12 +42,25 @@ from pathlib import Path
 from typing import Any, Sequence
 
 SHARD_BYTES = 8 * 2**20
-SYSTEMS = ("tspt-w0", "tspt-w1", "tspt-w2", "tspt-2parts", "litdata-w2", "mds-2parts", "control-1p", "control-2p")
+SYSTEMS = (
+    "tspt-w0",
+    "tspt-w1",
+    "tspt-w2",
+    "tspt-2parts",
+    "litdata-w2",
+    "mds-2parts",
+    "control-1p",
+    "control-2p",
+    "tspt-dir-w0",
+    "tspt-dir-w1",
+    "tspt-dir-w2",
+)
 PEERS = {"litdata-w2", "mds-2parts"}
 
 
-def build_data(records: int, path: Path) -> int:
-    """Build the medium kind with ``records`` records, save it to ``path``; return its tensor bytes."""
+def build_data(records: int, path: Path, files: Path | None = None) -> int:
+    """Build the medium kind with ``records`` records, save it to ``path`` (and, with
+    ``files``, each sample to its own ``.pt`` file in that directory); return its tensor bytes."""
     import dataclasses
 
     import numpy as np
@@ -58,6 +72,10 @@ def build_data(records: int, path: Path) -> int:
     builder, _ = kinds._BUILDERS["medium"]
     samples, _ = builder(scale, np.random.default_rng([0, kinds.KIND_NAMES.index("medium")]))
     torch.save(samples, path)
+    if files is not None:
+        files.mkdir()
+        for i, sample in enumerate(samples):
+            torch.save(sample, files / f"{i:06d}.pt")
     return sum(s["image"].numel() for s in samples)
 
 
@@ -68,6 +86,16 @@ def _pack_tspt(samples: list[Any], out: Path, workers: int) -> None:
     import tensorstore_pt as ts
 
     ts.write_store(samples, out, codec="zstd", max_shard_bytes=SHARD_BYTES, num_workers=workers)
+
+
+def _pack_tspt_dir(files: Path, out: Path, workers: int) -> None:
+    """``tspt pack DIR DEST --workers N``, as a user runs it (the CLI's own code, in this
+    process): files read and loaded, the size warning's look at the first files, progress off."""
+    from tensorstore_pt.cli import main
+
+    code = main(["pack", str(files), str(out), "--max-shard-size", str(SHARD_BYTES), "--workers", str(workers), "-q"])
+    if code != 0:
+        raise RuntimeError(f"tspt pack exited with {code}")
 
 
 def _tspt_part(samples: list[Any], out: str) -> None:
@@ -174,11 +202,20 @@ def _control(samples: list[Any], processes: int) -> float:
 
 
 def run_one(system: str, data: Path, out: Path) -> float:
-    """Load the data, pack it with ``system`` into ``out``; return the seconds packing took."""
+    """Load the data, pack it with ``system`` into ``out``; return the seconds packing took.
+    The ``tspt-dir-*`` systems pack the directory of one-sample files next to ``data``
+    instead (reading them is timed)."""
     import torch
 
-    samples = torch.load(data, weights_only=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if system.startswith("tspt-dir-w"):
+        import tensorstore_pt.cli
+        import tensorstore_pt.writer  # noqa: F401
+
+        start = time.perf_counter()
+        _pack_tspt_dir(data.parent / "files", out, int(system[len("tspt-dir-w") :]))
+        return time.perf_counter() - start
+    samples = torch.load(data, weights_only=True)
     # Imports are not timed (the library's lazy imports, the peers' packages).
     if system.startswith("tspt"):
         import tensorstore_pt.merge
@@ -250,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tspt-pack-parallel-"))
     try:
         data = work / "medium.pt"
-        tensor_bytes = build_data(args.records, data)
+        dirs = any(s.startswith("tspt-dir-") for s in systems)
+        tensor_bytes = build_data(args.records, data, work / "files" if dirs else None)
         times: dict[str, list[float]] = {s: [] for s in systems if s not in unavailable}
         errors: dict[str, str] = {}
         for rep in range(args.repeats):
