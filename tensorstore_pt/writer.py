@@ -31,12 +31,13 @@ import datetime
 import io
 import itertools
 import json
+import mmap
 import os
 import pickle
 import socket
 import warnings
 from types import TracebackType
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 try:
     import fcntl
@@ -258,20 +259,23 @@ class ShardWriter:
 
     Parallel packing (``num_workers=N``): each sample is checked and pickled in the calling
     process (tensor bytes copied once into the pickle: that is the snapshot), gathered into
-    tasks of up to 32 samples or 1 MiB of pickles, and sent to a pool of N processes, which
+    tasks of up to 128 samples or 2 MiB of pickles, and sent to a pool of N processes, which
     take the same snapshot, ``torch.save`` and compress (with ``frame_target_bytes`` or while
     a dictionary is being trained, workers only serialise and frames are compressed here);
     results come back in input order. A list or tuple given to :meth:`write_many` (and so to
     :func:`write_store`, and ``tspt pack``'s rows of a ``.pt`` file) on ``fork`` workers that
     have not started yet is not pickled: the workers fork with it and each task names a range
-    of positions (up to 32 samples or 1 MiB of tensor bytes), so the calling process only
+    of positions (up to 128 samples or 2 MiB of tensor bytes), so the calling process only
     writes frames; the workers read the list as it was when they forked. A directory of
     ``.pt`` files (``tspt pack DIR``, a :class:`~tensorstore_pt.sources.FileRows`) goes the
-    same way: tasks of up to 32 files or 1 MiB of file bytes, each file read and loaded
-    (weights-only) by the worker that encodes it, so the calling process reads none. Memory: at most
-    ``2 * N + 2`` tasks are in flight, so the calling process holds at most about
-    ``(2 * N + 3) x 1 MiB`` of pickled samples (or that many samples when one is larger)
-    plus their results, and each worker holds one task, its samples' ``torch.save`` bytes
+    same way: tasks of up to 128 files or 2 MiB of file bytes, each file read and loaded
+    (weights-only) by the worker that encodes it, so the calling process reads none. With
+    ``fork``, workers put a task's frames into shared memory the writer maps before they
+    start (one slot of 2.5 MiB per task in flight: ``(2 * N + 3) x 2.5 MiB``, shared by all;
+    frames that do not fit come back through the result pipe) and only their lengths and
+    checksums travel back. Memory: at most ``2 * N + 2`` tasks are in flight, so the calling
+    process holds at most about ``(2 * N + 3) x 2 MiB`` of pickled samples (or that many
+    samples when one is larger) plus their results, and each worker holds one task, its samples' ``torch.save`` bytes
     and frames (about 3x the task's raw size) on top of its own interpreter and torch import
     (an inherited list's pages are shared with the calling process until written to). A
     sample a worker cannot save raises the same :class:`UnsupportedSampleError` as
@@ -474,6 +478,8 @@ class ShardWriter:
         self._pickler = _SamplePickler() if self.num_workers else None
         self._pool_started = False  # whether a task was sent to the pool (fork workers then exist)
         self._inherited: int | None = None  # the key in _INHERITED of the samples the workers inherit
+        self._slots: int | None = None  # the key in _SLOTS of the shared memory fork workers write frames into
+        self._free_slots: list[int] = []
         self._batch_bytes = 0
         self._codec_sent_for: Codec | None = None
         self._state = "open"
@@ -632,16 +638,31 @@ class ShardWriter:
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
-        self._pool_started = True
+        self._submit(_encode_in_worker, batch, self._codec_blob(self._pool_codec()), self.raw_below)
+        while len(self._pending) > self._max_pending:
+            self._drain_one()
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Send one task to the worker processes: ``fn(*args, slot)``. The first task starts
+        them; before fork workers start, the shared memory they write frames into is mapped
+        (:data:`_SLOTS`: ``max_pending + 1`` slots of ``_SLOT_BYTES``, one per task in flight),
+        so that they inherit it. ``slot`` is a free slot's ``(key, index)``, or None."""
+        if not self._pool_started and not self._fresh_interpreters:
+            count = self._max_pending + 1
+            token = next(_INHERIT_TOKENS)
+            _SLOTS[token] = mmap.mmap(-1, count * _SLOT_BYTES)  # anonymous and shared: fork keeps it shared
+            self._slots, self._free_slots = token, list(range(count))
+        slot = (self._slots, self._free_slots.pop()) if self._slots is not None and self._free_slots else None
         try:
-            self._pending.append(
-                self._pool.submit(_encode_in_worker, batch, self._codec_blob(self._pool_codec()), self.raw_below)
-            )
+            self._pending.append(self._pool.submit(fn, *args, slot))
         except cf.process.BrokenProcessPool as exc:
             self._state = "failed"
             raise self._worker_died() from exc
-        while len(self._pending) > self._max_pending:
-            self._drain_one()
+        except BaseException:
+            if slot is not None:
+                self._free_slots.append(slot[1])
+            raise
+        self._pool_started = True
 
     def write_many(self, samples: Iterable[Any], progress: Callable[[int, int], None] | None = None) -> int:
         """Write every sample of an iterable; return how many were written.
@@ -706,16 +727,7 @@ class ShardWriter:
                 size += item_bytes(stop)
                 stop += 1
             total += size
-            try:
-                self._pending.append(
-                    self._pool.submit(
-                        _encode_inherited, token, start, stop, self._codec_blob(self._pool_codec()), self.raw_below
-                    )
-                )
-            except cf.process.BrokenProcessPool as exc:
-                self._state = "failed"
-                raise self._worker_died() from exc
-            self._pool_started = True
+            self._submit(_encode_inherited, token, start, stop, self._codec_blob(self._pool_codec()), self.raw_below)
             while len(self._pending) > self._max_pending:
                 self._drain_one()
             start = stop
@@ -745,25 +757,55 @@ class ShardWriter:
                 result = fut.result()
             except cf.process.BrokenProcessPool as exc:
                 raise self._worker_died() from exc
+            if type(result) is _SlotFrames:
+                self._drain_slot(result)
+                return
             results = result if isinstance(result, list) else [result]
-            i = 0
-            while i < len(results):
-                raw, raw_bytes, frame, checksum, stored_raw = results[i]
-                if frame is not None and not stored_raw and self.frame_target_bytes is None:
-                    j = i + 1  # a run of one-record compressed frames: written in one go
-                    while j < len(results) and results[j][2] is not None and not results[j][4]:
-                        j += 1
-                    self._emit_run(results[i:j])
-                    i = j
-                    continue
-                if frame is not None:
-                    self._emit_frame(frame, checksum, [raw_bytes], stored_raw)
-                elif raw is not None:
-                    self._accept_raw(raw)
-                i += 1
+            self._emit_results(results)
         except BaseException:
             self._state = "failed"
             raise
+
+    def _drain_slot(self, result: _SlotFrames) -> None:
+        """Write the frames a worker left in a shared-memory slot (or sent back, when they did
+        not fit), then free the slot."""
+        try:
+            if result.fallback is not None:
+                self._emit_results(result.fallback)
+                return
+            whole = memoryview(_SLOTS[self._slots])  # type: ignore[index]
+            with whole:
+                pos = result.slot * _SLOT_BYTES
+                frames = []
+                for n in result.lengths:
+                    frames.append(whole[pos : pos + n])
+                    pos += n
+                count = len(frames)
+                self._emit_results(
+                    list(zip([None] * count, result.raw_lengths, frames, result.checksums, result.stored_raw))
+                )
+                for f in frames:
+                    f.release()
+        finally:
+            self._free_slots.append(result.slot)
+
+    def _emit_results(self, results: list[tuple[bytes | None, int, Any, int, bool]]) -> None:
+        """Write the frames (or take the raw records) of one task's results, in order."""
+        i = 0
+        while i < len(results):
+            raw, raw_bytes, frame, checksum, stored_raw = results[i]
+            if frame is not None and not stored_raw and self.frame_target_bytes is None:
+                j = i + 1  # a run of one-record compressed frames: written in one go
+                while j < len(results) and results[j][2] is not None and not results[j][4]:
+                    j += 1
+                self._emit_run(results[i:j])
+                i = j
+                continue
+            if frame is not None:
+                self._emit_frame(frame, checksum, [raw_bytes], stored_raw)
+            elif raw is not None:
+                self._accept_raw(raw)
+            i += 1
 
     def _accept_raw(self, raw: bytes) -> None:
         if self._dict_pending:
@@ -1071,6 +1113,9 @@ class ShardWriter:
         if getattr(self, "_inherited", None) is not None:
             _INHERITED.pop(self._inherited, None)  # the workers are gone: drop the list
             self._inherited = None
+        if getattr(self, "_slots", None) is not None:
+            _SLOTS.pop(self._slots, None)  # unmapped once the last view of it goes
+            self._slots = None
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.release()
@@ -1186,8 +1231,8 @@ _WORKER_CODECS: dict[int, Codec] = {}
 #: A task sent to the worker processes holds up to this many samples, or this many bytes of
 #: pickled samples (one larger sample travels alone): fewer, larger tasks keep the calling
 #: process's per-task cost (futures, pipes, wake-ups) small next to the workers' encoding.
-_BATCH_RECORDS = 32
-_BATCH_BYTES = 2**20
+_BATCH_RECORDS = 128
+_BATCH_BYTES = 2 * 2**20
 #: Finished shards published (fsync, link; uploaded, for a URL) on the writer's publisher
 #: thread while it writes the next one; past this many, the writer waits for the oldest. It
 #: bounds the temporary files (and, for a URL, the local spool) to this many shards plus the
@@ -1208,10 +1253,14 @@ def _worker_codec(codec_blob: tuple[int, bytes] | None) -> Codec | None:
 
 
 def _encode_in_worker(
-    batch: list[bytes], codec_blob: tuple[int, bytes] | None, raw_below: float = 0.0
-) -> list[tuple[bytes | None, int, bytes | None, int, bool]]:
+    batch: list[bytes],
+    codec_blob: tuple[int, bytes] | None,
+    raw_below: float = 0.0,
+    slot: tuple[int, int] | None = None,
+) -> list[tuple[bytes | None, int, bytes | None, int, bool]] | _SlotFrames:
     """Run in a worker process: unpickle each sample (:func:`_pickle_sample`), take the
-    writer's snapshot of it and :func:`_encode` it; results in batch order."""
+    writer's snapshot of it and :func:`_encode` it; results in batch order (frames put in
+    ``slot``, see :func:`_into_slot`)."""
     codec = _worker_codec(codec_blob)
     out = []
     for payload in batch:
@@ -1229,7 +1278,7 @@ def _encode_in_worker(
         except (NotImplementedError, RuntimeError) as exc:
             raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
         out.append(_encode(sample, codec, raw_below))
-    return out
+    return _into_slot(out, slot)
 
 
 #: Sample lists the fork workers of a writer inherit (:meth:`ShardWriter._write_inherited`),
@@ -1239,8 +1288,13 @@ _INHERIT_TOKENS = itertools.count(1)
 
 
 def _encode_inherited(
-    token: int, start: int, stop: int, codec_blob: tuple[int, bytes] | None, raw_below: float = 0.0
-) -> list[tuple[bytes | None, int, bytes | None, int, bool]]:
+    token: int,
+    start: int,
+    stop: int,
+    codec_blob: tuple[int, bytes] | None,
+    raw_below: float = 0.0,
+    slot: tuple[int, int] | None = None,
+) -> list[tuple[bytes | None, int, bytes | None, int, bool]] | _SlotFrames:
     """Run in a fork worker process: :func:`_encode` samples ``start..stop-1`` of the list it
     inherited (``_INHERITED[token]``); results in order. No snapshot is taken: this process's
     copy of the list is the one it forked with, which nothing changes (the bytes are those of
@@ -1250,7 +1304,6 @@ def _encode_inherited(
     if samples is None:  # a worker that did not fork from the writer's process
         raise PackWorkerError(f"a pack worker process (pid {os.getpid()}) did not inherit the samples it was sent")
     codec = _worker_codec(codec_blob)
-    out = []
     out = []
     options = save_options()  # once: nothing in this worker changes torch's save options
     for i in range(start, stop):
@@ -1264,12 +1317,61 @@ def _encode_inherited(
                 ) from exc
             raw = dumps(snapshot)
         out.append(_frame(raw, codec, raw_below))
-    return out
+    return _into_slot(out, slot)
+
+
+#: Shared memory that fork workers write a task's frames into, by key (mapped by the writer
+#: before its workers fork, ``mmap(-1, ...)``: anonymous and shared, so fork keeps it shared):
+#: ``max_pending + 1`` slots of ``_SLOT_BYTES``, one per task in flight. Only the frames'
+#: lengths and checksums then travel back through the result pipe, not their bytes (which
+#: cost a pickle, a pipe write, a read, an unpickle and a join: most of the calling process's
+#: work per record).
+_SLOTS: dict[int, mmap.mmap] = {}
+#: A slot holds a task's frames up to this size (a task holds up to ``_BATCH_BYTES`` of tensor
+#: bytes, or one larger sample, plus each record's ``torch.save`` container); frames that do
+#: not fit travel back through the pipe.
+_SLOT_BYTES = _BATCH_BYTES + _BATCH_BYTES // 4
+
+
+class _SlotFrames(NamedTuple):
+    """A task's results with their frames in shared-memory slot ``slot`` (back to back, in
+    order), or, when they did not fit, the results themselves in ``fallback``."""
+
+    slot: int
+    lengths: list[int]
+    raw_lengths: list[int]
+    checksums: list[int]
+    stored_raw: list[bool]
+    fallback: list[tuple[bytes | None, int, bytes | None, int, bool]] | None = None
+
+
+def _into_slot(
+    out: list[tuple[bytes | None, int, bytes | None, int, bool]], slot: tuple[int, int] | None
+) -> list[tuple[bytes | None, int, bytes | None, int, bool]] | _SlotFrames:
+    """Run in a worker: put the frames of a task's results ``out`` into its shared-memory
+    ``slot`` (key, index) and return their lengths and checksums; ``out`` itself when there is
+    no slot (or this process did not inherit it), and in the slot's result when a record has
+    no frame (raw records: compressed by the writer) or the frames do not fit."""
+    if slot is None:
+        return out
+    buf = _SLOTS.get(slot[0])
+    index = slot[1]
+    if buf is None or any(r[2] is None for r in out) or sum(len(r[2]) for r in out) > _SLOT_BYTES:  # type: ignore[arg-type]
+        return _SlotFrames(index, [], [], [], [], out)
+    pos = index * _SLOT_BYTES
+    lengths = []
+    for r in out:
+        n = len(r[2])  # type: ignore[arg-type]
+        buf[pos : pos + n] = r[2]  # type: ignore[index]
+        pos += n
+        lengths.append(n)
+    return _SlotFrames(index, lengths, [r[1] for r in out], [r[3] for r in out], [r[4] for r in out])
 
 
 #: The pipe that carries the workers' results is widened to this many bytes (Linux
-#: ``F_SETPIPE_SZ``; the default is 64 KiB): a task's frames (up to about 1 MiB) then go in
-#: one write instead of a write per 64 KiB, each waiting for the calling process to read.
+#: ``F_SETPIPE_SZ``; the default is 64 KiB): a task's results (frames that did not fit its
+#: shared-memory slot, or a spawned worker's: up to about 2 MiB) then go in a write per MiB
+#: instead of one per 64 KiB, each waiting for the calling process to read.
 _RESULT_PIPE_BYTES = 2**20
 
 

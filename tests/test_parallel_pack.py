@@ -358,3 +358,41 @@ def test_an_unsafe_file_read_by_a_worker_fails_the_pack_naming_it(tmp_path):
             w.write_many(sources.open_source(src).rows)
     assert not dest.exists() or os.listdir(dest) == []
     assert not workers_alive()
+
+
+def test_frames_that_do_not_fit_their_shared_memory_slot_come_back_through_the_pipe(tmp_path, fixed_token, monkeypatch):
+    """Fork workers put a task's frames into a shared-memory slot; a task whose frames are
+    larger than a slot sends them back instead. Either way the store is the same bytes, and
+    the writer's shared memory is dropped when it closes."""
+    g = torch.Generator().manual_seed(7)
+    samples = [
+        torch.randint(0, 255 if i % 3 else 2, (100 + 50 * (i % 7),), dtype=torch.uint8, generator=g) for i in range(90)
+    ]
+    ref = ts.write_store(samples, tmp_path / "ref", max_shard_bytes=9000)
+    seen = []
+    drain = writer_mod.ShardWriter._drain_slot
+
+    def recording(self, result):
+        seen.append(result.fallback is None)
+        return drain(self, result)
+
+    monkeypatch.setattr(writer_mod.ShardWriter, "_drain_slot", recording)
+    monkeypatch.setattr(writer_mod, "_SLOT_BYTES", 4100)  # some tasks' frames fit (3,800-4,300 bytes), others do not
+    monkeypatch.setattr(writer_mod, "_BATCH_RECORDS", 5)
+    ts.write_store(samples, tmp_path / "w2", max_shard_bytes=9000, num_workers=2, start_method="fork")
+    assert True in seen and False in seen  # both ways were taken
+    assert store_files(tmp_path / "w2") == store_files(tmp_path / "ref")
+    assert ref.records == 90 and writer_mod._SLOTS == {}
+    reader = ts.open_store(tmp_path / "w2")
+    assert all(torch.equal(reader[i], samples[i]) for i in range(90))
+
+
+def test_spawned_workers_get_no_slot_and_send_their_frames_back(tmp_path, fixed_token):
+    """Shared memory is only inherited through fork: spawned workers send frames back."""
+    w = ts.ShardWriter(tmp_path / "s", num_workers=1, start_method="spawn")
+    try:
+        w.write_many(SAMPLES[:10])
+        assert w._slots is None
+    finally:
+        w.close()
+    assert [r["y"] for r in ts.open_store(tmp_path / "s")] == list(range(10))
