@@ -25,8 +25,9 @@ thread.
 
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -669,31 +670,38 @@ class ShardBuilder:
         tables = n_frames * RECORD_ENTRY_BYTES + (n_records * RECORD_MAP_ENTRY_BYTES if self.multi else 0)
         return pos + tables + js + TRAILER_BYTES
 
-    def fitting(self, frames: list[bytes], cap: int, first_free: bool) -> int:
-        """How many of ``frames`` (one record each, none stored raw; not multi), from the
-        first, fit before the shard's size (:meth:`size_with` after each) would pass ``cap``:
-        the frames :meth:`add` one at a time would take before the writer closes the shard.
-        ``first_free``: the first frame is taken whatever its size (a fresh shard)."""
+    def fitting(self, lengths: Sequence[int], cap: int, first_free: bool) -> int:
+        """How many frames of ``lengths`` bytes (one record each, none stored raw; not multi),
+        from the first, fit before the shard's size (:meth:`size_with` after each) would pass
+        ``cap``: the frames :meth:`add` one at a time would take before the writer closes the
+        shard. ``first_free``: the first frame is taken whatever its size (a fresh shard)."""
         base = self._js_base(self._runs_js)  # frames not stored raw leave raw_frames as it is
-        pos, n, taken = self.pos, len(self.offsets), 0
-        for frame in frames:
-            pos += len(frame)
+        pos, n = self.pos, len(self.offsets)
+        k = len(lengths)
+        # The closed size only grows as frames are added: if all of them fit, every prefix does.
+        if self._closed_size(pos + sum(lengths), n + k, n + k, base) <= cap:
+            return k
+        taken = 0
+        for length in lengths:
+            pos += length
             n += 1  # one record a frame
             if not (first_free and taken == 0) and self._closed_size(pos, n, n, base) > cap:
                 break
             taken += 1
         return taken
 
-    def add_run(self, frames: list[bytes], checksums: list[int], raw_lengths: list[int]) -> None:
-        """:meth:`add` of one-record frames (not raw, not multi) in one write."""
-        pos = self.pos
-        for frame in frames:
-            self.offsets.append(pos)
-            pos += len(frame)
-        self.stored.extend(map(len, frames))
+    def add_run(
+        self, blob: bytes | memoryview, lengths: Sequence[int], checksums: list[int], raw_lengths: list[int]
+    ) -> None:
+        """:meth:`add` of one-record frames (not raw, not multi) of ``lengths`` bytes, back to
+        back in ``blob``, in one write."""
+        if not lengths:
+            return
+        self.offsets.extend(itertools.accumulate(lengths[:-1], initial=self.pos))
+        self.stored.extend(lengths)
         self.raw.extend(raw_lengths)
         self.checksums.extend(checksums)
-        self._write(b"".join(frames))
+        self._write(blob)
 
     def add(self, frame: bytes, checksum: int, raw_lengths: list[int], raw: bool = False) -> None:
         """Append one frame holding records of ``raw_lengths`` bytes (one, unless multi);

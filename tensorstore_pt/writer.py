@@ -773,19 +773,19 @@ class ShardWriter:
             if result.fallback is not None:
                 self._emit_results(result.fallback)
                 return
-            whole = memoryview(_SLOTS[self._slots])  # type: ignore[index]
-            with whole:
-                pos = result.slot * _SLOT_BYTES
-                frames = []
+            start = result.slot * _SLOT_BYTES
+            with memoryview(_SLOTS[self._slots])[start : start + sum(result.lengths)] as view:  # type: ignore[index]
+                if self.frame_target_bytes is None and not any(result.stored_raw):
+                    self._emit_run(view, result.lengths, result.raw_lengths, result.checksums)
+                    return
+                frames = []  # some frames stored raw: frame by frame
+                pos = 0
                 for n in result.lengths:
-                    frames.append(whole[pos : pos + n])
+                    frames.append(view[pos : pos + n].tobytes())
                     pos += n
-                count = len(frames)
                 self._emit_results(
-                    list(zip([None] * count, result.raw_lengths, frames, result.checksums, result.stored_raw))
+                    list(zip([None] * len(frames), result.raw_lengths, frames, result.checksums, result.stored_raw))
                 )
-                for f in frames:
-                    f.release()
         finally:
             self._free_slots.append(result.slot)
 
@@ -798,7 +798,10 @@ class ShardWriter:
                 j = i + 1  # a run of one-record compressed frames: written in one go
                 while j < len(results) and results[j][2] is not None and not results[j][4]:
                     j += 1
-                self._emit_run(results[i:j])
+                run = results[i:j]
+                self._emit_run(
+                    b"".join(r[2] for r in run), [len(r[2]) for r in run], [r[1] for r in run], [r[3] for r in run]
+                )
                 i = j
                 continue
             if frame is not None:
@@ -918,29 +921,34 @@ class ShardWriter:
             name = self._open.name if self._open is not None else shard_name(self.token, self._seq)
             raise full_disk_error(exc, self.location, name) from exc
 
-    def _emit_run(self, results: list[tuple[bytes | None, int, bytes | None, int, bool]]) -> None:
+    def _emit_run(
+        self, blob: bytes | memoryview, lengths: list[int], raw_lengths: list[int], checksums: list[int]
+    ) -> None:
         """:meth:`_emit_frame` of each of a run of one-record frames not stored raw (worker
-        results), with one write per shard they go to: the same shards, byte for byte."""
-        frames = [r[2] for r in results]
-        k = 0
-        while k < len(frames):
+        results) of ``lengths`` bytes, back to back in ``blob``, with one write per shard they
+        go to: the same shards, byte for byte."""
+        view = memoryview(blob)
+        k = pos = 0
+        while k < len(lengths):
             try:
                 fresh = self._open is None
                 if fresh:
                     self._open_shard()
                 shard = self._open
-                take = shard.fitting(frames[k:], self.max_shard_bytes, fresh)  # type: ignore[union-attr]
+                take = shard.fitting(lengths[k:], self.max_shard_bytes, fresh)  # type: ignore[union-attr]
                 if take == 0:
                     self._close_shard()
                     continue
-                run = results[k : k + take]
-                raw_lengths = [r[1] for r in run]
-                shard.add_run(frames[k : k + take], [r[3] for r in run], raw_lengths)  # type: ignore[union-attr]
+                size = sum(lengths[k : k + take])
+                shard.add_run(
+                    view[pos : pos + size], lengths[k : k + take], checksums[k : k + take], raw_lengths[k : k + take]
+                )  # type: ignore[union-attr]
             except OSError as exc:
                 self._raise_if_full(exc)
                 raise
-            self._count(take, sum(raw_lengths), sum(map(len, frames[k : k + take])))
+            self._count(take, sum(raw_lengths[k : k + take]), size)
             k += take
+            pos += size
 
     def _open_shard(self) -> None:
         features = self._shard_features()

@@ -49,7 +49,7 @@ def test_fitting_takes_what_size_with_one_at_a_time_takes(tmp_path_factory, befo
         shard.pos = taken[-1] if taken else shard.pos
         for lst in (shard.stored, shard.raw, shard.checksums):
             del lst[len(lst) - expected :]
-        assert shard.fitting(frames, cap, first_free) == expected
+        assert shard.fitting([len(f) for f in frames], cap, first_free) == expected
     finally:
         shard.out.abort()
 
