@@ -28,7 +28,7 @@ import numpy as np
 from ._forksafe import ChildLock
 from .checksums import ALGORITHM, digest_int
 from .codecs import Codec, get_codec
-from .codecs.registry import MAX_DICT_BYTES
+from .codecs.registry import read_store_file
 from .errors import (
     AllocationBudgetError,
     ChecksumMismatchError,
@@ -402,12 +402,8 @@ class StoreReader:
 
     def _load_store_file(self, name: str) -> bytes:
         try:
-            size = self._storage.size(name)
-            if size > MAX_DICT_BYTES:  # checked before reading: a hostile store cannot make us read gigabytes
-                raise ShardSizeError(
-                    f"store {self.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}"
-                )
-            return self._storage.read_all(name)
+            # Refused before reading (one open file: a file growing meanwhile is not read whole).
+            return read_store_file(self._storage, name)
         except FileNotFoundError as exc:
             self._raise_if_changed(exc)
             raise MissingShardError(f"store {self.location!r}: file {name!r} named in the index is missing") from exc

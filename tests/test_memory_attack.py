@@ -1,0 +1,132 @@
+"""Memory bounds under attack: files past a documented bound are refused before they are read.
+
+format.md 6.1: ``index.json`` at most 256 MiB and a dictionary file at most 16 MiB, refused
+*before allocating*. Every path that reads these files (reader, verify, writer append and
+overwrite, merge) is checked here with a file one byte past the bound (sparse, so the test
+writes nothing) and tracemalloc: a path that read the file first would allocate the whole
+bound before refusing it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tracemalloc
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import tensorstore_pt as tspt
+from tensorstore_pt.codecs.registry import MAX_DICT_BYTES
+from tensorstore_pt.errors import IndexFormatError, ShardSizeError
+from tensorstore_pt.format import INDEX_NAME, MAX_INDEX_BYTES
+
+FIXTURES = Path(__file__).parent / "fixtures"
+#: Peak Python allocation allowed while refusing an oversized file: far below the bounds
+#: (256 MiB, 16 MiB) that reading the file would allocate.
+REFUSE_PEAK = 4 * 2**20
+
+
+def peak_of(fn: Callable[[], Any]) -> tuple[int, BaseException | None]:
+    tracemalloc.start()
+    try:
+        try:
+            fn()
+            err: BaseException | None = None
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            err = exc
+        return tracemalloc.get_traced_memory()[1], err
+    finally:
+        tracemalloc.stop()
+
+
+def small_store(path: Path) -> Path:
+    tspt.write_store([{"x": torch.arange(8)} for _ in range(3)], path, codec="zstd")
+    return path
+
+
+def grow(path: Path, size: int) -> None:
+    """Make ``path`` exactly ``size`` bytes long (a sparse tail: nothing is written)."""
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def dict_store(tmp_path: Path) -> tuple[Path, Path]:
+    dest = tmp_path / "dict-store"
+    shutil.copytree(FIXTURES / "v1.1" / "zstd-dict", dest)
+    ref = json.loads((dest / INDEX_NAME).read_text())["codec"]["dict"]
+    return dest, dest / ref["name"]
+
+
+# ---------------------------------------------------------------------------- index.json
+
+
+@pytest.mark.parametrize("mode", ["append", "overwrite"])
+def test_writer_refuses_oversized_index_before_reading(tmp_path: Path, mode: str) -> None:
+    store = small_store(tmp_path / "s")
+    grow(store / INDEX_NAME, MAX_INDEX_BYTES + 1)
+
+    def go() -> None:
+        tspt.write_store([{"x": torch.arange(4)}], store, codec="zstd", mode=mode)
+
+    peak, err = peak_of(go)
+    if mode == "append":
+        assert isinstance(err, IndexFormatError), err
+        assert f"expected at most {MAX_INDEX_BYTES} bytes" in str(err)
+    else:  # overwrite: an unreadable index is replaced wholesale
+        assert err is None, err
+        assert len(tspt.StoreReader(store)) == 1
+    assert peak < REFUSE_PEAK, peak
+
+
+def test_writer_index_exactly_at_bound_is_read(tmp_path: Path) -> None:
+    """At the bound the file is read (and then refused as JSON): the bound is inclusive."""
+    store = small_store(tmp_path / "s")
+    grow(store / INDEX_NAME, 2**16)  # NUL padding: read, then not valid JSON
+    with pytest.raises(IndexFormatError) as info:
+        tspt.write_store([{"x": torch.arange(4)}], store, codec="zstd", mode="append")
+    assert "expected at most" not in str(info.value)
+
+
+def test_merge_refuses_oversized_part_index_before_reading(tmp_path: Path) -> None:
+    a = small_store(tmp_path / "a")
+    b = small_store(tmp_path / "b")
+    grow(b / INDEX_NAME, MAX_INDEX_BYTES + 1)
+    peak, err = peak_of(lambda: tspt.merge_stores([a, b], tmp_path / "m", copy=True))
+    assert isinstance(err, IndexFormatError), err
+    assert f"expected at most {MAX_INDEX_BYTES} bytes" in str(err)
+    assert peak < REFUSE_PEAK, peak
+
+
+# ---------------------------------------------------------------------------- dictionary file
+
+
+@pytest.mark.parametrize("path", ["reader", "verify", "append", "merge"])
+def test_oversized_dictionary_refused_before_reading(tmp_path: Path, path: str) -> None:
+    store, dict_file = dict_store(tmp_path)
+    grow(dict_file, MAX_DICT_BYTES + 1)  # one byte past the bound; the index still says its real size
+    calls: dict[str, Callable[[], Any]] = {
+        "reader": lambda: tspt.StoreReader(store),
+        "verify": lambda: tspt.verify_store(store, deep=True),
+        "append": lambda: tspt.write_store([{"x": torch.arange(4)}], store, codec="zstd", mode="append"),
+        "merge": lambda: tspt.merge_stores([store], tmp_path / "m", copy=True),
+    }
+    peak, err = peak_of(calls[path])
+    if path == "verify":
+        assert err is None, err
+        report = calls[path]()
+        assert not report.ok
+        assert "ShardSizeError" in str(report) or "16777216" in str(report)
+    else:
+        assert isinstance(err, (ShardSizeError, tspt.MissingShardError, tspt.ChecksumMismatchError)), err
+        assert isinstance(err, ShardSizeError) or isinstance(err.__cause__, ShardSizeError), repr(err)
+    assert peak < REFUSE_PEAK, peak
+
+
+def test_dictionary_exactly_at_bound_is_read_then_refused_by_size(tmp_path: Path) -> None:
+    store, dict_file = dict_store(tmp_path)
+    grow(dict_file, MAX_DICT_BYTES)
+    with pytest.raises(tspt.ChecksumMismatchError, match=f"found {MAX_DICT_BYTES} bytes"):
+        tspt.StoreReader(store)
