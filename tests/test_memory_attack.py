@@ -10,6 +10,7 @@ bound before refusing it.
 from __future__ import annotations
 
 import json
+import struct
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import tensorstore_pt as tspt
+from tensorstore_pt.codecs import get_codec
 from tensorstore_pt.codecs.registry import MAX_DICT_BYTES
 from tensorstore_pt.errors import IndexFormatError, ShardSizeError
 from tensorstore_pt.format import INDEX_NAME, MAX_INDEX_BYTES
@@ -130,3 +132,43 @@ def test_dictionary_exactly_at_bound_is_read_then_refused_by_size(tmp_path: Path
     grow(dict_file, MAX_DICT_BYTES)
     with pytest.raises(tspt.ChecksumMismatchError, match=f"found {MAX_DICT_BYTES} bytes"):
         tspt.StoreReader(store)
+
+
+# ---------------------------------------------------------------------------- recover
+
+
+def _zstd_rle_frame(blocks: int, block_size: int = 128 * 1024) -> bytes:
+    """A zstd frame (RFC 8878) of ``blocks`` RLE blocks of ``block_size`` zero bytes: 4 stored
+    bytes per block; the header declares the content size and a 128 KiB window."""
+    out = bytearray(struct.pack("<I", 0xFD2FB528)) + bytes([3 << 6, (17 - 10) << 3])
+    out += struct.pack("<Q", blocks * block_size)
+    for i in range(blocks):
+        out += struct.pack("<I", (i == blocks - 1) | (1 << 1) | (block_size << 3))[:3] + b"\0"
+    return bytes(out)
+
+
+def test_recover_rebuild_does_not_decode_past_max_record_bytes(tmp_path: Path, monkeypatch: Any) -> None:
+    """A shard whose footer is lost is rebuilt by decoding its frames. The only bound was the
+    index's raw_bytes (itself bounded by zstd's worst case, 43690:1): 2 KiB of RLE blocks
+    decoded to 64 MiB (64 KiB of them would decode to 2 GiB). Now no frame decodes past
+    DEFAULT_MAX_RECORD_BYTES (patched to 1 MiB here), as a reader would refuse it."""
+    import tensorstore_pt.integrity  # noqa: F401 - imports recover (importing recover first is circular)
+    import tensorstore_pt.recover as recover
+
+    from _store_tools import build_store, shard_names, torch_save_bytes
+
+    codec = {"id": "zstd", "level": 3}
+    zstd = get_codec(codec)
+    good = torch_save_bytes({"x": torch.arange(4)})
+    bomb = _zstd_rle_frame(512)  # 2 KiB stored, 64 MiB raw
+    store = build_store(tmp_path / "s", [[(len(good), zstd.compress(good)), (512 * 128 * 1024, bomb)]], codec)
+    shard = store / shard_names(store)[0]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # the trailer: the footer is lost, the index entry still describes the shard
+    shard.write_bytes(bytes(data))
+    monkeypatch.setattr(recover, "DEFAULT_MAX_RECORD_BYTES", 2**20)
+    peak, err = peak_of(lambda: tspt.recover_store(store, dry_run=True))
+    assert err is None, err
+    assert peak < REFUSE_PEAK, peak
+    report = tspt.recover_store(store, dry_run=True)
+    assert report.records == 1  # the good record is proven; the bomb proves nothing
