@@ -172,3 +172,54 @@ def test_recover_rebuild_does_not_decode_past_max_record_bytes(tmp_path: Path, m
     assert peak < REFUSE_PEAK, peak
     report = tspt.recover_store(store, dry_run=True)
     assert report.records == 1  # the good record is proven; the bomb proves nothing
+
+
+# ---------------------------------------------------------------------------- remote
+
+
+def test_remote_read_versioned_bounds_a_body_without_content_length(s3_bucket: Any, monkeypatch: Any) -> None:
+    """``read_versioned(max_bytes=...)`` (index.json on S3) checked the bound against the
+    answer's Content-Length only: a chunked answer without one was read whole first. Now such
+    a body is read in pieces and refused once it passes the bound."""
+    import boto3
+
+    from tensorstore_pt.storage import storage_for
+
+    bucket, options = s3_bucket
+    boto3.client("s3", endpoint_url=options["endpoint_url"], region_name="us-east-1", **_keys()).put_object(
+        Bucket=bucket, Key="store/index.json", Body=b"x" * 1000
+    )
+    st = storage_for(f"s3://{bucket}/store", options)
+    assert st.conditional_writes
+    asked: list[Any] = []
+    orig = st.fs._call_s3
+
+    async def no_length(method: str, *args: Any, **kwargs: Any) -> Any:
+        resp = await orig(method, *args, **kwargs)
+        if method == "get_object":
+            resp.pop("ContentLength", None)
+            body = resp["Body"]
+
+            class Body:
+                async def read(self, amt: int | None = None) -> bytes:
+                    asked.append(amt)
+                    return await body.read(amt) if amt is not None else await body.read()
+
+                def close(self) -> None:
+                    body.close()
+
+            resp["Body"] = Body()
+        return resp
+
+    monkeypatch.setattr(st.fs, "_call_s3", no_length)
+    with pytest.raises(ValueError, match="expected at most 100"):
+        st.read_versioned("index.json", max_bytes=100)
+    assert asked and all(a is not None and a <= 101 for a in asked), asked
+    asked.clear()
+    data, version = st.read_versioned("index.json", max_bytes=1000)  # exactly at the bound: read
+    assert data == b"x" * 1000 and version
+    assert None not in asked
+
+
+def _keys() -> dict[str, str]:
+    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
