@@ -223,3 +223,41 @@ def test_remote_read_versioned_bounds_a_body_without_content_length(s3_bucket: A
 
 def _keys() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+def test_remote_conditional_upload_does_not_read_a_larger_object_whole(s3_bucket: Any, monkeypatch: Any) -> None:
+    """After a conditional PUT whose answer was lost, the retry's 412 is judged by reading the
+    object back ("did my attempt land?"). That read had no bound: an object another writer put
+    meanwhile (of any size) was read whole. Now it reads at most our own size; a larger object
+    is another writer's (ConcurrentWriteError) without being read."""
+    import boto3
+
+    from tensorstore_pt.errors import ConcurrentWriteError
+    from tensorstore_pt.storage import storage_for
+
+    bucket, options = s3_bucket
+    client = boto3.client("s3", endpoint_url=options["endpoint_url"], region_name="us-east-1", **_keys())
+    client.put_object(Bucket=bucket, Key="store/index.json", Body=b"{}")
+    st = storage_for(f"s3://{bucket}/store", options)
+    _, version = st.read_versioned("index.json", max_bytes=100)
+    real_call = st.call
+    limits: list[Any] = []
+    real_read_all = st.read_all
+
+    def read_all(name: str, max_bytes: int | None = None) -> bytes:
+        limits.append(max_bytes)
+        return real_read_all(name, max_bytes)
+
+    def call(what: str, name: Any, fn: Any, **kwargs: Any) -> Any:
+        if what != "upload":
+            return real_call(what, name, fn, **kwargs)
+        # Another writer replaces the object with a large one; our answer was "lost".
+        client.put_object(Bucket=bucket, Key="store/index.json", Body=b" " * 100_000)
+        return kwargs["on_retry_error"](OSError("the first answer was lost"))
+
+    monkeypatch.setattr(st, "read_all", read_all)
+    monkeypatch.setattr(st, "call", call)
+    with pytest.raises(ConcurrentWriteError):
+        with st.writer("index.json", if_match=version) as out:
+            out.write(b'{"a": 1}')
+    assert limits == [8], limits  # bounded by our own 8 bytes

@@ -857,8 +857,13 @@ class _FsspecWriter(AtomicWriter):
                     data = f.read()
 
                 def landed(exc: BaseException) -> None:
-                    # A retry refused after an attempt whose answer was lost: ours if the bytes are ours.
-                    if st.read_all(name) != data:
+                    # A retry refused after an attempt whose answer was lost: ours if the bytes are
+                    # ours. An object larger than ours is another writer's: not read (bounded).
+                    try:
+                        ours = st.read_all(name, max_bytes=size) == data
+                    except ValueError:  # larger than ours
+                        ours = False
+                    if not ours:
                         raise self._conflict(exc) from exc
 
                 def put_if_match() -> None:
