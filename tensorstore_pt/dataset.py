@@ -1428,7 +1428,7 @@ class StoreDataLoader(DataLoader):
     exactly its bytes, not resizable); an arena is reused only once every tensor of its last
     batch is gone, so keeping batches is safe (kept batches make later ones use torch's
     transport). With ``pin_memory`` the pinned copy is taken from the arena. Each worker holds
-    ``prefetch_factor + 3`` arenas of its largest batch. See ``tensorstore_pt._shared_batches``.
+    ``prefetch_factor + 3`` arenas, each at most twice its largest batch and 1 GiB. See ``tensorstore_pt._shared_batches``.
 
     With the default collate, a dataset without ``transform`` and ``on_error="raise"`` (and CPU
     records), records are unpickled a batch at a time: in workers with the ring, straight into
