@@ -261,3 +261,19 @@ def test_remote_conditional_upload_does_not_read_a_larger_object_whole(s3_bucket
         with st.writer("index.json", if_match=version) as out:
             out.write(b'{"a": 1}')
     assert limits == [8], limits  # bounded by our own 8 bytes
+
+
+def test_cli_merge_does_not_read_an_oversized_part_index(tmp_path: Path, capsys: Any) -> None:
+    """``tspt merge`` counted each part's records for its progress bar by reading the part's
+    index.json whole (``Path.read_bytes``) before merge_stores checked anything."""
+    from tensorstore_pt.cli import main
+
+    a = small_store(tmp_path / "a")
+    b = small_store(tmp_path / "b")
+    grow(b / INDEX_NAME, MAX_INDEX_BYTES + 1)
+    code: list[int] = []
+    peak, err = peak_of(lambda: code.append(main(["merge", str(a), str(b), str(tmp_path / "m"), "--quiet"])))
+    assert err is None, err
+    assert code and code[0] != 0
+    assert "expected at most" in capsys.readouterr().err
+    assert peak < REFUSE_PEAK, peak
