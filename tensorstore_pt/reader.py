@@ -749,13 +749,16 @@ class StoreReader:
                 f"record_table: store {self.location!r} has frames stored raw (format 1.2), which the "
                 "table's rows cannot mark; read records with read(i), which takes that from the footers"
             )
-        if out is None:
-            out = np.zeros(len(self), dtype=RECORD_DTYPE)
-        elif out.dtype != RECORD_DTYPE or out.shape != (len(self),):
+        if out is not None and (out.dtype != RECORD_DTYPE or out.shape != (len(self),)):
             raise InvalidOptionError(
                 f"out: expected a {RECORD_DTYPE} array of shape ({len(self)},), found {out.dtype} {out.shape}"
             )
-        self._fetch_footers(range(len(self._index.shards)))  # many at a time on a remote store
+        # The footers first (many at a time on a remote store): each checks its record count
+        # against the index, so the table is allocated for counts the shards prove, never for
+        # an index that claims billions of records for a few bytes.
+        self._fetch_footers(range(len(self._index.shards)))
+        if out is None:
+            out = np.zeros(len(self), dtype=RECORD_DTYPE)
         for si, entry in enumerate(self._index.shards):
             out[entry.first_record : entry.first_record + entry.records] = self._footer(si).table
         return out

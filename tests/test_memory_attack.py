@@ -277,3 +277,48 @@ def test_cli_merge_does_not_read_an_oversized_part_index(tmp_path: Path, capsys:
     assert code and code[0] != 0
     assert "expected at most" in capsys.readouterr().err
     assert peak < REFUSE_PEAK, peak
+
+
+# ---------------------------------------------------------------------------- record counts
+
+
+def _claim_records(store: Path, records: int) -> None:
+    """Make the index claim ``records`` records for the last shard (file_bytes grown to fit the
+    table those records would need, so the index itself is consistent); nothing else changes."""
+    idx = json.loads((store / INDEX_NAME).read_text())
+    s = idx["shards"][-1]
+    add = records - s["records"]
+    s["records"] = records
+    s["file_bytes"] += add * 32
+    idx["totals"]["records"] += add
+    idx["totals"]["file_bytes"] += add * 32
+    (store / INDEX_NAME).write_text(json.dumps(idx))
+
+
+def test_record_table_reads_footers_before_allocating(tmp_path: Path) -> None:
+    store = small_store(tmp_path / "s")
+    _claim_records(store, 2**22)  # a 128 MiB table for a 2 KiB store
+    reader = tspt.StoreReader(store, verify=False)
+    assert len(reader) == 2**22
+    peak, err = peak_of(reader.record_table)
+    assert isinstance(err, (ShardSizeError, tspt.ShardFormatError)), err
+    assert peak < REFUSE_PEAK, peak
+
+
+def test_dataset_reads_footers_before_allocating_its_table(tmp_path: Path, monkeypatch: Any) -> None:
+    """The dataset's shared frame table (32 bytes a record) was allocated, and filled with
+    zeros into shared memory, from the index's record count before any footer was read: an
+    index claiming 20 million records for a 2 KiB store took 611 MiB before it was refused."""
+    store = small_store(tmp_path / "s")
+    _claim_records(store, 2**22)
+    shapes: list[Any] = []
+    real_empty = torch.empty
+
+    def empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        shapes.append(args[0] if args else kwargs.get("size"))
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises((ShardSizeError, tspt.ShardFormatError)):
+        tspt.StoreIterableDataset(store, verify=False, cache_dir=tmp_path / "cache")
+    assert not [s for s in shapes if isinstance(s, tuple) and s and s[0] >= 2**22], shapes
