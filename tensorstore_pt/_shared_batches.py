@@ -47,8 +47,9 @@ literal leaves, see :func:`decode_batch`) when it applies, or loads them one by 
 samples as :class:`BatchItem`; the collate returns the decoded batch when it receives exactly
 one batch's items, in order.
 
-Memory: each worker holds ``slots`` arenas of the largest batch it has sent (rounded up to
-64 KiB; a batch that outgrows its arena doubles it), shared with the main process;
+Memory: each worker holds ``slots`` arenas, each at most twice the largest batch it has sent
+(rounded up to 64 KiB; a batch that outgrows its arena replaces it by one of the larger of the
+batch and twice the arena) and at most ``MAX_ARENA_BYTES``, shared with the main process;
 arenas larger than ``MAX_ARENA_BYTES`` are not made (such batches use torch's transport).
 """
 

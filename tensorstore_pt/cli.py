@@ -319,7 +319,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .errors import InvalidOptionError
-    from .format import INDEX_NAME, parse_index
+    from .format import INDEX_NAME, MAX_INDEX_BYTES, parse_index
+    from .storage import LocalStorage
     from .merge import merge_stores
 
     storage_options = parse_storage_options(args.storage_option)
@@ -333,7 +334,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             total = 0  # not worth a request per part before the merge reads every index anyway
             break
         try:
-            total += parse_index((Path(part) / INDEX_NAME).read_bytes(), part).records
+            # Bounded as every index read (format.md 6.1): a part's oversized index.json is
+            # not read here (merge_stores then refuses it, unread too).
+            total += parse_index(LocalStorage(part).read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES), part).records
         except (OSError, ValueError):
             total = 0
             break

@@ -311,6 +311,11 @@ class _StoreView:
         # each frame once when records come in order. Raw frames (format 1.2) take the same
         # path: the shared table's rows cannot mark a frame stored raw; the footers do.
         self.framed = bool({FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES} & set(reader.index.features))
+        if not self.framed:
+            # Every footer is read (and its record count checked against the index) before
+            # the table is allocated: an index that claims 2**31 records for a 2 KiB shard
+            # made a 64 GiB table first (the footer then refused it).
+            reader._fetch_footers(range(len(reader.index.shards)))
         self._table = torch.empty((0 if self.framed else self.records, 4), dtype=torch.int64).share_memory_()
         if not self.framed:
             reader.record_table(out=self.table())  # filled in place: one copy, in shared memory
@@ -1428,7 +1433,7 @@ class StoreDataLoader(DataLoader):
     exactly its bytes, not resizable); an arena is reused only once every tensor of its last
     batch is gone, so keeping batches is safe (kept batches make later ones use torch's
     transport). With ``pin_memory`` the pinned copy is taken from the arena. Each worker holds
-    ``prefetch_factor + 3`` arenas of its largest batch. See ``tensorstore_pt._shared_batches``.
+    ``prefetch_factor + 3`` arenas, each at most twice its largest batch and 1 GiB. See ``tensorstore_pt._shared_batches``.
 
     With the default collate, a dataset without ``transform`` and ``on_error="raise"`` (and CPU
     records), records are unpickled a batch at a time: in workers with the ring, straight into

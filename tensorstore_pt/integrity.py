@@ -32,7 +32,7 @@ from typing import Any
 
 from .checksums import ALGORITHM, format_digest
 from .codecs import Codec, get_codec
-from .codecs.registry import MAX_DICT_BYTES
+from .codecs.registry import read_store_file
 from .errors import (
     AllocationBudgetError,
     CorruptStoreError,
@@ -41,7 +41,6 @@ from .errors import (
     MissingShardError,
     NotAStoreError,
     ShardFormatError,
-    ShardSizeError,
     StoreNotFoundError,
     TensorStoreError,
     UnsafePayloadError,
@@ -206,16 +205,11 @@ def _store_loader(storage: Storage) -> Any:
 
     def load(name: str) -> bytes:
         try:
-            size = storage.size(name)
+            return read_store_file(storage, name)
         except FileNotFoundError as exc:
             raise MissingShardError(
                 f"store {storage.location!r}: file {name!r} named in the codec config is missing"
             ) from exc
-        if size > MAX_DICT_BYTES:
-            raise ShardSizeError(
-                f"store {storage.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}"
-            )
-        return storage.read_all(name)
 
     return load
 

@@ -51,6 +51,7 @@ from .checksums import FileHasher, format_digest, parse_digest
 from .errors import (
     ChecksumMismatchError,
     IncompatiblePartsError,
+    IndexFormatError,
     InvalidOptionError,
     MergeStateError,
     MissingShardError,
@@ -60,10 +61,12 @@ from .errors import (
     ShardSizeError,
     StoreExistsError,
     StoreNotFoundError,
+    TensorStoreError,
 )
 from .format import (
     INDEX_NAME,
     LOCK_NAME,
+    MAX_INDEX_BYTES,
     IndexInfo,
     ShardEntry,
     StoreInfo,
@@ -344,10 +347,23 @@ class _Merge:
 
     @staticmethod
     def _read(st: Storage, name: str) -> bytes | None:
+        """Read ``index.json`` (at most ``MAX_INDEX_BYTES``) or the journal (at most four times
+        that: it holds the planned index) whole; a larger file is refused before it is read.
+
+        Raises:
+            IndexFormatError: ``index.json`` is larger than ``MAX_INDEX_BYTES``.
+            MergeStateError: The journal is larger than its bound.
+        """
+        limit = MAX_INDEX_BYTES * 4 if name == JOURNAL_NAME else MAX_INDEX_BYTES
         try:
-            return st.read_all(name)
+            return st.read_all(name, max_bytes=limit)
         except FileNotFoundError:
             return None
+        except TensorStoreError:
+            raise
+        except ValueError as exc:
+            error = MergeStateError if name == JOURNAL_NAME else IndexFormatError
+            raise error(f"{st.location!r}: {name}: expected at most {limit} bytes ({exc})") from exc
 
     def _read_journal(self) -> dict[str, Any] | None:
         data = self._read(self.dst, JOURNAL_NAME)
@@ -498,7 +514,7 @@ class _Merge:
             MissingShardError: No part holds the file.
             ChecksumMismatchError: No part's copy matches the reference.
         """
-        from .codecs.registry import load_dictionary
+        from .codecs.registry import load_dictionary, read_store_file
 
         errors: list[Exception] = []
         for p, st in enumerate(self.parts):
@@ -506,7 +522,7 @@ class _Merge:
 
             def load(name: str, st: Storage = st, where: str = where) -> bytes:
                 try:
-                    return st.read_all(name)
+                    return read_store_file(st, name)
                 except FileNotFoundError as exc:
                     raise MissingShardError(f"{where}: the dictionary file {name!r} is missing") from exc
 

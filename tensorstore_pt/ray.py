@@ -78,7 +78,7 @@ from .errors import (
     TensorStoreError,
     UnsupportedSampleError,
 )
-from .format import INDEX_NAME, LOCK_NAME, new_writer_token, parse_index
+from .format import INDEX_NAME, LOCK_NAME, MAX_INDEX_BYTES, new_writer_token, parse_index
 from .storage import LocalStorage, Storage, storage_for
 from .storage.abc import removal_failures
 
@@ -280,7 +280,9 @@ def _replace_store(staged: Storage, dest: Storage) -> StoreInfo:
 
     if not (isinstance(staged, LocalStorage) and isinstance(dest, LocalStorage)):
         raise InvalidOptionError(f"mode='overwrite': supported for local directories only, found {dest.location!r}")
-    raw = staged.read_all(INDEX_NAME)
+    from .reader import read_index_bytes
+
+    raw = read_index_bytes(staged)  # refuses one past MAX_INDEX_BYTES before reading it
     new = parse_index(raw, f"store {staged.location!r}: {INDEX_NAME}")
     files = [s.name for s in new.shards]
     new_dict = new.codec.get("dict")
@@ -289,8 +291,10 @@ def _replace_store(staged: Storage, dest: Storage) -> StoreInfo:
     lock = dest.lock(lock_owner(new_writer_token(), "writer", "overwrite"))
     try:
         try:
-            old = parse_index(dest.read_all(INDEX_NAME), f"store {dest.location!r}: {INDEX_NAME}")
-        except (FileNotFoundError, TensorStoreError):
+            old = parse_index(
+                dest.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES), f"store {dest.location!r}: {INDEX_NAME}"
+            )
+        except (FileNotFoundError, TensorStoreError, ValueError):  # ValueError: past MAX_INDEX_BYTES, not read
             old = None  # replaced wholesale; files of an unreadable index are left in place
         for name in files:
             os.replace(staged.root / name, dest.root / name)

@@ -28,7 +28,7 @@ import numpy as np
 from ._forksafe import ChildLock
 from .checksums import ALGORITHM, digest_int
 from .codecs import Codec, get_codec
-from .codecs.registry import MAX_DICT_BYTES
+from .codecs.registry import read_store_file
 from .errors import (
     AllocationBudgetError,
     ChecksumMismatchError,
@@ -402,12 +402,8 @@ class StoreReader:
 
     def _load_store_file(self, name: str) -> bytes:
         try:
-            size = self._storage.size(name)
-            if size > MAX_DICT_BYTES:  # checked before reading: a hostile store cannot make us read gigabytes
-                raise ShardSizeError(
-                    f"store {self.location!r}: file {name!r} is {size} bytes; expected at most {MAX_DICT_BYTES}"
-                )
-            return self._storage.read_all(name)
+            # Refused before reading (one open file: a file growing meanwhile is not read whole).
+            return read_store_file(self._storage, name)
         except FileNotFoundError as exc:
             self._raise_if_changed(exc)
             raise MissingShardError(f"store {self.location!r}: file {name!r} named in the index is missing") from exc
@@ -753,13 +749,16 @@ class StoreReader:
                 f"record_table: store {self.location!r} has frames stored raw (format 1.2), which the "
                 "table's rows cannot mark; read records with read(i), which takes that from the footers"
             )
-        if out is None:
-            out = np.zeros(len(self), dtype=RECORD_DTYPE)
-        elif out.dtype != RECORD_DTYPE or out.shape != (len(self),):
+        if out is not None and (out.dtype != RECORD_DTYPE or out.shape != (len(self),)):
             raise InvalidOptionError(
                 f"out: expected a {RECORD_DTYPE} array of shape ({len(self)},), found {out.dtype} {out.shape}"
             )
-        self._fetch_footers(range(len(self._index.shards)))  # many at a time on a remote store
+        # The footers first (many at a time on a remote store): each checks its record count
+        # against the index, so the table is allocated for counts the shards prove, never for
+        # an index that claims billions of records for a few bytes.
+        self._fetch_footers(range(len(self._index.shards)))
+        if out is None:
+            out = np.zeros(len(self), dtype=RECORD_DTYPE)
         for si, entry in enumerate(self._index.shards):
             out[entry.first_record : entry.first_record + entry.records] = self._footer(si).table
         return out

@@ -7,7 +7,9 @@ index, or damaged shards. Its guarantee, tested by property over every damage ki
   are readable as before, and every record a shard still proves (its frame's xxh3_64 in an
   intact footer; for a shard whose footer is lost, its frames decode and every zip entry of
   the ``torch.save`` record matches its CRC-32) is in the recovered store. Nothing is deleted:
-  a file that is not kept is renamed ``NAME.quarantined``.
+  a file that is not kept is renamed ``NAME.quarantined``. Memory: a frame of a shard whose
+  footer is lost is decoded only up to ``DEFAULT_MAX_RECORD_BYTES`` (1 GiB, what a reader
+  decodes by default); one that decodes further proves nothing, whatever the index claims.
 - **It never invents or mixes.** The recovered records are, in order, a subsequence of the
   records that were written, each bit-identical; no record twice; no shard of another version.
 
@@ -537,7 +539,10 @@ class _Scanner:
         segment = 0  # index of the first frame after the last damaged stretch
         in_gap = damaged = False
         while pos < len(region):
-            found = self._frame_at(codec, region, pos, raw_left)
+            # A frame that decodes past DEFAULT_MAX_RECORD_BYTES is not decoded (as the intact
+            # path does not decode it, and a reader refuses it): the index's raw_bytes (or the
+            # codec's worst-case ratio) alone let 64 KiB of zstd blocks claim and decode to GiBs.
+            found = self._frame_at(codec, region, pos, min(raw_left, DEFAULT_MAX_RECORD_BYTES))
             stored_raw = False
             if found is None and raw_too and region.startswith(_ZIP_MAGIC, pos):
                 found = self._raw_frame_at(region, pos)

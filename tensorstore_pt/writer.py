@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - Windows
 from . import _version
 from .checksums import digest_int, format_digest
 from .codecs import Codec, get_codec, make_codec
-from .codecs.registry import MAX_DICT_BYTES
+from .codecs.registry import MAX_DICT_BYTES, read_store_file
 from .errors import (
     ConcurrentWriteError,
     IndexFormatError,
@@ -70,6 +70,7 @@ from .format import (
     FEATURE_RAW_FRAMES,
     INDEX_NAME,
     LOCK_NAME,
+    MAX_INDEX_BYTES,
     IndexInfo,
     ShardEntry,
     StoreInfo,
@@ -492,7 +493,7 @@ class ShardWriter:
 
     def _load_store_file(self, name: str) -> bytes:
         try:
-            return self._storage.read_all(name)
+            return read_store_file(self._storage, name)
         except FileNotFoundError as exc:
             raise MissingShardError(f"store {self.location!r}: file {name!r} named in the index is missing") from exc
 
@@ -553,15 +554,31 @@ class ShardWriter:
 
     def _read_index_bytes(self) -> bytes:
         """Read index.json once at open, remembering its digest for the commit-time comparison."""
-        raw, self._index_version = self._storage.read_versioned(INDEX_NAME)
+        try:
+            raw, self._index_version = self._storage.read_versioned(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
+        except TensorStoreError:
+            raise
+        except ValueError as exc:  # refused before reading, as readers refuse it (format.md 6.1)
+            # -1 stands for "an index past the bound" (see _current_index_digest): overwrite
+            # replaces it wholesale, and the commit still sees a writer that changes it.
+            self._index_digest = -1
+            raise IndexFormatError(
+                f"store {self.location!r}: {INDEX_NAME}: expected at most {MAX_INDEX_BYTES} bytes ({exc})"
+            ) from exc
         self._index_digest = digest_int(raw)
         return raw
 
     def _current_index_digest(self) -> int | None:
+        """The digest of ``index.json`` now; -1 (no digest) for one past ``MAX_INDEX_BYTES``,
+        which is not read: it is not the index this writer started from."""
         try:
-            return digest_int(self._storage.read_all(INDEX_NAME))
+            return digest_int(self._storage.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES))
         except FileNotFoundError:
             return None
+        except TensorStoreError:
+            raise
+        except ValueError:
+            return -1
 
     # ------------------------------------------------------------------ writing
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..checksums import digest_int, format_digest
-from ..errors import ChecksumMismatchError, IndexFormatError, InvalidOptionError, UnsupportedFormatError
+from ..errors import (
+    ChecksumMismatchError,
+    IndexFormatError,
+    InvalidOptionError,
+    ShardSizeError,
+    TensorStoreError,
+    UnsupportedFormatError,
+)
 from .abc import Codec
 from .lz4 import Lz4Codec
 from .none import NoneCodec
@@ -27,6 +34,26 @@ CODEC_IDS: tuple[str, ...] = tuple(sorted(_FACTORIES))
 DICT_REF_KEYS = frozenset({"name", "checksum", "dict_id", "bytes"})
 #: Upper bound on a dictionary file (zstd dictionaries are KiB to a few MiB).
 MAX_DICT_BYTES = 16 * 2**20
+
+
+def read_store_file(storage: Any, name: str) -> bytes:
+    """Read a store file that a codec config names (a dictionary), refusing one past
+    ``MAX_DICT_BYTES`` before reading it: size and bytes come from one open file
+    (``read_all(max_bytes=...)``), so a file that grows between a size check and the read is
+    never read whole either. Every ``get_codec`` loader reads through this.
+
+    Raises:
+        ShardSizeError: The file is larger than ``MAX_DICT_BYTES``.
+        FileNotFoundError: The file is absent (callers turn it into ``MissingShardError``).
+    """
+    try:
+        return storage.read_all(name, max_bytes=MAX_DICT_BYTES)
+    except TensorStoreError:
+        raise
+    except ValueError as exc:
+        raise ShardSizeError(
+            f"store {storage.location!r}: file {name!r}: expected at most {MAX_DICT_BYTES} bytes ({exc})"
+        ) from exc
 
 
 def load_dictionary(ref: Any, load: Callable[[str], bytes], where: str) -> bytes:

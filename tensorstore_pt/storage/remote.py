@@ -172,6 +172,10 @@ class _ShortRead(OSError):
     """A ranged GET returned fewer bytes than the object holds (retried)."""
 
 
+#: Bytes asked of a response body at a time where its length is not known in advance.
+_BODY_PIECE_BYTES = 8 * 2**20
+
+
 class _TooLarge(ValueError):
     """An object is larger than the caller's ``max_bytes`` (passed through, never retried)."""
 
@@ -614,7 +618,18 @@ class FsspecStorage(Storage):
                 length = resp.get("ContentLength")
                 if max_bytes is not None and length is not None and length > max_bytes:
                     raise _TooLarge(f"{name!r} is {length} bytes; expected at most {max_bytes}")
-                return await resp["Body"].read(), resp["ETag"]
+                if max_bytes is None or length is not None:
+                    return await resp["Body"].read(), resp["ETag"]
+                # No Content-Length (a chunked answer): read at most max_bytes + 1 bytes, so an
+                # endless body is refused after the bound, not read whole first.
+                data = bytearray()
+                while True:
+                    piece = await resp["Body"].read(min(_BODY_PIECE_BYTES, max_bytes + 1 - len(data)))
+                    if not piece:
+                        return bytes(data), resp["ETag"]
+                    data += piece
+                    if len(data) > max_bytes:
+                        raise _TooLarge(f"{name!r} is more than {max_bytes} bytes; expected at most {max_bytes}")
             finally:
                 resp["Body"].close()
 
@@ -842,8 +857,13 @@ class _FsspecWriter(AtomicWriter):
                     data = f.read()
 
                 def landed(exc: BaseException) -> None:
-                    # A retry refused after an attempt whose answer was lost: ours if the bytes are ours.
-                    if st.read_all(name) != data:
+                    # A retry refused after an attempt whose answer was lost: ours if the bytes are
+                    # ours. An object larger than ours is another writer's: not read (bounded).
+                    try:
+                        ours = st.read_all(name, max_bytes=size) == data
+                    except ValueError:  # larger than ours
+                        ours = False
+                    if not ours:
                         raise self._conflict(exc) from exc
 
                 def put_if_match() -> None:
