@@ -149,10 +149,8 @@ def read_index_bytes(storage: Storage) -> bytes:
         IndexFormatError: ``index.json`` is larger than ``MAX_INDEX_BYTES``.
     """
     where = storage.location
-    if not storage.exists():
-        raise StoreNotFoundError(f"no store at {where!r}: the path does not exist")
-    if not storage.is_container():
-        raise NotAStoreError(f"{where!r} is a file; expected a store directory holding {INDEX_NAME}")
+    # The index is read first; only when it is not there is the path looked at, to say why
+    # (on an object store each look is a request, and a store that opens pays none of them).
     try:
         return storage.read_all(INDEX_NAME, max_bytes=MAX_INDEX_BYTES)
     except TensorStoreError:
@@ -161,7 +159,11 @@ def read_index_bytes(storage: Storage) -> bytes:
         raise IndexFormatError(
             f"store {where!r}: {INDEX_NAME}: expected at most {MAX_INDEX_BYTES} bytes ({exc})"
         ) from exc
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        if not storage.exists():
+            raise StoreNotFoundError(f"no store at {where!r}: the path does not exist") from None
+        if not storage.is_container():
+            raise NotAStoreError(f"{where!r} is a file; expected a store directory holding {INDEX_NAME}") from None
         shards = [n for n in storage.list() if n.endswith(SHARD_SUFFIX)]
         hint = (
             f"; it holds {len(shards)} shard file(s) but no index: an unfinished write, or a lost index "

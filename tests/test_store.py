@@ -423,6 +423,23 @@ def test_store_not_found_and_not_a_store(tmp_path):
         ts.open_store(tmp_path / "file")
 
 
+def test_opening_a_store_reads_its_index_without_looking_at_the_path_first(tmp_path, monkeypatch):
+    """On an object store every look at the path (exists, is_container) is a request of its
+    own: a store that opens reads index.json at once, and only a failed read looks."""
+    from tensorstore_pt.storage.local import LocalStorage
+
+    ts.write_store([torch.tensor(1)], tmp_path / "s")
+    looks = []
+    for name in ("exists", "is_container"):
+        real = getattr(LocalStorage, name)
+        monkeypatch.setattr(LocalStorage, name, lambda self, _real=real, _name=name: looks.append(_name) or _real(self))
+    assert len(ts.open_store(tmp_path / "s")) == 1
+    assert looks == []
+    with pytest.raises(ts.StoreNotFoundError):
+        ts.open_store(tmp_path / "missing")
+    assert looks == ["exists"]
+
+
 def test_malformed_index_and_newer_version(tmp_path):
     ts.write_store([torch.tensor(1)], tmp_path / "s")
     index_path = tmp_path / "s" / "index.json"
