@@ -1202,16 +1202,21 @@ class ShardWriter:
             except OSError as exc:
                 left.append(f"the temporary file of {self._open.name} ({exc.strerror or exc})")
             self._open = None
-        self._stop_publisher()  # a shard being published is published or failed before its removal
-        for shard, _ in self._publishing:
-            try:
-                shard.out.abort()  # a failed publication's temporary file (nothing if published)
-            except OSError as exc:
-                left.append(f"the temporary file of {shard.name} ({exc.strerror or exc})")
-        self._publishing.clear()
-        left += self._remove_all([shard.name for shard in self._shards[self._base_shards :]] + self._new_files)
-        del self._shards[self._base_shards :]
-        self._release(remove_created_dir=True)
+        try:
+            self._stop_publisher()  # a shard being published is published or failed before its removal
+        finally:
+            # Also when a (second) Ctrl-C interrupts that wait: a later abort does nothing, so
+            # the files and the lock must go now (a shard the thread still links meanwhile is
+            # left unreferenced, under this writer's token: recover quarantines it).
+            for shard, _ in self._publishing:
+                try:
+                    shard.out.abort()  # a failed publication's temporary file (nothing if published)
+                except OSError as exc:
+                    left.append(f"the temporary file of {shard.name} ({exc.strerror or exc})")
+            self._publishing.clear()
+            left += self._remove_all([shard.name for shard in self._shards[self._base_shards :]] + self._new_files)
+            del self._shards[self._base_shards :]
+            self._release(remove_created_dir=True)
         return left
 
     def _stop_publisher(self) -> None:

@@ -94,3 +94,36 @@ def test_abort_waits_for_the_publisher_and_removes_its_shards(tmp_path: Path, mo
     assert sorted(os.listdir(base)) == before  # the published ones removed, no temporary file left
     assert len(ts.open_store(base)) == 5
     assert not _publisher_threads()
+
+
+def test_a_second_ctrl_c_while_abort_waits_for_the_publisher_still_releases_the_lock(tmp_path, monkeypatch) -> None:
+    publish = ShardBuilder.publish
+
+    def slow_publish(self: ShardBuilder) -> None:
+        time.sleep(0.3)
+        publish(self)
+
+    stop_publisher = writer_mod.ShardWriter._stop_publisher
+    interrupted = []
+
+    def interrupted_wait(self) -> None:  # Ctrl-C lands while the first abort waits for the thread
+        if interrupted:
+            return stop_publisher(self)
+        interrupted.append(True)
+        self._publisher = None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardBuilder, "publish", slow_publish)
+    base = tmp_path / "s"
+    ts.write_store(_samples(5), base, codec="none")
+    w = ts.ShardWriter(base, mode="append", max_shard_bytes=8000, num_threads=1)
+    w.write_many(_samples(20))
+    monkeypatch.setattr(writer_mod.ShardWriter, "_stop_publisher", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        w.abort()
+    other = ts.ShardWriter(base, mode="append")  # the lock was released all the same
+    other.abort()
+    for t in _publisher_threads():
+        t.join(5)
+    assert len(ts.open_store(base)) == 5  # the store is as it was
+    assert not [n for n in os.listdir(base) if n.startswith(".") and "tmp" in n]  # no temporary file left
