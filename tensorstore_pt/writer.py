@@ -1208,13 +1208,17 @@ class ShardWriter:
             # Also when a (second) Ctrl-C interrupts that wait: a later abort does nothing, so
             # the files and the lock must go now (a shard the thread still links meanwhile is
             # left unreferenced, under this writer's token: recover quarantines it).
-            for shard, _ in self._publishing:
+            not_ours = set()
+            for shard, fut in self._publishing:
+                if fut.done() and not fut.cancelled() and isinstance(fut.exception(), ConcurrentWriteError):
+                    not_ours.add(shard.name)  # the file of that name is another writer's: never removed
                 try:
                     shard.out.abort()  # a failed publication's temporary file (nothing if published)
                 except OSError as exc:
                     left.append(f"the temporary file of {shard.name} ({exc.strerror or exc})")
             self._publishing.clear()
-            left += self._remove_all([shard.name for shard in self._shards[self._base_shards :]] + self._new_files)
+            mine = [shard.name for shard in self._shards[self._base_shards :] if shard.name not in not_ours]
+            left += self._remove_all(mine + self._new_files)
             del self._shards[self._base_shards :]
             self._release(remove_created_dir=True)
         return left

@@ -1,0 +1,69 @@
+"""Parallel packing, background publication, directory packing and the reader's first read
+under attack: a failure publishes nothing and removes only this writer's files, errors are
+typed and name the file."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import tensorstore_pt as ts
+import tensorstore_pt.writer as writer_mod
+from _store_tools import workers_alive
+from tensorstore_pt.shardio import ShardBuilder
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _samples(n: int, size: int = 600) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 255, (size,), dtype=torch.uint8, generator=g) for _ in range(n)]
+
+
+def _publisher_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("tspt-publish")]
+
+
+# --------------------------------------------------------------------------- publication
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_shard_name_taken_by_another_writer_keeps_that_writers_file(tmp_path: Path, monkeypatch, num_workers) -> None:
+    publish = ShardBuilder.publish
+    dest = tmp_path / "s"
+    dest.mkdir()
+    taken: list[str] = []
+
+    def clashing_publish(self: ShardBuilder) -> None:
+        if not taken:  # another writer publishes a file of this shard's name first
+            (dest / self.name).write_bytes(b"another writer's shard")
+            taken.append(self.name)
+        publish(self)
+
+    monkeypatch.setattr(ShardBuilder, "publish", clashing_publish)
+    with pytest.raises(ts.ConcurrentWriteError) as info:
+        ts.write_store(_samples(60), dest, codec="none", max_shard_bytes=8000, num_workers=num_workers)
+    assert taken[0] in str(info.value)
+    left = sorted(n for n in os.listdir(dest) if n != ".tspt-lock")
+    assert left == [taken[0]]  # ours removed, theirs kept, no temporary file
+    assert (dest / taken[0]).read_bytes() == b"another writer's shard"
+    assert not _publisher_threads()
+    assert writer_mod._SLOTS == {} and workers_alive() == []
+
+
+def test_an_append_whose_shard_name_clashes_leaves_the_store_whole(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(writer_mod, "new_writer_token", lambda: "0123456789ab")  # both writers: one name
+    base = tmp_path / "s"
+    ts.write_store(_samples(5), base, codec="none")
+    before = {p.name: p.read_bytes() for p in base.iterdir() if not p.name.startswith(".")}
+    with pytest.raises(ts.ConcurrentWriteError):
+        with ts.ShardWriter(base, mode="append", codec="none") as w:
+            w.write_many(_samples(20))
+    after = {p.name: p.read_bytes() for p in base.iterdir() if not p.name.startswith(".")}
+    assert after == before  # the first store's shard of that name was not removed
+    assert ts.verify_store(base, deep=True).problems == ()
+    assert len(ts.open_store(base)) == 5
