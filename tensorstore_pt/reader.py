@@ -159,11 +159,18 @@ def read_index_bytes(storage: Storage) -> bytes:
         raise IndexFormatError(
             f"store {where!r}: {INDEX_NAME}: expected at most {MAX_INDEX_BYTES} bytes ({exc})"
         ) from exc
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError as exc:
+        missing = isinstance(exc, (FileNotFoundError, NotADirectoryError))
+        if not missing and exc.errno != errno.ELOOP:
+            raise
+        # The path is looked at as before the index was read first: a path through a symlink
+        # loop (ELOOP on index.json) does not exist, as Path.exists says.
         if not storage.exists():
             raise StoreNotFoundError(f"no store at {where!r}: the path does not exist") from None
         if not storage.is_container():
             raise NotAStoreError(f"{where!r} is a file; expected a store directory holding {INDEX_NAME}") from None
+        if not missing:
+            raise  # index.json itself is a symlink loop: the OSError names it
         shards = [n for n in storage.list() if n.endswith(SHARD_SUFFIX)]
         hint = (
             f"; it holds {len(shards)} shard file(s) but no index: an unfinished write, or a lost index "

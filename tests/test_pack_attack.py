@@ -67,3 +67,58 @@ def test_an_append_whose_shard_name_clashes_leaves_the_store_whole(tmp_path: Pat
     assert after == before  # the first store's shard of that name was not removed
     assert ts.verify_store(base, deep=True).problems == ()
     assert len(ts.open_store(base)) == 5
+
+
+# --------------------------------------------------------------------------- reader: the first read
+
+
+def test_a_store_path_that_is_a_symlink_loop_is_not_found(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)  # index.json under it: ELOOP, where Path.exists says False
+    with pytest.raises(ts.StoreNotFoundError, match="the path does not exist") as info:
+        ts.open_store(loop)
+    assert str(loop) in str(info.value)
+
+
+def test_an_index_that_is_a_symlink_loop_names_the_index(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    ts.write_store(_samples(2), store, codec="none")
+    (store / "index.json").unlink()
+    os.symlink(store / "index.json", store / "index.json")
+    with pytest.raises(OSError) as info:
+        ts.open_store(store)
+    assert not isinstance(info.value, ts.NotAStoreError)  # the index is there: not "expected index.json"
+    assert "index.json" in str(info.value)
+
+
+@pytest.mark.parametrize("url", [False, True], ids=["local", "memory"])
+def test_the_first_read_says_why_a_path_is_not_a_store(tmp_path: Path, url: bool) -> None:
+    import fsspec
+
+    if url:
+        fs = fsspec.filesystem("memory")
+        root = f"/pa-{os.getpid()}-{id(tmp_path)}"
+        fs.pipe(f"{root}/file", b"x")
+        fs.pipe(f"{root}/shards/shard-0123456789ab-00000.tspt", b"x")
+        fs.pipe(f"{root}/idxdir/index.json/x", b"x")
+        base = f"memory://{root.lstrip('/')}"
+    else:
+        (tmp_path / "file").write_bytes(b"x")
+        (tmp_path / "shards").mkdir()
+        (tmp_path / "shards" / "shard-0123456789ab-00000.tspt").write_bytes(b"x")
+        (tmp_path / "idxdir" / "index.json").mkdir(parents=True)
+        (tmp_path / "empty").mkdir()
+        base = str(tmp_path)
+    with pytest.raises(ts.StoreNotFoundError, match="does not exist"):
+        ts.open_store(f"{base}/missing")
+    with pytest.raises(ts.StoreNotFoundError, match="does not exist"):
+        ts.open_store(f"{base}/file/sub")
+    with pytest.raises(ts.NotAStoreError, match="is a file"):
+        ts.open_store(f"{base}/file")
+    with pytest.raises(ts.NotAStoreError, match="1 shard file"):
+        ts.open_store(f"{base}/shards")
+    with pytest.raises(ts.NotARegularFileError, match="index.json"):
+        ts.open_store(f"{base}/idxdir")
+    if not url:
+        with pytest.raises(ts.NotAStoreError, match="expected index.json in it$"):
+            ts.open_store(f"{base}/empty")
