@@ -455,6 +455,7 @@ class ShardWriter:
         # background thread, oldest first, so that this thread goes on writing frames.
         self._publishing: collections.deque[tuple[ShardBuilder, cf.Future[None]]] = collections.deque()
         self._publisher: cf.ThreadPoolExecutor | None = None
+        self._publish_inline = False  # no publisher thread can start (the interpreter is exiting)
         self._pending: collections.deque[cf.Future[Any]] = collections.deque()
         self._pool: cf.Executor
         if self.num_workers:
@@ -1012,11 +1013,29 @@ class ShardWriter:
             if shard.raw_runs:
                 self._features.add(FEATURE_RAW_FRAMES)
             self._shards.append(entry)
-            if self._publisher is None:
-                self._publisher = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tspt-publish")
-            self._publishing.append((shard, self._publisher.submit(shard.publish)))
+            self._publishing.append((shard, self._submit_publish(shard)))
             while len(self._publishing) > _MAX_PUBLISHING:
                 self._wait_published()
+
+    def _submit_publish(self, shard: ShardBuilder) -> cf.Future[None]:
+        """Hand ``shard``'s publication to the publisher thread; where no thread can be
+        started or given work (the interpreter is exiting: a writer closed from an atexit
+        handler or ``__del__``), publish it here and now (a done future, its error set)."""
+        if not self._publish_inline:
+            try:
+                if self._publisher is None:
+                    self._publisher = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tspt-publish")
+                return self._publisher.submit(shard.publish)
+            except RuntimeError:  # "cannot schedule new futures / can't register atexit after shutdown"
+                self._publish_inline = True
+        done: cf.Future[None] = cf.Future()
+        try:
+            shard.publish()
+        except BaseException as exc:  # raised by _wait_published, as the thread's would be (the shard
+            done.set_exception(exc)  # stays listed, so that abort removes its temporary file)
+        else:
+            done.set_result(None)
+        return done
 
     def _wait_published(self) -> None:
         """Wait for the oldest shard being published; raise its error (a full disk typed as

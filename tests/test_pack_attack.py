@@ -122,3 +122,49 @@ def test_the_first_read_says_why_a_path_is_not_a_store(tmp_path: Path, url: bool
     if not url:
         with pytest.raises(ts.NotAStoreError, match="expected index.json in it$"):
             ts.open_store(f"{base}/empty")
+
+
+class _ExitingExecutor:
+    """A ThreadPoolExecutor as it is while the interpreter exits (atexit handlers, __del__):
+    it takes no work."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def submit(self, *args, **kwargs):
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def shutdown(self, wait: bool = True, **kwargs) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["publishes", "publication-fails"])
+def test_a_writer_closed_while_the_interpreter_exits_publishes_its_shards(tmp_path: Path, monkeypatch, fail) -> None:
+    import concurrent.futures as cf
+    import errno
+
+    dest = tmp_path / "s"
+    w = ts.ShardWriter(dest, codec="none", max_shard_bytes=8000)  # its own pools started before the exit
+    monkeypatch.setattr(cf, "ThreadPoolExecutor", _ExitingExecutor)
+    if fail:
+        publish = ShardBuilder.publish
+        calls: list[str] = []
+
+        def failing_publish(self: ShardBuilder) -> None:
+            calls.append(self.name)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+            publish(self)
+
+        monkeypatch.setattr(ShardBuilder, "publish", failing_publish)
+        with pytest.raises(ts.StorageFullError):
+            w.write_many([torch.full((100,), i) for i in range(50)])
+            w.close()
+        w.abort()
+        assert not dest.exists()  # nothing published, no temporary file left
+        return
+    w.write_many([torch.full((100,), i) for i in range(50)])
+    assert w.close().records == 50  # published here: no publisher thread can start
+    assert not [n for n in os.listdir(dest) if ".tmp-" in n]
+    assert ts.verify_store(dest, deep=True).problems == ()
+    assert torch.equal(ts.open_store(dest)[49], torch.full((100,), 49))
