@@ -729,13 +729,15 @@ class ShardWriter:
         :func:`_encode_inherited`. The calling process pickles nothing but the ranges: it only
         writes the frames that come back, in order."""
         self._check_open()
-        self._submit_batch()  # (nothing: the pool has not started, so no write() came first)
         n = len(samples)
         if n == 0:
             return 0  # no worker starts: registering it would leave it behind once the next list is
         token = next(_INHERIT_TOKENS)
         _INHERITED[token] = samples
         self._inherited = token
+        # Samples of earlier write() calls still batched go first; the workers fork at that
+        # first task, so only now that the list is registered (they inherit it).
+        self._submit_batch()
         # A directory's files are sized by their file size: only the workers load them.
         item_bytes = samples.item_bytes if type(samples) is FileRows else lambda i: tensor_bytes(samples[i])
         start = total = 0

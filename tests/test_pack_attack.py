@@ -168,3 +168,30 @@ def test_a_writer_closed_while_the_interpreter_exits_publishes_its_shards(tmp_pa
     assert not [n for n in os.listdir(dest) if ".tmp-" in n]
     assert ts.verify_store(dest, deep=True).problems == ()
     assert torch.equal(ts.open_store(dest)[49], torch.full((100,), 49))
+
+
+# --------------------------------------------------------------------------- fork workers
+
+
+@pytest.mark.parametrize("rows", ["list", "files"])
+def test_write_then_write_many_of_a_list_on_fork_workers(tmp_path: Path, fixed_token, rows) -> None:
+    from _store_tools import store_files
+    from tensorstore_pt.sources import FileRows
+
+    samples = [torch.full((50,), i) for i in range(40)]
+    if rows == "files":
+        (tmp_path / "src").mkdir()
+        for i, t in enumerate(samples[1:]):
+            torch.save(t, tmp_path / "src" / f"{i:03d}.pt")
+        rest = FileRows(sorted((tmp_path / "src").iterdir()))
+    else:
+        rest = samples[1:]
+    for workers in (0, 2):
+        with ts.ShardWriter(
+            tmp_path / f"w{workers}", codec="zstd", num_workers=workers, start_method="fork" if workers else None
+        ) as w:
+            w.write(samples[0])  # batched: the workers start at write_many's first task
+            w.write_many(rest)
+    assert store_files(tmp_path / "w2") == store_files(tmp_path / "w0")
+    assert torch.equal(ts.open_store(tmp_path / "w2")[39], samples[39])
+    assert writer_mod._SLOTS == {} and writer_mod._INHERITED == {} and workers_alive() == []
