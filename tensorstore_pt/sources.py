@@ -28,8 +28,10 @@ inside the file (``[3]["meta"]: numpy.ndarray``).
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
+import stat
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -336,6 +338,33 @@ class ColumnRows(Sequence[Any]):
         return tuple(t[i] for t in self.columns)
 
 
+def _vanished(f: Path) -> StoreNotFoundError:
+    return StoreNotFoundError(f"pack source file {str(f)!r} no longer exists (removed after its directory was scanned)")
+
+
+def _read_scanned(f: Path) -> bytes:
+    """The bytes of a file found by :func:`scan_directory`, which may have changed since: one
+    removed raises :class:`StoreNotFoundError`, one that is no longer a regular file (a
+    directory; a FIFO, which would block the read forever) :class:`InvalidOptionError`, both
+    naming it."""
+    try:
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise _vanished(f) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise InvalidOptionError(
+                f"pack source file {str(f)!r} is now {kind} (changed after its directory was scanned); "
+                "expected a .pt file"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
 class FileRows(Sequence[Any]):
     """The samples of a directory's ``.pt`` files as a sequence: item ``i`` is file ``i``
     loaded with :func:`load_pt_bytes` on access (each access reads the file again, except the
@@ -363,7 +392,7 @@ class FileRows(Sequence[Any]):
         if kept is not None:
             return kept
         f = self.files[i]
-        return load_pt_bytes(f.read_bytes(), repr(str(f)))
+        return load_pt_bytes(_read_scanned(f), repr(str(f)))
 
     def preload(self, k: int) -> list[Any]:
         """Load the first ``k`` files (or all, if fewer), keep them, and return them: what is
@@ -376,7 +405,10 @@ class FileRows(Sequence[Any]):
     def item_bytes(self, i: int) -> int:
         """The size in bytes of file ``i`` (what a parallel pack sizes its tasks by, without
         loading it)."""
-        return self.files[i].stat().st_size
+        try:
+            return self.files[i].stat().st_size
+        except FileNotFoundError as exc:
+            raise _vanished(self.files[i]) from exc
 
 
 def _columns(obj: Any, n: int) -> Iterator[Any]:

@@ -195,3 +195,34 @@ def test_write_then_write_many_of_a_list_on_fork_workers(tmp_path: Path, fixed_t
     assert store_files(tmp_path / "w2") == store_files(tmp_path / "w0")
     assert torch.equal(ts.open_store(tmp_path / "w2")[39], samples[39])
     assert writer_mod._SLOTS == {} and writer_mod._INHERITED == {} and workers_alive() == []
+
+
+# --------------------------------------------------------------------------- a directory of .pt files
+
+
+@pytest.mark.parametrize("change", ["removed", "directory", "fifo"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_changed_after_the_scan_is_named_in_a_typed_error(tmp_path: Path, change, workers) -> None:
+    from tensorstore_pt.sources import open_source
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        torch.save(torch.full((8,), i), src / f"{i:03d}.pt")
+    rows = open_source(src).rows
+    victim = src / "020.pt"
+    victim.unlink()
+    expected: type[Exception] = ts.StoreNotFoundError
+    if change == "directory":
+        victim.mkdir()
+        expected = ts.InvalidOptionError
+    elif change == "fifo":
+        os.mkfifo(victim)  # a read would block forever
+        expected = ts.InvalidOptionError
+    dest = tmp_path / "out"
+    with pytest.raises(expected) as info:
+        with ts.ShardWriter(dest, num_workers=workers, start_method="fork" if workers else None) as w:
+            w.write_many(rows)
+    assert str(victim) in str(info.value)
+    assert not dest.exists()  # nothing published
+    assert writer_mod._SLOTS == {} and writer_mod._INHERITED == {} and workers_alive() == []
