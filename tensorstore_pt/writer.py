@@ -1044,8 +1044,15 @@ class ShardWriter:
         :class:`StorageFullError`). A shard whose publication failed stays listed, so that
         abort removes its temporary file."""
         shard, fut = self._publishing[0]
-        with typed_full_disk(self.location, shard.name):
-            fut.result()
+        try:
+            with typed_full_disk(self.location, shard.name):
+                fut.result()
+        except OSError as exc:
+            # fsync's EIO says no file: name the shard and the store (errors of ours name them).
+            note = f"while publishing shard {shard.name!r} of store {self.location!r} (flush, fsync, link or upload)"
+            if not isinstance(exc, TensorStoreError) and note not in getattr(exc, "__notes__", ()):
+                exc.add_note(note)
+            raise
         self._publishing.popleft()
 
     # ------------------------------------------------------------------ finishing

@@ -226,3 +226,24 @@ def test_a_file_changed_after_the_scan_is_named_in_a_typed_error(tmp_path: Path,
     assert str(victim) in str(info.value)
     assert not dest.exists()  # nothing published
     assert writer_mod._SLOTS == {} and writer_mod._INHERITED == {} and workers_alive() == []
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_io_error_publishing_a_shard_names_the_shard_and_store(tmp_path: Path, monkeypatch, num_workers) -> None:
+    import errno
+
+    failed: list[str] = []
+
+    def eio_publish(self: ShardBuilder) -> None:
+        failed.append(self.name)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))  # as fsync raises it: no file named
+
+    monkeypatch.setattr(ShardBuilder, "publish", eio_publish)
+    dest = tmp_path / "s"
+    with pytest.raises(OSError) as info:
+        ts.write_store(_samples(60), dest, codec="none", max_shard_bytes=8000, num_workers=num_workers)
+    assert info.value.errno == errno.EIO
+    notes = getattr(info.value, "__notes__", [])
+    assert len(notes) == 1 and failed[0] in notes[0] and str(dest) in notes[0]
+    assert not dest.exists()  # nothing published, no temporary file left
+    assert not _publisher_threads()
