@@ -732,6 +732,8 @@ class ShardWriter:
         n = len(samples)
         if n == 0:
             return 0  # no worker starts: registering it would leave it behind once the next list is
+        if self._inherited is not None:  # an earlier call failed before any worker started (a file gone)
+            _INHERITED.pop(self._inherited, None)
         token = next(_INHERIT_TOKENS)
         _INHERITED[token] = samples
         self._inherited = token

@@ -247,3 +247,19 @@ def test_an_io_error_publishing_a_shard_names_the_shard_and_store(tmp_path: Path
     assert len(notes) == 1 and failed[0] in notes[0] and str(dest) in notes[0]
     assert not dest.exists()  # nothing published, no temporary file left
     assert not _publisher_threads()
+
+
+def test_a_list_registered_by_a_write_many_that_failed_first_is_dropped(tmp_path: Path, fixed_token) -> None:
+    from _store_tools import store_files
+    from tensorstore_pt.sources import FileRows
+
+    gone = FileRows([tmp_path / "gone.pt"])  # sized before the workers start: fails before any task
+    samples = [torch.full((10,), i) for i in range(20)]
+    with ts.ShardWriter(tmp_path / "w", num_workers=2, start_method="fork") as w:
+        with pytest.raises(ts.StoreNotFoundError, match="gone.pt"):
+            w.write_many(gone)
+        w.write_many(samples)
+        assert list(writer_mod._INHERITED) == [w._inherited]  # the first list is not kept alive
+    ts.write_store(samples, tmp_path / "ref")
+    assert store_files(tmp_path / "w") == store_files(tmp_path / "ref")
+    assert writer_mod._INHERITED == {} and writer_mod._SLOTS == {}
