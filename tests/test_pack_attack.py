@@ -263,3 +263,40 @@ def test_a_list_registered_by_a_write_many_that_failed_first_is_dropped(tmp_path
     ts.write_store(samples, tmp_path / "ref")
     assert store_files(tmp_path / "w") == store_files(tmp_path / "ref")
     assert writer_mod._INHERITED == {} and writer_mod._SLOTS == {}
+
+
+def _mixed(n: int) -> list:
+    g = torch.Generator().manual_seed(1)
+    out: list = []
+    for i in range(n):
+        k = i % 5
+        if k == 0:
+            out.append(torch.empty(0))
+        elif k == 1:
+            out.append({"a": [torch.tensor(i)] * 30})  # many tiny tensors
+        elif k == 2:
+            out.append(torch.zeros(5000))  # compresses well
+        elif k == 3:
+            out.append(torch.randn(300, generator=g))  # barely compresses: stored raw below 0.95
+        else:
+            out.append(torch.randint(0, 255, (i * 100,), dtype=torch.uint8, generator=g))
+    out[7] = torch.randint(0, 255, (3 * 2**20,), dtype=torch.uint8, generator=g)  # larger than a slot
+    return out
+
+
+@pytest.mark.parametrize("cap", [1, 50_000, 2**40])
+def test_eight_workers_store_mixed_samples_as_in_process(tmp_path: Path, fixed_token, cap) -> None:
+    from _store_tools import store_files
+
+    samples = _mixed(60)
+    options = dict(codec="zstd", raw_below=0.95, max_shard_bytes=cap)
+    ts.write_store(samples, tmp_path / "ref", **options)
+    ts.write_store(samples, tmp_path / "w8", num_workers=8, start_method="fork", **options)
+    with ts.ShardWriter(tmp_path / "it", num_workers=8, start_method="fork", **options) as w:
+        w.write_many(iter(samples[:30]))  # pickled, in slots
+        w.write_many(samples[30:])  # the pool has started: pickled too
+    for name in ("w8", "it"):
+        assert store_files(tmp_path / name) == store_files(tmp_path / "ref")
+    assert ts.verify_store(tmp_path / "w8", deep=True).problems == ()
+    assert b"raw-frames" in (tmp_path / "w8" / "index.json").read_bytes()  # a mix of raw and compressed frames
+    assert writer_mod._SLOTS == {} and writer_mod._INHERITED == {} and workers_alive() == []
