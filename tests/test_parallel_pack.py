@@ -380,7 +380,7 @@ def test_frames_that_do_not_fit_their_shared_memory_slot_come_back_through_the_p
     monkeypatch.setattr(writer_mod, "_SLOT_BYTES", 4100)  # some tasks' frames fit (3,800-4,300 bytes), others do not
     monkeypatch.setattr(writer_mod, "_BATCH_RECORDS", 5)
     ts.write_store(samples, tmp_path / "w2", max_shard_bytes=9000, num_workers=2, start_method="fork")
-    assert True in seen and False in seen  # both ways were taken
+    assert any(seen) and not all(seen)  # both ways were taken: some slots used, some fallbacks
     assert store_files(tmp_path / "w2") == store_files(tmp_path / "ref")
     assert ref.records == 90 and writer_mod._SLOTS == {}
     reader = ts.open_store(tmp_path / "w2")
