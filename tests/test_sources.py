@@ -114,3 +114,56 @@ def test_unsafe_places_name_the_key_path(tmp_path: Path) -> None:
     torch.save({"x": torch.zeros(2, 1), "obj": [Custom(), Custom()]}, tmp_path / "cls.pt")
     places = unsafe_places((tmp_path / "cls.pt").read_bytes())
     assert places[0] == ("['obj'][0]", f"{__name__}.Custom")
+
+
+def _reference_scan(directory: Path, recursive: bool) -> tuple[list[Path], list[str]]:
+    """The scan as pathlib says it, computed independently: every entry's path, natural-sorted
+    by the parts of its path relative to ``directory``."""
+    import re
+
+    def key(name: str) -> list:
+        return [(0, int(p), "") if p.isdigit() else (1, 0, p.lower()) for p in re.split(r"(\d+)", name)]
+
+    files, skipped = [], []
+
+    def walk(d: Path) -> None:
+        for p in sorted(d.iterdir(), key=lambda p: key(p.name)):
+            rel = p.relative_to(directory)
+            if p.is_dir():
+                if recursive:
+                    walk(p)
+                else:
+                    n = sum(1 for q in p.rglob("*.pt") if q.is_file())
+                    skipped.append(f"{rel}/ (a subdirectory, {n} .pt file(s); pass --recursive to pack them)")
+            elif p.suffix == ".pt" and p.is_file():
+                files.append(p)
+            else:
+                skipped.append(f"{rel} (not a .pt file)")
+
+    walk(directory)
+    files.sort(key=lambda p: [key(part) for part in p.relative_to(directory).parts])
+    return files, skipped
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+def test_scan_directory_orders_and_skips_as_pathlib_does(tmp_path: Path, recursive: bool) -> None:
+    from tensorstore_pt.sources import scan_directory
+
+    root = tmp_path / "d"
+    for rel in ["x10.pt", "x2.pt", "X3.pt", "x01.pt", "a.b.pt", ".pt", "notes.txt", "x2.pt.bak",
+                "a/1.pt", "a/10.pt", "a/b/2.pt", "a0.pt", "b10/x.pt", "b9/y.pt", "b9/readme"]:  # fmt: skip
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"PK\x03\x04")
+    (root / "loop.pt").symlink_to(root / "loop.pt")  # a link to itself: neither file nor directory
+    (root / "gone.pt").symlink_to(root / "nowhere.pt")
+    (root / "c").symlink_to(root / "a", target_is_directory=True)
+    files, skipped = scan_directory(root, recursive)
+    ref_files, ref_skipped = _reference_scan(root, recursive)
+    assert [str(f) for f in files] == [str(f) for f in ref_files]
+    assert skipped == ref_skipped
+    if not recursive:  # by hand: digit runs by value, case ignored; links to nothing are skipped
+        assert [f.name for f in files] == ["a0.pt", "a.b.pt", "x01.pt", "x2.pt", "X3.pt", "x10.pt"]
+        assert "gone.pt (not a .pt file)" in skipped and "loop.pt (not a .pt file)" in skipped
+    else:  # a directory's files come before a sibling file whose name it begins
+        expected = ["a/1.pt", "a/10.pt", "a/b/2.pt", "a0.pt", "a.b.pt", "b9/y.pt"]
+        assert [str(f.relative_to(root)) for f in files][:6] == expected
