@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import ctypes
 import datetime
 import io
 import itertools
@@ -1516,16 +1517,22 @@ def _reduce_tensor(obj: Any) -> Any:
         return obj.__reduce_ex__(5)
     storage = obj.untyped_storage()
     nbytes = storage.nbytes()
-    if nbytes == 0:
-        return obj.__reduce_ex__(5)
-    if obj.storage_offset() != 0 or nbytes != obj.numel() * obj.element_size():
+    if nbytes and (obj.storage_offset() != 0 or nbytes != obj.numel() * obj.element_size()):
         # A view of a larger storage: send only its data, as the writer's snapshot keeps it.
         obj = _snapshot(obj)
         storage = obj.untyped_storage()
         nbytes = storage.nbytes()
-    data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,)).numpy()
     meta = (str(obj.dtype)[6:], obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.requires_grad)
-    return _rebuild_tensor, (pickle.PickleBuffer(data), *meta, type(obj) is torch.nn.Parameter)
+    if nbytes == 0:
+        return _rebuild_tensor, (bytearray(), *meta, type(obj) is torch.nn.Parameter)
+    # The storage's bytes in place, read through ctypes: no tensor, array or storage object is
+    # made and dropped here (a temporary tensor over the storage, made with set_ and .numpy(),
+    # crashed the cycle collector of another thread now and then: a segfault in the executor's
+    # manager thread, reproduced without the writer by pickling samples while another thread
+    # collects). The ctypes array holds the tensor, so the bytes live while the pickle uses them.
+    raw = (ctypes.c_char * nbytes).from_address(storage.data_ptr())
+    raw.tensor = obj
+    return _rebuild_tensor, (pickle.PickleBuffer(memoryview(raw).cast("B")), *meta, type(obj) is torch.nn.Parameter)
 
 
 def _rebuild_tensor(
@@ -1533,7 +1540,7 @@ def _rebuild_tensor(
 ) -> Any:
     import torch
 
-    storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
+    storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if len(data) else torch.UntypedStorage(0)
     t = torch.empty(0, dtype=getattr(torch, dtype)).set_(storage, offset, size, stride)
     if param:
         return torch.nn.Parameter(t, requires_grad=grad)

@@ -396,3 +396,28 @@ def test_spawned_workers_get_no_slot_and_send_their_frames_back(tmp_path, fixed_
     finally:
         w.close()
     assert [r["y"] for r in ts.open_store(tmp_path / "s")] == list(range(10))
+
+
+def test_the_sample_pickler_round_trips_tensors_without_temporary_tensors() -> None:
+    """Samples sent to workers: a tensor travels as its storage bytes read in place (no
+    temporary tensor over the storage: one made and dropped there crashed another thread's
+    cycle collector now and then), and comes back equal, with its dtype, shape, strides and
+    type; an empty tensor too."""
+    import pickle
+
+    base = torch.arange(24, dtype=torch.float32)
+    sample = {
+        "empty": torch.empty(0),
+        "empty2d": torch.empty(3, 0, dtype=torch.int16),
+        "view": base[5:17].view(3, 4),  # a view of a larger storage: its own bytes only
+        "t": torch.randn(4, 3).t(),  # dense, not contiguous: strides kept
+        "bf16": torch.ones(5, dtype=torch.bfloat16),
+        "bool": torch.tensor([True, False, True]),
+        "p": torch.nn.Parameter(torch.ones(2), requires_grad=False),
+    }
+    got = pickle.loads(writer_mod._SamplePickler().dumps(sample))
+    for key, t in sample.items():
+        assert type(got[key]) is type(t) and got[key].dtype == t.dtype, key
+        assert got[key].shape == t.shape and torch.equal(got[key], t), key
+    assert got["t"].stride() == sample["t"].stride()
+    assert got["view"].untyped_storage().nbytes() == 12 * 4
