@@ -224,6 +224,18 @@ def dumps(sample: Any) -> bytes:
     return _torch_save(sample)
 
 
+def storage_view(ptr: int, nbytes: int, owner: Any = None) -> memoryview:
+    """The ``nbytes`` bytes of memory at address ``ptr`` (a CPU storage's ``data_ptr()``) as a
+    read-only-in-practice ``memoryview`` of format ``B``, read in place through ctypes: no
+    tensor, array or storage object is made. ``owner`` (the tensor) is kept alive by the view;
+    without it, the caller keeps the memory alive while the view is in use. Not thread-safe
+    against a resize of the storage (none of ours resizes one)."""
+    raw = (ctypes.c_char * nbytes).from_address(ptr)
+    if owner is not None:
+        raw.owner = owner
+    return memoryview(raw).cast("B")
+
+
 def tensor_bytes(sample: Any) -> int:
     """The bytes of the strided tensors in a sample (tuples, lists and dicts walked; other
     leaves and sparse tensors count 0): what progress displays call the data read in."""
@@ -508,7 +520,7 @@ class _SaveTemplates:
                 tokens.append((obj.dtype, obj.shape, obj.stride()))
                 # The storage's bytes in place (torch.save writes the whole storage, which is
                 # exactly the tensor's data here); kept alive by ``sample`` while in use.
-                storages.append(memoryview((ctypes.c_char * nbytes).from_address(ptr)).cast("B") if nbytes else b"")
+                storages.append(storage_view(ptr, nbytes) if nbytes else b"")
             elif t is tuple or t is list:
                 if id(obj) in seen or len(tokens) > 100_000:
                     return None

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import ctypes
 import datetime
 import io
 import itertools
@@ -82,7 +81,7 @@ from .format import (
     parse_index,
     shard_name,
 )
-from .serialization import check_sample, clone_exact, dumps, plain_dumps, save_options, tensor_bytes
+from .serialization import check_sample, clone_exact, dumps, plain_dumps, save_options, storage_view, tensor_bytes
 from . import shardio
 from .sources import ColumnRows, FileRows
 from .shardio import FrameGrouper, ShardBuilder, dictionary_gain, dictionary_sample, train_dictionary
@@ -1529,10 +1528,9 @@ def _reduce_tensor(obj: Any) -> Any:
     # made and dropped here (a temporary tensor over the storage, made with set_ and .numpy(),
     # crashed the cycle collector of another thread now and then: a segfault in the executor's
     # manager thread, reproduced without the writer by pickling samples while another thread
-    # collects). The ctypes array holds the tensor, so the bytes live while the pickle uses them.
-    raw = (ctypes.c_char * nbytes).from_address(storage.data_ptr())
-    raw.tensor = obj
-    return _rebuild_tensor, (pickle.PickleBuffer(memoryview(raw).cast("B")), *meta, type(obj) is torch.nn.Parameter)
+    # collects). The view holds the tensor, so the bytes live while the pickle uses them.
+    data = storage_view(storage.data_ptr(), nbytes, owner=obj)
+    return _rebuild_tensor, (pickle.PickleBuffer(data), *meta, type(obj) is torch.nn.Parameter)
 
 
 def _rebuild_tensor(
