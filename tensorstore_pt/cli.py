@@ -256,7 +256,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         else:
             head = list(itertools.islice(samples, 64))
             samples = itertools.chain(head, samples)
-        source_bytes = sum(f.stat().st_size for f in source.files) if source.files else source.path.stat().st_size
+        source_bytes = sum(rows.sizes()) if isinstance(rows, FileRows) else source.path.stat().st_size
         from .audit import pack_size_warning
 
         options: dict[str, Any] = {"codec": args.codec, "level": args.level}

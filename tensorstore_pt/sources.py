@@ -396,6 +396,7 @@ class FileRows(Sequence[Any]):
     def __init__(self, files: Sequence[Path]) -> None:
         self.files = tuple(files)
         self._kept: dict[int, Any] = {}
+        self._sizes: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -420,13 +421,26 @@ class FileRows(Sequence[Any]):
                 self._kept[i] = self[i]
         return [self._kept[i] for i in range(min(k, len(self.files)))]
 
+    def sizes(self) -> list[int]:
+        """Every file's size in bytes, from one ``stat`` each, taken once and kept (what a
+        parallel pack sizes its tasks by, and ``tspt pack`` sums for its size warning).
+
+        Raises:
+            StoreNotFoundError: A file was removed after the scan (named).
+        """
+        if self._sizes is None:
+            sizes = []
+            for f in self.files:
+                try:
+                    sizes.append(f.stat().st_size)
+                except FileNotFoundError as exc:
+                    raise _vanished(f) from exc
+            self._sizes = sizes
+        return self._sizes
+
     def item_bytes(self, i: int) -> int:
-        """The size in bytes of file ``i`` (what a parallel pack sizes its tasks by, without
-        loading it)."""
-        try:
-            return self.files[i].stat().st_size
-        except FileNotFoundError as exc:
-            raise _vanished(self.files[i]) from exc
+        """The size in bytes of file ``i`` (see :meth:`sizes`), without loading it."""
+        return self.sizes()[i]
 
 
 def _columns(obj: Any, n: int) -> Iterator[Any]:
