@@ -58,19 +58,26 @@ SYSTEMS = (
 PEERS = {"litdata-w2", "mds-2parts"}
 
 
-def build_data(records: int, path: Path, files: Path | None = None) -> int:
-    """Build the medium kind with ``records`` records, save it to ``path`` (and, with
-    ``files``, each sample to its own ``.pt`` file in that directory); return its tensor bytes."""
+def medium_samples(records: int) -> list[Any]:
+    """The medium kind (:mod:`benchmarks.kinds`) scaled to ``records`` records."""
     import dataclasses
 
     import numpy as np
-    import torch
 
     from . import kinds
 
     scale = dataclasses.replace(kinds.SCALES["full"], medium=records)
     builder, _ = kinds._BUILDERS["medium"]
     samples, _ = builder(scale, np.random.default_rng([0, kinds.KIND_NAMES.index("medium")]))
+    return samples
+
+
+def build_data(records: int, path: Path, files: Path | None = None) -> int:
+    """Build the medium kind with ``records`` records, save it to ``path`` (and, with
+    ``files``, each sample to its own ``.pt`` file in that directory); return its tensor bytes."""
+    import torch
+
+    samples = medium_samples(records)
     torch.save(samples, path)
     if files is not None:
         files.mkdir()

@@ -16,7 +16,6 @@ that one is not counted). Worker counts run interleaved; medians are printed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -32,17 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bandwidth-mib", type=float, default=100.0, help="bandwidth cap, MiB/s (default 100)")
     args = parser.parse_args(argv)
 
-    import numpy as np
-
     import tensorstore_pt as ts
 
-    from . import kinds
+    from .pack_parallel import medium_samples
     from .remote import BUCKET, CREDENTIALS, _Endpoint
 
     os.environ.update(CREDENTIALS)
-    scale = dataclasses.replace(kinds.SCALES["full"], medium=args.records)
-    builder, _ = kinds._BUILDERS["medium"]
-    samples, _ = builder(scale, np.random.default_rng([0, kinds.KIND_NAMES.index("medium")]))
+    samples = medium_samples(args.records)
     endpoint = _Endpoint(args.latency_ms, int(args.bandwidth_mib * 2**20) if args.bandwidth_mib else None)
     options = {
         "endpoint_url": endpoint.url,
