@@ -238,13 +238,33 @@ def storage_view(ptr: int, nbytes: int, owner: Any = None) -> memoryview:
 
 def tensor_bytes(sample: Any) -> int:
     """The bytes of the strided tensors in a sample (tuples, lists and dicts walked; other
-    leaves and sparse tensors count 0): what progress displays call the data read in."""
+    leaves and sparse tensors count 0): what progress displays call the data read in.
+
+    About 0.5 us for a dict of a few tensors and numbers (a parallel pack sizes every sample
+    of its tasks with it, in the calling process); ``Tensor.nbytes`` is ``numel() *
+    element_size()`` (torch docs)."""
+    if type(sample) is dict:  # the common sample, without the general walk's stack
+        total = 0
+        for value in sample.values():
+            if type(value) is torch.Tensor and value.layout is torch.strided:
+                total += value.nbytes
+            elif type(value) not in _SCALARS:
+                return _tensor_bytes_walk(sample)
+        return total
+    return _tensor_bytes_walk(sample)
+
+
+_SCALARS = frozenset((int, float, bool, str, bytes, type(None)))
+
+
+def _tensor_bytes_walk(sample: Any) -> int:
+    """:func:`tensor_bytes` of any sample."""
     total = 0
     stack = [sample]
     while stack:
         obj = stack.pop()
         if isinstance(obj, torch.Tensor):
-            total += obj.numel() * obj.element_size() if obj.layout == torch.strided else 0
+            total += obj.nbytes if obj.layout == torch.strided else 0
         elif type(obj) in (list, tuple):
             stack.extend(obj)
         elif isinstance(obj, dict):

@@ -479,6 +479,7 @@ class ShardWriter:
         self._batch: list[bytes] = []  # pickled samples not yet sent to the worker processes
         self._pickler = _SamplePickler() if self.num_workers else None
         self._pool_started = False  # whether a task was sent to the pool (fork workers then exist)
+        self._pool_parts: _PoolParts | None = None  # taken before close shuts the pool down early
         self._inherited: int | None = None  # the key in _INHERITED of the samples the workers inherit
         self._slots: int | None = None  # the key in _SLOTS of the shared memory fork workers write frames into
         self._free_slots: list[int] = []
@@ -1085,6 +1086,12 @@ class ShardWriter:
         try:
             if self.num_workers:
                 self._submit_batch()
+            # Nothing more is sent: the workers exit as soon as their last task is done (their
+            # teardown overlaps the last shard's writes here, not after the commit). shutdown()
+            # drops the pool's references to them, which an abort still needs.
+            if isinstance(self._pool, cf.ProcessPoolExecutor):
+                self._pool_parts = _pool_parts(self._pool)
+            self._pool.shutdown(wait=False)
             while self._pending:
                 self._drain_one()
             if self._dict_pending:
@@ -1123,6 +1130,8 @@ class ShardWriter:
             raise
         self._state = "closed"
         self._pool.shutdown(wait=True)
+        if self._pool_parts is not None and self._pool_parts.manager is not None:
+            self._pool_parts.manager.join()  # it reaps the workers (shut down early, above)
         self._stop_publisher()
         if self._old is not None and self.mode == "overwrite":
             stale = [old.name for old in self._old.shards if old.name not in {s.name for s in self._shards}]
@@ -1200,7 +1209,7 @@ class ShardWriter:
             if isinstance(self._pool, cf.ProcessPoolExecutor):
                 # Its futures are left to the executor: it fails them all once the workers are
                 # killed, and (Python 3.11) raises in its manager thread on one cancelled here.
-                _kill_pool(self._pool)
+                _kill_pool(self._pool, getattr(self, "_pool_parts", None))
             else:
                 for fut in self._pending:
                     fut.cancel()
@@ -1453,7 +1462,23 @@ def _widen_result_pipe(pool: cf.ProcessPoolExecutor) -> None:
         pass
 
 
-def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
+class _PoolParts(NamedTuple):
+    """What :func:`_kill_pool` needs of a process pool, which ``shutdown()`` forgets."""
+
+    processes: list[Any]
+    manager: Any
+    result_writer: Any
+
+
+def _pool_parts(pool: cf.ProcessPoolExecutor) -> _PoolParts:
+    return _PoolParts(
+        list((getattr(pool, "_processes", None) or {}).values()),
+        getattr(pool, "_executor_manager_thread", None),
+        getattr(getattr(pool, "_result_queue", None), "_writer", None),
+    )
+
+
+def _kill_pool(pool: cf.ProcessPoolExecutor, parts: _PoolParts | None = None) -> None:
     """Terminate a process pool's workers at once (abort, Ctrl-C) and reap them.
 
     A worker killed while it sends a result (a chunk of encoded frames is larger than a pipe's
@@ -1463,11 +1488,10 @@ def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
     manager threads at exit) then hang. So once the workers are dead, our copy of that write
     end is closed: the manager reads end of file, marks the pool broken and winds down.
     """
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    # shutdown() drops these references; take them first.
-    manager = getattr(pool, "_executor_manager_thread", None)
-    result_writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
-    if hasattr(pool, "terminate_workers"):  # Python 3.14+
+    # shutdown() drops these references; take them first (``parts``: taken before an
+    # earlier ``shutdown(wait=False)``).
+    processes, manager, result_writer = parts if parts is not None else _pool_parts(pool)
+    if hasattr(pool, "terminate_workers") and getattr(pool, "_processes", None):  # Python 3.14+
         pool.terminate_workers()
     for proc in processes:
         if proc.is_alive():

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -421,3 +422,58 @@ def test_the_sample_pickler_round_trips_tensors_without_temporary_tensors() -> N
         assert got[key].shape == t.shape and torch.equal(got[key], t), key
     assert got["t"].stride() == sample["t"].stride()
     assert got["view"].untyped_storage().nbytes() == 12 * 4
+
+
+def _dumps_at(real, record: str, action):
+    def dumps(s):
+        if isinstance(s, dict) and s.get("s") == record:
+            action()
+        return real(s)
+
+    return dumps
+
+
+def test_close_reaps_the_workers_it_lets_go_before_its_last_tasks_end(tmp_path, fixed_token):
+    # close() shuts the pool down as soon as the last task is sent; by its return the workers
+    # are gone, and the store is the one a single process writes.
+    w = ts.ShardWriter(tmp_path / "s", num_workers=2, start_method="fork", max_shard_bytes=4_000)
+    for s in SAMPLES:
+        w.write(s)  # one batch, sent by close()
+    w.close()
+    assert workers_alive() == []
+    ts.write_store(SAMPLES, tmp_path / "one", max_shard_bytes=4_000)
+    assert store_files(tmp_path / "s") == store_files(tmp_path / "one")
+
+
+def test_a_worker_dying_after_close_shut_the_pool_down_still_fails_cleanly(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_mod, "dumps", _dumps_at(writer_mod.dumps, "record 119", lambda: os.kill(os.getpid(), 9)))
+    w = ts.ShardWriter(tmp_path / "s", num_workers=2, start_method="fork", max_shard_bytes=4_000)
+    for s in SAMPLES:
+        w.write(s)
+    with pytest.raises(ts.PackWorkerError, match="worker process died"):
+        w.close()
+    assert workers_alive() == []
+    assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_while_close_waits_for_the_last_tasks_kills_the_workers(tmp_path, monkeypatch):
+    # The last task never ends by itself: the abort that the Ctrl-C triggers must still find
+    # and kill the workers that close() already let go of (shutdown() forgets them).
+    monkeypatch.setattr(writer_mod, "dumps", _dumps_at(writer_mod.dumps, "record 119", lambda: time.sleep(600)))
+    w = ts.ShardWriter(tmp_path / "s", num_workers=2, start_method="fork", max_shard_bytes=4_000)
+    for s in SAMPLES:
+        w.write(s)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            w.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert workers_alive() == []
+    assert not (tmp_path / "s").exists()

@@ -231,3 +231,30 @@ def test_skip_data_saves_are_never_templated(templates):
         assert ser.dumps(sample) == expected  # torch.save's own (its storages are not written)
         assert ser.plain_dumps(sample) is None
     assert templates.hits == 0
+
+
+def _strided_bytes_reference(sample) -> int:
+    """tensor_bytes computed another way: every tensor torch.save would store, by recursion
+    (containers of containers, dict subclasses), strided ones counted as numel x itemsize."""
+    if isinstance(sample, torch.Tensor):
+        return sample.numel() * sample.element_size() if not sample.is_sparse and sample.layout == torch.strided else 0
+    if isinstance(sample, dict):
+        return sum(_strided_bytes_reference(v) for v in sample.values())
+    if type(sample) in (list, tuple):
+        return sum(_strided_bytes_reference(v) for v in sample)
+    return 0
+
+
+@given(sample=samples(extras=True, sparse=True))
+def test_tensor_bytes_counts_the_strided_tensors_of_any_sample(sample):
+    assert ser.tensor_bytes(sample) == _strided_bytes_reference(sample)
+
+
+def test_tensor_bytes_of_flat_dicts_takes_views_subclasses_and_sparse_as_the_walk_does():
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    sample = {"view": base[:, 1], "label": 3, "name": "x", "flag": True, "none": None, "raw": b"ab", "f": 0.5}
+    assert ser.tensor_bytes(sample) == 3 * 4
+    sample["param"] = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))  # a Tensor subclass
+    sample["sparse"] = torch.zeros(4).to_sparse()  # counts 0
+    sample["nested"] = {"ids": torch.zeros(2, dtype=torch.int64)}
+    assert ser.tensor_bytes(sample) == 3 * 4 + 5 * 8 + 2 * 8
