@@ -60,7 +60,8 @@ Guarantees:
   progress alone exceed the limit, the download goes ahead (over-commit, logged once per
   process): disk use stays at most ``max(limit_bytes, pinned + downloading)``, and a consumer
   pins at most ``prefetch_shards + 1`` shards, so on a node with ``C`` consumers the peak is at
-  most ``max(limit_bytes, C * (prefetch_shards + 1) * largest shard)``.
+  most ``max(limit_bytes, C * (prefetch_shards + 1) * largest shard)``. (Without a limit a
+  consumer also keeps up to :data:`RESTING_PINS` pins of shards it moved on from.)
 
 Memory: a download holds one 8 MiB chunk; a consumer at most ``prefetch_shards`` downloads at
 once. Nothing is held per record.
@@ -115,6 +116,12 @@ _TMP = ".tmp-"
 _POLL_S = 0.02
 #: Upcoming visits a consumer looks ahead at most (when visits alternate between few shards).
 _MAX_WINDOW_VISITS = 4096
+#: Shards a consumer keeps pinned after it moves on from them, most recently left first, in a
+#: cache without a limit (nothing is evicted to make room there, so a pin holds back no
+#: download): a shuffled epoch comes back to the shards of its window many times, and each
+#: return to an unpinned shard costs a pin (a hand-off to a download thread and the system
+#: calls that check the file: about 0.1 ms). An open file each.
+RESTING_PINS = 32
 
 
 class ShardKey(NamedTuple):
@@ -975,6 +982,10 @@ class _Feed:
         self.tasks: collections.deque[str] = collections.deque()
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
+        # Pins of shards the consumer moved on from, kept (a subset of ``pinned``, oldest first)
+        # where the cache has no limit; see RESTING_PINS.
+        self.resting: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.resting_max = RESTING_PINS if owner.cache.limit_bytes is None else 0
 
     # called with cond held
     def _wanted(self) -> set[str]:
@@ -1009,7 +1020,15 @@ class _Feed:
 
     def _unpin_unwanted(self) -> None:
         wanted = self._wanted()
-        for n in [n for n in self.pinned if n not in wanted]:
+        for n in wanted:
+            self.resting.pop(n, None)
+        for n in [n for n in self.pinned if n not in wanted and n not in self.resting]:
+            if self.resting_max:
+                self.resting[n] = None  # newest last
+            else:
+                self.pinned.pop(n).close()
+        while len(self.resting) > self.resting_max:
+            n, _ = self.resting.popitem(last=False)
             self.pinned.pop(n).close()
         for n in [n for n in self.errors if n not in wanted]:
             del self.errors[n]
@@ -1097,6 +1116,7 @@ class _Feed:
         with self.cond:
             if self.pinned.get(name) is h:
                 del self.pinned[name]
+                self.resting.pop(name, None)
         h.close()
 
     def close(self) -> None:
@@ -1104,6 +1124,7 @@ class _Feed:
         with self.cond:
             self.cond.notify_all()
             pinned, self.pinned = self.pinned, {}
+            self.resting.clear()
             self.window.clear()
             self.current = None
             self.plan = None
@@ -1150,8 +1171,9 @@ class CachedStorage(Storage):
             the source's index changed.
         prefetch_shards: Shards downloaded ahead of the one being read (>= 1; default 2).
 
-    Pins per consumer: at most ``prefetch_shards + 1`` shards. Memory: ``prefetch_shards``
-    download chunks of 8 MiB; O(shards) for the keys.
+    Pins per consumer: at most ``prefetch_shards + 1`` shards, plus up to
+    :data:`RESTING_PINS` shards it moved on from where ``cache`` has no limit. Memory:
+    ``prefetch_shards`` download chunks of 8 MiB; O(shards) for the keys.
 
     Thread safety: reads may come from any thread; plan and reads belong to one consumer at a
     time. Fork/spawn safety: pickles without threads or open files; each process starts its

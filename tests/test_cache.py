@@ -845,3 +845,42 @@ def test_pins_touch_the_lock_file_and_eviction_follows_the_last_pin(tmp_path: Pa
     assert os.stat(str(shard) + ".lock").st_mtime_ns > published.st_mtime_ns
     cache.evict(cache.usage_bytes() - 1)  # room for one less byte: the least recently used goes
     assert shard.exists() and not (sdir / ShardCache.file_name(second)).exists()
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["no-limit", "limit"])
+def test_returning_to_a_shard_keeps_its_pin_only_in_a_cache_without_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limited: bool
+) -> None:
+    # A shuffled epoch visits the shards of its window in turn, many times: without a limit the
+    # consumer keeps the pins of shards it left (RESTING_PINS), so it pins each shard once; with
+    # one, it keeps only the shard it reads and those it fetches ahead, as documented.
+    store = make(tmp_path / "s")
+    acquired: list[str] = []
+    real = ShardCache.acquire
+
+    def acquire(self: ShardCache, source: Storage, key: ShardKey, **kw: Any) -> Any:
+        acquired.append(key.name)
+        return real(self, source, key, **kw)
+
+    monkeypatch.setattr(ShardCache, "acquire", acquire)
+    limit = 100 * sum(shard_sizes(store).values()) if limited else None
+    reader, cs = cached_reader(Remote(store, tmp_path / "log"), ShardCache(tmp_path / "cache", limit))
+    shards = len(reader.index.shards)
+    assert shards >= 5
+    visits = list(range(shards)) * 4
+    cs.plan(visits)
+    peak = 0
+    try:
+        for si in visits:
+            first = sum(e.records for e in reader.index.shards[:si])
+            assert int(reader[first]["i"]) == first
+            peak = max(peak, len(cs.feed().pinned))
+    finally:
+        cs.release()
+    counts = {n: acquired.count(n) for n in set(acquired)}
+    if limited:
+        assert max(counts.values()) > 1  # a return to a shard pins it again
+        assert peak <= 2 + 1
+    else:
+        assert sorted(counts.values()) == [1] * shards  # each shard pinned once for the whole walk
+        assert peak <= min(shards, 2 + 1 + cache_mod.RESTING_PINS)
