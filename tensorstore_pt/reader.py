@@ -49,6 +49,7 @@ from .errors import (
     UnsafePayloadError,
 )
 from .format import (
+    HEADER_BYTES,
     INDEX_NAME,
     FEATURE_MULTI_RECORD_FRAMES,
     FEATURE_RAW_FRAMES,
@@ -126,6 +127,10 @@ def _check_map_location(map_location: Any) -> Any:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidOptionError(f"map_location: {map_location!r} needs CUDA, which is not available in this process")
     return map_location
+
+
+#: Starts reading a shard's header from its handle; gives a getter of it (None: failed).
+_HeadAhead = Callable[[ReadHandle], Callable[[], "bytes | None"]]
 
 
 def _in_flight(fn: Callable[[Any], Any], items: Sequence[Any], width: int, name: str) -> list[Any]:
@@ -303,7 +308,8 @@ class StoreReader:
     Reads on a remote store (one request per ``read_range``): a shard's footer is fetched once,
     with one ranged read of the shard's tail sized by the index
     (:func:`~tensorstore_pt.shardio.fetch_footer`), plus one of its 16-byte header (unless the
-    tail read covers the whole shard), and cached: at open with ``verify=True``, else on the
+    tail read covers the whole shard; at the same time as the tail where footers are read in
+    bulk), and cached: at open with ``verify=True``, else on the
     first read of the shard. The open's footer reads, like a bulk read's, keep
     :attr:`Storage.read_concurrency <tensorstore_pt.storage.Storage.read_concurrency>` reads
     in flight (16 on an object store, one after another on a local disk). Then ``store[i]`` is
@@ -391,7 +397,7 @@ class StoreReader:
         a time on an object store, where each read waits out a request's latency (so a store of
         N shards opens in about N / 16 round trips). Errors raise in shard order."""
         todo = [si for si in shards if self._footers[si] is None]
-        width = self._read_width(len(todo))
+        width = self._read_width(2 * len(todo))  # a tail and a header a shard
         if width < 2:
             for si in todo:
                 self._footer(si)
@@ -399,7 +405,28 @@ class StoreReader:
         if not self._verify:
             self._storage.sizes()  # one listing, from which the handles take their sizes (no HEAD each)
         self._ensure_process()
-        _in_flight(self._footer, todo, width, "tspt-footer")
+        self._footers_in_flight(self._footer, todo, width)
+
+    def _footers_in_flight(
+        self, one: Callable[[int, _HeadAhead | None], Any], todo: list[int], width: int
+    ) -> list[Any]:
+        """``[one(si, head) for si in todo]`` (:func:`_in_flight`) with ``width`` reads in flight
+        in all: half of them for the footers, half for the headers ``head`` reads at the same
+        time (see :func:`~tensorstore_pt.shardio.fetch_footer`). Up to ``width // 2`` shards
+        then cost one round trip, not two in a row; more cost as many as before."""
+        half = width // 2
+        if half < 1:
+            return _in_flight(lambda si: one(si, None), todo, width, "tspt-footer")
+        pool = ThreadPoolExecutor(half, thread_name_prefix="tspt-header")
+
+        def ahead(handle: ReadHandle) -> Callable[[], bytes | None]:
+            fut = pool.submit(handle.read_range, 0, HEADER_BYTES)
+            return lambda: None if fut.exception() is not None else fut.result()
+
+        try:
+            return _in_flight(lambda si: one(si, ahead), todo, half, "tspt-footer")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ per-process state
 
@@ -581,14 +608,16 @@ class StoreReader:
             f"lists it with {self._index.shards[si].records} records)"
         ) from exc
 
-    def _footer(self, si: int) -> ShardFooter:
+    def _footer(self, si: int, head: _HeadAhead | None = None) -> ShardFooter:
+        """Shard ``si``'s footer, fetched once (``head``: its header read ahead, see
+        :func:`~tensorstore_pt.shardio.fetch_footer`)."""
         footer = self._footers[si]
         if footer is not None:
             return footer
         entry: ShardEntry = self._index.shards[si]
         handle = self._handle(si)
         try:
-            footer = fetch_footer(handle, self._index, entry, self._where(si))
+            footer = fetch_footer(handle, self._index, entry, self._where(si), head)
         except (ShardSizeError, ShardFormatError) as exc:
             self._raise_if_changed(exc)  # a legacy store's shard name reused by a later writer
             raise
@@ -1087,19 +1116,19 @@ class StoreReader:
         out a few round trips for its footers, not one per shard in a row. A shard's record
         error goes to ``failed``; another error raises, the first in shard order."""
         todo = [si for si in shards if si not in failed and self._footers[si] is None]
-        width = self._read_width(len(todo))
+        width = self._read_width(2 * len(todo))  # a tail and a header a shard
         if width < 2:
             return  # read in turn by the caller
         self._ensure_process()
 
-        def one(si: int) -> BaseException | None:
+        def one(si: int, head: _HeadAhead | None) -> BaseException | None:
             try:
-                self._footer(si)
+                self._footer(si, head)
             except RECORD_ERRORS as exc:
                 return exc  # a non-record error raises: the first in shard order
             return None
 
-        for si, exc in zip(todo, _in_flight(one, todo, width, "tspt-footer")):
+        for si, exc in zip(todo, self._footers_in_flight(one, todo, width)):
             if exc is not None:
                 failed[si] = exc
 

@@ -233,7 +233,25 @@ MAX_TAIL_BYTES = 2**20
 WHOLE_SHARD_SLACK_BYTES = 4 * 2**10
 
 
-def fetch_footer(handle: ReadHandle, index: IndexInfo, entry: ShardEntry, where: str) -> ShardFooter:
+def _tail_span(entry: ShardEntry) -> tuple[int, int]:
+    """(offset, length) of the tail :func:`fetch_footer` reads of a shard of ``entry``'s
+    ``file_bytes`` (at least ``HEADER_BYTES + TRAILER_BYTES``)."""
+    size = entry.file_bytes
+    hint = size - HEADER_BYTES - entry.stored_bytes
+    want = min(hint, MAX_TAIL_BYTES) if TRAILER_BYTES <= hint <= size - HEADER_BYTES else TAIL_BYTES
+    want = min(size, max(want, TRAILER_BYTES))
+    if size - want <= WHOLE_SHARD_SLACK_BYTES:
+        want = size
+    return size - want, want
+
+
+def fetch_footer(
+    handle: ReadHandle,
+    index: IndexInfo,
+    entry: ShardEntry,
+    where: str,
+    head: Callable[[ReadHandle], Callable[[], bytes | None]] | None = None,
+) -> ShardFooter:
     """Read and check a shard's footer with one ranged read of its tail (usually).
 
     The tail read is sized by the index: a well-formed shard's footer (record table, record
@@ -252,6 +270,11 @@ def fetch_footer(handle: ReadHandle, index: IndexInfo, entry: ShardEntry, where:
         index: The store's parsed index.
         entry: The shard's index entry.
         where: Context for messages.
+        head: Where the header is read apart from the tail (the shard is not read whole),
+            ``head(handle)`` is called just before the tail read, to start reading the
+            header at the same time (in another thread); it returns a getter of the
+            header's ``HEADER_BYTES`` bytes, or of None when that read failed: the header is
+            then read here, after the tail, so the errors are those of reading without it.
 
     Returns:
         The parsed footer.
@@ -265,12 +288,8 @@ def fetch_footer(handle: ReadHandle, index: IndexInfo, entry: ShardEntry, where:
         raise ShardFormatError(
             f"{where}: expected at least {HEADER_BYTES + TRAILER_BYTES} bytes (header and trailer), found {size}"
         )
-    hint = size - HEADER_BYTES - entry.stored_bytes
-    want = min(hint, MAX_TAIL_BYTES) if TRAILER_BYTES <= hint <= size - HEADER_BYTES else TAIL_BYTES
-    want = min(size, max(want, TRAILER_BYTES))
-    if size - want <= WHOLE_SHARD_SLACK_BYTES:
-        want = size
-    base = size - want
+    base, want = _tail_span(entry)
+    ahead = head(handle) if head is not None and base != 0 else None
     tail = handle.read_range(base, want + 1)
     if len(tail) != want:
         found = handle.size()
@@ -283,10 +302,13 @@ def fetch_footer(handle: ReadHandle, index: IndexInfo, entry: ShardEntry, where:
         return read_exact(handle, offset, length, "the footer", where, error=ShardSizeError)
 
     if base == 0:
-        head = tail[:HEADER_BYTES]
+        first = tail[:HEADER_BYTES]
     else:
-        head = read_exact(handle, 0, HEADER_BYTES, "the header", where, error=ShardSizeError)
-    return read_footer(head, tail[-TRAILER_BYTES:], size, read_range, index, entry, where)
+        got = ahead() if ahead is not None else None
+        first = got if got is not None and len(got) == HEADER_BYTES else None
+        if first is None:
+            first = read_exact(handle, 0, HEADER_BYTES, "the header", where, error=ShardSizeError)
+    return read_footer(first, tail[-TRAILER_BYTES:], size, read_range, index, entry, where)
 
 
 def check_index_sizes(index: IndexInfo, codec: Codec, where: str) -> None:

@@ -619,3 +619,24 @@ def test_dataset_getitems_on_a_framed_store(framed_store: Path) -> None:
     picks = [5, N - 1, 0, 5, 150]
     assert _ids(ds.__getitems__(picks)) == picks
     assert [int(s["i"]) for s in (ds[i] for i in picks)] == picks
+
+
+class _ManyInFlight(_SlowRemote):
+    """:class:`_SlowRemote` keeping more reads in flight than twice the test store's shards."""
+
+    read_concurrency = 64
+
+
+def test_remote_open_reads_each_footer_and_its_header_at_the_same_time(store: Path) -> None:
+    """A shard's footer sweep read the tail, then the 16-byte header: two round trips in a row
+    on an object store. With room for both, they are in flight together (half the reads for
+    tails, half for headers), and every record still reads back."""
+    shards = len(ts.open_store(store).index.shards)
+    assert 2 * shards <= _ManyInFlight.read_concurrency
+    remote = _ManyInFlight(store)
+    st = remote.state
+    st["reads"], st["peak"] = 0, 0
+    reader = ts.open_store(remote)  # verify=True: every footer at open
+    assert st["reads"] == 2 * shards  # a tail and a header each
+    assert st["peak"] == 2 * shards, st["peak"]  # all of them at once: one round trip
+    assert _ids([reader[i] for i in (0, N // 2, N - 1)]) == [0, N // 2, N - 1]

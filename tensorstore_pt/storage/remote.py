@@ -586,6 +586,41 @@ class FsspecStorage(Storage):
             raise RemoteStorageError(errno.EIO, f"{self._where(name)}: the server does not report the object's size")
         return info
 
+    def read_all(self, name: str, max_bytes: int | None = None) -> bytes:
+        """Read a whole object with one GET (no ``HEAD`` first: a request less on every store
+        open); one GET is one version of the object, so it is never read short or mixed.
+
+        With ``max_bytes``, only the first ``max_bytes + 1`` bytes are asked for (a ranged
+        GET), so a larger object raises ``ValueError`` without being downloaded.
+
+        Raises:
+            FileNotFoundError: The object is absent.
+            NotARegularFileError: ``name`` is a prefix (a directory), not an object (one
+                ``HEAD`` says so, after the GET found nothing).
+            ValueError: The object is larger than ``max_bytes``.
+            RemoteStorageError: As :meth:`call`.
+        """
+        path = self._path(name)
+
+        def get() -> bytes:
+            if max_bytes is None:
+                return self.fs.cat_file(path)
+            return self.fs.cat_file(path, start=0, end=max_bytes + 1)
+
+        try:
+            data = self.call("read", name, get, byte_range=None if max_bytes is None else (0, max_bytes + 1))
+        except FileNotFoundError:
+            self._info(name)  # a prefix of that name: NotARegularFileError; else absent indeed
+            raise
+        except RemoteStorageError as exc:
+            if _http_status(exc.__cause__)[0] != 416:
+                raise
+            # Range Not Satisfiable: an empty object (S3 refuses a range of nothing).
+            return super().read_all(name, max_bytes)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ValueError(f"{name!r} is more than {max_bytes} bytes; expected at most {max_bytes}")
+        return bytes(data)
+
     def size(self, name: str) -> int:
         """Size in bytes of an object (one ``HEAD``)."""
         return int(self._info(name)["size"])
