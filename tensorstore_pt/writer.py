@@ -1130,8 +1130,9 @@ class ShardWriter:
             raise
         self._state = "closed"
         self._pool.shutdown(wait=True)
-        if self._pool_parts is not None and self._pool_parts.manager is not None:
-            self._pool_parts.manager.join()  # it reaps the workers (shut down early, above)
+        parts, self._pool_parts = self._pool_parts, None  # they hold the result pipe and the workers' fds
+        if parts is not None and parts.manager is not None:
+            parts.manager.join()  # it reaps the workers (shut down early, above)
         self._stop_publisher()
         if self._old is not None and self.mode == "overwrite":
             stale = [old.name for old in self._old.shards if old.name not in {s.name for s in self._shards}]
@@ -1209,7 +1210,8 @@ class ShardWriter:
             if isinstance(self._pool, cf.ProcessPoolExecutor):
                 # Its futures are left to the executor: it fails them all once the workers are
                 # killed, and (Python 3.11) raises in its manager thread on one cancelled here.
-                _kill_pool(self._pool, getattr(self, "_pool_parts", None))
+                parts, self._pool_parts = getattr(self, "_pool_parts", None), None
+                _kill_pool(self._pool, parts)
             else:
                 for fut in self._pending:
                     fut.cancel()
