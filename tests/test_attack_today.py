@@ -46,3 +46,15 @@ def test_a_closed_or_aborted_writer_kept_alive_holds_no_pool_fds(tmp_path):
     kept.append(w)
     gc.collect()
     assert _fds() == base
+
+
+@pytest.mark.parametrize("max_bytes", [None, 10])
+def test_read_all_of_a_directory_on_an_fsspec_backend_with_directories_is_not_a_regular_file(tmp_path, max_bytes):
+    # The one-GET read_all met IsADirectoryError (file:// through fsspec) and raised a
+    # RemoteStorageError; the HEAD-first read it replaced said NotARegularFileError.
+    from tensorstore_pt.storage.remote import FsspecStorage
+
+    (tmp_path / "index.json").mkdir()
+    storage = FsspecStorage(f"file://{tmp_path}", {})
+    with pytest.raises(ts.NotARegularFileError):
+        storage.read_all("index.json", max_bytes=max_bytes)

@@ -613,6 +613,9 @@ class FsspecStorage(Storage):
             self._info(name)  # a prefix of that name: NotARegularFileError; else absent indeed
             raise
         except RemoteStorageError as exc:
+            if isinstance(exc.__cause__, IsADirectoryError):  # a backend with directories (file://)
+                self._info(name)  # NotARegularFileError
+                raise
             if _http_status(exc.__cause__)[0] != 416:
                 raise
             # Range Not Satisfiable: an empty object (S3 refuses a range of nothing).
