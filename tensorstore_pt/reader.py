@@ -402,7 +402,7 @@ class StoreReader:
             for si in todo:
                 self._footer(si)
             return
-        if not self._verify:
+        if not self._verify and len(todo) > 1:
             self._storage.sizes()  # one listing, from which the handles take their sizes (no HEAD each)
         self._ensure_process()
         self._footers_in_flight(self._footer, todo, width)

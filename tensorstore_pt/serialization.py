@@ -254,9 +254,6 @@ def tensor_bytes(sample: Any) -> int:
     return _tensor_bytes_walk(sample)
 
 
-_SCALARS = frozenset((int, float, bool, str, bytes, type(None)))
-
-
 def _tensor_bytes_walk(sample: Any) -> int:
     """:func:`tensor_bytes` of any sample."""
     total = 0

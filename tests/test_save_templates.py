@@ -258,3 +258,20 @@ def test_tensor_bytes_of_flat_dicts_takes_views_subclasses_and_sparse_as_the_wal
     sample["sparse"] = torch.zeros(4).to_sparse()  # counts 0
     sample["nested"] = {"ids": torch.zeros(2, dtype=torch.int64)}
     assert ser.tensor_bytes(sample) == 3 * 4 + 5 * 8 + 2 * 8
+
+
+def test_every_weights_only_leaf_stays_accepted_and_counts_no_tensor_bytes():
+    # tensor_bytes' flat-dict path once rebound the module's leaf types to a smaller set,
+    # and check_sample then refused bytearray, complex, dtype, device and Size leaves.
+    sample = {
+        "ba": bytearray(b"x"),
+        "c": 1 + 2j,
+        "dt": torch.float16,
+        "dev": torch.device("cpu"),
+        "size": torch.Size([2, 3]),
+        "b": b"\x00",
+        "n": None,
+        "x": torch.zeros(3, dtype=torch.int16),
+    }
+    ser.check_sample(sample)
+    assert ser.tensor_bytes(sample) == 6
