@@ -178,13 +178,19 @@ def test_failed_body_leaves_nothing(remote_store: tuple[str, dict | None]) -> No
 # ----------------------------------------------------------------------------- requests
 
 
-@pytest.mark.parametrize("kind", ["memory", "s3"])
-def test_open_costs_a_constant_number_of_requests(kind: str, request: pytest.FixtureRequest) -> None:
+def _fresh_location(kind: str, request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, Any]]:
+    """``(url, storage_options)`` of ``name`` in a fresh S3 bucket (``kind`` "s3") or a fresh
+    ``memory://`` prefix (``kind`` "memory")."""
     if kind == "s3":
         bucket, options = request.getfixturevalue("s3_bucket")
-        base = f"s3://{bucket}"
-    else:
-        base, options = f"memory://tspt-{uuid.uuid4().hex[:12]}", {}
+        return f"s3://{bucket}/{name}", options
+    return f"memory://tspt-{uuid.uuid4().hex[:12]}/{name}", {}
+
+
+@pytest.mark.parametrize("kind", ["memory", "s3"])
+def test_open_costs_a_constant_number_of_requests(kind: str, request: pytest.FixtureRequest) -> None:
+    base, options = _fresh_location(kind, request, "")
+    base = base.rstrip("/")
     counts = {}
     for shards in (2, 12):
         url = f"{base}/s{shards}"
@@ -234,11 +240,7 @@ def test_streaming_a_framed_store_fetches_each_shard_once(
     dataset's verifying open makes no ranged read (no footer: one listing checks every shard's
     size), and the epoch fetches each shard's bytes exactly once, its footer included (read
     from the cached copy). A second epoch fetches nothing."""
-    if kind == "s3":
-        bucket, options = request.getfixturevalue("s3_bucket")
-        url = f"s3://{bucket}/framed"
-    else:
-        url, options = f"memory://tspt-{uuid.uuid4().hex[:12]}/framed", {}
+    url, options = _fresh_location(kind, request, "framed")
     records = 40
     tspt.write_store(
         ({"id": torch.tensor(i), "x": torch.full((64,), float(i))} for i in range(records)),
@@ -582,11 +584,7 @@ def test_http_store_reads_and_verifies(tmp_path: Any) -> None:
 def test_reader_of_a_replaced_store_raises_store_changed(kind: str, request: pytest.FixtureRequest) -> None:
     """A shard deleted by an overwrite while a reader holds it open: StoreChangedError (the
     object store answers 404 mid-read), never another version's bytes."""
-    if kind == "s3":
-        bucket, options = request.getfixturevalue("s3_bucket")
-        url = f"s3://{bucket}/replaced"
-    else:
-        url, options = f"memory://tspt-{uuid.uuid4().hex[:12]}/replaced", {}
+    url, options = _fresh_location(kind, request, "replaced")
     write(url, options, n=4)  # one shard
     reader = tspt.open_store(url, storage_options=options)
     assert same(reader[0], sample(0))
@@ -623,11 +621,7 @@ def test_recover_salvages_a_damaged_shard(remote_store: tuple[str, dict | None])
 def test_read_all_is_one_get_and_keeps_its_errors(kind: str, request: pytest.FixtureRequest) -> None:
     # A whole object in one GET (a store's open reads index.json so, with no HEAD first); an
     # empty object, a prefix, an absent name and an object past max_bytes still say what they are.
-    if kind == "s3":
-        bucket, options = request.getfixturevalue("s3_bucket")
-        url = f"s3://{bucket}/r"
-    else:
-        url, options = f"memory://tspt-{uuid.uuid4().hex[:12]}/r", {}
+    url, options = _fresh_location(kind, request, "r")
     storage = FsspecStorage(url, options)
     fs, root = storage.fs, url.split("://", 1)[1]
     fs.pipe_file(f"{root}/data.bin", bytes(range(256)) * 4)
