@@ -222,3 +222,23 @@ def store_files(path: Path) -> dict[str, bytes]:
 
 def workers_alive() -> list:
     return [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def full_disk_at_publication(monkeypatch: Any, nth: int) -> list[str]:
+    """Make the ``nth`` shard publication (``ShardBuilder.publish``, counted from 1) fail as a
+    full disk (``ENOSPC``); return the list of the shard names published or tried, in order."""
+    import errno
+
+    from tensorstore_pt.shardio import ShardBuilder
+
+    publish = ShardBuilder.publish
+    calls: list[str] = []
+
+    def failing_publish(self: ShardBuilder) -> None:
+        calls.append(self.name)
+        if len(calls) == nth:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+        publish(self)
+
+    monkeypatch.setattr(ShardBuilder, "publish", failing_publish)
+    return calls

@@ -13,7 +13,7 @@ import torch
 
 import tensorstore_pt as ts
 import tensorstore_pt.writer as writer_mod
-from _store_tools import workers_alive
+from _store_tools import full_disk_at_publication, workers_alive
 from tensorstore_pt.shardio import ShardBuilder
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,22 +141,12 @@ class _ExitingExecutor:
 @pytest.mark.parametrize("fail", [False, True], ids=["publishes", "publication-fails"])
 def test_a_writer_closed_while_the_interpreter_exits_publishes_its_shards(tmp_path: Path, monkeypatch, fail) -> None:
     import concurrent.futures as cf
-    import errno
 
     dest = tmp_path / "s"
     w = ts.ShardWriter(dest, codec="none", max_shard_bytes=8000)  # its own pools started before the exit
     monkeypatch.setattr(cf, "ThreadPoolExecutor", _ExitingExecutor)
     if fail:
-        publish = ShardBuilder.publish
-        calls: list[str] = []
-
-        def failing_publish(self: ShardBuilder) -> None:
-            calls.append(self.name)
-            if len(calls) == 2:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
-            publish(self)
-
-        monkeypatch.setattr(ShardBuilder, "publish", failing_publish)
+        full_disk_at_publication(monkeypatch, 2)
         with pytest.raises(ts.StorageFullError):
             w.write_many([torch.full((100,), i) for i in range(50)])
             w.close()

@@ -5,7 +5,6 @@ removes everything."""
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 import time
@@ -17,6 +16,8 @@ import torch
 import tensorstore_pt as ts
 import tensorstore_pt.writer as writer_mod
 from tensorstore_pt.shardio import ShardBuilder
+
+from _store_tools import full_disk_at_publication
 
 
 def _samples(n: int) -> list[torch.Tensor]:
@@ -56,16 +57,7 @@ def test_the_index_is_written_after_every_shard_is_published(tmp_path: Path, mon
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_failed_publication_fails_the_write_and_publishes_nothing(tmp_path: Path, monkeypatch, num_workers) -> None:
-    publish = ShardBuilder.publish
-    calls = []
-
-    def failing_publish(self: ShardBuilder) -> None:
-        calls.append(self.name)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
-        publish(self)
-
-    monkeypatch.setattr(ShardBuilder, "publish", failing_publish)
+    calls = full_disk_at_publication(monkeypatch, 3)
     dest = tmp_path / "s"
     with pytest.raises(ts.StorageFullError) as info:
         ts.write_store(_samples(300), dest, codec="zstd", max_shard_bytes=8000, num_workers=num_workers)
