@@ -409,13 +409,12 @@ class StoreReader:
     def _footers_in_flight(
         self, one: Callable[[int, _HeadAhead | None], Any], todo: list[int], width: int
     ) -> list[Any]:
-        """``[one(si, head) for si in todo]`` (:func:`_in_flight`) with ``width`` reads in flight
-        in all: half of them for the footers, half for the headers ``head`` reads at the same
-        time (see :func:`~tensorstore_pt.shardio.fetch_footer`). Up to ``width // 2`` shards
-        then cost one round trip, not two in a row; more cost as many as before."""
+        """``[one(si, head) for si in todo]`` (:func:`_in_flight`) with ``width`` (at least 2)
+        reads in flight in all: half of them for the footers, half for the headers ``head``
+        reads at the same time (see :func:`~tensorstore_pt.shardio.fetch_footer`). Up to
+        ``width // 2`` shards then cost one round trip, not two in a row; more cost as many as
+        before."""
         half = width // 2
-        if half < 1:
-            return _in_flight(lambda si: one(si, None), todo, width, "tspt-footer")
         pool = ThreadPoolExecutor(half, thread_name_prefix="tspt-header")
 
         def ahead(handle: ReadHandle) -> Callable[[], bytes | None]:
