@@ -622,6 +622,7 @@ class StoreReader:
         except RemoteStorageError as exc:
             self._raise_if_vanished(si, handle, exc)
             raise
+        footer = _kept(footer)
         self._footers[si] = footer
         return footer
 
@@ -1528,6 +1529,31 @@ def _check_read_bytes(value: Any) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise InvalidOptionError(f"read_bytes: expected a positive int (bytes), found {value!r}")
     return int(value)
+
+
+#: The footer JSON keys a reader keeps (each one checked against the index or the tables by
+#: :func:`~tensorstore_pt.shardio.fetch_footer`); "frames" only with multi-record frames,
+#: "raw_frames" only with raw frames (its runs are at most one a frame).
+_KEPT_FOOTER_KEYS = ("format_version", "features", "codec", "records", "first_record")
+
+
+def _kept(footer: ShardFooter) -> ShardFooter:
+    """What a reader keeps of a checked footer, for as long as it is open: its tables copied out
+    of the footer's bytes (a view would keep the whole footer alive, JSON included) and the
+    footer JSON's checked keys only. A footer JSON may be up to 1 MiB (``MAX_FOOTER_JSON_BYTES``)
+    of keys a reader ignores, which parse to some 20 MiB of Python objects (``[[],[],...]``);
+    kept for every shard, a hostile store of many shards held that much per shard. Kept now:
+    32 bytes a frame, 24 a record (multi-record frames), 1 a frame (raw frames)."""
+    meta = footer.meta
+    keys = _KEPT_FOOTER_KEYS + (("frames",) if footer.record_map is not None else ())
+    keys += ("raw_frames",) if footer.raw_mask is not None else ()
+    return ShardFooter(
+        table=footer.table.copy(),
+        meta={k: meta[k] for k in keys if k in meta},
+        table_offset=footer.table_offset,
+        record_map=None if footer.record_map is None else footer.record_map.copy(),
+        raw_mask=footer.raw_mask,
+    )
 
 
 def _first_record_of_frame(footer: ShardFooter, fi: int) -> int:

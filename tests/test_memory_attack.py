@@ -16,14 +16,25 @@ import tracemalloc
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
+from _store_tools import reseal_index, same, samples
 
 import tensorstore_pt as tspt
 from tensorstore_pt.codecs import get_codec
 from tensorstore_pt.codecs.registry import MAX_DICT_BYTES
 from tensorstore_pt.errors import IndexFormatError, ShardSizeError
-from tensorstore_pt.format import INDEX_NAME, MAX_INDEX_BYTES
+from tensorstore_pt.format import (
+    INDEX_NAME,
+    MAX_FOOTER_JSON_BYTES,
+    MAX_INDEX_BYTES,
+    RECORD_DTYPE,
+    RECORD_MAP_DTYPE,
+    TRAILER_BYTES,
+    decode_trailer,
+    encode_footer,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: Peak Python allocation allowed while refusing an oversized file: far below the bounds
@@ -322,3 +333,53 @@ def test_dataset_reads_footers_before_allocating_its_table(tmp_path: Path, monke
     with pytest.raises((ShardSizeError, tspt.ShardFormatError)):
         tspt.StoreIterableDataset(store, verify=False, cache_dir=tmp_path / "cache")
     assert not [s for s in shapes if isinstance(s, tuple) and s and s[0] >= 2**22], shapes
+
+
+# ---------------------------------------------------------------------------- footer JSON
+
+
+def _pad_footer_json(shard: Path, junk: Any) -> None:
+    """Add a key a reader ignores, ``"junk": junk``, to a shard's footer JSON and re-seal the
+    footer checksum (a consistent lie, as a hostile writer would make it)."""
+    data = shard.read_bytes()
+    table_offset, count, js, _ = decode_trailer(data[-TRAILER_BYTES:], len(data), str(shard))
+    meta = json.loads(data[len(data) - TRAILER_BYTES - js : len(data) - TRAILER_BYTES])
+    frames = meta.get("frames", count)
+    table = np.frombuffer(data, dtype=RECORD_DTYPE, count=frames, offset=table_offset)
+    record_map = None
+    if frames != count or "multi-record-frames" in meta["features"]:
+        record_map = np.frombuffer(data, dtype=RECORD_MAP_DTYPE, count=count, offset=table_offset + frames * 32)
+    meta["junk"] = junk
+    shard.write_bytes(data[:table_offset] + encode_footer(table, meta, record_map))
+
+
+@pytest.mark.parametrize("frames", ["one record a frame", "multi-record frames"])
+def test_a_reader_keeps_none_of_the_footer_json_it_ignores(tmp_path: Path, frames: str) -> None:
+    """A footer JSON may hold up to 1 MiB of keys a reader ignores; ``[[],[],...]`` parses to
+    over 20 MiB of Python objects. The reader kept each shard's parsed JSON (and its tables as
+    views of the footer's bytes) while open: per shard of a hostile store, that much. It keeps
+    its checked tables and keys only."""
+    store = tmp_path / "s"
+    data = samples(12)
+    extra = {"frame_target_bytes": 1_500} if frames == "multi-record frames" else {}
+    tspt.write_store(data, store, codec="zstd", max_shard_bytes=2_500, **extra)
+    shards = sorted(store.glob("*.tspt"))
+    assert len(shards) >= 3, shards
+    junk = [[] for _ in range((MAX_FOOTER_JSON_BYTES - 4096) // 3)]  # "[]," a list: 3 bytes of JSON
+    for shard in shards:
+        _pad_footer_json(shard, junk)
+    reseal_index(store)
+    del junk
+
+    tracemalloc.start()
+    try:
+        reader = tspt.open_store(store, verify=False)
+        got = [reader[i] for i in range(len(reader))]  # every footer read
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(got) == len(data) and all(same(a, b) for a, b in zip(got, data))
+    assert peak > 16 * 2**20, peak  # the attack's cost while parsing one footer: real, and transient
+    assert held < 2 * 2**20, f"{held} bytes held after reading {len(shards)} shards"
+    kept = reader._footers[0]
+    assert kept is not None and "junk" not in kept.meta and kept.table.base is None
