@@ -104,6 +104,12 @@ _PROCESS_LOCK = ChildLock()
 RECORD_ERRORS: tuple[type[BaseException], ...] = (CorruptStoreError, UnsafePayloadError)
 #: Requests :meth:`StoreReader.iter_many` plans at a time (its planning memory: about 50 bytes each).
 PLAN_RECORDS = 2**16
+#: With multi-record frames, a bulk read keeps a decoded frame that later records of the same
+#: piece still need, up to this many decoded bytes in all; past it a frame is decoded again
+#: when a later record needs it. A piece of 1 MiB stored bytes can hold thousands of frames,
+#: each decoding to up to ``max_record_bytes``: kept without a bound, frames that compress
+#: well (or a hostile store's) could take gigabytes.
+KEPT_FRAME_BYTES = 64 * 2**20
 
 
 def _check_max_record_bytes(value: Any) -> int:
@@ -1295,7 +1301,8 @@ class StoreReader:
 
         Memory: one decoded record at a time beyond what the caller keeps; with multi-record
         frames, also the decoded frames still needed by later records of ``fetched`` (one
-        when records come in store order).
+        when records come in store order), at most :data:`KEPT_FRAME_BYTES` of them plus the
+        frame in use: past that bound a frame is decoded again for each later record.
         Thread safety: safe; one iterator per thread.
         """
         frames = fetched._frames
@@ -1327,6 +1334,7 @@ class StoreReader:
             if got is not None:
                 last[(got[0], got[1])] = pos
         decoded: dict[tuple[int, int], Any] = {}
+        kept_bytes = 0  # decoded bytes in ``decoded`` (KEPT_FRAME_BYTES at most)
         for pos, rec in enumerate(records):
             got = frames.get(rec)
             if got is None:
@@ -1343,9 +1351,13 @@ class StoreReader:
                                        stored_raw=stored_raw)  # fmt: skip
                 except RECORD_ERRORS as exc:
                     data = exc
-                decoded[key] = data
-            if last[key] == pos:
+                size = 0 if isinstance(data, BaseException) else len(data)
+                if last[key] != pos and kept_bytes + size <= KEPT_FRAME_BYTES:
+                    decoded[key] = data
+                    kept_bytes += size
+            elif last[key] == pos:
                 del decoded[key]
+                kept_bytes -= 0 if isinstance(data, BaseException) else len(data)
             if isinstance(data, BaseException):
                 yield RecordResult(rec, None, data)
                 continue

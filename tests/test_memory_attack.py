@@ -383,3 +383,29 @@ def test_a_reader_keeps_none_of_the_footer_json_it_ignores(tmp_path: Path, frame
     assert held < 2 * 2**20, f"{held} bytes held after reading {len(shards)} shards"
     kept = reader._footers[0]
     assert kept is not None and "junk" not in kept.meta and kept.table.base is None
+
+
+def test_a_bulk_read_keeps_a_bounded_amount_of_decoded_frames(tmp_path: Path, monkeypatch: Any) -> None:
+    """With multi-record frames, a bulk read kept every decoded frame that a later record of
+    the piece still needed: records in an order that visits every frame before any frame's
+    second record held all of them decoded at once, whatever their number (frames that compress
+    well make that many times the bytes read). Past ``KEPT_FRAME_BYTES`` a frame is decoded again."""
+    import tensorstore_pt.reader as reader_mod
+
+    store = tmp_path / "s"
+    per, rec_bytes = 4, 2**18
+    data = [{"x": torch.full((rec_bytes,), i // per, dtype=torch.uint8)} for i in range(16 * per)]
+    tspt.write_store(data, store, codec="zstd", frame_target_bytes=per * rec_bytes)
+    reader = tspt.open_store(store, verify=False)
+    frames = {(si, int(f)) for si in range(len(reader.index.shards)) for f in reader._footer(si).record_map["frame"]}
+    assert len(frames) >= 12, frames  # multi-record frames, each about 1 MiB decoded
+    order = [f * per + j for j in range(per) for f in range(len(data) // per)]  # every frame, then again
+    monkeypatch.setattr(reader_mod, "KEPT_FRAME_BYTES", 2 * per * rec_bytes)
+
+    def read_all() -> None:
+        for res in reader.iter_many(order):
+            assert res.error is None and torch.equal(res.sample["x"], data[res.record]["x"]), res.record
+
+    peak, err = peak_of(read_all)
+    assert err is None, err
+    assert peak < 8 * 2**20, f"peak {peak} bytes for 2 MiB of kept frames"
