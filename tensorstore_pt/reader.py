@@ -309,7 +309,8 @@ class StoreReader:
     store that changed since (:class:`~tensorstore_pt.errors.CorruptStoreError`).
 
     Memory: per shard, the footer's record table is kept as one numpy array (32 bytes a
-    record) once a record of that shard has been read; no Python object per record.
+    frame; with multi-record frames also a record map, 24 bytes a record) once a record of that
+    shard has been read; no Python object per record, and none of the footer JSON's other keys.
 
     Reads on a remote store (one request per ``read_range``): a shard's footer is fetched once,
     with one ranged read of the shard's tail sized by the index
