@@ -433,7 +433,7 @@ class FileRows(Sequence[Any]):
             for f in self.files:
                 try:
                     sizes.append(f.stat().st_size)
-                except FileNotFoundError as exc:
+                except (FileNotFoundError, NotADirectoryError) as exc:  # as _read_scanned: a parent now a file
                     raise _vanished(f) from exc
             self._sizes = sizes
         return self._sizes

@@ -5,6 +5,7 @@ typed and name the file."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -290,3 +291,18 @@ def test_eight_workers_store_mixed_samples_as_in_process(tmp_path: Path, fixed_t
     assert ts.verify_store(tmp_path / "w8", deep=True).problems == ()
     assert b"raw-frames" in (tmp_path / "w8" / "index.json").read_bytes()  # a mix of raw and compressed frames
     assert writer_mod._SLOTS == {} and writer_mod._INHERITED == {} and workers_alive() == []
+
+
+def test_a_source_file_whose_directory_became_a_file_is_a_typed_error_when_sized(tmp_path: Path) -> None:
+    """``FileRows.sizes`` typed a removed file but not one whose parent directory was replaced by
+    a file after the scan (``stat`` raises NotADirectoryError there); reading it was typed."""
+    from tensorstore_pt.sources import FileRows
+
+    sub = tmp_path / "src" / "part"
+    sub.mkdir(parents=True)
+    torch.save(torch.arange(3), sub / "a.pt")
+    rows = FileRows([sub / "a.pt"])
+    shutil.rmtree(sub)
+    sub.write_bytes(b"now a file")
+    with pytest.raises(ts.StoreNotFoundError, match="a.pt"):
+        rows.sizes()
