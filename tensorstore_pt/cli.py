@@ -3,7 +3,9 @@
 Exit codes (all commands):
     0  success (``verify``: the store is clean)
     1  the store is damaged, or a record could not be read
-    2  unusable input: bad arguments, no such path, not a store, unsupported format
+    2  unusable input: bad arguments, no such path, not a store, unsupported format; or the
+       system refused a path or a file operation (a name too long, a read-only file system, an
+       I/O error), named in the message
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ _EPILOG = """exit codes:
   0  success (verify: the store is clean)
   1  the store is damaged, or a record could not be read
   2  unusable input: bad arguments, no such path, not a store, unsupported format, a .pt file
-     holding something torch.load(weights_only=True) refuses
+     holding something torch.load(weights_only=True) refuses; or the system refused a path or a
+     file operation (a name too long, a read-only file system, an I/O error), named in the message
 verify: 0 clean, 1 damaged, 2 unusable input (not a store, no such path)
 """
 
@@ -1072,6 +1075,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tspt {args.command}: REFUSED (unsafe payload, not run): {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_USAGE if _input_is_source(args) else EXIT_DAMAGED
     except (TensorStoreError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        print(f"tspt {args.command}: error: {cli_words(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        # What the system refused that the library does not type (ENAMETOOLONG, EROFS, EIO...):
+        # one line naming it, not a traceback. Nothing was published (writers commit last).
         print(f"tspt {args.command}: error: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -92,6 +93,21 @@ def test_exit_codes_for_unusable_input_and_damage(tmp_path, capsys):
     with pytest.raises(SystemExit) as ei:
         main(["pack"])
     assert ei.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "pack"])
+def test_a_path_the_system_refuses_is_one_line_and_exit_2(tmp_path, capsys, command):
+    """An OSError the library does not type (here ENAMETOOLONG: a name past the file system's
+    255 bytes) is one line naming the path, exit 2, not a traceback."""
+    long = tmp_path / ("n" * 300)
+    args = [command, long] if command != "pack" else [command, tmp_path / "src.pt", long]
+    if command == "pack":
+        torch.save([torch.arange(3)], tmp_path / "src.pt")
+    code, out, err = _run(capsys, *args)
+    assert code == 2, (code, out, err)
+    assert err.startswith(f"tspt {command}: error: ") and "File name too long" in err and "n" * 300 in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == (["src.pt"] if command == "pack" else [])
 
 
 def test_pack_refuses_unsafe_pt_files(tmp_path, capsys):
