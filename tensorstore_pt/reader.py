@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -1351,7 +1352,7 @@ class StoreReader:
                     data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget,
                                        stored_raw=stored_raw)  # fmt: skip
                 except RECORD_ERRORS as exc:
-                    data = exc
+                    data = _without_locals(exc)  # kept at 0 bytes: must not pin a decoded buffer
                 size = 0 if isinstance(data, BaseException) else len(data)
                 if last[key] != pos and kept_bytes + size <= KEPT_FRAME_BYTES:
                     decoded[key] = data
@@ -1560,13 +1561,34 @@ def _kept(footer: ShardFooter) -> ShardFooter:
     meta = footer.meta
     keys = _KEPT_FOOTER_KEYS + (("frames",) if footer.record_map is not None else ())
     keys += ("raw_frames",) if footer.raw_mask is not None else ()
+    kept = {k: meta[k] for k in keys if k in meta}
+    if "features" in kept:  # checked as a subset of the index's only: repeats would be kept
+        kept["features"] = list(dict.fromkeys(kept["features"]))
     return ShardFooter(
         table=footer.table.copy(),
-        meta={k: meta[k] for k in keys if k in meta},
+        meta=kept,
         table_offset=footer.table_offset,
         record_map=None if footer.record_map is None else footer.record_map.copy(),
         raw_mask=footer.raw_mask,
     )
+
+
+def _without_locals(exc: BaseException) -> BaseException:
+    """``exc`` with the finished frames of its traceback (and of its causes' and contexts')
+    cleared of their locals: a codec that fails after decoding (trailing data, a short frame)
+    left its output buffer (up to ``max_record_bytes``) in a frame of the error's cause's
+    traceback, so a kept error held a whole decoded frame. The messages are unchanged."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)  # skips the frames still executing
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return exc
 
 
 def _first_record_of_frame(footer: ShardFooter, fi: int) -> int:
