@@ -1546,8 +1546,9 @@ def _check_read_bytes(value: Any) -> int:
 
 
 #: The footer JSON keys a reader keeps (each one checked against the index or the tables by
-#: :func:`~tensorstore_pt.shardio.fetch_footer`); "frames" only with multi-record frames,
-#: "raw_frames" only with raw frames (its runs are at most one a frame).
+#: :func:`~tensorstore_pt.shardio.fetch_footer`); "frames" only with multi-record frames. Not
+#: "raw_frames": its runs (up to one every other frame, ~150 bytes of Python objects each) are
+#: kept as the footer's ``raw_mask`` (1 byte a frame).
 _KEPT_FOOTER_KEYS = ("format_version", "features", "codec", "records", "first_record")
 
 
@@ -1560,7 +1561,6 @@ def _kept(footer: ShardFooter) -> ShardFooter:
     32 bytes a frame, 24 a record (multi-record frames), 1 a frame (raw frames)."""
     meta = footer.meta
     keys = _KEPT_FOOTER_KEYS + (("frames",) if footer.record_map is not None else ())
-    keys += ("raw_frames",) if footer.raw_mask is not None else ()
     kept = {k: meta[k] for k in keys if k in meta}
     if "features" in kept:  # checked as a subset of the index's only: repeats would be kept
         kept["features"] = list(dict.fromkeys(kept["features"]))

@@ -186,3 +186,41 @@ def test_decode_many_under_the_bound_matches_single_reads(
         got_many = list(reader.iter_many(order))
         assert [r.record for r in got_many] == order
         assert all((r.error is None) == (r.record not in bad_records) for r in got_many)
+
+
+def test_raw_frame_runs_are_kept_as_the_mask_only(tmp_path: Path) -> None:
+    """With raw frames, the reader kept the footer JSON's "raw_frames" runs besides the mask
+    made of them: a run is ~150 bytes of Python objects (a list, two ints), so a footer naming
+    every other frame of a 120,000-frame shard held 9+ MiB for its 120 kB mask (its frame
+    table: 3.7 MiB). The mask is what every read uses."""
+    store = tmp_path / "s"
+    tspt.write_store(samples(2), store, codec="zstd")
+    shard = sorted(store.glob("*.tspt"))[0]
+    data = shard.read_bytes()
+    _, _, meta, _ = _split(data, "s")
+    n = 120_000  # 1-byte frames; every other one listed as stored raw
+    table = np.zeros(n, RECORD_DTYPE)
+    table["offset"] = HEADER_BYTES + np.arange(n)
+    table["stored"] = table["raw"] = 1
+    table["checksum"] = digest_int(b"\0")
+    meta.update(format_version=[1, 2], features=["raw-frames"], records=n)
+    meta["raw_frames"] = [[k, k + 1] for k in range(0, n, 2)]
+    shard.write_bytes(data[:HEADER_BYTES] + b"\0" * n + encode_footer(table, meta))
+    obj = load_index(store)
+    obj.update(format_version=[1, 2], features=["raw-frames"])
+    s = obj["shards"][0]
+    s.update(records=n, stored_bytes=n, raw_bytes=n)
+    obj["totals"].update(records=n, raw_bytes=n)
+    save_index(store, obj)
+    _reseal(store)
+    del data, table, meta, obj
+
+    tracemalloc.start()
+    try:
+        reader = tspt.open_store(store)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    footer = reader._footer(0)
+    assert footer.raw_mask is not None and int(footer.raw_mask.sum()) == n // 2
+    assert held < n * 32 + 2 * 2**20, f"{held} bytes held for a {n}-frame shard"

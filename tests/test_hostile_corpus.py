@@ -38,6 +38,7 @@ from tensorstore_pt import (
 )
 from tensorstore_pt.codecs import get_codec
 from tensorstore_pt.fastload import fast_loads
+from tensorstore_pt.format import raw_frames_runs
 
 MiB = 2**20
 #: Peak Python-tracked allocation allowed while refusing one hostile record of the corpus.
@@ -485,7 +486,7 @@ def test_hostile_record_stored_raw(tmp_path: Path, kind: str) -> None:
     raw, error = RECORDS[kind]
     store = _raw_frame_store(tmp_path / "s", [GOOD, raw, GOOD])
     r = open_store(store)
-    assert r._footer(0).meta["raw_frames"] == [[0, 3]]
+    assert raw_frames_runs(r._footer(0).raw_mask) == [[0, 3]]
     peak, err = peak_bytes(lambda: r[1])
     assert isinstance(err, error), repr(err)
     assert "record 1" in str(err)

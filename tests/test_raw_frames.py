@@ -139,7 +139,7 @@ def test_raw_shard_header_and_footer_versions(tmp_path: Path) -> None:
     # shard's other features (1.1), the footer says 1.2.
     assert fmt.decode_header(data[:16], "t") == (1, 1)
     assert reader._footer(0).meta["format_version"] == [1, 2]
-    assert reader._footer(0).meta["raw_frames"] == [[0, 1]]
+    assert fmt.raw_frames_runs(reader._footer(0).raw_mask) == [[0, 1]]
 
 
 def test_invalid_raw_below(tmp_path: Path) -> None:
@@ -304,7 +304,8 @@ def test_shards_respect_cap_with_many_raw_runs(tmp_path: Path) -> None:
     reader = ts.open_store(tmp_path / "s")
     for si, entry in enumerate(reader.index.shards):
         assert entry.file_bytes <= cap or len(reader._footer(si).table) == 1
-    assert any(len(reader._footer(si).meta.get("raw_frames", [])) > 1 for si in range(len(reader.index.shards)))
+    masks = [reader._footer(si).raw_mask for si in range(len(reader.index.shards))]
+    assert any(len(fmt.raw_frames_runs(m)) > 1 for m in masks if m is not None)
 
 
 # --------------------------------------------------------------------------- bounded dictionary training
