@@ -515,8 +515,8 @@ def _verify_shard(
             add(
                 "footer_mismatch",
                 f"first_record {entry.first_record} (index)",
-                f"first_record {meta.get('first_record')!r} (footer)",
-                f"{where}: footer says first_record {meta.get('first_record')!r}, the index says "
+                f"first_record {_shown(meta.get('first_record'))} (footer)",
+                f"{where}: footer says first_record {_shown(meta.get('first_record'))}, the index says "
                 f"{entry.first_record} (shards swapped or renamed?)",
                 records=span,
             )
@@ -524,8 +524,8 @@ def _verify_shard(
             add(
                 "footer_mismatch",
                 f"codec {index.codec} (index)",
-                f"codec {meta.get('codec')} (footer)",
-                f"{where}: footer says codec {meta.get('codec')}, the index says {index.codec}",
+                f"codec {_shown(meta.get('codec'))} (footer)",
+                f"{where}: footer says codec {_shown(meta.get('codec'))}, the index says {index.codec}",
                 records=span,
             )
         unknown = sorted(set(meta.get("features", [])) - set(index.features))
@@ -533,17 +533,17 @@ def _verify_shard(
             add(
                 "footer_mismatch",
                 f"features within {list(index.features)} (index)",
-                f"features {meta.get('features')} (footer)",
+                f"features {_shown(meta.get('features'))} (footer)",
                 f"{where}: footer uses feature(s) {unknown} the index does not list",
                 records=span,
             )
         if header_version is not None and not header_version_ok(header_version, meta):
             add(
                 "header",
-                f"format {meta.get('format_version')} (footer)",
+                f"format {_shown(meta.get('format_version'))} (footer)",
                 f"format {list(header_version)} (header)",
                 f"{where}: header says format {header_version[0]}.{header_version[1]}, footer says "
-                f"{meta.get('format_version')}",
+                f"{_shown(meta.get('format_version'))}",
             )
         stored = int(footer.table["stored"].sum())
         raw = int(footer.table["raw"].sum())
@@ -585,3 +585,15 @@ def _verify_shard(
 
 # Recovery lives in .recover; re-exported here, where it was first published.
 from .recover import KeptShard, QuarantinedFile, RecoverReport, ShardOutcome, recover_store  # noqa: E402
+
+
+#: The most characters of a footer JSON value a problem quotes.
+SHOWN_CHARS = 200
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to :data:`SHOWN_CHARS` characters: a hostile footer's checked key
+    (codec, first_record, features) may hold up to 1 MiB of JSON, and a report quoting it
+    whole held megabytes a shard (twice: in ``found`` and in ``message``)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"

@@ -224,3 +224,24 @@ def test_raw_frame_runs_are_kept_as_the_mask_only(tmp_path: Path) -> None:
     footer = reader._footer(0)
     assert footer.raw_mask is not None and int(footer.raw_mask.sum()) == n // 2
     assert held < n * 32 + 2 * 2**20, f"{held} bytes held for a {n}-frame shard"
+
+
+def test_verify_report_does_not_quote_footer_junk_whole(tmp_path: Path) -> None:
+    """verify_store quoted a footer's mismatched codec (and first_record) whole, twice a
+    problem: a hostile footer's 1 MiB codec value made a report of ~2 MiB a shard."""
+    store = tmp_path / "s"
+    tspt.write_store(samples(12), store, codec="zstd", max_shard_bytes=2_500)
+    shards = sorted(store.glob("*.tspt"))
+
+    def junk(blobs: list[bytes], meta: dict[str, Any]) -> list[bytes]:
+        meta["codec"] = {"id": "zstd", "junk": "x" * (MAX_FOOTER_JSON_BYTES - 4096)}
+        return blobs
+
+    for shard in shards:
+        _rewrite(shard, junk)
+    _reseal(store)
+    report = tspt.verify_store(store)
+    assert not report.ok and len(report.problems) >= len(shards)
+    assert all("footer says codec" in p.message for p in report.problems if p.kind == "footer_mismatch")
+    text = sum(len(p.message) + len(p.found) + len(p.expected) for p in report.problems)
+    assert text < 2_000 * len(report.problems), text
