@@ -61,6 +61,7 @@ from .shardio import (
     DEFAULT_MAX_RECORD_BYTES,
     check_frame,
     header_version_ok,
+    shown as _shown,
     check_index_sizes,
     file_digest,
     frame_records,
@@ -585,15 +586,3 @@ def _verify_shard(
 
 # Recovery lives in .recover; re-exported here, where it was first published.
 from .recover import KeptShard, QuarantinedFile, RecoverReport, ShardOutcome, recover_store  # noqa: E402
-
-
-#: The most characters of a footer JSON value a problem quotes.
-SHOWN_CHARS = 200
-
-
-def _shown(value: Any) -> str:
-    """``repr(value)``, cut to :data:`SHOWN_CHARS` characters: a hostile footer's checked key
-    (codec, first_record, features) may hold up to 1 MiB of JSON, and a report quoting it
-    whole held megabytes a shard (twice: in ``found`` and in ``message``)."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"

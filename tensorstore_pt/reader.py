@@ -625,6 +625,9 @@ class StoreReader:
         try:
             footer = fetch_footer(handle, self._index, entry, self._where(si), head)
         except (ShardSizeError, ShardFormatError) as exc:
+            # The checks' frames held the parsed footer (up to ~20 MiB for 1 MiB of JSON), kept
+            # alive by the error wherever it is kept (a bulk read's every record of the shard).
+            _without_locals(exc)
             self._raise_if_changed(exc)  # a legacy store's shard name reused by a later writer
             raise
         except RemoteStorageError as exc:
@@ -1577,7 +1580,8 @@ def _without_locals(exc: BaseException) -> BaseException:
     """``exc`` with the finished frames of its traceback (and of its causes' and contexts')
     cleared of their locals: a codec that fails after decoding (trailing data, a short frame)
     left its output buffer (up to ``max_record_bytes``) in a frame of the error's cause's
-    traceback, so a kept error held a whole decoded frame. The messages are unchanged."""
+    traceback, so a kept error held a whole decoded frame; a refused footer's checks left the
+    parsed footer JSON. The messages are unchanged."""
     seen: set[int] = set()
     todo = [exc]
     while todo:

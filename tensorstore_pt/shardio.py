@@ -188,15 +188,15 @@ def read_footer(
         raise ShardFormatError(f"{where}: footer uses feature(s) {sorted(unknown)} the index does not list")
     if not header_version_ok(version, meta):
         raise ShardFormatError(
-            f"{where}: header says format {version[0]}.{version[1]}, footer says {meta.get('format_version')}"
+            f"{where}: header says format {version[0]}.{version[1]}, footer says {shown(meta.get('format_version'))}"
         )
     if meta.get("first_record") != entry.first_record:
         raise ShardFormatError(
-            f"{where}: footer says first_record {meta.get('first_record')!r}, the index says {entry.first_record} "
+            f"{where}: footer says first_record {shown(meta.get('first_record'))}, the index says {entry.first_record} "
             "(shards swapped or renamed?)"
         )
     if meta.get("codec") != index.codec:
-        raise ShardFormatError(f"{where}: footer says codec {meta.get('codec')}, the index says {index.codec}")
+        raise ShardFormatError(f"{where}: footer says codec {shown(meta.get('codec'))}, the index says {index.codec}")
     stored = int(footer.table["stored"].sum())
     raw = int(footer.table["raw"].sum())
     if footer.record_map is not None and int(footer.record_map["raw"].sum()) != raw:
@@ -207,6 +207,18 @@ def read_footer(
             f"{entry.stored_bytes} / {entry.raw_bytes}"
         )
     return footer
+
+
+#: The most characters of a footer JSON value an error or a problem quotes.
+SHOWN_CHARS = 200
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to :data:`SHOWN_CHARS` characters: a hostile footer's checked key
+    (codec, first_record, features) may hold up to 1 MiB of JSON; an error or a verify report
+    quoting it whole held megabytes a shard (a report: twice, in ``found`` and ``message``)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def header_version_ok(version: tuple[int, int], meta: dict[str, Any]) -> bool:

@@ -245,3 +245,49 @@ def test_verify_report_does_not_quote_footer_junk_whole(tmp_path: Path) -> None:
     assert all("footer says codec" in p.message for p in report.problems if p.kind == "footer_mismatch")
     text = sum(len(p.message) + len(p.found) + len(p.expected) for p in report.problems)
     assert text < 2_000 * len(report.problems), text
+
+
+def test_refused_footers_do_not_pin_their_parsed_json(tmp_path: Path) -> None:
+    """A footer refused after parsing (here: first_record disagrees with the index) raised from
+    read_footer, whose frame held the parsed footer: ~20 MiB of objects for 1 MiB of JSON. A
+    bulk read keeps each shard's footer error for every record of that shard (and a caller
+    keeps the results it collects): 20 MiB a refused shard."""
+    store = tmp_path / "s"
+    tspt.write_store(samples(12), store, codec="zstd", max_shard_bytes=2_500)
+    shards = sorted(store.glob("*.tspt"))
+    assert len(shards) >= 3
+
+    def junk(blobs: list[bytes], meta: dict[str, Any]) -> list[bytes]:
+        meta["junk"] = [[] for _ in range((MAX_FOOTER_JSON_BYTES - 4096) // 3)]
+        meta["first_record"] += 1
+        return blobs
+
+    for shard in shards:
+        _rewrite(shard, junk)
+    _reseal(store)
+    reader = tspt.open_store(store, verify=False)
+    tracemalloc.start()
+    try:
+        results = list(reader.iter_many(range(len(reader))))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(isinstance(r.error, tspt.ShardFormatError) for r in results)
+    assert held < 4 * 2**20, f"{held} bytes held by {len(shards)} refused footers' errors"
+
+
+def test_refused_footer_error_does_not_quote_junk_whole(tmp_path: Path) -> None:
+    """The error for a footer whose codec disagrees with the index quoted the footer's codec
+    whole: 1 MiB of message for every record of the shard that a caller keeps."""
+    store = tmp_path / "s"
+    tspt.write_store(samples(4), store, codec="zstd")
+
+    def junk(blobs: list[bytes], meta: dict[str, Any]) -> list[bytes]:
+        meta["codec"] = {"id": "zstd", "junk": "x" * (MAX_FOOTER_JSON_BYTES - 4096)}
+        return blobs
+
+    _rewrite(sorted(store.glob("*.tspt"))[0], junk)
+    _reseal(store)
+    with pytest.raises(tspt.ShardFormatError, match="footer says codec") as got:
+        tspt.open_store(store)
+    assert len(str(got.value)) < 2_000, len(str(got.value))
