@@ -242,3 +242,21 @@ def full_disk_at_publication(monkeypatch: Any, nth: int) -> list[str]:
 
     monkeypatch.setattr(ShardBuilder, "publish", failing_publish)
     return calls
+
+
+def read_every_record_traced(store: Path) -> tuple[Any, list[Any], int, int]:
+    """Open ``store`` (``verify=False``) and read every record, under tracemalloc: ``(reader,
+    samples, bytes still allocated after, peak bytes)``. What an open reader holds of its
+    shards' footers, for the memory attacks."""
+    import tracemalloc
+
+    from tensorstore_pt import open_store
+
+    tracemalloc.start()
+    try:
+        reader = open_store(store, verify=False)
+        got = [reader[i] for i in range(len(reader))]  # every footer read
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return reader, got, held, peak

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
-from _store_tools import load_index, same, samples, save_index
+from _store_tools import load_index, read_every_record_traced, same, samples, save_index
 
 import tensorstore_pt as tspt
 import tensorstore_pt.reader as reader_mod
@@ -88,13 +88,7 @@ def test_duplicate_footer_features_are_not_kept_per_shard(tmp_path: Path) -> Non
         _rewrite(shard, pad)
     _reseal(store)
 
-    tracemalloc.start()
-    try:
-        reader = tspt.open_store(store, verify=False)
-        got = [reader[i] for i in range(len(reader))]  # every footer read
-        held, _ = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    _, got, held, _ = read_every_record_traced(store)
     assert len(got) == len(data) and all(same(a, b) for a, b in zip(got, data))
     assert held < 2 * 2**20, f"{held} bytes held after reading {len(shards)} shards"
 
