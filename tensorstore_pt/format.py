@@ -134,6 +134,20 @@ MAX_INDEX_BYTES = 256 * 2**20
 _SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
+#: The most characters of a value read from a store (index or footer JSON) that an error
+#: message or a verify report quotes.
+SHOWN_CHARS = 200
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to :data:`SHOWN_CHARS` characters: a value read from a hostile
+    store's JSON (a footer may hold 1 MiB of it, an index 256 MiB) quoted whole made an error of
+    that size, kept by a bulk read for every record of its shard, and a verify report quoting it
+    held megabytes a shard (twice: in ``found`` and ``message``)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
 
@@ -200,7 +214,7 @@ def check_shard_name(name: object, where: str) -> str:
     if not isinstance(name, str) or not _SHARD_NAME_RE.fullmatch(name) or ".." in name:
         raise IndexFormatError(
             f"{where}: expected a plain shard file name (letters, digits, '.', '_', '-', no path "
-            f"separators or '..'), found {name!r}"
+            f"separators or '..'), found {shown(name)}"
         )
     return name
 
@@ -382,11 +396,11 @@ def parse_footer(
         raise ShardFormatError(f"{where}: footer JSON must be an object, found {type(meta).__name__}")
     _, features = _check_version_and_features(meta, where)
     if meta.get("records") != count:
-        raise ShardFormatError(f"{where}: footer JSON says {meta.get('records')!r} records, trailer says {count}")
+        raise ShardFormatError(f"{where}: footer JSON says {shown(meta.get('records'))} records, trailer says {count}")
     multi = FEATURE_MULTI_RECORD_FRAMES in features
     frames = meta.get("frames", count) if multi else count
     if isinstance(frames, bool) or not isinstance(frames, int) or not 0 <= frames <= count:
-        raise ShardFormatError(f"{where}: footer JSON 'frames' must be an int in [0, {count}], found {frames!r}")
+        raise ShardFormatError(f"{where}: footer JSON 'frames' must be an int in [0, {count}], found {shown(frames)}")
     tables_bytes = frames * RECORD_ENTRY_BYTES + (count * RECORD_MAP_ENTRY_BYTES if multi else 0)
     if tables_bytes + js_bytes != len(body):
         raise ShardFormatError(
@@ -437,7 +451,7 @@ def raw_frames_mask(runs: Any, table: np.ndarray, where: str) -> np.ndarray:
     frames = len(table)
     if not isinstance(runs, list):
         raise ShardFormatError(
-            f"{where}: footer lists {FEATURE_RAW_FRAMES!r} but 'raw_frames' is {runs!r}; expected a list of "
+            f"{where}: footer lists {FEATURE_RAW_FRAMES!r} but 'raw_frames' is {shown(runs)}; expected a list of "
             "[first, end] frame ranges"
         )
     if not runs:
@@ -453,11 +467,11 @@ def raw_frames_mask(runs: Any, table: np.ndarray, where: str) -> np.ndarray:
             or len(run) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in run)
         ):
-            raise ShardFormatError(f"{where}: 'raw_frames' entry {run!r}: expected [first, end] (two ints)")
+            raise ShardFormatError(f"{where}: 'raw_frames' entry {shown(run)}: expected [first, end] (two ints)")
         first, end = run
         if not prev_end < first < end <= frames:
             raise ShardFormatError(
-                f"{where}: 'raw_frames' run {run!r}: expected runs in increasing order, non-empty, not overlapping "
+                f"{where}: 'raw_frames' run {shown(run)}: expected runs in increasing order, non-empty, not overlapping "
                 f"or touching the previous one (which ends at {max(prev_end, 0)}), within the {frames} frames"
             )
         mask[first:end] = True
@@ -654,7 +668,7 @@ class StoreInfo:
 def _int_field(obj: dict[str, Any], key: str, where: str) -> int:
     value = obj.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FIELD:
-        raise IndexFormatError(f"{where}: expected '{key}' to be an int in [0, 2**62], found {value!r}")
+        raise IndexFormatError(f"{where}: expected '{key}' to be an int in [0, 2**62], found {shown(value)}")
     return value
 
 
@@ -665,7 +679,7 @@ def _check_version_and_features(obj: dict[str, Any], where: str) -> tuple[tuple[
         or len(version) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in version)
     ):
-        raise IndexFormatError(f"{where}: expected 'format_version' as [major, minor], found {version!r}")
+        raise IndexFormatError(f"{where}: expected 'format_version' as [major, minor], found {shown(version)}")
     major, minor = version
     if major != FORMAT_VERSION[0]:
         raise UnsupportedFormatError(
@@ -674,7 +688,7 @@ def _check_version_and_features(obj: dict[str, Any], where: str) -> tuple[tuple[
         )
     features = obj.get("features", [])
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-        raise IndexFormatError(f"{where}: expected 'features' to be a list of strings, found {features!r}")
+        raise IndexFormatError(f"{where}: expected 'features' to be a list of strings, found {shown(features)}")
     unknown = sorted(set(features) - KNOWN_FEATURES)
     if unknown:
         raise UnsupportedFormatError(
@@ -714,13 +728,13 @@ def parse_index(raw: bytes, where: str) -> IndexInfo:
     if not isinstance(obj, dict):
         raise IndexFormatError(f"{where}: expected a JSON object, found {type(obj).__name__}")
     if obj.get("format") != FORMAT_NAME:
-        raise IndexFormatError(f"{where}: expected 'format': {FORMAT_NAME!r}, found {obj.get('format')!r}")
+        raise IndexFormatError(f"{where}: expected 'format': {FORMAT_NAME!r}, found {shown(obj.get('format'))}")
     version, features = _check_version_and_features(obj, where)
     if obj.get("checksum") != ALGORITHM:
-        raise UnsupportedFormatError(f"{where}: expected 'checksum': {ALGORITHM!r}, found {obj.get('checksum')!r}")
+        raise UnsupportedFormatError(f"{where}: expected 'checksum': {ALGORITHM!r}, found {shown(obj.get('checksum'))}")
     codec = obj.get("codec")
     if not isinstance(codec, dict):
-        raise IndexFormatError(f"{where}: expected 'codec' to be an object, found {codec!r}")
+        raise IndexFormatError(f"{where}: expected 'codec' to be an object, found {shown(codec)}")
     metadata = obj.get("metadata", {})
     if not isinstance(metadata, dict):
         raise IndexFormatError(f"{where}: expected 'metadata' to be an object, found {type(metadata).__name__}")
@@ -769,7 +783,7 @@ def parse_index(raw: bytes, where: str) -> IndexInfo:
         shards.append(entry)
     totals = obj.get("totals")
     if not isinstance(totals, dict):
-        raise IndexFormatError(f"{where}: expected 'totals' to be an object, found {totals!r}")
+        raise IndexFormatError(f"{where}: expected 'totals' to be an object, found {shown(totals)}")
     info = IndexInfo(
         version=version,
         features=features,
@@ -792,6 +806,6 @@ def parse_index(raw: bytes, where: str) -> IndexInfo:
     for key, value in expected.items():
         if totals.get(key) != value:
             raise IndexFormatError(
-                f"{where}: totals.{key} is {totals.get(key)!r}, but the shard entries add up to {value}"
+                f"{where}: totals.{key} is {shown(totals.get(key))}, but the shard entries add up to {value}"
             )
     return info

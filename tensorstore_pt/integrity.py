@@ -55,13 +55,13 @@ from .format import (
     ShardFooter,
     decode_header,
     parse_index,
+    shown,
 )
 from .reader import _check_max_record_bytes, read_index_bytes
 from .shardio import (
     DEFAULT_MAX_RECORD_BYTES,
     check_frame,
     header_version_ok,
-    shown as _shown,
     check_index_sizes,
     file_digest,
     frame_records,
@@ -516,8 +516,8 @@ def _verify_shard(
             add(
                 "footer_mismatch",
                 f"first_record {entry.first_record} (index)",
-                f"first_record {_shown(meta.get('first_record'))} (footer)",
-                f"{where}: footer says first_record {_shown(meta.get('first_record'))}, the index says "
+                f"first_record {shown(meta.get('first_record'))} (footer)",
+                f"{where}: footer says first_record {shown(meta.get('first_record'))}, the index says "
                 f"{entry.first_record} (shards swapped or renamed?)",
                 records=span,
             )
@@ -525,8 +525,8 @@ def _verify_shard(
             add(
                 "footer_mismatch",
                 f"codec {index.codec} (index)",
-                f"codec {_shown(meta.get('codec'))} (footer)",
-                f"{where}: footer says codec {_shown(meta.get('codec'))}, the index says {index.codec}",
+                f"codec {shown(meta.get('codec'))} (footer)",
+                f"{where}: footer says codec {shown(meta.get('codec'))}, the index says {index.codec}",
                 records=span,
             )
         unknown = sorted(set(meta.get("features", [])) - set(index.features))
@@ -534,17 +534,17 @@ def _verify_shard(
             add(
                 "footer_mismatch",
                 f"features within {list(index.features)} (index)",
-                f"features {_shown(meta.get('features'))} (footer)",
+                f"features {shown(meta.get('features'))} (footer)",
                 f"{where}: footer uses feature(s) {unknown} the index does not list",
                 records=span,
             )
         if header_version is not None and not header_version_ok(header_version, meta):
             add(
                 "header",
-                f"format {_shown(meta.get('format_version'))} (footer)",
+                f"format {shown(meta.get('format_version'))} (footer)",
                 f"format {list(header_version)} (header)",
                 f"{where}: header says format {header_version[0]}.{header_version[1]}, footer says "
-                f"{_shown(meta.get('format_version'))}",
+                f"{shown(meta.get('format_version'))}",
             )
         stored = int(footer.table["stored"].sum())
         raw = int(footer.table["raw"].sum())

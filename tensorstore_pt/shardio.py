@@ -61,6 +61,7 @@ from .format import (
     encode_footer,
     encode_header,
     parse_footer,
+    shown,
     version_for,
 )
 from .storage import AtomicWriter, ReadHandle, Storage
@@ -207,18 +208,6 @@ def read_footer(
             f"{entry.stored_bytes} / {entry.raw_bytes}"
         )
     return footer
-
-
-#: The most characters of a footer JSON value an error or a problem quotes.
-SHOWN_CHARS = 200
-
-
-def shown(value: Any) -> str:
-    """``repr(value)``, cut to :data:`SHOWN_CHARS` characters: a hostile footer's checked key
-    (codec, first_record, features) may hold up to 1 MiB of JSON; an error or a verify report
-    quoting it whole held megabytes a shard (a report: twice, in ``found`` and ``message``)."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def header_version_ok(version: tuple[int, int], meta: dict[str, Any]) -> bool:

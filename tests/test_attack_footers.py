@@ -16,6 +16,7 @@ from _store_tools import load_index, read_every_record_traced, same, samples, sa
 import tensorstore_pt as tspt
 import tensorstore_pt.reader as reader_mod
 from tensorstore_pt.checksums import ALGORITHM, digest_int
+from tensorstore_pt.errors import IndexFormatError
 from tensorstore_pt.format import (
     HEADER_BYTES,
     MAX_FOOTER_JSON_BYTES,
@@ -285,3 +286,42 @@ def test_refused_footer_error_does_not_quote_junk_whole(tmp_path: Path) -> None:
     with pytest.raises(tspt.ShardFormatError, match="footer says codec") as got:
         tspt.open_store(store)
     assert len(str(got.value)) < 2_000, len(str(got.value))
+
+
+@pytest.mark.parametrize("key", ["records", "raw_frames"])
+def test_footer_parse_errors_do_not_quote_junk_whole(tmp_path: Path, key: str) -> None:
+    """The twin in the footer's own parsing (format.parse_footer): a junk 'records' or
+    'raw_frames' was quoted whole in its error."""
+    store = tmp_path / "s"
+    tspt.write_store(samples(4), store, codec="zstd", frame_target_bytes=2_000)
+    big = "x" * (MAX_FOOTER_JSON_BYTES - 4096)
+
+    def junk(blobs: list[bytes], meta: dict[str, Any]) -> list[bytes]:
+        meta[key] = big
+        if key == "raw_frames":
+            meta["features"] = sorted({*meta["features"], "raw-frames"})
+            meta["format_version"] = [1, 2]
+        return blobs
+
+    _rewrite(sorted(store.glob("*.tspt"))[0], junk)
+    _reseal(store)
+    if key == "raw_frames":
+        obj = load_index(store)
+        obj.update(format_version=[1, 2], features=sorted({*obj["features"], "raw-frames"}))
+        save_index(store, obj)
+    with pytest.raises(tspt.ShardFormatError, match="'x{50}") as got:
+        tspt.open_store(store)
+    assert len(str(got.value)) < 2_000, len(str(got.value))
+
+
+@pytest.mark.parametrize("key", ["format_version", "codec", "totals"])
+def test_index_parse_errors_do_not_quote_junk_whole(tmp_path: Path, key: str) -> None:
+    """format.parse_index quoted an index value whole in its error (an index may be 256 MiB)."""
+    store = tmp_path / "s"
+    tspt.write_store(samples(4), store, codec="zstd")
+    obj = load_index(store)
+    obj[key] = "x" * 1_000_000
+    save_index(store, obj)
+    with pytest.raises(IndexFormatError) as got:
+        tspt.open_store(store)
+    assert "characters)" in str(got.value) and len(str(got.value)) < 2_000, len(str(got.value))
