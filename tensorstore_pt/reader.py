@@ -317,7 +317,8 @@ class StoreReader:
     with one ranged read of the shard's tail sized by the index
     (:func:`~tensorstore_pt.shardio.fetch_footer`), plus one of its 16-byte header (unless the
     tail read covers the whole shard; at the same time as the tail where footers are read in
-    bulk), and cached: at open with ``verify=True``, else on the first read of the shard. The open's footer reads, like a bulk read's, keep
+    bulk), and cached: at open with ``verify=True``, else on the first read of the shard. The
+    open's footer reads, like a bulk read's, keep
     :attr:`Storage.read_concurrency <tensorstore_pt.storage.Storage.read_concurrency>` reads
     in flight (16 on an object store, one after another on a local disk). Then ``store[i]`` is
     one ranged read of the record's frame, and a bulk read (``store[list]``,
