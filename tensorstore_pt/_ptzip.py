@@ -623,6 +623,15 @@ def rebuild(parts: PtParts) -> bytes:
     return b"".join(tpl.pick(tpl.static + datas + [pack(c) for c in crcs]))
 
 
+def rebuilt_bytes(parts: PtParts) -> int:
+    """The length of :func:`rebuild`'s output for ``parts``, without building it.
+
+    Raises:
+        RecordMetaError: As :func:`rebuild`.
+    """
+    return _template(parts.layout, parts.archive, (len(parts.pickle), *map(len, parts.storages))).nbytes
+
+
 def prove(buf: Any) -> PtParts | None:
     """:func:`split`, then :func:`rebuild` and compare: the parts only if the bytes match.
 
@@ -746,6 +755,21 @@ def decode_meta(meta: Any, storages: Any, layout: PtLayout) -> PtParts:
             a non-canonical encoding (an overlong varint, ``"archive"`` spelled out).
             Allocations are bounded by ``len(meta)``.
     """
+    archive, name_hash, sizes, crcs, pickle = parse_meta(meta, layout)
+    blob = memoryview(storages).cast("B")
+    if sum(sizes) != len(blob):
+        raise RecordMetaError(f"storage sizes add up to {sum(sizes)} bytes, the storage bytes are {len(blob)}")
+    views = []
+    at = 0
+    for size in sizes:
+        views.append(blob[at : at + size])
+        at += size
+    return PtParts(layout, archive, pickle, tuple(views), name_hash, crcs)
+
+
+def parse_meta(meta: Any, layout: PtLayout) -> tuple[str, int, list[int], tuple[int | None, ...], memoryview]:
+    """:func:`decode_meta` without the storage bytes: ``(archive, name hash, storage sizes,
+    CRC-32s, pickle view)``, with the same checks on ``meta`` (see there)."""
     mv = memoryview(meta).cast("B")
     n = len(mv)
     if n < 10:
@@ -777,11 +801,6 @@ def decode_meta(meta: Any, storages: Any, layout: PtLayout) -> PtParts:
     sizes = [0] * (count + 1)
     for i in range(count + 1):
         sizes[i], pos = _read_varint(mv, pos, "pickle length" if i == 0 else f"size of storage {i - 1}")
-    blob = memoryview(storages).cast("B")
-    if sum(sizes) - sizes[0] != len(blob):
-        raise RecordMetaError(
-            f"storage sizes add up to {sum(sizes) - sizes[0]} bytes, the storage bytes are {len(blob)}"
-        )
     crcs: list[int | None] = [None] * (count + 1)
     if layout.crc32:
         for i, size in enumerate(sizes):
@@ -794,10 +813,4 @@ def decode_meta(meta: Any, storages: Any, layout: PtLayout) -> PtParts:
         if pos + sizes[0] > n:
             raise _short("pickle", pos, sizes[0], n)
         raise RecordMetaError(f"record metadata has {n - pos - sizes[0]} bytes after its pickle")
-    pickle = mv[pos:]
-    views = []
-    at = 0
-    for size in sizes[1:]:
-        views.append(blob[at : at + size])
-        at += size
-    return PtParts(layout, archive, pickle, tuple(views), name_hash, tuple(crcs))
+    return archive, name_hash, sizes[1:], tuple(crcs), mv[pos:]

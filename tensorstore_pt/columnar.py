@@ -1,0 +1,362 @@
+"""Columnar frames (format 1.3, feature ``columnar-frames``): container-free records, column by column.
+
+A *column block* is the decoded content of one columnar frame: the records of the frame kept
+as their parts (:mod:`._ptzip`: the pickle, the storages, a few numbers), not as ``torch.save``
+zip containers, and laid out column by column so that the codec sees like next to like: the
+records' metadata (pickles included) back to back in column 0, then storage ``j`` of every
+record back to back in column ``j + 1``. Each record's exact ``torch.save`` bytes are rebuilt
+on demand (:meth:`ColumnBlock.record_bytes`), and a record can be loaded from its parts
+without a zip container at all (:meth:`ColumnBlock.load`).
+
+Block layout (docs/format.md, section 5.3), all integers little-endian::
+
+    0         8        magic b"TSPTCOLS"
+    8         4        u32 record count n (>= 1)
+    12        4        u32 column count c (>= 1): 1 + the storage count of every record
+    16        16 x c   per column: u64 column bytes, u8 filter, u8 element size, 6 zero bytes
+    16 + 16c  4 x n    u32 metadata length of each record (column 0 is their concatenation)
+    ...                the columns, back to back; the block ends where the last one ends
+
+Filters (per column, chosen by the writer by measurement, undone by the reader before use):
+``0`` none; ``1`` byte shuffle with element size ``e`` in {2, 4, 8} (the first
+``L // e * e`` bytes are stored as byte 0 of every element, then byte 1, ...; the rest
+verbatim); ``2`` delta of little-endian unsigned ``e``-byte integers, ``e`` in {1, 2, 4, 8}
+(the first ``L // e * e`` bytes: the first value, then each difference to the previous modulo
+``2**(8e)``; the rest verbatim). A column 0 filter MUST be 0.
+
+Thread safety: functions are pure; a :class:`ColumnBlock` is read-only after construction and
+safe to share between threads. Fork/spawn safe (no handles). Memory: a block holds its decoded
+input plus one unfiltered copy of each filtered column; per record only a few ints.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _ptzip
+from .errors import RecordLengthError, RecordMetaError
+
+__all__ = [
+    "FILTER_DELTA",
+    "FILTER_NONE",
+    "FILTER_SHUFFLE",
+    "MAGIC",
+    "MIN_FILTER_GAIN",
+    "ColumnBlock",
+    "encode_block",
+    "is_block",
+]
+
+#: The first 8 bytes of every column block. A ``torch.save`` record (the only other thing a
+#: decoded frame holds) starts with a zip local header, ``PK\x03\x04``.
+MAGIC = b"TSPTCOLS"
+FILTER_NONE, FILTER_SHUFFLE, FILTER_DELTA = 0, 1, 2
+_FILTER_SIZES = {FILTER_NONE: (0,), FILTER_SHUFFLE: (2, 4, 8), FILTER_DELTA: (1, 2, 4, 8)}
+_FILTER_NAMES = {FILTER_NONE: "none", FILTER_SHUFFLE: "shuffle", FILTER_DELTA: "delta"}
+_HEAD = struct.Struct("<8sII")
+_COLUMN = struct.Struct("<QBB6x")
+#: A filter is kept only if it shrinks the column's coded bytes by at least this fraction
+#: (measured at write time on up to FILTER_SAMPLE_BYTES of the column).
+MIN_FILTER_GAIN = 0.02
+#: Bytes of a column the writer codes per candidate filter to choose one.
+FILTER_SAMPLE_BYTES = 64 * 1024
+#: Most columns a block may have (a record with more storages is stored in a plain frame).
+MAX_COLUMNS = 4096
+_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def is_block(data: Any) -> bool:
+    """Whether decoded frame bytes are a column block (they start with :data:`MAGIC`)."""
+    return bytes(memoryview(data)[:8]) == MAGIC
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def _apply(col: bytes, filt: int, size: int) -> bytes:
+    """The stored form of column bytes ``col`` under filter ``filt`` of element size ``size``."""
+    if filt == FILTER_NONE:
+        return col
+    whole = len(col) // size * size
+    a = np.frombuffer(col, dtype=np.uint8, count=whole)
+    if filt == FILTER_SHUFFLE:
+        body = a.reshape(-1, size).T.tobytes()
+    else:
+        v = a.view(_DTYPES[size])
+        d = np.empty_like(v)
+        if len(v):
+            d[0] = v[0]
+            np.subtract(v[1:], v[:-1], out=d[1:])
+        body = d.tobytes()
+    return body + col[whole:]
+
+
+def _undo(col: memoryview, filt: int, size: int) -> memoryview:
+    """The column bytes stored as ``col`` under filter ``filt`` (a fresh buffer, or ``col``)."""
+    if filt == FILTER_NONE:
+        return col
+    whole = len(col) // size * size
+    a = np.frombuffer(col, dtype=np.uint8, count=whole)
+    out = bytearray(len(col))
+    o = np.frombuffer(out, dtype=np.uint8)
+    if filt == FILTER_SHUFFLE:
+        o[:whole].reshape(-1, size)[:] = a.reshape(size, -1).T
+    else:
+        np.cumsum(a.view(_DTYPES[size]), dtype=_DTYPES[size], out=o[:whole].view(_DTYPES[size]))
+    out[whole:] = col[whole:]
+    return memoryview(out)
+
+
+def choose_filter(col: bytes, compress: Callable[[bytes], bytes] | None) -> tuple[int, int]:
+    """``(filter, element size)`` for a column: the candidate whose coded size (``compress``
+    of up to :data:`FILTER_SAMPLE_BYTES` of it) is smallest, if it beats no filter by at least
+    :data:`MIN_FILTER_GAIN`; ``(0, 0)`` without a codec (filters only help a codec)."""
+    if compress is None or len(col) < 64:
+        return FILTER_NONE, 0
+    sample = col[:FILTER_SAMPLE_BYTES]
+    plain = len(compress(sample))
+    best, best_size = (FILTER_NONE, 0), plain
+    for filt in (FILTER_SHUFFLE, FILTER_DELTA):
+        for size in _FILTER_SIZES[filt]:
+            if len(sample) < 4 * size:
+                continue
+            n = len(compress(_apply(sample, filt, size)))
+            if n < best_size:
+                best, best_size = (filt, size), n
+    return best if best_size <= plain * (1.0 - MIN_FILTER_GAIN) else (FILTER_NONE, 0)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def encode_block(parts: list[_ptzip.PtParts], compress: Callable[[bytes], bytes] | None) -> bytes:
+    """The column block of records ``parts`` (all with the same storage count and layout).
+
+    Args:
+        parts: From :func:`._ptzip.prove` of each record, in record order (at least one).
+        compress: The store's codec (``Codec.compress``) to choose filters by, or None (codec
+            ``none``: no filters).
+
+    Returns:
+        The block's bytes (docs/format.md, section 5.3).
+
+    Raises:
+        ValueError: ``parts`` is empty, the records differ in storage count, or have more
+            than ``MAX_COLUMNS - 1`` storages (the writer stores such records in plain frames).
+    """
+    if not parts:
+        raise ValueError("a column block holds at least one record")
+    count = len(parts[0].storages)
+    if any(len(p.storages) != count for p in parts) or count + 1 > MAX_COLUMNS:
+        raise ValueError("a column block's records share one storage count, of at most MAX_COLUMNS - 1")
+    metas = [_ptzip.encode_meta(p) for p in parts]
+    columns: list[tuple[bytes, int, int]] = [(b"".join(metas), FILTER_NONE, 0)]
+    for j in range(count):
+        col = b"".join(p.storages[j] for p in parts)
+        filt, size = choose_filter(col, compress)
+        columns.append((_apply(col, filt, size), filt, size))
+    out = [_HEAD.pack(MAGIC, len(parts), len(columns))]
+    out += [_COLUMN.pack(len(c), f, s) for c, f, s in columns]
+    out.append(np.asarray([len(m) for m in metas], dtype="<u4").tobytes())
+    out += [c for c, _, _ in columns]
+    return b"".join(out)
+
+
+def proved(raw: bytes, layout: _ptzip.PtLayout) -> tuple[_ptzip.PtParts | None, int]:
+    """``(parts, content bytes)`` of a record a writer of ``layout`` stores compact: its parts
+    if it proves under ``layout`` with fewer than ``MAX_COLUMNS`` storages (else None), and
+    the bytes it adds to a frame: its metadata and storages (a column block holds no
+    container), or its whole length (a plain frame)."""
+    parts = _ptzip.prove(raw)
+    if parts is None or parts.layout != layout or len(parts.storages) >= MAX_COLUMNS:
+        return None, len(raw)
+    return parts, len(parts.pickle) + parts.storage_bytes + _META_OVERHEAD_BYTES + 4 * len(parts.storages)
+
+
+#: About what a record's metadata adds to its pickle (header, name hash, lengths, its own length).
+_META_OVERHEAD_BYTES = 16
+
+
+def plan_frames(
+    records: list[tuple[bytes, _ptzip.PtParts | None]], compress: Callable[[bytes], bytes] | None
+) -> list[tuple[bytes, list[int], bool]]:
+    """How a compact writer stores one group of records (``compact=True``): a column block
+    for each run of consecutive records that proved (:func:`proved`) with the same storage
+    count, a plain frame (their bytes back to back) for each run of records that did not.
+
+    Args:
+        records: ``(torch.save bytes, parts or None)`` of each record, in order.
+        compress: The codec's compress, to choose filters by (None: no filters).
+
+    Returns:
+        ``(decoded frame bytes, the records' raw lengths, is a column block)`` per frame.
+    """
+    runs: list[tuple[int | None, list[bytes], list[Any]]] = []
+    for raw, parts in records:
+        key = None if parts is None else len(parts.storages)
+        if not runs or runs[-1][0] != key:
+            runs.append((key, [], []))
+        runs[-1][1].append(raw)
+        runs[-1][2].append(parts)
+    out = []
+    for key, group, parts_list in runs:
+        lengths = [len(r) for r in group]
+        if key is None:
+            out.append((group[0] if len(group) == 1 else b"".join(group), lengths, False))
+        else:
+            out.append((encode_block(parts_list, compress), lengths, True))
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _bad(where: str, what: str) -> RecordMetaError:
+    return RecordMetaError(f"{where}: column block: {what}")
+
+
+class ColumnBlock:
+    """A parsed, fully checked column block (see the module docstring).
+
+    Args:
+        data: The decoded frame (bytes-like; kept and viewed, not copied).
+        layout: The container layout of the shard (its footer's ``columnar_layout``).
+        records: The number of records the shard's record map gives the frame.
+        where: Context for messages.
+
+    Raises:
+        RecordMetaError: Anything malformed: magic, counts (against ``records``), column
+            entries (unknown filter, element size, a column 0 filter), lengths that do not add
+            up to the block (a column that runs past the block, bytes left over), a record's
+            metadata (its own checks, see :func:`._ptzip.decode_meta`), a record whose storage
+            count differs from the block's, storage sizes that do not add up to their column.
+            All checked here, before any record is handed out; allocations are bounded by the
+            block's length (one unfiltered copy per filtered column).
+    """
+
+    __slots__ = ("_metas", "_nbytes", "_pos", "_sizes", "columns", "layout", "n", "where")
+
+    def __init__(self, data: Any, layout: _ptzip.PtLayout, records: int, where: str) -> None:
+        mv = memoryview(data).cast("B")
+        size = len(mv)
+        self.where = where
+        self.layout = layout
+        if size < _HEAD.size:
+            raise _bad(where, f"{size} bytes, shorter than its {_HEAD.size}-byte header")
+        magic, n, c = _HEAD.unpack_from(mv, 0)
+        if magic != MAGIC:
+            raise _bad(where, f"magic {magic!r}, expected {MAGIC!r}")
+        if n != records or n < 1:
+            raise _bad(where, f"holds {n} records, the record map gives the frame {records}")
+        if not 1 <= c <= MAX_COLUMNS:
+            raise _bad(where, f"{c} columns, expected 1..{MAX_COLUMNS}")
+        pos = _HEAD.size + _COLUMN.size * c + 4 * n
+        if pos > size:
+            raise _bad(where, f"its column and length tables need {pos} bytes, the block has {size}")
+        specs = [_COLUMN.unpack_from(mv, _HEAD.size + _COLUMN.size * j) for j in range(c)]
+        meta_lengths = np.frombuffer(mv, dtype="<u4", count=n, offset=_HEAD.size + _COLUMN.size * c)
+        cols: list[memoryview] = []
+        for j, (length, filt, esize) in enumerate(specs):
+            if filt not in _FILTER_SIZES or esize not in _FILTER_SIZES[filt] or (j == 0 and filt != FILTER_NONE):
+                raise _bad(where, f"column {j} has filter {filt} with element size {esize}, not one of {_FILTER_NAMES}")
+            if bytes(mv[_HEAD.size + _COLUMN.size * j + 10 : _HEAD.size + _COLUMN.size * (j + 1)]) != bytes(6):
+                raise _bad(where, f"column {j}'s entry has non-zero reserved bytes")
+            if length > size - pos:
+                raise _bad(where, f"column {j} of {length} bytes runs past the block ({size - pos} bytes left)")
+            cols.append(_undo(mv[pos : pos + length], filt, esize))
+            pos += length
+        if pos != size:
+            raise _bad(where, f"{size - pos} bytes after its last column")
+        if int(meta_lengths.sum(dtype=np.uint64)) != len(cols[0]):
+            raise _bad(
+                where, f"record metadata lengths add up to {int(meta_lengths.sum())} bytes, column 0 has {len(cols[0])}"
+            )
+        self.columns = cols
+        self.n = n
+        self._nbytes = size + sum(len(col) for col, spec in zip(cols, specs) if spec[1] != FILTER_NONE)
+        metas: list[tuple[str, Any, int, tuple[int | None, ...]]] = []
+        sizes = np.zeros((n, c - 1), dtype=np.int64)
+        at = 0
+        for r, m in enumerate(meta_lengths.tolist()):
+            try:
+                archive, name_hash, rec_sizes, crcs, pickle = _ptzip.parse_meta(cols[0][at : at + m], layout)
+            except RecordMetaError as exc:
+                raise _bad(where, f"record {r}: {exc}") from None
+            if len(rec_sizes) != c - 1:
+                raise _bad(where, f"record {r} has {len(rec_sizes)} storages, the block's plan has {c - 1}")
+            sizes[r] = rec_sizes
+            metas.append((archive, pickle, name_hash, crcs))
+            at += m
+        totals = sizes.sum(axis=0).tolist()
+        for j, total in enumerate(totals):
+            if total != len(cols[j + 1]):
+                raise _bad(where, f"storage {j}'s sizes add up to {total} bytes, its column has {len(cols[j + 1])}")
+        self._metas = metas
+        self._sizes = sizes
+        pos_arr = np.zeros((n + 1, c - 1), dtype=np.int64)
+        np.cumsum(sizes, axis=0, out=pos_arr[1:])
+        self._pos = pos_arr
+
+    def __len__(self) -> int:
+        """Bytes the block holds: the decoded frame plus the unfiltered copies of its columns."""
+        return self._nbytes
+
+    def storages(self, r: int) -> tuple[memoryview, ...]:
+        """Record ``r``'s storages, in key order (views into the block)."""
+        cols, lo, hi = self.columns, self._pos[r].tolist(), self._pos[r + 1].tolist()
+        return tuple(cols[j + 1][lo[j] : hi[j]] for j in range(len(lo)))
+
+    def pickle(self, r: int) -> memoryview:
+        """Record ``r``'s ``data.pkl`` bytes (a view)."""
+        return self._metas[r][1]  # type: ignore[no-any-return]
+
+    def parts(self, r: int) -> _ptzip.PtParts:
+        """Record ``r``'s parts (views into the block)."""
+        archive, pickle, name_hash, crcs = self._metas[r]
+        return _ptzip.PtParts(self.layout, archive, pickle, self.storages(r), name_hash, crcs)
+
+    def check_length(self, r: int, raw_bytes: int) -> _ptzip.PtParts:
+        """Record ``r``'s parts, once its rebuilt length (computed, not built) is checked
+        against ``raw_bytes``, the record map's.
+
+        Raises:
+            RecordLengthError: The record rebuilds to another length (kind ``record_length``).
+            RecordMetaError: The parts would make a zip of 4 GiB or more.
+        """
+        parts = self.parts(r)
+        length = _ptzip.rebuilt_bytes(parts)
+        if length != raw_bytes:
+            exc = RecordLengthError(
+                f"{self.where}: record {r} of the column block rebuilds to {length} bytes, the record map says "
+                f"{raw_bytes}"
+            )
+            exc.problem = ("record_length", f"{raw_bytes} raw bytes (record map)", f"{length} bytes rebuilt")  # type: ignore[attr-defined]
+            raise exc
+        return parts
+
+    def record_bytes(self, r: int, raw_bytes: int) -> bytes:
+        """Record ``r``'s exact ``torch.save`` bytes, which the record map says are ``raw_bytes``
+        long (checked before they are built).
+
+        Raises:
+            RecordLengthError, RecordMetaError: As :meth:`check_length`.
+        """
+        return _ptzip.rebuild(self.check_length(r, raw_bytes))
+
+    def storage_blob(self, r: int) -> tuple[bytearray, list[tuple[int, int]]]:
+        """Record ``r``'s storages copied into one fresh buffer, each at a multiple of the
+        layout's alignment (as in the zip): ``(buffer, [(offset, length) per storage])``."""
+        align = self.layout.alignment
+        spans = []
+        at = 0
+        views = self.storages(r)
+        for v in views:
+            spans.append((at, len(v)))
+            at += (len(v) + align - 1) // align * align
+        blob = bytearray(at)
+        for (off, length), v in zip(spans, views):
+            blob[off : off + length] = v
+        return blob, spans
