@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .checksums import ALGORITHM, digest_int, parse_digest
-from .errors import IndexFormatError, ShardFormatError, UnsupportedFormatError
+from .errors import IndexFormatError, RecordMetaError, ShardFormatError, UnsupportedFormatError
 
 __all__ = [
     "FORMAT_NAME",
@@ -50,6 +50,7 @@ __all__ = [
     "FEATURE_DICTIONARY",
     "FEATURE_MULTI_RECORD_FRAMES",
     "FEATURE_RAW_FRAMES",
+    "FEATURE_COLUMNAR_FRAMES",
     "RECORD_DTYPE",
     "RECORD_ENTRY_BYTES",
     "RECORD_MAP_DTYPE",
@@ -82,7 +83,7 @@ __all__ = [
 FORMAT_NAME = "tensorstore_pt"
 #: The newest (major, minor) this version writes. A reader MUST refuse a newer major; a newer
 #: minor only through unknown features. A store that uses no feature is written as 1.0.
-FORMAT_VERSION: tuple[int, int] = (1, 2)
+FORMAT_VERSION: tuple[int, int] = (1, 3)
 BASE_VERSION: tuple[int, int] = (1, 0)
 #: 1.1: several consecutive records per frame; the footer gains a record map.
 FEATURE_MULTI_RECORD_FRAMES = "multi-record-frames"
@@ -91,11 +92,16 @@ FEATURE_DICTIONARY = "zstd-dictionary"
 #: 1.2: frames the codec barely shrinks are stored as their raw bytes; the footer JSON lists
 #: them (``raw_frames``, runs of frame indices).
 FEATURE_RAW_FRAMES = "raw-frames"
+#: 1.3: multi-record frames whose decoded bytes are a column block of container-free records
+#: (tensorstore_pt/columnar.py); the footer JSON names them (``columnar_frames``) and the
+#: container layout their records are rebuilt with (``columnar_layout``).
+FEATURE_COLUMNAR_FRAMES = "columnar-frames"
 #: The version that introduced each optional feature.
 FEATURE_VERSIONS: dict[str, tuple[int, int]] = {
     FEATURE_MULTI_RECORD_FRAMES: (1, 1),
     FEATURE_DICTIONARY: (1, 1),
     FEATURE_RAW_FRAMES: (1, 2),
+    FEATURE_COLUMNAR_FRAMES: (1, 3),
 }
 #: Optional features (listed in index and footers) this version can read.
 KNOWN_FEATURES: frozenset[str] = frozenset(FEATURE_VERSIONS)
@@ -260,6 +266,10 @@ class ShardFooter:
             ``[raw_offset, raw_offset + raw)`` of frame ``frame`` decoded. None otherwise.
         raw_mask: With the "raw-frames" feature, a bool array, one per frame: True where the
             frame is stored raw (the footer JSON's ``raw_frames`` runs). None otherwise.
+        columnar_mask: With the "columnar-frames" feature, a bool array, one per frame: True
+            where the frame decodes to a column block (``columnar_frames``). None otherwise.
+        layout: With the "columnar-frames" feature, the ``_ptzip.PtLayout`` of the footer's
+            ``columnar_layout``: how the column blocks' records are rebuilt. None otherwise.
     """
 
     table: np.ndarray
@@ -267,6 +277,12 @@ class ShardFooter:
     table_offset: int
     record_map: np.ndarray | None = None
     raw_mask: np.ndarray | None = None
+    columnar_mask: np.ndarray | None = None
+    layout: Any = None
+
+    def is_columnar(self, fi: int) -> bool:
+        """Whether frame ``fi`` decodes to a column block (format 1.3, "columnar-frames")."""
+        return self.columnar_mask is not None and bool(self.columnar_mask[fi])
 
     def is_raw(self, fi: int) -> bool:
         """Whether frame ``fi`` is stored raw (format 1.2, "raw-frames"): its stored bytes are
@@ -398,6 +414,10 @@ def parse_footer(
     if meta.get("records") != count:
         raise ShardFormatError(f"{where}: footer JSON says {shown(meta.get('records'))} records, trailer says {count}")
     multi = FEATURE_MULTI_RECORD_FRAMES in features
+    if FEATURE_COLUMNAR_FRAMES in features and not multi:
+        raise ShardFormatError(
+            f"{where}: footer lists {FEATURE_COLUMNAR_FRAMES!r} without {FEATURE_MULTI_RECORD_FRAMES!r}"
+        )
     frames = meta.get("frames", count) if multi else count
     if isinstance(frames, bool) or not isinstance(frames, int) or not 0 <= frames <= count:
         raise ShardFormatError(f"{where}: footer JSON 'frames' must be an int in [0, {count}], found {shown(frames)}")
@@ -424,9 +444,23 @@ def parse_footer(
     elif table_offset != HEADER_BYTES:
         raise ShardFormatError(f"{where}: no frames, but the table starts at byte {table_offset}, not {HEADER_BYTES}")
     record_map = None
+    columnar_mask = layout = None
+    if FEATURE_COLUMNAR_FRAMES in features:
+        from ._ptzip import PtLayout  # no torch import; kept local: most stores never need it
+
+        try:
+            layout = PtLayout.from_json(meta.get("columnar_layout"))
+        except RecordMetaError as exc:
+            raise ShardFormatError(f"{where}: footer JSON 'columnar_layout': {shown(str(exc))}") from None
+        columnar_mask = frame_runs_mask(meta.get("columnar_frames"), table, where, "columnar_frames", True)
+    elif "columnar_frames" in meta or "columnar_layout" in meta:
+        raise ShardFormatError(
+            f"{where}: footer JSON has 'columnar_frames' or 'columnar_layout' but does not list the feature "
+            f"{FEATURE_COLUMNAR_FRAMES!r}"
+        )
     if multi:
         record_map = np.frombuffer(body, dtype=RECORD_MAP_DTYPE, count=count, offset=frames * RECORD_ENTRY_BYTES)
-        _check_record_map(record_map, table, where)
+        _check_record_map(record_map, table, where, columnar_mask)
     raw_mask = None
     if FEATURE_RAW_FRAMES in features:
         raw_mask = raw_frames_mask(meta.get("raw_frames"), table, where)
@@ -434,7 +468,15 @@ def parse_footer(
         raise ShardFormatError(
             f"{where}: footer JSON has 'raw_frames' but does not list the feature {FEATURE_RAW_FRAMES!r}"
         )
-    return ShardFooter(table=table, meta=meta, table_offset=table_offset, record_map=record_map, raw_mask=raw_mask)
+    return ShardFooter(
+        table=table,
+        meta=meta,
+        table_offset=table_offset,
+        record_map=record_map,
+        raw_mask=raw_mask,
+        columnar_mask=columnar_mask,
+        layout=layout,
+    )
 
 
 def raw_frames_mask(runs: Any, table: np.ndarray, where: str) -> np.ndarray:
@@ -448,13 +490,20 @@ def raw_frames_mask(runs: Any, table: np.ndarray, where: str) -> np.ndarray:
     Raises:
         ShardFormatError: Anything else.
     """
+    return frame_runs_mask(runs, table, where, "raw_frames", False)
+
+
+def frame_runs_mask(runs: Any, table: np.ndarray, where: str, key: str, empty_ok: bool) -> np.ndarray:
+    """:func:`raw_frames_mask` for the footer key ``key`` (``"raw_frames"`` or
+    ``"columnar_frames"``); ``empty_ok``: an empty list is allowed (no frame named)."""
     frames = len(table)
+    feature = FEATURE_RAW_FRAMES if key == "raw_frames" else FEATURE_COLUMNAR_FRAMES
     if not isinstance(runs, list):
         raise ShardFormatError(
-            f"{where}: footer lists {FEATURE_RAW_FRAMES!r} but 'raw_frames' is {shown(runs)}; expected a list of "
+            f"{where}: footer lists {feature!r} but {key!r} is {shown(runs)}; expected a list of "
             "[first, end] frame ranges"
         )
-    if not runs:
+    if not runs and not empty_ok:
         raise ShardFormatError(
             f"{where}: footer lists {FEATURE_RAW_FRAMES!r} but 'raw_frames' names no frame; a shard without raw "
             "frames does not list the feature"
@@ -467,16 +516,16 @@ def raw_frames_mask(runs: Any, table: np.ndarray, where: str) -> np.ndarray:
             or len(run) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in run)
         ):
-            raise ShardFormatError(f"{where}: 'raw_frames' entry {shown(run)}: expected [first, end] (two ints)")
+            raise ShardFormatError(f"{where}: {key!r} entry {shown(run)}: expected [first, end] (two ints)")
         first, end = run
         if not prev_end < first < end <= frames:
             raise ShardFormatError(
-                f"{where}: 'raw_frames' run {shown(run)}: expected runs in increasing order, non-empty, not overlapping "
+                f"{where}: {key!r} run {shown(run)}: expected runs in increasing order, non-empty, not overlapping "
                 f"or touching the previous one (which ends at {max(prev_end, 0)}), within the {frames} frames"
             )
         mask[first:end] = True
         prev_end = end
-    if mask.any():
+    if mask.any() and key == "raw_frames":
         bad = np.flatnonzero(mask & (table["stored"] != table["raw"]))
         if len(bad):
             fi = int(bad[0])
@@ -499,8 +548,11 @@ def raw_frames_runs(mask: list[bool] | np.ndarray) -> list[list[int]]:
     return runs
 
 
-def _check_record_map(record_map: np.ndarray, table: np.ndarray, where: str) -> None:
-    """Each frame's records must tile its decoded bytes [0, raw) in order, every frame used."""
+def _check_record_map(
+    record_map: np.ndarray, table: np.ndarray, where: str, columnar_mask: np.ndarray | None = None
+) -> None:
+    """Each frame's records must tile its decoded bytes [0, raw) in order, every frame used
+    (a column block's records tile ``[0, sum of their raw bytes)`` instead, format 1.3)."""
     if not len(record_map):
         if len(table):
             raise ShardFormatError(f"{where}: {len(table)} frames but no records")
@@ -523,7 +575,8 @@ def _check_record_map(record_map: np.ndarray, table: np.ndarray, where: str) -> 
         expected_offset[1:] = np.where(starts[1:], 0, raw_offset[:-1] + raw[:-1])
         sums = np.zeros(len(table), dtype=np.uint64)
         np.add.at(sums, frame.astype(np.int64), raw)
-        bad = not np.array_equal(raw_offset, expected_offset) or not np.array_equal(sums, table["raw"])
+        plain = slice(None) if columnar_mask is None else ~columnar_mask
+        bad = not np.array_equal(raw_offset, expected_offset) or not np.array_equal(sums[plain], table["raw"][plain])
     if bad:
         raise ShardFormatError(
             f"{where}: record map is inconsistent: records must tile each frame's decoded bytes in order"

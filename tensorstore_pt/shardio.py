@@ -45,6 +45,7 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .format import (
+    FEATURE_COLUMNAR_FRAMES,
     FEATURE_RAW_FRAMES,
     HEADER_BYTES,
     MAX_FOOTER_JSON_BYTES,
@@ -200,8 +201,12 @@ def read_footer(
         raise ShardFormatError(f"{where}: footer says codec {shown(meta.get('codec'))}, the index says {index.codec}")
     stored = int(footer.table["stored"].sum())
     raw = int(footer.table["raw"].sum())
-    if footer.record_map is not None and int(footer.record_map["raw"].sum()) != raw:
-        raise ShardFormatError(f"{where}: record map and frame table disagree on the raw bytes")
+    if footer.record_map is not None:
+        # The records' raw bytes (a column block's records are longer than the block, format 1.3).
+        records_raw = int(footer.record_map["raw"].sum())
+        if footer.columnar_mask is None and records_raw != raw:
+            raise ShardFormatError(f"{where}: record map and frame table disagree on the raw bytes")
+        raw = records_raw
     if stored != entry.stored_bytes or raw != entry.raw_bytes:
         raise ShardFormatError(
             f"{where}: footer records add up to {stored} stored / {raw} raw bytes, the index says "
@@ -221,6 +226,13 @@ def header_version_ok(version: tuple[int, int], meta: dict[str, Any]) -> bool:
     features = meta.get("features", [])
     return FEATURE_RAW_FRAMES in features and version == version_for([f for f in features if f != FEATURE_RAW_FRAMES])
 
+
+#: How many times its decoded bytes a column block's records may rebuild to (format 1.3):
+#: the zip container torch.save wraps around a record adds at most a few hundred bytes per
+#: storage (local and central headers, both naming the entry; alignment padding; a data
+#: descriptor) and about 1.2 KiB per record (the constant entries, the end records), where the
+#: block spends at least one byte per storage and 12 per record on them; 1024 bounds both.
+COLUMNAR_EXPANSION = 1024
 
 #: Default speculative tail read of :func:`fetch_footer` when the index gives no usable size hint.
 TAIL_BYTES = 64 * 2**10
@@ -322,10 +334,13 @@ def check_index_sizes(index: IndexInfo, codec: Codec, where: str) -> None:
         IndexFormatError: A shard's ``raw_bytes`` is above the codec's worst-case bound.
     """
     raw_frames = FEATURE_RAW_FRAMES in index.features
+    columnar = FEATURE_COLUMNAR_FRAMES in index.features
     for entry in index.shards:
         bound = codec.max_raw_bytes(entry.stored_bytes, entry.records)
         if raw_frames:  # frames stored raw (format 1.2) hold at most their stored bytes
             bound += entry.stored_bytes
+        if columnar:  # a column block's records rebuild to at most COLUMNAR_EXPANSION x it (1.3)
+            bound *= COLUMNAR_EXPANSION
         if entry.raw_bytes > bound:
             raise IndexFormatError(
                 f"{where}: shard {entry.name!r} says {entry.raw_bytes} raw bytes, but {entry.records} "
@@ -503,12 +518,14 @@ class FrameGrouper:
         self._group: list[bytes] = []
         self._bytes = 0
 
-    def add(self, raw: bytes) -> list[bytes] | None:
-        """Add a record; return the records of a frame that just closed, if any."""
+    def add(self, raw: Any, nbytes: int | None = None) -> list[Any] | None:
+        """Add a record (counted as ``nbytes``, default ``len(raw)``: a compact writer counts a
+        record's pickle and storages, format 1.3); return the records of a frame that just
+        closed, if any."""
         if not self.target:
             return [raw]
         self._group.append(raw)
-        self._bytes += len(raw)
+        self._bytes += len(raw) if nbytes is None else nbytes
         return self.flush() if self._bytes >= self.target else None
 
     def flush(self) -> list[bytes] | None:
@@ -626,6 +643,10 @@ class ShardBuilder:
         #: Frames stored raw (format 1.2), as the footer's ``raw_frames`` runs.
         self.raw_runs: list[list[int]] = []
         self._runs_js = 2  # len(json of raw_runs), "[]" while there is none
+        #: Frames that decode to a column block (format 1.3), as ``columnar_frames`` runs.
+        self.columnar = FEATURE_COLUMNAR_FRAMES in footer_meta["features"]
+        self.col_runs: list[list[int]] = []
+        self._cols_js = 2
         self._write(encode_header(version_for(footer_meta["features"])))
 
     def _write(self, data: bytes) -> None:
@@ -637,12 +658,21 @@ class ShardBuilder:
     def records(self) -> int:
         return len(self.rec_raw) if self.multi else len(self.offsets)
 
-    def meta(self, records: int, frames: int, raw_runs: list[list[int]] | None = None) -> dict[str, Any]:
+    def meta(
+        self,
+        records: int,
+        frames: int,
+        raw_runs: list[list[int]] | None = None,
+        col_runs: list[list[int]] | None = None,
+    ) -> dict[str, Any]:
         """The shard's footer JSON object; with ``raw_runs`` (even empty), as a shard holding
-        raw frames: feature "raw-frames" added, its version, and ``raw_frames``."""
+        raw frames: feature "raw-frames" added, its version, and ``raw_frames``; in a shard
+        that may hold column blocks, ``columnar_frames`` is ``col_runs`` (None: none yet)."""
         meta = {**self.footer_meta, "records": records, "first_record": self.first_record}
         if self.multi:
             meta["frames"] = frames
+        if self.columnar:
+            meta["columnar_frames"] = col_runs or []
         if raw_runs is not None:
             features = [*meta["features"], FEATURE_RAW_FRAMES]
             meta["features"] = features
@@ -652,34 +682,33 @@ class ShardBuilder:
 
     def _runs_js_with(self, raw: bool) -> int:
         """len(JSON of raw_runs) once frame ``len(self.offsets)`` is added (raw or not)."""
-        if not raw:
-            return self._runs_js
-        fi = len(self.offsets)
-        if self.raw_runs and self.raw_runs[-1][1] == fi:  # extends the last run: its end gains digits
-            return self._runs_js + len(str(fi + 1)) - len(str(fi))
-        return self._runs_js + len(f"[{fi},{fi + 1}]") + (1 if self.raw_runs else 0)
+        return _runs_js_with(self.raw_runs, self._runs_js, raw, len(self.offsets))
 
-    def _js_base(self, runs_js: int) -> int:
-        """len(footer JSON) with records = frames = 0 and a ``raw_frames`` of ``runs_js``
-        characters (2: ``[]``, none: the key is left out); each encoded once."""
+    def _js_base(self, runs_js: int, cols_js: int | None = None) -> int:
+        """len(footer JSON) with records = frames = 0, a ``raw_frames`` of ``runs_js``
+        characters (2: ``[]``, none: the key is left out) and a ``columnar_frames`` of
+        ``cols_js`` (default: as it is); each encoded once."""
+        cols = (self._cols_js if cols_js is None else cols_js) - 2
         if runs_js > 2:
             if self._js_raw_zero is None:
                 self._js_raw_zero = len(json.dumps(self.meta(0, 0, []), sort_keys=True, separators=(",", ":")).encode())
-            return self._js_raw_zero + runs_js - 2
+            return self._js_raw_zero + runs_js - 2 + cols
         if self._js_zero is None:
             self._js_zero = len(json.dumps(self.meta(0, 0), sort_keys=True, separators=(",", ":")).encode())
-        return self._js_zero
+        return self._js_zero + cols
 
-    def size_with(self, frame_bytes: int, records: int, raw: bool = False) -> int:
-        """File size if one more frame of ``records`` records (stored raw: ``raw``) were added
-        and the shard closed. A footer JSON past ``MAX_FOOTER_JSON_BYTES`` (readers refuse it;
+    def size_with(self, frame_bytes: int, records: int, raw: bool = False, columnar: bool = False) -> int:
+        """File size if one more frame of ``records`` records (stored raw: ``raw``; a column
+        block: ``columnar``) were added and the shard closed. A footer JSON past ``MAX_FOOTER_JSON_BYTES`` (readers refuse it;
         only reachable with tens of thousands of separate raw-frame runs) reports a size of
         ``2**63``, so the writer closes the shard first."""
         return self._closed_size(
             self.pos + frame_bytes,
             len(self.offsets) + 1,
             self.records + records,
-            self._js_base(self._runs_js_with(raw)),
+            self._js_base(
+                self._runs_js_with(raw), _runs_js_with(self.col_runs, self._cols_js, columnar, len(self.offsets))
+            ),
         )
 
     def _closed_size(self, pos: int, n_frames: int, n_records: int, js_base: int) -> int:
@@ -726,18 +755,30 @@ class ShardBuilder:
         self.checksums.extend(checksums)
         self._write(blob)
 
-    def add(self, frame: bytes, checksum: int, raw_lengths: list[int], raw: bool = False) -> None:
+    def add(
+        self,
+        frame: bytes,
+        checksum: int,
+        raw_lengths: list[int],
+        raw: bool = False,
+        block_bytes: int | None = None,
+    ) -> None:
         """Append one frame holding records of ``raw_lengths`` bytes (one, unless multi);
-        ``raw``: the frame is the records' raw bytes themselves (format 1.2, "raw-frames")."""
+        ``raw``: the frame is its decoded bytes themselves (format 1.2, "raw-frames");
+        ``block_bytes``: the frame decodes to a column block of that many bytes holding those
+        records (format 1.3, "columnar-frames"); None: to the records' bytes back to back."""
+        columnar = block_bytes is not None
+        decoded = sum(raw_lengths) if block_bytes is None else block_bytes
+        if columnar:
+            if not self.columnar:
+                raise ValueError("a column block in a shard whose footer does not list 'columnar-frames'")
+            self._cols_js = _runs_js_with(self.col_runs, self._cols_js, True, len(self.offsets))
+            _extend_runs(self.col_runs, len(self.offsets))
         if raw:
-            if len(frame) != sum(raw_lengths):
-                raise ValueError(f"a raw frame is its records' bytes: {len(frame)} bytes for {sum(raw_lengths)}")
+            if len(frame) != decoded:
+                raise ValueError(f"a raw frame is its decoded bytes: {len(frame)} bytes for {decoded}")
             self._runs_js = self._runs_js_with(True)
-            fi = len(self.offsets)
-            if self.raw_runs and self.raw_runs[-1][1] == fi:
-                self.raw_runs[-1][1] = fi + 1
-            else:
-                self.raw_runs.append([fi, fi + 1])
+            _extend_runs(self.raw_runs, len(self.offsets))
         if self.multi:
             offset = 0
             for n in raw_lengths:
@@ -747,7 +788,7 @@ class ShardBuilder:
                 offset += n
         self.offsets.append(self.pos)
         self.stored.append(len(frame))
-        self.raw.append(sum(raw_lengths))
+        self.raw.append(decoded)
         self.checksums.append(checksum)
         self._write(frame)
 
@@ -776,7 +817,7 @@ class ShardBuilder:
             record_map["frame"] = self.rec_frame
             record_map["raw_offset"] = self.rec_offset
             record_map["raw"] = self.rec_raw
-        meta = self.meta(self.records, len(self.offsets), self.raw_runs or None)
+        meta = self.meta(self.records, len(self.offsets), self.raw_runs or None, self.col_runs)
         self._write(encode_footer(table, meta, record_map))
         return ShardEntry(
             name=self.name,
@@ -784,7 +825,7 @@ class ShardBuilder:
             first_record=self.first_record,
             file_bytes=self.pos,
             stored_bytes=sum(self.stored),
-            raw_bytes=sum(self.raw),
+            raw_bytes=sum(self.rec_raw) if self.multi else sum(self.raw),
             checksum=self.hasher.intdigest(),
         )
 
@@ -803,3 +844,21 @@ class ShardBuilder:
                 f"shard {self.name!r} was published by another writer while this one was writing; "
                 "one writer at a time per store"
             ) from exc
+
+
+def _runs_js_with(runs: list[list[int]], js: int, flag: bool, fi: int) -> int:
+    """len(JSON of ``runs``, now ``js``) once frame ``fi`` (the next) is added, in the runs
+    (``flag``) or not."""
+    if not flag:
+        return js
+    if runs and runs[-1][1] == fi:  # extends the last run: its end gains digits
+        return js + len(str(fi + 1)) - len(str(fi))
+    return js + len(f"[{fi},{fi + 1}]") + (1 if runs else 0)
+
+
+def _extend_runs(runs: list[list[int]], fi: int) -> None:
+    """Add frame ``fi`` (the next) to ``[first, end]`` runs."""
+    if runs and runs[-1][1] == fi:
+        runs[-1][1] = fi + 1
+    else:
+        runs.append([fi, fi + 1])
