@@ -596,13 +596,15 @@ class _Source:
         hi: int,
         tables: _Tables,
         validating: bool = False,
+        raw_bytes: int | None = None,
     ) -> None:
         self.data = data
         self.records = records
         self.lo = lo
         self.hi = hi
-        # The record's allocation budget (see BUDGET_SLACK_BYTES / BUDGET_SLACK_UNITS).
-        self.budget = _Budget(len(data), records["data.pkl"][1])
+        # The record's allocation budget (see BUDGET_SLACK_BYTES / BUDGET_SLACK_UNITS), by its
+        # torch.save length (``raw_bytes`` for a record loaded from its parts, format 1.3).
+        self.budget = _Budget(len(data) if raw_bytes is None else raw_bytes, records["data.pkl"][1])
         # With ``validating``, the named cases torch.load decides are noted in ``deferred`` and
         # the interpretation goes on (the result is then not used), so that the whole pickle is
         # checked before torch.load runs it.
@@ -1628,8 +1630,21 @@ def _fast_path(buf: bytes | bytearray | memoryview, check_state: bool = True) ->
         ) from exc
     start, nbytes = records["data.pkl"]
     pkl = bytes(data[start : start + nbytes])
+    return _run_pickle(pkl, data, writable, records, lo, hi, None)
+
+
+def _run_pickle(
+    pkl: bytes,
+    data: Any,
+    writable: bool,
+    records: dict[str, tuple[int, int]],
+    lo: int,
+    hi: int,
+    raw_bytes: int | None,
+) -> Any:
+    """The pickle half of :func:`_fast_path`: ``pkl`` over the storage records of ``data``."""
     tables = _get_tables()
-    src = _Source(data, writable, records, lo, hi, tables)
+    src = _Source(data, writable, records, lo, hi, tables, raw_bytes=raw_bytes)
     known = tables.known.get(pkl, _UNSET)
     if known is _UNSET:  # first sight
         if tables.has_skeleton(pkl):  # another pickle like it but for literal values ran before
@@ -1642,7 +1657,7 @@ def _fast_path(buf: bytes | bytearray | memoryview, check_state: bool = True) ->
                 raise
             except Exception:  # the interpreter decides (a fresh source: nothing of this is reused)
                 pass
-        src = _Source(data, writable, records, lo, hi, tables, validating=True)
+        src = _Source(data, writable, records, lo, hi, tables, validating=True, raw_bytes=raw_bytes)
         literals = array.array("I")
         result, replayable = _unpickle(pkl, src, tables, None, literals)
         if src.deferred:
@@ -1664,6 +1679,43 @@ def _fast_path(buf: bytes | bytearray | memoryview, check_state: bool = True) ->
     if known is None:
         return _replay(pkl, src)
     return _run_plan(known, src)
+
+
+#: What :func:`fast_loads_parts` returns when the fast path declines a record.
+DECLINED = object()
+
+
+def fast_loads_parts(pickle: Any, blob: bytearray, spans: list[tuple[int, int]], raw_bytes: int) -> Any:
+    """Load a container-free record (format 1.3) from its parts, on the CPU, without a zip.
+
+    The same decoder as :func:`fast_loads`, over a pickle and storages that were never in a
+    zip container: storage ``data/<j>`` is bytes ``spans[j]`` of ``blob`` (aliased by the
+    returned tensors: hand it over). Only the plain case is served: the CPU, torch's state
+    plain, a pickle the fast path decides alone; everything else (and every error) returns
+    :data:`DECLINED`, and the caller loads the record's rebuilt ``torch.save`` bytes with
+    :func:`fast_loads`, which decides and types the error.
+
+    Args:
+        pickle: The record's ``data.pkl`` bytes.
+        blob: The storages, in one buffer.
+        spans: ``(offset, length)`` of each storage in ``blob``, in key order.
+        raw_bytes: The record's ``torch.save`` length (its allocation budget, as for
+            :func:`fast_loads` of those bytes).
+
+    Returns:
+        The sample, or :data:`DECLINED`.
+
+    Thread safety: as :func:`fast_loads`.
+    """
+    if not _torch_state_is_plain():
+        return DECLINED
+    records = {"data.pkl": (0, len(pickle))}
+    for j, span in enumerate(spans):
+        records[f"data/{j}"] = span
+    try:
+        return _run_pickle(bytes(pickle), memoryview(blob), True, records, 0, len(blob), raw_bytes)
+    except Exception:  # noqa: BLE001 - declined: fast_loads of the rebuilt bytes decides and types it
+        return DECLINED
 
 
 def _is_cpu(map_location: Any) -> bool:

@@ -49,7 +49,10 @@ from .errors import (
     TensorStoreError,
     UnsafePayloadError,
 )
+from .columnar import ColumnBlock
+from .fastload import DECLINED, _is_cpu, fast_loads_parts
 from .format import (
+    FEATURE_COLUMNAR_FRAMES,
     HEADER_BYTES,
     INDEX_NAME,
     FEATURE_MULTI_RECORD_FRAMES,
@@ -380,6 +383,8 @@ class StoreReader:
         self._starts = np.array([s.first_record for s in index.shards], dtype=np.int64)
         self._footers: list[ShardFooter | None] = [None] * len(index.shards)
         self._raw_frames = FEATURE_RAW_FRAMES in index.features
+        self._columnar = FEATURE_COLUMNAR_FRAMES in index.features
+        self._cpu = _is_cpu(self.map_location)
         self._init_process_state()
         if self._verify:
             # One listing for every shard's size (one request on an object store, where each
@@ -680,15 +685,45 @@ class StoreReader:
         if footer.record_map is None:
             return j, si, self._decoded_frame(si, k, j, writable)
         fi, raw_offset, raw = footer.locate(k)
+        data = self._cached_frame(si, fi, j)
+        if isinstance(data, ColumnBlock):
+            return j, si, bytearray(data.record_bytes(k - _first_record_of_frame(footer, fi), raw))
+        # A copy: tensors of one record must not pin (or alias) the whole cached frame.
+        return j, si, data[raw_offset : raw_offset + raw]
+
+    def _cached_frame(self, si: int, fi: int, j: int) -> bytes | bytearray | ColumnBlock:
+        """Frame ``fi`` of shard ``si`` decoded (a :class:`ColumnBlock` for a column block),
+        through the per-thread cache of the last one (``j``: a record, for messages)."""
         self._ensure_process()
         cache = self._frame_cache
         if getattr(cache, "key", None) == (si, fi):
-            data = cache.data
-        else:
-            data = self._decoded_frame(si, fi, j)
-            cache.key, cache.data = (si, fi), data
-        # A copy: tensors of one record must not pin (or alias) the whole cached frame.
-        return j, si, data[raw_offset : raw_offset + raw]
+            return cache.data  # type: ignore[no-any-return]
+        data = self._frame_content(si, fi, self._decoded_frame(si, fi, j), j)
+        cache.key, cache.data = (si, fi), data
+        return data
+
+    def _frame_content(self, si: int, fi: int, data: Any, j: int) -> Any:
+        """``data`` (frame ``fi`` of shard ``si``, decoded), or its :class:`ColumnBlock` if the
+        footer names it a column block (format 1.3), checked whole."""
+        footer = self._footer(si)
+        if not footer.is_columnar(fi):
+            return data
+        first = _first_record_of_frame(footer, fi)
+        count = _first_record_of_frame(footer, fi + 1) - first
+        return ColumnBlock(data, footer.layout, count, f"{self._where(si, j)}, frame {fi}")
+
+    def _load_from_block(self, si: int, j: int, block: ColumnBlock, r: int, raw: int) -> Any:
+        """Load record ``r`` of column block ``block`` (store position ``j``, ``raw`` bytes as
+        ``torch.save`` wrote it): from its parts when the fast path takes it, else from its
+        rebuilt ``torch.save`` bytes (:meth:`_load`, which types any error)."""
+        check_record_budget(raw, self.max_record_bytes, self._where(si, j))
+        block.check_length(r, raw)
+        if self._cpu:
+            blob, spans = block.storage_blob(r)
+            sample = fast_loads_parts(block.pickle(r), blob, spans, raw)
+            if sample is not DECLINED:
+                return sample
+        return self._load(si, j, bytearray(block.record_bytes(r, raw)))
 
     def read_bytes(self, i: int) -> bytes:
         """Return record ``i``'s exact ``torch.save`` buffer (decompressed, checksum-verified).
@@ -744,6 +779,14 @@ class StoreReader:
             frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {j}'s frame")
             return self._load(si, j, self._decode(si, j, row, frame, writable=True))
         # A writable buffer of its own lets the decoder build tensors over it without a copy.
+        if self._columnar:
+            j = self._normalize(i)
+            si, k = self._locate(j)
+            footer = self._footer(si)
+            fi, _, raw = footer.locate(k)
+            if footer.is_columnar(fi):
+                block = self._cached_frame(si, fi, j)
+                return self._load_from_block(si, j, block, k - _first_record_of_frame(footer, fi), raw)
         j, si, data = self._read_raw(i, writable=True)
         return self._load(si, j, data)
 
@@ -1355,6 +1398,7 @@ class StoreReader:
                     stored_raw = self._is_raw(si, f)
                     data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget,
                                        stored_raw=stored_raw)  # fmt: skip
+                    data = self._frame_content(si, f, data, rec)
                 except RECORD_ERRORS as exc:
                     data = _without_locals(exc)  # kept at 0 bytes: must not pin a decoded buffer
                 size = 0 if isinstance(data, BaseException) else len(data)
@@ -1367,9 +1411,16 @@ class StoreReader:
             if isinstance(data, BaseException):
                 yield RecordResult(rec, None, data)
                 continue
-            buf = bytearray(memoryview(data)[off : off + n])
             try:
-                sample = RawRecord(self, si, rec, buf) if raw else self._load(si, rec, buf)
+                if isinstance(data, ColumnBlock):
+                    r = rec - int(self._starts[si]) - _first_record_of_frame(self._footer(si), f)
+                    if raw:
+                        sample = RawRecord(self, si, rec, bytearray(data.record_bytes(r, n)))
+                    else:
+                        sample = self._load_from_block(si, rec, data, r, n)
+                else:
+                    buf = bytearray(memoryview(data)[off : off + n])
+                    sample = RawRecord(self, si, rec, buf) if raw else self._load(si, rec, buf)
             except RECORD_ERRORS as exc:
                 yield RecordResult(rec, None, exc)
                 continue
@@ -1574,6 +1625,8 @@ def _kept(footer: ShardFooter) -> ShardFooter:
         table_offset=footer.table_offset,
         record_map=None if footer.record_map is None else footer.record_map.copy(),
         raw_mask=footer.raw_mask,
+        columnar_mask=footer.columnar_mask,
+        layout=footer.layout,
     )
 
 

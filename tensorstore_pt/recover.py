@@ -58,6 +58,7 @@ from . import _version
 from ._zipwalk import check_zip, find_zip_end
 from .checksums import digest_int
 from .codecs import Codec, get_codec
+from .columnar import ColumnBlock
 from .errors import (
     ConcurrentWriteError,
     CorruptStoreError,
@@ -73,6 +74,7 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .format import (
+    FEATURE_COLUMNAR_FRAMES,
     FEATURE_DICTIONARY,
     FORMAT_VERSION,
     FEATURE_MULTI_RECORD_FRAMES,
@@ -340,6 +342,7 @@ class _Frame:
     first: int  # shard-relative position of its first record
     raw: bool = False  # stored raw (format 1.2, "raw-frames")
     source: str | None = None  # the file it is read from, if not its piece's own (a copy's)
+    block: int | None = None  # decodes to a column block of this many bytes (format 1.3, "columnar-frames")
 
 
 @dataclass
@@ -358,6 +361,7 @@ class _Piece:
     entry: ShardEntry | None = None
     footer_lost: bool = False
     reason: str = ""
+    layout: Any = None  # the footer's columnar_layout (format 1.3), when it lists "columnar-frames"
     file_bytes: int = 0
     open_end: bool = False  # rebuilt without an index: records after its last proven frame unknown
     wanted: list[_Frame] = field(default_factory=list)  # damaged frames, as its intact footer names them
@@ -474,20 +478,28 @@ class _Scanner:
                     frame = read_exact(handle, int(row["offset"]), int(row["stored"]), f"frame {fi}", where)
                     # The checksum proves a frame; it is also decoded where a reader would decode it.
                     small = int(row["raw"]) <= DEFAULT_MAX_RECORD_BYTES
-                    check_frame(
+                    data = check_frame(
                         codec if small else None, row, frame, f"{where}, frame {fi}", stored_raw=footer.is_raw(fi)
                     )
+                    if footer.is_columnar(fi):  # checked as a reader checks it before use (format 1.3)
+                        if data is not None:
+                            ColumnBlock(data, footer.layout, b - a, f"{where}, frame {fi}")
+                        piece.layout = footer.layout
                 except TensorStoreError as exc:
                     bad.append(str(exc))
+                    if footer.is_columnar(fi):
+                        piece.layout = footer.layout
                     piece.wanted.append(
                         _Frame(int(row["offset"]), int(row["stored"]), int(row["checksum"]),
-                               [n for _, n in record_slices(footer, a, b)], a, footer.is_raw(fi))
+                               [n for _, n in record_slices(footer, a, b)], a, footer.is_raw(fi),
+                               block=int(row["raw"]) if footer.is_columnar(fi) else None)
                     )  # fmt: skip
                     continue
                 lengths = [n for _, n in record_slices(footer, a, b)]
                 piece.frames.append(
-                    _Frame(int(row["offset"]), int(row["stored"]), int(row["checksum"]), lengths, a, footer.is_raw(fi))
-                )
+                    _Frame(int(row["offset"]), int(row["stored"]), int(row["checksum"]), lengths, a, footer.is_raw(fi),
+                           block=int(row["raw"]) if footer.is_columnar(fi) else None)
+                )  # fmt: skip
             piece.intact = not bad and not header_problem
             if piece.intact:
                 piece.entry = ShardEntry(
@@ -496,7 +508,9 @@ class _Scanner:
                     first_record=first,
                     file_bytes=size,
                     stored_bytes=int(footer.table["stored"].sum()),
-                    raw_bytes=int(footer.table["raw"].sum()),
+                    raw_bytes=int(
+                        footer.table["raw"].sum() if footer.record_map is None else footer.record_map["raw"].sum()
+                    ),
                     checksum=file_digest(handle, size),
                 )
             else:
@@ -618,23 +632,27 @@ def _fill_from_copies(chain: list[_Piece], pieces: list[_Piece]) -> None:
     shard's own intact (checksummed) footer names is the frame its writer wrote (a copy of the
     shard taken before the damage, for example). The shard is then copied, that frame read
     from the other file."""
-    found: dict[tuple[int, int, int, tuple[int, ...], bool], tuple[_Piece, _Frame]] = {}
+    found: dict[tuple[int, int, int, tuple[int, ...], bool, int | None], tuple[_Piece, _Frame]] = {}
     for q in pieces:
         if q.first_record is None:
             continue
         for f in q.frames:
             if f.source is None:
-                key = (q.first_record + f.first, f.checksum, f.stored, tuple(f.raw_lengths), f.raw)
+                key = (q.first_record + f.first, f.checksum, f.stored, tuple(f.raw_lengths), f.raw, f.block)
                 found.setdefault(key, (q, f))
     for p in chain:
         if not p.wanted or p.first_record is None:
             continue
         for w in p.wanted:
-            hit = found.get((p.first_record + w.first, w.checksum, w.stored, tuple(w.raw_lengths), w.raw))
+            hit = found.get((p.first_record + w.first, w.checksum, w.stored, tuple(w.raw_lengths), w.raw, w.block))
             if hit is None or hit[0] is p:
                 continue
             q, f = hit
-            p.frames.append(_Frame(f.offset, f.stored, f.checksum, list(f.raw_lengths), w.first, f.raw, q.name))
+            if f.block is not None and q.layout != p.layout:  # rebuilt with another layout: not the same records
+                continue
+            p.frames.append(
+                _Frame(f.offset, f.stored, f.checksum, list(f.raw_lengths), w.first, f.raw, q.name, f.block)
+            )
             p.reason += f"; its damaged frame at record {p.first_record + w.first} was taken from {q.name!r}"
         p.frames.sort(key=lambda f: f.first)
 
@@ -1318,7 +1336,12 @@ def _copy_piece(
         ({FEATURE_MULTI_RECORD_FRAMES} if multi else set())
         | ({FEATURE_DICTIONARY} if "dict" in codec_config else set())
     )
+    blocks = any(f.block is not None for f in piece.frames)
+    if blocks:  # column blocks are copied as they are, with the layout they are rebuilt with
+        features = sorted({*features, FEATURE_COLUMNAR_FRAMES})
     meta = footer_meta(features, codec_config)
+    if blocks:
+        meta["columnar_layout"] = piece.layout.to_json()
     made: list[tuple[ShardEntry, list[str]]] = []
     if dry_run:
         n = piece.good
@@ -1340,13 +1363,18 @@ def _copy_piece(
             frame = read_exact(handles[source], f.offset, f.stored, "a frame", source)
             if digest_int(frame) != f.checksum:  # changed under us: never copy what was not proven
                 raise CorruptStoreError(f"{source!r}: a frame at byte {f.offset} changed while recover ran")
-            if out is not None and out.records and out.size_with(len(frame), len(f.raw_lengths), f.raw) > cap:
+            block = f.block
+            if (
+                out is not None
+                and out.records
+                and out.size_with(len(frame), len(f.raw_lengths), f.raw, block is not None) > cap
+            ):
                 made.append((out.close(), _with_raw(features, out)))
                 out = None
             if out is None:
                 out = ShardBuilder(storage, shard_name(token, seq), first, meta, multi=multi)
                 seq += 1
-            out.add(frame, f.checksum, f.raw_lengths, f.raw)
+            out.add(frame, f.checksum, f.raw_lengths, f.raw, block)
             first += len(f.raw_lengths)
         if out is not None:
             made.append((out.close(), _with_raw(features, out)))

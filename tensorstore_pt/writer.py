@@ -65,6 +65,7 @@ from .errors import (
     WriterClosedError,
 )
 from .format import (
+    FEATURE_COLUMNAR_FRAMES,
     FEATURE_DICTIONARY,
     FEATURE_MULTI_RECORD_FRAMES,
     FEATURE_RAW_FRAMES,
@@ -82,7 +83,7 @@ from .format import (
     shard_name,
 )
 from .serialization import check_sample, clone_exact, dumps, plain_dumps, save_options, storage_view, tensor_bytes
-from . import shardio
+from . import _ptzip, columnar, shardio
 from .sources import ColumnRows, FileRows
 from .shardio import FrameGrouper, ShardBuilder, dictionary_gain, dictionary_sample, train_dictionary
 from .storage import Storage, StoreLock, if_match_kwargs, storage_for, typed_full_disk
@@ -117,6 +118,8 @@ MAX_WORKERS = 256
 #: otherwise the store is written without it, and a warning and ``created_by`` say why.
 DICT_MIN_GAIN = 0.02
 _MODES = ("create", "overwrite", "append")
+#: Frame target (raw bytes) of ``compact=True`` when ``frame_target_bytes`` is not given.
+COMPACT_FRAME_BYTES = 64 * 2**10
 
 
 def lock_owner(token: str, role: str, mode: str) -> dict[str, Any]:
@@ -227,6 +230,14 @@ class ShardWriter:
             this many bytes (frames never cross shards). Better ratio, but a random read
             decodes the whole frame. None (default) writes one record per frame. Format 1.1,
             feature "multi-record-frames".
+        compact: Store records container-free, in columnar frames (format 1.3, feature
+            "columnar-frames", docs/format.md section 5.3): each record as its pickle and
+            storages, consecutive records with the same number of storages laid out column by
+            column (filters chosen per column by measurement), their exact ``torch.save``
+            bytes rebuilt on read. Every record is proved first (rebuilt and compared with
+            ``torch.save``'s own bytes); one that does not prove is stored as it is, in a
+            plain frame. Implies multi-record frames (``frame_target_bytes`` default
+            ``COMPACT_FRAME_BYTES``, 64 KiB). Default False.
         raw_below: Store a frame raw (its ``torch.save`` bytes, no codec frame) when the codec
             shrinks it by less than this fraction of its raw bytes; 0 disables. Default
             ``DEFAULT_RAW_BELOW`` (0.05), chosen by measurement (docs/benchmarks.md, "Raw
@@ -319,6 +330,7 @@ class ShardWriter:
         frame_target_bytes: int | None = None,
         raw_below: float = DEFAULT_RAW_BELOW,
         storage_options: dict[str, Any] | None = None,
+        compact: bool = False,
     ) -> None:
         if mode not in _MODES:
             raise InvalidOptionError(f"mode: expected one of {list(_MODES)}, found {mode!r}")
@@ -347,6 +359,12 @@ class ShardWriter:
         self._start_method = start_method
         if frame_target_bytes is not None:
             _check_positive_int(frame_target_bytes, "frame_target_bytes")
+        if not isinstance(compact, bool):
+            raise InvalidOptionError(f"compact: expected True or False, found {compact!r}")
+        #: The container layout records are proved against (compact only; None: plain frames).
+        self._layout: _ptzip.PtLayout | None = _this_torch_layout() if compact else None
+        if compact and frame_target_bytes is None:
+            frame_target_bytes = COMPACT_FRAME_BYTES
         if isinstance(raw_below, bool) or not isinstance(raw_below, (int, float)) or not 0 <= raw_below < 1:
             raise InvalidOptionError(f"raw_below: expected a fraction in [0, 1) (0 disables), found {raw_below!r}")
         self.raw_below = float(raw_below)
@@ -840,16 +858,35 @@ class ShardWriter:
             if self._dict_buffer_bytes >= DICT_SAMPLE_BYTES:
                 self._train_dictionary()
             return
+        if self._layout is not None:  # compact: frames fill with what a column block holds
+            parts, nbytes = columnar.proved(raw, self._layout)
+            self._emit_group(self._grouper.add((raw, parts), nbytes))
+            return
         self._emit_group(self._grouper.add(raw))
 
     def _emit_group(self, group: list[bytes] | None) -> None:
-        if group:
-            data = group[0] if len(group) == 1 else b"".join(group)
+        if not group:
+            return
+        if self._layout is not None:
+            self._emit_compact(group)
+            return
+        data = group[0] if len(group) == 1 else b"".join(group)
+        frame = self._codec.compress(data)
+        stored_raw = stores_raw(self._codec, len(frame), len(data), self.raw_below)
+        if stored_raw:
+            frame = data
+        self._emit_frame(frame, digest_int(frame), [len(r) for r in group], stored_raw)
+
+    def _emit_compact(self, group: list[tuple[bytes, Any]]) -> None:
+        """Write ``group`` as :func:`.columnar.plan_frames` plans it (format 1.3): column blocks,
+        and plain frames for runs of records that do not prove under this writer's layout."""
+        compress = None if self._codec.codec_id == "none" else self._codec.compress
+        for data, lengths, is_block in columnar.plan_frames(group, compress):
             frame = self._codec.compress(data)
             stored_raw = stores_raw(self._codec, len(frame), len(data), self.raw_below)
             if stored_raw:
                 frame = data
-            self._emit_frame(frame, digest_int(frame), [len(r) for r in group], stored_raw)
+            self._emit_frame(frame, digest_int(frame), lengths, stored_raw, len(data) if is_block else None)
 
     def _train_dictionary(self) -> None:
         import zstandard
@@ -928,12 +965,21 @@ class ShardWriter:
             features.append(FEATURE_MULTI_RECORD_FRAMES)
         if "dict" in self._codec.get_config():
             features.append(FEATURE_DICTIONARY)
+        if self._layout is not None:
+            features.append(FEATURE_COLUMNAR_FRAMES)
         return features
 
-    def _emit_frame(self, frame: bytes, checksum: int, raw_lengths: list[int], stored_raw: bool = False) -> None:
+    def _emit_frame(
+        self,
+        frame: bytes,
+        checksum: int,
+        raw_lengths: list[int],
+        stored_raw: bool = False,
+        block_bytes: int | None = None,
+    ) -> None:
         # typed_full_disk, inlined: this runs once a frame, and try costs nothing until it raises.
         try:
-            self._emit_frame_unchecked(frame, checksum, raw_lengths, stored_raw)
+            self._emit_frame_unchecked(frame, checksum, raw_lengths, stored_raw, block_bytes)
         except OSError as exc:
             self._raise_if_full(exc)
             raise
@@ -976,24 +1022,30 @@ class ShardWriter:
     def _open_shard(self) -> None:
         features = self._shard_features()
         self._features.update(features)
+        meta = footer_meta(features, self._codec.get_config())
+        if self._layout is not None:
+            meta["columnar_layout"] = self._layout.to_json()
         self._open = ShardBuilder(
             self._storage,
             shard_name(self.token, self._seq),
             self._records,
-            footer_meta(features, self._codec.get_config()),
+            meta,
             multi=FEATURE_MULTI_RECORD_FRAMES in features,
         )
         self._seq += 1
 
-    def _emit_frame_unchecked(self, frame: bytes, checksum: int, raw_lengths: list[int], stored_raw: bool) -> None:
+    def _emit_frame_unchecked(
+        self, frame: bytes, checksum: int, raw_lengths: list[int], stored_raw: bool, block_bytes: int | None = None
+    ) -> None:
         if (
             self._open is not None
-            and self._open.size_with(len(frame), len(raw_lengths), stored_raw) > self.max_shard_bytes
+            and self._open.size_with(len(frame), len(raw_lengths), stored_raw, block_bytes is not None)
+            > self.max_shard_bytes
         ):
             self._close_shard()
         if self._open is None:
             self._open_shard()
-        self._open.add(frame, checksum, raw_lengths, stored_raw)  # type: ignore[union-attr]
+        self._open.add(frame, checksum, raw_lengths, stored_raw, block_bytes)  # type: ignore[union-attr]
         self._count(len(raw_lengths), sum(raw_lengths), len(frame))
 
     def _count(self, records: int, raw_bytes: int, stored_bytes: int) -> None:
@@ -1164,6 +1216,8 @@ class ShardWriter:
             created["dictionary_skipped"] = self.dictionary_skipped
         if FEATURE_RAW_FRAMES in self._features:
             created["raw_below"] = self.raw_below
+        if self._layout is not None:
+            created["compact"] = True
         return created
 
     def _remove_all(self, names: list[str]) -> list[str]:
@@ -1706,6 +1760,26 @@ def _snapshot(sample: Any) -> Any:
     return sample
 
 
+def _this_torch_layout() -> _ptzip.PtLayout | None:
+    """The container layout this torch's ``torch.save`` writes (proved on a small record,
+    labelled with the torch version), or None with a warning if it is not one ``_ptzip`` can
+    rebuild (then ``compact`` writes plain frames)."""
+    import dataclasses
+
+    import torch
+
+    parts = _ptzip.prove(dumps({"probe": torch.zeros(2, dtype=torch.int16)}))
+    if parts is None:
+        warnings.warn(
+            f"compact: torch {torch.__version__}'s torch.save writes a container this tensorstore_pt cannot "
+            "rebuild byte for byte; records are stored in plain frames",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return dataclasses.replace(parts.layout, writer=f"torch {torch.__version__}")
+
+
 def write_store(samples: Iterable[Any], path: str | os.PathLike[str] | Storage, **options: Any) -> StoreInfo:
     """Write an iterable of samples as a store in one call.
 
@@ -1714,7 +1788,7 @@ def write_store(samples: Iterable[Any], path: str | os.PathLike[str] | Storage, 
         path: The store directory, or an fsspec URL (``s3://bucket/prefix``...).
         **options: Any keyword of :class:`ShardWriter` (codec, level, max_shard_bytes,
             metadata, mode, num_workers, num_threads, start_method, dictionary,
-            frame_target_bytes, raw_below, storage_options).
+            frame_target_bytes, raw_below, storage_options, compact).
 
     Returns:
         The published store's summary.
