@@ -43,6 +43,7 @@ import numpy as np
 
 from .checksums import digest_int
 from .codecs import Codec
+from .columnar import ColumnBlock
 from .errors import InvalidOptionError, StoreNotFoundError, UnsafePayloadError
 from .format import HEADER_BYTES, INDEX_NAME, RECORD_ENTRY_BYTES, TRAILER_BYTES
 from .sources import load_pt_bytes, pt_files
@@ -65,7 +66,8 @@ __all__ = [
 
 #: Packing options projected by default, as :func:`~tensorstore_pt.write_store` keywords:
 #: none, lz4, zstd levels 1, 3 and 9, then the format 1.1 options: zstd 3 with a trained
-#: 16 KiB dictionary, and zstd 3 with 64 KiB multi-record frames. New options join as they land.
+#: 16 KiB dictionary, and zstd 3 with 64 KiB multi-record frames, and format 1.3's container-free
+#: columnar frames (``compact``, 64 KiB frames). New options join as they land.
 DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"codec": "none"},
     {"codec": "lz4", "level": 0},
@@ -74,8 +76,9 @@ DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"codec": "zstd", "level": 9},
     {"codec": "zstd", "level": 3, "dictionary": 16 * 2**10},
     {"codec": "zstd", "level": 3, "frame_target_bytes": 64 * 2**10},
+    {"codec": "zstd", "level": 3, "compact": True},
 )
-_CANDIDATE_KEYS = frozenset({"codec", "level", "dictionary", "frame_target_bytes"})
+_CANDIDATE_KEYS = frozenset({"codec", "level", "dictionary", "frame_target_bytes", "compact"})
 
 #: A record is flagged as bloated when its serialized tensor bytes exceed its tensors'
 #: element bytes by this factor (and by at least ``_BLOAT_MIN_BYTES``).
@@ -91,17 +94,20 @@ _DEFAULT_SHARD_BYTES = 64 * 2**20
 
 
 def codec_label(options: dict[str, Any]) -> str:
-    """A short name for packing options: ``none``, ``lz4-0``, ``zstd-3``, ``zstd-3+dict``, ``zstd-3+frames``.
+    """A short name for packing options: ``none``, ``lz4-0``, ``zstd-3``, ``zstd-3+dict``,
+    ``zstd-3+frames``, ``zstd-3+compact``.
 
     Accepts :data:`DEFAULT_CANDIDATES`-style options, or a store's codec config (``{"id":
     "zstd", "level": 3, "dict": {...}}``, with ``frames=True`` in it for a store with
-    multi-record frames).
+    multi-record frames, ``compact=True`` for one with columnar frames).
     """
     codec = options.get("codec", options.get("id"))
     label = str(codec) + (f"-{options['level']}" if options.get("level") is not None else "")
     if options.get("dictionary") or options.get("dict"):
         label += "+dict"
-    if options.get("frame_target_bytes") or options.get("frames"):
+    if options.get("compact"):
+        label += "+compact"
+    elif options.get("frame_target_bytes") or options.get("frames"):
         label += "+frames"
     return label
 
@@ -122,6 +128,8 @@ def pack_arguments(options: dict[str, Any]) -> str:
         args.append("--dict")
         if options["dictionary"] is not True and int(options["dictionary"]) != 16 * 2**10:
             args.append(f"--dict-size {_size_arg(int(options['dictionary']))}")
+    if options.get("compact"):
+        args.append("--compact")
     if options.get("frame_target_bytes"):
         args.append(f"--frame-size {_size_arg(int(options['frame_target_bytes']))}")
     return " ".join(args)
@@ -534,6 +542,45 @@ def _frames_of(raws: list[bytes], target: int | None) -> tuple[list[bytes], list
     return [b"".join(g) for g in groups], [len(g) for g in groups]
 
 
+_LAYOUT: list[Any] = []  # this torch's container layout, once known (compact projections)
+
+
+def _compact_frames_of(
+    raws: list[bytes], target: int | None, codec: Codec
+) -> tuple[list[bytes], list[int], list[bool]]:
+    """:func:`_frames_of` as ``compact=True`` writes them: the decoded frames (column blocks,
+    or plain frames for records that do not prove), how many records each holds, which are
+    blocks."""
+    from .columnar import plan_frames, proved
+    from .shardio import FrameGrouper
+    from .writer import COMPACT_FRAME_BYTES, _this_torch_layout
+
+    if not _LAYOUT:
+        _LAYOUT.append(_this_torch_layout())
+    layout = _LAYOUT[0]
+    units: list[bytes] = []
+    counts: list[int] = []
+    blocks: list[bool] = []
+    if layout is None:  # this torch's container is not one the writer can rebuild: plain frames
+        units, counts = _frames_of(raws, target or COMPACT_FRAME_BYTES)
+        return units, counts, [False] * len(units)
+    compress = None if codec.codec_id == "none" else codec.compress
+    grouper = FrameGrouper(target or COMPACT_FRAME_BYTES)
+    groups = []
+    for raw in raws:
+        parts, nbytes = proved(raw, layout)
+        if (g := grouper.add((raw, parts), nbytes)) is not None:
+            groups.append(g)
+    if (last := grouper.flush()) is not None:
+        groups.append(last)
+    for group in groups:
+        for data, lengths, is_block in plan_frames(group, compress):
+            units.append(data)
+            counts.append(len(lengths))
+            blocks.append(is_block)
+    return units, counts, blocks
+
+
 def _project(
     raws: list[bytes],
     train: list[bytes],
@@ -564,7 +611,11 @@ def _project(
         from .shardio import check_frame
         from .writer import DEFAULT_RAW_BELOW, stores_raw
 
-        units, counts = _frames_of(raws, options.get("frame_target_bytes"))
+        blocks: list[bool] = []
+        if options.get("compact"):
+            units, counts, blocks = _compact_frames_of(raws, options.get("frame_target_bytes"), codec)
+        else:
+            units, counts = _frames_of(raws, options.get("frame_target_bytes"))
         frames = [codec.compress(u) for u in units]
         # As the writer stores them by default: a frame the codec barely shrinks stays raw.
         raw_flags = [stores_raw(codec, len(f), len(u), DEFAULT_RAW_BELOW) for f, u in zip(frames, units)]
@@ -583,16 +634,20 @@ def _project(
             frames: list[bytes] = frames,
             rows: list[dict[str, int]] = frame_rows,
             flags: list[bool] = raw_flags,
+            blocks: list[bool] = blocks,
+            counts: list[int] = counts,
         ) -> None:
-            for f, row, r in zip(frames, rows, flags):  # a reader's pipeline: checksum, bounds, decode
-                check_frame(codec, row, f, "audit", max_record_bytes=2**62, stored_raw=r)
+            for k, (f, row, r) in enumerate(zip(frames, rows, flags)):  # a reader's pipeline: checksum, bounds, decode
+                data = check_frame(codec, row, f, "audit", max_record_bytes=2**62, stored_raw=r)
+                if blocks and blocks[k]:  # and a column block's checks (format 1.3)
+                    ColumnBlock(data, _LAYOUT[0], counts[k], "audit")
 
         t_c = _timed(compress_all, repeats, min_seconds) if raws else 0.0
         t_d, spread = _timed_spread(decode_all, repeats, min_seconds) if raws else (0.0, 0.0)
         scale = total_raw / sample_raw if sample_raw else 0.0
         stored = round(sample_stored * scale)
         n_frames = math.ceil(len(frames) * records / len(raws)) if raws else 0
-        multi = bool(options.get("frame_target_bytes"))
+        multi = bool(options.get("frame_target_bytes") or options.get("compact"))
         shards = max(1, math.ceil(stored / max_shard_bytes)) if records else 0
         file_bytes = (
             stored
@@ -769,9 +824,15 @@ def audit_store(
         sample, train, index.raw_bytes, len(reader), candidates, repeats, min_seconds,
         max([s.file_bytes for s in index.shards] + [1]), notes,
     )  # fmt: skip
-    from .format import FEATURE_MULTI_RECORD_FRAMES
+    from .format import FEATURE_COLUMNAR_FRAMES, FEATURE_MULTI_RECORD_FRAMES
 
-    current = codec_label({**index.codec, "frames": FEATURE_MULTI_RECORD_FRAMES in index.features})
+    current = codec_label(
+        {
+            **index.codec,
+            "frames": FEATURE_MULTI_RECORD_FRAMES in index.features,
+            "compact": FEATURE_COLUMNAR_FRAMES in index.features,
+        }
+    )
     recommendation, reason = _recommend(projections, current)
     disk = index.file_bytes + reader.storage.size(INDEX_NAME)
     if acc.records < len(reader):

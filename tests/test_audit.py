@@ -22,7 +22,7 @@ from tensorstore_pt.audit import BLOAT_FACTOR, DEFAULT_CANDIDATES, codec_label
 from tensorstore_pt.cli import main
 
 FAST = {"repeats": 1, "min_seconds": 0.0, "sample_records": 8}
-LABELS = ["none", "lz4-0", "zstd-1", "zstd-3", "zstd-9", "zstd-3+dict", "zstd-3+frames"]
+LABELS = ["none", "lz4-0", "zstd-1", "zstd-3", "zstd-9", "zstd-3+dict", "zstd-3+frames", "zstd-3+compact"]
 
 
 def check_breakdown(report: object) -> None:

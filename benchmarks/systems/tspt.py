@@ -14,8 +14,8 @@ from .abc import PackOptions, System, collate_list
 __all__ = ["AUDITED", "CONFIGS", "TensorStore", "system_for_audit", "tspt_systems"]
 
 #: (system name, codec, level, other writer options) for every tensorstore_pt configuration
-#: benchmarked; the last two are the format 1.1 options (a trained zstd dictionary, and
-#: 64 KiB multi-record frames).
+#: benchmarked; then the format 1.1 options (a trained zstd dictionary, and 64 KiB
+#: multi-record frames) and format 1.3's container-free columnar frames (``compact``).
 CONFIGS: tuple[tuple[str, str, int | None, dict[str, Any]], ...] = (
     ("tspt-none", "none", None, {}),
     ("tspt-lz4", "lz4", None, {}),
@@ -24,6 +24,7 @@ CONFIGS: tuple[tuple[str, str, int | None, dict[str, Any]], ...] = (
     ("tspt-zstd9", "zstd", 9, {}),
     ("tspt-zstd3-dict", "zstd", 3, {"dictionary": True}),
     ("tspt-zstd3-frames64k", "zstd", 3, {"frame_target_bytes": 64 * 2**10}),
+    ("tspt-zstd3-compact", "zstd", 3, {"compact": True}),
 )
 
 #: The configuration whose store ``tspt audit`` is run on, per kind, to name the option to use
@@ -36,10 +37,17 @@ _DEFAULT_LEVEL = {"lz4": 0, "zstd": 3}
 
 def _option_key(codec: str, level: int | None, options: dict[str, Any]) -> tuple[Any, ...]:
     """What makes two packing options the same store: codec, level (defaults filled in),
-    whether a dictionary is trained, whether records share frames."""
+    whether a dictionary is trained, whether records share frames, whether they are compact."""
     if level is None:
         level = _DEFAULT_LEVEL.get(codec)
-    return (codec, level, bool(options.get("dictionary")), bool(options.get("frame_target_bytes")))
+    compact = bool(options.get("compact"))
+    return (
+        codec,
+        level,
+        bool(options.get("dictionary")),
+        bool(options.get("frame_target_bytes")) and not compact,
+        compact,
+    )
 
 
 def system_for_audit(options: dict[str, Any]) -> str | None:
