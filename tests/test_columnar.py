@@ -1,0 +1,551 @@
+"""Columnar frames (format 1.3, feature "columnar-frames"): container-free records, column by column.
+
+Every check compares with an independent source: ``torch.save``'s own bytes (the writer's
+``dumps``, which is ``torch.save`` to a buffer) and ``torch.load`` of them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tensorstore_pt as ts
+from strategies import assert_identical, samples
+from tensorstore_pt import _ptzip, columnar
+from tensorstore_pt import format as fmt
+from tensorstore_pt.errors import (
+    CorruptStoreError,
+    InvalidOptionError,
+    RecordLengthError,
+    RecordMetaError,
+    ShardFormatError,
+    UnsupportedFormatError,
+)
+from tensorstore_pt.format import RECORD_DTYPE, RECORD_MAP_DTYPE, TRAILER_BYTES, decode_trailer, encode_footer
+from tensorstore_pt.integrity import verify_store
+from tensorstore_pt.serialization import dumps
+
+
+def _tokens(n: int = 60) -> list:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randint(0, 30000, (5 + i % 40,), generator=g), torch.tensor(i % 7)) for i in range(n)]
+
+
+def _mixed() -> list:
+    out: list = _tokens(30)
+    out += [{"x": torch.randn(16, generator=torch.Generator().manual_seed(i)), "name": f"n{i}", "k": [i, 2.5]}
+            for i in range(20)]  # fmt: skip
+    out += [torch.arange(12, dtype=torch.float16).reshape(3, 4) * i for i in range(5)]
+    out += [{"empty": torch.empty(0, 3), "b": torch.tensor([True, False])}]
+    return out
+
+
+def _loaded(raw: bytes):
+    return torch.load(io.BytesIO(raw), weights_only=True)
+
+
+def _check_store(path: Path, batch: list) -> None:
+    reader = ts.open_store(path)
+    assert len(reader) == len(batch)
+    for i, sample in enumerate(batch):
+        raw = reader.read_bytes(i)
+        assert raw == dumps(sample), f"record {i}: read_bytes differs from torch.save's bytes"
+        assert_identical(_loaded(raw), reader[i], f"record {i}")
+    order = list(range(len(batch)))[::-1]
+    for res in reader.iter_many(order):
+        assert res.error is None
+        assert_identical(_loaded(dumps(batch[res.record])), res.sample, f"record {res.record}")
+
+
+def _columnar_frames(path: Path) -> tuple[int, int]:
+    """(column block frames, all frames) over the store's shards."""
+    reader = ts.open_store(path)
+    blocks = frames = 0
+    for si in range(reader.info().shards):
+        footer = reader._footer(si)
+        frames += len(footer.table)
+        blocks += int(footer.columnar_mask.sum()) if footer.columnar_mask is not None else 0
+    return blocks, frames
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("codec", ["none", "lz4", "zstd"])
+def test_round_trip_exact_bytes(tmp_path: Path, codec: str) -> None:
+    batch = _mixed()
+    info = ts.write_store(
+        batch, tmp_path / "s", codec=codec, compact=True, frame_target_bytes=2000, max_shard_bytes=4000
+    )
+    assert info.format_version == (1, 3)
+    assert info.shards > 1
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    # lz4 saves under 5% on some blocks (random floats): those are stored raw (format 1.2 flag).
+    assert (
+        {"columnar-frames", "multi-record-frames"}
+        <= set(index["features"])
+        <= {
+            "columnar-frames",
+            "multi-record-frames",
+            "raw-frames",
+        }
+    )
+    assert index["created_by"]["compact"] is True
+    blocks, frames = _columnar_frames(tmp_path / "s")
+    assert blocks == frames  # every record proves under this torch's layout
+    # The index's raw bytes are the records' torch.save bytes, not the blocks'.
+    assert info.raw_bytes == sum(len(dumps(s)) for s in batch)
+    _check_store(tmp_path / "s", batch)
+    report = verify_store(tmp_path / "s", deep=True)
+    assert report.ok and report.records_checked == len(batch)
+
+
+def test_smaller_than_plain_frames(tmp_path: Path) -> None:
+    batch = _tokens(400)
+    plain = ts.write_store(batch, tmp_path / "p", frame_target_bytes=64 * 1024)
+    compact = ts.write_store(batch, tmp_path / "c", compact=True)
+    assert compact.raw_bytes == plain.raw_bytes
+    assert compact.file_bytes < 0.7 * plain.file_bytes, (compact.file_bytes, plain.file_bytes)
+
+
+def test_footer_names_layout_and_runs(tmp_path: Path) -> None:
+    ts.write_store(_tokens(10), tmp_path / "s", compact=True)
+    reader = ts.open_store(tmp_path / "s")
+    name = reader.index.shards[0].name
+    data = (tmp_path / "s" / name).read_bytes()
+    _, _, js, _ = decode_trailer(data[-TRAILER_BYTES:], len(data), name)
+    meta = json.loads(data[len(data) - TRAILER_BYTES - js : len(data) - TRAILER_BYTES])
+    assert meta["format_version"] == [1, 3]
+    assert meta["columnar_frames"] == [[0, 1]]
+    layout = _ptzip.PtLayout.from_json(meta["columnar_layout"])
+    assert layout == _ptzip.prove(dumps(torch.zeros(3))).layout
+    assert meta["columnar_layout"]["writer"] == f"torch {torch.__version__}"
+    assert data[16:24] != columnar.MAGIC  # the block is zstd-coded: its magic is inside the frame
+    assert zstandard.ZstdDecompressor().decompress(data[16 : 16 + int(reader._footer(0).table["stored"][0])])[:8] == (
+        columnar.MAGIC
+    )
+
+
+def test_other_layout_uses_plain_frames(tmp_path: Path) -> None:
+    """Records that do not prove under the writer's layout (here the writer assumes another
+    alignment than torch.save's) are stored as they are, in plain frames; the footer names
+    no column block."""
+    import dataclasses
+
+    real = ts.writer._this_torch_layout
+
+    def other():
+        layout = real()
+        consts = tuple((n, b"128" if n == ".storage_alignment" else v) for n, v in layout.constants)
+        return dataclasses.replace(layout, alignment=128, constants=consts)
+
+    batch = _tokens(12)
+    with mock.patch.object(ts.writer, "_this_torch_layout", other):
+        ts.write_store(batch, tmp_path / "s", compact=True, frame_target_bytes=400)
+    assert _columnar_frames(tmp_path / "s")[0] == 0
+    reader = ts.open_store(tmp_path / "s")
+    assert reader._footer(0).layout.alignment == 128
+    _check_store(tmp_path / "s", batch)
+    assert verify_store(tmp_path / "s", deep=True).ok
+
+
+def test_writer_fallback_when_prove_fails(tmp_path: Path) -> None:
+    """A record the writer cannot prove (prove returns None) is stored raw-as-saved in a plain frame."""
+    batch = _tokens(9)
+    real = _ptzip.prove
+    calls = {"n": 0}
+
+    def flaky(buf):
+        calls["n"] += 1
+        return None if calls["n"] % 3 == 0 else real(buf)
+
+    with mock.patch.object(_ptzip, "prove", flaky):
+        ts.write_store(batch, tmp_path / "s", compact=True, frame_target_bytes=300)
+    blocks, frames = _columnar_frames(tmp_path / "s")
+    assert 0 < blocks < frames
+    _check_store(tmp_path / "s", batch)
+
+
+def test_many_storages_fall_back(tmp_path: Path) -> None:
+    big = [torch.tensor([i]) for i in range(columnar.MAX_COLUMNS)]  # MAX_COLUMNS storages: one too many
+    batch = [big, _tokens(1)[0]]
+    ts.write_store(batch, tmp_path / "s", compact=True)
+    blocks, frames = _columnar_frames(tmp_path / "s")
+    assert (blocks, frames) == (1, 2)
+    _check_store(tmp_path / "s", batch)
+
+
+def test_compact_option_checked(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionError, match="compact"):
+        ts.ShardWriter(tmp_path / "s", compact="yes")
+
+
+def test_old_reader_refuses_with_feature_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1.2 reader (its KNOWN_FEATURES) refuses a 1.3 store, naming the newer feature."""
+    ts.write_store(_tokens(5), tmp_path / "s", compact=True)
+    monkeypatch.setattr(fmt, "KNOWN_FEATURES", frozenset({"multi-record-frames", "zstd-dictionary", "raw-frames"}))
+    with pytest.raises(UnsupportedFormatError, match="columnar-frames"):
+        ts.open_store(tmp_path / "s")
+
+
+def test_raw_column_blocks(tmp_path: Path) -> None:
+    """Incompressible storages: the block is stored raw (format 1.2 flag) and still reads."""
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randint(0, 256, (5000,), dtype=torch.uint8, generator=g) for _ in range(12)]
+    ts.write_store(batch, tmp_path / "s", compact=True, frame_target_bytes=20_000)
+    reader = ts.open_store(tmp_path / "s")
+    footer = reader._footer(0)
+    assert footer.raw_mask is not None and footer.raw_mask.any()
+    assert footer.columnar_mask[footer.raw_mask].all()
+    assert reader.index.features == ("columnar-frames", "multi-record-frames", "raw-frames")
+    _check_store(tmp_path / "s", batch)
+
+
+def test_parallel_pack_byte_identical(tmp_path: Path) -> None:
+    batch = _mixed()
+    ts.write_store(batch, tmp_path / "a", compact=True, max_shard_bytes=20_000)
+    ts.write_store(batch, tmp_path / "b", compact=True, max_shard_bytes=20_000, num_workers=2, start_method="fork")
+    a = sorted(p.read_bytes() for p in (tmp_path / "a").glob("*.tspt"))
+    b = sorted(p.read_bytes() for p in (tmp_path / "b").glob("*.tspt"))
+    assert a == b
+
+
+def test_merge_and_copy_keep_blocks(tmp_path: Path) -> None:
+    p0, p1 = _tokens(20), _mixed()
+    ts.write_store(p0, tmp_path / "p0", compact=True)
+    ts.write_store(p1, tmp_path / "p1", compact=True, codec="zstd")
+    ts.merge_stores([tmp_path / "p0", tmp_path / "p1"], tmp_path / "m")
+    _check_store(tmp_path / "m", p0 + p1)
+    ts.copy_store(tmp_path / "m", tmp_path / "c")
+    _check_store(tmp_path / "c", p0 + p1)
+    assert verify_store(tmp_path / "c", deep=True).ok
+
+
+def test_datasets_read_blocks(tmp_path: Path) -> None:
+    batch = _tokens(50)
+    ts.write_store(batch, tmp_path / "s", compact=True, frame_target_bytes=1000)
+    ds = ts.StoreIterableDataset(tmp_path / "s", shuffle=False)
+    got = list(ds)
+    assert len(got) == len(batch)
+    for s, g in zip(batch, got):
+        assert_identical(_loaded(dumps(s)), g, "sample")
+
+
+# --------------------------------------------------------------------------- filters
+
+
+@pytest.mark.parametrize(
+    "filt,size",
+    [(columnar.FILTER_NONE, 0)]
+    + [(columnar.FILTER_SHUFFLE, e) for e in (2, 4, 8)]
+    + [(columnar.FILTER_DELTA, e) for e in (1, 2, 4, 8)],
+)
+@pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 64, 1001])
+def test_filters_invert(filt: int, size: int, length: int) -> None:
+    data = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8).tobytes()
+    stored = columnar._apply(data, filt, size)
+    assert len(stored) == len(data)
+    assert bytes(columnar._undo(memoryview(stored), filt, size)) == data
+    if filt == columnar.FILTER_SHUFFLE and length >= 2 * size:
+        whole = length // size * size  # byte 0 of every element first, computed here by slicing
+        assert stored[: whole // size] == data[0:whole:size]
+    if filt == columnar.FILTER_DELTA and length >= 2 * size:
+        v = np.frombuffer(data[: length // size * size], dtype=f"<u{size}").astype(object)
+        d = np.frombuffer(stored[: length // size * size], dtype=f"<u{size}").astype(object)
+        assert d[1] == (v[1] - v[0]) % (1 << (8 * size))
+
+
+def test_filter_choice_by_measurement() -> None:
+    compress = zstandard.ZstdCompressor(level=3).compress
+    ids = np.random.default_rng(0).integers(0, 30000, 8000).astype(np.int64).tobytes()
+    assert columnar.choose_filter(ids, compress) == (columnar.FILTER_SHUFFLE, 8)
+    ramp = (np.arange(8000, dtype=np.int64) * 977).tobytes()
+    assert columnar.choose_filter(ramp, compress)[0] == columnar.FILTER_DELTA
+    noise = np.random.default_rng(1).integers(0, 256, 8000, dtype=np.uint8).tobytes()
+    assert columnar.choose_filter(noise, compress) == (columnar.FILTER_NONE, 0)
+    assert columnar.choose_filter(ids, None) == (columnar.FILTER_NONE, 0)
+
+
+# --------------------------------------------------------------------------- properties
+
+_FILTERS = [None, (0, 0), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (2, 4), (2, 8)]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    batch=st.lists(samples(extras=True, sparse=True, max_leaves=5), min_size=1, max_size=8),
+    codec=st.sampled_from(["none", "lz4", "zstd"]),
+    frame_target_bytes=st.sampled_from([1, 2000, 64 * 1024]),
+    forced=st.sampled_from(_FILTERS),
+)
+def test_property_exact_bytes_and_loads(batch, codec, frame_target_bytes, forced):
+    """For any sample and every codec, frame size and filter: read_bytes(i) is torch.save's
+    bytes exactly, and store[i] is bit-identical to torch.load of them."""
+    patch = (
+        mock.patch.object(columnar, "choose_filter", lambda col, compress: forced)
+        if forced is not None
+        else mock.patch.object(columnar, "MIN_FILTER_GAIN", columnar.MIN_FILTER_GAIN)
+    )
+    with tempfile.TemporaryDirectory() as tmp, patch:
+        path = Path(tmp) / "s"
+        ts.write_store(batch, path, codec=codec, compact=True, frame_target_bytes=frame_target_bytes)
+        # The torch.save buffers the writer took (of its snapshot of each sample), as a plain
+        # store keeps them byte for byte.
+        ts.write_store(batch, Path(tmp) / "plain", codec="none")
+        saved = [ts.open_store(Path(tmp) / "plain").read_bytes(i) for i in range(len(batch))]
+        reader = ts.open_store(path)
+        for i, sample in enumerate(batch):
+            raw = reader.read_bytes(i)
+            assert raw == saved[i]
+            assert_identical(_loaded(raw), reader[i], f"record {i}")
+            assert_identical(sample, reader[i], f"record {i}", layout=False)
+        for res in reader.iter_many(list(range(len(batch)))[::-1]):
+            assert res.error is None
+            assert_identical(_loaded(saved[res.record]), res.sample, f"record {res.record}")
+
+
+# --------------------------------------------------------------------------- hostile blocks
+
+
+def _block(n: int = 4) -> tuple[bytes, _ptzip.PtLayout, list[bytes]]:
+    raws = [dumps(s) for s in _tokens(n)]
+    parts = [_ptzip.prove(r) for r in raws]
+    return columnar.encode_block(parts, zstandard.ZstdCompressor().compress), parts[0].layout, raws
+
+
+def _column_entry(block: bytes, j: int) -> int:
+    return 16 + 16 * j
+
+
+def _edit(block: bytes, at: int, fmt_: str, value) -> bytes:
+    out = bytearray(block)
+    struct.pack_into(fmt_, out, at, value)
+    return bytes(out)
+
+
+def _hostile_blocks() -> dict:
+    block, _, _ = _block()
+    n, c = struct.unpack_from("<II", block, 8)
+    lengths_at = 16 + 16 * c
+    col1 = struct.unpack_from("<Q", block, _column_entry(block, 1))[0]
+    meta0 = struct.unpack_from("<I", block, lengths_at)[0]
+    return {
+        "magic": (b"XXXXXXXX" + block[8:], "magic"),
+        "record-count-lies": (_edit(block, 8, "<I", n + 1), "holds 5 records"),
+        "zero-columns": (_edit(block, 12, "<I", 0), "0 columns"),
+        "too-many-columns": (_edit(block, 12, "<I", columnar.MAX_COLUMNS + 1), "columns"),
+        "column-past-block": (_edit(block, _column_entry(block, 1), "<Q", col1 + 10**9), "runs past the block"),
+        "column-short": (_edit(block, _column_entry(block, 1), "<Q", col1 - 1), "after its last column"),
+        "unknown-filter": (_edit(block, _column_entry(block, 1) + 8, "<B", 9), "filter 9"),
+        "bad-element-size": (_edit(block, _column_entry(block, 1) + 9, "<B", 3), "element size 3"),
+        "column0-filtered": (_edit(block, 16 + 8, "<B", 1), "column 0 has filter 1"),
+        "reserved-set": (_edit(block, _column_entry(block, 1) + 12, "<B", 1), "reserved"),
+        "meta-lengths-lie": (_edit(block, lengths_at, "<I", meta0 + 1), "metadata lengths add up"),
+        "meta-length-huge": (_edit(block, lengths_at, "<I", 2**32 - 1), "metadata lengths add up"),
+        "truncated-header": (block[:10], "shorter than its"),
+        "tables-past-end": (block[:16] + block[16:40], "need"),
+        "trailing-bytes": (block + b"\0", "after its last column"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_hostile_blocks()))
+def test_hostile_block_refused(kind: str) -> None:
+    block, layout, _ = _block()
+    bad, message = _hostile_blocks()[kind]
+    with pytest.raises(RecordMetaError, match=message):
+        columnar.ColumnBlock(bad, layout, 4, "t")
+
+
+def test_plan_mismatch_and_sizes_that_lie() -> None:
+    """A record whose storage count differs from the block's plan, and storage sizes that do
+    not add up to their column, are refused before any record is handed out."""
+    raws = [dumps(s) for s in _tokens(3)]
+    parts = [_ptzip.prove(r) for r in raws]
+    block = columnar.encode_block(parts, None)
+    layout = parts[0].layout
+    n, c = struct.unpack_from("<II", block, 8)
+    # Plan mismatch: claim one more column (an empty one) than the records' storages.
+    grown = bytearray(block[:12]) + struct.pack("<I", c + 1) + block[16 : 16 + 16 * c] + columnar._COLUMN.pack(0, 0, 0)
+    grown += block[16 + 16 * c :]
+    with pytest.raises(RecordMetaError, match="storages, the block's plan has"):
+        columnar.ColumnBlock(bytes(grown), layout, n, "t")
+    # Sizes that lie: move one byte from column 2 to column 1 (the totals still match the block).
+    c1 = struct.unpack_from("<Q", block, 32)[0]
+    c2 = struct.unpack_from("<Q", block, 48)[0]
+    moved = _edit(_edit(block, 32, "<Q", c1 + 1), 48, "<Q", c2 - 1)
+    with pytest.raises(RecordMetaError, match="add up to"):
+        columnar.ColumnBlock(moved, layout, n, "t")
+    # A record's metadata that is not metadata.
+    lengths_at = 16 + 16 * c
+    meta0 = struct.unpack_from("<I", block, lengths_at)[0]
+    junk = bytearray(block)
+    junk[lengths_at + 4 * n] = 7  # its version byte
+    with pytest.raises(RecordMetaError, match="record 0"):
+        columnar.ColumnBlock(bytes(junk), layout, n, "t")
+    assert meta0 > 0
+
+
+def test_record_length_lie_refused() -> None:
+    block, layout, raws = _block()
+    b = columnar.ColumnBlock(block, layout, 4, "t")
+    assert b.record_bytes(1, len(raws[1])) == raws[1]
+    with pytest.raises(RecordLengthError, match="rebuilds to"):
+        b.record_bytes(1, len(raws[1]) + 1)
+
+
+def _shard_parts(path: Path):
+    data = path.read_bytes()
+    table_offset, count, js, _ = decode_trailer(data[-TRAILER_BYTES:], len(data), str(path))
+    meta = json.loads(data[len(data) - TRAILER_BYTES - js : len(data) - TRAILER_BYTES])
+    frames = meta["frames"]
+    table = np.frombuffer(data, dtype=RECORD_DTYPE, count=frames, offset=table_offset).copy()
+    rmap = np.frombuffer(data, dtype=RECORD_MAP_DTYPE, count=count, offset=table_offset + 32 * frames).copy()
+    return data, table, rmap, meta
+
+
+def _rewrite_frame0(store: Path, new_block: bytes | None = None, edit_meta=None, edit_map=None) -> None:
+    """Replace shard 0's first frame with ``new_block`` zstd-coded (table and checksums made to
+    match, so only the block's own checks can catch it), edit its footer, reseal the index."""
+    index = json.loads((store / "index.json").read_text())
+    entry = index["shards"][0]
+    path = store / entry["name"]
+    data, table, rmap, meta = _shard_parts(path)
+    frames = [data[int(r["offset"]) : int(r["offset"]) + int(r["stored"])] for r in table]
+    if new_block is not None:
+        frames[0] = zstandard.ZstdCompressor().compress(new_block)
+        table["raw"][0] = len(new_block)
+    pos = 16
+    for fi, f in enumerate(frames):
+        table["offset"][fi], table["stored"][fi], table["checksum"][fi] = pos, len(f), ts.checksums.digest_int(f)
+        pos += len(f)
+    if edit_meta is not None:
+        edit_meta(meta)
+    if edit_map is not None:
+        edit_map(rmap)
+    out = data[:16] + b"".join(frames) + encode_footer(table, meta, rmap)
+    path.write_bytes(out)
+    entry["file_bytes"] = len(out)
+    entry["stored_bytes"] = int(table["stored"].sum())
+    entry["raw_bytes"] = int(rmap["raw"].sum())
+    entry["checksum"] = f"xxh3_64:{ts.checksums.digest_int(out):016x}"
+    index["totals"]["file_bytes"] = sum(s["file_bytes"] for s in index["shards"])
+    index["totals"]["stored_bytes"] = sum(s["stored_bytes"] for s in index["shards"])
+    index["totals"]["raw_bytes"] = sum(s["raw_bytes"] for s in index["shards"])
+    (store / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def _small_store(tmp_path: Path) -> Path:
+    """8 token records, the first 4 in frame 0 (a column block)."""
+    raws = [dumps(s) for s in _tokens(4)]
+    target = sum(columnar.proved(r, _ptzip.prove(r).layout)[1] for r in raws)  # what a compact frame counts
+    ts.write_store(_tokens(8), tmp_path / "s", compact=True, frame_target_bytes=target)
+    return tmp_path / "s"
+
+
+@pytest.mark.parametrize("kind", ["column-past-block", "meta-lengths-lie", "unknown-filter", "record-count-lies"])
+def test_hostile_block_in_store(tmp_path: Path, kind: str) -> None:
+    """A hostile block behind a valid checksum: every read path refuses it with a typed error,
+    verify reports it, and the other frames still read."""
+    store = _small_store(tmp_path)
+    reader = ts.open_store(store)
+    footer = reader._footer(0)
+    n0 = int(np.sum(footer.record_map["frame"] == 0))
+    block, _, _ = _block(n0)
+    raws0 = [dumps(s) for s in _tokens(n0)]
+    assert [reader.read_bytes(i) for i in range(n0)] == raws0
+    assert n0 == 4
+    _rewrite_frame0(store, _hostile_blocks()[kind][0])
+    reader = ts.open_store(store)
+    with pytest.raises(CorruptStoreError):
+        reader[0]
+    with pytest.raises(CorruptStoreError):
+        reader.read_bytes(1)
+    results = list(reader.iter_many(range(len(reader))))
+    assert all(isinstance(r.error, CorruptStoreError) for r in results[:n0])
+    assert all(r.error is None for r in results[n0:])
+    report = verify_store(store)
+    assert any(p.kind == "record_decode" for p in report.problems)
+
+
+def test_record_map_length_lie_in_store(tmp_path: Path) -> None:
+    store = _small_store(tmp_path)
+
+    def lie(rmap):  # record 0 claims one byte more, the frame's next records move up (tiling kept)
+        rmap["raw"][0] += 1
+        rest = np.flatnonzero(rmap["frame"] == 0)[1:]
+        rmap["raw_offset"][rest] += 1
+
+    _rewrite_frame0(store, edit_map=lie)
+    reader = ts.open_store(store)
+    with pytest.raises(RecordLengthError):
+        reader.read_bytes(0)
+    with pytest.raises(RecordLengthError):
+        reader[0]
+    assert reader.read_bytes(1) == dumps(_tokens(2)[1])
+    report = verify_store(store, deep=True)
+    assert [p.record for p in report.problems if p.kind == "record_length"] == [0]
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.__setitem__("columnar_layout", {"order": []}), "columnar_layout"),
+        (lambda m: m.pop("columnar_layout"), "columnar_layout"),
+        (lambda m: m.__setitem__("columnar_frames", [[0, 99]]), "columnar_frames"),
+        (lambda m: m.__setitem__("columnar_frames", "all"), "columnar_frames"),
+        (lambda m: m.__setitem__("features", ["multi-record-frames"]), "does not list the feature"),
+        (lambda m: m.__setitem__("features", ["columnar-frames"]), "without 'multi-record-frames'"),
+    ],
+)
+def test_hostile_footer_keys(tmp_path: Path, edit, message: str) -> None:
+    store = _small_store(tmp_path)
+    _rewrite_frame0(store, edit_meta=edit)
+    with pytest.raises((ShardFormatError, UnsupportedFormatError), match=message):
+        ts.open_store(store)[0]
+    assert not verify_store(store).ok
+
+
+# --------------------------------------------------------------------------- repair tools
+
+
+def test_recover_keeps_proven_blocks(tmp_path: Path) -> None:
+    """A damaged column block loses its own records only; recover keeps every other record."""
+    batch = _tokens(40)
+    ts.write_store(batch, tmp_path / "s", compact=True, frame_target_bytes=600, max_shard_bytes=2500)
+    reader = ts.open_store(tmp_path / "s")
+    assert reader.info().shards > 1
+    footer = reader._footer(1)
+    lost = {reader.index.shards[1].first_record + k for k in np.flatnonzero(footer.record_map["frame"] == 0)}
+    path = tmp_path / "s" / reader.index.shards[1].name
+    data = bytearray(path.read_bytes())
+    data[int(footer.table["offset"][0]) + 5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    report = ts.recover_store(tmp_path / "s")
+    assert report is not None
+    after = ts.open_store(tmp_path / "s")
+    assert len(after) == len(batch) - len(lost)
+    kept = [i for i in range(len(batch)) if i not in lost]
+    for j, i in enumerate(kept):
+        assert after.read_bytes(j) == dumps(batch[i])
+    assert "columnar-frames" in after.index.features
+    assert verify_store(tmp_path / "s", deep=True).ok
+
+
+def test_recover_without_index(tmp_path: Path) -> None:
+    batch = _tokens(30)
+    ts.write_store(batch, tmp_path / "s", compact=True, max_shard_bytes=3000)
+    (tmp_path / "s" / "index.json").unlink()
+    ts.recover_store(tmp_path / "s")
+    after = ts.open_store(tmp_path / "s")
+    assert [after.read_bytes(i) for i in range(len(after))] == [dumps(s) for s in batch]
