@@ -319,12 +319,81 @@ def encode_index(info: IndexInfo) -> bytes:
     return (json.dumps(info.to_json(), indent=1) + "\n").encode()
 
 
+#: A coded record map (format 1.3, section 5.3) decodes to at most this many times its coded
+#: length, plus MAP_SLACK_BYTES: the bound on what a hostile footer can make a reader keep.
+MAP_RATIO = 256
+MAP_SLACK_BYTES = 2**20
+
+
+def encode_record_map(record_map: np.ndarray) -> bytes | None:
+    """The coded form of a record map (format 1.3, section 5.3): its three columns (frame,
+    raw_offset, raw), each as u64 little-endian deltas (modulo 2**64) byte-shuffled, in one
+    zstd frame (level 3, content size declared); None when that would decode past the
+    ``MAP_RATIO`` bound (the map is then stored plain)."""
+    import zstandard
+
+    n = len(record_map)
+    cols = []
+    for key in ("frame", "raw_offset", "raw"):
+        v = np.ascontiguousarray(record_map[key], dtype="<u8")
+        d = np.empty_like(v)
+        if n:
+            d[0] = v[0]
+            np.subtract(v[1:], v[:-1], out=d[1:])
+        cols.append(d.view(np.uint8).reshape(-1, 8).T.tobytes())
+    coded = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(b"".join(cols))
+    if n * RECORD_MAP_ENTRY_BYTES > MAP_RATIO * len(coded) + MAP_SLACK_BYTES:
+        return None
+    if len(coded) + _MAP_KEY_BYTES >= n * RECORD_MAP_ENTRY_BYTES:  # no smaller (a writer's size bound holds)
+        return None
+    return coded
+
+
+#: What the key ``"record_map_bytes":N,`` adds to a footer JSON, at most.
+_MAP_KEY_BYTES = 40
+
+
+def decode_record_map(coded: bytes, count: int, where: str) -> np.ndarray:
+    """The record map :func:`encode_record_map` coded, for ``count`` records.
+
+    Raises:
+        ShardFormatError: The zstd frame does not declare ``24 x count`` bytes, that is past
+            the ``MAP_RATIO`` bound, or it does not decode to exactly that (checked before
+            anything of that size is allocated).
+    """
+    import zstandard
+
+    want = count * RECORD_MAP_ENTRY_BYTES
+    if want > MAP_RATIO * len(coded) + MAP_SLACK_BYTES:
+        raise ShardFormatError(
+            f"{where}: a coded record map of {len(coded)} bytes for {count} records: expected at most "
+            f"{MAP_RATIO} x its bytes + {MAP_SLACK_BYTES} decoded, found {want}"
+        )
+    try:
+        declared = zstandard.get_frame_parameters(coded).content_size
+        if declared != want:
+            raise ValueError(f"its zstd frame declares {declared} bytes, expected {want} ({count} records)")
+        raw = zstandard.ZstdDecompressor().decompress(coded, max_output_size=want)
+        if len(raw) != want:
+            raise ValueError(f"it decodes to {len(raw)} bytes, expected {want}")
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise ShardFormatError(f"{where}: the coded record map is damaged: {exc}") from None
+    a = np.frombuffer(raw, dtype=np.uint8)
+    out = np.zeros(count, dtype=RECORD_MAP_DTYPE)
+    for j, key in enumerate(("frame", "raw_offset", "raw")):
+        d = a[j * 8 * count : (j + 1) * 8 * count].reshape(8, count).T.copy().view("<u8").reshape(count)
+        out[key] = np.cumsum(d, dtype=np.uint64)
+    return out
+
+
 def encode_footer(table: np.ndarray, meta: dict[str, Any], record_map: np.ndarray | None = None) -> bytes:
     """Encode frame table [+ record map] + footer JSON + trailer.
 
     Args:
         table: Frame rows, ``RECORD_DTYPE``.
-        meta: The footer JSON object; must hold ``records`` and ``features``.
+        meta: The footer JSON object; must hold ``records`` and ``features``. With
+            "columnar-frames" the record map is coded (format 1.3) where :func:`encode_record_map`
+            allows, and ``record_map_bytes`` set (else removed).
         record_map: ``RECORD_MAP_DTYPE`` rows, only with the "multi-record-frames" feature.
     """
     if len(table) > 0:
@@ -334,7 +403,13 @@ def encode_footer(table: np.ndarray, meta: dict[str, Any], record_map: np.ndarra
     body = np.ascontiguousarray(table, dtype=RECORD_DTYPE).tobytes()
     records = len(table)
     if record_map is not None:
-        body += np.ascontiguousarray(record_map, dtype=RECORD_MAP_DTYPE).tobytes()
+        coded = encode_record_map(record_map) if FEATURE_COLUMNAR_FRAMES in meta.get("features", ()) else None
+        meta = {k: v for k, v in meta.items() if k != "record_map_bytes"}
+        if coded is not None:
+            meta["record_map_bytes"] = len(coded)
+            body += coded
+        else:
+            body += np.ascontiguousarray(record_map, dtype=RECORD_MAP_DTYPE).tobytes()
         records = len(record_map)
     js = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
     trailer = _TRAILER.pack(table_offset, records, len(js), digest_int(body + js), TRAILER_MAGIC)
@@ -364,7 +439,8 @@ def decode_trailer(data: bytes, file_bytes: int, where: str) -> tuple[int, int, 
         table_offset < HEADER_BYTES
         or count > MAX_FIELD
         or js_bytes > MAX_FIELD
-        or body_bytes < js_bytes + count * min(RECORD_ENTRY_BYTES, RECORD_MAP_ENTRY_BYTES)
+        # The loosest layout: a coded record map (format 1.3); the others are checked exactly later.
+        or count * RECORD_MAP_ENTRY_BYTES > MAP_RATIO * (body_bytes - js_bytes) + MAP_SLACK_BYTES
     ):
         raise ShardFormatError(
             f"{where}: trailer says table at {table_offset}, {count} records, {js_bytes} footer JSON bytes, "
@@ -421,7 +497,21 @@ def parse_footer(
     frames = meta.get("frames", count) if multi else count
     if isinstance(frames, bool) or not isinstance(frames, int) or not 0 <= frames <= count:
         raise ShardFormatError(f"{where}: footer JSON 'frames' must be an int in [0, {count}], found {shown(frames)}")
-    tables_bytes = frames * RECORD_ENTRY_BYTES + (count * RECORD_MAP_ENTRY_BYTES if multi else 0)
+    map_bytes = count * RECORD_MAP_ENTRY_BYTES if multi else 0
+    coded_map = "record_map_bytes" in meta
+    if coded_map:
+        map_bytes = meta["record_map_bytes"]
+        if (
+            FEATURE_COLUMNAR_FRAMES not in features
+            or isinstance(map_bytes, bool)
+            or not isinstance(map_bytes, int)
+            or not 0 < map_bytes <= len(body)
+        ):
+            raise ShardFormatError(
+                f"{where}: footer JSON 'record_map_bytes' {shown(map_bytes)}: expected an int in [1, {len(body)}], "
+                f"only with the feature {FEATURE_COLUMNAR_FRAMES!r}"
+            )
+    tables_bytes = frames * RECORD_ENTRY_BYTES + map_bytes
     if tables_bytes + js_bytes != len(body):
         raise ShardFormatError(
             f"{where}: footer is {len(body)} bytes, expected {tables_bytes} bytes of tables + {js_bytes} bytes of JSON"
@@ -459,7 +549,11 @@ def parse_footer(
             f"{FEATURE_COLUMNAR_FRAMES!r}"
         )
     if multi:
-        record_map = np.frombuffer(body, dtype=RECORD_MAP_DTYPE, count=count, offset=frames * RECORD_ENTRY_BYTES)
+        at = frames * RECORD_ENTRY_BYTES
+        if coded_map:
+            record_map = decode_record_map(body[at : at + map_bytes], count, where)
+        else:
+            record_map = np.frombuffer(body, dtype=RECORD_MAP_DTYPE, count=count, offset=at)
         _check_record_map(record_map, table, where, columnar_mask)
     raw_mask = None
     if FEATURE_RAW_FRAMES in features:
@@ -824,9 +918,13 @@ def parse_index(raw: bytes, where: str) -> IndexInfo:
                 f"{sw}: shard {name!r} says first_record {entry.first_record}, expected {next_first} "
                 "(the sum of the record counts before it)"
             )
-        # With multi-record frames a shard may have one frame (32 bytes) and a 24-byte map row a record.
+        # With multi-record frames a shard may have one frame (32 bytes) and a 24-byte map row a
+        # record; with columnar frames the map may be coded (format 1.3: MAP_RATIO).
         per_record = RECORD_MAP_ENTRY_BYTES if FEATURE_MULTI_RECORD_FRAMES in features else RECORD_ENTRY_BYTES
-        min_file = HEADER_BYTES + entry.stored_bytes + entry.records * per_record + TRAILER_BYTES
+        tables = entry.records * per_record
+        if FEATURE_COLUMNAR_FRAMES in features:
+            tables = max(0, tables - MAP_SLACK_BYTES) // MAP_RATIO
+        min_file = HEADER_BYTES + entry.stored_bytes + tables + TRAILER_BYTES
         if entry.file_bytes < min_file:
             raise IndexFormatError(
                 f"{sw}: shard {name!r} says file_bytes {entry.file_bytes}, but {entry.records} records of "

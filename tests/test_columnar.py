@@ -410,7 +410,11 @@ def _shard_parts(path: Path):
     meta = json.loads(data[len(data) - TRAILER_BYTES - js : len(data) - TRAILER_BYTES])
     frames = meta["frames"]
     table = np.frombuffer(data, dtype=RECORD_DTYPE, count=frames, offset=table_offset).copy()
-    rmap = np.frombuffer(data, dtype=RECORD_MAP_DTYPE, count=count, offset=table_offset + 32 * frames).copy()
+    at = table_offset + 32 * frames
+    if "record_map_bytes" in meta:  # coded (format 1.3)
+        rmap = fmt.decode_record_map(data[at : at + meta["record_map_bytes"]], count, str(path))
+    else:
+        rmap = np.frombuffer(data, dtype=RECORD_MAP_DTYPE, count=count, offset=at).copy()
     return data, table, rmap, meta
 
 
@@ -549,3 +553,120 @@ def test_recover_without_index(tmp_path: Path) -> None:
     ts.recover_store(tmp_path / "s")
     after = ts.open_store(tmp_path / "s")
     assert [after.read_bytes(i) for i in range(len(after))] == [dumps(s) for s in batch]
+
+
+# --------------------------------------------------------------------------- coded record maps
+
+
+def _map(frames: list[int], raws: list[int]) -> np.ndarray:
+    m = np.zeros(len(raws), dtype=RECORD_MAP_DTYPE)
+    m["frame"], m["raw"] = frames, raws
+    offsets, at, prev = [], 0, None
+    for f, n in zip(frames, raws):
+        at = 0 if f != prev else at
+        offsets.append(at)
+        at += n
+        prev = f
+    m["raw_offset"] = offsets
+    return m
+
+
+def test_record_map_coding_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    raws = rng.integers(1, 5000, 3000).tolist()
+    m = _map(sorted(rng.integers(0, 40, 3000).tolist()), raws)
+    coded = fmt.encode_record_map(m)
+    assert coded is not None and len(coded) < m.nbytes / 4
+    back = fmt.decode_record_map(coded, len(m), "t")
+    assert back.tobytes() == m.tobytes()
+    # Tiny maps stay plain: coding them would not save the key's bytes.
+    assert fmt.encode_record_map(_map([0], [100])) is None
+
+
+def test_coded_map_in_small_record_store(tmp_path: Path) -> None:
+    """The record map of a store of small records is coded: 24 bytes a record would be about
+    as large as the records themselves."""
+    batch = [(torch.tensor([i % 7], dtype=torch.uint8), torch.tensor(i % 3)) for i in range(3000)]
+    ts.write_store(batch, tmp_path / "s", compact=True)
+    data, table, rmap, meta = _shard_parts(next((tmp_path / "s").glob("*.tspt")))
+    assert meta["record_map_bytes"] < rmap.nbytes / 20
+    info = ts.open_store(tmp_path / "s").info()
+    assert info.file_bytes < 3000 * 24 / 4
+    reader = ts.open_store(tmp_path / "s")
+    for i in (0, 1, 1234, 2999):
+        assert reader.read_bytes(i) == dumps(batch[i])
+    assert [int(s[0][0]) for s in reader] == [i % 7 for i in range(3000)]
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("bytes-lie", "footer is"),
+        ("not-an-int", "record_map_bytes"),
+        ("zero", "record_map_bytes"),
+        ("garbage", "coded record map is damaged"),
+        ("wrong-content-size", "declares"),
+        ("ratio", "do not fit"),  # the trailer check applies the same bound first
+    ],
+)
+def test_hostile_coded_record_map(tmp_path: Path, kind: str, message: str) -> None:
+    import zstandard as zstd
+
+    batch = [(torch.tensor([i % 7], dtype=torch.uint8), torch.tensor(i % 3)) for i in range(2000)]
+    ts.write_store(batch, tmp_path / "s", compact=True)
+    path = next((tmp_path / "s").glob("*.tspt"))
+    data, table, rmap, meta = _shard_parts(path)
+    table_offset = int(table["offset"][-1] + table["stored"][-1])
+    coded = data[table_offset + 32 * len(table) : table_offset + 32 * len(table) + meta["record_map_bytes"]]
+    if kind == "bytes-lie":
+        meta["record_map_bytes"] += 1
+    elif kind == "not-an-int":
+        meta["record_map_bytes"] = "12"
+    elif kind == "zero":
+        meta["record_map_bytes"] = 0
+    elif kind == "garbage":
+        coded = bytes(len(coded))
+    elif kind == "wrong-content-size":
+        coded = zstd.ZstdCompressor(write_content_size=True).compress(b"\0" * (24 * len(rmap) - 8))
+        meta["record_map_bytes"] = len(coded)
+    elif kind == "ratio":  # a map that decodes to far more than 256x its bytes (1 MiB slack aside)
+        big = np.zeros(100_000, dtype=RECORD_MAP_DTYPE)
+        coded = zstd.ZstdCompressor(write_content_size=True).compress(big.tobytes())
+        meta["record_map_bytes"] = len(coded)
+        meta["records"] = len(big)
+    js = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    body = table.tobytes() + coded
+    count = meta["records"]
+    trailer = struct.pack("<QQQQ8s", table_offset, count, len(js), ts.checksums.digest_int(body + js), b"TSPTFOOT")
+    path.write_bytes(data[:table_offset] + body + js + trailer)
+    size, _ = path.stat().st_size, None
+    with pytest.raises(CorruptStoreError, match=message):
+        shard_footer(path)
+    assert size > 0
+
+
+def shard_footer(path: Path):
+    data = path.read_bytes()
+    table_offset, count, js, checksum = decode_trailer(data[-TRAILER_BYTES:], len(data), str(path))
+    return fmt.parse_footer(data[table_offset:-TRAILER_BYTES], table_offset, count, checksum, str(path), js)
+
+
+def test_v13_fixtures_hold_blocks_raw_and_coded_maps() -> None:
+    root = Path(__file__).parent / "fixtures" / "v1.3"
+    seen = {}
+    for store in sorted(p for p in root.iterdir() if p.is_dir()):
+        reader = ts.open_store(store)
+        footers = [reader._footer(si) for si in range(reader.info().shards)]
+        seen[store.name] = (
+            all(f.columnar_mask.all() for f in footers),
+            any(f.raw_mask is not None for f in footers),
+            any(
+                "record_map_bytes" in (store / s.name).read_bytes()[-1500:].decode("latin-1")
+                for s in reader.index.shards
+            ),
+        )
+    assert seen == {
+        "lz4-compact-raw": (True, True, True),
+        "none-compact": (True, False, True),
+        "zstd-compact": (True, False, True),
+    }
