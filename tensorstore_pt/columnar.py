@@ -237,7 +237,7 @@ class ColumnBlock:
             block's length (one unfiltered copy per filtered column).
     """
 
-    __slots__ = ("_metas", "_nbytes", "_pos", "_sizes", "columns", "layout", "n", "where")
+    __slots__ = ("_lengths", "_metas", "_nbytes", "_spans", "columns", "first", "layout", "n", "where")
 
     def __init__(self, data: Any, layout: _ptzip.PtLayout, records: int, where: str) -> None:
         mv = memoryview(data).cast("B")
@@ -277,8 +277,10 @@ class ColumnBlock:
         self.columns = cols
         self.n = n
         self._nbytes = size + sum(len(col) for col, spec in zip(cols, specs) if spec[1] != FILTER_NONE)
-        metas: list[tuple[str, Any, int, tuple[int | None, ...]]] = []
-        sizes = np.zeros((n, c - 1), dtype=np.int64)
+        # Per record, plain Python: (archive, pickle view, name hash, CRC-32s, storage sizes,
+        # where each storage starts in its column); a record is read many times per block.
+        metas: list[tuple[str, Any, int, tuple[int | None, ...], tuple[int, ...], tuple[int, ...]]] = []
+        offs = [0] * (c - 1)
         at = 0
         for r, m in enumerate(meta_lengths.tolist()):
             try:
@@ -287,18 +289,18 @@ class ColumnBlock:
                 raise _bad(where, f"record {r}: {exc}") from None
             if len(rec_sizes) != c - 1:
                 raise _bad(where, f"record {r} has {len(rec_sizes)} storages, the block's plan has {c - 1}")
-            sizes[r] = rec_sizes
-            metas.append((archive, pickle, name_hash, crcs))
+            metas.append((archive, pickle, name_hash, crcs, tuple(rec_sizes), tuple(offs)))
+            for j, size_j in enumerate(rec_sizes):
+                offs[j] += size_j
             at += m
-        totals = sizes.sum(axis=0).tolist()
-        for j, total in enumerate(totals):
+        for j, total in enumerate(offs):
             if total != len(cols[j + 1]):
                 raise _bad(where, f"storage {j}'s sizes add up to {total} bytes, its column has {len(cols[j + 1])}")
         self._metas = metas
-        self._sizes = sizes
-        pos_arr = np.zeros((n + 1, c - 1), dtype=np.int64)
-        np.cumsum(sizes, axis=0, out=pos_arr[1:])
-        self._pos = pos_arr
+        self._lengths: dict[tuple[str, tuple[int, ...], int], int] = {}  # rebuilt length by shape
+        self._spans: dict[tuple[int, ...], tuple[list[tuple[int, int]], int]] = {}  # storage blob by sizes
+        #: The frame's first record in its shard (set by the reader).
+        self.first = 0
 
     def __len__(self) -> int:
         """Bytes the block holds: the decoded frame plus the unfiltered copies of its columns."""
@@ -306,8 +308,9 @@ class ColumnBlock:
 
     def storages(self, r: int) -> tuple[memoryview, ...]:
         """Record ``r``'s storages, in key order (views into the block)."""
-        cols, lo, hi = self.columns, self._pos[r].tolist(), self._pos[r + 1].tolist()
-        return tuple(cols[j + 1][lo[j] : hi[j]] for j in range(len(lo)))
+        _, _, _, _, sizes, starts = self._metas[r]
+        cols = self.columns
+        return tuple(cols[j + 1][lo : lo + n] for j, (lo, n) in enumerate(zip(starts, sizes)))
 
     def pickle(self, r: int) -> memoryview:
         """Record ``r``'s ``data.pkl`` bytes (a view)."""
@@ -315,7 +318,7 @@ class ColumnBlock:
 
     def parts(self, r: int) -> _ptzip.PtParts:
         """Record ``r``'s parts (views into the block)."""
-        archive, pickle, name_hash, crcs = self._metas[r]
+        archive, pickle, name_hash, crcs, _, _ = self._metas[r]
         return _ptzip.PtParts(self.layout, archive, pickle, self.storages(r), name_hash, crcs)
 
     def check_length(self, r: int, raw_bytes: int) -> _ptzip.PtParts:
@@ -326,8 +329,11 @@ class ColumnBlock:
             RecordLengthError: The record rebuilds to another length (kind ``record_length``).
             RecordMetaError: The parts would make a zip of 4 GiB or more.
         """
-        parts = self.parts(r)
-        length = _ptzip.rebuilt_bytes(parts)
+        archive, pickle, _, _, sizes, _ = self._metas[r]
+        key = (archive, sizes, len(pickle))
+        length = self._lengths.get(key)
+        if length is None:
+            length = self._lengths[key] = _ptzip.rebuilt_bytes(self.parts(r))
         if length != raw_bytes:
             exc = RecordLengthError(
                 f"{self.where}: record {r} of the column block rebuilds to {length} bytes, the record map says "
@@ -335,7 +341,7 @@ class ColumnBlock:
             )
             exc.problem = ("record_length", f"{raw_bytes} raw bytes (record map)", f"{length} bytes rebuilt")  # type: ignore[attr-defined]
             raise exc
-        return parts
+        return self.parts(r)
 
     def record_bytes(self, r: int, raw_bytes: int) -> bytes:
         """Record ``r``'s exact ``torch.save`` bytes, which the record map says are ``raw_bytes``
@@ -346,17 +352,27 @@ class ColumnBlock:
         """
         return _ptzip.rebuild(self.check_length(r, raw_bytes))
 
-    def storage_blob(self, r: int) -> tuple[bytearray, list[tuple[int, int]]]:
-        """Record ``r``'s storages copied into one fresh buffer, each at a multiple of the
-        layout's alignment (as in the zip): ``(buffer, [(offset, length) per storage])``."""
-        align = self.layout.alignment
-        spans = []
-        at = 0
-        views = self.storages(r)
-        for v in views:
-            spans.append((at, len(v)))
-            at += (len(v) + align - 1) // align * align
-        blob = bytearray(at)
-        for (off, length), v in zip(spans, views):
-            blob[off : off + length] = v
-        return blob, spans
+    def load_args(self, r: int, raw_bytes: int) -> tuple[bytes, bytearray, list[tuple[int, int]]]:
+        """What :func:`~tensorstore_pt.fastload.fast_loads_parts` takes for record ``r``: its
+        pickle, and its storages copied into one fresh buffer, each at a multiple of the
+        layout's alignment (as in the zip), with ``(offset, length)`` of each; after
+        :meth:`check_length` against ``raw_bytes``."""
+        archive, pickle, _, _, sizes, starts = self._metas[r]
+        key = (archive, sizes, len(pickle))
+        if self._lengths.get(key) != raw_bytes:
+            self.check_length(r, raw_bytes)
+        got = self._spans.get(sizes)
+        if got is None:
+            align = self.layout.alignment
+            spans = []
+            at = 0
+            for n in sizes:
+                spans.append((at, n))
+                at += (n + align - 1) // align * align
+            got = self._spans[sizes] = (spans, at)
+        spans, total = got
+        blob = bytearray(total)
+        cols = self.columns
+        for j, ((off, n), lo) in enumerate(zip(spans, starts)):
+            blob[off : off + n] = cols[j + 1][lo : lo + n]
+        return bytes(pickle), blob, spans

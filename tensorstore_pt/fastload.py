@@ -1683,6 +1683,10 @@ def _run_pickle(
 
 #: What :func:`fast_loads_parts` returns when the fast path declines a record.
 DECLINED = object()
+#: The storage-record tables of container-free records, by pickle length and storage spans
+#: (one per shape of record; emptied past _MAX_PARTS_RECORDS). Dict updates under the GIL.
+_PARTS_RECORDS: dict[tuple[Any, ...], dict[str, tuple[int, int]]] = {}
+_MAX_PARTS_RECORDS = 1024
 
 
 def fast_loads_parts(pickle: Any, blob: bytearray, spans: list[tuple[int, int]], raw_bytes: int) -> Any:
@@ -1709,11 +1713,18 @@ def fast_loads_parts(pickle: Any, blob: bytearray, spans: list[tuple[int, int]],
     """
     if not _torch_state_is_plain():
         return DECLINED
-    records = {"data.pkl": (0, len(pickle))}
-    for j, span in enumerate(spans):
-        records[f"data/{j}"] = span
+    key = (len(pickle), *spans)
+    records = _PARTS_RECORDS.get(key)
+    if records is None:
+        records = {"data.pkl": (0, len(pickle))}
+        for j, span in enumerate(spans):
+            records[f"data/{j}"] = span
+        if len(_PARTS_RECORDS) >= _MAX_PARTS_RECORDS:
+            _PARTS_RECORDS.clear()
+        _PARTS_RECORDS[key] = records  # read-only from here on (a _Source only looks up)
     try:
-        return _run_pickle(bytes(pickle), memoryview(blob), True, records, 0, len(blob), raw_bytes)
+        return _run_pickle(pickle if type(pickle) is bytes else bytes(pickle), memoryview(blob), True, records, 0,
+                           len(blob), raw_bytes)  # fmt: skip
     except Exception:  # noqa: BLE001 - declined: fast_loads of the rebuilt bytes decides and types it
         return DECLINED
 

@@ -687,7 +687,7 @@ class StoreReader:
         fi, raw_offset, raw = footer.locate(k)
         data = self._cached_frame(si, fi, j)
         if isinstance(data, ColumnBlock):
-            return j, si, bytearray(data.record_bytes(k - _first_record_of_frame(footer, fi), raw))
+            return j, si, bytearray(data.record_bytes(k - data.first, raw))
         # A copy: tensors of one record must not pin (or alias) the whole cached frame.
         return j, si, data[raw_offset : raw_offset + raw]
 
@@ -710,17 +710,18 @@ class StoreReader:
             return data
         first = _first_record_of_frame(footer, fi)
         count = _first_record_of_frame(footer, fi + 1) - first
-        return ColumnBlock(data, footer.layout, count, f"{self._where(si, j)}, frame {fi}")
+        block = ColumnBlock(data, footer.layout, count, f"{self._where(si, j)}, frame {fi}")
+        block.first = first
+        return block
 
     def _load_from_block(self, si: int, j: int, block: ColumnBlock, r: int, raw: int) -> Any:
         """Load record ``r`` of column block ``block`` (store position ``j``, ``raw`` bytes as
         ``torch.save`` wrote it): from its parts when the fast path takes it, else from its
         rebuilt ``torch.save`` bytes (:meth:`_load`, which types any error)."""
-        check_record_budget(raw, self.max_record_bytes, self._where(si, j))
-        block.check_length(r, raw)
+        if raw > self.max_record_bytes:
+            check_record_budget(raw, self.max_record_bytes, self._where(si, j))
         if self._cpu:
-            blob, spans = block.storage_blob(r)
-            sample = fast_loads_parts(block.pickle(r), blob, spans, raw)
+            sample = fast_loads_parts(*block.load_args(r, raw), raw)
             if sample is not DECLINED:
                 return sample
         return self._load(si, j, bytearray(block.record_bytes(r, raw)))
@@ -786,7 +787,7 @@ class StoreReader:
             fi, _, raw = footer.locate(k)
             if footer.is_columnar(fi):
                 block = self._cached_frame(si, fi, j)
-                return self._load_from_block(si, j, block, k - _first_record_of_frame(footer, fi), raw)
+                return self._load_from_block(si, j, block, k - block.first, raw)
         j, si, data = self._read_raw(i, writable=True)
         return self._load(si, j, data)
 
@@ -1377,6 +1378,7 @@ class StoreReader:
             return
         framed = fetched._framed
         records = fetched.records.tolist()
+        starts = self._starts.tolist() if self._columnar else []
         last: dict[tuple[int, int], int] = {}
         for pos, rec in enumerate(records):
             got = frames.get(rec)
@@ -1413,7 +1415,7 @@ class StoreReader:
                 continue
             try:
                 if isinstance(data, ColumnBlock):
-                    r = rec - int(self._starts[si]) - _first_record_of_frame(self._footer(si), f)
+                    r = rec - starts[si] - data.first
                     if raw:
                         sample = RawRecord(self, si, rec, bytearray(data.record_bytes(r, n)))
                     else:
