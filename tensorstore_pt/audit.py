@@ -962,6 +962,7 @@ def pack_size_warning(
     cands = [chosen] + [
         c
         for c in (
+            {"codec": "zstd", "level": 3, "compact": True},
             {"codec": "zstd", "level": 3, "frame_target_bytes": 64 * 2**10},
             {"codec": "zstd", "level": 3, "dictionary": 16 * 2**10},
         )

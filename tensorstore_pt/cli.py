@@ -268,6 +268,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
             options["dictionary"] = args.dict_size or 16 * 2**10
         if args.frame_size:
             options["frame_target_bytes"] = args.frame_size
+        if args.compact:
+            options["compact"] = True
         warning = pack_size_warning(head, source.records, source_bytes, options, args.max_shard_size)
         if warning:
             _note(f"warning: {warning}")

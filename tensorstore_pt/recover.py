@@ -1038,9 +1038,15 @@ def _recover_locked(
     # Shards whose footer is lost: rebuild them from the index's entry and their frames. They
     # may hold raw frames (format 1.2) unless the index says that no shard does.
     raw_frames = ev.features is None or FEATURE_RAW_FRAMES in ev.features
+    columnar = ev.features is None or FEATURE_COLUMNAR_FRAMES in ev.features
     for p in pieces:
         if p.footer_lost and p.final in ev.entries:
             scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames)
+            if columnar and p.records is not None and sum(len(f.raw_lengths) for f in p.frames) < p.records:
+                p.reason += (
+                    " (column blocks of format 1.3, --compact, hold no zip containers and their layout and record "
+                    "lengths were in the lost footer: they cannot be proven without it)"
+                )
     if not ev.valid:
         # No index entry to go by: the shard's writer's previous shard says where it starts.
         _rebuild_by_neighbours(pieces, ev, scanner, codec_config, raw_frames)

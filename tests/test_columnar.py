@@ -670,3 +670,26 @@ def test_v13_fixtures_hold_blocks_raw_and_coded_maps() -> None:
         "none-compact": (True, False, True),
         "zstd-compact": (True, False, True),
     }
+
+
+def test_recover_lost_footer_reports_blocks(tmp_path: Path) -> None:
+    """A compact shard whose footer is lost cannot be proven (no zip containers to find):
+    recover keeps the other shards' records and reports that shard's records as lost."""
+    batch = _tokens(30)
+    ts.write_store(batch, tmp_path / "s", compact=True, frame_target_bytes=600, max_shard_bytes=2500)
+    reader = ts.open_store(tmp_path / "s")
+    shards = reader.index.shards
+    assert len(shards) >= 3
+    victim = shards[1]
+    path = tmp_path / "s" / victim.name
+    path.write_bytes(path.read_bytes()[:-10])  # the trailer is gone
+    report = ts.recover_store(tmp_path / "s")
+    after = ts.open_store(tmp_path / "s")
+    lost = set(range(victim.first_record, victim.first_record + victim.records))
+    kept = [i for i in range(len(batch)) if i not in lost]
+    assert len(after) == len(kept)
+    for j, i in enumerate(kept):
+        assert after.read_bytes(j) == dumps(batch[i])
+    outcome = next(o for o in report.shards if o.name == victim.name)
+    assert (outcome.kept, outcome.lost) == (0, ((victim.first_record, victim.first_record + victim.records),))
+    assert "column blocks of format 1.3" in outcome.reason
