@@ -78,6 +78,7 @@ from torch.utils.data._utils.collate import (
     default_collate_fn_map,
 )
 
+from .errors import CorruptStoreError
 from .fastload import collate_records
 from .reader import RawRecord
 
@@ -168,7 +169,11 @@ def decode_batch(samples: list[RawRecord], alloc: Any = _alloc_private) -> Any:
     """
     if BATCH_DECODE == "off" or not standard_collate():
         return None
-    return collate_records([s.data for s in samples], alloc, collate_leaves, dicts_only=BATCH_DECODE == "dicts")
+    try:
+        inputs = [s.batch_input() for s in samples]
+    except CorruptStoreError:  # a container-free record's length: the one-by-one path raises it
+        return None
+    return collate_records(inputs, alloc, collate_leaves, dicts_only=BATCH_DECODE == "dicts")
 
 
 class DecodedBatch:

@@ -1713,20 +1713,27 @@ def fast_loads_parts(pickle: Any, blob: bytearray, spans: list[tuple[int, int]],
     """
     if not _torch_state_is_plain():
         return DECLINED
-    key = (len(pickle), *spans)
-    records = _PARTS_RECORDS.get(key)
-    if records is None:
-        records = {"data.pkl": (0, len(pickle))}
-        for j, span in enumerate(spans):
-            records[f"data/{j}"] = span
-        if len(_PARTS_RECORDS) >= _MAX_PARTS_RECORDS:
-            _PARTS_RECORDS.clear()
-        _PARTS_RECORDS[key] = records  # read-only from here on (a _Source only looks up)
+    records = _parts_records(len(pickle), spans)
     try:
         return _run_pickle(pickle if type(pickle) is bytes else bytes(pickle), memoryview(blob), True, records, 0,
                            len(blob), raw_bytes)  # fmt: skip
     except Exception:  # noqa: BLE001 - declined: fast_loads of the rebuilt bytes decides and types it
         return DECLINED
+
+
+def _parts_records(pickle_bytes: int, spans: list[tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The storage-record table of a container-free record (``data.pkl`` and ``data/<j>`` at
+    ``spans[j]`` of its storage buffer), shared by every record of that shape: read-only."""
+    key = (pickle_bytes, *spans)
+    records = _PARTS_RECORDS.get(key)
+    if records is None:
+        records = {"data.pkl": (0, pickle_bytes)}
+        for j, span in enumerate(spans):
+            records[f"data/{j}"] = span
+        if len(_PARTS_RECORDS) >= _MAX_PARTS_RECORDS:
+            _PARTS_RECORDS.clear()
+        _PARTS_RECORDS[key] = records
+    return records
 
 
 def _is_cpu(map_location: Any) -> bool:
@@ -2150,18 +2157,30 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
     if skip_planning:
         _PLAN_BACKOFF[0] -= 1
     leaf_in_seq: list[bool] = []
+    datas: list[Any] = []  # where each record's storages are (its buffer, or its parts' storage buffer)
     for buf in bufs:
-        if type(buf) is not bytearray:
-            return None
-        try:
-            records, lo, hi = _layout(buf, len(buf))
-        except Exception:  # _Fallback or a malformed buffer: the one-by-one path reports it
-            return None
-        start, nbytes = records["data.pkl"]
-        if last_pkl is None or memoryview(buf)[start : start + nbytes] != last_pkl:
+        if type(buf) is tuple:  # a container-free record (format 1.3): (pickle, storages, spans)
+            pkl_b, buf, spans = buf
+            if type(pkl_b) is not bytes or type(buf) is not bytearray:
+                return None
+            records = _parts_records(len(pkl_b), spans)
+            lo, hi, start, nbytes = 0, len(buf), 0, len(pkl_b)
+            same = last_pkl is not None and pkl_b == last_pkl
+        else:
+            if type(buf) is not bytearray:
+                return None
+            try:
+                records, lo, hi = _layout(buf, len(buf))
+            except Exception:  # _Fallback or a malformed buffer: the one-by-one path reports it
+                return None
+            start, nbytes = records["data.pkl"]
+            pkl_b = None
+            same = last_pkl is not None and memoryview(buf)[start : start + nbytes] == last_pkl
+        datas.append(buf)
+        if not same:
             if nbytes > _MAX_KNOWN_PICKLE_BYTES:
                 return None
-            pkl = bytes(buf[start : start + nbytes])
+            pkl = pkl_b if pkl_b is not None else bytes(buf[start : start + nbytes])
             got = _BATCH_SPECS.get(pkl)
             if got is None:
                 plan = tables.known.get(pkl)
@@ -2223,7 +2242,7 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
         t = alloc((n, *size), dtype)
         if size_bytes:
             dst = t.view(-1).view(torch.uint8).view(n, size_bytes).numpy()
-            for i, buf in enumerate(bufs):
+            for i, buf in enumerate(datas):
                 s = starts[i][j]
                 dst[i] = memoryview(buf)[s : s + size_bytes]
         out_tensors.append(t)

@@ -238,10 +238,39 @@ class RawRecord:
     its reader and is not pickled (it stays in the process that read it).
     """
 
-    __slots__ = ("_reader", "shard", "record", "data")
+    __slots__ = ("_block", "_data", "_reader", "record", "shard")
 
-    def __init__(self, reader: StoreReader, shard: int, record: int, data: bytearray) -> None:
-        self._reader, self.shard, self.record, self.data = reader, shard, record, data
+    def __init__(
+        self,
+        reader: StoreReader,
+        shard: int,
+        record: int,
+        data: bytearray | None,
+        block: tuple[ColumnBlock, int, int] | None = None,
+    ) -> None:
+        self._reader, self.shard, self.record, self._data, self._block = reader, shard, record, data, block
+
+    @property
+    def data(self) -> bytearray:
+        """The record's ``torch.save`` buffer (for a container-free record, format 1.3, rebuilt
+        on first use)."""
+        if self._data is None:
+            block, r, raw = self._block  # type: ignore[misc]
+            self._data = bytearray(block.record_bytes(r, raw))
+        return self._data
+
+    def batch_input(self) -> Any:
+        """What ``tensorstore_pt.fastload.collate_records`` takes for this record: its buffer,
+        or for a container-free record its ``(pickle, storages buffer, spans)`` (no container
+        rebuilt, format 1.3).
+
+        Raises:
+            RecordLengthError: A container-free record's rebuilt length is not the record map's.
+        """
+        if self._block is None or self._data is not None:
+            return self._data
+        block, r, raw = self._block
+        return block.load_args(r, raw)
 
     def load(self) -> Any:
         """Unpickle the record (``weights_only`` semantics, the reader's ``map_location``).
@@ -249,13 +278,17 @@ class RawRecord:
         Raises:
             UnsafePayloadError, RecordDecodeError, AllocationBudgetError: As :meth:`StoreReader.read`.
         """
+        if self._block is not None and self._data is None:
+            block, r, raw = self._block
+            return self._reader._load_from_block(self.shard, self.record, block, r, raw)
         return self._reader._load(self.shard, self.record, self.data)
 
     def __reduce__(self) -> Any:
         raise TypeError("a RawRecord belongs to the process that read it; it is not sent between processes")
 
     def __repr__(self) -> str:
-        return f"RawRecord(record={self.record}, shard={self.shard}, bytes={len(self.data)})"
+        size = len(self._data) if self._data is not None else self._block[2]  # type: ignore[index]
+        return f"RawRecord(record={self.record}, shard={self.shard}, bytes={size})"
 
 
 class FetchedFrames:
@@ -1417,7 +1450,8 @@ class StoreReader:
                 if isinstance(data, ColumnBlock):
                     r = rec - starts[si] - data.first
                     if raw:
-                        sample = RawRecord(self, si, rec, bytearray(data.record_bytes(r, n)))
+                        data.check_length(r, n)
+                        sample = RawRecord(self, si, rec, None, (data, r, n))
                     else:
                         sample = self._load_from_block(si, rec, data, r, n)
                 else:

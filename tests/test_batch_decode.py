@@ -117,8 +117,8 @@ class _Spy:
         monkeypatch.setattr(dataset_module, "decode_batch", spy)
 
 
-def _write(path: Path, records: list[Any]) -> Path:
-    tspt.write_store(records, path, codec="zstd")
+def _write(path: Path, records: list[Any], compact: bool = False) -> Path:
+    tspt.write_store(records, path, codec="zstd", compact=compact)
     return path
 
 
@@ -206,9 +206,27 @@ def test_records_whose_literals_all_differ_are_covered_once_each_was_seen_twice(
     collate=st.sampled_from(["default", "list"]),
 )
 def test_batches_equal_torch_load_then_collate(template: Any, other: Any, batch_size: int, collate: str) -> None:
+    _check_batches(template, other, batch_size, collate, compact=False)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    template=samples(max_leaves=6),
+    other=st.none() | samples(max_leaves=4),
+    batch_size=st.integers(1, 5),
+    collate=st.sampled_from(["default", "list"]),
+)
+def test_compact_batches_equal_torch_load_then_collate(
+    template: Any, other: Any, batch_size: int, collate: str
+) -> None:
+    """The same from a compact store (format 1.3): batches decoded from the records' parts."""
+    _check_batches(template, other, batch_size, collate, compact=True)
+
+
+def _check_batches(template: Any, other: Any, batch_size: int, collate: str, compact: bool) -> None:
     records = [_vary(other if other is not None and i % 4 == 3 else template, i) for i in range(11)]
     with tempfile.TemporaryDirectory() as tmp:
-        path = _write(Path(tmp) / "s", records)
+        path = _write(Path(tmp) / "s", records, compact)
         fn = default_collate if collate == "default" else list_collate
         expected = _expected_batches(path, batch_size, fn)
         for _ in range(2):  # the second epoch runs with every pickle planned
@@ -223,11 +241,15 @@ def _no_grad(sample: Any) -> bool:
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
-@given(template=samples(max_leaves=5).filter(_no_grad), collate=st.sampled_from(["default", "list"]))
-def test_worker_batches_equal_torch_load_then_collate_property(template: Any, collate: str) -> None:
+@given(
+    template=samples(max_leaves=5).filter(_no_grad),
+    collate=st.sampled_from(["default", "list"]),
+    compact=st.booleans(),
+)
+def test_worker_batches_equal_torch_load_then_collate_property(template: Any, collate: str, compact: bool) -> None:
     records = [_vary(template, i) for i in range(24)]
     with tempfile.TemporaryDirectory() as tmp:
-        path = _write(Path(tmp) / "s", records)
+        path = _write(Path(tmp) / "s", records, compact)
         fn = default_collate if collate == "default" else list_collate
         expected = _expected_batches(path, 4, fn)
         loader = StoreDataLoader(
@@ -246,8 +268,11 @@ def _digits(n: int) -> list[Any]:
     return [(torch.randint(0, 17, (8, 8), generator=g, dtype=torch.uint8), torch.tensor(i % 10)) for i in range(n)]
 
 
-def test_decode_thread_hands_over_whole_decoded_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _write(tmp_path / "digits", _digits(50))
+@pytest.mark.parametrize("compact", [False, True], ids=["frames", "compact"])
+def test_decode_thread_hands_over_whole_decoded_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compact: bool
+) -> None:
+    path = _write(tmp_path / "digits", _digits(50), compact)
     spy = _Spy(monkeypatch)
     expected = _expected_batches(path, 8, default_collate)
     loader = StoreDataLoader(StoreIterableDataset(path), batch_size=8)
