@@ -15,6 +15,7 @@ Block layout (docs/format.md, section 5.3), all integers little-endian::
     12        4        u32 column count c (>= 1): 1 + the storage count of every record
     16        16 x c   per column: u64 column bytes, u8 filter, u8 element size, 6 zero bytes
     16 + 16c  4 x n    u32 metadata length of each record (column 0 is their concatenation)
+    ...       4 x n(c-1) u32 storage sizes, record by record (storage j of record r: column j + 1)
     ...                the columns, back to back; the block ends where the last one ends
 
 Filters (per column, chosen by the writer by measurement, undone by the reader before use):
@@ -161,6 +162,7 @@ def encode_block(parts: list[_ptzip.PtParts], compress: Callable[[bytes], bytes]
     out = [_HEAD.pack(MAGIC, len(parts), len(columns))]
     out += [_COLUMN.pack(len(c), f, s) for c, f, s in columns]
     out.append(np.asarray([len(m) for m in metas], dtype="<u4").tobytes())
+    out.append(np.asarray([[len(st) for st in p.storages] for p in parts], dtype="<u4").reshape(-1).tobytes())
     out += [c for c, _, _ in columns]
     return b"".join(out)
 
@@ -214,6 +216,11 @@ def plan_frames(
 # --------------------------------------------------------------------------- reading
 
 
+def shown_sizes(sizes: list[int]) -> str:
+    """A list of storage sizes for a message, cut after 8."""
+    return str(sizes[:8])[:-1] + (f", ... ({len(sizes)} in all)]" if len(sizes) > 8 else "]")
+
+
 def _bad(where: str, what: str) -> RecordMetaError:
     return RecordMetaError(f"{where}: column block: {what}")
 
@@ -228,16 +235,32 @@ class ColumnBlock:
         where: Context for messages.
 
     Raises:
-        RecordMetaError: Anything malformed: magic, counts (against ``records``), column
-            entries (unknown filter, element size, a column 0 filter), lengths that do not add
-            up to the block (a column that runs past the block, bytes left over), a record's
-            metadata (its own checks, see :func:`._ptzip.decode_meta`), a record whose storage
-            count differs from the block's, storage sizes that do not add up to their column.
-            All checked here, before any record is handed out; allocations are bounded by the
-            block's length (one unfiltered copy per filtered column).
+        RecordMetaError: Anything malformed in the block's tables: magic, counts (against
+            ``records``), column entries (unknown filter, element size, a column 0 filter),
+            lengths that do not add up to the block (a column that runs past the block, bytes
+            left over), metadata lengths or storage sizes that do not add up to their column.
+            All checked here. A record's own metadata (its checks, see
+            :func:`._ptzip.decode_meta`, and that it lists exactly the storage sizes of the
+            size table) is parsed and checked when the record is first used, so a random read
+            parses one record's metadata, not the block's; the methods raise it then.
+            Allocations are bounded by the block's length (one unfiltered copy per filtered
+            column, and a few ints per record).
     """
 
-    __slots__ = ("_lengths", "_metas", "_nbytes", "_spans", "columns", "first", "layout", "n", "where")
+    __slots__ = (
+        "_lengths",
+        "_meta_at",
+        "_metas",
+        "_nbytes",
+        "_spans",
+        "_starts",
+        "_table_sizes",
+        "columns",
+        "first",
+        "layout",
+        "n",
+        "where",
+    )
 
     def __init__(self, data: Any, layout: _ptzip.PtLayout, records: int, where: str) -> None:
         mv = memoryview(data).cast("B")
@@ -253,11 +276,14 @@ class ColumnBlock:
             raise _bad(where, f"holds {n} records, the record map gives the frame {records}")
         if not 1 <= c <= MAX_COLUMNS:
             raise _bad(where, f"{c} columns, expected 1..{MAX_COLUMNS}")
-        pos = _HEAD.size + _COLUMN.size * c + 4 * n
+        tables = _HEAD.size + _COLUMN.size * c
+        pos = tables + 4 * n * c
         if pos > size:
             raise _bad(where, f"its column and length tables need {pos} bytes, the block has {size}")
         specs = [_COLUMN.unpack_from(mv, _HEAD.size + _COLUMN.size * j) for j in range(c)]
-        meta_lengths = np.frombuffer(mv, dtype="<u4", count=n, offset=_HEAD.size + _COLUMN.size * c)
+        meta_lengths = np.frombuffer(mv, dtype="<u4", count=n, offset=tables).astype(np.int64)
+        sizes = np.frombuffer(mv, dtype="<u4", count=n * (c - 1), offset=tables + 4 * n).astype(np.int64)
+        sizes = sizes.reshape(n, c - 1)
         cols: list[memoryview] = []
         for j, (length, filt, esize) in enumerate(specs):
             if filt not in _FILTER_SIZES or esize not in _FILTER_SIZES[filt] or (j == 0 and filt != FILTER_NONE):
@@ -270,37 +296,71 @@ class ColumnBlock:
             pos += length
         if pos != size:
             raise _bad(where, f"{size - pos} bytes after its last column")
-        if int(meta_lengths.sum(dtype=np.uint64)) != len(cols[0]):
+        if int(meta_lengths.sum()) != len(cols[0]):
             raise _bad(
                 where, f"record metadata lengths add up to {int(meta_lengths.sum())} bytes, column 0 has {len(cols[0])}"
             )
+        totals = sizes.sum(axis=0).tolist()
+        for j, total in enumerate(totals):
+            if total != len(cols[j + 1]):
+                raise _bad(where, f"storage {j}'s sizes add up to {total} bytes, its column has {len(cols[j + 1])}")
         self.columns = cols
         self.n = n
         self._nbytes = size + sum(len(col) for col, spec in zip(cols, specs) if spec[1] != FILTER_NONE)
-        # Per record, plain Python: (archive, pickle view, name hash, CRC-32s, storage sizes,
-        # where each storage starts in its column); a record is read many times per block.
-        metas: list[tuple[str, Any, int, tuple[int | None, ...], tuple[int, ...], tuple[int, ...]]] = []
-        offs = [0] * (c - 1)
-        at = 0
-        for r, m in enumerate(meta_lengths.tolist()):
-            try:
-                archive, name_hash, rec_sizes, crcs, pickle = _ptzip.parse_meta(cols[0][at : at + m], layout)
-            except RecordMetaError as exc:
-                raise _bad(where, f"record {r}: {exc}") from None
-            if len(rec_sizes) != c - 1:
-                raise _bad(where, f"record {r} has {len(rec_sizes)} storages, the block's plan has {c - 1}")
-            metas.append((archive, pickle, name_hash, crcs, tuple(rec_sizes), tuple(offs)))
-            for j, size_j in enumerate(rec_sizes):
-                offs[j] += size_j
-            at += m
-        for j, total in enumerate(offs):
-            if total != len(cols[j + 1]):
-                raise _bad(where, f"storage {j}'s sizes add up to {total} bytes, its column has {len(cols[j + 1])}")
-        self._metas = metas
+        # Where each record's metadata and storages start: every table is checked above, each
+        # record's metadata when the record is first used (against the size table), so a
+        # random read parses one record's metadata, not the block's.
+        meta_at = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(meta_lengths, out=meta_at[1:])
+        starts = np.zeros((n, c - 1), dtype=np.int64)
+        if n > 1:
+            np.cumsum(sizes[:-1], axis=0, out=starts[1:])
+        self._meta_at = meta_at
+        self._table_sizes = sizes
+        self._starts = starts
+        self._metas: list[Any] = [None] * n
         self._lengths: dict[tuple[str, tuple[int, ...], int], int] = {}  # rebuilt length by shape
         self._spans: dict[tuple[int, ...], tuple[list[tuple[int, int]], int]] = {}  # storage blob by sizes
         #: The frame's first record in its shard (set by the reader).
         self.first = 0
+
+    def _meta(self, r: int) -> tuple[str, Any, int, tuple[int | None, ...], tuple[int, ...], tuple[int, ...]]:
+        """Record ``r``'s (archive, pickle view, name hash, CRC-32s, storage sizes, storage
+        starts in their columns), its metadata parsed and checked against the size table once.
+
+        Raises:
+            RecordMetaError: The metadata is malformed, or lists other storages than the table.
+        """
+        got = self._metas[r]
+        if got is not None:
+            return got  # type: ignore[no-any-return]
+        if not 0 <= r < self.n:
+            raise IndexError(f"record {r} of a block of {self.n}")
+        lo, hi = int(self._meta_at[r]), int(self._meta_at[r + 1])
+        try:
+            archive, name_hash, rec_sizes, crcs, pickle = _ptzip.parse_meta(self.columns[0][lo:hi], self.layout)
+        except RecordMetaError as exc:
+            raise _bad(self.where, f"record {r}: {exc}") from None
+        table = self._table_sizes[r].tolist()
+        if rec_sizes != table:
+            raise _bad(
+                self.where,
+                f"record {r}'s metadata lists storages of {shown_sizes(rec_sizes)} bytes, the block's size table "
+                f"{shown_sizes(table)} (the block's plan has {len(table)} storages)",
+            )
+        got = (archive, pickle, name_hash, crcs, tuple(table), tuple(self._starts[r].tolist()))
+        self._metas[r] = got
+        return got
+
+    def check_all(self) -> None:
+        """Parse and check every record's metadata now (what each record's first use does).
+
+        Raises:
+            RecordMetaError: The first record whose metadata is malformed or disagrees with
+                the size table.
+        """
+        for r in range(self.n):
+            self._meta(r)
 
     def __len__(self) -> int:
         """Bytes the block holds: the decoded frame plus the unfiltered copies of its columns."""
@@ -308,17 +368,17 @@ class ColumnBlock:
 
     def storages(self, r: int) -> tuple[memoryview, ...]:
         """Record ``r``'s storages, in key order (views into the block)."""
-        _, _, _, _, sizes, starts = self._metas[r]
+        _, _, _, _, sizes, starts = self._meta(r)
         cols = self.columns
         return tuple(cols[j + 1][lo : lo + n] for j, (lo, n) in enumerate(zip(starts, sizes)))
 
     def pickle(self, r: int) -> memoryview:
         """Record ``r``'s ``data.pkl`` bytes (a view)."""
-        return self._metas[r][1]  # type: ignore[no-any-return]
+        return self._meta(r)[1]
 
     def parts(self, r: int) -> _ptzip.PtParts:
         """Record ``r``'s parts (views into the block)."""
-        archive, pickle, name_hash, crcs, _, _ = self._metas[r]
+        archive, pickle, name_hash, crcs, _, _ = self._meta(r)
         return _ptzip.PtParts(self.layout, archive, pickle, self.storages(r), name_hash, crcs)
 
     def check_length(self, r: int, raw_bytes: int) -> _ptzip.PtParts:
@@ -329,7 +389,7 @@ class ColumnBlock:
             RecordLengthError: The record rebuilds to another length (kind ``record_length``).
             RecordMetaError: The parts would make a zip of 4 GiB or more.
         """
-        archive, pickle, _, _, sizes, _ = self._metas[r]
+        archive, pickle, _, _, sizes, _ = self._meta(r)
         key = (archive, sizes, len(pickle))
         length = self._lengths.get(key)
         if length is None:
@@ -357,7 +417,7 @@ class ColumnBlock:
         pickle, and its storages copied into one fresh buffer, each at a multiple of the
         layout's alignment (as in the zip), with ``(offset, length)`` of each; after
         :meth:`check_length` against ``raw_bytes``."""
-        archive, pickle, _, _, sizes, starts = self._metas[r]
+        archive, pickle, _, _, sizes, starts = self._meta(r)
         key = (archive, sizes, len(pickle))
         if self._lengths.get(key) != raw_bytes:
             self.check_length(r, raw_bytes)

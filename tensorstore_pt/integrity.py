@@ -577,6 +577,7 @@ def _verify_shard(
             if check.data is not None and footer.is_columnar(fi):
                 try:
                     block = ColumnBlock(check.data, footer.layout, b - a, fwhere)
+                    block.check_all()
                 except RecordMetaError as exc:
                     add("record_decode", "a column block (docs/format.md, section 5.3)", str(exc), str(exc), record=j,
                         records=(j, entry.first_record + b) if many else None)  # fmt: skip

@@ -483,7 +483,7 @@ class _Scanner:
                     )
                     if footer.is_columnar(fi):  # checked as a reader checks it before use (format 1.3)
                         if data is not None:
-                            ColumnBlock(data, footer.layout, b - a, f"{where}, frame {fi}")
+                            ColumnBlock(data, footer.layout, b - a, f"{where}, frame {fi}").check_all()
                         piece.layout = footer.layout
                 except TensorStoreError as exc:
                     bad.append(str(exc))

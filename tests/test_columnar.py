@@ -368,32 +368,40 @@ def test_hostile_block_refused(kind: str) -> None:
 
 
 def test_plan_mismatch_and_sizes_that_lie() -> None:
-    """A record whose storage count differs from the block's plan, and storage sizes that do
-    not add up to their column, are refused before any record is handed out."""
+    """A record whose metadata lists other storage sizes than the block's size table (the
+    plan does not match its columns), and size tables that do not add up to their column,
+    are refused: the tables when the block is parsed, a record before it is handed out."""
     raws = [dumps(s) for s in _tokens(3)]
     parts = [_ptzip.prove(r) for r in raws]
     block = columnar.encode_block(parts, None)
     layout = parts[0].layout
     n, c = struct.unpack_from("<II", block, 8)
-    # Plan mismatch: claim one more column (an empty one) than the records' storages.
-    grown = bytearray(block[:12]) + struct.pack("<I", c + 1) + block[16 : 16 + 16 * c] + columnar._COLUMN.pack(0, 0, 0)
-    grown += block[16 + 16 * c :]
-    with pytest.raises(RecordMetaError, match="storages, the block's plan has"):
-        columnar.ColumnBlock(bytes(grown), layout, n, "t")
-    # Sizes that lie: move one byte from column 2 to column 1 (the totals still match the block).
-    c1 = struct.unpack_from("<Q", block, 32)[0]
-    c2 = struct.unpack_from("<Q", block, 48)[0]
-    moved = _edit(_edit(block, 32, "<Q", c1 + 1), 48, "<Q", c2 - 1)
+    sizes_at = 16 + 16 * c + 4 * n
+    table = np.frombuffer(block, dtype="<u4", count=n * (c - 1), offset=sizes_at).reshape(n, c - 1)
+    assert table[0, 0] != table[1, 0]  # token records of different lengths
+    # Swap records 0 and 1 in the size table: the columns still add up, the records do not.
+    swapped = table.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    bad = block[:sizes_at] + swapped.tobytes() + block[sizes_at + swapped.nbytes :]
+    b = columnar.ColumnBlock(bad, layout, n, "t")
+    with pytest.raises(RecordMetaError, match="record 0's metadata lists storages of"):
+        b.record_bytes(0, len(raws[0]))
+    with pytest.raises(RecordMetaError, match="size table"):
+        b.load_args(1, len(raws[1]))
+    assert b.record_bytes(2, len(raws[2])) == raws[2]  # the others still read
+    # A size table that does not add up to its column.
+    grown = table.copy()
+    grown[2, 0] += 1
+    bad = block[:sizes_at] + grown.tobytes() + block[sizes_at + grown.nbytes :]
     with pytest.raises(RecordMetaError, match="add up to"):
-        columnar.ColumnBlock(moved, layout, n, "t")
-    # A record's metadata that is not metadata.
-    lengths_at = 16 + 16 * c
-    meta0 = struct.unpack_from("<I", block, lengths_at)[0]
+        columnar.ColumnBlock(bad, layout, n, "t")
+    # A record's metadata that is not metadata (its version byte).
     junk = bytearray(block)
-    junk[lengths_at + 4 * n] = 7  # its version byte
+    junk[sizes_at + table.nbytes] = 7
+    b = columnar.ColumnBlock(bytes(junk), layout, n, "t")
     with pytest.raises(RecordMetaError, match="record 0"):
-        columnar.ColumnBlock(bytes(junk), layout, n, "t")
-    assert meta0 > 0
+        b.parts(0)
+    assert b.record_bytes(1, len(raws[1])) == raws[1]
 
 
 def test_record_length_lie_refused() -> None:
@@ -693,3 +701,24 @@ def test_recover_lost_footer_reports_blocks(tmp_path: Path) -> None:
     outcome = next(o for o in report.shards if o.name == victim.name)
     assert (outcome.kept, outcome.lost) == (0, ((victim.first_record, victim.first_record + victim.records),))
     assert "column blocks of format 1.3" in outcome.reason
+
+
+def test_bad_record_metadata_in_store(tmp_path: Path) -> None:
+    """One record's metadata is junk behind a valid checksum: that record is refused on every
+    read path, its neighbours read, and verify (not only deep) reports the frame."""
+    store = _small_store(tmp_path)
+    block, _, raws = _block(4)
+    n, c = struct.unpack_from("<II", block, 8)
+    junk = bytearray(block)
+    junk[16 + 16 * c + 4 * n * c] = 9  # record 0's metadata version byte
+    _rewrite_frame0(store, bytes(junk))
+    reader = ts.open_store(store)
+    with pytest.raises(RecordMetaError, match="record 0"):
+        reader[0]
+    with pytest.raises(RecordMetaError, match="record 0"):
+        reader.read_bytes(0)
+    assert reader.read_bytes(1) == raws[1]
+    results = list(reader.iter_many([1, 0, 2]))
+    assert [type(r.error) for r in results] == [type(None), RecordMetaError, type(None)]
+    report = verify_store(store)
+    assert [p.kind for p in report.problems] == ["record_decode"]
