@@ -250,6 +250,7 @@ class ColumnBlock:
     """
 
     __slots__ = (
+        "_last",
         "_lengths",
         "_meta_at",
         "_metas",
@@ -321,6 +322,9 @@ class ColumnBlock:
         self._table_sizes = sizes
         self._starts = starts
         self._metas: list[Any] = [None] * n
+        # The last metadata parsed: (length, bytes before the pickle, those bytes, what they say).
+        # Records of one shape differ only in their pickles (no CRC is kept below 64 KiB).
+        self._last: tuple[Any, ...] | None = None
         self._lengths: dict[tuple[str, tuple[int, ...], int], int] = {}  # rebuilt length by shape
         self._spans: dict[tuple[int, ...], tuple[list[tuple[int, int]], int]] = {}  # storage blob by sizes
         #: The frame's first record in its shard (set by the reader).
@@ -339,11 +343,23 @@ class ColumnBlock:
         if not 0 <= r < self.n:
             raise IndexError(f"record {r} of a block of {self.n}")
         lo, hi = int(self._meta_at[r]), int(self._meta_at[r + 1])
-        try:
-            archive, name_hash, rec_sizes, crcs, pickle = _ptzip.parse_meta(self.columns[0][lo:hi], self.layout)
-        except RecordMetaError as exc:
-            raise _bad(self.where, f"record {r}: {exc}") from None
+        col0 = self.columns[0]
         table = self._table_sizes[r].tolist()
+        last = self._last
+        if (  # the same metadata as the last record parsed but for the pickle's bytes: reuse it
+            last is not None
+            and hi - lo == last[0]
+            and col0[lo : lo + last[1]] == last[2]
+        ):
+            _, prefix_bytes, _, archive, name_hash, rec_sizes, crcs = last
+            pickle = col0[lo + prefix_bytes : hi]
+        else:
+            try:
+                archive, name_hash, rec_sizes, crcs, pickle = _ptzip.parse_meta(col0[lo:hi], self.layout)
+            except RecordMetaError as exc:
+                raise _bad(self.where, f"record {r}: {exc}") from None
+            prefix_bytes = hi - lo - len(pickle)
+            self._last = (hi - lo, prefix_bytes, bytes(col0[lo : lo + prefix_bytes]), archive, name_hash, rec_sizes, crcs)
         if rec_sizes != table:
             raise _bad(
                 self.where,
