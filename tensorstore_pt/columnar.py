@@ -33,12 +33,15 @@ input plus one unfiltered copy of each filtered column; per record only a few in
 from __future__ import annotations
 
 import struct
+import zlib
 from typing import Any, Callable
 
 import numpy as np
 
 from . import _ptzip
 from .errors import RecordLengthError, RecordMetaError
+from .format import COLUMNAR_EXPANSION
+from .shardio import check_record_budget
 
 __all__ = [
     "FILTER_DELTA",
@@ -189,7 +192,9 @@ def plan_frames(
 ) -> list[tuple[bytes, list[int], bool]]:
     """How a compact writer stores one group of records (``compact=True``): a column block
     for each run of consecutive records that proved (:func:`proved`) with the same storage
-    count, a plain frame (their bytes back to back) for each run of records that did not.
+    count, a plain frame (their bytes back to back) for each run of records that did not, or
+    whose block they would rebuild to more than :data:`.format.COLUMNAR_EXPANSION` times
+    (readers refuse such a block).
 
     Args:
         records: ``(torch.save bytes, parts or None)`` of each record, in order.
@@ -208,10 +213,11 @@ def plan_frames(
     out = []
     for key, group, parts_list in runs:
         lengths = [len(r) for r in group]
-        if key is None:
+        block = None if key is None else encode_block(parts_list, compress)
+        if block is None or sum(lengths) > COLUMNAR_EXPANSION * len(block):
             out.append((group[0] if len(group) == 1 else b"".join(group), lengths, False))
         else:
-            out.append((encode_block(parts_list, compress), lengths, True))
+            out.append((block, lengths, True))
     return out
 
 
@@ -259,6 +265,7 @@ class ColumnBlock:
         "_starts",
         "_table_sizes",
         "columns",
+        "constants",
         "first",
         "layout",
         "n",
@@ -270,6 +277,8 @@ class ColumnBlock:
         size = len(mv)
         self.where = where
         self.layout = layout
+        #: The layout's constant records by name (``version``, ``byteorder``...).
+        self.constants = dict(layout.constants)
         if size < _HEAD.size:
             raise _bad(where, f"{size} bytes, shorter than its {_HEAD.size}-byte header")
         magic, n, c = _HEAD.unpack_from(mv, 0)
@@ -285,8 +294,8 @@ class ColumnBlock:
             raise _bad(where, f"its column and length tables need {pos} bytes, the block has {size}")
         specs = [_COLUMN.unpack_from(mv, _HEAD.size + _COLUMN.size * j) for j in range(c)]
         meta_lengths = np.frombuffer(mv, dtype="<u4", count=n, offset=tables).astype(np.int64)
-        sizes = np.frombuffer(mv, dtype="<u4", count=n * (c - 1), offset=tables + 4 * n).astype(np.int64)
-        sizes = sizes.reshape(n, c - 1)
+        # Views of the block's table (4 bytes a record and storage, not copied).
+        sizes = np.frombuffer(mv, dtype="<u4", count=n * (c - 1), offset=tables + 4 * n).reshape(n, c - 1)
         cols: list[memoryview] = []
         for j, (length, filt, esize) in enumerate(specs):
             if filt not in _FILTER_SIZES or esize not in _FILTER_SIZES[filt] or (j == 0 and filt != FILTER_NONE):
@@ -303,7 +312,7 @@ class ColumnBlock:
             raise _bad(
                 where, f"record metadata lengths add up to {int(meta_lengths.sum())} bytes, column 0 has {len(cols[0])}"
             )
-        totals = sizes.sum(axis=0).tolist()
+        totals = sizes.sum(axis=0, dtype=np.int64).tolist()
         for j, total in enumerate(totals):
             if total != len(cols[j + 1]):
                 raise _bad(where, f"storage {j}'s sizes add up to {total} bytes, its column has {len(cols[j + 1])}")
@@ -315,9 +324,11 @@ class ColumnBlock:
         # random read parses one record's metadata, not the block's.
         meta_at = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(meta_lengths, out=meta_at[1:])
-        starts = np.zeros((n, c - 1), dtype=np.int64)
+        # Where each storage starts in its column: 4 bytes a record and storage (the columns
+        # add up to less than the block, checked above), as many as the block's table spends.
+        starts = np.zeros((n, c - 1), dtype=np.uint32 if size < 2**32 else np.int64)
         if n > 1:
-            np.cumsum(sizes[:-1], axis=0, out=starts[1:])
+            np.cumsum(sizes[:-1], axis=0, dtype=starts.dtype, out=starts[1:])
         self._meta_at = meta_at
         self._table_sizes = sizes
         self._starts = starts
@@ -347,9 +358,7 @@ class ColumnBlock:
         table = self._table_sizes[r].tolist()
         last = self._last
         if (  # the same metadata as the last record parsed but for the pickle's bytes: reuse it
-            last is not None
-            and hi - lo == last[0]
-            and col0[lo : lo + last[1]] == last[2]
+            last is not None and hi - lo == last[0] and col0[lo : lo + last[1]] == last[2]
         ):
             _, prefix_bytes, _, archive, name_hash, rec_sizes, crcs = last
             pickle = col0[lo + prefix_bytes : hi]
@@ -359,7 +368,15 @@ class ColumnBlock:
             except RecordMetaError as exc:
                 raise _bad(self.where, f"record {r}: {exc}") from None
             prefix_bytes = hi - lo - len(pickle)
-            self._last = (hi - lo, prefix_bytes, bytes(col0[lo : lo + prefix_bytes]), archive, name_hash, rec_sizes, crcs)
+            self._last = (
+                hi - lo,
+                prefix_bytes,
+                bytes(col0[lo : lo + prefix_bytes]),
+                archive,
+                name_hash,
+                rec_sizes,
+                crcs,
+            )
         if rec_sizes != table:
             raise _bad(
                 self.where,
@@ -421,14 +438,46 @@ class ColumnBlock:
             raise exc
         return self.parts(r)
 
-    def record_bytes(self, r: int, raw_bytes: int) -> bytes:
+    def record_bytes(self, r: int, raw_bytes: int, max_record_bytes: int) -> bytes:
         """Record ``r``'s exact ``torch.save`` bytes, which the record map says are ``raw_bytes``
-        long (checked before they are built).
+        long (checked before they are built), if that is at most ``max_record_bytes``.
+
+        The reader's budget is checked here, not only on the block: a record rebuilds to more
+        bytes than it takes in its block (its zip container), up to ``COLUMNAR_EXPANSION``
+        times as many.
 
         Raises:
+            AllocationBudgetError: ``raw_bytes > max_record_bytes`` (problem ``record_budget``);
+                nothing was built.
             RecordLengthError, RecordMetaError: As :meth:`check_length`.
         """
+        check_record_budget(raw_bytes, max_record_bytes, f"{self.where}: record {r} of the column block")
         return _ptzip.rebuild(self.check_length(r, raw_bytes))
+
+    def check_crcs(self, r: int) -> None:
+        """Check the CRC-32s record ``r`` keeps (of its pickle and storages of at least
+        ``_ptzip.CRC_STORED_MIN_BYTES``) against its bytes. A rebuild copies them into the zip
+        unchecked (the frame's checksum covers them, and computing them is what keeping them
+        saves): one that lies (a writer's fault) would make :meth:`record_bytes` other bytes
+        than ``torch.save`` wrote, with a zip entry whose CRC-32 does not hold. For deep checks.
+
+        Raises:
+            RecordMetaError: A kept CRC-32 differs from its bytes' (``problem``: kind
+                ``record_load``).
+        """
+        _, pickle, _, crcs, _, _ = self._meta(r)
+        if all(crc is None for crc in crcs):
+            return
+        for j, (crc, data) in enumerate(zip(crcs, (pickle, *self.storages(r)))):
+            if crc is not None and zlib.crc32(data) != crc:
+                name = "data.pkl" if j == 0 else f"data/{j - 1}"
+                found = zlib.crc32(data)
+                exc = RecordMetaError(
+                    f"{self.where}: record {r} of the column block keeps CRC-32 {crc:#010x} for {name}, its "
+                    f"{len(data)} bytes have {found:#010x}: it would not rebuild to torch.save's bytes"
+                )
+                exc.problem = ("record_load", f"CRC-32 {found:#010x} of {name}", f"{crc:#010x} kept")  # type: ignore[attr-defined]
+                raise exc
 
     def load_args(self, r: int, raw_bytes: int) -> tuple[bytes, bytearray, list[tuple[int, int]]]:
         """What :func:`~tensorstore_pt.fastload.fast_loads_parts` takes for record ``r``: its

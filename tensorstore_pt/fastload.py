@@ -112,7 +112,7 @@ import re
 import struct
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch._guards
@@ -346,18 +346,27 @@ def _record(data: Any, records: dict[str, tuple[int, int]], name: str) -> bytes 
 
 def _check_records(data: Any, records: dict[str, tuple[int, int]]) -> None:
     """The small records torch.load reads and validates; raise ``_Fallback`` if any is odd."""
-    if _record(data, records, "version") != b"3\n":
+    if "data.pkl" not in records or not _small_records_ok(lambda name: _record(data, records, name)):
         raise _Fallback
-    if sys.byteorder != "little" or _record(data, records, "byteorder") != b"little":
-        raise _Fallback
-    align = _record(data, records, ".storage_alignment")
+
+
+def _small_records_ok(record: Callable[[str], bytes | None]) -> bool:
+    """Whether the small records torch.load reads (``record(name)``: a record's bytes, or None
+    where absent) are the ones the fast path serves: ``version`` ``3``, ``byteorder``
+    ``little`` on a little-endian machine (torch.load byte-swaps storages otherwise, or takes
+    the byte order from its load-endianness setting where the record is absent), an ASCII
+    ``.storage_alignment`` and serialization id. Shared by :func:`fast_loads` (the zip's
+    records) and :func:`fast_loads_parts` (a column block's layout constants), so that a
+    record loads the same from its parts as from its rebuilt bytes."""
+    if record("version") != b"3\n":
+        return False
+    if sys.byteorder != "little" or record("byteorder") != b"little":
+        return False
+    align = record(".storage_alignment")
     if align is not None and not (align.isdigit() and align.isascii()):
-        raise _Fallback
-    sid = _record(data, records, ".data/serialization_id")
-    if sid is not None and not sid.isascii():
-        raise _Fallback
-    if "data.pkl" not in records:
-        raise _Fallback
+        return False
+    sid = record(".data/serialization_id")
+    return sid is None or sid.isascii()
 
 
 # Buffers of one dataset share their zip layout: same record names, sizes and offsets;
@@ -1689,7 +1698,13 @@ _PARTS_RECORDS: dict[tuple[Any, ...], dict[str, tuple[int, int]]] = {}
 _MAX_PARTS_RECORDS = 1024
 
 
-def fast_loads_parts(pickle: Any, blob: bytearray, spans: list[tuple[int, int]], raw_bytes: int) -> Any:
+def fast_loads_parts(
+    pickle: Any,
+    blob: bytearray,
+    spans: list[tuple[int, int]],
+    raw_bytes: int,
+    constants: dict[str, bytes],
+) -> Any:
     """Load a container-free record (format 1.3) from its parts, on the CPU, without a zip.
 
     The same decoder as :func:`fast_loads`, over a pickle and storages that were never in a
@@ -1705,13 +1720,17 @@ def fast_loads_parts(pickle: Any, blob: bytearray, spans: list[tuple[int, int]],
         spans: ``(offset, length)`` of each storage in ``blob``, in key order.
         raw_bytes: The record's ``torch.save`` length (its allocation budget, as for
             :func:`fast_loads` of those bytes).
+        constants: The container layout's constant records (``dict(PtLayout.constants)``:
+            ``version``, ``byteorder``...), which the rebuilt bytes hold: a layout whose
+            records :func:`fast_loads` would not serve (a ``byteorder`` of ``big``, which
+            torch.load byte-swaps) is declined, so that both load the same.
 
     Returns:
         The sample, or :data:`DECLINED`.
 
     Thread safety: as :func:`fast_loads`.
     """
-    if not _torch_state_is_plain():
+    if not _torch_state_is_plain() or not small_records_ok(constants):
         return DECLINED
     records = _parts_records(len(pickle), spans)
     try:
@@ -1719,6 +1738,13 @@ def fast_loads_parts(pickle: Any, blob: bytearray, spans: list[tuple[int, int]],
                            len(blob), raw_bytes)  # fmt: skip
     except Exception:  # noqa: BLE001 - declined: fast_loads of the rebuilt bytes decides and types it
         return DECLINED
+
+
+def small_records_ok(constants: dict[str, bytes]) -> bool:
+    """Whether a container layout's constant records (``dict(PtLayout.constants)``) are ones
+    the fast path serves (see :func:`_small_records_ok`): only then is a container-free record
+    loaded, or collated, from its parts; otherwise from its rebuilt ``torch.save`` bytes."""
+    return _small_records_ok(constants.get)
 
 
 def _parts_records(pickle_bytes: int, spans: list[tuple[int, int]]) -> dict[str, tuple[int, int]]:

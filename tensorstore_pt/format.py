@@ -319,6 +319,16 @@ def encode_index(info: IndexInfo) -> bytes:
     return (json.dumps(info.to_json(), indent=1) + "\n").encode()
 
 
+#: How many times its decoded bytes a column block's records may rebuild to (format 1.3):
+#: the zip container torch.save wraps around a record adds at most a few hundred bytes per
+#: storage (local and central headers, both naming the entry; alignment padding; a data
+#: descriptor) and about 1.2 KiB per record (the constant entries, the end records), where the
+#: block spends at least one byte per storage and 12 per record on them; 1024 bounds both at
+#: torch's alignment of 64. A layout of a larger alignment pads each entry by up to that much,
+#: so the bound is checked per block (footer parsing: the record map's sums) and a writer
+#: stores a run of records as a plain frame where their block would not meet it.
+COLUMNAR_EXPANSION = 1024
+
 #: A coded record map (format 1.3, section 5.3) decodes to at most this many times its coded
 #: length, plus MAP_SLACK_BYTES: the bound on what a hostile footer can make a reader keep.
 MAP_RATIO = 256
@@ -675,6 +685,16 @@ def _check_record_map(
         raise ShardFormatError(
             f"{where}: record map is inconsistent: records must tile each frame's decoded bytes in order"
         )
+    if columnar_mask is not None and columnar_mask.any():
+        # A column block's records rebuild to at most COLUMNAR_EXPANSION x the block (5.3, 6.1).
+        blocks = np.flatnonzero(columnar_mask)
+        over = sums[blocks] > table["raw"][blocks].astype(np.uint64) * np.uint64(COLUMNAR_EXPANSION)
+        if over.any():
+            fi = int(blocks[np.flatnonzero(over)[0]])
+            raise ShardFormatError(
+                f"{where}: frame {fi} is a column block of {int(table['raw'][fi])} bytes whose records rebuild to "
+                f"{int(sums[fi])} bytes (record map), more than {COLUMNAR_EXPANSION} x its length"
+            )
 
 
 # --------------------------------------------------------------------------- index schema

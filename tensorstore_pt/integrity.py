@@ -582,6 +582,17 @@ def _verify_shard(
                     add("record_decode", "a column block (docs/format.md, section 5.3)", str(exc), str(exc), record=j,
                         records=(j, entry.first_record + b) if many else None)  # fmt: skip
                     continue
+            if not deep and block is not None:  # each record's rebuilt length (computed, not built)
+                ok = b - a
+                for k, (_, n) in zip(range(a, b), record_slices(footer, a, b)):
+                    try:
+                        block.check_length(k - a, n)
+                    except (RecordLengthError, RecordMetaError) as exc:
+                        kind, expected, found = getattr(exc, "problem", ("record_decode", "a record", str(exc)))
+                        add(kind, expected, found, str(exc), record=entry.first_record + k)
+                        ok -= 1
+                passed += ok
+                continue
             if not deep or check.data is None:
                 passed += b - a if check.data is not None or codec is None else 0
                 continue
@@ -589,8 +600,9 @@ def _verify_shard(
                 rec = entry.first_record + k
                 if block is not None:
                     try:
-                        data = block.record_bytes(k - a, n)
-                    except (RecordLengthError, RecordMetaError) as exc:
+                        data = block.record_bytes(k - a, n, max_record_bytes)
+                        block.check_crcs(k - a)
+                    except (RecordLengthError, RecordMetaError, AllocationBudgetError) as exc:
                         kind, expected, found = getattr(exc, "problem", ("record_decode", "a record", str(exc)))
                         add(kind, expected, found, str(exc), record=rec)
                         continue

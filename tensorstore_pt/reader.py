@@ -50,7 +50,7 @@ from .errors import (
     UnsafePayloadError,
 )
 from .columnar import ColumnBlock
-from .fastload import DECLINED, _is_cpu, fast_loads_parts
+from .fastload import DECLINED, _is_cpu, fast_loads_parts, small_records_ok
 from .format import (
     FEATURE_COLUMNAR_FRAMES,
     HEADER_BYTES,
@@ -256,7 +256,7 @@ class RawRecord:
         on first use)."""
         if self._data is None:
             block, r, raw = self._block  # type: ignore[misc]
-            self._data = bytearray(block.record_bytes(r, raw))
+            self._data = bytearray(block.record_bytes(r, raw, self._reader.max_record_bytes))
         return self._data
 
     def batch_input(self) -> Any:
@@ -270,6 +270,9 @@ class RawRecord:
         if self._block is None or self._data is not None:
             return self._data
         block, r, raw = self._block
+        if not small_records_ok(block.constants):  # (its rebuilt bytes: collated as torch.load reads them)
+            return self.data
+        check_record_budget(raw, self._reader.max_record_bytes, self._reader._where(self.shard, self.record))
         return block.load_args(r, raw)
 
     def load(self) -> Any:
@@ -720,7 +723,7 @@ class StoreReader:
         fi, raw_offset, raw = footer.locate(k)
         data = self._cached_frame(si, fi, j)
         if isinstance(data, ColumnBlock):
-            return j, si, bytearray(data.record_bytes(k - data.first, raw))
+            return j, si, bytearray(data.record_bytes(k - data.first, raw, self.max_record_bytes))
         # A copy: tensors of one record must not pin (or alias) the whole cached frame.
         return j, si, data[raw_offset : raw_offset + raw]
 
@@ -754,10 +757,10 @@ class StoreReader:
         if raw > self.max_record_bytes:
             check_record_budget(raw, self.max_record_bytes, self._where(si, j))
         if self._cpu:
-            sample = fast_loads_parts(*block.load_args(r, raw), raw)
+            sample = fast_loads_parts(*block.load_args(r, raw), raw, block.constants)
             if sample is not DECLINED:
                 return sample
-        return self._load(si, j, bytearray(block.record_bytes(r, raw)))
+        return self._load(si, j, bytearray(block.record_bytes(r, raw, self.max_record_bytes)))
 
     def read_bytes(self, i: int) -> bytes:
         """Return record ``i``'s exact ``torch.save`` buffer (decompressed, checksum-verified).
@@ -1449,7 +1452,8 @@ class StoreReader:
             try:
                 if isinstance(data, ColumnBlock):
                     r = rec - starts[si] - data.first
-                    if raw:
+                    if raw:  # its torch.save bytes are rebuilt only if asked for (RawRecord.data)
+                        check_record_budget(n, budget, self._where(si, rec))
                         data.check_length(r, n)
                         sample = RawRecord(self, si, rec, None, (data, r, n))
                     else:
@@ -1612,7 +1616,9 @@ class StoreReader:
                 yield result.sample
 
     def verify(self) -> None:
-        """Check every shard's size and whole-file checksum and every record's frame.
+        """Check every shard's size and whole-file checksum and every record's frame (a column
+        block, format 1.3, as a read checks it: its tables, and each record's metadata and
+        rebuilt length).
 
         Raises:
             The first :class:`~tensorstore_pt.errors.CorruptStoreError` found.
@@ -1627,7 +1633,13 @@ class StoreReader:
                 )
             footer = self._footer(si)
             for fi in range(len(footer.table)):
-                self._decoded_frame(si, fi, entry.first_record + _first_record_of_frame(footer, fi))
+                first = _first_record_of_frame(footer, fi)
+                j = entry.first_record + first
+                data = self._frame_content(si, fi, self._decoded_frame(si, fi, j), j)
+                if isinstance(data, ColumnBlock):  # as a read checks it: every record's metadata and length
+                    raws = footer.record_map["raw"][first : _first_record_of_frame(footer, fi + 1)].tolist()
+                    for r, raw in enumerate(raws):
+                        data.check_length(r, raw)
 
 
 def _check_read_bytes(value: Any) -> int:

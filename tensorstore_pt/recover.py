@@ -483,7 +483,9 @@ class _Scanner:
                     )
                     if footer.is_columnar(fi):  # checked as a reader checks it before use (format 1.3)
                         if data is not None:
-                            ColumnBlock(data, footer.layout, b - a, f"{where}, frame {fi}").check_all()
+                            block = ColumnBlock(data, footer.layout, b - a, f"{where}, frame {fi}")
+                            for r, (_, n) in enumerate(record_slices(footer, a, b)):
+                                block.check_length(r, n)  # each record: its metadata and rebuilt length
                         piece.layout = footer.layout
                 except TensorStoreError as exc:
                     bad.append(str(exc))

@@ -45,6 +45,7 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .format import (
+    COLUMNAR_EXPANSION,
     FEATURE_COLUMNAR_FRAMES,
     FEATURE_RAW_FRAMES,
     HEADER_BYTES,
@@ -226,13 +227,6 @@ def header_version_ok(version: tuple[int, int], meta: dict[str, Any]) -> bool:
     features = meta.get("features", [])
     return FEATURE_RAW_FRAMES in features and version == version_for([f for f in features if f != FEATURE_RAW_FRAMES])
 
-
-#: How many times its decoded bytes a column block's records may rebuild to (format 1.3):
-#: the zip container torch.save wraps around a record adds at most a few hundred bytes per
-#: storage (local and central headers, both naming the entry; alignment padding; a data
-#: descriptor) and about 1.2 KiB per record (the constant entries, the end records), where the
-#: block spends at least one byte per storage and 12 per record on them; 1024 bounds both.
-COLUMNAR_EXPANSION = 1024
 
 #: Default speculative tail read of :func:`fetch_footer` when the index gives no usable size hint.
 TAIL_BYTES = 64 * 2**10

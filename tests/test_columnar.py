@@ -385,10 +385,10 @@ def test_plan_mismatch_and_sizes_that_lie() -> None:
     bad = block[:sizes_at] + swapped.tobytes() + block[sizes_at + swapped.nbytes :]
     b = columnar.ColumnBlock(bad, layout, n, "t")
     with pytest.raises(RecordMetaError, match="record 0's metadata lists storages of"):
-        b.record_bytes(0, len(raws[0]))
+        b.record_bytes(0, len(raws[0]), 1 << 20)
     with pytest.raises(RecordMetaError, match="size table"):
         b.load_args(1, len(raws[1]))
-    assert b.record_bytes(2, len(raws[2])) == raws[2]  # the others still read
+    assert b.record_bytes(2, len(raws[2]), 1 << 20) == raws[2]  # the others still read
     # A size table that does not add up to its column.
     grown = table.copy()
     grown[2, 0] += 1
@@ -401,15 +401,15 @@ def test_plan_mismatch_and_sizes_that_lie() -> None:
     b = columnar.ColumnBlock(bytes(junk), layout, n, "t")
     with pytest.raises(RecordMetaError, match="record 0"):
         b.parts(0)
-    assert b.record_bytes(1, len(raws[1])) == raws[1]
+    assert b.record_bytes(1, len(raws[1]), 1 << 20) == raws[1]
 
 
 def test_record_length_lie_refused() -> None:
     block, layout, raws = _block()
     b = columnar.ColumnBlock(block, layout, 4, "t")
-    assert b.record_bytes(1, len(raws[1])) == raws[1]
+    assert b.record_bytes(1, len(raws[1]), 1 << 20) == raws[1]
     with pytest.raises(RecordLengthError, match="rebuilds to"):
-        b.record_bytes(1, len(raws[1]) + 1)
+        b.record_bytes(1, len(raws[1]) + 1, 1 << 20)
 
 
 def _shard_parts(path: Path):

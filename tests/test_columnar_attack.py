@@ -1,0 +1,325 @@
+"""Adversarial checks of columnar frames (format 1.3): hostile-but-checksummed shards, memory
+bounds, and differential comparison of compact and plain stores."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from test_columnar import _rewrite_frame0, _shard_parts, _tokens
+
+import tensorstore_pt as ts
+from tensorstore_pt import _ptzip, columnar
+from tensorstore_pt import format as fmt
+from tensorstore_pt.errors import AllocationBudgetError, CorruptStoreError, RecordMetaError, ShardFormatError
+from tensorstore_pt.integrity import verify_store
+from tensorstore_pt.serialization import dumps, loads
+
+
+def _relayout(store: Path, constants: dict[str, str | None]) -> None:
+    """Rewrite shard 0's columnar_layout (constants replaced, or removed where None) and its
+    record map to match (each record's raw length rebuilt under the new layout): a hostile but
+    self-consistent writer, behind valid checksums."""
+    reader = ts.open_store(store)
+    path = store / reader.index.shards[0].name
+    data, table, rmap, meta = _shard_parts(path)
+    lay = dict(meta["columnar_layout"])
+    consts = [[n, constants.get(n, v)] for n, v in lay["constants"] if constants.get(n, v) is not None]
+    lay["constants"] = consts
+    lay["order"] = [t for t in lay["order"] if t not in constants or constants[t] is not None]
+    layout = _ptzip.PtLayout.from_json(lay)
+    frame0 = np.flatnonzero(rmap["frame"] == 0)
+    off = int(table["offset"][0])
+    block = zstandard.ZstdDecompressor().decompress(data[off : off + int(table["stored"][0])])
+    b = columnar.ColumnBlock(block, layout, len(frame0), "t")
+    raws = [_ptzip.rebuilt_bytes(b.parts(r)) for r in range(len(frame0))]
+
+    def edit_map(m):
+        m["raw"][frame0] = raws
+        m["raw_offset"][frame0] = np.concatenate([[0], np.cumsum(raws)[:-1]])
+
+    _rewrite_frame0(store, edit_meta=lambda m: m.__setitem__("columnar_layout", lay), edit_map=edit_map)
+
+
+def _outcome(fn):
+    try:
+        return "ok", fn()
+    except Exception as exc:  # noqa: BLE001 - the outcome compared is the error's type
+        return "error", type(exc)
+
+
+def _same(a, b) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[0] == "error":
+        return a[1] is b[1]
+    x, y = a[1], b[1]
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    return x == y
+
+
+@pytest.mark.parametrize(
+    "constants",
+    [
+        {"byteorder": "big"},
+        {"byteorder": None},
+        {"version": "4\n"},
+        {"version": None},
+        {".format_version": "2"},
+    ],
+    ids=["byteorder-big", "no-byteorder", "version-4", "no-version", "format-version-2"],
+)
+def test_parts_load_as_rebuilt_bytes_load(tmp_path: Path, constants) -> None:
+    """A record loaded from its parts loads exactly what its rebuilt bytes load (section 5.3),
+    whatever the layout's constant records say: a store whose layout says byteorder "big"
+    must not hand out little-endian values from reader[i] while read_bytes loads swapped."""
+    batch = [torch.arange(6, dtype=torch.int32) + i for i in range(4)]
+    ts.write_store(batch, tmp_path / "s", compact=True)
+    _relayout(tmp_path / "s", constants)
+    reader = ts.open_store(tmp_path / "s")
+    for i in range(len(batch)):
+        raw = reader.read_bytes(i)
+        expected = _outcome(lambda raw=raw: loads(bytearray(raw)))
+        assert _same(_outcome(lambda i=i: reader[i]), expected), (i, expected)
+        got = next(iter(reader.iter_many([i])))
+        assert _same(("error", type(got.error)) if got.error is not None else ("ok", got.sample), expected)
+        if expected[0] == "ok":  # and what the reference loader says
+            ref = torch.load(io.BytesIO(raw), weights_only=True)
+            assert torch.equal(ref, expected[1])
+    assert dumps(batch[0])  # the plain store path is untouched
+
+
+def test_max_record_bytes_for_records_of_blocks(tmp_path: Path) -> None:
+    """``max_record_bytes`` bounds a record of a column block by its rebuilt length (what the
+    record map gives), not by its block's: read_bytes, reader[i], iter_many (raw or not) and
+    verify all refuse a record above it, as they do for a plain store."""
+    batch = [torch.full((1000,), i, dtype=torch.uint8) for i in range(3)]
+    ts.write_store(batch, tmp_path / "c", compact=True, frame_target_bytes=1)
+    ts.write_store(batch, tmp_path / "p", frame_target_bytes=1)
+    footer = ts.open_store(tmp_path / "c")._footer(0)
+    raw, block = int(footer.record_map["raw"][0]), int(footer.table["raw"][0])
+    budget = (raw + block) // 2
+    assert block < budget < raw
+    for name in ("c", "p"):
+        reader = ts.open_store(tmp_path / name, max_record_bytes=budget)
+        with pytest.raises(AllocationBudgetError):
+            reader.read_bytes(0)
+        with pytest.raises(AllocationBudgetError):
+            reader[1]
+        for raw_mode in (False, True):
+            results = list(reader.iter_many([0, 2, 1], raw=raw_mode))
+            assert all(isinstance(r.error, AllocationBudgetError) for r in results), (name, raw_mode)
+        report = verify_store(tmp_path / name, deep=True, max_record_bytes=budget)
+        assert {p.kind for p in report.problems} == {"record_budget"}, (name, report.problems)
+        assert ts.open_store(tmp_path / name, max_record_bytes=raw).read_bytes(0) == dumps(batch[0])
+
+
+def _expanding_store(tmp_path: Path) -> tuple[Path, int, int]:
+    """A store whose frame 0 is a column block of 4 records with 64 one-byte storages each
+    and a tiny pickle, under a layout of alignment 65532 (each entry padded by up to 64 KiB):
+    records that rebuild to thousands of times their share of the block, consistently
+    declared (record map, index) and behind valid checksums. Returns (store, block, rebuilt)."""
+    from test_columnar import _small_store
+
+    store = _small_store(tmp_path)
+    base = _ptzip.prove(dumps(torch.zeros(1)))
+    lay = dict(base.layout.to_json(), alignment=65532)
+    lay["constants"] = [[n, "65532" if n == ".storage_alignment" else v] for n, v in lay["constants"]]
+    layout = _ptzip.PtLayout.from_json(lay)
+    parts = [
+        _ptzip.PtParts(layout, "archive", b"\x80\x02K\x01.", tuple(bytes([k]) for k in range(64)), 0, (None,) * 65)
+        for _ in range(4)
+    ]
+    block = columnar.encode_block(parts, None)
+    raws = [_ptzip.rebuilt_bytes(p) for p in parts]
+
+    def edit_map(m):
+        f0 = np.flatnonzero(m["frame"] == 0)
+        m["raw"][f0] = raws
+        m["raw_offset"][f0] = np.concatenate([[0], np.cumsum(raws)[:-1]])
+
+    _rewrite_frame0(store, block, edit_meta=lambda m: m.__setitem__("columnar_layout", lay), edit_map=edit_map)
+    return store, len(block), sum(raws)
+
+
+def test_block_expansion_bound_enforced(tmp_path: Path) -> None:
+    """docs/format.md 5.3/6.1: a column block's records rebuild to at most COLUMNAR_EXPANSION
+    times its length. A footer that says more is refused as it is parsed, before any record
+    is rebuilt (every read path and verify)."""
+    store, block, rebuilt = _expanding_store(tmp_path)
+    assert rebuilt > fmt.COLUMNAR_EXPANSION * block
+    with pytest.raises(ShardFormatError, match="more than 1024 x its length"):
+        ts.open_store(store).read_bytes(0)
+    report = verify_store(store)
+    assert not report.ok and any("1024 x its length" in p.message for p in report.problems)
+
+
+def test_writer_keeps_expansion_bound(tmp_path: Path) -> None:
+    """A run of records that would rebuild to more than COLUMNAR_EXPANSION x its block is
+    written as a plain frame (readers would refuse the block)."""
+    base = _ptzip.prove(dumps(torch.zeros(1)))
+    layout = _ptzip.PtLayout(base.layout.order, base.layout.constants, 64, True)
+    parts = [_ptzip.PtParts(layout, "archive", b"\x80\x02K\x01.", (b"",) * 8, 0, (None,) * 9)] * 2
+    raws = [_ptzip.rebuild(p) for p in parts]
+    with mock.patch.object(fmt, "COLUMNAR_EXPANSION", 2), mock.patch.object(columnar, "COLUMNAR_EXPANSION", 2):
+        planned = columnar.plan_frames(list(zip(raws, parts)), None)
+    assert [(data, is_block) for data, _, is_block in planned] == [(b"".join(raws), False)]
+    assert columnar.plan_frames(list(zip(raws, parts)), None)[0][2] is True
+
+
+def test_wide_block_allocations_bounded() -> None:
+    """A block of records with 4095 empty storages and empty pickles spends about one byte per
+    (record, storage) pair: parsing it keeps at most a few bytes per pair (the storages'
+    positions), not 16 (two int64 tables) and a tuple of CRC-32s: its allocations stay within
+    5x the block, plus a few Python objects per column (at most 4096)."""
+    import tracemalloc
+
+    layout = _ptzip.DEFAULT_LAYOUT
+    n = 70
+    part = _ptzip.PtParts(
+        layout, "archive", b"", (b"",) * (columnar.MAX_COLUMNS - 1), 0, (None,) * columnar.MAX_COLUMNS
+    )
+    block = columnar.encode_block([part] * n, None)
+    tracemalloc.start()
+    try:
+        parsed = columnar.ColumnBlock(block, layout, n, "t")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 5 * len(block) + 2**21, (peak, len(block))  # (+ a few objects per column)
+    assert [len(s) for s in parsed.storages(n - 1)] == [0] * (columnar.MAX_COLUMNS - 1)
+    assert _ptzip.rebuild(parsed.parts(7)) == _ptzip.rebuild(part)
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v > 0x7F:
+        out.append(0x80 | (v & 0x7F))
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("size", [2**63, 2**64 + 5, 2**32, 10**6])
+def test_storage_size_past_block_is_typed(size: int) -> None:
+    """A record's metadata listing a storage larger than the block (up to a 10-byte varint,
+    past int64) is a RecordMetaError, not an OverflowError."""
+    meta = bytes([1, 0]) + bytes(8) + _varint(1) + _varint(0) + _varint(size) + bytes(4)
+    block = columnar._HEAD.pack(columnar.MAGIC, 1, 2) + columnar._COLUMN.pack(len(meta), 0, 0)
+    block += columnar._COLUMN.pack(0, 0, 0) + np.asarray([len(meta)], dtype="<u4").tobytes()
+    block += np.asarray([0], dtype="<u4").tobytes() + meta  # the size table says 0 bytes
+    b = columnar.ColumnBlock(block, _ptzip.DEFAULT_LAYOUT, 1, "t")
+    with pytest.raises(RecordMetaError, match="storage"):
+        b.parts(0)
+
+
+def test_kept_crc_that_lies_found_by_deep_verify(tmp_path: Path) -> None:
+    """A record keeps the CRC-32 of a storage of 64 KiB or more; rebuilds copy it unchecked.
+    One that lies (a writer's fault, behind a valid checksum) makes read_bytes other bytes
+    than torch.save's (a zip entry whose CRC-32 does not hold): verify(deep=True) reports it,
+    for that record only."""
+    import dataclasses
+    import zipfile
+
+    from test_columnar import _small_store
+
+    store = _small_store(tmp_path)
+    big = torch.arange(20000, dtype=torch.int64)
+    parts = [_ptzip.prove(dumps((big + i, torch.tensor(i)))) for i in range(4)]
+    assert parts[0].crcs[1] is not None
+    parts[0] = dataclasses.replace(parts[0], crcs=(parts[0].crcs[0], parts[0].crcs[1] ^ 1, parts[0].crcs[2]))
+    block = columnar.encode_block(parts, None)
+    raws = [_ptzip.rebuilt_bytes(p) for p in parts]
+
+    def edit_map(m):
+        f0 = np.flatnonzero(m["frame"] == 0)
+        m["raw"][f0] = raws
+        m["raw_offset"][f0] = np.concatenate([[0], np.cumsum(raws)[:-1]])
+
+    _rewrite_frame0(store, block, edit_map=edit_map)
+    reader = ts.open_store(store)
+    assert zipfile.ZipFile(io.BytesIO(reader.read_bytes(0))).testzip() == "archive/data/0"
+    assert reader.read_bytes(1) == dumps((big + 1, torch.tensor(1)))
+    report = verify_store(store, deep=True)
+    assert [(p.kind, p.record) for p in report.problems] == [("record_load", 0)], report.problems
+    assert "data/0" in report.problems[0].message
+    assert verify_store(store).ok  # (not deep: the frame's checksum holds)
+
+
+@pytest.mark.parametrize("kind", ["block", "record-length"])
+def test_reader_verify_checks_blocks(tmp_path: Path, kind: str) -> None:
+    """StoreReader.verify() checks "every record's frame": a column block behind a valid
+    checksum is checked as a read checks it (its structure, each record's rebuilt length),
+    as verify_store does."""
+    from test_columnar import _hostile_blocks, _small_store
+
+    store = _small_store(tmp_path)
+    ts.open_store(store).verify()
+    if kind == "block":
+        _rewrite_frame0(store, _hostile_blocks()["meta-lengths-lie"][0])
+    else:
+
+        def lie(rmap):
+            rmap["raw"][0] += 1
+            rest = np.flatnonzero(rmap["frame"] == 0)[1:]
+            rmap["raw_offset"][rest] += 1
+
+        _rewrite_frame0(store, edit_map=lie)
+    assert not verify_store(store).ok
+    with pytest.raises(CorruptStoreError):
+        ts.open_store(store).verify()
+
+
+def test_recover_does_not_keep_records_that_do_not_rebuild(tmp_path: Path) -> None:
+    """A column block whose record map gives a record another length than it rebuilds to
+    (behind valid checksums) proves none of its records: recover counts them lost, and the
+    store it leaves verifies deep."""
+    from test_columnar import _small_store
+
+    store = _small_store(tmp_path)
+
+    def lie(rmap):
+        rmap["raw"][0] += 1
+        rest = np.flatnonzero(rmap["frame"] == 0)[1:]
+        rmap["raw_offset"][rest] += 1
+
+    _rewrite_frame0(store, edit_map=lie)
+    report = ts.recover_store(store)
+    assert report.records_lost == 4
+    after = ts.open_store(store)
+    assert [after.read_bytes(i) for i in range(len(after))] == [dumps(s) for s in _tokens(8)[4:]]
+    assert verify_store(store, deep=True).ok
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_compact_and_plain_read_alike(tmp_path: Path, codec: str) -> None:
+    """Differential: a compact store and a plain store of the same samples give the same
+    bytes and samples through every read path, in random order with duplicates."""
+    import random
+
+    from strategies import assert_identical
+    from test_columnar import _mixed
+
+    batch = _mixed()
+    ts.write_store(batch, tmp_path / "c", codec=codec, compact=True, frame_target_bytes=1500, max_shard_bytes=6000)
+    ts.write_store(batch, tmp_path / "p", codec=codec, frame_target_bytes=1500, max_shard_bytes=6000)
+    c, p = ts.open_store(tmp_path / "c"), ts.open_store(tmp_path / "p")
+    order = [random.Random(5).randrange(len(batch)) for _ in range(3 * len(batch))]
+    for raw in (False, True):
+        for rc, rp in zip(c.iter_many(order, raw=raw), p.iter_many(order, raw=raw)):
+            assert rc.record == rp.record and rc.error is None and rp.error is None
+            if raw:
+                assert bytes(rc.sample.data) == bytes(rp.sample.data) == dumps(batch[rc.record])
+            else:
+                assert_identical(rp.sample, rc.sample, f"record {rc.record}")
+    for i in order[:20]:
+        assert c.read_bytes(i) == p.read_bytes(i)
+        assert_identical(p[i], c[i], f"record {i}")
+    c.verify()
+    assert verify_store(tmp_path / "c", deep=True).ok
