@@ -19,6 +19,7 @@ machine, where other load changes wall time from one epoch to the next).
 Usage::
 
     python benchmarks/batch_decode_throughput.py [--records 12000] [--repeats 5] [--json out.json]
+    python benchmarks/batch_decode_throughput.py --compact   # and each kind from a compact store
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     parser.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="also read each kind from a compact store (format 1.3, columnar frames), batch decoding on, "
+        "interleaved with the others; printed against 'after' (the zstd store, one record a frame)",
+    )
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     results: dict[str, Any] = {
@@ -119,11 +126,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             make, collate, count, share = KINDS[kind]
             path = Path(tmp) / kind
             n = max(1, int(args.records * share))
-            tspt.write_store(make(n, np.random.default_rng(0)), path, codec="zstd")
+            data = list(make(n, np.random.default_rng(0)))
+            tspt.write_store(data, path, codec="zstd")
+            if args.compact:
+                tspt.write_store(data, Path(tmp) / f"{kind}-compact", codec="zstd", compact=True)
             for workers in (0, 2):
                 for label, mode in (("before", "dicts"), ("after", "all")):
                     configs[f"{kind} w{workers} {label}"] = _Config(
                         path, collate, count, workers, mode, args.batch_size
+                    )
+                if args.compact:
+                    configs[f"{kind} w{workers} compact"] = _Config(
+                        Path(tmp) / f"{kind}-compact", collate, count, workers, "all", args.batch_size
                     )
         sb.BATCH_DECODE = "all"
         for _ in range(args.repeats):
@@ -148,6 +162,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{cpu[f'{kind} w{workers} before']:21.1f} {cpu[f'{kind} w{workers} after']:6.1f}"
                 )
             ratios[f"{kind} after: w0/w2"] = sps[f"{kind} w0 after"] / sps[f"{kind} w2 after"]
+            if args.compact:
+                for workers in (0, 2):
+                    after, comp = sps[f"{kind} w{workers} after"], sps[f"{kind} w{workers} compact"]
+                    ratios[f"{kind} w{workers} compact/after"] = comp / after
+                    print(
+                        f"{kind:12s} {workers:7d} {'compact store:':>17s} {comp:8.0f} {comp / after:6.2f}   "
+                        f"{'':21s} {cpu[f'{kind} w{workers} compact']:6.1f}"
+                    )
         results["ratios"] = ratios
         results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         print(f"load average after the run: {results['loadavg_after']}")

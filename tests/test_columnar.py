@@ -722,3 +722,27 @@ def test_bad_record_metadata_in_store(tmp_path: Path) -> None:
     assert [type(r.error) for r in results] == [type(None), RecordMetaError, type(None)]
     report = verify_store(store)
     assert [p.kind for p in report.problems] == ["record_decode"]
+
+
+def test_cli_pack_compact_info_get_audit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tensorstore_pt.cli import main
+
+    batch = _tokens(40)
+    torch.save(batch, tmp_path / "t.pt")
+    assert main(["pack", str(tmp_path / "t.pt"), str(tmp_path / "s"), "--compact", "-q"]) == 0
+    reader = ts.open_store(tmp_path / "s")
+    assert reader.info().format_version == (1, 3)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "frames are column blocks" in out
+    assert main(["info", str(tmp_path / "s"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["columnar_frames"] >= 1 and info["features"] == ["columnar-frames", "multi-record-frames"]
+    assert main(["get", str(tmp_path / "s"), "7", "-o", str(tmp_path / "r7.pt")]) == 0
+    assert (tmp_path / "r7.pt").read_bytes() == reader.read_bytes(7)
+    assert_identical(torch.load(tmp_path / "r7.pt", weights_only=True), batch[7], "record 7", layout=False)
+    assert main(["verify", str(tmp_path / "s"), "--deep"]) == 0
+    capsys.readouterr()
+    assert main(["audit", str(tmp_path / "s")]) == 0
+    assert "zstd-3+compact" in capsys.readouterr().out
