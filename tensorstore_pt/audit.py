@@ -640,7 +640,7 @@ def _project(
             for k, (f, row, r) in enumerate(zip(frames, rows, flags)):  # a reader's pipeline: checksum, bounds, decode
                 data = check_frame(codec, row, f, "audit", max_record_bytes=2**62, stored_raw=r)
                 if blocks and blocks[k]:  # and a column block's checks (format 1.3)
-                    ColumnBlock(data, _LAYOUT[0], counts[k], "audit")
+                    ColumnBlock(data, _LAYOUT[0], counts[k], "audit").check_all()
 
         t_c = _timed(compress_all, repeats, min_seconds) if raws else 0.0
         t_d, spread = _timed_spread(decode_all, repeats, min_seconds) if raws else (0.0, 0.0)

@@ -875,8 +875,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compact", action="store_true",
         help="store records container-free in columnar frames (format 1.3): each record's pickle and tensor "
-        "bytes, laid out column by column, its exact torch.save bytes rebuilt on read; much smaller and faster "
-        "for small records (implies --frame-size 64KiB unless given; see docs/format.md 5.3)",
+        "bytes, laid out column by column, its exact torch.save bytes rebuilt on read; much smaller for small "
+        "records, slower random reads (implies --frame-size 64KiB of content unless given; docs/format.md 5.3, "
+        "docs/benchmarks.md)",
     )  # fmt: skip
     p.add_argument(
         "--raw-below", type=float, default=_DEFAULT_RAW_BELOW, metavar="FRACTION",

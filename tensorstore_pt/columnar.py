@@ -6,7 +6,8 @@ zip containers, and laid out column by column so that the codec sees like next t
 records' metadata (pickles included) back to back in column 0, then storage ``j`` of every
 record back to back in column ``j + 1``. Each record's exact ``torch.save`` bytes are rebuilt
 on demand (:meth:`ColumnBlock.record_bytes`), and a record can be loaded from its parts
-without a zip container at all (:meth:`ColumnBlock.load`).
+without a zip container at all (:meth:`ColumnBlock.load_args` for
+:func:`tensorstore_pt.fastload.fast_loads_parts`).
 
 Block layout (docs/format.md, section 5.3), all integers little-endian::
 
@@ -25,9 +26,13 @@ verbatim); ``2`` delta of little-endian unsigned ``e``-byte integers, ``e`` in {
 (the first ``L // e * e`` bytes: the first value, then each difference to the previous modulo
 ``2**(8e)``; the rest verbatim). A column 0 filter MUST be 0.
 
-Thread safety: functions are pure; a :class:`ColumnBlock` is read-only after construction and
-safe to share between threads. Fork/spawn safe (no handles). Memory: a block holds its decoded
-input plus one unfiltered copy of each filtered column; per record only a few ints.
+Thread safety: functions are pure; a :class:`ColumnBlock` is safe to share between threads:
+its checked tables are read-only, and what it fills in lazily (each record's parsed metadata,
+rebuilt lengths by shape) is idempotent (two threads may compute an entry twice, never
+differently; dict and list updates happen under the GIL). Fork/spawn safe (no handles).
+Memory: a block holds its decoded input, one unfiltered copy of each filtered column, the
+storage positions (4 bytes a record and storage, as the block's own size table) and the
+parsed metadata of the records used so far.
 """
 
 from __future__ import annotations
@@ -234,7 +239,7 @@ def _bad(where: str, what: str) -> RecordMetaError:
 
 
 class ColumnBlock:
-    """A parsed, fully checked column block (see the module docstring).
+    """A parsed column block, its tables checked (see the module docstring).
 
     Args:
         data: The decoded frame (bytes-like; kept and viewed, not copied).

@@ -740,7 +740,8 @@ class StoreReader:
 
     def _frame_content(self, si: int, fi: int, data: Any, j: int) -> Any:
         """``data`` (frame ``fi`` of shard ``si``, decoded), or its :class:`ColumnBlock` if the
-        footer names it a column block (format 1.3), checked whole."""
+        footer names it a column block (format 1.3): its tables checked, each record's
+        metadata when the record is first used."""
         footer = self._footer(si)
         if not footer.is_columnar(fi):
             return data
@@ -815,8 +816,7 @@ class StoreReader:
             check_record_budget(int(row["raw"]), self.max_record_bytes, self._where(si, j))  # before the read
             frame = self._read_exact(si, int(row["offset"]), int(row["stored"]), f"record {j}'s frame")
             return self._load(si, j, self._decode(si, j, row, frame, writable=True))
-        # A writable buffer of its own lets the decoder build tensors over it without a copy.
-        if self._columnar:
+        if self._columnar:  # a record of a column block loads from its parts (format 1.3)
             j = self._normalize(i)
             si, k = self._locate(j)
             footer = self._footer(si)
@@ -824,6 +824,7 @@ class StoreReader:
             if footer.is_columnar(fi):
                 block = self._cached_frame(si, fi, j)
                 return self._load_from_block(si, j, block, k - block.first, raw)
+        # A writable buffer of its own lets the decoder build tensors over it without a copy.
         j, si, data = self._read_raw(i, writable=True)
         return self._load(si, j, data)
 

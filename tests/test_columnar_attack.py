@@ -21,6 +21,17 @@ from tensorstore_pt.integrity import verify_store
 from tensorstore_pt.serialization import dumps, loads
 
 
+def _frame0_lengths(raws: list[int]):
+    """A record-map edit giving frame 0's records the raw lengths ``raws`` (tiling kept)."""
+
+    def edit_map(m):
+        f0 = np.flatnonzero(m["frame"] == 0)
+        m["raw"][f0] = raws
+        m["raw_offset"][f0] = np.concatenate([[0], np.cumsum(raws)[:-1]])
+
+    return edit_map
+
+
 def _relayout(store: Path, constants: dict[str, str | None]) -> None:
     """Rewrite shard 0's columnar_layout (constants replaced, or removed where None) and its
     record map to match (each record's raw length rebuilt under the new layout): a hostile but
@@ -139,10 +150,7 @@ def _expanding_store(tmp_path: Path) -> tuple[Path, int, int]:
     block = columnar.encode_block(parts, None)
     raws = [_ptzip.rebuilt_bytes(p) for p in parts]
 
-    def edit_map(m):
-        f0 = np.flatnonzero(m["frame"] == 0)
-        m["raw"][f0] = raws
-        m["raw_offset"][f0] = np.concatenate([[0], np.cumsum(raws)[:-1]])
+    edit_map = _frame0_lengths(raws)
 
     _rewrite_frame0(store, block, edit_meta=lambda m: m.__setitem__("columnar_layout", lay), edit_map=edit_map)
     return store, len(block), sum(raws)
@@ -237,10 +245,7 @@ def test_kept_crc_that_lies_found_by_deep_verify(tmp_path: Path) -> None:
     block = columnar.encode_block(parts, None)
     raws = [_ptzip.rebuilt_bytes(p) for p in parts]
 
-    def edit_map(m):
-        f0 = np.flatnonzero(m["frame"] == 0)
-        m["raw"][f0] = raws
-        m["raw_offset"][f0] = np.concatenate([[0], np.cumsum(raws)[:-1]])
+    edit_map = _frame0_lengths(raws)
 
     _rewrite_frame0(store, block, edit_map=edit_map)
     reader = ts.open_store(store)
