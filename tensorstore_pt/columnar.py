@@ -56,11 +56,9 @@ __all__ = [
     "MIN_FILTER_GAIN",
     "ColumnBlock",
     "encode_block",
-    "is_block",
 ]
 
-#: The first 8 bytes of every column block. A ``torch.save`` record (the only other thing a
-#: decoded frame holds) starts with a zip local header, ``PK\x03\x04``.
+#: The first 8 bytes of every column block.
 MAGIC = b"TSPTCOLS"
 FILTER_NONE, FILTER_SHUFFLE, FILTER_DELTA = 0, 1, 2
 _FILTER_SIZES = {FILTER_NONE: (0,), FILTER_SHUFFLE: (2, 4, 8), FILTER_DELTA: (1, 2, 4, 8)}
@@ -75,11 +73,6 @@ FILTER_SAMPLE_BYTES = 64 * 1024
 #: Most columns a block may have (a record with more storages is stored in a plain frame).
 MAX_COLUMNS = 4096
 _DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def is_block(data: Any) -> bool:
-    """Whether decoded frame bytes are a column block (they start with :data:`MAGIC`)."""
-    return bytes(memoryview(data)[:8]) == MAGIC
 
 
 # --------------------------------------------------------------------------- filters
@@ -421,9 +414,9 @@ class ColumnBlock:
         archive, pickle, name_hash, crcs, _, _ = self._meta(r)
         return _ptzip.PtParts(self.layout, archive, pickle, self.storages(r), name_hash, crcs)
 
-    def check_length(self, r: int, raw_bytes: int) -> _ptzip.PtParts:
-        """Record ``r``'s parts, once its rebuilt length (computed, not built) is checked
-        against ``raw_bytes``, the record map's.
+    def check_length(self, r: int, raw_bytes: int) -> None:
+        """Check record ``r``'s rebuilt length (computed, not built) against ``raw_bytes``, the
+        record map's.
 
         Raises:
             RecordLengthError: The record rebuilds to another length (kind ``record_length``).
@@ -441,7 +434,6 @@ class ColumnBlock:
             )
             exc.problem = ("record_length", f"{raw_bytes} raw bytes (record map)", f"{length} bytes rebuilt")  # type: ignore[attr-defined]
             raise exc
-        return self.parts(r)
 
     def record_bytes(self, r: int, raw_bytes: int, max_record_bytes: int) -> bytes:
         """Record ``r``'s exact ``torch.save`` bytes, which the record map says are ``raw_bytes``
@@ -457,7 +449,8 @@ class ColumnBlock:
             RecordLengthError, RecordMetaError: As :meth:`check_length`.
         """
         check_record_budget(raw_bytes, max_record_bytes, f"{self.where}: record {r} of the column block")
-        return _ptzip.rebuild(self.check_length(r, raw_bytes))
+        self.check_length(r, raw_bytes)
+        return _ptzip.rebuild(self.parts(r))
 
     def check_crcs(self, r: int) -> None:
         """Check the CRC-32s record ``r`` keeps (of its pickle and storages of at least

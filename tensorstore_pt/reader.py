@@ -272,7 +272,7 @@ class RawRecord:
         block, r, raw = self._block
         if not small_records_ok(block.constants):  # (its rebuilt bytes: collated as torch.load reads them)
             return self.data
-        check_record_budget(raw, self._reader.max_record_bytes, self._reader._where(self.shard, self.record))
+        self._reader._check_budget(raw, self.shard, self.record)
         return block.load_args(r, raw)
 
     def load(self) -> Any:
@@ -751,12 +751,17 @@ class StoreReader:
         block.first = first
         return block
 
+    def _check_budget(self, raw: int, si: int, j: int) -> None:
+        """:func:`.shardio.check_record_budget` of record ``j`` of shard ``si`` (``raw`` bytes),
+        its message made only when it fails (a record's path runs this once per record)."""
+        if raw > self.max_record_bytes:
+            check_record_budget(raw, self.max_record_bytes, self._where(si, j))
+
     def _load_from_block(self, si: int, j: int, block: ColumnBlock, r: int, raw: int) -> Any:
         """Load record ``r`` of column block ``block`` (store position ``j``, ``raw`` bytes as
         ``torch.save`` wrote it): from its parts when the fast path takes it, else from its
         rebuilt ``torch.save`` bytes (:meth:`_load`, which types any error)."""
-        if raw > self.max_record_bytes:
-            check_record_budget(raw, self.max_record_bytes, self._where(si, j))
+        self._check_budget(raw, si, j)
         if self._cpu:
             sample = fast_loads_parts(*block.load_args(r, raw), raw, block.constants)
             if sample is not DECLINED:
@@ -1454,7 +1459,7 @@ class StoreReader:
                 if isinstance(data, ColumnBlock):
                     r = rec - starts[si] - data.first
                     if raw:  # its torch.save bytes are rebuilt only if asked for (RawRecord.data)
-                        check_record_budget(n, budget, self._where(si, rec))
+                        self._check_budget(n, si, rec)
                         data.check_length(r, n)
                         sample = RawRecord(self, si, rec, None, (data, r, n))
                     else:

@@ -875,23 +875,23 @@ class ShardWriter:
         if self._layout is not None:
             self._emit_compact(group)
             return
-        data = group[0] if len(group) == 1 else b"".join(group)
+        self._emit_decoded(group[0] if len(group) == 1 else b"".join(group), [len(r) for r in group])
+
+    def _emit_decoded(self, data: bytes, lengths: list[int], block: bool = False) -> None:
+        """Code one frame's decoded bytes ``data`` (records of ``lengths`` bytes; ``block``: a
+        column block, format 1.3) and write it, raw where the codec saves too little."""
         frame = self._codec.compress(data)
         stored_raw = stores_raw(self._codec, len(frame), len(data), self.raw_below)
         if stored_raw:
             frame = data
-        self._emit_frame(frame, digest_int(frame), [len(r) for r in group], stored_raw)
+        self._emit_frame(frame, digest_int(frame), lengths, stored_raw, len(data) if block else None)
 
     def _emit_compact(self, group: list[tuple[bytes, Any]]) -> None:
         """Write ``group`` as :func:`.columnar.plan_frames` plans it (format 1.3): column blocks,
         and plain frames for runs of records that do not prove under this writer's layout."""
         compress = None if self._codec.codec_id == "none" else self._codec.compress
         for data, lengths, is_block in columnar.plan_frames(group, compress):
-            frame = self._codec.compress(data)
-            stored_raw = stores_raw(self._codec, len(frame), len(data), self.raw_below)
-            if stored_raw:
-                frame = data
-            self._emit_frame(frame, digest_int(frame), lengths, stored_raw, len(data) if is_block else None)
+            self._emit_decoded(data, lengths, is_block)
 
     def _train_dictionary(self) -> None:
         import zstandard
