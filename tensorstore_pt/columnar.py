@@ -44,6 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import _ptzip
+from ._filters import FILTER_DELTA, FILTER_NONE, FILTER_SHUFFLE, _apply, _undo
 from .errors import RecordLengthError, RecordMetaError
 from .format import COLUMNAR_EXPANSION
 from .shardio import check_record_budget
@@ -60,7 +61,6 @@ __all__ = [
 
 #: The first 8 bytes of every column block.
 MAGIC = b"TSPTCOLS"
-FILTER_NONE, FILTER_SHUFFLE, FILTER_DELTA = 0, 1, 2
 _FILTER_SIZES = {FILTER_NONE: (0,), FILTER_SHUFFLE: (2, 4, 8), FILTER_DELTA: (1, 2, 4, 8)}
 _FILTER_NAMES = {FILTER_NONE: "none", FILTER_SHUFFLE: "shuffle", FILTER_DELTA: "delta"}
 _HEAD = struct.Struct("<8sII")
@@ -72,46 +72,9 @@ MIN_FILTER_GAIN = 0.02
 FILTER_SAMPLE_BYTES = 64 * 1024
 #: Most columns a block may have (a record with more storages is stored in a plain frame).
 MAX_COLUMNS = 4096
-_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 # --------------------------------------------------------------------------- filters
-
-
-def _apply(col: bytes, filt: int, size: int) -> bytes:
-    """The stored form of column bytes ``col`` under filter ``filt`` of element size ``size``."""
-    if filt == FILTER_NONE:
-        return col
-    whole = len(col) // size * size
-    a = np.frombuffer(col, dtype=np.uint8, count=whole)
-    if filt == FILTER_SHUFFLE:  # one byte plane at a time: 2-7x faster than a transposed copy
-        body = b"".join(a[k::size].tobytes() for k in range(size))
-    else:
-        v = a.view(_DTYPES[size])
-        d = np.empty_like(v)
-        if len(v):
-            d[0] = v[0]
-            np.subtract(v[1:], v[:-1], out=d[1:])
-        body = d.tobytes()
-    return body + col[whole:]
-
-
-def _undo(col: memoryview, filt: int, size: int) -> memoryview:
-    """The column bytes stored as ``col`` under filter ``filt`` (a fresh buffer, or ``col``)."""
-    if filt == FILTER_NONE:
-        return col
-    whole = len(col) // size * size
-    a = np.frombuffer(col, dtype=np.uint8, count=whole)
-    out = bytearray(len(col))
-    o = np.frombuffer(out, dtype=np.uint8)
-    if filt == FILTER_SHUFFLE:  # one byte plane at a time: 2-7x faster than a transposed copy
-        m = whole // size
-        for k in range(size):
-            o[k:whole:size] = a[k * m : (k + 1) * m]
-    else:
-        np.cumsum(a.view(_DTYPES[size]), dtype=_DTYPES[size], out=o[:whole].view(_DTYPES[size]))
-    out[whole:] = col[whole:]
-    return memoryview(out)
 
 
 def choose_filter(col: bytes, compress: Callable[[bytes], bytes] | None) -> tuple[int, int]:

@@ -342,15 +342,13 @@ def encode_record_map(record_map: np.ndarray) -> bytes | None:
     ``MAP_RATIO`` bound (the map is then stored plain)."""
     import zstandard
 
+    from ._filters import FILTER_DELTA, FILTER_SHUFFLE, _apply
+
     n = len(record_map)
     cols = []
     for key in ("frame", "raw_offset", "raw"):
-        v = np.ascontiguousarray(record_map[key], dtype="<u8")
-        d = np.empty_like(v)
-        if n:
-            d[0] = v[0]
-            np.subtract(v[1:], v[:-1], out=d[1:])
-        cols.append(d.view(np.uint8).reshape(-1, 8).T.tobytes())
+        v = np.ascontiguousarray(record_map[key], dtype="<u8").tobytes()
+        cols.append(_apply(_apply(v, FILTER_DELTA, 8), FILTER_SHUFFLE, 8))
     coded = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(b"".join(cols))
     if n * RECORD_MAP_ENTRY_BYTES > MAP_RATIO * len(coded) + MAP_SLACK_BYTES:
         return None
@@ -388,11 +386,13 @@ def decode_record_map(coded: bytes, count: int, where: str) -> np.ndarray:
             raise ValueError(f"it decodes to {len(raw)} bytes, expected {want}")
     except (zstandard.ZstdError, ValueError) as exc:
         raise ShardFormatError(f"{where}: the coded record map is damaged: {exc}") from None
-    a = np.frombuffer(raw, dtype=np.uint8)
+    from ._filters import FILTER_DELTA, FILTER_SHUFFLE, _undo
+
+    mv = memoryview(raw)
     out = np.zeros(count, dtype=RECORD_MAP_DTYPE)
     for j, key in enumerate(("frame", "raw_offset", "raw")):
-        d = a[j * 8 * count : (j + 1) * 8 * count].reshape(8, count).T.copy().view("<u8").reshape(count)
-        out[key] = np.cumsum(d, dtype=np.uint64)
+        col = _undo(_undo(mv[j * 8 * count : (j + 1) * 8 * count], FILTER_SHUFFLE, 8), FILTER_DELTA, 8)
+        out[key] = np.frombuffer(col, dtype="<u8")
     return out
 
 

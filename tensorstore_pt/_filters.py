@@ -1,0 +1,56 @@
+"""Byte filters before a codec: byte shuffle and delta (format 1.3, docs/format.md section 5.3).
+
+Column blocks (:mod:`.columnar`) filter each column with one of them, chosen by measurement;
+a coded record map (:mod:`.format`) applies delta then byte shuffle to each of its u64
+columns. The transforms are defined on the first ``L - L mod e`` bytes of a buffer of ``L``
+bytes (``e`` the element size); the rest is kept as it is:
+
+- ``FILTER_SHUFFLE`` (1): byte 0 of every ``e``-byte element, then byte 1 of every element, ...;
+- ``FILTER_DELTA`` (2): the buffer read as unsigned little-endian ``e``-byte integers, stored as
+  the first followed by each one minus the one before it, modulo ``2**(8e)``.
+
+Thread safety: pure functions. Memory: one output buffer the size of the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FILTER_NONE, FILTER_SHUFFLE, FILTER_DELTA = 0, 1, 2
+_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _apply(col: bytes, filt: int, size: int) -> bytes:
+    """The stored form of column bytes ``col`` under filter ``filt`` of element size ``size``."""
+    if filt == FILTER_NONE:
+        return col
+    whole = len(col) // size * size
+    a = np.frombuffer(col, dtype=np.uint8, count=whole)
+    if filt == FILTER_SHUFFLE:  # one byte plane at a time: 2-7x faster than a transposed copy
+        body = b"".join(a[k::size].tobytes() for k in range(size))
+    else:
+        v = a.view(_DTYPES[size])
+        d = np.empty_like(v)
+        if len(v):
+            d[0] = v[0]
+            np.subtract(v[1:], v[:-1], out=d[1:])
+        body = d.tobytes()
+    return body + col[whole:]
+
+
+def _undo(col: memoryview, filt: int, size: int) -> memoryview:
+    """The column bytes stored as ``col`` under filter ``filt`` (a fresh buffer, or ``col``)."""
+    if filt == FILTER_NONE:
+        return col
+    whole = len(col) // size * size
+    a = np.frombuffer(col, dtype=np.uint8, count=whole)
+    out = bytearray(len(col))
+    o = np.frombuffer(out, dtype=np.uint8)
+    if filt == FILTER_SHUFFLE:  # one byte plane at a time: 2-7x faster than a transposed copy
+        m = whole // size
+        for k in range(size):
+            o[k:whole:size] = a[k * m : (k + 1) * m]
+    else:
+        np.cumsum(a.view(_DTYPES[size]), dtype=_DTYPES[size], out=o[:whole].view(_DTYPES[size]))
+    out[whole:] = col[whole:]
+    return memoryview(out)
