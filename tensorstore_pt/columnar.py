@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _ptzip
+from . import _ptzip, fastload
 from ._filters import FILTER_DELTA, FILTER_NONE, FILTER_SHUFFLE, _apply, _undo
 from .errors import RecordLengthError, RecordMetaError
 from .format import COLUMNAR_EXPANSION
@@ -229,6 +229,8 @@ class ColumnBlock:
         "constants",
         "first",
         "layout",
+        "loaded",
+        "_owned",
         "n",
         "where",
     )
@@ -279,6 +281,8 @@ class ColumnBlock:
                 raise _bad(where, f"storage {j}'s sizes add up to {total} bytes, its column has {len(cols[j + 1])}")
         self.columns = cols
         self.n = n
+        # A filtered column is a fresh buffer of the block's own (FILTER_NONE: a view of the frame).
+        self._owned = [spec[1] != FILTER_NONE for spec in specs]
         self._nbytes = size + sum(len(col) for col, spec in zip(cols, specs) if spec[1] != FILTER_NONE)
         # Where each record's metadata and storages start: every table is checked above, each
         # record's metadata when the record is first used (against the size table), so a
@@ -301,6 +305,8 @@ class ColumnBlock:
         self._spans: dict[tuple[int, ...], tuple[list[tuple[int, int]], int]] = {}  # storage blob by sizes
         #: The frame's first record in its shard (set by the reader).
         self.first = 0
+        #: The records loaded together (:meth:`load_all`, set by the reader), or None.
+        self.loaded: list[Any] | None = None
 
     def _meta(self, r: int) -> tuple[str, Any, int, tuple[int | None, ...], tuple[int, ...], tuple[int, ...]]:
         """Record ``r``'s (archive, pickle view, name hash, CRC-32s, storage sizes, storage
@@ -464,3 +470,52 @@ class ColumnBlock:
         for j, ((off, n), lo) in enumerate(zip(spans, starts)):
             blob[off : off + n] = cols[j + 1][lo : lo + n]
         return bytes(pickle), blob, spans
+
+    def load_all(self, raw_bytes: Any) -> list[Any] | None:
+        """Every record of the block loaded together (:func:`.fastload.load_columns`): a view
+        per tensor into one copy of each storage column, not a pickle run per record.
+
+        Each record's metadata is checked as its first use checks it, and its rebuilt length
+        against ``raw_bytes[r]`` (the record map's), before anything is loaded.
+
+        Args:
+            raw_bytes: Each record's ``torch.save`` length from the record map (``n`` ints).
+
+        Returns:
+            A list of ``n`` samples with :data:`.fastload.DECLINED` for the records to load
+            one by one (among them any whose length disagrees: loading it alone raises the
+            error), or None when the block is left to the one-by-one path (a record's
+            metadata is malformed, torch's state is not plain...).
+        """
+        n = self.n
+        try:
+            metas = [self._meta(r) for r in range(n)]
+        except RecordMetaError:
+            return None
+        lengths = self._lengths
+        pickles: list[bytes | None] = []
+        for r, (archive, pickle, _, _, sizes, _) in enumerate(metas):
+            raw = int(raw_bytes[r])
+            length = lengths.get((archive, sizes, len(pickle)))
+            if length is None:
+                try:
+                    self.check_length(r, raw)
+                except (RecordLengthError, RecordMetaError):
+                    pickles.append(None)
+                    continue
+            elif length != raw:
+                pickles.append(None)
+                continue
+            pickles.append(bytes(pickle))
+        loaded = fastload.load_columns(
+            pickles,
+            self.columns[1:],
+            self._owned[1:],
+            self._table_sizes,
+            self._starts,
+            lambda r: self.load_args(r, int(raw_bytes[r])),
+            self.constants,
+        )
+        if loaded is not None:  # the column copies the samples share
+            self._nbytes += sum(len(col) for col, owned in zip(self.columns[1:], self._owned[1:]) if not owned)
+        return loaded

@@ -114,6 +114,7 @@ import sys
 import threading
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch._guards
 import torch.serialization
@@ -2031,6 +2032,7 @@ def _batch_spec(plan: _Plan) -> tuple[Any, tuple[Any, ...]] | None:
     another type (None, complex, torch.dtype...); a non-literal dict key."""
     values: list[Any] = []
     used: set[int] = set()
+    containers: set[int] = set()  # a container the result holds twice (one object): not covered
 
     def const(v: Any, in_seq: bool) -> Any:
         t = type(v)
@@ -2062,6 +2064,9 @@ def _batch_spec(plan: _Plan) -> tuple[Any, tuple[Any, ...]] | None:
                 raise _NoSpec
             used.add(si)
             return (_B_TENSOR, key, dtype, numel * elsize, size)
+        if id(n) in containers:
+            raise _NoSpec
+        containers.add(id(n))
         if kind == _TUPLE:
             return (_B_TUPLE, tuple(node(c, True) for c in n[2]))
         if kind == _LIST:
@@ -2083,6 +2088,19 @@ def _batch_spec(plan: _Plan) -> tuple[Any, tuple[Any, ...]] | None:
     if len(_SPEC_INTERN) >= _MAX_KNOWN_PICKLES:
         _SPEC_INTERN.clear()
     return spec, tuple(values)
+
+
+def _remember_spec(pkl: bytes, plan: _Plan | None) -> Any:
+    """``_BATCH_SPECS[pkl]``: ``plan``'s ``(spec, leaf values)``, or False (none), kept within
+    the cache's bounds."""
+    global _BATCH_SPECS_BYTES
+    got = (_batch_spec(plan) if plan is not None else None) or False
+    if len(_BATCH_SPECS) >= _MAX_KNOWN_PICKLES or _BATCH_SPECS_BYTES + len(pkl) > _MAX_KNOWN_BYTES:
+        _BATCH_SPECS.clear()
+        _BATCH_SPECS_BYTES = 0
+    _BATCH_SPECS[pkl] = got
+    _BATCH_SPECS_BYTES += len(pkl)
+    return got
 
 
 def _spec_parts(spec: Any, out: list[tuple[str, torch.dtype, int, tuple[int, ...]]], in_seq: list[bool]) -> None:
@@ -2168,7 +2186,6 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
 
     Thread safety: safe from many threads (the spec cache is a dict updated under the GIL).
     """
-    global _BATCH_SPECS_BYTES
     if not bufs or not _torch_state_is_plain():
         return None
     tables = _get_tables()
@@ -2225,12 +2242,7 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
                         _PLAN_BACKOFF[0] = _PLAN_BACKOFF[1]
                         return None
                     plan = _plan_one(buf, pkl, records, lo, hi, tables)
-                got = (_batch_spec(plan) if plan is not None else None) or False
-                if len(_BATCH_SPECS) >= _MAX_KNOWN_PICKLES or _BATCH_SPECS_BYTES + nbytes > _MAX_KNOWN_BYTES:
-                    _BATCH_SPECS.clear()
-                    _BATCH_SPECS_BYTES = 0
-                _BATCH_SPECS[pkl] = got
-                _BATCH_SPECS_BYTES += nbytes
+                got = _remember_spec(pkl, plan)
             if got is False:
                 return None
             last_pkl = pkl
@@ -2275,3 +2287,203 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
     if planned:
         _PLAN_BACKOFF[1] = 0  # planning paid off
     return _build_batch(spec, iter(out_tensors), iter(collated_leaves))
+
+
+def load_columns(
+    pickles: list[bytes | None],
+    columns: list[Any],
+    owned: list[bool],
+    sizes: Any,
+    starts: Any,
+    parts: Callable[[int], tuple[bytes, bytearray, list[tuple[int, int]]]],
+    constants: dict[str, bytes],
+) -> list[Any] | None:
+    """Load the records of a column block (format 1.3) together, from its columns.
+
+    Records whose pickle this process has planned (or can plan: one like a pickle the
+    decoder has validated but for literal values, at most ``max(4, n // 2)`` new ones a
+    call) and whose result :func:`collate_records` covers (tuples, lists, dicts with literal
+    keys, literal leaves, each tensor the whole of its own contiguous storage without grad,
+    hooks or metadata) are built column by column: each storage column is copied once into
+    a buffer of its own (unless handed over) and every record's tensor is made over its
+    bytes there, so a block costs a copy and a tensor per storage, not a pickle run per
+    record. Records of one
+    result structure (a *batch spec*) are assembled together; records of several structures
+    may share a block.
+
+    Args:
+        pickles: Each record's ``data.pkl`` bytes, in block order; None for a record the
+            caller loads one by one.
+        columns: Storage column ``j`` of the block for each ``j`` (every record's storage
+            ``j`` in record order, back to back: :attr:`.columnar.ColumnBlock.columns[1:]`).
+        owned: Whether each column is a writable buffer the caller hands over (a filtered
+            column, decoded into a buffer of its own): its tensors view it without a copy.
+        sizes: ``(n, len(columns))`` integer array: record ``r``'s storage ``j`` is
+            ``sizes[r, j]`` bytes (a column adds up to its rows).
+        starts: ``(n, len(columns))`` integer array: where record ``r``'s storage ``j``
+            starts in column ``j`` (the cumulative sums of ``sizes``).
+        parts: ``parts(r)`` -> record ``r``'s ``(pickle, storage buffer, spans)`` as for
+            :func:`fast_loads_parts`, to plan a pickle not planned yet.
+        constants: The container layout's constant records (see :func:`fast_loads_parts`).
+
+    Returns:
+        One entry per record: its sample, as :func:`fast_loads_parts` loads it (each tensor
+        with a storage of its own, over the record's bytes in its column), or
+        :data:`DECLINED` for a record this
+        path does not cover (load it one by one). None when the block is not covered at
+        all (torch's state is not plain, a layout the fast path does not serve).
+
+    Memory: one copy of each storage column used that is not ``owned`` (the block's storage
+    bytes at most), which the returned tensors' storages share: a tensor kept pins its
+    column, as a record of a multi-record frame copied out would not. Thread safety: as
+    :func:`collate_records`.
+    """
+    n = len(pickles)
+    if not n or not _torch_state_is_plain() or not small_records_ok(constants):
+        return None
+    tables = _get_tables()
+    limit = max(4, n // 2)
+    planned = 0
+    sizes = np.asarray(sizes)
+    rows = sizes.tolist()
+    at = np.asarray(starts).tolist()
+    ncols = len(columns)
+    # Per spec seen in this call: (form, its tensor nodes [(column, dtype, nbytes, size)]) or
+    # False. A spec's *form* is the spec without its tensors' sizes: records that differ only
+    # in their tensors' shapes (token ids of any length) are assembled together.
+    shapes: dict[int, Any] = {}
+    groups: dict[int, tuple[Any, list[int], list[tuple[Any, ...]], list[Any]]] = {}  # id(form) -> ...
+    last_pkl: bytes | None = None
+    got: Any = False
+    info: Any = False
+    for r, pkl in enumerate(pickles):
+        if pkl is None:  # the caller loads it one by one
+            last_pkl, got = None, False
+            continue
+        if pkl is not last_pkl and pkl != last_pkl:
+            last_pkl = pkl
+            got = _BATCH_SPECS.get(pkl)
+            if got is None:
+                plan = tables.known.get(pkl)
+                if type(plan) is not _Plan:
+                    # Planned here only if a pickle like it but for literal values was
+                    # validated by the decoder; else its record loads one by one (which
+                    # interprets and remembers it).
+                    if planned >= limit or len(pkl) > _MAX_KNOWN_PICKLE_BYTES or not tables.has_skeleton(pkl):
+                        got = False
+                        continue
+                    planned += 1
+                    p, blob, spans = parts(r)
+                    plan = _plan_one(blob, p, _parts_records(len(p), spans), 0, len(blob), tables)
+                got = _remember_spec(pkl, plan)
+            if got is not False:
+                info = shapes.get(id(got[0]))
+                if info is None:
+                    info = _form_of(got[0])
+                    if info and not all(0 <= node[0] < ncols for node in info[1]):
+                        info = False  # a storage the block does not have: one by one (which says so)
+                    shapes[id(got[0])] = info
+        if got is False or info is False:
+            continue
+        row, at_r = rows[r], at[r]
+        for j, _, nbytes, _, elsize in info[1]:
+            if row[j] != nbytes or not nbytes or at_r[j] % elsize:  # (empty or unaligned: one by one)
+                break
+        else:
+            group = groups.get(id(info[0]))
+            if group is None:
+                group = groups[id(info[0])] = (info[0], [], [], [])
+            group[1].append(r)
+            group[2].append(got[1])
+            group[3].append(info[1])
+    out: list[Any] = [DECLINED] * n
+    if not groups:
+        return out
+    # Each column used is a buffer of its own: one handed over, or a copy (writable, so the
+    # tensors are too, and none aliases the decoded frame). Each tensor gets a storage of
+    # its own over its bytes there (as torch.load makes: offset 0, the storage's length).
+    bufs: dict[int, Any] = {}
+    for _, _, _, node_rows in groups.values():
+        for j, *_ in node_rows[0]:
+            if j not in bufs:
+                bufs[j] = columns[j] if owned[j] else bytearray(columns[j])
+    frombuffer = torch.frombuffer
+    for form, records, leaf_rows, node_rows in groups.values():
+        cols = []
+        for k, (j, dtype, _, _, elsize) in enumerate(node_rows[0]):
+            buf = bufs[j]
+            col = []
+            for r, nodes in zip(records, node_rows):
+                _, _, nbytes, size, _ = nodes[k]
+                t = frombuffer(buf, dtype=dtype, count=nbytes // elsize, offset=at[r][j])
+                col.append(t if len(size) == 1 else t.view(size))
+            _increment_version(col)  # as set_ would: torch.load's tensors are at version 1
+            cols.append(col)
+        leaf_cols = list(zip(*leaf_rows)) if leaf_rows[0] else []
+        objs = _assemble(form, iter(cols), iter(leaf_cols), len(records))
+        for r, obj in zip(records, objs):
+            out[r] = obj
+    return out
+
+
+def _form_of(spec: Any) -> Any:
+    """``(form, nodes)`` of a batch spec (cached by spec): the spec with each tensor node's
+    storage size and shape left out (interned), and its tensor nodes ``(storage index,
+    dtype, nbytes, size, element size)`` in order; or False if a storage key is not a
+    storage index."""
+    got = _FORMS.get(id(spec))
+    if got is not None and got[0] is spec:
+        return got[1]
+    tensors: list[tuple[str, torch.dtype, int, tuple[int, ...]]] = []
+    _spec_parts(spec, tensors, [])
+    nodes = []
+    for key, dtype, nbytes, size in tensors:
+        if not (key.isdigit() and str(int(key)) == key):
+            info: Any = False
+            break
+        nodes.append((int(key), dtype, nbytes, size, _ELEMENT_SIZES[dtype]))
+    else:
+
+        def strip(node: Any) -> Any:
+            kind = node[0]
+            if kind == _B_TENSOR:
+                return (_B_TENSOR, node[1], node[2])
+            if kind == _B_LEAF:
+                return node
+            if kind == _B_DICT:
+                return (_B_DICT, node[1], node[2], tuple(strip(c) for c in node[3]))
+            return (kind, tuple(strip(c) for c in node[1]))
+
+        form = strip(spec)
+        info = (_FORM_INTERN.setdefault(form, form), nodes)
+    if len(_FORMS) >= _MAX_KNOWN_PICKLES:
+        _FORMS.clear()
+        _FORM_INTERN.clear()
+    _FORMS[id(spec)] = (spec, info)  # the spec is kept with it: its id is not reused meanwhile
+    return info
+
+
+#: Batch spec id -> (spec, its form and tensor nodes, or False): see :func:`_form_of`.
+_FORMS: dict[int, tuple[Any, Any]] = {}
+_FORM_INTERN: dict[Any, Any] = {}
+
+
+def _assemble(spec: Any, tensors: Any, leaves: Any, m: int) -> list[Any]:
+    """``m`` results of batch spec ``spec``, built column by column: each tensor node takes the
+    next list of ``m`` tensors from ``tensors``, each leaf the next ``m`` values from ``leaves``."""
+    kind = spec[0]
+    if kind == _B_TENSOR:
+        return list(next(tensors))
+    if kind == _B_LEAF:
+        return list(next(leaves))
+    if kind == _B_DICT:
+        cls = spec[1]
+        keys = [k for _, k in spec[2]]
+        children = [_assemble(c, tensors, leaves, m) for c in spec[3]]
+        if not children:
+            return [cls() for _ in range(m)]
+        return [cls(zip(keys, row)) for row in zip(*children)]
+    children = [_assemble(c, tensors, leaves, m) for c in spec[1]]
+    if kind == _B_TUPLE:
+        return list(zip(*children)) if children else [()] * m
+    return [list(row) for row in zip(*children)] if children else [[] for _ in range(m)]

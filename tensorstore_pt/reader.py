@@ -768,6 +768,14 @@ class StoreReader:
                 return sample
         return self._load(si, j, bytearray(block.record_bytes(r, raw, self.max_record_bytes)))
 
+    def _load_block(self, si: int, block: ColumnBlock) -> None:
+        """Load every record of ``block`` (a frame of shard ``si``) together into
+        ``block.loaded`` (:meth:`.ColumnBlock.load_all`; records it leaves, and every record
+        of a block it leaves, load one by one)."""
+        footer = self._footer(si)
+        raws = footer.record_map["raw"][block.first : block.first + block.n]  # type: ignore[index]
+        block.loaded = block.load_all(raws.tolist()) or None
+
     def read_bytes(self, i: int) -> bytes:
         """Return record ``i``'s exact ``torch.save`` buffer (decompressed, checksum-verified).
 
@@ -1422,10 +1430,13 @@ class StoreReader:
         records = fetched.records.tolist()
         starts = self._starts.tolist() if self._columnar else []
         last: dict[tuple[int, int], int] = {}
+        uses: dict[tuple[int, int], int] = {}
         for pos, rec in enumerate(records):
             got = frames.get(rec)
             if got is not None:
-                last[(got[0], got[1])] = pos
+                key = (got[0], got[1])
+                last[key] = pos
+                uses[key] = uses.get(key, 0) + 1
         decoded: dict[tuple[int, int], Any] = {}
         kept_bytes = 0  # decoded bytes in ``decoded`` (KEPT_FRAME_BYTES at most)
         for pos, rec in enumerate(records):
@@ -1443,6 +1454,10 @@ class StoreReader:
                     data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget,
                                        stored_raw=stored_raw)  # fmt: skip
                     data = self._frame_content(si, f, data, rec)
+                    if type(data) is ColumnBlock and not raw and self._cpu and 4 * uses[key] >= data.n > 1:
+                        # Most of the block is asked for: its records load together (views
+                        # into one copy of each column), each handed out once below.
+                        self._load_block(si, data)
                 except RECORD_ERRORS as exc:
                     data = _without_locals(exc)  # kept at 0 bytes: must not pin a decoded buffer
                 size = 0 if isinstance(data, BaseException) else len(data)
@@ -1463,7 +1478,13 @@ class StoreReader:
                         data.check_length(r, n)
                         sample = RawRecord(self, si, rec, None, (data, r, n))
                     else:
-                        sample = self._load_from_block(si, rec, data, r, n)
+                        loaded = data.loaded
+                        sample = loaded[r] if loaded else DECLINED
+                        if sample is DECLINED:
+                            sample = self._load_from_block(si, rec, data, r, n)
+                        else:
+                            self._check_budget(n, si, rec)
+                            loaded[r] = DECLINED  # a request of it again gets a sample of its own
                 else:
                     buf = bytearray(memoryview(data)[off : off + n])
                     sample = RawRecord(self, si, rec, buf) if raw else self._load(si, rec, buf)
