@@ -629,7 +629,17 @@ def rebuilt_bytes(parts: PtParts) -> int:
     Raises:
         RecordMetaError: As :func:`rebuild`.
     """
-    return _template(parts.layout, parts.archive, (len(parts.pickle), *map(len, parts.storages))).nbytes
+    return rebuilt_length(parts.layout, parts.archive, len(parts.pickle), tuple(map(len, parts.storages)))
+
+
+def rebuilt_length(layout: PtLayout, archive: str, pickle_bytes: int, storage_bytes: tuple[int, ...]) -> int:
+    """:func:`rebuilt_bytes` of a record from its sizes alone: a pickle of ``pickle_bytes``
+    and storages of ``storage_bytes`` (in key order) under ``archive`` in ``layout``.
+
+    Raises:
+        RecordMetaError: As :func:`rebuild`.
+    """
+    return _template(layout, archive, (pickle_bytes, *storage_bytes)).nbytes
 
 
 def prove(buf: Any) -> PtParts | None:

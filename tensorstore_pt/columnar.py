@@ -230,7 +230,6 @@ class ColumnBlock:
         "first",
         "layout",
         "loaded",
-        "_owned",
         "n",
         "where",
     )
@@ -281,8 +280,6 @@ class ColumnBlock:
                 raise _bad(where, f"storage {j}'s sizes add up to {total} bytes, its column has {len(cols[j + 1])}")
         self.columns = cols
         self.n = n
-        # A filtered column is a fresh buffer of the block's own (FILTER_NONE: a view of the frame).
-        self._owned = [spec[1] != FILTER_NONE for spec in specs]
         self._nbytes = size + sum(len(col) for col, spec in zip(cols, specs) if spec[1] != FILTER_NONE)
         # Where each record's metadata and storages start: every table is checked above, each
         # record's metadata when the record is first used (against the size table), so a
@@ -395,7 +392,7 @@ class ColumnBlock:
         key = (archive, sizes, len(pickle))
         length = self._lengths.get(key)
         if length is None:
-            length = self._lengths[key] = _ptzip.rebuilt_bytes(self.parts(r))
+            length = self._lengths[key] = _ptzip.rebuilt_length(self.layout, archive, len(pickle), sizes)
         if length != raw_bytes:
             exc = RecordLengthError(
                 f"{self.where}: record {r} of the column block rebuilds to {length} bytes, the record map says "
@@ -510,12 +507,11 @@ class ColumnBlock:
         loaded = fastload.load_columns(
             pickles,
             self.columns[1:],
-            self._owned[1:],
             self._table_sizes,
             self._starts,
             lambda r: self.load_args(r, int(raw_bytes[r])),
             self.constants,
         )
         if loaded is not None:  # the column copies the samples share
-            self._nbytes += sum(len(col) for col, owned in zip(self.columns[1:], self._owned[1:]) if not owned)
+            self._nbytes += sum(len(col) for col in self.columns[1:])
         return loaded

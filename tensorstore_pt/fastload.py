@@ -2292,7 +2292,6 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
 def load_columns(
     pickles: list[bytes | None],
     columns: list[Any],
-    owned: list[bool],
     sizes: Any,
     starts: Any,
     parts: Callable[[int], tuple[bytes, bytearray, list[tuple[int, int]]]],
@@ -2305,8 +2304,7 @@ def load_columns(
     call) and whose result :func:`collate_records` covers (tuples, lists, dicts with literal
     keys, literal leaves, each tensor the whole of its own contiguous storage without grad,
     hooks or metadata) are built column by column: each storage column is copied once into
-    a buffer of its own (unless handed over) and every record's tensor is made over its
-    bytes there, so a block costs a copy and a tensor per storage, not a pickle run per
+    a buffer of its own and every record's tensor is made over its bytes there, so a block costs a copy and a tensor per storage, not a pickle run per
     record. Records of one
     result structure (a *batch spec*) are assembled together; records of several structures
     may share a block.
@@ -2316,8 +2314,6 @@ def load_columns(
             caller loads one by one.
         columns: Storage column ``j`` of the block for each ``j`` (every record's storage
             ``j`` in record order, back to back: :attr:`.columnar.ColumnBlock.columns[1:]`).
-        owned: Whether each column is a writable buffer the caller hands over (a filtered
-            column, decoded into a buffer of its own): its tensors view it without a copy.
         sizes: ``(n, len(columns))`` integer array: record ``r``'s storage ``j`` is
             ``sizes[r, j]`` bytes (a column adds up to its rows).
         starts: ``(n, len(columns))`` integer array: where record ``r``'s storage ``j``
@@ -2333,9 +2329,9 @@ def load_columns(
         path does not cover (load it one by one). None when the block is not covered at
         all (torch's state is not plain, a layout the fast path does not serve).
 
-    Memory: one copy of each storage column used that is not ``owned`` (the block's storage
-    bytes at most), which the returned tensors' storages share: a tensor kept pins its
-    column, as a record of a multi-record frame copied out would not. Thread safety: as
+    Memory: one copy of each storage column used (the block's storage bytes at most), which
+    the returned tensors' storages share: a tensor kept pins its column, as a record of a
+    multi-record frame copied out would not. Thread safety: as
     :func:`collate_records`.
     """
     n = len(pickles)
@@ -2399,14 +2395,15 @@ def load_columns(
     out: list[Any] = [DECLINED] * n
     if not groups:
         return out
-    # Each column used is a buffer of its own: one handed over, or a copy (writable, so the
-    # tensors are too, and none aliases the decoded frame). Each tensor gets a storage of
-    # its own over its bytes there (as torch.load makes: offset 0, the storage's length).
+    # Each column used is copied into a buffer of its own (writable, so the tensors are too;
+    # none aliases the block, which may still serve a record asked for again). Each tensor
+    # gets a storage of its own over its bytes there (as torch.load makes: offset 0, the
+    # storage's length).
     bufs: dict[int, Any] = {}
     for _, _, _, node_rows in groups.values():
         for j, *_ in node_rows[0]:
             if j not in bufs:
-                bufs[j] = columns[j] if owned[j] else bytearray(columns[j])
+                bufs[j] = bytearray(columns[j])
     frombuffer = torch.frombuffer
     for form, records, leaf_rows, node_rows in groups.values():
         cols = []

@@ -774,7 +774,10 @@ class StoreReader:
         of a block it leaves, load one by one)."""
         footer = self._footer(si)
         raws = footer.record_map["raw"][block.first : block.first + block.n]  # type: ignore[index]
-        block.loaded = block.load_all(raws.tolist()) or None
+        try:
+            block.loaded = block.load_all(raws.tolist()) or None
+        except Exception:  # noqa: BLE001 - a shortcut only: each record loads alone, which raises what it finds
+            block.loaded = None
 
     def read_bytes(self, i: int) -> bytes:
         """Return record ``i``'s exact ``torch.save`` buffer (decompressed, checksum-verified).

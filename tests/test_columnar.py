@@ -829,6 +829,20 @@ def test_block_samples_are_their_own(tmp_path: Path) -> None:
     assert again[3][0].tolist() == [3] * 4
 
 
+def test_sample_written_to_does_not_change_a_repeat_of_it(tmp_path: Path) -> None:
+    """A record asked for twice in one request, its first sample written to before the
+    second is made: the second still holds the stored values (the block's columns are never
+    handed to a sample)."""
+    batch = [(torch.arange(i, i + 256, dtype=torch.float32) * 0.25, torch.tensor(i)) for i in range(40)]
+    ts.write_store(batch, tmp_path / "s", codec="zstd", compact=True)
+    with ts.open_store(tmp_path / "s") as reader:
+        results = reader.iter_many([5, 6, 7, 5, 6])
+        for res in results:
+            assert res.error is None
+            assert_identical(_loaded(dumps(batch[res.record])), res.sample, f"record {res.record}")
+            res.sample[0].fill_(-1.0)  # before the repeat is made
+
+
 def test_block_with_damaged_record_length_still_raises(tmp_path: Path) -> None:
     """A record whose rebuilt length disagrees with the record map is left to the
     one-by-one path, which raises for it; its block's other records still load."""
