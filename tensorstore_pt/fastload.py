@@ -2303,17 +2303,17 @@ def load_columns(
     decoder has validated but for literal values, at most ``max(4, n // 2)`` new ones a
     call) and whose result :func:`collate_records` covers (tuples, lists, dicts with literal
     keys, literal leaves, each tensor the whole of its own contiguous storage without grad,
-    hooks or metadata) are built column by column: each storage column is copied once into
-    a buffer of its own and every record's tensor is made over its bytes there, so a block costs a copy and a tensor per storage, not a pickle run per
-    record. Records of one
-    result structure (a *batch spec*) are assembled together; records of several structures
-    may share a block.
+    hooks or metadata) are built column by column: each tensor over a copy of its bytes in
+    its column, so a block costs a copy and a tensor per storage, not a pickle run per
+    record. Records of one result structure (a *batch spec*, shapes aside) are assembled
+    together; records of several structures may share a block.
 
     Args:
         pickles: Each record's ``data.pkl`` bytes, in block order; None for a record the
             caller loads one by one.
         columns: Storage column ``j`` of the block for each ``j`` (every record's storage
-            ``j`` in record order, back to back: :attr:`.columnar.ColumnBlock.columns[1:]`).
+            ``j`` in record order, back to back: :attr:`.columnar.ColumnBlock.columns[1:]`);
+            read, never kept or handed out.
         sizes: ``(n, len(columns))`` integer array: record ``r``'s storage ``j`` is
             ``sizes[r, j]`` bytes (a column adds up to its rows).
         starts: ``(n, len(columns))`` integer array: where record ``r``'s storage ``j``
@@ -2324,15 +2324,12 @@ def load_columns(
 
     Returns:
         One entry per record: its sample, as :func:`fast_loads_parts` loads it (each tensor
-        with a storage of its own, over the record's bytes in its column), or
-        :data:`DECLINED` for a record this
-        path does not cover (load it one by one). None when the block is not covered at
-        all (torch's state is not plain, a layout the fast path does not serve).
+        with a buffer and storage of its own, at version 1), or :data:`DECLINED` for a
+        record this path does not cover (load it one by one). None when the block is not
+        covered at all (torch's state is not plain, a layout the fast path does not serve).
 
-    Memory: one copy of each storage column used (the block's storage bytes at most), which
-    the returned tensors' storages share: a tensor kept pins its column, as a record of a
-    multi-record frame copied out would not. Thread safety: as
-    :func:`collate_records`.
+    Memory: a buffer per tensor (the block's storage bytes in all at most); a sample kept
+    pins only its own. Thread safety: as :func:`collate_records`.
     """
     n = len(pickles)
     if not n or not _torch_state_is_plain() or not small_records_ok(constants):
@@ -2381,9 +2378,9 @@ def load_columns(
                     shapes[id(got[0])] = info
         if got is False or info is False:
             continue
-        row, at_r = rows[r], at[r]
-        for j, _, nbytes, _, elsize in info[1]:
-            if row[j] != nbytes or not nbytes or at_r[j] % elsize:  # (empty or unaligned: one by one)
+        row = rows[r]
+        for j, _, nbytes, _, _ in info[1]:
+            if row[j] != nbytes or not nbytes:  # (an empty storage: one by one)
                 break
         else:
             group = groups.get(id(info[0]))
@@ -2395,24 +2392,20 @@ def load_columns(
     out: list[Any] = [DECLINED] * n
     if not groups:
         return out
-    # Each column used is copied into a buffer of its own (writable, so the tensors are too;
-    # none aliases the block, which may still serve a record asked for again). Each tensor
-    # gets a storage of its own over its bytes there (as torch.load makes: offset 0, the
-    # storage's length).
-    bufs: dict[int, Any] = {}
-    for _, _, _, node_rows in groups.values():
-        for j, *_ in node_rows[0]:
-            if j not in bufs:
-                bufs[j] = bytearray(columns[j])
+    # Each tensor gets a buffer of its own, copied out of its column (writable; none
+    # aliases the block, which may still serve a record asked for again, and a sample kept
+    # pins only its own bytes), and a storage over all of it (as torch.load makes: offset 0,
+    # the storage's length).
     frombuffer = torch.frombuffer
     for form, records, leaf_rows, node_rows in groups.values():
         cols = []
-        for k, (j, dtype, _, _, elsize) in enumerate(node_rows[0]):
-            buf = bufs[j]
+        for k, (j, dtype, _, _, _) in enumerate(node_rows[0]):
+            column = columns[j]
             col = []
             for r, nodes in zip(records, node_rows):
                 _, _, nbytes, size, _ = nodes[k]
-                t = frombuffer(buf, dtype=dtype, count=nbytes // elsize, offset=at[r][j])
+                lo = at[r][j]
+                t = frombuffer(bytearray(column[lo : lo + nbytes]), dtype=dtype)
                 col.append(t if len(size) == 1 else t.view(size))
             _increment_version(col)  # as set_ would: torch.load's tensors are at version 1
             cols.append(col)

@@ -1392,7 +1392,11 @@ class StoreReader:
         same checks as :meth:`read` (checksum before decompression, raw length before
         allocation, decoded length after); with multi-record frames, each frame is checked and
         decoded once for all the records of ``fetched`` that share it, and each record is
-        copied out into a buffer of its own.
+        copied out into a buffer of its own. A column block (format 1.3) of which ``fetched``
+        asks for at least a quarter of the records loads all of them together
+        (:meth:`.ColumnBlock.load_all`: one copy of each storage column, a tensor with a
+        storage of its own over each record's bytes there, no pickle run per record), each
+        sample handed out once; records that path does not cover load one by one.
 
         Args:
             fetched: What :meth:`fetch_many` of this reader returned.
@@ -1405,7 +1409,9 @@ class StoreReader:
         Memory: one decoded record at a time beyond what the caller keeps; with multi-record
         frames, also the decoded frames still needed by later records of ``fetched`` (one
         when records come in store order), at most :data:`KEPT_FRAME_BYTES` of them plus the
-        frame in use: past that bound a frame is decoded again for each later record.
+        frame in use: past that bound a frame is decoded again for each later record. A
+        column block loaded together counts its column copies too; a sample from it pins
+        its block's column copy while kept.
         Thread safety: safe; one iterator per thread.
         """
         frames = fetched._frames
