@@ -443,6 +443,15 @@ class ColumnBlock:
                 exc.problem = ("record_load", f"CRC-32 {found:#010x} of {name}", f"{crc:#010x} kept")  # type: ignore[attr-defined]
                 raise exc
 
+    def collate_args(self, r: int, raw_bytes: int) -> tuple[bytes, tuple[memoryview, ...]]:
+        """What :func:`~tensorstore_pt.fastload.collate_records` takes for record ``r``
+        without a copy: its pickle and its storages (views into the block, read only), after
+        :meth:`check_length` against ``raw_bytes``."""
+        archive, pickle, _, _, sizes, _ = self._meta(r)
+        if self._lengths.get((archive, sizes, len(pickle))) != raw_bytes:
+            self.check_length(r, raw_bytes)
+        return bytes(pickle), self.storages(r)
+
     def load_args(self, r: int, raw_bytes: int) -> tuple[bytes, bytearray, list[tuple[int, int]]]:
         """What :func:`~tensorstore_pt.fastload.fast_loads_parts` takes for record ``r``: its
         pickle, and its storages copied into one fresh buffer, each at a multiple of the

@@ -106,6 +106,7 @@ from __future__ import annotations
 import array
 import collections
 import io
+import itertools
 import math
 import pickle
 import re
@@ -2169,7 +2170,10 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
     (and gets their errors).
 
     Args:
-        bufs: The records' ``torch.save`` buffers (``bytearray``; read, not modified or kept).
+        bufs: The records' ``torch.save`` buffers (``bytearray``; read, not modified or kept),
+            or for a container-free record (format 1.3) its ``(pickle, storages buffer,
+            spans)`` as :func:`fast_loads_parts` takes them or its ``(pickle, storages)``:
+            ``bytes`` and a tuple of one buffer per storage, in key order (read only).
         alloc: ``alloc(shape, dtype)`` -> a contiguous CPU tensor to fill (e.g. ``torch.empty``).
         leaf: ``leaf(values)`` collates the list of one leaf position's values over the batch
             (what ``default_collate`` does with it: ``torch.tensor`` for ints and bools, float64
@@ -2201,8 +2205,16 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
         _PLAN_BACKOFF[0] -= 1
     leaf_in_seq: list[bool] = []
     datas: list[Any] = []  # where each record's storages are (its buffer, or its parts' storage buffer)
+    key_index: list[int] = []  # each tensor's storage index (for records given as storage views)
     for buf in bufs:
-        if type(buf) is tuple:  # a container-free record (format 1.3): (pickle, storages, spans)
+        views = None
+        if type(buf) is tuple and len(buf) == 2:  # a container-free record's (pickle, storage views)
+            pkl_b, views = buf
+            if type(pkl_b) is not bytes or type(views) is not tuple:
+                return None
+            records, lo, hi, start, nbytes = None, 0, 0, 0, len(pkl_b)
+            same = last_pkl is not None and pkl_b == last_pkl
+        elif type(buf) is tuple:  # a container-free record (format 1.3): (pickle, storages, spans)
             pkl_b, buf, spans = buf
             if type(pkl_b) is not bytes or type(buf) is not bytearray:
                 return None
@@ -2219,7 +2231,7 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
             start, nbytes = records["data.pkl"]
             pkl_b = None
             same = last_pkl is not None and memoryview(buf)[start : start + nbytes] == last_pkl
-        datas.append(buf)
+        datas.append(buf if views is None else views)
         if not same:
             if nbytes > _MAX_KNOWN_PICKLE_BYTES:
                 return None
@@ -2241,6 +2253,11 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
                         _PLAN_BACKOFF[1] = min(_MAX_PLAN_BACKOFF, max(1, 2 * _PLAN_BACKOFF[1]))
                         _PLAN_BACKOFF[0] = _PLAN_BACKOFF[1]
                         return None
+                    if views is not None:  # planning runs over one buffer of the storages
+                        buf = bytearray(b"".join(views))
+                        ends = list(itertools.accumulate(map(len, views)))
+                        records = _parts_records(len(pkl), [(e - len(v), len(v)) for e, v in zip(ends, views)])
+                        hi = len(buf)
                     plan = _plan_one(buf, pkl, records, lo, hi, tables)
                 got = _remember_spec(pkl, plan)
             if got is False:
@@ -2256,15 +2273,22 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
                 ):
                     return None
                 _spec_parts(spec, tensors, leaf_in_seq)
+                key_index = [int(key) if key.isdigit() and str(int(key)) == key else -1 for key, _, _, _ in tensors]
             elif got[0] is not spec:
                 return None
         leaf_rows.append(got[1])  # type: ignore[index]
         row = []
-        for key, _, size_bytes, _ in tensors:
-            rec = records.get("data/" + key)
-            if rec is None or rec[1] != size_bytes:
-                return None
-            row.append(rec[0])
+        if views is not None:
+            for j, (_, _, size_bytes, _) in zip(key_index, tensors):
+                if not 0 <= j < len(views) or len(views[j]) != size_bytes:
+                    return None
+                row.append(j)
+        else:
+            for key, _, size_bytes, _ in tensors:
+                rec = records.get("data/" + key)
+                if rec is None or rec[1] != size_bytes:
+                    return None
+                row.append(rec[0])
         starts.append(row)
     n = len(bufs)
     collated_leaves: list[Any] = []
@@ -2282,7 +2306,7 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
             dst = t.view(-1).view(torch.uint8).view(n, size_bytes).numpy()
             for i, buf in enumerate(datas):
                 s = starts[i][j]
-                dst[i] = memoryview(buf)[s : s + size_bytes]
+                dst[i] = buf[s] if type(buf) is tuple else memoryview(buf)[s : s + size_bytes]
         out_tensors.append(t)
     if planned:
         _PLAN_BACKOFF[1] = 0  # planning paid off

@@ -261,8 +261,8 @@ class RawRecord:
 
     def batch_input(self) -> Any:
         """What ``tensorstore_pt.fastload.collate_records`` takes for this record: its buffer,
-        or for a container-free record its ``(pickle, storages buffer, spans)`` (no container
-        rebuilt, format 1.3).
+        or for a container-free record its ``(pickle, storages)`` (views into its column
+        block: no container rebuilt and no copy, format 1.3).
 
         Raises:
             RecordLengthError: A container-free record's rebuilt length is not the record map's.
@@ -273,7 +273,7 @@ class RawRecord:
         if not small_records_ok(block.constants):  # (its rebuilt bytes: collated as torch.load reads them)
             return self.data
         self._reader._check_budget(raw, self.shard, self.record)
-        return block.load_args(r, raw)
+        return block.collate_args(r, raw)
 
     def load(self) -> Any:
         """Unpickle the record (``weights_only`` semantics, the reader's ``map_location``).

@@ -857,3 +857,31 @@ def test_block_with_damaged_record_length_still_raises(tmp_path: Path) -> None:
     for res in results[:7] + results[8:]:
         assert res.error is None
         assert_identical(_loaded(dumps(batch[res.record])), res.sample, f"record {res.record}")
+
+
+def test_collate_from_storage_views_plans_new_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``collate_records`` over ``(pickle, storage views)`` inputs (a column block's records,
+    no copy): pickles like a validated one but for a literal are planned over the views'
+    bytes, and the batch equals ``default_collate`` of ``torch.load`` of each record."""
+    from torch.utils.data import default_collate
+
+    g = torch.Generator().manual_seed(5)
+    batch = [{"x": torch.randint(0, 99, (2, 3), generator=g), "w": torch.rand(4, generator=g), "y": 1000 + i % 3}
+             for i in range(12)]  # fmt: skip
+    ts.write_store(batch, tmp_path / "s", codec="zstd", compact=True)
+    planned: list[int] = []
+    real = fastload._plan_one
+    monkeypatch.setattr(fastload, "_plan_one", lambda buf, *a: planned.append(len(buf)) or real(buf, *a))
+    with ts.open_store(tmp_path / "s") as reader:
+        block = reader._cached_frame(0, 0, 0)
+        raws = reader._footer(0).record_map["raw"].tolist()
+        assert (
+            fastload.fast_loads_parts(*block.load_args(0, raws[0]), raws[0], block.constants) is not fastload.DECLINED
+        )
+        inputs = [block.collate_args(r, raws[r]) for r in range(1, 12)]
+        assert all(isinstance(v, memoryview) for _, views in inputs for v in views)
+        got = fastload.collate_records(inputs, lambda shape, dtype: torch.empty(shape, dtype=dtype), default_collate)
+        expected = default_collate([_loaded(reader.read_bytes(r)) for r in range(1, 12)])
+    assert got is not None and planned, "the views' pickles were not planned"
+    assert all(n == 6 * 8 + 4 * 4 for n in planned)  # the storages joined: 48 + 16 bytes
+    assert_identical(expected, got, "batch")
