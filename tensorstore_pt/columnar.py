@@ -362,7 +362,8 @@ class ColumnBlock:
             self._meta(r)
 
     def __len__(self) -> int:
-        """Bytes the block holds: the decoded frame plus the unfiltered copies of its columns."""
+        """Bytes the block holds: the decoded frame plus the unfiltered copies of its columns
+        (and, once :meth:`load_all` ran, its samples' storages)."""
         return self._nbytes
 
     def storages(self, r: int) -> tuple[memoryview, ...]:
@@ -478,8 +479,8 @@ class ColumnBlock:
         return bytes(pickle), blob, spans
 
     def load_all(self, raw_bytes: Any) -> list[Any] | None:
-        """Every record of the block loaded together (:func:`.fastload.load_columns`): a view
-        per tensor into one copy of each storage column, not a pickle run per record.
+        """Every record of the block loaded together (:func:`.fastload.load_columns`): each
+        tensor over a copy of its own bytes in its column, not a pickle run per record.
 
         Each record's metadata is checked as its first use checks it, and its rebuilt length
         against ``raw_bytes[r]`` (the record map's), before anything is loaded.
@@ -521,6 +522,6 @@ class ColumnBlock:
             lambda r: self.load_args(r, int(raw_bytes[r])),
             self.constants,
         )
-        if loaded is not None:  # the column copies the samples share
+        if loaded is not None:  # the samples' storages (copies of the columns' bytes), until handed out
             self._nbytes += sum(len(col) for col in self.columns[1:])
         return loaded

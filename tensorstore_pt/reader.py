@@ -1394,9 +1394,9 @@ class StoreReader:
         decoded once for all the records of ``fetched`` that share it, and each record is
         copied out into a buffer of its own. A column block (format 1.3) of which ``fetched``
         asks for at least a quarter of the records loads all of them together
-        (:meth:`.ColumnBlock.load_all`: one copy of each storage column, a tensor with a
-        storage of its own over each record's bytes there, no pickle run per record), each
-        sample handed out once; records that path does not cover load one by one.
+        (:meth:`.ColumnBlock.load_all`: each tensor over a copy of its own bytes, no pickle
+        run per record), each sample handed out once; records that path does not cover load
+        one by one.
 
         Args:
             fetched: What :meth:`fetch_many` of this reader returned.
@@ -1410,8 +1410,7 @@ class StoreReader:
         frames, also the decoded frames still needed by later records of ``fetched`` (one
         when records come in store order), at most :data:`KEPT_FRAME_BYTES` of them plus the
         frame in use: past that bound a frame is decoded again for each later record. A
-        column block loaded together counts its column copies too; a sample from it pins
-        its block's column copy while kept.
+        column block loaded together counts its samples' storages too.
         Thread safety: safe; one iterator per thread.
         """
         frames = fetched._frames
@@ -1464,8 +1463,8 @@ class StoreReader:
                                        stored_raw=stored_raw)  # fmt: skip
                     data = self._frame_content(si, f, data, rec)
                     if type(data) is ColumnBlock and not raw and self._cpu and 4 * uses[key] >= data.n > 1:
-                        # Most of the block is asked for: its records load together (views
-                        # into one copy of each column), each handed out once below.
+                        # Most of the block is asked for: its records load together, each
+                        # handed out once below.
                         self._load_block(si, data)
                 except RECORD_ERRORS as exc:
                     data = _without_locals(exc)  # kept at 0 bytes: must not pin a decoded buffer
