@@ -2365,8 +2365,8 @@ def load_columns(
     rows = sizes.tolist()
     at = np.asarray(starts).tolist()
     ncols = len(columns)
-    # Per spec seen in this call: (form, its tensor nodes [(column, dtype, nbytes, size)]) or
-    # False. A spec's *form* is the spec without its tensors' sizes: records that differ only
+    # Per spec seen in this call, by id: (the spec, (form, its tensor nodes [(column, dtype,
+    # nbytes, size, element size)]) or False). A spec's *form* is the spec without its tensors' sizes: records that differ only
     # in their tensors' shapes (token ids of any length) are assembled together.
     shapes: dict[int, Any] = {}
     groups: dict[int, tuple[Any, list[int], list[tuple[Any, ...]], list[Any]]] = {}  # id(form) -> ...
@@ -2394,12 +2394,16 @@ def load_columns(
                     plan = _plan_one(blob, p, _parts_records(len(p), spans), 0, len(blob), tables)
                 got = _remember_spec(pkl, plan)
             if got is not False:
-                info = shapes.get(id(got[0]))
-                if info is None:
+                seen = shapes.get(id(got[0]))
+                if seen is not None and seen[0] is got[0]:
+                    info = seen[1]
+                else:
                     info = _form_of(got[0])
                     if info and not all(0 <= node[0] < ncols for node in info[1]):
                         info = False  # a storage the block does not have: one by one (which says so)
-                    shapes[id(got[0])] = info
+                    # The spec is kept with its entry: the caches may clear during the call,
+                    # and a spec freed meanwhile could leave its id to another.
+                    shapes[id(got[0])] = (got[0], info)
         if got is False or info is False:
             continue
         row = rows[r]

@@ -1462,9 +1462,18 @@ class StoreReader:
                     data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget,
                                        stored_raw=stored_raw)  # fmt: skip
                     data = self._frame_content(si, f, data, rec)
-                    if type(data) is ColumnBlock and not raw and self._cpu and 4 * uses[key] >= data.n > 1:
-                        # Most of the block is asked for: its records load together, each
-                        # handed out once below.
+                    if (
+                        type(data) is ColumnBlock
+                        and not raw
+                        and self._cpu
+                        and 4 * uses[key] >= data.n > 1
+                        and uses[key] > 1
+                        and kept_bytes + 2 * len(data) <= KEPT_FRAME_BYTES
+                    ):
+                        # Most of the block is asked for, and it will be kept for its later
+                        # records (its loaded samples count too): its records load together,
+                        # each handed out once below. (A block that would not be kept would
+                        # be decoded and loaded again for each of its records.)
                         self._load_block(si, data)
                 except RECORD_ERRORS as exc:
                     data = _without_locals(exc)  # kept at 0 bytes: must not pin a decoded buffer

@@ -328,3 +328,78 @@ def test_compact_and_plain_read_alike(tmp_path: Path, codec: str) -> None:
         assert_identical(p[i], c[i], f"record {i}")
     c.verify()
     assert verify_store(tmp_path / "c", deep=True).ok
+
+
+# ---------------------------------------------------------------- a block's records loaded together
+
+
+def test_many_specs_in_one_block_never_mix_records(tmp_path: Path) -> None:
+    """One block holding more distinct result structures than the spec caches keep (4096):
+    the caches clear while the block loads; a structure seen earlier in the call must not
+    lend its form to a later one allocated where it was (found by a helper: records came
+    back as other records' structures, ``{'k2487': ...}`` for record 5116)."""
+    batch: list = []
+    shapes = [(2, 3), (3, 2), (6,), (1, 6), (6, 1)]
+    for i in range(12000):
+        if i % 5 == 0:
+            batch.append({"x": torch.arange(6, dtype=torch.float32).reshape(shapes[(i // 5) % 5])})
+        else:
+            batch.append({f"k{i}": torch.tensor([float(i)])})
+    ts.write_store(batch, tmp_path / "s", compact=True, frame_target_bytes=1 << 26)
+    reader = ts.open_store(tmp_path / "s")
+    for _ in range(2):  # the second pass finds the pickles planned: the block loads together
+        bad = []
+        for i, got in enumerate(reader):
+            want = batch[i]
+            if list(got) != list(want) or any(
+                got[k].shape != want[k].shape or not torch.equal(got[k], want[k]) for k in want
+            ):
+                bad.append(i)
+        assert not bad, f"{len(bad)} records wrong, first {bad[:5]}"
+
+
+def test_block_too_large_to_keep_is_not_loaded_together_per_record(tmp_path: Path) -> None:
+    """A column block whose loaded samples would put it past ``KEPT_FRAME_BYTES`` is not
+    kept between its records, so it must not be loaded together at all: it would be decoded
+    and loaded whole again for each of its records (found by a helper: 10 loads of a 40 MiB
+    block for 10 records). Its records load one by one, and hold only their own bytes."""
+    import gc
+    import tracemalloc
+
+    batch = [torch.full((1 << 20,), float(i)) for i in range(10)]
+    ts.write_store(batch, tmp_path / "s", compact=True, frame_target_bytes=64 << 20)
+    reader = ts.open_store(tmp_path / "s")
+    list(reader)  # the pickle planned
+    loads: list[int] = []
+    real = columnar.ColumnBlock.load_all
+    with mock.patch.object(columnar.ColumnBlock, "load_all", lambda self, raws: loads.append(1) or real(self, raws)):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            got = list(reader)
+            gc.collect()
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert all(torch.equal(g, b) for g, b in zip(got, batch))
+    assert not loads, f"a block not kept was loaded together {len(loads)} times"
+    sample_bytes = sum(g.untyped_storage().nbytes() for g in got)
+    assert held < 2 * sample_bytes, f"{held >> 20} MiB held for {sample_bytes >> 20} MiB of samples"
+
+
+def test_block_loaded_together_once_per_pass(tmp_path: Path) -> None:
+    """A block that is kept loads together once for all of its records asked for."""
+    batch = [(torch.arange(i, i + 8), torch.tensor(i % 3)) for i in range(300)]
+    ts.write_store(batch, tmp_path / "s", codec="zstd", compact=True)
+    reader = ts.open_store(tmp_path / "s")
+    blocks = sum(int(reader._footer(si).columnar_mask.sum()) for si in range(reader.info().shards))
+    list(reader)
+    loads: list[int] = []
+    real = columnar.ColumnBlock.load_all
+    with mock.patch.object(
+        columnar.ColumnBlock, "load_all", lambda self, raws: loads.append(self.n) or real(self, raws)
+    ):
+        got = list(reader)
+    assert len(loads) == blocks and sum(loads) == len(batch)
+    for i, sample in enumerate(got):
+        assert torch.equal(sample[0], batch[i][0]) and torch.equal(sample[1], batch[i][1])
