@@ -2075,7 +2075,9 @@ def _batch_spec(plan: _Plan) -> tuple[Any, tuple[Any, ...]] | None:
         keys = []
         children = []
         for k, v in n[2]:
-            if k[0] != _CONST:
+            if k[0] != _CONST or (type(k[1]) is float and k[1] == 0.0):
+                # (0.0 and -0.0 compare equal: specs that differ only in a zero key's sign
+                # would be interned as one, and records built with the other sign)
                 raise _NoSpec
             keys.append((type(k[1]), k[1]))
             children.append(node(v, False))

@@ -4,17 +4,20 @@ bounds, and differential comparison of compact and plain stores."""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 import zstandard
+from torch.utils.data import default_collate
 from test_columnar import _rewrite_frame0, _shard_parts, _tokens
 
 import tensorstore_pt as ts
-from tensorstore_pt import _ptzip, columnar
+from tensorstore_pt import _ptzip, columnar, fastload
 from tensorstore_pt import format as fmt
 from tensorstore_pt.errors import AllocationBudgetError, CorruptStoreError, RecordMetaError, ShardFormatError
 from tensorstore_pt.integrity import verify_store
@@ -403,3 +406,46 @@ def test_block_loaded_together_once_per_pass(tmp_path: Path) -> None:
     assert len(loads) == blocks and sum(loads) == len(batch)
     for i, sample in enumerate(got):
         assert torch.equal(sample[0], batch[i][0]) and torch.equal(sample[1], batch[i][1])
+
+
+# ---------------------------------------------------------------- zero dict keys (a helper's finds)
+
+
+def _expected_float_key_batches(path: Path, batch_size: int) -> list[Any]:
+    reader = ts.open_store(path)
+    loaded = [torch.load(io.BytesIO(reader.read_bytes(i)), weights_only=True) for i in range(len(reader))]
+    return [default_collate(loaded[lo : lo + batch_size]) for lo in range(0, len(loaded), batch_size)]
+
+
+def test_float_dict_keys_zero_and_negative_zero_keep_the_first_records_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """{0.0: t} and {-0.0: t} are different pickles whose batch specs compare equal
+    ((float, 0.0) == (float, -0.0)) and are interned as one: a batch whose first record has
+    key 0.0 comes back keyed -0.0 (the key of whichever record's spec was interned first).
+    default_collate keys the batch by its first record's key."""
+    monkeypatch.setattr(fastload, "_PLAN_BACKOFF", [0, 0])
+    records = [{(0.0 if i % 2 else -0.0): torch.full((2,), float(i))} for i in range(8)]
+    path = tmp_path / "s"
+    ts.write_store(records, path, codec="zstd", compact=True)
+    expected = _expected_float_key_batches(path, 3)
+    for _ in range(2):
+        got = list(ts.StoreDataLoader(ts.StoreIterableDataset(path), batch_size=3))
+        assert len(got) == len(expected)
+        for e, g in zip(expected, got):
+            assert [math.copysign(1, k) for k in g] == [math.copysign(1, k) for k in e]
+            assert torch.equal(next(iter(g.values())), next(iter(e.values())))
+
+
+def test_block_loaded_together_keeps_each_records_float_key_sign(tmp_path: Path) -> None:
+    """ColumnBlock.load_all / fastload.load_columns groups records by an interned *form*; the
+    forms of {0.0: t} and {-0.0: t} compare equal, so every record of the block is assembled
+    with one key: records saved with key 0.0 come back keyed -0.0 (wrong data per record,
+    through iter_many and hence the dataset's one-by-one loads)."""
+    records = [{(0.0 if i % 2 else -0.0): torch.full((2,), float(i))} for i in range(16)]
+    path = tmp_path / "s"
+    ts.write_store(records, path, codec="zstd", compact=True)
+    reader = ts.open_store(path)
+    want = [torch.load(io.BytesIO(reader.read_bytes(i)), weights_only=True) for i in range(len(reader))]
+    got = [res.sample for res in reader.iter_many(range(len(reader)))]
+    assert [math.copysign(1, next(iter(s))) for s in got] == [math.copysign(1, next(iter(s))) for s in want]
