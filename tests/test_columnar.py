@@ -798,17 +798,19 @@ def test_block_records_loaded_together_match_torch_load(
     batch = _block_mix()
     ts.write_store(batch, tmp_path / "s", codec=codec, compact=True)
     calls = _spy_load_columns(monkeypatch)
-    for _ in range(2):  # the first pass plans the pickles it has not seen; the second reuses them
+    passes = 3  # the first pass plans the pickles it has not seen; later ones reuse them (the
+    # last is the one counted: the decoder's bounded caches may clear during another)
+    for _ in range(passes):
         with ts.open_store(tmp_path / "s") as reader:
             got = list(reader)
         assert len(got) == len(batch)
         for i, sample in enumerate(got):
             assert_identical(_loaded(dumps(batch[i])), sample, f"record {i}")
-    assert calls, "no block was loaded at once"
-    together = sum(k for _, k in calls[len(calls) // 2 :])
+    assert calls and len(calls) % passes == 0, "no block was loaded at once"
+    together = sum(k for _, k in calls[-len(calls) // passes :])
     # Every record but the three it does not cover (needs grad, empty, a None leaf; the
     # writer stores the view's own bytes, so it is covered); at least the 120 regular ones.
-    assert together >= 120, f"the second pass loaded only {together} records together: {calls}"
+    assert together >= 120, f"the last pass loaded only {together} records together: {calls}"
     assert together <= len(batch) - 3, "records the path does not cover were loaded together"
 
 
@@ -872,6 +874,7 @@ def test_collate_from_storage_views_plans_new_pickles(tmp_path: Path, monkeypatc
     planned: list[int] = []
     real = fastload._plan_one
     monkeypatch.setattr(fastload, "_plan_one", lambda buf, *a: planned.append(len(buf)) or real(buf, *a))
+    monkeypatch.setattr(fastload, "_PLAN_BACKOFF", [0, 0])  # no back-off left over from other tests
     with ts.open_store(tmp_path / "s") as reader:
         block = reader._cached_frame(0, 0, 0)
         raws = reader._footer(0).record_map["raw"].tolist()
