@@ -448,20 +448,16 @@ class ColumnBlock:
         """What :func:`~tensorstore_pt.fastload.collate_records` takes for record ``r``
         without a copy: its pickle and its storages (views into the block, read only), after
         :meth:`check_length` against ``raw_bytes``."""
-        archive, pickle, _, _, sizes, _ = self._meta(r)
-        if self._lengths.get((archive, sizes, len(pickle))) != raw_bytes:
-            self.check_length(r, raw_bytes)
-        return bytes(pickle), self.storages(r)
+        self.check_length(r, raw_bytes)
+        return bytes(self._meta(r)[1]), self.storages(r)
 
     def load_args(self, r: int, raw_bytes: int) -> tuple[bytes, bytearray, list[tuple[int, int]]]:
         """What :func:`~tensorstore_pt.fastload.fast_loads_parts` takes for record ``r``: its
         pickle, and its storages copied into one fresh buffer, each at a multiple of the
         layout's alignment (as in the zip), with ``(offset, length)`` of each; after
         :meth:`check_length` against ``raw_bytes``."""
-        archive, pickle, _, _, sizes, starts = self._meta(r)
-        key = (archive, sizes, len(pickle))
-        if self._lengths.get(key) != raw_bytes:
-            self.check_length(r, raw_bytes)
+        self.check_length(r, raw_bytes)
+        _, pickle, _, _, sizes, starts = self._meta(r)
         got = self._spans.get(sizes)
         if got is None:
             align = self.layout.alignment
@@ -494,26 +490,18 @@ class ColumnBlock:
             error), or None when the block is left to the one-by-one path (a record's
             metadata is malformed, torch's state is not plain...).
         """
-        n = self.n
         try:
-            metas = [self._meta(r) for r in range(n)]
+            metas = [self._meta(r) for r in range(self.n)]
         except RecordMetaError:
             return None
-        lengths = self._lengths
         pickles: list[bytes | None] = []
-        for r, (archive, pickle, _, _, sizes, _) in enumerate(metas):
-            raw = int(raw_bytes[r])
-            length = lengths.get((archive, sizes, len(pickle)))
-            if length is None:
-                try:
-                    self.check_length(r, raw)
-                except (RecordLengthError, RecordMetaError):
-                    pickles.append(None)
-                    continue
-            elif length != raw:
+        for r, meta in enumerate(metas):
+            try:
+                self.check_length(r, int(raw_bytes[r]))
+            except (RecordLengthError, RecordMetaError):
                 pickles.append(None)
                 continue
-            pickles.append(bytes(pickle))
+            pickles.append(bytes(meta[1]))
         loaded = fastload.load_columns(
             pickles,
             self.columns[1:],
