@@ -2173,9 +2173,8 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
 
     Args:
         bufs: The records' ``torch.save`` buffers (``bytearray``; read, not modified or kept),
-            or for a container-free record (format 1.3) its ``(pickle, storages buffer,
-            spans)`` as :func:`fast_loads_parts` takes them or its ``(pickle, storages)``:
-            ``bytes`` and a tuple of one buffer per storage, in key order (read only).
+            or for a container-free record (format 1.3) its ``(pickle, storages)``: ``bytes``
+            and a tuple of one buffer per storage, in key order (read only).
         alloc: ``alloc(shape, dtype)`` -> a contiguous CPU tensor to fill (e.g. ``torch.empty``).
         leaf: ``leaf(values)`` collates the list of one leaf position's values over the batch
             (what ``default_collate`` does with it: ``torch.tensor`` for ints and bools, float64
@@ -2206,22 +2205,17 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
     if skip_planning:
         _PLAN_BACKOFF[0] -= 1
     leaf_in_seq: list[bool] = []
-    datas: list[Any] = []  # where each record's storages are (its buffer, or its parts' storage buffer)
+    datas: list[Any] = []  # where each record's storages are (its buffer, or its storage views)
     key_index: list[int] = []  # each tensor's storage index (for records given as storage views)
     for buf in bufs:
         views = None
-        if type(buf) is tuple and len(buf) == 2:  # a container-free record's (pickle, storage views)
+        if type(buf) is tuple:  # a container-free record's (pickle, storage views), format 1.3
+            if len(buf) != 2:
+                return None
             pkl_b, views = buf
             if type(pkl_b) is not bytes or type(views) is not tuple:
                 return None
             records, lo, hi, start, nbytes = None, 0, 0, 0, len(pkl_b)
-            same = last_pkl is not None and pkl_b == last_pkl
-        elif type(buf) is tuple:  # a container-free record (format 1.3): (pickle, storages, spans)
-            pkl_b, buf, spans = buf
-            if type(pkl_b) is not bytes or type(buf) is not bytearray:
-                return None
-            records = _parts_records(len(pkl_b), spans)
-            lo, hi, start, nbytes = 0, len(buf), 0, len(pkl_b)
             same = last_pkl is not None and pkl_b == last_pkl
         else:
             if type(buf) is not bytearray:
