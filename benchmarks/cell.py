@@ -20,6 +20,9 @@ Operations (``task["op"]``):
     checks every sample against the digests written at build time; ``repeats`` warm
     passes; then, if ``cold``, ``repeats`` passes each after evicting every file of the
     system (data and cache) from the page cache, with the residency left after eviction.
+    Each timed pass starts with the system's ``cache`` directory emptied (untimed), so a
+    system that decompresses shards into a local cache (Streaming) pays for it in every pass
+    rather than reading the copy an earlier pass left (that is ``seq_again``).
 ``seq_again``
     Later passes over the same open dataset: the system's dataset is opened once (outside
     the timing), ``warmup`` untimed passes (the first checked, and the one that fills
@@ -31,6 +34,7 @@ Operations (``task["op"]``):
     Like ``seq`` over a fixed random subset of ``random_reads`` records (in random order),
     through the system's random-access getter (opened inside each timed pass); a pass stops
     early after ``random_cap_s`` seconds and its rate is taken over the reads it made.
+    The cache directory is emptied before each timed pass, as for ``seq``.
 ``loader``
     Epochs of the system's own loader (shuffled, ``batch_size``, ``workers`` persistent
     workers): ``warmup`` epochs (the first checks the samples), then ``repeats`` timed.
@@ -268,6 +272,7 @@ def _passes(
     *,
     cap_s: float | None = None,
     after_pass: Callable[[], None] = lambda: None,
+    before_timed: Callable[[], None] = lambda: None,
     universe: list[int] | None = None,
 ) -> dict[str, Any]:
     """Warm-up (the first checked), warm repetitions, and cold repetitions with eviction.
@@ -276,7 +281,8 @@ def _passes(
     ``time.perf_counter() >= deadline`` when ``cap_s`` is set) and returns their digests if
     ``check`` else one placeholder per sample read. Each timed pass is reported as its
     seconds, its record count and its rate (records / seconds). ``after_pass`` (the system's
-    ``close``) runs after each pass, outside the timing.
+    ``close``) runs after each pass and ``before_timed`` before each timed pass, both outside
+    the timing.
     """
     out: dict[str, Any] = {}
     for r in range(task["warmup"]):
@@ -287,6 +293,7 @@ def _passes(
             out["order_preserved"] = _check(name, got, expected[: len(got)] if cap_s else expected, universe)
 
     def timed() -> tuple[float, int]:
+        before_timed()
         t0 = time.perf_counter()
         count = len(one_pass(False, None if cap_s is None else t0 + cap_s))
         dt = time.perf_counter() - t0
@@ -343,6 +350,16 @@ def _read(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
     def files() -> list[Path]:
         return tree_files(data_dir) + tree_files(cache_dir)
 
+    def empty_cache() -> None:
+        """Each timed ``seq`` and ``random`` pass starts with the system's cache empty, so that
+        nobody is timed reading a decompressed copy kept from an earlier pass (Streaming's
+        decompressed shards): what a pass keeps within itself it may use."""
+        for p in list(cache_dir.iterdir()):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
     op = task["op"]
     out: dict[str, Any]
     if op == "seq":
@@ -356,7 +373,9 @@ def _read(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
                     got.append(sample_digest(s))
             return got if check else [0] * count
 
-        out = _passes(task, emit, "sequential", one_pass, expected, files, after_pass=system.close)
+        out = _passes(
+            task, emit, "sequential", one_pass, expected, files, after_pass=system.close, before_timed=empty_cache
+        )
     elif op == "seq_again":
         dataset, same = _sequential_dataset(system, data_dir, cache_dir)
 
@@ -399,7 +418,7 @@ def _read(task: dict[str, Any], system: System, emit: Emit) -> dict[str, Any]:
 
         out = _passes(
             task, emit, "random", one_pass, expected_perm, files,
-            cap_s=task.get("random_cap_s"), after_pass=system.close, universe=expected,
+            cap_s=task.get("random_cap_s"), after_pass=system.close, before_timed=empty_cache, universe=expected,
         )  # fmt: skip
         out["reads_per_pass"] = reads
     elif op == "loader":
