@@ -185,6 +185,15 @@ def plan_frames(
 # --------------------------------------------------------------------------- reading
 
 
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def _varint_bytes(value: int) -> int:
+    """Bytes of ``value``'s LEB128 varint (as :func:`._ptzip.encode_meta` writes it)."""
+    return max(1, (value.bit_length() + 6) // 7)
+
+
 def shown_sizes(sizes: list[int]) -> str:
     """A list of storage sizes for a message, cut after 8."""
     return str(sizes[:8])[:-1] + (f", ... ({len(sizes)} in all)]" if len(sizes) > 8 else "]")
@@ -223,6 +232,7 @@ class ColumnBlock:
         "_metas",
         "_nbytes",
         "_spans",
+        "_fresh",
         "_starts",
         "_table_sizes",
         "columns",
@@ -231,6 +241,7 @@ class ColumnBlock:
         "layout",
         "loaded",
         "n",
+        "spent",
         "where",
     )
 
@@ -279,6 +290,9 @@ class ColumnBlock:
             if total != len(cols[j + 1]):
                 raise _bad(where, f"storage {j}'s sizes add up to {total} bytes, its column has {len(cols[j + 1])}")
         self.columns = cols
+        #: Per storage column, whether it is a buffer of its own (a filter's output), not a
+        #: view of the decoded frame (see :meth:`load_all`'s ``spent``).
+        self._fresh = [spec[1] != FILTER_NONE for spec in specs[1:]]
         self.n = n
         self._nbytes = size + sum(len(col) for col, spec in zip(cols, specs) if spec[1] != FILTER_NONE)
         # Where each record's metadata and storages start: every table is checked above, each
@@ -295,8 +309,10 @@ class ColumnBlock:
         self._table_sizes = sizes
         self._starts = starts
         self._metas: list[Any] = [None] * n
-        # The last metadata parsed: (length, bytes before the pickle, those bytes, what they say).
-        # Records of one shape differ only in their pickles (no CRC is kept below 64 KiB).
+        # The last metadata parsed: (length, where its name hash starts, the bytes before it,
+        # where its varints end, the varints, where its pickle starts, archive, storage sizes,
+        # where each CRC-32 is or None). Records of one shape differ only in their name hash,
+        # CRC-32s (kept for storages of 64 KiB or more) and pickle bytes.
         self._last: tuple[Any, ...] | None = None
         self._lengths: dict[tuple[str, tuple[int, ...], int], int] = {}  # rebuilt length by shape
         self._spans: dict[tuple[int, ...], tuple[list[tuple[int, int]], int]] = {}  # storage blob by sizes
@@ -304,6 +320,9 @@ class ColumnBlock:
         self.first = 0
         #: The records loaded together (:meth:`load_all`, set by the reader), or None.
         self.loaded: list[Any] | None = None
+        #: Set by a reader that serves each record of the block once and then drops it: its
+        #: records' tensors may use the block's own buffers in place (:meth:`spent_args`).
+        self.spent = False
 
     def _meta(self, r: int) -> tuple[str, Any, int, tuple[int | None, ...], tuple[int, ...], tuple[int, ...]]:
         """Record ``r``'s (archive, pickle view, name hash, CRC-32s, storage sizes, storage
@@ -321,10 +340,21 @@ class ColumnBlock:
         col0 = self.columns[0]
         table = self._table_sizes[r].tolist()
         last = self._last
-        if (  # the same metadata as the last record parsed but for the pickle's bytes: reuse it
-            last is not None and hi - lo == last[0] and col0[lo : lo + last[1]] == last[2]
+        if (  # laid out as the last record parsed: the same bytes but for its name hash, its
+            # CRC-32s and its pickle (records of one shape): those are read where they were
+            last is not None
+            and hi - lo == last[0]
+            and col0[lo : lo + last[1]] == last[2]
+            and col0[lo + last[1] + 8 : lo + last[3]] == last[4]
         ):
-            _, prefix_bytes, _, archive, name_hash, rec_sizes, crcs = last
+            _, head, _, sizes_end, _, prefix_bytes, archive, rec_sizes, crc_slots = last
+            name_hash = _U64.unpack_from(col0, lo + head)[0]
+            if crc_slots:
+                crcs: tuple[int | None, ...] = tuple(
+                    None if at is None else _U32.unpack_from(col0, lo + at)[0] for at in crc_slots
+                )
+            else:
+                crcs = (None,) * (len(rec_sizes) + 1)
             pickle = col0[lo + prefix_bytes : hi]
         else:
             try:
@@ -332,14 +362,27 @@ class ColumnBlock:
             except RecordMetaError as exc:
                 raise _bad(self.where, f"record {r}: {exc}") from None
             prefix_bytes = hi - lo - len(pickle)
+            # parse_meta's layout: header (version, flags, archive name), 8-byte name hash,
+            # varints (storage count, pickle length, storage sizes), a CRC-32 for each size
+            # that keeps one, the pickle.
+            sizes_end = prefix_bytes - 4 * sum(c is not None for c in crcs)
+            varints = sum(_varint_bytes(v) for v in (len(rec_sizes), len(pickle), *rec_sizes))
+            head = sizes_end - varints - 8
+            slots: list[int | None] = []
+            at = sizes_end
+            for c in crcs:
+                slots.append(None if c is None else at)
+                at += 0 if c is None else 4
             self._last = (
                 hi - lo,
+                head,
+                bytes(col0[lo : lo + head]),
+                sizes_end,
+                bytes(col0[lo + head + 8 : lo + sizes_end]),
                 prefix_bytes,
-                bytes(col0[lo : lo + prefix_bytes]),
                 archive,
-                name_hash,
                 rec_sizes,
-                crcs,
+                tuple(slots) if any(a is not None for a in slots) else (),
             )
         if rec_sizes != table:
             raise _bad(
@@ -474,7 +517,25 @@ class ColumnBlock:
             blob[off : off + n] = cols[j + 1][lo : lo + n]
         return bytes(pickle), blob, spans
 
-    def load_all(self, raw_bytes: Any) -> list[Any] | None:
+    def spent_args(self, r: int, raw_bytes: int) -> tuple[bytes, tuple[Any, ...], list[tuple[int, int]]]:
+        """:meth:`load_args` for a block that serves record ``r`` once (see :meth:`load_all`'s
+        ``spent``): a buffer a storage, the record's range of a column a filter wrote used in
+        place, a copy of the others' (after :meth:`check_length` against ``raw_bytes``)."""
+        self.check_length(r, raw_bytes)
+        _, pickle, _, _, sizes, starts = self._meta(r)
+        cols = self.columns
+        bufs: list[Any] = []
+        spans: list[tuple[int, int]] = []
+        for j, (lo, n) in enumerate(zip(starts, sizes)):
+            if self._fresh[j]:
+                bufs.append(cols[j + 1])
+                spans.append((lo, n))
+            else:
+                bufs.append(bytearray(cols[j + 1][lo : lo + n]))
+                spans.append((0, n))
+        return bytes(pickle), tuple(bufs), spans
+
+    def load_all(self, raw_bytes: Any, spent: bool = False) -> list[Any] | None:
         """Every record of the block loaded together (:func:`.fastload.load_columns`): each
         tensor over a copy of its own bytes in its column, not a pickle run per record.
 
@@ -483,6 +544,10 @@ class ColumnBlock:
 
         Args:
             raw_bytes: Each record's ``torch.save`` length from the record map (``n`` ints).
+            spent: The caller hands each record out once and then drops the block: tensors
+                are made over the ranges of the columns a filter wrote (buffers of the
+                block's own) in place, not over copies (``owned`` of
+                :func:`~.fastload.load_columns`). The block must not serve a record again.
 
         Returns:
             A list of ``n`` samples with :data:`.fastload.DECLINED` for the records to load
@@ -509,7 +574,8 @@ class ColumnBlock:
             self._starts,
             lambda r: self.load_args(r, int(raw_bytes[r])),
             self.constants,
+            self._fresh if spent else None,
         )
         if loaded is not None:  # the samples' storages (copies of the columns' bytes), until handed out
-            self._nbytes += sum(len(col) for col in self.columns[1:])
+            self._nbytes += sum(len(col) for col, fresh in zip(self.columns[1:], self._fresh) if not (spent and fresh))
         return loaded

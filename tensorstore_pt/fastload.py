@@ -113,7 +113,7 @@ import re
 import struct
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -636,6 +636,10 @@ class _Source:
         if rec is None or numel < 0 or rec[1] != numel * elsize:
             found = "no such record" if rec is None else f"{rec[1]} bytes"
             raise _Fallback(f"storage data/{key}: expected {numel} x {elsize} bytes, found {found}")
+        if len(rec) > 2:  # a storage in a buffer of its own (fast_loads_parts with buffers)
+            st = _Storage(rec[2], rec[0], rec[1], dtype, self.budget)
+            self.storages[key] = st
+            return st
         base = self.base
         if base is None:
             base = self.base = bytearray(memoryview(self.data)[self.lo : self.hi])
@@ -1702,7 +1706,7 @@ _MAX_PARTS_RECORDS = 1024
 
 def fast_loads_parts(
     pickle: Any,
-    blob: bytearray,
+    blob: bytearray | tuple[Any, ...],
     spans: list[tuple[int, int]],
     raw_bytes: int,
     constants: dict[str, bytes],
@@ -1718,8 +1722,11 @@ def fast_loads_parts(
 
     Args:
         pickle: The record's ``data.pkl`` bytes.
-        blob: The storages, in one buffer.
-        spans: ``(offset, length)`` of each storage in ``blob``, in key order.
+        blob: The storages, in one writable buffer; or a tuple of writable buffers (each a
+            ``bytearray`` or a view of one), storage ``j`` in ``blob[j]``, each handed over
+            like a single buffer (a storage whose bytes are not aligned for its dtype is
+            copied).
+        spans: ``(offset, length)`` of each storage in ``blob`` (in ``blob[j]``), in key order.
         raw_bytes: The record's ``torch.save`` length (its allocation budget, as for
             :func:`fast_loads` of those bytes).
         constants: The container layout's constant records (``dict(PtLayout.constants)``:
@@ -1734,7 +1741,13 @@ def fast_loads_parts(
     """
     if not _torch_state_is_plain() or not small_records_ok(constants):
         return DECLINED
-    records = _parts_records(len(pickle), spans)
+    if type(blob) is tuple:  # a buffer a storage: the table is this record's own
+        records: dict[str, tuple[Any, ...]] = {"data.pkl": (0, len(pickle))}
+        for j, ((off, n), buf) in enumerate(zip(spans, blob)):
+            records[f"data/{j}"] = (off, n, buf)
+        blob = bytearray()
+    else:
+        records = _parts_records(len(pickle), spans)
     try:
         return _run_pickle(pickle if type(pickle) is bytes else bytes(pickle), memoryview(blob), True, records, 0,
                            len(blob), raw_bytes)  # fmt: skip
@@ -2316,6 +2329,7 @@ def load_columns(
     starts: Any,
     parts: Callable[[int], tuple[bytes, bytearray, list[tuple[int, int]]]],
     constants: dict[str, bytes],
+    owned: Sequence[bool] | None = None,
 ) -> list[Any] | None:
     """Load the records of a column block (format 1.3) together, from its columns.
 
@@ -2341,15 +2355,22 @@ def load_columns(
         parts: ``parts(r)`` -> record ``r``'s ``(pickle, storage buffer, spans)`` as for
             :func:`fast_loads_parts`, to plan a pickle not planned yet.
         constants: The container layout's constant records (see :func:`fast_loads_parts`).
+        owned: Per column, whether it is a writable buffer (``bytearray`` or a view of one)
+            that nothing but the samples returned here will read or write again: each
+            record's bytes in it are then used in place (a tensor over that range, with a
+            storage of exactly that range) when the range starts at a multiple of the
+            tensor's element size in memory, instead of a copy. The caller hands the
+            columns over: a block whose records are each asked for once.
 
     Returns:
         One entry per record: its sample, as :func:`fast_loads_parts` loads it (each tensor
-        with a buffer and storage of its own, at version 1), or :data:`DECLINED` for a
-        record this path does not cover (load it one by one). None when the block is not
-        covered at all (torch's state is not plain, a layout the fast path does not serve).
+        with a storage of its own, at version 1), or :data:`DECLINED` for a record this path
+        does not cover (load it one by one). None when the block is not covered at all
+        (torch's state is not plain, a layout the fast path does not serve).
 
-    Memory: a buffer per tensor (the block's storage bytes in all at most); a sample kept
-    pins only its own. Thread safety: as :func:`collate_records`.
+    Memory: a buffer per tensor (the block's storage bytes in all at most), none for the
+    ranges of ``owned`` columns used in place; a sample kept pins only its own bytes, or,
+    for a tensor over an owned column, that column. Thread safety: as :func:`collate_records`.
     """
     n = len(pickles)
     if not n or not _torch_state_is_plain() or not small_records_ok(constants):
@@ -2420,16 +2441,23 @@ def load_columns(
     # aliases the block, which may still serve a record asked for again, and a sample kept
     # pins only its own bytes), and a storage over all of it (as torch.load makes: offset 0,
     # the storage's length).
+    # With ``owned``, a range of an owned column is used in place where it is aligned for
+    # its dtype (the column's address plus the range's offset).
     frombuffer = torch.frombuffer
+    addresses = [_address(c) if owned is not None and owned[j] else None for j, c in enumerate(columns)]
     for form, records, leaf_rows, node_rows in groups.values():
         cols = []
-        for k, (j, dtype, _, _, _) in enumerate(node_rows[0]):
+        for k, (j, dtype, _, _, esize) in enumerate(node_rows[0]):
             column = columns[j]
+            address = addresses[j]
             col = []
             for r, nodes in zip(records, node_rows):
                 _, _, nbytes, size, _ = nodes[k]
                 lo = at[r][j]
-                t = frombuffer(bytearray(column[lo : lo + nbytes]), dtype=dtype)
+                if address is not None and (address + lo) % esize == 0:
+                    t = frombuffer(column, dtype=dtype, count=nbytes // esize, offset=lo)
+                else:
+                    t = frombuffer(bytearray(column[lo : lo + nbytes]), dtype=dtype)
                 col.append(t if len(size) == 1 else t.view(size))
             _increment_version(col)  # as set_ would: torch.load's tensors are at version 1
             cols.append(col)
@@ -2438,6 +2466,15 @@ def load_columns(
         for r, obj in zip(records, objs):
             out[r] = obj
     return out
+
+
+def _address(buf: Any) -> int | None:
+    """The memory address of writable buffer ``buf``'s first byte, or None if it is not
+    writable (a column of read-only bytes is never used in place)."""
+    view = memoryview(buf)
+    if view.readonly or not view.c_contiguous:
+        return None
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else None
 
 
 def _form_of(spec: Any) -> Any:

@@ -21,6 +21,7 @@ import errno
 import os
 import threading
 import traceback
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -114,6 +115,18 @@ PLAN_RECORDS = 2**16
 #: each decoding to up to ``max_record_bytes``: kept without a bound, frames that compress
 #: well (or a hostile store's) could take gigabytes.
 KEPT_FRAME_BYTES = 64 * 2**20
+#: Single reads (``store[i]``, :meth:`StoreReader.read`, :meth:`~StoreReader.read_bytes`) of
+#: a store with multi-record frames keep the frames they decoded, per thread, up to this many
+#: decoded bytes (the least recently used go first; the last one is always kept), so random
+#: reads of records that share a frame decode it once, not once a record. A reader's
+#: ``frame_cache_bytes`` sets it (0: the last frame only).
+FRAME_CACHE_BYTES = 32 * 2**20
+
+
+def _check_frame_cache_bytes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidOptionError(f"frame_cache_bytes: expected an int >= 0 (bytes), found {value!r}")
+    return value
 
 
 def _check_max_record_bytes(value: Any) -> int:
@@ -351,6 +364,9 @@ class StoreReader:
     Memory: per shard, the footer's record table is kept as one numpy array (32 bytes a
     frame; with multi-record frames also a record map, 24 bytes a record) once a record of that
     shard has been read; no Python object per record, and none of the footer JSON's other keys.
+    With multi-record frames, single reads keep decoded frames per thread, up to
+    ``frame_cache_bytes`` (:data:`FRAME_CACHE_BYTES`) plus the last one; a frame of one
+    record is not kept.
 
     Reads on a remote store (one request per ``read_range``): a shard's footer is fetched once,
     with one ranged read of the shard's tail sized by the index
@@ -376,11 +392,13 @@ class StoreReader:
         map_location: Any = "cpu",
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         storage_options: dict[str, Any] | None = None,
+        frame_cache_bytes: int = FRAME_CACHE_BYTES,
         _expect_index_digest: int | None = None,
         _opened_index: tuple[IndexInfo, int] | None = None,
         _footers_at_open: bool = True,
     ) -> None:
         self.max_record_bytes = _check_max_record_bytes(max_record_bytes)
+        self.frame_cache_bytes = _check_frame_cache_bytes(frame_cache_bytes)
         self._storage = storage_for(path, storage_options)
         self.location = self._storage.location
         self._verify = bool(verify)
@@ -481,7 +499,9 @@ class StoreReader:
     def _init_process_state(self) -> None:
         self._lock = threading.Lock()
         self._handles: dict[int, ReadHandle] = {}
-        self._frame_cache = threading.local()  # (shard, frame) -> decoded bytes, one per thread
+        # Per thread: .frames, (shard, frame) -> decoded frame, least recently used first;
+        # .bytes, their decoded bytes (see FRAME_CACHE_BYTES).
+        self._frame_cache = threading.local()
         self._pid = os.getpid()  # last: a thread that sees this process's pid sees the state above
 
     def _load_store_file(self, name: str) -> bytes:
@@ -522,6 +542,7 @@ class StoreReader:
             "verify": self._verify,
             "map_location": self.map_location,
             "max_record_bytes": self.max_record_bytes,
+            "frame_cache_bytes": self.frame_cache_bytes,
             "index_digest": self._index_digest,
         }
 
@@ -535,6 +556,7 @@ class StoreReader:
             verify=False,
             map_location=state["map_location"],
             max_record_bytes=state.get("max_record_bytes", DEFAULT_MAX_RECORD_BYTES),
+            frame_cache_bytes=state.get("frame_cache_bytes", FRAME_CACHE_BYTES),
             _expect_index_digest=state["index_digest"],
         )
         self._verify = state["verify"]
@@ -721,7 +743,13 @@ class StoreReader:
         if footer.record_map is None:
             return j, si, self._decoded_frame(si, k, j, writable)
         fi, raw_offset, raw = footer.locate(k)
-        data = self._cached_frame(si, fi, j)
+        if _alone_in_frame(footer, k, fi):  # serves this record only: not kept
+            columnar = footer.is_columnar(fi)
+            data = self._frame_content(si, fi, self._decoded_frame(si, fi, j, writable and not columnar), j)
+            if not columnar and raw_offset == 0 and len(data) == raw:
+                return j, si, data
+        else:
+            data = self._cached_frame(si, fi, j)
         if isinstance(data, ColumnBlock):
             return j, si, bytearray(data.record_bytes(k - data.first, raw, self.max_record_bytes))
         # A copy: tensors of one record must not pin (or alias) the whole cached frame.
@@ -729,13 +757,31 @@ class StoreReader:
 
     def _cached_frame(self, si: int, fi: int, j: int) -> bytes | bytearray | ColumnBlock:
         """Frame ``fi`` of shard ``si`` decoded (a :class:`ColumnBlock` for a column block),
-        through the per-thread cache of the last one (``j``: a record, for messages)."""
+        through the per-thread cache of decoded frames (``j``: a record, for messages).
+
+        The cache keeps the frames last used, up to ``frame_cache_bytes`` decoded bytes plus
+        the frame just used (a column block counts what it grew to: its unfiltered columns
+        and its records' parsed metadata are not counted). Nothing read from a kept frame
+        aliases it: records are copied out (:meth:`_read_raw`, :meth:`ColumnBlock.load_args`).
+        """
         self._ensure_process()
         cache = self._frame_cache
-        if getattr(cache, "key", None) == (si, fi):
-            return cache.data  # type: ignore[no-any-return]
+        frames: OrderedDict[tuple[int, int], tuple[Any, int]] | None = getattr(cache, "frames", None)
+        if frames is None:
+            frames = cache.frames = OrderedDict()
+            cache.bytes = 0
+        key = (si, fi)
+        got = frames.get(key)
+        if got is not None:
+            frames.move_to_end(key)
+            return got[0]  # type: ignore[no-any-return]
         data = self._frame_content(si, fi, self._decoded_frame(si, fi, j), j)
-        cache.key, cache.data = (si, fi), data
+        size = len(data)
+        frames[key] = (data, size)
+        cache.bytes += size
+        budget = self.frame_cache_bytes
+        while len(frames) > 1 and cache.bytes - size > budget:
+            cache.bytes -= frames.popitem(last=False)[1][1]
         return data
 
     def _frame_content(self, si: int, fi: int, data: Any, j: int) -> Any:
@@ -763,19 +809,20 @@ class StoreReader:
         rebuilt ``torch.save`` bytes (:meth:`_load`, which types any error)."""
         self._check_budget(raw, si, j)
         if self._cpu:
-            sample = fast_loads_parts(*block.load_args(r, raw), raw, block.constants)
+            args = block.spent_args(r, raw) if block.spent else block.load_args(r, raw)
+            sample = fast_loads_parts(*args, raw, block.constants)
             if sample is not DECLINED:
                 return sample
         return self._load(si, j, bytearray(block.record_bytes(r, raw, self.max_record_bytes)))
 
-    def _load_block(self, si: int, block: ColumnBlock) -> None:
+    def _load_block(self, si: int, block: ColumnBlock, spent: bool = False) -> None:
         """Load every record of ``block`` (a frame of shard ``si``) together into
-        ``block.loaded`` (:meth:`.ColumnBlock.load_all`; records it leaves, and every record
-        of a block it leaves, load one by one)."""
+        ``block.loaded`` (:meth:`.ColumnBlock.load_all`, with ``spent``; records it leaves,
+        and every record of a block it leaves, load one by one)."""
         footer = self._footer(si)
         raws = footer.record_map["raw"][block.first : block.first + block.n]  # type: ignore[index]
         try:
-            block.loaded = block.load_all(raws.tolist()) or None
+            block.loaded = block.load_all(raws.tolist(), spent) or None
         except Exception:  # noqa: BLE001 - a shortcut only: each record loads alone, which raises what it finds
             block.loaded = None
 
@@ -838,7 +885,11 @@ class StoreReader:
             footer = self._footer(si)
             fi, _, raw = footer.locate(k)
             if footer.is_columnar(fi):
-                block = self._cached_frame(si, fi, j)
+                if _alone_in_frame(footer, k, fi):  # decoded for this read only: used in place
+                    block = self._frame_content(si, fi, self._decoded_frame(si, fi, j), j)
+                    block.spent = True
+                else:
+                    block = self._cached_frame(si, fi, j)
                 return self._load_from_block(si, j, block, k - block.first, raw)
         # A writable buffer of its own lets the decoder build tensors over it without a copy.
         j, si, data = self._read_raw(i, writable=True)
@@ -1447,6 +1498,7 @@ class StoreReader:
                 uses[key] = uses.get(key, 0) + 1
         decoded: dict[tuple[int, int], Any] = {}
         kept_bytes = 0  # decoded bytes in ``decoded`` (KEPT_FRAME_BYTES at most)
+        distinct: bool | None = None  # whether no record is asked for twice (found when needed)
         for pos, rec in enumerate(records):
             got = frames.get(rec)
             if got is None:
@@ -1462,19 +1514,19 @@ class StoreReader:
                     data = check_frame(codec, row, frame, self._where(si, rec), max_record_bytes=budget,
                                        stored_raw=stored_raw)  # fmt: skip
                     data = self._frame_content(si, f, data, rec)
-                    if (
-                        type(data) is ColumnBlock
-                        and not raw
-                        and self._cpu
-                        and 4 * uses[key] >= data.n > 1
-                        and uses[key] > 1
-                        and kept_bytes + 2 * len(data) <= KEPT_FRAME_BYTES
-                    ):
-                        # Most of the block is asked for, and it will be kept for its later
-                        # records (its loaded samples count too): its records load together,
-                        # each handed out once below. (A block that would not be kept would
-                        # be decoded and loaded again for each of its records.)
-                        self._load_block(si, data)
+                    if type(data) is ColumnBlock and not raw and self._cpu:
+                        used = uses[key]
+                        if used == data.n and used > 1 and distinct is None:
+                            distinct = len(set(records)) == len(records)
+                        # Every record of the block asked for once: the block is dropped after
+                        # its last one, so its samples may use its own buffers in place.
+                        data.spent = used == data.n and (used == 1 or bool(distinct))
+                        if 4 * used >= data.n > 1 and used > 1 and kept_bytes + 2 * len(data) <= KEPT_FRAME_BYTES:
+                            # Most of the block is asked for, and it will be kept for its later
+                            # records (its loaded samples count too): its records load together,
+                            # each handed out once below. (A block that would not be kept would
+                            # be decoded and loaded again for each of its records.)
+                            self._load_block(si, data, data.spent)
                 except RECORD_ERRORS as exc:
                     data = _without_locals(exc)  # kept at 0 bytes: must not pin a decoded buffer
                 size = 0 if isinstance(data, BaseException) else len(data)
@@ -1741,6 +1793,12 @@ def _without_locals(exc: BaseException) -> BaseException:
     return exc
 
 
+def _alone_in_frame(footer: ShardFooter, k: int, fi: int) -> bool:
+    """Whether record ``k`` of a shard with a record map is the only record of its frame ``fi``."""
+    frame = footer.record_map["frame"]  # type: ignore[index]
+    return (k == 0 or int(frame[k - 1]) != fi) and (k + 1 >= len(frame) or int(frame[k + 1]) != fi)
+
+
 def _first_record_of_frame(footer: ShardFooter, fi: int) -> int:
     if footer.record_map is None:
         return fi
@@ -1754,6 +1812,7 @@ def open_store(
     map_location: Any = "cpu",
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     storage_options: dict[str, Any] | None = None,
+    frame_cache_bytes: int = FRAME_CACHE_BYTES,
 ) -> StoreReader:
     """Open a store for reading.
 
@@ -1775,6 +1834,11 @@ def open_store(
             buffer exists. Decoding a record's pickle has its own budget (docs/integrity.md).
         storage_options: For a URL: the fsspec file system's options (``endpoint_url``,
             ``key``, ``secret``, ``anon``..., and ``tspt_retries``...). None for a local path.
+        frame_cache_bytes: With multi-record frames (``frame_target_bytes``, ``compact``),
+            the decoded frames single reads keep per thread, in bytes (default
+            :data:`FRAME_CACHE_BYTES`, 32 MiB; least recently used dropped first; 0 keeps
+            only the last frame), so that random reads of records sharing a frame decode it
+            once. Bulk reads keep what they need on their own (:data:`KEPT_FRAME_BYTES`).
 
     Returns:
         A :class:`StoreReader`.
@@ -1788,6 +1852,8 @@ def open_store(
             missing, has the wrong size, or its header/footer is damaged.
         StoreChangedError: Writers kept replacing the store while it was being opened (an open
             that races one overwrite reads the new index and opens that version instead).
+        InvalidOptionError: ``max_record_bytes`` or ``frame_cache_bytes`` is not an int in
+            range.
 
     Readers take no lock: a store on a read-only mount opens. A reader keeps the version it
     opened; if a later overwrite removed a shard it still needs, reads raise
@@ -1799,4 +1865,5 @@ def open_store(
         map_location=map_location,
         max_record_bytes=max_record_bytes,
         storage_options=storage_options,
+        frame_cache_bytes=frame_cache_bytes,
     )

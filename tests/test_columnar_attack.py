@@ -375,7 +375,9 @@ def test_block_too_large_to_keep_is_not_loaded_together_per_record(tmp_path: Pat
     list(reader)  # the pickle planned
     loads: list[int] = []
     real = columnar.ColumnBlock.load_all
-    with mock.patch.object(columnar.ColumnBlock, "load_all", lambda self, raws: loads.append(1) or real(self, raws)):
+    with mock.patch.object(
+        columnar.ColumnBlock, "load_all", lambda self, raws, *more: loads.append(1) or real(self, raws, *more)
+    ):
         gc.collect()
         tracemalloc.start()
         try:
@@ -400,7 +402,7 @@ def test_block_loaded_together_once_per_pass(tmp_path: Path) -> None:
     loads: list[int] = []
     real = columnar.ColumnBlock.load_all
     with mock.patch.object(
-        columnar.ColumnBlock, "load_all", lambda self, raws: loads.append(self.n) or real(self, raws)
+        columnar.ColumnBlock, "load_all", lambda self, raws, *more: loads.append(self.n) or real(self, raws, *more)
     ):
         got = list(reader)
     assert len(loads) == blocks and sum(loads) == len(batch)
@@ -449,3 +451,137 @@ def test_block_loaded_together_keeps_each_records_float_key_sign(tmp_path: Path)
     want = [torch.load(io.BytesIO(reader.read_bytes(i)), weights_only=True) for i in range(len(reader))]
     got = [res.sample for res in reader.iter_many(range(len(reader)))]
     assert [math.copysign(1, next(iter(s))) for s in got] == [math.copysign(1, next(iter(s))) for s in want]
+
+
+def _mixed_block_records() -> list[Any]:
+    """Records whose first storage is 3 uint8 bytes or 5 float32s, in turns (so a float
+    range in a shared column starts at an odd offset), then records of about 80 KiB (each
+    alone in its frame)."""
+    small = [
+        (torch.tensor([i, i + 1, i + 2], dtype=torch.uint8) if i % 2 else torch.full((5,), i * 0.5), torch.tensor(i))
+        for i in range(40)
+    ]
+    big = [(torch.arange(20000, dtype=torch.float32) * 0.125 + i, torch.tensor(-i)) for i in range(4)]
+    return small + big
+
+
+@pytest.mark.parametrize(
+    "forced",
+    [(columnar.FILTER_SHUFFLE, 4), (columnar.FILTER_DELTA, 1), (columnar.FILTER_NONE, 0)],
+    ids=["shuffle4", "delta1", "none"],
+)
+def test_spent_blocks_load_in_place_and_samples_stay_their_own(tmp_path: Path, forced: tuple[int, int]) -> None:
+    """A block whose records are each asked for once (a pass over the store, a record alone
+    in its frame read by store[i]) gives its samples the ranges of the columns a filter wrote,
+    in place; a range not aligned for its dtype is copied. Samples written to change neither
+    another sample nor a later read, and every tensor is aligned for its dtype."""
+    batch = _mixed_block_records()
+    path = tmp_path / "s"
+    with mock.patch.object(columnar, "choose_filter", lambda col, compress: forced):
+        ts.write_store(batch, path, codec="zstd", compact=True)
+    want = [_loaded_bytes(dumps(s)) for s in batch]
+    spent: list[int] = []
+    real = columnar.ColumnBlock.spent_args
+
+    def spy(self: columnar.ColumnBlock, r: int, raw: int) -> Any:
+        spent.append(r)
+        return real(self, r, raw)
+
+    with ts.open_store(path) as reader, mock.patch.object(columnar.ColumnBlock, "spent_args", spy):
+        for _ in range(3):  # (later passes load the blocks together: their pickles are planned)
+            got = list(reader)
+            for i, sample in enumerate(got):
+                _same_sample(want[i], sample, f"record {i}")
+                assert all(t.data_ptr() % t.element_size() == 0 for t in sample)
+            for sample in got:
+                for t in sample:
+                    t.fill_(7)
+        singles = [reader.read(i) for i in range(len(batch) - 4, len(batch))]
+        for k, sample in enumerate(singles):
+            _same_sample(want[len(batch) - 4 + k], sample, f"single read {k}")
+            sample[0].fill_(3)
+        for i in range(len(batch)):
+            _same_sample(want[i], reader.read(i), f"record {i} read again")
+        results = reader.iter_many([len(batch) - 1, 0, len(batch) - 1, 0])
+        for res in results:  # a record asked for twice: its block is not spent
+            assert res.error is None
+            _same_sample(want[res.record], res.sample, f"record {res.record} asked for twice")
+            res.sample[0].fill_(5)
+    assert spent, "no record was loaded from a spent block"
+
+
+def _loaded_bytes(raw: bytes) -> Any:
+    return torch.load(io.BytesIO(raw), weights_only=True)
+
+
+def _same_sample(want: Any, got: Any, what: str) -> None:
+    assert type(got) is type(want) and len(got) == len(want), what
+    for a, b in zip(want, got):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), what
+        assert torch.equal(a, b), what
+        assert b.untyped_storage().nbytes() == a.untyped_storage().nbytes(), what
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "frames"])
+def test_random_reads_decode_each_frame_once_within_the_cache(tmp_path: Path, compact: bool) -> None:
+    """Single reads keep decoded multi-record frames up to ``frame_cache_bytes`` (plus the
+    last one): a random pass over a store that fits decodes each frame once, one that does
+    not fit stays within the bound, and nothing read aliases a kept frame."""
+    batch = [(torch.arange(i, i + 64, dtype=torch.int32) * 3, torch.tensor(i)) for i in range(400)]
+    path = tmp_path / "s"
+    opts = {"compact": True, "frame_target_bytes": 4096} if compact else {"frame_target_bytes": 4096}
+    ts.write_store(batch, path, codec="zstd", **opts)
+    order = np.random.default_rng(3).permutation(len(batch)).tolist()
+    frames = 0
+    with ts.open_store(path) as probe:
+        for si in range(probe.info().shards):
+            frames += int(probe._footer(si).record_map["frame"].max()) + 1
+    assert frames > 4, "the store should have several multi-record frames"
+
+    def count_decodes(reader: ts.StoreReader) -> list[int]:
+        seen: list[int] = []
+        real = reader._decoded_frame
+
+        def spy(si: int, fi: int, record: int, writable: bool = False) -> Any:
+            seen.append(fi)
+            return real(si, fi, record, writable)
+
+        reader._decoded_frame = spy  # type: ignore[method-assign]
+        return seen
+
+    with ts.open_store(path) as reader:
+        seen = count_decodes(reader)
+        for i in order:
+            sample = reader.read(i)
+            assert torch.equal(sample[0], batch[i][0]) and int(sample[1]) == i
+            sample[0].fill_(-1)  # a kept frame must not change
+        for i in order[:50]:
+            assert torch.equal(reader.read(i)[0], batch[i][0])
+            assert reader.read_bytes(i) == dumps(batch[i])
+        assert len(seen) == frames, f"{len(seen)} decodes of {frames} frames"
+    with ts.open_store(path, frame_cache_bytes=0) as reader:
+        seen = count_decodes(reader)
+        for i in order:
+            assert torch.equal(reader.read(i)[0], batch[i][0])
+        assert len(seen) > 2 * frames, "with no cache, a random pass decodes frames again"
+    with ts.open_store(path) as probe:
+        sizes = [len(probe._cached_frame(0, f, 0)) for f in range(2)]
+    budget = 2 * max(sizes)
+    with ts.open_store(path, frame_cache_bytes=budget) as reader:
+        for i in order:
+            assert torch.equal(reader.read(i)[0], batch[i][0])
+            cache = reader._frame_cache
+            last = next(reversed(cache.frames.values()))[1]
+            assert cache.bytes == sum(size for _, size in cache.frames.values())
+            assert cache.bytes - last <= budget, f"{cache.bytes} bytes kept for a budget of {budget}"
+
+
+def test_frame_cache_option_checked_and_pickled(tmp_path: Path) -> None:
+    import pickle
+
+    ts.write_store([torch.tensor(i) for i in range(10)], tmp_path / "s", compact=True)
+    for bad in (-1, True, 1.5, "1"):
+        with pytest.raises(ts.InvalidOptionError, match="frame_cache_bytes"):
+            ts.open_store(tmp_path / "s", frame_cache_bytes=bad)
+    reader = ts.open_store(tmp_path / "s", frame_cache_bytes=12345)
+    assert pickle.loads(pickle.dumps(reader)).frame_cache_bytes == 12345
