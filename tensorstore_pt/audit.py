@@ -551,7 +551,7 @@ def _compact_frames_of(
     """:func:`_frames_of` as ``compact=True`` writes them: the decoded frames (column blocks,
     or plain frames for records that do not prove), how many records each holds, which are
     blocks."""
-    from .columnar import plan_frames, proved
+    from .columnar import FilterMemo, plan_frames, proved
     from .shardio import FrameGrouper
     from .writer import COMPACT_FRAME_BYTES, _this_torch_layout
 
@@ -573,8 +573,9 @@ def _compact_frames_of(
             groups.append(g)
     if (last := grouper.flush()) is not None:
         groups.append(last)
+    memo = FilterMemo()  # as the writer chooses them
     for group in groups:
-        for data, lengths, is_block in plan_frames(group, compress):
+        for data, lengths, is_block in plan_frames(group, compress, memo):
             units.append(data)
             counts.append(len(lengths))
             blocks.append(is_block)

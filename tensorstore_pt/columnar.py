@@ -37,6 +37,7 @@ parsed metadata of the records used so far.
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from typing import Any, Callable
@@ -52,6 +53,8 @@ from .shardio import check_record_budget
 __all__ = [
     "FILTER_DELTA",
     "FILTER_NONE",
+    "FILTER_REUSE_BLOCKS",
+    "FilterMemo",
     "FILTER_SHUFFLE",
     "MAGIC",
     "MIN_FILTER_GAIN",
@@ -69,7 +72,7 @@ _COLUMN = struct.Struct("<QBB6x")
 #: (measured at write time on up to FILTER_SAMPLE_BYTES of the column).
 MIN_FILTER_GAIN = 0.02
 #: Bytes of a column the writer codes per candidate filter to choose one.
-FILTER_SAMPLE_BYTES = 64 * 1024
+FILTER_SAMPLE_BYTES = 16 * 1024
 #: Most columns a block may have (a record with more storages is stored in a plain frame).
 MAX_COLUMNS = 4096
 
@@ -77,35 +80,106 @@ MAX_COLUMNS = 4096
 # --------------------------------------------------------------------------- filters
 
 
-def choose_filter(col: bytes, compress: Callable[[bytes], bytes] | None) -> tuple[int, int]:
+#: Every filter a column may get but none, in the order they are tried.
+_CANDIDATES = tuple((filt, size) for filt in (FILTER_SHUFFLE, FILTER_DELTA) for size in _FILTER_SIZES[filt])
+
+
+def choose_filter(
+    col: bytes,
+    compress: Callable[[bytes], bytes] | None,
+    candidates: tuple[tuple[int, int], ...] = _CANDIDATES,
+    ranked: list[tuple[int, int]] | None = None,
+) -> tuple[int, int]:
     """``(filter, element size)`` for a column: the candidate whose coded size (``compress``
     of up to :data:`FILTER_SAMPLE_BYTES` of it) is smallest, if it beats no filter by at least
-    :data:`MIN_FILTER_GAIN`; ``(0, 0)`` without a codec (filters only help a codec)."""
+    :data:`MIN_FILTER_GAIN`; ``(0, 0)`` without a codec (filters only help a codec).
+    ``candidates``: the filters to try (all by default); ``ranked``, if given, receives the
+    filters tried, smallest coded size first."""
     if compress is None or len(col) < 64:
         return FILTER_NONE, 0
     sample = col[:FILTER_SAMPLE_BYTES]
     plain = len(compress(sample))
-    best, best_size = (FILTER_NONE, 0), plain
-    for filt in (FILTER_SHUFFLE, FILTER_DELTA):
-        for size in _FILTER_SIZES[filt]:
-            if len(sample) < 4 * size:
-                continue
-            n = len(compress(_apply(sample, filt, size)))
-            if n < best_size:
-                best, best_size = (filt, size), n
-    return best if best_size <= plain * (1.0 - MIN_FILTER_GAIN) else (FILTER_NONE, 0)
+    sizes = []
+    for filt, size in candidates:
+        if filt == FILTER_NONE or len(sample) < 4 * size:
+            continue
+        sizes.append((len(compress(_apply(sample, filt, size))), len(sizes), (filt, size)))
+    sizes.sort()
+    if ranked is not None:
+        ranked[:] = [c for _, _, c in sizes]
+    if sizes and sizes[0][0] <= plain * (1.0 - MIN_FILTER_GAIN):
+        return sizes[0][2]
+    return FILTER_NONE, 0
+
+
+#: Between two choices of a column's filter among every candidate, a writer tries only the
+#: filters recently chosen for that column of blocks alike (:class:`FilterMemo`) for this
+#: many blocks.
+FILTER_REUSE_BLOCKS = 16
+#: A storage type named in a pickle (``torch.FloatStorage``, ``torch.HalfStorage``...).
+_STORAGE_TYPE = re.compile(rb"torch\n(\w+Storage)\n")
+
+
+class FilterMemo:
+    """The filters a writer chose for the columns of its recent blocks, so that a run of
+    blocks of records alike tries every candidate filter once every
+    :data:`FILTER_REUSE_BLOCKS` blocks and, in between, only the two that did best then and
+    any chosen since (plus none): choosing codes up to
+    :data:`FILTER_SAMPLE_BYTES` of a column once per filter tried.
+
+    Records are *alike* when they have the same number of storages and their pickles name
+    the same storage types in the same order (``torch.FloatStorage`` then
+    ``torch.LongStorage``...); a block's first record stands for it. A filter only changes
+    how well a column codes, never what it decodes to, so a filter missed costs bytes at
+    worst. The choices depend only on the records, in order: a store written by any number
+    of workers (whose records are framed in order by the writer) gets the same bytes.
+
+    Thread safety: one writer's, not shared.
+    """
+
+    def __init__(self) -> None:
+        # key -> [the filters to try (besides none), blocks since they were all tried]
+        self._chosen: dict[tuple[Any, ...], list[Any]] = {}
+
+    def choose(self, key: tuple[Any, ...], col: bytes, compress: Callable[[bytes], bytes] | None) -> tuple[int, int]:
+        """:func:`choose_filter` of ``col`` among every candidate, or among those chosen for
+        ``key`` since the last such choice (if within :data:`FILTER_REUSE_BLOCKS` blocks)."""
+        got = self._chosen.get(key)
+        if got is not None and got[1] < FILTER_REUSE_BLOCKS:
+            got[1] += 1
+            choice = choose_filter(col, compress, got[0])
+            if choice[0] != FILTER_NONE and choice not in got[0]:
+                got[0] += (choice,)
+            return choice
+        ranked: list[tuple[int, int]] = []
+        choice = choose_filter(col, compress, _CANDIDATES, ranked)
+        if len(self._chosen) >= 4096:
+            self._chosen.clear()
+        # The two filters that coded this column best (whether or not they beat none): a
+        # column whose best filter is near the threshold keeps trying it.
+        self._chosen[key] = [tuple(ranked[:2]), 1]
+        return choice
+
+
+def _storage_types(pickle: Any) -> tuple[bytes, ...]:
+    """The storage types a record's pickle names, in order of first mention."""
+    return tuple(dict.fromkeys(_STORAGE_TYPE.findall(bytes(pickle))))
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def encode_block(parts: list[_ptzip.PtParts], compress: Callable[[bytes], bytes] | None) -> bytes:
+def encode_block(
+    parts: list[_ptzip.PtParts], compress: Callable[[bytes], bytes] | None, memo: FilterMemo | None = None
+) -> bytes:
     """The column block of records ``parts`` (all with the same storage count and layout).
 
     Args:
         parts: From :func:`._ptzip.prove` of each record, in record order (at least one).
         compress: The store's codec (``Codec.compress``) to choose filters by, or None (codec
             ``none``: no filters).
+        memo: The writer's filter choices for blocks of records like these (see
+            :class:`FilterMemo`), or None to measure every column.
 
     Returns:
         The block's bytes (docs/format.md, section 5.3).
@@ -121,9 +195,12 @@ def encode_block(parts: list[_ptzip.PtParts], compress: Callable[[bytes], bytes]
         raise ValueError("a column block's records share one storage count, of at most MAX_COLUMNS - 1")
     metas = [_ptzip.encode_meta(p) for p in parts]
     columns: list[tuple[bytes, int, int]] = [(b"".join(metas), FILTER_NONE, 0)]
+    kind = (count, _storage_types(parts[0].pickle)) if memo is not None and compress is not None else None
     for j in range(count):
         col = b"".join(p.storages[j] for p in parts)
-        filt, size = choose_filter(col, compress)
+        filt, size = (
+            choose_filter(col, compress) if kind is None else memo.choose((*kind, j), col, compress)  # type: ignore[union-attr]
+        )
         columns.append((_apply(col, filt, size), filt, size))
     out = [_HEAD.pack(MAGIC, len(parts), len(columns))]
     out += [_COLUMN.pack(len(c), f, s) for c, f, s in columns]
@@ -149,7 +226,9 @@ _META_OVERHEAD_BYTES = 16
 
 
 def plan_frames(
-    records: list[tuple[bytes, _ptzip.PtParts | None]], compress: Callable[[bytes], bytes] | None
+    records: list[tuple[bytes, _ptzip.PtParts | None]],
+    compress: Callable[[bytes], bytes] | None,
+    memo: FilterMemo | None = None,
 ) -> list[tuple[bytes, list[int], bool]]:
     """How a compact writer stores one group of records (``compact=True``): a column block
     for each run of consecutive records that proved (:func:`proved`) with the same storage
@@ -160,6 +239,7 @@ def plan_frames(
     Args:
         records: ``(torch.save bytes, parts or None)`` of each record, in order.
         compress: The codec's compress, to choose filters by (None: no filters).
+        memo: Filter choices to reuse and update (:class:`FilterMemo`), or None.
 
     Returns:
         ``(decoded frame bytes, the records' raw lengths, is a column block)`` per frame.
@@ -174,7 +254,7 @@ def plan_frames(
     out = []
     for key, group, parts_list in runs:
         lengths = [len(r) for r in group]
-        block = None if key is None else encode_block(parts_list, compress)
+        block = None if key is None else encode_block(parts_list, compress, memo)
         if block is None or sum(lengths) > COLUMNAR_EXPANSION * len(block):
             out.append((group[0] if len(group) == 1 else b"".join(group), lengths, False))
         else:

@@ -368,6 +368,8 @@ class ShardWriter:
             raise InvalidOptionError(f"compact: expected True or False, found {compact!r}")
         #: The container layout records are proved against (compact only; None: plain frames).
         self._layout: _ptzip.PtLayout | None = _this_torch_layout() if compact else None
+        #: The filters chosen for recent column blocks (compact only), reused for blocks alike.
+        self._filter_memo = columnar.FilterMemo()
         if compact and frame_target_bytes is None:
             frame_target_bytes = COMPACT_FRAME_BYTES
         if isinstance(raw_below, bool) or not isinstance(raw_below, (int, float)) or not 0 <= raw_below < 1:
@@ -890,7 +892,7 @@ class ShardWriter:
         """Write ``group`` as :func:`.columnar.plan_frames` plans it (format 1.3): column blocks,
         and plain frames for runs of records that do not prove under this writer's layout."""
         compress = None if self._codec.codec_id == "none" else self._codec.compress
-        for data, lengths, is_block in columnar.plan_frames(group, compress):
+        for data, lengths, is_block in columnar.plan_frames(group, compress, self._filter_memo):
             self._emit_decoded(data, lengths, is_block)
 
     def _train_dictionary(self) -> None:

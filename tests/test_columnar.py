@@ -293,7 +293,7 @@ def test_property_exact_bytes_and_loads(batch, codec, frame_target_bytes, forced
     """For any sample and every codec, frame size and filter: read_bytes(i) is torch.save's
     bytes exactly, and store[i] is bit-identical to torch.load of them."""
     patch = (
-        mock.patch.object(columnar, "choose_filter", lambda col, compress: forced)
+        mock.patch.object(columnar, "choose_filter", lambda col, compress, *rest: forced)
         if forced is not None
         else mock.patch.object(columnar, "MIN_FILTER_GAIN", columnar.MIN_FILTER_GAIN)
     )
@@ -888,3 +888,71 @@ def test_collate_from_storage_views_plans_new_pickles(tmp_path: Path, monkeypatc
     assert got is not None and planned, "the views' pickles were not planned"
     assert all(n == 6 * 8 + 4 * 4 for n in planned)  # the storages joined: 48 + 16 bytes
     assert_identical(expected, got, "batch")
+
+
+def test_filter_memo_tries_recent_winners_and_everything_again_periodically() -> None:
+    """Between full choices (every FILTER_REUSE_BLOCKS blocks alike), a column tries only
+    none and the two filters that did best; what it picks still beats none by the margin,
+    and a column that stops compressing better filtered goes back to none at once."""
+    calls: list[int] = []
+    cctx = zstandard.ZstdCompressor(level=3)
+
+    def compress(b: bytes) -> bytes:
+        calls.append(len(b))
+        return cctx.compress(b)
+
+    ramp = np.arange(4096, dtype=np.int64).tobytes()  # delta-8 (or shuffle-8) codes it best
+    noise = np.random.default_rng(0).integers(0, 256, 32768, dtype=np.uint8).tobytes()
+    memo = columnar.FilterMemo()
+    full = columnar.choose_filter(ramp, compress)
+    assert full != (columnar.FILTER_NONE, 0)
+    calls.clear()
+    assert memo.choose(("k", 0), ramp, compress) == full
+    assert len(calls) == 1 + len(columnar._CANDIDATES)  # none and every filter
+    for _ in range(columnar.FILTER_REUSE_BLOCKS - 1):
+        calls.clear()
+        assert memo.choose(("k", 0), ramp, compress) == full
+        assert len(calls) == 3  # none and the two best
+    calls.clear()
+    memo.choose(("k", 0), ramp, compress)
+    assert len(calls) == 1 + len(columnar._CANDIDATES)  # tried in full again
+    assert memo.choose(("k", 0), noise, compress) == (columnar.FILTER_NONE, 0)
+    calls.clear()
+    assert memo.choose(("other", 0), ramp, compress) == full  # another key: measured on its own
+    assert len(calls) == 1 + len(columnar._CANDIDATES)
+
+
+def test_compact_pack_measures_filters_less_with_the_same_bytes(tmp_path: Path) -> None:
+    """Compact packing codes fewer filter samples with the memo than measuring every block
+    in full, and writes a store within 1% of the bytes (and the same records)."""
+    batch = [
+        {
+            "x": torch.arange(i, i + 2048, dtype=torch.int32),
+            "y": torch.randn(512, generator=torch.Generator().manual_seed(i)),
+        }
+        for i in range(120)
+    ]
+    counts = {}
+    sizes = {}
+    for reuse in (0, columnar.FILTER_REUSE_BLOCKS):
+        n = [0]
+        real = columnar.choose_filter
+
+        def counting(col, compress, *rest, real=real, n=n):  # type: ignore[no-untyped-def]
+            def counted(b: bytes) -> bytes:
+                n[0] += 1
+                return compress(b)
+
+            return real(col, counted, *rest)
+
+        with (
+            mock.patch.object(columnar, "FILTER_REUSE_BLOCKS", reuse),
+            mock.patch.object(columnar, "choose_filter", counting),
+        ):
+            info = ts.write_store(batch, tmp_path / f"s{reuse}", codec="zstd", compact=True, frame_target_bytes=16384)
+        counts[reuse], sizes[reuse] = n[0], info.file_bytes
+        reader = ts.open_store(tmp_path / f"s{reuse}")
+        for i in range(len(batch)):
+            assert reader.read_bytes(i) == dumps(batch[i])
+    assert counts[columnar.FILTER_REUSE_BLOCKS] < counts[0] / 2, counts
+    assert sizes[columnar.FILTER_REUSE_BLOCKS] <= sizes[0] * 1.01, sizes

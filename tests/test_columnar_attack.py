@@ -477,7 +477,7 @@ def test_spent_blocks_load_in_place_and_samples_stay_their_own(tmp_path: Path, f
     another sample nor a later read, and every tensor is aligned for its dtype."""
     batch = _mixed_block_records()
     path = tmp_path / "s"
-    with mock.patch.object(columnar, "choose_filter", lambda col, compress: forced):
+    with mock.patch.object(columnar, "choose_filter", lambda col, compress, *rest: forced):
         ts.write_store(batch, path, codec="zstd", compact=True)
     want = [_loaded_bytes(dumps(s)) for s in batch]
     spent: list[int] = []
