@@ -269,11 +269,6 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-def _varint_bytes(value: int) -> int:
-    """Bytes of ``value``'s LEB128 varint (as :func:`._ptzip.encode_meta` writes it)."""
-    return max(1, (value.bit_length() + 6) // 7)
-
-
 def shown_sizes(sizes: list[int]) -> str:
     """A list of storage sizes for a message, cut after 8."""
     return str(sizes[:8])[:-1] + (f", ... ({len(sizes)} in all)]" if len(sizes) > 8 else "]")
@@ -445,14 +440,16 @@ class ColumnBlock:
             # parse_meta's layout: header (version, flags, archive name), 8-byte name hash,
             # varints (storage count, pickle length, storage sizes), a CRC-32 for each size
             # that keeps one, the pickle.
-            sizes_end = prefix_bytes - 4 * sum(c is not None for c in crcs)
-            varints = sum(_varint_bytes(v) for v in (len(rec_sizes), len(pickle), *rec_sizes))
-            head = sizes_end - varints - 8
-            slots: list[int | None] = []
-            at = sizes_end
-            for c in crcs:
-                slots.append(None if c is None else at)
-                at += 0 if c is None else 4
+            head = 2 if archive == "archive" else 3 + len(archive)
+            sizes_end = prefix_bytes
+            slots: tuple[int | None, ...] = ()
+            if any(c is not None for c in crcs):
+                sizes_end -= 4 * sum(c is not None for c in crcs)
+                at, found = sizes_end, []
+                for c in crcs:
+                    found.append(None if c is None else at)
+                    at += 0 if c is None else 4
+                slots = tuple(found)
             self._last = (
                 hi - lo,
                 head,
@@ -462,7 +459,7 @@ class ColumnBlock:
                 prefix_bytes,
                 archive,
                 rec_sizes,
-                tuple(slots) if any(a is not None for a in slots) else (),
+                slots,
             )
         if rec_sizes != table:
             raise _bad(

@@ -956,3 +956,33 @@ def test_compact_pack_measures_filters_less_with_the_same_bytes(tmp_path: Path) 
             assert reader.read_bytes(i) == dumps(batch[i])
     assert counts[columnar.FILTER_REUSE_BLOCKS] < counts[0] / 2, counts
     assert sizes[columnar.FILTER_REUSE_BLOCKS] <= sizes[0] * 1.01, sizes
+
+
+def test_meta_read_like_the_last_equals_a_full_parse(tmp_path: Path) -> None:
+    """ColumnBlock._meta reads a record laid out like the one before it at the same offsets
+    (name hash, CRC-32s, pickle); each result equals parse_meta's, whatever the archive name,
+    the CRC-32s kept (storages of 64 KiB or more) and the sizes."""
+    raws = []
+    for i in range(12):
+        sample = (torch.full((20000 if i % 3 else 4,), float(i)), torch.arange(3) + i)
+        if i in (4, 5, 9):  # torch.save to a file names the archive after it
+            path = tmp_path / f"rec{i}.pt"
+            torch.save(sample, path)
+            raws.append(path.read_bytes())
+        else:
+            raws.append(dumps(sample))
+    parts = [_ptzip.prove(raw) for raw in raws]
+    assert all(p is not None for p in parts)
+    assert {p.archive for p in parts} != {"archive"}, "no record with another archive name"
+    assert any(c is not None for p in parts for c in p.crcs), "no record keeps a CRC-32"
+    block = columnar.ColumnBlock(columnar.encode_block(parts, None), parts[0].layout, len(parts), "t")
+    for r, p in enumerate(parts):
+        archive, pickle, name_hash, crcs, sizes, _ = block._meta(r)
+        assert (archive, bytes(pickle), name_hash, tuple(crcs), list(sizes)) == (
+            p.archive,
+            bytes(p.pickle),
+            p.name_hash,
+            tuple(p.crcs),
+            [len(s) for s in p.storages],
+        ), f"record {r}"
+        assert _ptzip.rebuild(block.parts(r)) == raws[r]
