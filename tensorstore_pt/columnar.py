@@ -597,14 +597,15 @@ class ColumnBlock:
     def spent_args(self, r: int, raw_bytes: int) -> tuple[bytes, tuple[Any, ...], list[tuple[int, int]]]:
         """:meth:`load_args` for a block that serves record ``r`` once (see :meth:`load_all`'s
         ``spent``): a buffer a storage, the record's range of a column a filter wrote used in
-        place, a copy of the others' (after :meth:`check_length` against ``raw_bytes``)."""
+        place if it is at least half that column (a sample kept pins at most twice its bytes),
+        a copy of the others' (after :meth:`check_length` against ``raw_bytes``)."""
         self.check_length(r, raw_bytes)
         _, pickle, _, _, sizes, starts = self._meta(r)
         cols = self.columns
         bufs: list[Any] = []
         spans: list[tuple[int, int]] = []
         for j, (lo, n) in enumerate(zip(starts, sizes)):
-            if self._fresh[j]:
+            if self._fresh[j] and 2 * n >= len(cols[j + 1]):
                 bufs.append(cols[j + 1])
                 spans.append((lo, n))
             else:
@@ -623,8 +624,9 @@ class ColumnBlock:
             raw_bytes: Each record's ``torch.save`` length from the record map (``n`` ints).
             spent: The caller hands each record out once and then drops the block: tensors
                 are made over the ranges of the columns a filter wrote (buffers of the
-                block's own) in place, not over copies (``owned`` of
-                :func:`~.fastload.load_columns`). The block must not serve a record again.
+                block's own) in place, not over copies, where a range is at least half its
+                column (``owned`` of :func:`~.fastload.load_columns`). The block must not
+                serve a record again.
 
         Returns:
             A list of ``n`` samples with :data:`.fastload.DECLINED` for the records to load

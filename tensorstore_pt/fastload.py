@@ -2359,8 +2359,9 @@ def load_columns(
             that nothing but the samples returned here will read or write again: each
             record's bytes in it are then used in place (a tensor over that range, with a
             storage of exactly that range) when the range starts at a multiple of the
-            tensor's element size in memory, instead of a copy. The caller hands the
-            columns over: a block whose records are each asked for once.
+            tensor's element size in memory and is at least half the column (a sample kept
+            pins at most twice its bytes), instead of a copy. The caller hands the columns
+            over: a block whose records are each asked for once.
 
     Returns:
         One entry per record: its sample, as :func:`fast_loads_parts` loads it (each tensor
@@ -2370,7 +2371,8 @@ def load_columns(
 
     Memory: a buffer per tensor (the block's storage bytes in all at most), none for the
     ranges of ``owned`` columns used in place; a sample kept pins only its own bytes, or,
-    for a tensor over an owned column, that column. Thread safety: as :func:`collate_records`.
+    for a tensor over an owned column, that column (at most twice the tensor's bytes).
+    Thread safety: as :func:`collate_records`.
     """
     n = len(pickles)
     if not n or not _torch_state_is_plain() or not small_records_ok(constants):
@@ -2442,7 +2444,8 @@ def load_columns(
     # pins only its own bytes), and a storage over all of it (as torch.load makes: offset 0,
     # the storage's length).
     # With ``owned``, a range of an owned column is used in place where it is aligned for
-    # its dtype (the column's address plus the range's offset).
+    # its dtype (the column's address plus the range's offset) and at least half the column
+    # (a sample kept pins at most twice its bytes; small ones cost little to copy).
     frombuffer = torch.frombuffer
     addresses = [_address(c) if owned is not None and owned[j] else None for j, c in enumerate(columns)]
     for form, records, leaf_rows, node_rows in groups.values():
@@ -2454,7 +2457,7 @@ def load_columns(
             for r, nodes in zip(records, node_rows):
                 _, _, nbytes, size, _ = nodes[k]
                 lo = at[r][j]
-                if address is not None and (address + lo) % esize == 0:
+                if address is not None and (address + lo) % esize == 0 and 2 * nbytes >= len(column):
                     t = frombuffer(column, dtype=dtype, count=nbytes // esize, offset=lo)
                 else:
                     t = frombuffer(bytearray(column[lo : lo + nbytes]), dtype=dtype)

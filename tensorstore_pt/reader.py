@@ -121,6 +121,9 @@ KEPT_FRAME_BYTES = 64 * 2**20
 #: reads of records that share a frame decode it once, not once a record. A reader's
 #: ``frame_cache_bytes`` sets it (0: the last frame only).
 FRAME_CACHE_BYTES = 32 * 2**20
+#: What a kept column block is counted per record beyond its bytes: the record's metadata,
+#: parsed when it is first read (a tuple of views and ints, about 450 bytes).
+BLOCK_RECORD_BYTES = 512
 
 
 def _check_frame_cache_bytes(value: Any) -> int:
@@ -776,7 +779,8 @@ class StoreReader:
             frames.move_to_end(key)
             return got[0]  # type: ignore[no-any-return]
         data = self._frame_content(si, fi, self._decoded_frame(si, fi, j), j)
-        size = len(data)
+        # A column block also keeps each record's metadata once parsed (about 0.5 KB).
+        size = len(data) + (BLOCK_RECORD_BYTES * data.n if type(data) is ColumnBlock else 0)
         frames[key] = (data, size)
         cache.bytes += size
         budget = self.frame_cache_bytes
@@ -1518,10 +1522,13 @@ class StoreReader:
                         used = uses[key]
                         if used == data.n and used > 1 and distinct is None:
                             distinct = len(set(records)) == len(records)
-                        # Every record of the block asked for once: the block is dropped after
-                        # its last one, so its samples may use its own buffers in place.
-                        data.spent = used == data.n and (used == 1 or bool(distinct))
-                        if 4 * used >= data.n > 1 and used > 1 and kept_bytes + 2 * len(data) <= KEPT_FRAME_BYTES:
+                        kept = kept_bytes + 2 * len(data) <= KEPT_FRAME_BYTES
+                        # Every record of the block asked for once, and the block decoded once
+                        # for all of them (asked for once, or kept for its later records): it
+                        # is dropped after its last one, so its samples may use its own
+                        # buffers in place. (A block not kept is decoded again for each record.)
+                        data.spent = used == data.n and (used == 1 or (bool(distinct) and kept))
+                        if 4 * used >= data.n > 1 and used > 1 and kept:
                             # Most of the block is asked for, and it will be kept for its later
                             # records (its loaded samples count too): its records load together,
                             # each handed out once below. (A block that would not be kept would
