@@ -505,9 +505,29 @@ def split(buf: Any) -> PtParts | None:
 
 
 def _split_known(mv: memoryview, check: bool) -> PtParts | None:
-    """The parts of a buffer whose zip tail was seen before, or None."""
+    """The parts of a buffer whose zip tail was seen before, or None.
+
+    Buffers with the same tail may still differ in their pickle's length (a string of
+    another length, padded to the same storage offsets): the pickle's size is read from
+    the first central directory entry (``data.pkl``, which torch.save writes first), and
+    the template for that size is used."""
     known = _BY_TAIL.get(bytes(mv[-_TAIL_BYTES:]))
-    return None if known is None else known[0].parts_of(mv, known[1], check)
+    if known is None:
+        return None
+    tpl, archive = known
+    if tpl.layout.order and tpl.layout.order[0] == PICKLE and len(mv) == tpl.nbytes:
+        cd_off = _EOCD64.unpack_from(mv, len(mv) - _TAIL_BYTES)[9]
+        if 0 <= cd_off <= len(mv) - _TAIL_BYTES - _CDH.size:
+            size = _CDH.unpack_from(mv, cd_off)[9]
+            if size != tpl.sizes[0]:
+                try:
+                    other = _template(tpl.layout, archive, (size, *tpl.sizes[1:]))
+                except RecordMetaError:
+                    return None
+                if other.nbytes != len(mv):
+                    return None
+                tpl = other
+    return tpl.parts_of(mv, archive, check)
 
 
 def _split(mv: memoryview) -> PtParts | None:
