@@ -113,8 +113,8 @@ def choose_filter(
 
 
 #: Between two choices of a column's filter among every candidate, a writer tries only the
-#: filters recently chosen for that column of blocks alike (:class:`FilterMemo`) for this
-#: many blocks.
+#: two that did best in the last one, for this many blocks of records alike
+#: (:class:`FilterMemo`).
 FILTER_REUSE_BLOCKS = 16
 #: A storage type named in a pickle (``torch.FloatStorage``, ``torch.HalfStorage``...).
 _STORAGE_TYPE = re.compile(rb"torch\n(\w+Storage)\n")
@@ -123,9 +123,9 @@ _STORAGE_TYPE = re.compile(rb"torch\n(\w+Storage)\n")
 class FilterMemo:
     """The filters a writer chose for the columns of its recent blocks, so that a run of
     blocks of records alike tries every candidate filter once every
-    :data:`FILTER_REUSE_BLOCKS` blocks and, in between, only the two that did best then and
-    any chosen since (plus none): choosing codes up to
-    :data:`FILTER_SAMPLE_BYTES` of a column once per filter tried.
+    :data:`FILTER_REUSE_BLOCKS` blocks and, in between, only none and the two that did best
+    then: choosing codes up to :data:`FILTER_SAMPLE_BYTES` of a column once per filter tried
+    (8 times for all of them, 3 in between).
 
     Records are *alike* when they have the same number of storages and their pickles name
     the same storage types in the same order (``torch.FloatStorage`` then
@@ -142,15 +142,13 @@ class FilterMemo:
         self._chosen: dict[tuple[Any, ...], list[Any]] = {}
 
     def choose(self, key: tuple[Any, ...], col: bytes, compress: Callable[[bytes], bytes] | None) -> tuple[int, int]:
-        """:func:`choose_filter` of ``col`` among every candidate, or among those chosen for
-        ``key`` since the last such choice (if within :data:`FILTER_REUSE_BLOCKS` blocks)."""
+        """:func:`choose_filter` of ``col`` among every candidate, or, within
+        :data:`FILTER_REUSE_BLOCKS` blocks of the last such choice for ``key``, among the two
+        that did best in it."""
         got = self._chosen.get(key)
         if got is not None and got[1] < FILTER_REUSE_BLOCKS:
             got[1] += 1
-            choice = choose_filter(col, compress, got[0])
-            if choice[0] != FILTER_NONE and choice not in got[0]:
-                got[0] += (choice,)
-            return choice
+            return choose_filter(col, compress, got[0])
         ranked: list[tuple[int, int]] = []
         choice = choose_filter(col, compress, _CANDIDATES, ranked)
         if len(self._chosen) >= 4096:

@@ -762,10 +762,11 @@ class StoreReader:
         """Frame ``fi`` of shard ``si`` decoded (a :class:`ColumnBlock` for a column block),
         through the per-thread cache of decoded frames (``j``: a record, for messages).
 
-        The cache keeps the frames last used, up to ``frame_cache_bytes`` decoded bytes plus
-        the frame just used (a column block counts what it grew to: its unfiltered columns
-        and its records' parsed metadata are not counted). Nothing read from a kept frame
-        aliases it: records are copied out (:meth:`_read_raw`, :meth:`ColumnBlock.load_args`).
+        The cache keeps the frames last used, up to ``frame_cache_bytes`` bytes plus the
+        frame just used (a column block counts its decoded bytes, the buffers its filters
+        wrote, and :data:`BLOCK_RECORD_BYTES` a record for the metadata it parses). Nothing
+        read from a kept frame aliases it: records are copied out (:meth:`_read_raw`,
+        :meth:`ColumnBlock.load_args`).
         """
         self._ensure_process()
         cache = self._frame_cache
