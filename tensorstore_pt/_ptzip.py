@@ -797,6 +797,38 @@ def decode_meta(meta: Any, storages: Any, layout: PtLayout) -> PtParts:
     return PtParts(layout, archive, pickle, tuple(views), name_hash, crcs)
 
 
+def meta_fields_at(
+    archive: str, crcs: tuple[int | None, ...], prefix_bytes: int
+) -> tuple[int, int, tuple[int | None, ...]]:
+    """Where the fields that differ between records of one shape lie in a metadata that
+    :func:`parse_meta` parsed (its ``archive`` and ``crcs``, its pickle at ``prefix_bytes``):
+    ``(offset of the name hash, end of the varints, offset of each CRC-32 or None)``, the
+    last ``()`` when no CRC-32 is kept. Another record's metadata with the same bytes
+    everywhere else parses to the same archive and sizes (:func:`read_meta_fields`)."""
+    head = 2 if archive == "archive" else 3 + len(archive)
+    kept = sum(c is not None for c in crcs)
+    sizes_end = prefix_bytes - 4 * kept
+    if not kept:
+        return head, sizes_end, ()
+    slots: list[int | None] = []
+    at = sizes_end
+    for c in crcs:
+        slots.append(None if c is None else at)
+        at += 0 if c is None else 4
+    return head, sizes_end, tuple(slots)
+
+
+def read_meta_fields(
+    mv: Any, lo: int, head: int, crc_slots: tuple[int | None, ...], count: int
+) -> tuple[int, tuple[int | None, ...]]:
+    """``(name hash, CRC-32s)`` of the metadata at ``lo`` of ``mv``, at the offsets
+    :func:`meta_fields_at` gave for a record of its shape (``count`` storages)."""
+    name_hash = _U64.unpack_from(mv, lo + head)[0]
+    if not crc_slots:
+        return name_hash, (None,) * (count + 1)
+    return name_hash, tuple(None if at is None else _U32.unpack_from(mv, lo + at)[0] for at in crc_slots)
+
+
 def parse_meta(meta: Any, layout: PtLayout) -> tuple[str, int, list[int], tuple[int | None, ...], memoryview]:
     """:func:`decode_meta` without the storage bytes: ``(archive, name hash, storage sizes,
     CRC-32s, pickle view)``, with the same checks on ``meta`` (see there)."""

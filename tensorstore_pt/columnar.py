@@ -263,10 +263,6 @@ def plan_frames(
 # --------------------------------------------------------------------------- reading
 
 
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-
-
 def shown_sizes(sizes: list[int]) -> str:
     """A list of storage sizes for a message, cut after 8."""
     return str(sizes[:8])[:-1] + (f", ... ({len(sizes)} in all)]" if len(sizes) > 8 else "]")
@@ -421,13 +417,7 @@ class ColumnBlock:
             and col0[lo + last[1] + 8 : lo + last[3]] == last[4]
         ):
             _, head, _, sizes_end, _, prefix_bytes, archive, rec_sizes, crc_slots = last
-            name_hash = _U64.unpack_from(col0, lo + head)[0]
-            if crc_slots:
-                crcs: tuple[int | None, ...] = tuple(
-                    None if at is None else _U32.unpack_from(col0, lo + at)[0] for at in crc_slots
-                )
-            else:
-                crcs = (None,) * (len(rec_sizes) + 1)
+            name_hash, crcs = _ptzip.read_meta_fields(col0, lo, head, crc_slots, len(rec_sizes))
             pickle = col0[lo + prefix_bytes : hi]
         else:
             try:
@@ -435,19 +425,7 @@ class ColumnBlock:
             except RecordMetaError as exc:
                 raise _bad(self.where, f"record {r}: {exc}") from None
             prefix_bytes = hi - lo - len(pickle)
-            # parse_meta's layout: header (version, flags, archive name), 8-byte name hash,
-            # varints (storage count, pickle length, storage sizes), a CRC-32 for each size
-            # that keeps one, the pickle.
-            head = 2 if archive == "archive" else 3 + len(archive)
-            sizes_end = prefix_bytes
-            slots: tuple[int | None, ...] = ()
-            if any(c is not None for c in crcs):
-                sizes_end -= 4 * sum(c is not None for c in crcs)
-                at, found = sizes_end, []
-                for c in crcs:
-                    found.append(None if c is None else at)
-                    at += 0 if c is None else 4
-                slots = tuple(found)
+            head, sizes_end, slots = _ptzip.meta_fields_at(archive, crcs, prefix_bytes)
             self._last = (
                 hi - lo,
                 head,
@@ -603,7 +581,7 @@ class ColumnBlock:
         bufs: list[Any] = []
         spans: list[tuple[int, int]] = []
         for j, (lo, n) in enumerate(zip(starts, sizes)):
-            if self._fresh[j] and 2 * n >= len(cols[j + 1]):
+            if self._fresh[j] and fastload.used_in_place(n, len(cols[j + 1])):
                 bufs.append(cols[j + 1])
                 spans.append((lo, n))
             else:
@@ -613,7 +591,8 @@ class ColumnBlock:
 
     def load_all(self, raw_bytes: Any, spent: bool = False) -> list[Any] | None:
         """Every record of the block loaded together (:func:`.fastload.load_columns`): each
-        tensor over a copy of its own bytes in its column, not a pickle run per record.
+        tensor over a copy of its own bytes in its column (or, with ``spent``, over that
+        range in place), not a pickle run per record.
 
         Each record's metadata is checked as its first use checks it, and its rebuilt length
         against ``raw_bytes[r]`` (the record map's), before anything is loaded.

@@ -2282,7 +2282,7 @@ def collate_records(bufs: list[bytearray], alloc: Any, leaf: Any = None, dicts_o
                 ):
                     return None
                 _spec_parts(spec, tensors, leaf_in_seq)
-                key_index = [int(key) if key.isdigit() and str(int(key)) == key else -1 for key, _, _, _ in tensors]
+                key_index = [_storage_index(key) for key, _, _, _ in tensors]
             elif got[0] is not spec:
                 return None
         leaf_rows.append(got[1])  # type: ignore[index]
@@ -2457,7 +2457,7 @@ def load_columns(
             for r, nodes in zip(records, node_rows):
                 _, _, nbytes, size, _ = nodes[k]
                 lo = at[r][j]
-                if address is not None and (address + lo) % esize == 0 and 2 * nbytes >= len(column):
+                if address is not None and (address + lo) % esize == 0 and used_in_place(nbytes, len(column)):
                     t = frombuffer(column, dtype=dtype, count=nbytes // esize, offset=lo)
                 else:
                     t = frombuffer(bytearray(column[lo : lo + nbytes]), dtype=dtype)
@@ -2469,6 +2469,20 @@ def load_columns(
         for r, obj in zip(records, objs):
             out[r] = obj
     return out
+
+
+def used_in_place(nbytes: int, column_bytes: int) -> bool:
+    """Whether a record's range of ``nbytes`` in a column of ``column_bytes`` that a block
+    hands over may become its tensor's storage in place (:func:`load_columns`' ``owned``,
+    :meth:`.columnar.ColumnBlock.spent_args`): only if it is at least half the column, so a
+    sample kept pins at most twice its bytes."""
+    return 2 * nbytes >= column_bytes
+
+
+def _storage_index(key: str) -> int:
+    """Storage ``key`` of a container-free record as its index (``"3"`` -> 3), or -1 for a
+    key that is not a canonical decimal (storages are named ``0``, ``1``...)."""
+    return int(key) if key.isdigit() and str(int(key)) == key else -1
 
 
 def _address(buf: Any) -> int | None:
@@ -2492,10 +2506,11 @@ def _form_of(spec: Any) -> Any:
     _spec_parts(spec, tensors, [])
     nodes = []
     for key, dtype, nbytes, size in tensors:
-        if not (key.isdigit() and str(int(key)) == key):
+        j = _storage_index(key)
+        if j < 0:
             info: Any = False
             break
-        nodes.append((int(key), dtype, nbytes, size, _ELEMENT_SIZES[dtype]))
+        nodes.append((j, dtype, nbytes, size, _ELEMENT_SIZES[dtype]))
     else:
 
         def strip(node: Any) -> Any:
