@@ -81,6 +81,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import RecordMetaError
 
 __all__ = [
@@ -441,7 +443,10 @@ def _template(layout: PtLayout, archive: str, sizes: tuple[int, ...]) -> _Templa
     key = (layout, archive, sizes)
     tpl = _TEMPLATES.get(key)
     if tpl is None:
-        tpl = _Template(layout, archive.encode("ascii"), sizes)
+        try:
+            tpl = _Template(layout, archive.encode("ascii"), sizes)
+        except struct.error:  # an offset or size past what a zip32 header field holds
+            raise RecordMetaError(f"a record of sizes {sizes} is past the 4 GiB this container layout covers") from None
         if tpl.nbytes >= _ZIP32_LIMIT:
             raise RecordMetaError(f"a record of {tpl.nbytes} bytes is past the 4 GiB this container layout covers")
         if len(_TEMPLATES) >= _MAX_TEMPLATES:
@@ -662,6 +667,92 @@ def rebuilt_length(layout: PtLayout, archive: str, pickle_bytes: int, storage_by
     return _template(layout, archive, (pickle_bytes, *storage_bytes)).nbytes
 
 
+def rebuilt_lengths(layout: PtLayout, archive: str, sizes: np.ndarray) -> np.ndarray | None:
+    """:func:`rebuilt_length` of many records of one archive name and storage count at once.
+
+    Args:
+        layout: The layout they were split under.
+        archive: Their archive name.
+        sizes: int64 array of shape ``(n, 1 + storages)``: each record's pickle length, then
+            its storage sizes in key order, all non-negative.
+
+    Returns:
+        int64 array of shape ``(n,)``: each record's rebuilt length, the same as
+        :func:`rebuilt_length` gives it; or None if any would be 4 GiB or more (for which
+        :func:`rebuilt_length` raises).
+    """
+    steps, tail = _length_steps(layout, archive, sizes.shape[1] - 1)
+    align = layout.alignment
+    offset = np.zeros(len(sizes), dtype=np.int64)
+    for step in steps:
+        if type(step) is tuple:  # an entry of variable size: (column of sizes, bytes before its data)
+            j, head = step
+            size = sizes[:, j]
+            start = offset + head
+            offset = start + (-start) % align + size + _DD.size * (size > 0)
+        else:  # a run of entries of constant size: bytes each adds, by offset modulo alignment
+            offset = offset + step[offset % align]
+    total = offset + tail
+    if len(total) and int(total.max()) >= _ZIP32_LIMIT:
+        return None
+    return total
+
+
+def _length_steps(layout: PtLayout, archive: str, count: int) -> tuple[list[Any], int]:
+    """How :func:`rebuilt_lengths` lays out the entries of a record of ``count`` storages
+    (as :class:`_Template` does): per entry of variable size ``(its column in sizes, its
+    local header's bytes)``; per run of constant entries, an int64 array of the bytes the
+    run adds at each offset modulo the alignment (their paddings depend on nothing else);
+    and the bytes after the last entry (central directory and tail). Cached."""
+    key = (layout, archive, count)
+    got = _LENGTH_STEPS.get(key)
+    if got is not None:
+        return got
+    consts = dict(layout.constants)
+    prefix = len(archive.encode("ascii")) + 1
+    align = layout.alignment
+    entries: list[tuple[int, int | None, int]] = []  # (name length, column or None, constant size)
+    for token in layout.order:
+        if token == PICKLE:
+            entries.append((prefix + len(PICKLE), 0, 0))
+        elif token == STORAGES:
+            entries.extend((prefix + len(b"data/%d" % i), 1 + i, 0) for i in range(count))
+        elif token == SERIALIZATION_ID:
+            entries.append((prefix + len(SERIALIZATION_ID), None, 40))
+        else:
+            entries.append((prefix + len(token), None, len(consts[token])))
+    steps: list[Any] = []
+    run: list[tuple[int, int]] = []
+
+    def close_run() -> None:
+        if run:
+            adds = []
+            for first in range(align):
+                offset = first
+                for name_bytes, size in run:
+                    start = offset + _LFH.size + name_bytes + 4
+                    offset = start + (-start) % align + size + (_DD.size if size else 0)
+                adds.append(offset - first)
+            steps.append(np.array(adds, dtype=np.int64))
+            run.clear()
+
+    for name_bytes, column, size in entries:
+        if column is None:
+            run.append((name_bytes, size))
+        else:
+            close_run()
+            steps.append((column, _LFH.size + name_bytes + 4))
+    close_run()
+    tail = sum(_CDH.size + name_bytes for name_bytes, _, _ in entries) + _TAIL_BYTES
+    if len(_LENGTH_STEPS) >= _MAX_TEMPLATES:
+        _LENGTH_STEPS.clear()
+    _LENGTH_STEPS[key] = got = (steps, tail)
+    return got
+
+
+_LENGTH_STEPS: dict[tuple[Any, ...], tuple[list[Any], int]] = {}
+
+
 def prove(buf: Any) -> PtParts | None:
     """:func:`split`, then :func:`rebuild` and compare: the parts only if the bytes match.
 
@@ -827,6 +918,84 @@ def read_meta_fields(
     if not crc_slots:
         return name_hash, (None,) * (count + 1)
     return name_hash, tuple(None if at is None else _U32.unpack_from(mv, lo + at)[0] for at in crc_slots)
+
+
+def parse_metas(
+    col: Any, bounds: np.ndarray, layout: PtLayout, table: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`parse_meta` of many metadata back to back, each expected to list the storage
+    sizes of its row of ``table`` under the default archive name, with numpy: ``(where each
+    pickle starts, each pickle's length)``, int64 arrays of shape ``(n,)``; or None if any
+    metadata is not one :func:`parse_meta` would take, lists other sizes than its row or
+    has a varint of more than 8 bytes (parse each alone: it raises, or says what differs).
+    Name hashes and CRC-32s are not read.
+
+    Args:
+        col: The metadata, back to back (bytes-like).
+        bounds: int64 array of shape ``(n + 1,)``: where each metadata starts in ``col``,
+            then where the last ends (non-decreasing, within ``col``).
+        layout: The layout they were split under.
+        table: Integer array of shape ``(n, storages)``: the storage sizes each must list.
+    """
+    b = np.frombuffer(col, dtype=np.uint8)
+    lo, hi = bounds[:-1], bounds[1:]
+    n, count = table.shape
+    if not n:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if int((hi - lo).min()) < 12:  # header, hash, the count and pickle length, a pickle byte
+        return None
+    try:
+        # Each varint is read where the one before it ended, without a bound: one that runs
+        # past its metadata's end leaves ``cur`` past it, which the last check finds (every
+        # length read is non-negative); one past the column raises IndexError.
+        if (b[lo] != _META_VERSION).any() or b[lo + 1].any():
+            return None
+        cur = lo + 10
+        for j in range(-1, count):
+            want: Any = count if j < 0 else table[:, j]
+            if (count if j < 0 else int(want.max())) < 0x80:  # one byte each
+                if (b[cur] != want).any():
+                    return None
+                cur = cur + 1
+            else:
+                got = _varints(b, cur)
+                if got is None or (got[0] != want).any():
+                    return None
+                cur = got[1]
+            if j < 0:
+                got = _varints(b, cur)
+                if got is None:
+                    return None
+                pickle_bytes, cur = got
+    except IndexError:
+        return None
+    if layout.crc32:
+        big = (np.asarray(table) >= CRC_STORED_MIN_BYTES).sum(axis=1) + (pickle_bytes >= CRC_STORED_MIN_BYTES)
+        cur = cur + 4 * big
+    if (cur + pickle_bytes != hi).any():
+        return None
+    return cur, pickle_bytes
+
+
+def _varints(b: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The LEB128 varint at each ``cur`` of ``b``: ``(values, next positions)``, or None if
+    one is overlong or takes more than 8 bytes. Raises IndexError past ``b``."""
+    value = b[cur].astype(np.int64)
+    more = value >= 0x80
+    if not more.any():
+        return value, cur + 1
+    value &= 0x7F
+    for k in range(1, 8):
+        cur = cur + more  # a finished varint's stays on its last byte
+        nxt = b[cur].astype(np.int64)
+        value += ((nxt & 0x7F) << (7 * k)) * more
+        last = more & (nxt < 0x80)
+        if (last & (nxt == 0)).any():  # overlong: parse_meta says so
+            return None
+        more &= ~last
+        if not more.any():
+            return value, cur + 1
+    return None
 
 
 def parse_meta(meta: Any, layout: PtLayout) -> tuple[str, int, list[int], tuple[int | None, ...], memoryview]:

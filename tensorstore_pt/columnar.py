@@ -75,6 +75,10 @@ MIN_FILTER_GAIN = 0.02
 FILTER_SAMPLE_BYTES = 16 * 1024
 #: Most columns a block may have (a record with more storages is stored in a plain frame).
 MAX_COLUMNS = 4096
+#: A block of at least this many records loaded together (:meth:`ColumnBlock.load_all`)
+#: parses all their metadata and checks their rebuilt lengths with numpy at once: about
+#: 80 us a block plus 0.7 us a record here, against 3.5-8 us a record parsed alone.
+PARSE_ALL_RECORDS = 16
 
 
 # --------------------------------------------------------------------------- filters
@@ -589,6 +593,29 @@ class ColumnBlock:
                 spans.append((0, n))
         return bytes(pickle), tuple(bufs), spans
 
+    def _pickles(self, raw_bytes: Any) -> list[bytes | None] | None:
+        """Every record's pickle, or None for a record whose rebuilt length is not
+        ``raw_bytes[r]``, from one parse of the whole metadata column
+        (:func:`._ptzip.parse_metas`, :func:`._ptzip.rebuilt_lengths`): the checks each
+        record's first use makes (:meth:`_meta`, :meth:`check_length`). None when that parse
+        does not take the block (fewer than :data:`PARSE_ALL_RECORDS` records, an archive
+        name, a metadata that does not parse or lists other sizes than the size table...):
+        :meth:`_meta` then parses each record alone."""
+        if self.n < PARSE_ALL_RECORDS:
+            return None
+        got = _ptzip.parse_metas(self.columns[0], self._meta_at, self.layout, self._table_sizes)
+        if got is None:
+            return None
+        at, pickle_bytes = got
+        lengths = _ptzip.rebuilt_lengths(
+            self.layout, "archive", np.column_stack((pickle_bytes, self._table_sizes.astype(np.int64)))
+        )
+        if lengths is None:
+            return None
+        col0 = self.columns[0]
+        ok = (lengths == np.asarray(raw_bytes, dtype=np.int64)).tolist()
+        return [bytes(col0[a : a + p]) if good else None for a, p, good in zip(at.tolist(), pickle_bytes.tolist(), ok)]
+
     def load_all(self, raw_bytes: Any, spent: bool = False) -> list[Any] | None:
         """Every record of the block loaded together (:func:`.fastload.load_columns`): each
         tensor over a copy of its own bytes in its column (or, with ``spent``, over that
@@ -611,18 +638,20 @@ class ColumnBlock:
             error), or None when the block is left to the one-by-one path (a record's
             metadata is malformed, torch's state is not plain...).
         """
-        try:
-            metas = [self._meta(r) for r in range(self.n)]
-        except RecordMetaError:
-            return None
-        pickles: list[bytes | None] = []
-        for r, meta in enumerate(metas):
+        pickles = self._pickles(raw_bytes)
+        if pickles is None:
             try:
-                self.check_length(r, int(raw_bytes[r]))
-            except (RecordLengthError, RecordMetaError):
-                pickles.append(None)
-                continue
-            pickles.append(bytes(meta[1]))
+                metas = [self._meta(r) for r in range(self.n)]
+            except RecordMetaError:
+                return None
+            pickles = []
+            for r, meta in enumerate(metas):
+                try:
+                    self.check_length(r, int(raw_bytes[r]))
+                except (RecordLengthError, RecordMetaError):
+                    pickles.append(None)
+                    continue
+                pickles.append(bytes(meta[1]))
         loaded = fastload.load_columns(
             pickles,
             self.columns[1:],

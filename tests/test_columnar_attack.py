@@ -4,6 +4,7 @@ bounds, and differential comparison of compact and plain stores."""
 from __future__ import annotations
 
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -668,3 +669,89 @@ def test_frame_cache_counts_parsed_metadata(tmp_path: Path) -> None:
             tracemalloc.stop()
         counted = reader._frame_cache.bytes
     assert held < 1.5 * counted, f"{held} bytes held, {counted} counted"
+
+
+def _shard0(store: Path) -> Path:
+    return store / json.loads((store / "index.json").read_text())["shards"][0]["name"]
+
+
+def _block_meta_edit(record: int, edit) -> Any:
+    """A _rewrite_frame0 block: shard 0's first block with ``edit(meta)`` applied to the
+    metadata of its record ``record`` (a bytearray, changed in place; column 0 keeps its
+    length)."""
+
+    def make(store: Path) -> bytes:
+        data, table, rmap, meta = _shard_parts(_shard0(store))
+        raw = bytearray(
+            zstandard.ZstdDecompressor().decompress(data[int(table["offset"][0]) :][: int(table["stored"][0])])
+        )
+        n = int((rmap["frame"] == 0).sum())
+        block = columnar.ColumnBlock(bytes(raw), _ptzip.DEFAULT_LAYOUT, n, "test")
+        c = len(block.columns)
+        col0 = columnar._HEAD.size + columnar._COLUMN.size * c + 4 * n * c
+        lo, hi = col0 + int(block._meta_at[record]), col0 + int(block._meta_at[record + 1])
+        meta_bytes = bytearray(raw[lo:hi])
+        edit(meta_bytes)
+        assert len(meta_bytes) == hi - lo
+        raw[lo:hi] = meta_bytes
+        return bytes(raw)
+
+    return make
+
+
+def _eq(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_eq(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize(
+    ("edit", "fails"),
+    [
+        (lambda m: m.__setitem__(0, 2), True),  # version
+        (lambda m: m.__setitem__(1, 1), True),  # flags: an archive name follows
+        (lambda m: m.__setitem__(10, m[10] ^ 1), True),  # the storage count
+        (lambda m: m.__setitem__(11, m[11] ^ 1), True),  # the pickle length, by one
+        (lambda m: m.__setitem__(12, m[12] ^ 1), True),  # the pickle length's or a storage size's byte
+        (lambda m: m.__setitem__(2, m[2] ^ 0xFF), False),  # the name hash: loads, rebuilds to other bytes
+        (lambda m: None, False),
+    ],
+    ids=["version", "flags", "count", "pickle-length", "size", "name-hash", "intact"],
+)
+def test_blocks_parsed_at_once_read_as_parsed_record_by_record(tmp_path: Path, edit, fails: bool, monkeypatch) -> None:
+    """A block of many records is parsed and length-checked at once (numpy); one of its
+    records' metadata damaged behind valid checksums reads (every record's sample or error,
+    and read_bytes) exactly as when each record is parsed alone: the damaged record's
+    error, every other record as torch.load of its bytes."""
+    batch = _tokens(120)
+    store = tmp_path / "s"
+    ts.write_store(batch, store, compact=True, frame_target_bytes=1 << 16)
+    n0 = int((_shard_parts(_shard0(store))[2]["frame"] == 0).sum())
+    assert n0 >= columnar.PARSE_ALL_RECORDS
+    _rewrite_frame0(store, _block_meta_edit(7, edit)(store))
+
+    def outcomes() -> list:
+        reader = ts.open_store(store)
+        got = [
+            ("ok", r.sample) if r.error is None else ("error", type(r.error))
+            for r in reader.iter_many(range(len(reader)))
+        ]
+        return got + [_outcome(lambda i=i: reader.read_bytes(i)) for i in range(len(reader))]
+
+    calls = []
+    real = _ptzip.parse_metas
+    monkeypatch.setattr(_ptzip, "parse_metas", lambda *a: calls.append(1) or real(*a))
+    at_once = outcomes()
+    assert calls
+    monkeypatch.setattr(columnar, "PARSE_ALL_RECORDS", 10**9)
+    calls.clear()
+    alone = outcomes()
+    assert not calls
+    assert [i for i, (a, b) in enumerate(zip(at_once, alone)) if not _eq(a, b)] == []
+    for i, sample in enumerate(batch):
+        if i != 7:
+            assert _eq(at_once[i], ("ok", sample)), i
+            assert at_once[len(batch) + i] == ("ok", dumps(sample)), i
+    assert at_once[7] == ("error", RecordMetaError) if fails else _eq(at_once[7], ("ok", batch[7])), at_once[7]

@@ -18,6 +18,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -433,3 +434,122 @@ def test_known_tail_with_another_pickle_length_is_split_without_a_full_parse(mon
         parts = _ptzip.prove(raw)
         assert parts is not None and _ptzip.rebuild(parts) == raw
     assert len(full) <= 1, f"{len(full)} full parses of {len(raws)} records sharing a tail"
+
+
+# --------------------------------------------------------------------------- many metadata at once
+
+
+def _leb128(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _meta_bytes(name_hash: int, pickle: bytes, sizes: list[int], crc32: bool = True) -> bytes:
+    """A record's metadata written from docs/format.md's description (not encode_meta)."""
+    out = bytes((1, 0)) + struct.pack("<Q", name_hash) + _leb128(len(sizes))
+    out += b"".join(_leb128(v) for v in [len(pickle), *sizes])
+    if crc32:
+        out += b"".join(struct.pack("<I", 0xC0DE0000 + i) for i, v in enumerate([len(pickle), *sizes]) if v >= 1 << 16)
+    return out + pickle
+
+
+_SIZES = st.one_of(st.integers(0, 127), st.integers(128, 20_000), st.integers(0, 1 << 40))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(0, 3).flatmap(
+        lambda count: st.lists(
+            st.tuples(
+                st.integers(0, 2**64 - 1),
+                st.one_of(st.binary(min_size=1, max_size=40), st.integers(100, 70_000).map(lambda n: b"p" * n)),
+                st.lists(_SIZES, min_size=count, max_size=count),
+            ),
+            min_size=1,
+            max_size=30,
+        )
+    )
+)
+def test_parse_metas_and_rebuilt_lengths_agree_with_one_at_a_time(records: list) -> None:
+    """parse_metas finds each pickle where parse_meta does, and rebuilt_lengths gives each
+    record the length rebuilt_length computes from its template, varints of 1 to 6 bytes,
+    CRC-32s kept or not."""
+    layout = _ptzip.DEFAULT_LAYOUT
+    metas = [_meta_bytes(h, p, sizes) for h, p, sizes in records]
+    col = b"".join(metas)
+    bounds = np.cumsum([0] + [len(m) for m in metas]).astype(np.int64)
+    table = np.array([sizes for _, _, sizes in records], dtype=np.int64).reshape(len(records), -1)
+    got = _ptzip.parse_metas(col, bounds, layout, table)
+    assert got is not None
+    at, pickle_bytes = got
+    for r, meta in enumerate(metas):
+        archive, name_hash, sizes, _, pickle = _ptzip.parse_meta(meta, layout)
+        assert (name_hash, sizes) == (records[r][0], records[r][2])
+        assert bytes(pickle) == records[r][1]
+        assert int(at[r]) == bounds[r] + len(meta) - len(pickle) and int(pickle_bytes[r]) == len(pickle)
+    both = np.column_stack((pickle_bytes, table))
+    for archive in ("archive", "a_file_name"):
+        lengths = _ptzip.rebuilt_lengths(layout, archive, both)
+        expected = []
+        for row in both.tolist():
+            try:
+                expected.append(_ptzip.rebuilt_length(layout, archive, row[0], tuple(row[1:])))
+            except RecordMetaError:  # 4 GiB or more: the whole call says None
+                expected = None
+                break
+        assert (lengths is None and expected is None) or lengths.tolist() == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.binary(min_size=1, max_size=30), st.integers(0, 300)), min_size=1, max_size=20),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+    st.integers(-3, 3),
+)
+def test_parse_metas_of_damaged_metadata_is_none_or_what_each_parse_says(
+    records: list, flips: list, shift: int
+) -> None:
+    """Bytes changed anywhere in the column, or a bound moved: parse_metas either gives up
+    (None: each record is then parsed alone, which raises what it finds) or gives, for every
+    record, what parse_meta gives (never a pickle or size parse_meta would refuse)."""
+    layout = _ptzip.DEFAULT_LAYOUT
+    metas = [_meta_bytes(7, p, [s]) for p, s in records]
+    col = bytearray(b"".join(metas))
+    for at, value in flips:
+        col[at % len(col)] = value
+    bounds = np.cumsum([0] + [len(m) for m in metas]).astype(np.int64)
+    k = 1 + shift % len(metas) if len(metas) > 1 else 0
+    if 0 < k < len(metas):
+        bounds[k] = min(max(bounds[k] + shift, bounds[k - 1]), bounds[k + 1])
+    table = np.array([[s] for _, s in records], dtype=np.int64)
+    got = _ptzip.parse_metas(bytes(col), bounds, layout, table)
+    if got is None:
+        return
+    for r in range(len(records)):
+        _, _, sizes, _, pickle = _ptzip.parse_meta(bytes(col[bounds[r] : bounds[r + 1]]), layout)
+        assert sizes == table[r].tolist()
+        assert int(got[0][r]) == bounds[r + 1] - len(pickle) and int(got[1][r]) == len(pickle)
+
+
+def test_parse_metas_gives_up_on_what_parse_meta_refuses() -> None:
+    layout = _ptzip.DEFAULT_LAYOUT
+    good = _meta_bytes(1, b"abc", [5])
+    cases = {
+        "archive name": bytes((1, 1, 1)) + b"x" + good[2:],
+        "version": bytes((2,)) + good[1:],
+        "overlong count": good[:10] + b"\x81\x00" + good[11:],  # the count 1 as two bytes
+        "overlong pickle length": good[:11] + b"\x83\x00" + good[12:],  # 3 as two bytes
+        "other size than the table": _meta_bytes(1, b"abc", [6]),
+        "bytes after the pickle": good + b"\0",
+        "short": good[:11],
+    }
+    for what, meta in cases.items():
+        col = good + meta
+        bounds = np.array([0, len(good), len(col)], dtype=np.int64)
+        assert _ptzip.parse_metas(col, bounds, layout, np.array([[5], [5]])) is None, what
+    col = good * 2
+    assert _ptzip.parse_metas(col, np.array([0, len(good), len(col)]), layout, np.array([[5], [5]])) is not None
