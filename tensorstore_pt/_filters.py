@@ -14,6 +14,8 @@ Thread safety: pure functions. Memory: one output buffer the size of the input.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -46,8 +48,7 @@ def _undo(col: memoryview, filt: int, size: int) -> memoryview:
         return col
     whole = len(col) // size * size
     a = np.frombuffer(col, dtype=np.uint8, count=whole)
-    out = bytearray(len(col))
-    o = np.frombuffer(out, dtype=np.uint8)
+    out = o = np.empty(len(col), dtype=np.uint8)  # every byte is written below
     if filt == FILTER_SHUFFLE and size == 2 and whole:
         # Two planes as 16-bit words, low | high << 8: about 2x the strided copies below.
         m = whole // 2
@@ -62,8 +63,13 @@ def _undo(col: memoryview, filt: int, size: int) -> memoryview:
         # torch's cumsum runs 3-4x numpy's on 1- and 2-byte integers (numpy's takes about
         # 2.6 ns a byte for uint8); int16 two's complement wraps as uint16 does.
         dtype = _TORCH_CUMSUM[size]
-        torch.cumsum(torch.frombuffer(bytearray(a), dtype=dtype), 0, dtype=dtype,
-                     out=torch.frombuffer(out, dtype=dtype, count=whole // size))  # fmt: skip
+        if a.ctypes.data % size:  # read as whole elements, aligned
+            src = torch.from_numpy(a.copy()).view(dtype)
+        else:
+            with warnings.catch_warnings():  # read only, never written: torch warns of any such buffer
+                warnings.simplefilter("ignore", UserWarning)
+                src = torch.frombuffer(col, dtype=dtype, count=whole // size)
+        torch.cumsum(src, 0, dtype=dtype, out=torch.from_numpy(o[:whole]).view(dtype))
     else:
         np.cumsum(a.view(_DTYPES[size]), dtype=_DTYPES[size], out=o[:whole].view(_DTYPES[size]))
     out[whole:] = col[whole:]
