@@ -297,6 +297,7 @@ class _Template:
 
     __slots__ = (
         "at",
+        "cd_vars",
         "combine",
         "crc32",
         "crc_at",
@@ -381,6 +382,16 @@ class _Template:
             offset += _CDH.size + len(name)
         count = len(entries)
         cd_size = offset - cd_off
+        # Where each central directory entry of the pickle and the storages lies, from the
+        # directory's start, and its value's index: records of this structure with other
+        # sizes have their entries at the same places (see _split_known).
+        cd_vars = []
+        rel = 0
+        for name, _, _, var, _, _ in central:
+            if var is not None and var <= n:
+                cd_vars.append((rel, var))
+            rel += _CDH.size + len(name)
+        self.cd_vars = tuple(cd_vars)
         cur += _EOCD64.pack(b"PK\x06\x06", 44, 0x031E, 45, 0, 0, count, count, cd_size, cd_off)
         cur += _LOC64.pack(b"PK\x06\x07", 0, offset, 1)
         short = min(count, 0xFFFF)
@@ -436,6 +447,9 @@ class _Template:
 # length, entry count and central directory offset). Bounded; cleared when full.
 _TEMPLATES: dict[tuple[Any, ...], _Template] = {}
 _BY_TAIL: dict[bytes, tuple[_Template, str]] = {}
+# ... and by the entry count and central directory size of the last buffer split with them
+# (a structure: records whose sizes differ).
+_BY_SHAPE: dict[tuple[int, int], tuple[_Template, str]] = {}
 _MAX_TEMPLATES = 1024
 
 
@@ -510,28 +524,35 @@ def split(buf: Any) -> PtParts | None:
 
 
 def _split_known(mv: memoryview, check: bool) -> PtParts | None:
-    """The parts of a buffer whose zip tail was seen before, or None.
+    """The parts of a buffer of a structure seen before, or None.
 
-    Buffers with the same tail may still differ in their pickle's length (a string of
-    another length, padded to the same storage offsets): the pickle's size is read from
-    the first central directory entry (``data.pkl``, which torch.save writes first), and
-    the template for that size is used."""
-    known = _BY_TAIL.get(bytes(mv[-_TAIL_BYTES:]))
-    if known is None:
+    A buffer whose zip tail was seen before, or whose tail gives the entry count and
+    central directory size of a structure seen before (same archive name and entries, other
+    sizes: token ids of another length), is read through that structure's template: the
+    pickle's and each storage's size are read from their central directory entries (at
+    places the structure fixes), and the template for those sizes is used. Anything else
+    about the buffer is checked by ``parts_of`` (``check``) or by the caller's comparison."""
+    n = len(mv)
+    if n < _TAIL_BYTES + _CDH.size:
         return None
+    known = _BY_TAIL.get(bytes(mv[-_TAIL_BYTES:]))
+    eocd = _EOCD64.unpack_from(mv, n - _TAIL_BYTES)
+    if known is None:
+        known = _BY_SHAPE.get((eocd[7], eocd[8]))
+        if known is None:
+            return None
     tpl, archive = known
-    if tpl.layout.order and tpl.layout.order[0] == PICKLE and len(mv) == tpl.nbytes:
-        cd_off = _EOCD64.unpack_from(mv, len(mv) - _TAIL_BYTES)[9]
-        if 0 <= cd_off <= len(mv) - _TAIL_BYTES - _CDH.size:
-            size = _CDH.unpack_from(mv, cd_off)[9]
-            if size != tpl.sizes[0]:
-                try:
-                    other = _template(tpl.layout, archive, (size, *tpl.sizes[1:]))
-                except RecordMetaError:
-                    return None
-                if other.nbytes != len(mv):
-                    return None
-                tpl = other
+    cd_off = eocd[9]
+    if tpl.cd_vars and not 0 <= cd_off <= n - _TAIL_BYTES - _CDH.size - tpl.cd_vars[-1][0]:
+        return None
+    sizes = list(tpl.sizes)
+    for rel, j in tpl.cd_vars:
+        sizes[j] = _CDH.unpack_from(mv, cd_off + rel)[9]
+    if tuple(sizes) != tpl.sizes:
+        try:
+            tpl = _template(tpl.layout, archive, tuple(sizes))
+        except RecordMetaError:
+            return None
     return tpl.parts_of(mv, archive, check)
 
 
@@ -605,7 +626,9 @@ def _split(mv: memoryview) -> PtParts | None:
     if parts is not None:
         if len(_BY_TAIL) >= _MAX_TEMPLATES:
             _BY_TAIL.clear()
+            _BY_SHAPE.clear()
         _BY_TAIL[bytes(mv[-_TAIL_BYTES:])] = (tpl, archive_name)
+        _BY_SHAPE[(entries, cd_size)] = (tpl, archive_name)
     return parts
 
 

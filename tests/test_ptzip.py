@@ -553,3 +553,25 @@ def test_parse_metas_gives_up_on_what_parse_meta_refuses() -> None:
         assert _ptzip.parse_metas(col, bounds, layout, np.array([[5], [5]])) is None, what
     col = good * 2
     assert _ptzip.parse_metas(col, np.array([0, len(good), len(col)]), layout, np.array([[5], [5]])) is not None
+
+
+def test_records_of_one_structure_with_other_sizes_are_split_without_a_full_parse(monkeypatch) -> None:
+    """Records of one structure (same entries) whose storages and pickles differ in size
+    (token ids of any length) are split through the structure's template, their sizes read
+    from the central directory, not parsed in full; each proves to its exact bytes, and a
+    buffer of that structure with a changed byte outside its values does not prove."""
+    g = torch.Generator().manual_seed(5)
+    raws = [dumps((torch.randint(0, 30000, (3 + 7 * i,), generator=g), {"n": "x" * (i % 5)})) for i in range(30)]
+    assert len({len(r) for r in raws}) >= 20
+    full = []
+    real = _ptzip._split
+    monkeypatch.setattr(_ptzip, "_split", lambda mv: full.append(1) or real(mv))
+    for raw in raws:
+        parts = _ptzip.prove(raw)
+        assert parts is not None and _ptzip.rebuild(parts) == raw
+        assert [bytes(s) for s in parts.storages] == [e for n, e in _zip_entries(raw) if "/data/" in n]
+    assert len(full) <= 1, f"{len(full)} full parses of {len(raws)} records of one structure"
+    bad = bytearray(raws[7])
+    bad[bad.index(b"byteorder") + len("byteorder") + 10] ^= 1  # in the byteorder record's header or value
+    assert _ptzip.prove(bytes(bad)) is None
+    assert _ptzip.split(bytes(bad)) is None or _ptzip.rebuild(_ptzip.split(bytes(bad))) != bytes(bad)
