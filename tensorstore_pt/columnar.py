@@ -68,6 +68,7 @@ _FILTER_SIZES = {FILTER_NONE: (0,), FILTER_SHUFFLE: (2, 4, 8), FILTER_DELTA: (1,
 _FILTER_NAMES = {FILTER_NONE: "none", FILTER_SHUFFLE: "shuffle", FILTER_DELTA: "delta"}
 _HEAD = struct.Struct("<8sII")
 _COLUMN = struct.Struct("<QBB6x")
+_CRC = struct.Struct("<I")
 #: A filter is kept only if it shrinks the column's coded bytes by at least this fraction
 #: (measured at write time on up to FILTER_SAMPLE_BYTES of the column).
 MIN_FILTER_GAIN = 0.02
@@ -299,6 +300,8 @@ class ColumnBlock:
     """
 
     __slots__ = (
+        "_all",
+        "_alone",
         "_last",
         "_lengths",
         "_meta_at",
@@ -388,6 +391,11 @@ class ColumnBlock:
         # CRC-32s (kept for storages of 64 KiB or more) and pickle bytes.
         self._last: tuple[Any, ...] | None = None
         self._lengths: dict[tuple[str, tuple[int, ...], int], int] = {}  # rebuilt length by shape
+        # Every record's (pickle starts, pickle lengths, rebuilt lengths) as lists, from one
+        # parse of the whole metadata column (:meth:`_parse_all`); None before it ran, False
+        # if it did not take the block.
+        self._all: tuple[list[int], list[int], list[int]] | bool | None = None
+        self._alone = 0  # records whose metadata was parsed one by one
         self._spans: dict[tuple[int, ...], tuple[list[tuple[int, int]], int]] = {}  # storage blob by sizes
         #: The frame's first record in its shard (set by the reader).
         self.first = 0
@@ -412,6 +420,24 @@ class ColumnBlock:
         lo, hi = int(self._meta_at[r]), int(self._meta_at[r + 1])
         col0 = self.columns[0]
         table = self._table_sizes[r].tolist()
+        parsed = self._all
+        if parsed is None and self._alone >= 2:
+            # A third record of the block asked for (random reads over a block kept in a
+            # reader's frame cache): parse them all at once, not one by one.
+            parsed = self._parse_all()
+        if parsed:  # the whole column parsed and checked: read this record's fields
+            at, size = parsed[0][r], parsed[1][r]  # type: ignore[index]
+            got = (
+                "archive",
+                col0[at : at + size],
+                _ptzip.read_meta_fields(col0, lo, 2, (), 0)[0],
+                self._crcs_at(at, size, table),
+                tuple(table),
+                tuple(self._starts[r].tolist()),
+            )
+            self._metas[r] = got
+            return got
+        self._alone += 1
         last = self._last
         if (  # laid out as the last record parsed: the same bytes but for its name hash, its
             # CRC-32s and its pickle (records of one shape): those are read where they were
@@ -489,11 +515,15 @@ class ColumnBlock:
             RecordLengthError: The record rebuilds to another length (kind ``record_length``).
             RecordMetaError: The parts would make a zip of 4 GiB or more.
         """
-        archive, pickle, _, _, sizes, _ = self._meta(r)
-        key = (archive, sizes, len(pickle))
-        length = self._lengths.get(key)
-        if length is None:
-            length = self._lengths[key] = _ptzip.rebuilt_length(self.layout, archive, len(pickle), sizes)
+        parsed = self._all
+        if parsed:
+            length = parsed[2][r]  # type: ignore[index]
+        else:
+            archive, pickle, _, _, sizes, _ = self._meta(r)
+            key = (archive, sizes, len(pickle))
+            length = self._lengths.get(key)
+            if length is None:
+                length = self._lengths[key] = _ptzip.rebuilt_length(self.layout, archive, len(pickle), sizes)
         if length != raw_bytes:
             exc = RecordLengthError(
                 f"{self.where}: record {r} of the column block rebuilds to {length} bytes, the record map says "
@@ -593,28 +623,60 @@ class ColumnBlock:
                 spans.append((0, n))
         return bytes(pickle), tuple(bufs), spans
 
-    def _pickles(self, raw_bytes: Any) -> list[bytes | None] | None:
-        """Every record's pickle, or None for a record whose rebuilt length is not
-        ``raw_bytes[r]``, from one parse of the whole metadata column
-        (:func:`._ptzip.parse_metas`, :func:`._ptzip.rebuilt_lengths`): the checks each
-        record's first use makes (:meth:`_meta`, :meth:`check_length`). None when that parse
-        does not take the block (fewer than :data:`PARSE_ALL_RECORDS` records, an archive
-        name, a metadata that does not parse or lists other sizes than the size table...):
-        :meth:`_meta` then parses each record alone."""
+    def _parse_all(self) -> tuple[list[int], list[int], list[int]] | bool:
+        """Parse and check every record's metadata at once, and compute every rebuilt length
+        (:func:`._ptzip.parse_metas`, :func:`._ptzip.rebuilt_lengths`: the checks each
+        record's first use makes, :meth:`_meta`), once a block: ``(pickle starts, pickle
+        lengths, rebuilt lengths)``, or False when that parse does not take the block (fewer
+        than :data:`PARSE_ALL_RECORDS` records, an archive name, a metadata that does not
+        parse or lists other sizes than the size table, a record of 4 GiB or more):
+        :meth:`_meta` then parses each record alone, which raises what it finds."""
+        self._all = False
         if self.n < PARSE_ALL_RECORDS:
-            return None
+            return False
         got = _ptzip.parse_metas(self.columns[0], self._meta_at, self.layout, self._table_sizes)
         if got is None:
-            return None
+            return False
         at, pickle_bytes = got
         lengths = _ptzip.rebuilt_lengths(
             self.layout, "archive", np.column_stack((pickle_bytes, self._table_sizes.astype(np.int64)))
         )
         if lengths is None:
+            return False
+        self._all = (at.tolist(), pickle_bytes.tolist(), lengths.tolist())
+        return self._all
+
+    def _crcs_at(self, at: int, pickle_bytes: int, sizes: list[int]) -> tuple[int | None, ...]:
+        """The CRC-32s a record keeps (``None`` for the others), its pickle at ``at`` of
+        column 0: the 4-byte values just before the pickle, one for the pickle and each
+        storage of at least ``_ptzip.CRC_STORED_MIN_BYTES``, in that order."""
+        values = [pickle_bytes, *sizes]
+        if not self.layout.crc32 or max(values) < _ptzip.CRC_STORED_MIN_BYTES:
+            return (None,) * len(values)
+        kept = sum(v >= _ptzip.CRC_STORED_MIN_BYTES for v in values)
+        pos = at - 4 * kept
+        out: list[int | None] = []
+        for v in values:
+            if v >= _ptzip.CRC_STORED_MIN_BYTES:
+                out.append(_CRC.unpack_from(self.columns[0], pos)[0])
+                pos += 4
+            else:
+                out.append(None)
+        return tuple(out)
+
+    def _pickles(self, raw_bytes: Any) -> list[bytes | None] | None:
+        """Every record's pickle, or None for a record whose rebuilt length is not
+        ``raw_bytes[r]``, from the whole-block parse (:meth:`_parse_all`); None when that
+        parse does not take the block."""
+        parsed = self._all if self._all is not None else self._parse_all()
+        if not parsed:
             return None
+        at, pickle_bytes, lengths = parsed  # type: ignore[misc]
         col0 = self.columns[0]
-        ok = (lengths == np.asarray(raw_bytes, dtype=np.int64)).tolist()
-        return [bytes(col0[a : a + p]) if good else None for a, p, good in zip(at.tolist(), pickle_bytes.tolist(), ok)]
+        return [
+            bytes(col0[a : a + p]) if length == int(want) else None
+            for a, p, length, want in zip(at, pickle_bytes, lengths, raw_bytes)
+        ]
 
     def load_all(self, raw_bytes: Any, spent: bool = False) -> list[Any] | None:
         """Every record of the block loaded together (:func:`.fastload.load_columns`): each
