@@ -876,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compact", action="store_true",
         help="store records container-free in columnar frames (format 1.3): each record's pickle and tensor "
         "bytes, laid out column by column, its exact torch.save bytes rebuilt on read; much smaller for small "
-        "records, slower random reads (implies --frame-size 64KiB of content unless given; docs/format.md 5.3, "
+        "records, slower random reads (implies --frame-size 256KiB of content unless given; docs/format.md 5.3, "
         "docs/benchmarks.md)",
     )  # fmt: skip
     p.add_argument(

@@ -120,8 +120,11 @@ DICT_MIN_GAIN = 0.02
 _MODES = ("create", "overwrite", "append")
 #: Frame target of ``compact=True`` when ``frame_target_bytes`` is not given: bytes of the
 #: records' content (pickles and storages, what a column block holds), not of their torch.save
-#: containers (about 1.5 KB a record more).
-COMPACT_FRAME_BYTES = 64 * 2**10
+#: containers (about 1.5 KB a record more). Measured against 64 KiB and 1 MiB on every kind of
+#: the benchmark (docs/benchmarks.md, "256 KiB blocks"): 2-7% fewer bytes, sequential reads
+#: 4-35% faster and reads of every record in random order faster, for a single read of a block
+#: not read before costing 1.4-1.9x (about 0.45-0.85 ms here; 1 MiB blocks: 1.2-3.3 ms).
+COMPACT_FRAME_BYTES = 256 * 2**10
 
 
 def lock_owner(token: str, role: str, mode: str) -> dict[str, Any]:
@@ -239,7 +242,7 @@ class ShardWriter:
             bytes rebuilt on read. Every record is proved first (rebuilt and compared with
             ``torch.save``'s own bytes); one that does not prove is stored as it is, in a
             plain frame. Implies multi-record frames (``frame_target_bytes`` default
-            ``COMPACT_FRAME_BYTES``, 64 KiB, counted in content bytes: pickles and storages).
+            ``COMPACT_FRAME_BYTES``, 256 KiB, counted in content bytes: pickles and storages).
             Measured (docs/benchmarks.md, "Container-free columnar frames"): 0.80-0.93x
             litdata's bytes on every benchmark kind, but slower reads than one record a frame
             (not the default). Default False.

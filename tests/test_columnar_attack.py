@@ -479,7 +479,8 @@ def test_spent_blocks_load_in_place_and_samples_stay_their_own(tmp_path: Path, f
     batch = _mixed_block_records()
     path = tmp_path / "s"
     with mock.patch.object(columnar, "choose_filter", lambda col, compress, *rest: forced):
-        ts.write_store(batch, path, codec="zstd", compact=True)
+        # (64 KiB frames: each 80 KiB record alone in its frame)
+        ts.write_store(batch, path, codec="zstd", compact=True, frame_target_bytes=64 * 2**10)
     want = [_loaded_bytes(dumps(s)) for s in batch]
     spent: list[int] = []
     real = columnar.ColumnBlock.spent_args
