@@ -2461,8 +2461,8 @@ def load_columns(
                     t = frombuffer(column, dtype=dtype, count=nbytes // esize, offset=lo)
                 else:
                     t = frombuffer(bytearray(column[lo : lo + nbytes]), dtype=dtype)
-                # (view(*size): ~0.7 us less than view(size); a 0-dim tensor takes view(()))
-                col.append(t if len(size) == 1 else t.view(*size) if size else t.view(size))
+                # (view(*size), squeeze(0): ~0.7 us less than view(size), view(()))
+                col.append(t if len(size) == 1 else t.view(*size) if size else t.squeeze(0))
             _increment_version(col)  # as set_ would: torch.load's tensors are at version 1
             cols.append(col)
         leaf_cols = list(zip(*leaf_rows)) if leaf_rows[0] else []
