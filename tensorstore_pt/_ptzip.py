@@ -704,6 +704,8 @@ def rebuilt_lengths(layout: PtLayout, archive: str, sizes: np.ndarray) -> np.nda
         :func:`rebuilt_length` gives it; or None if any would be 4 GiB or more (for which
         :func:`rebuilt_length` raises).
     """
+    if len(sizes) and int(sizes.max()) >= _ZIP32_LIMIT:  # (and the sums below stay far from int64's end)
+        return None
     steps, tail = _length_steps(layout, archive, sizes.shape[1] - 1)
     align = layout.alignment
     offset = np.zeros(len(sizes), dtype=np.int64)
@@ -965,8 +967,8 @@ def parse_metas(
     n, count = table.shape
     if not n:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    if int((hi - lo).min()) < 12:  # header, hash, the count and pickle length, a pickle byte
-        return None
+    if int((hi - lo).min()) < 12 or int(bounds[0]) < 0 or int(bounds[-1]) > len(b):
+        return None  # (the header, hash, count, pickle length and a pickle byte take 12 bytes)
     try:
         # Each varint is read where the one before it ended, without a bound: one that runs
         # past its metadata's end leaves ``cur`` past it, which the last check finds (every

@@ -553,6 +553,16 @@ def test_parse_metas_gives_up_on_what_parse_meta_refuses() -> None:
         assert _ptzip.parse_metas(col, bounds, layout, np.array([[5], [5]])) is None, what
     col = good * 2
     assert _ptzip.parse_metas(col, np.array([0, len(good), len(col)]), layout, np.array([[5], [5]])) is not None
+    # bounds past the column (a caller's fault; ColumnBlock checks them first)
+    assert _ptzip.parse_metas(col[:-1], np.array([0, len(good), len(col)]), layout, np.array([[5], [5]])) is None
+
+
+def test_rebuilt_lengths_of_sizes_past_4_gib_is_none_without_overflow() -> None:
+    for big in (2**32 - 1, 2**40, 2**62):
+        sizes = np.array([[10, big, 3]], dtype=np.int64)
+        assert _ptzip.rebuilt_lengths(_ptzip.DEFAULT_LAYOUT, "archive", sizes) is None
+        with pytest.raises(RecordMetaError):
+            _ptzip.rebuilt_length(_ptzip.DEFAULT_LAYOUT, "archive", 10, (big, 3))
 
 
 def test_records_of_one_structure_with_other_sizes_are_split_without_a_full_parse(monkeypatch) -> None:
