@@ -121,9 +121,10 @@ _MODES = ("create", "overwrite", "append")
 #: Frame target of ``compact=True`` when ``frame_target_bytes`` is not given: bytes of the
 #: records' content (pickles and storages, what a column block holds), not of their torch.save
 #: containers (about 1.5 KB a record more). Measured against 64 KiB and 1 MiB on every kind of
-#: the benchmark (docs/benchmarks.md, "256 KiB blocks"): 2-7% fewer bytes, sequential reads
-#: 4-35% faster and reads of every record in random order faster, for a single read of a block
-#: not read before costing 1.4-1.9x (about 0.45-0.85 ms here; 1 MiB blocks: 1.2-3.3 ms).
+#: the benchmark (docs/benchmarks.md, "whole-block parsing, 256 KiB blocks"): up to 7% fewer
+#: bytes, up to 31% less CPU a sample read in order, reads of every record in random order
+#: up to 23% faster, for a single read of a block not read before costing 1.4-2.0x (about
+#: 0.45-0.78 ms here; 1 MiB blocks: 1.2-3.5 ms).
 COMPACT_FRAME_BYTES = 256 * 2**10
 
 
@@ -243,9 +244,9 @@ class ShardWriter:
             ``torch.save``'s own bytes); one that does not prove is stored as it is, in a
             plain frame. Implies multi-record frames (``frame_target_bytes`` default
             ``COMPACT_FRAME_BYTES``, 256 KiB, counted in content bytes: pickles and storages).
-            Measured (docs/benchmarks.md, "Container-free columnar frames"): 0.80-0.93x
-            litdata's bytes on every benchmark kind, but slower reads than one record a frame
-            (not the default). Default False.
+            Measured (docs/benchmarks.md, "Container-free columnar frames"): 0.71-0.96x
+            litdata's bytes on every benchmark kind, but slower random reads than one record a
+            frame on medium and large records (not the default). Default False.
         raw_below: Store a frame raw (its ``torch.save`` bytes, no codec frame) when the codec
             shrinks it by less than this fraction of its raw bytes; 0 disables. Default
             ``DEFAULT_RAW_BELOW`` (0.05), chosen by measurement (docs/benchmarks.md, "Raw
