@@ -76,9 +76,10 @@ MIN_FILTER_GAIN = 0.02
 FILTER_SAMPLE_BYTES = 16 * 1024
 #: Most columns a block may have (a record with more storages is stored in a plain frame).
 MAX_COLUMNS = 4096
-#: A block of at least this many records loaded together (:meth:`ColumnBlock.load_all`)
-#: parses all their metadata and checks their rebuilt lengths with numpy at once: about
-#: 80 us a block plus 0.7 us a record here, against 3.5-8 us a record parsed alone.
+#: A block of at least this many records loaded together (:meth:`ColumnBlock.load_all`), or
+#: whose third record is read alone, parses all their metadata and checks their rebuilt
+#: lengths with numpy at once: about 80 us a block plus 0.7 us a record here, against 3.5-8
+#: us a record parsed alone.
 PARSE_ALL_RECORDS = 16
 
 
@@ -373,7 +374,8 @@ class ColumnBlock:
         self._nbytes = size + sum(len(col) for col, spec in zip(cols, specs) if spec[1] != FILTER_NONE)
         # Where each record's metadata and storages start: every table is checked above, each
         # record's metadata when the record is first used (against the size table), so a
-        # random read parses one record's metadata, not the block's.
+        # random read parses one record's metadata, not the block's (from a block's third
+        # record used, or when it loads together, all are parsed at once: _parse_all).
         meta_at = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(meta_lengths, out=meta_at[1:])
         # Where each storage starts in its column: 4 bytes a record and storage (the columns
