@@ -427,13 +427,21 @@ def test_known_tail_with_another_pickle_length_is_split_without_a_full_parse(mon
     common = max({len(r) for r in made}, key=[len(r) for r in made].count)
     raws = [r for r in made if len(r) == common]  # padded to the same storage offsets
     assert len(raws) >= 20 and len({_ptzip.prove(r).pickle.nbytes for r in raws}) >= 3
+    full = _full_parses_proving(raws, monkeypatch)
+    assert full <= 1, f"{full} full parses of {len(raws)} records sharing a tail"
+
+
+def _full_parses_proving(raws: list[bytes], monkeypatch) -> int:
+    """Prove each of ``raws`` (each must prove to its exact bytes, its storages those zipfile
+    reads); how many needed a full parse (``_split``)."""
     full = []
     real = _ptzip._split
     monkeypatch.setattr(_ptzip, "_split", lambda mv: full.append(1) or real(mv))
     for raw in raws:
         parts = _ptzip.prove(raw)
         assert parts is not None and _ptzip.rebuild(parts) == raw
-    assert len(full) <= 1, f"{len(full)} full parses of {len(raws)} records sharing a tail"
+        assert [bytes(s) for s in parts.storages] == [e for n, e in _zip_entries(raw) if "/data/" in n]
+    return len(full)
 
 
 # --------------------------------------------------------------------------- many metadata at once
@@ -573,14 +581,8 @@ def test_records_of_one_structure_with_other_sizes_are_split_without_a_full_pars
     g = torch.Generator().manual_seed(5)
     raws = [dumps((torch.randint(0, 30000, (3 + 7 * i,), generator=g), {"n": "x" * (i % 5)})) for i in range(30)]
     assert len({len(r) for r in raws}) >= 20
-    full = []
-    real = _ptzip._split
-    monkeypatch.setattr(_ptzip, "_split", lambda mv: full.append(1) or real(mv))
-    for raw in raws:
-        parts = _ptzip.prove(raw)
-        assert parts is not None and _ptzip.rebuild(parts) == raw
-        assert [bytes(s) for s in parts.storages] == [e for n, e in _zip_entries(raw) if "/data/" in n]
-    assert len(full) <= 1, f"{len(full)} full parses of {len(raws)} records of one structure"
+    full = _full_parses_proving(raws, monkeypatch)
+    assert full <= 1, f"{full} full parses of {len(raws)} records of one structure"
     bad = bytearray(raws[7])
     bad[bad.index(b"byteorder") + len("byteorder") + 10] ^= 1  # in the byteorder record's header or value
     assert _ptzip.prove(bytes(bad)) is None
