@@ -68,7 +68,6 @@ _FILTER_SIZES = {FILTER_NONE: (0,), FILTER_SHUFFLE: (2, 4, 8), FILTER_DELTA: (1,
 _FILTER_NAMES = {FILTER_NONE: "none", FILTER_SHUFFLE: "shuffle", FILTER_DELTA: "delta"}
 _HEAD = struct.Struct("<8sII")
 _COLUMN = struct.Struct("<QBB6x")
-_CRC = struct.Struct("<I")
 #: A filter is kept only if it shrinks the column's coded bytes by at least this fraction
 #: (measured at write time on up to FILTER_SAMPLE_BYTES of the column).
 MIN_FILTER_GAIN = 0.02
@@ -429,14 +428,13 @@ class ColumnBlock:
             parsed = self._parse_all()
         if parsed:  # the whole column parsed and checked: read this record's fields
             at, size = parsed[0][r], parsed[1][r]  # type: ignore[index]
-            got = (
-                "archive",
-                col0[at : at + size],
-                _ptzip.read_meta_fields(col0, lo, 2, (), 0)[0],
-                self._crcs_at(at, size, table),
-                tuple(table),
-                tuple(self._starts[r].tolist()),
-            )
+            # Its name hash and kept CRC-32s where a metadata of these sizes holds them
+            # (a CRC-32 for the pickle and each storage of CRC_STORED_MIN_BYTES or more).
+            min_bytes = _ptzip.CRC_STORED_MIN_BYTES if self.layout.crc32 else None
+            kept = tuple(0 if min_bytes is not None and v >= min_bytes else None for v in (size, *table))
+            head, _, slots = _ptzip.meta_fields_at("archive", kept, at - lo)
+            name_hash, crcs = _ptzip.read_meta_fields(col0, lo, head, slots, len(table))
+            got = ("archive", col0[at : at + size], name_hash, crcs, tuple(table), tuple(self._starts[r].tolist()))
             self._metas[r] = got
             return got
         self._alone += 1
@@ -647,24 +645,6 @@ class ColumnBlock:
             return False
         self._all = (at.tolist(), pickle_bytes.tolist(), lengths.tolist())
         return self._all
-
-    def _crcs_at(self, at: int, pickle_bytes: int, sizes: list[int]) -> tuple[int | None, ...]:
-        """The CRC-32s a record keeps (``None`` for the others), its pickle at ``at`` of
-        column 0: the 4-byte values just before the pickle, one for the pickle and each
-        storage of at least ``_ptzip.CRC_STORED_MIN_BYTES``, in that order."""
-        values = [pickle_bytes, *sizes]
-        if not self.layout.crc32 or max(values) < _ptzip.CRC_STORED_MIN_BYTES:
-            return (None,) * len(values)
-        kept = sum(v >= _ptzip.CRC_STORED_MIN_BYTES for v in values)
-        pos = at - 4 * kept
-        out: list[int | None] = []
-        for v in values:
-            if v >= _ptzip.CRC_STORED_MIN_BYTES:
-                out.append(_CRC.unpack_from(self.columns[0], pos)[0])
-                pos += 4
-            else:
-                out.append(None)
-        return tuple(out)
 
     def _pickles(self, raw_bytes: Any) -> list[bytes | None] | None:
         """Every record's pickle, or None for a record whose rebuilt length is not
