@@ -275,3 +275,48 @@ def test_every_weights_only_leaf_stays_accepted_and_counts_no_tensor_bytes():
     }
     ser.check_sample(sample)
     assert ser.tensor_bytes(sample) == 6
+
+
+def _element_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of a contiguous tensor's elements, read from its storage through a uint8
+    view (no copy of ``t`` itself: a bool's bytes other than 0/1 stay as they are)."""
+    size = t.element_size()
+    return (
+        torch.empty(0, dtype=torch.uint8)
+        .set_(t.untyped_storage(), t.storage_offset() * size, (t.numel() * size,))
+        .numpy()
+        .tobytes()
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.bool, torch.complex64, torch.uint16]
+)
+def test_clone_exact_copies_large_tensors_exactly_without_torch_threads(dtype) -> None:
+    """A contiguous tensor of at least MEMMOVE_MIN_ELEMENTS is copied with one memmove: the
+    same bytes (a bool's bytes other than 0/1 too), shape and strides (a size-1 dim's stride
+    too), a storage of its own holding just them, and the same torch.save bytes. Conjugate,
+    negative and strided views still go through torch: their values."""
+    n = ser.MEMMOVE_MIN_ELEMENTS + 5
+    g = torch.Generator().manual_seed(7)
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, ((2 * n + 2) * size,), dtype=torch.uint8, generator=g)
+    base = raw.view(dtype)[1:]  # an offset into a bigger storage, every byte value
+    odd = torch.empty(n, 1, dtype=dtype).t()  # (1, n), strides (1, 1): contiguous
+    odd.view(torch.uint8).copy_(raw[size : (n + 1) * size].view(1, -1))
+    assert odd.stride() == (1, 1) and odd.is_contiguous()
+    for t in (base[:n], base[n:].reshape(1, n + 1), odd):
+        out = ser.clone_exact(t)
+        assert (out.shape, out.stride(), out.dtype) == (t.shape, t.stride(), t.dtype)
+        assert out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        assert out.untyped_storage().nbytes() == t.numel() * size
+        assert _element_bytes(out) == _element_bytes(t)
+        assert _torch_save(out) == _torch_save(t)
+    views = [base[: 2 * n : 2]]
+    if dtype.is_complex:
+        views += [base[:n].conj(), base[:n].conj().imag]
+    for view in views:
+        # (torch's own copy of a bool makes its bytes 0/1: the expected bytes come through uint8)
+        want = (view.view(torch.uint8) if dtype == torch.bool else view).resolve_conj().resolve_neg().contiguous()
+        got = ser.clone_exact(view).resolve_conj().resolve_neg().contiguous()
+        assert _element_bytes(got) == _element_bytes(want)
