@@ -28,18 +28,30 @@ def _apply(col: bytes, filt: int, size: int) -> bytes:
     """The stored form of column bytes ``col`` under filter ``filt`` of element size ``size``."""
     if filt == FILTER_NONE:
         return col
-    whole = len(col) // size * size
-    a = np.frombuffer(col, dtype=np.uint8, count=whole)
+    out = np.empty(len(col), dtype=np.uint8)
+    _apply_into(col, filt, size, out)
+    return out.tobytes()
+
+
+def _apply_into(col: bytes | memoryview, filt: int, size: int, out: np.ndarray) -> None:
+    """Write the stored form of ``col`` under filter ``filt`` of element size ``size`` into
+    ``out`` (a 1-d uint8 array of ``len(col)`` bytes, aligned or not): one pass over ``col``."""
+    a = np.frombuffer(col, dtype=np.uint8)
+    if filt == FILTER_NONE:
+        out[:] = a
+        return
+    whole = len(a) // size * size
     if filt == FILTER_SHUFFLE:  # one byte plane at a time: 2-7x faster than a transposed copy
-        body = b"".join(a[k::size].tobytes() for k in range(size))
+        m = whole // size
+        for k in range(size):
+            out[k * m : (k + 1) * m] = a[k:whole:size]
     else:
-        v = a.view(_DTYPES[size])
-        d = np.empty_like(v)
+        v = a[:whole].view(_DTYPES[size])
+        d = out[:whole].view(_DTYPES[size])
         if len(v):
             d[0] = v[0]
             np.subtract(v[1:], v[:-1], out=d[1:])
-        body = d.tobytes()
-    return body + col[whole:]
+    out[whole:] = a[whole:]
 
 
 def _undo(col: memoryview, filt: int, size: int) -> memoryview:

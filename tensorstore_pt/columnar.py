@@ -45,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import _ptzip, fastload
-from ._filters import FILTER_DELTA, FILTER_NONE, FILTER_SHUFFLE, _apply, _undo
+from ._filters import FILTER_DELTA, FILTER_NONE, FILTER_SHUFFLE, _apply, _apply_into, _undo
 from .errors import RecordLengthError, RecordMetaError
 from .format import COLUMNAR_EXPANSION
 from .shardio import check_record_budget
@@ -59,7 +59,11 @@ __all__ = [
     "MAGIC",
     "MIN_FILTER_GAIN",
     "ColumnBlock",
+    "assemble_block",
+    "block_filters",
+    "build_frame",
     "encode_block",
+    "frame_plans",
 ]
 
 #: The first 8 bytes of every column block.
@@ -175,7 +179,8 @@ def _storage_types(pickle: Any) -> tuple[bytes, ...]:
 def encode_block(
     parts: list[_ptzip.PtParts], compress: Callable[[bytes], bytes] | None, memo: FilterMemo | None = None
 ) -> bytes:
-    """The column block of records ``parts`` (all with the same storage count and layout).
+    """The column block of records ``parts`` (all with the same storage count and layout):
+    :func:`assemble_block` of the filters :func:`block_filters` chooses.
 
     Args:
         parts: From :func:`._ptzip.prove` of each record, in record order (at least one).
@@ -191,26 +196,91 @@ def encode_block(
         ValueError: ``parts`` is empty, the records differ in storage count, or have more
             than ``MAX_COLUMNS - 1`` storages (the writer stores such records in plain frames).
     """
+    _check_block_parts(parts)
+    return assemble_block(parts, block_filters(parts, compress, memo))
+
+
+def _check_block_parts(parts: list[_ptzip.PtParts]) -> int:
+    """The storage count of records ``parts`` may share a block with; ValueError if they may not."""
     if not parts:
         raise ValueError("a column block holds at least one record")
     count = len(parts[0].storages)
     if any(len(p.storages) != count for p in parts) or count + 1 > MAX_COLUMNS:
         raise ValueError("a column block's records share one storage count, of at most MAX_COLUMNS - 1")
-    metas = [_ptzip.encode_meta(p) for p in parts]
-    columns: list[tuple[bytes, int, int]] = [(b"".join(metas), FILTER_NONE, 0)]
+    return count
+
+
+def _column_head(parts: list[_ptzip.PtParts], j: int) -> bytes:
+    """The first :data:`FILTER_SAMPLE_BYTES` of storage column ``j`` of a block of ``parts``
+    (all of it if shorter): what :func:`choose_filter` codes of the whole column."""
+    pieces = []
+    left = FILTER_SAMPLE_BYTES
+    for p in parts:
+        piece = p.storages[j][:left]
+        pieces.append(piece)
+        left -= len(piece)
+        if not left:
+            break
+    return b"".join(pieces)
+
+
+def block_filters(
+    parts: list[_ptzip.PtParts], compress: Callable[[bytes], bytes] | None, memo: FilterMemo | None = None
+) -> tuple[tuple[int, int], ...]:
+    """``(filter, element size)`` of each storage column of a block of records ``parts``, as
+    :func:`choose_filter` (or ``memo``, see :class:`FilterMemo`) chooses it from the column's
+    first :data:`FILTER_SAMPLE_BYTES`. Depends only on ``parts``, ``compress`` and ``memo``
+    (whose state it updates): a writer calls it on its own thread, block after block, so that
+    the filters are the same however many threads then assemble and code the blocks."""
+    count = _check_block_parts(parts)
     kind = (count, _storage_types(parts[0].pickle)) if memo is not None and compress is not None else None
-    for j in range(count):
-        col = b"".join(p.storages[j] for p in parts)
-        filt, size = (
-            choose_filter(col, compress) if kind is None else memo.choose((*kind, j), col, compress)  # type: ignore[union-attr]
-        )
-        columns.append((_apply(col, filt, size), filt, size))
-    out = [_HEAD.pack(MAGIC, len(parts), len(columns))]
-    out += [_COLUMN.pack(len(c), f, s) for c, f, s in columns]
-    out.append(np.asarray([len(m) for m in metas], dtype="<u4").tobytes())
-    out.append(np.asarray([[len(st) for st in p.storages] for p in parts], dtype="<u4").reshape(-1).tobytes())
-    out += [c for c, _, _ in columns]
-    return b"".join(out)
+    return tuple(
+        choose_filter(_column_head(parts, j), compress)
+        if kind is None
+        else memo.choose((*kind, j), _column_head(parts, j), compress)  # type: ignore[union-attr]
+        for j in range(count)
+    )
+
+
+def assemble_block(parts: list[_ptzip.PtParts], filters: tuple[tuple[int, int], ...]) -> bytearray:
+    """The column block of records ``parts`` with storage column ``j`` stored under filter
+    ``filters[j]`` (docs/format.md, section 5.3), in one buffer that each storage is copied
+    into once, filtered on the way (a column of several records is first joined when a
+    filter spans them). Pure: safe in any thread.
+
+    Raises:
+        ValueError: As :func:`encode_block`, or ``filters`` does not give one filter per
+            storage column.
+    """
+    count = _check_block_parts(parts)
+    if len(filters) != count:
+        raise ValueError(f"a block of records with {count} storages needs {count} filters, found {len(filters)}")
+    metas = [_ptzip.encode_meta(p) for p in parts]
+    sizes = [[len(st) for st in p.storages] for p in parts]
+    widths = np.asarray(sizes, dtype=np.int64).reshape(len(parts), count).sum(axis=0).tolist()
+    column_bytes = [sum(len(m) for m in metas), *widths]
+    head = [_HEAD.pack(MAGIC, len(parts), count + 1)]
+    head += [_COLUMN.pack(n, f, e) for n, (f, e) in zip(column_bytes, ((FILTER_NONE, 0), *filters))]
+    head.append(np.asarray([len(m) for m in metas], dtype="<u4").tobytes())
+    head.append(np.asarray(sizes, dtype="<u4").reshape(-1).tobytes())
+    head += metas
+    head_bytes = b"".join(head)
+    block = bytearray(len(head_bytes) + sum(widths))
+    out = np.frombuffer(block, dtype=np.uint8)
+    out[: len(head_bytes)] = np.frombuffer(head_bytes, dtype=np.uint8)
+    pos = len(head_bytes)
+    for j, (filt, size) in enumerate(filters):
+        n = widths[j]
+        if filt == FILTER_NONE:
+            for p in parts:  # each storage straight into place
+                st = p.storages[j]
+                block[pos : pos + len(st)] = st
+                pos += len(st)
+            continue
+        col = parts[0].storages[j] if len(parts) == 1 else b"".join(p.storages[j] for p in parts)
+        _apply_into(col, filt, size, out[pos : pos + n])
+        pos += n
+    return block
 
 
 def proved(raw: bytes, layout: _ptzip.PtLayout) -> tuple[_ptzip.PtParts | None, int]:
@@ -227,6 +297,46 @@ def proved(raw: bytes, layout: _ptzip.PtLayout) -> tuple[_ptzip.PtParts | None, 
 #: About what a record's metadata adds to its pickle (header, name hash, lengths, its own length).
 _META_OVERHEAD_BYTES = 16
 
+#: How a compact writer will store one run of records (:func:`frame_plans`): their
+#: ``torch.save`` bytes, and their parts with the filter of each storage column (None: a
+#: plain frame).
+FramePlan = tuple[list[bytes], list[_ptzip.PtParts] | None, tuple[tuple[int, int], ...] | None]
+
+
+def frame_plans(
+    records: list[tuple[bytes, _ptzip.PtParts | None]],
+    compress: Callable[[bytes], bytes] | None,
+    memo: FilterMemo | None = None,
+) -> list[FramePlan]:
+    """The first, ordered half of :func:`plan_frames`: the runs of ``records`` and the filters
+    of each run that may be a column block (:func:`block_filters`, which updates ``memo``).
+    :func:`build_frame` of each plan, in any thread and any order, gives the frames."""
+    runs: list[tuple[int | None, list[bytes], list[Any]]] = []
+    for raw, parts in records:
+        key = None if parts is None else len(parts.storages)
+        if not runs or runs[-1][0] != key:
+            runs.append((key, [], []))
+        runs[-1][1].append(raw)
+        runs[-1][2].append(parts)
+    return [
+        (group, None, None) if key is None else (group, parts_list, block_filters(parts_list, compress, memo))
+        for key, group, parts_list in runs
+    ]
+
+
+def build_frame(plan: FramePlan) -> tuple[bytes, list[int], bool]:
+    """``(decoded frame bytes, the records' raw lengths, is a column block)`` of one
+    :data:`FramePlan`: the column block, or a plain frame (the records' bytes back to back)
+    for records that did not prove or whose block they would rebuild to more than
+    :data:`.format.COLUMNAR_EXPANSION` times (readers refuse such a block). Pure."""
+    group, parts_list, filters = plan
+    lengths = [len(r) for r in group]
+    if parts_list is not None and filters is not None:
+        block = assemble_block(parts_list, filters)
+        if sum(lengths) <= COLUMNAR_EXPANSION * len(block):
+            return block, lengths, True
+    return (group[0] if len(group) == 1 else b"".join(group)), lengths, False
+
 
 def plan_frames(
     records: list[tuple[bytes, _ptzip.PtParts | None]],
@@ -237,7 +347,7 @@ def plan_frames(
     for each run of consecutive records that proved (:func:`proved`) with the same storage
     count, a plain frame (their bytes back to back) for each run of records that did not, or
     whose block they would rebuild to more than :data:`.format.COLUMNAR_EXPANSION` times
-    (readers refuse such a block).
+    (readers refuse such a block). :func:`build_frame` of each of :func:`frame_plans`.
 
     Args:
         records: ``(torch.save bytes, parts or None)`` of each record, in order.
@@ -247,22 +357,7 @@ def plan_frames(
     Returns:
         ``(decoded frame bytes, the records' raw lengths, is a column block)`` per frame.
     """
-    runs: list[tuple[int | None, list[bytes], list[Any]]] = []
-    for raw, parts in records:
-        key = None if parts is None else len(parts.storages)
-        if not runs or runs[-1][0] != key:
-            runs.append((key, [], []))
-        runs[-1][1].append(raw)
-        runs[-1][2].append(parts)
-    out = []
-    for key, group, parts_list in runs:
-        lengths = [len(r) for r in group]
-        block = None if key is None else encode_block(parts_list, compress, memo)
-        if block is None or sum(lengths) > COLUMNAR_EXPANSION * len(block):
-            out.append((group[0] if len(group) == 1 else b"".join(group), lengths, False))
-        else:
-            out.append((block, lengths, True))
-    return out
+    return [build_frame(plan) for plan in frame_plans(records, compress, memo)]
 
 
 # --------------------------------------------------------------------------- reading

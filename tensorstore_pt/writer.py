@@ -161,6 +161,27 @@ def stores_raw(codec: Codec, frame_bytes: int, raw_bytes: int, raw_below: float)
     return raw_below > 0 and codec.codec_id != "none" and frame_bytes > raw_bytes * (1.0 - raw_below)
 
 
+#: One frame coded for writing: the arguments of ``ShardWriter._emit_frame``: (frame bytes,
+#: their checksum, the records' raw lengths, stored raw, decoded block bytes or None).
+_CodedFrame = tuple[bytes, int, list[int], bool, int | None]
+
+
+def _coded_frame(data: bytes, lengths: list[int], block: bool, codec: Codec, raw_below: float) -> _CodedFrame:
+    """A frame of decoded bytes ``data`` (records of ``lengths`` bytes; ``block``: a column
+    block, format 1.3) coded by ``codec``, or kept raw where it saves too little."""
+    frame = codec.compress(data)
+    stored_raw = stores_raw(codec, len(frame), len(data), raw_below)
+    if stored_raw:
+        frame = data
+    return frame, digest_int(frame), lengths, stored_raw, len(data) if block else None
+
+
+def _code_plans(plans: list[columnar.FramePlan], codec: Codec, raw_below: float) -> list[_CodedFrame]:
+    """The frames of one compact group (:func:`.columnar.build_frame` of each plan, coded).
+    Pure: runs on a coder thread."""
+    return [_coded_frame(*columnar.build_frame(plan), codec, raw_below) for plan in plans]
+
+
 def _encode(
     sample: Any, codec: Codec | None, raw_below: float = 0.0
 ) -> tuple[bytes | None, int, bytes | None, int, bool]:
@@ -308,7 +329,9 @@ class ShardWriter:
     str with another seed, so its set would be written in another order).
 
     Memory (``num_workers=0``): at most ``2 * num_threads + 2`` encoded samples are in flight, plus one frame
-    group (about ``frame_target_bytes``), plus, while a dictionary is being trained, the raw
+    group (about ``frame_target_bytes``; with ``compact``, up to ``num_threads + 2`` groups
+    (``num_workers + 2`` with workers), each with its block, while coder threads assemble and
+    code them), plus, while a dictionary is being trained, the raw
     bytes of the training records (at most ``DICT_SAMPLE_BYTES`` plus one record), plus one
     shard's tables (32 bytes a frame, 24 a record). Publishing: a full shard is finished on
     the calling thread and published (flushed, fsynced and linked under its name; uploaded,
@@ -485,6 +508,13 @@ class ShardWriter:
         self._publishing: collections.deque[tuple[ShardBuilder, cf.Future[None]]] = collections.deque()
         self._publisher: cf.ThreadPoolExecutor | None = None
         self._publish_inline = False  # no publisher thread can start (the interpreter is exiting)
+        # Compact: groups of records whose column blocks are being assembled and coded on
+        # coder threads, oldest first; their frames are written here, in that order. Their
+        # filters are chosen here first, group after group (FilterMemo), so that the bytes
+        # stored never depend on timing or on the number of threads.
+        self._coding: collections.deque[cf.Future[list[_CodedFrame]]] = collections.deque()
+        self._coder: cf.ThreadPoolExecutor | None = None
+        self._coders = self.num_workers or num_threads
         self._pending: collections.deque[cf.Future[Any]] = collections.deque()
         self._pool: cf.Executor
         if self.num_workers:
@@ -883,21 +913,54 @@ class ShardWriter:
             return
         self._emit_decoded(group[0] if len(group) == 1 else b"".join(group), [len(r) for r in group])
 
-    def _emit_decoded(self, data: bytes, lengths: list[int], block: bool = False) -> None:
-        """Code one frame's decoded bytes ``data`` (records of ``lengths`` bytes; ``block``: a
-        column block, format 1.3) and write it, raw where the codec saves too little."""
-        frame = self._codec.compress(data)
-        stored_raw = stores_raw(self._codec, len(frame), len(data), self.raw_below)
-        if stored_raw:
-            frame = data
-        self._emit_frame(frame, digest_int(frame), lengths, stored_raw, len(data) if block else None)
+    def _emit_decoded(self, data: bytes, lengths: list[int]) -> None:
+        """Code one frame's decoded bytes ``data`` (records of ``lengths`` bytes) and write it,
+        raw where the codec saves too little."""
+        self._emit_frame(*_coded_frame(data, lengths, False, self._codec, self.raw_below))
 
     def _emit_compact(self, group: list[tuple[bytes, Any]]) -> None:
         """Write ``group`` as :func:`.columnar.plan_frames` plans it (format 1.3): column blocks,
-        and plain frames for runs of records that do not prove under this writer's layout."""
+        and plain frames for runs of records that do not prove under this writer's layout.
+
+        The filters are chosen here (:func:`.columnar.frame_plans`); the blocks are assembled
+        and coded on a coder thread (:func:`_code_plans`: numpy, zstd and lz4 release the GIL)
+        while this thread takes the next records, and written in order by
+        :meth:`_emit_coded`. At most ``_coders + 1`` groups are in flight."""
         compress = None if self._codec.codec_id == "none" else self._codec.compress
-        for data, lengths, is_block in columnar.plan_frames(group, compress, self._filter_memo):
-            self._emit_decoded(data, lengths, is_block)
+        plans = columnar.frame_plans(group, compress, self._filter_memo)
+        self._coding.append(self._submit_code(plans))
+        while self._coding and (self._coding[0].done() or len(self._coding) > self._coders + 1):
+            self._emit_coded()
+
+    def _submit_code(self, plans: list[columnar.FramePlan]) -> cf.Future[list[_CodedFrame]]:
+        """:func:`_code_plans` of ``plans`` on a coder thread; where none can be started (the
+        interpreter is exiting), here and now (a done future, its error set)."""
+        try:
+            if self._coder is None:
+                self._coder = cf.ThreadPoolExecutor(max_workers=self._coders, thread_name_prefix="tspt-coder")
+            return self._coder.submit(_code_plans, plans, self._codec, self.raw_below)
+        except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+            pass
+        done: cf.Future[list[_CodedFrame]] = cf.Future()
+        try:
+            done.set_result(_code_plans(plans, self._codec, self.raw_below))
+        except BaseException as exc:  # raised by _emit_coded, as the thread's would be
+            done.set_exception(exc)
+        return done
+
+    def _emit_coded(self) -> None:
+        """Write the frames of the oldest group being coded (waiting for it)."""
+        for frame in self._coding.popleft().result():
+            self._emit_frame(*frame)
+
+    def _stop_coder(self) -> None:
+        """Drop the groups being coded and stop the coder threads (after the task they run)."""
+        for fut in self._coding:
+            fut.cancel()
+        self._coding.clear()
+        coder, self._coder = self._coder, None
+        if coder is not None:
+            coder.shutdown(wait=True, cancel_futures=True)
 
     def _train_dictionary(self) -> None:
         import zstandard
@@ -1160,6 +1223,8 @@ class ShardWriter:
             if self._dict_pending:
                 self._train_dictionary()
             self._emit_group(self._grouper.flush())
+            while self._coding:
+                self._emit_coded()
             self._close_shard()
             while self._publishing:  # every shard is durable before the index names it
                 self._wait_published()
@@ -1196,6 +1261,7 @@ class ShardWriter:
         parts, self._pool_parts = self._pool_parts, None  # they hold the result pipe and the workers' fds
         if parts is not None and parts.manager is not None:
             parts.manager.join()  # it reaps the workers (shut down early, above)
+        self._stop_coder()
         self._stop_publisher()
         if self._old is not None and self.mode == "overwrite":
             stale = [old.name for old in self._old.shards if old.name not in {s.name for s in self._shards}]
@@ -1302,6 +1368,7 @@ class ShardWriter:
         self._batch.clear()
         self._dict_buffer.clear()
         self._grouper.clear()
+        self._stop_coder()
         if self._open is not None:
             try:
                 self._open.out.abort()

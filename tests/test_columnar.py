@@ -6,6 +6,7 @@ Every check compares with an independent source: ``torch.save``'s own bytes (the
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import struct
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorstore_pt as ts
+from _store_tools import store_files
 from strategies import assert_identical, samples
 from tensorstore_pt import _ptzip, columnar, fastload
 from tensorstore_pt import format as fmt
@@ -221,6 +223,122 @@ def test_parallel_pack_byte_identical(tmp_path: Path) -> None:
     assert a == b
 
 
+def _flaky_prove(every: int):
+    """``_ptzip.prove`` that gives up on every ``every``-th call: runs of plain frames among
+    the blocks (calls are made in record order, on the writer's thread)."""
+    real = _ptzip.prove
+    calls = {"n": 0}
+
+    def flaky(buf):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return None if calls["n"] % every == 0 else real(buf)
+
+    return flaky
+
+
+def test_bytes_do_not_depend_on_threads_or_coder_timing(tmp_path: Path, fixed_token: None) -> None:
+    """Blocks are assembled and coded on coder threads, their filters chosen on the writer's
+    thread: the store is byte for byte the same for 1 or 4 threads, with coders that finish
+    out of order (random delays) and with every block coded inline."""
+    batch = _mixed() * 3 + [torch.randn(40_000, generator=torch.Generator().manual_seed(9))]
+    options = {"codec": "zstd", "compact": True, "frame_target_bytes": 600, "max_shard_bytes": 6_000}
+    real = ts.writer._code_plans
+    rng = np.random.default_rng(5)
+    delays = iter(rng.uniform(0, 0.004, 10_000).tolist())
+
+    def slow(*args):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(next(delays))
+        return real(*args)
+
+    stores = {}
+    for name, threads, code in (("one", 1, real), ("four", 4, slow), ("inline", 2, None)):
+        with (
+            mock.patch.object(_ptzip, "prove", _flaky_prove(7)),
+            mock.patch.object(ts.writer, "_code_plans", code or real),
+        ):
+            if code is None:  # no coder thread can start: every group is coded on the writer's thread
+                with mock.patch.object(ts.writer.cf.ThreadPoolExecutor, "submit", _refuse_coder_tasks()):
+                    ts.write_store(batch, tmp_path / name, num_threads=threads, **options)
+            else:
+                ts.write_store(batch, tmp_path / name, num_threads=threads, **options)
+        stores[name] = store_files(tmp_path / name)
+    assert len(stores["one"]) > 3  # several shards
+    assert stores["four"] == stores["one"]
+    assert stores["inline"] == stores["one"]
+    blocks, frames = _columnar_frames(tmp_path / "one")
+    assert 0 < blocks < frames  # blocks and plain frames
+    _check_store(tmp_path / "four", batch)
+
+
+def _refuse_coder_tasks():  # type: ignore[no-untyped-def]
+    """``ThreadPoolExecutor.submit`` that refuses tasks for coder threads, as after
+    interpreter shutdown, and takes the others."""
+    real = ts.writer.cf.ThreadPoolExecutor.submit
+
+    def submit(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self._thread_name_prefix == "tspt-coder":
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        return real(self, fn, *args, **kwargs)
+
+    return submit
+
+
+def _coder_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("tspt-coder")]
+
+
+def test_a_coding_error_fails_the_pack_and_publishes_nothing(tmp_path: Path) -> None:
+    """An error while a coder thread codes a block is raised to the caller (from a later
+    write, or close); nothing is published, the writer's files are removed and no coder
+    thread is left."""
+    real = ts.writer._code_plans
+    calls = {"n": 0}
+
+    def failing(*args):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise MemoryError("coding block 4")
+        return real(*args)
+
+    with mock.patch.object(ts.writer, "_code_plans", failing), pytest.raises(MemoryError, match="coding block 4"):
+        ts.write_store(_tokens(200), tmp_path / "s", compact=True, frame_target_bytes=300, max_shard_bytes=2_000)
+    assert calls["n"] >= 4
+    assert not (tmp_path / "s").exists() or not [p for p in (tmp_path / "s").iterdir() if not p.name.startswith(".")]
+    assert _coder_threads() == []
+
+
+def test_abort_drops_blocks_being_coded(tmp_path: Path) -> None:
+    """Abort with groups still on the coder threads: they are dropped, the coder threads stop
+    and every file the writer wrote goes; the store it replaced is untouched."""
+    import threading
+
+    ts.write_store(_tokens(5), tmp_path / "s")
+    before = store_files(tmp_path / "s")
+    gate = threading.Event()
+    real = ts.writer._code_plans
+
+    def held(*args):  # type: ignore[no-untyped-def]
+        gate.wait(5)
+        return real(*args)
+
+    with mock.patch.object(ts.writer, "_code_plans", held):
+        w = ts.ShardWriter(tmp_path / "s", mode="overwrite", compact=True, frame_target_bytes=300, num_threads=1)
+        for sample in _tokens(200):  # until two groups wait on the coder (a third would block)
+            w.write(sample)
+            if len(w._coding) == 2:
+                break
+        assert len(w._coding) == 2 and not any(f.done() for f in w._coding)
+        threading.Timer(0.2, gate.set).start()
+        assert w.abort() == []
+    assert w._coding == collections.deque() and w._coder is None
+    assert _coder_threads() == []
+    assert store_files(tmp_path / "s") == before
+
+
 def test_merge_and_copy_keep_blocks(tmp_path: Path) -> None:
     p0, p1 = _tokens(20), _mixed()
     ts.write_store(p0, tmp_path / "p0", compact=True)
@@ -280,6 +398,75 @@ def test_filter_choice_by_measurement() -> None:
 # --------------------------------------------------------------------------- properties
 
 _FILTERS = [None, (0, 0), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (2, 4), (2, 8)]
+
+
+def _filtered(col: bytes, filt: int, size: int) -> bytes:
+    """A filter from its definition (docs/format.md 5.3), written apart from ``_filters``."""
+    whole = len(col) // size * size if size else 0
+    if filt == 1:  # byte j of every element, for j = 0 .. size - 1
+        body = bytes(col[k] for j in range(size) for k in range(j, whole, size))
+    elif filt == 2:  # the first value, then each minus the one before it, modulo 2**(8 size)
+        vals = [int.from_bytes(col[k : k + size], "little") for k in range(0, whole, size)]
+        diffs = vals[:1] + [(b - a) % (1 << (8 * size)) for a, b in zip(vals, vals[1:])]
+        body = b"".join(d.to_bytes(size, "little") for d in diffs)
+    else:
+        return col
+    return body + col[whole:]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    storages=st.lists(st.lists(st.binary(max_size=70), min_size=2, max_size=2), min_size=1, max_size=5),
+    filters=st.lists(st.sampled_from([f for f in _FILTERS if f is not None]), min_size=2, max_size=2),
+    offset=st.integers(0, 7),
+)
+def test_assemble_block_is_the_layout_byte_for_byte(storages, filters, offset):
+    """assemble_block (each storage copied once into one buffer, filtered on the way) gives
+    the block layout of docs/format.md 5.3 built from its definition: header, column table,
+    metadata lengths, storage sizes, then the metadata column and each storage column
+    joined and filtered. _apply_into writes the same bytes into an unaligned slice."""
+    base = _ptzip.prove(dumps([torch.zeros(1), torch.zeros(1)]))
+    parts = [_ptzip.PtParts(base.layout, "archive", base.pickle, tuple(sts), 0, (None,) * 3) for sts in storages]
+    metas = [_ptzip.encode_meta(p) for p in parts]
+    cols = [b"".join(metas)] + [_filtered(b"".join(p.storages[j] for p in parts), *filters[j]) for j in range(2)]
+    want = struct.pack("<8sII", b"TSPTCOLS", len(parts), 3)
+    for c, (f, e) in zip(cols, [(0, 0), *filters]):
+        want += struct.pack("<QBB6x", len(c), f, e)
+    want += b"".join(struct.pack("<I", len(m)) for m in metas)
+    want += b"".join(struct.pack("<I", len(st)) for p in parts for st in p.storages)
+    want += b"".join(cols)
+    got = columnar.assemble_block(parts, tuple(filters))
+    assert bytes(got) == want
+    assert columnar.encode_block(parts, None) == columnar.assemble_block(parts, ((0, 0), (0, 0)))
+    from tensorstore_pt._filters import _apply_into
+
+    col = b"".join(p.storages[0] for p in parts)
+    out = np.full(len(col) + offset + 3, 0xEE, dtype=np.uint8)
+    _apply_into(memoryview(col), *filters[0], out[offset : offset + len(col)])
+    assert out[offset : offset + len(col)].tobytes() == _filtered(col, *filters[0])
+    assert (out[:offset] == 0xEE).all() and (out[offset + len(col) :] == 0xEE).all()
+
+
+def test_filters_chosen_from_a_column_head_as_from_the_column(tmp_path: Path) -> None:
+    """block_filters codes only a column's first FILTER_SAMPLE_BYTES, gathered record by
+    record: the choice is choose_filter's of the whole joined column."""
+    compress = zstandard.ZstdCompressor().compress
+    g = torch.Generator().manual_seed(4)
+    noise = (torch.randint(-(2**62), 2**62, (30,), generator=g), torch.zeros(1, dtype=torch.int16))
+    for sizes in ([10] * 3, [1000] * 12, [5000, 20], [9000, 9000]):
+        batch = [noise] + [
+            (
+                torch.arange(n, dtype=torch.int64) * 3 + i,
+                torch.randint(0, 9, (n // 2 + 1,), generator=g).to(torch.int16),
+            )
+            for i, n in enumerate(sizes)
+        ]
+        parts = [_ptzip.prove(dumps(s)) for s in batch]
+        want = tuple(columnar.choose_filter(b"".join(p.storages[j] for p in parts), compress) for j in range(2))
+        assert columnar.block_filters(parts, compress) == want, sizes
+        # (the first record's noise alone takes no filter; with the ramps after it, a column does)
+        assert columnar.choose_filter(parts[0].storages[0], compress) == (0, 0)
+        assert want[0] != (0, 0), sizes
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
