@@ -702,7 +702,10 @@ class ShardWriter:
             snapshot = _snapshot(sample)
         except (NotImplementedError, RuntimeError) as exc:  # e.g. torch.uint1 has no copy kernel
             raise UnsupportedSampleError(f"sample: its tensors cannot be copied ({type(exc).__name__}: {exc})") from exc
-        self._pending.append(self._pool.submit(_encode, snapshot, self._pool_codec(), self.raw_below))
+        if self._layout is not None and not self._dict_pending:  # compact: proved in the pool too
+            self._pending.append(self._pool.submit(_encode_proved, snapshot, self._layout))
+        else:
+            self._pending.append(self._pool.submit(_encode, snapshot, self._pool_codec(), self.raw_below))
         while len(self._pending) > self._max_pending:
             self._drain_one()
 
@@ -842,6 +845,9 @@ class ShardWriter:
             if type(result) is _SlotFrames:
                 self._drain_slot(result)
                 return
+            if type(result) is _Proved:
+                self._accept_proved(result)
+                return
             results = result if isinstance(result, list) else [result]
             self._emit_results(results)
         except BaseException:
@@ -900,10 +906,16 @@ class ShardWriter:
                 self._train_dictionary()
             return
         if self._layout is not None:  # compact: frames fill with what a column block holds
-            parts, nbytes = columnar.proved(raw, self._layout)
-            self._emit_group(self._grouper.add((raw, parts), nbytes))
+            self._accept_proved(_Proved(raw, *columnar.proved(raw, self._layout)))
             return
         self._emit_group(self._grouper.add(raw))
+
+    def _accept_proved(self, record: _Proved) -> None:
+        """Take a compact writer's record, proved (:func:`.columnar.proved`)."""
+        if self._dict_pending:  # (proved in the pool before a dictionary was asked for: never)
+            self._accept_raw(record.raw)
+            return
+        self._emit_group(self._grouper.add((record.raw, record.parts), record.nbytes))
 
     def _emit_group(self, group: list[bytes] | None) -> None:
         if not group:
@@ -1538,6 +1550,22 @@ _SLOTS: dict[int, mmap.mmap] = {}
 #: bytes, or one larger sample, plus each record's ``torch.save`` container); frames that do
 #: not fit travel back through the pipe.
 _SLOT_BYTES = _BATCH_BYTES + _BATCH_BYTES // 4
+
+
+class _Proved(NamedTuple):
+    """A compact writer's record serialised and proved in its thread pool
+    (:func:`_encode_proved`): its ``torch.save`` bytes, its parts (None: it did not prove)
+    and the bytes it adds to a frame."""
+
+    raw: bytes
+    parts: _ptzip.PtParts | None
+    nbytes: int
+
+
+def _encode_proved(sample: Any, layout: _ptzip.PtLayout) -> _Proved:
+    """Serialise one sample and prove it under ``layout`` (a compact writer's pool task)."""
+    raw = dumps(sample)
+    return _Proved(raw, *columnar.proved(raw, layout))
 
 
 class _SlotFrames(NamedTuple):
