@@ -156,8 +156,8 @@ def clone_exact(t: torch.Tensor, *, contiguous: bool = False) -> torch.Tensor:
 
     Dense non-overlapping strides are kept unless ``contiguous``; other views become
     contiguous. The result shares no storage with ``t``. A contiguous CPU tensor of at
-    least :data:`MEMMOVE_MIN_ELEMENTS` elements (without a conjugate or negative bit) is
-    copied by one ``memmove`` on the calling thread, with the GIL released (ctypes), not by
+    least :data:`MEMMOVE_MIN_ELEMENTS` elements (without a conjugate or negative bit, not
+    requiring grad) is copied by one ``memmove`` on the calling thread, with the GIL released (ctypes), not by
     torch's intra-op threads. Thread safety: safe from any thread.
     """
     if (
@@ -168,8 +168,10 @@ def clone_exact(t: torch.Tensor, *, contiguous: bool = False) -> torch.Tensor:
         and not t.is_conj()
         and not t.is_neg()
         and not t.is_quantized
+        and not t.requires_grad
     ):
-        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype)  # the strides of a size-1 dim too
+        # (the strides of a size-1 dim too; on the CPU whatever torch's default device is)
+        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu")
         ctypes.memmove(out.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
         return out
     src = t.view(torch.uint8) if t.dtype == torch.bool else t

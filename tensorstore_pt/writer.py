@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import concurrent.futures.process  # noqa: F401 - cf.process.BrokenProcessPool, named in except clauses
 import datetime
 import io
 import itertools
@@ -911,10 +912,8 @@ class ShardWriter:
         self._emit_group(self._grouper.add(raw))
 
     def _accept_proved(self, record: _Proved) -> None:
-        """Take a compact writer's record, proved (:func:`.columnar.proved`)."""
-        if self._dict_pending:  # (proved in the pool before a dictionary was asked for: never)
-            self._accept_raw(record.raw)
-            return
+        """Take a compact writer's record, proved (:func:`.columnar.proved`), once no
+        dictionary is being trained (records are only proved then)."""
         self._emit_group(self._grouper.add((record.raw, record.parts), record.nbytes))
 
     def _emit_group(self, group: list[bytes] | None) -> None:
@@ -1380,7 +1379,6 @@ class ShardWriter:
         self._batch.clear()
         self._dict_buffer.clear()
         self._grouper.clear()
-        self._stop_coder()
         if self._open is not None:
             try:
                 self._open.out.abort()
@@ -1388,6 +1386,7 @@ class ShardWriter:
                 left.append(f"the temporary file of {self._open.name} ({exc.strerror or exc})")
             self._open = None
         try:
+            self._stop_coder()  # (it writes no file: its groups are dropped)
             self._stop_publisher()  # a shard being published is published or failed before its removal
         finally:
             # Also when a (second) Ctrl-C interrupts that wait: a later abort does nothing, so

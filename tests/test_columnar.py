@@ -340,6 +340,47 @@ def test_abort_drops_blocks_being_coded(tmp_path: Path) -> None:
     assert store_files(tmp_path / "s") == before
 
 
+def test_ctrl_c_while_abort_waits_for_the_coders_still_removes_everything(tmp_path: Path) -> None:
+    """A (second) Ctrl-C while abort waits for the coder threads: the KeyboardInterrupt is
+    raised, and the writer's files and the lock are gone all the same (a later abort has
+    nothing left to do)."""
+    real_shutdown = ts.writer.cf.ThreadPoolExecutor.shutdown
+
+    def interrupted(self, wait=True, *, cancel_futures=False):  # type: ignore[no-untyped-def]
+        real_shutdown(self, wait=False, cancel_futures=cancel_futures)
+        if self._thread_name_prefix == "tspt-coder":
+            raise KeyboardInterrupt
+
+    w = ts.ShardWriter(tmp_path / "s", compact=True, frame_target_bytes=300, max_shard_bytes=2_000)
+    for sample in _tokens(200):
+        w.write(sample)
+    assert w._shards and w._coder is not None  # shards written, coder threads started
+    with mock.patch.object(ts.writer.cf.ThreadPoolExecutor, "shutdown", interrupted):
+        with pytest.raises(KeyboardInterrupt):
+            w.abort()
+    assert w.abort() == []
+    assert not (tmp_path / "s").exists()
+    ts.write_store(_tokens(3), tmp_path / "s", compact=True)  # no lock left behind
+    assert len(ts.open_store(tmp_path / "s")) == 3
+
+
+def test_an_error_raised_in_the_pool_reaches_the_caller_as_it_is(tmp_path: Path) -> None:
+    """An error raised on a pool thread (here while proving a record) is what write or close
+    raises, not an error of the except clause that looks for a broken process pool."""
+    real = columnar.proved
+    calls = {"n": 0}
+
+    def failing(raw, layout):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise MemoryError("proving record 6")
+        return real(raw, layout)
+
+    with mock.patch.object(columnar, "proved", failing), pytest.raises(MemoryError, match="proving record 6"):
+        ts.write_store(_tokens(40), tmp_path / "s", compact=True)
+    assert not (tmp_path / "s").exists()
+
+
 def test_merge_and_copy_keep_blocks(tmp_path: Path) -> None:
     p0, p1 = _tokens(20), _mixed()
     ts.write_store(p0, tmp_path / "p0", compact=True)

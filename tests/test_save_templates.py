@@ -312,6 +312,11 @@ def test_clone_exact_copies_large_tensors_exactly_without_torch_threads(dtype) -
         assert out.untyped_storage().nbytes() == t.numel() * size
         assert _element_bytes(out) == _element_bytes(t)
         assert _torch_save(out) == _torch_save(t)
+    with torch.device("meta"):  # copies stay on the CPU whatever torch's default device is
+        assert ser.clone_exact(base[:n]).device.type == "cpu"
+    grad = base[:n].clone().requires_grad_() if dtype.is_floating_point or dtype.is_complex else None
+    if grad is not None:  # a tensor that requires grad is copied by torch, as before
+        assert ser.clone_exact(grad).requires_grad and _torch_save(ser.clone_exact(grad)) == _torch_save(grad)
     views = [base[: 2 * n : 2]]
     if dtype.is_complex:
         views += [base[:n].conj(), base[:n].conj().imag]
