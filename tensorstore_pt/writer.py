@@ -1845,23 +1845,34 @@ def train_zstd_dictionary(samples: Iterable[Any], *, dict_bytes: int = DEFAULT_D
     return data
 
 
-def _snapshot(sample: Any) -> Any:
-    """Copy the tensors of a sample so later in-place changes by the caller cannot leak in."""
+def _snapshot(sample: Any, memo: dict[int, Any] | None = None) -> Any:
+    """Copy the tensors of a sample so later in-place changes by the caller cannot leak in.
+    A tensor that appears more than once (``{"a": x, "b": x}``) is copied once and appears
+    as that one copy each time, so ``torch.save`` still writes its storage once (``memo``:
+    id of each tensor copied so far -> its copy)."""
     import torch
 
+    if memo is None:
+        memo = {}
     if isinstance(sample, torch.Tensor):
+        copied = memo.get(id(sample))
+        if copied is not None:
+            return copied
         src = sample.detach()
         copy = clone_exact(src) if src.layout == torch.strided else src.clone()
         if isinstance(sample, torch.nn.Parameter):
-            return torch.nn.Parameter(copy, requires_grad=sample.requires_grad)
-        return copy.requires_grad_(True) if sample.requires_grad else copy
+            copy = torch.nn.Parameter(copy, requires_grad=sample.requires_grad)
+        elif sample.requires_grad:
+            copy.requires_grad_(True)
+        memo[id(sample)] = copy
+        return copy
     t = type(sample)
     if t is list:
-        return [_snapshot(v) for v in sample]
+        return [_snapshot(v, memo) for v in sample]
     if t is tuple:
-        return tuple(_snapshot(v) for v in sample)
+        return tuple(_snapshot(v, memo) for v in sample)
     if isinstance(sample, dict):
-        return t({k: _snapshot(v) for k, v in sample.items()})  # a mapping: Counter copies counts
+        return t({k: _snapshot(v, memo) for k, v in sample.items()})  # a mapping: Counter copies counts
     return sample
 
 

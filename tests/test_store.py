@@ -20,6 +20,7 @@ import torch
 import tensorstore_pt as ts
 from strategies import assert_identical
 from tensorstore_pt.format import HEADER_BYTES, RECORD_ENTRY_BYTES, TRAILER_BYTES
+from tensorstore_pt.serialization import dumps
 
 CODECS = ["none", "lz4", "zstd"]
 
@@ -121,6 +122,29 @@ def test_write_snapshots_the_sample(tmp_path):
             w.write(buf)
     reader = ts.open_store(tmp_path / "s")
     assert [float(reader[i][0]) for i in range(20)] == [float(i) for i in range(20)]
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"compact": True}, {"num_workers": 2, "start_method": "fork"}], ids=["plain", "compact", "workers"]
+)
+def test_a_tensor_twice_in_a_sample_is_stored_once(tmp_path, options):
+    """The snapshot copies a tensor that appears twice in a sample once, so the record is
+    torch.save's bytes of the sample (one storage, not two) and its loaded tensors share it;
+    changing the tensor after write does not reach the store."""
+    x = torch.arange(5000, dtype=torch.float32)
+    y = torch.ones(3, dtype=torch.int64)
+    sample = {"a": x, "b": x, "c": [y, (y, x)]}
+    want = dumps(sample)
+    with ts.ShardWriter(tmp_path / "s", **options) as w:
+        w.write(sample)
+        x.add_(1)
+    x.sub_(1)
+    reader = ts.open_store(tmp_path / "s")
+    assert reader.read_bytes(0) == want
+    got = reader[0]
+    assert torch.equal(got["a"], x) and torch.equal(got["c"][1][0], y)
+    assert got["a"].untyped_storage().data_ptr() == got["b"].untyped_storage().data_ptr()
+    assert got["c"][1][1].untyped_storage().data_ptr() == got["a"].untyped_storage().data_ptr()
 
 
 def test_slices_lists_iteration_and_metadata(tmp_path):
