@@ -526,3 +526,38 @@ def test_source_and_peer_skip_note(tmp_path: Path) -> None:
         else:
             assert p in ran
     assert markdown(doc)  # renders without the optional columns
+
+
+def test_pack_compact_script_reports_every_kind_and_stage(tmp_path: Path) -> None:
+    """benchmarks/pack_compact.py runs: one table row per kind and checkout, whose ratio is
+    compact's time over zstd-3's; and with --stages, all 13 lines of the kind, where one
+    record a frame (each with its torch.save container) takes more zstd bytes than the
+    column blocks of the same records."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "benchmarks.pack_compact", "--kinds", "small", "--rounds", "1"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| small")]
+    assert len(rows) == 1
+    compact, zstd, ratio = float(rows[0][2]), float(rows[0][3]), float(rows[0][4].strip()[:-1])
+    assert compact > 0 and zstd > 0 and abs(ratio - compact / zstd) < 0.01
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "benchmarks.pack_compact", "--kinds", "small", "--stages"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    stages = dict(line.split(": ", 2)[1:] for line in out.splitlines())
+    assert {"torch.save", "prove", "choose the filters", "assemble the blocks"} <= set(stages)
+    assert len(stages) == 13
+    sizes = {k: float(v.replace(",", "")) for k, v in stages.items() if k.startswith("bytes")}
+    assert all(v > 0 for v in sizes.values())
+    assert sizes["bytes of one record a frame"] > sizes["bytes of filtered blocks"]  # containers gone
