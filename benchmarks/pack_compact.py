@@ -12,9 +12,10 @@ only prints.
 
 With ``--stages``, it prints instead where a compact pack's CPU time goes for each kind, in
 this process, on one thread (``time.process_time``, the mean of 2 runs after one to warm up):
-``torch.save`` of every sample, proving, choosing the filters, assembling 256 KiB blocks,
-zstd-3 of those blocks with and without their filters and of each record's own bytes, and
-zstd decompression of the three.
+``torch.save`` of every sample, proving, choosing the filters, assembling the blocks (grouped
+as a compact writer groups them, ``COMPACT_FRAME_BYTES`` of content each), zstd-3 of those
+blocks with and without their filters and of each record's own bytes, and zstd decompression
+of the three.
 
 Run: python -m benchmarks.pack_compact [--kinds small,tokens,embed,medium,large,state]
      [--rounds 3] [--trees /tmp/before,.] [--stages]
@@ -56,6 +57,8 @@ def stages(kind_name: str) -> dict[str, float]:
     from benchmarks.kinds import build_kind
     from tensorstore_pt import _ptzip, columnar
     from tensorstore_pt.serialization import dumps
+    from tensorstore_pt.shardio import FrameGrouper
+    from tensorstore_pt.writer import COMPACT_FRAME_BYTES
 
     kind = build_kind(kind_name)
 
@@ -69,18 +72,15 @@ def stages(kind_name: str) -> dict[str, float]:
     out = {"torch.save": cpu_ms(lambda: [dumps(s) for s in kind.samples])}
     raws = [dumps(s) for s in kind.samples]
     out["prove"] = cpu_ms(lambda: [_ptzip.prove(r) for r in raws])
-    parts = [_ptzip.prove(r) for r in raws]
-    if any(p is None for p in parts):
-        raise SystemExit(f"{kind_name}: some records do not prove; the stages assume they all do")
-    blocks: list[list[_ptzip.PtParts]] = [[]]
-    filled = 0
-    for p in parts:
-        blocks[-1].append(p)  # type: ignore[arg-type]
-        filled += p.storage_bytes  # type: ignore[union-attr]
-        if filled >= 256 * 2**10:
-            blocks.append([])
-            filled = 0
-    blocks = [b for b in blocks if b]
+    layout = _ptzip.prove(raws[0]).layout  # type: ignore[union-attr]
+    grouper = FrameGrouper(COMPACT_FRAME_BYTES)  # blocks as a compact writer groups them
+    blocks = []
+    for raw in raws:
+        parts, nbytes = columnar.proved(raw, layout)
+        if parts is None:
+            raise SystemExit(f"{kind_name}: some records do not prove; the stages assume they all do")
+        blocks.append(grouper.add(parts, nbytes))
+    blocks = [b for b in [*blocks, grouper.flush()] if b]
     compress = zstandard.ZstdCompressor(level=3).compress
     decompress = zstandard.ZstdDecompressor().decompress
 

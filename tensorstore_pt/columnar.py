@@ -196,7 +196,6 @@ def encode_block(
         ValueError: ``parts`` is empty, the records differ in storage count, or have more
             than ``MAX_COLUMNS - 1`` storages (the writer stores such records in plain frames).
     """
-    _check_block_parts(parts)
     return assemble_block(parts, block_filters(parts, compress, memo))
 
 
@@ -256,13 +255,13 @@ def assemble_block(parts: list[_ptzip.PtParts], filters: tuple[tuple[int, int], 
     if len(filters) != count:
         raise ValueError(f"a block of records with {count} storages needs {count} filters, found {len(filters)}")
     metas = [_ptzip.encode_meta(p) for p in parts]
-    sizes = [[len(st) for st in p.storages] for p in parts]
-    widths = np.asarray(sizes, dtype=np.int64).reshape(len(parts), count).sum(axis=0).tolist()
-    column_bytes = [sum(len(m) for m in metas), *widths]
+    meta_lengths = [len(m) for m in metas]
+    sizes = np.asarray([[len(st) for st in p.storages] for p in parts], dtype=np.int64).reshape(len(parts), count)
+    widths = sizes.sum(axis=0).tolist()
     head = [_HEAD.pack(MAGIC, len(parts), count + 1)]
-    head += [_COLUMN.pack(n, f, e) for n, (f, e) in zip(column_bytes, ((FILTER_NONE, 0), *filters))]
-    head.append(np.asarray([len(m) for m in metas], dtype="<u4").tobytes())
-    head.append(np.asarray(sizes, dtype="<u4").reshape(-1).tobytes())
+    head += [_COLUMN.pack(n, f, e) for n, (f, e) in zip([sum(meta_lengths), *widths], ((FILTER_NONE, 0), *filters))]
+    head.append(np.asarray(meta_lengths, dtype="<u4").tobytes())
+    head.append(sizes.astype("<u4").tobytes())
     head += metas
     head_bytes = b"".join(head)
     block = bytearray(len(head_bytes) + sum(widths))

@@ -157,8 +157,8 @@ def clone_exact(t: torch.Tensor, *, contiguous: bool = False) -> torch.Tensor:
     Dense non-overlapping strides are kept unless ``contiguous``; other views become
     contiguous. The result shares no storage with ``t``. A contiguous CPU tensor of at
     least :data:`MEMMOVE_MIN_ELEMENTS` elements (without a conjugate or negative bit, not
-    requiring grad) is copied by one ``memmove`` on the calling thread, with the GIL released (ctypes), not by
-    torch's intra-op threads. Thread safety: safe from any thread.
+    requiring grad) is copied by one ``memmove`` on the calling thread, with the GIL
+    released (ctypes), not by torch's intra-op threads. Thread safety: safe from any thread.
     """
     if (
         t.numel() >= MEMMOVE_MIN_ELEMENTS

@@ -177,6 +177,17 @@ def _coded_frame(data: bytes, lengths: list[int], block: bool, codec: Codec, raw
     return frame, digest_int(frame), lengths, stored_raw, len(data) if block else None
 
 
+def _done_future(fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
+    """``fn(*args)`` run here and now, as a done future holding its result or its error
+    (raised by ``result()``, where a thread's would be): for work no thread can take."""
+    done: cf.Future[Any] = cf.Future()
+    try:
+        done.set_result(fn(*args))
+    except BaseException as exc:  # kept for result(), as a thread's error is
+        done.set_exception(exc)
+    return done
+
+
 def _code_plans(plans: list[columnar.FramePlan], codec: Codec, raw_below: float) -> list[_CodedFrame]:
     """The frames of one compact group (:func:`.columnar.build_frame` of each plan, coded).
     Pure: runs on a coder thread."""
@@ -200,10 +211,8 @@ def _frame(
     """:func:`_encode` of a sample already serialised to ``raw``."""
     if codec is None:
         return raw, len(raw), None, 0, False
-    frame = codec.compress(raw)
-    if stores_raw(codec, len(frame), len(raw), raw_below):
-        return None, len(raw), raw, digest_int(raw), True
-    return None, len(raw), frame, digest_int(frame), False
+    frame, checksum, _, stored_raw, _ = _coded_frame(raw, [len(raw)], False, codec, raw_below)
+    return None, len(raw), frame, checksum, stored_raw
 
 
 class ShardWriter:
@@ -951,13 +960,7 @@ class ShardWriter:
                 self._coder = cf.ThreadPoolExecutor(max_workers=self._coders, thread_name_prefix="tspt-coder")
             return self._coder.submit(_code_plans, plans, self._codec, self.raw_below)
         except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
-            pass
-        done: cf.Future[list[_CodedFrame]] = cf.Future()
-        try:
-            done.set_result(_code_plans(plans, self._codec, self.raw_below))
-        except BaseException as exc:  # raised by _emit_coded, as the thread's would be
-            done.set_exception(exc)
-        return done
+            return _done_future(_code_plans, plans, self._codec, self.raw_below)
 
     def _emit_coded(self) -> None:
         """Write the frames of the oldest group being coded (waiting for it)."""
@@ -1170,14 +1173,9 @@ class ShardWriter:
                 return self._publisher.submit(shard.publish)
             except RuntimeError:  # "cannot schedule new futures / can't register atexit after shutdown"
                 self._publish_inline = True
-        done: cf.Future[None] = cf.Future()
-        try:
-            shard.publish()
-        except BaseException as exc:  # raised by _wait_published, as the thread's would be (the shard
-            done.set_exception(exc)  # stays listed, so that abort removes its temporary file)
-        else:
-            done.set_result(None)
-        return done
+        # Its error is raised by _wait_published, as the thread's would be (the shard stays
+        # listed, so that abort removes its temporary file).
+        return _done_future(shard.publish)
 
     def _wait_published(self) -> None:
         """Wait for the oldest shard being published; raise its error (a full disk typed as
