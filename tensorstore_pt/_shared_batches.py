@@ -244,7 +244,9 @@ def raw_accepted(dataset_id: str) -> bool:
     """Whether, in this process, the dataset ``dataset_id`` feeds a collate that takes :class:`RawRecord`.
 
     True in a DataLoader worker once a :class:`SharedBatchCollate` made for that dataset
-    (``dataset_id``) has run there: the worker's samples all go to that collate. A
+    (``dataset_id``) around torch's ``default_collate`` (which it decodes a batch of
+    RawRecords for in one go) has run there, on x86-64: the worker's samples all go to that
+    collate. A
     StoreIterableDataset in the worker then yields RawRecords (when it has no transform and
     ``on_error="raise"``).
     """
@@ -716,9 +718,14 @@ class SharedBatchCollate:
                 return batch
             samples = _loaded(samples)
         raw = type(samples) is list and len(samples) > 0 and all(type(s) is RawRecord for s in samples)
-        if self.dataset_id is not None and get_worker_info() is not None:
+        in_worker = get_worker_info() is not None
+        default = self.collate_fn is default_collate and default_collate_fn_map.get(torch.Tensor) is collate_tensor_fn
+        if self.dataset_id is not None and in_worker and default and transport_supported():
+            # Only a collate that decodes a batch of RawRecords in one go takes them: any other
+            # would load them one record's pickle at a time, slower than the dataset's bulk
+            # read (a column block's records loaded together).
             _raw_accepted.add(self.dataset_id)
-        if get_worker_info() is None or not transport_supported():
+        if not in_worker or not transport_supported():
             return self.collate_fn(_loaded(samples))
         key = f"{self.token}:{os.getpid()}"
         ring = _worker_rings.get(key)
@@ -729,7 +736,6 @@ class SharedBatchCollate:
         if got is None:  # the main process still holds every slot
             return self.collate_fn(_loaded(samples))
         slot, arena = got
-        default = self.collate_fn is default_collate and default_collate_fn_map.get(torch.Tensor) is collate_tensor_fn
         batch = ring.collate_raw(samples, arena) if raw and default else None
         if batch is None:
             samples = _loaded(samples)
