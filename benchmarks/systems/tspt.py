@@ -67,11 +67,9 @@ def system_for_audit(options: dict[str, Any]) -> str | None:
 
 
 class TensorStore(System):
-    """A tensorstore_pt store written by ``write_store`` and read by ``open_store``.
-
-    The DataLoader reads the :class:`~tensorstore_pt.StoreReader` as a map-style dataset
-    (it pickles to its path; each worker opens its own handles).
-    """
+    """A tensorstore_pt store written by ``write_store`` and read by ``open_store``; its
+    DataLoader rows read it through :class:`~tensorstore_pt.StoreIterableDataset` (see
+    :meth:`loader`)."""
 
     family: ClassVar[str] = "tensorstore_pt"
 
@@ -124,15 +122,16 @@ class TensorStore(System):
     def loader(
         self, data_dir: Path, cache_dir: Path, *, num_workers: int, batch_size: int, seed: int
     ) -> Iterable[list[Any]]:
-        import torch
+        """tensorstore_pt's own loader, as the peers' rows use theirs (litdata's
+        ``StreamingDataLoader`` over a shuffled ``StreamingDataset``): a shuffled
+        :class:`~tensorstore_pt.StoreIterableDataset` under a
+        :class:`~tensorstore_pt.StoreDataLoader`, each epoch reshuffled. (Before 2026-12-05 this
+        row read the store as a map-style dataset, one random read a sample.)"""
+        from tensorstore_pt import StoreDataLoader, StoreIterableDataset
 
-        from tensorstore_pt import open_store
-
-        return torch.utils.data.DataLoader(
-            open_store(data_dir),
+        return StoreDataLoader(
+            StoreIterableDataset(data_dir, shuffle=True, seed=seed),
             batch_size=batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             collate_fn=collate_list,
