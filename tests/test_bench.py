@@ -561,3 +561,20 @@ def test_pack_compact_script_reports_every_kind_and_stage(tmp_path: Path) -> Non
     sizes = {k: float(v.replace(",", "")) for k, v in stages.items() if k.startswith("bytes")}
     assert all(v > 0 for v in sizes.values())
     assert sizes["bytes of one record a frame"] > sizes["bytes of filtered blocks"]  # containers gone
+
+
+def test_loader_compact_script_reports_every_kind_and_worker_count(tmp_path: Path) -> None:
+    """benchmarks/loader_compact.py runs: one row per kind and worker count, a positive rate per
+    checkout, every epoch having delivered the kind's every record (the script checks)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "benchmarks.loader_compact", "--kinds", "small",
+         "--workers", "0", "--rounds", "1", "--epochs", "3"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| small")]
+    assert len(rows) == 1 and rows[0][1].strip() == "0"
+    assert float(rows[0][2].replace(",", "")) > 0
