@@ -1158,14 +1158,16 @@ class StoreIterableDataset(IterableDataset):
         order: EpochOrder,
         plan: Iterator[np.ndarray] | None = None,
         direct: bool = False,
-    ) -> Iterator[FetchedFrames]:
+    ) -> Iterator[FetchedFrames | _Regroup]:
         """The consumer's records in order, in pieces of about ``READ_BYTES`` with their frames
         fetched: the I/O half of the reader's bulk read (:meth:`StoreReader.plan_pieces`,
         :meth:`StoreReader.fetch_many`), run ahead of decoding.
 
         Positions come from the shared frame table (no footer in a worker), except for
         multi-record-frame stores (format 1.1), which have none: their reader loads footers.
-        A shard found missing is not opened again in this iteration.
+        A shard found missing is not opened again in this iteration. Records read out of the
+        order asked (:meth:`_read_groups`) come after a :class:`_Regroup` that says where each
+        goes; :meth:`_decode` puts them back.
 
         Through a shard cache, ``plan`` (the same segments, walked again) tells the cache the
         order in which shards will be visited, so that it downloads the next ones ahead; every
@@ -1265,13 +1267,13 @@ class StoreIterableDataset(IterableDataset):
 
     def _fetch_pieces(
         self, segments: Iterator[np.ndarray], split: RankSplit, order: EpochOrder, direct: bool = False
-    ) -> Iterator[FetchedFrames]:
+    ) -> Iterator[FetchedFrames | _Regroup]:
         io = self._view.reader(direct)
         table = None if self._view.framed else self._view.table()
         missing: dict[int, BaseException] = {}
         for records, sorter in self._read_groups(segments, split, order):
             if sorter is not None:
-                yield _Regroup(sorter)  # type: ignore[misc]
+                yield _Regroup(sorter)
             for piece in io.plan_pieces(records, READ_BYTES, table=table, missing=missing):
                 yield io.fetch_many(piece, table=table, missing=missing)
 
@@ -1332,7 +1334,7 @@ class StoreIterableDataset(IterableDataset):
 
     def _decode(
         self,
-        pieces: Iterator[FetchedFrames],
+        pieces: Iterator[FetchedFrames | _Regroup],
         slot: int,
         raw: bool = False,
         direct: bool = False,
