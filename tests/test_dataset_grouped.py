@@ -9,6 +9,7 @@ Every test compares with what the epoch order and single reads give independentl
 from __future__ import annotations
 
 import re
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,70 @@ def test_groups_are_cut_at_the_cap_and_only_sorted_when_out_of_order(store: Path
     split, start, chunk, layout, order = plain._walk()
     segments = dataset_module.worker_segments(split, layout.window_records, start, chunk, 1, 0)
     assert all(s is None for _, s in plain._read_groups(segments, split, order))
+
+
+@pytest.mark.parametrize("which", ["last", "middle"])
+def test_a_storage_error_comes_after_the_samples_before_it(
+    store: Path, which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError reading one shard (not a record's error: it ends the epoch) while a group is
+    gathered: the group's samples before the first record not read are handed out first, then
+    the error. Pieces of one frame each. In the window's order, reading stops at the first
+    record of the failing shard; sorted, at the failing shard, so records of later shards are
+    not read either: the samples before the error are then a shorter prefix of the order (and
+    resuming from the loader's count continues exactly there)."""
+    monkeypatch.setattr(dataset_module, "READ_BYTES", 1)
+    with tspt.open_store(store) as r:
+        bounds = r.shard_bounds().tolist()
+    bad = len(bounds) - 1 if which == "last" else len(bounds) - 2
+    real = reader_module.StoreReader._read_run
+
+    def read_run(self: Any, si: int, *args: Any) -> Any:
+        if si == bad:
+            raise OSError(5, "injected read error")
+        return real(self, si, *args)
+
+    monkeypatch.setattr(reader_module.StoreReader, "_read_run", read_run)
+
+    def delivered(grouped: bool) -> list[int]:
+        got: list[int] = []
+        with pytest.raises(OSError, match="injected"):
+            for s in _ds(store, grouped, window_records=N):
+                got.append(int(s["i"]))
+        return got
+
+    order = _ds(store, window_records=N).epoch_order(0).tolist()
+    in_order = next(k for k, rec in enumerate(order) if bounds[bad][0] <= rec < bounds[bad][1])
+    sorted_stop = next(k for k, rec in enumerate(order) if rec >= bounds[bad][0])
+    assert delivered(False) == order[:in_order]
+    assert delivered(True) == order[:sorted_stop]
+    assert sorted_stop == in_order > 0 if which == "last" else sorted_stop <= in_order
+
+
+def test_a_group_under_default_collate_holds_samples_not_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With default_collate the batch decoding takes RawRecords, each of which pins its whole
+    decoded column block: a group drawing a few records from each of many blocks held dozens of
+    blocks (75x the budget in a fresh-eyes attack). A group's records are loaded instead: at a
+    batch boundary only the blocks of the piece being decoded are alive."""
+    from tensorstore_pt.columnar import ColumnBlock
+
+    path = tmp_path / "s"
+    samples = [{"i": torch.tensor(i), "x": torch.full((64,), float(i))} for i in range(2000)]
+    tspt.write_store(samples, path, codec="zstd", compact=True, frame_target_bytes=4000, max_shard_bytes=64 * 2**10)
+    frames = _frames(path)
+    assert frames > 100
+    monkeypatch.setattr(dataset_module, "WINDOW_DECODED_BYTES", 60 * 700)  # groups of some 60 records
+    ds = StoreIterableDataset(path, shuffle=True, seed=1, window_records=2000)
+    assert 20 <= ds._group_records <= 200 and ds.window_records == 2000
+    def blocks() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is ColumnBlock)
+
+    gc.collect()
+    before = blocks()  # kept by earlier tests' readers (their frame caches)
+    live = []
+    got = []
+    for batch in StoreDataLoader(ds, batch_size=16):
+        live.append(blocks() - before)
+        got.extend(batch["i"].tolist())
+    assert got == ds.epoch_order(0).tolist()
+    assert max(live) <= 3, live
