@@ -11,7 +11,12 @@ Guarantees:
   the point in the sequence where it happened (items produced before it are delivered first);
 - :meth:`Prefetcher.close` (also run when the consuming generator is closed or collected)
   stops the thread within ``_POLL_S`` seconds of its current item; the thread is a daemon,
-  so a process can always exit even if a producer blocks in a system call.
+  so a process can always exit even if a producer blocks in a system call;
+- at interpreter exit (``atexit``), every prefetcher still alive is closed, its thread joined
+  for up to 1 s: a daemon thread still inside torch while the interpreter is torn down made
+  the process abort ("terminate called without an active exception", exit status 134), as
+  when an exception ended a training loop with the dataset's iterator still held by its
+  traceback.
 
 Fork safety: the thread exists only in the process that iterates; a child forked while it
 runs does not inherit it (as with any thread), so start iterating after forking.
@@ -19,14 +24,28 @@ runs does not inherit it (as with any thread), so start iterating after forking.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from typing import Any, Iterator
 
 __all__ = ["Prefetcher"]
 
 _POLL_S = 0.05
 _END = object()
+
+
+#: Prefetchers whose thread may still run, closed at interpreter exit (:func:`_close_live`).
+_LIVE: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
+
+
+def _close_live() -> None:
+    for prefetcher in list(_LIVE):
+        prefetcher.close()
+
+
+atexit.register(_close_live)
 
 
 class _Failure:
@@ -51,6 +70,7 @@ class Prefetcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._done = False
+        _LIVE.add(self)
         self._thread.start()
 
     def _put(self, item: Any) -> bool:

@@ -261,7 +261,9 @@ def test_a_storage_error_comes_after_the_samples_before_it(
     assert sorted_stop == in_order > 0 if which == "last" else sorted_stop <= in_order
 
 
-def test_a_group_under_default_collate_holds_samples_not_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_group_under_default_collate_holds_samples_not_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With default_collate the batch decoding takes RawRecords, each of which pins its whole
     decoded column block: a group drawing a few records from each of many blocks held dozens of
     blocks (75x the budget in a fresh-eyes attack). A group's records are loaded instead: at a
@@ -276,6 +278,7 @@ def test_a_group_under_default_collate_holds_samples_not_blocks(tmp_path: Path, 
     monkeypatch.setattr(dataset_module, "WINDOW_DECODED_BYTES", 60 * 700)  # groups of some 60 records
     ds = StoreIterableDataset(path, shuffle=True, seed=1, window_records=2000)
     assert 20 <= ds._group_records <= 200 and ds.window_records == 2000
+
     def blocks() -> int:
         return sum(1 for o in gc.get_objects() if type(o) is ColumnBlock)
 
