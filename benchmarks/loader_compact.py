@@ -1,7 +1,8 @@
 """Shuffled epochs of the iterable dataset over compact stores, per kind, across checkouts.
 
 Each kind is built as the harness builds it and packed once, compact (``compact=True``, zstd-3,
-the harness's shard size: a sixth of the payload), by the checkout this script runs from. Then
+shards of a sixth of the kind's raw payload, as ``benchmarks.pack_compact`` packs; the harness
+sizes each system's shards itself), by the checkout this script runs from. Then
 for every round, kind, worker count and checkout, a fresh process imports ``tensorstore_pt``
 from that checkout and times ``epochs`` shuffled epochs of
 ``StoreDataLoader(StoreIterableDataset(store, shuffle=True, seed=0), batch_size=32,
@@ -44,7 +45,7 @@ print(statistics.median(rates[2:]), n)
 
 
 def pack(kind_name: str, path: Path) -> int:
-    """Pack ``kind_name`` compact at ``path`` as the harness sizes its shards; its record count."""
+    """Pack ``kind_name`` compact at ``path``, shards of a sixth of its raw payload; its record count."""
     from benchmarks.kinds import build_kind, payload_bytes
     from tensorstore_pt import write_store
 

@@ -2,9 +2,10 @@
 
 For every round, checkout, kind and option (``compact=True`` and zstd-3 one record a frame),
 a fresh process imports ``tensorstore_pt`` (and ``benchmarks.kinds``) from the checkout,
-builds the kind as the harness does (its shard size: a sixth of the payload), packs it once to
-warm up, then 5 times with ``write_store(..., codec="zstd", level=3)`` on the default threads,
-and reports the median wall time. Rounds interleave checkouts, kinds and options, so a busy
+builds the kind as the harness does (shards of a sixth of its raw payload; the harness sizes
+each system's shards itself), packs it once to warm up, then 5 times with
+``write_store(..., codec="zstd", level=3)`` on the default threads, and reports the median
+wall time. Rounds interleave checkouts, kinds and options, so a busy
 moment of the machine hits all of them alike; the result is the median over rounds, and the
 ratio compact / zstd-3 of each checkout. To compare before and after a change, pass an older
 checkout too (``git worktree add /tmp/before <commit>``). No timing assertions: this script

@@ -333,7 +333,7 @@ class _StoreView:
         self.framed = bool({FEATURE_MULTI_RECORD_FRAMES, FEATURE_RAW_FRAMES} & set(reader.index.features))
         #: Records share frames: a shuffled read gathers a group's records in store order.
         self.multi = FEATURE_MULTI_RECORD_FRAMES in reader.index.features
-        self.raw_bytes = sum(s.raw_bytes for s in reader.index.shards)
+        self.raw_bytes = reader.index.raw_bytes  # the index's total, checked against its shards
         if not self.framed:
             # Every footer is read (and its record count checked against the index) before
             # the table is allocated: an index that claims 2**31 records for a 2 KiB shard
@@ -832,7 +832,7 @@ class StoreIterableDataset(IterableDataset):
         self.on_error = on_error
         view = self._view
         cap = _decoded_cap(view.records, view.raw_bytes) if view.multi else None
-        auto_block, _ = default_block_window(view.records, view.stored_bytes, view.raw_bytes if view.multi else None)
+        auto_block, _ = default_block_window(view.records, view.stored_bytes)  # the window follows the block
         self.block_records = block_records if block_records is not None else auto_block
         self.window_records = window_records if window_records is not None else _default_window(self.block_records, cap)
         #: Multi-record frames: the most records a consumer gathers before handing them out
@@ -1292,7 +1292,7 @@ class StoreIterableDataset(IterableDataset):
         record loaded alone (measured: 7x slower than an ordered pass). Read sorted, each frame
         of the group is decoded once and a block's records load together; :meth:`_decode`
         puts them back in the window's order."""
-        cap = getattr(self, "_group_records", None)
+        cap = self._group_records
         for records in self._first_piece_apart(segments, split, order):
             if cap is None or len(records) < 2:
                 yield records, None
@@ -1323,7 +1323,7 @@ class StoreIterableDataset(IterableDataset):
         epochs of up to a few hundred records that was 1.5-2x the decoding of the epoch. Its
         first batch then waits for the decoding of the first group, not for downloads.
         """
-        first = getattr(self, "_group_records", None) is None or self._view.cached is not None
+        first = self._group_records is None or self._view.cached is not None
         for seg in segments:
             records = order.records_at(split.global_positions(seg))
             if first:
