@@ -498,6 +498,8 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         return EXIT_OK
     verb = "would keep" if report.dry_run else "kept"
     lost = f", {report.records_lost} record(s) lost" if report.records_lost else ""
+    if report.records_unknown:
+        lost += f"{' and' if lost else ','} an unknown number of records lost (see the notes)"
     print(
         f"{report.location}: index.json was {report.index_before}; {verb} {report.records} records in "
         f"{len(report.kept)} shard(s){lost}"
@@ -510,6 +512,8 @@ def _cmd_recover(args: argparse.Namespace) -> int:
                 f"[{o.first_record}, {o.first_record + o.records})" if o.first_record is not None and o.records else "?"
             )
             lost_text = ", ".join(f"[{a}, {b})" for a, b in o.lost) or "none"
+            if o.name in report.records_unknown:
+                lost_text = ", ".join(f"[{a}, {b})" for a, b in o.lost) + (", " if o.lost else "") + "an unknown number"
             why = f"  ({o.reason})" if o.reason and o.action != "kept" else ""
             print(f"  {o.name:<{width}}  {o.action:<11} records {held:<16} kept {o.kept:<6} lost {lost_text}{why}")
     print("  the recovered store:")

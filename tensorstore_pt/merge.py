@@ -93,6 +93,14 @@ _WRITER_SETTINGS = ("frame_target_bytes",)
 Progress = Callable[[int, int, int], None]
 
 
+def _settings_lost(index: IndexInfo) -> bool:
+    """Whether ``index`` was rebuilt by ``recover`` from an index it could not read, so that its
+    writer's settings (``created_by``'s frame settings, see :data:`_WRITER_SETTINGS`) are unknown
+    rather than unset: it names ``recovered_by`` and none of them."""
+    created = index.created_by
+    return "recovered_by" in created and not any(k in created for k in _WRITER_SETTINGS)
+
+
 def merge_stores(
     parts: Sequence[str | os.PathLike[str] | Storage],
     dest: str | os.PathLike[str] | Storage,
@@ -436,7 +444,6 @@ class _Merge:
 
             digests.append(format_digest(digest_int(data)))
         first = indexes[0]
-        first_settings = {k: first.created_by.get(k) for k in _WRITER_SETTINGS}
         for st, idx in zip(self.parts[1:], indexes[1:]):
             if idx.codec != first.codec:
                 raise IncompatiblePartsError(
@@ -444,11 +451,17 @@ class _Merge:
                     f"{self.parts[0].location!r} with {first.codec}; write every part with the same codec, level "
                     "and dictionary"
                 )
+        # Frame settings, where a part's index knows them: an index that `recover` rebuilt after
+        # losing it no longer names its writer's settings, so such a part is compared by the
+        # others' (its frames, as its shards' footers describe them, read alike either way).
+        known = [(st, idx) for st, idx in zip(self.parts, indexes) if not _settings_lost(idx)]
+        first_settings = {k: known[0][1].created_by.get(k) for k in _WRITER_SETTINGS} if known else {}
+        for st, idx in known[1:]:
             settings = {k: idx.created_by.get(k) for k in _WRITER_SETTINGS}
             if settings != first_settings:
                 raise IncompatiblePartsError(
                     f"part {st.location!r} was written with frame settings {settings}, part "
-                    f"{self.parts[0].location!r} with {first_settings}; write every part with the same settings"
+                    f"{known[0][0].location!r} with {first_settings}; write every part with the same settings"
                 )
         steps: list[dict[str, Any]] = []
         entries: list[ShardEntry] = []

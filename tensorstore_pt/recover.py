@@ -58,6 +58,7 @@ from . import _version
 from ._zipwalk import check_zip, find_zip_end
 from .checksums import digest_int
 from .codecs import Codec, get_codec
+from .columnar import MAGIC as COLUMN_MAGIC
 from .columnar import ColumnBlock
 from .errors import (
     ConcurrentWriteError,
@@ -208,6 +209,10 @@ class RecoverReport:
         shards: Per shard file found, what was done and which records were kept and lost.
         records_lost: Records the shards held (by their footers or the index) that could not
             be proven and are not in the recovered store.
+        records_unknown: Shard files that held records recover could not count (a footer lost,
+            and no index entry for it): their records from the first one not proven on are not
+            in the recovered store, and are not in ``records_lost``; the quarantined files keep
+            their bytes.
     """
 
     location: str
@@ -222,6 +227,7 @@ class RecoverReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
     shards: tuple[ShardOutcome, ...] = field(default_factory=tuple)
     records_lost: int = 0
+    records_unknown: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -234,6 +240,7 @@ class RecoverReport:
             "index_before": self.index_before,
             "records": self.records,
             "records_lost": self.records_lost,
+            "records_unknown": list(self.records_unknown),
             "kept": [asdict(k) for k in self.kept],
             "quarantined": [asdict(q) for q in self.quarantined],
             "shards": [s.to_json() for s in self.shards],
@@ -524,11 +531,30 @@ class _Scanner:
             handle.close()
 
     def rebuild(
-        self, piece: _Piece, evidence: dict[str, int], codec_config: dict[str, Any], raw_frames: bool = True
+        self,
+        piece: _Piece,
+        evidence: dict[str, int],
+        codec_config: dict[str, Any],
+        raw_frames: bool = True,
+        columnar: bool = False,
     ) -> None:
         """Find the frames of a shard whose footer is lost, from byte 16, with the index's
         knowledge of the shard (first record, record count, stored and raw bytes); with
-        ``raw_frames``, frames stored raw (format 1.2) too."""
+        ``raw_frames``, frames stored raw (format 1.2) too.
+
+        A frame is proven where its records are: the frames before the first damaged (or
+        unprovable) stretch keep the numbers the walk gives them. After a stretch, the number
+        of records it held is unknown, so a later frame is placed only where that number is
+        certain: counted back from the shard's end (``records`` in ``evidence``) for the frames
+        after the last stretch, and as walked where every stretch must hold exactly one record
+        (the records lost add up to the number of stretches). Frames it cannot place are not
+        kept (their records are reported lost; the file is quarantined, its bytes kept).
+
+        In a shard that may hold column blocks (format 1.3: ``columnar``, or a block found on
+        the walk), only the frames before the first stretch are kept: a column block holds no
+        zip container to prove it by, and a block stored raw holds its storages verbatim, where
+        a tensor's bytes may well be a torch.save archive that was never a record.
+        """
         codec = self.codec(codec_config)
         if codec is None or "first_record" not in evidence:
             piece.reason += "; it cannot be rebuilt (no usable codec or index entry)"
@@ -551,9 +577,9 @@ class _Scanner:
         # A frame stored raw (format 1.2) is its records' torch.save archives, with no codec
         # header: found, and proven, by the zip structure and CRC-32s, as codec none frames are.
         raw_too = raw_frames and magic != _ZIP_MAGIC
-        pos = rel = rel_end = 0
-        segment = 0  # index of the first frame after the last damaged stretch
-        in_gap = damaged = False
+        pos = rel = 0
+        stretches: list[int] = []  # per damaged stretch, the index of the first frame after it
+        in_gap = False
         while pos < len(region):
             # A frame that decodes past DEFAULT_MAX_RECORD_BYTES is not decoded (as the intact
             # path does not decode it, and a reader refuses it): the index's raw_bytes (or the
@@ -564,13 +590,15 @@ class _Scanner:
                 found = self._raw_frame_at(region, pos)
                 stored_raw = found is not None
             if found is None:
-                # A damaged frame: resynchronise at the next frame magic (zstd and lz4 frames,
-                # and zip archives, start with one); a damaged stretch counts one lost record
-                # until the end of the walk tells how many it really held.
+                # A damaged or unprovable frame: resynchronise at the next frame magic (zstd and
+                # lz4 frames, and zip archives, start with one). A stretch counts one record as
+                # walked; the end of the walk decides which later frames can be placed.
+                if not columnar and self._column_block_at(codec, region, pos, min(raw_left, DEFAULT_MAX_RECORD_BYTES)):
+                    columnar = True
                 if not in_gap:
                     rel += 1
-                in_gap = damaged = True
-                segment = len(piece.frames)
+                    stretches.append(len(piece.frames))
+                in_gap = True
                 nxt = region.find(magic, pos + 1)
                 if raw_too:  # the next frame may be a raw one
                     nxt_raw = region.find(_ZIP_MAGIC, pos + 1)
@@ -587,20 +615,74 @@ class _Scanner:
                 _Frame(HEADER_BYTES + pos, n, digest_int(region[pos : pos + n]), lengths, rel, stored_raw)
             )
             rel += len(lengths)
-            rel_end = rel
             pos += n
             raw_left -= len(raw)
-        if damaged and not in_gap and piece.records is not None and rel < piece.records:
-            # The walk reached the end: the frames after the last damaged stretch end the shard.
-            shift = piece.records - rel
-            for f in piece.frames[segment:]:
-                f.first += shift
-        if piece.records is None:
+        if stretches and in_gap and piece.records is None and "stored_bytes" not in evidence and piece.frames:
             # Without the index's stored_bytes the walk also crossed the lost record table and
             # footer: an unproven stretch after the last frame is that, not a lost record.
-            piece.records = rel if "stored_bytes" in evidence or not piece.frames else rel_end
+            stretches.pop()
+            in_gap = False
+        unplaced = self._place(piece, stretches, in_gap, columnar)
         proven = sum(len(f.raw_lengths) for f in piece.frames)
         piece.reason += f"; rebuilt from its frames: {proven} record(s) proven by their zip CRC-32s"
+        if unplaced:
+            piece.reason += (
+                f"; {unplaced} more record(s) in frames that prove them were not kept: the damaged stretches "
+                "before them hid how many records came first"
+            )
+        if columnar and stretches:
+            piece.reason += (
+                " (column blocks of format 1.3, --compact, hold no zip containers, and the layout and record "
+                "lengths that prove them were in the lost footer: nothing from the first block or damaged frame on "
+                "can be proven without it)"
+            )
+
+    @staticmethod
+    def _place(piece: _Piece, stretches: list[int], in_gap: bool, columnar: bool) -> int:
+        """Keep the frames of a walk whose record numbers are certain (see :meth:`rebuild`) and
+        set ``piece.records`` where the index did not give it; return the records proven by the
+        frames dropped. ``stretches``: per damaged stretch, the index of the first frame after
+        it; ``in_gap``: the walk ended inside one."""
+        frames = piece.frames
+        if not stretches:
+            if piece.records is None:
+                piece.records = sum(len(f.raw_lengths) for f in frames)
+            return 0
+        first, last = stretches[0], stretches[-1]
+        head = frames[:first]
+        tail = [] if in_gap else frames[last:]
+        proven = sum(len(f.raw_lengths) for f in frames)
+        keep = head
+        if piece.records is None:
+            # Nothing counts the records of the stretches: those after the head are unknown.
+            piece.records = sum(len(f.raw_lengths) for f in head)
+            piece.open_end = True
+            piece.reason += "; how many records it held from its first damaged frame on is unknown (no index)"
+        elif not columnar and piece.records - proven == len(stretches):
+            keep = frames  # every stretch held exactly one record: the walk's numbers are right
+        elif not columnar and piece.records - proven > len(stretches):
+            # The frames after the last stretch end the shard: counted back from its end.
+            if tail:
+                shift = piece.records - (tail[-1].first + len(tail[-1].raw_lengths))
+                for f in tail:
+                    f.first += shift
+            keep = head + tail
+        # (Otherwise the frames prove more records than the index says the shard held, less
+        # one a stretch: the index or the walk is wrong, and only the head is certain.)
+        piece.frames = keep
+        return proven - sum(len(f.raw_lengths) for f in keep)
+
+    @staticmethod
+    def _column_block_at(codec: Codec, region: bytes, pos: int, raw_left: int) -> bool:
+        """Whether a column block (format 1.3) starts at ``pos``: stored raw, or a frame of the
+        codec that decodes to one."""
+        if region.startswith(COLUMN_MAGIC, pos):
+            return True
+        try:
+            got = codec.first_frame(memoryview(region)[pos:], raw_left)
+        except DecompressionError:
+            return False
+        return got is not None and bytes(memoryview(got[1])[: len(COLUMN_MAGIC)]) == COLUMN_MAGIC
 
     @staticmethod
     def _frame_at(codec: Codec, region: bytes, pos: int, raw_left: int) -> tuple[int, bytes, list[int]] | None:
@@ -660,7 +742,12 @@ def _fill_from_copies(chain: list[_Piece], pieces: list[_Piece]) -> None:
 
 
 def _rebuild_by_neighbours(
-    pieces: list[_Piece], ev: _Evidence, scanner: _Scanner, codec_config: dict[str, Any], raw_frames: bool
+    pieces: list[_Piece],
+    ev: _Evidence,
+    scanner: _Scanner,
+    codec_config: dict[str, Any],
+    raw_frames: bool,
+    columnar: bool = False,
 ) -> None:
     """Rebuild the shards whose footer is lost and that no index entry describes (the index is
     lost or damaged) from their frames, where the same writer's shard numbered one before has
@@ -678,13 +765,13 @@ def _rebuild_by_neighbours(
         nxt = own.get((q.token, q.seq + 1))
         if prev is None or prev.records is None or prev.first_record is None:
             if q.seq == 0 and nxt is not None and nxt.first_record is not None:
-                _rebuild_first(q, nxt.first_record, scanner, codec_config, raw_frames)
+                _rebuild_first(q, nxt.first_record, scanner, codec_config, raw_frames, columnar)
             continue
         evidence = {"first_record": prev.first_record + prev.records}
         if nxt is not None and nxt.first_record is not None and nxt.first_record > evidence["first_record"]:
             evidence["records"] = nxt.first_record - evidence["first_record"]
-        scanner.rebuild(q, evidence, codec_config, raw_frames)
-        if "records" not in evidence and q.frames and not _table_follows(scanner.storage, q):
+        scanner.rebuild(q, evidence, codec_config, raw_frames, columnar)
+        if "records" not in evidence and not q.open_end and not (q.frames and _table_follows(scanner.storage, q)):
             q.open_end = True
             q.reason += "; records after its last proven frame, if it held any, are unknown (no index)"
 
@@ -707,13 +794,15 @@ def _table_follows(storage: Storage, q: _Piece) -> bool:
     return row == HEADER_BYTES.to_bytes(8, "little") + q.frames[0].stored.to_bytes(8, "little")
 
 
-def _rebuild_first(q: _Piece, end: int, scanner: _Scanner, codec_config: dict[str, Any], raw_frames: bool) -> None:
+def _rebuild_first(
+    q: _Piece, end: int, scanner: _Scanner, codec_config: dict[str, Any], raw_frames: bool, columnar: bool = False
+) -> None:
     """Rebuild a writer's first shard (seq 0) whose footer is lost from its frames, where the
     writer's second shard starts at ``end``: only if every frame found proves its records with
     no damaged stretch between them, so that it ends exactly at ``end`` (else nothing tells
     where it starts, and it stays unproven)."""
-    scanner.rebuild(q, {"first_record": 0}, codec_config, raw_frames)
-    clean = q.frames and q.good == q.records and q.good <= end and _table_follows(scanner.storage, q)
+    scanner.rebuild(q, {"first_record": 0}, codec_config, raw_frames, columnar)
+    clean = q.frames and not q.open_end and q.good == q.records and q.good <= end and _table_follows(scanner.storage, q)
     if clean and all(f.first == k for f, k in zip(q.frames, _starts(q.frames))):
         q.first_record = end - q.good
         return
@@ -1040,18 +1129,16 @@ def _recover_locked(
     # Shards whose footer is lost: rebuild them from the index's entry and their frames. They
     # may hold raw frames (format 1.2) unless the index says that no shard does.
     raw_frames = ev.features is None or FEATURE_RAW_FRAMES in ev.features
-    columnar = ev.features is None or FEATURE_COLUMNAR_FRAMES in ev.features
+    # Whether shards may hold column blocks (format 1.3): by the index, or by any footer.
+    columnar = (ev.features is not None and FEATURE_COLUMNAR_FRAMES in ev.features) or any(
+        FEATURE_COLUMNAR_FRAMES in p.features for p in pieces
+    )
     for p in pieces:
         if p.footer_lost and p.final in ev.entries:
-            scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames)
-            if columnar and p.records is not None and sum(len(f.raw_lengths) for f in p.frames) < p.records:
-                p.reason += (
-                    " (column blocks of format 1.3, --compact, hold no zip containers and their layout and record "
-                    "lengths were in the lost footer: they cannot be proven without it)"
-                )
+            scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames, columnar)
     if not ev.valid:
         # No index entry to go by: the shard's writer's previous shard says where it starts.
-        _rebuild_by_neighbours(pieces, ev, scanner, codec_config, raw_frames)
+        _rebuild_by_neighbours(pieces, ev, scanner, codec_config, raw_frames, columnar)
 
     committed = set(ev.names)
     committed_tokens = {t for n in ev.names if (parsed := parse_shard_name(n)) for t in [parsed[0]]}
@@ -1208,6 +1295,24 @@ def _recover_locked(
             f"{lost_total} record(s) could not be proven and are not in the recovered store; the quarantined "
             "files keep their bytes"
         )
+    # Shards whose records could not be counted: a footer lost with no index entry to count
+    # them (not rebuilt at all, or rebuilt only up to a damaged frame or column block).
+    unknown = tuple(
+        sorted(
+            p.name
+            for p in pieces
+            if not p.newer and (p.open_end or (not ev.valid and p.footer_lost and p.records is None))
+        )
+    )
+    for p in pieces:
+        if p.name not in unknown:
+            continue
+        at = f"from record {p.end} on" if p.first_record is not None else "(where they start is unknown too)"
+        notes.append(
+            f"{p.name}: its footer is lost and no index counts its records: an unknown number of records {at} "
+            "could not be proven and are not in the recovered store (the quarantined file keeps its bytes; with "
+            "the index, or a copy of the shard, recover could count or prove them)"
+        )
     if any(not isinstance(e, ShardEntry) for e in entries):
         notes.append("records after a lost record move down (the format has no holes): see the per-shard table")
 
@@ -1323,6 +1428,7 @@ def _recover_locked(
         notes=tuple(notes),
         shards=tuple(outcomes),
         records_lost=lost_total,
+        records_unknown=unknown,
     )
 
 

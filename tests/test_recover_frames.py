@@ -1,0 +1,205 @@
+"""``recover`` of shards whose footer is lost, where their frames hold many records (format 1.1
+multi-record frames, format 1.3 column blocks): every record it keeps must be the record that
+was written at the position the report gives it, and the report must name every record it did
+not keep (or say that it could not count them). Found by a fresh-eyes attack on the repair
+tools (2026-12-05): a walk past a damaged frame numbered the later frames as if the damaged one
+held one record, a raw column block's tensor that held a torch.save archive was kept as a
+record, and a compact shard with no index to count it was reported as one lost record, or none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tensorstore_pt import merge_stores, open_store, recover_store, write_store
+from tensorstore_pt.cli import main
+from tensorstore_pt.serialization import dumps
+from tensorstore_pt.shardio import frame_records, open_footer
+from tensorstore_pt.storage import storage_for
+
+
+def _shards(store: Path) -> list[Path]:
+    return sorted(p for p in store.iterdir() if p.name.endswith(".tspt"))
+
+
+def _frames(shard: Path) -> list[tuple[int, int, int, int]]:
+    """(offset, stored bytes, first record, end record) of each frame, by the shard's footer."""
+    handle = storage_for(str(shard.parent)).open(shard.name)
+    try:
+        footer = open_footer(handle, handle.size(), "test")
+    finally:
+        handle.close()
+    return [
+        (int(footer.table[i]["offset"]), int(footer.table[i]["stored"]), a, b)
+        for i, (a, b) in enumerate(frame_records(footer))
+    ]
+
+
+def _lose_footer(shard: Path, damage: tuple[int, ...] = ()) -> set[int]:
+    """Flip a byte in the middle of each frame of ``damage``, cut the shard right after its last
+    frame (its record table and footer are lost); return the shard-relative records of the
+    damaged frames."""
+    frames = _frames(shard)
+    data = bytearray(shard.read_bytes())
+    hit: set[int] = set()
+    for k in damage:
+        offset, stored, first, end = frames[k]
+        data[offset + stored // 2] ^= 0x55
+        hit |= set(range(first, end))
+    offset, stored = frames[-1][:2]
+    shard.write_bytes(bytes(data[: offset + stored]))
+    return hit
+
+
+def _check_kept(store: Path, samples: list[Any], report: Any) -> set[int]:
+    """Every record of the recovered store is the one written at the position the report
+    implies: the records written, less those the report says were lost, in order. Returns the
+    lost set (written numbering)."""
+    lost: set[int] = set()
+    for outcome in report.shards:
+        for a, b in outcome.lost:
+            lost |= set(range(a, b))
+    expected = [i for i in range(len(samples)) if i not in lost]
+    with open_store(store) as reader:
+        assert len(reader) == len(expected) == report.records
+        for pos, i in enumerate(expected):
+            assert reader.read_bytes(pos) == dumps(samples[i]), f"position {pos} is not record {i}"
+    return lost
+
+
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+def test_raw_column_block_holding_archives_proves_no_record(tmp_path: Path, codec: str) -> None:
+    """A column block stored raw holds its storages verbatim: uint8 tensors that are whole
+    torch.save archives must not be taken for records once the footer is lost."""
+    gen = torch.Generator().manual_seed(0)
+    inner = [dumps({"secret": torch.randint(0, 256, (40000,), dtype=torch.uint8, generator=gen)}) for _ in range(3)]
+    samples = [
+        {"blob": torch.frombuffer(bytearray(b), dtype=torch.uint8), "i": torch.tensor(i)} for i, b in enumerate(inner)
+    ]
+    store = tmp_path / "s"
+    write_store(samples, store, compact=True, codec=codec)
+    (shard,) = _shards(store)
+    _lose_footer(shard)
+    report = recover_store(store)
+    lost = _check_kept(store, samples, report)
+    assert lost == {0, 1, 2} and report.records_lost == 3
+    assert "column blocks" in next(o.reason for o in report.shards if o.name == shard.name)
+
+
+def test_two_damaged_multi_record_frames_never_misplace_records(tmp_path: Path) -> None:
+    """Two damaged frames of two records each: the frames between them cannot be placed (the
+    first damaged one may have held any number of records), the frames after the second are
+    counted back from the shard's end."""
+    samples = [torch.full((300,), i, dtype=torch.int32) for i in range(60)]
+    store = tmp_path / "s"
+    write_store(samples, store, frame_target_bytes=4096, codec="zstd")
+    (shard,) = _shards(store)
+    damaged = _lose_footer(shard, damage=(1, 3))
+    report = recover_store(store)
+    lost = _check_kept(store, samples, report)
+    assert damaged <= lost
+    assert lost == set(range(2, 8))  # frames 1..3: the damaged two and the unplaceable one between
+    assert report.records == 54 and report.records_lost == 6
+    assert "were not kept" in next(o.reason for o in report.shards if o.name == shard.name)
+
+
+def test_damaged_frames_of_one_record_each_keep_everything_between(tmp_path: Path) -> None:
+    """With one record a frame, two damaged frames lose exactly two records: the records lost
+    add up to the number of damaged stretches, so the frames between them keep their numbers."""
+    samples = [torch.full((64,), i, dtype=torch.int64) for i in range(30)]
+    store = tmp_path / "s"
+    write_store(samples, store, codec="zstd")
+    (shard,) = _shards(store)
+    damaged = _lose_footer(shard, damage=(5, 17))
+    report = recover_store(store)
+    assert _check_kept(store, samples, report) == damaged == {5, 17}
+
+
+def test_compact_shard_of_blocks_and_plain_frames_keeps_nothing_misnumbered(tmp_path: Path) -> None:
+    """A compact shard whose record with 4,100 storages broke the run into a plain frame: with
+    the footer lost, the plain frames after the first column block cannot be placed."""
+    samples: list[Any] = []
+    for i in range(100):
+        if i % 25 == 12:
+            samples.append([torch.tensor(float(i * 10000 + j)) for j in range(4100)])
+        else:
+            samples.append({"x": torch.full((8,), float(i)), "i": i})
+    store = tmp_path / "s"
+    write_store(samples, store, compact=True)
+    (shard,) = _shards(store)
+    _lose_footer(shard)
+    report = recover_store(store)
+    lost = _check_kept(store, samples, report)
+    assert lost == set(range(100)) and report.records_lost == 100
+
+
+def test_plain_frames_before_the_first_block_are_kept(tmp_path: Path) -> None:
+    """Frames proven before the first column block keep their records, at their numbers."""
+    samples: list[Any] = [[torch.tensor(float(j)) for j in range(4100)] for _ in range(2)]
+    samples += [{"x": torch.full((8,), float(i)), "i": i} for i in range(40)]
+    store = tmp_path / "s"
+    write_store(samples, store, compact=True)
+    (shard,) = _shards(store)
+    _lose_footer(shard)
+    report = recover_store(store)
+    assert _check_kept(store, samples, report) == set(range(2, 42))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_compact_shard_without_index_is_reported_uncounted(tmp_path: Path, capsys, shards: int) -> None:
+    """No index and a compact shard's footer lost: recover cannot count that shard's records.
+    It must say so, never "1 record lost" or "lost none"."""
+    n = 400 if shards == 1 else 600
+    samples = [{"x": torch.randn(64, generator=torch.Generator().manual_seed(i)), "i": i} for i in range(n)]
+    store = tmp_path / "s"
+    write_store(samples, store, compact=True, max_shard_bytes=64 << 20 if shards == 1 else 8192)
+    names = _shards(store)
+    assert len(names) >= shards
+    (store / "index.json").unlink()
+    last = names[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    backup = tmp_path / "backup"
+    shutil.copytree(store, backup)
+    report = recover_store(store)
+    assert report.records_unknown == (last.name,)
+    assert report.records_lost == 0
+    kept = report.records
+    assert kept == sum(int(_frames_count(p)) for p in names[:-1])
+    with open_store(store) as reader:
+        for i in range(kept):
+            assert reader.read_bytes(i) == dumps(samples[i])
+    # The CLI headline and table say it, on a fresh copy of the damaged store.
+    shutil.rmtree(store)
+    shutil.copytree(backup, store)
+    assert main(["recover", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "an unknown number of records lost" in out
+    assert "lost an unknown number" in out
+    assert "1 record(s) could not be proven" not in out
+
+
+def _frames_count(shard: Path) -> int:
+    return _frames(shard)[-1][3]
+
+
+@pytest.mark.parametrize("options", [{"compact": True}, {"frame_target_bytes": 65536}])
+def test_merge_takes_a_part_whose_index_recover_rebuilt(tmp_path: Path, options: dict[str, Any]) -> None:
+    """A part whose index was lost and rebuilt by recover no longer names its writer's frame
+    settings: merge compares it by the other parts' settings instead of refusing it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    samples = [torch.arange(i + 1) for i in range(20)]
+    write_store(samples, a, **options)
+    write_store(samples, b, **options)
+    os.remove(b / "index.json")
+    assert recover_store(b).records == 20
+    info = merge_stores([a, b], tmp_path / "merged", copy=True)
+    assert info.records == 40
+    with open_store(tmp_path / "merged") as reader:
+        for i in range(40):
+            assert reader.read_bytes(i) == dumps(samples[i % 20])
