@@ -101,6 +101,16 @@ def _settings_lost(index: IndexInfo) -> bool:
     return "recovered_by" in created and not any(k in created for k in _WRITER_SETTINGS)
 
 
+def _frames_named(index: IndexInfo) -> str:
+    """A part's frame settings in words, for messages: ``compact=True`` or ``frame_target_bytes``
+    as its writer was given them, or one record a frame."""
+    created = index.created_by
+    target = created.get("frame_target_bytes")
+    if created.get("compact"):
+        return f"compact=True (column blocks of about {target} bytes)"
+    return f"frame_target_bytes={target}" if target is not None else "one record a frame (no frame_target_bytes)"
+
+
 def merge_stores(
     parts: Sequence[str | os.PathLike[str] | Storage],
     dest: str | os.PathLike[str] | Storage,
@@ -460,8 +470,9 @@ class _Merge:
             settings = {k: idx.created_by.get(k) for k in _WRITER_SETTINGS}
             if settings != first_settings:
                 raise IncompatiblePartsError(
-                    f"part {st.location!r} was written with frame settings {settings}, part "
-                    f"{known[0][0].location!r} with {first_settings}; write every part with the same settings"
+                    f"part {st.location!r} was written with {_frames_named(idx)}, part {known[0][0].location!r} "
+                    f"with {_frames_named(known[0][1])}; write every part with the same frame settings (compact "
+                    "and frame_target_bytes)"
                 )
         steps: list[dict[str, Any]] = []
         entries: list[ShardEntry] = []

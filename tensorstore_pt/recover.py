@@ -54,7 +54,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import _version
+from . import _ptzip, _version
 from ._zipwalk import check_zip, find_zip_end
 from .checksums import digest_int
 from .codecs import Codec, get_codec
@@ -617,12 +617,10 @@ class _Scanner:
             rel += len(lengths)
             pos += n
             raw_left -= len(raw)
-        if stretches and in_gap and piece.records is None and "stored_bytes" not in evidence and piece.frames:
-            # Without the index's stored_bytes the walk also crossed the lost record table and
-            # footer: an unproven stretch after the last frame is that, not a lost record.
-            stretches.pop()
-            in_gap = False
-        unplaced = self._place(piece, stretches, in_gap, columnar)
+        # Without the index's stored_bytes the walk also crossed the lost record table and
+        # footer: a stretch it ended in may be that (no record) as well as damaged frames.
+        unsure = in_gap and "stored_bytes" not in evidence
+        unplaced = self._place(piece, stretches, in_gap, unsure, columnar)
         proven = sum(len(f.raw_lengths) for f in piece.frames)
         piece.reason += f"; rebuilt from its frames: {proven} record(s) proven by their zip CRC-32s"
         if unplaced:
@@ -638,30 +636,41 @@ class _Scanner:
             )
 
     @staticmethod
-    def _place(piece: _Piece, stretches: list[int], in_gap: bool, columnar: bool) -> int:
+    def _place(piece: _Piece, stretches: list[int], in_gap: bool, unsure: bool, columnar: bool) -> int:
         """Keep the frames of a walk whose record numbers are certain (see :meth:`rebuild`) and
         set ``piece.records`` where the index did not give it; return the records proven by the
-        frames dropped. ``stretches``: per damaged stretch, the index of the first frame after
-        it; ``in_gap``: the walk ended inside one."""
+        frames dropped.
+
+        ``stretches``: per damaged stretch, the index of the first frame after it; ``in_gap``:
+        the walk ended inside one; ``unsure``: that last stretch may be the lost record table
+        and footer (no record) rather than damaged frames (one record or more each)."""
         frames = piece.frames
+        count = [len(f.raw_lengths) for f in frames]
+        proven = sum(count)
         if not stretches:
             if piece.records is None:
-                piece.records = sum(len(f.raw_lengths) for f in frames)
+                piece.records = proven
             return 0
         first, last = stretches[0], stretches[-1]
         head = frames[:first]
-        tail = [] if in_gap else frames[last:]
-        proven = sum(len(f.raw_lengths) for f in frames)
         keep = head
+        k = len(stretches)
         if piece.records is None:
-            # Nothing counts the records of the stretches: those after the head are unknown.
-            piece.records = sum(len(f.raw_lengths) for f in head)
-            piece.open_end = True
-            piece.reason += "; how many records it held from its first damaged frame on is unknown (no index)"
-        elif not columnar and piece.records - proven == len(stretches):
+            if not (unsure and k == 1):
+                # Nothing counts the records of the stretches: those after the head are unknown.
+                piece.open_end = True
+                piece.reason += "; how many records it held from its first damaged frame on is unknown (no index)"
+            piece.records = sum(count[:first])
+        elif columnar:
+            pass  # only the head: a column block's record count is not proven
+        elif unsure:
+            if piece.records - proven == k - 1:
+                keep = frames  # the last stretch is the table, every other one held one record
+        elif piece.records - proven == k:
             keep = frames  # every stretch held exactly one record: the walk's numbers are right
-        elif not columnar and piece.records - proven > len(stretches):
+        elif piece.records - proven > k:
             # The frames after the last stretch end the shard: counted back from its end.
+            tail = [] if in_gap else frames[last:]
             if tail:
                 shift = piece.records - (tail[-1].first + len(tail[-1].raw_lengths))
                 for f in tail:
@@ -705,7 +714,7 @@ class _Scanner:
         archive whose CRC-32s hold), or None. A raw frame of several records (multi-record
         frames) is found one record at a time; each becomes a raw frame of its own."""
         stop = find_zip_end(region, pos)
-        if stop is None or check_zip(memoryview(region)[pos:stop]) is not None:
+        if stop is None or not _proven_archive(memoryview(region)[pos:stop]):
             return None
         return stop - pos, region[pos:stop], [stop - pos]
 
@@ -747,7 +756,7 @@ def _rebuild_by_neighbours(
     scanner: _Scanner,
     codec_config: dict[str, Any],
     raw_frames: bool,
-    columnar: bool = False,
+    columnar: set[str | None] = frozenset(),  # type: ignore[assignment]
 ) -> None:
     """Rebuild the shards whose footer is lost and that no index entry describes (the index is
     lost or damaged) from their frames, where the same writer's shard numbered one before has
@@ -765,12 +774,12 @@ def _rebuild_by_neighbours(
         nxt = own.get((q.token, q.seq + 1))
         if prev is None or prev.records is None or prev.first_record is None:
             if q.seq == 0 and nxt is not None and nxt.first_record is not None:
-                _rebuild_first(q, nxt.first_record, scanner, codec_config, raw_frames, columnar)
+                _rebuild_first(q, nxt.first_record, scanner, codec_config, raw_frames, q.token in columnar)
             continue
         evidence = {"first_record": prev.first_record + prev.records}
         if nxt is not None and nxt.first_record is not None and nxt.first_record > evidence["first_record"]:
             evidence["records"] = nxt.first_record - evidence["first_record"]
-        scanner.rebuild(q, evidence, codec_config, raw_frames, columnar)
+        scanner.rebuild(q, evidence, codec_config, raw_frames, q.token in columnar)
         if "records" not in evidence and not q.open_end and not (q.frames and _table_follows(scanner.storage, q)):
             q.open_end = True
             q.reason += "; records after its last proven frame, if it held any, are unknown (no index)"
@@ -826,17 +835,27 @@ _FRAME_MAGIC = {"zstd": b"\x28\xb5\x2f\xfd", "lz4": b"\x04\x22\x4d\x18", "none":
 
 
 def _split_records(raw: bytes) -> list[int] | None:
-    """Lengths of the consecutive torch.save zip archives that make up ``raw``, each checked
-    (stored entries, CRC-32s); None if ``raw`` is not exactly such a sequence."""
+    """Lengths of the consecutive torch.save zip archives that make up ``raw``, each proven
+    (:func:`_proven_archive`); None if ``raw`` is not exactly such a sequence."""
     lengths = []
     pos = 0
     while pos < len(raw):
         stop = find_zip_end(raw, pos)
-        if stop is None or check_zip(memoryview(raw)[pos:stop]) is not None:
+        if stop is None or not _proven_archive(memoryview(raw)[pos:stop]):
             return None
         lengths.append(stop - pos)
         pos = stop
     return lengths or None
+
+
+def _proven_archive(buf: memoryview) -> bool:
+    """Whether ``buf`` is a record's torch.save archive, byte for byte, with no footer checksum
+    to prove it: its entries are stored and match their CRC-32s (:func:`._zipwalk.check_zip`),
+    and it is exactly what torch.save writes for those entries (:func:`._ptzip.prove`: the
+    container rebuilt from its parts is the same bytes). The CRC-32s alone leave entry names,
+    headers, padding and the end records unchecked, and a damaged zstd or lz4 frame (they carry
+    no content checksum here) may decode to a zip that is consistent but was never written."""
+    return check_zip(buf) is None and _ptzip.prove(buf) is not None
 
 
 # --------------------------------------------------------------------------- choosing
@@ -1129,13 +1148,12 @@ def _recover_locked(
     # Shards whose footer is lost: rebuild them from the index's entry and their frames. They
     # may hold raw frames (format 1.2) unless the index says that no shard does.
     raw_frames = ev.features is None or FEATURE_RAW_FRAMES in ev.features
-    # Whether shards may hold column blocks (format 1.3): by the index, or by any footer.
-    columnar = (ev.features is not None and FEATURE_COLUMNAR_FRAMES in ev.features) or any(
-        FEATURE_COLUMNAR_FRAMES in p.features for p in pieces
-    )
+    # Writers whose shards hold column blocks (format 1.3), by their intact footers: their
+    # shards whose footer is lost are walked as such (a walk also finds blocks by their magic).
+    columnar = {p.token for p in pieces if FEATURE_COLUMNAR_FRAMES in p.features}
     for p in pieces:
         if p.footer_lost and p.final in ev.entries:
-            scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames, columnar)
+            scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames, p.token in columnar)
     if not ev.valid:
         # No index entry to go by: the shard's writer's previous shard says where it starts.
         _rebuild_by_neighbours(pieces, ev, scanner, codec_config, raw_frames, columnar)

@@ -96,6 +96,7 @@ def test_shared_dictionary(tmp_path):
         ({"codec": "zstd", "level": 5}, "'level': 5"),
         ({"codec": "lz4"}, "'id': 'lz4'"),
         ({"codec": "zstd", "frame_target_bytes": 4_000}, "frame settings"),
+        ({"codec": "zstd", "compact": True}, "compact=True"),
         ({"codec": "zstd", "dictionary": "trained"}, "'dict'"),
     ],
 )
