@@ -756,13 +756,15 @@ def _rebuild_by_neighbours(
     scanner: _Scanner,
     codec_config: dict[str, Any],
     raw_frames: bool,
-    columnar: set[str | None] = frozenset(),  # type: ignore[assignment]
+    columnar: set[str | None],
 ) -> None:
     """Rebuild the shards whose footer is lost and that no index entry describes (the index is
     lost or damaged) from their frames, where the same writer's shard numbered one before has
     an intact footer: the lost shard starts where that one ends (a writer numbers its shards in
     record order, one after another), and ends where the writer's next shard starts, if that one
-    is intact too (else at its last proven frame)."""
+    is intact too (else at its last proven frame). ``columnar``: the writer tokens whose intact
+    footers list column blocks (their shards are walked as :meth:`_Scanner.rebuild` walks
+    shards with column blocks)."""
     own: dict[tuple[str, int], _Piece] = {}
     for p in pieces:
         if p.token is not None and p.seq is not None and p.first_record is not None and p.records:
