@@ -580,6 +580,7 @@ class _Scanner:
         pos = rel = 0
         stretches: list[int] = []  # per damaged stretch, the index of the first frame after it
         in_gap = False
+        gap_at = 0  # where the last stretch starts
         while pos < len(region):
             # A frame that decodes past DEFAULT_MAX_RECORD_BYTES is not decoded (as the intact
             # path does not decode it, and a reader refuses it): the index's raw_bytes (or the
@@ -598,6 +599,7 @@ class _Scanner:
                 if not in_gap:
                     rel += 1
                     stretches.append(len(piece.frames))
+                    gap_at = pos
                 in_gap = True
                 nxt = region.find(magic, pos + 1)
                 if raw_too:  # the next frame may be a raw one
@@ -617,10 +619,21 @@ class _Scanner:
             rel += len(lengths)
             pos += n
             raw_left -= len(raw)
-        # Without the index's stored_bytes the walk also crossed the lost record table and
-        # footer: a stretch it ended in may be that (no record) as well as damaged frames.
-        unsure = in_gap and "stored_bytes" not in evidence
-        unplaced = self._place(piece, stretches, in_gap, unsure, columnar)
+        # Whether the last frame found ends exactly where the shard's frames end: the index's
+        # stored bytes are all there and the walk ended on a frame; or, without them, the walk
+        # crossed into the record table, which starts right after the last frame.
+        if "stored_bytes" in evidence:
+            end_exact = not in_gap and len(region) == evidence["stored_bytes"]
+        else:
+            end_exact = (
+                in_gap
+                and bool(piece.frames)
+                and gap_at == piece.frames[-1].offset + piece.frames[-1].stored - HEADER_BYTES
+            )
+            end_exact = end_exact and _table_starts(region, gap_at, piece.frames)
+            if end_exact:
+                stretches.pop()  # the table, not a damaged frame
+        unplaced = self._place(piece, stretches, end_exact, columnar)
         proven = sum(len(f.raw_lengths) for f in piece.frames)
         piece.reason += f"; rebuilt from its frames: {proven} record(s) proven by their zip CRC-32s"
         if unplaced:
@@ -636,14 +649,16 @@ class _Scanner:
             )
 
     @staticmethod
-    def _place(piece: _Piece, stretches: list[int], in_gap: bool, unsure: bool, columnar: bool) -> int:
+    def _place(piece: _Piece, stretches: list[int], end_exact: bool, columnar: bool) -> int:
         """Keep the frames of a walk whose record numbers are certain (see :meth:`rebuild`) and
         set ``piece.records`` where the index did not give it; return the records proven by the
         frames dropped.
 
-        ``stretches``: per damaged stretch, the index of the first frame after it; ``in_gap``:
-        the walk ended inside one; ``unsure``: that last stretch may be the lost record table
-        and footer (no record) rather than damaged frames (one record or more each)."""
+        ``stretches``: per damaged stretch, the index of the first frame after it; ``end_exact``:
+        the last frame ends where the shard's frames end. Frames between two stretches are
+        never kept: a stretch may hide any number of records, and a frame found inside a
+        damaged record (a tensor that holds a torch.save archive) proves bytes that were never
+        a record, so no count of stretches and records can place them."""
         frames = piece.frames
         count = [len(f.raw_lengths) for f in frames]
         proven = sum(count)
@@ -652,32 +667,22 @@ class _Scanner:
                 piece.records = proven
             return 0
         first, last = stretches[0], stretches[-1]
-        head = frames[:first]
-        keep = head
-        k = len(stretches)
+        keep = frames[:first]
         if piece.records is None:
-            if not (unsure and k == 1):
-                # Nothing counts the records of the stretches: those after the head are unknown.
-                piece.open_end = True
-                piece.reason += "; how many records it held from its first damaged frame on is unknown (no index)"
+            # Nothing counts the records of the stretches: those after the head are unknown.
+            piece.open_end = True
+            piece.reason += "; how many records it held from its first damaged frame on is unknown (no index)"
             piece.records = sum(count[:first])
-        elif columnar:
-            pass  # only the head: a column block's record count is not proven
-        elif unsure:
-            if piece.records - proven == k - 1:
-                keep = frames  # the last stretch is the table, every other one held one record
-        elif piece.records - proven == k:
-            keep = frames  # every stretch held exactly one record: the walk's numbers are right
-        elif piece.records - proven > k:
-            # The frames after the last stretch end the shard: counted back from its end.
-            tail = [] if in_gap else frames[last:]
+        elif end_exact and not columnar and piece.records - proven >= len(stretches):
+            # The frames after the last stretch end the shard: counted back from its end. (A
+            # frame found inside a damaged record is followed by the rest of that record, never
+            # by the shard's end, so it is not among them.)
+            tail = frames[last:]
             if tail:
                 shift = piece.records - (tail[-1].first + len(tail[-1].raw_lengths))
                 for f in tail:
                     f.first += shift
-            keep = head + tail
-        # (Otherwise the frames prove more records than the index says the shard held, less
-        # one a stretch: the index or the walk is wrong, and only the head is certain.)
+            keep = keep + tail
         piece.frames = keep
         return proven - sum(len(f.raw_lengths) for f in keep)
 
@@ -803,6 +808,18 @@ def _table_follows(storage: Storage, q: _Piece) -> bool:
     finally:
         handle.close()
     return row == HEADER_BYTES.to_bytes(8, "little") + q.frames[0].stored.to_bytes(8, "little")
+
+
+def _table_starts(region: bytes, at: int, frames: list[_Frame]) -> bool:
+    """Whether a shard's record (or frame) table starts at ``at`` of ``region`` (its bytes from
+    byte 16): its first row names the first frame, at offset 16, with the stored length of the
+    first frame found if that one is at offset 16. Only the bytes left are compared (a cut
+    file may keep part of a row), 8 at least."""
+    row = HEADER_BYTES.to_bytes(8, "little")
+    if frames and frames[0].offset == HEADER_BYTES:
+        row += frames[0].stored.to_bytes(8, "little")
+    got = region[at : at + len(row)]
+    return len(got) >= 8 and row.startswith(got)
 
 
 def _rebuild_first(
@@ -1163,7 +1180,16 @@ def _recover_locked(
     committed = set(ev.names)
     committed_tokens = {t for n in ev.names if (parsed := parse_shard_name(n)) for t in [parsed[0]]}
     present = {(t, s) for p in pieces if (t := p.token) is not None and (s := p.seq) is not None}
-    usable = [p for p in pieces if p.first_record is not None and p.frames and p.codec == codec_config]
+    # Without an index, a shard that proves no record still holds its place in its writer's
+    # sequence where its first record is known (its footer, or its writer's previous shard):
+    # the next shards can follow it, and its records are reported lost, never dropped unsaid.
+    usable = [
+        p
+        for p in pieces
+        if p.first_record is not None
+        and p.codec == codec_config
+        and (p.frames or (not ev.valid and not p.newer and (p.records or p.open_end)))
+    ]
 
     def adoptable(q: _Piece) -> bool:
         if not ev.valid:

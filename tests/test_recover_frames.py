@@ -109,16 +109,40 @@ def test_two_damaged_multi_record_frames_never_misplace_records(tmp_path: Path) 
     assert "were not kept" in next(o.reason for o in report.shards if o.name == shard.name)
 
 
-def test_damaged_frames_of_one_record_each_keep_everything_between(tmp_path: Path) -> None:
-    """With one record a frame, two damaged frames lose exactly two records: the records lost
-    add up to the number of damaged stretches, so the frames between them keep their numbers."""
+def test_frames_between_damaged_frames_are_not_placed_by_counting(tmp_path: Path) -> None:
+    """With one record a frame, two damaged frames: the frames before the first and after the
+    last keep their records; those between are not kept, even though the records lost would
+    add up to one a damaged frame (a frame found inside a damaged record, a tensor holding a
+    torch.save archive, can make such counts add up with a record that was never written)."""
     samples = [torch.full((64,), i, dtype=torch.int64) for i in range(30)]
     store = tmp_path / "s"
     write_store(samples, store, codec="zstd")
     (shard,) = _shards(store)
-    damaged = _lose_footer(shard, damage=(5, 17))
+    _lose_footer(shard, damage=(5, 17))
     report = recover_store(store)
-    assert _check_kept(store, samples, report) == damaged == {5, 17}
+    assert _check_kept(store, samples, report) == set(range(5, 18))
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_archive_inside_a_damaged_record_is_never_kept(tmp_path: Path, codec: str) -> None:
+    """Records 0 and 1 zeroed out, and the head of record 2, whose uint8 tensor holds a whole
+    torch.save archive: the walk finds that archive, but it is never kept as a record."""
+    gen = torch.Generator().manual_seed(1)
+    inner = dumps({"secret": torch.randint(0, 256, (4000,), dtype=torch.uint8, generator=gen)})
+    samples: list[Any] = [{"x": torch.full((100,), float(i))} for i in range(6)]
+    samples[2] = {"blob": torch.frombuffer(bytearray(inner), dtype=torch.uint8), "pad": torch.zeros(300)}
+    store = tmp_path / "s"
+    write_store(samples, store, codec=codec)
+    (shard,) = _shards(store)
+    frames = _frames(shard)
+    data = bytearray(shard.read_bytes())
+    start, end = frames[0][0], frames[2][0] + 200  # records 0, 1 and the head of record 2
+    data[start:end] = bytes(end - start)
+    shard.write_bytes(bytes(data))
+    _lose_footer(shard)
+    report = recover_store(store)
+    lost = _check_kept(store, samples, report)
+    assert {0, 1, 2} <= lost
 
 
 def test_compact_shard_of_blocks_and_plain_frames_keeps_nothing_misnumbered(tmp_path: Path) -> None:
@@ -240,10 +264,13 @@ def test_plain_shard_of_a_store_with_a_compact_append_is_walked_as_plain(tmp_pat
     assert _check_kept(store, samples, report) == {first + 2}
 
 
-def test_no_index_middle_shard_table_remnant_is_no_record(tmp_path: Path) -> None:
-    """No index, a middle shard's footer lost with a few bytes of its record table left and one
-    damaged frame: its writer's next shard counts its records, the bytes after its last frame
-    are the table (no record), so every record but the damaged one keeps its number."""
+@pytest.mark.parametrize("table_left", [40, 3])
+def test_no_index_middle_shard_end_found_by_its_table(tmp_path: Path, table_left: int) -> None:
+    """No index, a middle shard's footer lost and one damaged frame: its writer's next shard
+    counts its records. Where enough of its record table is left to be recognised right after
+    its last frame, that is where its frames end, so the frames after the damaged one are
+    counted back from there; with 3 bytes of it left, the end is not known and only the frames
+    before the damaged one are kept."""
     samples = [{"x": torch.full((200,), float(i)), "i": i} for i in range(60)]
     store = tmp_path / "s"
     write_store(samples, store, codec="zstd", max_shard_bytes=12000)
@@ -255,10 +282,11 @@ def test_no_index_middle_shard_table_remnant_is_no_record(tmp_path: Path) -> Non
     data = bytearray(names[1].read_bytes())
     offset, stored = frames[2][:2]
     data[offset + stored - 6] ^= 0x55
-    names[1].write_bytes(bytes(data[: frames[-1][0] + frames[-1][1] + 3]))
+    names[1].write_bytes(bytes(data[: frames[-1][0] + frames[-1][1] + table_left]))
     (store / "index.json").unlink()
     report = recover_store(store)
-    assert _check_kept(store, samples, report) == {first + 2}
+    lost = _check_kept(store, samples, report)
+    assert lost == ({first + 2} if table_left >= 16 else set(range(first + 2, first + frames[-1][3])))
 
 
 def test_no_index_last_shard_of_a_writer_keeps_no_guess(tmp_path: Path) -> None:
@@ -279,3 +307,56 @@ def test_no_index_last_shard_of_a_writer_keeps_no_guess(tmp_path: Path) -> None:
     lost = _check_kept(store, samples, report)
     first = entries[len(entries) - 2].first_record
     assert first + 2 in lost and lost <= set(range(first + 2, 40))
+
+
+def test_shard_cut_at_a_frame_boundary_is_not_counted_back_from_its_end(tmp_path: Path) -> None:
+    """The index gives the shard's record count, but the file was cut at a frame boundary (its
+    last frames, table and footer gone) and one earlier frame is damaged: the walk ends on a
+    whole frame, yet not where the shard's frames end, so nothing after the damaged frame is
+    counted back from the index's count."""
+    samples = [{"x": torch.full((100,), float(i))} for i in range(10)]
+    store = tmp_path / "s"
+    write_store(samples, store, codec="zstd")
+    (shard,) = _shards(store)
+    frames = _frames(shard)
+    data = bytearray(shard.read_bytes())
+    offset, stored = frames[2][:2]
+    data[offset + stored // 2] ^= 0x55
+    shard.write_bytes(bytes(data[: frames[6][0] + frames[6][1]]))
+    report = recover_store(store)
+    assert _check_kept(store, samples, report) == set(range(2, 10))
+
+
+def test_no_index_shard_that_proves_nothing_keeps_its_place(tmp_path: Path) -> None:
+    """No index: writer A's last shard lost its footer and its first frame; writer B appended a
+    shard after it. A's shard proves nothing, but B's intact shard still follows it, and the
+    records between are reported lost."""
+    samples = [{"x": torch.full((100,), float(i))} for i in range(12)]
+    store = tmp_path / "s"
+    write_store(samples[:8], store, codec="none", max_shard_bytes=3000)
+    write_store(samples[8:], store, mode="append")
+    with open_store(store) as reader:
+        entries = list(reader.index.shards)
+    last_a = [e for e in entries if e.first_record < 8][-1]
+    _lose_footer(store / last_a.name, damage=(0,))
+    (store / "index.json").unlink()
+    report = recover_store(store)
+    lost = _check_kept(store, samples, report)
+    assert not lost & set(range(8, 12)) and last_a.first_record in lost
+    assert report.records == 12 - len(lost)
+
+
+def test_no_index_shards_that_prove_nothing_are_reported_lost(tmp_path: Path) -> None:
+    """No index, and every frame of both shards damaged (their footers intact): nothing is
+    kept, and the report counts the 10 records the footers say the shards held."""
+    samples = [{"x": torch.randn(200, generator=torch.Generator().manual_seed(i))} for i in range(10)]
+    store = tmp_path / "s"
+    write_store(samples, store, codec="zstd", max_shard_bytes=5000)
+    for shard in _shards(store):
+        data = bytearray(shard.read_bytes())
+        for offset, stored, _, _ in _frames(shard):
+            data[offset + stored // 2] ^= 0x55
+        shard.write_bytes(bytes(data))
+    (store / "index.json").unlink()
+    report = recover_store(store)
+    assert report.records == 0 and report.records_lost == 10
