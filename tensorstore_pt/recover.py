@@ -804,10 +804,11 @@ def _table_follows(storage: Storage, q: _Piece) -> bool:
     except (FileNotFoundError, NotARegularFileError):
         return False
     try:
-        row = handle.read_range(last.offset + last.stored, 16)
+        at = last.offset + last.stored
+        row = handle.read_range(at, max(0, min(16, handle.size() - at)))
     finally:
         handle.close()
-    return row == HEADER_BYTES.to_bytes(8, "little") + q.frames[0].stored.to_bytes(8, "little")
+    return _table_starts(row, 0, q.frames)
 
 
 def _table_starts(region: bytes, at: int, frames: list[_Frame]) -> bool:
@@ -1169,7 +1170,13 @@ def _recover_locked(
     raw_frames = ev.features is None or FEATURE_RAW_FRAMES in ev.features
     # Writers whose shards hold column blocks (format 1.3), by their intact footers: their
     # shards whose footer is lost are walked as such (a walk also finds blocks by their magic).
+    # A writer none of whose footers is intact is taken to write them where the index lists
+    # column blocks, or where there is no index to say: a block whose magic is damaged is
+    # not found on the walk, and its tensors' bytes may hold torch.save archives.
+    plain = {p.token for p in pieces if p.records and not p.footer_lost and FEATURE_COLUMNAR_FRAMES not in p.features}
     columnar = {p.token for p in pieces if FEATURE_COLUMNAR_FRAMES in p.features}
+    if ev.features is None or FEATURE_COLUMNAR_FRAMES in ev.features:
+        columnar |= {p.token for p in pieces if p.footer_lost and p.token not in plain}
     for p in pieces:
         if p.footer_lost and p.final in ev.entries:
             scanner.rebuild(p, ev.entries[p.final], codec_config, raw_frames, p.token in columnar)
@@ -1244,7 +1251,6 @@ def _recover_locked(
             entries.append(p)
         position += p.good
     chain_names = {p.name for p in chain}
-    chain_tokens = {p.token for p in chain}
     kept_as_is = {k.source for k in kept}
 
     # Per shard file: what happens to it.
@@ -1254,6 +1260,12 @@ def _recover_locked(
         if p.name in kept_as_is:
             action = "renamed" if p.name != p.final else "kept"
             outcomes.append(ShardOutcome(p.name, action, p.first_record, p.records, p.good, p.lost(), p.reason))
+            continue
+        if p.name in chain_names and not p.frames:
+            # Kept in the sequence for its place only (no index): it proves no record.
+            why = p.reason or "it proves no record"
+            outcomes.append(ShardOutcome(p.name, "quarantined", p.first_record, p.records, 0, p.lost(), why))
+            to_quarantine.append((p.name, why, p.records))
             continue
         if p.name in chain_names:
             why = p.reason or (
@@ -1278,8 +1290,9 @@ def _recover_locked(
         else:
             why = "it does not continue the kept record sequence (another version, or records kept from elsewhere)"
         # Its records count as lost only if the store had them: a shard the index named or,
-        # without an index, a shard of a writer whose other shards were kept.
-        ours = p.final in committed or (not ev.valid and p.token is not None and p.token in chain_tokens)
+        # without an index, any shard file of the store (which of them the store held is not
+        # known; records that a kept shard holds are not counted, see covered below).
+        ours = p.final in committed or (not ev.valid and p.token is not None)
         held = (p.first_record, p.end) if p.first_record is not None and p.records and ours else None
         outcomes.append(ShardOutcome(p.name, "quarantined", p.first_record, p.records, 0, (held,) if held else (), why))
         to_quarantine.append((p.name, why, p.records))
@@ -1322,15 +1335,28 @@ def _recover_locked(
     # they are lost, and the report says so.
     reported = sorted([r for o in outcomes for r in o.lost] + covered)
     start = 0
+    before: _Piece | None = None
     for p in chain:
         if p.first_record is not None and p.first_record > start:
-            why = (
-                "no file proves these records of the kept sequence (a shard file gone, or one that "
-                "could not be rebuilt with no index to go by)"
+            name, why = (
+                "(no file)",
+                (
+                    "no file proves these records of the kept sequence (a shard file gone, or one that "
+                    "could not be rebuilt with no index to go by)"
+                ),
             )
+            if before is not None and before.open_end:
+                name, why = (
+                    f"{before.name} (after its last proven record)",
+                    (
+                        "its footer is lost and no index counts its records: these are the records from its first "
+                        "unproven one up to the next kept shard, or of shard files gone in between"
+                    ),
+                )
             for a, b in _subtract(((start, p.first_record),), reported):
-                outcomes.append(ShardOutcome("(no file)", "missing", a, b - a, 0, ((a, b),), why))
+                outcomes.append(ShardOutcome(name, "missing", a, b - a, 0, ((a, b),), why))
         start = max(start, p.end)
+        before = p
     lost_total = 0
     end = -1
     for a, b in sorted(r for o in outcomes for r in o.lost):  # the union's length: overlaps count once
@@ -1380,6 +1406,8 @@ def _recover_locked(
                 features.update(piece.features)
                 position += item.records
                 continue
+            if not item.frames:
+                continue  # a place in the sequence only: nothing to copy
             with typed_full_disk(storage.location, shard_name(token, seq)):
                 made, seq = _copy_piece(storage, item, token, seq, position, codec_config, cap, dry_run, scanner)
             for e, feats in made:

@@ -360,3 +360,69 @@ def test_no_index_shards_that_prove_nothing_are_reported_lost(tmp_path: Path) ->
     (store / "index.json").unlink()
     report = recover_store(store)
     assert report.records == 0 and report.records_lost == 10
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_compact_block_with_damaged_magic_still_walked_as_a_block(tmp_path: Path, codec: str) -> None:
+    """A single-shard compact store whose only column block lost its magic (so the walk cannot
+    tell it is a block) and its footer: the index lists column blocks, so the shard is walked
+    as one, and the torch.save archive that ends the block (a record's uint8 tensor) is never
+    kept as a record."""
+    from tensorstore_pt.columnar import MAGIC
+
+    gen = torch.Generator().manual_seed(0)
+    inner = dumps({"never_written": torch.arange(7)})
+    samples: list[Any] = [
+        {"blob": torch.randint(0, 256, (len(inner),), dtype=torch.uint8, generator=gen)} for _ in range(2)
+    ]
+    samples.append({"blob": torch.frombuffer(bytearray(inner), dtype=torch.uint8).clone()})
+    store = tmp_path / "s"
+    write_store(samples, store, codec=codec, compact=True, raw_below=0.99)  # blocks stored raw
+    (shard,) = _shards(store)
+    (offset, stored, _, _), *_ = _frames(shard)
+    data = bytearray(shard.read_bytes())
+    assert bytes(data[offset : offset + len(MAGIC)]) == MAGIC
+    data[offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+    _lose_footer(shard)
+    report = recover_store(store)
+    assert _check_kept(store, samples, report) == {0, 1, 2}
+
+
+def test_no_index_table_remnant_of_8_to_15_bytes_places_the_next_shards(tmp_path: Path) -> None:
+    """No index: an appending writer's first shard was cut 10 bytes into its record table (all
+    its frames intact). That is enough to know where its frames end, so it and the writer's
+    later intact shards join the store; nothing is dropped unsaid."""
+    gen = torch.Generator().manual_seed(0)
+    samples = [{"x": torch.randn(100, generator=gen), "i": i} for i in range(16)]
+    store = tmp_path / "s"
+    write_store(samples[:8], store, codec="zstd")
+    write_store(samples[8:], store, mode="append", codec="zstd", max_shard_bytes=3200)
+    with open_store(store) as reader:
+        first_b = reader.index.shards[1]
+    frames = _frames(store / first_b.name)
+    data = (store / first_b.name).read_bytes()
+    (store / first_b.name).write_bytes(data[: frames[-1][0] + frames[-1][1] + 10])
+    (store / "index.json").unlink()
+    report = recover_store(store)
+    assert _check_kept(store, samples, report) == set()
+
+
+def test_dry_run_agrees_with_the_run_when_a_shard_proves_nothing(tmp_path: Path) -> None:
+    """No index, a shard that proves nothing keeps its place in the sequence: the dry run and
+    the run keep the same shards, and neither lists an empty copy of it."""
+    gen = torch.Generator().manual_seed(0)
+    samples = [{"x": torch.randn(100, generator=gen), "i": i} for i in range(10)]
+    store = tmp_path / "s"
+    write_store(samples[:6], store, codec="none", max_shard_bytes=9000)
+    write_store(samples[6:], store, mode="append", codec="none")
+    with open_store(store) as reader:
+        last_a = [e for e in reader.index.shards if e.first_record < 6][-1]
+    _lose_footer(store / last_a.name, damage=(0,))
+    (store / "index.json").unlink()
+    dry = recover_store(store, dry_run=True)
+    real = recover_store(store)
+    assert [(k.first_record, k.records) for k in dry.kept] == [(k.first_record, k.records) for k in real.kept]
+    assert all(k.records for k in real.kept)
+    assert dry.records_lost == real.records_lost
+    _check_kept(store, samples, real)
