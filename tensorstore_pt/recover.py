@@ -544,11 +544,11 @@ class _Scanner:
 
         A frame is proven where its records are: the frames before the first damaged (or
         unprovable) stretch keep the numbers the walk gives them. After a stretch, the number
-        of records it held is unknown, so a later frame is placed only where that number is
-        certain: counted back from the shard's end (``records`` in ``evidence``) for the frames
-        after the last stretch, and as walked where every stretch must hold exactly one record
-        (the records lost add up to the number of stretches). Frames it cannot place are not
-        kept (their records are reported lost; the file is quarantined, its bytes kept).
+        of records it held is unknown: the frames after the last stretch are counted back from
+        the shard's end (``records`` in ``evidence``) where the walk provably ends where the
+        shard's frames end, and frames between two stretches are never kept
+        (:meth:`_place`). Frames it cannot place are not kept (their records are reported
+        lost; the file is quarantined, its bytes kept).
 
         In a shard that may hold column blocks (format 1.3: ``columnar``, or a block found on
         the walk), only the frames before the first stretch are kept: a column block holds no
