@@ -511,9 +511,10 @@ def _cmd_recover(args: argparse.Namespace) -> int:
             held = (
                 f"[{o.first_record}, {o.first_record + o.records})" if o.first_record is not None and o.records else "?"
             )
-            lost_text = ", ".join(f"[{a}, {b})" for a, b in o.lost) or "none"
+            ranges = ", ".join(f"[{a}, {b})" for a, b in o.lost)
+            lost_text = ranges or "none"
             if o.name in report.records_unknown:
-                lost_text = ", ".join(f"[{a}, {b})" for a, b in o.lost) + (", " if o.lost else "") + "an unknown number"
+                lost_text = ranges + (", " if ranges else "") + "an unknown number"
             why = f"  ({o.reason})" if o.reason and o.action != "kept" else ""
             print(f"  {o.name:<{width}}  {o.action:<11} records {held:<16} kept {o.kept:<6} lost {lost_text}{why}")
     print("  the recovered store:")

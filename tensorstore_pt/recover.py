@@ -585,7 +585,8 @@ class _Scanner:
             # A frame that decodes past DEFAULT_MAX_RECORD_BYTES is not decoded (as the intact
             # path does not decode it, and a reader refuses it): the index's raw_bytes (or the
             # codec's worst-case ratio) alone let 64 KiB of zstd blocks claim and decode to GiBs.
-            found = self._frame_at(codec, region, pos, min(raw_left, DEFAULT_MAX_RECORD_BYTES))
+            budget = min(raw_left, DEFAULT_MAX_RECORD_BYTES)
+            found = self._frame_at(codec, region, pos, budget)
             stored_raw = False
             if found is None and raw_too and region.startswith(_ZIP_MAGIC, pos):
                 found = self._raw_frame_at(region, pos)
@@ -594,7 +595,7 @@ class _Scanner:
                 # A damaged or unprovable frame: resynchronise at the next frame magic (zstd and
                 # lz4 frames, and zip archives, start with one). A stretch counts one record as
                 # walked; the end of the walk decides which later frames can be placed.
-                if not columnar and self._column_block_at(codec, region, pos, min(raw_left, DEFAULT_MAX_RECORD_BYTES)):
+                if not columnar and self._column_block_at(codec, region, pos, budget):
                     columnar = True
                 if not in_gap:
                     rel += 1
@@ -629,8 +630,8 @@ class _Scanner:
                 in_gap
                 and bool(piece.frames)
                 and gap_at == piece.frames[-1].offset + piece.frames[-1].stored - HEADER_BYTES
+                and _table_starts(region, gap_at, piece.frames)
             )
-            end_exact = end_exact and _table_starts(region, gap_at, piece.frames)
             if end_exact:
                 stretches.pop()  # the table, not a damaged frame
         unplaced = self._place(piece, stretches, end_exact, columnar)
